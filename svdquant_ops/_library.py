@@ -1,0 +1,134 @@
+"""Just-in-time build and load of the C++/CUDA op library (``svdquant_ops/csrc``).
+
+The library is compiled once per (source contents, torch version, CUDA toolkit, GPU architecture) with
+``torch.utils.cpp_extension`` + ninja into a per-user cache, then loaded with ``torch.ops.load_library``, which
+registers the ``torch.ops.svdquant`` ops. Later imports find the cached build and load it without compiling.
+
+Environment:
+  SVDQUANT_OPS_CACHE       cache root (default: $XDG_CACHE_HOME/svdquant_ops or ~/.cache/svdquant_ops)
+  SVDQUANT_OPS_NO_CUDA=1   build the CPU part only even where CUDA is available
+  SVDQUANT_OPS_CUDA_ARCH   e.g. "9.0a" to override the architecture detected from the GPU
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+_CSRC = Path(__file__).resolve().parent / "csrc"
+_NAME = "svdquant_ops_C"
+_CXX_FLAGS = ["-O3", "-fopenmp"]
+_loaded_path: Path | None = None
+
+
+def _cache_root() -> Path:
+    env = os.environ.get("SVDQUANT_OPS_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "svdquant_ops"
+
+
+def _cuda_arch() -> str | None:
+    """The architecture to compile CUDA sources for, or None for a CPU-only build."""
+    if os.environ.get("SVDQUANT_OPS_NO_CUDA") == "1" or torch.version.cuda is None:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None:
+        print("svdquant_ops: CUDA is available but no CUDA toolkit (nvcc) was found; building the CPU ops only",
+              file=sys.stderr)
+        return None
+    env = os.environ.get("SVDQUANT_OPS_CUDA_ARCH")
+    if env:
+        return env
+    major, minor = torch.cuda.get_device_capability()
+    # sm_90a unlocks wgmma / setmaxnreg on Hopper; other GPUs get their plain architecture.
+    return f"{major}.{minor}a" if (major, minor) == (9, 0) else f"{major}.{minor}"
+
+
+def _sources(cuda_arch: str | None) -> list[Path]:
+    srcs = sorted(_CSRC.glob("*.cpp")) + sorted(_CSRC.glob("cpu/*.cpp"))
+    if cuda_arch is not None:
+        srcs += sorted(_CSRC.glob("cuda/*.cu")) + sorted(_CSRC.glob("cuda/*.cpp"))
+    return srcs
+
+
+def _build_key(sources: list[Path], cuda_arch: str | None) -> str:
+    h = hashlib.sha256()
+    headers = sorted(_CSRC.rglob("*.h")) + sorted(_CSRC.rglob("*.cuh"))
+    for path in sources + headers:
+        h.update(str(path.relative_to(_CSRC)).encode())
+        h.update(path.read_bytes())
+    h.update(f"torch={torch.__version__};cuda={torch.version.cuda};arch={cuda_arch};flags={_CXX_FLAGS}".encode())
+    h.update(f"py={sys.version_info[:2]}".encode())
+    return h.hexdigest()[:16]
+
+
+def _nvcc_flags(cuda_arch: str) -> list[str]:
+    num = cuda_arch.replace(".", "")
+    return ["-O3", f"-gencode=arch=compute_{num},code=sm_{num}", "--expt-relaxed-constexpr",
+            "-lineinfo", "-Xptxas=-warn-spills"]
+
+
+def library_path() -> Path | None:
+    """Path of the loaded op library, or None before ``load()``."""
+    return _loaded_path
+
+
+def load(verbose: bool = False) -> Path:
+    """Build (if needed) and load the op library; returns the path of the shared object."""
+    global _loaded_path
+    if _loaded_path is not None:
+        return _loaded_path
+    cuda_arch = _cuda_arch()
+    sources = _sources(cuda_arch)
+    build_dir = _cache_root() / f"{_NAME}-{_build_key(sources, cuda_arch)}"
+    so = build_dir / f"{_NAME}.so"
+    if not so.exists():
+        build_dir.mkdir(parents=True, exist_ok=True)
+        with open(build_dir / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent first imports (pytest-xdist) build once
+            if not so.exists():
+                _compile(sources, build_dir, cuda_arch, verbose)
+    torch.ops.load_library(str(so))
+    _loaded_path = so
+    return so
+
+
+def _compile(sources: list[Path], build_dir: Path, cuda_arch: str | None, verbose: bool) -> None:
+    from torch.utils import cpp_extension
+
+    what = f"CPU + CUDA sm_{cuda_arch.replace('.', '')}" if cuda_arch else "CPU"
+    print(f"svdquant_ops: compiling the {what} op library once into {build_dir} (about a minute)...",
+          file=sys.stderr, flush=True)
+    kwargs = {}
+    if cuda_arch is not None:
+        kwargs["extra_cuda_cflags"] = _nvcc_flags(cuda_arch)
+        # cpp_extension adds its own -gencode flags from this variable; keep them identical to ours.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch.replace("a", "")
+    try:
+        cpp_extension.load(
+            name=_NAME,
+            sources=[str(s) for s in sources],
+            extra_cflags=_CXX_FLAGS,
+            extra_ldflags=["-fopenmp"],
+            extra_include_paths=[str(_CSRC)],
+            build_directory=str(build_dir),
+            with_cuda=cuda_arch is not None,
+            is_python_module=False,
+            verbose=verbose,
+        )
+    except Exception as exc:  # keep the compiler log reachable, say where it is
+        raise RuntimeError(
+            f"svdquant_ops: building the op library failed. Build directory: {build_dir}. Rerun with "
+            f"svdquant_ops._library.load(verbose=True) for the full compiler output. End of the log:\n"
+            f"{str(exc)[-3000:]}"
+        ) from exc

@@ -1,0 +1,161 @@
+#include "checks.h"
+
+#include <c10/util/Exception.h>
+
+namespace svdquant {
+namespace {
+
+// torch-style dtype names ("torch.bfloat16"), matching the fake kernels' messages.
+std::string dtype_name(at::ScalarType t) { return "torch." + std::string(c10::getDtypeNames(t).first); }
+
+bool is_float16_32(at::ScalarType t) {
+  return t == at::kBFloat16 || t == at::kHalf || t == at::kFloat;
+}
+
+void check_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
+                  const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on the same device as ", ref_name, " (",
+              ref.device(), "), got ", t.device());
+}
+
+void check_scale_dtype(const at::Tensor& t, Precision p, const char* op, const char* name) {
+  if (p == Precision::kInt4) {
+    TORCH_CHECK(is_float16_32(t.scalar_type()), op, ": ", name,
+                " must be bfloat16, float16 or float32 for precision 'int4', got ", dtype_name(t.scalar_type()));
+  } else {
+    TORCH_CHECK(t.scalar_type() == at::kFloat8_e4m3fn, op, ": ", name,
+                " must be float8_e4m3fn for precision 'nvfp4', got ", dtype_name(t.scalar_type()));
+  }
+}
+
+}  // namespace
+
+Precision parse_precision(std::string_view precision) {
+  if (precision == "int4") return Precision::kInt4;
+  if (precision == "nvfp4") return Precision::kNvfp4;
+  TORCH_CHECK(false, "precision must be 'int4' or 'nvfp4', got '", std::string(precision), "'");
+}
+
+std::vector<int64_t> with_last_dim(const at::Tensor& t, int64_t last) {
+  auto sizes = t.sizes().vec();
+  sizes.back() = last;
+  return sizes;
+}
+
+QuantizeActShape check_quantize_act(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& proj_down,
+                                    std::string_view precision, bool act_unsigned) {
+  constexpr const char* op = "svdquant::quantize_act";
+  QuantizeActShape s{};
+  s.precision = parse_precision(precision);
+  TORCH_CHECK(!(act_unsigned && s.precision == Precision::kNvfp4), op,
+              ": act_unsigned=True is only defined for precision 'int4', got precision 'nvfp4'");
+  TORCH_CHECK(is_float16_32(x.scalar_type()), op, ": x must be bfloat16, float16 or float32, got ",
+              dtype_name(x.scalar_type()));
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dimension [..., K], got a 0-d tensor");
+  s.K = x.size(-1);
+  const int gs = group_size(s.precision);
+  TORCH_CHECK(s.K > 0 && s.K % gs == 0, op, ": x.size(-1) (K=", s.K, ") must be a positive multiple of ", gs,
+              " for precision '", std::string(precision), "'");
+  s.G = s.K / gs;
+  s.M = x.numel() / s.K;
+  TORCH_CHECK(smooth.dim() == 1 && smooth.size(0) == s.K, op, ": smooth must have shape [K] = [", s.K,
+              "] to match x.size(-1), got ", smooth.sizes());
+  TORCH_CHECK(smooth.scalar_type() == x.scalar_type(), op, ": smooth must have x's dtype ", dtype_name(x.scalar_type()),
+              ", got ", dtype_name(smooth.scalar_type()));
+  check_device(smooth, x, op, "smooth", "x");
+  TORCH_CHECK(proj_down.dim() == 2 && proj_down.size(0) == s.K, op, ": proj_down must have shape [K, R] with K=",
+              s.K, " to match x.size(-1), got ", proj_down.sizes());
+  TORCH_CHECK(proj_down.scalar_type() == x.scalar_type(), op, ": proj_down must have x's dtype ",
+              dtype_name(x.scalar_type()), ", got ", dtype_name(proj_down.scalar_type()));
+  check_device(proj_down, x, op, "proj_down", "x");
+  s.R = proj_down.size(1);
+  return s;
+}
+
+GemmShape check_gemm_w4a4(const at::Tensor& act_codes, const at::Tensor& act_scales, const at::Tensor& wgt_codes,
+                          const at::Tensor& wgt_scales, const std::optional<at::Tensor>& wgt_global_scale,
+                          const at::Tensor& lora_act, const at::Tensor& proj_up,
+                          const std::optional<at::Tensor>& bias, std::string_view precision,
+                          at::ScalarType out_dtype, bool act_unsigned) {
+  constexpr const char* op = "svdquant::gemm_w4a4";
+  GemmShape s{};
+  s.precision = parse_precision(precision);
+  TORCH_CHECK(!(act_unsigned && s.precision == Precision::kNvfp4), op,
+              ": act_unsigned=True is only defined for precision 'int4', got precision 'nvfp4'");
+  TORCH_CHECK(act_codes.scalar_type() == at::kByte, op, ": act_codes must be uint8 (two 4-bit codes per byte), got ",
+              dtype_name(act_codes.scalar_type()));
+  TORCH_CHECK(wgt_codes.scalar_type() == at::kByte, op, ": wgt_codes must be uint8 (two 4-bit codes per byte), got ",
+              dtype_name(wgt_codes.scalar_type()));
+  TORCH_CHECK(act_codes.dim() >= 1, op, ": act_codes must have shape [..., K/2], got a 0-d tensor");
+  TORCH_CHECK(wgt_codes.dim() == 2, op, ": wgt_codes must have shape [N, K/2], got ", wgt_codes.sizes());
+  s.K = act_codes.size(-1) * 2;
+  s.N = wgt_codes.size(0);
+  TORCH_CHECK(wgt_codes.size(1) * 2 == s.K, op, ": K mismatch: act_codes holds K=", s.K,
+              " input channels per row but wgt_codes holds K=", wgt_codes.size(1) * 2);
+  TORCH_CHECK(s.N >= 1, op, ": wgt_codes must have at least one output row (N >= 1), got N=0");
+  const int gs = group_size(s.precision);
+  TORCH_CHECK(s.K > 0 && s.K % gs == 0, op, ": K (", s.K, ") must be a positive multiple of ", gs,
+              " for precision '", std::string(precision), "'");
+  s.G = s.K / gs;
+  s.M = act_codes.numel() / (s.K / 2);
+
+  TORCH_CHECK(act_scales.sizes() == at::IntArrayRef(with_last_dim(act_codes, s.G)), op,
+              ": act_scales must have shape ", at::IntArrayRef(with_last_dim(act_codes, s.G)),
+              " (act_codes' leading dims and K/", gs, " groups), got ", act_scales.sizes());
+  TORCH_CHECK(wgt_scales.dim() == 2 && wgt_scales.size(0) == s.N && wgt_scales.size(1) == s.G, op,
+              ": wgt_scales must have shape [N, K/", gs, "] = [", s.N, ", ", s.G, "], got ", wgt_scales.sizes());
+  check_scale_dtype(act_scales, s.precision, op, "act_scales");
+  check_scale_dtype(wgt_scales, s.precision, op, "wgt_scales");
+
+  if (s.precision == Precision::kInt4) {
+    TORCH_CHECK(!wgt_global_scale.has_value(), op,
+                ": wgt_global_scale is only used by precision 'nvfp4'; pass None for 'int4'");
+  } else if (wgt_global_scale.has_value()) {
+    const auto& g = *wgt_global_scale;
+    TORCH_CHECK(g.scalar_type() == at::kFloat, op, ": wgt_global_scale must be float32, got ", dtype_name(g.scalar_type()));
+    TORCH_CHECK(g.dim() <= 1 && (g.numel() == 1 || g.numel() == s.N), op,
+                ": wgt_global_scale must have shape [1] (per tensor) or [N] = [", s.N,
+                "] (per output channel), got ", g.sizes());
+    check_device(g, act_codes, op, "wgt_global_scale", "act_codes");
+    s.per_channel_global_scale = g.numel() == s.N && s.N > 1;
+  }
+
+  TORCH_CHECK(lora_act.scalar_type() == at::kFloat, op, ": lora_act must be float32, got ", dtype_name(lora_act.scalar_type()));
+  TORCH_CHECK(proj_up.dim() == 2 && proj_up.size(0) == s.N, op, ": proj_up must have shape [N, R] with N=", s.N,
+              ", got ", proj_up.sizes());
+  TORCH_CHECK(is_float16_32(proj_up.scalar_type()), op, ": proj_up must be bfloat16, float16 or float32, got ",
+              dtype_name(proj_up.scalar_type()));
+  s.R = proj_up.size(1);
+  TORCH_CHECK(lora_act.sizes() == at::IntArrayRef(with_last_dim(act_codes, s.R)), op,
+              ": lora_act must have shape ", at::IntArrayRef(with_last_dim(act_codes, s.R)),
+              " (act_codes' leading dims and proj_up's rank R=", s.R, "), got ", lora_act.sizes());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == s.N, op, ": bias must have shape [N] = [", s.N, "], got ",
+                bias->sizes());
+    TORCH_CHECK(is_float16_32(bias->scalar_type()), op, ": bias must be bfloat16, float16 or float32, got ",
+                dtype_name(bias->scalar_type()));
+    check_device(*bias, act_codes, op, "bias", "act_codes");
+  }
+  TORCH_CHECK(is_float16_32(out_dtype), op, ": out_dtype must be bfloat16, float16 or float32, got ", dtype_name(out_dtype));
+  check_device(act_scales, act_codes, op, "act_scales", "act_codes");
+  check_device(wgt_codes, act_codes, op, "wgt_codes", "act_codes");
+  check_device(wgt_scales, act_codes, op, "wgt_scales", "act_codes");
+  check_device(lora_act, act_codes, op, "lora_act", "act_codes");
+  check_device(proj_up, act_codes, op, "proj_up", "act_codes");
+  return s;
+}
+
+void check_finite(const at::Tensor& t, const char* op, const char* name) {
+  if (t.numel() == 0) return;
+  TORCH_CHECK(at::isfinite(t.to(at::kFloat)).all().item<bool>(), op, ": ", name,
+              " must be finite, found NaN or Inf");
+}
+
+void check_finite_positive(const at::Tensor& t, const char* op, const char* name) {
+  if (t.numel() == 0) return;
+  auto f = t.to(at::kFloat);
+  TORCH_CHECK(at::isfinite(f).all().item<bool>(), op, ": ", name, " must be finite, found NaN or Inf");
+  TORCH_CHECK((f > 0).all().item<bool>(), op, ": ", name, " must be > 0 everywhere, found a value <= 0");
+}
+
+}  // namespace svdquant

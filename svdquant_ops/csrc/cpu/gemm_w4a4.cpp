@@ -1,0 +1,104 @@
+// CPU reference of svdquant::gemm_w4a4: the executable specification the GPU kernels are tested against.
+//   acc[m, n]  = sum_g float(dot_g(m, n)) * (act_scale[m, g] * wgt_scale[n, g])     (fp32, g ascending)
+//                dot_g is the exact integer dot product of one group's codes (int32; NVFP4 uses twice the
+//                e2m1 values, which are integers in [-12, 12], and multiplies by 0.25, also exact)
+//   acc       *= wgt_global_scale[n]                                                 (NVFP4 only)
+//   y[m, n]    = out_dtype(acc + sum_r lora_act[m, r] * proj_up[n, r] + bias[n])
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../checks.h"
+#include "../formats.h"
+
+namespace svdquant {
+namespace {
+
+// Packed nibbles -> int8 integers: INT4 values, uint4 values, or twice the e2m1 values.
+std::vector<int8_t> decode_codes(const at::Tensor& packed, int64_t rows, int64_t K, Precision precision,
+                                 bool is_unsigned) {
+  std::vector<int8_t> out(static_cast<size_t>(rows * K));
+  const uint8_t* p = packed.data_ptr<uint8_t>();
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t j = 0; j < K / 2; ++j) {
+        const uint8_t byte = p[r * (K / 2) + j];
+        const int nib[2] = {byte & 0xF, byte >> 4};
+        for (int h = 0; h < 2; ++h) {
+          int v;
+          if (precision == Precision::kNvfp4) {
+            v = e2m1_doubled(nib[h]);
+          } else {
+            v = is_unsigned ? nib[h] : sign_extend_nibble(nib[h]);
+          }
+          out[r * K + 2 * j + h] = static_cast<int8_t>(v);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor gemm_w4a4_cpu(const at::Tensor& act_codes, const at::Tensor& act_scales, const at::Tensor& wgt_codes,
+                         const at::Tensor& wgt_scales, const std::optional<at::Tensor>& wgt_global_scale,
+                         const at::Tensor& lora_act, const at::Tensor& proj_up, const std::optional<at::Tensor>& bias,
+                         c10::string_view precision, at::ScalarType out_dtype, bool act_unsigned) {
+  constexpr const char* op = "svdquant::gemm_w4a4";
+  const auto s = check_gemm_w4a4(act_codes, act_scales, wgt_codes, wgt_scales, wgt_global_scale, lora_act, proj_up,
+                                 bias, precision, out_dtype, act_unsigned);
+  check_finite(wgt_scales, op, "wgt_scales");
+  if (wgt_global_scale.has_value()) check_finite(*wgt_global_scale, op, "wgt_global_scale");
+
+  const int64_t M = s.M, N = s.N, K = s.K, G = s.G, R = s.R;
+  const int gs = group_size(s.precision);
+  const bool nvfp4 = s.precision == Precision::kNvfp4;
+  const auto aq = decode_codes(act_codes.contiguous(), M, K, s.precision, act_unsigned);
+  const auto wq = decode_codes(wgt_codes.contiguous(), N, K, s.precision, /*is_unsigned=*/false);
+  const auto sa = act_scales.to(at::kFloat).contiguous();
+  const auto sw = wgt_scales.to(at::kFloat).contiguous();
+  const auto la = lora_act.contiguous();
+  const auto up = proj_up.to(at::kFloat).contiguous();
+  const auto b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const auto gsc = wgt_global_scale.has_value() ? wgt_global_scale->to(at::kFloat).contiguous() : at::Tensor();
+  const float* sa_p = sa.data_ptr<float>();
+  const float* sw_p = sw.data_ptr<float>();
+  const float* la_p = la.data_ptr<float>();
+  const float* up_p = up.data_ptr<float>();
+  const float* b_p = b.defined() ? b.data_ptr<float>() : nullptr;
+  const float* g_p = gsc.defined() ? gsc.data_ptr<float>() : nullptr;
+  const float dot_unit = nvfp4 ? 0.25f : 1.f;  // NVFP4 dots are of doubled values
+
+  auto out = at::empty({M, N}, act_codes.options().dtype(at::kFloat));
+  float* y = out.data_ptr<float>();
+  constexpr int64_t kBlockN = 64;
+  const int64_t n_blocks = (N + kBlockN - 1) / kBlockN;
+  // One task = one row of tokens times a block of output channels, so M = 1 still uses every core.
+  at::parallel_for(0, M * n_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t m = t / n_blocks;
+      const int64_t n_end = std::min(N, (t % n_blocks + 1) * kBlockN);
+      const int8_t* a_row = aq.data() + m * K;
+      for (int64_t n = (t % n_blocks) * kBlockN; n < n_end; ++n) {
+        const int8_t* w_row = wq.data() + n * K;
+        float acc = 0.f;
+        for (int64_t g = 0; g < G; ++g) {
+          int32_t dot = 0;
+          for (int i = 0; i < gs; ++i) dot += int32_t(a_row[g * gs + i]) * int32_t(w_row[g * gs + i]);
+          acc += static_cast<float>(dot) * dot_unit * (sa_p[m * G + g] * sw_p[n * G + g]);
+        }
+        if (g_p != nullptr) acc *= g_p[s.per_channel_global_scale ? n : 0];
+        float branch = 0.f;
+        for (int64_t r = 0; r < R; ++r) branch += la_p[m * R + r] * up_p[n * R + r];
+        y[m * N + n] = acc + branch + (b_p != nullptr ? b_p[n] : 0.f);
+      }
+    }
+  });
+  return out.to(out_dtype).reshape(with_last_dim(act_codes, N));
+}
+
+}  // namespace
+}  // namespace svdquant
+
+TORCH_LIBRARY_IMPL(svdquant, CPU, m) { m.impl("gemm_w4a4", &svdquant::gemm_w4a4_cpu); }

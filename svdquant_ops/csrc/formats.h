@@ -1,0 +1,102 @@
+// Scalar rules of the two 4-bit formats, shared by the CPU reference kernels and the CUDA kernels so that
+// both produce bit-identical codes and scales. Mirrors svdquant_ops/formats.py (the tests check they agree).
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#if defined(__CUDACC__)
+#define SVDQ_HD __host__ __device__ __forceinline__
+#else
+#define SVDQ_HD inline
+#endif
+
+namespace svdquant {
+
+constexpr int kInt4Group = 64;
+constexpr int kNvfp4Group = 16;
+constexpr float kInt4Qmax = 7.f;
+constexpr float kUint4Qmax = 15.f;
+constexpr float kActShift = 0.171875f;  // >= -min(GELU); exact in bf16/fp16/fp32
+constexpr float kNvfp4Qmax = 6.f;
+constexpr float kFp8E4m3Max = 448.f;
+
+enum class Precision { kInt4, kNvfp4 };
+
+SVDQ_HD int group_size(Precision p) { return p == Precision::kInt4 ? kInt4Group : kNvfp4Group; }
+
+// max that keeps a NaN once one has been seen (fmaxf would drop it and hide bad input).
+SVDQ_HD float nan_max(float acc, float v) { return (v > acc || v != v) ? v : acc; }
+SVDQ_HD float nan_propagating_min(float v, float hi) { return v != v ? v : (v < hi ? v : hi); }
+
+template <typename T>
+struct FiniteMax;
+template <>
+struct FiniteMax<float> {
+  static constexpr float value = 3.4028234663852886e38f;
+};
+template <>
+struct FiniteMax<c10::Half> {
+  static constexpr float value = 65504.f;
+};
+template <>
+struct FiniteMax<c10::BFloat16> {
+  static constexpr float value = 3.3895313892515355e38f;
+};
+
+// INT4 group scale: amax / qmax, saturated to the largest finite value of the scale dtype T, rounded to T
+// (round to nearest even), returned as float. A NaN amax gives a NaN scale so bad input stays visible.
+template <typename T>
+SVDQ_HD float int4_scale(float amax, float qmax) {
+  float s = nan_propagating_min(amax / qmax, FiniteMax<T>::value);
+  return static_cast<float>(static_cast<T>(s));
+}
+
+// NVFP4 group scale: amax / 6 saturated to 448, rounded to fp8 e4m3 (round to nearest even).
+SVDQ_HD c10::Float8_e4m3fn nvfp4_scale(float amax) {
+  return c10::Float8_e4m3fn(nan_propagating_min(amax / kNvfp4Qmax, kFp8E4m3Max));
+}
+
+// Codes of q = value / scale. Round half to even, clamp to the code range, NaN -> 0.
+SVDQ_HD int int4_code(float q) {
+  if (q != q) return 0;
+  float r = rintf(q);
+  r = r < -kInt4Qmax ? -kInt4Qmax : (r > kInt4Qmax ? kInt4Qmax : r);
+  return static_cast<int>(r);
+}
+
+SVDQ_HD int uint4_code(float q) {
+  if (q != q) return 0;
+  float r = rintf(q);
+  r = r < 0.f ? 0.f : (r > kUint4Qmax ? kUint4Qmax : r);
+  return static_cast<int>(r);
+}
+
+// e2m1 bit pattern (sign in bit 3) nearest to q; ties to the even mantissa; saturates at +-6; NaN -> 0.
+SVDQ_HD int e2m1_code(float q) {
+  if (q != q) return 0;
+  float a = fabsf(q);
+  int m = (a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) + (a >= 3.5f) + (a > 5.f);
+#if defined(__CUDA_ARCH__)
+  const bool negative = signbit(q);
+#else
+  const bool negative = std::signbit(q);
+#endif
+  return (negative ? 8 : 0) | m;
+}
+
+// Twice the e2m1 value of a code: an integer in [-12, 12], so group dot products are exact in int32.
+SVDQ_HD int e2m1_doubled(int code) {
+  constexpr int kMag2[8] = {0, 1, 2, 3, 4, 6, 8, 12};
+  int v = kMag2[code & 7];
+  return (code & 8) ? -v : v;
+}
+
+SVDQ_HD int sign_extend_nibble(int nib) { return nib >= 8 ? nib - 16 : nib; }
+
+}  // namespace svdquant

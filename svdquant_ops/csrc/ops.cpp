@@ -1,0 +1,56 @@
+// The op schemas of the `svdquant` namespace, defined once. Backends register kernels in their own files
+// (cpu/, cuda/); fake kernels for tracing live in svdquant_ops/meta.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+namespace svdquant {
+
+// y = gemm_w4a4(quantize_act(x)): the whole SVDQuant linear. CompositeImplicitAutograd, so tracing and
+// torch.compile see the two ops (each with its fake kernel) instead of an opaque one.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& proj_down,
+                  const at::Tensor& wgt_codes, const at::Tensor& wgt_scales,
+                  const std::optional<at::Tensor>& wgt_global_scale, const at::Tensor& proj_up,
+                  const std::optional<at::Tensor>& bias, c10::string_view precision, bool act_unsigned) {
+  static auto quantize_act =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("svdquant::quantize_act", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                const at::Tensor&, c10::string_view, bool)>();
+  static auto gemm = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("svdquant::gemm_w4a4", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+                                           const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
+                                           at::ScalarType, bool)>();
+  auto [codes, scales, lora_act] = quantize_act.call(x, smooth, proj_down, precision, act_unsigned);
+  return gemm.call(codes, scales, wgt_codes, wgt_scales, wgt_global_scale, lora_act, proj_up, bias, precision,
+                   x.scalar_type(), act_unsigned);
+}
+
+}  // namespace svdquant
+
+TORCH_LIBRARY(svdquant, m) {
+  m.def(
+      "quantize_act(Tensor x, Tensor smooth, Tensor proj_down, str precision, bool act_unsigned=False) "
+      "-> (Tensor codes, Tensor scales, Tensor lora_act)");
+  m.def(
+      "gemm_w4a4(Tensor act_codes, Tensor act_scales, Tensor wgt_codes, Tensor wgt_scales, "
+      "Tensor? wgt_global_scale, Tensor lora_act, Tensor proj_up, Tensor? bias, str precision, "
+      "ScalarType out_dtype, bool act_unsigned=False) -> Tensor");
+  m.def(
+      "linear(Tensor x, Tensor smooth, Tensor proj_down, Tensor wgt_codes, Tensor wgt_scales, "
+      "Tensor? wgt_global_scale, Tensor proj_up, Tensor? bias, str precision, bool act_unsigned=False) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(svdquant, CompositeImplicitAutograd, m) { m.impl("linear", &svdquant::linear); }
+
+// Inference ops: no derivative formulas. The autograd kernel runs the op below autograd (so the kernels' own
+// ATen calls record nothing) and makes a backward through a float output raise "not implemented".
+TORCH_LIBRARY_IMPL(svdquant, Autograd, m) {
+  m.impl("quantize_act", torch::autograd::autogradNotImplementedFallback());
+  m.impl("gemm_w4a4", torch::autograd::autogradNotImplementedFallback());
+}

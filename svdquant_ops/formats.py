@@ -1,0 +1,57 @@
+"""The two 4-bit number formats and their constants.
+
+This module is the single source of truth for format constants on the Python side; the C++ kernels
+(`csrc/formats.h`) mirror them and the tests check that both agree.
+
+INT4 (``"int4"``)
+    Groups of 64 input channels. Weights: signed codes in [-7, 7], one scale per (output row, group) in the
+    model dtype, scale = absmax / 7. Activations: dynamic, one scale per (token, group) in the input dtype,
+    same rule. The *unsigned* variant (for inputs produced by a GELU) adds ``ACT_SHIFT`` before smoothing and
+    uses codes in [0, 15] with scale = max / 15.
+
+NVFP4 (``"nvfp4"``)
+    Groups of 16 input channels. Codes are e2m1 bit patterns (sign bit 3, value ``E2M1_VALUES[code]``).
+    Scales are fp8 e4m3 (``torch.float8_e4m3fn``), scale = absmax / 6 saturated to 448. Weights carry one more
+    fp32 scale, per tensor or per output channel; activations have none.
+
+Rounding is round-half-to-even everywhere (``torch.round`` / ``rintf``); for e2m1 "even" means an even
+mantissa bit, which gives the rule in ``E2M1_BOUNDS``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+INT4 = "int4"
+NVFP4 = "nvfp4"
+PRECISIONS = (INT4, NVFP4)
+
+GROUP_SIZE = {INT4: 64, NVFP4: 16}
+
+INT4_QMAX = 7  # signed codes are clamped to [-INT4_QMAX, INT4_QMAX]
+UINT4_QMAX = 15  # unsigned codes are clamped to [0, UINT4_QMAX]
+ACT_SHIFT = 0.171875  # >= -min(GELU) (0.16997...), exact in every float format we use
+
+NVFP4_QMAX = 6.0
+FP8_E4M3_MAX = 448.0
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+# Midpoints between consecutive e2m1 magnitudes: bound i separates magnitude codes i and i+1. A value exactly on
+# a bound goes to the even code (round half to even mantissa): it stays at i when i is even, moves up when odd.
+E2M1_BOUNDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def check_precision(precision: str, *, arg: str = "precision") -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"{arg} must be one of {list(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def group_size(precision: str) -> int:
+    return GROUP_SIZE[check_precision(precision)]
+
+
+def scale_dtype(precision: str, model_dtype: torch.dtype) -> torch.dtype:
+    """dtype of the per-group scales: the model dtype for INT4, fp8 e4m3 for NVFP4."""
+    return model_dtype if check_precision(precision) == INT4 else torch.float8_e4m3fn

@@ -1,0 +1,118 @@
+"""Fake (meta) kernels: shapes and dtypes of every ``torch.ops.svdquant`` op, for tracing and torch.compile.
+
+They run the same argument checks as the C++ kernels (``csrc/checks.cpp``) that can be decided from shapes and
+dtypes alone, so a bad call fails at trace time with the same message instead of deep inside a compiled graph.
+``svdquant::linear`` is CompositeImplicitAutograd and decomposes into the two ops below, so it needs none.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..formats import FLOAT_DTYPES, GROUP_SIZE, INT4, NVFP4, PRECISIONS
+
+_FLOAT_NAMES = "bfloat16, float16 or float32"
+
+
+def _check(cond: bool, op: str, msg: str) -> None:
+    if not cond:
+        raise RuntimeError(f"svdquant::{op}: {msg}")
+
+
+def _check_precision(op: str, precision: str, act_unsigned: bool) -> int:
+    _check(precision in PRECISIONS, op, f"precision must be 'int4' or 'nvfp4', got '{precision}'")
+    _check(not (act_unsigned and precision == NVFP4), op,
+           "act_unsigned=True is only defined for precision 'int4', got precision 'nvfp4'")
+    return GROUP_SIZE[precision]
+
+
+def _check_scale_dtype(op: str, name: str, t: torch.Tensor, precision: str) -> None:
+    if precision == INT4:
+        _check(t.dtype in FLOAT_DTYPES, op, f"{name} must be {_FLOAT_NAMES} for precision 'int4', got {t.dtype}")
+    else:
+        _check(t.dtype == torch.float8_e4m3fn, op,
+               f"{name} must be float8_e4m3fn for precision 'nvfp4', got {t.dtype}")
+
+
+def _check_device(op: str, name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    _check(t.device == ref.device, op,
+           f"{name} must be on the same device as {ref_name} ({ref.device}), got {t.device}")
+
+
+@torch.library.register_fake("svdquant::quantize_act")
+def _quantize_act_fake(x, smooth, proj_down, precision, act_unsigned=False):
+    op = "quantize_act"
+    gs = _check_precision(op, precision, act_unsigned)
+    _check(x.dtype in FLOAT_DTYPES, op, f"x must be {_FLOAT_NAMES}, got {x.dtype}")
+    _check(x.dim() >= 1, op, "x must have at least 1 dimension [..., K], got a 0-d tensor")
+    K = x.shape[-1]
+    _check(K > 0 and K % gs == 0, op,
+           f"x.size(-1) (K={K}) must be a positive multiple of {gs} for precision '{precision}'")
+    _check(smooth.dim() == 1 and smooth.shape[0] == K, op,
+           f"smooth must have shape [K] = [{K}] to match x.size(-1), got {list(smooth.shape)}")
+    _check(smooth.dtype == x.dtype, op, f"smooth must have x's dtype {x.dtype}, got {smooth.dtype}")
+    _check_device(op, "smooth", smooth, "x", x)
+    _check(proj_down.dim() == 2 and proj_down.shape[0] == K, op,
+           f"proj_down must have shape [K, R] with K={K} to match x.size(-1), got {list(proj_down.shape)}")
+    _check(proj_down.dtype == x.dtype, op, f"proj_down must have x's dtype {x.dtype}, got {proj_down.dtype}")
+    _check_device(op, "proj_down", proj_down, "x", x)
+    lead = x.shape[:-1]
+    scale_dtype = x.dtype if precision == INT4 else torch.float8_e4m3fn
+    codes = x.new_empty((*lead, K // 2), dtype=torch.uint8)
+    scales = x.new_empty((*lead, K // gs), dtype=scale_dtype)
+    lora_act = x.new_empty((*lead, proj_down.shape[1]), dtype=torch.float32)
+    return codes, scales, lora_act
+
+
+@torch.library.register_fake("svdquant::gemm_w4a4")
+def _gemm_w4a4_fake(act_codes, act_scales, wgt_codes, wgt_scales, wgt_global_scale, lora_act, proj_up, bias,
+                    precision, out_dtype, act_unsigned=False):
+    op = "gemm_w4a4"
+    gs = _check_precision(op, precision, act_unsigned)
+    _check(act_codes.dtype == torch.uint8, op,
+           f"act_codes must be uint8 (two 4-bit codes per byte), got {act_codes.dtype}")
+    _check(wgt_codes.dtype == torch.uint8, op,
+           f"wgt_codes must be uint8 (two 4-bit codes per byte), got {wgt_codes.dtype}")
+    _check(act_codes.dim() >= 1, op, "act_codes must have shape [..., K/2], got a 0-d tensor")
+    _check(wgt_codes.dim() == 2, op, f"wgt_codes must have shape [N, K/2], got {list(wgt_codes.shape)}")
+    K = act_codes.shape[-1] * 2
+    N = wgt_codes.shape[0]
+    _check(wgt_codes.shape[1] * 2 == K, op,
+           f"K mismatch: act_codes holds K={K} input channels per row but wgt_codes holds K={wgt_codes.shape[1] * 2}")
+    _check(N >= 1, op, "wgt_codes must have at least one output row (N >= 1), got N=0")
+    _check(K > 0 and K % gs == 0, op, f"K ({K}) must be a positive multiple of {gs} for precision '{precision}'")
+    G = K // gs
+    lead = tuple(act_codes.shape[:-1])
+    _check(tuple(act_scales.shape) == (*lead, G), op,
+           f"act_scales must have shape {[*lead, G]} (act_codes' leading dims and K/{gs} groups), "
+           f"got {list(act_scales.shape)}")
+    _check(tuple(wgt_scales.shape) == (N, G), op,
+           f"wgt_scales must have shape [N, K/{gs}] = [{N}, {G}], got {list(wgt_scales.shape)}")
+    _check_scale_dtype(op, "act_scales", act_scales, precision)
+    _check_scale_dtype(op, "wgt_scales", wgt_scales, precision)
+    if precision == INT4:
+        _check(wgt_global_scale is None, op, "wgt_global_scale is only used by precision 'nvfp4'; pass None for 'int4'")
+    elif wgt_global_scale is not None:
+        g = wgt_global_scale
+        _check(g.dtype == torch.float32, op, f"wgt_global_scale must be float32, got {g.dtype}")
+        _check(g.dim() <= 1 and g.numel() in (1, N), op,
+               f"wgt_global_scale must have shape [1] (per tensor) or [N] = [{N}] (per output channel), "
+               f"got {list(g.shape)}")
+        _check_device(op, "wgt_global_scale", g, "act_codes", act_codes)
+    _check(lora_act.dtype == torch.float32, op, f"lora_act must be float32, got {lora_act.dtype}")
+    _check(proj_up.dim() == 2 and proj_up.shape[0] == N, op,
+           f"proj_up must have shape [N, R] with N={N}, got {list(proj_up.shape)}")
+    _check(proj_up.dtype in FLOAT_DTYPES, op, f"proj_up must be {_FLOAT_NAMES}, got {proj_up.dtype}")
+    R = proj_up.shape[1]
+    _check(tuple(lora_act.shape) == (*lead, R), op,
+           f"lora_act must have shape {[*lead, R]} (act_codes' leading dims and proj_up's rank R={R}), "
+           f"got {list(lora_act.shape)}")
+    if bias is not None:
+        _check(bias.dim() == 1 and bias.shape[0] == N, op, f"bias must have shape [N] = [{N}], got {list(bias.shape)}")
+        _check(bias.dtype in FLOAT_DTYPES, op, f"bias must be {_FLOAT_NAMES}, got {bias.dtype}")
+        _check_device(op, "bias", bias, "act_codes", act_codes)
+    _check(out_dtype in FLOAT_DTYPES, op, f"out_dtype must be {_FLOAT_NAMES}, got {out_dtype}")
+    for name, t in (("act_scales", act_scales), ("wgt_codes", wgt_codes), ("wgt_scales", wgt_scales),
+                    ("lora_act", lora_act), ("proj_up", proj_up)):
+        _check_device(op, name, t, "act_codes", act_codes)
+    return act_codes.new_empty((*lead, N), dtype=out_dtype)

@@ -1,0 +1,120 @@
+"""Every contract violation gets an error that names the argument and the expected value, in eager mode (C++
+checks) and at trace time (fake kernels), with the same wording."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import svdquant_ops
+from svdquant_ops import layout
+
+BF = torch.bfloat16
+
+
+def _good(precision="int4", M=3, N=8, K=128, R=16):
+    gs = 64 if precision == "int4" else 16
+    x = torch.randn(M, K).to(BF)
+    smooth = torch.ones(K, dtype=BF)
+    pd = torch.randn(K, R).to(BF)
+    w = layout.pack_nibbles(torch.randint(-7, 8, (N, K)))
+    sdt = BF if precision == "int4" else torch.float8_e4m3fn
+    ws = torch.full((N, K // gs), 0.5).to(sdt)
+    gsc = None if precision == "int4" else torch.tensor([1.0])
+    up = torch.randn(N, R).to(BF)
+    bias = torch.randn(N).to(BF)
+    codes, scales, lora = svdquant_ops.quantize_act(x, smooth, pd, precision)
+    return dict(x=x, smooth=smooth, pd=pd, w=w, ws=ws, gsc=gsc, up=up, bias=bias, codes=codes, scales=scales,
+                lora=lora, precision=precision)
+
+
+def _q(a, **kw):
+    a = {**a, **kw}
+    return svdquant_ops.quantize_act(a["x"], a["smooth"], a["pd"], a["precision"], a.get("unsigned", False))
+
+
+def _g(a, **kw):
+    a = {**a, **kw}
+    return svdquant_ops.gemm_w4a4(a["codes"], a["scales"], a["w"], a["ws"], a["gsc"], a["lora"], a["up"], a["bias"],
+                                  a["precision"], a.get("out_dtype", BF), a.get("unsigned", False))
+
+
+SHAPE_DTYPE_CASES = [
+    # (name, precision, call, expected message fragment)
+    ("x float64", "int4", lambda a: _q(a, x=a["x"].double()), "x must be bfloat16, float16 or float32, got torch.float64"),
+    ("x int", "int4", lambda a: _q(a, x=a["x"].int()), "x must be bfloat16, float16 or float32"),
+    ("K not multiple of 64", "int4", lambda a: _q(a, x=a["x"][:, :100], smooth=a["smooth"][:100], pd=a["pd"][:100]),
+     "x.size(-1) (K=100) must be a positive multiple of 64"),
+    ("K not multiple of 16", "nvfp4", lambda a: _q(a, x=a["x"][:, :40], smooth=a["smooth"][:40], pd=a["pd"][:40]),
+     "x.size(-1) (K=40) must be a positive multiple of 16"),
+    ("smooth wrong K", "int4", lambda a: _q(a, smooth=a["smooth"][:64]), "smooth must have shape [K] = [128]"),
+    ("smooth dtype", "int4", lambda a: _q(a, smooth=a["smooth"].float()), "smooth must have x's dtype"),
+    ("proj_down K mismatch", "int4", lambda a: _q(a, pd=a["pd"][:64]), "proj_down must have shape [K, R] with K=128"),
+    ("proj_down dtype", "int4", lambda a: _q(a, pd=a["pd"].half()), "proj_down must have x's dtype"),
+    ("bad precision", "int4", lambda a: _q(a, precision="int8"), "precision must be 'int4' or 'nvfp4', got 'int8'"),
+    ("unsigned nvfp4", "nvfp4", lambda a: _q(a, unsigned=True), "act_unsigned=True is only defined for precision 'int4'"),
+    ("codes dtype", "int4", lambda a: _g(a, codes=a["codes"].to(torch.int8)), "act_codes must be uint8"),
+    ("weight codes dtype", "int4", lambda a: _g(a, w=a["w"].to(torch.int8)), "wgt_codes must be uint8"),
+    ("weight K mismatch", "int4", lambda a: _g(a, w=a["w"][:, :32], ws=a["ws"][:, :1]),
+     "K mismatch: act_codes holds K=128 input channels per row but wgt_codes holds K=64"),
+    ("act_scales shape", "int4", lambda a: _g(a, scales=a["scales"][:, :1]), "act_scales must have shape [3, 2]"),
+    ("wgt_scales shape", "int4", lambda a: _g(a, ws=a["ws"][:4]), "wgt_scales must have shape [N, K/64] = [8, 2]"),
+    ("int4 scales fp8", "int4", lambda a: _g(a, ws=a["ws"].to(torch.float8_e4m3fn)),
+     "wgt_scales must be bfloat16, float16 or float32 for precision 'int4'"),
+    ("nvfp4 scales bf16", "nvfp4", lambda a: _g(a, scales=a["scales"].float().to(BF)),
+     "act_scales must be float8_e4m3fn for precision 'nvfp4'"),
+    ("global scale on int4", "int4", lambda a: _g(a, gsc=torch.ones(1)), "wgt_global_scale is only used by precision 'nvfp4'"),
+    ("global scale shape", "nvfp4", lambda a: _g(a, gsc=torch.ones(3)), "wgt_global_scale must have shape [1] (per tensor) or [N] = [8]"),
+    ("global scale dtype", "nvfp4", lambda a: _g(a, gsc=torch.ones(1, dtype=BF)), "wgt_global_scale must be float32"),
+    ("lora_act dtype", "int4", lambda a: _g(a, lora=a["lora"].to(BF)), "lora_act must be float32"),
+    ("lora_act rank", "int4", lambda a: _g(a, lora=a["lora"][:, :8]), "lora_act must have shape [3, 16]"),
+    ("proj_up N", "int4", lambda a: _g(a, up=a["up"][:4]), "proj_up must have shape [N, R] with N=8"),
+    ("bias shape", "int4", lambda a: _g(a, bias=a["bias"][:5]), "bias must have shape [N] = [8]"),
+    ("out dtype", "int4", lambda a: _g(a, out_dtype=torch.int32), "out_dtype must be bfloat16, float16 or float32"),
+    ("device mismatch", "int4", lambda a: _q(a, smooth=a["smooth"].to("meta")), "must be on the same device"),
+]
+
+
+@pytest.mark.parametrize("name,precision,call,msg", SHAPE_DTYPE_CASES, ids=[c[0] for c in SHAPE_DTYPE_CASES])
+def test_eager_errors(name, precision, call, msg):
+    a = _good(precision)
+    with pytest.raises(RuntimeError) as exc:
+        call(a)
+    assert msg in str(exc.value)
+
+
+@pytest.mark.parametrize("name,precision,call,msg", SHAPE_DTYPE_CASES, ids=[c[0] for c in SHAPE_DTYPE_CASES])
+def test_fake_kernel_errors_match(name, precision, call, msg):
+    a = _good(precision)
+    mode = FakeTensorMode(allow_non_fake_inputs=False)
+    fake = {k: (mode.from_tensor(v) if isinstance(v, torch.Tensor) and v.device.type != "meta" else v)
+            for k, v in a.items()}
+    with mode, pytest.raises(RuntimeError) as exc:
+        call(fake)
+    assert msg in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    "bad,msg",
+    [(float("nan"), "smooth must be finite"), (float("inf"), "smooth must be finite"), (0.0, "smooth must be > 0"),
+     (-1.0, "smooth must be > 0")],
+)
+def test_non_finite_or_non_positive_smooth(bad, msg):
+    a = _good()
+    smooth = a["smooth"].clone()
+    smooth[5] = bad
+    with pytest.raises(RuntimeError, match=msg):
+        _q(a, smooth=smooth)
+
+
+@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+def test_non_finite_weight_scales(precision):
+    a = _good(precision)
+    ws = a["ws"].float().clone()
+    ws[1, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="wgt_scales must be finite"):
+        _g(a, ws=ws.to(a["ws"].dtype))
+    if precision == "nvfp4":
+        with pytest.raises(RuntimeError, match="wgt_global_scale must be finite"):
+            _g(a, gsc=torch.tensor([float("inf")]))

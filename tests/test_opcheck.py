@@ -1,0 +1,120 @@
+"""torch.library.opcheck on every op, and the registration facts the rest of the library relies on."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import svdquant_ops
+from svdquant_ops import _library, layout
+
+
+def _linear_args(precision, act_unsigned=False, lead=(3,), N=40, K=128, R=16, requires_grad=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, K, generator=g).to(torch.bfloat16)
+    smooth = (torch.rand(K, generator=g) + 0.5).to(torch.bfloat16)
+    pd = (torch.randn(K, R, generator=g) / 8).to(torch.bfloat16)
+    gs = 64 if precision == "int4" else 16
+    w = layout.pack_nibbles(torch.randint(-7 if precision == "int4" else 0, 8 if precision == "int4" else 16,
+                                          (N, K), generator=g))
+    if precision == "int4":
+        ws = (torch.rand(N, K // gs, generator=g) * 0.01 + 0.001).to(torch.bfloat16)
+        gsc = None
+    else:
+        ws = (torch.rand(N, K // gs, generator=g) + 0.5).to(torch.float8_e4m3fn)
+        gsc = torch.tensor([0.01])
+    up = (torch.randn(N, R, generator=g) / 8).to(torch.bfloat16)
+    bias = torch.randn(N, generator=g).to(torch.bfloat16)
+    if requires_grad:
+        for t in (x, pd, up, bias):
+            t.requires_grad_(True)
+    return x, smooth, pd, w, ws, gsc, up, bias
+
+
+# With inputs that require grad, opcheck's AOT test differentiates the sum of *all* outputs, which these
+# inference ops do not support (and the uint8 codes cannot be summed with floats); the AOT dispatch test runs on
+# the no-grad variant, the autograd-registration test on the requires-grad one.
+GRAD_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
+
+
+def _utils(requires_grad):
+    return GRAD_UTILS if requires_grad else torch.library._OPCHECK_DEFAULT_UTILS
+
+
+CONFIGS = [("int4", False, (3,), 0), ("int4", True, (2, 5), 16), ("nvfp4", False, (1,), 32), ("int4", False, (4,), 16)]
+
+
+@pytest.mark.parametrize("precision,act_unsigned,lead,R", CONFIGS)
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_quantize_act(precision, act_unsigned, lead, R, requires_grad):
+    x, smooth, pd, *_ = _linear_args(precision, act_unsigned, lead=lead, R=R, requires_grad=requires_grad)
+    torch.library.opcheck(svdquant_ops.quantize_act, (x, smooth, pd, precision, act_unsigned),
+                          test_utils=_utils(requires_grad))
+
+
+@pytest.mark.parametrize("precision,act_unsigned,lead,R", CONFIGS)
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_gemm_w4a4(precision, act_unsigned, lead, R, requires_grad):
+    x, smooth, pd, w, ws, gsc, up, bias = _linear_args(precision, act_unsigned, lead=lead, R=R)
+    codes, scales, lora = svdquant_ops.quantize_act(x, smooth, pd, precision, act_unsigned)
+    if requires_grad:
+        lora.requires_grad_(True)
+        up.requires_grad_(True)
+    args = (codes, scales, w, ws, gsc, lora, up, bias, precision, torch.bfloat16, act_unsigned)
+    utils = _utils(requires_grad)
+    if precision == "nvfp4":
+        # torch's SchemaCheckMode compares inputs before/after with allclose, which has no float8 kernel; the
+        # schema (aliasing/mutation) is the same for both precisions and is checked on the int4 cases.
+        utils = tuple(u for u in utils if u != "test_schema")
+    torch.library.opcheck(svdquant_ops.gemm_w4a4, args, test_utils=utils)
+    torch.library.opcheck(svdquant_ops.gemm_w4a4, args[:7] + (None,) + args[8:], test_utils=utils)  # no bias
+
+
+@pytest.mark.parametrize("precision,act_unsigned,lead,R", CONFIGS)
+def test_opcheck_linear(precision, act_unsigned, lead, R):
+    args = _linear_args(precision, act_unsigned, lead=lead, R=R)
+    utils = _utils(False)
+    if precision == "nvfp4":  # see test_opcheck_gemm_w4a4: no float8 allclose in SchemaCheckMode
+        utils = tuple(u for u in utils if u != "test_schema")
+    torch.library.opcheck(svdquant_ops.linear, (*args, precision, act_unsigned), test_utils=utils)
+
+
+def test_backward_raises_not_implemented():
+    x, smooth, pd, w, ws, gsc, up, bias = _linear_args("int4", requires_grad=True)
+    y = svdquant_ops.linear(x, smooth, pd, w, ws, gsc, up, bias, "int4")
+    with pytest.raises(RuntimeError, match="not implemented"):
+        y.float().sum().backward()
+
+
+def test_ops_registered_with_cpu_and_fake_kernels():
+    ns = torch.ops.svdquant
+    for name in ("quantize_act", "gemm_w4a4"):
+        assert hasattr(ns, name)
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"svdquant::{name}", "CPU")
+        entry = torch._library.simple_registry.singleton.find(f"svdquant::{name}")
+        assert entry.fake_impl.kernel is not None, f"{name} has no fake kernel"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("svdquant::linear", "CompositeImplicitAutograd")
+
+
+def test_second_import_does_not_recompile(tmp_path):
+    # The library is already built by this process's import; a fresh interpreter must load the cached build.
+    so = _library.library_path()
+    assert so is not None and so.exists()
+    mtime = so.stat().st_mtime_ns
+    proc = subprocess.run([sys.executable, "-c", "import svdquant_ops; print(svdquant_ops._library.library_path())"],
+                          capture_output=True, text=True, check=True)
+    assert "compiling" not in proc.stderr
+    assert proc.stdout.strip() == str(so)
+    assert so.stat().st_mtime_ns == mtime
+
+
+def test_build_key_tracks_sources_and_torch(monkeypatch):
+    srcs = _library._sources(None)
+    key = _library._build_key(srcs, None)
+    assert key == _library._build_key(srcs, None)
+    assert key != _library._build_key(srcs, "9.0a")
+    monkeypatch.setattr(torch, "__version__", "0.0.0-other")
+    assert key != _library._build_key(srcs, None)

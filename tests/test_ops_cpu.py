@@ -1,0 +1,244 @@
+"""The C++ CPU kernels against the independent float64 reference (tests/reference.py).
+
+Integer parts (codes) and scales must match exactly; floating outputs must lie inside the elementwise rounding
+bound derived in reference.gemm_error_bound.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import svdquant_ops
+from svdquant_ops import formats, layout
+
+from . import reference as ref
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _inputs(lead, K, R, dtype, g, outliers=True):
+    x = torch.randn(*lead, K, generator=g)
+    if outliers and K >= 8:  # a few large channels, as in diffusion activations
+        idx = torch.randperm(K, generator=g)[:3]
+        x[..., idx] *= 40
+    smooth = torch.rand(K, generator=g) * 3 + 0.25
+    proj_down = torch.randn(K, R, generator=g) / K**0.5
+    return x.to(dtype), smooth.to(dtype), proj_down.to(dtype)
+
+
+def _assert_scales_equal(a, b):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert torch.equal(a.float().isnan(), b.float().isnan())
+    fin = ~a.float().isnan()
+    assert torch.equal(a.float()[fin], b.float()[fin])
+
+
+CASES = [
+    # (leading shape, K, R)
+    ((1,), 64, 0),
+    ((5,), 128, 16),
+    ((3, 7), 192, 32),
+    ((2, 1, 9), 64, 5),
+    ((17,), 320, 64),
+    ((), 128, 8),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("precision,act_unsigned", [("int4", False), ("int4", True), ("nvfp4", False)])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_quantize_act_matches_reference(dtype, precision, act_unsigned, case):
+    lead, K, R = CASES[case]
+    g = _gen(1000 + case)
+    x, smooth, proj_down = _inputs(lead, K, R, dtype, g)
+    if act_unsigned:  # GELU-like inputs: >= -0.17
+        x = torch.nn.functional.gelu(x.float()).to(dtype)
+    codes, scales, lora = svdquant_ops.quantize_act(x, smooth, proj_down, precision, act_unsigned)
+    r_codes, r_scales, r_lora = ref.quantize_act(x, smooth, proj_down, precision, act_unsigned)
+
+    assert codes.dtype == torch.uint8 and codes.shape == (*lead, K // 2)
+    signed = precision == "int4" and not act_unsigned
+    got = layout.unpack_nibbles(codes, signed=signed).long()
+    assert torch.equal(got, r_codes), "codes differ from the reference"
+    _assert_scales_equal(scales, r_scales)
+    # lora_act: K fp32 additions of exact products of 16-bit numbers (fp32 inputs: one more rounding each).
+    bound = (K + 2) * 2.0**-24 * (x.double().abs().reshape(-1, K) @ proj_down.double().abs())
+    assert lora.dtype == torch.float32 and lora.shape == (*lead, R)
+    M = x.numel() // K
+    assert ((lora.double().reshape(M, R) - r_lora.reshape(M, R)).abs() <= bound + 1e-30).all()
+
+
+def _random_weight(N, K, precision, g, scale_dtype):
+    gs = formats.GROUP_SIZE[precision]
+    if precision == "int4":
+        vals = torch.randint(-7, 8, (N, K), generator=g)
+        codes = vals
+        scales = (torch.rand(N, K // gs, generator=g) * 0.02 + 1e-3).to(scale_dtype)
+    else:
+        codes = torch.randint(0, 16, (N, K), generator=g)
+        scales = (torch.rand(N, K // gs, generator=g) * 4 + 0.1).to(torch.float8_e4m3fn)
+    return codes, layout.pack_nibbles(codes), scales
+
+
+@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize(
+    "lead,N,K,R,with_bias",
+    [((1,), 1, 64, 0, False), ((3,), 130, 128, 16, True), ((2, 5), 64, 256, 32, True), ((7,), 33, 64, 3, False),
+     ((1, 1), 200, 192, 64, True)],
+)
+def test_gemm_matches_reference(precision, out_dtype, lead, N, K, R, with_bias):
+    g = _gen(hash((precision, str(out_dtype), N, K, R)) % 2**31)
+    model_dtype = torch.bfloat16 if out_dtype == torch.float32 else out_dtype
+    x, smooth, proj_down = _inputs(lead, K, R, model_dtype, g)
+    a_codes, a_scales, lora = svdquant_ops.quantize_act(x, smooth, proj_down, precision)
+    w_int, w_packed, w_scales = _random_weight(N, K, precision, g, model_dtype)
+    gscale = None
+    if precision == "nvfp4":
+        gscale = torch.rand(N if N % 2 else 1, generator=g).float() * 0.01 + 1e-3
+    proj_up = (torch.randn(N, R, generator=g) / 4).to(model_dtype)
+    bias = torch.randn(N, generator=g).to(model_dtype) if with_bias else None
+
+    y = svdquant_ops.gemm_w4a4(a_codes, a_scales, w_packed, w_scales, gscale, lora, proj_up, bias, precision,
+                               out_dtype)
+    assert y.dtype == out_dtype and y.shape == (*lead, N)
+
+    a_vals = ref.code_values(layout.unpack_nibbles(a_codes, signed=precision == "int4").long(), precision)
+    w_vals = ref.code_values(w_int, precision)
+    M = a_codes.numel() * 2 // K
+    y_ref, mag = ref.gemm(a_vals.reshape(M, K), a_scales.reshape(M, K // formats.GROUP_SIZE[precision]),
+                          w_vals, w_scales, gscale, lora.reshape(M, R), proj_up, bias, precision)
+    n_terms = K // formats.GROUP_SIZE[precision] + R + 2
+    bound = ref.gemm_error_bound(mag, y_ref, n_terms, out_dtype)
+    err = (y.double().reshape(M, N) - y_ref).abs()
+    assert (err <= bound).all(), f"max excess {(err - bound).max().item():.3e}"
+
+
+def test_gemm_unsigned_activations():
+    g = _gen(7)
+    M, N, K, R = 9, 70, 128, 16
+    x = torch.nn.functional.gelu(torch.randn(M, K, generator=g) * 3).to(torch.bfloat16)
+    smooth = (torch.rand(K, generator=g) + 0.5).to(torch.bfloat16)
+    pd = (torch.randn(K, R, generator=g) / 10).to(torch.bfloat16)
+    a_codes, a_scales, lora = svdquant_ops.quantize_act(x, smooth, pd, "int4", True)
+    vals = layout.unpack_nibbles(a_codes, signed=False)
+    assert vals.min() >= 0 and vals.max() == 15  # the group max maps to 15
+    w_int, w_packed, w_scales = _random_weight(N, K, "int4", g, torch.bfloat16)
+    up = torch.randn(N, R, generator=g).to(torch.bfloat16)
+    y = svdquant_ops.gemm_w4a4(a_codes, a_scales, w_packed, w_scales, None, lora, up, None, "int4", torch.float32,
+                               act_unsigned=True)
+    y_ref, mag = ref.gemm(vals.double(), a_scales, w_int.double(), w_scales, None, lora, up, None, "int4")
+    assert ((y.double() - y_ref).abs() <= ref.gemm_error_bound(mag, y_ref, K // 64 + R + 2, torch.float32)).all()
+    # Decoding unsigned codes as signed would be a real bug: it must change the result.
+    y_wrong = svdquant_ops.gemm_w4a4(a_codes, a_scales, w_packed, w_scales, None, lora, up, None, "int4",
+                                     torch.float32, act_unsigned=False)
+    assert not torch.allclose(y, y_wrong)
+
+
+@pytest.mark.parametrize("precision,act_unsigned", [("int4", False), ("int4", True), ("nvfp4", False)])
+def test_linear_is_gemm_of_quantize_act(precision, act_unsigned):
+    g = _gen(11)
+    x, smooth, pd = _inputs((2, 3), 128, 16, torch.bfloat16, g)
+    _, w_packed, w_scales = _random_weight(48, 128, precision, g, torch.bfloat16)
+    gscale = torch.tensor([0.02]) if precision == "nvfp4" else None
+    up = torch.randn(48, 16, generator=g).to(torch.bfloat16)
+    bias = torch.randn(48, generator=g).to(torch.bfloat16)
+    y = svdquant_ops.linear(x, smooth, pd, w_packed, w_scales, gscale, up, bias, precision, act_unsigned)
+    c, s, lora = svdquant_ops.quantize_act(x, smooth, pd, precision, act_unsigned)
+    y2 = svdquant_ops.gemm_w4a4(c, s, w_packed, w_scales, gscale, lora, up, bias, precision, x.dtype, act_unsigned)
+    assert y.shape == (2, 3, 48) and y.dtype == torch.bfloat16
+    assert torch.equal(y, y2)
+
+
+def test_int4_round_half_even_and_saturation():
+    # One group whose amax is 7 -> scale exactly 1: codes are round-half-even of the values themselves.
+    vals = [0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.49, 7.0, -7.0, 6.5, 0.0, -3.5]
+    x = torch.zeros(1, 64)
+    x[0, : len(vals)] = torch.tensor(vals)
+    codes, scales, _ = svdquant_ops.quantize_act(x, torch.ones(64), torch.zeros(64, 0), "int4")
+    got = layout.unpack_nibbles(codes, signed=True)[0, : len(vals)].tolist()
+    assert scales.item() == 1.0
+    assert got == [0, 2, 2, 0, -2, -2, 3, 7, -7, 6, 0, -4]
+
+
+def test_int4_scale_rounding_and_clamp_fp16():
+    # amax/7 overflows fp16 -> the scale saturates at 65504 instead of becoming inf; codes clamp to +-7.
+    x = torch.zeros(1, 64, dtype=torch.float16)
+    x[0, 0], x[0, 1] = 60000.0, -30000.0
+    smooth = torch.full((64,), 0.125, dtype=torch.float16)  # x_hat = 8 x: 480000 > 7 * 65504
+    codes, scales, _ = svdquant_ops.quantize_act(x, smooth, torch.zeros(64, 0, dtype=torch.float16), "int4")
+    assert scales.item() == 65504.0
+    assert layout.unpack_nibbles(codes, signed=True)[0, :2].tolist() == [7, -4]
+
+
+def test_nvfp4_rounding_hand_cases():
+    # amax 6 -> fp8 scale exactly 1.0; e2m1 ties go to the even mantissa; sign of zero is kept.
+    vals = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 5.5, -0.1, -6.0, 0.26, 0.0, 6.0, 2.9, -1.3, 4.9]
+    x = torch.tensor([vals])
+    codes, scales, _ = svdquant_ops.quantize_act(x, torch.ones(16), torch.zeros(16, 0), "nvfp4")
+    assert scales.dtype == torch.float8_e4m3fn and scales.float().item() == 1.0
+    got = layout.unpack_nibbles(codes, signed=False)[0].tolist()
+    #        .25 .75 1.25 1.75 2.5 3.5 5.0 5.5 -.1 -6  .26  0   6  2.9 -1.3 4.9
+    assert got == [0, 2, 2, 4, 4, 6, 6, 7, 8, 15, 1, 0, 7, 5, 11, 6]
+
+
+def test_unsigned_shift_applied_before_smoothing():
+    # x = -0.171875 is exactly -shift: (x + shift) / smooth = 0 for any smooth.
+    x = torch.full((1, 64), -0.171875)
+    x[0, 0] = 1.0
+    smooth = torch.full((64,), 2.0)
+    codes, scales, _ = svdquant_ops.quantize_act(x, smooth, torch.zeros(64, 0), "int4", True)
+    assert scales.item() == pytest.approx((1.171875 / 2) / 15, rel=1e-7)
+    v = layout.unpack_nibbles(codes, signed=False)[0]
+    assert v[0] == 15 and (v[1:] == 0).all()
+
+
+def test_zero_group_and_nan_propagation():
+    x = torch.zeros(2, 128)
+    x[1, 64] = float("nan")
+    x[1, 0] = 1.0
+    pd = torch.ones(128, 2)
+    for precision in ("int4", "nvfp4"):
+        codes, scales, lora = svdquant_ops.quantize_act(x, torch.ones(128), pd, precision)
+        assert (codes[0] == 0).all() and (scales[0].float() == 0).all()
+        gs = formats.GROUP_SIZE[precision]
+        assert torch.isnan(scales[1, 64 // gs].float())  # the group holding the NaN
+        assert not torch.isnan(scales[1, 0].float())
+        w = layout.pack_nibbles(torch.ones(4, 128, dtype=torch.int8) * (1 if precision == "int4" else 2))
+        ws = torch.ones(4, 128 // gs).to(scales.dtype)
+        y = svdquant_ops.gemm_w4a4(codes, scales, w, ws, None, lora, torch.zeros(4, 2), None, precision,
+                                   torch.float32)
+        assert (y[0] == 0).all() and torch.isnan(y[1]).all()  # NaN input is visible in the output
+
+
+def test_formats_header_matches_python_constants():
+    text = (Path(svdquant_ops.__file__).parent / "csrc" / "formats.h").read_text()
+
+    def const(name):
+        return float(re.search(rf"{name} = ([0-9.e+-]+)f?;", text).group(1))
+
+    assert const("kInt4Group") == formats.GROUP_SIZE["int4"]
+    assert const("kNvfp4Group") == formats.GROUP_SIZE["nvfp4"]
+    assert const("kInt4Qmax") == formats.INT4_QMAX
+    assert const("kUint4Qmax") == formats.UINT4_QMAX
+    assert const("kActShift") == formats.ACT_SHIFT
+    assert const("kNvfp4Qmax") == formats.NVFP4_QMAX
+    assert const("kFp8E4m3Max") == formats.FP8_E4M3_MAX
+
+
+def test_pack_unpack_round_trip():
+    g = _gen(3)
+    s = torch.randint(-8, 8, (5, 64), generator=g, dtype=torch.int8)
+    assert torch.equal(layout.unpack_nibbles(layout.pack_nibbles(s), signed=True), s)
+    u = torch.randint(0, 16, (3, 2, 32), generator=g)
+    assert torch.equal(layout.unpack_nibbles(layout.pack_nibbles(u), signed=False).long(), u)
+    packed = layout.pack_nibbles(torch.tensor([[1, 2, -1, 7]]))
+    assert packed.tolist() == [[0x21, 0x7F]]  # element 0 in the low nibble
