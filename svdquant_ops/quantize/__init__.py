@@ -1,0 +1,1 @@
+"""The offline SVDQuant algorithm: quantizers, low-rank branch, smoothing, residual quantization."""

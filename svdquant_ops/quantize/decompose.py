@@ -1,0 +1,87 @@
+"""From a 16-bit weight to SVDQuant's three parts: smoothing λ, low-rank branch (U, D) and the 4-bit residual.
+
+This is the data-free path (λ = 1 unless given, one truncated SVD, RTN residual) and the last step of the
+calibrated path, which passes a searched λ and its own branch. All of it works in fp32 on the weight's device,
+and the residual is taken against the branch *as the runtime applies it* (factors rounded to the model dtype),
+so rounding of the factors is absorbed by the 4-bit residual instead of being an unaccounted error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..formats import ACT_SHIFT, check_precision
+from .lowrank import truncated_svd
+from .quantizers import dequantize, quantize_weight
+
+
+@dataclass
+class SVDQuantParts:
+    """Everything a quantized linear needs, unpacked. Shapes: N outputs, K inputs, R rank."""
+
+    codes: torch.Tensor  # [N, K] int8 (INT4 values) or uint8 (e2m1 patterns)
+    scales: torch.Tensor  # [N, K/g] model dtype (INT4) or float8_e4m3fn (NVFP4)
+    global_scale: torch.Tensor | None  # NVFP4: fp32 [1] or [N]
+    smooth: torch.Tensor  # [K] model dtype
+    proj_down: torch.Tensor  # [K, R] model dtype, multiplies the raw input: (D / λ)ᵀ
+    proj_up: torch.Tensor  # [N, R] model dtype: U (singular values included)
+    precision: str
+    act_unsigned: bool = False
+    bias_correction: torch.Tensor | None = None  # fp32 [N], unsigned inputs only
+
+
+def check_weight(weight: torch.Tensor, name: str = "weight") -> None:
+    if weight.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [out_features, in_features], got shape {list(weight.shape)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {weight.dtype}")
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"{name} contains NaN or Inf values; refusing to quantize a corrupt weight")
+
+
+def branch_in_smoothed_space(proj_up: torch.Tensor, proj_down: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
+    """The low-rank term the runtime adds, expressed on Ŵ = W·diag(λ): U · (proj_downᵀ · diag(λ)), fp32 [N, K]."""
+    return proj_up.float() @ (proj_down.float() * smooth.float().unsqueeze(1)).T
+
+
+def residual_parts(w_hat: torch.Tensor, smooth_q: torch.Tensor, proj_up: torch.Tensor, proj_down: torch.Tensor,
+                   precision: str, dtype: torch.dtype, *, act_unsigned: bool = False,
+                   per_channel_global: bool = False, residual_codes=None) -> SVDQuantParts:
+    """Quantize R = Ŵ − L (RTN unless ``residual_codes`` = (codes, scales, global) is given, e.g. from GPTQ)."""
+    r = w_hat - branch_in_smoothed_space(proj_up, proj_down, smooth_q)
+    if residual_codes is None:
+        codes, scales, gsc = quantize_weight(r, precision, dtype, per_channel_global=per_channel_global)
+    else:
+        codes, scales, gsc = residual_codes
+    corr = None
+    if act_unsigned:
+        # The 4-bit path sees (x + s)/λ: it adds Q(R)·(s/λ) to every output, which the bias takes back.
+        corr = -(dequantize(codes, scales, precision, gsc) @ (ACT_SHIFT / smooth_q.float()))
+    return SVDQuantParts(codes=codes, scales=scales, global_scale=gsc, smooth=smooth_q.to(dtype),
+                         proj_down=proj_down, proj_up=proj_up, precision=precision, act_unsigned=act_unsigned,
+                         bias_correction=corr)
+
+
+def decompose(weight: torch.Tensor, *, precision: str = "int4", rank: int = 32, smooth: torch.Tensor | None = None,
+              svd: str = "exact", act_unsigned: bool = False, per_channel_global: bool = False,
+              dtype: torch.dtype | None = None) -> SVDQuantParts:
+    """Data-free SVDQuant of one weight: λ (default ones), one rank-``rank`` SVD of W·diag(λ), RTN residual."""
+    check_precision(precision)
+    check_weight(weight)
+    if rank < 0:
+        raise ValueError(f"rank must be >= 0, got {rank}")
+    dtype = dtype or weight.dtype
+    n, k = weight.shape
+    if smooth is None:
+        smooth = torch.ones(k, device=weight.device)
+    if smooth.shape != (k,) or not torch.isfinite(smooth).all() or not (smooth > 0).all():
+        raise ValueError(f"smooth must be a finite, positive [in_features] = [{k}] vector")
+    smooth_q = smooth.to(dtype).float()  # the runtime divides by the stored (rounded) λ
+    w_hat = weight.float() * smooth_q
+    us, v = truncated_svd(w_hat, rank, svd)
+    proj_up = us.to(dtype)
+    proj_down = (v / smooth_q.unsqueeze(1)).to(dtype)
+    return residual_parts(w_hat, smooth_q, proj_up, proj_down, precision, dtype, act_unsigned=act_unsigned,
+                          per_channel_global=per_channel_global)

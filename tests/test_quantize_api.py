@@ -1,0 +1,170 @@
+"""quantize_(model, SVDQuantConfig()) on real module trees: what gets quantized, how close, and bad input."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torchao.quantization import FqnToConfig, Int8WeightOnlyConfig, quantize_
+
+import svdquant_ops
+from svdquant_ops import SVDQuantConfig, SVDQuantTensor, name_modules
+
+from .conftest import flux_inputs, sqnr_db, tiny_flux
+
+
+@pytest.mark.parametrize("precision,min_sqnr", [("int4", 14.0), ("nvfp4", 14.0)])
+def test_mlp_quantized_close_to_16bit_and_skips_unsupported(mlp, precision, min_sqnr, caplog):
+    x = torch.randn(2, 7, 256).to(torch.bfloat16)
+    with torch.no_grad():
+        ref = mlp(x)
+    fc3_weight = mlp.fc3.weight
+    with caplog.at_level(logging.INFO, logger="svdquant_ops"):
+        quantize_(mlp, SVDQuantConfig(precision=precision))
+    assert isinstance(mlp.fc1.weight, SVDQuantTensor) and isinstance(mlp.fc2.weight, SVDQuantTensor)
+    if precision == "int4":  # 96 inputs: not a multiple of 64, untouched and logged
+        assert mlp.fc3.weight is fc3_weight
+        assert any("in_features=96 is not a multiple of 64" in r.message for r in caplog.records)
+    else:  # 96 is a multiple of NVFP4's 16
+        assert isinstance(mlp.fc3.weight, SVDQuantTensor)
+    assert mlp.fc1.weight.precision == precision
+    assert not mlp.fc1.bias.requires_grad
+    with torch.inference_mode():
+        out = mlp(x)
+    s = sqnr_db(ref, out)
+    print(f"MLP {precision} data-free SQNR vs bf16: {s:.1f} dB")
+    assert s > min_sqnr
+
+
+def test_quantize_is_idempotent(mlp):
+    quantize_(mlp, SVDQuantConfig())
+    w = mlp.fc1.weight
+    quantize_(mlp, SVDQuantConfig(rank=16))
+    assert mlp.fc1.weight is w
+
+
+def test_rank_improves_data_free_error():
+    torch.manual_seed(0)
+    # A weight with a strong low-rank part (as real layers have): the branch must capture it.
+    w = (torch.randn(256, 8) @ torch.randn(8, 512) + 0.1 * torch.randn(256, 512)).to(torch.bfloat16)
+    errs = []
+    for rank in (0, 16, 32):
+        qt = SVDQuantTensor.from_hp(w, "int4", rank)
+        errs.append((qt.dequantize().float() - w.float()).norm().item())
+    assert errs[0] > errs[1] > errs[2] * 0.999
+
+
+def test_tiny_flux_one_line(caplog):
+    model = tiny_flux()
+    inputs = flux_inputs()
+    with torch.no_grad():
+        ref = model(**inputs).sample
+    name_modules(model)  # lets the handler apply the default skip patterns by name
+    with caplog.at_level(logging.INFO, logger="svdquant_ops"):
+        quantize_(model, SVDQuantConfig())
+    quantized = {n for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), SVDQuantTensor)}
+    assert "transformer_blocks.0.attn.to_q" in quantized
+    assert "transformer_blocks.1.ff.net.2" in quantized
+    assert "single_transformer_blocks.1.proj_out" in quantized
+    for kept in ("x_embedder", "context_embedder", "proj_out", "norm_out.linear", "transformer_blocks.0.norm1.linear",
+                 "time_text_embed.timestep_embedder.linear_1", "single_transformer_blocks.0.norm.linear"):
+        assert kept not in quantized, kept
+    assert any("keeping x_embedder in 16-bit" in r.message for r in caplog.records)
+    with torch.inference_mode():
+        out = model(**inputs).sample
+    s = sqnr_db(ref, out)
+    print(f"tiny FLUX int4 data-free SQNR vs bf16: {s:.1f} dB over {len(quantized)} quantized linears")
+    assert s > 8.0
+
+
+def test_skip_filter_without_names():
+    model = tiny_flux()
+    cfg = SVDQuantConfig()
+    quantize_(model, cfg, filter_fn=cfg.filter_fn)
+    assert not isinstance(model.proj_out.weight, SVDQuantTensor)
+    assert isinstance(model.transformer_blocks[0].attn.to_k.weight, SVDQuantTensor)
+
+
+def test_fqn_to_config_mixes_with_torchao_configs(mlp):
+    x = torch.randn(3, 256).to(torch.bfloat16)
+    with torch.no_grad():
+        ref = mlp(x)
+    quantize_(mlp, FqnToConfig({"fc1": SVDQuantConfig(), "fc2": Int8WeightOnlyConfig()}), filter_fn=None)
+    assert isinstance(mlp.fc1.weight, SVDQuantTensor)
+    assert not isinstance(mlp.fc2.weight, SVDQuantTensor)
+    assert type(mlp.fc2.weight).__name__ == "Int8Tensor"
+    with torch.inference_mode():
+        assert sqnr_db(ref, mlp(x)) > 14.0
+
+
+def test_tensor_repr_to_detach_clone_pin(mlp):
+    quantize_(mlp, SVDQuantConfig(rank=20))
+    w = mlp.fc1.weight
+    r = repr(w)
+    assert "SVDQuantTensor(precision='int4', shape=[512, 256], rank=32" in r  # 20 padded to 32
+    assert w.shape == (512, 256) and w.dtype == torch.bfloat16
+    for t in (w.detach(), w.clone()):
+        assert isinstance(t, SVDQuantTensor) and torch.equal(t.qweight, w.qweight)
+    assert w.is_pinned() is False
+    h = w.to(torch.float16)
+    assert h.dtype == torch.float16 and h.smooth.dtype == torch.float16 and torch.equal(h.qweight, w.qweight)
+    assert torch.equal(h.wscales, w.wscales)  # scales kept bit-exact
+    x = torch.randn(4, 256)
+    torch.testing.assert_close(h.linear(x.half()).float(), w.linear(x.bfloat16()).float(), rtol=0.05, atol=0.05)
+    mlp.to(torch.float32)
+    assert mlp.fc1.weight.dtype == torch.float32 and isinstance(mlp.fc1.weight, SVDQuantTensor)
+    with torch.inference_mode():
+        assert mlp(torch.randn(2, 256)).dtype == torch.float32
+
+
+def test_dequantize_matches_layer_math():
+    torch.manual_seed(1)
+    w = torch.randn(64, 128).to(torch.bfloat16)
+    qt = SVDQuantTensor.from_hp(w, "int4", 16)
+    # The effective weight is close to w and the padded rank columns are exactly zero.
+    assert (qt.dequantize().float() - w.float()).norm() / w.float().norm() < 0.15
+    assert qt.rank == 16
+
+
+def test_input_dtype_mismatch_is_a_clear_error(mlp):
+    quantize_(mlp, SVDQuantConfig())
+    with pytest.raises(TypeError, match="input dtype torch.float32 does not match the quantized weight's dtype"):
+        mlp.fc1(torch.randn(2, 256))
+
+
+@pytest.mark.parametrize(
+    "kwargs,msg",
+    [(dict(precision="int8"), "precision must be one of"), (dict(rank=-1), "rank must be an integer >= 0"),
+     (dict(rank=3.5), "rank must be an integer"), (dict(svd="fast"), "svd must be one of"),
+     (dict(skip="proj_out"), "skip must be a list")],
+)
+def test_bad_config(kwargs, msg):
+    with pytest.raises(ValueError, match=msg):
+        SVDQuantConfig(**kwargs)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_weight_is_refused(mlp, bad):
+    with torch.no_grad():
+        mlp.fc2.weight[3, 5] = bad
+    name_modules(mlp)
+    with pytest.raises(ValueError, match="cannot quantize fc2: weight contains NaN or Inf"):
+        quantize_(mlp, SVDQuantConfig())
+
+
+def test_corrupt_tensor_parts_are_refused(mlp):
+    quantize_(mlp, SVDQuantConfig())
+    w = mlp.fc1.weight
+    with pytest.raises(ValueError, match="wscales must have shape"):
+        SVDQuantTensor(w.qweight, w.wscales[:, :1], w.smooth, w.proj_down, w.proj_up, "int4", False, 1, w.dtype)
+    with pytest.raises(ValueError, match="layout_version must be one of"):
+        SVDQuantTensor(w.qweight, w.wscales, w.smooth, w.proj_down, w.proj_up, "int4", False, 99, w.dtype)
+    bad = w.smooth.clone()
+    bad[0] = 0
+    with pytest.raises(ValueError, match="smooth must be > 0"):
+        SVDQuantTensor(w.qweight, w.wscales, bad, w.proj_down, w.proj_up, "int4", False, 1, w.dtype).validate()
+
+
+def test_svdquant_tensor_exported():
+    assert svdquant_ops.SVDQuantTensor is SVDQuantTensor

@@ -1,0 +1,129 @@
+"""Every save/load path reproduces the quantized model's outputs bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchao.quantization import quantize_
+
+import svdquant_ops
+from svdquant_ops import SVDQuantConfig, SVDQuantTensor
+
+from .conftest import MLP, flux_inputs, tiny_flux
+
+
+def _quantized_mlp(precision="int4", seed=0):
+    torch.manual_seed(seed)
+    m = MLP().to(torch.bfloat16).eval()
+    quantize_(m, SVDQuantConfig(precision=precision))
+    return m
+
+
+def _run(model, x):
+    with torch.inference_mode():
+        return model(x)
+
+
+def _assert_same_tensors(a: SVDQuantTensor, b: SVDQuantTensor):
+    assert type(b) is SVDQuantTensor
+    for name in a.tensor_data_names + a.optional_tensor_data_names:
+        ta, tb = getattr(a, name), getattr(b, name)
+        assert (ta is None) == (tb is None), name
+        if ta is not None:
+            assert ta.dtype == tb.dtype and torch.equal(ta.view(torch.uint8) if ta.dtype == torch.float8_e4m3fn
+                                                        else ta, tb.view(torch.uint8) if tb.dtype == torch.float8_e4m3fn
+                                                        else tb), name
+    for name in a.tensor_attribute_names:
+        assert getattr(a, name) == getattr(b, name), name
+
+
+@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+def test_torch_save_load_weights_only(tmp_path, precision):
+    model = _quantized_mlp(precision)
+    x = torch.randn(3, 256).to(torch.bfloat16)
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    sd = torch.load(tmp_path / "sd.pt", weights_only=True)
+    _assert_same_tensors(model.fc1.weight, sd["fc1.weight"])
+    # (a) load into a model quantized the same way (copy_ into the existing subclass)
+    other = _quantized_mlp(precision, seed=1)
+    other.load_state_dict(sd)
+    assert torch.equal(_run(other, x), _run(model, x))
+    # (b) assign into a plain 16-bit model
+    plain = MLP().to(torch.bfloat16).eval()
+    plain.load_state_dict(sd, assign=True)
+    assert isinstance(plain.fc1.weight, SVDQuantTensor)
+    assert torch.equal(_run(plain, x), _run(model, x))
+
+
+@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+def test_safetensors_round_trip(tmp_path, precision):
+    model = _quantized_mlp(precision)
+    x = torch.randn(2, 5, 256).to(torch.bfloat16)
+    path = tmp_path / "model.safetensors"
+    svdquant_ops.save_file(model.state_dict(), path)
+    sd = svdquant_ops.load_file(path)
+    _assert_same_tensors(model.fc2.weight, sd["fc2.weight"])
+    plain = MLP().to(torch.bfloat16).eval()
+    plain.load_state_dict(sd, assign=True)
+    assert torch.equal(_run(plain, x), _run(model, x))
+
+
+def test_safetensors_corrupt_file_is_refused(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = _quantized_mlp()
+    path = tmp_path / "model.safetensors"
+    svdquant_ops.save_file(model.state_dict(), path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    # truncated scales: the constructor's shape check names the part
+    bad = dict(tensors)
+    key = next(k for k in bad if k.endswith("_weight_wscales"))
+    bad[key] = bad[key][:, :1].contiguous()
+    save_file(bad, str(tmp_path / "bad1.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="wscales must have shape"):
+        svdquant_ops.load_file(tmp_path / "bad1.safetensors")
+    # NaN in a 16-bit part: caught by validate()
+    bad = dict(tensors)
+    key = next(k for k in bad if k.endswith("_weight_proj_up"))
+    bad[key] = bad[key].clone()
+    bad[key][0, 0] = float("nan")
+    save_file(bad, str(tmp_path / "bad2.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="proj_up contains NaN or Inf"):
+        svdquant_ops.load_file(tmp_path / "bad2.safetensors")
+    # plain safetensors without our metadata
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match="not a quantized state dict"):
+        svdquant_ops.load_file(tmp_path / "plain.safetensors")
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_diffusers_from_pretrained_and_save_pretrained(tmp_path, safe):
+    from diffusers import FluxTransformer2DModel, TorchAoConfig
+
+    tiny_flux().save_pretrained(tmp_path / "bf16")
+    qcfg = TorchAoConfig(SVDQuantConfig(), modules_to_not_convert=["x_embedder", "proj_out", "norm_out"])
+    q = FluxTransformer2DModel.from_pretrained(tmp_path / "bf16", quantization_config=qcfg,
+                                               torch_dtype=torch.bfloat16).eval()
+    assert isinstance(q.transformer_blocks[0].attn.to_q.weight, SVDQuantTensor)
+    assert not isinstance(q.proj_out.weight, SVDQuantTensor)
+    # Quantize-on-load equals quantize_ on the same weights in memory (deterministic, same handler).
+    ref_model = tiny_flux()
+    skip = ("x_embedder", "proj_out", "norm_out")  # diffusers' rule: "<key>." occurs in "<module>.weight"
+    quantize_(ref_model, SVDQuantConfig(), filter_fn=lambda m, n: isinstance(m, torch.nn.Linear)
+              and not any(k + "." in n + ".weight" for k in skip))
+    inputs = flux_inputs()
+    with torch.inference_mode():
+        out = q(**inputs).sample
+        assert torch.equal(out, ref_model(**inputs).sample)
+
+    q.save_pretrained(tmp_path / "q", safe_serialization=safe)
+    files = {p.name for p in (tmp_path / "q").iterdir()}
+    assert ("diffusion_pytorch_model.safetensors" in files) == safe
+    r = FluxTransformer2DModel.from_pretrained(tmp_path / "q", torch_dtype=torch.bfloat16).eval()
+    assert isinstance(r.transformer_blocks[0].attn.to_q.weight, SVDQuantTensor)
+    _assert_same_tensors(q.transformer_blocks[1].ff.net[2].weight, r.transformer_blocks[1].ff.net[2].weight)
+    with torch.inference_mode():
+        assert torch.equal(r(**inputs).sample, out)
