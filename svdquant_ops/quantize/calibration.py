@@ -1,0 +1,212 @@
+"""``calibrate(model)``: record what the algorithm needs from real inputs, in bounded memory.
+
+For every ``nn.Linear`` input it keeps, across all calls (every timestep, both CFG halves):
+
+* the per-input-channel absmax over *all* rows seen (fp32, on the input's device),
+* the minimum value seen (decides whether the unsigned INT4 variant is valid),
+* a uniform sample of at most ``max_rows`` input rows: bottom-k sampling with seeded random keys, so the sample
+  is reproducible for a fixed seed and call order and never holds more than ``max_rows`` rows,
+* whether any non-finite value went by.
+
+Linears that receive the very same tensor object in a call (q/k/v of an attention, a FLUX single block's q/k/v
+and MLP-in projection) share one record: they are quantized as a group with one λ.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .structure import annotate, describe
+
+log = logging.getLogger("svdquant_ops")
+RECORD_ATTR = "_svdquant_record"
+SESSION_ATTR = "_svdquant_calibration"  # set on every linear calibrate() watched, whether it ran or not
+
+
+@dataclass(eq=False)
+class InputRecord:
+    """Statistics of one (possibly shared) linear input; ``members[0]`` is the linear that records it."""
+
+    members: list
+    in_features: int
+    max_rows: int
+    storage: str
+    generator: torch.Generator
+    session: "CalibrationSession"
+    absmax: torch.Tensor | None = None
+    minimum: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+    seen_rows: int = 0
+    calls: int = 0
+    nonfinite: bool = False
+    inconsistent: bool = False
+    solved: dict = field(default_factory=dict)  # member -> SVDQuantTensor, filled by the solver
+    last_input: object = None  # weakref to the last recorded tensor
+
+    @property
+    def name(self) -> str:
+        return " + ".join(describe(m) for m in self.members)
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"calibrate: {self.name} got input with {x.shape[-1]} features, expected "
+                             f"{self.in_features}")
+        xf = x.detach().reshape(-1, self.in_features)
+        n = xf.shape[0]
+        self.calls += 1
+        if n == 0:
+            return
+        if not bool(torch.isfinite(xf).all()):
+            self.nonfinite = True
+        amax = xf.abs().amax(0).float()
+        xmin = xf.amin().float()
+        if self.absmax is None:
+            self.absmax, self.minimum = amax, xmin
+        else:
+            self.absmax = torch.maximum(self.absmax, amax)
+            self.minimum = torch.minimum(self.minimum, xmin)
+        # bottom-k sampling: every row gets a random key, the max_rows smallest keys ever seen are the sample.
+        keys = torch.rand(n, generator=self.generator)
+        if self.keys is not None and self.keys.numel() >= self.max_rows:
+            take = torch.nonzero(keys < self.keys.max()).squeeze(1)
+        else:
+            take = torch.arange(n)
+        if take.numel():
+            device = xf.device if self.storage == "auto" else torch.device(self.storage)
+            new_rows = xf[take.to(xf.device)].to(device)
+            rows = new_rows if self.rows is None else torch.cat([self.rows, new_rows])
+            all_keys = keys[take] if self.keys is None else torch.cat([self.keys, keys[take]])
+            if all_keys.numel() > self.max_rows:
+                keep = torch.topk(all_keys, self.max_rows, largest=False).indices
+                keep = keep.sort().values  # keep arrival order: deterministic layout
+                rows, all_keys = rows[keep.to(rows.device)], all_keys[keep]
+            self.rows, self.keys = rows, all_keys
+        self.seen_rows += n
+
+    def release(self) -> None:
+        self.rows = self.keys = None
+
+
+class CalibrationSession:
+    """Hooks installed by ``calibrate``; keeps the records and the progress bar of the solve that follows."""
+
+    def __init__(self, model: nn.Module, max_rows: int, storage: str, seed: int):
+        if max_rows < 1:
+            raise ValueError(f"calibrate: max_rows must be >= 1, got {max_rows}")
+        if storage != "auto":
+            torch.device(storage)  # validates the name
+        self.model = model
+        self.max_rows = max_rows
+        self.storage = storage
+        self.seed = seed
+        self.records: list[InputRecord] = []
+        self._handles = []
+        self._recent: dict[int, InputRecord] = {}
+        self._bar = None
+        self.solved_groups = 0
+
+    def _hook(self, module: nn.Module, args, kwargs):
+        x = args[0] if args else kwargs.get("input")
+        if not isinstance(x, torch.Tensor):
+            return
+        rec = getattr(module, RECORD_ATTR, None)
+        if rec is not None and rec.session is not self:
+            rec = None  # stale record from an earlier calibration: start over
+        if rec is None:
+            shared = self._recent.get(id(x))
+            if shared is not None and shared.last_input() is x and shared.in_features == module.in_features:
+                shared.members.append(module)  # same tensor object as another linear's input: one group
+                setattr(module, RECORD_ATTR, shared)
+                return
+            name = describe(module)
+            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+            rec = InputRecord(members=[module], in_features=module.in_features, max_rows=self.max_rows,
+                              storage=self.storage, generator=gen, session=self)
+            setattr(module, RECORD_ATTR, rec)
+            self.records.append(rec)
+        elif rec.members[0] is not module:  # a follower: its input must be the leader's, every call
+            if rec.last_input is None or rec.last_input() is not x:
+                if not rec.inconsistent:
+                    log.warning("svdquant_ops: %s did not always share its input with %s; keeping one λ for the "
+                                "group anyway", describe(module), describe(rec.members[0]))
+                rec.inconsistent = True
+            return
+        rec.add(x)
+        previous = rec.last_input() if rec.last_input is not None else None
+        if previous is not None:
+            self._recent.pop(id(previous), None)
+        rec.last_input = weakref.ref(x)
+        self._recent[id(x)] = rec
+
+    def install(self) -> None:
+        annotate(self.model)
+        for module in self.model.modules():
+            if isinstance(module, nn.Linear):
+                if hasattr(module, RECORD_ATTR):
+                    delattr(module, RECORD_ATTR)
+                setattr(module, SESSION_ATTR, self)
+                self._handles.append(module.register_forward_pre_hook(self._hook, with_kwargs=True))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._recent.clear()
+        for rec in self.records:
+            rec.last_input = None
+
+    # ------------------------------------------------------------------ progress of the solve
+    def group_done(self, rec: InputRecord, config) -> None:
+        from tqdm.auto import tqdm
+
+        from ..formats import GROUP_SIZE
+
+        if self._bar is None:  # groups the handler will solve: recorded, not skipped by name or size
+            gs = GROUP_SIZE[config.precision]
+            total = sum(1 for r in self.records if r.seen_rows and r.in_features % gs == 0
+                        and not config.skips(describe(r.members[0])))
+            self._bar = tqdm(total=max(total, self.solved_groups + 1), desc="SVDQuant groups", unit="group",
+                             dynamic_ncols=True)
+        self.solved_groups += 1
+        self._bar.set_postfix_str(rec.name[-60:], refresh=False)
+        self._bar.update(1)
+        if self.solved_groups >= self._bar.total:
+            self._bar.close()
+            self._bar = None
+
+    def summary(self) -> str:
+        n_lin = sum(len(r.members) for r in self.records)
+        shared = sum(1 for r in self.records if len(r.members) > 1)
+        rows = sum(0 if r.rows is None else r.rows.shape[0] for r in self.records)
+        return (f"{len(self.records)} inputs recorded for {n_lin} linears ({shared} shared by several linears), "
+                f"{rows} sampled rows held")
+
+
+@contextmanager
+def calibrate(model: nn.Module, *, max_rows: int = 4096, storage: str = "auto", seed: int = 0):
+    """Record calibration statistics of every linear input of ``model`` while the block runs.
+
+    Args:
+        max_rows: rows of each input kept for the algorithm (a uniform sample over all calls).
+        storage: where sampled rows live: "auto" (the input's device), "cpu", "cuda", ...
+        seed: seed of the row sampling (the result is reproducible for a fixed seed and call order).
+
+    Then ``quantize_(model, SVDQuantConfig())`` uses the records. Yields the session (``.records``,
+    ``.summary()``).
+    """
+    session = CalibrationSession(model, max_rows, storage, seed)
+    session.install()
+    try:
+        yield session
+    finally:
+        session.remove()
+        log.info("svdquant_ops: calibration recorded %s", session.summary())

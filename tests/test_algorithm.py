@@ -1,0 +1,257 @@
+"""The calibrated algorithm: the paper's ablation ordering on planted outliers, rank sweep, calibrated vs
+data-free, GPTQ, fast vs exact SVD, grouping, determinism and bad input."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+from torchao.quantization import quantize_
+
+from svdquant_ops import SVDQuantConfig, SVDQuantTensor, calibrate
+from svdquant_ops.quantize import quantizers as q
+from svdquant_ops.quantize.calibration import RECORD_ATTR
+from svdquant_ops.quantize.gptq import gptq_quantize
+from svdquant_ops.quantize.solve import smoothing_candidates, solve_group
+
+from .conftest import flux_inputs, sqnr_db, tiny_flux
+
+K, N = 256, 256
+
+
+def _outlier_data(seed: int, rows: int):
+    """Diffusion-like activations: Gaussian with a few channels 20-100x larger (fixed channels across seeds)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, K, generator=g)
+    gains = torch.tensor([20.0, 40.0, 70.0, 100.0])
+    x[:, [3, 50, 121, 200]] *= gains
+    return x.to(torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def layer_and_data():
+    torch.manual_seed(0)
+    layer = nn.Linear(K, N).to(torch.bfloat16)
+    calib = [_outlier_data(s, 128) for s in range(4)]  # 512 rows over 4 calls
+    test = _outlier_data(100, 512)
+    with torch.no_grad():
+        ref = layer(test)
+    return layer, calib, test, ref
+
+
+def _quantized_error(layer_and_data, calibrated=True, **cfg) -> float:
+    layer, calib, test, ref = layer_and_data
+    q = copy.deepcopy(layer)
+    if calibrated:
+        with calibrate(q):
+            with torch.no_grad():
+                for x in calib:
+                    q(x)
+    quantize_(q, SVDQuantConfig(**cfg))
+    assert isinstance(q.weight, SVDQuantTensor)
+    with torch.inference_mode():
+        return float((q(test).double() - ref.double()).pow(2).sum())
+
+
+def test_smoothing_grid_has_39_candidates():
+    cands = smoothing_candidates(20)
+    assert len(cands) == 39 and cands[0] == (0.0, 0.0)
+    assert (0.05, 0.0) in cands and (0.95, 0.0) in cands and (0.05, 0.95) in cands and (0.5, 0.5) in cands
+
+
+def test_ablation_ordering_matches_paper(layer_and_data):
+    naive = _quantized_error(layer_and_data, rank=0, smooth_grid=0)
+    smooth_only = _quantized_error(layer_and_data, rank=0)
+    lowrank_only = _quantized_error(layer_and_data, rank=32, smooth_grid=0)
+    full = _quantized_error(layer_and_data, rank=32)
+    print(f"\noutput squared error: naive {naive:.4g}, smoothing only {smooth_only:.4g}, "
+          f"low-rank only {lowrank_only:.4g}, SVDQuant {full:.4g}")
+    assert full < smooth_only
+    assert full < lowrank_only
+    assert smooth_only < naive and lowrank_only < naive
+
+
+def test_error_falls_as_rank_grows(layer_and_data):
+    errs = [_quantized_error(layer_and_data, rank=r) for r in (0, 16, 32, 64)]
+    print("\nrank 0/16/32/64 errors:", [f"{e:.4g}" for e in errs])
+    assert errs[0] > errs[1] > errs[2] > errs[3]
+
+
+def test_calibrated_beats_data_free(layer_and_data):
+    data_free = _quantized_error(layer_and_data, calibrated=False)
+    calibrated = _quantized_error(layer_and_data)
+    print(f"\ndata-free {data_free:.4g} vs calibrated {calibrated:.4g}")
+    assert calibrated < data_free
+
+
+@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+def test_gptq_halves_the_weight_error_it_optimizes(precision):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(128, 256, generator=g)
+    mix = torch.randn(256, 256, generator=g) * 0.3 + torch.eye(256)
+    x_cal, x_test = torch.randn(2048, 256, generator=g) @ mix, torch.randn(1024, 256, generator=g) @ mix
+    codes, scales, gsc = q.quantize_weight(w, precision, torch.float32)
+    rtn = q.dequantize(codes, scales, precision, gsc)
+    gptq = q.dequantize(gptq_quantize(w, x_cal.T @ x_cal, precision, scales, gsc), scales, precision, gsc)
+    e_rtn, e_gptq = ((x_test @ (w - rtn).T) ** 2).sum(), ((x_test @ (w - gptq).T) ** 2).sum()
+    assert e_gptq < 0.7 * e_rtn  # held-out inputs: ~0.5x in practice
+
+
+def test_gptq_end_to_end(layer_and_data):
+    rtn = _quantized_error(layer_and_data)
+    gptq = _quantized_error(layer_and_data, gptq=True)
+    refit = _quantized_error(layer_and_data, gptq=True, refit_after_gptq=True)
+    print(f"\nW4A4 held-out error: RTN {rtn:.4g}, GPTQ {gptq:.4g}, GPTQ + branch refit {refit:.4g}")
+    # With 4-bit activations, activation noise dominates on this synthetic layer, so GPTQ's gain on the weight
+    # term does not show end to end (measured: +8%); it must not blow up, and the refit may only help.
+    assert gptq < 1.15 * rtn
+    assert refit <= gptq
+
+
+def test_fast_svd_lands_close_to_exact(layer_and_data):
+    exact = _quantized_error(layer_and_data, svd="exact")
+    fast = _quantized_error(layer_and_data, svd="lowrank")
+    print(f"\nexact SVD {exact:.4g}, svd_lowrank {fast:.4g} ({100 * (fast / exact - 1):+.2f}%)")
+    assert fast < exact * 1.05
+
+
+def test_nvfp4_calibrated_beats_naive(layer_and_data):
+    naive = _quantized_error(layer_and_data, precision="nvfp4", rank=0, smooth_grid=0)
+    full = _quantized_error(layer_and_data, precision="nvfp4")
+    assert full < naive
+
+
+def test_deterministic_for_fixed_seed(layer_and_data):
+    layer, calib, _, _ = layer_and_data
+    outs = []
+    for _ in range(2):
+        q = copy.deepcopy(layer)
+        with calibrate(q, max_rows=200, seed=3):
+            with torch.no_grad():
+                for x in calib:
+                    q(x)
+        quantize_(q, SVDQuantConfig(gptq=True))
+        outs.append(q.weight)
+    for name in outs[0].tensor_data_names:
+        assert torch.equal(getattr(outs[0], name), getattr(outs[1], name)), name
+
+
+def test_recorder_is_bounded_and_exact_on_absmax(layer_and_data):
+    layer, calib, _, _ = layer_and_data
+    q = copy.deepcopy(layer)
+    with calibrate(q, max_rows=100) as session:
+        with torch.no_grad():
+            for x in calib:
+                q(x)
+    rec = getattr(q, RECORD_ATTR)
+    assert rec.rows.shape == (100, K) and rec.seen_rows == 512 and rec.calls == 4
+    allx = torch.cat(calib).float()
+    assert torch.equal(rec.absmax, allx.abs().amax(0))
+    assert float(rec.minimum) == allx.min().item()
+    # every sampled row is one of the recorded rows
+    assert (rec.rows.float()[:, None, :] == allx[None]).all(-1).any(-1).all()
+    assert "1 inputs recorded for 1 linears" in session.summary()
+
+
+def test_flux_groups_share_smoothing_and_qkv_share_down_projection(caplog, capsys):
+    model = tiny_flux()
+    with calibrate(model, max_rows=256) as session:
+        with torch.no_grad():
+            for s in range(3):
+                model(**flux_inputs(seed=s))
+    groups = {r.name for r in session.records if len(r.members) > 1}
+    assert ("transformer_blocks.0.attn.to_q + transformer_blocks.0.attn.to_k + transformer_blocks.0.attn.to_v"
+            in groups)
+    assert any(n.startswith("single_transformer_blocks.1.proj_mlp + ") and n.count("+") == 3 for n in groups)
+    ref_in = flux_inputs(seed=9)
+    with torch.no_grad():
+        ref = model(**ref_in).sample
+    with caplog.at_level(logging.INFO, logger="svdquant_ops"):
+        quantize_(model, SVDQuantConfig(lowrank_iters=4))
+    blk = model.single_transformer_blocks[0]
+    q, k, v, mlp = blk.attn.to_q.weight, blk.attn.to_k.weight, blk.attn.to_v.weight, blk.proj_mlp.weight
+    assert torch.equal(q.smooth, k.smooth) and torch.equal(q.smooth, mlp.smooth)
+    assert torch.equal(q.proj_down, v.proj_down) and not torch.equal(q.proj_down, mlp.proj_down)
+    ff2 = model.transformer_blocks[0].ff.net[2].weight
+    assert ff2.act_unsigned and ff2.bias_correction is not None  # GELU-fed: unsigned INT4
+    assert not model.transformer_blocks[0].ff.net[0].proj.weight.act_unsigned
+    err = capsys.readouterr().err
+    assert "SVDQuant groups" in err and "20/20" in err  # progress bar ran to completion
+    with torch.inference_mode():
+        s = sqnr_db(ref, model(**ref_in).sample)
+    print(f"\ncalibrated tiny FLUX SQNR {s:.1f} dB")
+    assert s > 20
+
+
+def test_required_calibration_without_data_is_an_error():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(128, 128), nn.Linear(128, 128)).to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"calibration='required'\) but calibrate\(\) recorded no input"):
+        quantize_(m, SVDQuantConfig(calibration="required"))
+
+
+class _TwoPaths(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used = nn.Linear(64, 64)
+        self.unused = nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def test_layer_that_never_saw_data(caplog):
+    torch.manual_seed(0)
+    m = _TwoPaths().to(torch.bfloat16)
+    with calibrate(m):
+        with torch.no_grad():
+            m(torch.randn(8, 64).to(torch.bfloat16))
+    with pytest.raises(ValueError, match="unused: SVDQuantConfig.calibration='required'|unused: SVDQuantConfig"):
+        quantize_(copy.deepcopy(m), SVDQuantConfig(calibration="required"))
+    with caplog.at_level(logging.INFO, logger="svdquant_ops"):
+        quantize_(m, SVDQuantConfig())
+    assert any("unused never saw calibration data; quantizing data-free" in r.message for r in caplog.records)
+    assert isinstance(m.unused.weight, SVDQuantTensor)
+
+
+def test_nan_in_recorded_activations(caplog):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 64)).to(torch.bfloat16)
+    x = torch.randn(8, 64).to(torch.bfloat16)
+    x[2, 5] = float("nan")
+    with calibrate(m):
+        with torch.no_grad():
+            m(x)
+    with pytest.raises(ValueError, match="recorded calibration inputs contain NaN or Inf"):
+        quantize_(copy.deepcopy(m), SVDQuantConfig(calibration="required"))
+    with caplog.at_level(logging.WARNING, logger="svdquant_ops"):
+        quantize_(m, SVDQuantConfig())
+    assert any("contain NaN or Inf; quantizing data-free" in r.message for r in caplog.records)
+
+
+def test_solve_group_rejects_mismatched_shapes():
+    cfg = SVDQuantConfig()
+    x = torch.randn(16, 128)
+    with pytest.raises(ValueError, match="weights\\[0\\] has 64 input features but the recorded input has 128"):
+        solve_group([torch.randn(32, 64)], x, x.abs().amax(0), cfg, rank=8, dtype=torch.float32)
+    with pytest.raises(ValueError, match="absmax must have shape"):
+        solve_group([torch.randn(32, 128)], x, torch.ones(64), cfg, rank=8, dtype=torch.float32)
+    bad = x.clone()
+    bad[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="recorded activations contain NaN or Inf"):
+        solve_group([torch.randn(32, 128)], bad, x.abs().amax(0), cfg, rank=8, dtype=torch.float32)
+
+
+@pytest.mark.parametrize(
+    "kwargs,msg",
+    [(dict(calibration="maybe"), "calibration must be"), (dict(smooth_grid=-1), "smooth_grid must be"),
+     (dict(gptq_damp=2.0), "gptq_damp must be in"), (dict(act_unsigned="yes"), "act_unsigned must be"),
+     (dict(precision="nvfp4", act_unsigned=True), "only defined for precision 'int4'"),
+     (dict(device="gpu0"), "device")],
+)
+def test_bad_algorithm_config(kwargs, msg):
+    with pytest.raises((ValueError, RuntimeError), match=msg):
+        SVDQuantConfig(**kwargs)
