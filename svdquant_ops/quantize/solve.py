@@ -287,8 +287,8 @@ def quantize_linear(module: nn.Linear, config, rank: int) -> SVDQuantTensor:
         if config.calibration == "required":
             raise ValueError(f"svdquant_ops: {name}: SVDQuantConfig(calibration='required') but calibrate() "
                              "recorded no input for this layer (run the model inside `with calibrate(model):`)")
-        if config.calibration != "off" and (rec is not None and not rec.nonfinite
-                                            or rec is None and getattr(module, SESSION_ATTR, None) is not None):
+        watched = getattr(module, SESSION_ATTR, None) is not None  # calibrate() ran over this layer
+        if config.calibration != "off" and watched and not (rec is not None and rec.nonfinite):
             log.info("svdquant_ops: %s never saw calibration data; quantizing data-free", name)
         with torch.no_grad():
             return _data_free(module, config, rank, _unsigned_for(module, config, None))
