@@ -18,6 +18,7 @@ from torchao.core.config import AOBaseConfig
 from torchao.quantization.transform_module import register_quantize_module_handler
 
 from .formats import FLOAT_DTYPES, GROUP_SIZE, PRECISIONS
+from .quantize.calibration import forget_calibration
 from .quantize.lowrank import SVD_METHODS
 from .quantize.structure import annotate, describe, module_name
 from .tensor import SVDQuantTensor
@@ -96,7 +97,7 @@ class SVDQuantConfig(AOBaseConfig):
         if self.act_unsigned is True and self.precision != "int4":
             raise ValueError("SVDQuantConfig.act_unsigned=True is only defined for precision 'int4'")
         if self.device is not None:
-            torch.device(self.device)  # raises on a bad device string
+            self.device = str(torch.device(self.device))  # validates; a string keeps the config JSON-serializable
 
     def skips(self, fqn: str) -> bool:
         return any(fnmatch.fnmatchcase(fqn, p) for p in self.skip)
@@ -123,11 +124,13 @@ def _svdquant_transform(module: nn.Module, config: SVDQuantConfig, *, parameter_
     fqn = module_name(module)
     if fqn is not None and config.skips(fqn):
         log.info("svdquant_ops: keeping %s in 16-bit (matches SVDQuantConfig.skip)", fqn)
+        forget_calibration(module)
         return module
     gs = GROUP_SIZE[config.precision]
     if module.in_features % gs:
         log.info("svdquant_ops: keeping %s in 16-bit: in_features=%d is not a multiple of %d (%s group size)",
                  describe(module), module.in_features, gs, config.precision)
+        forget_calibration(module)
         return module
     if weight.dtype not in FLOAT_DTYPES:
         raise TypeError(f"svdquant_ops: {describe(module)} has weight dtype {weight.dtype}; expected one of "

@@ -91,10 +91,10 @@ class SVDQuantTensor(TorchAOBaseTensor):
     @classmethod
     def from_hp(cls, weight: torch.Tensor, precision: str = "int4", rank: int = 32, *,
                 smooth: torch.Tensor | None = None, svd: str = "exact", act_unsigned: bool = False,
-                per_channel_global: bool = False) -> "SVDQuantTensor":
+                per_channel_global: bool = False, seed: int = 0) -> "SVDQuantTensor":
         """Data-free SVDQuant of a 16-bit weight [N, K]: λ (default 1), truncated SVD, RTN residual."""
         parts = decompose(weight, precision=precision, rank=rank, smooth=smooth, svd=svd, act_unsigned=act_unsigned,
-                          per_channel_global=per_channel_global, dtype=weight.dtype)
+                          per_channel_global=per_channel_global, dtype=weight.dtype, seed=seed)
         return cls.from_parts(parts, weight.dtype)
 
     # ---------------------------------------------------------------- inspection
@@ -162,6 +162,30 @@ def _(func, types, args, kwargs):
 @implements(aten._pin_memory.default)
 def _(func, types, args, kwargs):
     return args[0]._apply_fn_to_data(lambda t: t.pin_memory())
+
+
+@implements(aten.copy_.default)
+def _(func, types, args, kwargs):
+    """load_state_dict into an already-quantized model: parts are copied in place when the layouts agree."""
+    dst, src = args[0], args[1]
+    if not isinstance(src, SVDQuantTensor):
+        raise TypeError(f"cannot copy a {type(src).__name__} into an SVDQuantTensor; load the state dict with "
+                        "assign=True or quantize the model the same way first")
+    for name in dst.tensor_attribute_names:
+        if getattr(dst, name) != getattr(src, name):
+            raise ValueError(f"cannot load SVDQuantTensor: {name} differs ({getattr(src, name)!r} in the state dict, "
+                             f"{getattr(dst, name)!r} in the model); quantize the model with the same config or "
+                             "load with assign=True")
+    for name in dst.tensor_data_names + dst.optional_tensor_data_names:
+        a, b = getattr(dst, name), getattr(src, name)
+        if (a is None) != (b is None) or (a is not None and a.shape != b.shape):
+            what = "present" if b is not None else "absent"
+            raise ValueError(f"cannot load SVDQuantTensor: part {name} is {what} in the state dict with shape "
+                             f"{None if b is None else list(b.shape)} but {None if a is None else list(a.shape)} in "
+                             "the model; quantize the model with the same config or load with assign=True")
+        if a is not None:
+            a.copy_(b)
+    return dst
 
 
 @implements(aten._to_copy.default)

@@ -42,7 +42,8 @@ def quantize_act(x, smooth, proj_down, precision, act_unsigned=False):
         if act_unsigned:
             amax = amax.clamp(min=0)
         amax = torch.where(torch.isnan(grp).any(-1), torch.nan, amax)
-        s = torch.clamp(amax / qmax, max=torch.finfo(x.dtype).max).to(x.dtype)
+        v = amax / qmax
+        s = torch.where(torch.isinf(v), v, torch.clamp(v, max=torch.finfo(x.dtype).max)).to(x.dtype)
         sf = s.float().unsqueeze(-1)
         lo = 0.0 if act_unsigned else -7.0
         q = torch.round(grp / sf).clamp(lo, qmax)
@@ -51,7 +52,8 @@ def quantize_act(x, smooth, proj_down, precision, act_unsigned=False):
     else:
         amax = grp.abs().amax(-1)
         amax = torch.where(torch.isnan(grp).any(-1), torch.nan, amax)
-        s = torch.clamp(amax / 6.0, max=448.0).to(torch.float8_e4m3fn)
+        v = amax / 6.0
+        s = torch.where(torch.isinf(v), torch.nan, torch.clamp(v, max=448.0)).to(torch.float8_e4m3fn)
         sf = s.float().unsqueeze(-1)
         codes = e2m1_nearest(grp / sf)
         codes = torch.where(sf == 0, torch.zeros_like(codes), codes)

@@ -100,15 +100,46 @@ def test_gptq_halves_the_weight_error_it_optimizes(precision):
     assert e_gptq < 0.7 * e_rtn  # held-out inputs: ~0.5x in practice
 
 
-def test_gptq_end_to_end(layer_and_data):
-    rtn = _quantized_error(layer_and_data)
-    gptq = _quantized_error(layer_and_data, gptq=True)
-    refit = _quantized_error(layer_and_data, gptq=True, refit_after_gptq=True)
-    print(f"\nW4A4 held-out error: RTN {rtn:.4g}, GPTQ {gptq:.4g}, GPTQ + branch refit {refit:.4g}")
-    # With 4-bit activations, activation noise dominates on this synthetic layer, so GPTQ's gain on the weight
-    # term does not show end to end (measured: +8%); it must not blow up, and the refit may only help.
-    assert gptq < 1.15 * rtn
-    assert refit <= gptq
+def test_gptq_end_to_end():
+    """Through calibrate + quantize_: GPTQ with a Hessian over all calibration rows (hessian=True) against RTN."""
+    torch.manual_seed(0)
+    layer = nn.Linear(K, N).to(torch.bfloat16)
+    calib = [_outlier_data(s, 128) for s in range(32)]  # 4096 rows = 16 per input feature
+    test = _outlier_data(100, 1024)
+    with torch.no_grad():
+        ref = layer(test)
+    errs = {}
+    for name, cfg in (("rtn", {}), ("gptq", dict(gptq=True)), ("refit", dict(gptq=True, refit_after_gptq=True))):
+        q = copy.deepcopy(layer)
+        with calibrate(q, max_rows=512, hessian=True):
+            with torch.no_grad():
+                for x in calib:
+                    q(x)
+        quantize_(q, SVDQuantConfig(**cfg))
+        with torch.inference_mode():
+            errs[name] = float((q(test).double() - ref.double()).pow(2).sum())
+    print(f"\nW4A4 held-out error: RTN {errs['rtn']:.4g}, GPTQ {errs['gptq']:.4g}, "
+          f"GPTQ + branch refit {errs['refit']:.4g}")
+    # On this layer 4-bit activation noise dominates, so GPTQ's halving of the weight term (test above) moves
+    # the total by ~0.2% (measured 1023.7 -> 1025.3 -> 1020.9); a broken GPTQ is far off.
+    assert errs["gptq"] < 1.02 * errs["rtn"]
+    assert errs["refit"] <= errs["gptq"]
+
+
+def test_gptq_with_too_few_rows_falls_back_to_rtn(layer_and_data, caplog):
+    layer, calib, test, _ = layer_and_data
+    outs = []
+    for cfg in ({}, dict(gptq=True)):
+        q = copy.deepcopy(layer)
+        with calibrate(q, max_rows=300):  # 300 rows < 2K = 512, no Hessian accumulated
+            with torch.no_grad():
+                for x in calib:
+                    q(x)
+        with caplog.at_level(logging.WARNING, logger="svdquant_ops"):
+            quantize_(q, SVDQuantConfig(**cfg))
+        outs.append(q.weight)
+    assert any("GPTQ needs a Hessian from at least 2K = 512 rows but only 300" in r.message for r in caplog.records)
+    assert torch.equal(outs[0].qweight, outs[1].qweight)
 
 
 def test_fast_svd_lands_close_to_exact(layer_and_data):
@@ -129,14 +160,83 @@ def test_deterministic_for_fixed_seed(layer_and_data):
     outs = []
     for _ in range(2):
         q = copy.deepcopy(layer)
-        with calibrate(q, max_rows=200, seed=3):
+        with calibrate(q, max_rows=200, seed=3, hessian=True):
             with torch.no_grad():
                 for x in calib:
                     q(x)
-        quantize_(q, SVDQuantConfig(gptq=True))
+        quantize_(q, SVDQuantConfig(gptq=True, precision="nvfp4", nvfp4_per_channel_scale=True))
         outs.append(q.weight)
-    for name in outs[0].tensor_data_names:
-        assert torch.equal(getattr(outs[0], name), getattr(outs[1], name)), name
+    for name in outs[0].tensor_data_names + outs[0].optional_tensor_data_names:
+        a, b = getattr(outs[0], name), getattr(outs[1], name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
+                               b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b), name
+
+
+def test_calibrated_nvfp4_per_channel_scale(layer_and_data):
+    layer, calib, _, _ = layer_and_data
+    q = copy.deepcopy(layer)
+    with calibrate(q):
+        with torch.no_grad():
+            q(calib[0])
+    quantize_(q, SVDQuantConfig(precision="nvfp4", nvfp4_per_channel_scale=True))
+    assert q.weight.wglobal.shape == (N,)
+
+
+def test_group_members_with_different_configs_are_refused():
+    from torchao.quantization import FqnToConfig
+
+    model = tiny_flux()
+    with calibrate(model):
+        with torch.no_grad():
+            model(**flux_inputs())
+    cfgs = FqnToConfig({"transformer_blocks.0.attn.to_q": SVDQuantConfig(rank=16),
+                        "transformer_blocks.0.attn.to_k": SVDQuantConfig(precision="nvfp4")})
+    with pytest.raises(ValueError, match="shares its input .* with a different SVDQuantConfig"):
+        quantize_(model, cfgs, filter_fn=None)
+
+
+def test_fp16_smoothing_candidates_that_overflow_are_skipped():
+    torch.manual_seed(0)
+    layer = nn.Linear(128, 64).to(torch.float16)
+    with torch.no_grad():
+        layer.weight[:, 7] = 1e-6  # b_7 tiny: a^α / b^β overflows fp16 for large β
+    x = torch.randn(256, 128)
+    x[:, 7] = 3e4
+    with calibrate(layer):
+        with torch.no_grad():
+            layer(x.half())
+    quantize_(layer, SVDQuantConfig())
+    w = layer.weight
+    assert torch.isfinite(w.smooth).all() and torch.isfinite(w.proj_down).all() and torch.isfinite(w.proj_up).all()
+    with torch.inference_mode():
+        assert torch.isfinite(layer(x[:4].half())).all()
+
+
+def test_records_are_freed_and_detached_after_quantize():
+    model = tiny_flux()
+    with calibrate(model) as session:
+        with torch.no_grad():
+            model(**flux_inputs())
+    quantize_(model, SVDQuantConfig(lowrank_iters=1))
+    assert all(r.rows is None and not r.solved for r in session.records)
+    leftover = [n for n, m in model.named_modules() if hasattr(m, RECORD_ATTR)]
+    assert leftover == []
+
+
+def test_calibrating_a_submodule_keeps_full_names():
+    from svdquant_ops import name_modules
+
+    model = tiny_flux()
+    name_modules(model)
+    blk = model.single_transformer_blocks[0]
+    with calibrate(blk):
+        with torch.no_grad():
+            model(**flux_inputs())
+    quantize_(model, SVDQuantConfig(lowrank_iters=1))
+    assert isinstance(blk.proj_out.weight, SVDQuantTensor)  # not mistaken for the root "proj_out"
+    assert not isinstance(model.proj_out.weight, SVDQuantTensor)
 
 
 def test_recorder_is_bounded_and_exact_on_absmax(layer_and_data):
@@ -255,3 +355,11 @@ def test_solve_group_rejects_mismatched_shapes():
 def test_bad_algorithm_config(kwargs, msg):
     with pytest.raises((ValueError, RuntimeError), match=msg):
         SVDQuantConfig(**kwargs)
+
+
+def test_config_device_is_stored_as_a_string_for_json():
+    from torchao.core.config import config_from_dict, config_to_dict
+
+    cfg = SVDQuantConfig(device=torch.device("cpu"), gptq=True)
+    assert cfg.device == "cpu"
+    assert config_from_dict(config_to_dict(cfg)) == cfg

@@ -219,6 +219,22 @@ def test_zero_group_and_nan_propagation():
         assert (y[0] == 0).all() and torch.isnan(y[1]).all()  # NaN input is visible in the output
 
 
+@pytest.mark.parametrize("precision,dtype", [("int4", torch.bfloat16), ("int4", torch.float16), ("nvfp4", torch.bfloat16)])
+def test_inf_input_gives_non_finite_row_not_a_finite_wrong_one(precision, dtype):
+    x = torch.randn(3, 128).to(dtype)
+    x[1, 7] = float("inf")
+    x[2, 9] = float("-inf")
+    pd = torch.zeros(128, 0, dtype=dtype)
+    codes, scales, lora = svdquant_ops.quantize_act(x, torch.ones(128, dtype=dtype), pd, precision)
+    gs = formats.GROUP_SIZE[precision]
+    w = layout.pack_nibbles(torch.randint(1, 7, (8, 128)))
+    ws = torch.full((8, 128 // gs), 0.5).to(scales.dtype)
+    y = svdquant_ops.gemm_w4a4(codes, scales, w, ws, None, lora, torch.zeros(8, 0, dtype=dtype), None, precision,
+                               torch.float32)
+    assert torch.isfinite(y[0]).all()
+    assert not torch.isfinite(y[1]).any() and not torch.isfinite(y[2]).any()
+
+
 def test_formats_header_matches_python_constants():
     text = (Path(svdquant_ops.__file__).parent / "csrc" / "formats.h").read_text()
 

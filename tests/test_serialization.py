@@ -99,6 +99,30 @@ def test_safetensors_corrupt_file_is_refused(tmp_path):
         svdquant_ops.load_file(tmp_path / "plain.safetensors")
 
 
+def test_unsigned_bias_correction_round_trips(tmp_path):
+    from svdquant_ops import name_modules
+
+    model = tiny_flux()
+    name_modules(model)  # marks ff.net.2 as GELU-fed: unsigned INT4 with a bias correction
+    quantize_(model, SVDQuantConfig())
+    w = model.transformer_blocks[0].ff.net[2].weight
+    assert w.act_unsigned and w.bias_correction is not None
+    svdquant_ops.save_file(model.state_dict(), tmp_path / "m.safetensors")
+    fresh = tiny_flux(seed=1)
+    fresh.load_state_dict(svdquant_ops.load_file(tmp_path / "m.safetensors"), assign=True)
+    _assert_same_tensors(w, fresh.transformer_blocks[0].ff.net[2].weight)
+    inputs = flux_inputs()
+    with torch.inference_mode():
+        assert torch.equal(fresh(**inputs).sample, model(**inputs).sample)
+
+
+def test_loading_into_a_differently_quantized_model_names_the_difference():
+    src = _quantized_mlp("int4")
+    dst = _quantized_mlp("nvfp4")
+    with pytest.raises(RuntimeError, match="precision differs"):  # load_state_dict wraps the ValueError
+        dst.load_state_dict(src.state_dict())
+
+
 @pytest.mark.parametrize("safe", [True, False])
 def test_diffusers_from_pretrained_and_save_pretrained(tmp_path, safe):
     from diffusers import FluxTransformer2DModel, TorchAoConfig

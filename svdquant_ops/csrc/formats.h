@@ -32,7 +32,9 @@ SVDQ_HD int group_size(Precision p) { return p == Precision::kInt4 ? kInt4Group 
 
 // max that keeps a NaN once one has been seen (fmaxf would drop it and hide bad input).
 SVDQ_HD float nan_max(float acc, float v) { return (v > acc || v != v) ? v : acc; }
-SVDQ_HD float nan_propagating_min(float v, float hi) { return v != v ? v : (v < hi ? v : hi); }
+// min(v, hi) for finite v; NaN and +Inf pass through, so an input holding NaN or Inf yields a non-finite scale
+// and a non-finite output row instead of a finite, wrong one.
+SVDQ_HD float nan_propagating_min(float v, float hi) { return (v != v || v > 3.4028234663852886e38f) ? v : (v < hi ? v : hi); }
 
 template <typename T>
 struct FiniteMax;
@@ -59,7 +61,9 @@ SVDQ_HD float int4_scale(float amax, float qmax) {
 
 // NVFP4 group scale: amax / 6 saturated to 448, rounded to fp8 e4m3 (round to nearest even).
 SVDQ_HD c10::Float8_e4m3fn nvfp4_scale(float amax) {
-  return c10::Float8_e4m3fn(nan_propagating_min(amax / kNvfp4Qmax, kFp8E4m3Max));
+  const float s = nan_propagating_min(amax / kNvfp4Qmax, kFp8E4m3Max);
+  // e4m3fn has no Inf and the conversion saturates it to 448: map NaN/Inf to the NaN pattern explicitly.
+  return s <= kFp8E4m3Max ? c10::Float8_e4m3fn(s) : c10::Float8_e4m3fn(0x7F, c10::Float8_e4m3fn::from_bits());
 }
 
 // Codes of q = value / scale. Round half to even, clamp to the code range, NaN -> 0.

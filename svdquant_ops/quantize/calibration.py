@@ -6,7 +6,9 @@ For every ``nn.Linear`` input it keeps, across all calls (every timestep, both C
 * the minimum value seen (decides whether the unsigned INT4 variant is valid),
 * a uniform sample of at most ``max_rows`` input rows: bottom-k sampling with seeded random keys, so the sample
   is reproducible for a fixed seed and call order and never holds more than ``max_rows`` rows,
-* whether any non-finite value went by.
+* whether any non-finite value went by,
+* with ``hessian=True``, XᵀX and the column sums over *all* rows (fp32, K² per input), so GPTQ's Hessian does
+  not depend on the row sample.
 
 Linears that receive the very same tensor object in a call (q/k/v of an attention, a FLUX single block's q/k/v
 and MLP-in projection) share one record: they are quantized as a group with one λ.
@@ -48,8 +50,13 @@ class InputRecord:
     calls: int = 0
     nonfinite: bool = False
     inconsistent: bool = False
+    xtx: torch.Tensor | None = None  # hessian=True: sum of xᵀx over all rows
+    colsum: torch.Tensor | None = None
     solved: dict = field(default_factory=dict)  # member -> SVDQuantTensor, filled by the solver
+    solved_config: object = None  # the SVDQuantConfig the group was solved with
     last_input: object = None  # weakref to the last recorded tensor
+    finished: bool = False  # solved or given up
+    counted: bool = False  # part of the progress bar's total
 
     @property
     def name(self) -> str:
@@ -69,6 +76,11 @@ class InputRecord:
             self.nonfinite = True
         amax = xf.abs().amax(0).float()
         xmin = xf.amin().float()
+        if self.session.hessian:
+            x32 = xf.float()
+            xtx, colsum = x32.T @ x32, x32.sum(0)
+            self.xtx = xtx if self.xtx is None else self.xtx + xtx
+            self.colsum = colsum if self.colsum is None else self.colsum + colsum
         if self.absmax is None:
             self.absmax, self.minimum = amax, xmin
         else:
@@ -92,14 +104,34 @@ class InputRecord:
             self.rows, self.keys = rows, all_keys
         self.seen_rows += n
 
+    def input_stats(self) -> tuple | None:
+        """(XᵀX, column sums, rows) over every recorded row, when calibrate(hessian=True) collected them."""
+        return None if self.xtx is None else (self.xtx, self.colsum, self.seen_rows)
+
     def release(self) -> None:
-        self.rows = self.keys = None
+        self.rows = self.keys = self.xtx = self.colsum = None
+
+
+def forget_calibration(module: nn.Module) -> None:
+    """Detach a linear from its calibration record once the handler is done with it (quantized or skipped);
+    the record's memory goes when no member needs it any more, and the progress bar stops waiting for it."""
+    rec = getattr(module, RECORD_ATTR, None)
+    for attr in (RECORD_ATTR, SESSION_ATTR):
+        if hasattr(module, attr):
+            delattr(module, attr)
+    if rec is None:
+        return
+    rec.solved.pop(module, None)
+    if not any(getattr(m, RECORD_ATTR, None) is rec for m in rec.members):
+        rec.release()
+        rec.solved.clear()
+        rec.session.record_finished(rec)
 
 
 class CalibrationSession:
     """Hooks installed by ``calibrate``; keeps the records and the progress bar of the solve that follows."""
 
-    def __init__(self, model: nn.Module, max_rows: int, storage: str, seed: int):
+    def __init__(self, model: nn.Module, max_rows: int, storage: str, seed: int, hessian: bool = False):
         if max_rows < 1:
             raise ValueError(f"calibrate: max_rows must be >= 1, got {max_rows}")
         if storage != "auto":
@@ -108,6 +140,7 @@ class CalibrationSession:
         self.max_rows = max_rows
         self.storage = storage
         self.seed = seed
+        self.hessian = hessian
         self.records: list[InputRecord] = []
         self._handles = []
         self._recent: dict[int, InputRecord] = {}
@@ -148,7 +181,7 @@ class CalibrationSession:
         self._recent[id(x)] = rec
 
     def install(self) -> None:
-        annotate(self.model)
+        annotate(self.model, overwrite_names=False)  # keep names given by name_modules(whole model)
         for module in self.model.modules():
             if isinstance(module, nn.Linear):
                 if hasattr(module, RECORD_ATTR):
@@ -166,20 +199,48 @@ class CalibrationSession:
 
     # ------------------------------------------------------------------ progress of the solve
     def group_done(self, rec: InputRecord, config) -> None:
+        """A group was solved: advance the progress bar (created on the first solve, with ETA)."""
         from tqdm.auto import tqdm
 
         from ..formats import GROUP_SIZE
 
         if self._bar is None:  # groups the handler will solve: recorded, not skipped by name or size
             gs = GROUP_SIZE[config.precision]
-            total = sum(1 for r in self.records if r.seen_rows and r.in_features % gs == 0
-                        and not config.skips(describe(r.members[0])))
-            self._bar = tqdm(total=max(total, self.solved_groups + 1), desc="SVDQuant groups", unit="group",
-                             dynamic_ncols=True)
+            for r in self.records:
+                r.counted = bool(r.seen_rows and not r.finished and r.in_features % gs == 0
+                                 and not config.skips(describe(r.members[0])))
+            total = sum(r.counted for r in self.records)
+            self._bar = tqdm(total=max(total, 1), desc="SVDQuant groups", unit="group", dynamic_ncols=True)
+        rec.finished = True
         self.solved_groups += 1
         self._bar.set_postfix_str(rec.name[-60:], refresh=False)
         self._bar.update(1)
-        if self.solved_groups >= self._bar.total:
+        self._maybe_close_bar()
+
+    def record_finished(self, rec: InputRecord) -> None:
+        """A record will never be solved (its layers were skipped or quantized data-free)."""
+        if rec.finished:
+            return
+        rec.finished = True
+        if self._bar is not None and rec.counted and self._bar.total > self._bar.n:
+            self._bar.total -= 1
+            self._bar.refresh()
+            self._maybe_close_bar()
+
+    def _maybe_close_bar(self) -> None:
+        if self._bar is not None and self._bar.n >= self._bar.total:
+            self._bar.close()
+            self._bar = None
+
+    def close(self) -> None:
+        """Free every record now (sampled rows, Hessians, cached results) and detach it from the model."""
+        for module in self.model.modules():
+            if getattr(module, SESSION_ATTR, None) is self:
+                forget_calibration(module)
+        for rec in self.records:
+            rec.release()
+            rec.solved.clear()
+        if self._bar is not None:
             self._bar.close()
             self._bar = None
 
@@ -192,18 +253,22 @@ class CalibrationSession:
 
 
 @contextmanager
-def calibrate(model: nn.Module, *, max_rows: int = 4096, storage: str = "auto", seed: int = 0):
+def calibrate(model: nn.Module, *, max_rows: int = 4096, storage: str = "auto", seed: int = 0,
+              hessian: bool = False):
     """Record calibration statistics of every linear input of ``model`` while the block runs.
 
     Args:
         max_rows: rows of each input kept for the algorithm (a uniform sample over all calls).
         storage: where sampled rows live: "auto" (the input's device), "cpu", "cuda", ...
         seed: seed of the row sampling (the result is reproducible for a fixed seed and call order).
+        hessian: also accumulate XᵀX over all rows for GPTQ (K² fp32 per input: 36 MB at K=3072, 0.9 GB at
+            K=15360); without it GPTQ uses the row sample and falls back to RTN where it has < 2K rows.
 
     Then ``quantize_(model, SVDQuantConfig())`` uses the records. Yields the session (``.records``,
-    ``.summary()``).
+    ``.summary()``, ``.close()`` to free the records early). Records are freed as the handler finishes each
+    layer; names already given by ``name_modules(whole_model)`` are kept when calibrating a submodule.
     """
-    session = CalibrationSession(model, max_rows, storage, seed)
+    session = CalibrationSession(model, max_rows, storage, seed, hessian)
     session.install()
     try:
         yield session

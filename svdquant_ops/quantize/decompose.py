@@ -66,7 +66,7 @@ def residual_parts(w_hat: torch.Tensor, smooth_q: torch.Tensor, proj_up: torch.T
 
 def decompose(weight: torch.Tensor, *, precision: str = "int4", rank: int = 32, smooth: torch.Tensor | None = None,
               svd: str = "exact", act_unsigned: bool = False, per_channel_global: bool = False,
-              dtype: torch.dtype | None = None) -> SVDQuantParts:
+              dtype: torch.dtype | None = None, seed: int = 0) -> SVDQuantParts:
     """Data-free SVDQuant of one weight: λ (default ones), one rank-``rank`` SVD of W·diag(λ), RTN residual."""
     check_precision(precision)
     check_weight(weight)
@@ -76,12 +76,15 @@ def decompose(weight: torch.Tensor, *, precision: str = "int4", rank: int = 32, 
     n, k = weight.shape
     if smooth is None:
         smooth = torch.ones(k, device=weight.device)
-    if smooth.shape != (k,) or not torch.isfinite(smooth).all() or not (smooth > 0).all():
-        raise ValueError(f"smooth must be a finite, positive [in_features] = [{k}] vector")
     smooth_q = smooth.to(dtype).float()  # the runtime divides by the stored (rounded) λ
+    if smooth.shape != (k,) or not torch.isfinite(smooth_q).all() or not (smooth_q > 0).all():
+        raise ValueError(f"smooth must be a positive [in_features] = [{k}] vector that is finite and non-zero in "
+                         f"{dtype}")
     w_hat = weight.float() * smooth_q
-    us, v = truncated_svd(w_hat, rank, svd)
+    us, v = truncated_svd(w_hat, rank, svd, seed=seed)
     proj_up = us.to(dtype)
     proj_down = (v / smooth_q.unsqueeze(1)).to(dtype)
+    if not (torch.isfinite(proj_up).all() and torch.isfinite(proj_down).all()):
+        raise ValueError(f"the low-rank factors overflow {dtype} with this smooth vector; use a milder smoothing")
     return residual_parts(w_hat, smooth_q, proj_up, proj_down, precision, dtype, act_unsigned=act_unsigned,
                           per_channel_global=per_channel_global)

@@ -32,7 +32,8 @@ def _groups(x: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def _saturate(v: torch.Tensor, hi: float) -> torch.Tensor:
-    return torch.where(torch.isnan(v), v, v.clamp(max=hi))
+    """min(v, hi), letting NaN and +Inf through (as csrc/formats.h does): bad input stays visible."""
+    return torch.where(torch.isnan(v) | torch.isposinf(v), v, v.clamp(max=hi))
 
 
 def quantize_int4(x: torch.Tensor, scale_dtype: torch.dtype, *, unsigned: bool = False):
@@ -70,7 +71,8 @@ def quantize_nvfp4(x: torch.Tensor, global_scale: torch.Tensor | None = None):
     gs = torch.ones((), device=x.device) if global_scale is None else global_scale.float()
     gs = gs.reshape(*gs.shape, 1) if gs.dim() else gs  # [N] -> [N, 1] against [N, G]
     amax = g.abs().amax(-1)
-    micro = _saturate(amax / NVFP4_QMAX / gs, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    micro = _saturate(amax / NVFP4_QMAX / gs, FP8_E4M3_MAX)
+    micro = torch.where(torch.isposinf(micro), torch.nan, micro).to(torch.float8_e4m3fn)  # e4m3fn has no Inf
     s = (micro.float() * gs).unsqueeze(-1)
     codes = e2m1_encode(g / s)
     codes = torch.where(s == 0, torch.zeros_like(codes), codes)

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..formats import ACT_SHIFT, NVFP4
 from ..tensor import SVDQuantTensor
-from .calibration import RECORD_ATTR, SESSION_ATTR, InputRecord
+from .calibration import RECORD_ATTR, SESSION_ATTR, InputRecord, forget_calibration
 from .decompose import SVDQuantParts, branch_in_smoothed_space, check_weight, decompose, residual_parts
 from .gptq import gptq_quantize
 from .lowrank import truncated_svd
@@ -60,15 +60,22 @@ class Branch:
     y_ref: torch.Tensor  # X Wᵀ, fp32 [S, N_s]
 
 
+class _NonFinite(ValueError):
+    pass
+
+
 def _split_rows(t: torch.Tensor | None, sizes: list[int]):
     return [None] * len(sizes) if t is None else list(t.split(sizes, dim=0))
 
 
 class GroupSolver:
     def __init__(self, weights: list[torch.Tensor], x: torch.Tensor, absmax: torch.Tensor, *, precision: str,
-                 rank: int, dtype: torch.dtype, unsigned: bool, svd: str, branch_keys: list, seed: int = 0):
+                 rank: int, dtype: torch.dtype, unsigned: bool, svd: str, branch_keys: list, seed: int = 0,
+                 per_channel_global: bool = False, input_stats: tuple | None = None):
         self.precision, self.rank, self.dtype, self.unsigned, self.svd = precision, rank, dtype, unsigned, svd
         self.seed = seed
+        self.per_channel_global = per_channel_global
+        self.input_stats = input_stats  # (XᵀX, column sums, row count) over all calibration rows, or None
         self.x = x
         self.xf = x.float()
         self.absmax = absmax.float()
@@ -88,11 +95,14 @@ class GroupSolver:
 
     def factors(self, w_hat: torch.Tensor, smooth_q: torch.Tensor, target: torch.Tensor):
         us, v = truncated_svd(target, self.rank, self.svd, seed=self.seed)
-        return us.to(self.dtype), (v / smooth_q.unsqueeze(1)).to(self.dtype)
+        up, down = us.to(self.dtype), (v / smooth_q.unsqueeze(1)).to(self.dtype)
+        if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+            raise _NonFinite("low-rank factors overflow the model dtype")
+        return up, down
 
     def parts(self, br: Branch, w_hat, smooth_q, up, down, residual_codes=None) -> SVDQuantParts:
         return residual_parts(w_hat, smooth_q, up, down, self.precision, self.dtype, act_unsigned=self.unsigned,
-                              residual_codes=residual_codes)
+                              per_channel_global=self.per_channel_global, residual_codes=residual_codes)
 
     def error(self, br: Branch, xq: torch.Tensor, p: SVDQuantParts) -> float:
         y = xq @ dequantize(p.codes, p.scales, self.precision, p.global_scale).T
@@ -113,8 +123,13 @@ class GroupSolver:
         log_rows = []
         for alpha, beta in smoothing_candidates(steps):
             smooth_q = smooth_from(self.absmax, self.wmax, alpha, beta).to(self.dtype).float()
+            if not (torch.isfinite(smooth_q).all() and (smooth_q > 0).all()):
+                continue  # λ does not fit the model dtype (fp16 overflow / underflow): not a candidate
             xq = self.quantized_input(smooth_q)
-            err = sum(self.one_shot(br, smooth_q, xq)[0] for br in self.branches)
+            try:
+                err = sum(self.one_shot(br, smooth_q, xq)[0] for br in self.branches)
+            except _NonFinite:
+                continue
             log_rows.append((alpha, beta, err))
             if best is None or err < best[0]:
                 best = (err, smooth_q)
@@ -137,9 +152,27 @@ class GroupSolver:
                 break  # nothing to refit
         return best_err, best_p, rounds
 
-    def gptq(self, br: Branch, smooth_q, xq, p: SVDQuantParts, *, damp, block, act_order, refit: bool):
+    def smoothed_hessian(self, smooth_q: torch.Tensor) -> torch.Tensor | None:
+        """X̂ᵀX̂ of the smoothed (and shifted) inputs: from all calibration rows when calibrate(hessian=True)
+        accumulated XᵀX, else from the row sample, or None when the sample is too small to trust (< 2K rows)."""
+        k = self.x.shape[1]
+        if self.input_stats is not None:
+            xtx, colsum, n = (t.to(self.x.device) if torch.is_tensor(t) else t for t in self.input_stats)
+            h = xtx.float()
+            if self.unsigned:  # (x + s)ᵀ(x + s) = xᵀx + s(c1ᵀ + 1cᵀ) + n s² 11ᵀ
+                c = colsum.float().unsqueeze(1)
+                h = h + ACT_SHIFT * (c + c.T) + n * ACT_SHIFT**2
+            inv = 1.0 / smooth_q
+            return h * inv.unsqueeze(1) * inv.unsqueeze(0)
+        if self.x.shape[0] < 2 * k:
+            return None
         x_hat = smooth_act(self.x, smooth_q.to(self.dtype), unsigned=self.unsigned)
-        h = x_hat.T @ x_hat
+        return x_hat.T @ x_hat
+
+    def gptq(self, br: Branch, smooth_q, xq, p: SVDQuantParts, *, damp, block, act_order, refit: bool):
+        h = self.smoothed_hessian(smooth_q)
+        if h is None:
+            return None
         w_hat = br.weight * smooth_q
         r = w_hat - branch_in_smoothed_space(p.proj_up, p.proj_down, smooth_q)
         codes = gptq_quantize(r, h, self.precision, p.scales, p.global_scale, damp=damp, block=block,
@@ -174,7 +207,7 @@ def _member_parts(br: Branch, p: SVDQuantParts, sizes: list[int]) -> list[SVDQua
 
 def solve_group(weights: list[torch.Tensor], x: torch.Tensor, absmax: torch.Tensor, config, *, rank: int,
                 dtype: torch.dtype, unsigned: bool = False, branch_keys: list | None = None,
-                stats: dict | None = None) -> list[SVDQuantParts]:
+                input_stats: tuple | None = None, stats: dict | None = None, name: str = "group") -> list[SVDQuantParts]:
     """Calibrated SVDQuant of linears sharing one input. Returns one SVDQuantParts per weight (same order)."""
     for i, w in enumerate(weights):
         check_weight(w, f"weights[{i}]")
@@ -185,7 +218,8 @@ def solve_group(weights: list[torch.Tensor], x: torch.Tensor, absmax: torch.Tens
     if not bool(torch.isfinite(x).all()) or not bool(torch.isfinite(absmax).all()):
         raise ValueError("recorded activations contain NaN or Inf")
     solver = GroupSolver(weights, x, absmax, precision=config.precision, rank=rank, dtype=dtype, unsigned=unsigned,
-                         svd=config.svd, branch_keys=branch_keys or [None] * len(weights), seed=config.seed)
+                         svd=config.svd, branch_keys=branch_keys or [None] * len(weights), seed=config.seed,
+                         per_channel_global=config.nvfp4_per_channel_scale, input_stats=input_stats)
     smooth_q, grid = solver.search_smooth(config.smooth_grid)
     xq = solver.quantized_input(smooth_q)
     results: list = [None] * len(weights)
@@ -195,8 +229,14 @@ def solve_group(weights: list[torch.Tensor], x: torch.Tensor, absmax: torch.Tens
         err, p, n_rounds = solver.refit_lowrank(br, smooth_q, xq, config.lowrank_iters)
         rounds.append(n_rounds)
         if config.gptq:
-            err, p = solver.gptq(br, smooth_q, xq, p, damp=config.gptq_damp, block=config.gptq_block,
-                                 act_order=config.gptq_act_order, refit=config.refit_after_gptq)
+            out = solver.gptq(br, smooth_q, xq, p, damp=config.gptq_damp, block=config.gptq_block,
+                              act_order=config.gptq_act_order, refit=config.refit_after_gptq)
+            if out is None:
+                log.warning("svdquant_ops: %s: GPTQ needs a Hessian from at least 2K = %d rows but only %d were "
+                            "sampled; using RTN (pass calibrate(..., hessian=True) or a larger max_rows)", name,
+                            2 * x.shape[1], x.shape[0])
+            else:
+                err, p = out
         total_err += err
         sizes = [weights[i].shape[0] for i in br.members]
         for i, mp in zip(br.members, _member_parts(br, p, sizes)):
@@ -233,7 +273,8 @@ def _data_free(module: nn.Linear, config, rank: int, unsigned: bool) -> SVDQuant
     weight = module.weight.detach()
     device = _solve_device(config, weight)
     parts = decompose(weight.to(device), precision=config.precision, rank=rank, svd=config.svd,
-                      act_unsigned=unsigned, per_channel_global=config.nvfp4_per_channel_scale, dtype=weight.dtype)
+                      act_unsigned=unsigned, per_channel_global=config.nvfp4_per_channel_scale, dtype=weight.dtype,
+                      seed=config.seed)
     return SVDQuantTensor.from_parts(parts, weight.dtype).to(weight.device)
 
 
@@ -252,9 +293,11 @@ def _solve_record(rec: InputRecord, config, rank: int) -> None:
     with torch.no_grad():
         parts = solve_group([m.weight.detach().to(device) for m in members], rec.rows.to(device),
                             rec.absmax.to(device), config, rank=r, dtype=dtype, unsigned=unsigned,
-                            branch_keys=[branch_key(m) for m in members], stats=stats)
+                            branch_keys=[branch_key(m) for m in members], input_stats=rec.input_stats(),
+                            stats=stats, name=rec.name)
     for m, p in zip(members, parts):
         rec.solved[m] = SVDQuantTensor.from_parts(p, dtype).to(m.weight.device)
+    rec.solved_config = config
     log.info("svdquant_ops: %s: %d rows, rank %d, %s%s, SQNR %.1f dB on calibration rows", rec.name,
              rec.rows.shape[0], r, config.precision, " unsigned" if unsigned else "", stats["sqnr_db"])
     rec.release()
@@ -269,10 +312,18 @@ def quantize_linear(module: nn.Linear, config, rank: int) -> SVDQuantTensor:
     except ValueError as exc:
         raise ValueError(f"svdquant_ops: cannot quantize {name}: {exc}") from None
     rec: InputRecord | None = getattr(module, RECORD_ATTR, None)
+    watched = getattr(module, SESSION_ATTR, None) is not None  # calibrate() ran over this layer
     if config.calibration == "off":
         rec = None
-    if module in (rec.solved if rec is not None else {}):
-        return rec.solved.pop(module)
+    if rec is not None and module in rec.solved:  # solved with the rest of its shared-input group
+        if rec.solved_config != config:
+            raise ValueError(f"svdquant_ops: {name} shares its input (and λ) with {rec.name}, which was quantized "
+                             "with a different SVDQuantConfig; give every member of a shared-input group the same "
+                             "config")
+        return _take(module, rec)
+    if rec is not None and rec.in_features != module.in_features:
+        raise ValueError(f"svdquant_ops: {name}: recorded inputs have {rec.in_features} features but the layer has "
+                         f"{module.in_features} (the model changed after calibrate())")
     usable = rec is not None and rec.seen_rows > 0 and rec.rows is not None
     if rec is not None and rec.nonfinite:
         if config.calibration == "required":
@@ -280,17 +331,21 @@ def quantize_linear(module: nn.Linear, config, rank: int) -> SVDQuantTensor:
         log.warning("svdquant_ops: %s: recorded calibration inputs contain NaN or Inf; quantizing data-free",
                     rec.name)
         usable = False
-    if rec is not None and rec.in_features != module.in_features:
-        raise ValueError(f"svdquant_ops: {name}: recorded inputs have {rec.in_features} features but the layer has "
-                         f"{module.in_features} (the model changed after calibrate())")
     if not usable:
         if config.calibration == "required":
             raise ValueError(f"svdquant_ops: {name}: SVDQuantConfig(calibration='required') but calibrate() "
                              "recorded no input for this layer (run the model inside `with calibrate(model):`)")
-        watched = getattr(module, SESSION_ATTR, None) is not None  # calibrate() ran over this layer
         if config.calibration != "off" and watched and not (rec is not None and rec.nonfinite):
             log.info("svdquant_ops: %s never saw calibration data; quantizing data-free", name)
         with torch.no_grad():
-            return _data_free(module, config, rank, _unsigned_for(module, config, None))
+            qt = _data_free(module, config, rank, _unsigned_for(module, config, None))
+        forget_calibration(module)
+        return qt
     _solve_record(rec, config, rank)
-    return rec.solved.pop(module)
+    return _take(module, rec)
+
+
+def _take(module: nn.Module, rec: InputRecord) -> SVDQuantTensor:
+    qt = rec.solved.pop(module)
+    forget_calibration(module)
+    return qt

@@ -34,10 +34,14 @@ def _is_gelu(module: nn.Module) -> bool:
     return name in ("GELU", "ApproximateGELU") and type(module).__module__.startswith("diffusers")
 
 
-def annotate(model: nn.Module) -> nn.Module:
-    """Record names, GELU-fed inputs and branch-sharing keys on every submodule (idempotent)."""
+def annotate(model: nn.Module, *, overwrite_names: bool = True) -> nn.Module:
+    """Record names, GELU-fed inputs and branch-sharing keys on every submodule (idempotent).
+
+    With ``overwrite_names=False`` a module keeps a name it already has, so annotating a submodule after its
+    enclosing model does not replace full names by relative ones."""
     for fqn, module in model.named_modules():
-        setattr(module, FQN_ATTR, fqn)
+        if overwrite_names or getattr(module, FQN_ATTR, None) is None:
+            setattr(module, FQN_ATTR, fqn)
         children = list(module.named_children())
         for i, (child_name, child) in enumerate(children):
             if not isinstance(child, nn.Linear):
