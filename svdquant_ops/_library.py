@@ -112,8 +112,9 @@ def _compile(sources: list[Path], build_dir: Path, cuda_arch: str | None, verbos
     kwargs = {}
     if cuda_arch is not None:
         kwargs["extra_cuda_cflags"] = _nvcc_flags(cuda_arch)
-        # cpp_extension adds its own -gencode flags from this variable; keep them identical to ours.
-        os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch.replace("a", "")
+        # cpp_extension adds its own -gencode flags from this variable (torch 2.11 builds with these, not with the
+        # -gencode in extra_cuda_cflags); keep the "a" so that Hopper code is sm_90a (wgmma, setmaxnreg).
+        os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch
     try:
         cpp_extension.load(
             name=_NAME,
