@@ -1,0 +1,366 @@
+#!/usr/bin/env python3
+"""SVDQuant W4A4 linear on the GPU: correctness and speed against bf16 cuBLAS and torchao fp8, in one run.
+
+    python benchmarks/bench_linear.py [--out DIR] [--quick] [--no-torchao]
+
+1. Builds / loads the op library (JIT) and reports the build time.
+2. Correctness on FLUX.1 layer shapes (M = 128 tokens so the scalar CPU reference stays quick): the CUDA ops
+   against the CPU ops on fresh random inputs: codes/scales bit-exact, lora_act and output errors; the Hopper
+   path against the portable path at M = 4608; determinism of repeated runs.
+3. Speed: the full SVDQuant linear (quantize_act + gemm_w4a4, rank 32 and rank 0, INT4, bf16 activations) and the
+   baselines, bf16 F.linear (cuBLAS) and torchao Float8DynamicActivationFloat8WeightConfig(PerRow) including its
+   activation quantization, on the FLUX.1 shapes at M = 1024, 4608, 9216. Each callable is captured in a CUDA
+   graph and timed by median of replays (triton.testing.do_bench_cudagraph), which is what
+   torch.compile(mode="reduce-overhead") runs; eager timings (launch overhead included) are listed as well.
+   Effective TFLOP/s = 2*M*N*K / time. Ratios are to bf16 cuBLAS measured in the same run.
+Writes <date>-<gpu>-linear.md (and .json) into --out (default: $OUT, else benchmarks/results) and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+SHAPES = [(3072, 3072), (3072, 9216), (3072, 12288), (12288, 3072), (15360, 3072)]  # (K, N)
+TOKENS = [1024, 4608, 9216]
+RANK = 32
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# inputs
+# ------------------------------------------------------------------------------------------------------------------
+def make_layer(K, N, R, dev, g, precision="int4", dtype=torch.bfloat16):
+    gs = 64 if precision == "int4" else 16
+    G = K // gs
+    wc = torch.randint(0, 256, (N, K // 2), generator=g, dtype=torch.int32).to(torch.uint8)
+    if precision == "int4":
+        ws = (torch.rand(N, G, generator=g) * 0.004 + 1e-4).to(dtype)
+        gsc = None
+    else:
+        ws = (torch.rand(N, G, generator=g) * 2 + 0.05).to(torch.float8_e4m3fn)
+        gsc = torch.rand(N, generator=g) * 0.01 + 1e-3
+    smooth = (torch.rand(K, generator=g) * 2 + 0.25).to(dtype)
+    pd = (torch.randn(K, R, generator=g) / math.sqrt(K)).to(dtype)
+    up = (torch.randn(N, R, generator=g) * 0.02).to(dtype)
+    bias = (torch.randn(N, generator=g) * 0.1).to(dtype)
+    out = dict(smooth=smooth, pd=pd, wc=wc, ws=ws, gsc=gsc, up=up, bias=bias)
+    return {k: (v.to(dev) if v is not None else None) for k, v in out.items()}
+
+
+def svdq_linear(x, L, precision="int4"):
+    return torch.ops.svdquant.linear(x, L["smooth"], L["pd"], L["wc"], L["ws"], L["gsc"], L["up"], L["bias"],
+                                     precision, False)
+
+
+def rel_fro(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def max_ulp_diff(a, b):
+    """Largest |a - b| in units of (one ulp of b's 16-bit dtype at |b| + 1e-4 * rms(b)): <= 1 means the outputs
+    differ by at most the final rounding of fp32 results that agree to fp32 accuracy."""
+    bits = {torch.bfloat16: 8, torch.float16: 11}[b.dtype]
+    a, b = a.double().cpu(), b.double().cpu()
+    ulp = torch.exp2(torch.floor(torch.log2(b.abs().clamp_min(1e-30))) - (bits - 1))
+    return ((a - b).abs() / (ulp + 1e-4 * b.pow(2).mean().sqrt())).max().item()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# correctness
+# ------------------------------------------------------------------------------------------------------------------
+def correctness(dev, quick):
+    ops = torch.ops.svdquant
+    rows = []
+    g = torch.Generator().manual_seed(int(time.time()) & 0xFFFF)
+    shapes = SHAPES[:2] if quick else SHAPES
+    for precision in ("int4", "nvfp4"):
+        for K, N in (shapes if precision == "int4" else shapes[:2]):
+            M = 128
+            L = make_layer(K, N, RANK, "cpu", g, precision)
+            x = torch.randn(M, K, generator=g).to(torch.bfloat16)
+            t0 = time.time()
+            ref_q = ops.quantize_act(x, L["smooth"], L["pd"], precision, False)
+            ref32 = ops.gemm_w4a4(ref_q[0], ref_q[1], L["wc"], L["ws"], L["gsc"], ref_q[2], L["up"], L["bias"],
+                                  precision, torch.float32, False)
+            ref16 = ref32.to(torch.bfloat16)
+            t_cpu = time.time() - t0
+            Ld = {k: (v.to(dev) if v is not None else None) for k, v in L.items()}
+            q = ops.quantize_act(x.to(dev), Ld["smooth"], Ld["pd"], precision, False)
+            codes_ok = torch.equal(q[0].cpu(), ref_q[0])
+            scales_ok = torch.equal(q[1].cpu().view(torch.uint8), ref_q[1].view(torch.uint8))
+            la_err = rel_fro(q[2], ref_q[2])
+            # gemm on the CPU reference's own codes: isolates the GEMM
+            args = [t.to(dev) if t is not None else None for t in
+                    (ref_q[0], ref_q[1], L["wc"], L["ws"], L["gsc"], ref_q[2], L["up"], L["bias"])]
+            y32 = ops.gemm_w4a4(*args, precision, torch.float32, False)
+            y16 = ops.gemm_w4a4(*args, precision, torch.bfloat16, False)
+            os.environ["SVDQUANT_OPS_CUDA_PORTABLE"] = "1"
+            yp = ops.gemm_w4a4(*args, precision, torch.float32, False)
+            os.environ.pop("SVDQUANT_OPS_CUDA_PORTABLE")
+            rows.append(dict(precision=precision, K=K, N=N, M=M, codes_bit_exact=codes_ok, scales_bit_exact=scales_ok,
+                             lora_act_rel_err=la_err, out_fp32_rel_err=rel_fro(y32, ref32),
+                             out_fp32_max_abs_err=(y32.cpu() - ref32).abs().max().item(),
+                             out_bf16_max_ulp=max_ulp_diff(y16, ref16),
+                             portable_fp32_rel_err=rel_fro(yp, ref32),
+                             portable_bit_exact=torch.equal(yp.cpu(), ref32), cpu_ref_s=t_cpu))
+            log("correctness", rows[-1])
+    # Hopper vs portable at full size, and determinism
+    big = []
+    for precision in ("int4", "nvfp4"):
+        K, N, M = 3072, 3072, 4608
+        L = make_layer(K, N, RANK, dev, g, precision)
+        x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+        q = ops.quantize_act(x, L["smooth"], L["pd"], precision, False)
+        y = ops.gemm_w4a4(*q[:2], L["wc"], L["ws"], L["gsc"], q[2], L["up"], L["bias"], precision, torch.float32,
+                          False)
+        os.environ["SVDQUANT_OPS_CUDA_PORTABLE"] = "1"
+        qp = ops.quantize_act(x, L["smooth"], L["pd"], precision, False)
+        yp = ops.gemm_w4a4(*q[:2], L["wc"], L["ws"], L["gsc"], q[2], L["up"], L["bias"], precision, torch.float32,
+                           False)
+        os.environ.pop("SVDQUANT_OPS_CUDA_PORTABLE")
+        same = all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(q[:2], qp[:2]))
+        det = all(torch.equal(svdq_linear(x, L, precision).view(torch.int16), svdq_linear(x, L, precision)
+                              .view(torch.int16)) for _ in range(3))
+        big.append(dict(precision=precision, M=M, K=K, N=N, quantize_codes_scales_equal_portable=same,
+                        lora_act_rel_err_vs_portable=rel_fro(q[2], qp[2]), out_rel_err_vs_portable=rel_fro(y, yp),
+                        deterministic_3_runs=det))
+        log("hopper-vs-portable", big[-1])
+    return rows, big
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# timing
+# ------------------------------------------------------------------------------------------------------------------
+def bench_graph(fn, rep_ms):
+    import triton.testing as tt
+
+    return tt.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
+
+
+def bench_eager(fn, rep_ms):
+    import triton.testing as tt
+
+    return tt.do_bench(fn, warmup=10, rep=rep_ms, return_mode="median")
+
+
+def make_fp8_linear(K, N, dev, W, bias):
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    lin = torch.nn.Linear(K, N, bias=True, device=dev, dtype=torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.copy_(W)
+        lin.bias.copy_(bias)
+    lin.requires_grad_(False)
+    quantize_(lin, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+    return lin
+
+
+def timing(dev, quick, use_torchao, rep_ms):
+    results = []
+    g = torch.Generator().manual_seed(1)
+    tokens = [4608] if quick else TOKENS
+    for K, N in SHAPES:
+        L32 = make_layer(K, N, RANK, dev, g)
+        L0 = dict(L32, pd=L32["pd"][:, :0].contiguous(), up=L32["up"][:, :0].contiguous())
+        W = (torch.randn(N, K, device=dev) / math.sqrt(K)).to(torch.bfloat16)
+        fp8 = None
+        if use_torchao:
+            try:
+                fp8 = make_fp8_linear(K, N, dev, W, L32["bias"])
+            except Exception as exc:  # noqa: BLE001
+                log("torchao fp8 unavailable:", repr(exc))
+        for M in tokens:
+            x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+            flops = 2.0 * M * N * K
+            q = torch.ops.svdquant.quantize_act(x, L32["smooth"], L32["pd"], "int4", False)
+            fns = {
+                "bf16": lambda: F.linear(x, W, L32["bias"]),
+                "svdq_r32": lambda: svdq_linear(x, L32),
+                "svdq_r0": lambda: svdq_linear(x, L0),
+                "quantize_r32": lambda: torch.ops.svdquant.quantize_act(x, L32["smooth"], L32["pd"], "int4", False),
+                "gemm_r32": lambda: torch.ops.svdquant.gemm_w4a4(q[0], q[1], L32["wc"], L32["ws"], None, q[2],
+                                                                 L32["up"], L32["bias"], "int4", torch.bfloat16,
+                                                                 False),
+            }
+            if fp8 is not None:
+                fns["fp8_torchao"] = lambda: fp8(x)
+            r = dict(K=K, N=N, M=M)
+            with torch.inference_mode():
+                for name, fn in fns.items():
+                    fn()
+                    torch.cuda.synchronize()
+                    r[name + "_ms"] = bench_graph(fn, rep_ms)
+                for name in ("bf16", "svdq_r32"):
+                    r[name + "_eager_ms"] = bench_eager(fns[name], rep_ms)
+            for name in list(r):
+                if name.endswith("_ms") and not name.startswith(("quantize", "gemm")):
+                    r[name.replace("_ms", "_tflops")] = flops / (r[name] * 1e-3) / 1e12
+            results.append(r)
+            log("timing", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+        del L32, L0, W, fp8
+        torch.cuda.empty_cache()
+    return results
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# report
+# ------------------------------------------------------------------------------------------------------------------
+def report(meta, corr, big, tim):
+    lines = [f"# SVDQuant linear on {meta['gpu']} ({meta['date']})", ""]
+    lines += [f"- command: `{meta['command']}`", f"- GPU: {meta['gpu']}, {meta['sms']} SMs; driver CUDA "
+              f"{meta['cuda']}; torch {meta['torch']}; triton {meta['triton']}; torchao {meta['torchao']}",
+              f"- library build (JIT, first import): {meta['build_s']:.0f} s", ""]
+    if corr:
+        lines += ["## Correctness against the CPU reference (fresh random inputs, M = 128, bf16 activations, rank 32)",
+                  "",
+                  "| precision | K x N | codes bit-exact | scales bit-exact | lora_act rel err | out fp32 rel err | "
+                  "out fp32 max abs err | out bf16 max diff (ulp + 1e-4 rms) | portable fp32 rel err | portable bit-exact |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in corr:
+            lines.append(f"| {r['precision']} | {r['K']} x {r['N']} | {r['codes_bit_exact']} | {r['scales_bit_exact']}"
+                         f" | {r['lora_act_rel_err']:.2e} | {r['out_fp32_rel_err']:.2e} | {r['out_fp32_max_abs_err']:.2e}"
+                         f" | {r['out_bf16_max_ulp']:.2f} | {r['portable_fp32_rel_err']:.2e} | {r['portable_bit_exact']} |")
+        lines += ["", "Hopper path vs portable path at M = 4608, K = N = 3072 (GPU only):", "",
+                  "| precision | quantize codes+scales equal | lora_act rel err | out rel err | deterministic (3 runs) |",
+                  "|---|---|---|---|---|"]
+        for r in big:
+            lines.append(f"| {r['precision']} | {r['quantize_codes_scales_equal_portable']} | "
+                         f"{r['lora_act_rel_err_vs_portable']:.2e} | {r['out_rel_err_vs_portable']:.2e} | "
+                         f"{r['deterministic_3_runs']} |")
+        lines.append("")
+    if tim:
+        lines += ["## Speed: effective TFLOP/s = 2MNK / time (CUDA-graph replay, median); ratio to bf16 cuBLAS", "",
+                  "| K x N | M | bf16 | fp8 torchao (ratio) | SVDQ INT4 r32 (ratio) | SVDQ INT4 r0 (ratio) | "
+                  "branch cost r32/r0 | quantize_act us | gemm_w4a4 us | eager bf16 / SVDQ r32 us |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in tim:
+            b = r["bf16_tflops"]
+            fp8 = f"{r['fp8_torchao_tflops']:.0f} ({r['fp8_torchao_tflops'] / b:.2f}x)" if "fp8_torchao_tflops" in r else "n/a"
+            lines.append(
+                f"| {r['K']} x {r['N']} | {r['M']} | {b:.0f} | {fp8} | {r['svdq_r32_tflops']:.0f} "
+                f"({r['svdq_r32_tflops'] / b:.2f}x) | {r['svdq_r0_tflops']:.0f} ({r['svdq_r0_tflops'] / b:.2f}x) | "
+                f"{(r['svdq_r32_ms'] / r['svdq_r0_ms'] - 1) * 100:+.1f}% | {r['quantize_r32_ms'] * 1e3:.1f} | "
+                f"{r['gemm_r32_ms'] * 1e3:.1f} | {r['bf16_eager_ms'] * 1e3:.1f} / {r['svdq_r32_eager_ms'] * 1e3:.1f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def smoke(dev, one=False):
+    """Small cases of each kernel against the CPU reference; prints errors and never raises on a mismatch."""
+    ops = torch.ops.svdquant
+    g = torch.Generator().manual_seed(7)
+    cases = (("int4", 200, 640, 320, 32), ("int4", 1, 128, 72, 0), ("nvfp4", 70, 256, 200, 16))
+    for portable in ((False,) if one else (False, True)):
+        if portable:
+            os.environ["SVDQUANT_OPS_CUDA_PORTABLE"] = "1"
+        for precision, M, K, N, R in (cases[1:2] if one else cases):
+            L = make_layer(K, N, R, "cpu", g, precision)
+            x = torch.randn(M, K, generator=g).to(torch.bfloat16)
+            rq = ops.quantize_act(x, L["smooth"], L["pd"], precision, False)
+            ry = ops.gemm_w4a4(rq[0], rq[1], L["wc"], L["ws"], L["gsc"], rq[2], L["up"], L["bias"], precision,
+                               torch.float32, False)
+            Ld = {k: (v.to(dev) if v is not None else None) for k, v in L.items()}
+            q = ops.quantize_act(x.to(dev), Ld["smooth"], Ld["pd"], precision, False)
+            y = ops.gemm_w4a4(*[t.to(dev) if t is not None else None for t in
+                                (rq[0], rq[1], L["wc"], L["ws"], L["gsc"], rq[2], L["up"], L["bias"])],
+                              precision, torch.float32, False)
+            torch.cuda.synchronize()
+            log(f"smoke portable={portable} {precision} M={M} K={K} N={N} R={R}: codes mismatches "
+                f"{(q[0].cpu() != rq[0]).sum().item()}, scales mismatches "
+                f"{(q[1].cpu().view(torch.uint8) != rq[1].view(torch.uint8)).sum().item()}, lora rel "
+                f"{rel_fro(q[2], rq[2]) if R else 0:.2e}, out rel {rel_fro(y, ry):.2e}")
+    os.environ.pop("SVDQUANT_OPS_CUDA_PORTABLE", None)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true", help="only the quick smoke check")
+    ap.add_argument("--smoke-one", action="store_true", help="only one tiny INT4 case (for compute-sanitizer)")
+    ap.add_argument("--gemm-only", action="store_true", help="only time gemm_w4a4 at M=4608 on two shapes")
+    ap.add_argument("--profile", action="store_true", help="only run the FLUX 3072x3072 M=4608 linear a few times "
+                    "(for ncu)")
+    ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-torchao", action="store_true")
+    ap.add_argument("--no-correctness", action="store_true")
+    ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--rep-ms", type=int, default=50)
+    args = ap.parse_args()
+    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    dev = torch.device("cuda")
+    t0 = time.time()
+    import svdquant_ops  # noqa: F401  (JIT build)
+
+    build_s = time.time() - t0
+    try:
+        import triton
+        tv = triton.__version__
+    except Exception:  # noqa: BLE001
+        tv = "n/a"
+    try:
+        import torchao
+        aov = torchao.__version__
+    except Exception:  # noqa: BLE001
+        aov = "n/a"
+    prop = torch.cuda.get_device_properties(0)
+    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), gpu=prop.name,
+                sms=prop.multi_processor_count, cuda=torch.version.cuda, torch=torch.__version__, triton=tv,
+                torchao=aov, build_s=build_s, command="python " + " ".join(sys.argv), host=platform.node())
+    log("meta", meta)
+    if args.gemm_only:
+        g = torch.Generator().manual_seed(3)
+        for K, N in ((3072, 3072), (3072, 12288)):
+            L = make_layer(K, N, RANK, dev, g)
+            x = torch.randn(4608, K, device=dev, dtype=torch.bfloat16)
+            q = torch.ops.svdquant.quantize_act(x, L["smooth"], L["pd"], "int4", False)
+            fn = lambda: torch.ops.svdquant.gemm_w4a4(q[0], q[1], L["wc"], L["ws"], None, q[2], L["up"], L["bias"],
+                                                      "int4", torch.bfloat16, False)
+            fn()
+            ms = bench_graph(fn, args.rep_ms)
+            log(f"gemm_only K={K} N={N} M=4608: {ms * 1e3:.1f} us, {2 * 4608 * N * K / ms / 1e9:.0f} TFLOP/s "
+                f"(NOPROMOTE={os.environ.get('SVDQUANT_OPS_DEBUG_GEMM_NOPROMOTE', '0')})")
+        return
+    if args.profile:
+        g = torch.Generator().manual_seed(3)
+        L = make_layer(3072, 3072, RANK, dev, g)
+        x = torch.randn(4608, 3072, device=dev, dtype=torch.bfloat16)
+        for _ in range(3):
+            svdq_linear(x, L)
+        torch.cuda.synchronize()
+        return
+    if args.smoke or args.smoke_one:
+        smoke(dev, one=args.smoke_one)
+        return
+    corr, big = correctness(dev, args.quick) if not args.no_correctness else ([], [])
+    tim = timing(dev, args.quick, not args.no_torchao, args.rep_ms) if not args.no_timing else []
+    md = report(meta, corr, big, tim)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gpu_tag = "h100" if "H100" in prop.name else ("h200" if "H200" in prop.name else prop.name.replace(" ", "_"))
+    stem = f"{datetime.date.today().isoformat()}-{gpu_tag}-linear"
+    (out / f"{stem}.md").write_text(md)
+    (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, correctness=corr, hopper_vs_portable=big,
+                                                      timing=tim), indent=1, default=str))
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

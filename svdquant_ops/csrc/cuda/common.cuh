@@ -1,0 +1,190 @@
+// Shared helpers of the CUDA kernels: path selection, exact fast division, small PTX wrappers (mbarrier, TMA,
+// wgmma fences, register reconfiguration). Everything sm_90a-only is guarded by __CUDA_ARCH_FEAT_SM90_ALL.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+namespace svdquant {
+namespace cuda_impl {
+
+// ---------------------------------------------------------------------------------------------------------------
+// Path selection. SVDQUANT_OPS_CUDA_PORTABLE=1 forces the portable kernels (plain CUDA, any sm_70+ GPU) on every
+// GPU; it is read at every call so tests can flip it. The Hopper kernels run only on compute capability 9.0 (the
+// library is then compiled for sm_90a, see _library.py).
+// ---------------------------------------------------------------------------------------------------------------
+inline bool force_portable() {
+  const char* v = std::getenv("SVDQUANT_OPS_CUDA_PORTABLE");
+  return v != nullptr && v[0] != '\0' && std::strcmp(v, "0") != 0;
+}
+
+// Per-device attributes, read once (no CUDA call on later ops, so nothing new happens during graph capture).
+struct DeviceInfo {
+  int major = -1, minor = -1, sms = 0;
+};
+inline const DeviceInfo& device_info() {
+  constexpr int kMaxDevices = 64;
+  static DeviceInfo infos[kMaxDevices];
+  const int dev = c10::cuda::current_device();
+  TORCH_CHECK(dev >= 0 && dev < kMaxDevices, "svdquant: unsupported CUDA device index ", dev);
+  DeviceInfo& info = infos[dev];
+  if (info.major < 0) {
+    DeviceInfo d;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev));
+    info = d;
+  }
+  return info;
+}
+
+inline bool device_is_sm90() { return device_info().major == 9 && device_info().minor == 0; }
+
+inline int num_sms() { return device_info().sms; }
+
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// SVDQUANT_OPS_CUDA_SYNC_DEBUG=1: synchronize after every kernel launch and name the kernel that failed (debugging
+// only: not usable under CUDA-graph capture).
+inline void debug_sync(cudaStream_t stream, const char* what) {
+  static const bool on = [] {
+    const char* v = std::getenv("SVDQUANT_OPS_CUDA_SYNC_DEBUG");
+    return v != nullptr && v[0] == '1';
+  }();
+  if (!on) return;
+  const cudaError_t err = cudaStreamSynchronize(stream);
+  TORCH_CHECK(err == cudaSuccess, "svdquant: kernel ", what, " failed: ", cudaGetErrorString(err));
+}
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Correctly rounded a / b with a precomputed reciprocal. rcp_for_div(b) is the refined reciprocal that the CUDA
+// compiler's IEEE division (div.rn.f32) computes on its fast path (MUFU.RCP + one Newton step); div_rn_fast then
+// runs the same remainder correction as that fast path, so for operands in [2^-60, 2^60] the result is bit-identical
+// to a / b (the quantize_act tests compare codes and scales bit for bit with the CPU op, including a case over
+// 80 binades with zeros and -0.0). Outside that range (zeros,
+// denormals, huge values, NaN, Inf) it falls back to __fdiv_rn. rcp_for_div returns NaN for b outside the range,
+// which routes every division by that b to the fallback.
+// ---------------------------------------------------------------------------------------------------------------
+__device__ __forceinline__ float rcp_for_div(float b) {
+  const float ab = fabsf(b);
+  if (!(ab >= 0x1p-60f && ab <= 0x1p60f)) return __int_as_float(0x7fffffff);
+  float y0;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y0) : "f"(b));
+  const float e = fmaf(-b, y0, 1.f);
+  return fmaf(y0, e, y0);
+}
+
+__device__ __forceinline__ float div_rn_fast(float a, float b, float y) {
+  const float q = __fmul_rn(a, y);
+  const float r = fmaf(-b, q, a);
+  const float q1 = fmaf(y, r, q);
+  const float aa = fabsf(a);
+  if (aa >= 0x1p-60f && aa <= 0x1p60f && q1 == q1) return q1;
+  return __fdiv_rn(a, b);
+}
+
+// max that keeps NaN (PTX max.NaN, sm_80+), the device twin of formats.h nan_max for the values we use.
+__device__ __forceinline__ float max_nan(float a, float b) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// PTX wrappers (sm_90)
+// ---------------------------------------------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+}
+
+// Makes initialized mbarriers visible to the async proxy (TMA complete_tx) as well as to the other threads.
+__device__ __forceinline__ void fence_barrier_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred P1;\n"
+      "WAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+      "@P1 bra DONE_%=;\n"
+      "bra WAIT_%=;\n"
+      "DONE_%=:\n"
+      "}\n" ::"r"(smem_u32(bar)),
+      "r"(parity)
+      : "memory");
+}
+
+__device__ __forceinline__ void tma_prefetch_desc(const void* desc) {
+  asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(desc)) : "memory");
+}
+
+// 2-D bulk tensor copy global -> shared, completion counted on `bar` (bytes).
+__device__ __forceinline__ void tma_load_2d(const void* desc, void* dst, uint64_t* bar, int c0, int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];" ::"r"(
+          smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(desc)), "r"(smem_u32(bar)), "r"(c0), "r"(c1)
+      : "memory");
+}
+#endif
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+template <int R>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(R));
+}
+template <int R>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(R));
+}
+#endif
+
+// Keeps the compiler from moving accesses of wgmma accumulators across the asynchronous MMA.
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+// Shared-memory matrix descriptor of a K-major tile written by TMA with 128-byte swizzle: rows of 128 bytes,
+// 8-row core-matrix groups 1024 bytes apart (SBO), tile base 1024-byte aligned.
+__device__ __forceinline__ uint64_t desc_sw128(const void* smem_ptr) {
+  const uint32_t addr = smem_u32(smem_ptr);
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(1) << 16) |
+         (static_cast<uint64_t>(1024 >> 4) << 32) | (static_cast<uint64_t>(1) << 62);
+}
+
+}  // namespace cuda_impl
+}  // namespace svdquant

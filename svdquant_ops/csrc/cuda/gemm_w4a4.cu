@@ -1,0 +1,916 @@
+// CUDA kernels of svdquant::gemm_w4a4 (semantics: ../cpu/gemm_w4a4.cpp).
+//
+// Hopper path (compute capability 9.0, library built for sm_90a), three steps on the current stream:
+//  1. prep (one launch, memory-bound): expands the 4-bit codes of both operands into 8-bit tensor-core inputs in a
+//     workspace. INT4: fp8 e4m3 codes (int4 [-8, 7] and uint4 [0, 15] are exact e4m3 values). NVFP4: bf16 values
+//     code * scale, which are exact (an e2m1 value has 2 significant bits, an e4m3 scale 4, so their product fits
+//     bf16's 8). Also writes the fp32 scales in the layouts the GEMM loads (activation scales transposed [G, M],
+//     weight scales permuted per output tile so each thread's columns are contiguous), the low-rank operands as
+//     bf16 pairs (lora_act = hi + lo, the branch is hi*up + lo*up (+ hi*up_lo when proj_up is not bf16): fp32-level
+//     accuracy on bf16 tensor cores), and bias / global scale as padded fp32.
+//  2. gemm (persistent, warp-specialized): one producer thread issues TMA loads (128-byte swizzle) into a 6-stage
+//     mbarrier ring; two consumer warpgroups each own 64 rows of a 128 x 128 tile. Per tile: the rank-R branch
+//     first, as bf16 wgmma K-steps; then INT4, per 128-channel stage: the four fp8 wgmma (m64n128k32) of its two
+//     64-channel groups into two temporary accumulators (exact integer dot products), group 0 promoted on the CUDA
+//     cores (acc += tmp * (act_scale[row] * wgt_scale[col])) while group 1's MMAs run, the stage released, group 1
+//     promoted; NVFP4: bf16 wgmma over all of K into one temporary, times the global scale once. Epilogue: + bias,
+//     cast, store. benchmarks/NOTES_kernels.md has the measured limits of this schedule.
+// Portable path (other GPUs, or SVDQUANT_OPS_CUDA_PORTABLE=1): a tiled SIMT kernel with exact dp4a group dot
+//     products that performs the CPU reference's fp32 operations in the same order.
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "../checks.h"
+#include "../formats.h"
+#include "common.cuh"
+#include "ops_cuda.h"
+#include "wgmma_ops.cuh"
+
+namespace svdquant {
+namespace cuda_impl {
+namespace {
+
+enum ScalarKind : int { kF32 = 0, kF16 = 1, kBF16 = 2, kE4M3 = 3 };
+
+int kind_of(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return kF32;
+    case at::kHalf: return kF16;
+    case at::kBFloat16: return kBF16;
+    case at::kFloat8_e4m3fn: return kE4M3;
+    default: TORCH_CHECK(false, "svdquant::gemm_w4a4: unexpected dtype ", t);
+  }
+}
+
+__device__ __forceinline__ float load_f(const void* p, int kind, int64_t i) {
+  switch (kind) {
+    case kF32: return static_cast<const float*>(p)[i];
+    case kF16: return static_cast<float>(static_cast<const c10::Half*>(p)[i]);
+    case kBF16: return static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]);
+    default: return static_cast<float>(static_cast<const c10::Float8_e4m3fn*>(p)[i]);
+  }
+}
+
+__device__ __forceinline__ void store_out(void* out, int kind, int64_t i, float v) {
+  switch (kind) {
+    case kF32: static_cast<float*>(out)[i] = v; break;
+    case kF16: static_cast<c10::Half*>(out)[i] = static_cast<c10::Half>(v); break;
+    default: static_cast<c10::BFloat16*>(out)[i] = static_cast<c10::BFloat16>(v); break;
+  }
+}
+
+// Two adjacent outputs (col, col + 1) of one row; `vec` when both exist and the pair is aligned.
+__device__ __forceinline__ void store_out2(void* out, int kind, int64_t i, float v0, float v1, bool vec,
+                                           bool second) {
+  if (vec) {
+    switch (kind) {
+      case kF32: *reinterpret_cast<float2*>(static_cast<float*>(out) + i) = make_float2(v0, v1); break;
+      case kF16: {
+        const c10::Half h0 = static_cast<c10::Half>(v0), h1 = static_cast<c10::Half>(v1);
+        *reinterpret_cast<uint32_t*>(static_cast<c10::Half*>(out) + i) = uint32_t(h0.x) | (uint32_t(h1.x) << 16);
+        break;
+      }
+      default: {
+        const c10::BFloat16 h0 = static_cast<c10::BFloat16>(v0), h1 = static_cast<c10::BFloat16>(v1);
+        *reinterpret_cast<uint32_t*>(static_cast<c10::BFloat16*>(out) + i) =
+            uint32_t(h0.x) | (uint32_t(h1.x) << 16);
+        break;
+      }
+    }
+  } else {
+    store_out(out, kind, i, v0);
+    if (second) store_out(out, kind, i + 1, v1);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// 1. prep
+// ------------------------------------------------------------------------------------------------------------------
+struct PrepArgs {
+  const uint8_t* a_codes;
+  const void* a_scales;
+  int a_scale_kind;
+  const float* lora_act;
+  int64_t M, K, G;
+  int R, KL, nseg;
+  int64_t Mp;
+  uint8_t* A;  // [M, K] fp8 (INT4) or bf16 (NVFP4)
+  float* SA;   // [G, Mp]
+  __nv_bfloat16* LA;  // [M, KL]
+  const uint8_t* w_codes;
+  const void* w_scales;
+  int w_scale_kind;
+  const void* proj_up;
+  int up_kind;
+  const void* bias;
+  int bias_kind;
+  const float* gscale;
+  int64_t gscale_numel;
+  int64_t N;
+  int n_tiles, BN, SWP;
+  int64_t Np;
+  uint8_t* B;   // [N, K]
+  float* SW;    // [G, n_tiles * SWP]
+  __nv_bfloat16* UP;  // [N, KL]
+  float* biasf;  // [Np]
+  float* gsf;    // [Np]
+  int nvfp4, act_unsigned;
+};
+
+__device__ __forceinline__ uint32_t e4m3_of_nibble(uint32_t nib, bool is_unsigned) {
+  constexpr uint64_t kPos = 0x4E4C4A4844403800ull;  // 0..7
+  constexpr uint64_t kNeg = 0xB8C0C4C8CACCCED0ull;  // nibbles 8..15 as int4: -8..-1
+  constexpr uint64_t kHi = 0x5756555453525150ull;   // nibbles 8..15 as uint4: 8..15
+  const uint64_t tab = nib < 8 ? kPos : (is_unsigned ? kHi : kNeg);
+  return static_cast<uint32_t>(tab >> (8 * (nib & 7))) & 0xFFu;
+}
+
+__device__ __forceinline__ void expand_unit(const uint8_t* codes, const void* scales, int scale_kind, uint8_t* dst,
+                                            uint32_t K, uint32_t G, uint32_t u, bool nvfp4, bool is_unsigned,
+                                            const uint16_t* lut) {
+  const uint32_t per_row = K / 16;
+  const int64_t row = u / per_row, ku = u % per_row;
+  const uint2 in = *reinterpret_cast<const uint2*>(codes + row * (K / 2) + ku * 8);
+  if (!nvfp4) {
+    // lut[byte] = the two e4m3 bytes of the byte's low and high nibble
+    uint32_t o[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t w = i < 2 ? in.x : in.y;
+      const int sh = 16 * (i & 1);
+      o[i] = uint32_t(lut[(w >> sh) & 0xFF]) | (uint32_t(lut[(w >> (sh + 8)) & 0xFF]) << 16);
+    }
+    *reinterpret_cast<uint4*>(dst + row * K + ku * 16) = make_uint4(o[0], o[1], o[2], o[3]);
+  } else {
+    const float sc = load_f(scales, scale_kind, row * G + ku);  // group 16 == one unit
+    uint32_t o[8];
+#pragma unroll
+    for (int i = 0; i < 16; i += 2) {
+      float v[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int nib = static_cast<int>(((i + h < 8 ? in.x : in.y) >> (4 * ((i + h) & 7))) & 0xFu);
+        v[h] = static_cast<float>(e2m1_doubled(nib)) * 0.5f * sc;  // exact
+      }
+      const __nv_bfloat162 b = __floats2bfloat162_rn(v[0], v[1]);
+      o[i >> 1] = *reinterpret_cast<const uint32_t*>(&b);
+    }
+    uint4* d = reinterpret_cast<uint4*>(dst + (row * K + ku * 16) * 2);
+    d[0] = make_uint4(o[0], o[1], o[2], o[3]);
+    d[1] = make_uint4(o[4], o[5], o[6], o[7]);
+  }
+}
+
+// Index math in 32 bits (the host sends larger problems to the portable path).
+__global__ void prep_kernel(const PrepArgs p) {
+  const uint32_t stride = gridDim.x * blockDim.x;
+  const uint32_t tid = blockIdx.x * blockDim.x + threadIdx.x;
+  const uint32_t K = static_cast<uint32_t>(p.K), G = static_cast<uint32_t>(p.G);
+  if (blockIdx.y < 2) {
+    __shared__ uint16_t lut[256];
+    const bool uns = blockIdx.y == 0 && p.act_unsigned;
+    for (uint32_t b = threadIdx.x; b < 256; b += blockDim.x)
+      lut[b] = static_cast<uint16_t>(e4m3_of_nibble(b & 0xF, uns) | (e4m3_of_nibble(b >> 4, uns) << 8));
+    __syncthreads();
+    if (blockIdx.y == 0) {
+      const uint32_t n = static_cast<uint32_t>(p.M) * (K / 16);
+      for (uint32_t u = tid; u < n; u += stride)
+        expand_unit(p.a_codes, p.a_scales, p.a_scale_kind, p.A, K, G, u, p.nvfp4, p.act_unsigned, lut);
+    } else {
+      const uint32_t n = static_cast<uint32_t>(p.N) * (K / 16);
+      for (uint32_t u = tid; u < n; u += stride)
+        expand_unit(p.w_codes, p.w_scales, p.w_scale_kind, p.B, K, G, u, p.nvfp4, false, lut);
+    }
+    return;
+  }
+  const uint32_t M = static_cast<uint32_t>(p.M), N = static_cast<uint32_t>(p.N), Mp = static_cast<uint32_t>(p.Mp);
+  const uint32_t KL = static_cast<uint32_t>(p.KL), Np = static_cast<uint32_t>(p.Np);
+  const uint32_t nSA = p.nvfp4 ? 0u : G * Mp;
+  const uint32_t swrow = static_cast<uint32_t>(p.n_tiles * p.SWP);
+  const uint32_t nSW = p.nvfp4 ? 0u : G * swrow;
+  const uint32_t nLA = M * KL;
+  const uint32_t nUP = N * KL;
+  const uint32_t total = nSA + nSW + nLA + nUP + 2 * Np;
+  for (uint32_t i = tid; i < total; i += stride) {
+    uint32_t j = i;
+    if (j < nSA) {
+      const uint32_t g = j / Mp, m = j % Mp;
+      p.SA[j] = m < M ? load_f(p.a_scales, p.a_scale_kind, m * G + g) : 0.f;
+      continue;
+    }
+    j -= nSA;
+    if (j < nSW) {
+      const uint32_t g = j / swrow, rem = j % swrow;
+      const uint32_t nt = rem / p.SWP, pos = rem % p.SWP;
+      const uint32_t seg = p.BN / 4 + 4;
+      const uint32_t tq = pos / seg, w = pos % seg;
+      float v = 0.f;
+      if (w < static_cast<uint32_t>(p.BN / 4)) {
+        const uint32_t n = nt * p.BN + 8 * (w / 2) + 2 * tq + (w % 2);
+        if (n < N) v = load_f(p.w_scales, p.w_scale_kind, n * G + g);
+      }
+      p.SW[j] = v;
+      continue;
+    }
+    j -= nSW;
+    if (j < nLA) {
+      const uint32_t m = j / KL;
+      const int kk = static_cast<int>(j % KL);
+      float v = 0.f;
+      if (kk < p.nseg * p.R) {
+        const int seg = kk / p.R, r = kk % p.R;
+        const float a = p.lora_act[m * p.R + r];
+        const float hi = __bfloat162float(__float2bfloat16_rn(a));
+        v = seg == 1 ? a - hi : a;  // segment 1 holds the low part; 0 and 2 the high part (rounded below)
+      }
+      p.LA[j] = __float2bfloat16_rn(v);
+      continue;
+    }
+    j -= nLA;
+    if (j < nUP) {
+      const uint32_t n = j / KL;
+      const int kk = static_cast<int>(j % KL);
+      float v = 0.f;
+      if (kk < p.nseg * p.R) {
+        const int seg = kk / p.R, r = kk % p.R;
+        const float u = load_f(p.proj_up, p.up_kind, n * p.R + r);
+        const float hi = __bfloat162float(__float2bfloat16_rn(u));
+        v = seg == 2 ? u - hi : u;  // segments 0, 1: high part of up; 2: low part
+      }
+      p.UP[j] = __float2bfloat16_rn(v);
+      continue;
+    }
+    j -= nUP;
+    if (j < Np) {
+      p.biasf[j] = (p.bias != nullptr && j < N) ? load_f(p.bias, p.bias_kind, j) : 0.f;
+      continue;
+    }
+    j -= Np;
+    p.gsf[j] = j < N ? (p.gscale != nullptr ? p.gscale[p.gscale_numel == 1 ? 0 : j] : 1.f) : 0.f;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// 2. sm_90a warp-specialized GEMM
+// ------------------------------------------------------------------------------------------------------------------
+namespace sm90 {
+
+constexpr int BM = 128;
+
+template <int BN>
+struct Cfg {
+  static constexpr int A_BYTES = BM * 128;
+  static constexpr int B_BYTES = BN * 128;
+  static constexpr int SA_BYTES = 2 * BM * 4;
+  static constexpr int SWP = BN + 16;  // permuted weight-scale row of one tile: 4 x (BN/4 + 4) floats
+  static constexpr int SW_BYTES = 2 * SWP * 4;
+  static constexpr int SA_OFF = A_BYTES + B_BYTES;
+  static constexpr int SW_OFF = SA_OFF + 1024;
+  static constexpr int STAGE = SW_OFF + ((SW_BYTES + 1023) / 1024) * 1024;
+  static constexpr int STAGES = BN == 192 ? 5 : 6;
+  static constexpr int SMEM = STAGES * STAGE + 1024 + 2 * STAGES * 8;
+};
+
+struct Params {
+  const float* bias;    // [Np] fp32 or nullptr
+  const float* gscale;  // [Np] fp32 (NVFP4) or nullptr
+  void* out;
+  int M, N;
+  int m_tiles, n_tiles;
+  int n_main, n_lora;
+  int out_kind;
+};
+
+// Tiles in groups of 16 row-blocks so that the CTAs running at one time share A rows and B columns in L2.
+__device__ __forceinline__ void tile_coords(int tile, int m_tiles, int n_tiles, int& mt, int& nt) {
+  constexpr int GM = 16;
+  const int group = tile / (GM * n_tiles);
+  const int first = group * GM;
+  const int gm = min(GM, m_tiles - first);
+  const int r = tile - group * GM * n_tiles;
+  mt = first + r % gm;
+  nt = r / gm;
+}
+
+__device__ __forceinline__ void promote4(float* acc, const float* tmp, float sa0, float sa1, float w0, float w1) {
+  acc[0] = fmaf(tmp[0], sa0 * w0, acc[0]);
+  acc[1] = fmaf(tmp[1], sa0 * w1, acc[1]);
+  acc[2] = fmaf(tmp[2], sa1 * w0, acc[2]);
+  acc[3] = fmaf(tmp[3], sa1 * w1, acc[3]);
+}
+
+// kNoPromote (diagnostics only, SVDQUANT_OPS_DEBUG_GEMM_NOPROMOTE=1, wrong results): the INT4 main loop without
+// the per-group promotion, i.e. the speed of the same TMA / mbarrier / wgmma skeleton as a plain fp8 GEMM.
+template <int BN, bool kFp8, bool kNoPromote = false>
+__global__ void __launch_bounds__(384, 1)
+    gemm_kernel(const __grid_constant__ CUtensorMap tmA, const __grid_constant__ CUtensorMap tmB,
+                const __grid_constant__ CUtensorMap tmSA, const __grid_constant__ CUtensorMap tmSW,
+                const __grid_constant__ CUtensorMap tmLA, const __grid_constant__ CUtensorMap tmUP,
+                const Params p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using C = Cfg<BN>;
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + C::STAGES * C::STAGE);
+  uint64_t* empty = full + C::STAGES;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < C::STAGES; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], 8);  // one arrival per consumer warp
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+  const int total = p.m_tiles * p.n_tiles;
+  const int per_tile = p.n_lora + p.n_main;
+
+  if (threadIdx.x >= 256) {
+    // ---------------- producer warpgroup: one thread issues all TMA loads ----------------
+    setmaxnreg_dec<40>();
+    if (threadIdx.x == 256) {
+      tma_prefetch_desc(&tmA);
+      tma_prefetch_desc(&tmB);
+      if constexpr (kFp8) {
+        tma_prefetch_desc(&tmSA);
+        tma_prefetch_desc(&tmSW);
+      }
+      if (p.n_lora > 0) {
+        tma_prefetch_desc(&tmLA);
+        tma_prefetch_desc(&tmUP);
+      }
+      int s = 0;
+      uint32_t ph = 0;
+      for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
+        int mt, nt;
+        tile_coords(tile, p.m_tiles, p.n_tiles, mt, nt);
+        const int m0 = mt * BM, n0 = nt * BN;
+        for (int i = 0; i < per_tile; ++i) {
+          mbar_wait(&empty[s], ph ^ 1);
+          uint8_t* st = smem + s * C::STAGE;
+          if (i < p.n_lora) {
+            mbar_expect_tx(&full[s], C::A_BYTES + C::B_BYTES);
+            tma_load_2d(&tmLA, st, &full[s], i * 64, m0);
+            tma_load_2d(&tmUP, st + C::A_BYTES, &full[s], i * 64, n0);
+          } else {
+            const int ki = i - p.n_lora;
+            if constexpr (kFp8) {
+              mbar_expect_tx(&full[s], C::A_BYTES + C::B_BYTES + C::SA_BYTES + C::SW_BYTES);
+              tma_load_2d(&tmA, st, &full[s], ki * 128, m0);
+              tma_load_2d(&tmB, st + C::A_BYTES, &full[s], ki * 128, n0);
+              tma_load_2d(&tmSA, st + C::SA_OFF, &full[s], m0, 2 * ki);
+              tma_load_2d(&tmSW, st + C::SW_OFF, &full[s], nt * C::SWP, 2 * ki);
+            } else {
+              mbar_expect_tx(&full[s], C::A_BYTES + C::B_BYTES);
+              tma_load_2d(&tmA, st, &full[s], ki * 64, m0);
+              tma_load_2d(&tmB, st + C::A_BYTES, &full[s], ki * 64, n0);
+            }
+          }
+          if (++s == C::STAGES) {
+            s = 0;
+            ph ^= 1;
+          }
+        }
+      }
+    }
+  } else {
+    // ---------------- two consumer warpgroups: 64 rows each ----------------
+    setmaxnreg_inc<232>();
+    const int wg = threadIdx.x >> 7;
+    const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+    const int tq = lane & 3;
+    const int r0 = wg * 64 + warp * 16 + (lane >> 2);
+    float acc[BN / 2];
+    float tmp0[BN / 2];
+    float tmp1[BN / 2];
+    float (&tmp)[BN / 2] = tmp1;  // NVFP4 path: one temporary accumulator
+    int s = 0;
+    uint32_t ph = 0;
+    for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
+      int mt, nt;
+      tile_coords(tile, p.m_tiles, p.n_tiles, mt, nt);
+      const int m0 = mt * BM, n0 = nt * BN;
+#pragma unroll
+      for (int j = 0; j < BN / 2; ++j) acc[j] = 0.f;
+
+      // low-rank branch: bf16 K-steps into tmp0, then copied into acc (acc itself is never a wgmma accumulator,
+      // so ptxas can keep the main loop's MMAs asynchronous while the FMA pipes update acc)
+      for (int i = 0; i < p.n_lora; ++i) {
+        mbar_wait(&full[s], ph);
+        uint8_t* st = smem + s * C::STAGE;
+        const uint64_t da = desc_sw128(st + wg * 64 * 128), db = desc_sw128(st + C::A_BYTES);
+        fence_regs(tmp0);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) wgmma::mma_bf16<BN>(tmp0, da + 2 * kk, db + 2 * kk, (i > 0 || kk > 0) ? 1 : 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(tmp0);
+        if (lane == 0) mbar_arrive(&empty[s]);
+        if (++s == C::STAGES) {
+          s = 0;
+          ph ^= 1;
+        }
+      }
+      if (p.n_lora > 0) {
+#pragma unroll
+        for (int j = 0; j < BN / 2; ++j) acc[j] = tmp0[j];
+      }
+
+      if constexpr (kFp8) {
+        // Software pipeline over the 64-channel groups with two temporary accumulators: the MMAs of the next
+        // group are in flight while this warpgroup promotes the previous one (tensor cores and FMA pipes busy at
+        // once, independently of what the other warpgroup does). Group 0 of a stage goes to tmp0, group 1 to tmp1.
+        auto promote = [&](const float (&t)[BN / 2], const uint8_t* st, int gg) {
+          const float* sa = reinterpret_cast<const float*>(st + C::SA_OFF) + gg * BM;
+          const float sa0 = sa[r0], sa1 = sa[r0 + 8];
+          const float4* sw = reinterpret_cast<const float4*>(reinterpret_cast<const float*>(st + C::SW_OFF) +
+                                                             gg * C::SWP + tq * (BN / 4 + 4));
+#pragma unroll
+          for (int j2 = 0; j2 < BN / 16; ++j2) {
+            const float4 w = sw[j2];
+            promote4(acc + 8 * j2, t + 8 * j2, sa0, sa1, w.x, w.y);
+            promote4(acc + 8 * j2 + 4, t + 8 * j2 + 4, sa0, sa1, w.z, w.w);
+          }
+        };
+        auto issue = [&](float (&t)[BN / 2], const uint8_t* st, int gg) {
+          const uint64_t da = desc_sw128(st + wg * 64 * 128), db = desc_sw128(st + C::A_BYTES);
+          fence_regs(t);
+          wgmma_fence();
+          wgmma::mma_e4m3<BN>(t, da + 4 * gg, db + 4 * gg, 0);
+          wgmma::mma_e4m3<BN>(t, da + 4 * gg + 2, db + 4 * gg + 2, 1);
+          wgmma_commit();
+        };
+        // Per stage: both groups' MMAs are issued at once; group 0 is promoted while group 1's MMAs run. (Carrying
+        // the pipeline across loop iterations makes ptxas serialize every wgmma, C7514.)
+        if constexpr (kNoPromote) {
+          for (int ki = 0; ki < p.n_main; ++ki) {
+            mbar_wait(&full[s], ph);
+            const uint8_t* st = smem + s * C::STAGE;
+            const uint64_t da = desc_sw128(st + wg * 64 * 128), db = desc_sw128(st + C::A_BYTES);
+            fence_regs(acc);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk) wgmma::mma_e4m3<BN>(acc, da + 2 * kk, db + 2 * kk, 1);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_regs(acc);
+            if (lane == 0) mbar_arrive(&empty[s]);
+            if (++s == C::STAGES) {
+              s = 0;
+              ph ^= 1;
+            }
+          }
+        } else
+        for (int ki = 0; ki < p.n_main; ++ki) {
+          mbar_wait(&full[s], ph);
+          const uint8_t* st = smem + s * C::STAGE;
+          issue(tmp0, st, 0);
+          issue(tmp1, st, 1);
+          wgmma_wait<1>();
+          fence_regs(tmp0);
+          promote(tmp0, st, 0);
+          wgmma_wait<0>();
+          fence_regs(tmp1);
+          // The stage is free once group 1's scales are in registers: release it before the last promotion so the
+          // producer refills it sooner.
+          const float* sa = reinterpret_cast<const float*>(st + C::SA_OFF) + BM;
+          const float sa0 = sa[r0], sa1 = sa[r0 + 8];
+          float4 w1[BN / 16];
+          const float4* sw = reinterpret_cast<const float4*>(reinterpret_cast<const float*>(st + C::SW_OFF) +
+                                                             C::SWP + tq * (BN / 4 + 4));
+#pragma unroll
+          for (int j2 = 0; j2 < BN / 16; ++j2) w1[j2] = sw[j2];
+          __syncwarp();
+          if (lane == 0) mbar_arrive(&empty[s]);
+#pragma unroll
+          for (int j2 = 0; j2 < BN / 16; ++j2) {
+            promote4(acc + 8 * j2, tmp1 + 8 * j2, sa0, sa1, w1[j2].x, w1[j2].y);
+            promote4(acc + 8 * j2 + 4, tmp1 + 8 * j2 + 4, sa0, sa1, w1[j2].z, w1[j2].w);
+          }
+          if (++s == C::STAGES) {
+            s = 0;
+            ph ^= 1;
+          }
+        }
+      } else {
+        for (int ki = 0; ki < p.n_main; ++ki) {
+          mbar_wait(&full[s], ph);
+          uint8_t* st = smem + s * C::STAGE;
+          const uint64_t da = desc_sw128(st + wg * 64 * 128), db = desc_sw128(st + C::A_BYTES);
+          fence_regs(tmp);
+          wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk)
+            wgmma::mma_bf16<BN>(tmp, da + 2 * kk, db + 2 * kk, (ki > 0 || kk > 0) ? 1 : 0);
+          wgmma_commit();
+          wgmma_wait<0>();
+          fence_regs(tmp);
+          if (lane == 0) mbar_arrive(&empty[s]);
+          if (++s == C::STAGES) {
+            s = 0;
+            ph ^= 1;
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) {
+          const int col = n0 + 8 * j + 2 * tq;
+          const float2 gsc = *reinterpret_cast<const float2*>(p.gscale + col);
+          acc[4 * j + 0] = fmaf(tmp[4 * j + 0], gsc.x, acc[4 * j + 0]);
+          acc[4 * j + 1] = fmaf(tmp[4 * j + 1], gsc.y, acc[4 * j + 1]);
+          acc[4 * j + 2] = fmaf(tmp[4 * j + 2], gsc.x, acc[4 * j + 2]);
+          acc[4 * j + 3] = fmaf(tmp[4 * j + 3], gsc.y, acc[4 * j + 3]);
+        }
+      }
+
+      // epilogue: + bias, cast, store
+      const int gm0 = m0 + r0, gm1 = gm0 + 8;
+      const bool even_n = (p.N & 1) == 0;
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j) {
+        const int col = n0 + 8 * j + 2 * tq;
+        if (col < p.N) {
+          const float2 b = p.bias != nullptr ? *reinterpret_cast<const float2*>(p.bias + col) : make_float2(0.f, 0.f);
+          const bool second = col + 1 < p.N;
+          const bool vec = second && even_n;
+          if (gm0 < p.M)
+            store_out2(p.out, p.out_kind, static_cast<int64_t>(gm0) * p.N + col, acc[4 * j] + b.x,
+                       acc[4 * j + 1] + b.y, vec, second);
+          if (gm1 < p.M)
+            store_out2(p.out, p.out_kind, static_cast<int64_t>(gm1) * p.N + col, acc[4 * j + 2] + b.x,
+                       acc[4 * j + 3] + b.y, vec, second);
+        }
+      }
+    }
+  }
+#else
+  __trap();  // built for another architecture: the host only launches this on sm_90a builds
+#endif
+}
+
+}  // namespace sm90
+
+// ------------------------------------------------------------------------------------------------------------------
+// 3. portable SIMT kernel (exact dp4a group dots, the CPU reference's fp32 operation order)
+// ------------------------------------------------------------------------------------------------------------------
+struct PortableArgs {
+  const uint8_t* a_codes;
+  const void* a_scales;
+  int a_kind;
+  const uint8_t* w_codes;
+  const void* w_scales;
+  int w_kind;
+  const float* gscale;
+  int64_t gscale_numel;
+  const float* lora_act;
+  const void* proj_up;
+  int up_kind;
+  const void* bias;
+  int bias_kind;
+  void* out;
+  int out_kind;
+  int64_t M, N, K, G;
+  int R;
+  int nvfp4, act_unsigned;
+};
+
+__device__ __forceinline__ int decode_nibble(int nib, bool nvfp4, bool is_unsigned) {
+  if (nvfp4) return e2m1_doubled(nib);
+  return is_unsigned ? nib : sign_extend_nibble(nib);
+}
+
+__device__ __forceinline__ void load_chunk_codes(const uint8_t* codes, int64_t rows, int64_t K, int64_t row0,
+                                                 int64_t k_chunk, bool nvfp4, bool is_unsigned,
+                                                 int (*dst)[17]) {
+  const int r = threadIdx.x / 4, part = threadIdx.x % 4;
+  const int64_t row = row0 + r, k = k_chunk + 16 * part;
+  int w[4] = {0, 0, 0, 0};
+  if (row < rows && k < K) {  // K % 16 == 0, so a 16-code unit is either fully in or fully out
+    const uint8_t* src = codes + row * (K / 2) + k / 2;
+#pragma unroll
+    for (int b = 0; b < 8; ++b) {
+      const int byte = src[b];
+      const int lo = decode_nibble(byte & 0xF, nvfp4, is_unsigned), hi = decode_nibble(byte >> 4, nvfp4, is_unsigned);
+      const int word = b / 2, sh = 16 * (b % 2);
+      w[word] |= ((lo & 0xFF) << sh) | ((hi & 0xFF) << (sh + 8));
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) dst[r][4 * part + i] = w[i];
+}
+
+__global__ void __launch_bounds__(256) gemm_portable_kernel(const PortableArgs p) {
+  __shared__ int As[64][17];
+  __shared__ int Bs[64][17];
+  __shared__ float Sa[64][4];
+  __shared__ float Sw[64][4];
+  const bool nvfp4 = p.nvfp4 != 0;
+  const int gs = nvfp4 ? kNvfp4Group : kInt4Group;
+  const float unit = nvfp4 ? 0.25f : 1.f;
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * 64, n0 = static_cast<int64_t>(blockIdx.x) * 64;
+  float acc[4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+
+  for (int64_t kc = 0; kc < p.K; kc += 64) {
+    __syncthreads();
+    load_chunk_codes(p.a_codes, p.M, p.K, m0, kc, nvfp4, p.act_unsigned != 0, As);
+    load_chunk_codes(p.w_codes, p.N, p.K, n0, kc, nvfp4, false, Bs);
+    const int groups = static_cast<int>((p.K - kc < 64 ? p.K - kc : int64_t(64)) / gs);
+    for (int idx = threadIdx.x; idx < 64 * 4; idx += 256) {
+      const int r = idx / 4, q = idx % 4;
+      const int64_t g = kc / gs + q;
+      Sa[r][q] = (q < groups && m0 + r < p.M) ? load_f(p.a_scales, p.a_kind, (m0 + r) * p.G + g) : 0.f;
+      Sw[r][q] = (q < groups && n0 + r < p.N) ? load_f(p.w_scales, p.w_kind, (n0 + r) * p.G + g) : 0.f;
+    }
+    __syncthreads();
+    for (int q = 0; q < groups; ++q) {
+      int dot[4][4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) dot[i][j] = 0;
+      for (int w = q * gs / 4; w < (q + 1) * gs / 4; ++w) {
+        int a[4], b[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[i] = As[ty + 16 * i][w];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) b[j] = Bs[tx + 16 * j][w];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) dot[i][j] = __dp4a(a[i], b[j], dot[i][j]);
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float sc = __fmul_rn(Sa[ty + 16 * i][q], Sw[tx + 16 * j][q]);
+          acc[i][j] = __fadd_rn(acc[i][j], __fmul_rn(__fmul_rn(static_cast<float>(dot[i][j]), unit), sc));
+        }
+    }
+  }
+
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t m = m0 + ty + 16 * i;
+    if (m >= p.M) continue;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t n = n0 + tx + 16 * j;
+      if (n >= p.N) continue;
+      float v = acc[i][j];
+      if (p.gscale != nullptr) v = __fmul_rn(v, p.gscale[p.gscale_numel == 1 ? 0 : n]);
+      float branch = 0.f;
+      for (int r = 0; r < p.R; ++r)
+        branch = __fadd_rn(branch, __fmul_rn(p.lora_act[m * p.R + r], load_f(p.proj_up, p.up_kind, n * p.R + r)));
+      const float b = p.bias != nullptr ? load_f(p.bias, p.bias_kind, n) : 0.f;
+      store_out(p.out, p.out_kind, m * p.N + n, __fadd_rn(__fadd_rn(v, branch), b));
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// host helpers
+// ------------------------------------------------------------------------------------------------------------------
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+EncodeTiledFn encode_fn() {
+  static EncodeTiledFn fn = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &q));
+    TORCH_CHECK(q == cudaDriverEntryPointSuccess && ptr != nullptr,
+                "svdquant::gemm_w4a4: cuTensorMapEncodeTiled is not available from the CUDA driver");
+    return reinterpret_cast<EncodeTiledFn>(ptr);
+  }();
+  return fn;
+}
+
+CUtensorMap make_map(const void* ptr, CUtensorMapDataType dtype, uint64_t inner, uint64_t outer,
+                     uint64_t row_bytes, uint32_t box_inner, uint32_t box_outer, CUtensorMapSwizzle swizzle) {
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {inner, outer};
+  const cuuint64_t strides[1] = {row_bytes};
+  const cuuint32_t box[2] = {box_inner, box_outer};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  const CUresult r = encode_fn()(&map, dtype, 2, const_cast<void*>(ptr), dims, strides, box, elem_strides,
+                                 CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TORCH_CHECK(r == CUDA_SUCCESS, "svdquant::gemm_w4a4: cuTensorMapEncodeTiled failed (CUresult ", int(r),
+              ") for a ", outer, " x ", inner, " tensor");
+  return map;
+}
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+template <int BN, bool kFp8, bool kNoPromote = false>
+void launch_sm90(const CUtensorMap& A, const CUtensorMap& B, const CUtensorMap& SA, const CUtensorMap& SW,
+                 const CUtensorMap& LA, const CUtensorMap& UP, const sm90::Params& p, cudaStream_t stream) {
+  using C = sm90::Cfg<BN>;
+  auto kernel = sm90::gemm_kernel<BN, kFp8, kNoPromote>;
+  static bool attr_set = false;  // once, before any CUDA-graph capture (the first call is eager)
+  if (!attr_set) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM));
+    attr_set = true;
+  }
+  const int total = p.m_tiles * p.n_tiles;
+  const int grid = std::min(total, num_sms());
+  kernel<<<grid, 384, C::SMEM, stream>>>(A, B, SA, SW, LA, UP, p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  debug_sync(stream, "gemm_w4a4 sm90");
+}
+
+at::Tensor contiguous_aligned(const at::Tensor& t) {
+  auto c = t.contiguous();
+  if (!aligned16(c.data_ptr())) c = c.clone();
+  return c;
+}
+
+}  // namespace
+
+at::Tensor gemm_w4a4_cuda(const at::Tensor& act_codes, const at::Tensor& act_scales, const at::Tensor& wgt_codes,
+                          const at::Tensor& wgt_scales, const std::optional<at::Tensor>& wgt_global_scale,
+                          const at::Tensor& lora_act, const at::Tensor& proj_up,
+                          const std::optional<at::Tensor>& bias, c10::string_view precision,
+                          at::ScalarType out_dtype, bool act_unsigned) {
+  const auto s = check_gemm_w4a4(act_codes, act_scales, wgt_codes, wgt_scales, wgt_global_scale, lora_act, proj_up,
+                                 bias, precision, out_dtype, act_unsigned);
+  const c10::cuda::CUDAGuard guard(act_codes.device());
+  const bool nvfp4 = s.precision == Precision::kNvfp4;
+  auto out = at::empty({s.M, s.N}, act_codes.options().dtype(out_dtype));
+  if (s.M == 0) return out.reshape(with_last_dim(act_codes, s.N));
+  cudaStream_t stream = current_stream();
+
+  const auto ac = contiguous_aligned(act_codes);
+  const auto wc = contiguous_aligned(wgt_codes);
+  const auto as = act_scales.contiguous();
+  const auto ws = wgt_scales.contiguous();
+  const auto la = lora_act.contiguous();
+  const auto up = proj_up.contiguous();
+  const auto bi = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+  const auto gsc = wgt_global_scale.has_value() ? std::optional<at::Tensor>(wgt_global_scale->contiguous())
+                                                : std::nullopt;
+
+  const int64_t kMax32 = int64_t(1) << 31;
+  const bool use_sm90 = !force_portable() && device_is_sm90() && s.M * (s.K / 16) < kMax32 &&
+                        s.N * (s.K / 16) < kMax32 && (s.M + 128) * 3 * (s.R + 64) < kMax32 &&
+                        (s.N + 128) * 3 * (s.R + 64) < kMax32 && s.G * (s.M + 4) < kMax32 &&
+                        s.G * (s.N + 256) < kMax32;
+  if (!use_sm90) {
+    PortableArgs p{};
+    p.a_codes = ac.data_ptr<uint8_t>();
+    p.a_scales = as.data_ptr();
+    p.a_kind = kind_of(as.scalar_type());
+    p.w_codes = wc.data_ptr<uint8_t>();
+    p.w_scales = ws.data_ptr();
+    p.w_kind = kind_of(ws.scalar_type());
+    p.gscale = gsc.has_value() ? gsc->data_ptr<float>() : nullptr;
+    p.gscale_numel = gsc.has_value() ? gsc->numel() : 0;
+    if (gsc.has_value() && !s.per_channel_global_scale) p.gscale_numel = 1;
+    p.lora_act = s.R > 0 ? la.data_ptr<float>() : nullptr;
+    p.proj_up = s.R > 0 ? up.data_ptr() : nullptr;
+    p.up_kind = kind_of(up.scalar_type());
+    p.bias = bi.has_value() ? bi->data_ptr() : nullptr;
+    p.bias_kind = bi.has_value() ? kind_of(bi->scalar_type()) : kF32;
+    p.out = out.data_ptr();
+    p.out_kind = kind_of(out_dtype);
+    p.M = s.M;
+    p.N = s.N;
+    p.K = s.K;
+    p.G = s.G;
+    p.R = static_cast<int>(s.R);
+    p.nvfp4 = nvfp4;
+    p.act_unsigned = act_unsigned;
+    const dim3 grid(static_cast<unsigned>((s.N + 63) / 64), static_cast<unsigned>((s.M + 63) / 64));
+    gemm_portable_kernel<<<grid, 256, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    debug_sync(stream, "gemm_w4a4 portable");
+    return out.reshape(with_last_dim(act_codes, s.N));
+  }
+
+  // ---------------- Hopper path ----------------
+  const int M = static_cast<int>(s.M), N = static_cast<int>(s.N), K = static_cast<int>(s.K);
+  const int G = static_cast<int>(s.G), R = static_cast<int>(s.R);
+  const int sms = num_sms();
+  const int m_tiles = (M + sm90::BM - 1) / sm90::BM;
+  // 128 x 128 tiles: three 64-column fp32 accumulator sets per thread (the result and two in-flight groups) fit
+  // the 232 registers of a consumer thread; 128 x 192 would not.
+  const int BN = 128;
+  const int n_tiles = (N + BN - 1) / BN;
+  const int SWP = BN + 16;
+  const int64_t Np = int64_t(n_tiles) * BN;
+  const int64_t Mp = round_up(M, 4);
+  const int nseg = R == 0 ? 0 : (up.scalar_type() == at::kBFloat16 ? 2 : 3);
+  const int KL = static_cast<int>(round_up(int64_t(nseg) * R, 64));
+  const int elem = nvfp4 ? 2 : 1;
+
+  int64_t off = 0;
+  auto take = [&](int64_t bytes) {
+    const int64_t o = off;
+    off += round_up(std::max<int64_t>(bytes, 1), 256);
+    return o;
+  };
+  const int64_t oA = take(int64_t(M) * K * elem), oB = take(int64_t(N) * K * elem);
+  const int64_t oSA = take(nvfp4 ? 0 : int64_t(G) * Mp * 4);
+  const int64_t oSW = take(nvfp4 ? 0 : int64_t(G) * n_tiles * SWP * 4);
+  const int64_t oLA = take(int64_t(M) * KL * 2), oUP = take(int64_t(N) * KL * 2);
+  const int64_t oBias = take(Np * 4), oGs = take(Np * 4);
+  auto ws_buf = at::empty({off}, act_codes.options().dtype(at::kByte));
+  uint8_t* base = ws_buf.data_ptr<uint8_t>();
+
+  PrepArgs pa{};
+  pa.a_codes = ac.data_ptr<uint8_t>();
+  pa.a_scales = as.data_ptr();
+  pa.a_scale_kind = kind_of(as.scalar_type());
+  pa.lora_act = R > 0 ? la.data_ptr<float>() : nullptr;
+  pa.M = M;
+  pa.K = K;
+  pa.G = G;
+  pa.R = R;
+  pa.KL = KL;
+  pa.nseg = nseg;
+  pa.Mp = Mp;
+  pa.A = base + oA;
+  pa.SA = reinterpret_cast<float*>(base + oSA);
+  pa.LA = reinterpret_cast<__nv_bfloat16*>(base + oLA);
+  pa.w_codes = wc.data_ptr<uint8_t>();
+  pa.w_scales = ws.data_ptr();
+  pa.w_scale_kind = kind_of(ws.scalar_type());
+  pa.proj_up = R > 0 ? up.data_ptr() : nullptr;
+  pa.up_kind = kind_of(up.scalar_type());
+  pa.bias = bi.has_value() ? bi->data_ptr() : nullptr;
+  pa.bias_kind = bi.has_value() ? kind_of(bi->scalar_type()) : kF32;
+  pa.gscale = gsc.has_value() ? gsc->data_ptr<float>() : nullptr;
+  pa.gscale_numel = gsc.has_value() ? (s.per_channel_global_scale ? gsc->numel() : 1) : 0;
+  pa.N = N;
+  pa.n_tiles = n_tiles;
+  pa.BN = BN;
+  pa.SWP = SWP;
+  pa.Np = Np;
+  pa.B = base + oB;
+  pa.SW = reinterpret_cast<float*>(base + oSW);
+  pa.UP = reinterpret_cast<__nv_bfloat16*>(base + oUP);
+  pa.biasf = reinterpret_cast<float*>(base + oBias);
+  pa.gsf = reinterpret_cast<float*>(base + oGs);
+  pa.nvfp4 = nvfp4;
+  pa.act_unsigned = act_unsigned;
+  {
+    const int64_t units = std::max<int64_t>(int64_t(M), int64_t(N)) * (K / 16);
+    const unsigned gx = static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((units + 255) / 256, 8 * sms)));
+    prep_kernel<<<dim3(gx, 3), 256, 0, stream>>>(pa);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    debug_sync(stream, "gemm_w4a4 prep");
+  }
+
+  const auto swz = CU_TENSOR_MAP_SWIZZLE_128B;
+  CUtensorMap mA, mB, mSA, mSW, mLA, mUP;
+  std::memset(&mSA, 0, sizeof(mSA));
+  std::memset(&mSW, 0, sizeof(mSW));
+  std::memset(&mLA, 0, sizeof(mLA));
+  std::memset(&mUP, 0, sizeof(mUP));
+  if (!nvfp4) {
+    mA = make_map(base + oA, CU_TENSOR_MAP_DATA_TYPE_UINT8, K, M, K, 128, sm90::BM, swz);
+    mB = make_map(base + oB, CU_TENSOR_MAP_DATA_TYPE_UINT8, K, N, K, 128, BN, swz);
+    mSA = make_map(base + oSA, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, Mp, G, Mp * 4, sm90::BM, 2,
+                   CU_TENSOR_MAP_SWIZZLE_NONE);
+    mSW = make_map(base + oSW, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, int64_t(n_tiles) * SWP, G,
+                   int64_t(n_tiles) * SWP * 4, SWP, 2, CU_TENSOR_MAP_SWIZZLE_NONE);
+  } else {
+    mA = make_map(base + oA, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, K, M, int64_t(K) * 2, 64, sm90::BM, swz);
+    mB = make_map(base + oB, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, K, N, int64_t(K) * 2, 64, BN, swz);
+  }
+  if (KL > 0) {
+    mLA = make_map(base + oLA, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, KL, M, int64_t(KL) * 2, 64, sm90::BM, swz);
+    mUP = make_map(base + oUP, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, KL, N, int64_t(KL) * 2, 64, BN, swz);
+  }
+
+  sm90::Params p{};
+  p.bias = bi.has_value() ? pa.biasf : nullptr;
+  p.gscale = pa.gsf;
+  p.out = out.data_ptr();
+  p.M = M;
+  p.N = N;
+  p.m_tiles = m_tiles;
+  p.n_tiles = n_tiles;
+  p.n_main = nvfp4 ? (K + 63) / 64 : (K + 127) / 128;
+  p.n_lora = KL / 64;
+  p.out_kind = kind_of(out_dtype);
+  static const bool no_promote = [] {
+    const char* v = std::getenv("SVDQUANT_OPS_DEBUG_GEMM_NOPROMOTE");
+    return v != nullptr && v[0] == '1';
+  }();
+  if (nvfp4) launch_sm90<128, false>(mA, mB, mSA, mSW, mLA, mUP, p, stream);
+  else if (no_promote) launch_sm90<128, true, true>(mA, mB, mSA, mSW, mLA, mUP, p, stream);
+  else launch_sm90<128, true>(mA, mB, mSA, mSW, mLA, mUP, p, stream);
+  return out.reshape(with_last_dim(act_codes, s.N));
+}
+
+}  // namespace cuda_impl
+}  // namespace svdquant

@@ -1,0 +1,24 @@
+// CUDA entry points of the svdquant ops (registered for the CUDA dispatch key in register_cuda.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/string_view.h>
+
+#include <optional>
+#include <tuple>
+
+namespace svdquant {
+namespace cuda_impl {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_cuda(const at::Tensor& x, const at::Tensor& smooth,
+                                                                 const at::Tensor& proj_down,
+                                                                 c10::string_view precision, bool act_unsigned);
+
+at::Tensor gemm_w4a4_cuda(const at::Tensor& act_codes, const at::Tensor& act_scales, const at::Tensor& wgt_codes,
+                          const at::Tensor& wgt_scales, const std::optional<at::Tensor>& wgt_global_scale,
+                          const at::Tensor& lora_act, const at::Tensor& proj_up,
+                          const std::optional<at::Tensor>& bias, c10::string_view precision,
+                          at::ScalarType out_dtype, bool act_unsigned);
+
+}  // namespace cuda_impl
+}  // namespace svdquant

@@ -1,0 +1,522 @@
+// CUDA kernels of svdquant::quantize_act (semantics: ../cpu/quantize_act.cpp).
+//
+// Fast path (bf16/fp16 x, K % 64 == 0, R <= 64 with R % 8 == 0, 16-byte aligned inputs), any GPU sm_80+:
+//   one pass over x. A block owns 32 tokens; its 2 row-warps x 4 k-warps walk a slice of K in chunks of 64 channels.
+//   Per chunk a warp quantizes its 16 rows (codes, scales) and feeds the same registers to bf16/fp16 mma.sync
+//   (m16n8k16, fp32 accumulate) against proj_down staged in shared memory, so x · proj_down costs no extra global
+//   traffic. The k-warps' partial products are summed in a fixed order; when K is split over several blocks (for load
+//   balance) their partial sums go to a workspace and a second kernel adds them in slice order. No atomics:
+//   deterministic for a given GPU and shape.
+//   The two divisions per element (x / smooth, x_hat / scale) use a per-column / per-group reciprocal and the
+//   remainder correction of the compiler's IEEE division: bit-identical to a / b (see common.cuh), with a
+//   warp-uniform IEEE fallback for operands outside [2^-60, 2^60].
+// Portable path (everything else, or SVDQUANT_OPS_CUDA_PORTABLE=1): a thread per (token, group) running the CPU
+//   loop, and a thread per lora_act element summing over K in order.
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "../checks.h"
+#include "../formats.h"
+#include "common.cuh"
+#include "ops_cuda.h"
+
+namespace svdquant {
+namespace cuda_impl {
+namespace {
+
+// ------------------------------------------------------------------------------------------------------------------
+// Portable kernels
+// ------------------------------------------------------------------------------------------------------------------
+template <typename scalar_t>
+__global__ void quantize_portable_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ smooth,
+                                         uint8_t* __restrict__ codes, void* __restrict__ scales_out, int64_t M,
+                                         int64_t K, bool nvfp4, bool act_unsigned) {
+  const int gs = nvfp4 ? kNvfp4Group : kInt4Group;
+  const int64_t G = K / gs;
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= M * G) return;
+  const int64_t m = idx / G, g = idx % G;
+  const int64_t k0 = g * gs;
+  float xh[kInt4Group];
+  float amax = 0.f;
+  for (int i = 0; i < gs; ++i) {
+    const float xv = static_cast<float>(x[m * K + k0 + i]);
+    const float lv = static_cast<float>(smooth[k0 + i]);
+    xh[i] = act_unsigned ? __fdiv_rn(__fadd_rn(xv, kActShift), lv) : __fdiv_rn(xv, lv);
+    amax = nan_max(amax, act_unsigned ? xh[i] : fabsf(xh[i]));
+  }
+  uint8_t* out = codes + m * (K / 2) + k0 / 2;
+  if (!nvfp4) {
+    const float qmax = act_unsigned ? kUint4Qmax : kInt4Qmax;
+    const float s = int4_scale<scalar_t>(amax, qmax);
+    static_cast<scalar_t*>(scales_out)[m * G + g] = static_cast<scalar_t>(s);
+    for (int i = 0; i < gs; i += 2) {
+      int q[2];
+      for (int h = 0; h < 2; ++h) {
+        const float v = __fdiv_rn(xh[i + h], s);
+        q[h] = s == 0.f ? 0 : (act_unsigned ? uint4_code(v) : int4_code(v));
+      }
+      out[i / 2] = static_cast<uint8_t>((q[0] & 0xF) | ((q[1] & 0xF) << 4));
+    }
+  } else {
+    const c10::Float8_e4m3fn s8 = nvfp4_scale(amax);
+    static_cast<c10::Float8_e4m3fn*>(scales_out)[m * G + g] = s8;
+    const float s = static_cast<float>(s8);
+    for (int i = 0; i < gs; i += 2) {
+      int q[2];
+      for (int h = 0; h < 2; ++h) q[h] = s == 0.f ? 0 : e2m1_code(__fdiv_rn(xh[i + h], s));
+      out[i / 2] = static_cast<uint8_t>((q[0] & 0xF) | ((q[1] & 0xF) << 4));
+    }
+  }
+}
+
+template <typename scalar_t>
+__global__ void lora_down_portable_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ pd,
+                                          float* __restrict__ out, int64_t M, int64_t K, int64_t R) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= M * R) return;
+  const int64_t m = idx / R, r = idx % R;
+  float acc = 0.f;
+  for (int64_t k = 0; k < K; ++k) {
+    acc = fmaf(static_cast<float>(x[m * K + k]), static_cast<float>(pd[k * R + r]), acc);
+  }
+  out[idx] = acc;
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Fast kernel
+// ------------------------------------------------------------------------------------------------------------------
+template <typename T>
+struct Raw;
+template <>
+struct Raw<c10::BFloat16> {
+  static __device__ __forceinline__ float to_float(uint32_t bits16) { return __uint_as_float(bits16 << 16); }
+};
+template <>
+struct Raw<c10::Half> {
+  static __device__ __forceinline__ float to_float(uint32_t bits16) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(bits16)));
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                          uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma_16816<c10::BFloat16>(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                                         uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma_16816<c10::Half>(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                                     uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_u32(dst)), "l"(src), "r"(src_bytes)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
+
+// XOR swizzle of the 16-byte chunks of a staged proj_down row (RP bf16 values) so that the ldmatrix.trans reads
+// below (rows k, k+1, k+16, k+17, ...) hit distinct banks.
+template <int RP>
+__device__ __forceinline__ int pd_swizzle(int k) {
+  if constexpr (RP == 16) return (k >> 4) & 1;
+  if constexpr (RP == 32) return (k >> 4) & 3;
+  return ((k >> 4) & 3) | ((k & 1) << 2);
+}
+
+__device__ __forceinline__ uint32_t word_of(const uint4 (&v)[2], int w) {
+  const uint4& u = v[w >> 2];
+  switch (w & 3) {
+    case 0: return u.x;
+    case 1: return u.y;
+    case 2: return u.z;
+    default: return u.w;
+  }
+}
+
+// q = a / b for b > 0 by the remainder correction of the compiler's IEEE division with a precomputed reciprocal y
+// (common.cuh). Exact when a, b lie in [2^-60, 2^60] (callers check and fall back otherwise). The sign of a is kept
+// for zeros (a / b with b > 0 has a's sign), which the correction alone would lose for -0.
+__device__ __forceinline__ float div3(float a, float b, float y) {
+  const float q = __fmul_rn(a, y);
+  const float r = fmaf(-b, q, a);
+  return fmaf(y, r, q);
+}
+
+// RW row-warps x KW k-warps per block; RP = R padded to 16/32/64 (0: no branch). blockIdx.y selects a slice of
+// `chunks_per_split` 64-channel chunks; with several slices, lora holds per-slice partial sums [splits, M, R].
+template <typename T, int RW, int KW, int RP, bool kNvfp4>
+__global__ void __launch_bounds__(32 * RW * KW, 2) quantize_fast_kernel(const T* __restrict__ x,
+                                                                     const T* __restrict__ smooth,
+                                                                     const T* __restrict__ pd,
+                                                                     uint8_t* __restrict__ codes,
+                                                                     void* __restrict__ scales,
+                                                                     float* __restrict__ lora, int M, int K, int R,
+                                                                     bool act_unsigned, int chunks_per_split) {
+  constexpr int NT = 32 * RW * KW;
+  constexpr int RC = 64 * KW;                // channels per round
+  constexpr int BUF = RC * 8 + RC * RP * 2;  // smooth + reciprocal (fp32) + staged proj_down
+  constexpr int SV = (RC + NT - 1) / NT;     // smooth values each thread stages per round
+  constexpr uint32_t FULL = 0xffffffffu;
+  extern __shared__ __align__(16) uint8_t smem[];
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int rw = warp / KW, kw = warp % KW;
+  const int g = lane >> 2, t = lane & 3;
+  const int row_a = blockIdx.x * (16 * RW) + rw * 16 + g, row_b = row_a + 8;
+  const int nchunks = K / 64;
+  const int c_begin = blockIdx.y * chunks_per_split;
+  const int c_end = min(nchunks, c_begin + chunks_per_split);
+  const int rounds = (c_end - c_begin + KW - 1) / KW;
+  const int G = kNvfp4 ? K / kNvfp4Group : K / kInt4Group;
+
+  float cacc[RP > 0 ? RP / 8 : 1][4];
+#pragma unroll
+  for (int i = 0; i < (RP > 0 ? RP / 8 : 1); ++i) cacc[i][0] = cacc[i][1] = cacc[i][2] = cacc[i][3] = 0.f;
+
+  auto stage_pd = [&](int q, int buf) {
+    if constexpr (RP > 0) {
+      T* dst = reinterpret_cast<T*>(smem + buf * BUF + RC * 8);
+      constexpr int CH = RP / 8;
+      for (int idx = threadIdx.x; idx < RC * CH; idx += NT) {
+        const int kl = idx / CH, ch = idx % CH;
+        const int kg = (c_begin + q * KW) * 64 + kl;
+        const bool ok = kg < c_end * 64 && ch * 8 < R;
+        const T* src = ok ? pd + static_cast<int64_t>(kg) * R + ch * 8 : pd;
+        cp_async16(dst + kl * RP + ((ch ^ pd_swizzle<RP>(kl)) * 8), src, ok ? 16 : 0);
+      }
+    }
+    cp_async_commit();
+  };
+  float sv[SV];
+  auto load_smooth = [&](int q) {
+#pragma unroll
+    for (int i = 0; i < SV; ++i) {
+      const int idx = threadIdx.x + i * NT;
+      const int kg = (c_begin + q * KW) * 64 + idx;
+      sv[i] = (idx < RC && kg < c_end * 64) ? static_cast<float>(smooth[kg]) : 1.f;
+    }
+  };
+  auto store_smooth = [&](int buf) {
+    float* sm = reinterpret_cast<float*>(smem + buf * BUF);
+#pragma unroll
+    for (int i = 0; i < SV; ++i) {
+      const int idx = threadIdx.x + i * NT;
+      if (idx < RC) {
+        sm[idx] = sv[i];
+        sm[RC + idx] = rcp_for_div(sv[i]);
+      }
+    }
+  };
+  uint4 xn[2][2];
+  auto load_x = [&](int c) {
+    const int64_t col = static_cast<int64_t>(c) * 64 + 16 * t;
+    const uint4 z = make_uint4(0, 0, 0, 0);
+    if (row_a < M) {
+      const uint4* p = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(row_a) * K + col);
+      xn[0][0] = __ldcs(p);
+      xn[0][1] = __ldcs(p + 1);
+    } else {
+      xn[0][0] = xn[0][1] = z;
+    }
+    if (row_b < M) {
+      const uint4* p = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(row_b) * K + col);
+      xn[1][0] = __ldcs(p);
+      xn[1][1] = __ldcs(p + 1);
+    } else {
+      xn[1][0] = xn[1][1] = z;
+    }
+  };
+
+  // prologue: round 0
+  load_smooth(0);
+  store_smooth(0);
+  stage_pd(0, 0);
+  if (c_begin + kw < c_end) load_x(c_begin + kw);
+
+  for (int q = 0; q < rounds; ++q) {
+    cp_async_wait_all();
+    __syncthreads();
+    const int buf = q & 1;
+    const bool has_next = q + 1 < rounds;
+    if (has_next) {
+      stage_pd(q + 1, buf ^ 1);
+      load_smooth(q + 1);
+    }
+    uint4 xc[2][2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) xc[h][0] = xn[h][0], xc[h][1] = xn[h][1];
+    const int c = c_begin + q * KW + kw;
+    if (has_next && c + KW < c_end) load_x(c + KW);
+
+    if (c < c_end) {
+      const float* sm = reinterpret_cast<const float*>(smem + buf * BUF) + kw * 64 + 16 * t;
+      auto a_of = [&](int h, int i) {
+        const uint32_t w = word_of(xc[h], i >> 1);
+        const float xv = Raw<T>::to_float((i & 1) ? (w >> 16) : (w & 0xFFFFu));
+        return act_unsigned ? __fadd_rn(xv, kActShift) : xv;
+      };
+      // x_hat = a / smooth for both rows: fast exact path; a warp-uniform IEEE fallback below when an operand is
+      // outside [2^-60, 2^60] (a smooth value out of range has a NaN reciprocal)
+      float xh2[2][16];
+      float amin[2] = {INFINITY, INFINITY}, amx[2] = {0.f, 0.f};
+      bool ybad = false;
+#pragma unroll
+      for (int i4 = 0; i4 < 4; ++i4) {
+        const float4 l4 = *reinterpret_cast<const float4*>(sm + 4 * i4);
+        const float4 y4 = *reinterpret_cast<const float4*>(sm + RC + 4 * i4);
+        const float lv[4] = {l4.x, l4.y, l4.z, l4.w};
+        const float yv[4] = {y4.x, y4.y, y4.z, y4.w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          ybad |= yv[e] != yv[e];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const float a = a_of(h, 4 * i4 + e);
+            xh2[h][4 * i4 + e] = div3(a, lv[e], yv[e]);
+            amin[h] = fminf(amin[h], fabsf(a));
+            amx[h] = fmaxf(amx[h], fabsf(a));
+          }
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = h == 0 ? row_a : row_b;
+        float (&xh)[16] = xh2[h];
+        const bool bad = ybad || !(amin[h] >= 0x1p-60f) || !(amx[h] <= 0x1p60f);
+        if (__any_sync(FULL, bad)) {
+          if (bad) {
+#pragma unroll
+            for (int i = 0; i < 16; ++i) xh[i] = __fdiv_rn(a_of(h, i), sm[i]);
+          }
+        }
+        float amax = 0.f;
+#pragma unroll
+        for (int i = 0; i < 16; ++i) amax = max_nan(amax, act_unsigned ? xh[i] : fabsf(xh[i]));
+
+        uint32_t packed[2] = {0u, 0u};
+        if constexpr (!kNvfp4) {
+          amax = max_nan(amax, __shfl_xor_sync(FULL, amax, 1));
+          amax = max_nan(amax, __shfl_xor_sync(FULL, amax, 2));
+          const float s = int4_scale<T>(amax, act_unsigned ? kUint4Qmax : kInt4Qmax);
+          if (t == 0 && row < M) static_cast<T*>(scales)[static_cast<int64_t>(row) * G + c] = static_cast<T>(s);
+          const float ys = rcp_for_div(s);  // NaN for s == 0, NaN or outside [2^-60, 2^60]
+          const int lo = act_unsigned ? 0 : -7, hi = act_unsigned ? 15 : 7;
+          // Out-of-range s (not 0): IEEE division. For s == 0 every code is 0: the NaN quotient converts to 0.
+          if (__any_sync(FULL, s != 0.f && ys != ys)) {
+#pragma unroll
+            for (int i = 0; i < 16; ++i) {
+              const int code = s == 0.f ? 0 : (act_unsigned ? uint4_code(__fdiv_rn(xh[i], s)) : int4_code(__fdiv_rn(xh[i], s)));
+              packed[i >> 3] |= static_cast<uint32_t>(code & 0xF) << (4 * (i & 7));
+            }
+          } else {
+#pragma unroll
+            for (int i = 0; i < 16; ++i) {
+              // |x_hat| < 2^-60 may round differently here, but then |x_hat / s| < 2^-120 * 7: code 0 either way
+              const int code = min(max(__float2int_rn(div3(xh[i], s, ys)), lo), hi);  // NaN -> 0
+              packed[i >> 3] |= static_cast<uint32_t>(code & 0xF) << (4 * (i & 7));
+            }
+          }
+        } else {
+          const c10::Float8_e4m3fn s8 = nvfp4_scale(amax);
+          if (row < M) static_cast<uint8_t*>(scales)[static_cast<int64_t>(row) * G + 4 * c + t] = s8.x;
+          const float s = static_cast<float>(s8);
+          const float ys = rcp_for_div(s);  // e4m3 scales are within [2^-9, 448]: NaN only for s == 0 or NaN
+#pragma unroll
+          for (int i = 0; i < 16; ++i) {
+            // e2m1_code reads the sign of the quotient, so keep x_hat's sign for zeros; NaN -> code 0
+            const float qv = s == 0.f ? 0.f : copysignf(div3(xh[i], s, ys), xh[i]);
+            const int code = e2m1_code(qv);
+            packed[i >> 3] |= static_cast<uint32_t>(code & 0xF) << (4 * (i & 7));
+          }
+        }
+        if (row < M) {
+          *reinterpret_cast<uint2*>(codes + static_cast<int64_t>(row) * (K / 2) + c * 32 + 8 * t) =
+              make_uint2(packed[0], packed[1]);
+        }
+      }
+
+      if constexpr (RP > 0) {
+        const uint32_t pd_base = smem_u32(smem + buf * BUF + RC * 8);
+        const int j = lane >> 3, i = lane & 7;
+#pragma unroll
+        for (int s4 = 0; s4 < 4; ++s4) {
+          const uint32_t a0 = word_of(xc[0], 2 * s4), a2 = word_of(xc[0], 2 * s4 + 1);
+          const uint32_t a1 = word_of(xc[1], 2 * s4), a3 = word_of(xc[1], 2 * s4 + 1);
+          const int kl = kw * 64 + 16 * (i >> 1) + 4 * s4 + 2 * (j & 1) + (i & 1);
+#pragma unroll
+          for (int np = 0; np < RP / 16; ++np) {
+            const int chunk = 2 * np + (j >> 1);
+            const uint32_t addr = pd_base + (kl * RP + ((chunk ^ pd_swizzle<RP>(kl)) * 8)) * 2;
+            uint32_t b0, b1, b2, b3;
+            asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                         : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3)
+                         : "r"(addr));
+            mma_16816<T>(cacc[2 * np], a0, a1, a2, a3, b0, b1);
+            mma_16816<T>(cacc[2 * np + 1], a0, a1, a2, a3, b2, b3);
+          }
+        }
+      }
+    }
+    if (has_next) store_smooth(buf ^ 1);
+  }
+
+  if constexpr (RP > 0) {
+    cp_async_wait_all();
+    __syncthreads();
+    float* red = reinterpret_cast<float*>(smem);  // [KW][RW][16][RP]
+    float* mine = red + ((kw * RW + rw) * 16) * RP;
+#pragma unroll
+    for (int nt = 0; nt < RP / 8; ++nt) {
+      mine[g * RP + 8 * nt + 2 * t] = cacc[nt][0];
+      mine[g * RP + 8 * nt + 2 * t + 1] = cacc[nt][1];
+      mine[(g + 8) * RP + 8 * nt + 2 * t] = cacc[nt][2];
+      mine[(g + 8) * RP + 8 * nt + 2 * t + 1] = cacc[nt][3];
+    }
+    __syncthreads();
+    float* out = lora + static_cast<int64_t>(blockIdx.y) * M * R;
+    for (int idx = threadIdx.x; idx < RW * 16 * R; idx += NT) {
+      const int rl = idx / R, r = idx % R;
+      const int rw_ = rl / 16, rr = rl % 16;
+      float sum = red[((0 * RW + rw_) * 16 + rr) * RP + r];
+#pragma unroll
+      for (int k2 = 1; k2 < KW; ++k2) sum += red[((k2 * RW + rw_) * 16 + rr) * RP + r];
+      const int m = blockIdx.x * (16 * RW) + rl;
+      if (m < M) out[static_cast<int64_t>(m) * R + r] = sum;
+    }
+  }
+}
+
+// lora_act = sum over the K slices of the partial products, in slice order (deterministic).
+__global__ void lora_split_reduce_kernel(const float* __restrict__ part, float* __restrict__ out, int64_t n,
+                                         int splits) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  float s = part[i];
+  for (int k = 1; k < splits; ++k) s += part[k * n + i];
+  out[i] = s;
+}
+
+template <typename T, int RW, int KW, int RP, bool kNvfp4>
+void launch_fast(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd, at::Tensor& codes,
+                 at::Tensor& scales, at::Tensor& lora, int M, int K, int R, bool act_unsigned, cudaStream_t stream) {
+  constexpr int BUF = 64 * KW * 8 + 64 * KW * RP * 2;
+  constexpr int SMEM = 2 * BUF;
+  auto kernel = quantize_fast_kernel<T, RW, KW, RP, kNvfp4>;
+  static bool attr_set = false;  // set once, before any CUDA-graph capture (first call is eager)
+  if (!attr_set) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM));
+    attr_set = true;
+  }
+  const int rows = 16 * RW;
+  const int slabs = (M + rows - 1) / rows;
+  const int nchunks = K / 64;
+  // Split K over blocks until there are >= 4 blocks per SM (load balance; a slice keeps >= 2 rounds of chunks).
+  int splits = std::max(1, std::min((4 * num_sms() + slabs - 1) / slabs, nchunks / (2 * KW)));
+  if (R == 0) splits = std::max(1, std::min((4 * num_sms() + slabs - 1) / slabs, nchunks / KW));
+  const int cps = (nchunks + splits - 1) / splits;
+  splits = (nchunks + cps - 1) / cps;
+  at::Tensor part;
+  float* lora_dst = R > 0 ? lora.data_ptr<float>() : nullptr;
+  if (splits > 1 && R > 0) {
+    part = at::empty({splits, static_cast<int64_t>(M), R}, lora.options());
+    lora_dst = part.data_ptr<float>();
+  }
+  kernel<<<dim3(slabs, splits), 32 * RW * KW, SMEM, stream>>>(
+      reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const T*>(smooth.data_ptr()),
+      R > 0 ? reinterpret_cast<const T*>(pd.data_ptr()) : nullptr, codes.data_ptr<uint8_t>(), scales.data_ptr(),
+      lora_dst, M, K, R, act_unsigned, cps);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  debug_sync(stream, "quantize_act fast");
+  if (splits > 1 && R > 0) {
+    const int64_t n = static_cast<int64_t>(M) * R;
+    lora_split_reduce_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(
+        part.data_ptr<float>(), lora.data_ptr<float>(), n, splits);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+template <typename T, int RW, int KW, bool kNvfp4>
+void dispatch_rp(int RP, const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd, at::Tensor& codes,
+                 at::Tensor& scales, at::Tensor& lora, int M, int K, int R, bool act_unsigned, cudaStream_t st) {
+  switch (RP) {
+    case 0: launch_fast<T, RW, KW, 0, kNvfp4>(x, smooth, pd, codes, scales, lora, M, K, R, act_unsigned, st); break;
+    case 16: launch_fast<T, RW, KW, 16, kNvfp4>(x, smooth, pd, codes, scales, lora, M, K, R, act_unsigned, st); break;
+    case 32: launch_fast<T, RW, KW, 32, kNvfp4>(x, smooth, pd, codes, scales, lora, M, K, R, act_unsigned, st); break;
+    default: launch_fast<T, RW, KW, 64, kNvfp4>(x, smooth, pd, codes, scales, lora, M, K, R, act_unsigned, st); break;
+  }
+}
+
+template <typename T, bool kNvfp4>
+void dispatch_fast(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd, at::Tensor& codes,
+                   at::Tensor& scales, at::Tensor& lora, int M, int K, int R, bool act_unsigned, cudaStream_t st) {
+  const int RP = R == 0 ? 0 : (R <= 16 ? 16 : (R <= 32 ? 32 : 64));
+  // 32 tokens x 4 k-warps per block (proj_down staged once for 2 row-warps); K split over blocks for balance.
+  dispatch_rp<T, 2, 4, kNvfp4>(RP, x, smooth, pd, codes, scales, lora, M, K, R, act_unsigned, st);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_cuda(const at::Tensor& x, const at::Tensor& smooth,
+                                                                 const at::Tensor& proj_down,
+                                                                 c10::string_view precision, bool act_unsigned) {
+  const auto s = check_quantize_act(x, smooth, proj_down, precision, act_unsigned);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto xc = x.contiguous();
+  auto sc = smooth.contiguous();
+  auto pdc = proj_down.contiguous();
+  auto codes = at::empty(with_last_dim(x, s.K / 2), x.options().dtype(at::kByte));
+  const auto scale_dtype = s.precision == Precision::kInt4 ? x.scalar_type() : at::kFloat8_e4m3fn;
+  auto scales = at::empty(with_last_dim(x, s.G), x.options().dtype(scale_dtype));
+  auto lora = at::empty(with_last_dim(x, s.R), x.options().dtype(at::kFloat));
+  if (s.M == 0) return {codes, scales, lora};
+  cudaStream_t stream = current_stream();
+  const bool nvfp4 = s.precision == Precision::kNvfp4;
+
+  const bool fast = !force_portable() && x.scalar_type() != at::kFloat && s.K % 64 == 0 && s.R <= 64 &&
+                    s.R % 8 == 0 && s.M < (int64_t(1) << 31) / 64 && s.K < (int64_t(1) << 30) &&
+                    aligned16(xc.data_ptr()) && (s.R == 0 || aligned16(pdc.data_ptr()));
+  if (fast) {
+    const int M = static_cast<int>(s.M), K = static_cast<int>(s.K), R = static_cast<int>(s.R);
+    if (x.scalar_type() == at::kBFloat16) {
+      if (nvfp4) dispatch_fast<c10::BFloat16, true>(xc, sc, pdc, codes, scales, lora, M, K, R, false, stream);
+      else dispatch_fast<c10::BFloat16, false>(xc, sc, pdc, codes, scales, lora, M, K, R, act_unsigned, stream);
+    } else {
+      if (nvfp4) dispatch_fast<c10::Half, true>(xc, sc, pdc, codes, scales, lora, M, K, R, false, stream);
+      else dispatch_fast<c10::Half, false>(xc, sc, pdc, codes, scales, lora, M, K, R, act_unsigned, stream);
+    }
+    return {codes, scales, lora};
+  }
+
+  SVDQ_DISPATCH_FLOAT16_32(x.scalar_type(), "quantize_act_cuda_portable", [&] {
+    const int64_t n = s.M * s.G;
+    quantize_portable_kernel<scalar_t><<<static_cast<unsigned>((n + 127) / 128), 128, 0, stream>>>(
+        xc.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(), codes.data_ptr<uint8_t>(), scales.data_ptr(), s.M, s.K,
+        nvfp4, act_unsigned);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (s.R > 0) {
+      const int64_t nl = s.M * s.R;
+      lora_down_portable_kernel<scalar_t><<<static_cast<unsigned>((nl + 127) / 128), 128, 0, stream>>>(
+          xc.data_ptr<scalar_t>(), pdc.data_ptr<scalar_t>(), lora.data_ptr<float>(), s.M, s.K, s.R);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {codes, scales, lora};
+}
+
+}  // namespace cuda_impl
+}  // namespace svdquant

@@ -1,0 +1,9 @@
+// Registers the CUDA kernels of the svdquant ops (schemas in ../ops.cpp).
+#include <torch/library.h>
+
+#include "ops_cuda.h"
+
+TORCH_LIBRARY_IMPL(svdquant, CUDA, m) {
+  m.impl("quantize_act", &svdquant::cuda_impl::quantize_act_cuda);
+  m.impl("gemm_w4a4", &svdquant::cuda_impl::gemm_w4a4_cuda);
+}
