@@ -39,7 +39,8 @@ class SVDQuantConfig(AOBaseConfig):
         precision: "int4" (groups of 64, default) or "nvfp4" (groups of 16, fp8 scales).
         rank: rank of the 16-bit low-rank branch (32). Ranks are zero-padded to a multiple of 16 in storage.
         skip: fnmatch patterns over module names kept in 16-bit. Names are known to the handler for modules that
-            ``calibrate()`` or ``name_modules()`` has seen, and to ``filter_fn()``; see ``skip_filter``.
+            ``calibrate()`` or ``name_modules()`` has seen; otherwise pass ``filter_fn=config.filter_fn`` to
+            ``quantize_``.
         svd: "lowrank" (seeded randomized ``torch.svd_lowrank`` in fp32, the fast default) or "exact"
             (``torch.linalg.svd``).
         nvfp4_per_channel_scale: NVFP4 weights get a per-output-channel fp32 scale instead of a per-tensor one.
@@ -52,7 +53,7 @@ class SVDQuantConfig(AOBaseConfig):
         gptq_damp, gptq_block, gptq_act_order: GPTQ damping (fraction of the mean diagonal), block size, order.
         refit_after_gptq: refit the branch to the GPTQ residual; kept only where the output error drops.
         act_unsigned: "auto" (unsigned INT4 for inputs produced by a GELU, when calibration never saw a value
-            below -0.171875), True or False.
+            below -0.171875), False, or True (every layer; inputs below -0.171875 would clamp to code 0).
         device: where the algorithm runs (default: "cuda" when available, else the weight's device).
         seed: seed of the randomized SVD.
     """
