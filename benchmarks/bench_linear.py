@@ -294,6 +294,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="only the quick smoke check")
     ap.add_argument("--smoke-one", action="store_true", help="only one tiny INT4 case (for compute-sanitizer)")
+    ap.add_argument("--quantize-only", action="store_true", help="only time quantize_act at M=4608, all K")
     ap.add_argument("--gemm-only", action="store_true", help="only time gemm_w4a4 at M=4608 on two shapes")
     ap.add_argument("--profile", action="store_true", help="only run the FLUX 3072x3072 M=4608 linear a few times "
                     "(for ncu)")
@@ -325,6 +326,18 @@ def main():
                 sms=prop.multi_processor_count, cuda=torch.version.cuda, torch=torch.__version__, triton=tv,
                 torchao=aov, build_s=build_s, command="python " + " ".join(sys.argv), host=platform.node())
     log("meta", meta)
+    if args.quantize_only:
+        g = torch.Generator().manual_seed(3)
+        for K, N in SHAPES:
+            L = make_layer(K, N, RANK, dev, g)
+            x = torch.randn(4608, K, device=dev, dtype=torch.bfloat16)
+            fn = lambda: torch.ops.svdquant.quantize_act(x, L["smooth"], L["pd"], "int4", False)
+            fn()
+            ms = bench_graph(fn, args.rep_ms)
+            log(f"quantize_only K={K} M=4608 R={RANK}: {ms * 1e3:.1f} us, {4608 * K * 2 / ms / 1e9:.2f} TB/s of x "
+                f"(SVDQUANT_OPS_QA_CFG={os.environ.get('SVDQUANT_OPS_QA_CFG', '0')}, "
+                f"SVDQUANT_OPS_QA_SPLITS={os.environ.get('SVDQUANT_OPS_QA_SPLITS', 'auto')})")
+        return
     if args.gemm_only:
         g = torch.Generator().manual_seed(3)
         for K, N in ((3072, 3072), (3072, 12288)):

@@ -1,0 +1,93 @@
+"""A quantized model on the GPU: device move of SVDQuantTensor, eager vs CPU reference, torch.compile with
+CUDA graphs (mode="reduce-overhead", fullgraph=True) and a manual torch.cuda.graph capture. Skips without CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("CUDA is not available", allow_module_level=True)
+
+import torch._dynamo
+from torch._dynamo.testing import CompileCounterWithBackend
+from torchao.quantization import quantize_
+
+from svdquant_ops import SVDQuantConfig, SVDQuantTensor, calibrate, name_modules
+
+from .conftest import MLP, sqnr_db
+
+
+class GeluMLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.GELU(approximate="tanh"),
+                                       torch.nn.Linear(1024, 512))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+def test_quantized_model_on_gpu_matches_cpu_and_graphs(precision):
+    torch.manual_seed(0)
+    model = GeluMLP().to(torch.bfloat16).eval()
+    x = torch.randn(3, 77, 512).to(torch.bfloat16)
+    with torch.no_grad():
+        ref = model(x)
+    name_modules(model)  # net.2 is GELU-fed: unsigned INT4 (bias correction) for int4
+    with calibrate(model):
+        with torch.no_grad():
+            model(torch.randn(4, 77, 512).to(torch.bfloat16))
+    quantize_(model, SVDQuantConfig(precision=precision, device="cpu", lowrank_iters=4))
+    assert isinstance(model.net[2].weight, SVDQuantTensor)
+    with torch.inference_mode():
+        y_cpu = model(x)
+    model.cuda()
+    assert model.net[0].weight.qweight.is_cuda and model.net[2].weight.device.type == "cuda"
+    xc = x.cuda()
+    with torch.inference_mode():
+        y_gpu = model(xc)
+        # Same codes and scales on both devices; only fp32 summation order differs, then one bf16 rounding.
+        assert sqnr_db(y_cpu.float(), y_gpu.float().cpu()) > 40
+        assert sqnr_db(ref.float(), y_gpu.float().cpu()) > 14
+        torch._dynamo.reset()
+        compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+        for _ in range(3):  # warm-up, record, replay
+            y_c = compiled(xc)
+        torch.testing.assert_close(y_c, y_gpu, rtol=2e-2, atol=2e-2)  # Inductor may fuse the GELU differently
+
+    # Manual CUDA graph capture of the eager model: replay equals eager, bit for bit.
+    static_x = xc.clone()
+    with torch.inference_mode():
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            model(static_x)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            static_y = model(static_x)
+        new_x = torch.randn_like(static_x)
+        static_x.copy_(new_x)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_y, model(new_x))
+
+
+def test_mixed_size_model_moves_to_gpu_and_compiles_one_frame():
+    torch.manual_seed(0)
+    model = MLP().to(torch.bfloat16).eval()
+    quantize_(model, SVDQuantConfig())
+    model.cuda()
+    x, x2 = torch.randn(2, 5, 256, device="cuda", dtype=torch.bfloat16)  # both made outside inference_mode
+    torch._dynamo.reset()
+    cnt = CompileCounterWithBackend("inductor")
+    with torch.inference_mode():
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True, backend=cnt)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            out = compiled(x)
+            compiled(x2)
+    assert cnt.frame_count == 1
+    torch.testing.assert_close(out, eager, rtol=2e-2, atol=2e-2)
