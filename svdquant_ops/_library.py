@@ -67,7 +67,9 @@ def _build_key(sources: list[Path], cuda_arch: str | None) -> str:
     for path in sources + headers:
         h.update(str(path.relative_to(_CSRC)).encode())
         h.update(path.read_bytes())
-    h.update(f"torch={torch.__version__};cuda={torch.version.cuda};arch={cuda_arch};flags={_CXX_FLAGS}".encode())
+    nvcc = _nvcc_flags(cuda_arch) if cuda_arch else []
+    h.update(f"torch={torch.__version__};cuda={torch.version.cuda};arch={cuda_arch};flags={_CXX_FLAGS};"
+             f"nvcc={nvcc}".encode())
     h.update(f"py={sys.version_info[:2]}".encode())
     return h.hexdigest()[:16]
 
@@ -110,10 +112,12 @@ def _compile(sources: list[Path], build_dir: Path, cuda_arch: str | None, verbos
     print(f"svdquant_ops: compiling the {what} op library once into {build_dir} (about a minute)...",
           file=sys.stderr, flush=True)
     kwargs = {}
+    saved_arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
     if cuda_arch is not None:
         kwargs["extra_cuda_cflags"] = _nvcc_flags(cuda_arch)
         # cpp_extension adds its own -gencode flags from this variable (torch 2.11 builds with these, not with the
         # -gencode in extra_cuda_cflags); keep the "a" so that Hopper code is sm_90a (wgmma, setmaxnreg).
+        # Set only for this build and restored afterwards: the user's environment is not ours to change.
         os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch
     try:
         cpp_extension.load(
@@ -126,6 +130,7 @@ def _compile(sources: list[Path], build_dir: Path, cuda_arch: str | None, verbos
             with_cuda=cuda_arch is not None,
             is_python_module=False,
             verbose=verbose,
+            **kwargs,
         )
     except Exception as exc:  # keep the compiler log reachable, say where it is
         raise RuntimeError(
@@ -133,3 +138,8 @@ def _compile(sources: list[Path], build_dir: Path, cuda_arch: str | None, verbos
             f"svdquant_ops._library.load(verbose=True) for the full compiler output. End of the log:\n"
             f"{str(exc)[-3000:]}"
         ) from exc
+    finally:
+        if saved_arch_list is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = saved_arch_list
