@@ -11,7 +11,6 @@ prints / writes a markdown table with the projection for 19 double + 38 single b
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import os
 import platform

@@ -148,7 +148,3 @@ def _svdquant_transform(module: nn.Module, config: SVDQuantConfig, *, parameter_
         module.bias.requires_grad_(False)  # no autograd through the inference ops (and compile needs it)
     return module
 
-
-def quantized_weight(module: nn.Module) -> SVDQuantTensor | None:
-    w = getattr(module, "weight", None)
-    return w if isinstance(w, SVDQuantTensor) else None

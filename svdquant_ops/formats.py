@@ -47,11 +47,3 @@ def check_precision(precision: str, *, arg: str = "precision") -> str:
         raise ValueError(f"{arg} must be one of {list(PRECISIONS)}, got {precision!r}")
     return precision
 
-
-def group_size(precision: str) -> int:
-    return GROUP_SIZE[check_precision(precision)]
-
-
-def scale_dtype(precision: str, model_dtype: torch.dtype) -> torch.dtype:
-    """dtype of the per-group scales: the model dtype for INT4, fp8 e4m3 for NVFP4."""
-    return model_dtype if check_precision(precision) == INT4 else torch.float8_e4m3fn

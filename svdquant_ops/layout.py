@@ -59,10 +59,3 @@ _E2M1 = torch.tensor(E2M1_VALUES, dtype=torch.float32)
 def e2m1_decode(nibbles: torch.Tensor) -> torch.Tensor:
     """e2m1 bit patterns (any integer dtype, values 0..15) -> float32 values."""
     return _E2M1.to(nibbles.device)[nibbles.long() & 0xF]
-
-
-def unpack_codes(packed: torch.Tensor, precision: str, *, unsigned: bool = False) -> torch.Tensor:
-    """Packed codes -> their float32 *values* before scaling (INT4 integers or e2m1 values)."""
-    if precision == "int4":
-        return unpack_nibbles(packed, signed=not unsigned).to(torch.float32)
-    return e2m1_decode(unpack_nibbles(packed, signed=False))

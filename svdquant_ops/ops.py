@@ -20,5 +20,3 @@ from . import meta as _meta  # noqa: E402,F401  (registers the fake kernels)
 quantize_act = torch.ops.svdquant.quantize_act.default
 gemm_w4a4 = torch.ops.svdquant.gemm_w4a4.default
 linear = torch.ops.svdquant.linear.default
-
-OPS = (quantize_act, gemm_w4a4, linear)

@@ -29,7 +29,7 @@ from .calibration import RECORD_ATTR, SESSION_ATTR, InputRecord, forget_calibrat
 from .decompose import SVDQuantParts, branch_in_smoothed_space, check_weight, decompose, residual_parts
 from .gptq import gptq_quantize
 from .lowrank import truncated_svd
-from .quantizers import dequantize, fake_quant_act, quantize_weight, smooth_act
+from .quantizers import dequantize, fake_quant_act, smooth_act
 from .structure import branch_key, describe, gelu_fed
 
 log = logging.getLogger("svdquant_ops")
@@ -45,10 +45,7 @@ def smoothing_candidates(steps: int) -> list[tuple[float, float]]:
 
 def smooth_from(a: torch.Tensor, b: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
     lam = a.float().pow(alpha) / b.float().pow(beta)
-    lam = torch.where(lam == 0, torch.ones_like(lam), lam)
-    if not bool(torch.isfinite(lam).all()):
-        return torch.ones_like(lam)
-    return lam
+    return torch.where(lam == 0, torch.ones_like(lam), lam)  # non-finite candidates are skipped by the caller
 
 
 @dataclass
@@ -87,7 +84,6 @@ class GroupSolver:
         for idx in groups.values():
             w = torch.cat([weights[i].float() for i in idx])
             self.branches.append(Branch(idx, w, self.xf @ w.T))
-        self.n_members = len(weights)
 
     # ---------------------------------------------------------------- pieces
     def quantized_input(self, smooth_q: torch.Tensor) -> torch.Tensor:
@@ -111,11 +107,10 @@ class GroupSolver:
             y += p.bias_correction
         return float((y - br.y_ref).pow(2).sum())
 
-    def one_shot(self, br: Branch, smooth_q: torch.Tensor, xq: torch.Tensor) -> tuple[float, SVDQuantParts]:
+    def one_shot(self, br: Branch, smooth_q: torch.Tensor, xq: torch.Tensor) -> float:
         w_hat = br.weight * smooth_q
         up, down = self.factors(w_hat, smooth_q, w_hat)
-        p = self.parts(br, w_hat, smooth_q, up, down)
-        return self.error(br, xq, p), p
+        return self.error(br, xq, self.parts(br, w_hat, smooth_q, up, down))
 
     # ---------------------------------------------------------------- the three steps
     def search_smooth(self, steps: int) -> tuple[torch.Tensor, list]:
@@ -127,7 +122,7 @@ class GroupSolver:
                 continue  # λ does not fit the model dtype (fp16 overflow / underflow): not a candidate
             xq = self.quantized_input(smooth_q)
             try:
-                err = sum(self.one_shot(br, smooth_q, xq)[0] for br in self.branches)
+                err = sum(self.one_shot(br, smooth_q, xq) for br in self.branches)
             except _NonFinite:
                 continue
             log_rows.append((alpha, beta, err))
