@@ -295,7 +295,7 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="only the quick smoke check")
     ap.add_argument("--smoke-one", action="store_true", help="only one tiny INT4 case (for compute-sanitizer)")
     ap.add_argument("--quantize-only", action="store_true", help="only time quantize_act at M=4608, all K")
-    ap.add_argument("--gemm-only", action="store_true", help="only time gemm_w4a4 at M=4608 on two shapes")
+    ap.add_argument("--gemm-only", action="store_true", help="only time gemm_w4a4 at M=4608 per --schedules")
     ap.add_argument("--profile", action="store_true", help="only run the FLUX 3072x3072 M=4608 linear a few times "
                     "(for ncu)")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "results"))
@@ -304,6 +304,8 @@ def main():
     ap.add_argument("--no-correctness", action="store_true")
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--rep-ms", type=int, default=50)
+    ap.add_argument("--schedules", default="promote,skeleton",
+                    help="--gemm-only: comma-separated SVDQUANT_OPS_GEMM_SCHEDULE values to time")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     dev = torch.device("cuda")
@@ -339,17 +341,30 @@ def main():
                 f"SVDQUANT_OPS_QA_SPLITS={os.environ.get('SVDQUANT_OPS_QA_SPLITS', 'auto')})")
         return
     if args.gemm_only:
+        # gemm_w4a4 alone (prep included) at M = 4608 under each SVDQUANT_OPS_GEMM_SCHEDULE (read per call), next to
+        # bf16 cuBLAS; "skeleton*" are diagnostics without the promotion (wrong results, feed speed only).
         g = torch.Generator().manual_seed(3)
-        for K, N in ((3072, 3072), (3072, 12288)):
+        shapes = SHAPES if not args.quick else [(3072, 3072), (3072, 12288)]
+        for K, N in shapes:
             L = make_layer(K, N, RANK, dev, g)
             x = torch.randn(4608, K, device=dev, dtype=torch.bfloat16)
+            W = torch.randn(N, K, device=dev, dtype=torch.bfloat16)
             q = torch.ops.svdquant.quantize_act(x, L["smooth"], L["pd"], "int4", False)
-            fn = lambda: torch.ops.svdquant.gemm_w4a4(q[0], q[1], L["wc"], L["ws"], None, q[2], L["up"], L["bias"],
-                                                      "int4", torch.bfloat16, False)
-            fn()
-            ms = bench_graph(fn, args.rep_ms)
-            log(f"gemm_only K={K} N={N} M=4608: {ms * 1e3:.1f} us, {2 * 4608 * N * K / ms / 1e9:.0f} TFLOP/s "
-                f"(NOPROMOTE={os.environ.get('SVDQUANT_OPS_DEBUG_GEMM_NOPROMOTE', '0')})")
+            ms_bf16 = bench_graph(lambda: F.linear(x, W), args.rep_ms)
+            row = [f"gemm_only K={K} N={N} M=4608: bf16 {ms_bf16 * 1e3:.1f} us"]
+            for variant in args.schedules.split(","):
+                # "<schedule>[+direct]": +direct forces the register -> global epilogue
+                sched, _, epi = variant.partition("+")
+                os.environ["SVDQUANT_OPS_GEMM_SCHEDULE"] = sched
+                os.environ["SVDQUANT_OPS_GEMM_EPILOGUE"] = epi or "tma"
+                fn = lambda: torch.ops.svdquant.gemm_w4a4(q[0], q[1], L["wc"], L["ws"], None, q[2], L["up"],
+                                                          L["bias"], "int4", torch.bfloat16, False)
+                fn()
+                ms = bench_graph(fn, args.rep_ms)
+                row.append(f"{variant} {ms * 1e3:.1f} us ({2 * 4608 * N * K / ms / 1e9:.0f} TF)")
+            os.environ.pop("SVDQUANT_OPS_GEMM_SCHEDULE", None)
+            os.environ.pop("SVDQUANT_OPS_GEMM_EPILOGUE", None)
+            log(" | ".join(row))
         return
     if args.profile:
         g = torch.Generator().manual_seed(3)

@@ -270,6 +270,9 @@ struct Cfg {
   static constexpr int SW_OFF = SA_OFF + 1024;
   static constexpr int STAGE = SW_OFF + ((SW_BYTES + 1023) / 1024) * 1024;
   static constexpr int STAGES = BN == 192 ? 5 : 6;
+  // TMA-store epilogue (BN = 128 only): a warpgroup's 64 x 128 2-byte results, as two 64 x 64 boxes (128-byte rows,
+  // 128-byte swizzle), are staged in the tile's last pipeline stage (warpgroup 0 in its A tile, 1 in its B tile).
+  static constexpr int C_BOX = 64 * 128;
   static constexpr int SMEM = STAGES * STAGE + 1024 + 2 * STAGES * 8;
 };
 
@@ -281,6 +284,7 @@ struct Params {
   int m_tiles, n_tiles;
   int n_main, n_lora;
   int out_kind;
+  int tma_store;  // BN = 128, 2-byte output, N % 8 == 0: epilogue through shared memory and TMA stores
 };
 
 // Tiles in groups of 16 row-blocks so that the CTAs running at one time share A rows and B columns in L2.
@@ -301,14 +305,17 @@ __device__ __forceinline__ void promote4(float* acc, const float* tmp, float sa0
   acc[3] = fmaf(tmp[3], sa1 * w1, acc[3]);
 }
 
-// kNoPromote (diagnostics only, SVDQUANT_OPS_DEBUG_GEMM_NOPROMOTE=1, wrong results): the INT4 main loop without
-// the per-group promotion, i.e. the speed of the same TMA / mbarrier / wgmma skeleton as a plain fp8 GEMM.
-template <int BN, bool kFp8, bool kNoPromote = false>
+// Main loops (SVDQUANT_OPS_GEMM_SCHEDULE): kPromote is the real one; kSkeleton (diagnostics only, wrong results) is
+// the same TMA / mbarrier / wgmma loop without the promotion, i.e. the speed of a plain fp8 GEMM with this feed.
+// (A FlashAttention-3-style ping-pong, warpgroups taking turns on the tensor cores, measured 6 % slower: NOTES.)
+enum Schedule : int { kPromote = 0, kSkeleton = 2 };
+
+template <int BN, bool kFp8, int kSched = kPromote>
 __global__ void __launch_bounds__(384, 1)
     gemm_kernel(const __grid_constant__ CUtensorMap tmA, const __grid_constant__ CUtensorMap tmB,
                 const __grid_constant__ CUtensorMap tmSA, const __grid_constant__ CUtensorMap tmSW,
                 const __grid_constant__ CUtensorMap tmLA, const __grid_constant__ CUtensorMap tmUP,
-                const Params p) {
+                const __grid_constant__ CUtensorMap tmC, const Params p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using C = Cfg<BN>;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
@@ -381,6 +388,8 @@ __global__ void __launch_bounds__(384, 1)
     const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
     const int tq = lane & 3;
     const int r0 = wg * 64 + warp * 16 + (lane >> 2);
+    // TMA-store epilogue: the tile's last main-loop stage is kept (not released) to stage the results.
+    const bool hold_last = BN == 128 && p.tma_store;
     float acc[BN / 2];
     float tmp0[BN / 2];
     float tmp1[BN / 2];
@@ -444,7 +453,7 @@ __global__ void __launch_bounds__(384, 1)
         };
         // Per stage: both groups' MMAs are issued at once; group 0 is promoted while group 1's MMAs run. (Carrying
         // the pipeline across loop iterations makes ptxas serialize every wgmma, C7514.)
-        if constexpr (kNoPromote) {
+        if constexpr (kSched == kSkeleton) {
           for (int ki = 0; ki < p.n_main; ++ki) {
             mbar_wait(&full[s], ph);
             const uint8_t* st = smem + s * C::STAGE;
@@ -456,7 +465,7 @@ __global__ void __launch_bounds__(384, 1)
             wgmma_commit();
             wgmma_wait<0>();
             fence_regs(acc);
-            if (lane == 0) mbar_arrive(&empty[s]);
+            if (lane == 0 && !(hold_last && ki + 1 == p.n_main)) mbar_arrive(&empty[s]);
             if (++s == C::STAGES) {
               s = 0;
               ph ^= 1;
@@ -483,7 +492,7 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
           for (int j2 = 0; j2 < BN / 16; ++j2) w1[j2] = sw[j2];
           __syncwarp();
-          if (lane == 0) mbar_arrive(&empty[s]);
+          if (lane == 0 && !(hold_last && ki + 1 == p.n_main)) mbar_arrive(&empty[s]);
 #pragma unroll
           for (int j2 = 0; j2 < BN / 16; ++j2) {
             promote4(acc + 8 * j2, tmp1 + 8 * j2, sa0, sa1, w1[j2].x, w1[j2].y);
@@ -507,7 +516,7 @@ __global__ void __launch_bounds__(384, 1)
           wgmma_commit();
           wgmma_wait<0>();
           fence_regs(tmp);
-          if (lane == 0) mbar_arrive(&empty[s]);
+          if (lane == 0 && !(hold_last && ki + 1 == p.n_main)) mbar_arrive(&empty[s]);
           if (++s == C::STAGES) {
             s = 0;
             ph ^= 1;
@@ -525,6 +534,46 @@ __global__ void __launch_bounds__(384, 1)
       }
 
       // epilogue: + bias, cast, store
+      if (hold_last) {
+        // Through the tile's last stage, still held (128-byte-swizzled rows: a warp's 4-byte writes land in 8
+        // different 16-byte chunks, conflict-free), then asynchronous TMA stores, which also clip the ragged M / N
+        // edges. The stage goes back to the producer once the stores have read it.
+        const int held = (s + C::STAGES - 1) % C::STAGES;
+        uint8_t* cst = smem + held * C::STAGE + wg * C::A_BYTES;
+        named_bar_sync(1, 256);  // both warpgroups' last MMAs have read the stage
+        const int rl = warp * 16 + (lane >> 2);  // row within the warpgroup's 64 (and rl + 8)
+        const bool half = p.out_kind == kF16;
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) {
+          const float2 b = p.bias != nullptr ? *reinterpret_cast<const float2*>(p.bias + n0 + 8 * j + 2 * tq)
+                                             : make_float2(0.f, 0.f);
+          uint8_t* box = cst + (j / 8) * C::C_BOX + 4 * tq;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const float v0 = acc[4 * j + 2 * h] + b.x, v1 = acc[4 * j + 2 * h + 1] + b.y;
+            uint32_t packed;
+            if (half) {
+              const __half2 t = __floats2half2_rn(v0, v1);
+              packed = *reinterpret_cast<const uint32_t*>(&t);
+            } else {
+              const __nv_bfloat162 t = __floats2bfloat162_rn(v0, v1);
+              packed = *reinterpret_cast<const uint32_t*>(&t);
+            }
+            const int r = rl + 8 * h;
+            *reinterpret_cast<uint32_t*>(box + r * 128 + (((j & 7) ^ (r & 7)) << 4)) = packed;
+          }
+        }
+        fence_proxy_async_smem();
+        named_bar_sync(2 + wg, 128);
+        if ((threadIdx.x & 127) == 0) {
+#pragma unroll
+          for (int bx = 0; bx < BN / 64; ++bx) tma_store_2d(&tmC, cst + bx * C::C_BOX, n0 + 64 * bx, m0 + 64 * wg);
+          bulk_commit();
+          bulk_wait_read<0>();
+          mbar_arrive_cnt(&empty[held], 4);  // on behalf of the warpgroup's four warps
+        }
+        continue;
+      }
       const int gm0 = m0 + r0, gm1 = gm0 + 8;
       const bool even_n = (p.N & 1) == 0;
 #pragma unroll
@@ -543,6 +592,8 @@ __global__ void __launch_bounds__(384, 1)
         }
       }
     }
+    // the last tile's TMA stores must have landed before the CTA exits
+    if (hold_last && (threadIdx.x & 127) == 0) bulk_wait<0>();
   }
 #else
   __trap();  // built for another architecture: the host only launches this on sm_90a builds
@@ -710,11 +761,12 @@ CUtensorMap make_map(const void* ptr, CUtensorMapDataType dtype, uint64_t inner,
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-template <int BN, bool kFp8, bool kNoPromote = false>
+template <int BN, bool kFp8, int kSched>
 void launch_sm90(const CUtensorMap& A, const CUtensorMap& B, const CUtensorMap& SA, const CUtensorMap& SW,
-                 const CUtensorMap& LA, const CUtensorMap& UP, const sm90::Params& p, cudaStream_t stream) {
+                 const CUtensorMap& LA, const CUtensorMap& UP, const CUtensorMap& Cmap, const sm90::Params& p,
+                 cudaStream_t stream) {
   using C = sm90::Cfg<BN>;
-  auto kernel = sm90::gemm_kernel<BN, kFp8, kNoPromote>;
+  auto kernel = sm90::gemm_kernel<BN, kFp8, kSched>;
   static bool attr_set = false;  // once, before any CUDA-graph capture (the first call is eager)
   if (!attr_set) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM));
@@ -722,7 +774,7 @@ void launch_sm90(const CUtensorMap& A, const CUtensorMap& B, const CUtensorMap& 
   }
   const int total = p.m_tiles * p.n_tiles;
   const int grid = std::min(total, num_sms());
-  kernel<<<grid, 384, C::SMEM, stream>>>(A, B, SA, SW, LA, UP, p);
+  kernel<<<grid, 384, C::SMEM, stream>>>(A, B, SA, SW, LA, UP, Cmap, p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   debug_sync(stream, "gemm_w4a4 sm90");
 }
@@ -802,7 +854,17 @@ at::Tensor gemm_w4a4_cuda(const at::Tensor& act_codes, const at::Tensor& act_sca
   const int m_tiles = (M + sm90::BM - 1) / sm90::BM;
   // 128 x 128 tiles: three 64-column fp32 accumulator sets per thread (the result and two in-flight groups) fit
   // the 232 registers of a consumer thread; 128 x 192 would not.
-  const int BN = 128;
+  // SVDQUANT_OPS_GEMM_SCHEDULE (read at every call, for benchmarks): "promote" (default, the real kernel) and the
+  // diagnostics "skeleton" / "skeleton192" (no promotion: wrong results, feed speed only; 192: 128 x 192 tiles).
+  int sched = sm90::kPromote;
+  bool wide = false;
+  if (const char* v = std::getenv("SVDQUANT_OPS_GEMM_SCHEDULE"); v != nullptr && v[0] != '\0') {
+    if (std::strcmp(v, "skeleton") == 0) sched = sm90::kSkeleton;
+    else if (std::strcmp(v, "skeleton192") == 0) sched = sm90::kSkeleton, wide = true;
+    else TORCH_CHECK(std::strcmp(v, "promote") == 0, "SVDQUANT_OPS_GEMM_SCHEDULE: expected promote, skeleton or "
+                     "skeleton192, got '", v, "'");
+  }
+  const int BN = (wide && !nvfp4) ? 192 : 128;
   const int n_tiles = (N + BN - 1) / BN;
   const int SWP = BN + 16;
   const int64_t Np = int64_t(n_tiles) * BN;
@@ -902,13 +964,23 @@ at::Tensor gemm_w4a4_cuda(const at::Tensor& act_codes, const at::Tensor& act_sca
   p.n_main = nvfp4 ? (K + 63) / 64 : (K + 127) / 128;
   p.n_lora = KL / 64;
   p.out_kind = kind_of(out_dtype);
-  static const bool no_promote = [] {
-    const char* v = std::getenv("SVDQUANT_OPS_DEBUG_GEMM_NOPROMOTE");
-    return v != nullptr && v[0] == '1';
-  }();
-  if (nvfp4) launch_sm90<128, false>(mA, mB, mSA, mSW, mLA, mUP, p, stream);
-  else if (no_promote) launch_sm90<128, true, true>(mA, mB, mSA, mSW, mLA, mUP, p, stream);
-  else launch_sm90<128, true>(mA, mB, mSA, mSW, mLA, mUP, p, stream);
+  // 2-byte outputs whose rows are whole 16-byte units go through the TMA-store epilogue (TMA needs 16-byte strides).
+  CUtensorMap mC;
+  std::memset(&mC, 0, sizeof(mC));
+  // SVDQUANT_OPS_GEMM_EPILOGUE=direct forces the register -> global epilogue (benchmarks; read at every call).
+  const char* epi = std::getenv("SVDQUANT_OPS_GEMM_EPILOGUE");
+  const bool force_direct = epi != nullptr && std::strcmp(epi, "direct") == 0;
+  p.tma_store = !force_direct && BN == 128 && (out_dtype == at::kBFloat16 || out_dtype == at::kHalf) &&
+                N % 8 == 0 && aligned16(out.data_ptr());
+  if (p.tma_store)
+    mC = make_map(out.data_ptr(), out_dtype == at::kHalf ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+                                                         : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                  N, M, int64_t(N) * 2, 64, 64, swz);
+  if (nvfp4) launch_sm90<128, false, sm90::kPromote>(mA, mB, mSA, mSW, mLA, mUP, mC, p, stream);
+  else if (sched == sm90::kSkeleton && BN == 192)
+    launch_sm90<192, true, sm90::kSkeleton>(mA, mB, mSA, mSW, mLA, mUP, mC, p, stream);
+  else if (sched == sm90::kSkeleton) launch_sm90<128, true, sm90::kSkeleton>(mA, mB, mSA, mSW, mLA, mUP, mC, p, stream);
+  else launch_sm90<128, true, sm90::kPromote>(mA, mB, mSA, mSW, mLA, mUP, mC, p, stream);
   return out.reshape(with_last_dim(act_codes, s.N));
 }
 
