@@ -296,6 +296,7 @@ def main():
     ap.add_argument("--smoke-one", action="store_true", help="only one tiny INT4 case (for compute-sanitizer)")
     ap.add_argument("--quantize-only", action="store_true", help="only time quantize_act at M=4608, all K")
     ap.add_argument("--gemm-only", action="store_true", help="only time gemm_w4a4 at M=4608 per --schedules")
+    ap.add_argument("--breakdown", action="store_true", help="only per-kernel device times of the linear (profiler)")
     ap.add_argument("--profile", action="store_true", help="only run the FLUX 3072x3072 M=4608 linear a few times "
                     "(for ncu)")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "results"))
@@ -365,6 +366,31 @@ def main():
             os.environ.pop("SVDQUANT_OPS_GEMM_SCHEDULE", None)
             os.environ.pop("SVDQUANT_OPS_GEMM_EPILOGUE", None)
             log(" | ".join(row))
+        return
+    if args.breakdown:
+        # per-kernel device time of the full linear (rank 32 vs rank 0) from torch.profiler, at M = 4608
+        from torch.profiler import ProfilerActivity, profile
+
+        g = torch.Generator().manual_seed(3)
+        shapes = SHAPES if not args.quick else [(3072, 3072)]
+        for K, N in shapes:
+            x = torch.randn(4608, K, device=dev, dtype=torch.bfloat16)
+            for R in (32, 0):
+                L = make_layer(K, N, R, dev, g)
+                for _ in range(3):
+                    svdq_linear(x, L)
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(20):
+                        svdq_linear(x, L)
+                    torch.cuda.synchronize()
+                per = {}
+                for e in prof.events():
+                    if e.device_type == torch.autograd.DeviceType.CUDA:
+                        per[e.name] = per.get(e.name, 0.0) + e.device_time_total / 20
+                total = sum(per.values())
+                parts = ", ".join(f"{k.split('(')[0][-40:]} {v:.1f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]))
+                log(f"breakdown K={K} N={N} M=4608 R={R}: total {total:.1f} us: {parts}")
         return
     if args.profile:
         g = torch.Generator().manual_seed(3)

@@ -188,13 +188,9 @@ template <int N>
 __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
 }
-// Named hardware barriers (id 1..15; 0 is __syncthreads). `n` counts threads, a multiple of 32: sync waits until
-// n threads have arrived or synced, arrive only counts itself.
+// Named hardware barrier (id 1..15; 0 is __syncthreads) over `n` threads, a multiple of 32.
 __device__ __forceinline__ void named_bar_sync(int id, int n) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(n) : "memory");
-}
-__device__ __forceinline__ void named_bar_arrive(int id, int n) {
-  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(n) : "memory");
 }
 template <int R>
 __device__ __forceinline__ void setmaxnreg_inc() {
