@@ -187,6 +187,16 @@ __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel
   float cacc[RP > 0 ? RP / 8 : 1][4];
 #pragma unroll
   for (int i = 0; i < (RP > 0 ? RP / 8 : 1); ++i) cacc[i][0] = cacc[i][1] = cacc[i][2] = cacc[i][3] = 0.f;
+  // Per-lane part of the proj_down ldmatrix addresses (bytes): row kl0 of the staged tile, and the swizzled chunk:
+  // (2 * np + (j >> 1)) ^ swz == (2 * np) ^ ((j >> 1) ^ swz), so chunk np sits at (np * 32) ^ pd_chunk_xor bytes.
+  uint32_t pd_lane = 0, pd_chunk_xor = 0;
+  if constexpr (RP > 0) {
+    const int j = lane >> 3, i = lane & 7;
+    const int kl0 = kw * 64 + 16 * (i >> 1) + 2 * (j & 1) + (i & 1);
+    const int swz = pd_swizzle<RP>(kl0);
+    pd_lane = static_cast<uint32_t>(kl0 * RP * 2);
+    pd_chunk_xor = static_cast<uint32_t>(((j >> 1) ^ swz) * 16);
+  }
 
   auto stage_pd = [&](int q, int buf) {
     if constexpr (RP > 0) {
@@ -351,17 +361,16 @@ __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel
       }
 
       if constexpr (RP > 0) {
-        const uint32_t pd_base = smem_u32(smem + buf * BUF + RC * 8);
-        const int j = lane >> 3, i = lane & 7;
+        // this lane's ldmatrix row in k-step s4 is kl = kl0 + 4 * s4; its swizzle does not depend on s4
+        // ((kl >> 4) and (kl & 1) are the same for every s4), so the address is pd_base + lane offset + s4 step
+        const uint32_t pd_base = smem_u32(smem + buf * BUF + RC * 8) + pd_lane;
 #pragma unroll
         for (int s4 = 0; s4 < 4; ++s4) {
           const uint32_t a0 = word_of(xc[0], 2 * s4), a2 = word_of(xc[0], 2 * s4 + 1);
           const uint32_t a1 = word_of(xc[1], 2 * s4), a3 = word_of(xc[1], 2 * s4 + 1);
-          const int kl = kw * 64 + 16 * (i >> 1) + 4 * s4 + 2 * (j & 1) + (i & 1);
 #pragma unroll
           for (int np = 0; np < RP / 16; ++np) {
-            const int chunk = 2 * np + (j >> 1);
-            const uint32_t addr = pd_base + (kl * RP + ((chunk ^ pd_swizzle<RP>(kl)) * 8)) * 2;
+            const uint32_t addr = pd_base + s4 * (4 * RP * 2) + ((np * 2 * 8 * 2) ^ pd_chunk_xor);
             uint32_t b0, b1, b2, b3;
             asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
                          : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3)
