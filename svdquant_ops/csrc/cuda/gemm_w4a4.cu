@@ -163,6 +163,13 @@ __device__ __forceinline__ void expand_unit(const uint8_t* codes, const void* sc
   }
 }
 
+// One segment of a value split into bf16 parts for the fp32-accurate branch: the low part (v - bf16(v)) in segment
+// `lo_seg`, the high part bf16(v) in the others.
+__device__ __forceinline__ __nv_bfloat16 bf16_split_part(float v, int seg, int lo_seg) {
+  const float hi = __bfloat162float(__float2bfloat16_rn(v));
+  return __float2bfloat16_rn(seg == lo_seg ? v - hi : v);
+}
+
 // Index math in 32 bits (the host sends larger problems to the portable path).
 __global__ void prep_kernel(const PrepArgs p) {
   const uint32_t stride = gridDim.x * blockDim.x;
@@ -215,31 +222,19 @@ __global__ void prep_kernel(const PrepArgs p) {
       continue;
     }
     j -= nSW;
-    if (j < nLA) {
+    if (j < nLA) {  // lora_act: segments 0 and 2 the high part, 1 the low part
       const uint32_t m = j / KL;
       const int kk = static_cast<int>(j % KL);
-      float v = 0.f;
-      if (kk < p.nseg * p.R) {
-        const int seg = kk / p.R, r = kk % p.R;
-        const float a = p.lora_act[m * p.R + r];
-        const float hi = __bfloat162float(__float2bfloat16_rn(a));
-        v = seg == 1 ? a - hi : a;  // segment 1 holds the low part; 0 and 2 the high part (rounded below)
-      }
-      p.LA[j] = __float2bfloat16_rn(v);
+      p.LA[j] = kk < p.nseg * p.R ? bf16_split_part(p.lora_act[m * p.R + kk % p.R], kk / p.R, 1)
+                                  : __float2bfloat16_rn(0.f);
       continue;
     }
     j -= nLA;
-    if (j < nUP) {
+    if (j < nUP) {  // proj_up: segments 0 and 1 the high part, 2 the low part
       const uint32_t n = j / KL;
       const int kk = static_cast<int>(j % KL);
-      float v = 0.f;
-      if (kk < p.nseg * p.R) {
-        const int seg = kk / p.R, r = kk % p.R;
-        const float u = load_f(p.proj_up, p.up_kind, n * p.R + r);
-        const float hi = __bfloat162float(__float2bfloat16_rn(u));
-        v = seg == 2 ? u - hi : u;  // segments 0, 1: high part of up; 2: low part
-      }
-      p.UP[j] = __float2bfloat16_rn(v);
+      p.UP[j] = kk < p.nseg * p.R ? bf16_split_part(load_f(p.proj_up, p.up_kind, n * p.R + kk % p.R), kk / p.R, 2)
+                                  : __float2bfloat16_rn(0.f);
       continue;
     }
     j -= nUP;
