@@ -33,10 +33,12 @@ DEFAULT_SKIP = ["*embed*", "*norm*.linear", "norm_out.*", "proj_out"]
 
 @dataclass
 class SVDQuantConfig(AOBaseConfig):
-    """Configuration of SVDQuant W4A4 quantization.
+    """Configuration of SVDQuant W4A4 (or W4A8) quantization.
 
     Args:
-        precision: "int4" (groups of 64, default) or "nvfp4" (groups of 16, fp8 scales).
+        precision: "int4" (groups of 64, default), "nvfp4" (groups of 16, fp8 scales) or "w4a8" (INT4 weights in
+            groups of 64 with an fp32 per-channel scale times an integer multiplier per group, INT8 per-token
+            activations; for Hopper GPUs, where one int8 GEMM over all of K beats per-group rescaling).
         rank: rank of the 16-bit low-rank branch (32). Ranks are zero-padded to a multiple of 16 in storage.
         skip: fnmatch patterns over module names kept in 16-bit. Names are known to the handler for modules that
             ``calibrate()`` or ``name_modules()`` has seen; otherwise pass ``filter_fn=config.filter_fn`` to
@@ -53,7 +55,8 @@ class SVDQuantConfig(AOBaseConfig):
         gptq_damp, gptq_block, gptq_act_order: GPTQ damping (fraction of the mean diagonal), block size, order.
         refit_after_gptq: refit the branch to the GPTQ residual; kept only where the output error drops.
         act_unsigned: "auto" (unsigned INT4 for inputs produced by a GELU, when calibration never saw a value
-            below -0.171875), False, or True (every layer; inputs below -0.171875 would clamp to code 0).
+            below -0.171875), False, or True (every layer; inputs below -0.171875 would clamp to code 0). Only
+            precision "int4" has unsigned activations: "auto" means False for "nvfp4" and "w4a8".
         device: where the algorithm runs (default: "cuda" when available, else the weight's device).
         seed: seed of the randomized SVD.
     """

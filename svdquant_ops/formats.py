@@ -1,4 +1,4 @@
-"""The two 4-bit number formats and their constants.
+"""The number formats of the 4-bit weights and their activations, and their constants.
 
 This module is the single source of truth for format constants on the Python side; the C++ kernels
 (`csrc/formats.h`) mirror them and the tests check that both agree.
@@ -14,6 +14,16 @@ NVFP4 (``"nvfp4"``)
     Scales are fp8 e4m3 (``torch.float8_e4m3fn``), scale = absmax / 6 saturated to 448. Weights carry one more
     fp32 scale, per tensor or per output channel; activations have none.
 
+W4A8 (``"w4a8"``, a Hopper format: no per-group rescaling inside the GEMM)
+    Weights: the INT4 codes in [-7, 7] (same packing, groups of 64 input channels) with *two-level* scales: one
+    fp32 scale per output channel ``s[n]`` (passed as the global scale) times one integer multiplier per (row, group)
+    ``m[n, g]`` in [1, ``W4A8_MULT_MAX``] (uint8, passed as the weight scales). Weight value = code * m * s, and
+    code * m is an exact int8 (7 * 18 = 126), so one int8 GEMM runs over all of K. Rule:
+    ``s = rowmax(|W|) / (7 * 18)``, ``m = clamp(ceil(groupmax(|W|) / (7 * s)), 1, 18)``, codes round(W / (m * s)).
+    Activations: dynamic INT8, one scale per token in the input dtype, scale = amax over the whole row / 127
+    (same saturation and rounding rule as INT4), codes int8 in [-127, 127], one byte per code (not packed), and
+    the scales have shape [..., 1]. No unsigned variant (8 bits leave room for GELU's negative tail).
+
 Rounding is round-half-to-even everywhere (``torch.round`` / ``rintf``); for e2m1 "even" means an even
 mantissa bit, which gives the rule in ``E2M1_BOUNDS``.
 """
@@ -24,12 +34,15 @@ import torch
 
 INT4 = "int4"
 NVFP4 = "nvfp4"
-PRECISIONS = (INT4, NVFP4)
+W4A8 = "w4a8"
+PRECISIONS = (INT4, NVFP4, W4A8)
 
-GROUP_SIZE = {INT4: 64, NVFP4: 16}
+GROUP_SIZE = {INT4: 64, NVFP4: 16, W4A8: 64}  # weight groups (W4A8 activations have one scale per token)
 
 INT4_QMAX = 7  # signed codes are clamped to [-INT4_QMAX, INT4_QMAX]
 UINT4_QMAX = 15  # unsigned codes are clamped to [0, UINT4_QMAX]
+INT8_QMAX = 127  # W4A8 activation codes are clamped to [-INT8_QMAX, INT8_QMAX]
+W4A8_MULT_MAX = 18  # W4A8 weight multipliers are in [1, W4A8_MULT_MAX]: INT4_QMAX * 18 = 126 fits int8
 ACT_SHIFT = 0.171875  # >= -min(GELU) (0.16997...), exact in every float format we use
 
 NVFP4_QMAX = 6.0

@@ -10,6 +10,8 @@ Layout version 1 (activations and weights alike):
   INT4 activations) or an e2m1 bit pattern (NVFP4).
 * scales: ``[..., K/group]`` row-major, one per (row, group); model dtype for INT4, ``float8_e4m3fn`` for NVFP4.
 * NVFP4 weights add ``global_scale``: fp32 ``[1]`` (per tensor) or ``[N]`` (per output channel).
+* W4A8 weights use the INT4 packing with ``uint8`` multipliers as scales and an fp32 ``[N]`` ``global_scale``;
+  W4A8 *activations* are not packed: ``int8 [..., K]`` codes, one per byte, and scales ``[..., 1]``.
 * activation rows are tokens (any leading shape); weight rows are output channels ``[N, K/2]``.
 """
 

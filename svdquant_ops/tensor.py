@@ -1,9 +1,11 @@
 """SVDQuantTensor: the weight of an SVDQuant linear, as a torchao tensor subclass.
 
 It holds everything the kernels read, already in the layout they read (no transposes or slicing in the forward
-path): packed residual codes ``qweight`` [N, K/2], their scales ``wscales`` [N, K/g], the NVFP4 global scale
-``wglobal``, the smoothing vector ``smooth`` [K], the low-rank factors ``proj_down`` [K, R] (multiplies the raw
-input) and ``proj_up`` [N, R], and for GELU-fed layers a ``bias_correction`` [N] that undoes the input shift.
+path): packed residual codes ``qweight`` [N, K/2], their scales ``wscales`` [N, K/g] (model dtype for int4, fp8
+for nvfp4, uint8 multipliers in [1, 18] for w4a8), the global scale ``wglobal`` (nvfp4: fp32 [1] or [N]; w4a8: the
+fp32 per-output-channel scale [N]; int4: None), the smoothing vector ``smooth`` [K], the low-rank factors
+``proj_down`` [K, R] (multiplies the raw input) and ``proj_up`` [N, R], and for GELU-fed int4 layers a
+``bias_correction`` [N] that undoes the input shift.
 ``F.linear(x, weight, bias)`` on it runs ``svdquant::linear``. Its logical shape is the 16-bit weight's [N, K] and
 its dtype is the model dtype.
 """
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 from torchao.utils import TorchAOBaseTensor
 
 from . import ops
-from .formats import FLOAT_DTYPES, GROUP_SIZE, INT4, NVFP4, check_precision
+from .formats import FLOAT_DTYPES, GROUP_SIZE, INT4, NVFP4, W4A8, W4A8_MULT_MAX, check_precision
 from .layout import LAYOUT_VERSION, check_layout_version, pack_nibbles, unpack_nibbles
 from .quantize.decompose import SVDQuantParts, decompose
 from .quantize.quantizers import dequantize as dequantize_codes
@@ -48,9 +50,10 @@ class SVDQuantTensor(TorchAOBaseTensor):
         n, k = qweight.shape[0], qweight.shape[1] * 2
         gs = GROUP_SIZE[precision]
         r = proj_down.shape[-1]
+        scale_dtypes = {INT4: FLOAT_DTYPES, NVFP4: (torch.float8_e4m3fn,), W4A8: (torch.uint8,)}[precision]
         expect = {
             "qweight": (qweight, (n, k // 2), (torch.uint8,)),
-            "wscales": (wscales, (n, k // gs), FLOAT_DTYPES if precision == INT4 else (torch.float8_e4m3fn,)),
+            "wscales": (wscales, (n, k // gs), scale_dtypes),
             "smooth": (smooth, (k,), (dtype,)),
             "proj_down": (proj_down, (k, r), (dtype,)),
             "proj_up": (proj_up, (n, r), (dtype,)),
@@ -61,8 +64,14 @@ class SVDQuantTensor(TorchAOBaseTensor):
                                  f"{[str(d) for d in dtypes]}, got {list(t.shape)} {t.dtype} (corrupt checkpoint?)")
         if k % gs:
             raise ValueError(f"SVDQuantTensor: in_features ({k}) must be a multiple of {gs} for precision {precision!r}")
-        if (wglobal is not None) != (precision == NVFP4):
-            raise ValueError("SVDQuantTensor: wglobal is required for precision 'nvfp4' and must be None for 'int4'")
+        if (wglobal is not None) != (precision != INT4):
+            given = "given" if wglobal is not None else "None"
+            raise ValueError("SVDQuantTensor: wglobal is required for precisions 'nvfp4' and 'w4a8' and must be None "
+                             f"for 'int4' (precision {precision!r}, wglobal {given})")
+        if precision == W4A8 and (tuple(wglobal.shape) != (n,) or wglobal.dtype != torch.float32):
+            raise ValueError(f"SVDQuantTensor: wglobal must have shape [{n}] and dtype torch.float32 for precision "
+                             f"'w4a8' (the per-output-channel scale), got {list(wglobal.shape)} {wglobal.dtype} "
+                             "(corrupt checkpoint?)")
         if act_unsigned and precision != INT4:
             raise ValueError("SVDQuantTensor: act_unsigned is only defined for precision 'int4'")
         self.qweight = qweight
@@ -79,14 +88,17 @@ class SVDQuantTensor(TorchAOBaseTensor):
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_parts(cls, parts: SVDQuantParts, dtype: torch.dtype) -> "SVDQuantTensor":
-        codes = parts.codes if parts.precision == INT4 else parts.codes.to(torch.uint8)
-        return cls(
+        codes = parts.codes if parts.precision != NVFP4 else parts.codes.to(torch.uint8)
+        qt = cls(
             pack_nibbles(codes).contiguous(), parts.scales.contiguous(), parts.smooth.to(dtype).contiguous(),
             _pad_rank(parts.proj_down.to(dtype)).contiguous(), _pad_rank(parts.proj_up.to(dtype)).contiguous(),
             parts.precision, parts.act_unsigned, LAYOUT_VERSION, dtype,
             wglobal=None if parts.global_scale is None else parts.global_scale.float().contiguous(),
             bias_correction=None if parts.bias_correction is None else parts.bias_correction.float().contiguous(),
         )
+        if parts.precision == W4A8:
+            qt._validate_w4a8()  # offline, so the value check costs nothing that matters
+        return qt
 
     @classmethod
     def from_hp(cls, weight: torch.Tensor, precision: str = "int4", rank: int = 32, *,
@@ -106,8 +118,23 @@ class SVDQuantTensor(TorchAOBaseTensor):
         names = self.tensor_data_names + self.optional_tensor_data_names
         return [getattr(self, n) for n in names if getattr(self, n) is not None]
 
+    def _validate_w4a8(self) -> None:
+        if self.wscales.numel():
+            lo, hi = int(self.wscales.min()), int(self.wscales.max())
+            if lo < 1 or hi > W4A8_MULT_MAX:
+                raise ValueError(f"SVDQuantTensor: wscales (W4A8 multipliers) must be in [1, {W4A8_MULT_MAX}], found "
+                                 f"{lo if lo < 1 else hi} (corrupt checkpoint?)")
+        if not torch.isfinite(self.wglobal).all():
+            raise ValueError("SVDQuantTensor: wglobal contains NaN or Inf (corrupt checkpoint?)")
+        if not (self.wglobal >= 0).all():
+            raise ValueError("SVDQuantTensor: wglobal (W4A8 per-channel scale) must be >= 0 everywhere, found a "
+                             "negative value (corrupt checkpoint?)")
+
     def validate(self) -> "SVDQuantTensor":
-        """Value checks (finite, positive λ) that the constructor skips to stay sync-free; run after loading."""
+        """Value checks (finite, positive λ; W4A8 multipliers in [1, 18] and per-channel scale >= 0) that the
+        constructor skips to stay sync-free; run after loading (``load_file``) and by ``from_parts``."""
+        if self.precision == W4A8:
+            self._validate_w4a8()
         for name in ("wscales", "smooth", "proj_down", "proj_up", "wglobal", "bias_correction"):
             t = getattr(self, name)
             if t is not None and t.numel() and not torch.isfinite(t.float()).all():
@@ -118,7 +145,7 @@ class SVDQuantTensor(TorchAOBaseTensor):
 
     def residual(self) -> torch.Tensor:
         """Dequantized 4-bit residual Q(R) in smoothed coordinates, fp32 [N, K]."""
-        codes = unpack_nibbles(self.qweight, signed=self.precision == INT4)
+        codes = unpack_nibbles(self.qweight, signed=self.precision != NVFP4)
         return dequantize_codes(codes, self.wscales, self.precision, self.wglobal)
 
     def dequantize(self, output_dtype: torch.dtype | None = None) -> torch.Tensor:

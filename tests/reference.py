@@ -32,6 +32,8 @@ def e2m1_value(code: torch.Tensor) -> torch.Tensor:
 def quantize_act(x, smooth, proj_down, precision, act_unsigned=False):
     """-> (codes int64 [..., K] (signed ints / uint4 / e2m1 patterns), scales (scale dtype), lora_act float64)."""
     K = x.shape[-1]
+    if precision == "w4a8":
+        return _quantize_act_w4a8(x, smooth, proj_down)
     gs = 64 if precision == "int4" else 16
     xf = x.float()
     xh = ((xf + SHIFT) if act_unsigned else xf) / smooth.float()
@@ -61,9 +63,40 @@ def quantize_act(x, smooth, proj_down, precision, act_unsigned=False):
     return codes.reshape(*x.shape[:-1], K), s, lora.reshape(*x.shape[:-1], proj_down.shape[1])
 
 
+def _quantize_act_w4a8(x, smooth, proj_down):
+    """INT8 per token: scale = amax over the whole row / 127 (NaN if the row holds one), saturated to the largest
+    finite value of x's dtype and rounded to it; codes nearest integer (ties to even) clamped to [-127, 127]."""
+    K = x.shape[-1]
+    xh = x.float() / smooth.float()
+    amax = xh.abs().amax(-1, keepdim=True)
+    amax = torch.where(torch.isnan(xh).any(-1, keepdim=True), torch.nan, amax)
+    v = amax / 127.0
+    s = torch.where(torch.isinf(v), v, torch.clamp(v, max=torch.finfo(x.dtype).max)).to(x.dtype)
+    sf = s.float()
+    q = torch.round(xh / sf).clamp(-127.0, 127.0)
+    q = torch.where((sf == 0) | torch.isnan(q), torch.zeros_like(q), q)
+    lora = x.double().reshape(-1, K) @ proj_down.double()
+    return q.long(), s, lora.reshape(*x.shape[:-1], proj_down.shape[1])
+
+
+def quantize_w4a8_weight(w):
+    """W4A8 weight rule (formats.py): s = rowmax|W| / 126, m = clamp(ceil(groupmax / (7 s)), 1, 18), codes
+    round(W / (m s)) in [-7, 7]; all products and quotients in fp32. Returns (codes int64, m int64, s fp32)."""
+    N, K = w.shape
+    wf = w.float()
+    grp = wf.reshape(N, K // 64, 64)
+    gmax = grp.abs().amax(-1)
+    s = gmax.amax(-1) / torch.tensor(126.0)
+    seven_s = (torch.tensor(7.0) * s).unsqueeze(-1)
+    m = torch.where(seven_s == 0, torch.ones_like(gmax), torch.ceil(gmax / seven_s).clamp(1, 18))
+    step = (m * s.unsqueeze(-1)).unsqueeze(-1)
+    q = torch.where(step == 0, torch.zeros_like(grp), torch.round(grp / step).clamp(-7, 7))
+    return q.reshape(N, K).long(), m.long(), s
+
+
 def code_values(codes: torch.Tensor, precision: str) -> torch.Tensor:
     """Integer / e2m1 codes -> float64 values before scaling."""
-    return codes.double() if precision == "int4" else e2m1_value(codes)
+    return e2m1_value(codes) if precision == "nvfp4" else codes.double()
 
 
 def dequantize(values: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
@@ -72,9 +105,11 @@ def dequantize(values: torch.Tensor, scales: torch.Tensor, group: int) -> torch.
 
 
 def gemm(a_vals, a_scales, w_vals, w_scales, global_scale, lora_act, proj_up, bias, precision):
-    """float64 y = deq(a) deq(w)^T [* global] + lora_act proj_up^T + bias; returns (y, magnitude bound)."""
-    gs = 64 if precision == "int4" else 16
-    a = dequantize(a_vals, a_scales, gs)
+    """float64 y = deq(a) deq(w)^T [* global] + lora_act proj_up^T + bias; returns (y, magnitude bound).
+
+    w4a8: a_scales [M, 1] (per token), w_scales the integer multipliers [N, K/64], global_scale s [N]."""
+    gs = 16 if precision == "nvfp4" else 64
+    a = a_vals.double() * a_scales.double() if precision == "w4a8" else dequantize(a_vals, a_scales, gs)
     w = dequantize(w_vals, w_scales, gs)
     if global_scale is not None:
         w = w * global_scale.double().reshape(-1, 1)

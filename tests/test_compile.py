@@ -20,7 +20,7 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+@pytest.mark.parametrize("precision", ["int4", "nvfp4", "w4a8"])
 def test_mlp_fullgraph_one_frame_no_recompile(mlp, precision):
     quantize_(mlp, SVDQuantConfig(precision=precision))
     cnt = CompileCounterWithBackend("inductor")

@@ -14,14 +14,18 @@ BF = torch.bfloat16
 
 
 def _good(precision="int4", M=3, N=8, K=128, R=16):
-    gs = 64 if precision == "int4" else 16
+    gs = 16 if precision == "nvfp4" else 64
     x = torch.randn(M, K).to(BF)
     smooth = torch.ones(K, dtype=BF)
     pd = torch.randn(K, R).to(BF)
     w = layout.pack_nibbles(torch.randint(-7, 8, (N, K)))
-    sdt = BF if precision == "int4" else torch.float8_e4m3fn
-    ws = torch.full((N, K // gs), 0.5).to(sdt)
-    gsc = None if precision == "int4" else torch.tensor([1.0])
+    if precision == "w4a8":  # uint8 multipliers, fp32 per-channel scale [N]
+        ws = torch.full((N, K // gs), 5, dtype=torch.uint8)
+        gsc = torch.full((N,), 0.01)
+    else:
+        sdt = BF if precision == "int4" else torch.float8_e4m3fn
+        ws = torch.full((N, K // gs), 0.5).to(sdt)
+        gsc = None if precision == "int4" else torch.tensor([1.0])
     up = torch.randn(N, R).to(BF)
     bias = torch.randn(N).to(BF)
     codes, scales, lora = svdquant_ops.quantize_act(x, smooth, pd, precision)
@@ -52,7 +56,10 @@ SHAPE_DTYPE_CASES = [
     ("smooth dtype", "int4", lambda a: _q(a, smooth=a["smooth"].float()), "smooth must have x's dtype"),
     ("proj_down K mismatch", "int4", lambda a: _q(a, pd=a["pd"][:64]), "proj_down must have shape [K, R] with K=128"),
     ("proj_down dtype", "int4", lambda a: _q(a, pd=a["pd"].half()), "proj_down must have x's dtype"),
-    ("bad precision", "int4", lambda a: _q(a, precision="int8"), "precision must be 'int4' or 'nvfp4', got 'int8'"),
+    ("bad precision", "int4", lambda a: _q(a, precision="int8"),
+     "precision must be 'int4', 'nvfp4' or 'w4a8', got 'int8'"),
+    ("bad precision gemm", "int4", lambda a: _g(a, precision="w8a8"),
+     "precision must be 'int4', 'nvfp4' or 'w4a8', got 'w8a8'"),
     ("unsigned nvfp4", "nvfp4", lambda a: _q(a, unsigned=True), "act_unsigned=True is only defined for precision 'int4'"),
     ("codes dtype", "int4", lambda a: _g(a, codes=a["codes"].to(torch.int8)), "act_codes must be uint8"),
     ("weight codes dtype", "int4", lambda a: _g(a, w=a["w"].to(torch.int8)), "wgt_codes must be uint8"),
@@ -73,6 +80,40 @@ SHAPE_DTYPE_CASES = [
     ("bias shape", "int4", lambda a: _g(a, bias=a["bias"][:5]), "bias must have shape [N] = [8]"),
     ("out dtype", "int4", lambda a: _g(a, out_dtype=torch.int32), "out_dtype must be bfloat16, float16 or float32"),
     ("device mismatch", "int4", lambda a: _q(a, smooth=a["smooth"].to("meta")), "must be on the same device"),
+    # w4a8: int8 activation codes [..., K], one scale per token, uint8 multipliers, required fp32 [N] scale
+    ("w4a8 K not multiple of 64", "w4a8", lambda a: _q(a, x=a["x"][:, :96], smooth=a["smooth"][:96],
+                                                       pd=a["pd"][:96]),
+     "x.size(-1) (K=96) must be a positive multiple of 64 for precision 'w4a8'"),
+    ("w4a8 unsigned quantize_act", "w4a8", lambda a: _q(a, unsigned=True),
+     "act_unsigned=True is only defined for precision 'int4', got precision 'w4a8'"),
+    ("w4a8 unsigned gemm", "w4a8", lambda a: _g(a, unsigned=True),
+     "act_unsigned=True is only defined for precision 'int4', got precision 'w4a8'"),
+    ("w4a8 act codes uint8", "w4a8", lambda a: _g(a, codes=a["codes"].view(torch.uint8)),
+     "act_codes must be int8 (one 8-bit code per byte) for precision 'w4a8', got torch.uint8"),
+    ("w4a8 given packed int4 act codes", "w4a8",
+     lambda a: _g(a, codes=a["codes"][:, :64].contiguous()),
+     "K mismatch: act_codes holds K=64 input channels per row but wgt_codes holds K=128"),
+    ("w4a8 act_scales per group", "w4a8", lambda a: _g(a, scales=a["scales"].expand(3, 2).contiguous()),
+     "act_scales must have shape [3, 1] (act_codes' leading dims and one scale per token for precision 'w4a8'), "
+     "got [3, 2]"),
+    ("w4a8 act_scales dtype", "w4a8", lambda a: _g(a, scales=a["scales"].double()),
+     "act_scales must be bfloat16, float16 or float32 for precision 'w4a8', got torch.float64"),
+    ("w4a8 multipliers dtype", "w4a8", lambda a: _g(a, ws=a["ws"].to(BF)),
+     "wgt_scales must be uint8 (integer multipliers in [1, 18]) for precision 'w4a8', got torch.bfloat16"),
+    ("w4a8 multipliers shape", "w4a8", lambda a: _g(a, ws=a["ws"][:, :1]),
+     "wgt_scales must have shape [N, K/64] = [8, 2], got [8, 1]"),
+    ("w4a8 missing global scale", "w4a8", lambda a: _g(a, gsc=None),
+     "wgt_global_scale is required for precision 'w4a8' (the fp32 per-output-channel scale, shape [N] = [8]), "
+     "got None"),
+    ("w4a8 per-tensor global scale", "w4a8", lambda a: _g(a, gsc=torch.ones(1)),
+     "wgt_global_scale must have shape [N] = [8] (per output channel) for precision 'w4a8', got [1]"),
+    ("w4a8 global scale dtype", "w4a8", lambda a: _g(a, gsc=a["gsc"].to(BF)), "wgt_global_scale must be float32"),
+    ("w4a8 K too large", "w4a8",
+     lambda a: _g(a, codes=torch.zeros(1, 131136, dtype=torch.int8), scales=torch.ones(1, 1),
+                  w=torch.zeros(1, 65568, dtype=torch.uint8), ws=torch.ones(1, 2049, dtype=torch.uint8),
+                  gsc=torch.ones(1), lora=torch.zeros(1, 0), up=torch.zeros(1, 0), bias=None),
+     "K (131136) must be at most 131072 for precision 'w4a8' (so that the int32 dot product of int8 codes cannot "
+     "overflow)"),
 ]
 
 
@@ -106,6 +147,37 @@ def test_non_finite_or_non_positive_smooth(bad, msg):
     smooth[5] = bad
     with pytest.raises(RuntimeError, match=msg):
         _q(a, smooth=smooth)
+
+
+def test_fake_quantize_act_w4a8_shapes():
+    a = _good("w4a8")
+    mode = FakeTensorMode(allow_non_fake_inputs=False)
+    x = mode.from_tensor(torch.randn(2, 5, 128).to(BF))
+    with mode:
+        codes, scales, lora = svdquant_ops.quantize_act(x, mode.from_tensor(a["smooth"]), mode.from_tensor(a["pd"]),
+                                                        "w4a8")
+    real = svdquant_ops.quantize_act(torch.randn(2, 5, 128).to(BF), a["smooth"], a["pd"], "w4a8")
+    for f, r in zip((codes, scales, lora), real):
+        assert f.shape == r.shape and f.dtype == r.dtype
+    assert codes.shape == (2, 5, 128) and codes.dtype == torch.int8 and scales.shape == (2, 5, 1)
+
+
+@pytest.mark.parametrize("bad", [0, 19, 255])
+def test_w4a8_multiplier_out_of_range(bad):
+    a = _good("w4a8")
+    ws = a["ws"].clone()
+    ws[3, 1] = bad
+    with pytest.raises(RuntimeError, match=rf"wgt_scales \(W4A8 multipliers\) must be in \[1, 18\], found {bad}"):
+        _g(a, ws=ws)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_w4a8_non_finite_global_scale(bad):
+    a = _good("w4a8")
+    gsc = a["gsc"].clone()
+    gsc[2] = bad
+    with pytest.raises(RuntimeError, match="wgt_global_scale must be finite"):
+        _g(a, gsc=gsc)
 
 
 @pytest.mark.parametrize("precision", ["int4", "nvfp4"])

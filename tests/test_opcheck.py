@@ -17,10 +17,13 @@ def _linear_args(precision, act_unsigned=False, lead=(3,), N=40, K=128, R=16, re
     x = torch.randn(*lead, K, generator=g).to(torch.bfloat16)
     smooth = (torch.rand(K, generator=g) + 0.5).to(torch.bfloat16)
     pd = (torch.randn(K, R, generator=g) / 8).to(torch.bfloat16)
-    gs = 64 if precision == "int4" else 16
-    w = layout.pack_nibbles(torch.randint(-7 if precision == "int4" else 0, 8 if precision == "int4" else 16,
+    gs = 16 if precision == "nvfp4" else 64
+    w = layout.pack_nibbles(torch.randint(0 if precision == "nvfp4" else -7, 16 if precision == "nvfp4" else 8,
                                           (N, K), generator=g))
-    if precision == "int4":
+    if precision == "w4a8":
+        ws = torch.randint(1, 19, (N, K // gs), generator=g).to(torch.uint8)
+        gsc = torch.rand(N, generator=g) * 0.002 + 1e-4
+    elif precision == "int4":
         ws = (torch.rand(N, K // gs, generator=g) * 0.01 + 0.001).to(torch.bfloat16)
         gsc = None
     else:
@@ -44,7 +47,8 @@ def _utils(requires_grad):
     return GRAD_UTILS if requires_grad else torch.library._OPCHECK_DEFAULT_UTILS
 
 
-CONFIGS = [("int4", False, (3,), 0), ("int4", True, (2, 5), 16), ("nvfp4", False, (1,), 32), ("int4", False, (4,), 16)]
+CONFIGS = [("int4", False, (3,), 0), ("int4", True, (2, 5), 16), ("nvfp4", False, (1,), 32), ("int4", False, (4,), 16),
+           ("w4a8", False, (2, 3), 16), ("w4a8", False, (1,), 0)]
 
 
 @pytest.mark.parametrize("precision,act_unsigned,lead,R", CONFIGS)

@@ -53,7 +53,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("precision,act_unsigned", [("int4", False), ("int4", True), ("nvfp4", False)])
+@pytest.mark.parametrize("precision,act_unsigned",
+                         [("int4", False), ("int4", True), ("nvfp4", False), ("w4a8", False)])
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_quantize_act_matches_reference(dtype, precision, act_unsigned, case):
     lead, K, R = CASES[case]
@@ -64,9 +65,14 @@ def test_quantize_act_matches_reference(dtype, precision, act_unsigned, case):
     codes, scales, lora = svdquant_ops.quantize_act(x, smooth, proj_down, precision, act_unsigned)
     r_codes, r_scales, r_lora = ref.quantize_act(x, smooth, proj_down, precision, act_unsigned)
 
-    assert codes.dtype == torch.uint8 and codes.shape == (*lead, K // 2)
-    signed = precision == "int4" and not act_unsigned
-    got = layout.unpack_nibbles(codes, signed=signed).long()
+    if precision == "w4a8":  # one int8 code per byte, one scale per token
+        assert codes.dtype == torch.int8 and codes.shape == (*lead, K)
+        assert scales.shape == (*lead, 1) and scales.dtype == dtype
+        got = codes.long()
+    else:
+        assert codes.dtype == torch.uint8 and codes.shape == (*lead, K // 2)
+        signed = precision == "int4" and not act_unsigned
+        got = layout.unpack_nibbles(codes, signed=signed).long()
     assert torch.equal(got, r_codes), "codes differ from the reference"
     _assert_scales_equal(scales, r_scales)
     # lora_act: K fp32 additions of exact products of 16-bit numbers (fp32 inputs: one more rounding each).
@@ -78,7 +84,10 @@ def test_quantize_act_matches_reference(dtype, precision, act_unsigned, case):
 
 def _random_weight(N, K, precision, g, scale_dtype):
     gs = formats.GROUP_SIZE[precision]
-    if precision == "int4":
+    if precision == "w4a8":  # scales = integer multipliers in [1, 18]
+        codes = torch.randint(-7, 8, (N, K), generator=g)
+        scales = torch.randint(1, formats.W4A8_MULT_MAX + 1, (N, K // gs), generator=g).to(torch.uint8)
+    elif precision == "int4":
         vals = torch.randint(-7, 8, (N, K), generator=g)
         codes = vals
         scales = (torch.rand(N, K // gs, generator=g) * 0.02 + 1e-3).to(scale_dtype)
@@ -88,7 +97,7 @@ def _random_weight(N, K, precision, g, scale_dtype):
     return codes, layout.pack_nibbles(codes), scales
 
 
-@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+@pytest.mark.parametrize("precision", ["int4", "nvfp4", "w4a8"])
 @pytest.mark.parametrize("out_dtype", DTYPES)
 @pytest.mark.parametrize(
     "lead,N,K,R,with_bias",
@@ -104,6 +113,8 @@ def test_gemm_matches_reference(precision, out_dtype, lead, N, K, R, with_bias):
     gscale = None
     if precision == "nvfp4":
         gscale = torch.rand(N if N % 2 else 1, generator=g).float() * 0.01 + 1e-3
+    elif precision == "w4a8":  # the per-output-channel scale (required)
+        gscale = torch.rand(N, generator=g).float() * 0.001 + 1e-4
     proj_up = (torch.randn(N, R, generator=g) / 4).to(model_dtype)
     bias = torch.randn(N, generator=g).to(model_dtype) if with_bias else None
 
@@ -111,12 +122,17 @@ def test_gemm_matches_reference(precision, out_dtype, lead, N, K, R, with_bias):
                                out_dtype)
     assert y.dtype == out_dtype and y.shape == (*lead, N)
 
-    a_vals = ref.code_values(layout.unpack_nibbles(a_codes, signed=precision == "int4").long(), precision)
+    if precision == "w4a8":
+        a_vals, n_scales = a_codes.long(), 1  # int8 codes, one per byte; one scale per token
+    else:
+        a_vals = layout.unpack_nibbles(a_codes, signed=precision == "int4").long()
+        n_scales = K // formats.GROUP_SIZE[precision]
+    a_vals = ref.code_values(a_vals, precision)
     w_vals = ref.code_values(w_int, precision)
-    M = a_codes.numel() * 2 // K
-    y_ref, mag = ref.gemm(a_vals.reshape(M, K), a_scales.reshape(M, K // formats.GROUP_SIZE[precision]),
+    M = x.numel() // K
+    y_ref, mag = ref.gemm(a_vals.reshape(M, K), a_scales.reshape(M, n_scales),
                           w_vals, w_scales, gscale, lora.reshape(M, R), proj_up, bias, precision)
-    n_terms = K // formats.GROUP_SIZE[precision] + R + 2
+    n_terms = n_scales + R + 2
     bound = ref.gemm_error_bound(mag, y_ref, n_terms, out_dtype)
     err = (y.double().reshape(M, N) - y_ref).abs()
     assert (err <= bound).all(), f"max excess {(err - bound).max().item():.3e}"
@@ -143,12 +159,13 @@ def test_gemm_unsigned_activations():
     assert not torch.allclose(y, y_wrong)
 
 
-@pytest.mark.parametrize("precision,act_unsigned", [("int4", False), ("int4", True), ("nvfp4", False)])
+@pytest.mark.parametrize("precision,act_unsigned",
+                         [("int4", False), ("int4", True), ("nvfp4", False), ("w4a8", False)])
 def test_linear_is_gemm_of_quantize_act(precision, act_unsigned):
     g = _gen(11)
     x, smooth, pd = _inputs((2, 3), 128, 16, torch.bfloat16, g)
     _, w_packed, w_scales = _random_weight(48, 128, precision, g, torch.bfloat16)
-    gscale = torch.tensor([0.02]) if precision == "nvfp4" else None
+    gscale = {"int4": None, "nvfp4": torch.tensor([0.02]), "w4a8": torch.rand(48, generator=g) * 0.002}[precision]
     up = torch.randn(48, 16, generator=g).to(torch.bfloat16)
     bias = torch.randn(48, generator=g).to(torch.bfloat16)
     y = svdquant_ops.linear(x, smooth, pd, w_packed, w_scales, gscale, up, bias, precision, act_unsigned)
@@ -235,6 +252,79 @@ def test_inf_input_gives_non_finite_row_not_a_finite_wrong_one(precision, dtype)
     assert not torch.isfinite(y[1]).any() and not torch.isfinite(y[2]).any()
 
 
+def test_w4a8_act_round_half_even_and_saturation():
+    # amax 127 -> scale exactly 1: codes are round-half-even of the values; one scale for the whole row (K=128).
+    vals = [0.5, 1.5, 2.5, -0.5, -1.5, -126.5, 126.5, 127.0, 3.49, 0.0]
+    x = torch.zeros(1, 128)
+    x[0, 64: 64 + len(vals)] = torch.tensor(vals)
+    codes, scales, _ = svdquant_ops.quantize_act(x, torch.ones(128), torch.zeros(128, 0), "w4a8")
+    assert codes.dtype == torch.int8 and scales.shape == (1, 1) and scales.item() == 1.0
+    assert codes[0, 64: 64 + len(vals)].tolist() == [0, 2, 2, 0, -2, -126, 126, 127, 3, 0]
+    assert (codes[0, :64] == 0).all()
+    # fp16: amax / 127 overflows -> the scale saturates at 65504 and the codes clamp to +-127.
+    x = torch.zeros(2, 64, dtype=torch.float16)
+    x[0, 0], x[0, 1], x[0, 2] = 60000.0, -30000.0, 500.0
+    smooth = torch.full((64,), 2.0**-8, dtype=torch.float16)  # x_hat = 256 x: 1.5e7 > 127 * 65504
+    codes, scales, _ = svdquant_ops.quantize_act(x, smooth, torch.zeros(64, 0, dtype=torch.float16), "w4a8")
+    assert scales[0].item() == 65504.0 and scales[1].item() == 0.0
+    assert codes[0, :3].tolist() == [127, -117, 2]  # -7.68e6 / 65504 = -117.2; 128000 / 65504 = 1.95
+    assert (codes[1] == 0).all()  # zero row: scale 0, codes 0
+
+
+def test_w4a8_scale_is_rounded_to_the_input_dtype():
+    # bf16: 100 / 127 = 0.78740 rounds to 0.7890625 (202 / 256), and the codes divide by the rounded scale:
+    # 100 / s = 126.73 -> 127, s / 2 is an exact tie -> 0 (even), 50 / s = 63.37 -> 63.
+    x = torch.zeros(1, 64, dtype=torch.bfloat16)
+    x[0, :4] = torch.tensor([100.0, 0.39453125, -0.39453125, 50.0])
+    codes, scales, _ = svdquant_ops.quantize_act(x, torch.ones(64, dtype=torch.bfloat16),
+                                                 torch.zeros(64, 0, dtype=torch.bfloat16), "w4a8")
+    assert scales.dtype == torch.bfloat16 and scales.item() == 0.7890625
+    assert codes[0, :4].tolist() == [127, 0, 0, 63]
+
+
+def test_w4a8_nan_and_inf_rows():
+    x = torch.randn(4, 128)
+    x[1, 100] = float("nan")
+    x[2, 7] = float("inf")
+    x[3] = 0
+    pd = torch.ones(128, 2)
+    codes, scales, lora = svdquant_ops.quantize_act(x, torch.ones(128), pd, "w4a8")
+    assert torch.isfinite(scales[0]).all() and torch.isnan(scales[1]).all() and torch.isinf(scales[2]).all()
+    assert scales[3].item() == 0 and (codes[1] == 0).all() and (codes[3] == 0).all()
+    w = layout.pack_nibbles(torch.randint(1, 7, (8, 128)))
+    m = torch.full((8, 2), 3, dtype=torch.uint8)
+    y = svdquant_ops.gemm_w4a4(codes, scales, w, m, torch.full((8,), 0.01), lora, torch.zeros(8, 2), None, "w4a8",
+                               torch.float32)
+    assert torch.isfinite(y[0]).all() and (y[3] == 0).all()
+    assert not torch.isfinite(y[1]).any() and not torch.isfinite(y[2]).any()  # bad input stays visible
+
+
+def test_w4a8_gemm_is_one_integer_dot_over_k():
+    # Hand case: every product is 127 * (7 * 18) = 16002, K = 128 -> dot = 2048256 exactly; then
+    # float(dot) * (act_scale * s): act_scale 0.5 (x = 63.5), s = 2^-10.
+    K = 128
+    x = torch.full((1, K), 63.5)
+    codes, scales, lora = svdquant_ops.quantize_act(x, torch.ones(K), torch.zeros(K, 0), "w4a8")
+    assert scales.item() == 0.5 and (codes == 127).all()
+    w = layout.pack_nibbles(torch.full((2, K), 7))
+    m = torch.tensor([[18, 18], [1, 18]], dtype=torch.uint8)
+    s = torch.tensor([2.0**-10, 1.0])
+    y = svdquant_ops.gemm_w4a4(codes, scales, w, m, s, lora, torch.zeros(2, 0), None, "w4a8", torch.float32)
+    assert y[0, 0].item() == 2048256 * 0.5 * 2.0**-10
+    assert y[0, 1].item() == float(127 * 7 * (18 + 1) * 64) * 0.5
+
+
+def test_w4a8_gemm_at_the_k_limit_does_not_overflow():
+    # The largest allowed K with every product at its maximum: 131072 * 16002 = 2097414144 < 2^31.
+    K = svdquant_ops.meta.W4A8_MAX_K
+    codes = torch.full((1, K), 127, dtype=torch.int8)
+    w = layout.pack_nibbles(torch.full((1, K), -7, dtype=torch.int8))
+    m = torch.full((1, K // 64), 18, dtype=torch.uint8)
+    y = svdquant_ops.gemm_w4a4(codes, torch.ones(1, 1), w, m, torch.ones(1), torch.zeros(1, 0), torch.zeros(1, 0),
+                               None, "w4a8", torch.float32)
+    assert y.item() == float(-16002 * K)
+
+
 def test_formats_header_matches_python_constants():
     text = (Path(svdquant_ops.__file__).parent / "csrc" / "formats.h").read_text()
 
@@ -248,6 +338,11 @@ def test_formats_header_matches_python_constants():
     assert const("kActShift") == formats.ACT_SHIFT
     assert const("kNvfp4Qmax") == formats.NVFP4_QMAX
     assert const("kFp8E4m3Max") == formats.FP8_E4M3_MAX
+    assert const("kInt8Qmax") == formats.INT8_QMAX
+    assert const("kW4a8MultMax") == formats.W4A8_MULT_MAX
+    assert formats.GROUP_SIZE["w4a8"] == formats.GROUP_SIZE["int4"]  # group_size(kW4a8) is the INT4 group
+    checks = (Path(svdquant_ops.__file__).parent / "csrc" / "checks.h").read_text()
+    assert int(re.search(r"kW4a8MaxK = ([0-9]+);", checks).group(1)) == svdquant_ops.meta.W4A8_MAX_K
 
 
 def test_pack_unpack_round_trip():

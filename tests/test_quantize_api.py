@@ -14,7 +14,7 @@ from svdquant_ops import SVDQuantConfig, SVDQuantTensor, name_modules
 from .conftest import flux_inputs, sqnr_db, tiny_flux
 
 
-@pytest.mark.parametrize("precision,min_sqnr", [("int4", 14.0), ("nvfp4", 14.0)])
+@pytest.mark.parametrize("precision,min_sqnr", [("int4", 14.0), ("nvfp4", 14.0), ("w4a8", 14.0)])
 def test_mlp_quantized_close_to_16bit_and_skips_unsupported(mlp, precision, min_sqnr, caplog):
     x = torch.randn(2, 7, 256).to(torch.bfloat16)
     with torch.no_grad():
@@ -23,7 +23,7 @@ def test_mlp_quantized_close_to_16bit_and_skips_unsupported(mlp, precision, min_
     with caplog.at_level(logging.INFO, logger="svdquant_ops"):
         quantize_(mlp, SVDQuantConfig(precision=precision))
     assert isinstance(mlp.fc1.weight, SVDQuantTensor) and isinstance(mlp.fc2.weight, SVDQuantTensor)
-    if precision == "int4":  # 96 inputs: not a multiple of 64, untouched and logged
+    if precision != "nvfp4":  # 96 inputs: not a multiple of 64, untouched and logged
         assert mlp.fc3.weight is fc3_weight
         assert any("in_features=96 is not a multiple of 64" in r.message for r in caplog.records)
     else:  # 96 is a multiple of NVFP4's 16

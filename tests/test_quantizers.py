@@ -10,6 +10,8 @@ import svdquant_ops
 from svdquant_ops import layout
 from svdquant_ops.quantize import quantizers as q
 
+from . import reference as ref
+
 
 def test_int4_hand_cases_bf16_scale_rounding():
     # amax 1.0 -> 1/7 = 0.142857... rounds to bf16 0.142578125 (RNE), codes use the rounded scale.
@@ -65,7 +67,44 @@ def test_nvfp4_micro_scale_saturates_at_448_with_global_scale():
     assert deq[0, 0].item() == pytest.approx(w[0, 0].item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("precision,unsigned", [("int4", False), ("int4", True), ("nvfp4", False)])
+def test_w4a8_weight_hand_case():
+    # Row 0: rowmax 7.875 -> s = 7.875 / 126 = 1/16, 7 s = 0.4375; group 0 (amax 7.875) -> m = 18, step 1.125;
+    # group 1 (amax 0.875) -> m = 2, step 0.125. Row 1: all zero -> s = 0, m = 1, codes 0. Row 2: s = 1, a tiny
+    # group's multiplier clamps up to 1.
+    w = torch.zeros(3, 128)
+    w[0, :3] = torch.tensor([7.875, -3.9375, 0.25])  # / 1.125: 7, -3.5 -> -4 (ties to even), 0.22 -> 0
+    w[0, 64:66] = torch.tensor([-0.875, 0.4375])  # / 0.125: -7, 3.5 -> 4 (ties to even)
+    w[2, 0], w[2, 64] = 126.0, 1e-6
+    codes, m, s = q.quantize_w4a8_weight(w)
+    assert codes.dtype == torch.int8 and m.dtype == torch.uint8 and s.dtype == torch.float32
+    assert s.tolist() == [0.0625, 0.0, 1.0]
+    assert m.tolist() == [[18, 2], [1, 1], [18, 1]]
+    assert codes[0, :3].tolist() == [7, -4, 0] and codes[0, 64:66].tolist() == [-7, 4]
+    assert (codes[1] == 0).all() and codes[2, 0].item() == 7 and codes[2, 64].item() == 0
+    deq = q.dequantize(codes, m, "w4a8", s)
+    assert deq[0, :3].tolist() == [7.875, -4.5, 0.0] and deq[2, 0].item() == 126.0
+    with pytest.raises(ValueError, match="W4A8 weights need global_scale"):
+        q.dequantize(codes, m, "w4a8")
+
+
+def test_w4a8_weight_matches_reference_and_bounds():
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(37, 256, generator=g) * torch.rand(37, 1, generator=g) * 3
+    w[:, 64:128] *= 0.01  # a quiet group: small multipliers
+    w[5] = 0
+    codes, m, s = q.quantize_w4a8_weight(w)
+    r_codes, r_m, r_s = ref.quantize_w4a8_weight(w)
+    assert torch.equal(codes.long(), r_codes) and torch.equal(m.long(), r_m) and torch.equal(s, r_s)
+    assert codes.abs().max() <= 7 and m.min() >= 1 and m.max() <= 18
+    assert (m[:, 1] <= 2).all() and (m.amax(1)[s > 0] == 18).all()
+    # RTN error: at most half a step (m * s / 2) everywhere.
+    step = (m.float() * s.unsqueeze(1)).repeat_interleave(64, 1)
+    assert ((q.dequantize(codes, m, "w4a8", s) - w).abs() <= step / 2 * (1 + 1e-6)).all()
+    codes2, m2, s2 = q.quantize_weight(w, "w4a8", torch.bfloat16)
+    assert torch.equal(codes2, codes) and torch.equal(m2, m) and torch.equal(s2, s)
+
+
+@pytest.mark.parametrize("precision,unsigned", [("int4", False), ("int4", True), ("nvfp4", False), ("w4a8", False)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_python_act_quantizer_matches_kernel_bit_exact(precision, unsigned, dtype):
     g = torch.Generator().manual_seed(5)
@@ -75,12 +114,20 @@ def test_python_act_quantizer_matches_kernel_bit_exact(precision, unsigned, dtyp
     smooth = (torch.rand(192, generator=g) * 4 + 0.1).to(dtype)
     codes, scales = q.quantize_act(x, smooth, precision, unsigned=unsigned)
     k_codes, k_scales, _ = svdquant_ops.quantize_act(x, smooth, torch.zeros(192, 0, dtype=dtype), precision, unsigned)
-    signed = precision == "int4" and not unsigned
-    assert torch.equal(layout.unpack_nibbles(k_codes, signed=signed), codes.to(torch.int8))
-    assert torch.equal(k_scales.float(), scales.float())
+    if precision == "w4a8":
+        assert codes.dtype == torch.int8 and torch.equal(k_codes, codes) and scales.shape == (37, 1)
+    else:
+        signed = precision == "int4" and not unsigned
+        assert torch.equal(layout.unpack_nibbles(k_codes, signed=signed), codes.to(torch.int8))
+    assert k_scales.dtype == scales.dtype and torch.equal(k_scales.float(), scales.float())
 
 
-@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+def test_w4a8_act_has_no_unsigned_variant():
+    with pytest.raises(ValueError, match="only defined for precision 'int4'"):
+        q.quantize_act(torch.randn(2, 64), torch.ones(64), "w4a8", unsigned=True)
+
+
+@pytest.mark.parametrize("precision", ["int4", "nvfp4", "w4a8"])
 def test_packed_weights_through_the_kernel_equal_fake_quant(precision):
     """quantize_weight -> pack -> gemm_w4a4 multiplies by exactly fake_quant_weight's values."""
     g = torch.Generator().manual_seed(9)

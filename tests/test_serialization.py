@@ -37,7 +37,7 @@ def _assert_same_tensors(a: SVDQuantTensor, b: SVDQuantTensor):
         assert getattr(a, name) == getattr(b, name), name
 
 
-@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+@pytest.mark.parametrize("precision", ["int4", "nvfp4", "w4a8"])
 def test_torch_save_load_weights_only(tmp_path, precision):
     model = _quantized_mlp(precision)
     x = torch.randn(3, 256).to(torch.bfloat16)
@@ -55,7 +55,7 @@ def test_torch_save_load_weights_only(tmp_path, precision):
     assert torch.equal(_run(plain, x), _run(model, x))
 
 
-@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+@pytest.mark.parametrize("precision", ["int4", "nvfp4", "w4a8"])
 def test_safetensors_round_trip(tmp_path, precision):
     model = _quantized_mlp(precision)
     x = torch.randn(2, 5, 256).to(torch.bfloat16)
@@ -114,6 +114,42 @@ def test_unsigned_bias_correction_round_trips(tmp_path):
     inputs = flux_inputs()
     with torch.inference_mode():
         assert torch.equal(fresh(**inputs).sample, model(**inputs).sample)
+
+
+def test_w4a8_safetensors_checks_multipliers_and_channel_scale(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = _quantized_mlp("w4a8")
+    w = model.fc1.weight
+    assert w.precision == "w4a8" and w.wscales.dtype == torch.uint8 and w.wglobal.shape == (512,)
+    assert not w.act_unsigned and w.bias_correction is None
+    h = w.to(torch.float16)  # the model dtype changes; codes, multipliers and channel scales stay exact
+    assert h.wscales.dtype == torch.uint8 and torch.equal(h.wscales, w.wscales) and torch.equal(h.wglobal, w.wglobal)
+    path = tmp_path / "model.safetensors"
+    svdquant_ops.save_file(model.state_dict(), path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    cases = [("_weight_wscales", lambda t: t.index_fill_(1, torch.tensor([0]), 0), r"wscales \(W4A8 multipliers\) "
+              r"must be in \[1, 18\], found 0"),
+             ("_weight_wscales", lambda t: t.index_fill_(1, torch.tensor([0]), 19), "must be in .1, 18., found 19"),
+             ("_weight_wscales", lambda t: t.to(torch.bfloat16), "wscales must have shape .* and dtype in "
+              r"\['torch.uint8'\]"),
+             ("_weight_wglobal", lambda t: t.index_fill_(0, torch.tensor([3]), -1.0), "wglobal .* must be >= 0"),
+             ("_weight_wglobal", lambda t: t.index_fill_(0, torch.tensor([3]), float("inf")), "wglobal contains NaN"),
+             ("_weight_wglobal", lambda t: t[:1].clone(), r"wglobal must have shape \[512\] and dtype torch.float32"),
+             ("_weight_wglobal", lambda t: t.half(), r"wglobal must have shape \[512\] and dtype torch.float32")]
+    for i, (suffix, corrupt, msg) in enumerate(cases):
+        bad = dict(tensors)
+        key = next(k for k in bad if k.startswith("fc1") and k.endswith(suffix))
+        bad[key] = corrupt(bad[key].clone()).contiguous()
+        save_file(bad, str(tmp_path / f"bad{i}.safetensors"), metadata=meta)
+        with pytest.raises(ValueError, match=msg):
+            svdquant_ops.load_file(tmp_path / f"bad{i}.safetensors")
+    # A missing channel scale is refused at construction.
+    with pytest.raises(ValueError, match="wglobal is required for precisions 'nvfp4' and 'w4a8'"):
+        SVDQuantTensor(w.qweight, w.wscales, w.smooth, w.proj_down, w.proj_up, "w4a8", False, 1, w.dtype)
 
 
 def test_loading_into_a_differently_quantized_model_names_the_difference():

@@ -18,13 +18,16 @@ void check_device(const at::Tensor& t, const at::Tensor& ref, const char* op, co
               ref.device(), "), got ", t.device());
 }
 
-void check_scale_dtype(const at::Tensor& t, Precision p, const char* op, const char* name) {
-  if (p == Precision::kInt4) {
-    TORCH_CHECK(is_float16_32(t.scalar_type()), op, ": ", name,
-                " must be bfloat16, float16 or float32 for precision 'int4', got ", dtype_name(t.scalar_type()));
-  } else {
+void check_scale_dtype(const at::Tensor& t, Precision p, const char* op, const char* name, bool weight) {
+  if (p == Precision::kNvfp4) {
     TORCH_CHECK(t.scalar_type() == at::kFloat8_e4m3fn, op, ": ", name,
                 " must be float8_e4m3fn for precision 'nvfp4', got ", dtype_name(t.scalar_type()));
+  } else if (p == Precision::kW4a8 && weight) {
+    TORCH_CHECK(t.scalar_type() == at::kByte, op, ": ", name, " must be uint8 (integer multipliers in [1, ",
+                kW4a8MultMax, "]) for precision 'w4a8', got ", dtype_name(t.scalar_type()));
+  } else {
+    TORCH_CHECK(is_float16_32(t.scalar_type()), op, ": ", name, " must be bfloat16, float16 or float32 for precision '",
+                precision_name(p), "', got ", dtype_name(t.scalar_type()));
   }
 }
 
@@ -33,7 +36,17 @@ void check_scale_dtype(const at::Tensor& t, Precision p, const char* op, const c
 Precision parse_precision(std::string_view precision) {
   if (precision == "int4") return Precision::kInt4;
   if (precision == "nvfp4") return Precision::kNvfp4;
-  TORCH_CHECK(false, "precision must be 'int4' or 'nvfp4', got '", std::string(precision), "'");
+  if (precision == "w4a8") return Precision::kW4a8;
+  TORCH_CHECK(false, "precision must be 'int4', 'nvfp4' or 'w4a8', got '", std::string(precision), "'");
+}
+
+const char* precision_name(Precision p) {
+  switch (p) {
+    case Precision::kInt4: return "int4";
+    case Precision::kNvfp4: return "nvfp4";
+    case Precision::kW4a8: return "w4a8";
+  }
+  return "?";
 }
 
 std::vector<int64_t> with_last_dim(const at::Tensor& t, int64_t last) {
@@ -47,8 +60,9 @@ QuantizeActShape check_quantize_act(const at::Tensor& x, const at::Tensor& smoot
   constexpr const char* op = "svdquant::quantize_act";
   QuantizeActShape s{};
   s.precision = parse_precision(precision);
-  TORCH_CHECK(!(act_unsigned && s.precision == Precision::kNvfp4), op,
-              ": act_unsigned=True is only defined for precision 'int4', got precision 'nvfp4'");
+  TORCH_CHECK(!(act_unsigned && s.precision != Precision::kInt4), op,
+              ": act_unsigned=True is only defined for precision 'int4', got precision '", precision_name(s.precision),
+              "'");
   TORCH_CHECK(is_float16_32(x.scalar_type()), op, ": x must be bfloat16, float16 or float32, got ",
               dtype_name(x.scalar_type()));
   TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dimension [..., K], got a 0-d tensor");
@@ -56,7 +70,7 @@ QuantizeActShape check_quantize_act(const at::Tensor& x, const at::Tensor& smoot
   const int gs = group_size(s.precision);
   TORCH_CHECK(s.K > 0 && s.K % gs == 0, op, ": x.size(-1) (K=", s.K, ") must be a positive multiple of ", gs,
               " for precision '", std::string(precision), "'");
-  s.G = s.K / gs;
+  s.G = s.precision == Precision::kW4a8 ? 1 : s.K / gs;  // W4A8: one scale per token
   s.M = x.numel() / s.K;
   TORCH_CHECK(smooth.dim() == 1 && smooth.size(0) == s.K, op, ": smooth must have shape [K] = [", s.K,
               "] to match x.size(-1), got ", smooth.sizes());
@@ -80,15 +94,24 @@ GemmShape check_gemm_w4a4(const at::Tensor& act_codes, const at::Tensor& act_sca
   constexpr const char* op = "svdquant::gemm_w4a4";
   GemmShape s{};
   s.precision = parse_precision(precision);
-  TORCH_CHECK(!(act_unsigned && s.precision == Precision::kNvfp4), op,
-              ": act_unsigned=True is only defined for precision 'int4', got precision 'nvfp4'");
-  TORCH_CHECK(act_codes.scalar_type() == at::kByte, op, ": act_codes must be uint8 (two 4-bit codes per byte), got ",
-              dtype_name(act_codes.scalar_type()));
+  const bool w4a8 = s.precision == Precision::kW4a8;
+  TORCH_CHECK(!(act_unsigned && s.precision != Precision::kInt4), op,
+              ": act_unsigned=True is only defined for precision 'int4', got precision '", precision_name(s.precision),
+              "'");
+  if (w4a8) {
+    TORCH_CHECK(act_codes.scalar_type() == at::kChar, op,
+                ": act_codes must be int8 (one 8-bit code per byte) for precision 'w4a8', got ",
+                dtype_name(act_codes.scalar_type()));
+  } else {
+    TORCH_CHECK(act_codes.scalar_type() == at::kByte, op,
+                ": act_codes must be uint8 (two 4-bit codes per byte), got ", dtype_name(act_codes.scalar_type()));
+  }
   TORCH_CHECK(wgt_codes.scalar_type() == at::kByte, op, ": wgt_codes must be uint8 (two 4-bit codes per byte), got ",
               dtype_name(wgt_codes.scalar_type()));
-  TORCH_CHECK(act_codes.dim() >= 1, op, ": act_codes must have shape [..., K/2], got a 0-d tensor");
+  TORCH_CHECK(act_codes.dim() >= 1, op, ": act_codes must have shape [..., ", w4a8 ? "K" : "K/2",
+              "], got a 0-d tensor");
   TORCH_CHECK(wgt_codes.dim() == 2, op, ": wgt_codes must have shape [N, K/2], got ", wgt_codes.sizes());
-  s.K = act_codes.size(-1) * 2;
+  s.K = w4a8 ? act_codes.size(-1) : act_codes.size(-1) * 2;
   s.N = wgt_codes.size(0);
   TORCH_CHECK(wgt_codes.size(1) * 2 == s.K, op, ": K mismatch: act_codes holds K=", s.K,
               " input channels per row but wgt_codes holds K=", wgt_codes.size(1) * 2);
@@ -96,20 +119,38 @@ GemmShape check_gemm_w4a4(const at::Tensor& act_codes, const at::Tensor& act_sca
   const int gs = group_size(s.precision);
   TORCH_CHECK(s.K > 0 && s.K % gs == 0, op, ": K (", s.K, ") must be a positive multiple of ", gs,
               " for precision '", std::string(precision), "'");
+  TORCH_CHECK(!w4a8 || s.K <= kW4a8MaxK, op, ": K (", s.K, ") must be at most ", kW4a8MaxK,
+              " for precision 'w4a8' (so that the int32 dot product of int8 codes cannot overflow)");
   s.G = s.K / gs;
-  s.M = act_codes.numel() / (s.K / 2);
+  s.M = act_codes.numel() / (w4a8 ? s.K : s.K / 2);
 
-  TORCH_CHECK(act_scales.sizes() == at::IntArrayRef(with_last_dim(act_codes, s.G)), op,
-              ": act_scales must have shape ", at::IntArrayRef(with_last_dim(act_codes, s.G)),
-              " (act_codes' leading dims and K/", gs, " groups), got ", act_scales.sizes());
+  if (w4a8) {
+    TORCH_CHECK(act_scales.sizes() == at::IntArrayRef(with_last_dim(act_codes, 1)), op,
+                ": act_scales must have shape ", at::IntArrayRef(with_last_dim(act_codes, 1)),
+                " (act_codes' leading dims and one scale per token for precision 'w4a8'), got ", act_scales.sizes());
+  } else {
+    TORCH_CHECK(act_scales.sizes() == at::IntArrayRef(with_last_dim(act_codes, s.G)), op,
+                ": act_scales must have shape ", at::IntArrayRef(with_last_dim(act_codes, s.G)),
+                " (act_codes' leading dims and K/", gs, " groups), got ", act_scales.sizes());
+  }
   TORCH_CHECK(wgt_scales.dim() == 2 && wgt_scales.size(0) == s.N && wgt_scales.size(1) == s.G, op,
               ": wgt_scales must have shape [N, K/", gs, "] = [", s.N, ", ", s.G, "], got ", wgt_scales.sizes());
-  check_scale_dtype(act_scales, s.precision, op, "act_scales");
-  check_scale_dtype(wgt_scales, s.precision, op, "wgt_scales");
+  check_scale_dtype(act_scales, s.precision, op, "act_scales", /*weight=*/false);
+  check_scale_dtype(wgt_scales, s.precision, op, "wgt_scales", /*weight=*/true);
 
   if (s.precision == Precision::kInt4) {
     TORCH_CHECK(!wgt_global_scale.has_value(), op,
-                ": wgt_global_scale is only used by precision 'nvfp4'; pass None for 'int4'");
+                ": wgt_global_scale is only used by precision 'nvfp4' and 'w4a8'; pass None for 'int4'");
+  } else if (w4a8) {
+    TORCH_CHECK(wgt_global_scale.has_value(), op,
+                ": wgt_global_scale is required for precision 'w4a8' (the fp32 per-output-channel scale, shape [N] = [",
+                s.N, "]), got None");
+    const auto& g = *wgt_global_scale;
+    TORCH_CHECK(g.scalar_type() == at::kFloat, op, ": wgt_global_scale must be float32, got ", dtype_name(g.scalar_type()));
+    TORCH_CHECK(g.dim() == 1 && g.numel() == s.N, op, ": wgt_global_scale must have shape [N] = [", s.N,
+                "] (per output channel) for precision 'w4a8', got ", g.sizes());
+    check_device(g, act_codes, op, "wgt_global_scale", "act_codes");
+    s.per_channel_global_scale = true;
   } else if (wgt_global_scale.has_value()) {
     const auto& g = *wgt_global_scale;
     TORCH_CHECK(g.scalar_type() == at::kFloat, op, ": wgt_global_scale must be float32, got ", dtype_name(g.scalar_type()));
@@ -149,6 +190,14 @@ void check_finite(const at::Tensor& t, const char* op, const char* name) {
   if (t.numel() == 0) return;
   TORCH_CHECK(at::isfinite(t.to(at::kFloat)).all().item<bool>(), op, ": ", name,
               " must be finite, found NaN or Inf");
+}
+
+void check_w4a8_multipliers(const at::Tensor& t, const char* op, const char* name) {
+  if (t.numel() == 0) return;
+  const int lo = t.min().item<uint8_t>();
+  const int hi = t.max().item<uint8_t>();
+  TORCH_CHECK(lo >= 1 && hi <= kW4a8MultMax, op, ": ", name, " (W4A8 multipliers) must be in [1, ", kW4a8MultMax,
+              "], found ", lo < 1 ? lo : hi);
 }
 
 void check_finite_positive(const at::Tensor& t, const char* op, const char* name) {

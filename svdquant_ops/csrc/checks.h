@@ -19,13 +19,18 @@
 namespace svdquant {
 
 Precision parse_precision(std::string_view precision);
+const char* precision_name(Precision p);
+
+// W4A8: |act code| * |weight code * multiplier| <= 127 * 126 = 16002, so an int32 dot product over K <= 131072
+// channels cannot overflow (131072 * 16002 < 2^31). Larger K is refused by check_gemm_w4a4.
+constexpr int64_t kW4a8MaxK = 131072;
 
 struct QuantizeActShape {
   Precision precision;
   int64_t M;  // tokens: product of the leading dims of x
   int64_t K;
   int64_t R;
-  int64_t G;  // groups per row
+  int64_t G;  // activation scales per row: K / group size (int4, nvfp4), 1 for w4a8 (one scale per token)
 };
 
 QuantizeActShape check_quantize_act(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& proj_down,
@@ -37,8 +42,8 @@ struct GemmShape {
   int64_t N;
   int64_t K;
   int64_t R;
-  int64_t G;
-  bool per_channel_global_scale;
+  int64_t G;  // weight groups per row: K / group size (w4a8: K / 64, the multipliers' groups)
+  bool per_channel_global_scale;  // always true for w4a8
 };
 
 GemmShape check_gemm_w4a4(const at::Tensor& act_codes, const at::Tensor& act_scales, const at::Tensor& wgt_codes,
@@ -51,6 +56,8 @@ GemmShape check_gemm_w4a4(const at::Tensor& act_codes, const at::Tensor& act_sca
 // synchronization; SVDQuantTensor validates weights once when it is built or loaded.
 void check_finite_positive(const at::Tensor& t, const char* op, const char* name);
 void check_finite(const at::Tensor& t, const char* op, const char* name);
+// W4A8 weight multipliers (uint8) must lie in [1, kW4a8MultMax].
+void check_w4a8_multipliers(const at::Tensor& t, const char* op, const char* name);
 
 // Output shape helpers: leading dims of `t` with the last dim replaced.
 std::vector<int64_t> with_last_dim(const at::Tensor& t, int64_t last);

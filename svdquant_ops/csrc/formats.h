@@ -22,13 +22,18 @@ constexpr int kInt4Group = 64;
 constexpr int kNvfp4Group = 16;
 constexpr float kInt4Qmax = 7.f;
 constexpr float kUint4Qmax = 15.f;
+constexpr float kInt8Qmax = 127.f;    // W4A8 activations
+constexpr int kW4a8MultMax = 18;       // W4A8 weight multipliers in [1, 18]: 7 * 18 = 126 fits int8
 constexpr float kActShift = 0.171875f;  // >= -min(GELU); exact in bf16/fp16/fp32
 constexpr float kNvfp4Qmax = 6.f;
 constexpr float kFp8E4m3Max = 448.f;
 
-enum class Precision { kInt4, kNvfp4 };
+// kW4a8: INT4 weight codes with two-level scales (fp32 per channel x integer multiplier per 64-group), INT8
+// per-token activations (svdquant_ops/formats.py has the full rule).
+enum class Precision { kInt4, kNvfp4, kW4a8 };
 
-SVDQ_HD int group_size(Precision p) { return p == Precision::kInt4 ? kInt4Group : kNvfp4Group; }
+// Weight group size (W4A8 activations have one scale per token, see act_group_size).
+SVDQ_HD int group_size(Precision p) { return p == Precision::kNvfp4 ? kNvfp4Group : kInt4Group; }
 
 // max that keeps a NaN once one has been seen (fmaxf would drop it and hide bad input).
 SVDQ_HD float nan_max(float acc, float v) { return (v > acc || v != v) ? v : acc; }
@@ -71,6 +76,14 @@ SVDQ_HD int int4_code(float q) {
   if (q != q) return 0;
   float r = rintf(q);
   r = r < -kInt4Qmax ? -kInt4Qmax : (r > kInt4Qmax ? kInt4Qmax : r);
+  return static_cast<int>(r);
+}
+
+// W4A8 activation code of q = value / scale: round half to even, clamp to [-127, 127], NaN -> 0.
+SVDQ_HD int int8_code(float q) {
+  if (q != q) return 0;
+  float r = rintf(q);
+  r = r < -kInt8Qmax ? -kInt8Qmax : (r > kInt8Qmax ? kInt8Qmax : r);
   return static_cast<int>(r);
 }
 

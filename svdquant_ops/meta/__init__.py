@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import FLOAT_DTYPES, GROUP_SIZE, INT4, NVFP4, PRECISIONS
+from ..formats import FLOAT_DTYPES, GROUP_SIZE, INT4, NVFP4, PRECISIONS, W4A8, W4A8_MULT_MAX
 
 _FLOAT_NAMES = "bfloat16, float16 or float32"
+# W4A8: |act code * weight code * multiplier| <= 127 * 126, so an int32 dot over K <= 131072 cannot overflow
+# (csrc/checks.h kW4a8MaxK).
+W4A8_MAX_K = 131072
 
 
 def _check(cond: bool, op: str, msg: str) -> None:
@@ -20,18 +23,23 @@ def _check(cond: bool, op: str, msg: str) -> None:
 
 
 def _check_precision(op: str, precision: str, act_unsigned: bool) -> int:
-    _check(precision in PRECISIONS, op, f"precision must be 'int4' or 'nvfp4', got '{precision}'")
-    _check(not (act_unsigned and precision == NVFP4), op,
-           "act_unsigned=True is only defined for precision 'int4', got precision 'nvfp4'")
+    _check(precision in PRECISIONS, op, f"precision must be 'int4', 'nvfp4' or 'w4a8', got '{precision}'")
+    _check(not (act_unsigned and precision != INT4), op,
+           f"act_unsigned=True is only defined for precision 'int4', got precision '{precision}'")
     return GROUP_SIZE[precision]
 
 
-def _check_scale_dtype(op: str, name: str, t: torch.Tensor, precision: str) -> None:
-    if precision == INT4:
-        _check(t.dtype in FLOAT_DTYPES, op, f"{name} must be {_FLOAT_NAMES} for precision 'int4', got {t.dtype}")
-    else:
+def _check_scale_dtype(op: str, name: str, t: torch.Tensor, precision: str, weight: bool) -> None:
+    if precision == NVFP4:
         _check(t.dtype == torch.float8_e4m3fn, op,
                f"{name} must be float8_e4m3fn for precision 'nvfp4', got {t.dtype}")
+    elif precision == W4A8 and weight:
+        _check(t.dtype == torch.uint8, op,
+               f"{name} must be uint8 (integer multipliers in [1, {W4A8_MULT_MAX}]) for precision 'w4a8', "
+               f"got {t.dtype}")
+    else:
+        _check(t.dtype in FLOAT_DTYPES, op,
+               f"{name} must be {_FLOAT_NAMES} for precision '{precision}', got {t.dtype}")
 
 
 def _check_device(op: str, name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
@@ -57,9 +65,13 @@ def _quantize_act_fake(x, smooth, proj_down, precision, act_unsigned=False):
     _check(proj_down.dtype == x.dtype, op, f"proj_down must have x's dtype {x.dtype}, got {proj_down.dtype}")
     _check_device(op, "proj_down", proj_down, "x", x)
     lead = x.shape[:-1]
-    scale_dtype = x.dtype if precision == INT4 else torch.float8_e4m3fn
-    codes = x.new_empty((*lead, K // 2), dtype=torch.uint8)
-    scales = x.new_empty((*lead, K // gs), dtype=scale_dtype)
+    if precision == W4A8:  # int8 codes, one per byte; one scale per token
+        codes = x.new_empty((*lead, K), dtype=torch.int8)
+        scales = x.new_empty((*lead, 1), dtype=x.dtype)
+    else:
+        scale_dtype = x.dtype if precision == INT4 else torch.float8_e4m3fn
+        codes = x.new_empty((*lead, K // 2), dtype=torch.uint8)
+        scales = x.new_empty((*lead, K // gs), dtype=scale_dtype)
     lora_act = x.new_empty((*lead, proj_down.shape[1]), dtype=torch.float32)
     return codes, scales, lora_act
 
@@ -69,29 +81,53 @@ def _gemm_w4a4_fake(act_codes, act_scales, wgt_codes, wgt_scales, wgt_global_sca
                     precision, out_dtype, act_unsigned=False):
     op = "gemm_w4a4"
     gs = _check_precision(op, precision, act_unsigned)
-    _check(act_codes.dtype == torch.uint8, op,
-           f"act_codes must be uint8 (two 4-bit codes per byte), got {act_codes.dtype}")
+    w4a8 = precision == W4A8
+    if w4a8:
+        _check(act_codes.dtype == torch.int8, op,
+               f"act_codes must be int8 (one 8-bit code per byte) for precision 'w4a8', got {act_codes.dtype}")
+    else:
+        _check(act_codes.dtype == torch.uint8, op,
+               f"act_codes must be uint8 (two 4-bit codes per byte), got {act_codes.dtype}")
     _check(wgt_codes.dtype == torch.uint8, op,
            f"wgt_codes must be uint8 (two 4-bit codes per byte), got {wgt_codes.dtype}")
-    _check(act_codes.dim() >= 1, op, "act_codes must have shape [..., K/2], got a 0-d tensor")
+    _check(act_codes.dim() >= 1, op, f"act_codes must have shape [..., {'K' if w4a8 else 'K/2'}], got a 0-d tensor")
     _check(wgt_codes.dim() == 2, op, f"wgt_codes must have shape [N, K/2], got {list(wgt_codes.shape)}")
-    K = act_codes.shape[-1] * 2
+    K = act_codes.shape[-1] if w4a8 else act_codes.shape[-1] * 2
     N = wgt_codes.shape[0]
     _check(wgt_codes.shape[1] * 2 == K, op,
            f"K mismatch: act_codes holds K={K} input channels per row but wgt_codes holds K={wgt_codes.shape[1] * 2}")
     _check(N >= 1, op, "wgt_codes must have at least one output row (N >= 1), got N=0")
     _check(K > 0 and K % gs == 0, op, f"K ({K}) must be a positive multiple of {gs} for precision '{precision}'")
+    _check(not w4a8 or K <= W4A8_MAX_K, op,
+           f"K ({K}) must be at most {W4A8_MAX_K} for precision 'w4a8' (so that the int32 dot product of int8 "
+           "codes cannot overflow)")
     G = K // gs
     lead = tuple(act_codes.shape[:-1])
-    _check(tuple(act_scales.shape) == (*lead, G), op,
-           f"act_scales must have shape {[*lead, G]} (act_codes' leading dims and K/{gs} groups), "
-           f"got {list(act_scales.shape)}")
+    if w4a8:
+        _check(tuple(act_scales.shape) == (*lead, 1), op,
+               f"act_scales must have shape {[*lead, 1]} (act_codes' leading dims and one scale per token for "
+               f"precision 'w4a8'), got {list(act_scales.shape)}")
+    else:
+        _check(tuple(act_scales.shape) == (*lead, G), op,
+               f"act_scales must have shape {[*lead, G]} (act_codes' leading dims and K/{gs} groups), "
+               f"got {list(act_scales.shape)}")
     _check(tuple(wgt_scales.shape) == (N, G), op,
            f"wgt_scales must have shape [N, K/{gs}] = [{N}, {G}], got {list(wgt_scales.shape)}")
-    _check_scale_dtype(op, "act_scales", act_scales, precision)
-    _check_scale_dtype(op, "wgt_scales", wgt_scales, precision)
+    _check_scale_dtype(op, "act_scales", act_scales, precision, weight=False)
+    _check_scale_dtype(op, "wgt_scales", wgt_scales, precision, weight=True)
     if precision == INT4:
-        _check(wgt_global_scale is None, op, "wgt_global_scale is only used by precision 'nvfp4'; pass None for 'int4'")
+        _check(wgt_global_scale is None, op,
+               "wgt_global_scale is only used by precision 'nvfp4' and 'w4a8'; pass None for 'int4'")
+    elif w4a8:
+        _check(wgt_global_scale is not None, op,
+               f"wgt_global_scale is required for precision 'w4a8' (the fp32 per-output-channel scale, shape [N] = "
+               f"[{N}]), got None")
+        g = wgt_global_scale
+        _check(g.dtype == torch.float32, op, f"wgt_global_scale must be float32, got {g.dtype}")
+        _check(g.dim() == 1 and g.numel() == N, op,
+               f"wgt_global_scale must have shape [N] = [{N}] (per output channel) for precision 'w4a8', "
+               f"got {list(g.shape)}")
+        _check_device(op, "wgt_global_scale", g, "act_codes", act_codes)
     elif wgt_global_scale is not None:
         g = wgt_global_scale
         _check(g.dtype == torch.float32, op, f"wgt_global_scale must be float32, got {g.dtype}")

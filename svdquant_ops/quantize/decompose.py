@@ -21,9 +21,9 @@ from .quantizers import dequantize, quantize_weight
 class SVDQuantParts:
     """Everything a quantized linear needs, unpacked. Shapes: N outputs, K inputs, R rank."""
 
-    codes: torch.Tensor  # [N, K] int8 (INT4 values) or uint8 (e2m1 patterns)
-    scales: torch.Tensor  # [N, K/g] model dtype (INT4) or float8_e4m3fn (NVFP4)
-    global_scale: torch.Tensor | None  # NVFP4: fp32 [1] or [N]
+    codes: torch.Tensor  # [N, K] int8 (INT4 / W4A8 values) or uint8 (e2m1 patterns)
+    scales: torch.Tensor  # [N, K/g] model dtype (INT4), float8_e4m3fn (NVFP4) or uint8 multipliers (W4A8)
+    global_scale: torch.Tensor | None  # NVFP4: fp32 [1] or [N]; W4A8: fp32 per-channel scale [N]; INT4: None
     smooth: torch.Tensor  # [K] model dtype
     proj_down: torch.Tensor  # [K, R] model dtype, multiplies the raw input: (D / λ)ᵀ
     proj_up: torch.Tensor  # [N, R] model dtype: U (singular values included)
@@ -70,6 +70,8 @@ def decompose(weight: torch.Tensor, *, precision: str = "int4", rank: int = 32, 
     """Data-free SVDQuant of one weight: λ (default ones), one rank-``rank`` SVD of W·diag(λ), RTN residual."""
     check_precision(precision)
     check_weight(weight)
+    if act_unsigned and precision != "int4":
+        raise ValueError(f"act_unsigned=True is only defined for precision 'int4', got {precision!r}")
     if rank < 0:
         raise ValueError(f"rank must be >= 0, got {rank}")
     dtype = dtype or weight.dtype

@@ -1,5 +1,5 @@
-"""Round-to-nearest quantizers of both formats, in PyTorch, for weights (offline) and activations (fake-quant in
-the calibration loop).
+"""Round-to-nearest quantizers of the three formats (int4, nvfp4, w4a8), in PyTorch, for weights (offline) and
+activations (fake-quant in the calibration loop).
 
 They follow the same rules as the C++ kernels (``csrc/formats.h``): the activation quantizer here produces exactly
 the codes and scales of ``svdquant::quantize_act`` (tested), so fake-quantized activations in the algorithm are the
@@ -18,8 +18,12 @@ from ..formats import (
     GROUP_SIZE,
     INT4,
     INT4_QMAX,
+    INT8_QMAX,
+    NVFP4,
     NVFP4_QMAX,
     UINT4_QMAX,
+    W4A8,
+    W4A8_MULT_MAX,
     check_precision,
 )
 from ..layout import e2m1_decode
@@ -49,6 +53,50 @@ def quantize_int4(x: torch.Tensor, scale_dtype: torch.dtype, *, unsigned: bool =
     q = torch.round(g / s).clamp(0.0 if unsigned else -qmax, qmax)
     q = torch.where((s == 0) | torch.isnan(q), torch.zeros_like(q), q)
     return q.to(torch.int8).flatten(-2), scales
+
+
+def quantize_int8_per_token(x: torch.Tensor, scale_dtype: torch.dtype):
+    """W4A8 activations: one scale per row (token), scale = amax / 127 saturated and rounded to ``scale_dtype``;
+    codes round-half-even clamped to [-127, 127] (0 where the scale is 0 or the value NaN).
+
+    Returns (codes int8 [..., K], scales [..., 1] in scale_dtype). No smoothing is applied here.
+    """
+    xf = x.float()
+    amax = xf.abs().amax(-1, keepdim=True)  # torch.amax propagates NaN, as nan_max does
+    scales = _saturate(amax / float(INT8_QMAX), torch.finfo(scale_dtype).max).to(scale_dtype)
+    s = scales.float()
+    q = torch.round(xf / s).clamp(-float(INT8_QMAX), float(INT8_QMAX))
+    q = torch.where((s == 0) | torch.isnan(q), torch.zeros_like(q), q)
+    return q.to(torch.int8), scales
+
+
+def w4a8_multipliers(amax: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Integer multipliers m = clamp(ceil(amax / (7 s)), 1, 18) (uint8) of groups with absmax ``amax`` [N, G] in a
+    row with per-channel scale ``s`` [N] (fp32); rows with s == 0 get m = 1."""
+    step = (float(INT4_QMAX) * s.float()).unsqueeze(-1)  # 7 * s in fp32
+    m = torch.ceil(amax.float() / step).clamp(1, W4A8_MULT_MAX)
+    m = torch.where((step == 0) | torch.isnan(m), torch.ones_like(m), m)
+    return m.to(torch.uint8)
+
+
+def w4a8_channel_scale(w: torch.Tensor) -> torch.Tensor:
+    """W4A8 per-output-channel scale s = rowmax(|W|) / (7 * 18) in fp32 (0 for an all-zero row)."""
+    return w.float().abs().amax(-1) / float(INT4_QMAX * W4A8_MULT_MAX)
+
+
+def quantize_w4a8_weight(w: torch.Tensor):
+    """W4A8 weights (formats.py): s[n] = rowmax / 126, m[n, g] = clamp(ceil(groupmax / (7 s)), 1, 18),
+    codes = clamp(round(W / (m s)), -7, 7) with m * s in fp32.
+
+    Returns (codes int8 [N, K], multipliers uint8 [N, K/64], s float32 [N]).
+    """
+    g = _groups(w, GROUP_SIZE[W4A8])  # [N, G, 64] fp32
+    s = w4a8_channel_scale(w)
+    m = w4a8_multipliers(g.abs().amax(-1), s)
+    step = (m.float() * s.unsqueeze(-1)).unsqueeze(-1)  # m * s in fp32
+    q = torch.round(g / step).clamp(-float(INT4_QMAX), float(INT4_QMAX))
+    q = torch.where((step == 0) | torch.isnan(q), torch.zeros_like(q), q)
+    return q.to(torch.int8).flatten(-2), m, s
 
 
 def e2m1_encode(q: torch.Tensor) -> torch.Tensor:
@@ -88,9 +136,15 @@ def nvfp4_global_scale(w: torch.Tensor, per_channel: bool = False) -> torch.Tens
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, precision: str,
                global_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Codes [..., K] (int8 INT4 values or e2m1 patterns) and scales -> float32 values."""
+    """Codes [..., K] (int8 INT4 / W4A8 values or e2m1 patterns) and scales -> float32 values.
+
+    W4A8 weights: scales are the multipliers [N, K/64] and ``global_scale`` the per-channel s [N]: code * m * s
+    (code * m is exact, then one fp32 rounding). W4A8 activations (one scale per token) are ``codes * scales``.
+    """
     gsz = GROUP_SIZE[check_precision(precision)]
-    vals = codes.float() if precision == INT4 else e2m1_decode(codes)
+    if precision == W4A8 and global_scale is None:
+        raise ValueError("dequantize: W4A8 weights need global_scale (the fp32 per-channel scale s [N])")
+    vals = e2m1_decode(codes) if precision == NVFP4 else codes.float()
     out = vals.reshape(*vals.shape[:-1], -1, gsz) * scales.float().unsqueeze(-1)
     out = out.flatten(-2)
     if global_scale is not None:
@@ -100,10 +154,17 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, precision: str,
 
 
 def quantize_weight(w: torch.Tensor, precision: str, scale_dtype: torch.dtype, *, per_channel_global: bool = False):
-    """RTN weight quantization. Returns (codes [N, K], scales [N, K/g], global_scale or None)."""
+    """RTN weight quantization. Returns (codes [N, K], scales [N, K/g], global_scale or None).
+
+    int4: scales in ``scale_dtype``, no global scale. nvfp4: fp8 micro-scales and an fp32 global scale ([1], or [N]
+    with ``per_channel_global``). w4a8: uint8 multipliers and the fp32 per-channel scale [N] (``scale_dtype`` and
+    ``per_channel_global`` do not apply).
+    """
     if check_precision(precision) == INT4:
         codes, scales = quantize_int4(w, scale_dtype)
         return codes, scales, None
+    if precision == W4A8:
+        return quantize_w4a8_weight(w)
     gsc = nvfp4_global_scale(w, per_channel_global)
     codes, micro = quantize_nvfp4(w, gsc)
     return codes, micro, gsc
@@ -121,14 +182,24 @@ def smooth_act(x: torch.Tensor, smooth: torch.Tensor, *, unsigned: bool = False)
 
 
 def quantize_act(x: torch.Tensor, smooth: torch.Tensor, precision: str, *, unsigned: bool = False):
-    """The codes and scales ``svdquant::quantize_act`` produces (INT4 scales in x's dtype), unpacked."""
+    """The codes and scales ``svdquant::quantize_act`` produces (INT4 / W4A8 scales in x's dtype), unpacked.
+
+    W4A8: int8 codes [..., K] and one scale per token [..., 1]; ``unsigned`` is not defined for it.
+    """
+    check_precision(precision)
+    if unsigned and precision != INT4:
+        raise ValueError(f"unsigned activations are only defined for precision 'int4', got {precision!r}")
     x_hat = smooth_act(x, smooth, unsigned=unsigned)
-    if check_precision(precision) == INT4:
+    if precision == INT4:
         return quantize_int4(x_hat, x.dtype, unsigned=unsigned)
+    if precision == W4A8:
+        return quantize_int8_per_token(x_hat, x.dtype)
     return quantize_nvfp4(x_hat)
 
 
 def fake_quant_act(x: torch.Tensor, smooth: torch.Tensor, precision: str, *, unsigned: bool = False) -> torch.Tensor:
-    """Q(x_hat) dequantized, in fp32: what the 4-bit path of the deployed layer multiplies with Q(R)."""
+    """Q(x_hat) dequantized, in fp32: what the quantized path of the deployed layer multiplies with Q(R)."""
     codes, scales = quantize_act(x, smooth, precision, unsigned=unsigned)
+    if precision == W4A8:
+        return codes.float() * scales.float()
     return dequantize(codes, scales, precision)

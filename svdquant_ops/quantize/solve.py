@@ -8,8 +8,9 @@ For a group (weights W_i [N_i, K], sampled input rows X [S, K], per-channel absm
    own outputs, which needs no model re-execution);
 2. low-rank branch: L_k = SVD_r(Ŵ − Q_{k−1}), Q_k = Q(Ŵ − L_k), keep the best by output error, stop at the
    first increase; q/k/v of one attention share one down projection (SVD of the stacked weights);
-3. residual: RTN, or GPTQ with the Hessian of the smoothed inputs and scales fixed from RTN; optionally refit
-   the branch to the GPTQ residual, kept only if the output error drops.
+3. residual: RTN, or GPTQ with the Hessian of the smoothed inputs and scales fixed from RTN (w4a8: the per-channel
+   scale from RTN, the group multipliers chosen during GPTQ); optionally refit the branch to the GPTQ residual,
+   kept only if the output error drops.
 
 Output errors are measured exactly as the deployed layer computes: activations quantized per token with
 ``fake_quant_act`` (bit-identical to the kernel) and the branch applied to the raw input.
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..formats import ACT_SHIFT, NVFP4
+from ..formats import ACT_SHIFT, INT4
 from ..tensor import SVDQuantTensor
 from .calibration import RECORD_ATTR, SESSION_ATTR, InputRecord, forget_calibration
 from .decompose import SVDQuantParts, branch_in_smoothed_space, check_weight, decompose, residual_parts
@@ -170,15 +171,15 @@ class GroupSolver:
             return None
         w_hat = br.weight * smooth_q
         r = w_hat - branch_in_smoothed_space(p.proj_up, p.proj_down, smooth_q)
-        codes = gptq_quantize(r, h, self.precision, p.scales, p.global_scale, damp=damp, block=block,
-                              act_order=act_order)
-        q = self.parts(br, w_hat, smooth_q, p.proj_up, p.proj_down, residual_codes=(codes, p.scales, p.global_scale))
+        codes, scales = gptq_quantize(r, h, self.precision, p.scales, p.global_scale, damp=damp, block=block,
+                                      act_order=act_order)
+        q = self.parts(br, w_hat, smooth_q, p.proj_up, p.proj_down, residual_codes=(codes, scales, p.global_scale))
         err = self.error(br, xq, q)
         if refit and self.rank > 0:
             # Refit the branch to what GPTQ left: L = SVD_r(Ŵ − Q(R)), codes kept.
-            deq = dequantize(codes, p.scales, self.precision, p.global_scale)
+            deq = dequantize(codes, scales, self.precision, p.global_scale)
             up, down = self.factors(w_hat, smooth_q, w_hat - deq)
-            q2 = self.parts(br, w_hat, smooth_q, up, down, residual_codes=(codes, p.scales, p.global_scale))
+            q2 = self.parts(br, w_hat, smooth_q, up, down, residual_codes=(codes, scales, p.global_scale))
             err2 = self.error(br, xq, q2)
             if err2 < err:
                 return err2, q2
@@ -251,7 +252,8 @@ def _solve_device(config, weight: torch.Tensor) -> torch.device:
 
 
 def _unsigned_for(module: nn.Module, config, rec: InputRecord | None) -> bool:
-    if config.precision == NVFP4 or config.act_unsigned is False:
+    # Unsigned activations exist only in INT4 (nvfp4 has none; w4a8's 8 bits cover GELU's negative tail).
+    if config.precision != INT4 or config.act_unsigned is False:
         return False
     if config.act_unsigned is True:
         return True

@@ -4,10 +4,14 @@
 //                e2m1 values, which are integers in [-12, 12], and multiplies by 0.25, also exact)
 //   acc       *= wgt_global_scale[n]                                                 (NVFP4 only)
 //   y[m, n]    = out_dtype(acc + sum_r lora_act[m, r] * proj_up[n, r] + bias[n])
+// W4A8 has no per-group rescaling: one exact int32 dot product over all of K of the int8 activation codes with
+// the int8 weights code * multiplier (|.| <= 126), then one scale per token and one per output channel:
+//   acc[m, n]  = float(dot(m, n)) * (act_scale[m] * wgt_global_scale[n])            (fp32)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "../checks.h"
@@ -41,6 +45,58 @@ std::vector<int8_t> decode_codes(const at::Tensor& packed, int64_t rows, int64_t
   return out;
 }
 
+// W4A8 (shape checks done by the caller): see the header comment.
+at::Tensor gemm_w4a8_cpu(const at::Tensor& act_codes, const at::Tensor& act_scales, const at::Tensor& wgt_codes,
+                         const at::Tensor& wgt_scales, const at::Tensor& wgt_global_scale, const at::Tensor& lora_act,
+                         const at::Tensor& proj_up, const std::optional<at::Tensor>& bias, const GemmShape& s,
+                         at::ScalarType out_dtype) {
+  const int64_t M = s.M, N = s.N, K = s.K, G = s.G, R = s.R;
+  const auto ac = act_codes.contiguous();
+  const int8_t* aq = ac.data_ptr<int8_t>();
+  // Weight rows as exact int8 integers code * multiplier.
+  const auto wq_nib = decode_codes(wgt_codes.contiguous(), N, K, Precision::kInt4, /*is_unsigned=*/false);
+  const auto mult = wgt_scales.contiguous();
+  const uint8_t* mp = mult.data_ptr<uint8_t>();
+  std::vector<int8_t> wq(static_cast<size_t>(N * K));
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t k = 0; k < K; ++k) {
+      wq[n * K + k] = static_cast<int8_t>(int(wq_nib[n * K + k]) * int(mp[n * G + k / kInt4Group]));
+    }
+  }
+  const auto sa = act_scales.to(at::kFloat).contiguous();
+  const auto gsc = wgt_global_scale.contiguous();
+  const auto la = lora_act.contiguous();
+  const auto up = proj_up.to(at::kFloat).contiguous();
+  const auto b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* sa_p = sa.data_ptr<float>();
+  const float* g_p = gsc.data_ptr<float>();
+  const float* la_p = la.data_ptr<float>();
+  const float* up_p = up.data_ptr<float>();
+  const float* b_p = b.defined() ? b.data_ptr<float>() : nullptr;
+
+  auto out = at::empty({M, N}, act_codes.options().dtype(at::kFloat));
+  float* y = out.data_ptr<float>();
+  constexpr int64_t kBlockN = 64;
+  const int64_t n_blocks = (N + kBlockN - 1) / kBlockN;
+  at::parallel_for(0, M * n_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t m = t / n_blocks;
+      const int64_t n_end = std::min(N, (t % n_blocks + 1) * kBlockN);
+      const int8_t* a_row = aq + m * K;
+      for (int64_t n = (t % n_blocks) * kBlockN; n < n_end; ++n) {
+        const int8_t* w_row = wq.data() + n * K;
+        int32_t dot = 0;  // exact: K <= kW4a8MaxK (checked), |a * w| <= 127 * 126
+        for (int64_t k = 0; k < K; ++k) dot += int32_t(a_row[k]) * int32_t(w_row[k]);
+        const float acc = static_cast<float>(dot) * (sa_p[m] * g_p[n]);
+        float branch = 0.f;
+        for (int64_t r = 0; r < R; ++r) branch += la_p[m * R + r] * up_p[n * R + r];
+        y[m * N + n] = acc + branch + (b_p != nullptr ? b_p[n] : 0.f);
+      }
+    }
+  });
+  return out.to(out_dtype).reshape(with_last_dim(act_codes, N));
+}
+
 at::Tensor gemm_w4a4_cpu(const at::Tensor& act_codes, const at::Tensor& act_scales, const at::Tensor& wgt_codes,
                          const at::Tensor& wgt_scales, const std::optional<at::Tensor>& wgt_global_scale,
                          const at::Tensor& lora_act, const at::Tensor& proj_up, const std::optional<at::Tensor>& bias,
@@ -48,6 +104,12 @@ at::Tensor gemm_w4a4_cpu(const at::Tensor& act_codes, const at::Tensor& act_scal
   constexpr const char* op = "svdquant::gemm_w4a4";
   const auto s = check_gemm_w4a4(act_codes, act_scales, wgt_codes, wgt_scales, wgt_global_scale, lora_act, proj_up,
                                  bias, precision, out_dtype, act_unsigned);
+  if (s.precision == Precision::kW4a8) {
+    check_w4a8_multipliers(wgt_scales, op, "wgt_scales");
+    check_finite(*wgt_global_scale, op, "wgt_global_scale");
+    return gemm_w4a8_cpu(act_codes, act_scales, wgt_codes, wgt_scales, *wgt_global_scale, lora_act, proj_up, bias, s,
+                         out_dtype);
+  }
   check_finite(wgt_scales, op, "wgt_scales");
   if (wgt_global_scale.has_value()) check_finite(*wgt_global_scale, op, "wgt_global_scale");
 

@@ -3,11 +3,14 @@
 //   x_hat = (x + 0.171875) / smooth         (act_unsigned: inputs produced by a GELU)
 // per (token, group): scale = amax / qmax rounded to the scale dtype, code = round_half_even(x_hat / scale)
 // clamped to the code range (0 when scale == 0); lora_act = x @ proj_down in fp32 on the *raw* x.
+// W4A8: one scale per token (row) instead of per group: scale = amax(|x_hat| over the row) / 127 rounded to x's
+// dtype, code = int8_code(x_hat / scale) (0 when scale == 0), one int8 per code (not packed), scales [..., 1].
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <tuple>
+#include <vector>
 
 #include "../checks.h"
 #include "../formats.h"
@@ -53,6 +56,24 @@ void quantize_rows(const scalar_t* x, const scalar_t* smooth, uint8_t* codes, vo
   });
 }
 
+template <typename scalar_t>
+void quantize_rows_w4a8(const scalar_t* x, const scalar_t* smooth, int8_t* codes, scalar_t* scales, int64_t M,
+                        int64_t K) {
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> xh(static_cast<size_t>(K));
+    for (int64_t m = begin; m < end; ++m) {
+      float amax = 0.f;
+      for (int64_t k = 0; k < K; ++k) {
+        xh[k] = static_cast<float>(x[m * K + k]) / static_cast<float>(smooth[k]);
+        amax = nan_max(amax, fabsf(xh[k]));
+      }
+      const float s = int4_scale<scalar_t>(amax, kInt8Qmax);
+      scales[m] = static_cast<scalar_t>(s);
+      for (int64_t k = 0; k < K; ++k) codes[m * K + k] = static_cast<int8_t>(s == 0.f ? 0 : int8_code(xh[k] / s));
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_cpu(const at::Tensor& x, const at::Tensor& smooth,
                                                                 const at::Tensor& proj_down,
                                                                 c10::string_view precision, bool act_unsigned) {
@@ -60,12 +81,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_cpu(const at::Tensor
   check_finite_positive(smooth, "svdquant::quantize_act", "smooth");
   auto xc = x.contiguous();
   auto sc = smooth.contiguous();
-  auto codes = at::empty(with_last_dim(x, s.K / 2), x.options().dtype(at::kByte));
-  const auto scale_dtype = s.precision == Precision::kInt4 ? x.scalar_type() : at::kFloat8_e4m3fn;
+  const bool w4a8 = s.precision == Precision::kW4a8;
+  auto codes = w4a8 ? at::empty(with_last_dim(x, s.K), x.options().dtype(at::kChar))
+                    : at::empty(with_last_dim(x, s.K / 2), x.options().dtype(at::kByte));
+  const auto scale_dtype = s.precision == Precision::kNvfp4 ? at::kFloat8_e4m3fn : x.scalar_type();
   auto scales = at::empty(with_last_dim(x, s.G), x.options().dtype(scale_dtype));
   SVDQ_DISPATCH_FLOAT16_32(x.scalar_type(), "quantize_act_cpu", [&] {
-    quantize_rows<scalar_t>(xc.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(), codes.data_ptr<uint8_t>(),
-                            scales.data_ptr(), s.M, s.K, s.precision, act_unsigned);
+    if (w4a8) {
+      quantize_rows_w4a8<scalar_t>(xc.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(), codes.data_ptr<int8_t>(),
+                                   scales.data_ptr<scalar_t>(), s.M, s.K);
+    } else {
+      quantize_rows<scalar_t>(xc.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(), codes.data_ptr<uint8_t>(),
+                              scales.data_ptr(), s.M, s.K, s.precision, act_unsigned);
+    }
   });
   // fp32 products of the raw input with the down projection (exact products of 16-bit values, fp32 sums).
   auto lora_act = at::matmul(xc.reshape({s.M, s.K}).to(at::kFloat), proj_down.to(at::kFloat))
