@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""SVDQuant W4A4 linear on the GPU: correctness and speed against bf16 cuBLAS and torchao fp8, in one run.
+"""SVDQuant linear on the GPU (INT4 W4A4, NVFP4, W4A8): correctness and speed against bf16 cuBLAS and torchao fp8.
 
     python benchmarks/bench_linear.py [--out DIR] [--quick] [--no-torchao]
 
@@ -9,7 +9,8 @@
    path against the portable path at M = 4608; determinism of repeated runs.
 3. Speed: the full SVDQuant linear (quantize_act + gemm_w4a4, rank 32 and rank 0, INT4, bf16 activations) and the
    baselines, bf16 F.linear (cuBLAS) and torchao Float8DynamicActivationFloat8WeightConfig(PerRow) including its
-   activation quantization, on the FLUX.1 shapes at M = 1024, 4608, 9216. Each callable is captured in a CUDA
+   activation quantization, on the FLUX.1 shapes at M = 1024, 4608, 9216; the W4A8 precision (rank 32 and 0) in a
+   second table of the same run. Each callable is captured in a CUDA
    graph and timed by median of replays (triton.testing.do_bench_cudagraph), which is what
    torch.compile(mode="reduce-overhead") runs; eager timings (launch overhead included) are listed as well.
    Effective TFLOP/s = 2*M*N*K / time. Ratios are to bf16 cuBLAS measured in the same run.
@@ -47,10 +48,15 @@ def log(*a):
 # inputs
 # ------------------------------------------------------------------------------------------------------------------
 def make_layer(K, N, R, dev, g, precision="int4", dtype=torch.bfloat16):
-    gs = 64 if precision == "int4" else 16
+    gs = 16 if precision == "nvfp4" else 64
     G = K // gs
     wc = torch.randint(0, 256, (N, K // 2), generator=g, dtype=torch.int32).to(torch.uint8)
-    if precision == "int4":
+    if precision == "w4a8":  # codes in [-7, 7], multipliers in [1, 18], fp32 per-channel scales
+        w = torch.randint(-7, 8, (N, K), generator=g, dtype=torch.int32) & 0xF
+        wc = (w[:, 0::2] | (w[:, 1::2] << 4)).to(torch.uint8)
+        ws = torch.randint(1, 19, (N, G), generator=g, dtype=torch.int32).to(torch.uint8)
+        gsc = torch.rand(N, generator=g) * 2e-4 + 1e-5
+    elif precision == "int4":
         ws = (torch.rand(N, G, generator=g) * 0.004 + 1e-4).to(dtype)
         gsc = None
     else:
@@ -91,8 +97,8 @@ def correctness(dev, quick):
     rows = []
     g = torch.Generator().manual_seed(int(time.time()) & 0xFFFF)
     shapes = SHAPES[:2] if quick else SHAPES
-    for precision in ("int4", "nvfp4"):
-        for K, N in (shapes if precision == "int4" else shapes[:2]):
+    for precision in ("int4", "nvfp4", "w4a8"):
+        for K, N in (shapes if precision != "nvfp4" else shapes[:2]):
             M = 128
             L = make_layer(K, N, RANK, "cpu", g, precision)
             x = torch.randn(M, K, generator=g).to(torch.bfloat16)
@@ -124,7 +130,7 @@ def correctness(dev, quick):
             log("correctness", rows[-1])
     # Hopper vs portable at full size, and determinism
     big = []
-    for precision in ("int4", "nvfp4"):
+    for precision in ("int4", "nvfp4", "w4a8"):
         K, N, M = 3072, 3072, 4608
         L = make_layer(K, N, RANK, dev, g, precision)
         x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
@@ -180,6 +186,8 @@ def timing(dev, quick, use_torchao, rep_ms):
     for K, N in SHAPES:
         L32 = make_layer(K, N, RANK, dev, g)
         L0 = dict(L32, pd=L32["pd"][:, :0].contiguous(), up=L32["up"][:, :0].contiguous())
+        V32 = make_layer(K, N, RANK, dev, g, "w4a8")
+        V0 = dict(V32, pd=V32["pd"][:, :0].contiguous(), up=V32["up"][:, :0].contiguous())
         W = (torch.randn(N, K, device=dev) / math.sqrt(K)).to(torch.bfloat16)
         fp8 = None
         if use_torchao:
@@ -191,6 +199,7 @@ def timing(dev, quick, use_torchao, rep_ms):
             x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
             flops = 2.0 * M * N * K
             q = torch.ops.svdquant.quantize_act(x, L32["smooth"], L32["pd"], "int4", False)
+            qv = torch.ops.svdquant.quantize_act(x, V32["smooth"], V32["pd"], "w4a8", False)
             fns = {
                 "bf16": lambda: F.linear(x, W, L32["bias"]),
                 "svdq_r32": lambda: svdq_linear(x, L32),
@@ -199,6 +208,13 @@ def timing(dev, quick, use_torchao, rep_ms):
                 "gemm_r32": lambda: torch.ops.svdquant.gemm_w4a4(q[0], q[1], L32["wc"], L32["ws"], None, q[2],
                                                                  L32["up"], L32["bias"], "int4", torch.bfloat16,
                                                                  False),
+                "w4a8_r32": lambda: svdq_linear(x, V32, "w4a8"),
+                "w4a8_r0": lambda: svdq_linear(x, V0, "w4a8"),
+                "quantize_w4a8_r32": lambda: torch.ops.svdquant.quantize_act(x, V32["smooth"], V32["pd"], "w4a8",
+                                                                             False),
+                "gemm_w4a8_r32": lambda: torch.ops.svdquant.gemm_w4a4(qv[0], qv[1], V32["wc"], V32["ws"], V32["gsc"],
+                                                                      qv[2], V32["up"], V32["bias"], "w4a8",
+                                                                      torch.bfloat16, False),
             }
             if fp8 is not None:
                 fns["fp8_torchao"] = lambda: fp8(x)
@@ -208,14 +224,14 @@ def timing(dev, quick, use_torchao, rep_ms):
                     fn()
                     torch.cuda.synchronize()
                     r[name + "_ms"] = bench_graph(fn, rep_ms)
-                for name in ("bf16", "svdq_r32"):
+                for name in ("bf16", "svdq_r32", "w4a8_r32"):
                     r[name + "_eager_ms"] = bench_eager(fns[name], rep_ms)
             for name in list(r):
-                if name.endswith("_ms") and not name.startswith(("quantize", "gemm")):
+                if name.endswith("_ms") and not name.startswith(("quantize", "gemm")) and "eager" not in name:
                     r[name.replace("_ms", "_tflops")] = flops / (r[name] * 1e-3) / 1e12
             results.append(r)
             log("timing", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
-        del L32, L0, W, fp8
+        del L32, L0, V32, V0, W, fp8
         torch.cuda.empty_cache()
     return results
 
@@ -259,6 +275,18 @@ def report(meta, corr, big, tim):
                 f"({r['svdq_r32_tflops'] / b:.2f}x) | {r['svdq_r0_tflops']:.0f} ({r['svdq_r0_tflops'] / b:.2f}x) | "
                 f"{(r['svdq_r32_ms'] / r['svdq_r0_ms'] - 1) * 100:+.1f}% | {r['quantize_r32_ms'] * 1e3:.1f} | "
                 f"{r['gemm_r32_ms'] * 1e3:.1f} | {r['bf16_eager_ms'] * 1e3:.1f} / {r['svdq_r32_eager_ms'] * 1e3:.1f} |")
+        lines.append("")
+        lines += ["### W4A8 (INT4 weights with two-level scales, INT8 per-token activations; Hopper format, same run)", "",
+                  "| K x N | M | bf16 | SVDQ W4A8 r32 (ratio) | SVDQ W4A8 r0 (ratio) | branch cost r32/r0 | "
+                  "quantize_act us | gemm_w4a4 us | eager SVDQ W4A8 r32 us |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in tim:
+            b = r["bf16_tflops"]
+            lines.append(
+                f"| {r['K']} x {r['N']} | {r['M']} | {b:.0f} | {r['w4a8_r32_tflops']:.0f} ({r['w4a8_r32_tflops'] / b:.2f}x)"
+                f" | {r['w4a8_r0_tflops']:.0f} ({r['w4a8_r0_tflops'] / b:.2f}x) | "
+                f"{(r['w4a8_r32_ms'] / r['w4a8_r0_ms'] - 1) * 100:+.1f}% | {r['quantize_w4a8_r32_ms'] * 1e3:.1f} | "
+                f"{r['gemm_w4a8_r32_ms'] * 1e3:.1f} | {r['w4a8_r32_eager_ms'] * 1e3:.1f} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -305,6 +333,8 @@ def main():
     ap.add_argument("--no-correctness", action="store_true")
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--rep-ms", type=int, default=50)
+    ap.add_argument("--precision", default="int4", choices=["int4", "nvfp4", "w4a8"],
+                    help="--quantize-only / --breakdown: the precision to run")
     ap.add_argument("--schedules", default="promote,skeleton",
                     help="--gemm-only: comma-separated SVDQUANT_OPS_GEMM_SCHEDULE values to time")
     args = ap.parse_args()
@@ -332,12 +362,12 @@ def main():
     if args.quantize_only:
         g = torch.Generator().manual_seed(3)
         for K, N in SHAPES:
-            L = make_layer(K, N, RANK, dev, g)
+            L = make_layer(K, N, RANK, dev, g, args.precision)
             x = torch.randn(4608, K, device=dev, dtype=torch.bfloat16)
-            fn = lambda: torch.ops.svdquant.quantize_act(x, L["smooth"], L["pd"], "int4", False)
+            fn = lambda: torch.ops.svdquant.quantize_act(x, L["smooth"], L["pd"], args.precision, False)
             fn()
             ms = bench_graph(fn, args.rep_ms)
-            log(f"quantize_only K={K} M=4608 R={RANK}: {ms * 1e3:.1f} us, {4608 * K * 2 / ms / 1e9:.2f} TB/s of x "
+            log(f"quantize_only {args.precision} K={K} M=4608 R={RANK}: {ms * 1e3:.1f} us, {4608 * K * 2 / ms / 1e9:.2f} TB/s of x "
                 f"(SVDQUANT_OPS_QA_CFG={os.environ.get('SVDQUANT_OPS_QA_CFG', '0')}, "
                 f"SVDQUANT_OPS_QA_SPLITS={os.environ.get('SVDQUANT_OPS_QA_SPLITS', 'auto')})")
         return
@@ -376,13 +406,13 @@ def main():
         for K, N in shapes:
             x = torch.randn(4608, K, device=dev, dtype=torch.bfloat16)
             for R in (32, 0):
-                L = make_layer(K, N, R, dev, g)
+                L = make_layer(K, N, R, dev, g, args.precision)
                 for _ in range(3):
-                    svdq_linear(x, L)
+                    svdq_linear(x, L, args.precision)
                 torch.cuda.synchronize()
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
                     for _ in range(20):
-                        svdq_linear(x, L)
+                        svdq_linear(x, L, args.precision)
                     torch.cuda.synchronize()
                 per = {}
                 for e in prof.events():
@@ -390,7 +420,7 @@ def main():
                         per[e.name] = per.get(e.name, 0.0) + e.device_time_total / 20
                 total = sum(per.values())
                 parts = ", ".join(f"{k.split('(')[0][-40:]} {v:.1f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]))
-                log(f"breakdown K={K} N={N} M=4608 R={R}: total {total:.1f} us: {parts}")
+                log(f"breakdown {args.precision} K={K} N={N} M=4608 R={R}: total {total:.1f} us: {parts}")
         return
     if args.profile:
         g = torch.Generator().manual_seed(3)

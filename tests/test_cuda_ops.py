@@ -41,7 +41,7 @@ ON_GPU = DEV.type == "cuda"
 IS_SM90 = ON_GPU and torch.cuda.get_device_capability() == (9, 0)
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
 PATHS = ["fast", "portable"]
-GROUP = {"int4": 64, "nvfp4": 16}
+GROUP = {"int4": 64, "nvfp4": 16, "w4a8": 64}
 ULP_BITS = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}
 
 
@@ -95,7 +95,17 @@ def make_gemm_inputs(M, N, K, R, precision, model_dtype, g, *, unsigned=False, b
     G = K // gs
     act_codes = torch.randint(0, 256, (M, K // 2), generator=g, dtype=torch.int32).to(torch.uint8)
     wgt_codes = torch.randint(0, 256, (N, K // 2), generator=g, dtype=torch.int32).to(torch.uint8)
-    if precision == "int4":
+    if precision == "w4a8":
+        # int8 activation codes with per-token scales; weight codes in [-7, 7] (code * multiplier must fit int8),
+        # multipliers in [1, 18], fp32 per-channel scales
+        act_codes = torch.randint(-127, 128, (M, K), generator=g, dtype=torch.int32).to(torch.int8)
+        w = torch.randint(-7, 8, (N, K), generator=g, dtype=torch.int32) & 0xF
+        wgt_codes = (w[:, 0::2] | (w[:, 1::2] << 4)).to(torch.uint8)
+        # |dot| reaches ~1e5 at K = 1024: scales keep fp16 outputs finite
+        act_scales = (torch.rand(M, 1, generator=g) * 2e-3 + 1e-4).to(model_dtype)
+        wgt_scales = torch.randint(1, 19, (N, G), generator=g, dtype=torch.int32).to(torch.uint8)
+        gscale = "channel"
+    elif precision == "int4":
         act_scales = (torch.rand(M, G, generator=g) * 0.1 + 1e-3).to(model_dtype)
         wgt_scales = (torch.rand(N, G, generator=g) * 0.02 + 1e-4).to(model_dtype)
     else:
@@ -181,6 +191,13 @@ QA_CASES = [
     (64, 96, 0, torch.float32, "nvfp4", False),
     (1200, 3072, 32, torch.bfloat16, "int4", False),  # > 32 * SMs rows on some GPUs: 32-row blocks
     (4224, 256, 32, torch.bfloat16, "int4", False),
+    (1, 64, 0, torch.bfloat16, "w4a8", False),
+    (33, 640, 32, torch.float16, "w4a8", False),
+    (130, 3072, 32, torch.bfloat16, "w4a8", False),
+    (64, 128, 20, torch.bfloat16, "w4a8", False),  # R % 8 != 0: portable path
+    (100, 320, 32, torch.float32, "w4a8", False),  # fp32 input: portable path
+    (1200, 3072, 64, torch.bfloat16, "w4a8", False),
+    (77, 1344, 16, torch.float16, "w4a8", False),  # K % 256 != 0: the token kernel's tail loop
 ]
 
 
@@ -197,11 +214,11 @@ def test_quantize_act_matches_cpu(path, M, K, R, dtype, precision, unsigned):
         assert rel_fro(out[2], ref[2]) < 1e-5
 
 
-@pytest.mark.parametrize("precision,unsigned", [("int4", False), ("int4", True), ("nvfp4", False)])
+@pytest.mark.parametrize("precision,unsigned", [("int4", False), ("int4", True), ("nvfp4", False), ("w4a8", False)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_quantize_act_wide_range_bit_exact(path, precision, unsigned, dtype):
     """Magnitudes over ~80 binades, zeros, -0.0 and tiny values exercise the exact-division fallbacks."""
-    g = _gen(1234 + int(unsigned) + (7 if precision == "nvfp4" else 0))
+    g = _gen(1234 + int(unsigned) + {"int4": 0, "nvfp4": 7, "w4a8": 11}[precision])
     x, smooth, pd = make_act_inputs(300, 1024, 32, torch.float32, g, unsigned=unsigned, wide=True)
     if dtype == torch.float16:
         x = x.clamp(-6e4, 6e4)
@@ -256,6 +273,13 @@ GEMM_CASES = [
     (65, 257, 256, 32, "nvfp4", torch.bfloat16, torch.bfloat16, {"gscale": "tensor"}),
     (130, 384, 1040, 0, "nvfp4", torch.float16, torch.float32, {"gscale": "channel"}),
     (256, 512, 3072, 64, "nvfp4", torch.bfloat16, torch.float32, {"gscale": "channel", "bias": False}),
+    (1, 256, 64, 0, "w4a8", torch.bfloat16, torch.float32, {}),
+    (7, 100, 192, 16, "w4a8", torch.bfloat16, torch.float32, {}),  # K % 128 == 64: half-empty last stage
+    (130, 384, 1024, 64, "w4a8", torch.bfloat16, torch.float32, {"bias": False}),
+    (257, 131, 512, 32, "w4a8", torch.float16, torch.float16, {}),
+    (129, 193, 256, 20, "w4a8", torch.float32, torch.float32, {}),
+    (520, 3072, 3072, 32, "w4a8", torch.bfloat16, torch.float32, {}),
+    (1100, 2056, 1024, 32, "w4a8", torch.float16, torch.float16, {}),  # several tiles per CTA, TMA-store epilogue
 ]
 
 
@@ -299,11 +323,11 @@ def _linear_inputs(M=1024, K=3072, N=3072, R=32, precision="int4", seed=31):
     g = _gen(seed)
     x, smooth, pd = make_act_inputs(M, K, R, torch.bfloat16, g)
     _, _, wc, ws, gsc, _, up, b = make_gemm_inputs(1, N, K, R, precision, torch.bfloat16, g,
-                                                   gscale="channel" if precision == "nvfp4" else None)
+                                                   gscale="channel" if precision != "int4" else None)
     return to_dev([x, smooth, pd, wc, ws, gsc, up, b])
 
 
-@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+@pytest.mark.parametrize("precision", ["int4", "nvfp4", "w4a8"])
 def test_deterministic(path, precision):
     x, smooth, pd, wc, ws, gsc, up, b = _linear_inputs(precision=precision)
     first = OPS.quantize_act(x, smooth, pd, precision, False)
@@ -317,7 +341,7 @@ def test_deterministic(path, precision):
 
 
 @needs_gpu
-@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+@pytest.mark.parametrize("precision", ["int4", "nvfp4", "w4a8"])
 def test_cuda_graph_replay_equals_eager(path, precision):
     x, smooth, pd, wc, ws, gsc, up, b = _linear_inputs(M=777, K=1024, N=1000, precision=precision)
 
@@ -361,16 +385,17 @@ def test_torch_compile_reduce_overhead():
 
 
 @pytest.mark.skipif(not IS_SM90, reason="the Hopper path exists on compute capability 9.0 only")
-def test_fast_and_portable_paths_agree_large():
+@pytest.mark.parametrize("precision", ["int4", "w4a8"])
+def test_fast_and_portable_paths_agree_large(precision):
     """A FLUX.1-size layer (too slow for the CPU reference): fast vs portable GPU paths."""
-    x, smooth, pd, wc, ws, gsc, up, b = _linear_inputs(M=2048, K=3072, N=3072)
+    x, smooth, pd, wc, ws, gsc, up, b = _linear_inputs(M=2048, K=3072, N=3072, precision=precision)
     os.environ.pop("SVDQUANT_OPS_CUDA_PORTABLE", None)
-    codes, scales, la = OPS.quantize_act(x, smooth, pd, "int4", False)
-    fast = OPS.gemm_w4a4(codes, scales, wc, ws, None, la, up, b, "int4", torch.float32, False)
+    codes, scales, la = OPS.quantize_act(x, smooth, pd, precision, False)
+    fast = OPS.gemm_w4a4(codes, scales, wc, ws, gsc, la, up, b, precision, torch.float32, False)
     os.environ["SVDQUANT_OPS_CUDA_PORTABLE"] = "1"
     try:
-        codes_p, scales_p, la_p = OPS.quantize_act(x, smooth, pd, "int4", False)
-        port = OPS.gemm_w4a4(codes, scales, wc, ws, None, la, up, b, "int4", torch.float32, False)
+        codes_p, scales_p, la_p = OPS.quantize_act(x, smooth, pd, precision, False)
+        port = OPS.gemm_w4a4(codes, scales, wc, ws, gsc, la, up, b, precision, torch.float32, False)
     finally:
         os.environ.pop("SVDQUANT_OPS_CUDA_PORTABLE", None)
     assert torch.equal(codes, codes_p) and torch.equal(scales.view(torch.int16), scales_p.view(torch.int16))

@@ -32,7 +32,7 @@ constexpr float kFp8E4m3Max = 448.f;
 // per-token activations (svdquant_ops/formats.py has the full rule).
 enum class Precision { kInt4, kNvfp4, kW4a8 };
 
-// Weight group size (W4A8 activations have one scale per token, see act_group_size).
+// Weight group size (W4A8 activations have one scale per token).
 SVDQ_HD int group_size(Precision p) { return p == Precision::kNvfp4 ? kNvfp4Group : kInt4Group; }
 
 // max that keeps a NaN once one has been seen (fmaxf would drop it and hide bad input).

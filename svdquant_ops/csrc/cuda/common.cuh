@@ -208,6 +208,11 @@ __device__ __forceinline__ void fence_regs(float (&r)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
+template <int N>
+__device__ __forceinline__ void fence_regs(int (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
 
 // Shared-memory matrix descriptor of a K-major tile written by TMA with 128-byte swizzle: rows of 128 bytes,
 // 8-row core-matrix groups 1024 bytes apart (SBO), tile base 1024-byte aligned.

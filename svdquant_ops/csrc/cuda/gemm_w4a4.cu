@@ -13,8 +13,11 @@
 //     first, as bf16 wgmma K-steps; then INT4, per 128-channel stage: the four fp8 wgmma (m64n128k32) of its two
 //     64-channel groups into two temporary accumulators (exact integer dot products), group 0 promoted on the CUDA
 //     cores (acc += tmp * (act_scale[row] * wgt_scale[col])) while group 1's MMAs run, the stage released, group 1
-//     promoted; NVFP4: bf16 wgmma over all of K into one temporary, times the global scale once. Epilogue: + bias,
-//     cast, store. benchmarks/NOTES_kernels.md has the measured limits of this schedule.
+//     promoted; NVFP4: bf16 wgmma over all of K into one temporary, times the global scale once; W4A8: the int8
+//     activation codes go to TMA as they are (prep only expands the weights to code * multiplier, exact int8), s8
+//     wgmma over all of K into one int32 accumulator, scaled once by act_scale[row] * channel_scale[col] (no
+//     promotion: the point of that format). Epilogue: + bias, cast, store. benchmarks/NOTES_kernels.md has the
+//     measured limits of these schedules.
 // Portable path (other GPUs, or SVDQUANT_OPS_CUDA_PORTABLE=1): a tiled SIMT kernel with exact dp4a group dot
 //     products that performs the CPU reference's fp32 operations in the same order.
 #include <c10/cuda/CUDAGuard.h>
@@ -32,7 +35,7 @@ namespace svdquant {
 namespace cuda_impl {
 namespace {
 
-enum ScalarKind : int { kF32 = 0, kF16 = 1, kBF16 = 2, kE4M3 = 3 };
+enum ScalarKind : int { kF32 = 0, kF16 = 1, kBF16 = 2, kE4M3 = 3, kU8 = 4 };
 
 int kind_of(at::ScalarType t) {
   switch (t) {
@@ -40,6 +43,7 @@ int kind_of(at::ScalarType t) {
     case at::kHalf: return kF16;
     case at::kBFloat16: return kBF16;
     case at::kFloat8_e4m3fn: return kE4M3;
+    case at::kByte: return kU8;  // W4A8 weight multipliers
     default: TORCH_CHECK(false, "svdquant::gemm_w4a4: unexpected dtype ", t);
   }
 }
@@ -49,6 +53,7 @@ __device__ __forceinline__ float load_f(const void* p, int kind, int64_t i) {
     case kF32: return static_cast<const float*>(p)[i];
     case kF16: return static_cast<float>(static_cast<const c10::Half*>(p)[i]);
     case kBF16: return static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]);
+    case kU8: return static_cast<float>(static_cast<const uint8_t*>(p)[i]);
     default: return static_cast<float>(static_cast<const c10::Float8_e4m3fn*>(p)[i]);
   }
 }
@@ -117,6 +122,7 @@ struct PrepArgs {
   float* biasf;  // [Np]
   float* gsf;    // [Np]
   int nvfp4, act_unsigned;
+  int w4a8;  // W4A8: act codes are used as they are; B = int8 code * multiplier; SA = per-token scales [Mp]
 };
 
 __device__ __forceinline__ uint32_t e4m3_of_nibble(uint32_t nib, bool is_unsigned) {
@@ -163,6 +169,28 @@ __device__ __forceinline__ void expand_unit(const uint8_t* codes, const void* sc
   }
 }
 
+// W4A8 weights: 16 codes of one row times their group's integer multiplier (in [1, 18]), as int8 (|code * m| <= 126).
+__device__ __forceinline__ void expand_unit_w4a8(const uint8_t* codes, const uint8_t* mult, uint8_t* dst, uint32_t K,
+                                                 uint32_t G, uint32_t u) {
+  const uint32_t per_row = K / 16;
+  const int64_t row = u / per_row, ku = u % per_row;
+  const uint2 in = *reinterpret_cast<const uint2*>(codes + row * (K / 2) + ku * 8);
+  const int m = mult[row * G + ku / 4];  // 4 units of 16 per 64-channel group
+  uint32_t o[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t w = i < 2 ? in.x : in.y;
+    uint32_t word = 0;
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      const int nib = static_cast<int>((w >> (16 * (i & 1) + 4 * b)) & 0xFu);
+      word |= (static_cast<uint32_t>(sign_extend_nibble(nib) * m) & 0xFFu) << (8 * b);
+    }
+    o[i] = word;
+  }
+  *reinterpret_cast<uint4*>(dst + row * K + ku * 16) = make_uint4(o[0], o[1], o[2], o[3]);
+}
+
 // One segment of a value split into bf16 parts for the fp32-accurate branch: the low part (v - bf16(v)) in segment
 // `lo_seg`, the high part bf16(v) in the others.
 __device__ __forceinline__ __nv_bfloat16 bf16_split_part(float v, int seg, int lo_seg) {
@@ -175,6 +203,14 @@ __global__ void prep_kernel(const PrepArgs p) {
   const uint32_t stride = gridDim.x * blockDim.x;
   const uint32_t tid = blockIdx.x * blockDim.x + threadIdx.x;
   const uint32_t K = static_cast<uint32_t>(p.K), G = static_cast<uint32_t>(p.G);
+  if (blockIdx.y < 2 && p.w4a8) {
+    if (blockIdx.y == 1) {
+      const uint32_t n = static_cast<uint32_t>(p.N) * (K / 16);
+      for (uint32_t u = tid; u < n; u += stride)
+        expand_unit_w4a8(p.w_codes, static_cast<const uint8_t*>(p.w_scales), p.B, K, G, u);
+    }
+    return;
+  }
   if (blockIdx.y < 2) {
     __shared__ uint16_t lut[256];
     const bool uns = blockIdx.y == 0 && p.act_unsigned;
@@ -194,17 +230,17 @@ __global__ void prep_kernel(const PrepArgs p) {
   }
   const uint32_t M = static_cast<uint32_t>(p.M), N = static_cast<uint32_t>(p.N), Mp = static_cast<uint32_t>(p.Mp);
   const uint32_t KL = static_cast<uint32_t>(p.KL), Np = static_cast<uint32_t>(p.Np);
-  const uint32_t nSA = p.nvfp4 ? 0u : G * Mp;
+  const uint32_t nSA = p.nvfp4 ? 0u : (p.w4a8 ? Mp : G * Mp);
   const uint32_t swrow = static_cast<uint32_t>(p.n_tiles * p.SWP);
-  const uint32_t nSW = p.nvfp4 ? 0u : G * swrow;
+  const uint32_t nSW = (p.nvfp4 || p.w4a8) ? 0u : G * swrow;
   const uint32_t nLA = M * KL;
   const uint32_t nUP = N * KL;
   const uint32_t total = nSA + nSW + nLA + nUP + 2 * Np;
   for (uint32_t i = tid; i < total; i += stride) {
     uint32_t j = i;
     if (j < nSA) {
-      const uint32_t g = j / Mp, m = j % Mp;
-      p.SA[j] = m < M ? load_f(p.a_scales, p.a_scale_kind, m * G + g) : 0.f;
+      const uint32_t g = j / Mp, m = j % Mp;  // W4A8: g == 0, one scale per token
+      p.SA[j] = m < M ? load_f(p.a_scales, p.a_scale_kind, p.w4a8 ? m : m * G + g) : 0.f;
       continue;
     }
     j -= nSA;
@@ -273,7 +309,8 @@ struct Cfg {
 
 struct Params {
   const float* bias;    // [Np] fp32 or nullptr
-  const float* gscale;  // [Np] fp32 (NVFP4) or nullptr
+  const float* gscale;  // [Np] fp32 (NVFP4 and W4A8: per output channel)
+  const float* ascale;  // [m_tiles * BM] fp32 per-token scales (W4A8)
   void* out;
   int M, N;
   int m_tiles, n_tiles;
@@ -305,7 +342,11 @@ __device__ __forceinline__ void promote4(float* acc, const float* tmp, float sa0
 // (A FlashAttention-3-style ping-pong, warpgroups taking turns on the tensor cores, measured 6 % slower: NOTES.)
 enum Schedule : int { kPromote = 0, kSkeleton = 2 };
 
-template <int BN, bool kFp8, int kSched = kPromote>
+// What the main loop multiplies: INT4 as fp8 codes with per-group promotion, NVFP4 as exact bf16 values, W4A8 as
+// int8 (activation codes x weight code * multiplier) into one int32 accumulator over all of K (no promotion).
+enum Kind : int { kKindInt4 = 0, kKindNvfp4 = 1, kKindW4a8 = 2 };
+
+template <int BN, int kKind, int kSched = kPromote>
 __global__ void __launch_bounds__(384, 1)
     gemm_kernel(const __grid_constant__ CUtensorMap tmA, const __grid_constant__ CUtensorMap tmB,
                 const __grid_constant__ CUtensorMap tmSA, const __grid_constant__ CUtensorMap tmSW,
@@ -313,6 +354,8 @@ __global__ void __launch_bounds__(384, 1)
                 const __grid_constant__ CUtensorMap tmC, const Params p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using C = Cfg<BN>;
+  constexpr bool kFp8 = kKind == kKindInt4;
+  constexpr bool kI8 = kKind == kKindW4a8;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + C::STAGES * C::STAGE);
@@ -364,9 +407,11 @@ __global__ void __launch_bounds__(384, 1)
               tma_load_2d(&tmSA, st + C::SA_OFF, &full[s], m0, 2 * ki);
               tma_load_2d(&tmSW, st + C::SW_OFF, &full[s], nt * C::SWP, 2 * ki);
             } else {
+              // 128-byte rows: 64 bf16 channels (NVFP4) or 128 int8 channels (W4A8) per stage
+              constexpr int kStep = kI8 ? 128 : 64;
               mbar_expect_tx(&full[s], C::A_BYTES + C::B_BYTES);
-              tma_load_2d(&tmA, st, &full[s], ki * 64, m0);
-              tma_load_2d(&tmB, st + C::A_BYTES, &full[s], ki * 64, n0);
+              tma_load_2d(&tmA, st, &full[s], ki * kStep, m0);
+              tma_load_2d(&tmB, st + C::A_BYTES, &full[s], ki * kStep, n0);
             }
           }
           if (++s == C::STAGES) {
@@ -498,6 +543,37 @@ __global__ void __launch_bounds__(384, 1)
             ph ^= 1;
           }
         }
+      } else if constexpr (kI8) {
+        // W4A8: exact int32 dot products over all of K, scaled once: acc += float(dot) * (sa[row] * s[col])
+        int iacc[BN / 2];
+        for (int ki = 0; ki < p.n_main; ++ki) {
+          mbar_wait(&full[s], ph);
+          uint8_t* st = smem + s * C::STAGE;
+          const uint64_t da = desc_sw128(st + wg * 64 * 128), db = desc_sw128(st + C::A_BYTES);
+          fence_regs(iacc);
+          wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk)
+            wgmma::mma_s8<BN>(iacc, da + 2 * kk, db + 2 * kk, (ki > 0 || kk > 0) ? 1 : 0);
+          wgmma_commit();
+          wgmma_wait<0>();
+          fence_regs(iacc);
+          if (lane == 0 && !(hold_last && ki + 1 == p.n_main)) mbar_arrive(&empty[s]);
+          if (++s == C::STAGES) {
+            s = 0;
+            ph ^= 1;
+          }
+        }
+        const float sa0 = p.ascale[m0 + r0], sa1 = p.ascale[m0 + r0 + 8];
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) {
+          const int col = n0 + 8 * j + 2 * tq;
+          const float2 gsc = *reinterpret_cast<const float2*>(p.gscale + col);
+          acc[4 * j + 0] = fmaf(static_cast<float>(iacc[4 * j + 0]), sa0 * gsc.x, acc[4 * j + 0]);
+          acc[4 * j + 1] = fmaf(static_cast<float>(iacc[4 * j + 1]), sa0 * gsc.y, acc[4 * j + 1]);
+          acc[4 * j + 2] = fmaf(static_cast<float>(iacc[4 * j + 2]), sa1 * gsc.x, acc[4 * j + 2]);
+          acc[4 * j + 3] = fmaf(static_cast<float>(iacc[4 * j + 3]), sa1 * gsc.y, acc[4 * j + 3]);
+        }
       } else {
         for (int ki = 0; ki < p.n_main; ++ki) {
           mbar_wait(&full[s], ph);
@@ -619,6 +695,7 @@ struct PortableArgs {
   int64_t M, N, K, G;
   int R;
   int nvfp4, act_unsigned;
+  int w4a8;  // int8 activation codes [M, K], per-token scales [M]; weights code * multiplier, global scale [N]
 };
 
 __device__ __forceinline__ int decode_nibble(int nib, bool nvfp4, bool is_unsigned) {
@@ -646,6 +723,33 @@ __device__ __forceinline__ void load_chunk_codes(const uint8_t* codes, int64_t r
   for (int i = 0; i < 4; ++i) dst[r][4 * part + i] = w[i];
 }
 
+// W4A8 operands of one 64-channel chunk as packed int8 words: activation codes as stored; weight codes times the
+// chunk's group multiplier (the chunk is exactly one 64-channel group).
+__device__ __forceinline__ void load_chunk_w4a8(const uint8_t* codes, const uint8_t* mult, int64_t rows, int64_t K,
+                                                int64_t row0, int64_t k_chunk, bool weights, int (*dst)[17]) {
+  const int r = threadIdx.x / 4, part = threadIdx.x % 4;
+  const int64_t row = row0 + r, k = k_chunk + 16 * part;
+  int w[4] = {0, 0, 0, 0};
+  if (row < rows && k < K) {
+    if (!weights) {
+      const uint4 v = *reinterpret_cast<const uint4*>(codes + row * K + k);
+      w[0] = static_cast<int>(v.x), w[1] = static_cast<int>(v.y), w[2] = static_cast<int>(v.z), w[3] = static_cast<int>(v.w);
+    } else {
+      const int m = mult[row * (K / kInt4Group) + k / kInt4Group];
+      const uint8_t* src = codes + row * (K / 2) + k / 2;
+#pragma unroll
+      for (int b = 0; b < 8; ++b) {
+        const int byte = src[b];
+        const int lo = sign_extend_nibble(byte & 0xF) * m, hi = sign_extend_nibble(byte >> 4) * m;
+        const int word = b / 2, sh = 16 * (b % 2);
+        w[word] |= ((lo & 0xFF) << sh) | ((hi & 0xFF) << (sh + 8));
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) dst[r][4 * part + i] = w[i];
+}
+
 __global__ void __launch_bounds__(256) gemm_portable_kernel(const PortableArgs p) {
   __shared__ int As[64][17];
   __shared__ int Bs[64][17];
@@ -662,8 +766,31 @@ __global__ void __launch_bounds__(256) gemm_portable_kernel(const PortableArgs p
 #pragma unroll
     for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
 
+  int idot[4][4];  // W4A8: exact int32 dot products over all of K
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) idot[i][j] = 0;
+
   for (int64_t kc = 0; kc < p.K; kc += 64) {
     __syncthreads();
+    if (p.w4a8) {
+      load_chunk_w4a8(p.a_codes, nullptr, p.M, p.K, m0, kc, false, As);
+      load_chunk_w4a8(p.w_codes, static_cast<const uint8_t*>(p.w_scales), p.N, p.K, n0, kc, true, Bs);
+      __syncthreads();
+      for (int w = 0; w < 16; ++w) {
+        int a[4], b[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[i] = As[ty + 16 * i][w];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) b[j] = Bs[tx + 16 * j][w];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) idot[i][j] = __dp4a(a[i], b[j], idot[i][j]);
+      }
+      continue;
+    }
     load_chunk_codes(p.a_codes, p.M, p.K, m0, kc, nvfp4, p.act_unsigned != 0, As);
     load_chunk_codes(p.w_codes, p.N, p.K, n0, kc, nvfp4, false, Bs);
     const int groups = static_cast<int>((p.K - kc < 64 ? p.K - kc : int64_t(64)) / gs);
@@ -710,7 +837,11 @@ __global__ void __launch_bounds__(256) gemm_portable_kernel(const PortableArgs p
       const int64_t n = n0 + tx + 16 * j;
       if (n >= p.N) continue;
       float v = acc[i][j];
-      if (p.gscale != nullptr) v = __fmul_rn(v, p.gscale[p.gscale_numel == 1 ? 0 : n]);
+      if (p.w4a8) {  // the CPU reference's float(dot) * (act_scale * global_scale)
+        v = __fmul_rn(static_cast<float>(idot[i][j]), __fmul_rn(load_f(p.a_scales, p.a_kind, m), p.gscale[n]));
+      } else if (p.gscale != nullptr) {
+        v = __fmul_rn(v, p.gscale[p.gscale_numel == 1 ? 0 : n]);
+      }
       float branch = 0.f;
       for (int r = 0; r < p.R; ++r)
         branch = __fadd_rn(branch, __fmul_rn(p.lora_act[m * p.R + r], load_f(p.proj_up, p.up_kind, n * p.R + r)));
@@ -756,12 +887,12 @@ CUtensorMap make_map(const void* ptr, CUtensorMapDataType dtype, uint64_t inner,
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-template <int BN, bool kFp8, int kSched>
+template <int BN, int kKind, int kSched>
 void launch_sm90(const CUtensorMap& A, const CUtensorMap& B, const CUtensorMap& SA, const CUtensorMap& SW,
                  const CUtensorMap& LA, const CUtensorMap& UP, const CUtensorMap& Cmap, const sm90::Params& p,
                  cudaStream_t stream) {
   using C = sm90::Cfg<BN>;
-  auto kernel = sm90::gemm_kernel<BN, kFp8, kSched>;
+  auto kernel = sm90::gemm_kernel<BN, kKind, kSched>;
   static bool attr_set = false;  // once, before any CUDA-graph capture (the first call is eager)
   if (!attr_set) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM));
@@ -791,6 +922,7 @@ at::Tensor gemm_w4a4_cuda(const at::Tensor& act_codes, const at::Tensor& act_sca
                                  bias, precision, out_dtype, act_unsigned);
   const c10::cuda::CUDAGuard guard(act_codes.device());
   const bool nvfp4 = s.precision == Precision::kNvfp4;
+  const bool w4a8 = s.precision == Precision::kW4a8;
   auto out = at::empty({s.M, s.N}, act_codes.options().dtype(out_dtype));
   if (s.M == 0) return out.reshape(with_last_dim(act_codes, s.N));
   cudaStream_t stream = current_stream();
@@ -812,7 +944,7 @@ at::Tensor gemm_w4a4_cuda(const at::Tensor& act_codes, const at::Tensor& act_sca
                         s.G * (s.N + 256) < kMax32;
   if (!use_sm90) {
     PortableArgs p{};
-    p.a_codes = ac.data_ptr<uint8_t>();
+    p.a_codes = static_cast<const uint8_t*>(ac.data_ptr());
     p.a_scales = as.data_ptr();
     p.a_kind = kind_of(as.scalar_type());
     p.w_codes = wc.data_ptr<uint8_t>();
@@ -835,6 +967,7 @@ at::Tensor gemm_w4a4_cuda(const at::Tensor& act_codes, const at::Tensor& act_sca
     p.R = static_cast<int>(s.R);
     p.nvfp4 = nvfp4;
     p.act_unsigned = act_unsigned;
+    p.w4a8 = w4a8;
     const dim3 grid(static_cast<unsigned>((s.N + 63) / 64), static_cast<unsigned>((s.M + 63) / 64));
     gemm_portable_kernel<<<grid, 256, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -859,11 +992,12 @@ at::Tensor gemm_w4a4_cuda(const at::Tensor& act_codes, const at::Tensor& act_sca
     else TORCH_CHECK(std::strcmp(v, "promote") == 0, "SVDQUANT_OPS_GEMM_SCHEDULE: expected promote, skeleton or "
                      "skeleton192, got '", v, "'");
   }
-  const int BN = (wide && !nvfp4) ? 192 : 128;
+  const int BN = (wide && !nvfp4 && !w4a8) ? 192 : 128;
   const int n_tiles = (N + BN - 1) / BN;
   const int SWP = BN + 16;
   const int64_t Np = int64_t(n_tiles) * BN;
-  const int64_t Mp = round_up(M, 4);
+  // W4A8 reads its per-token scales in the epilogue without bounds checks: pad them to whole row tiles.
+  const int64_t Mp = w4a8 ? int64_t(m_tiles) * sm90::BM : round_up(M, 4);
   const int nseg = R == 0 ? 0 : (up.scalar_type() == at::kBFloat16 ? 2 : 3);
   const int KL = static_cast<int>(round_up(int64_t(nseg) * R, 64));
   const int elem = nvfp4 ? 2 : 1;
@@ -874,16 +1008,16 @@ at::Tensor gemm_w4a4_cuda(const at::Tensor& act_codes, const at::Tensor& act_sca
     off += round_up(std::max<int64_t>(bytes, 1), 256);
     return o;
   };
-  const int64_t oA = take(int64_t(M) * K * elem), oB = take(int64_t(N) * K * elem);
-  const int64_t oSA = take(nvfp4 ? 0 : int64_t(G) * Mp * 4);
-  const int64_t oSW = take(nvfp4 ? 0 : int64_t(G) * n_tiles * SWP * 4);
+  const int64_t oA = take(w4a8 ? 0 : int64_t(M) * K * elem), oB = take(int64_t(N) * K * elem);
+  const int64_t oSA = take(nvfp4 ? 0 : (w4a8 ? 1 : int64_t(G)) * Mp * 4);
+  const int64_t oSW = take((nvfp4 || w4a8) ? 0 : int64_t(G) * n_tiles * SWP * 4);
   const int64_t oLA = take(int64_t(M) * KL * 2), oUP = take(int64_t(N) * KL * 2);
   const int64_t oBias = take(Np * 4), oGs = take(Np * 4);
   auto ws_buf = at::empty({off}, act_codes.options().dtype(at::kByte));
   uint8_t* base = ws_buf.data_ptr<uint8_t>();
 
   PrepArgs pa{};
-  pa.a_codes = ac.data_ptr<uint8_t>();
+  pa.a_codes = static_cast<const uint8_t*>(ac.data_ptr());
   pa.a_scales = as.data_ptr();
   pa.a_scale_kind = kind_of(as.scalar_type());
   pa.lora_act = R > 0 ? la.data_ptr<float>() : nullptr;
@@ -918,6 +1052,7 @@ at::Tensor gemm_w4a4_cuda(const at::Tensor& act_codes, const at::Tensor& act_sca
   pa.gsf = reinterpret_cast<float*>(base + oGs);
   pa.nvfp4 = nvfp4;
   pa.act_unsigned = act_unsigned;
+  pa.w4a8 = w4a8;
   {
     const int64_t units = std::max<int64_t>(int64_t(M), int64_t(N)) * (K / 16);
     const unsigned gx = static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((units + 255) / 256, 8 * sms)));
@@ -932,7 +1067,10 @@ at::Tensor gemm_w4a4_cuda(const at::Tensor& act_codes, const at::Tensor& act_sca
   std::memset(&mSW, 0, sizeof(mSW));
   std::memset(&mLA, 0, sizeof(mLA));
   std::memset(&mUP, 0, sizeof(mUP));
-  if (!nvfp4) {
+  if (w4a8) {  // the activation codes are already int8 [M, K]: no copy
+    mA = make_map(ac.data_ptr(), CU_TENSOR_MAP_DATA_TYPE_UINT8, K, M, K, 128, sm90::BM, swz);
+    mB = make_map(base + oB, CU_TENSOR_MAP_DATA_TYPE_UINT8, K, N, K, 128, BN, swz);
+  } else if (!nvfp4) {
     mA = make_map(base + oA, CU_TENSOR_MAP_DATA_TYPE_UINT8, K, M, K, 128, sm90::BM, swz);
     mB = make_map(base + oB, CU_TENSOR_MAP_DATA_TYPE_UINT8, K, N, K, 128, BN, swz);
     mSA = make_map(base + oSA, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, Mp, G, Mp * 4, sm90::BM, 2,
@@ -951,12 +1089,13 @@ at::Tensor gemm_w4a4_cuda(const at::Tensor& act_codes, const at::Tensor& act_sca
   sm90::Params p{};
   p.bias = bi.has_value() ? pa.biasf : nullptr;
   p.gscale = pa.gsf;
+  p.ascale = pa.SA;
   p.out = out.data_ptr();
   p.M = M;
   p.N = N;
   p.m_tiles = m_tiles;
   p.n_tiles = n_tiles;
-  p.n_main = nvfp4 ? (K + 63) / 64 : (K + 127) / 128;
+  p.n_main = nvfp4 ? (K + 63) / 64 : (K + 127) / 128;  // INT4 / W4A8: 128 channels per stage
   p.n_lora = KL / 64;
   p.out_kind = kind_of(out_dtype);
   // 2-byte outputs whose rows are whole 16-byte units go through the TMA-store epilogue (TMA needs 16-byte strides).
@@ -971,11 +1110,13 @@ at::Tensor gemm_w4a4_cuda(const at::Tensor& act_codes, const at::Tensor& act_sca
     mC = make_map(out.data_ptr(), out_dtype == at::kHalf ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
                                                          : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
                   N, M, int64_t(N) * 2, 64, 64, swz);
-  if (nvfp4) launch_sm90<128, false, sm90::kPromote>(mA, mB, mSA, mSW, mLA, mUP, mC, p, stream);
+  using sm90::kKindInt4;
+  if (nvfp4) launch_sm90<128, sm90::kKindNvfp4, sm90::kPromote>(mA, mB, mSA, mSW, mLA, mUP, mC, p, stream);
+  else if (w4a8) launch_sm90<128, sm90::kKindW4a8, sm90::kPromote>(mA, mB, mSA, mSW, mLA, mUP, mC, p, stream);
   else if (sched == sm90::kSkeleton && BN == 192)
-    launch_sm90<192, true, sm90::kSkeleton>(mA, mB, mSA, mSW, mLA, mUP, mC, p, stream);
-  else if (sched == sm90::kSkeleton) launch_sm90<128, true, sm90::kSkeleton>(mA, mB, mSA, mSW, mLA, mUP, mC, p, stream);
-  else launch_sm90<128, true, sm90::kPromote>(mA, mB, mSA, mSW, mLA, mUP, mC, p, stream);
+    launch_sm90<192, kKindInt4, sm90::kSkeleton>(mA, mB, mSA, mSW, mLA, mUP, mC, p, stream);
+  else if (sched == sm90::kSkeleton) launch_sm90<128, kKindInt4, sm90::kSkeleton>(mA, mB, mSA, mSW, mLA, mUP, mC, p, stream);
+  else launch_sm90<128, kKindInt4, sm90::kPromote>(mA, mB, mSA, mSW, mLA, mUP, mC, p, stream);
   return out.reshape(with_last_dim(act_codes, s.N));
 }
 

@@ -12,7 +12,13 @@
 //   warp-uniform IEEE fallback for operands outside [2^-60, 2^60].
 // Portable path (everything else, or SVDQUANT_OPS_CUDA_PORTABLE=1): a thread per (token, group) running the CPU
 //   loop, and a thread per lora_act element summing over K in order.
+// W4A8 (per-token INT8): the fast kernel in a mode that writes only each (token, 64-chunk) amax of x_hat and
+//   lora_act, then one warp per token reduces the amaxes to the token's scale and writes the int8 codes (reading x
+//   a second time). Portable: the token kernel computes the amax itself.
 #include <c10/cuda/CUDAGuard.h>
+
+#include <cstdlib>
+#include <cstring>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -159,7 +165,11 @@ __device__ __forceinline__ float div3(float a, float b, float y) {
 
 // RW row-warps x KW k-warps per block; RP = R padded to 16/32/64 (0: no branch). blockIdx.y selects a slice of
 // `chunks_per_split` 64-channel chunks; with several slices, lora holds per-slice partial sums [splits, M, R].
-template <typename T, int RW, int KW, int RP, bool kNvfp4, int kMinBlocks = 2>
+// kFmt: kFmtInt4 / kFmtNvfp4 write codes and group scales; kFmtGroupMax (W4A8's first pass) writes only the fp32
+// amax of x_hat per (token, 64-channel chunk) into `scales` [M, K/64] (and lora_act), for quantize_tokens_kernel.
+enum Fmt : int { kFmtInt4 = 0, kFmtNvfp4 = 1, kFmtGroupMax = 2 };
+
+template <typename T, int RW, int KW, int RP, int kFmt, int kMinBlocks = 2>
 __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel(const T* __restrict__ x,
                                                                      const T* __restrict__ smooth,
                                                                      const T* __restrict__ pd,
@@ -167,6 +177,8 @@ __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel
                                                                      void* __restrict__ scales,
                                                                      float* __restrict__ lora, int M, int K, int R,
                                                                      bool act_unsigned, int chunks_per_split) {
+  constexpr bool kNvfp4 = kFmt == kFmtNvfp4;
+  constexpr bool kGroupMax = kFmt == kFmtGroupMax;
   constexpr int NT = 32 * RW * KW;
   constexpr int RC = 64 * KW;                // channels per round
   constexpr int BUF = RC * 8 + RC * RP * 2;  // smooth + reciprocal (fp32) + staged proj_down
@@ -182,7 +194,7 @@ __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel
   const int c_begin = blockIdx.y * chunks_per_split;
   const int c_end = min(nchunks, c_begin + chunks_per_split);
   const int rounds = (c_end - c_begin + KW - 1) / KW;
-  const int G = kNvfp4 ? K / kNvfp4Group : K / kInt4Group;
+  const int G = kNvfp4 ? K / kNvfp4Group : K / kInt4Group;  // kGroupMax: 64-channel chunks
 
   float cacc[RP > 0 ? RP / 8 : 1][4];
 #pragma unroll
@@ -319,7 +331,12 @@ __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel
         for (int i = 0; i < 16; ++i) amax = max_nan(amax, act_unsigned ? xh[i] : fabsf(xh[i]));
 
         uint32_t packed[2] = {0u, 0u};
-        if constexpr (!kNvfp4) {
+        if constexpr (kGroupMax) {
+          amax = max_nan(amax, __shfl_xor_sync(FULL, amax, 1));
+          amax = max_nan(amax, __shfl_xor_sync(FULL, amax, 2));
+          if (t == 0 && row < M) static_cast<float*>(scales)[static_cast<int64_t>(row) * G + c] = amax;
+          continue;  // no codes in this pass
+        } else if constexpr (!kNvfp4) {
           amax = max_nan(amax, __shfl_xor_sync(FULL, amax, 1));
           amax = max_nan(amax, __shfl_xor_sync(FULL, amax, 2));
           const float s = int4_scale<T>(amax, act_unsigned ? kUint4Qmax : kInt4Qmax);
@@ -410,6 +427,61 @@ __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel
   }
 }
 
+// W4A8's second pass: per-token INT8 codes, one warp per token.
+__device__ __forceinline__ uint32_t word4(const uint4& v, int w) {
+  return w == 0 ? v.x : (w == 1 ? v.y : (w == 2 ? v.z : v.w));
+}
+
+// amax of x_hat over the row (from the first pass's per-chunk maxima `gmax` [M, G], or computed here when gmax is
+// null), scale = int4_scale<T>(amax, 127), codes = int8_code(x_hat / scale), both divisions correctly rounded as in
+// the CPU reference. kVec (16-bit x and smooth, 16-byte aligned rows): 8 contiguous values per lane and step.
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(256) quantize_tokens_kernel(const T* __restrict__ x, const T* __restrict__ smooth,
+                                                              const float* __restrict__ gmax, int8_t* __restrict__ codes,
+                                                              T* __restrict__ scales, int64_t M, int64_t K, int64_t G) {
+  constexpr uint32_t FULL = 0xffffffffu;
+  const int lane = threadIdx.x & 31;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5);
+  if (row >= M) return;
+  const T* xr = x + row * K;
+  float amax = 0.f;
+  if (gmax != nullptr) {
+    for (int64_t g = lane; g < G; g += 32) amax = max_nan(amax, gmax[row * G + g]);
+  } else {
+    for (int64_t k = lane; k < K; k += 32)
+      amax = max_nan(amax, fabsf(__fdiv_rn(static_cast<float>(xr[k]), static_cast<float>(smooth[k]))));
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) amax = max_nan(amax, __shfl_xor_sync(FULL, amax, o));
+  const float sc = int4_scale<T>(amax, kInt8Qmax);
+  if (lane == 0) scales[row] = static_cast<T>(sc);
+  int8_t* cr = codes + row * K;
+  // x_hat / scale with the row's reciprocal (bit-identical to the IEEE division, see div_rn_fast); NaN -> code 0
+  const float ys = rcp_for_div(sc);
+  auto code_of = [&](float xv, float lv) {
+    return sc == 0.f ? 0 : min(max(__float2int_rn(div_rn_fast(__fdiv_rn(xv, lv), sc, ys)), -127), 127);
+  };
+  int64_t k0 = 0;
+  if constexpr (kVec) {
+    for (; k0 + 256 <= K; k0 += 256) {
+      const int64_t k = k0 + 8 * lane;
+      const uint4 xv = __ldcs(reinterpret_cast<const uint4*>(xr + k));
+      const uint4 lv = *reinterpret_cast<const uint4*>(smooth + k);
+      uint32_t out[2] = {0u, 0u};
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const uint32_t xw = word4(xv, i >> 1), lw = word4(lv, i >> 1);
+        const float a = Raw<T>::to_float((i & 1) ? (xw >> 16) : (xw & 0xFFFFu));
+        const float l = Raw<T>::to_float((i & 1) ? (lw >> 16) : (lw & 0xFFFFu));
+        out[i >> 2] |= (static_cast<uint32_t>(code_of(a, l)) & 0xFFu) << (8 * (i & 3));
+      }
+      *reinterpret_cast<uint2*>(cr + k) = make_uint2(out[0], out[1]);
+    }
+  }
+  for (int64_t k = k0 + lane; k < K; k += 32)
+    cr[k] = static_cast<int8_t>(code_of(static_cast<float>(xr[k]), static_cast<float>(smooth[k])));
+}
+
 // lora_act = sum over the K slices of the partial products, in slice order (deterministic).
 __global__ void lora_split_reduce_kernel(const float* __restrict__ part, float* __restrict__ out, int64_t n,
                                          int splits) {
@@ -420,12 +492,12 @@ __global__ void lora_split_reduce_kernel(const float* __restrict__ part, float* 
   out[i] = s;
 }
 
-template <typename T, int RW, int KW, int RP, bool kNvfp4, int kMinBlocks>
+template <typename T, int RW, int KW, int RP, int kFmt, int kMinBlocks>
 void launch_fast(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd, at::Tensor& codes,
                  at::Tensor& scales, at::Tensor& lora, int M, int K, int R, bool act_unsigned, cudaStream_t stream) {
   constexpr int BUF = 64 * KW * 8 + 64 * KW * RP * 2;
   constexpr int SMEM = 2 * BUF;
-  auto kernel = quantize_fast_kernel<T, RW, KW, RP, kNvfp4, kMinBlocks>;
+  auto kernel = quantize_fast_kernel<T, RW, KW, RP, kFmt, kMinBlocks>;
   static bool attr_set = false;  // set once, before any CUDA-graph capture (first call is eager)
   if (!attr_set) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM));
@@ -452,7 +524,8 @@ void launch_fast(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor
   }
   kernel<<<dim3(slabs, splits), 32 * RW * KW, SMEM, stream>>>(
       reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const T*>(smooth.data_ptr()),
-      R > 0 ? reinterpret_cast<const T*>(pd.data_ptr()) : nullptr, codes.data_ptr<uint8_t>(), scales.data_ptr(),
+      R > 0 ? reinterpret_cast<const T*>(pd.data_ptr()) : nullptr,
+      kFmt == kFmtGroupMax ? nullptr : static_cast<uint8_t*>(codes.data_ptr()), scales.data_ptr(),
       lora_dst, M, K, R, act_unsigned, cps);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   debug_sync(stream, "quantize_act fast");
@@ -464,18 +537,18 @@ void launch_fast(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor
   }
 }
 
-template <typename T, int RW, int KW, bool kNvfp4, int kMinBlocks = 2>
+template <typename T, int RW, int KW, int kFmt, int kMinBlocks = 2>
 void dispatch_rp(int RP, const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd, at::Tensor& codes,
                  at::Tensor& scales, at::Tensor& lora, int M, int K, int R, bool act_unsigned, cudaStream_t st) {
   switch (RP) {
-    case 0: launch_fast<T, RW, KW, 0, kNvfp4, kMinBlocks>(x, smooth, pd, codes, scales, lora, M, K, R, act_unsigned, st); break;
-    case 16: launch_fast<T, RW, KW, 16, kNvfp4, kMinBlocks>(x, smooth, pd, codes, scales, lora, M, K, R, act_unsigned, st); break;
-    case 32: launch_fast<T, RW, KW, 32, kNvfp4, kMinBlocks>(x, smooth, pd, codes, scales, lora, M, K, R, act_unsigned, st); break;
-    default: launch_fast<T, RW, KW, 64, kNvfp4, kMinBlocks>(x, smooth, pd, codes, scales, lora, M, K, R, act_unsigned, st); break;
+    case 0: launch_fast<T, RW, KW, 0, kFmt, kMinBlocks>(x, smooth, pd, codes, scales, lora, M, K, R, act_unsigned, st); break;
+    case 16: launch_fast<T, RW, KW, 16, kFmt, kMinBlocks>(x, smooth, pd, codes, scales, lora, M, K, R, act_unsigned, st); break;
+    case 32: launch_fast<T, RW, KW, 32, kFmt, kMinBlocks>(x, smooth, pd, codes, scales, lora, M, K, R, act_unsigned, st); break;
+    default: launch_fast<T, RW, KW, 64, kFmt, kMinBlocks>(x, smooth, pd, codes, scales, lora, M, K, R, act_unsigned, st); break;
   }
 }
 
-template <typename T, bool kNvfp4>
+template <typename T, int kFmt>
 void dispatch_fast(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd, at::Tensor& codes,
                    at::Tensor& scales, at::Tensor& lora, int M, int K, int R, bool act_unsigned, cudaStream_t st) {
   const int RP = R == 0 ? 0 : (R <= 16 ? 16 : (R <= 32 ? 32 : 64));
@@ -486,9 +559,9 @@ void dispatch_fast(const at::Tensor& x, const at::Tensor& smooth, const at::Tens
     const char* v = std::getenv("SVDQUANT_OPS_QA_CFG");
     return v != nullptr ? std::atoi(v) : 0;
   }();
-  if (cfg == 2) dispatch_rp<T, 2, 4, kNvfp4>(RP, x, smooth, pd, codes, scales, lora, M, K, R, act_unsigned, st);
-  else if (cfg == 3) dispatch_rp<T, 4, 2, kNvfp4, 3>(RP, x, smooth, pd, codes, scales, lora, M, K, R, act_unsigned, st);
-  else dispatch_rp<T, 4, 2, kNvfp4>(RP, x, smooth, pd, codes, scales, lora, M, K, R, act_unsigned, st);
+  if (cfg == 2) dispatch_rp<T, 2, 4, kFmt>(RP, x, smooth, pd, codes, scales, lora, M, K, R, act_unsigned, st);
+  else if (cfg == 3) dispatch_rp<T, 4, 2, kFmt, 3>(RP, x, smooth, pd, codes, scales, lora, M, K, R, act_unsigned, st);
+  else dispatch_rp<T, 4, 2, kFmt>(RP, x, smooth, pd, codes, scales, lora, M, K, R, act_unsigned, st);
 }
 
 }  // namespace
@@ -501,25 +574,69 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_cuda(const at::Tenso
   auto xc = x.contiguous();
   auto sc = smooth.contiguous();
   auto pdc = proj_down.contiguous();
-  auto codes = at::empty(with_last_dim(x, s.K / 2), x.options().dtype(at::kByte));
-  const auto scale_dtype = s.precision == Precision::kInt4 ? x.scalar_type() : at::kFloat8_e4m3fn;
-  auto scales = at::empty(with_last_dim(x, s.G), x.options().dtype(scale_dtype));
+  const bool nvfp4 = s.precision == Precision::kNvfp4;
+  const bool w4a8 = s.precision == Precision::kW4a8;
+  // W4A8: int8 codes, one scale per token; INT4 / NVFP4: two 4-bit codes per byte, one scale per group
+  auto codes = w4a8 ? at::empty(with_last_dim(x, s.K), x.options().dtype(at::kChar))
+                    : at::empty(with_last_dim(x, s.K / 2), x.options().dtype(at::kByte));
+  const auto scale_dtype = nvfp4 ? at::kFloat8_e4m3fn : x.scalar_type();
+  auto scales = at::empty(with_last_dim(x, w4a8 ? 1 : s.G), x.options().dtype(scale_dtype));
   auto lora = at::empty(with_last_dim(x, s.R), x.options().dtype(at::kFloat));
   if (s.M == 0) return {codes, scales, lora};
   cudaStream_t stream = current_stream();
-  const bool nvfp4 = s.precision == Precision::kNvfp4;
 
   const bool fast = !force_portable() && x.scalar_type() != at::kFloat && s.K % 64 == 0 && s.R <= 64 &&
                     s.R % 8 == 0 && s.M < (int64_t(1) << 31) / 64 && s.K < (int64_t(1) << 30) &&
                     aligned16(xc.data_ptr()) && (s.R == 0 || aligned16(pdc.data_ptr()));
+  if (w4a8) {
+    const int64_t G64 = s.K / kInt4Group;
+    cudaStream_t st = stream;
+    auto* cd = static_cast<int8_t*>(codes.data_ptr());
+    at::Tensor gmax;
+    if (fast) {
+      const int M = static_cast<int>(s.M), K = static_cast<int>(s.K), R = static_cast<int>(s.R);
+      gmax = at::empty({s.M, G64}, x.options().dtype(at::kFloat));
+      if (x.scalar_type() == at::kBFloat16)
+        dispatch_fast<c10::BFloat16, kFmtGroupMax>(xc, sc, pdc, codes, gmax, lora, M, K, R, false, st);
+      else
+        dispatch_fast<c10::Half, kFmtGroupMax>(xc, sc, pdc, codes, gmax, lora, M, K, R, false, st);
+    } else if (s.R > 0) {
+      SVDQ_DISPATCH_FLOAT16_32(x.scalar_type(), "quantize_act_cuda_lora", [&] {
+        const int64_t nl = s.M * s.R;
+        lora_down_portable_kernel<scalar_t><<<static_cast<unsigned>((nl + 127) / 128), 128, 0, st>>>(
+            xc.data_ptr<scalar_t>(), pdc.data_ptr<scalar_t>(), lora.data_ptr<float>(), s.M, s.K, s.R);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    }
+    const unsigned blocks = static_cast<unsigned>((s.M + 7) / 8);
+    const float* gm = fast ? gmax.data_ptr<float>() : nullptr;
+    if (fast && x.scalar_type() == at::kBFloat16) {
+      quantize_tokens_kernel<c10::BFloat16, true><<<blocks, 256, 0, st>>>(
+          xc.data_ptr<c10::BFloat16>(), sc.data_ptr<c10::BFloat16>(), gm, cd, scales.data_ptr<c10::BFloat16>(), s.M,
+          s.K, G64);
+    } else if (fast) {
+      quantize_tokens_kernel<c10::Half, true><<<blocks, 256, 0, st>>>(
+          xc.data_ptr<c10::Half>(), sc.data_ptr<c10::Half>(), gm, cd, scales.data_ptr<c10::Half>(), s.M, s.K, G64);
+    } else {
+      SVDQ_DISPATCH_FLOAT16_32(x.scalar_type(), "quantize_act_cuda_w4a8", [&] {
+        quantize_tokens_kernel<scalar_t, false><<<blocks, 256, 0, st>>>(
+            xc.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(), nullptr, cd, scales.data_ptr<scalar_t>(), s.M, s.K,
+            G64);
+      });
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    debug_sync(stream, "quantize_act w4a8 tokens");
+    return {codes, scales, lora};
+  }
+
   if (fast) {
     const int M = static_cast<int>(s.M), K = static_cast<int>(s.K), R = static_cast<int>(s.R);
     if (x.scalar_type() == at::kBFloat16) {
-      if (nvfp4) dispatch_fast<c10::BFloat16, true>(xc, sc, pdc, codes, scales, lora, M, K, R, false, stream);
-      else dispatch_fast<c10::BFloat16, false>(xc, sc, pdc, codes, scales, lora, M, K, R, act_unsigned, stream);
+      if (nvfp4) dispatch_fast<c10::BFloat16, kFmtNvfp4>(xc, sc, pdc, codes, scales, lora, M, K, R, false, stream);
+      else dispatch_fast<c10::BFloat16, kFmtInt4>(xc, sc, pdc, codes, scales, lora, M, K, R, act_unsigned, stream);
     } else {
-      if (nvfp4) dispatch_fast<c10::Half, true>(xc, sc, pdc, codes, scales, lora, M, K, R, false, stream);
-      else dispatch_fast<c10::Half, false>(xc, sc, pdc, codes, scales, lora, M, K, R, act_unsigned, stream);
+      if (nvfp4) dispatch_fast<c10::Half, kFmtNvfp4>(xc, sc, pdc, codes, scales, lora, M, K, R, false, stream);
+      else dispatch_fast<c10::Half, kFmtInt4>(xc, sc, pdc, codes, scales, lora, M, K, R, act_unsigned, stream);
     }
     return {codes, scales, lora};
   }
