@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import GROUP_SIZE, INT4, INT4_QMAX, NVFP4, W4A8
+from ..formats import GROUP_SIZE, INT4_QMAX, NVFP4, W4A8
 from ..layout import e2m1_decode
 from .quantizers import e2m1_encode, w4a8_multipliers
 
