@@ -45,35 +45,20 @@ std::vector<int8_t> decode_codes(const at::Tensor& packed, int64_t rows, int64_t
   return out;
 }
 
-// W4A8 (shape checks done by the caller): see the header comment.
-at::Tensor gemm_w4a8_cpu(const at::Tensor& act_codes, const at::Tensor& act_scales, const at::Tensor& wgt_codes,
-                         const at::Tensor& wgt_scales, const at::Tensor& wgt_global_scale, const at::Tensor& lora_act,
-                         const at::Tensor& proj_up, const std::optional<at::Tensor>& bias, const GemmShape& s,
-                         at::ScalarType out_dtype) {
-  const int64_t M = s.M, N = s.N, K = s.K, G = s.G, R = s.R;
-  const auto ac = act_codes.contiguous();
-  const int8_t* aq = ac.data_ptr<int8_t>();
-  // Weight rows as exact int8 integers code * multiplier.
-  const auto wq_nib = decode_codes(wgt_codes.contiguous(), N, K, Precision::kInt4, /*is_unsigned=*/false);
-  const auto mult = wgt_scales.contiguous();
-  const uint8_t* mp = mult.data_ptr<uint8_t>();
-  std::vector<int8_t> wq(static_cast<size_t>(N * K));
-  for (int64_t n = 0; n < N; ++n) {
-    for (int64_t k = 0; k < K; ++k) {
-      wq[n * K + k] = static_cast<int8_t>(int(wq_nib[n * K + k]) * int(mp[n * G + k / kInt4Group]));
-    }
-  }
-  const auto sa = act_scales.to(at::kFloat).contiguous();
-  const auto gsc = wgt_global_scale.contiguous();
+// y[m, n] = out_dtype(acc(m, n) + sum_r lora_act[m, r] * proj_up[n, r] + bias[n]) for every precision; `acc` is
+// the precision's fp32 4-bit (or W4A8) product. One task = one row of tokens times a block of output channels, so
+// M = 1 still uses every core.
+template <typename AccFn>
+at::Tensor add_branch_and_store(const GemmShape& s, const at::Tensor& act_codes, const at::Tensor& lora_act,
+                                const at::Tensor& proj_up, const std::optional<at::Tensor>& bias,
+                                at::ScalarType out_dtype, const AccFn& acc_of) {
+  const int64_t M = s.M, N = s.N, R = s.R;
   const auto la = lora_act.contiguous();
   const auto up = proj_up.to(at::kFloat).contiguous();
   const auto b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  const float* sa_p = sa.data_ptr<float>();
-  const float* g_p = gsc.data_ptr<float>();
   const float* la_p = la.data_ptr<float>();
   const float* up_p = up.data_ptr<float>();
   const float* b_p = b.defined() ? b.data_ptr<float>() : nullptr;
-
   auto out = at::empty({M, N}, act_codes.options().dtype(at::kFloat));
   float* y = out.data_ptr<float>();
   constexpr int64_t kBlockN = 64;
@@ -82,12 +67,8 @@ at::Tensor gemm_w4a8_cpu(const at::Tensor& act_codes, const at::Tensor& act_scal
     for (int64_t t = begin; t < end; ++t) {
       const int64_t m = t / n_blocks;
       const int64_t n_end = std::min(N, (t % n_blocks + 1) * kBlockN);
-      const int8_t* a_row = aq + m * K;
       for (int64_t n = (t % n_blocks) * kBlockN; n < n_end; ++n) {
-        const int8_t* w_row = wq.data() + n * K;
-        int32_t dot = 0;  // exact: K <= kW4a8MaxK (checked), |a * w| <= 127 * 126
-        for (int64_t k = 0; k < K; ++k) dot += int32_t(a_row[k]) * int32_t(w_row[k]);
-        const float acc = static_cast<float>(dot) * (sa_p[m] * g_p[n]);
+        const float acc = acc_of(m, n);
         float branch = 0.f;
         for (int64_t r = 0; r < R; ++r) branch += la_p[m * R + r] * up_p[n * R + r];
         y[m * N + n] = acc + branch + (b_p != nullptr ? b_p[n] : 0.f);
@@ -104,60 +85,58 @@ at::Tensor gemm_w4a4_cpu(const at::Tensor& act_codes, const at::Tensor& act_scal
   constexpr const char* op = "svdquant::gemm_w4a4";
   const auto s = check_gemm_w4a4(act_codes, act_scales, wgt_codes, wgt_scales, wgt_global_scale, lora_act, proj_up,
                                  bias, precision, out_dtype, act_unsigned);
-  if (s.precision == Precision::kW4a8) {
+  const int64_t N = s.N, K = s.K, G = s.G;
+  const auto sa = act_scales.to(at::kFloat).contiguous();
+  const float* sa_p = sa.data_ptr<float>();
+  const auto wq = decode_codes(wgt_codes.contiguous(), N, K, s.precision, /*is_unsigned=*/false);
+
+  if (s.precision == Precision::kW4a8) {  // see the header comment
     check_w4a8_multipliers(wgt_scales, op, "wgt_scales");
     check_finite(*wgt_global_scale, op, "wgt_global_scale");
-    return gemm_w4a8_cpu(act_codes, act_scales, wgt_codes, wgt_scales, *wgt_global_scale, lora_act, proj_up, bias, s,
-                         out_dtype);
-  }
-  check_finite(wgt_scales, op, "wgt_scales");
-  if (wgt_global_scale.has_value()) check_finite(*wgt_global_scale, op, "wgt_global_scale");
-
-  const int64_t M = s.M, N = s.N, K = s.K, G = s.G, R = s.R;
-  const int gs = group_size(s.precision);
-  const bool nvfp4 = s.precision == Precision::kNvfp4;
-  const auto aq = decode_codes(act_codes.contiguous(), M, K, s.precision, act_unsigned);
-  const auto wq = decode_codes(wgt_codes.contiguous(), N, K, s.precision, /*is_unsigned=*/false);
-  const auto sa = act_scales.to(at::kFloat).contiguous();
-  const auto sw = wgt_scales.to(at::kFloat).contiguous();
-  const auto la = lora_act.contiguous();
-  const auto up = proj_up.to(at::kFloat).contiguous();
-  const auto b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  const auto gsc = wgt_global_scale.has_value() ? wgt_global_scale->to(at::kFloat).contiguous() : at::Tensor();
-  const float* sa_p = sa.data_ptr<float>();
-  const float* sw_p = sw.data_ptr<float>();
-  const float* la_p = la.data_ptr<float>();
-  const float* up_p = up.data_ptr<float>();
-  const float* b_p = b.defined() ? b.data_ptr<float>() : nullptr;
-  const float* g_p = gsc.defined() ? gsc.data_ptr<float>() : nullptr;
-  const float dot_unit = nvfp4 ? 0.25f : 1.f;  // NVFP4 dots are of doubled values
-
-  auto out = at::empty({M, N}, act_codes.options().dtype(at::kFloat));
-  float* y = out.data_ptr<float>();
-  constexpr int64_t kBlockN = 64;
-  const int64_t n_blocks = (N + kBlockN - 1) / kBlockN;
-  // One task = one row of tokens times a block of output channels, so M = 1 still uses every core.
-  at::parallel_for(0, M * n_blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t m = t / n_blocks;
-      const int64_t n_end = std::min(N, (t % n_blocks + 1) * kBlockN);
-      const int8_t* a_row = aq.data() + m * K;
-      for (int64_t n = (t % n_blocks) * kBlockN; n < n_end; ++n) {
-        const int8_t* w_row = wq.data() + n * K;
-        float acc = 0.f;
-        for (int64_t g = 0; g < G; ++g) {
-          int32_t dot = 0;
-          for (int i = 0; i < gs; ++i) dot += int32_t(a_row[g * gs + i]) * int32_t(w_row[g * gs + i]);
-          acc += static_cast<float>(dot) * dot_unit * (sa_p[m * G + g] * sw_p[n * G + g]);
-        }
-        if (g_p != nullptr) acc *= g_p[s.per_channel_global_scale ? n : 0];
-        float branch = 0.f;
-        for (int64_t r = 0; r < R; ++r) branch += la_p[m * R + r] * up_p[n * R + r];
-        y[m * N + n] = acc + branch + (b_p != nullptr ? b_p[n] : 0.f);
+    const auto ac = act_codes.contiguous();
+    const int8_t* aq = ac.data_ptr<int8_t>();
+    // Weight rows as exact int8 integers code * multiplier.
+    const auto mult = wgt_scales.contiguous();
+    const uint8_t* mp = mult.data_ptr<uint8_t>();
+    std::vector<int8_t> wm(static_cast<size_t>(N * K));
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t k = 0; k < K; ++k) {
+        wm[n * K + k] = static_cast<int8_t>(int(wq[n * K + k]) * int(mp[n * G + k / kInt4Group]));
       }
     }
+    const auto gsc = wgt_global_scale->contiguous();
+    const float* g_p = gsc.data_ptr<float>();
+    return add_branch_and_store(s, act_codes, lora_act, proj_up, bias, out_dtype, [&](int64_t m, int64_t n) {
+      const int8_t* a_row = aq + m * K;
+      const int8_t* w_row = wm.data() + n * K;
+      int32_t dot = 0;  // exact: K <= kW4a8MaxK (checked), |a * w| <= 127 * 126
+      for (int64_t k = 0; k < K; ++k) dot += int32_t(a_row[k]) * int32_t(w_row[k]);
+      return static_cast<float>(dot) * (sa_p[m] * g_p[n]);
+    });
+  }
+
+  check_finite(wgt_scales, op, "wgt_scales");
+  if (wgt_global_scale.has_value()) check_finite(*wgt_global_scale, op, "wgt_global_scale");
+  const int gs = group_size(s.precision);
+  const bool nvfp4 = s.precision == Precision::kNvfp4;
+  const auto aq = decode_codes(act_codes.contiguous(), s.M, K, s.precision, act_unsigned);
+  const auto sw = wgt_scales.to(at::kFloat).contiguous();
+  const auto gsc = wgt_global_scale.has_value() ? wgt_global_scale->to(at::kFloat).contiguous() : at::Tensor();
+  const float* sw_p = sw.data_ptr<float>();
+  const float* g_p = gsc.defined() ? gsc.data_ptr<float>() : nullptr;
+  const float dot_unit = nvfp4 ? 0.25f : 1.f;  // NVFP4 dots are of doubled values
+  return add_branch_and_store(s, act_codes, lora_act, proj_up, bias, out_dtype, [&](int64_t m, int64_t n) {
+    const int8_t* a_row = aq.data() + m * K;
+    const int8_t* w_row = wq.data() + n * K;
+    float acc = 0.f;
+    for (int64_t g = 0; g < G; ++g) {
+      int32_t dot = 0;
+      for (int i = 0; i < gs; ++i) dot += int32_t(a_row[g * gs + i]) * int32_t(w_row[g * gs + i]);
+      acc += static_cast<float>(dot) * dot_unit * (sa_p[m * G + g] * sw_p[n * G + g]);
+    }
+    if (g_p != nullptr) acc *= g_p[s.per_channel_global_scale ? n : 0];
+    return acc;
   });
-  return out.to(out_dtype).reshape(with_last_dim(act_codes, N));
 }
 
 }  // namespace
