@@ -18,7 +18,6 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <cstdlib>
-#include <cstring>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
