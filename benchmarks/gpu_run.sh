@@ -6,6 +6,7 @@
 #     gemm      bench_linear.py --gemm-only over $SCHEDULES (default promote,skeleton)
 #     quantize  bench_linear.py --quantize-only
 #     full      bench_linear.py --out $OUT (the recorded table)
+#     probe     benchmarks/probes/overlap_probe.cu: tensor-core vs FP32 promotion overlap (NOTES, session 4)
 # torchao comes from a wheel carried in .whl/ (benchmarks need it for the fp8 baseline; see ../shared/tools/gpu-wheels).
 set -euo pipefail
 export PYTHONUNBUFFERED=1
@@ -24,6 +25,11 @@ for step in "$@"; do
     gemm) python3 benchmarks/bench_linear.py --gemm-only --schedules "${SCHEDULES:-promote,skeleton}" ${GEMM_ARGS:-} ;;
     quantize) python3 benchmarks/bench_linear.py --quantize-only ;;
     full) python3 benchmarks/bench_linear.py --out "${OUT:-benchmarks/results}" ${FULL_ARGS:-} ;;
+    probe)
+      inc=$(python3 -c "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))")
+      nvcc -std=c++17 -O3 -arch=sm_90a $inc -I svdquant_ops/csrc --expt-relaxed-constexpr -diag-suppress 3306 \
+        benchmarks/probes/overlap_probe.cu -o /tmp/overlap_probe -lcuda
+      /tmp/overlap_probe ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
