@@ -346,6 +346,31 @@ enum Schedule : int { kPromote = 0, kSkeleton = 2 };
 // int8 (activation codes x weight code * multiplier) into one int32 accumulator over all of K (no promotion).
 enum Kind : int { kKindInt4 = 0, kKindNvfp4 = 1, kKindW4a8 = 2 };
 
+// One pipeline stage fed to a single accumulator: wait for the stage, its four K-steps of `mma` (the first one
+// overwrites the accumulator unless `accumulate`), wait for them, hand the stage back to the producer unless `keep`,
+// advance the ring. Used by the W4A8 and NVFP4 main loops and the skeleton diagnostic.
+template <class C, typename Acc, typename Mma>
+__device__ __forceinline__ void consume_stage(uint8_t* smem, uint64_t* full, uint64_t* empty, int& s, uint32_t& ph,
+                                              int wg, int lane, Acc& acc, bool accumulate, bool keep, Mma mma) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  mbar_wait(&full[s], ph);
+  uint8_t* st = smem + s * C::STAGE;
+  const uint64_t da = desc_sw128(st + wg * 64 * 128), db = desc_sw128(st + C::A_BYTES);
+  fence_regs(acc);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) mma(acc, da + 2 * kk, db + 2 * kk, (accumulate || kk > 0) ? 1 : 0);
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_regs(acc);
+  if (lane == 0 && !keep) mbar_arrive(&empty[s]);
+  if (++s == C::STAGES) {
+    s = 0;
+    ph ^= 1;
+  }
+#endif
+}
+
 template <int BN, int kKind, int kSched = kPromote>
 __global__ void __launch_bounds__(384, 1)
     gemm_kernel(const __grid_constant__ CUtensorMap tmA, const __grid_constant__ CUtensorMap tmB,
@@ -434,6 +459,7 @@ __global__ void __launch_bounds__(384, 1)
     float tmp0[BN / 2];
     float tmp1[BN / 2];
     float (&tmp)[BN / 2] = tmp1;  // NVFP4 path: one temporary accumulator
+    const auto mma_bf16 = [](float (&d)[BN / 2], uint64_t a, uint64_t b, int sd) { wgmma::mma_bf16<BN>(d, a, b, sd); };
     int s = 0;
     uint32_t ph = 0;
     for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
@@ -445,6 +471,7 @@ __global__ void __launch_bounds__(384, 1)
 
       // low-rank branch: bf16 K-steps into tmp0, then copied into acc (acc itself is never a wgmma accumulator,
       // so ptxas can keep the main loop's MMAs asynchronous while the FMA pipes update acc)
+      // (Written out rather than through consume_stage: with the helper here ptxas spills 8 bytes in the INT4 kernel.)
       for (int i = 0; i < p.n_lora; ++i) {
         mbar_wait(&full[s], ph);
         uint8_t* st = smem + s * C::STAGE;
@@ -494,23 +521,9 @@ __global__ void __launch_bounds__(384, 1)
         // Per stage: both groups' MMAs are issued at once; group 0 is promoted while group 1's MMAs run. (Carrying
         // the pipeline across loop iterations makes ptxas serialize every wgmma, C7514.)
         if constexpr (kSched == kSkeleton) {
-          for (int ki = 0; ki < p.n_main; ++ki) {
-            mbar_wait(&full[s], ph);
-            const uint8_t* st = smem + s * C::STAGE;
-            const uint64_t da = desc_sw128(st + wg * 64 * 128), db = desc_sw128(st + C::A_BYTES);
-            fence_regs(acc);
-            wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < 4; ++kk) wgmma::mma_e4m3<BN>(acc, da + 2 * kk, db + 2 * kk, 1);
-            wgmma_commit();
-            wgmma_wait<0>();
-            fence_regs(acc);
-            if (lane == 0 && !(hold_last && ki + 1 == p.n_main)) mbar_arrive(&empty[s]);
-            if (++s == C::STAGES) {
-              s = 0;
-              ph ^= 1;
-            }
-          }
+          for (int ki = 0; ki < p.n_main; ++ki)
+            consume_stage<C>(smem, full, empty, s, ph, wg, lane, acc, true, hold_last && ki + 1 == p.n_main,
+                             [](float (&d)[BN / 2], uint64_t a, uint64_t b, int sd) { wgmma::mma_e4m3<BN>(d, a, b, sd); });
         } else
         for (int ki = 0; ki < p.n_main; ++ki) {
           mbar_wait(&full[s], ph);
@@ -546,24 +559,9 @@ __global__ void __launch_bounds__(384, 1)
       } else if constexpr (kI8) {
         // W4A8: exact int32 dot products over all of K, scaled once: acc += float(dot) * (sa[row] * s[col])
         int iacc[BN / 2];
-        for (int ki = 0; ki < p.n_main; ++ki) {
-          mbar_wait(&full[s], ph);
-          uint8_t* st = smem + s * C::STAGE;
-          const uint64_t da = desc_sw128(st + wg * 64 * 128), db = desc_sw128(st + C::A_BYTES);
-          fence_regs(iacc);
-          wgmma_fence();
-#pragma unroll
-          for (int kk = 0; kk < 4; ++kk)
-            wgmma::mma_s8<BN>(iacc, da + 2 * kk, db + 2 * kk, (ki > 0 || kk > 0) ? 1 : 0);
-          wgmma_commit();
-          wgmma_wait<0>();
-          fence_regs(iacc);
-          if (lane == 0 && !(hold_last && ki + 1 == p.n_main)) mbar_arrive(&empty[s]);
-          if (++s == C::STAGES) {
-            s = 0;
-            ph ^= 1;
-          }
-        }
+        for (int ki = 0; ki < p.n_main; ++ki)
+          consume_stage<C>(smem, full, empty, s, ph, wg, lane, iacc, ki > 0, hold_last && ki + 1 == p.n_main,
+                           [](int (&d)[BN / 2], uint64_t a, uint64_t b, int sd) { wgmma::mma_s8<BN>(d, a, b, sd); });
         const float sa0 = p.ascale[m0 + r0], sa1 = p.ascale[m0 + r0 + 8];
 #pragma unroll
         for (int j = 0; j < BN / 8; ++j) {
@@ -575,24 +573,8 @@ __global__ void __launch_bounds__(384, 1)
           acc[4 * j + 3] = fmaf(static_cast<float>(iacc[4 * j + 3]), sa1 * gsc.y, acc[4 * j + 3]);
         }
       } else {
-        for (int ki = 0; ki < p.n_main; ++ki) {
-          mbar_wait(&full[s], ph);
-          uint8_t* st = smem + s * C::STAGE;
-          const uint64_t da = desc_sw128(st + wg * 64 * 128), db = desc_sw128(st + C::A_BYTES);
-          fence_regs(tmp);
-          wgmma_fence();
-#pragma unroll
-          for (int kk = 0; kk < 4; ++kk)
-            wgmma::mma_bf16<BN>(tmp, da + 2 * kk, db + 2 * kk, (ki > 0 || kk > 0) ? 1 : 0);
-          wgmma_commit();
-          wgmma_wait<0>();
-          fence_regs(tmp);
-          if (lane == 0 && !(hold_last && ki + 1 == p.n_main)) mbar_arrive(&empty[s]);
-          if (++s == C::STAGES) {
-            s = 0;
-            ph ^= 1;
-          }
-        }
+        for (int ki = 0; ki < p.n_main; ++ki)
+          consume_stage<C>(smem, full, empty, s, ph, wg, lane, tmp, ki > 0, hold_last && ki + 1 == p.n_main, mma_bf16);
 #pragma unroll
         for (int j = 0; j < BN / 8; ++j) {
           const int col = n0 + 8 * j + 2 * tq;
