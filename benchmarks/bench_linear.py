@@ -291,6 +291,55 @@ def report(meta, corr, big, tim):
     return "\n".join(lines)
 
 
+def kernel_us(fn, name_part, reps=20):
+    """Mean device time (us) of the CUDA kernels whose name contains name_part, per call of fn (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    t = sum(e.device_time_total for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA and name_part in e.name)
+    return t / reps
+
+
+def tile_overhead(dev, precisions):
+    """Where a 128 x 128 output tile's time goes: kernel time = rounds x (fixed + stages x per_stage), where rounds =
+    ceil(tiles / SMs) (persistent grid) and stages = K / 128. Fitted over K at M = 4608, N = 3072 (864 tiles, 7
+    rounds on 132 SMs), for R = 0 / 32 and each epilogue (SVDQUANT_OPS_GEMM_EPILOGUE: tma, direct, none = no stores,
+    a diagnostic)."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(3)
+    M, N = 4608, 3072
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rounds = math.ceil(math.ceil(M / 128) * math.ceil(N / 128) / sms)
+    Ks = [1536, 3072, 6144, 12288]
+    for prec in precisions:
+        for R in (0, 32):
+            for epi in ("tma", "direct", "none"):
+                os.environ["SVDQUANT_OPS_GEMM_EPILOGUE"] = epi
+                ts = []
+                for K in Ks:
+                    L = make_layer(K, N, R, dev, g, prec)
+                    x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+                    q = torch.ops.svdquant.quantize_act(x, L["smooth"], L["pd"], prec, False)
+                    fn = lambda: torch.ops.svdquant.gemm_w4a4(q[0], q[1], L["wc"], L["ws"], L["gsc"], q[2], L["up"],
+                                                              L["bias"], prec, torch.bfloat16, False)
+                    ts.append(kernel_us(fn, "gemm_kernel"))
+                per_tile = np.array(ts) / rounds
+                b, a = np.polyfit(np.array(Ks) / 128, per_tile, 1)
+                log(f"tile_overhead {prec} R={R} epilogue={epi}: gemm kernel us " +
+                    " / ".join(f"K={K} {t:.1f}" for K, t in zip(Ks, ts)) +
+                    f" -> per tile: fixed {a:.2f} us + {b * 1e3:.0f} ns per 128-channel stage "
+                    f"({rounds} rounds of {sms} tiles)")
+        os.environ.pop("SVDQUANT_OPS_GEMM_EPILOGUE", None)
+
+
 def smoke(dev, one=False):
     """Small cases of each kernel against the CPU reference; prints errors and never raises on a mismatch."""
     ops = torch.ops.svdquant
@@ -324,6 +373,8 @@ def main():
     ap.add_argument("--smoke-one", action="store_true", help="only one tiny INT4 case (for compute-sanitizer)")
     ap.add_argument("--quantize-only", action="store_true", help="only time quantize_act at M=4608, all K")
     ap.add_argument("--gemm-only", action="store_true", help="only time gemm_w4a4 at M=4608 per --schedules")
+    ap.add_argument("--tile-overhead", action="store_true", help="only the sm90 GEMM kernel's time (no prep) at "
+                    "M=4608, N=3072 over K, R and epilogue, fit as per-tile fixed cost + per-stage cost")
     ap.add_argument("--breakdown", action="store_true", help="only per-kernel device times of the linear (profiler)")
     ap.add_argument("--profile", action="store_true", help="only run the FLUX 3072x3072 M=4608 linear a few times "
                     "(for ncu)")
@@ -396,6 +447,9 @@ def main():
             os.environ.pop("SVDQUANT_OPS_GEMM_SCHEDULE", None)
             os.environ.pop("SVDQUANT_OPS_GEMM_EPILOGUE", None)
             log(" | ".join(row))
+        return
+    if args.tile_overhead:
+        tile_overhead(dev, ["w4a8", "int4"])
         return
     if args.breakdown:
         # per-kernel device time of the full linear (rank 32 vs rank 0) from torch.profiler, at M = 4608

@@ -5,6 +5,7 @@
 #     tests     pytest tests/test_cuda_ops.py tests/test_cuda_model.py (fresh seed unless SVDQ_TEST_SEED is set)
 #     gemm      bench_linear.py --gemm-only over $SCHEDULES (default promote,skeleton)
 #     quantize  bench_linear.py --quantize-only
+#     tiles     bench_linear.py --tile-overhead (GEMM kernel time split into per-tile fixed + per-stage cost)
 #     full      bench_linear.py --out $OUT (the recorded table)
 #     probe     benchmarks/probes/overlap_probe.cu: tensor-core vs FP32 promotion overlap (NOTES, session 4)
 # torchao comes from a wheel carried in .whl/ (benchmarks need it for the fp8 baseline; see ../shared/tools/gpu-wheels).
@@ -24,6 +25,7 @@ for step in "$@"; do
     tests) python3 -m pytest tests/test_cuda_ops.py tests/test_cuda_model.py -q -x -p no:cacheprovider ;;
     gemm) python3 benchmarks/bench_linear.py --gemm-only --schedules "${SCHEDULES:-promote,skeleton}" ${GEMM_ARGS:-} ;;
     quantize) python3 benchmarks/bench_linear.py --quantize-only ;;
+    tiles) python3 benchmarks/bench_linear.py --tile-overhead ;;
     full) python3 benchmarks/bench_linear.py --out "${OUT:-benchmarks/results}" ${FULL_ARGS:-} ;;
     probe)
       inc=$(python3 -c "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))")

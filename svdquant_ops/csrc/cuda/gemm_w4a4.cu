@@ -290,8 +290,13 @@ namespace sm90 {
 
 constexpr int BM = 128;
 
-template <int BN>
+// What the main loop multiplies: INT4 as fp8 codes with per-group promotion, NVFP4 as exact bf16 values, W4A8 as
+// int8 (activation codes x weight code * multiplier) into one int32 accumulator over all of K (no promotion).
+enum Kind : int { kKindInt4 = 0, kKindNvfp4 = 1, kKindW4a8 = 2 };
+
+template <int BN, int kKind>
 struct Cfg {
+  static constexpr bool kScales = kKind == kKindInt4;  // only INT4 streams group scales with its stages
   static constexpr int A_BYTES = BM * 128;
   static constexpr int B_BYTES = BN * 128;
   static constexpr int SA_BYTES = 2 * BM * 4;
@@ -299,12 +304,18 @@ struct Cfg {
   static constexpr int SW_BYTES = 2 * SWP * 4;
   static constexpr int SA_OFF = A_BYTES + B_BYTES;
   static constexpr int SW_OFF = SA_OFF + 1024;
-  static constexpr int STAGE = SW_OFF + ((SW_BYTES + 1023) / 1024) * 1024;
-  static constexpr int STAGES = BN == 192 ? 5 : 6;
+  static constexpr int STAGE = kScales ? SW_OFF + ((SW_BYTES + 1023) / 1024) * 1024 : A_BYTES + B_BYTES;
   // TMA-store epilogue (BN = 128 only): a warpgroup's 64 x 128 2-byte results, as two 64 x 64 boxes (128-byte rows,
-  // 128-byte swizzle), are staged in the tile's last pipeline stage (warpgroup 0 in its A tile, 1 in its B tile).
+  // 128-byte swizzle), go through a buffer of their own so the stores drain while the next tile's main loop runs
+  // (staging them in a pipeline stage instead made every tile wait for its stores to read it: +2.4 us per tile).
   static constexpr int C_BOX = 64 * 128;
-  static constexpr int SMEM = STAGES * STAGE + 1024 + 2 * STAGES * 8;
+  static constexpr int EPI_BYTES = BN == 128 ? 2 * 2 * C_BOX : 0;
+  // as many stages as fit next to the epilogue buffer in 227 KB: INT4 5 x 35 KB, W4A8 / NVFP4 6 x 32 KB
+  static constexpr int STAGES = BN == 192 ? 5 : (kScales ? 5 : 6);
+  static constexpr int EPI_OFF = STAGES * STAGE;
+  static constexpr int BAR_OFF = EPI_OFF + EPI_BYTES;
+  static constexpr int SMEM = BAR_OFF + 1024 + 2 * STAGES * 8;
+  static_assert(SMEM <= 232448, "shared memory over the sm_90 limit of 227 KB per block");
 };
 
 struct Params {
@@ -317,6 +328,7 @@ struct Params {
   int n_main, n_lora;
   int out_kind;
   int tma_store;  // BN = 128, 2-byte output, N % 8 == 0: epilogue through shared memory and TMA stores
+  int no_store;   // diagnostics only (SVDQUANT_OPS_GEMM_EPILOGUE=none): skip the stores, results are garbage
 };
 
 // Tiles in groups of 16 row-blocks so that the CTAs running at one time share A rows and B columns in L2.
@@ -328,6 +340,37 @@ __device__ __forceinline__ void tile_coords(int tile, int m_tiles, int n_tiles, 
   const int r = tile - group * GM * n_tiles;
   mt = first + r % gm;
   nt = r / gm;
+}
+
+// Epilogue vectors (bias, per-channel scales) of a BN-column tile, fetched at the start of the tile so the load
+// latency hides behind the main loop (loaded in the epilogue they cost ~3900 cycles per tile: L2 under the TMA
+// stream): lane L holds the column pairs L + 32 q. A thread's pair for accumulator column group j (columns
+// 8 j + 2 tq, + 1) is pair 4 j + tq, gathered with two shuffles.
+template <int BN>
+struct TileVec {
+  float2 v[BN / 64];
+  __device__ __forceinline__ void load(const float* base, int lane) {
+#pragma unroll
+    for (int q = 0; q < BN / 64; ++q) v[q] = *reinterpret_cast<const float2*>(base + 2 * (lane + 32 * q));
+  }
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int q = 0; q < BN / 64; ++q) v[q] = make_float2(0.f, 0.f);
+  }
+  template <int J>
+  __device__ __forceinline__ float2 at(int tq) const {
+    const int src = (4 * J + tq) & 31;
+    return make_float2(__shfl_sync(0xffffffffu, v[J / 8].x, src), __shfl_sync(0xffffffffu, v[J / 8].y, src));
+  }
+};
+
+// Compile-time loop (the shuffles above need J as a constant).
+template <int N, typename F, int J = 0>
+__device__ __forceinline__ void static_for(F&& f) {
+  if constexpr (J < N) {
+    f(std::integral_constant<int, J>{});
+    static_for<N, F, J + 1>(static_cast<F&&>(f));
+  }
 }
 
 __device__ __forceinline__ void promote4(float* acc, const float* tmp, float sa0, float sa1, float w0, float w1) {
@@ -342,16 +385,12 @@ __device__ __forceinline__ void promote4(float* acc, const float* tmp, float sa0
 // (A FlashAttention-3-style ping-pong, warpgroups taking turns on the tensor cores, measured 6 % slower: NOTES.)
 enum Schedule : int { kPromote = 0, kSkeleton = 2 };
 
-// What the main loop multiplies: INT4 as fp8 codes with per-group promotion, NVFP4 as exact bf16 values, W4A8 as
-// int8 (activation codes x weight code * multiplier) into one int32 accumulator over all of K (no promotion).
-enum Kind : int { kKindInt4 = 0, kKindNvfp4 = 1, kKindW4a8 = 2 };
-
 // One pipeline stage fed to a single accumulator: wait for the stage, its four K-steps of `mma` (the first one
-// overwrites the accumulator unless `accumulate`), wait for them, hand the stage back to the producer unless `keep`,
-// advance the ring. Used by the W4A8 and NVFP4 main loops and the skeleton diagnostic.
+// overwrites the accumulator unless `accumulate`), wait for them, hand the stage back to the producer, advance the
+// ring. Used by the W4A8 and NVFP4 main loops and the skeleton diagnostic.
 template <class C, typename Acc, typename Mma>
 __device__ __forceinline__ void consume_stage(uint8_t* smem, uint64_t* full, uint64_t* empty, int& s, uint32_t& ph,
-                                              int wg, int lane, Acc& acc, bool accumulate, bool keep, Mma mma) {
+                                              int wg, int lane, Acc& acc, bool accumulate, Mma mma) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   mbar_wait(&full[s], ph);
   uint8_t* st = smem + s * C::STAGE;
@@ -363,7 +402,7 @@ __device__ __forceinline__ void consume_stage(uint8_t* smem, uint64_t* full, uin
   wgmma_commit();
   wgmma_wait<0>();
   fence_regs(acc);
-  if (lane == 0 && !keep) mbar_arrive(&empty[s]);
+  if (lane == 0) mbar_arrive(&empty[s]);
   if (++s == C::STAGES) {
     s = 0;
     ph ^= 1;
@@ -378,12 +417,12 @@ __global__ void __launch_bounds__(384, 1)
                 const __grid_constant__ CUtensorMap tmLA, const __grid_constant__ CUtensorMap tmUP,
                 const __grid_constant__ CUtensorMap tmC, const Params p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using C = Cfg<BN>;
+  using C = Cfg<BN, kKind>;
   constexpr bool kFp8 = kKind == kKindInt4;
   constexpr bool kI8 = kKind == kKindW4a8;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + C::STAGES * C::STAGE);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + C::BAR_OFF);
   uint64_t* empty = full + C::STAGES;
   if (threadIdx.x == 0) {
     for (int s = 0; s < C::STAGES; ++s) {
@@ -453,8 +492,7 @@ __global__ void __launch_bounds__(384, 1)
     const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
     const int tq = lane & 3;
     const int r0 = wg * 64 + warp * 16 + (lane >> 2);
-    // TMA-store epilogue: the tile's last main-loop stage is kept (not released) to stage the results.
-    const bool hold_last = BN == 128 && p.tma_store;
+    const bool tma_epi = BN == 128 && p.tma_store;
     float acc[BN / 2];
     float tmp0[BN / 2];
     float tmp1[BN / 2];
@@ -493,6 +531,17 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
         for (int j = 0; j < BN / 2; ++j) acc[j] = tmp0[j];
       }
+      // The epilogue's vectors, fetched now (after the branch, whose temporary accumulator is dead) so that their
+      // latency hides behind the main loop. INT4 fetches its bias in the epilogue instead: 4 more registers live
+      // through its promotion loop made that loop 8 % slower (ptxas allocation; measured, NOTES session 5).
+      TileVec<BN> vbias, vscale;
+      if constexpr (!kFp8) {
+        if (p.bias != nullptr) vbias.load(p.bias + n0, lane);
+        else vbias.zero();
+        vscale.load(p.gscale + n0, lane);
+      }
+      float sa0 = 0.f, sa1 = 0.f;
+      if constexpr (kI8) sa0 = p.ascale[m0 + r0], sa1 = p.ascale[m0 + r0 + 8];
 
       if constexpr (kFp8) {
         // Software pipeline over the 64-channel groups with two temporary accumulators: the MMAs of the next
@@ -522,7 +571,7 @@ __global__ void __launch_bounds__(384, 1)
         // the pipeline across loop iterations makes ptxas serialize every wgmma, C7514.)
         if constexpr (kSched == kSkeleton) {
           for (int ki = 0; ki < p.n_main; ++ki)
-            consume_stage<C>(smem, full, empty, s, ph, wg, lane, acc, true, hold_last && ki + 1 == p.n_main,
+            consume_stage<C>(smem, full, empty, s, ph, wg, lane, acc, true,
                              [](float (&d)[BN / 2], uint64_t a, uint64_t b, int sd) { wgmma::mma_e4m3<BN>(d, a, b, sd); });
         } else
         for (int ki = 0; ki < p.n_main; ++ki) {
@@ -545,7 +594,7 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
           for (int j2 = 0; j2 < BN / 16; ++j2) w1[j2] = sw[j2];
           __syncwarp();
-          if (lane == 0 && !(hold_last && ki + 1 == p.n_main)) mbar_arrive(&empty[s]);
+          if (lane == 0) mbar_arrive(&empty[s]);
 #pragma unroll
           for (int j2 = 0; j2 < BN / 16; ++j2) {
             promote4(acc + 8 * j2, tmp1 + 8 * j2, sa0, sa1, w1[j2].x, w1[j2].y);
@@ -560,46 +609,47 @@ __global__ void __launch_bounds__(384, 1)
         // W4A8: exact int32 dot products over all of K, scaled once: acc += float(dot) * (sa[row] * s[col])
         int iacc[BN / 2];
         for (int ki = 0; ki < p.n_main; ++ki)
-          consume_stage<C>(smem, full, empty, s, ph, wg, lane, iacc, ki > 0, hold_last && ki + 1 == p.n_main,
+          consume_stage<C>(smem, full, empty, s, ph, wg, lane, iacc, ki > 0,
                            [](int (&d)[BN / 2], uint64_t a, uint64_t b, int sd) { wgmma::mma_s8<BN>(d, a, b, sd); });
-        const float sa0 = p.ascale[m0 + r0], sa1 = p.ascale[m0 + r0 + 8];
-#pragma unroll
-        for (int j = 0; j < BN / 8; ++j) {
-          const int col = n0 + 8 * j + 2 * tq;
-          const float2 gsc = *reinterpret_cast<const float2*>(p.gscale + col);
+        static_for<BN / 8>([&](auto jc) {
+          constexpr int j = decltype(jc)::value;
+          const float2 gsc = vscale.template at<j>(tq);
           acc[4 * j + 0] = fmaf(static_cast<float>(iacc[4 * j + 0]), sa0 * gsc.x, acc[4 * j + 0]);
           acc[4 * j + 1] = fmaf(static_cast<float>(iacc[4 * j + 1]), sa0 * gsc.y, acc[4 * j + 1]);
           acc[4 * j + 2] = fmaf(static_cast<float>(iacc[4 * j + 2]), sa1 * gsc.x, acc[4 * j + 2]);
           acc[4 * j + 3] = fmaf(static_cast<float>(iacc[4 * j + 3]), sa1 * gsc.y, acc[4 * j + 3]);
-        }
+        });
       } else {
         for (int ki = 0; ki < p.n_main; ++ki)
-          consume_stage<C>(smem, full, empty, s, ph, wg, lane, tmp, ki > 0, hold_last && ki + 1 == p.n_main, mma_bf16);
-#pragma unroll
-        for (int j = 0; j < BN / 8; ++j) {
-          const int col = n0 + 8 * j + 2 * tq;
-          const float2 gsc = *reinterpret_cast<const float2*>(p.gscale + col);
+          consume_stage<C>(smem, full, empty, s, ph, wg, lane, tmp, ki > 0, mma_bf16);
+        static_for<BN / 8>([&](auto jc) {
+          constexpr int j = decltype(jc)::value;
+          const float2 gsc = vscale.template at<j>(tq);
           acc[4 * j + 0] = fmaf(tmp[4 * j + 0], gsc.x, acc[4 * j + 0]);
           acc[4 * j + 1] = fmaf(tmp[4 * j + 1], gsc.y, acc[4 * j + 1]);
           acc[4 * j + 2] = fmaf(tmp[4 * j + 2], gsc.x, acc[4 * j + 2]);
           acc[4 * j + 3] = fmaf(tmp[4 * j + 3], gsc.y, acc[4 * j + 3]);
-        }
+        });
       }
 
       // epilogue: + bias, cast, store
-      if (hold_last) {
-        // Through the tile's last stage, still held (128-byte-swizzled rows: a warp's 4-byte writes land in 8
+      if constexpr (kFp8) {
+        if (p.bias != nullptr) vbias.load(p.bias + n0, lane);
+        else vbias.zero();
+      }
+      if (tma_epi) {
+        // Through the warpgroup's epilogue buffer (128-byte-swizzled rows: a warp's 4-byte writes land in 8
         // different 16-byte chunks, conflict-free), then asynchronous TMA stores, which also clip the ragged M / N
-        // edges. The stage goes back to the producer once the stores have read it.
-        const int held = (s + C::STAGES - 1) % C::STAGES;
-        uint8_t* cst = smem + held * C::STAGE + wg * C::A_BYTES;
-        named_bar_sync(1, 256);  // both warpgroups' last MMAs have read the stage
+        // edges and drain while the next tile runs. The previous tile's stores must have read the buffer first
+        // (long done by now: a whole main loop ago).
+        uint8_t* cst = smem + C::EPI_OFF + wg * 2 * C::C_BOX;
+        if ((threadIdx.x & 127) == 0) bulk_wait_read<0>();
+        named_bar_sync(2 + wg, 128);
         const int rl = warp * 16 + (lane >> 2);  // row within the warpgroup's 64 (and rl + 8)
         const bool half = p.out_kind == kF16;
-#pragma unroll
-        for (int j = 0; j < BN / 8; ++j) {
-          const float2 b = p.bias != nullptr ? *reinterpret_cast<const float2*>(p.bias + n0 + 8 * j + 2 * tq)
-                                             : make_float2(0.f, 0.f);
+        static_for<BN / 8>([&](auto jc) {
+          constexpr int j = decltype(jc)::value;
+          const float2 b = vbias.template at<j>(tq);
           uint8_t* box = cst + (j / 8) * C::C_BOX + 4 * tq;
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
@@ -615,25 +665,25 @@ __global__ void __launch_bounds__(384, 1)
             const int r = rl + 8 * h;
             *reinterpret_cast<uint32_t*>(box + r * 128 + (((j & 7) ^ (r & 7)) << 4)) = packed;
           }
-        }
+        });
         fence_proxy_async_smem();
         named_bar_sync(2 + wg, 128);
         if ((threadIdx.x & 127) == 0) {
 #pragma unroll
           for (int bx = 0; bx < BN / 64; ++bx) tma_store_2d(&tmC, cst + bx * C::C_BOX, n0 + 64 * bx, m0 + 64 * wg);
           bulk_commit();
-          bulk_wait_read<0>();
-          mbar_arrive_cnt(&empty[held], 4);  // on behalf of the warpgroup's four warps
         }
         continue;
       }
+      // (the impossible-value test keeps the accumulation alive for the compiler)
+      if (p.no_store && acc[0] != -1234.5f) continue;
       const int gm0 = m0 + r0, gm1 = gm0 + 8;
       const bool even_n = (p.N & 1) == 0;
-#pragma unroll
-      for (int j = 0; j < BN / 8; ++j) {
+      static_for<BN / 8>([&](auto jc) {
+        constexpr int j = decltype(jc)::value;
         const int col = n0 + 8 * j + 2 * tq;
+        const float2 b = vbias.template at<j>(tq);  // all lanes: a shuffle
         if (col < p.N) {
-          const float2 b = p.bias != nullptr ? *reinterpret_cast<const float2*>(p.bias + col) : make_float2(0.f, 0.f);
           const bool second = col + 1 < p.N;
           const bool vec = second && even_n;
           if (gm0 < p.M)
@@ -643,10 +693,10 @@ __global__ void __launch_bounds__(384, 1)
             store_out2(p.out, p.out_kind, static_cast<int64_t>(gm1) * p.N + col, acc[4 * j + 2] + b.x,
                        acc[4 * j + 3] + b.y, vec, second);
         }
-      }
+      });
     }
     // the last tile's TMA stores must have landed before the CTA exits
-    if (hold_last && (threadIdx.x & 127) == 0) bulk_wait<0>();
+    if (tma_epi && (threadIdx.x & 127) == 0) bulk_wait<0>();
   }
 #else
   __trap();  // built for another architecture: the host only launches this on sm_90a builds
@@ -873,7 +923,7 @@ template <int BN, int kKind, int kSched>
 void launch_sm90(const CUtensorMap& A, const CUtensorMap& B, const CUtensorMap& SA, const CUtensorMap& SW,
                  const CUtensorMap& LA, const CUtensorMap& UP, const CUtensorMap& Cmap, const sm90::Params& p,
                  cudaStream_t stream) {
-  using C = sm90::Cfg<BN>;
+  using C = sm90::Cfg<BN, kKind>;
   auto kernel = sm90::gemm_kernel<BN, kKind, kSched>;
   static bool attr_set = false;  // once, before any CUDA-graph capture (the first call is eager)
   if (!attr_set) {
@@ -1085,7 +1135,8 @@ at::Tensor gemm_w4a4_cuda(const at::Tensor& act_codes, const at::Tensor& act_sca
   std::memset(&mC, 0, sizeof(mC));
   // SVDQUANT_OPS_GEMM_EPILOGUE=direct forces the register -> global epilogue (benchmarks; read at every call).
   const char* epi = std::getenv("SVDQUANT_OPS_GEMM_EPILOGUE");
-  const bool force_direct = epi != nullptr && std::strcmp(epi, "direct") == 0;
+  const bool force_direct = epi != nullptr && (std::strcmp(epi, "direct") == 0 || std::strcmp(epi, "none") == 0);
+  p.no_store = epi != nullptr && std::strcmp(epi, "none") == 0;
   p.tma_store = !force_direct && BN == 128 && (out_dtype == at::kBFloat16 || out_dtype == at::kHalf) &&
                 N % 8 == 0 && aligned16(out.data_ptr());
   if (p.tma_store)
