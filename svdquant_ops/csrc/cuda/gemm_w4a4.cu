@@ -782,6 +782,23 @@ __device__ __forceinline__ void load_chunk_w4a8(const uint8_t* codes, const uint
   for (int i = 0; i < 4; ++i) dst[r][4 * part + i] = w[i];
 }
 
+// A thread's 4 x 4 exact int32 dot products accumulated over the packed-int8 words [w0, w1) of the staged chunk
+// (rows ty + 16 i of As, tx + 16 j of Bs).
+__device__ __forceinline__ void dp4a_words(const int (*As)[17], const int (*Bs)[17], int ty, int tx, int w0, int w1,
+                                           int (&dot)[4][4]) {
+  for (int w = w0; w < w1; ++w) {
+    int a[4], b[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) a[i] = As[ty + 16 * i][w];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) b[j] = Bs[tx + 16 * j][w];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) dot[i][j] = __dp4a(a[i], b[j], dot[i][j]);
+  }
+}
+
 __global__ void __launch_bounds__(256) gemm_portable_kernel(const PortableArgs p) {
   __shared__ int As[64][17];
   __shared__ int Bs[64][17];
@@ -810,17 +827,7 @@ __global__ void __launch_bounds__(256) gemm_portable_kernel(const PortableArgs p
       load_chunk_w4a8(p.a_codes, nullptr, p.M, p.K, m0, kc, false, As);
       load_chunk_w4a8(p.w_codes, static_cast<const uint8_t*>(p.w_scales), p.N, p.K, n0, kc, true, Bs);
       __syncthreads();
-      for (int w = 0; w < 16; ++w) {
-        int a[4], b[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) a[i] = As[ty + 16 * i][w];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) b[j] = Bs[tx + 16 * j][w];
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-          for (int j = 0; j < 4; ++j) idot[i][j] = __dp4a(a[i], b[j], idot[i][j]);
-      }
+      dp4a_words(As, Bs, ty, tx, 0, 16, idot);
       continue;
     }
     load_chunk_codes(p.a_codes, p.M, p.K, m0, kc, nvfp4, p.act_unsigned != 0, As);
@@ -839,17 +846,7 @@ __global__ void __launch_bounds__(256) gemm_portable_kernel(const PortableArgs p
       for (int i = 0; i < 4; ++i)
 #pragma unroll
         for (int j = 0; j < 4; ++j) dot[i][j] = 0;
-      for (int w = q * gs / 4; w < (q + 1) * gs / 4; ++w) {
-        int a[4], b[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) a[i] = As[ty + 16 * i][w];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) b[j] = Bs[tx + 16 * j][w];
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-          for (int j = 0; j < 4; ++j) dot[i][j] = __dp4a(a[i], b[j], dot[i][j]);
-      }
+      dp4a_words(As, Bs, ty, tx, q * gs / 4, (q + 1) * gs / 4, dot);
 #pragma unroll
       for (int i = 0; i < 4; ++i)
 #pragma unroll
