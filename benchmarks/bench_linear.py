@@ -3,38 +3,46 @@
 
     python benchmarks/bench_linear.py [--out DIR] [--quick] [--no-torchao]
 
-1. Builds / loads the op library (JIT) and reports the build time.
+Needs the package importable (``pip install -e .``, or the repository on PYTHONPATH as ``benchmarks/gpu_run.sh``
+sets it) and a CUDA GPU.
+
+1. Builds / loads the op library (JIT, ``svdquant_ops.ops.load()``) and reports the build time.
 2. Correctness on FLUX.1 layer shapes (M = 128 tokens so the scalar CPU reference stays quick): the CUDA ops
-   against the CPU ops on fresh random inputs: codes/scales bit-exact, lora_act and output errors; the Hopper
+   against the CPU ops on fresh random inputs: codes/scales bit-exact, down_act and output errors; the Hopper
    path against the portable path at M = 4608; determinism of repeated runs.
-3. Speed: the full SVDQuant linear (quantize_act + gemm_w4a4, rank 32 and rank 0, INT4, bf16 activations) and the
+3. Speed: the full SVDQuant linear (quantize_act + gemm, rank 32 and rank 0, INT4, bf16 activations) and the
    baselines, bf16 F.linear (cuBLAS) and torchao Float8DynamicActivationFloat8WeightConfig(PerRow) including its
    activation quantization, on the FLUX.1 shapes at M = 1024, 4608, 9216; the W4A8 precision (rank 32 and 0) in a
    second table of the same run. Each callable is captured in a CUDA
    graph and timed by median of replays (triton.testing.do_bench_cudagraph), which is what
    torch.compile(mode="reduce-overhead") runs; eager timings (launch overhead included) are listed as well.
    Effective TFLOP/s = 2*M*N*K / time. Ratios are to bf16 cuBLAS measured in the same run.
-Writes <date>-<gpu>-linear.md (and .json) into --out (default: $OUT, else benchmarks/results) and prints it.
+Writes <date>-<gpu>-linear.md (and .json) into --out (default: $OUT, else benchmarks/results) and prints it. Both
+start with the run's record (date, GPU, commit, dirty tree, command: benchmarks/_record.py); add a row for the new
+file to benchmarks/results/INDEX.md.
+
+Diagnostic modes: --gemm-only with schedules other than "promote" (SVDQUANT_OPS_GEMM_SCHEDULE / _EPILOGUE),
+--tile-overhead (epilogue variants) and --quantize-only with SVDQUANT_OPS_QA_CFG / _QA_SPLITS set use switches that
+exist only in a diagnostics build of the library: run them with SVDQUANT_OPS_DIAGNOSTICS=1 in the environment (a
+separate build and cache entry; ``gpu_run.sh gemm`` / ``tiles`` do this). Recorded tables come from the normal build.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
+import _record  # benchmarks/_record.py (this script's folder is first on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
 SHAPES = [(3072, 3072), (3072, 9216), (3072, 12288), (12288, 3072), (15360, 3072)]  # (K, N)
 TOKENS = [1024, 4608, 9216]
 RANK = 32
@@ -104,8 +112,8 @@ def correctness(dev, quick):
             x = torch.randn(M, K, generator=g).to(torch.bfloat16)
             t0 = time.time()
             ref_q = ops.quantize_act(x, L["smooth"], L["pd"], precision, False)
-            ref32 = ops.gemm_w4a4(ref_q[0], ref_q[1], L["wc"], L["ws"], L["gsc"], ref_q[2], L["up"], L["bias"],
-                                  precision, torch.float32, False)
+            ref32 = ops.gemm(ref_q[0], ref_q[1], L["wc"], L["ws"], L["gsc"], ref_q[2], L["up"], L["bias"],
+                             precision, torch.float32, False)
             ref16 = ref32.to(torch.bfloat16)
             t_cpu = time.time() - t0
             Ld = {k: (v.to(dev) if v is not None else None) for k, v in L.items()}
@@ -116,13 +124,13 @@ def correctness(dev, quick):
             # gemm on the CPU reference's own codes: isolates the GEMM
             args = [t.to(dev) if t is not None else None for t in
                     (ref_q[0], ref_q[1], L["wc"], L["ws"], L["gsc"], ref_q[2], L["up"], L["bias"])]
-            y32 = ops.gemm_w4a4(*args, precision, torch.float32, False)
-            y16 = ops.gemm_w4a4(*args, precision, torch.bfloat16, False)
+            y32 = ops.gemm(*args, precision, torch.float32, False)
+            y16 = ops.gemm(*args, precision, torch.bfloat16, False)
             os.environ["SVDQUANT_OPS_CUDA_PORTABLE"] = "1"
-            yp = ops.gemm_w4a4(*args, precision, torch.float32, False)
+            yp = ops.gemm(*args, precision, torch.float32, False)
             os.environ.pop("SVDQUANT_OPS_CUDA_PORTABLE")
             rows.append(dict(precision=precision, K=K, N=N, M=M, codes_bit_exact=codes_ok, scales_bit_exact=scales_ok,
-                             lora_act_rel_err=la_err, out_fp32_rel_err=rel_fro(y32, ref32),
+                             down_act_rel_err=la_err, out_fp32_rel_err=rel_fro(y32, ref32),
                              out_fp32_max_abs_err=(y32.cpu() - ref32).abs().max().item(),
                              out_bf16_max_ulp=max_ulp_diff(y16, ref16),
                              portable_fp32_rel_err=rel_fro(yp, ref32),
@@ -135,18 +143,18 @@ def correctness(dev, quick):
         L = make_layer(K, N, RANK, dev, g, precision)
         x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
         q = ops.quantize_act(x, L["smooth"], L["pd"], precision, False)
-        y = ops.gemm_w4a4(*q[:2], L["wc"], L["ws"], L["gsc"], q[2], L["up"], L["bias"], precision, torch.float32,
-                          False)
+        y = ops.gemm(*q[:2], L["wc"], L["ws"], L["gsc"], q[2], L["up"], L["bias"], precision, torch.float32,
+                     False)
         os.environ["SVDQUANT_OPS_CUDA_PORTABLE"] = "1"
         qp = ops.quantize_act(x, L["smooth"], L["pd"], precision, False)
-        yp = ops.gemm_w4a4(*q[:2], L["wc"], L["ws"], L["gsc"], q[2], L["up"], L["bias"], precision, torch.float32,
-                           False)
+        yp = ops.gemm(*q[:2], L["wc"], L["ws"], L["gsc"], q[2], L["up"], L["bias"], precision, torch.float32,
+                      False)
         os.environ.pop("SVDQUANT_OPS_CUDA_PORTABLE")
         same = all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(q[:2], qp[:2]))
         det = all(torch.equal(svdq_linear(x, L, precision).view(torch.int16), svdq_linear(x, L, precision)
                               .view(torch.int16)) for _ in range(3))
         big.append(dict(precision=precision, M=M, K=K, N=N, quantize_codes_scales_equal_portable=same,
-                        lora_act_rel_err_vs_portable=rel_fro(q[2], qp[2]), out_rel_err_vs_portable=rel_fro(y, yp),
+                        down_act_rel_err_vs_portable=rel_fro(q[2], qp[2]), out_rel_err_vs_portable=rel_fro(y, yp),
                         deterministic_3_runs=det))
         log("hopper-vs-portable", big[-1])
     return rows, big
@@ -205,16 +213,16 @@ def timing(dev, quick, use_torchao, rep_ms):
                 "svdq_r32": lambda: svdq_linear(x, L32),
                 "svdq_r0": lambda: svdq_linear(x, L0),
                 "quantize_r32": lambda: torch.ops.svdquant.quantize_act(x, L32["smooth"], L32["pd"], "int4", False),
-                "gemm_r32": lambda: torch.ops.svdquant.gemm_w4a4(q[0], q[1], L32["wc"], L32["ws"], None, q[2],
-                                                                 L32["up"], L32["bias"], "int4", torch.bfloat16,
-                                                                 False),
+                "gemm_r32": lambda: torch.ops.svdquant.gemm(q[0], q[1], L32["wc"], L32["ws"], None, q[2],
+                                                            L32["up"], L32["bias"], "int4", torch.bfloat16,
+                                                            False),
                 "w4a8_r32": lambda: svdq_linear(x, V32, "w4a8"),
                 "w4a8_r0": lambda: svdq_linear(x, V0, "w4a8"),
                 "quantize_w4a8_r32": lambda: torch.ops.svdquant.quantize_act(x, V32["smooth"], V32["pd"], "w4a8",
                                                                              False),
-                "gemm_w4a8_r32": lambda: torch.ops.svdquant.gemm_w4a4(qv[0], qv[1], V32["wc"], V32["ws"], V32["gsc"],
-                                                                      qv[2], V32["up"], V32["bias"], "w4a8",
-                                                                      torch.bfloat16, False),
+                "gemm_w4a8_r32": lambda: torch.ops.svdquant.gemm(qv[0], qv[1], V32["wc"], V32["ws"], V32["gsc"],
+                                                                 qv[2], V32["up"], V32["bias"], "w4a8",
+                                                                 torch.bfloat16, False),
             }
             if fp8 is not None:
                 fns["fp8_torchao"] = lambda: fp8(x)
@@ -241,31 +249,32 @@ def timing(dev, quick, use_torchao, rep_ms):
 # ------------------------------------------------------------------------------------------------------------------
 def report(meta, corr, big, tim):
     lines = [f"# SVDQuant linear on {meta['gpu']} ({meta['date']})", ""]
-    lines += [f"- command: `{meta['command']}`", f"- GPU: {meta['gpu']}, {meta['sms']} SMs; driver CUDA "
-              f"{meta['cuda']}; torch {meta['torch']}; triton {meta['triton']}; torchao {meta['torchao']}",
-              f"- library build (JIT, first import): {meta['build_s']:.0f} s", ""]
+    lines += _record.header_md(meta)
+    lines += [f"- software: {meta['sms']} SMs; CUDA {meta['cuda']}; torch {meta['torch']}; triton {meta['triton']}; "
+              f"torchao {meta['torchao']}",
+              f"- library: {meta['library']} build (JIT, first load: {meta['build_s']:.0f} s)", ""]
     if corr:
         lines += ["## Correctness against the CPU reference (fresh random inputs, M = 128, bf16 activations, rank 32)",
                   "",
-                  "| precision | K x N | codes bit-exact | scales bit-exact | lora_act rel err | out fp32 rel err | "
+                  "| precision | K x N | codes bit-exact | scales bit-exact | down_act rel err | out fp32 rel err | "
                   "out fp32 max abs err | out bf16 max diff (ulp + 1e-4 rms) | portable fp32 rel err | portable bit-exact |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in corr:
             lines.append(f"| {r['precision']} | {r['K']} x {r['N']} | {r['codes_bit_exact']} | {r['scales_bit_exact']}"
-                         f" | {r['lora_act_rel_err']:.2e} | {r['out_fp32_rel_err']:.2e} | {r['out_fp32_max_abs_err']:.2e}"
+                         f" | {r['down_act_rel_err']:.2e} | {r['out_fp32_rel_err']:.2e} | {r['out_fp32_max_abs_err']:.2e}"
                          f" | {r['out_bf16_max_ulp']:.2f} | {r['portable_fp32_rel_err']:.2e} | {r['portable_bit_exact']} |")
         lines += ["", "Hopper path vs portable path at M = 4608, K = N = 3072 (GPU only):", "",
-                  "| precision | quantize codes+scales equal | lora_act rel err | out rel err | deterministic (3 runs) |",
+                  "| precision | quantize codes+scales equal | down_act rel err | out rel err | deterministic (3 runs) |",
                   "|---|---|---|---|---|"]
         for r in big:
             lines.append(f"| {r['precision']} | {r['quantize_codes_scales_equal_portable']} | "
-                         f"{r['lora_act_rel_err_vs_portable']:.2e} | {r['out_rel_err_vs_portable']:.2e} | "
+                         f"{r['down_act_rel_err_vs_portable']:.2e} | {r['out_rel_err_vs_portable']:.2e} | "
                          f"{r['deterministic_3_runs']} |")
         lines.append("")
     if tim:
         lines += ["## Speed: effective TFLOP/s = 2MNK / time (CUDA-graph replay, median); ratio to bf16 cuBLAS", "",
                   "| K x N | M | bf16 | fp8 torchao (ratio) | SVDQ INT4 r32 (ratio) | SVDQ INT4 r0 (ratio) | "
-                  "branch cost r32/r0 | quantize_act us | gemm_w4a4 us | eager bf16 / SVDQ r32 us |",
+                  "branch cost r32/r0 | quantize_act us | gemm us | eager bf16 / SVDQ r32 us |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in tim:
             b = r["bf16_tflops"]
@@ -278,7 +287,7 @@ def report(meta, corr, big, tim):
         lines.append("")
         lines += ["### W4A8 (INT4 weights with two-level scales, INT8 per-token activations; Hopper format, same run)", "",
                   "| K x N | M | bf16 | SVDQ W4A8 r32 (ratio) | SVDQ W4A8 r0 (ratio) | branch cost r32/r0 | "
-                  "quantize_act us | gemm_w4a4 us | eager SVDQ W4A8 r32 us |",
+                  "quantize_act us | gemm us | eager SVDQ W4A8 r32 us |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in tim:
             b = r["bf16_tflops"]
@@ -328,8 +337,8 @@ def tile_overhead(dev, precisions):
                     L = make_layer(K, N, R, dev, g, prec)
                     x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
                     q = torch.ops.svdquant.quantize_act(x, L["smooth"], L["pd"], prec, False)
-                    fn = lambda: torch.ops.svdquant.gemm_w4a4(q[0], q[1], L["wc"], L["ws"], L["gsc"], q[2], L["up"],
-                                                              L["bias"], prec, torch.bfloat16, False)
+                    fn = lambda: torch.ops.svdquant.gemm(q[0], q[1], L["wc"], L["ws"], L["gsc"], q[2], L["up"],
+                                                         L["bias"], prec, torch.bfloat16, False)
                     ts.append(kernel_us(fn, "gemm_kernel"))
                 per_tile = np.array(ts) / rounds
                 b, a = np.polyfit(np.array(Ks) / 128, per_tile, 1)
@@ -352,17 +361,17 @@ def smoke(dev, one=False):
             L = make_layer(K, N, R, "cpu", g, precision)
             x = torch.randn(M, K, generator=g).to(torch.bfloat16)
             rq = ops.quantize_act(x, L["smooth"], L["pd"], precision, False)
-            ry = ops.gemm_w4a4(rq[0], rq[1], L["wc"], L["ws"], L["gsc"], rq[2], L["up"], L["bias"], precision,
-                               torch.float32, False)
+            ry = ops.gemm(rq[0], rq[1], L["wc"], L["ws"], L["gsc"], rq[2], L["up"], L["bias"], precision,
+                          torch.float32, False)
             Ld = {k: (v.to(dev) if v is not None else None) for k, v in L.items()}
             q = ops.quantize_act(x.to(dev), Ld["smooth"], Ld["pd"], precision, False)
-            y = ops.gemm_w4a4(*[t.to(dev) if t is not None else None for t in
-                                (rq[0], rq[1], L["wc"], L["ws"], L["gsc"], rq[2], L["up"], L["bias"])],
-                              precision, torch.float32, False)
+            y = ops.gemm(*[t.to(dev) if t is not None else None for t in
+                           (rq[0], rq[1], L["wc"], L["ws"], L["gsc"], rq[2], L["up"], L["bias"])],
+                         precision, torch.float32, False)
             torch.cuda.synchronize()
             log(f"smoke portable={portable} {precision} M={M} K={K} N={N} R={R}: codes mismatches "
                 f"{(q[0].cpu() != rq[0]).sum().item()}, scales mismatches "
-                f"{(q[1].cpu().view(torch.uint8) != rq[1].view(torch.uint8)).sum().item()}, lora rel "
+                f"{(q[1].cpu().view(torch.uint8) != rq[1].view(torch.uint8)).sum().item()}, down_act rel "
                 f"{rel_fro(q[2], rq[2]) if R else 0:.2e}, out rel {rel_fro(y, ry):.2e}")
     os.environ.pop("SVDQUANT_OPS_CUDA_PORTABLE", None)
 
@@ -372,13 +381,16 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="only the quick smoke check")
     ap.add_argument("--smoke-one", action="store_true", help="only one tiny INT4 case (for compute-sanitizer)")
     ap.add_argument("--quantize-only", action="store_true", help="only time quantize_act at M=4608, all K")
-    ap.add_argument("--gemm-only", action="store_true", help="only time gemm_w4a4 at M=4608 per --schedules")
+    ap.add_argument("--gemm-only", action="store_true", help="only time gemm at M=4608 per --schedules "
+                    "(needs SVDQUANT_OPS_DIAGNOSTICS=1 unless --schedules is just promote)")
     ap.add_argument("--tile-overhead", action="store_true", help="only the sm90 GEMM kernel's time (no prep) at "
-                    "M=4608, N=3072 over K, R and epilogue, fit as per-tile fixed cost + per-stage cost")
+                    "M=4608, N=3072 over K, R and epilogue, fit as per-tile fixed cost + per-stage cost "
+                    "(needs SVDQUANT_OPS_DIAGNOSTICS=1)")
     ap.add_argument("--breakdown", action="store_true", help="only per-kernel device times of the linear (profiler)")
     ap.add_argument("--profile", action="store_true", help="only run the FLUX 3072x3072 M=4608 linear a few times "
                     "(for ncu)")
-    ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "results"),
+                    help="folder for <date>-<gpu>-linear.md/.json (default: $OUT, else benchmarks/results)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-torchao", action="store_true")
     ap.add_argument("--no-correctness", action="store_true")
@@ -387,13 +399,29 @@ def main():
     ap.add_argument("--precision", default="int4", choices=["int4", "nvfp4", "w4a8"],
                     help="--quantize-only / --breakdown: the precision to run")
     ap.add_argument("--schedules", default="promote,skeleton",
-                    help="--gemm-only: comma-separated SVDQUANT_OPS_GEMM_SCHEDULE values to time")
+                    help="--gemm-only: comma-separated SVDQUANT_OPS_GEMM_SCHEDULE values to time, each optionally "
+                    "with +direct (register -> global epilogue); all but plain promote are diagnostics")
     args = ap.parse_args()
+    diagnostics = os.environ.get("SVDQUANT_OPS_DIAGNOSTICS") == "1"
+    needs = []
+    if args.gemm_only and any(v.strip() != "promote" for v in args.schedules.split(",")):
+        needs.append(f"--gemm-only --schedules {args.schedules} (SVDQUANT_OPS_GEMM_SCHEDULE / _EPILOGUE)")
+    if args.tile_overhead:
+        needs.append("--tile-overhead (SVDQUANT_OPS_GEMM_EPILOGUE=direct|none)")
+    qa_knobs = [k for k in ("SVDQUANT_OPS_QA_CFG", "SVDQUANT_OPS_QA_SPLITS") if os.environ.get(k)]
+    if qa_knobs:
+        needs.append(" / ".join(qa_knobs) + " (quantize_act configurations)")
+    if needs and not diagnostics:
+        sys.exit("bench_linear.py: " + "; ".join(needs) + ": these switches exist only in a diagnostics build of "
+                 "the op library. Run with SVDQUANT_OPS_DIAGNOSTICS=1 in the environment (it is read when the library is built and "
+                 "keys its own build cache), e.g. `bash benchmarks/gpu_run.sh gemm` or `... tiles`.")
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     dev = torch.device("cuda")
+    rec = _record.record(torch.cuda.get_device_name(0))
     t0 = time.time()
-    import svdquant_ops  # noqa: F401  (JIT build)
+    import svdquant_ops.ops
 
+    svdquant_ops.ops.load()  # JIT build (or the cached build) of the op library; registers torch.ops.svdquant
     build_s = time.time() - t0
     try:
         import triton
@@ -406,10 +434,12 @@ def main():
     except Exception:  # noqa: BLE001
         aov = "n/a"
     prop = torch.cuda.get_device_properties(0)
-    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), gpu=prop.name,
-                sms=prop.multi_processor_count, cuda=torch.version.cuda, torch=torch.__version__, triton=tv,
-                torchao=aov, build_s=build_s, command="python " + " ".join(sys.argv), host=platform.node())
+    meta = dict(rec, sms=prop.multi_processor_count, cuda=torch.version.cuda, torch=torch.__version__, triton=tv,
+                torchao=aov, build_s=build_s, library="diagnostics" if diagnostics else "normal")
     log("meta", meta)
+    if diagnostics and not (needs or args.smoke or args.smoke_one or args.profile):
+        log("warning: SVDQUANT_OPS_DIAGNOSTICS=1: timing the diagnostics build, not the shipped one (recorded in the "
+            "result's header)")
     if args.quantize_only:
         g = torch.Generator().manual_seed(3)
         for K, N in SHAPES:
@@ -423,7 +453,7 @@ def main():
                 f"SVDQUANT_OPS_QA_SPLITS={os.environ.get('SVDQUANT_OPS_QA_SPLITS', 'auto')})")
         return
     if args.gemm_only:
-        # gemm_w4a4 alone (prep included) at M = 4608 under each SVDQUANT_OPS_GEMM_SCHEDULE (read per call), next to
+        # gemm alone (prep included) at M = 4608 under each SVDQUANT_OPS_GEMM_SCHEDULE (read per call), next to
         # bf16 cuBLAS; "skeleton*" are diagnostics without the promotion (wrong results, feed speed only).
         g = torch.Generator().manual_seed(3)
         shapes = SHAPES if not args.quick else [(3072, 3072), (3072, 12288)]
@@ -439,8 +469,8 @@ def main():
                 sched, _, epi = variant.partition("+")
                 os.environ["SVDQUANT_OPS_GEMM_SCHEDULE"] = sched
                 os.environ["SVDQUANT_OPS_GEMM_EPILOGUE"] = epi or "tma"
-                fn = lambda: torch.ops.svdquant.gemm_w4a4(q[0], q[1], L["wc"], L["ws"], None, q[2], L["up"],
-                                                          L["bias"], "int4", torch.bfloat16, False)
+                fn = lambda: torch.ops.svdquant.gemm(q[0], q[1], L["wc"], L["ws"], None, q[2], L["up"],
+                                                     L["bias"], "int4", torch.bfloat16, False)
                 fn()
                 ms = bench_graph(fn, args.rep_ms)
                 row.append(f"{variant} {ms * 1e3:.1f} us ({2 * 4608 * N * K / ms / 1e9:.0f} TF)")
@@ -493,11 +523,13 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     gpu_tag = "h100" if "H100" in prop.name else ("h200" if "H200" in prop.name else prop.name.replace(" ", "_"))
-    stem = f"{datetime.date.today().isoformat()}-{gpu_tag}-linear"
+    stem = f"{meta['date'][:10]}-{gpu_tag}-linear"
     (out / f"{stem}.md").write_text(md)
     (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, correctness=corr, hopper_vs_portable=big,
                                                       timing=tim), indent=1, default=str))
     print(md)
+    log(f"wrote {out / stem}.md/.json (commit {meta['commit']}, dirty: {meta['dirty']}); add its row to "
+        "benchmarks/results/INDEX.md")
 
 
 if __name__ == "__main__":

@@ -2,29 +2,29 @@
 
 One run does: calibration recording of 128 samples x 4608 tokens through the q/k/v group (timed per sample),
 then the solve of every distinct FLUX.1 group shape (default config; also GPTQ and exact SVD for q/k/v), and
-prints / writes a markdown table with the projection for 19 double + 38 single blocks.
+prints / writes a markdown table with the projection for 19 double + 38 single blocks. The report starts with the
+run's record (date, device, commit, dirty tree, command: benchmarks/_record.py).
 
-    python benchmarks/bench_quantize.py --out benchmarks/results/quantize.md         # GPU
-    python benchmarks/bench_quantize.py --small                                      # CPU smoke test
+    python benchmarks/bench_quantize.py --out benchmarks/results/<date>-h200-quantize-time.md   # GPU
+    python benchmarks/bench_quantize.py --small                                                # CPU smoke test
+
+Needs the package importable (``pip install -e .``, or the repository on PYTHONPATH as ``benchmarks/gpu_run.sh``
+sets it) and torchao. The algorithm uses torch ops only: ``SVDQUANT_OPS_NO_CUDA=1`` skips the CUDA op build.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import platform
-import sys
 import time
 
 import torch
 from torch import nn
+from torchao.quantization import quantize_
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from torchao.quantization import quantize_  # noqa: E402
-
-from svdquant_ops import SVDQuantConfig, calibrate  # noqa: E402
+import _record  # benchmarks/_record.py (this script's folder is first on sys.path)
+from svdquant_ops import SVDQuantConfig, calibrate
 
 
 class Group(nn.Module):
@@ -77,6 +77,8 @@ FLUX_GROUPS = [
 
 def run(args) -> str:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    rec = _record.record(gpu)
     scale = 16 if args.small else 1
     samples = 4 if args.small else args.samples
     rows = []
@@ -128,10 +130,8 @@ def run(args) -> str:
     # per_sample_ms per group per sample (measured above for the biggest input).
     n_groups = sum(r[3] for r in rows)
     hook_overhead = n_groups * samples * per_sample_ms / 1e3
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
-    out = [f"# SVDQuant calibrated quantization time, {datetime.date.today()}",
-           "", f"- device: {gpu}; torch {torch.__version__}; command: `python benchmarks/bench_quantize.py "
-           f"{' '.join(sys.argv[1:])}`",
+    out = [f"# SVDQuant calibrated quantization time, {rec['date'][:10]}", ""] + _record.header_md(rec) + [
+           f"- software: torch {torch.__version__}",
            f"- config: default SVDQuantConfig (int4, rank 32, 39-point smoothing grid, svd_lowrank, low-rank refit "
            f"<= 100 rounds with early stop, RTN), max_rows={args.max_rows}" + (" (SMALL smoke run: sizes / 16)"
                                                                                 if args.small else ""),

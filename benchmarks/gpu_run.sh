@@ -1,31 +1,59 @@
 #!/usr/bin/env bash
-# One device call's worth of GPU work (see benchmarks/NOTES_kernels.md): fresh JIT build, the GPU tests, then the
-# timing steps named on the command line. Usage (from the repository root on the GPU machine):
-#   bash benchmarks/gpu_run.sh tests gemm quantize full
-#     tests     pytest tests/test_cuda_ops.py tests/test_cuda_model.py (fresh seed unless SVDQ_TEST_SEED is set)
-#     gemm      bench_linear.py --gemm-only over $SCHEDULES (default promote,skeleton)
-#     quantize  bench_linear.py --quantize-only
+# One device call's worth of GPU work (benchmarks/README.md): fresh JIT build, the GPU tests, then the timing steps
+# named on the command line. Usage (from the repository root on the GPU machine):
+#   SVDQUANT_COMMIT=<full hash> SVDQUANT_DIRTY=<0|1> bash benchmarks/gpu_run.sh tests gemm quantize full
+#     tests     pytest tests/test_cuda_*.py (fresh seed unless SVDQ_TEST_SEED is set)
+#     gemm      bench_linear.py --gemm-only over $SCHEDULES (default promote,skeleton)            [diagnostics build]
+#     quantize  bench_linear.py --quantize-only ([diagnostics build] when SVDQUANT_OPS_QA_CFG / _QA_SPLITS are set)
 #     tiles     bench_linear.py --tile-overhead (GEMM kernel time split into per-tile fixed + per-stage cost)
+#                                                                                                 [diagnostics build]
 #     full      bench_linear.py --out $OUT (the recorded table)
-#     probe     benchmarks/probes/overlap_probe.cu: tensor-core vs FP32 promotion overlap (NOTES, session 4)
-# torchao comes from a wheel carried in .whl/ (benchmarks need it for the fp8 baseline; see ../shared/tools/gpu-wheels).
+#     probe     benchmarks/probes/overlap_probe.cu: tensor-core vs FP32 promotion overlap (HISTORY.md, session 4)
+# The device machine gets a copy of the working tree without .git, so the results cannot ask git which commit they
+# measured: the caller passes it, computed on its own machine, in SVDQUANT_COMMIT (git rev-parse HEAD) and
+# SVDQUANT_DIRTY (1 when git status --porcelain prints anything, else 0); benchmarks/_record.py writes both into
+# every result. Without them the results say "unknown".
+# Steps marked [diagnostics build] run with SVDQUANT_OPS_DIAGNOSTICS=1: a second build of the op library (its own
+# cache entry) with the schedule / epilogue / quantize_act switches; every other step uses the normal build. Each
+# step is its own process, so each loads exactly one of the two builds.
+# torchao, diffusers, accelerate and expecttest come from wheels carried in .whl/ (../shared/tools/gpu-wheels, plus
+# accelerate and psutil downloaded the same way).
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 export SVDQUANT_OPS_CACHE=${SVDQUANT_OPS_CACHE:-/tmp/svdq_cache_$$}
-if ls .whl/torchao*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/torchao*.whl 2>/dev/null || true
+export SVDQUANT_RUN_COMMAND="bash benchmarks/gpu_run.sh $*"
+export SVDQUANT_COMMIT=${SVDQUANT_COMMIT:-} SVDQUANT_DIRTY=${SVDQUANT_DIRTY:-}
+unset SVDQUANT_OPS_DIAGNOSTICS  # only the steps below that need it set it
+if ls .whl/*.whl >/dev/null 2>&1; then  # torchao, diffusers, accelerate, expecttest: ../shared/tools/gpu-wheels
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $(ls .whl/*.whl | grep -v cutlass) \
+    2>/dev/null || true
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the package from this tree (no pip install on the device)
+if git rev-parse HEAD >/dev/null 2>&1; then
+  echo "commit $(git rev-parse HEAD) (git)"
+elif [[ -n "$SVDQUANT_COMMIT" ]]; then
+  echo "commit $SVDQUANT_COMMIT dirty ${SVDQUANT_DIRTY:-unknown} (passed by the caller)"
+else
+  echo "warning: no .git here and SVDQUANT_COMMIT not set: results will record commit 'unknown'" >&2
 fi
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader || true
 t0=$(date +%s)
-python3 -c "import svdquant_ops, torch; print('build ok', torch.__version__)"
+python3 -c "import svdquant_ops.ops as o, torch; o.load(); print('build ok', torch.__version__)"
 echo "build_s $(( $(date +%s) - t0 ))"
 for step in "$@"; do
   case "$step" in
-    tests) python3 -m pytest tests/test_cuda_ops.py tests/test_cuda_model.py -q -x -p no:cacheprovider ;;
-    gemm) python3 benchmarks/bench_linear.py --gemm-only --schedules "${SCHEDULES:-promote,skeleton}" ${GEMM_ARGS:-} ;;
-    quantize) python3 benchmarks/bench_linear.py --quantize-only ;;
-    tiles) python3 benchmarks/bench_linear.py --tile-overhead ;;
+    tests) python3 -m pytest tests/test_cuda_ops.py tests/test_cuda_model.py tests/test_cuda_moves.py -q \
+             -p no:cacheprovider -rfEs ;;
+    gemm) SVDQUANT_OPS_DIAGNOSTICS=1 python3 benchmarks/bench_linear.py --gemm-only \
+            --schedules "${SCHEDULES:-promote,skeleton}" ${GEMM_ARGS:-} ;;
+    quantize)
+      if [[ -n "${SVDQUANT_OPS_QA_CFG:-}${SVDQUANT_OPS_QA_SPLITS:-}" ]]; then
+        SVDQUANT_OPS_DIAGNOSTICS=1 python3 benchmarks/bench_linear.py --quantize-only
+      else
+        python3 benchmarks/bench_linear.py --quantize-only
+      fi ;;
+    tiles) SVDQUANT_OPS_DIAGNOSTICS=1 python3 benchmarks/bench_linear.py --tile-overhead ;;
     full) python3 benchmarks/bench_linear.py --out "${OUT:-benchmarks/results}" ${FULL_ARGS:-} ;;
     probe)
       inc=$(python3 -c "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))")

@@ -1,6 +1,6 @@
 // Probe: do fp8 wgmma (tensor cores) and FP32 promotion work (FMUL + FFMA per element) overlap on Hopper?
 // Operands sit still in shared memory (no TMA), so only the tensor cores and the FP32 pipes are measured.
-// One block of 2 warpgroups per SM; each warpgroup owns 64 rows of a 128 x 128 tile, as in gemm_w4a4's kernel.
+// One block of 2 warpgroups per SM; each warpgroup owns 64 rows of a 128 x 128 tile, as in the sm90 GEMM kernel.
 // Modes (per iteration = one 128-channel stage of the real kernel: 8 x m64n128k32 fp8 MMAs per SM = 4.19 MFLOP):
 //   0 mma      both warpgroups: 4 MMAs into one accumulator, wait                       (tensor-core time alone)
 //   1 fp       both: 2 groups x 64 elements x (FMUL + FFMA), weight scales by LDS.128     (promotion alone)
@@ -21,6 +21,7 @@
 // Then check_outer_products(): are the tensor-core scale products of mode 10 bit-identical to one fp32 FMUL?
 // Build and run (GPU machine): nvcc -std=c++17 -O3 -arch=sm_90a -I<torch includes> -I svdquant_ops/csrc
 //   benchmarks/probes/overlap_probe.cu -o /tmp/overlap_probe -lcuda && /tmp/overlap_probe   (or gpu_run.sh probe)
+// Results: benchmarks/results/2026-11-21-h200-overlap-probe.md; what they mean: benchmarks/HISTORY.md, session 4.
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
