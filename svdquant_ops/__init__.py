@@ -1,43 +1,51 @@
-"""svdquant_ops: SVDQuant W4A4 linear layers as torch.library ops, torch.compile-native.
+"""svdquant_ops: SVDQuant 4-bit linear layers for PyTorch diffusion models, torch.compile-native.
 
-Data flows quantize (offline, ``svdquant_ops.quantize``) -> storage (``SVDQuantTensor``, packed ``layout``) ->
-ops (``ops``: C++/CUDA kernels in ``csrc``, fake kernels in ``meta``) -> integrations.
+Layers, each importing only the ones before it (the data flow):
 
-``SVDQuantConfig``, ``SVDQuantTensor`` and the serialization helpers need torchao (``pip install
-'svdquant-ops[torchao]'``); the ops alone need only torch.
+1. formats and packing: ``formats``, ``layout``, ``quantizers`` (rounding rules per format)
+2. storage: ``storage`` (``SVDQuantTensor``, the ``SVDQuantParts`` it is built from, serialization)
+3. ops: ``ops`` (typed wrappers over ``torch.ops.svdquant``, built on first use from ``csrc``; fake kernels in
+   ``meta``), and the ``F.linear`` dispatch of ``SVDQuantTensor``
+4. the offline algorithm: ``quantize`` (``SVDQuantConfig``, the torchao handler, calibration, solver)
+5. integrations: ``integrations`` (model-family rules, ``quantize_model``, ``calibrate``)
+
+Importing the package registers the storage, its serialization allowlists and the ops' dispatch (loading and
+running a saved model needs nothing more); it compiles nothing. The rest of the public API is imported on first
+access.
 """
 
-from . import formats, layout
-from .ops import gemm_w4a4, linear, quantize_act
+from . import formats, layout, ops
+from .storage import SVDQuantTensor
+from .storage import serialization as _serialization
+
+_serialization.register()
 
 __version__ = "0.1.0"
 
-_TORCHAO_NAMES = {
-    "SVDQuantConfig": "config",
-    "SVDQuantTensor": "tensor",
-    "DEFAULT_SKIP": "config",
-    "name_modules": "config",
-    "calibrate": "quantize.calibration",
-    "save_file": "serialization",
-    "load_file": "serialization",
+_LAZY = {
+    "SVDQuantConfig": "svdquant_ops.quantize.config",
+    "quantize_weight": "svdquant_ops.quantize.decompose",
+    "quantize_model": "svdquant_ops.integrations.api",
+    "QuantizeSummary": "svdquant_ops.integrations.api",
+    "calibrate": "svdquant_ops.integrations.api",
+    "prepare_model": "svdquant_ops.integrations.diffusers",
+    "save_file": "svdquant_ops.storage.serialization",
+    "load_file": "svdquant_ops.storage.serialization",
 }
 
-try:  # torchao present: register the public API and the serialization allowlists at import
-    from .config import DEFAULT_SKIP, SVDQuantConfig, name_modules
-    from .quantize.calibration import calibrate
-    from .serialization import load_file, save_file
-    from .tensor import SVDQuantTensor
-    from . import serialization as _serialization
 
-    _serialization.register()
-except ModuleNotFoundError as _exc:  # pragma: no cover - exercised only without torchao
-    if _exc.name is None or not _exc.name.startswith("torchao"):
-        raise
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
 
-    def __getattr__(name):
-        if name in _TORCHAO_NAMES:
-            raise ImportError(f"svdquant_ops.{name} needs torchao: pip install 'svdquant-ops[torchao]'")
-        raise AttributeError(f"module 'svdquant_ops' has no attribute {name!r}")
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'svdquant_ops' has no attribute {name!r}")
 
 
-__all__ = ["formats", "layout", "quantize_act", "gemm_w4a4", "linear", "__version__", *_TORCHAO_NAMES]
+def __dir__():
+    return sorted([*globals(), *_LAZY])
+
+
+__all__ = ["formats", "layout", "ops", "SVDQuantTensor", "__version__", *_LAZY]

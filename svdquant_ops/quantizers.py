@@ -1,5 +1,5 @@
-"""Round-to-nearest quantizers of the three formats (int4, nvfp4, w4a8), in PyTorch, for weights (offline) and
-activations (fake-quant in the calibration loop).
+"""Round-to-nearest rules of the three formats (int4, nvfp4, w4a8) in PyTorch: weights (offline), activations
+(fake-quant in the calibration loop) and dequantization (storage inspection).
 
 They follow the same rules as the C++ kernels (``csrc/formats.h``): the activation quantizer here produces exactly
 the codes and scales of ``svdquant::quantize_act`` (tested), so fake-quantized activations in the algorithm are the
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import (
+from .formats import (
     ACT_SHIFT,
     E2M1_BOUNDS,
     FP8_E4M3_MAX,
@@ -26,7 +26,7 @@ from ..formats import (
     W4A8_MULT_MAX,
     check_precision,
 )
-from ..layout import e2m1_decode
+from .layout import e2m1_decode
 
 
 def _groups(x: torch.Tensor, group: int) -> torch.Tensor:
@@ -153,7 +153,7 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, precision: str,
     return out
 
 
-def quantize_weight(w: torch.Tensor, precision: str, scale_dtype: torch.dtype, *, per_channel_global: bool = False):
+def rtn_weight(w: torch.Tensor, precision: str, scale_dtype: torch.dtype, *, per_channel_global: bool = False):
     """RTN weight quantization. Returns (codes [N, K], scales [N, K/g], global_scale or None).
 
     int4: scales in ``scale_dtype``, no global scale. nvfp4: fp8 micro-scales and an fp32 global scale ([1], or [N]
@@ -171,7 +171,7 @@ def quantize_weight(w: torch.Tensor, precision: str, scale_dtype: torch.dtype, *
 
 
 def fake_quant_weight(w: torch.Tensor, precision: str, scale_dtype: torch.dtype) -> torch.Tensor:
-    codes, scales, gsc = quantize_weight(w, precision, scale_dtype)
+    codes, scales, gsc = rtn_weight(w, precision, scale_dtype)
     return dequantize(codes, scales, precision, gsc)
 
 
@@ -181,7 +181,7 @@ def smooth_act(x: torch.Tensor, smooth: torch.Tensor, *, unsigned: bool = False)
     return ((xf + ACT_SHIFT) if unsigned else xf) / smooth.float()
 
 
-def quantize_act(x: torch.Tensor, smooth: torch.Tensor, precision: str, *, unsigned: bool = False):
+def rtn_act(x: torch.Tensor, smooth: torch.Tensor, precision: str, *, unsigned: bool = False):
     """The codes and scales ``svdquant::quantize_act`` produces (INT4 / W4A8 scales in x's dtype), unpacked.
 
     W4A8: int8 codes [..., K] and one scale per token [..., 1]; ``unsigned`` is not defined for it.
@@ -199,7 +199,7 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor, precision: str, *, unsig
 
 def fake_quant_act(x: torch.Tensor, smooth: torch.Tensor, precision: str, *, unsigned: bool = False) -> torch.Tensor:
     """Q(x_hat) dequantized, in fp32: what the quantized path of the deployed layer multiplies with Q(R)."""
-    codes, scales = quantize_act(x, smooth, precision, unsigned=unsigned)
+    codes, scales = rtn_act(x, smooth, precision, unsigned=unsigned)
     if precision == W4A8:
         return codes.float() * scales.float()
     return dequantize(codes, scales, precision)

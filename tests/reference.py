@@ -30,7 +30,7 @@ def e2m1_value(code: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_act(x, smooth, proj_down, precision, act_unsigned=False):
-    """-> (codes int64 [..., K] (signed ints / uint4 / e2m1 patterns), scales (scale dtype), lora_act float64)."""
+    """-> (codes int64 [..., K] (signed ints / uint4 / e2m1 patterns), scales (scale dtype), down_act float64)."""
     K = x.shape[-1]
     if precision == "w4a8":
         return _quantize_act_w4a8(x, smooth, proj_down)
@@ -59,8 +59,8 @@ def quantize_act(x, smooth, proj_down, precision, act_unsigned=False):
         sf = s.float().unsqueeze(-1)
         codes = e2m1_nearest(grp / sf)
         codes = torch.where(sf == 0, torch.zeros_like(codes), codes)
-    lora = x.double().reshape(-1, K) @ proj_down.double()
-    return codes.reshape(*x.shape[:-1], K), s, lora.reshape(*x.shape[:-1], proj_down.shape[1])
+    down = x.double().reshape(-1, K) @ proj_down.double()
+    return codes.reshape(*x.shape[:-1], K), s, down.reshape(*x.shape[:-1], proj_down.shape[1])
 
 
 def _quantize_act_w4a8(x, smooth, proj_down):
@@ -75,8 +75,8 @@ def _quantize_act_w4a8(x, smooth, proj_down):
     sf = s.float()
     q = torch.round(xh / sf).clamp(-127.0, 127.0)
     q = torch.where((sf == 0) | torch.isnan(q), torch.zeros_like(q), q)
-    lora = x.double().reshape(-1, K) @ proj_down.double()
-    return q.long(), s, lora.reshape(*x.shape[:-1], proj_down.shape[1])
+    down = x.double().reshape(-1, K) @ proj_down.double()
+    return q.long(), s, down.reshape(*x.shape[:-1], proj_down.shape[1])
 
 
 def quantize_w4a8_weight(w):
@@ -94,6 +94,14 @@ def quantize_w4a8_weight(w):
     return q.reshape(N, K).long(), m.long(), s
 
 
+def unpack_nibbles(packed: torch.Tensor, signed: bool) -> torch.Tensor:
+    """uint8 [..., K/2] -> int64 [..., K]: element 2i in the low nibble of byte i, 2i+1 in the high nibble
+    (layout version 1); signed: two's complement 4-bit (-8..7), else 0..15 (also the e2m1 bit patterns)."""
+    b = packed.long()
+    v = torch.stack([b & 0xF, b >> 4], dim=-1).flatten(-2)
+    return torch.where(v >= 8, v - 16, v) if signed else v
+
+
 def code_values(codes: torch.Tensor, precision: str) -> torch.Tensor:
     """Integer / e2m1 codes -> float64 values before scaling."""
     return e2m1_value(codes) if precision == "nvfp4" else codes.double()
@@ -104,8 +112,8 @@ def dequantize(values: torch.Tensor, scales: torch.Tensor, group: int) -> torch.
     return values.double() * rep
 
 
-def gemm(a_vals, a_scales, w_vals, w_scales, global_scale, lora_act, proj_up, bias, precision):
-    """float64 y = deq(a) deq(w)^T [* global] + lora_act proj_up^T + bias; returns (y, magnitude bound).
+def gemm(a_vals, a_scales, w_vals, w_scales, global_scale, down_act, proj_up, bias, precision):
+    """float64 y = deq(a) deq(w)^T [* global] + down_act proj_up^T + bias; returns (y, magnitude bound).
 
     w4a8: a_scales [M, 1] (per token), w_scales the integer multipliers [N, K/64], global_scale s [N]."""
     gs = 16 if precision == "nvfp4" else 64
@@ -114,8 +122,8 @@ def gemm(a_vals, a_scales, w_vals, w_scales, global_scale, lora_act, proj_up, bi
     if global_scale is not None:
         w = w * global_scale.double().reshape(-1, 1)
     up = proj_up.double()
-    y = a @ w.T + lora_act.double() @ up.T
-    mag = a.abs() @ w.abs().T + lora_act.double().abs() @ up.abs().T
+    y = a @ w.T + down_act.double() @ up.T
+    mag = a.abs() @ w.abs().T + down_act.double().abs() @ up.abs().T
     if bias is not None:
         y = y + bias.double()
         mag = mag + bias.double().abs()

@@ -12,12 +12,12 @@ from torch import nn
 from torchao.quantization import quantize_
 
 from svdquant_ops import SVDQuantConfig, SVDQuantTensor, calibrate
-from svdquant_ops.quantize import quantizers as q
+from svdquant_ops import quantizers as q
 from svdquant_ops.quantize.calibration import RECORD_ATTR
 from svdquant_ops.quantize.gptq import gptq_quantize
 from svdquant_ops.quantize.solve import smoothing_candidates, solve_group
 
-from .conftest import flux_inputs, sqnr_db, tiny_flux
+from .builders import flux_inputs, sqnr_db, tiny_flux
 
 K, N = 256, 256
 
@@ -93,7 +93,7 @@ def test_gptq_halves_the_weight_error_it_optimizes(precision):
     w = torch.randn(128, 256, generator=g)
     mix = torch.randn(256, 256, generator=g) * 0.3 + torch.eye(256)
     x_cal, x_test = torch.randn(2048, 256, generator=g) @ mix, torch.randn(1024, 256, generator=g) @ mix
-    codes, scales, gsc = q.quantize_weight(w, precision, torch.float32)
+    codes, scales, gsc = q.rtn_weight(w, precision, torch.float32)
     rtn = q.dequantize(codes, scales, precision, gsc)
     g_codes, g_scales = gptq_quantize(w, x_cal.T @ x_cal, precision, scales, gsc)
     if precision != "w4a8":
@@ -154,7 +154,7 @@ def test_gptq_end_to_end_w4a8():
                 for x in calib:
                     qm(x)
         quantize_(qm, SVDQuantConfig(precision="w4a8", **cfg))
-        assert qm.weight.precision == "w4a8" and int(qm.weight.wscales.max()) <= 18
+        assert qm.weight.precision == "w4a8" and int(qm.weight.scales.max()) <= 18
         with torch.inference_mode():
             errs[name] = float((qm(test).double() - ref).pow(2).sum())
     print(f"\nW4A8 held-out error: RTN {errs['rtn']:.4g}, GPTQ {errs['gptq']:.4g}")
@@ -205,8 +205,8 @@ def test_w4a8_calibrated_tiny_flux_groups_and_no_unsigned_activations():
     attn = model.transformer_blocks[0].attn
     q, k, v = attn.to_q.weight, attn.to_k.weight, attn.to_v.weight
     assert q.precision == "w4a8" and torch.equal(q.smooth, k.smooth) and torch.equal(q.proj_down, v.proj_down)
-    assert q.wglobal.shape == (q.shape[0],) and q.wscales.dtype == torch.uint8
-    assert not torch.equal(q.wglobal, k.wglobal)  # its own rows of the stacked q/k/v scale, not a shared copy
+    assert q.global_scale.shape == (q.shape[0],) and q.scales.dtype == torch.uint8
+    assert not torch.equal(q.global_scale, k.global_scale)  # its own rows of the stacked q/k/v scale, not a shared copy
     ff2 = model.transformer_blocks[0].ff.net[2].weight
     assert isinstance(ff2, SVDQuantTensor) and ff2.precision == "w4a8"
     assert not ff2.act_unsigned and ff2.bias_correction is None
@@ -226,7 +226,7 @@ def test_gptq_w4a8_multipliers_follow_the_updated_weights(act_order):
     x = torch.randn(1024, 256, generator=g) @ mix
     h = x.T @ x
     h[:, 17] = h[17, :] = 0  # a dead input channel
-    codes, m, s = q.quantize_weight(w, "w4a8", torch.float32)
+    codes, m, s = q.rtn_weight(w, "w4a8", torch.float32)
     c1, m1 = gptq_quantize(w, h, "w4a8", m, s, block=1, act_order=act_order)
     for block in (100, 128):  # block boundaries inside a group and on one
         c, mb = gptq_quantize(w, h, "w4a8", m, s, block=block, act_order=act_order)
@@ -251,7 +251,7 @@ def test_gptq_with_too_few_rows_falls_back_to_rtn(layer_and_data, caplog):
             quantize_(q, SVDQuantConfig(**cfg))
         outs.append(q.weight)
     assert any("GPTQ needs a Hessian from at least 2K = 512 rows but only 300" in r.message for r in caplog.records)
-    assert torch.equal(outs[0].qweight, outs[1].qweight)
+    assert torch.equal(outs[0].codes, outs[1].codes)
 
 
 def test_fast_svd_lands_close_to_exact(layer_and_data):
@@ -293,7 +293,7 @@ def test_calibrated_nvfp4_per_channel_scale(layer_and_data):
         with torch.no_grad():
             q(calib[0])
     quantize_(q, SVDQuantConfig(precision="nvfp4", nvfp4_per_channel_scale=True))
-    assert q.weight.wglobal.shape == (N,)
+    assert q.weight.global_scale.shape == (N,)
 
 
 def test_group_members_with_different_configs_are_refused():
@@ -338,10 +338,10 @@ def test_records_are_freed_and_detached_after_quantize():
 
 
 def test_calibrating_a_submodule_keeps_full_names():
-    from svdquant_ops import name_modules
+    from svdquant_ops import prepare_model
 
     model = tiny_flux()
-    name_modules(model)
+    prepare_model(model)
     blk = model.single_transformer_blocks[0]
     with calibrate(blk):
         with torch.no_grad():

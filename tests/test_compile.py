@@ -8,9 +8,9 @@ import torch._dynamo
 from torch._dynamo.testing import CompileCounterWithBackend
 from torchao.quantization import quantize_
 
-from svdquant_ops import SVDQuantConfig, name_modules
+from svdquant_ops import SVDQuantConfig, prepare_model
 
-from .conftest import flux_inputs, tiny_flux
+from .builders import flux_inputs, tiny_flux
 
 
 @pytest.fixture(autouse=True)
@@ -63,7 +63,7 @@ def test_dynamic_token_count_single_graph(mlp):
 
 def test_tiny_flux_fullgraph_one_frame():
     model = tiny_flux()
-    name_modules(model)
+    prepare_model(model)
     quantize_(model, SVDQuantConfig())
     cnt = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, fullgraph=True, backend=cnt)

@@ -13,9 +13,9 @@ import torch._dynamo
 from torch._dynamo.testing import CompileCounterWithBackend
 from torchao.quantization import quantize_
 
-from svdquant_ops import SVDQuantConfig, SVDQuantTensor, calibrate, name_modules
+from svdquant_ops import SVDQuantConfig, SVDQuantTensor, calibrate, prepare_model
 
-from .conftest import MLP, sqnr_db
+from .builders import MLP, sqnr_db
 
 
 class GeluMLP(torch.nn.Module):
@@ -28,29 +28,32 @@ class GeluMLP(torch.nn.Module):
         return self.net(x)
 
 
-@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
-def test_quantized_model_on_gpu_matches_cpu_and_graphs(precision):
+# Accuracy against the bf16 model (random weights, 4-batch calibration; measured on the CPU path, which the GPU
+# matches to > 40 dB): int4 15.9 dB, nvfp4 15.5 dB, w4a8 19.3 dB (8-bit activations: only the weights' error).
+@pytest.mark.parametrize("precision,min_sqnr", [("int4", 14.0), ("nvfp4", 14.0), ("w4a8", 17.0)])
+def test_quantized_model_on_gpu_matches_cpu_and_graphs(precision, min_sqnr):
     torch.manual_seed(0)
     model = GeluMLP().to(torch.bfloat16).eval()
     x = torch.randn(3, 77, 512).to(torch.bfloat16)
     with torch.no_grad():
         ref = model(x)
-    name_modules(model)  # net.2 is GELU-fed: unsigned INT4 (bias correction) for int4
+    prepare_model(model)  # net.2 is GELU-fed: unsigned INT4 (bias correction) for int4
     with calibrate(model):
         with torch.no_grad():
             model(torch.randn(4, 77, 512).to(torch.bfloat16))
     quantize_(model, SVDQuantConfig(precision=precision, device="cpu", lowrank_iters=4))
-    assert isinstance(model.net[2].weight, SVDQuantTensor)
+    assert isinstance(model.net[2].weight, SVDQuantTensor) and model.net[2].weight.precision == precision
+    assert model.net[2].weight.act_unsigned == (precision == "int4")  # nvfp4 and w4a8 have no unsigned variant
     with torch.inference_mode():
         y_cpu = model(x)
     model.cuda()
-    assert model.net[0].weight.qweight.is_cuda and model.net[2].weight.device.type == "cuda"
+    assert model.net[0].weight.codes.is_cuda and model.net[2].weight.device.type == "cuda"
     xc = x.cuda()
     with torch.inference_mode():
         y_gpu = model(xc)
         # Same codes and scales on both devices; only fp32 summation order differs, then one bf16 rounding.
         assert sqnr_db(y_cpu.float(), y_gpu.float().cpu()) > 40
-        assert sqnr_db(ref.float(), y_gpu.float().cpu()) > 14
+        assert sqnr_db(ref.float(), y_gpu.float().cpu()) > min_sqnr
         torch._dynamo.reset()
         compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
         for _ in range(3):  # warm-up, record, replay

@@ -7,111 +7,109 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import svdquant_ops
-from svdquant_ops import layout
+from svdquant_ops import ops
+
+from .builders import generator, linear_inputs, op_args
 
 BF = torch.bfloat16
 
 
 def _good(precision="int4", M=3, N=8, K=128, R=16):
-    gs = 16 if precision == "nvfp4" else 64
-    x = torch.randn(M, K).to(BF)
-    smooth = torch.ones(K, dtype=BF)
-    pd = torch.randn(K, R).to(BF)
-    w = layout.pack_nibbles(torch.randint(-7, 8, (N, K)))
-    if precision == "w4a8":  # uint8 multipliers, fp32 per-channel scale [N]
-        ws = torch.full((N, K // gs), 5, dtype=torch.uint8)
-        gsc = torch.full((N,), 0.01)
-    else:
-        sdt = BF if precision == "int4" else torch.float8_e4m3fn
-        ws = torch.full((N, K // gs), 0.5).to(sdt)
-        gsc = None if precision == "int4" else torch.tensor([1.0])
-    up = torch.randn(N, R).to(BF)
-    bias = torch.randn(N).to(BF)
-    codes, scales, lora = svdquant_ops.quantize_act(x, smooth, pd, precision)
-    return dict(x=x, smooth=smooth, pd=pd, w=w, ws=ws, gsc=gsc, up=up, bias=bias, codes=codes, scales=scales,
-                lora=lora, precision=precision)
+    """Valid arguments of quantize_act and gemm (keyed by argument name) that each case then breaks in one place."""
+    a = linear_inputs(M, N, K, R, precision, BF, generator(("op_errors", precision)))
+    act_codes, act_scales, down_act = ops.quantize_act(a["x"], a["smooth"], a["proj_down"], precision)
+    return dict(a, act_codes=act_codes, act_scales=act_scales, down_act=down_act, precision=precision)
 
 
 def _q(a, **kw):
     a = {**a, **kw}
-    return svdquant_ops.quantize_act(a["x"], a["smooth"], a["pd"], a["precision"], a.get("unsigned", False))
+    return ops.quantize_act(*op_args("quantize_act", a), a["precision"], a.get("act_unsigned", False))
 
 
 def _g(a, **kw):
     a = {**a, **kw}
-    return svdquant_ops.gemm_w4a4(a["codes"], a["scales"], a["w"], a["ws"], a["gsc"], a["lora"], a["up"], a["bias"],
-                                  a["precision"], a.get("out_dtype", BF), a.get("unsigned", False))
+    return ops.gemm(*op_args("gemm", a), a["precision"], a.get("out_dtype", BF), a.get("act_unsigned", False))
 
 
 SHAPE_DTYPE_CASES = [
     # (name, precision, call, expected message fragment)
     ("x float64", "int4", lambda a: _q(a, x=a["x"].double()), "x must be bfloat16, float16 or float32, got torch.float64"),
     ("x int", "int4", lambda a: _q(a, x=a["x"].int()), "x must be bfloat16, float16 or float32"),
-    ("K not multiple of 64", "int4", lambda a: _q(a, x=a["x"][:, :100], smooth=a["smooth"][:100], pd=a["pd"][:100]),
+    ("K not multiple of 64", "int4",
+     lambda a: _q(a, x=a["x"][:, :100], smooth=a["smooth"][:100], proj_down=a["proj_down"][:100]),
      "x.size(-1) (K=100) must be a positive multiple of 64"),
-    ("K not multiple of 16", "nvfp4", lambda a: _q(a, x=a["x"][:, :40], smooth=a["smooth"][:40], pd=a["pd"][:40]),
+    ("K not multiple of 16", "nvfp4",
+     lambda a: _q(a, x=a["x"][:, :40], smooth=a["smooth"][:40], proj_down=a["proj_down"][:40]),
      "x.size(-1) (K=40) must be a positive multiple of 16"),
     ("smooth wrong K", "int4", lambda a: _q(a, smooth=a["smooth"][:64]), "smooth must have shape [K] = [128]"),
     ("smooth dtype", "int4", lambda a: _q(a, smooth=a["smooth"].float()), "smooth must have x's dtype"),
-    ("proj_down K mismatch", "int4", lambda a: _q(a, pd=a["pd"][:64]), "proj_down must have shape [K, R] with K=128"),
-    ("proj_down dtype", "int4", lambda a: _q(a, pd=a["pd"].half()), "proj_down must have x's dtype"),
+    ("proj_down K mismatch", "int4", lambda a: _q(a, proj_down=a["proj_down"][:64]),
+     "proj_down must have shape [K, R] with K=128"),
+    ("proj_down dtype", "int4", lambda a: _q(a, proj_down=a["proj_down"].half()), "proj_down must have x's dtype"),
     ("bad precision", "int4", lambda a: _q(a, precision="int8"),
      "precision must be 'int4', 'nvfp4' or 'w4a8', got 'int8'"),
     ("bad precision gemm", "int4", lambda a: _g(a, precision="w8a8"),
      "precision must be 'int4', 'nvfp4' or 'w4a8', got 'w8a8'"),
-    ("unsigned nvfp4", "nvfp4", lambda a: _q(a, unsigned=True), "act_unsigned=True is only defined for precision 'int4'"),
-    ("codes dtype", "int4", lambda a: _g(a, codes=a["codes"].to(torch.int8)), "act_codes must be uint8"),
-    ("weight codes dtype", "int4", lambda a: _g(a, w=a["w"].to(torch.int8)), "wgt_codes must be uint8"),
-    ("weight K mismatch", "int4", lambda a: _g(a, w=a["w"][:, :32], ws=a["ws"][:, :1]),
-     "K mismatch: act_codes holds K=128 input channels per row but wgt_codes holds K=64"),
-    ("act_scales shape", "int4", lambda a: _g(a, scales=a["scales"][:, :1]), "act_scales must have shape [3, 2]"),
-    ("wgt_scales shape", "int4", lambda a: _g(a, ws=a["ws"][:4]), "wgt_scales must have shape [N, K/64] = [8, 2]"),
-    ("int4 scales fp8", "int4", lambda a: _g(a, ws=a["ws"].to(torch.float8_e4m3fn)),
-     "wgt_scales must be bfloat16, float16 or float32 for precision 'int4'"),
-    ("nvfp4 scales bf16", "nvfp4", lambda a: _g(a, scales=a["scales"].float().to(BF)),
+    ("unsigned nvfp4", "nvfp4", lambda a: _q(a, act_unsigned=True), "act_unsigned=True is only defined for precision 'int4'"),
+    ("act_codes dtype", "int4", lambda a: _g(a, act_codes=a["act_codes"].to(torch.int8)),
+     "act_codes must be uint8"),
+    ("weight codes dtype", "int4", lambda a: _g(a, codes=a["codes"].to(torch.int8)),
+     "svdquant::gemm: codes must be uint8"),
+    ("weight K mismatch", "int4", lambda a: _g(a, codes=a["codes"][:, :32], scales=a["scales"][:, :1]),
+     "K mismatch: act_codes holds K=128 input channels per row but codes holds K=64"),
+    ("act_scales shape", "int4", lambda a: _g(a, act_scales=a["act_scales"][:, :1]),
+     "act_scales must have shape [3, 2]"),
+    ("scales shape", "int4", lambda a: _g(a, scales=a["scales"][:4]),
+     "svdquant::gemm: scales must have shape [N, K/64] = [8, 2]"),
+    ("int4 scales fp8", "int4", lambda a: _g(a, scales=a["scales"].to(torch.float8_e4m3fn)),
+     "svdquant::gemm: scales must be bfloat16, float16 or float32 for precision 'int4'"),
+    ("nvfp4 act_scales bf16", "nvfp4", lambda a: _g(a, act_scales=a["act_scales"].float().to(BF)),
      "act_scales must be float8_e4m3fn for precision 'nvfp4'"),
-    ("global scale on int4", "int4", lambda a: _g(a, gsc=torch.ones(1)), "wgt_global_scale is only used by precision 'nvfp4'"),
-    ("global scale shape", "nvfp4", lambda a: _g(a, gsc=torch.ones(3)), "wgt_global_scale must have shape [1] (per tensor) or [N] = [8]"),
-    ("global scale dtype", "nvfp4", lambda a: _g(a, gsc=torch.ones(1, dtype=BF)), "wgt_global_scale must be float32"),
-    ("lora_act dtype", "int4", lambda a: _g(a, lora=a["lora"].to(BF)), "lora_act must be float32"),
-    ("lora_act rank", "int4", lambda a: _g(a, lora=a["lora"][:, :8]), "lora_act must have shape [3, 16]"),
-    ("proj_up N", "int4", lambda a: _g(a, up=a["up"][:4]), "proj_up must have shape [N, R] with N=8"),
+    ("global scale on int4", "int4", lambda a: _g(a, global_scale=torch.ones(1)),
+     "global_scale is only used by precision 'nvfp4' and 'w4a8'; pass None for 'int4'"),
+    ("global scale shape", "nvfp4", lambda a: _g(a, global_scale=torch.ones(3)),
+     "global_scale must have shape [1] (per tensor) or [N] = [8]"),
+    ("global scale dtype", "nvfp4", lambda a: _g(a, global_scale=torch.ones(1, dtype=BF)),
+     "global_scale must be float32"),
+    ("down_act dtype", "int4", lambda a: _g(a, down_act=a["down_act"].to(BF)), "down_act must be float32"),
+    ("down_act rank", "int4", lambda a: _g(a, down_act=a["down_act"][:, :8]), "down_act must have shape [3, 16]"),
+    ("proj_up N", "int4", lambda a: _g(a, proj_up=a["proj_up"][:4]), "proj_up must have shape [N, R] with N=8"),
     ("bias shape", "int4", lambda a: _g(a, bias=a["bias"][:5]), "bias must have shape [N] = [8]"),
     ("out dtype", "int4", lambda a: _g(a, out_dtype=torch.int32), "out_dtype must be bfloat16, float16 or float32"),
     ("device mismatch", "int4", lambda a: _q(a, smooth=a["smooth"].to("meta")), "must be on the same device"),
     # w4a8: int8 activation codes [..., K], one scale per token, uint8 multipliers, required fp32 [N] scale
     ("w4a8 K not multiple of 64", "w4a8", lambda a: _q(a, x=a["x"][:, :96], smooth=a["smooth"][:96],
-                                                       pd=a["pd"][:96]),
+                                                       proj_down=a["proj_down"][:96]),
      "x.size(-1) (K=96) must be a positive multiple of 64 for precision 'w4a8'"),
-    ("w4a8 unsigned quantize_act", "w4a8", lambda a: _q(a, unsigned=True),
+    ("w4a8 unsigned quantize_act", "w4a8", lambda a: _q(a, act_unsigned=True),
      "act_unsigned=True is only defined for precision 'int4', got precision 'w4a8'"),
-    ("w4a8 unsigned gemm", "w4a8", lambda a: _g(a, unsigned=True),
+    ("w4a8 unsigned gemm", "w4a8", lambda a: _g(a, act_unsigned=True),
      "act_unsigned=True is only defined for precision 'int4', got precision 'w4a8'"),
-    ("w4a8 act codes uint8", "w4a8", lambda a: _g(a, codes=a["codes"].view(torch.uint8)),
+    ("w4a8 act codes uint8", "w4a8", lambda a: _g(a, act_codes=a["act_codes"].view(torch.uint8)),
      "act_codes must be int8 (one 8-bit code per byte) for precision 'w4a8', got torch.uint8"),
     ("w4a8 given packed int4 act codes", "w4a8",
-     lambda a: _g(a, codes=a["codes"][:, :64].contiguous()),
-     "K mismatch: act_codes holds K=64 input channels per row but wgt_codes holds K=128"),
-    ("w4a8 act_scales per group", "w4a8", lambda a: _g(a, scales=a["scales"].expand(3, 2).contiguous()),
+     lambda a: _g(a, act_codes=a["act_codes"][:, :64].contiguous()),
+     "K mismatch: act_codes holds K=64 input channels per row but codes holds K=128"),
+    ("w4a8 act_scales per group", "w4a8", lambda a: _g(a, act_scales=a["act_scales"].expand(3, 2).contiguous()),
      "act_scales must have shape [3, 1] (act_codes' leading dims and one scale per token for precision 'w4a8'), "
      "got [3, 2]"),
-    ("w4a8 act_scales dtype", "w4a8", lambda a: _g(a, scales=a["scales"].double()),
+    ("w4a8 act_scales dtype", "w4a8", lambda a: _g(a, act_scales=a["act_scales"].double()),
      "act_scales must be bfloat16, float16 or float32 for precision 'w4a8', got torch.float64"),
-    ("w4a8 multipliers dtype", "w4a8", lambda a: _g(a, ws=a["ws"].to(BF)),
-     "wgt_scales must be uint8 (integer multipliers in [1, 18]) for precision 'w4a8', got torch.bfloat16"),
-    ("w4a8 multipliers shape", "w4a8", lambda a: _g(a, ws=a["ws"][:, :1]),
-     "wgt_scales must have shape [N, K/64] = [8, 2], got [8, 1]"),
-    ("w4a8 missing global scale", "w4a8", lambda a: _g(a, gsc=None),
-     "wgt_global_scale is required for precision 'w4a8' (the fp32 per-output-channel scale, shape [N] = [8]), "
+    ("w4a8 multipliers dtype", "w4a8", lambda a: _g(a, scales=a["scales"].to(BF)),
+     "svdquant::gemm: scales must be uint8 (integer multipliers in [1, 18]) for precision 'w4a8', got torch.bfloat16"),
+    ("w4a8 multipliers shape", "w4a8", lambda a: _g(a, scales=a["scales"][:, :1]),
+     "svdquant::gemm: scales must have shape [N, K/64] = [8, 2], got [8, 1]"),
+    ("w4a8 missing global scale", "w4a8", lambda a: _g(a, global_scale=None),
+     "global_scale is required for precision 'w4a8' (the fp32 per-output-channel scale, shape [N] = [8]), "
      "got None"),
-    ("w4a8 per-tensor global scale", "w4a8", lambda a: _g(a, gsc=torch.ones(1)),
-     "wgt_global_scale must have shape [N] = [8] (per output channel) for precision 'w4a8', got [1]"),
-    ("w4a8 global scale dtype", "w4a8", lambda a: _g(a, gsc=a["gsc"].to(BF)), "wgt_global_scale must be float32"),
+    ("w4a8 per-tensor global scale", "w4a8", lambda a: _g(a, global_scale=torch.ones(1)),
+     "global_scale must have shape [N] = [8] (per output channel) for precision 'w4a8', got [1]"),
+    ("w4a8 global scale dtype", "w4a8", lambda a: _g(a, global_scale=a["global_scale"].to(BF)),
+     "global_scale must be float32"),
     ("w4a8 K too large", "w4a8",
-     lambda a: _g(a, codes=torch.zeros(1, 131136, dtype=torch.int8), scales=torch.ones(1, 1),
-                  w=torch.zeros(1, 65568, dtype=torch.uint8), ws=torch.ones(1, 2049, dtype=torch.uint8),
-                  gsc=torch.ones(1), lora=torch.zeros(1, 0), up=torch.zeros(1, 0), bias=None),
+     lambda a: _g(a, act_codes=torch.zeros(1, 131136, dtype=torch.int8), act_scales=torch.ones(1, 1),
+                  codes=torch.zeros(1, 65568, dtype=torch.uint8), scales=torch.ones(1, 2049, dtype=torch.uint8),
+                  global_scale=torch.ones(1), down_act=torch.zeros(1, 0), proj_up=torch.zeros(1, 0), bias=None),
      "K (131136) must be at most 131072 for precision 'w4a8' (so that the int32 dot product of int8 codes cannot "
      "overflow)"),
 ]
@@ -154,39 +152,39 @@ def test_fake_quantize_act_w4a8_shapes():
     mode = FakeTensorMode(allow_non_fake_inputs=False)
     x = mode.from_tensor(torch.randn(2, 5, 128).to(BF))
     with mode:
-        codes, scales, lora = svdquant_ops.quantize_act(x, mode.from_tensor(a["smooth"]), mode.from_tensor(a["pd"]),
-                                                        "w4a8")
-    real = svdquant_ops.quantize_act(torch.randn(2, 5, 128).to(BF), a["smooth"], a["pd"], "w4a8")
-    for f, r in zip((codes, scales, lora), real):
+        act_codes, act_scales, down_act = ops.quantize_act(x, mode.from_tensor(a["smooth"]),
+                                                           mode.from_tensor(a["proj_down"]), "w4a8")
+    real = ops.quantize_act(torch.randn(2, 5, 128).to(BF), a["smooth"], a["proj_down"], "w4a8")
+    for f, r in zip((act_codes, act_scales, down_act), real):
         assert f.shape == r.shape and f.dtype == r.dtype
-    assert codes.shape == (2, 5, 128) and codes.dtype == torch.int8 and scales.shape == (2, 5, 1)
+    assert act_codes.shape == (2, 5, 128) and act_codes.dtype == torch.int8 and act_scales.shape == (2, 5, 1)
 
 
 @pytest.mark.parametrize("bad", [0, 19, 255])
 def test_w4a8_multiplier_out_of_range(bad):
     a = _good("w4a8")
-    ws = a["ws"].clone()
-    ws[3, 1] = bad
-    with pytest.raises(RuntimeError, match=rf"wgt_scales \(W4A8 multipliers\) must be in \[1, 18\], found {bad}"):
-        _g(a, ws=ws)
+    scales = a["scales"].clone()
+    scales[3, 1] = bad
+    with pytest.raises(RuntimeError, match=rf"scales \(W4A8 multipliers\) must be in \[1, 18\], found {bad}"):
+        _g(a, scales=scales)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_w4a8_non_finite_global_scale(bad):
     a = _good("w4a8")
-    gsc = a["gsc"].clone()
+    gsc = a["global_scale"].clone()
     gsc[2] = bad
-    with pytest.raises(RuntimeError, match="wgt_global_scale must be finite"):
-        _g(a, gsc=gsc)
+    with pytest.raises(RuntimeError, match="global_scale must be finite"):
+        _g(a, global_scale=gsc)
 
 
 @pytest.mark.parametrize("precision", ["int4", "nvfp4"])
 def test_non_finite_weight_scales(precision):
     a = _good(precision)
-    ws = a["ws"].float().clone()
-    ws[1, 0] = float("nan")
-    with pytest.raises(RuntimeError, match="wgt_scales must be finite"):
-        _g(a, ws=ws.to(a["ws"].dtype))
+    scales = a["scales"].float().clone()
+    scales[1, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="svdquant::gemm: scales must be finite"):
+        _g(a, scales=scales.to(a["scales"].dtype))
     if precision == "nvfp4":
-        with pytest.raises(RuntimeError, match="wgt_global_scale must be finite"):
-            _g(a, gsc=torch.tensor([float("inf")]))
+        with pytest.raises(RuntimeError, match="global_scale must be finite"):
+            _g(a, global_scale=torch.tensor([float("inf")]))

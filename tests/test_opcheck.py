@@ -8,33 +8,23 @@ import sys
 import pytest
 import torch
 
-import svdquant_ops
-from svdquant_ops import _library, layout
+from svdquant_ops import ops
+from svdquant_ops.ops import build
+
+from .builders import generator, linear_inputs, op_args
+
+ops.load()  # torch.ops.svdquant.* with their fake kernels
+OPS = torch.ops.svdquant
 
 
 def _linear_args(precision, act_unsigned=False, lead=(3,), N=40, K=128, R=16, requires_grad=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*lead, K, generator=g).to(torch.bfloat16)
-    smooth = (torch.rand(K, generator=g) + 0.5).to(torch.bfloat16)
-    pd = (torch.randn(K, R, generator=g) / 8).to(torch.bfloat16)
-    gs = 16 if precision == "nvfp4" else 64
-    w = layout.pack_nibbles(torch.randint(0 if precision == "nvfp4" else -7, 16 if precision == "nvfp4" else 8,
-                                          (N, K), generator=g))
-    if precision == "w4a8":
-        ws = torch.randint(1, 19, (N, K // gs), generator=g).to(torch.uint8)
-        gsc = torch.rand(N, generator=g) * 0.002 + 1e-4
-    elif precision == "int4":
-        ws = (torch.rand(N, K // gs, generator=g) * 0.01 + 0.001).to(torch.bfloat16)
-        gsc = None
-    else:
-        ws = (torch.rand(N, K // gs, generator=g) + 0.5).to(torch.float8_e4m3fn)
-        gsc = torch.tensor([0.01])
-    up = (torch.randn(N, R, generator=g) / 8).to(torch.bfloat16)
-    bias = torch.randn(N, generator=g).to(torch.bfloat16)
+    """linear's tensor arguments (builders.linear_inputs) in schema order; x, proj_down, proj_up and bias require
+    grad if asked."""
+    a = linear_inputs(lead, N, K, R, precision, torch.bfloat16, generator(seed), unsigned=act_unsigned)
     if requires_grad:
-        for t in (x, pd, up, bias):
-            t.requires_grad_(True)
-    return x, smooth, pd, w, ws, gsc, up, bias
+        for name in ("x", "proj_down", "proj_up", "bias"):
+            a[name].requires_grad_(True)
+    return op_args("linear", a)
 
 
 # With inputs that require grad, opcheck's AOT test differentiates the sum of *all* outputs, which these
@@ -55,47 +45,46 @@ CONFIGS = [("int4", False, (3,), 0), ("int4", True, (2, 5), 16), ("nvfp4", False
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_opcheck_quantize_act(precision, act_unsigned, lead, R, requires_grad):
     x, smooth, pd, *_ = _linear_args(precision, act_unsigned, lead=lead, R=R, requires_grad=requires_grad)
-    torch.library.opcheck(svdquant_ops.quantize_act, (x, smooth, pd, precision, act_unsigned),
+    torch.library.opcheck(OPS.quantize_act.default, (x, smooth, pd, precision, act_unsigned),
                           test_utils=_utils(requires_grad))
 
 
 @pytest.mark.parametrize("precision,act_unsigned,lead,R", CONFIGS)
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_opcheck_gemm_w4a4(precision, act_unsigned, lead, R, requires_grad):
-    x, smooth, pd, w, ws, gsc, up, bias = _linear_args(precision, act_unsigned, lead=lead, R=R)
-    codes, scales, lora = svdquant_ops.quantize_act(x, smooth, pd, precision, act_unsigned)
+def test_opcheck_gemm(precision, act_unsigned, lead, R, requires_grad):
+    x, smooth, pd, codes, scales, gsc, up, bias = _linear_args(precision, act_unsigned, lead=lead, R=R)
+    act_codes, act_scales, down_act = ops.quantize_act(x, smooth, pd, precision, act_unsigned)
     if requires_grad:
-        lora.requires_grad_(True)
+        down_act.requires_grad_(True)
         up.requires_grad_(True)
-    args = (codes, scales, w, ws, gsc, lora, up, bias, precision, torch.bfloat16, act_unsigned)
+    args = (act_codes, act_scales, codes, scales, gsc, down_act, up, bias, precision, torch.bfloat16, act_unsigned)
     utils = _utils(requires_grad)
     if precision == "nvfp4":
         # torch's SchemaCheckMode compares inputs before/after with allclose, which has no float8 kernel; the
         # schema (aliasing/mutation) is the same for both precisions and is checked on the int4 cases.
         utils = tuple(u for u in utils if u != "test_schema")
-    torch.library.opcheck(svdquant_ops.gemm_w4a4, args, test_utils=utils)
-    torch.library.opcheck(svdquant_ops.gemm_w4a4, args[:7] + (None,) + args[8:], test_utils=utils)  # no bias
+    torch.library.opcheck(OPS.gemm.default, args, test_utils=utils)
+    torch.library.opcheck(OPS.gemm.default, args[:7] + (None,) + args[8:], test_utils=utils)  # no bias
 
 
 @pytest.mark.parametrize("precision,act_unsigned,lead,R", CONFIGS)
 def test_opcheck_linear(precision, act_unsigned, lead, R):
     args = _linear_args(precision, act_unsigned, lead=lead, R=R)
     utils = _utils(False)
-    if precision == "nvfp4":  # see test_opcheck_gemm_w4a4: no float8 allclose in SchemaCheckMode
+    if precision == "nvfp4":  # see test_opcheck_gemm: no float8 allclose in SchemaCheckMode
         utils = tuple(u for u in utils if u != "test_schema")
-    torch.library.opcheck(svdquant_ops.linear, (*args, precision, act_unsigned), test_utils=utils)
+    torch.library.opcheck(OPS.linear.default, (*args, precision, act_unsigned), test_utils=utils)
 
 
 def test_backward_raises_not_implemented():
-    x, smooth, pd, w, ws, gsc, up, bias = _linear_args("int4", requires_grad=True)
-    y = svdquant_ops.linear(x, smooth, pd, w, ws, gsc, up, bias, "int4")
+    y = ops.linear(*_linear_args("int4", requires_grad=True), "int4")
     with pytest.raises(RuntimeError, match="not implemented"):
         y.float().sum().backward()
 
 
 def test_ops_registered_with_cpu_and_fake_kernels():
     ns = torch.ops.svdquant
-    for name in ("quantize_act", "gemm_w4a4"):
+    for name in ("quantize_act", "gemm"):
         assert hasattr(ns, name)
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"svdquant::{name}", "CPU")
         entry = torch._library.simple_registry.singleton.find(f"svdquant::{name}")
@@ -104,11 +93,12 @@ def test_ops_registered_with_cpu_and_fake_kernels():
 
 
 def test_second_import_does_not_recompile(tmp_path):
-    # The library is already built by this process's import; a fresh interpreter must load the cached build.
-    so = _library.library_path()
+    # The library is already built and loaded by this process (ops.load() above); a fresh interpreter must load
+    # the cached build.
+    so = build.library_path()
     assert so is not None and so.exists()
     mtime = so.stat().st_mtime_ns
-    proc = subprocess.run([sys.executable, "-c", "import svdquant_ops; print(svdquant_ops._library.library_path())"],
+    proc = subprocess.run([sys.executable, "-c", "from svdquant_ops import ops; print(ops.load())"],
                           capture_output=True, text=True, check=True)
     assert "compiling" not in proc.stderr
     assert proc.stdout.strip() == str(so)
@@ -116,9 +106,9 @@ def test_second_import_does_not_recompile(tmp_path):
 
 
 def test_build_key_tracks_sources_and_torch(monkeypatch):
-    srcs = _library._sources(None)
-    key = _library._build_key(srcs, None)
-    assert key == _library._build_key(srcs, None)
-    assert key != _library._build_key(srcs, "9.0a")
+    srcs = build._sources(None)
+    key = build._build_key(srcs, None)
+    assert key == build._build_key(srcs, None)
+    assert key != build._build_key(srcs, "9.0a")
     monkeypatch.setattr(torch, "__version__", "0.0.0-other")
-    assert key != _library._build_key(srcs, None)
+    assert key != build._build_key(srcs, None)

@@ -9,9 +9,10 @@ import torch
 from torchao.quantization import FqnToConfig, Int8WeightOnlyConfig, quantize_
 
 import svdquant_ops
-from svdquant_ops import SVDQuantConfig, SVDQuantTensor, name_modules
+from svdquant_ops import SVDQuantConfig, SVDQuantTensor, prepare_model, quantize_weight
+from svdquant_ops.ops import quantized_linear
 
-from .conftest import flux_inputs, sqnr_db, tiny_flux
+from .builders import flux_inputs, sqnr_db, tiny_flux
 
 
 @pytest.mark.parametrize("precision,min_sqnr", [("int4", 14.0), ("nvfp4", 14.0), ("w4a8", 14.0)])
@@ -50,7 +51,7 @@ def test_rank_improves_data_free_error():
     w = (torch.randn(256, 8) @ torch.randn(8, 512) + 0.1 * torch.randn(256, 512)).to(torch.bfloat16)
     errs = []
     for rank in (0, 16, 32):
-        qt = SVDQuantTensor.from_hp(w, "int4", rank)
+        qt = quantize_weight(w, "int4", rank)
         errs.append((qt.dequantize().float() - w.float()).norm().item())
     assert errs[0] > errs[1] > errs[2] * 0.999
 
@@ -60,7 +61,7 @@ def test_tiny_flux_one_line(caplog):
     inputs = flux_inputs()
     with torch.no_grad():
         ref = model(**inputs).sample
-    name_modules(model)  # lets the handler apply the default skip patterns by name
+    prepare_model(model)  # records names and the model family's skip rules for the handler
     with caplog.at_level(logging.INFO, logger="svdquant_ops"):
         quantize_(model, SVDQuantConfig())
     quantized = {n for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), SVDQuantTensor)}
@@ -78,12 +79,14 @@ def test_tiny_flux_one_line(caplog):
     assert s > 8.0
 
 
-def test_skip_filter_without_names():
+def test_explicit_skip_patterns_replace_the_family_rules():
     model = tiny_flux()
-    cfg = SVDQuantConfig()
-    quantize_(model, cfg, filter_fn=cfg.filter_fn)
+    prepare_model(model)
+    quantize_(model, SVDQuantConfig(skip=["proj_out", "*.ff.*"]))
     assert not isinstance(model.proj_out.weight, SVDQuantTensor)
+    assert not isinstance(model.transformer_blocks[0].ff.net[2].weight, SVDQuantTensor)
     assert isinstance(model.transformer_blocks[0].attn.to_k.weight, SVDQuantTensor)
+    assert isinstance(model.context_embedder.weight, SVDQuantTensor)  # not kept: the patterns replace the rules
 
 
 def test_fqn_to_config_mixes_with_torchao_configs(mlp):
@@ -105,27 +108,18 @@ def test_tensor_repr_to_detach_clone_pin(mlp):
     assert "SVDQuantTensor(precision='int4', shape=[512, 256], rank=32" in r  # 20 padded to 32
     assert w.shape == (512, 256) and w.dtype == torch.bfloat16
     for t in (w.detach(), w.clone()):
-        assert isinstance(t, SVDQuantTensor) and torch.equal(t.qweight, w.qweight)
+        assert isinstance(t, SVDQuantTensor) and torch.equal(t.codes, w.codes)
     assert w.is_pinned() is False
     h = w.to(torch.float16)
-    assert h.dtype == torch.float16 and h.smooth.dtype == torch.float16 and torch.equal(h.qweight, w.qweight)
-    assert torch.equal(h.wscales, w.wscales)  # scales kept bit-exact
+    assert h.dtype == torch.float16 and h.smooth.dtype == torch.float16 and torch.equal(h.codes, w.codes)
+    assert torch.equal(h.scales, w.scales)  # scales kept bit-exact
     x = torch.randn(4, 256)
     # fp16 inputs round differently, so a few 4-bit codes may flip: compare accuracy, not bits.
-    assert sqnr_db(w.linear(x.bfloat16()), h.linear(x.half())) > 20
+    assert sqnr_db(quantized_linear(x.bfloat16(), w), quantized_linear(x.half(), h)) > 20
     mlp.to(torch.float32)
     assert mlp.fc1.weight.dtype == torch.float32 and isinstance(mlp.fc1.weight, SVDQuantTensor)
     with torch.inference_mode():
         assert mlp(torch.randn(2, 256)).dtype == torch.float32
-
-
-def test_dequantize_matches_layer_math():
-    torch.manual_seed(1)
-    w = torch.randn(64, 128).to(torch.bfloat16)
-    qt = SVDQuantTensor.from_hp(w, "int4", 16)
-    # The effective weight is close to w and the padded rank columns are exactly zero.
-    assert (qt.dequantize().float() - w.float()).norm() / w.float().norm() < 0.15
-    assert qt.rank == 16
 
 
 def test_input_dtype_mismatch_is_a_clear_error(mlp):
@@ -138,7 +132,7 @@ def test_input_dtype_mismatch_is_a_clear_error(mlp):
     "kwargs,msg",
     [(dict(precision="int8"), "precision must be one of"), (dict(rank=-1), "rank must be an integer >= 0"),
      (dict(rank=3.5), "rank must be an integer"), (dict(svd="fast"), "svd must be one of"),
-     (dict(skip="proj_out"), "skip must be a list")],
+     (dict(skip="proj_out"), "skip must be None .* or a list")],
 )
 def test_bad_config(kwargs, msg):
     with pytest.raises(ValueError, match=msg):
@@ -149,7 +143,7 @@ def test_bad_config(kwargs, msg):
 def test_nan_weight_is_refused(mlp, bad):
     with torch.no_grad():
         mlp.fc2.weight[3, 5] = bad
-    name_modules(mlp)
+    prepare_model(mlp)
     with pytest.raises(ValueError, match="cannot quantize fc2: weight contains NaN or Inf"):
         quantize_(mlp, SVDQuantConfig())
 
@@ -157,14 +151,14 @@ def test_nan_weight_is_refused(mlp, bad):
 def test_corrupt_tensor_parts_are_refused(mlp):
     quantize_(mlp, SVDQuantConfig())
     w = mlp.fc1.weight
-    with pytest.raises(ValueError, match="wscales must have shape"):
-        SVDQuantTensor(w.qweight, w.wscales[:, :1], w.smooth, w.proj_down, w.proj_up, "int4", False, 1, w.dtype)
+    with pytest.raises(ValueError, match="scales must have shape"):
+        SVDQuantTensor(w.codes, w.scales[:, :1], w.smooth, w.proj_down, w.proj_up, "int4", False, 1, w.dtype)
     with pytest.raises(ValueError, match="layout_version must be one of"):
-        SVDQuantTensor(w.qweight, w.wscales, w.smooth, w.proj_down, w.proj_up, "int4", False, 99, w.dtype)
+        SVDQuantTensor(w.codes, w.scales, w.smooth, w.proj_down, w.proj_up, "int4", False, 99, w.dtype)
     bad = w.smooth.clone()
     bad[0] = 0
     with pytest.raises(ValueError, match="smooth must be > 0"):
-        SVDQuantTensor(w.qweight, w.wscales, bad, w.proj_down, w.proj_up, "int4", False, 1, w.dtype).validate()
+        SVDQuantTensor(w.codes, w.scales, bad, w.proj_down, w.proj_up, "int4", False, 1, w.dtype).validate()
 
 
 def test_svdquant_tensor_exported():

@@ -1,16 +1,18 @@
-"""The offline quantizers (svdquant_ops.quantize.quantizers) on hand-computed cases, and their agreement with the
-runtime kernels (same codes and scales, bit for bit)."""
+"""The PyTorch rounding rules (svdquant_ops.quantizers) on hand-computed cases, their agreement with the runtime
+kernels (same codes and scales, bit for bit), and SVDQuantTensor.dequantize() against the layer it describes."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import svdquant_ops
-from svdquant_ops import layout
-from svdquant_ops.quantize import quantizers as q
+from svdquant_ops import layout, ops
+from svdquant_ops import quantizers as q
 
 from . import reference as ref
+from .builders import GROUP, act_inputs, generator
 
 
 def test_int4_hand_cases_bf16_scale_rounding():
@@ -100,7 +102,7 @@ def test_w4a8_weight_matches_reference_and_bounds():
     # RTN error: at most half a step (m * s / 2) everywhere.
     step = (m.float() * s.unsqueeze(1)).repeat_interleave(64, 1)
     assert ((q.dequantize(codes, m, "w4a8", s) - w).abs() <= step / 2 * (1 + 1e-6)).all()
-    codes2, m2, s2 = q.quantize_weight(w, "w4a8", torch.bfloat16)
+    codes2, m2, s2 = q.rtn_weight(w, "w4a8", torch.bfloat16)
     assert torch.equal(codes2, codes) and torch.equal(m2, m) and torch.equal(s2, s)
 
 
@@ -112,8 +114,8 @@ def test_python_act_quantizer_matches_kernel_bit_exact(precision, unsigned, dtyp
     if unsigned:
         x = torch.nn.functional.gelu(x.float()).to(dtype)
     smooth = (torch.rand(192, generator=g) * 4 + 0.1).to(dtype)
-    codes, scales = q.quantize_act(x, smooth, precision, unsigned=unsigned)
-    k_codes, k_scales, _ = svdquant_ops.quantize_act(x, smooth, torch.zeros(192, 0, dtype=dtype), precision, unsigned)
+    codes, scales = q.rtn_act(x, smooth, precision, unsigned=unsigned)
+    k_codes, k_scales, _ = ops.quantize_act(x, smooth, torch.zeros(192, 0, dtype=dtype), precision, unsigned)
     if precision == "w4a8":
         assert codes.dtype == torch.int8 and torch.equal(k_codes, codes) and scales.shape == (37, 1)
     else:
@@ -124,20 +126,92 @@ def test_python_act_quantizer_matches_kernel_bit_exact(precision, unsigned, dtyp
 
 def test_w4a8_act_has_no_unsigned_variant():
     with pytest.raises(ValueError, match="only defined for precision 'int4'"):
-        q.quantize_act(torch.randn(2, 64), torch.ones(64), "w4a8", unsigned=True)
+        q.rtn_act(torch.randn(2, 64), torch.ones(64), "w4a8", unsigned=True)
 
 
 @pytest.mark.parametrize("precision", ["int4", "nvfp4", "w4a8"])
 def test_packed_weights_through_the_kernel_equal_fake_quant(precision):
-    """quantize_weight -> pack -> gemm_w4a4 multiplies by exactly fake_quant_weight's values."""
+    """rtn_weight -> pack -> gemm multiplies by exactly fake_quant_weight's values."""
     g = torch.Generator().manual_seed(9)
     w = torch.randn(48, 128, generator=g)
-    codes, scales, gsc = q.quantize_weight(w, precision, torch.bfloat16)
+    codes, scales, gsc = q.rtn_weight(w, precision, torch.bfloat16)
     fq = q.fake_quant_weight(w, precision, torch.bfloat16)
     x = torch.randn(5, 128, generator=g).to(torch.bfloat16)
     one = torch.ones(128, dtype=torch.bfloat16)
-    a_codes, a_scales, lora = svdquant_ops.quantize_act(x, one, torch.zeros(128, 0, dtype=torch.bfloat16), precision)
-    y = svdquant_ops.gemm_w4a4(a_codes, a_scales, layout.pack_nibbles(codes), scales, gsc, lora,
-                               torch.zeros(48, 0, dtype=torch.bfloat16), None, precision, torch.float32)
+    a_codes, a_scales, down_act = ops.quantize_act(x, one, torch.zeros(128, 0, dtype=torch.bfloat16), precision)
+    y = ops.gemm(a_codes, a_scales, layout.pack_nibbles(codes), scales, gsc, down_act,
+                 torch.zeros(48, 0, dtype=torch.bfloat16), None, precision, torch.float32)
     xq = q.fake_quant_act(x, one, precision)
     torch.testing.assert_close(y, (xq.double() @ fq.double().T).float(), rtol=1e-5, atol=1e-5)
+
+
+def _act_values(act_codes, act_scales, precision, act_unsigned):
+    """float64 Q(x̂) from quantize_act's codes and scales, decoded by the reference."""
+    if precision == "w4a8":  # int8 codes, one scale per token
+        return act_codes.double() * act_scales.double()
+    vals = ref.unpack_nibbles(act_codes, signed=precision == "int4" and not act_unsigned)
+    return ref.dequantize(ref.code_values(vals, precision), act_scales, GROUP[precision])
+
+
+@pytest.mark.parametrize("precision,act_unsigned",
+                         [("int4", False), ("int4", True), ("nvfp4", False), ("w4a8", False)])
+def test_dequantize_matches_layer_math(precision, act_unsigned):
+    """dequantize() is the layer's effective weight W_eff = Q(R)·diag(1/λ) + proj_up·proj_downᵀ: the layer's output
+    F.linear(x, qt, b) equals x·W_effᵀ + b up to exactly the activation-quantization term (Q(x̂) − x̂)·Q(R)ᵀ, with
+    x̂ = x/λ ((x + shift)/λ for unsigned INT4, whose bias correction removes the shift) and Q(x̂) the codes the
+    layer's quantize_act produced; that term is at most half an activation step per input channel. residual() is
+    Q(R) decoded from the packed codes exactly."""
+    N, K, rank = 96, 256, 20
+    g = generator(("dequantize", precision, act_unsigned))
+    a = act_inputs((4, 6), K, 0, torch.bfloat16, g, unsigned=act_unsigned, outliers=True)
+    x, smooth = a["x"], a["smooth"]  # λ in [0.25, 3.25]: a missing or inverted 1/λ is visible
+    w = (torch.randn(N, K, generator=g) * 0.05).to(torch.bfloat16)
+    bias = torch.randn(N, generator=g).to(torch.bfloat16)
+    qt = svdquant_ops.quantize_weight(w, precision, rank, smooth=smooth, act_unsigned=act_unsigned)
+    assert torch.equal(qt.smooth, smooth)
+    assert qt.rank == 32 and not qt.proj_up[:, rank:].any() and not qt.proj_down[:, rank:].any()  # padding is zero
+
+    # residual(): Q(R) = code · scale (· global scale), decoded independently from the packed codes, bit for bit
+    # (every product before the global scale is exact in fp32, which then rounds once, as float64 -> fp32 does).
+    r = ref.dequantize(ref.code_values(ref.unpack_nibbles(qt.codes, signed=precision != "nvfp4"), precision),
+                       qt.scales, GROUP[precision])
+    if qt.global_scale is not None:
+        r = r * qt.global_scale.double().reshape(-1, 1)
+    assert torch.equal(qt.residual(), r.float())
+
+    # dequantize(): Q(R)·diag(1/λ) + proj_up·proj_downᵀ (fp32 arithmetic: a few roundings of 2^-24).
+    lam, up, down = smooth.double(), qt.proj_up.double(), qt.proj_down.double()
+    w_eff64 = r / lam + up @ down.T
+    w_eff = qt.dequantize(torch.float32)
+    assert w_eff.dtype == torch.float32
+    assert ((w_eff.double() - w_eff64).abs() <= 2.0**-21 * ((r / lam).abs() + up.abs() @ down.abs().T)).all()
+    assert qt.dequantize().dtype == torch.bfloat16 and torch.equal(qt.dequantize(), w_eff.to(torch.bfloat16))
+    # ... and a 4-bit approximation of w (0.07-0.2 here: a random λ makes the small-λ channels coarser).
+    assert (w_eff - w.float()).norm() / w.float().norm() < 0.3
+
+    # The layer, through SVDQuantTensor's F.linear dispatch (svdquant::linear), and its quantized activations.
+    with torch.inference_mode():
+        y = F.linear(x, qt, bias)
+        act_codes, act_scales, _ = ops.quantize_act(x, qt.smooth, qt.proj_down, precision, act_unsigned)
+    M = x.numel() // K
+    x64 = x.double().reshape(M, K)
+    x_hat = ((x64 + ref.SHIFT) if act_unsigned else x64) / lam
+    x_q = _act_values(act_codes, act_scales, precision, act_unsigned).reshape(M, K)
+    act_err = (x_q - x_hat) @ r.T  # the activation-quantization term
+    pred = x64 @ w_eff.double().T + bias.double() + act_err
+    # Rounding of the layer: fp32 sums of the 4-bit products, of x·proj_down and of the branch, the bias (with the
+    # unsigned bias correction Q(R)·shift/λ in fp32), one bf16 rounding of the output; and dequantize()'s fp32.
+    mag = (x_q.abs() @ r.abs().T + x64.abs() @ (r.abs() / lam + up.abs() @ down.abs().T).T
+           + bias.double().abs() + ((ref.SHIFT / lam) @ r.abs().T if act_unsigned else 0))
+    tol = ref.gemm_error_bound(mag, pred, K + qt.rank + 8, torch.bfloat16)
+    err = (y.double().reshape(M, N) - pred).abs()
+    assert (err <= tol).all(), f"max excess {(err - tol).max().item():.3e}"
+    # The comparison is sharp: the activation term is far outside the tolerance (most outputs would fail without it)
+    assert act_err.norm() > 5 * tol.norm() and (act_err.abs() > tol).double().mean() > 0.75
+    # ... and x·W_effᵀ + b is the layer up to at most half an activation step per input channel (nvfp4: half the
+    # widest e2m1 spacing, 2 * scale / 2) times |Q(R)|.
+    half_step = {"int4": 0.5, "nvfp4": 1.0, "w4a8": 0.5}[precision]
+    scales = act_scales.double()
+    steps = scales if precision == "w4a8" else scales.repeat_interleave(GROUP[precision], dim=-1)
+    step_bound = (half_step * steps.reshape(M, -1).expand(M, K)) @ r.abs().T
+    assert ((y.double().reshape(M, N) - x64 @ w_eff.double().T - bias.double()).abs() <= step_bound + tol).all()

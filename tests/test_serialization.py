@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torchao.quantization import quantize_
@@ -9,7 +11,7 @@ from torchao.quantization import quantize_
 import svdquant_ops
 from svdquant_ops import SVDQuantConfig, SVDQuantTensor
 
-from .conftest import MLP, flux_inputs, tiny_flux
+from .builders import MLP, flux_inputs, tiny_flux
 
 
 def _quantized_mlp(precision="int4", seed=0):
@@ -80,10 +82,10 @@ def test_safetensors_corrupt_file_is_refused(tmp_path):
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     # truncated scales: the constructor's shape check names the part
     bad = dict(tensors)
-    key = next(k for k in bad if k.endswith("_weight_wscales"))
+    key = next(k for k in bad if k.endswith("_weight_scales"))
     bad[key] = bad[key][:, :1].contiguous()
     save_file(bad, str(tmp_path / "bad1.safetensors"), metadata=meta)
-    with pytest.raises(ValueError, match="wscales must have shape"):
+    with pytest.raises(ValueError, match="scales must have shape"):
         svdquant_ops.load_file(tmp_path / "bad1.safetensors")
     # NaN in a 16-bit part: caught by validate()
     bad = dict(tensors)
@@ -100,10 +102,10 @@ def test_safetensors_corrupt_file_is_refused(tmp_path):
 
 
 def test_unsigned_bias_correction_round_trips(tmp_path):
-    from svdquant_ops import name_modules
+    from svdquant_ops import prepare_model
 
     model = tiny_flux()
-    name_modules(model)  # marks ff.net.2 as GELU-fed: unsigned INT4 with a bias correction
+    prepare_model(model)  # marks ff.net.2 as GELU-fed: unsigned INT4 with a bias correction
     quantize_(model, SVDQuantConfig())
     w = model.transformer_blocks[0].ff.net[2].weight
     assert w.act_unsigned and w.bias_correction is not None
@@ -122,24 +124,24 @@ def test_w4a8_safetensors_checks_multipliers_and_channel_scale(tmp_path):
 
     model = _quantized_mlp("w4a8")
     w = model.fc1.weight
-    assert w.precision == "w4a8" and w.wscales.dtype == torch.uint8 and w.wglobal.shape == (512,)
+    assert w.precision == "w4a8" and w.scales.dtype == torch.uint8 and w.global_scale.shape == (512,)
     assert not w.act_unsigned and w.bias_correction is None
     h = w.to(torch.float16)  # the model dtype changes; codes, multipliers and channel scales stay exact
-    assert h.wscales.dtype == torch.uint8 and torch.equal(h.wscales, w.wscales) and torch.equal(h.wglobal, w.wglobal)
+    assert h.scales.dtype == torch.uint8 and torch.equal(h.scales, w.scales) and torch.equal(h.global_scale, w.global_scale)
     path = tmp_path / "model.safetensors"
     svdquant_ops.save_file(model.state_dict(), path)
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    cases = [("_weight_wscales", lambda t: t.index_fill_(1, torch.tensor([0]), 0), r"wscales \(W4A8 multipliers\) "
+    cases = [("_weight_scales", lambda t: t.index_fill_(1, torch.tensor([0]), 0), r"scales \(W4A8 multipliers\) "
               r"must be in \[1, 18\], found 0"),
-             ("_weight_wscales", lambda t: t.index_fill_(1, torch.tensor([0]), 19), "must be in .1, 18., found 19"),
-             ("_weight_wscales", lambda t: t.to(torch.bfloat16), "wscales must have shape .* and dtype in "
+             ("_weight_scales", lambda t: t.index_fill_(1, torch.tensor([0]), 19), "must be in .1, 18., found 19"),
+             ("_weight_scales", lambda t: t.to(torch.bfloat16), "scales must have shape .* and dtype in "
               r"\['torch.uint8'\]"),
-             ("_weight_wglobal", lambda t: t.index_fill_(0, torch.tensor([3]), -1.0), "wglobal .* must be >= 0"),
-             ("_weight_wglobal", lambda t: t.index_fill_(0, torch.tensor([3]), float("inf")), "wglobal contains NaN"),
-             ("_weight_wglobal", lambda t: t[:1].clone(), r"wglobal must have shape \[512\] and dtype torch.float32"),
-             ("_weight_wglobal", lambda t: t.half(), r"wglobal must have shape \[512\] and dtype torch.float32")]
+             ("_weight_global_scale", lambda t: t.index_fill_(0, torch.tensor([3]), -1.0), "global_scale .* must be >= 0"),
+             ("_weight_global_scale", lambda t: t.index_fill_(0, torch.tensor([3]), float("inf")), "global_scale contains NaN"),
+             ("_weight_global_scale", lambda t: t[:1].clone(), r"global_scale must have shape \[512\] and dtype torch.float32"),
+             ("_weight_global_scale", lambda t: t.half(), r"global_scale must have shape \[512\] and dtype torch.float32")]
     for i, (suffix, corrupt, msg) in enumerate(cases):
         bad = dict(tensors)
         key = next(k for k in bad if k.startswith("fc1") and k.endswith(suffix))
@@ -148,8 +150,8 @@ def test_w4a8_safetensors_checks_multipliers_and_channel_scale(tmp_path):
         with pytest.raises(ValueError, match=msg):
             svdquant_ops.load_file(tmp_path / f"bad{i}.safetensors")
     # A missing channel scale is refused at construction.
-    with pytest.raises(ValueError, match="wglobal is required for precisions 'nvfp4' and 'w4a8'"):
-        SVDQuantTensor(w.qweight, w.wscales, w.smooth, w.proj_down, w.proj_up, "w4a8", False, 1, w.dtype)
+    with pytest.raises(ValueError, match="global_scale is required for precisions 'nvfp4' and 'w4a8'"):
+        SVDQuantTensor(w.codes, w.scales, w.smooth, w.proj_down, w.proj_up, "w4a8", False, 1, w.dtype)
 
 
 def test_loading_into_a_differently_quantized_model_names_the_difference():
@@ -187,3 +189,60 @@ def test_diffusers_from_pretrained_and_save_pretrained(tmp_path, safe):
     _assert_same_tensors(q.transformer_blocks[1].ff.net[2].weight, r.transformer_blocks[1].ff.net[2].weight)
     with torch.inference_mode():
         assert torch.equal(r(**inputs).sample, out)
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pickle"])
+def test_layout1_checkpoints_still_load_bit_exact(fmt):
+    """Checkpoints of svdquant_ops 0.1.0 (fields qweight / wscales / wglobal) load through the key map and compute
+    the outputs 0.1.0 computed, bit for bit."""
+    from safetensors.torch import load_file
+
+    if fmt == "safetensors":
+        sd = svdquant_ops.load_file(FIXTURES / "layout1.safetensors")
+    else:
+        sd = torch.load(FIXTURES / "layout1.pt", weights_only=True)
+    expected = load_file(str(FIXTURES / "layout1_expected.safetensors"))
+    for precision in ("int4", "nvfp4", "w4a8"):
+        w = sd[f"{precision}.weight"]
+        assert isinstance(w, SVDQuantTensor) and w.precision == precision and w.layout_version == 1
+        assert w.codes.shape == (32, 64) and w.codes.dtype == torch.uint8
+        assert not hasattr(w, "qweight") and not hasattr(w, "wscales")
+        assert (w.global_scale is None) == (precision == "int4")
+        y = torch.nn.functional.linear(expected["x"], w, sd[f"{precision}.bias"])
+        assert torch.equal(y, expected[f"{precision}.y"]), precision
+    assert sd["int4.weight"].act_unsigned and sd["int4.weight"].bias_correction is not None
+    assert sd["nvfp4.weight"].global_scale.shape == (32,)
+
+
+def test_checkpoint_keys_use_the_field_names(tmp_path):
+    from safetensors import safe_open
+
+    model = _quantized_mlp("w4a8")
+    svdquant_ops.save_file(model.state_dict(), tmp_path / "m.safetensors")
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+        keys = {k for k in f.keys() if k.startswith("fc1.")}
+    assert keys == {"fc1.bias", "fc1._weight_codes", "fc1._weight_scales", "fc1._weight_global_scale",
+                    "fc1._weight_smooth", "fc1._weight_proj_down", "fc1._weight_proj_up"}
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_quantize_model_then_save_pretrained_round_trips(tmp_path, safe):
+    """A model quantized in memory (quantize_model) saves with diffusers' own save_pretrained and loads back with
+    from_pretrained, bit for bit, with the same linears 4-bit and 16-bit."""
+    from diffusers import FluxTransformer2DModel
+
+    model = tiny_flux()
+    summary = svdquant_ops.quantize_model(model, precision="w4a8", rank=8)
+    model.save_pretrained(tmp_path, safe_serialization=safe)
+    loaded = FluxTransformer2DModel.from_pretrained(tmp_path, torch_dtype=torch.bfloat16).eval()
+    for name, module in loaded.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            assert isinstance(module.weight, SVDQuantTensor) == (name in summary.quantized), name
+    _assert_same_tensors(model.single_transformer_blocks[0].proj_out.weight,
+                         loaded.single_transformer_blocks[0].proj_out.weight)
+    inputs = flux_inputs()
+    with torch.inference_mode():
+        assert torch.equal(loaded(**inputs).sample, model(**inputs).sample)

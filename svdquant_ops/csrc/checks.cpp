@@ -86,12 +86,11 @@ QuantizeActShape check_quantize_act(const at::Tensor& x, const at::Tensor& smoot
   return s;
 }
 
-GemmShape check_gemm_w4a4(const at::Tensor& act_codes, const at::Tensor& act_scales, const at::Tensor& wgt_codes,
-                          const at::Tensor& wgt_scales, const std::optional<at::Tensor>& wgt_global_scale,
-                          const at::Tensor& lora_act, const at::Tensor& proj_up,
-                          const std::optional<at::Tensor>& bias, std::string_view precision,
-                          at::ScalarType out_dtype, bool act_unsigned) {
-  constexpr const char* op = "svdquant::gemm_w4a4";
+GemmShape check_gemm(const at::Tensor& act_codes, const at::Tensor& act_scales, const at::Tensor& codes,
+                     const at::Tensor& scales, const std::optional<at::Tensor>& global_scale,
+                     const at::Tensor& down_act, const at::Tensor& proj_up, const std::optional<at::Tensor>& bias,
+                     std::string_view precision, at::ScalarType out_dtype, bool act_unsigned) {
+  constexpr const char* op = "svdquant::gemm";
   GemmShape s{};
   s.precision = parse_precision(precision);
   const bool w4a8 = s.precision == Precision::kW4a8;
@@ -106,16 +105,16 @@ GemmShape check_gemm_w4a4(const at::Tensor& act_codes, const at::Tensor& act_sca
     TORCH_CHECK(act_codes.scalar_type() == at::kByte, op,
                 ": act_codes must be uint8 (two 4-bit codes per byte), got ", dtype_name(act_codes.scalar_type()));
   }
-  TORCH_CHECK(wgt_codes.scalar_type() == at::kByte, op, ": wgt_codes must be uint8 (two 4-bit codes per byte), got ",
-              dtype_name(wgt_codes.scalar_type()));
+  TORCH_CHECK(codes.scalar_type() == at::kByte, op, ": codes must be uint8 (two 4-bit codes per byte), got ",
+              dtype_name(codes.scalar_type()));
   TORCH_CHECK(act_codes.dim() >= 1, op, ": act_codes must have shape [..., ", w4a8 ? "K" : "K/2",
               "], got a 0-d tensor");
-  TORCH_CHECK(wgt_codes.dim() == 2, op, ": wgt_codes must have shape [N, K/2], got ", wgt_codes.sizes());
+  TORCH_CHECK(codes.dim() == 2, op, ": codes must have shape [N, K/2], got ", codes.sizes());
   s.K = w4a8 ? act_codes.size(-1) : act_codes.size(-1) * 2;
-  s.N = wgt_codes.size(0);
-  TORCH_CHECK(wgt_codes.size(1) * 2 == s.K, op, ": K mismatch: act_codes holds K=", s.K,
-              " input channels per row but wgt_codes holds K=", wgt_codes.size(1) * 2);
-  TORCH_CHECK(s.N >= 1, op, ": wgt_codes must have at least one output row (N >= 1), got N=0");
+  s.N = codes.size(0);
+  TORCH_CHECK(codes.size(1) * 2 == s.K, op, ": K mismatch: act_codes holds K=", s.K,
+              " input channels per row but codes holds K=", codes.size(1) * 2);
+  TORCH_CHECK(s.N >= 1, op, ": codes must have at least one output row (N >= 1), got N=0");
   const int gs = group_size(s.precision);
   TORCH_CHECK(s.K > 0 && s.K % gs == 0, op, ": K (", s.K, ") must be a positive multiple of ", gs,
               " for precision '", std::string(precision), "'");
@@ -133,43 +132,44 @@ GemmShape check_gemm_w4a4(const at::Tensor& act_codes, const at::Tensor& act_sca
                 ": act_scales must have shape ", at::IntArrayRef(with_last_dim(act_codes, s.G)),
                 " (act_codes' leading dims and K/", gs, " groups), got ", act_scales.sizes());
   }
-  TORCH_CHECK(wgt_scales.dim() == 2 && wgt_scales.size(0) == s.N && wgt_scales.size(1) == s.G, op,
-              ": wgt_scales must have shape [N, K/", gs, "] = [", s.N, ", ", s.G, "], got ", wgt_scales.sizes());
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == s.N && scales.size(1) == s.G, op,
+              ": scales must have shape [N, K/", gs, "] = [", s.N, ", ", s.G, "], got ", scales.sizes());
   check_scale_dtype(act_scales, s.precision, op, "act_scales", /*weight=*/false);
-  check_scale_dtype(wgt_scales, s.precision, op, "wgt_scales", /*weight=*/true);
+  check_scale_dtype(scales, s.precision, op, "scales", /*weight=*/true);
 
   if (s.precision == Precision::kInt4) {
-    TORCH_CHECK(!wgt_global_scale.has_value(), op,
-                ": wgt_global_scale is only used by precision 'nvfp4' and 'w4a8'; pass None for 'int4'");
+    TORCH_CHECK(!global_scale.has_value(), op,
+                ": global_scale is only used by precision 'nvfp4' and 'w4a8'; pass None for 'int4'");
   } else if (w4a8) {
-    TORCH_CHECK(wgt_global_scale.has_value(), op,
-                ": wgt_global_scale is required for precision 'w4a8' (the fp32 per-output-channel scale, shape [N] = [",
+    TORCH_CHECK(global_scale.has_value(), op,
+                ": global_scale is required for precision 'w4a8' (the fp32 per-output-channel scale, shape [N] = [",
                 s.N, "]), got None");
-    const auto& g = *wgt_global_scale;
-    TORCH_CHECK(g.scalar_type() == at::kFloat, op, ": wgt_global_scale must be float32, got ", dtype_name(g.scalar_type()));
-    TORCH_CHECK(g.dim() == 1 && g.numel() == s.N, op, ": wgt_global_scale must have shape [N] = [", s.N,
+    const auto& g = *global_scale;
+    TORCH_CHECK(g.scalar_type() == at::kFloat, op, ": global_scale must be float32, got ", dtype_name(g.scalar_type()));
+    TORCH_CHECK(g.dim() == 1 && g.numel() == s.N, op, ": global_scale must have shape [N] = [", s.N,
                 "] (per output channel) for precision 'w4a8', got ", g.sizes());
-    check_device(g, act_codes, op, "wgt_global_scale", "act_codes");
+    check_device(g, act_codes, op, "global_scale", "act_codes");
     s.per_channel_global_scale = true;
-  } else if (wgt_global_scale.has_value()) {
-    const auto& g = *wgt_global_scale;
-    TORCH_CHECK(g.scalar_type() == at::kFloat, op, ": wgt_global_scale must be float32, got ", dtype_name(g.scalar_type()));
+  } else if (global_scale.has_value()) {
+    const auto& g = *global_scale;
+    TORCH_CHECK(g.scalar_type() == at::kFloat, op, ": global_scale must be float32, got ", dtype_name(g.scalar_type()));
     TORCH_CHECK(g.dim() <= 1 && (g.numel() == 1 || g.numel() == s.N), op,
-                ": wgt_global_scale must have shape [1] (per tensor) or [N] = [", s.N,
+                ": global_scale must have shape [1] (per tensor) or [N] = [", s.N,
                 "] (per output channel), got ", g.sizes());
-    check_device(g, act_codes, op, "wgt_global_scale", "act_codes");
+    check_device(g, act_codes, op, "global_scale", "act_codes");
     s.per_channel_global_scale = g.numel() == s.N && s.N > 1;
   }
 
-  TORCH_CHECK(lora_act.scalar_type() == at::kFloat, op, ": lora_act must be float32, got ", dtype_name(lora_act.scalar_type()));
+  TORCH_CHECK(down_act.scalar_type() == at::kFloat, op, ": down_act must be float32, got ",
+              dtype_name(down_act.scalar_type()));
   TORCH_CHECK(proj_up.dim() == 2 && proj_up.size(0) == s.N, op, ": proj_up must have shape [N, R] with N=", s.N,
               ", got ", proj_up.sizes());
   TORCH_CHECK(is_float16_32(proj_up.scalar_type()), op, ": proj_up must be bfloat16, float16 or float32, got ",
               dtype_name(proj_up.scalar_type()));
   s.R = proj_up.size(1);
-  TORCH_CHECK(lora_act.sizes() == at::IntArrayRef(with_last_dim(act_codes, s.R)), op,
-              ": lora_act must have shape ", at::IntArrayRef(with_last_dim(act_codes, s.R)),
-              " (act_codes' leading dims and proj_up's rank R=", s.R, "), got ", lora_act.sizes());
+  TORCH_CHECK(down_act.sizes() == at::IntArrayRef(with_last_dim(act_codes, s.R)), op,
+              ": down_act must have shape ", at::IntArrayRef(with_last_dim(act_codes, s.R)),
+              " (act_codes' leading dims and proj_up's rank R=", s.R, "), got ", down_act.sizes());
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == s.N, op, ": bias must have shape [N] = [", s.N, "], got ",
                 bias->sizes());
@@ -179,9 +179,9 @@ GemmShape check_gemm_w4a4(const at::Tensor& act_codes, const at::Tensor& act_sca
   }
   TORCH_CHECK(is_float16_32(out_dtype), op, ": out_dtype must be bfloat16, float16 or float32, got ", dtype_name(out_dtype));
   check_device(act_scales, act_codes, op, "act_scales", "act_codes");
-  check_device(wgt_codes, act_codes, op, "wgt_codes", "act_codes");
-  check_device(wgt_scales, act_codes, op, "wgt_scales", "act_codes");
-  check_device(lora_act, act_codes, op, "lora_act", "act_codes");
+  check_device(codes, act_codes, op, "codes", "act_codes");
+  check_device(scales, act_codes, op, "scales", "act_codes");
+  check_device(down_act, act_codes, op, "down_act", "act_codes");
   check_device(proj_up, act_codes, op, "proj_up", "act_codes");
   return s;
 }

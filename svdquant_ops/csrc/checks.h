@@ -22,7 +22,7 @@ Precision parse_precision(std::string_view precision);
 const char* precision_name(Precision p);
 
 // W4A8: |act code| * |weight code * multiplier| <= 127 * 126 = 16002, so an int32 dot product over K <= 131072
-// channels cannot overflow (131072 * 16002 < 2^31). Larger K is refused by check_gemm_w4a4.
+// channels cannot overflow (131072 * 16002 < 2^31). Larger K is refused by check_gemm.
 constexpr int64_t kW4a8MaxK = 131072;
 
 struct QuantizeActShape {
@@ -46,11 +46,10 @@ struct GemmShape {
   bool per_channel_global_scale;  // always true for w4a8
 };
 
-GemmShape check_gemm_w4a4(const at::Tensor& act_codes, const at::Tensor& act_scales, const at::Tensor& wgt_codes,
-                          const at::Tensor& wgt_scales, const std::optional<at::Tensor>& wgt_global_scale,
-                          const at::Tensor& lora_act, const at::Tensor& proj_up,
-                          const std::optional<at::Tensor>& bias, std::string_view precision,
-                          at::ScalarType out_dtype, bool act_unsigned);
+GemmShape check_gemm(const at::Tensor& act_codes, const at::Tensor& act_scales, const at::Tensor& codes,
+                     const at::Tensor& scales, const std::optional<at::Tensor>& global_scale,
+                     const at::Tensor& down_act, const at::Tensor& proj_up, const std::optional<at::Tensor>& bias,
+                     std::string_view precision, at::ScalarType out_dtype, bool act_unsigned);
 
 // Data-dependent checks (need the values): run by the CPU kernels. GPU kernels skip them to stay free of host
 // synchronization; SVDQuantTensor validates weights once when it is built or loaded.

@@ -9,11 +9,11 @@
 
 namespace svdquant {
 
-// y = gemm_w4a4(quantize_act(x)): the whole SVDQuant linear. CompositeImplicitAutograd, so tracing and
+// y = gemm(quantize_act(x)): the whole SVDQuant linear. CompositeImplicitAutograd, so tracing and
 // torch.compile see the two ops (each with its fake kernel) instead of an opaque one.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& proj_down,
-                  const at::Tensor& wgt_codes, const at::Tensor& wgt_scales,
-                  const std::optional<at::Tensor>& wgt_global_scale, const at::Tensor& proj_up,
+                  const at::Tensor& codes, const at::Tensor& scales,
+                  const std::optional<at::Tensor>& global_scale, const at::Tensor& proj_up,
                   const std::optional<at::Tensor>& bias, c10::string_view precision, bool act_unsigned) {
   static auto quantize_act =
       c10::Dispatcher::singleton()
@@ -21,13 +21,13 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& smooth, const at::Tenso
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                 const at::Tensor&, c10::string_view, bool)>();
   static auto gemm = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("svdquant::gemm_w4a4", "")
+                         .findSchemaOrThrow("svdquant::gemm", "")
                          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                            const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
                                            const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
                                            at::ScalarType, bool)>();
-  auto [codes, scales, lora_act] = quantize_act.call(x, smooth, proj_down, precision, act_unsigned);
-  return gemm.call(codes, scales, wgt_codes, wgt_scales, wgt_global_scale, lora_act, proj_up, bias, precision,
+  auto [act_codes, act_scales, down_act] = quantize_act.call(x, smooth, proj_down, precision, act_unsigned);
+  return gemm.call(act_codes, act_scales, codes, scales, global_scale, down_act, proj_up, bias, precision,
                    x.scalar_type(), act_unsigned);
 }
 
@@ -36,14 +36,14 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& smooth, const at::Tenso
 TORCH_LIBRARY(svdquant, m) {
   m.def(
       "quantize_act(Tensor x, Tensor smooth, Tensor proj_down, str precision, bool act_unsigned=False) "
-      "-> (Tensor codes, Tensor scales, Tensor lora_act)");
+      "-> (Tensor act_codes, Tensor act_scales, Tensor down_act)");
   m.def(
-      "gemm_w4a4(Tensor act_codes, Tensor act_scales, Tensor wgt_codes, Tensor wgt_scales, "
-      "Tensor? wgt_global_scale, Tensor lora_act, Tensor proj_up, Tensor? bias, str precision, "
-      "ScalarType out_dtype, bool act_unsigned=False) -> Tensor");
+      "gemm(Tensor act_codes, Tensor act_scales, Tensor codes, Tensor scales, Tensor? global_scale, "
+      "Tensor down_act, Tensor proj_up, Tensor? bias, str precision, ScalarType out_dtype, "
+      "bool act_unsigned=False) -> Tensor");
   m.def(
-      "linear(Tensor x, Tensor smooth, Tensor proj_down, Tensor wgt_codes, Tensor wgt_scales, "
-      "Tensor? wgt_global_scale, Tensor proj_up, Tensor? bias, str precision, bool act_unsigned=False) -> Tensor");
+      "linear(Tensor x, Tensor smooth, Tensor proj_down, Tensor codes, Tensor scales, Tensor? global_scale, "
+      "Tensor proj_up, Tensor? bias, str precision, bool act_unsigned=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(svdquant, CompositeImplicitAutograd, m) { m.impl("linear", &svdquant::linear); }
@@ -52,5 +52,5 @@ TORCH_LIBRARY_IMPL(svdquant, CompositeImplicitAutograd, m) { m.impl("linear", &s
 // ATen calls record nothing) and makes a backward through a float output raise "not implemented".
 TORCH_LIBRARY_IMPL(svdquant, Autograd, m) {
   m.impl("quantize_act", torch::autograd::autogradNotImplementedFallback());
-  m.impl("gemm_w4a4", torch::autograd::autogradNotImplementedFallback());
+  m.impl("gemm", torch::autograd::autogradNotImplementedFallback());
 }

@@ -66,20 +66,20 @@ def _quantize_act_fake(x, smooth, proj_down, precision, act_unsigned=False):
     _check_device(op, "proj_down", proj_down, "x", x)
     lead = x.shape[:-1]
     if precision == W4A8:  # int8 codes, one per byte; one scale per token
-        codes = x.new_empty((*lead, K), dtype=torch.int8)
-        scales = x.new_empty((*lead, 1), dtype=x.dtype)
+        act_codes = x.new_empty((*lead, K), dtype=torch.int8)
+        act_scales = x.new_empty((*lead, 1), dtype=x.dtype)
     else:
         scale_dtype = x.dtype if precision == INT4 else torch.float8_e4m3fn
-        codes = x.new_empty((*lead, K // 2), dtype=torch.uint8)
-        scales = x.new_empty((*lead, K // gs), dtype=scale_dtype)
-    lora_act = x.new_empty((*lead, proj_down.shape[1]), dtype=torch.float32)
-    return codes, scales, lora_act
+        act_codes = x.new_empty((*lead, K // 2), dtype=torch.uint8)
+        act_scales = x.new_empty((*lead, K // gs), dtype=scale_dtype)
+    down_act = x.new_empty((*lead, proj_down.shape[1]), dtype=torch.float32)
+    return act_codes, act_scales, down_act
 
 
-@torch.library.register_fake("svdquant::gemm_w4a4")
-def _gemm_w4a4_fake(act_codes, act_scales, wgt_codes, wgt_scales, wgt_global_scale, lora_act, proj_up, bias,
-                    precision, out_dtype, act_unsigned=False):
-    op = "gemm_w4a4"
+@torch.library.register_fake("svdquant::gemm")
+def _gemm_fake(act_codes, act_scales, codes, scales, global_scale, down_act, proj_up, bias, precision,
+              out_dtype, act_unsigned=False):
+    op = "gemm"
     gs = _check_precision(op, precision, act_unsigned)
     w4a8 = precision == W4A8
     if w4a8:
@@ -88,15 +88,15 @@ def _gemm_w4a4_fake(act_codes, act_scales, wgt_codes, wgt_scales, wgt_global_sca
     else:
         _check(act_codes.dtype == torch.uint8, op,
                f"act_codes must be uint8 (two 4-bit codes per byte), got {act_codes.dtype}")
-    _check(wgt_codes.dtype == torch.uint8, op,
-           f"wgt_codes must be uint8 (two 4-bit codes per byte), got {wgt_codes.dtype}")
+    _check(codes.dtype == torch.uint8, op,
+           f"codes must be uint8 (two 4-bit codes per byte), got {codes.dtype}")
     _check(act_codes.dim() >= 1, op, f"act_codes must have shape [..., {'K' if w4a8 else 'K/2'}], got a 0-d tensor")
-    _check(wgt_codes.dim() == 2, op, f"wgt_codes must have shape [N, K/2], got {list(wgt_codes.shape)}")
+    _check(codes.dim() == 2, op, f"codes must have shape [N, K/2], got {list(codes.shape)}")
     K = act_codes.shape[-1] if w4a8 else act_codes.shape[-1] * 2
-    N = wgt_codes.shape[0]
-    _check(wgt_codes.shape[1] * 2 == K, op,
-           f"K mismatch: act_codes holds K={K} input channels per row but wgt_codes holds K={wgt_codes.shape[1] * 2}")
-    _check(N >= 1, op, "wgt_codes must have at least one output row (N >= 1), got N=0")
+    N = codes.shape[0]
+    _check(codes.shape[1] * 2 == K, op,
+           f"K mismatch: act_codes holds K={K} input channels per row but codes holds K={codes.shape[1] * 2}")
+    _check(N >= 1, op, "codes must have at least one output row (N >= 1), got N=0")
     _check(K > 0 and K % gs == 0, op, f"K ({K}) must be a positive multiple of {gs} for precision '{precision}'")
     _check(not w4a8 or K <= W4A8_MAX_K, op,
            f"K ({K}) must be at most {W4A8_MAX_K} for precision 'w4a8' (so that the int32 dot product of int8 "
@@ -111,44 +111,44 @@ def _gemm_w4a4_fake(act_codes, act_scales, wgt_codes, wgt_scales, wgt_global_sca
         _check(tuple(act_scales.shape) == (*lead, G), op,
                f"act_scales must have shape {[*lead, G]} (act_codes' leading dims and K/{gs} groups), "
                f"got {list(act_scales.shape)}")
-    _check(tuple(wgt_scales.shape) == (N, G), op,
-           f"wgt_scales must have shape [N, K/{gs}] = [{N}, {G}], got {list(wgt_scales.shape)}")
+    _check(tuple(scales.shape) == (N, G), op,
+           f"scales must have shape [N, K/{gs}] = [{N}, {G}], got {list(scales.shape)}")
     _check_scale_dtype(op, "act_scales", act_scales, precision, weight=False)
-    _check_scale_dtype(op, "wgt_scales", wgt_scales, precision, weight=True)
+    _check_scale_dtype(op, "scales", scales, precision, weight=True)
     if precision == INT4:
-        _check(wgt_global_scale is None, op,
-               "wgt_global_scale is only used by precision 'nvfp4' and 'w4a8'; pass None for 'int4'")
+        _check(global_scale is None, op,
+               "global_scale is only used by precision 'nvfp4' and 'w4a8'; pass None for 'int4'")
     elif w4a8:
-        _check(wgt_global_scale is not None, op,
-               f"wgt_global_scale is required for precision 'w4a8' (the fp32 per-output-channel scale, shape [N] = "
+        _check(global_scale is not None, op,
+               f"global_scale is required for precision 'w4a8' (the fp32 per-output-channel scale, shape [N] = "
                f"[{N}]), got None")
-        g = wgt_global_scale
-        _check(g.dtype == torch.float32, op, f"wgt_global_scale must be float32, got {g.dtype}")
+        g = global_scale
+        _check(g.dtype == torch.float32, op, f"global_scale must be float32, got {g.dtype}")
         _check(g.dim() == 1 and g.numel() == N, op,
-               f"wgt_global_scale must have shape [N] = [{N}] (per output channel) for precision 'w4a8', "
+               f"global_scale must have shape [N] = [{N}] (per output channel) for precision 'w4a8', "
                f"got {list(g.shape)}")
-        _check_device(op, "wgt_global_scale", g, "act_codes", act_codes)
-    elif wgt_global_scale is not None:
-        g = wgt_global_scale
-        _check(g.dtype == torch.float32, op, f"wgt_global_scale must be float32, got {g.dtype}")
+        _check_device(op, "global_scale", g, "act_codes", act_codes)
+    elif global_scale is not None:
+        g = global_scale
+        _check(g.dtype == torch.float32, op, f"global_scale must be float32, got {g.dtype}")
         _check(g.dim() <= 1 and g.numel() in (1, N), op,
-               f"wgt_global_scale must have shape [1] (per tensor) or [N] = [{N}] (per output channel), "
+               f"global_scale must have shape [1] (per tensor) or [N] = [{N}] (per output channel), "
                f"got {list(g.shape)}")
-        _check_device(op, "wgt_global_scale", g, "act_codes", act_codes)
-    _check(lora_act.dtype == torch.float32, op, f"lora_act must be float32, got {lora_act.dtype}")
+        _check_device(op, "global_scale", g, "act_codes", act_codes)
+    _check(down_act.dtype == torch.float32, op, f"down_act must be float32, got {down_act.dtype}")
     _check(proj_up.dim() == 2 and proj_up.shape[0] == N, op,
            f"proj_up must have shape [N, R] with N={N}, got {list(proj_up.shape)}")
     _check(proj_up.dtype in FLOAT_DTYPES, op, f"proj_up must be {_FLOAT_NAMES}, got {proj_up.dtype}")
     R = proj_up.shape[1]
-    _check(tuple(lora_act.shape) == (*lead, R), op,
-           f"lora_act must have shape {[*lead, R]} (act_codes' leading dims and proj_up's rank R={R}), "
-           f"got {list(lora_act.shape)}")
+    _check(tuple(down_act.shape) == (*lead, R), op,
+           f"down_act must have shape {[*lead, R]} (act_codes' leading dims and proj_up's rank R={R}), "
+           f"got {list(down_act.shape)}")
     if bias is not None:
         _check(bias.dim() == 1 and bias.shape[0] == N, op, f"bias must have shape [N] = [{N}], got {list(bias.shape)}")
         _check(bias.dtype in FLOAT_DTYPES, op, f"bias must be {_FLOAT_NAMES}, got {bias.dtype}")
         _check_device(op, "bias", bias, "act_codes", act_codes)
     _check(out_dtype in FLOAT_DTYPES, op, f"out_dtype must be {_FLOAT_NAMES}, got {out_dtype}")
-    for name, t in (("act_scales", act_scales), ("wgt_codes", wgt_codes), ("wgt_scales", wgt_scales),
-                    ("lora_act", lora_act), ("proj_up", proj_up)):
+    for name, t in (("act_scales", act_scales), ("codes", codes), ("scales", scales),
+                    ("down_act", down_act), ("proj_up", proj_up)):
         _check_device(op, name, t, "act_codes", act_codes)
     return act_codes.new_empty((*lead, N), dtype=out_dtype)

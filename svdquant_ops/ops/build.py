@@ -1,13 +1,16 @@
 """Just-in-time build and load of the C++/CUDA op library (``svdquant_ops/csrc``).
 
-The library is compiled once per (source contents, torch version, CUDA toolkit, GPU architecture) with
-``torch.utils.cpp_extension`` + ninja into a per-user cache, then loaded with ``torch.ops.load_library``, which
-registers the ``torch.ops.svdquant`` ops. Later imports find the cached build and load it without compiling.
+The library is compiled on first use of an op (not on import) once per (source contents, torch version, CUDA
+toolkit, GPU architecture, build flags) with ``torch.utils.cpp_extension`` + ninja into a per-user cache, under a
+file lock, then loaded with ``torch.ops.load_library``, which registers the ``torch.ops.svdquant`` ops. Later
+processes find the cached build and load it without compiling.
 
-Environment:
-  SVDQUANT_OPS_CACHE       cache root (default: $XDG_CACHE_HOME/svdquant_ops or ~/.cache/svdquant_ops)
-  SVDQUANT_OPS_NO_CUDA=1   build the CPU part only even where CUDA is available
-  SVDQUANT_OPS_CUDA_ARCH   e.g. "9.0a" to override the architecture detected from the GPU
+Environment (read when the library is built and loaded, never by the kernels at run time):
+  SVDQUANT_OPS_CACHE          cache root (default: $XDG_CACHE_HOME/svdquant_ops or ~/.cache/svdquant_ops)
+  SVDQUANT_OPS_NO_CUDA=1      build the CPU part only even where CUDA is available
+  SVDQUANT_OPS_CUDA_ARCH      e.g. "9.0a" to override the architecture detected from the GPU
+  SVDQUANT_OPS_DIAGNOSTICS=1  also compile the diagnostic kernels benchmarks use (a separate cached build;
+                              csrc/cuda/README.md lists them); never needed to run a model
 """
 
 from __future__ import annotations
@@ -20,9 +23,20 @@ from pathlib import Path
 
 import torch
 
-_CSRC = Path(__file__).resolve().parent / "csrc"
+_CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _NAME = "svdquant_ops_C"
-_CXX_FLAGS = ["-O3", "-fopenmp"]
+
+
+def _diagnostics() -> bool:
+    return os.environ.get("SVDQUANT_OPS_DIAGNOSTICS") == "1"
+
+
+def _defines() -> list[str]:
+    return ["-DSVDQUANT_OPS_DIAGNOSTICS=1"] if _diagnostics() else []
+
+
+def _cxx_flags() -> list[str]:
+    return ["-O3", "-fopenmp", *_defines()]
 _loaded_path: Path | None = None
 
 
@@ -68,7 +82,7 @@ def _build_key(sources: list[Path], cuda_arch: str | None) -> str:
         h.update(str(path.relative_to(_CSRC)).encode())
         h.update(path.read_bytes())
     nvcc = _nvcc_flags(cuda_arch) if cuda_arch else []
-    h.update(f"torch={torch.__version__};cuda={torch.version.cuda};arch={cuda_arch};flags={_CXX_FLAGS};"
+    h.update(f"torch={torch.__version__};cuda={torch.version.cuda};arch={cuda_arch};flags={_cxx_flags()};"
              f"nvcc={nvcc}".encode())
     h.update(f"py={sys.version_info[:2]}".encode())
     return h.hexdigest()[:16]
@@ -77,7 +91,7 @@ def _build_key(sources: list[Path], cuda_arch: str | None) -> str:
 def _nvcc_flags(cuda_arch: str) -> list[str]:
     num = cuda_arch.replace(".", "")
     return ["-O3", f"-gencode=arch=compute_{num},code=sm_{num}", "--expt-relaxed-constexpr",
-            "-lineinfo", "-Xptxas=-warn-spills"]
+            "-lineinfo", "-Xptxas=-warn-spills", *_defines()]
 
 
 def library_path() -> Path | None:
@@ -92,7 +106,8 @@ def load(verbose: bool = False) -> Path:
         return _loaded_path
     cuda_arch = _cuda_arch()
     sources = _sources(cuda_arch)
-    build_dir = _cache_root() / f"{_NAME}-{_build_key(sources, cuda_arch)}"
+    tag = "-diagnostics" if _diagnostics() else ""
+    build_dir = _cache_root() / f"{_NAME}{tag}-{_build_key(sources, cuda_arch)}"
     so = build_dir / f"{_NAME}.so"
     if not so.exists():
         build_dir.mkdir(parents=True, exist_ok=True)
@@ -123,7 +138,7 @@ def _compile(sources: list[Path], build_dir: Path, cuda_arch: str | None, verbos
         cpp_extension.load(
             name=_NAME,
             sources=[str(s) for s in sources],
-            extra_cflags=_CXX_FLAGS,
+            extra_cflags=_cxx_flags(),
             extra_ldflags=["-fopenmp"],
             extra_include_paths=[str(_CSRC)],
             build_directory=str(build_dir),
@@ -135,7 +150,7 @@ def _compile(sources: list[Path], build_dir: Path, cuda_arch: str | None, verbos
     except Exception as exc:  # keep the compiler log reachable, say where it is
         raise RuntimeError(
             f"svdquant_ops: building the op library failed. Build directory: {build_dir}. Rerun with "
-            f"svdquant_ops._library.load(verbose=True) for the full compiler output. End of the log:\n"
+            f"svdquant_ops.ops.load(verbose=True) for the full compiler output. End of the log:\n"
             f"{str(exc)[-3000:]}"
         ) from exc
     finally:

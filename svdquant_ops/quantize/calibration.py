@@ -1,4 +1,5 @@
-"""``calibrate(model)``: record what the algorithm needs from real inputs, in bounded memory.
+"""``record_inputs(model)``: record what the algorithm needs from real inputs, in bounded memory (the public
+``svdquant_ops.calibrate`` prepares the model for its family, then runs this).
 
 For every ``nn.Linear`` input it keeps, across all calls (every timestep, both CFG halves):
 
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .structure import annotate, describe
+from .structure import describe, record_names
 
 log = logging.getLogger("svdquant_ops")
 RECORD_ATTR = "_svdquant_record"
@@ -181,7 +182,7 @@ class CalibrationSession:
         self._recent[id(x)] = rec
 
     def install(self) -> None:
-        annotate(self.model, overwrite_names=False)  # keep names given by name_modules(whole model)
+        record_names(self.model, overwrite=False)  # keep names given by prepare_model(whole model)
         for module in self.model.modules():
             if isinstance(module, nn.Linear):
                 if hasattr(module, RECORD_ATTR):
@@ -202,13 +203,11 @@ class CalibrationSession:
         """A group was solved: advance the progress bar (created on the first solve, with ETA)."""
         from tqdm.auto import tqdm
 
-        from ..formats import GROUP_SIZE
+        from .selection import decide
 
-        if self._bar is None:  # groups the handler will solve: recorded, not skipped by name or size
-            gs = GROUP_SIZE[config.precision]
+        if self._bar is None:  # groups the handler will solve: recorded, and picked by the handler's own rule
             for r in self.records:
-                r.counted = bool(r.seen_rows and not r.finished and r.in_features % gs == 0
-                                 and not config.skips(describe(r.members[0])))
+                r.counted = bool(r.seen_rows and not r.finished and decide(r.members[0], config).quantize)
             total = sum(r.counted for r in self.records)
             self._bar = tqdm(total=max(total, 1), desc="SVDQuant groups", unit="group", dynamic_ncols=True)
         rec.finished = True
@@ -253,8 +252,8 @@ class CalibrationSession:
 
 
 @contextmanager
-def calibrate(model: nn.Module, *, max_rows: int = 4096, storage: str = "auto", seed: int = 0,
-              hessian: bool = False):
+def record_inputs(model: nn.Module, *, max_rows: int = 4096, storage: str = "auto", seed: int = 0,
+                  hessian: bool = False):
     """Record calibration statistics of every linear input of ``model`` while the block runs.
 
     Args:
@@ -266,7 +265,7 @@ def calibrate(model: nn.Module, *, max_rows: int = 4096, storage: str = "auto", 
 
     Then ``quantize_(model, SVDQuantConfig())`` uses the records. Yields the session (``.records``,
     ``.summary()``, ``.close()`` to free the records early). Records are freed as the handler finishes each
-    layer; names already given by ``name_modules(whole_model)`` are kept when calibrating a submodule.
+    layer; names already given by ``prepare_model(whole_model)`` are kept when calibrating a submodule.
     """
     session = CalibrationSession(model, max_rows, storage, seed, hessian)
     session.install()

@@ -1,34 +1,21 @@
-"""SVDQuantConfig and its torchao handler: ``quantize_(model, SVDQuantConfig())``.
+"""SVDQuantConfig: the options of SVDQuant quantization, a torchao ``AOBaseConfig``.
 
-The handler swaps only the ``weight`` of each eligible ``nn.Linear`` for an :class:`SVDQuantTensor` and returns
-the same module (diffusers' loading path calls ``quantize_`` with each bare linear as the root and ignores a
-returned replacement). Where ``calibrate(model)`` recorded data for a layer, the calibrated algorithm runs;
-everywhere else the layer is quantized data-free (λ = 1, truncated SVD, RTN residual).
+``quantize_(model, SVDQuantConfig())`` runs the handler in ``handler.py``; ``svdquant_ops.quantize_model(model)``
+prepares the model first so that the skip rules of its model family apply (``integrations``).
 """
 
 from __future__ import annotations
 
-import fnmatch
-import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+import torchao.core.config as ao_config
 from torch import nn
 from torchao.core.config import AOBaseConfig
 from torchao.quantization.transform_module import register_quantize_module_handler
 
-from .formats import FLOAT_DTYPES, GROUP_SIZE, PRECISIONS
-from .quantize.calibration import forget_calibration
-from .quantize.lowrank import SVD_METHODS
-from .quantize.structure import annotate, describe, module_name
-from .tensor import SVDQuantTensor
-
-log = logging.getLogger("svdquant_ops")
-
-# Layers the reference keeps in 16-bit for diffusion transformers: embedders, AdaLN modulation linears (they see
-# one token, so 4-bit activations buy nothing and cost accuracy) and the final projection.
-DEFAULT_SKIP = ["*embed*", "*norm*.linear", "norm_out.*", "proj_out"]
-
+from ..formats import PRECISIONS
+from .lowrank import DEFAULT_SVD, SVD_METHODS
 
 
 @dataclass
@@ -40,10 +27,12 @@ class SVDQuantConfig(AOBaseConfig):
             groups of 64 with an fp32 per-channel scale times an integer multiplier per group, INT8 per-token
             activations; for Hopper GPUs, where one int8 GEMM over all of K beats per-group rescaling).
         rank: rank of the 16-bit low-rank branch (32). Ranks are zero-padded to a multiple of 16 in storage.
-        skip: fnmatch patterns over module names kept in 16-bit. Names are known to the handler for modules that
-            ``calibrate()`` or ``name_modules()`` has seen; otherwise pass ``filter_fn=config.filter_fn`` to
-            ``quantize_``.
-        svd: "lowrank" (seeded randomized ``torch.svd_lowrank`` in fp32, the fast default) or "exact"
+        skip: which linears stay in 16-bit by name. None (default): the model family's rules, which
+            ``quantize_model`` / ``prepare_model`` / ``calibrate`` record on the model (for diffusion transformers:
+            embedders, AdaLN modulation linears, the final projection; ``integrations.diffusers``). A list of fnmatch
+            patterns over module names: exactly those instead (``[]`` quantizes every eligible linear). Without a
+            prepared model the handler cannot know names or families: it warns once and quantizes every linear.
+        svd: "lowrank" (seeded randomized ``torch.svd_lowrank`` in fp32, the default everywhere) or "exact"
             (``torch.linalg.svd``).
         nvfp4_per_channel_scale: NVFP4 weights get a per-output-channel fp32 scale instead of a per-tensor one.
         calibration: "auto" (use what ``calibrate()`` recorded where present, data-free elsewhere, logged),
@@ -63,8 +52,8 @@ class SVDQuantConfig(AOBaseConfig):
 
     precision: str = "int4"
     rank: int = 32
-    skip: list = field(default_factory=lambda: list(DEFAULT_SKIP))
-    svd: str = "lowrank"
+    skip: list | None = None
+    svd: str = DEFAULT_SVD
     nvfp4_per_channel_scale: bool = False
     calibration: str = "auto"
     smooth_grid: int = 20
@@ -86,8 +75,9 @@ class SVDQuantConfig(AOBaseConfig):
             raise ValueError(f"SVDQuantConfig.rank must be an integer >= 0, got {self.rank!r}")
         if self.svd not in SVD_METHODS:
             raise ValueError(f"SVDQuantConfig.svd must be one of {list(SVD_METHODS)}, got {self.svd!r}")
-        if not isinstance(self.skip, list) or not all(isinstance(p, str) for p in self.skip):
-            raise ValueError(f"SVDQuantConfig.skip must be a list of fnmatch patterns (str), got {self.skip!r}")
+        if self.skip is not None and (not isinstance(self.skip, list) or not all(isinstance(p, str) for p in self.skip)):
+            raise ValueError("SVDQuantConfig.skip must be None (the model family's rules) or a list of fnmatch "
+                             f"patterns (str), got {self.skip!r}")
         if self.calibration not in ("auto", "required", "off"):
             raise ValueError(f"SVDQuantConfig.calibration must be 'auto', 'required' or 'off', got {self.calibration!r}")
         for name in ("smooth_grid", "lowrank_iters", "gptq_block", "seed"):
@@ -103,51 +93,16 @@ class SVDQuantConfig(AOBaseConfig):
         if self.device is not None:
             self.device = str(torch.device(self.device))  # validates; a string keeps the config JSON-serializable
 
-    def skips(self, fqn: str) -> bool:
-        return any(fnmatch.fnmatchcase(fqn, p) for p in self.skip)
 
-    def filter_fn(self, module: nn.Module, fqn: str) -> bool:
-        """A ``quantize_`` filter: linear layers whose name matches no ``skip`` pattern."""
-        return isinstance(module, nn.Linear) and not self.skips(fqn)
-
-
-def name_modules(model: nn.Module) -> nn.Module:
-    """Record each submodule's name (and the structure facts the algorithm uses: GELU-fed inputs, q/k/v branch
-    sharing) on it, so the handler can apply ``SVDQuantConfig.skip`` by name. ``calibrate`` does this too."""
-    return annotate(model)
+# torchao rebuilds configs from config.json (diffusers' save_pretrained) by class name from allowlisted modules;
+# torch.load(weights_only=True) needs the class allowlisted too.
+ao_config.ALLOWED_AO_MODULES.add("svdquant_ops")
+torch.serialization.add_safe_globals([SVDQuantConfig, (SVDQuantConfig, "svdquant_ops.config.SVDQuantConfig")])
 
 
 @register_quantize_module_handler(SVDQuantConfig)
-def _svdquant_transform(module: nn.Module, config: SVDQuantConfig, *, parameter_name: str = "weight") -> nn.Module:
-    if not isinstance(module, nn.Linear) or parameter_name != "weight":
-        raise TypeError(f"SVDQuantConfig applies to the weight of nn.Linear modules, got {type(module).__name__}."
-                        f"{parameter_name}")
-    weight = module.weight
-    if isinstance(weight, SVDQuantTensor):  # idempotent: already quantized
-        return module
-    fqn = module_name(module)
-    if fqn is not None and config.skips(fqn):
-        log.info("svdquant_ops: keeping %s in 16-bit (matches SVDQuantConfig.skip)", fqn)
-        forget_calibration(module)
-        return module
-    gs = GROUP_SIZE[config.precision]
-    if module.in_features % gs:
-        log.info("svdquant_ops: keeping %s in 16-bit: in_features=%d is not a multiple of %d (%s group size)",
-                 describe(module), module.in_features, gs, config.precision)
-        forget_calibration(module)
-        return module
-    if weight.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"svdquant_ops: {describe(module)} has weight dtype {weight.dtype}; expected one of "
-                        f"{[str(d) for d in FLOAT_DTYPES]}")
-    rank = min(config.rank, module.in_features, module.out_features)
-    if rank < config.rank:
-        log.info("svdquant_ops: %s uses rank %d (min(in_features, out_features) < %d)", describe(module), rank,
-                 config.rank)
-    from .quantize.solve import quantize_linear  # calibrated when calibrate() recorded data for this module
+def _transform(module: nn.Module, config: SVDQuantConfig, *, parameter_name: str = "weight") -> nn.Module:
+    # The algorithm is imported on first use: loading a saved model needs this class (config.json), not the solver.
+    from .handler import transform
 
-    qweight = quantize_linear(module, config, rank)
-    module.weight = nn.Parameter(qweight, requires_grad=False)
-    if module.bias is not None:
-        module.bias.requires_grad_(False)  # no autograd through the inference ops (and compile needs it)
-    return module
-
+    return transform(module, config, parameter_name=parameter_name)

@@ -1,5 +1,7 @@
 """From a 16-bit weight to SVDQuant's three parts: smoothing λ, low-rank branch (U, D) and the 4-bit residual.
 
+``quantize_weight`` is the data-free entry point for one weight (returns an ``SVDQuantTensor``).
+
 This is the data-free path (λ = 1 unless given, one truncated SVD, RTN residual) and the last step of the
 calibrated path, which passes a searched λ and its own branch. All of it works in fp32 on the weight's device,
 and the residual is taken against the branch *as the runtime applies it* (factors rounded to the model dtype),
@@ -8,28 +10,12 @@ so rounding of the factors is absorbed by the 4-bit residual instead of being an
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from ..formats import ACT_SHIFT, check_precision
-from .lowrank import truncated_svd
-from .quantizers import dequantize, quantize_weight
-
-
-@dataclass
-class SVDQuantParts:
-    """Everything a quantized linear needs, unpacked. Shapes: N outputs, K inputs, R rank."""
-
-    codes: torch.Tensor  # [N, K] int8 (INT4 / W4A8 values) or uint8 (e2m1 patterns)
-    scales: torch.Tensor  # [N, K/g] model dtype (INT4), float8_e4m3fn (NVFP4) or uint8 multipliers (W4A8)
-    global_scale: torch.Tensor | None  # NVFP4: fp32 [1] or [N]; W4A8: fp32 per-channel scale [N]; INT4: None
-    smooth: torch.Tensor  # [K] model dtype
-    proj_down: torch.Tensor  # [K, R] model dtype, multiplies the raw input: (D / λ)ᵀ
-    proj_up: torch.Tensor  # [N, R] model dtype: U (singular values included)
-    precision: str
-    act_unsigned: bool = False
-    bias_correction: torch.Tensor | None = None  # fp32 [N], unsigned inputs only
+from ..quantizers import dequantize, rtn_weight
+from ..storage import SVDQuantParts, SVDQuantTensor
+from .lowrank import DEFAULT_SVD, truncated_svd
 
 
 def check_weight(weight: torch.Tensor, name: str = "weight") -> None:
@@ -52,7 +38,7 @@ def residual_parts(w_hat: torch.Tensor, smooth_q: torch.Tensor, proj_up: torch.T
     """Quantize R = Ŵ − L (RTN unless ``residual_codes`` = (codes, scales, global) is given, e.g. from GPTQ)."""
     r = w_hat - branch_in_smoothed_space(proj_up, proj_down, smooth_q)
     if residual_codes is None:
-        codes, scales, gsc = quantize_weight(r, precision, dtype, per_channel_global=per_channel_global)
+        codes, scales, gsc = rtn_weight(r, precision, dtype, per_channel_global=per_channel_global)
     else:
         codes, scales, gsc = residual_codes
     corr = None
@@ -65,7 +51,7 @@ def residual_parts(w_hat: torch.Tensor, smooth_q: torch.Tensor, proj_up: torch.T
 
 
 def decompose(weight: torch.Tensor, *, precision: str = "int4", rank: int = 32, smooth: torch.Tensor | None = None,
-              svd: str = "exact", act_unsigned: bool = False, per_channel_global: bool = False,
+              svd: str = DEFAULT_SVD, act_unsigned: bool = False, per_channel_global: bool = False,
               dtype: torch.dtype | None = None, seed: int = 0) -> SVDQuantParts:
     """Data-free SVDQuant of one weight: λ (default ones), one rank-``rank`` SVD of W·diag(λ), RTN residual."""
     check_precision(precision)
@@ -90,3 +76,13 @@ def decompose(weight: torch.Tensor, *, precision: str = "int4", rank: int = 32, 
         raise ValueError(f"the low-rank factors overflow {dtype} with this smooth vector; use a milder smoothing")
     return residual_parts(w_hat, smooth_q, proj_up, proj_down, precision, dtype, act_unsigned=act_unsigned,
                           per_channel_global=per_channel_global)
+
+
+def quantize_weight(weight: torch.Tensor, precision: str = "int4", rank: int = 32, *,
+                    smooth: torch.Tensor | None = None, svd: str = DEFAULT_SVD, act_unsigned: bool = False,
+                    per_channel_global: bool = False, seed: int = 0) -> SVDQuantTensor:
+    """Data-free SVDQuant of a 16-bit weight [N, K] into an ``SVDQuantTensor`` in the weight's dtype and device:
+    λ (default 1), truncated SVD (``svd``: "lowrank" seeded randomized, or "exact"), RTN residual."""
+    parts = decompose(weight, precision=precision, rank=rank, smooth=smooth, svd=svd, act_unsigned=act_unsigned,
+                      per_channel_global=per_channel_global, dtype=weight.dtype, seed=seed)
+    return SVDQuantTensor.from_parts(parts, weight.dtype)

@@ -12,7 +12,7 @@ import torch
 
 from ..formats import GROUP_SIZE, INT4_QMAX, NVFP4, W4A8
 from ..layout import e2m1_decode
-from .quantizers import e2m1_encode, w4a8_multipliers
+from ..quantizers import e2m1_encode, w4a8_multipliers
 
 
 def gptq_quantize(r: torch.Tensor, hessian: torch.Tensor, precision: str, scales: torch.Tensor,

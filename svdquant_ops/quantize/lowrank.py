@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 SVD_METHODS = ("exact", "lowrank")
+DEFAULT_SVD = "lowrank"  # every entry point (SVDQuantConfig, quantize_weight, decompose) uses this default
 
 
-def truncated_svd(w: torch.Tensor, rank: int, method: str = "exact", *, niter: int = 4, oversample: int = 16,
+def truncated_svd(w: torch.Tensor, rank: int, method: str = DEFAULT_SVD, *, niter: int = 4, oversample: int = 16,
                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-``rank`` factors of ``w`` [N, K] in fp32: returns (U·S [N, r], V [K, r]) so that w ≈ (U·S) Vᵀ.
 

@@ -1,9 +1,17 @@
-"""Saving and loading quantized models: the allowlists torch / torchao / diffusers consult, and safetensors helpers.
+"""Saving and loading quantized weights: the allowlists torch / torchao / diffusers consult, safetensors helpers,
+and the key map that loads checkpoints written by svdquant_ops 0.1.0 (layout version 1).
 
 Three allowlists (see ../shared/docs/torchao.md): ``torch.serialization.add_safe_globals`` (``torch.load`` with
 ``weights_only=True``, which diffusers uses for ``.bin``), ``torchao.core.config.ALLOWED_AO_MODULES`` (rebuilding
-``SVDQuantConfig`` from ``config.json``) and torchao's safetensors subclass allowlists (``save_pretrained`` with
-``safe_serialization=True``). ``register()`` runs once when ``svdquant_ops`` is imported with torchao present.
+``SVDQuantConfig`` from ``config.json``; registered by the config's own module) and torchao's safetensors subclass
+allowlists (``save_pretrained`` with ``safe_serialization=True``). ``register()`` runs when ``svdquant_ops`` is
+imported.
+
+Checkpoint keys are ``<module>.<param>`` for plain tensors and ``<module>._weight_<field>`` for the fields of an
+``SVDQuantTensor`` (``codes``, ``scales``, ``global_scale``, ``smooth``, ``proj_down``, ``proj_up``,
+``bias_correction``). Version 0.1.0 named three fields ``qweight``, ``wscales``, ``wglobal``
+(``tensor.LEGACY_FIELD_NAMES``) and pickled the class as ``svdquant_ops.tensor.SVDQuantTensor``; both are mapped here
+(safetensors: ``_from_saved_fields``; pickles: the safe-globals alias and ``SVDQuantTensor.__setstate__``).
 """
 
 from __future__ import annotations
@@ -13,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from .tensor import LEGACY_FIELD_NAMES, SVDQuantTensor
+
 _registered = False
 
 
@@ -20,18 +30,20 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    import torchao.core.config as ao_config
     from torchao.prototype.safetensors import safetensors_utils
 
-    from .config import SVDQuantConfig
-    from .tensor import SVDQuantTensor
-
-    torch.serialization.add_safe_globals([SVDQuantTensor, SVDQuantConfig])
-    ao_config.ALLOWED_AO_MODULES.add("svdquant_ops")
+    # The pickled class path of 0.1.0 checkpoints is an alias of today's class.
+    torch.serialization.add_safe_globals([SVDQuantTensor, (SVDQuantTensor, "svdquant_ops.tensor.SVDQuantTensor")])
     if "SVDQuantTensor" not in safetensors_utils.ALLOWED_TENSORS_SUBCLASSES:
         safetensors_utils.ALLOWED_TENSORS_SUBCLASSES.append("SVDQuantTensor")
-    safetensors_utils.ALLOWED_CLASSES["SVDQuantTensor"] = SVDQuantTensor
+    # torchao rebuilds each tensor as ALLOWED_CLASSES[name](**fields): route it through the key map.
+    safetensors_utils.ALLOWED_CLASSES["SVDQuantTensor"] = _from_saved_fields
     _registered = True
+
+
+def _from_saved_fields(**fields) -> SVDQuantTensor:
+    """Build an SVDQuantTensor from the fields torchao read from a safetensors checkpoint (any version)."""
+    return SVDQuantTensor(**{LEGACY_FIELD_NAMES.get(k, k): v for k, v in fields.items()})
 
 
 def save_file(state_dict: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
@@ -41,7 +53,7 @@ def save_file(state_dict: dict[str, torch.Tensor], path: str | Path, metadata: d
 
     register()
     tensors, meta = flatten_tensor_state_dict({k: v.detach() for k, v in state_dict.items()})
-    meta = {**meta, **(metadata or {}), "svdquant_ops_format": "1"}
+    meta = {**meta, **(metadata or {}), "svdquant_ops_format": "2"}  # 2: today's field names
     st_save({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
 
 
@@ -49,8 +61,6 @@ def load_file(path: str | Path, device: str | torch.device = "cpu") -> dict[str,
     """Load what ``save_file`` wrote; every SVDQuantTensor is shape-checked on construction and value-checked."""
     from safetensors import safe_open
     from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
-
-    from .tensor import SVDQuantTensor
 
     register()
     with safe_open(str(path), framework="pt", device=str(device)) as f:

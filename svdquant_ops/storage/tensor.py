@@ -1,13 +1,22 @@
 """SVDQuantTensor: the weight of an SVDQuant linear, as a torchao tensor subclass.
 
-It holds everything the kernels read, already in the layout they read (no transposes or slicing in the forward
-path): packed residual codes ``qweight`` [N, K/2], their scales ``wscales`` [N, K/g] (model dtype for int4, fp8
-for nvfp4, uint8 multipliers in [1, 18] for w4a8), the global scale ``wglobal`` (nvfp4: fp32 [1] or [N]; w4a8: the
-fp32 per-output-channel scale [N]; int4: None), the smoothing vector ``smooth`` [K], the low-rank factors
-``proj_down`` [K, R] (multiplies the raw input) and ``proj_up`` [N, R], and for GELU-fed int4 layers a
-``bias_correction`` [N] that undoes the input shift.
-``F.linear(x, weight, bias)`` on it runs ``svdquant::linear``. Its logical shape is the 16-bit weight's [N, K] and
-its dtype is the model dtype.
+Fields (one name each, used alike by the algorithm's ``SVDQuantParts``, the ops' arguments and checkpoint keys,
+which torchao writes as ``<module>._weight_<field>``):
+
+* ``codes`` uint8 [N, K/2]: the 4-bit residual codes, packed as ``layout.py`` says (version ``layout_version``),
+* ``scales`` [N, K/g]: their group scales (model dtype for int4, fp8 e4m3 for nvfp4, uint8 multipliers in [1, 18]
+  for w4a8),
+* ``global_scale`` fp32: nvfp4 [1] or [N], w4a8 the per-output-channel scale [N], int4 None,
+* ``smooth`` [K]: λ, the smoothing vector the input is divided by,
+* ``proj_down`` [K, R] (multiplies the raw input) and ``proj_up`` [N, R]: the 16-bit low-rank branch, R a multiple
+  of 16 (zero-padded, exact),
+* ``bias_correction`` fp32 [N] or None: undoes the input shift of GELU-fed int4 layers (``act_unsigned``).
+
+Everything is already in the layout the kernels read (no transposes or slicing in the forward path). Its logical
+shape is the 16-bit weight's [N, K] and its dtype the model dtype. ``F.linear(x, weight, bias)`` on it runs
+``svdquant::linear``: that dispatch is registered by ``svdquant_ops.ops`` (imported with the package), so this
+module stays free of kernels. Built by ``from_parts`` (the offline algorithm, ``svdquant_ops.quantize``) or by
+loading a checkpoint.
 """
 
 from __future__ import annotations
@@ -16,14 +25,25 @@ import torch
 import torch.nn.functional as F
 from torchao.utils import TorchAOBaseTensor
 
-from . import ops
-from .formats import FLOAT_DTYPES, GROUP_SIZE, INT4, NVFP4, W4A8, W4A8_MULT_MAX, check_precision
-from .layout import LAYOUT_VERSION, check_layout_version, pack_nibbles, unpack_nibbles
-from .quantize.decompose import SVDQuantParts, decompose
-from .quantize.quantizers import dequantize as dequantize_codes
+from ..formats import FLOAT_DTYPES, GROUP_SIZE, INT4, NVFP4, W4A8, W4A8_MULT_MAX, check_precision
+from ..layout import LAYOUT_VERSION, check_layout_version, pack_nibbles, unpack_nibbles
+from ..quantizers import dequantize as dequantize_codes
+from .parts import SVDQuantParts
 
 aten = torch.ops.aten
 RANK_MULTIPLE = 16  # ranks are zero-padded to a multiple of 16 (exact) so GPU kernels see whole MMA tiles
+# Field names written by svdquant_ops 0.1.0 (layout version 1 checkpoints), mapped to today's names.
+LEGACY_FIELD_NAMES = {"qweight": "codes", "wscales": "scales", "wglobal": "global_scale"}
+
+
+def _rewrap(weight: "SVDQuantTensor", requires_grad: bool, extra) -> "SVDQuantTensor":
+    """``SVDQuantTensor(weight, requires_grad=False)``, the call ``nn.Parameter`` subclasses answer and accelerate's
+    offloading makes to rebuild a parameter of a class it does not know: a new wrapper around the same parts."""
+    if extra is not None:
+        raise TypeError("SVDQuantTensor(weight, ...) takes only requires_grad besides the weight")
+    if requires_grad:
+        raise ValueError("SVDQuantTensor does not support requires_grad=True: its ops are inference-only")
+    return weight._apply_fn_to_data(lambda t: t)
 
 
 def _pad_rank(t: torch.Tensor) -> torch.Tensor:
@@ -32,28 +52,34 @@ def _pad_rank(t: torch.Tensor) -> torch.Tensor:
 
 
 class SVDQuantTensor(TorchAOBaseTensor):
-    tensor_data_names = ["qweight", "wscales", "smooth", "proj_down", "proj_up"]
+    tensor_data_names = ["codes", "scales", "smooth", "proj_down", "proj_up"]
     tensor_attribute_names = ["precision", "act_unsigned", "layout_version", "dtype"]
-    optional_tensor_data_names = ["wglobal", "bias_correction"]
+    optional_tensor_data_names = ["global_scale", "bias_correction"]
 
-    def __new__(cls, qweight, wscales, smooth, proj_down, proj_up, precision, act_unsigned, layout_version, dtype,
-                wglobal=None, bias_correction=None):
-        shape = (qweight.shape[0], qweight.shape[1] * 2)
-        return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=qweight.device,
+    def __new__(cls, codes, scales=None, smooth=None, proj_down=None, proj_up=None, precision=None,
+                act_unsigned=None, layout_version=None, dtype=None, global_scale=None, bias_correction=None,
+                requires_grad=False):
+        if isinstance(codes, SVDQuantTensor):  # SVDQuantTensor(weight, requires_grad=...): see _rewrap
+            return _rewrap(codes, requires_grad, scales)
+        shape = (codes.shape[0], codes.shape[1] * 2)
+        return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=codes.device,
                                                    requires_grad=False)
 
-    def __init__(self, qweight, wscales, smooth, proj_down, proj_up, precision, act_unsigned, layout_version, dtype,
-                 wglobal=None, bias_correction=None):
+    def __init__(self, codes, scales=None, smooth=None, proj_down=None, proj_up=None, precision=None,
+                 act_unsigned=None, layout_version=None, dtype=None, global_scale=None, bias_correction=None,
+                 requires_grad=False):
+        if isinstance(codes, SVDQuantTensor):  # built by __new__ already
+            return
         super().__init__()
         check_precision(precision)
         check_layout_version(layout_version)
-        n, k = qweight.shape[0], qweight.shape[1] * 2
+        n, k = codes.shape[0], codes.shape[1] * 2
         gs = GROUP_SIZE[precision]
         r = proj_down.shape[-1]
         scale_dtypes = {INT4: FLOAT_DTYPES, NVFP4: (torch.float8_e4m3fn,), W4A8: (torch.uint8,)}[precision]
         expect = {
-            "qweight": (qweight, (n, k // 2), (torch.uint8,)),
-            "wscales": (wscales, (n, k // gs), scale_dtypes),
+            "codes": (codes, (n, k // 2), (torch.uint8,)),
+            "scales": (scales, (n, k // gs), scale_dtypes),
             "smooth": (smooth, (k,), (dtype,)),
             "proj_down": (proj_down, (k, r), (dtype,)),
             "proj_up": (proj_up, (n, r), (dtype,)),
@@ -64,70 +90,66 @@ class SVDQuantTensor(TorchAOBaseTensor):
                                  f"{[str(d) for d in dtypes]}, got {list(t.shape)} {t.dtype} (corrupt checkpoint?)")
         if k % gs:
             raise ValueError(f"SVDQuantTensor: in_features ({k}) must be a multiple of {gs} for precision {precision!r}")
-        if (wglobal is not None) != (precision != INT4):
-            given = "given" if wglobal is not None else "None"
-            raise ValueError("SVDQuantTensor: wglobal is required for precisions 'nvfp4' and 'w4a8' and must be None "
-                             f"for 'int4' (precision {precision!r}, wglobal {given})")
-        if precision == W4A8 and (tuple(wglobal.shape) != (n,) or wglobal.dtype != torch.float32):
-            raise ValueError(f"SVDQuantTensor: wglobal must have shape [{n}] and dtype torch.float32 for precision "
-                             f"'w4a8' (the per-output-channel scale), got {list(wglobal.shape)} {wglobal.dtype} "
-                             "(corrupt checkpoint?)")
+        if (global_scale is not None) != (precision != INT4):
+            given = "given" if global_scale is not None else "None"
+            raise ValueError("SVDQuantTensor: global_scale is required for precisions 'nvfp4' and 'w4a8' and must be "
+                             f"None for 'int4' (precision {precision!r}, global_scale {given})")
+        if precision == W4A8 and (tuple(global_scale.shape) != (n,) or global_scale.dtype != torch.float32):
+            raise ValueError(f"SVDQuantTensor: global_scale must have shape [{n}] and dtype torch.float32 for "
+                             f"precision 'w4a8' (the per-output-channel scale), got {list(global_scale.shape)} "
+                             f"{global_scale.dtype} (corrupt checkpoint?)")
         if act_unsigned and precision != INT4:
             raise ValueError("SVDQuantTensor: act_unsigned is only defined for precision 'int4'")
-        self.qweight = qweight
-        self.wscales = wscales
+        self.codes = codes
+        self.scales = scales
         self.smooth = smooth
         self.proj_down = proj_down
         self.proj_up = proj_up
         self.precision = precision
         self.act_unsigned = bool(act_unsigned)
         self.layout_version = int(layout_version)
-        self.wglobal = wglobal
+        self.global_scale = global_scale
         self.bias_correction = bias_correction
 
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_parts(cls, parts: SVDQuantParts, dtype: torch.dtype) -> "SVDQuantTensor":
+        """Pack the algorithm's unpacked parts into the storage layout (rank padded to ``RANK_MULTIPLE``)."""
         codes = parts.codes if parts.precision != NVFP4 else parts.codes.to(torch.uint8)
         qt = cls(
             pack_nibbles(codes).contiguous(), parts.scales.contiguous(), parts.smooth.to(dtype).contiguous(),
             _pad_rank(parts.proj_down.to(dtype)).contiguous(), _pad_rank(parts.proj_up.to(dtype)).contiguous(),
             parts.precision, parts.act_unsigned, LAYOUT_VERSION, dtype,
-            wglobal=None if parts.global_scale is None else parts.global_scale.float().contiguous(),
+            global_scale=None if parts.global_scale is None else parts.global_scale.float().contiguous(),
             bias_correction=None if parts.bias_correction is None else parts.bias_correction.float().contiguous(),
         )
         if parts.precision == W4A8:
             qt._validate_w4a8()  # offline, so the value check costs nothing that matters
         return qt
 
-    @classmethod
-    def from_hp(cls, weight: torch.Tensor, precision: str = "int4", rank: int = 32, *,
-                smooth: torch.Tensor | None = None, svd: str = "exact", act_unsigned: bool = False,
-                per_channel_global: bool = False, seed: int = 0) -> "SVDQuantTensor":
-        """Data-free SVDQuant of a 16-bit weight [N, K]: λ (default 1), truncated SVD, RTN residual."""
-        parts = decompose(weight, precision=precision, rank=rank, smooth=smooth, svd=svd, act_unsigned=act_unsigned,
-                          per_channel_global=per_channel_global, dtype=weight.dtype, seed=seed)
-        return cls.from_parts(parts, weight.dtype)
-
     # ---------------------------------------------------------------- inspection
     @property
     def rank(self) -> int:
         return self.proj_down.shape[1]
+
+    def storage_nbytes(self) -> int:
+        """Bytes held by all parts (the logical ``nbytes`` would count a 16-bit [N, K] weight)."""
+        return sum(t.numel() * t.element_size() for t in self._data_tensors())
 
     def _data_tensors(self) -> list[torch.Tensor]:
         names = self.tensor_data_names + self.optional_tensor_data_names
         return [getattr(self, n) for n in names if getattr(self, n) is not None]
 
     def _validate_w4a8(self) -> None:
-        if self.wscales.numel():
-            lo, hi = int(self.wscales.min()), int(self.wscales.max())
+        if self.scales.numel():
+            lo, hi = int(self.scales.min()), int(self.scales.max())
             if lo < 1 or hi > W4A8_MULT_MAX:
-                raise ValueError(f"SVDQuantTensor: wscales (W4A8 multipliers) must be in [1, {W4A8_MULT_MAX}], found "
+                raise ValueError(f"SVDQuantTensor: scales (W4A8 multipliers) must be in [1, {W4A8_MULT_MAX}], found "
                                  f"{lo if lo < 1 else hi} (corrupt checkpoint?)")
-        if not torch.isfinite(self.wglobal).all():
-            raise ValueError("SVDQuantTensor: wglobal contains NaN or Inf (corrupt checkpoint?)")
-        if not (self.wglobal >= 0).all():
-            raise ValueError("SVDQuantTensor: wglobal (W4A8 per-channel scale) must be >= 0 everywhere, found a "
+        if not torch.isfinite(self.global_scale).all():
+            raise ValueError("SVDQuantTensor: global_scale contains NaN or Inf (corrupt checkpoint?)")
+        if not (self.global_scale >= 0).all():
+            raise ValueError("SVDQuantTensor: global_scale (W4A8 per-channel scale) must be >= 0 everywhere, found a "
                              "negative value (corrupt checkpoint?)")
 
     def validate(self) -> "SVDQuantTensor":
@@ -135,7 +157,7 @@ class SVDQuantTensor(TorchAOBaseTensor):
         constructor skips to stay sync-free; run after loading (``load_file``) and by ``from_parts``."""
         if self.precision == W4A8:
             self._validate_w4a8()
-        for name in ("wscales", "smooth", "proj_down", "proj_up", "wglobal", "bias_correction"):
+        for name in ("scales", "smooth", "proj_down", "proj_up", "global_scale", "bias_correction"):
             t = getattr(self, name)
             if t is not None and t.numel() and not torch.isfinite(t.float()).all():
                 raise ValueError(f"SVDQuantTensor: {name} contains NaN or Inf (corrupt checkpoint?)")
@@ -145,8 +167,8 @@ class SVDQuantTensor(TorchAOBaseTensor):
 
     def residual(self) -> torch.Tensor:
         """Dequantized 4-bit residual Q(R) in smoothed coordinates, fp32 [N, K]."""
-        codes = unpack_nibbles(self.qweight, signed=self.precision != NVFP4)
-        return dequantize_codes(codes, self.wscales, self.precision, self.wglobal)
+        codes = unpack_nibbles(self.codes, signed=self.precision != NVFP4)
+        return dequantize_codes(codes, self.scales, self.precision, self.global_scale)
 
     def dequantize(self, output_dtype: torch.dtype | None = None) -> torch.Tensor:
         """The effective 16-bit weight: Q(R)·diag(1/λ) + proj_up·proj_downᵀ."""
@@ -158,26 +180,8 @@ class SVDQuantTensor(TorchAOBaseTensor):
         return (f"SVDQuantTensor(precision={self.precision!r}, shape=[{n}, {k}], rank={self.rank}, dtype={self.dtype}, "
                 f"act_unsigned={self.act_unsigned}, layout_version={self.layout_version}, device={self.device})")
 
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if x.dtype != self.dtype:
-            raise TypeError(f"SVDQuant linear: input dtype {x.dtype} does not match the quantized weight's dtype "
-                            f"{self.dtype}; cast the input or the model")
-        if self.bias_correction is not None:
-            bias = self.bias_correction if bias is None else bias.float() + self.bias_correction
-        return ops.linear(x, self.smooth, self.proj_down, self.qweight, self.wscales, self.wglobal, self.proj_up,
-                          bias, self.precision, self.act_unsigned)
-
 
 implements = SVDQuantTensor.implements
-implements_torch_function = SVDQuantTensor.implements_torch_function
-
-
-@implements(aten.linear.default)
-@implements_torch_function(F.linear)
-def _(func, types, args, kwargs):
-    x, w = args[0], args[1]
-    bias = args[2] if len(args) > 2 else kwargs.get("bias")
-    return w.linear(x, bias)
 
 
 @implements(aten.is_pinned.default)
@@ -186,7 +190,7 @@ def _(func, types, args, kwargs):
     return all(t.is_pinned() for t in w._data_tensors())
 
 
-@implements(aten._pin_memory.default)
+@implements([aten._pin_memory.default, aten.pin_memory.default])
 def _(func, types, args, kwargs):
     return args[0]._apply_fn_to_data(lambda t: t.pin_memory())
 
@@ -215,23 +219,81 @@ def _(func, types, args, kwargs):
     return dst
 
 
-@implements(aten._to_copy.default)
-def _(func, types, args, kwargs):
-    """.to(device) moves every part; .to(dtype) changes the model dtype of the 16-bit parts (smooth and the
-    low-rank factors); codes and weight scales are kept bit-exact (the GEMM reads scales of any float dtype)."""
-    self = args[0]
-    kw = self._get_to_kwargs(*args[1:], **kwargs)
-    device, dtype, nb = kw["device"], kw["dtype"], kw["non_blocking"]
+def _moved(self: SVDQuantTensor, device, dtype, non_blocking: bool, copy: bool = True) -> SVDQuantTensor:
+    """A copy of ``self`` on ``device`` with model dtype ``dtype``: every part moves; the 16-bit parts (smooth and the
+    low-rank factors) take the new dtype; codes and weight scales stay bit-exact (the GEMM reads scales of any
+    float dtype)."""
+    device = self.device if device is None else torch.device(device)
+    dtype = self.dtype if dtype is None else dtype
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"SVDQuantTensor can only be cast to {[str(d) for d in FLOAT_DTYPES]}, got {dtype}")
 
     def move(t, cast):
         if t is None:
             return None
-        t = t.to(device, non_blocking=nb)
+        t = t.to(device, non_blocking=non_blocking, copy=copy and not (cast and t.dtype != dtype))
         return t.to(dtype) if cast else t
 
     return SVDQuantTensor(
-        move(self.qweight, False), move(self.wscales, False), move(self.smooth, True), move(self.proj_down, True),
+        move(self.codes, False), move(self.scales, False), move(self.smooth, True), move(self.proj_down, True),
         move(self.proj_up, True), self.precision, self.act_unsigned, self.layout_version, dtype,
-        wglobal=move(self.wglobal, False), bias_correction=move(self.bias_correction, False))
+        global_scale=move(self.global_scale, False), bias_correction=move(self.bias_correction, False))
+
+
+@implements(aten._to_copy.default)
+def _(func, types, args, kwargs):
+    kw = args[0]._get_to_kwargs(*args[1:], **kwargs)
+    return _moved(args[0], kw["device"], kw["dtype"], kw["non_blocking"])
+
+
+# Under inference_mode the aten.to overloads reach the subclass undecomposed; torchao's inherited handler returns
+# an alias with corrected storage, which is wrong for a device change. Each one is a _to_copy, or an alias when
+# nothing changes and no copy is asked for (as aten.to does). The alias is a new wrapper around the same parts, not
+# self: nn.Module._apply swaps a parameter with what .to returned, and swapping a tensor with itself fails under
+# inference_mode.
+def _to(self: SVDQuantTensor, device, dtype, non_blocking: bool, copy: bool) -> SVDQuantTensor:
+    same_device = device is None or torch.device(device) == self.device
+    if not copy and same_device and (dtype is None or dtype == self.dtype):
+        return self._apply_fn_to_data(lambda t: t)
+    return _moved(self, device, dtype, non_blocking)  # a full copy, as .to(dtype) of a plain tensor: no shared parts
+
+
+@implements(aten.to.dtype_layout)
+def _(func, types, args, kwargs):
+    kw = {**kwargs}
+    return _to(args[0], kw.get("device"), kw.get("dtype"), kw.get("non_blocking", False), kw.get("copy", False))
+
+
+@implements(aten.to.device)
+def _(func, types, args, kwargs):
+    a = list(args[1:]) + [None] * 4
+    device, dtype = kwargs.get("device", a[0]), kwargs.get("dtype", a[1])
+    nb, cp = kwargs.get("non_blocking", a[2] or False), kwargs.get("copy", a[3] or False)
+    return _to(args[0], device, dtype, nb, cp)
+
+
+@implements(aten.to.dtype)
+def _(func, types, args, kwargs):
+    a = list(args[1:]) + [None] * 3
+    dtype = kwargs.get("dtype", a[0])
+    nb, cp = kwargs.get("non_blocking", a[1] or False), kwargs.get("copy", a[2] or False)
+    return _to(args[0], None, dtype, nb, cp)
+
+
+@implements(aten.to.other)
+def _(func, types, args, kwargs):
+    a = list(args[1:]) + [None] * 3
+    other = kwargs.get("other", a[0])
+    nb, cp = kwargs.get("non_blocking", a[1] or False), kwargs.get("copy", a[2] or False)
+    return _to(args[0], other.device, other.dtype, nb, cp)
+
+
+def _setstate(self, state: dict) -> None:
+    """Unpickling (``torch.load``): rename the fields of checkpoints written by svdquant_ops 0.1.0 (layout 1)."""
+    state = {LEGACY_FIELD_NAMES.get(k, k): v for k, v in state.items()}
+    _torchao_setstate(self, state)
+
+
+# torchao's __init_subclass__ installs its own __setstate__ after the class body runs; wrap it here.
+_torchao_setstate = SVDQuantTensor.__setstate__
+SVDQuantTensor.__setstate__ = _setstate

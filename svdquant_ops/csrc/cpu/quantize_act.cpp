@@ -2,7 +2,7 @@
 //   x_hat = x / smooth                      (signed formats)
 //   x_hat = (x + 0.171875) / smooth         (act_unsigned: inputs produced by a GELU)
 // per (token, group): scale = amax / qmax rounded to the scale dtype, code = round_half_even(x_hat / scale)
-// clamped to the code range (0 when scale == 0); lora_act = x @ proj_down in fp32 on the *raw* x.
+// clamped to the code range (0 when scale == 0); down_act = x @ proj_down in fp32 on the *raw* x.
 // W4A8: one scale per token (row) instead of per group: scale = amax(|x_hat| over the row) / 127 rounded to x's
 // dtype, code = int8_code(x_hat / scale) (0 when scale == 0), one int8 per code (not packed), scales [..., 1].
 #include <ATen/ATen.h>
@@ -82,23 +82,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_cpu(const at::Tensor
   auto xc = x.contiguous();
   auto sc = smooth.contiguous();
   const bool w4a8 = s.precision == Precision::kW4a8;
-  auto codes = w4a8 ? at::empty(with_last_dim(x, s.K), x.options().dtype(at::kChar))
-                    : at::empty(with_last_dim(x, s.K / 2), x.options().dtype(at::kByte));
+  auto act_codes = w4a8 ? at::empty(with_last_dim(x, s.K), x.options().dtype(at::kChar))
+                        : at::empty(with_last_dim(x, s.K / 2), x.options().dtype(at::kByte));
   const auto scale_dtype = s.precision == Precision::kNvfp4 ? at::kFloat8_e4m3fn : x.scalar_type();
-  auto scales = at::empty(with_last_dim(x, s.G), x.options().dtype(scale_dtype));
+  auto act_scales = at::empty(with_last_dim(x, s.G), x.options().dtype(scale_dtype));
   SVDQ_DISPATCH_FLOAT16_32(x.scalar_type(), "quantize_act_cpu", [&] {
     if (w4a8) {
-      quantize_rows_w4a8<scalar_t>(xc.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(), codes.data_ptr<int8_t>(),
-                                   scales.data_ptr<scalar_t>(), s.M, s.K);
+      quantize_rows_w4a8<scalar_t>(xc.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(), act_codes.data_ptr<int8_t>(),
+                                   act_scales.data_ptr<scalar_t>(), s.M, s.K);
     } else {
-      quantize_rows<scalar_t>(xc.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(), codes.data_ptr<uint8_t>(),
-                              scales.data_ptr(), s.M, s.K, s.precision, act_unsigned);
+      quantize_rows<scalar_t>(xc.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(), act_codes.data_ptr<uint8_t>(),
+                              act_scales.data_ptr(), s.M, s.K, s.precision, act_unsigned);
     }
   });
   // fp32 products of the raw input with the down projection (exact products of 16-bit values, fp32 sums).
-  auto lora_act = at::matmul(xc.reshape({s.M, s.K}).to(at::kFloat), proj_down.to(at::kFloat))
+  auto down_act = at::matmul(xc.reshape({s.M, s.K}).to(at::kFloat), proj_down.to(at::kFloat))
                       .reshape(with_last_dim(x, s.R));
-  return {codes, scales, lora_act};
+  return {act_codes, act_scales, down_act};
 }
 
 }  // namespace

@@ -11,38 +11,80 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <utility>
 
 namespace svdquant {
 namespace cuda_impl {
 
 // ---------------------------------------------------------------------------------------------------------------
+// Build modes. SVDQUANT_OPS_DIAGNOSTICS=1 (a compiler define, set by the Python build when the environment variable
+// of that name is 1 at build time) also compiles the diagnostic kernels and their run-time switches (README.md in
+// this folder lists them). A normal build has neither: its kernels read no diagnostic environment variable.
+// ---------------------------------------------------------------------------------------------------------------
+#if defined(SVDQUANT_OPS_DIAGNOSTICS) && SVDQUANT_OPS_DIAGNOSTICS
+#define SVDQ_DIAGNOSTICS 1
+#else
+#define SVDQ_DIAGNOSTICS 0
+#endif
+
+// ---------------------------------------------------------------------------------------------------------------
 // Path selection. SVDQUANT_OPS_CUDA_PORTABLE=1 forces the portable kernels (plain CUDA, any sm_70+ GPU) on every
 // GPU; it is read at every call so tests can flip it. The Hopper kernels run only on compute capability 9.0 (the
-// library is then compiled for sm_90a, see _library.py).
+// library is then compiled for sm_90a, see the Python build).
 // ---------------------------------------------------------------------------------------------------------------
 inline bool force_portable() {
   const char* v = std::getenv("SVDQUANT_OPS_CUDA_PORTABLE");
   return v != nullptr && v[0] != '\0' && std::strcmp(v, "0") != 0;
 }
 
+constexpr int kMaxDevices = 64;
+
+inline int current_device_index() {
+  const int dev = c10::cuda::current_device();
+  TORCH_CHECK(dev >= 0 && dev < kMaxDevices, "svdquant: unsupported CUDA device index ", dev);
+  return dev;
+}
+
+// Runs a setup step once per CUDA device, thread-safe (std::call_once; a step that throws is retried on the next
+// call). For state that CUDA keeps per device, such as cudaFuncSetAttribute: declare one `static PerDeviceOnce` per
+// kernel instantiation next to its launch.
+class PerDeviceOnce {
+ public:
+  template <typename F>
+  void operator()(F&& f) {
+    std::call_once(flags_[current_device_index()], std::forward<F>(f));
+  }
+
+ private:
+  std::once_flag flags_[kMaxDevices];
+};
+
 // Per-device attributes, read once (no CUDA call on later ops, so nothing new happens during graph capture).
 struct DeviceInfo {
   int major = -1, minor = -1, sms = 0;
 };
 inline const DeviceInfo& device_info() {
-  constexpr int kMaxDevices = 64;
   static DeviceInfo infos[kMaxDevices];
-  const int dev = c10::cuda::current_device();
-  TORCH_CHECK(dev >= 0 && dev < kMaxDevices, "svdquant: unsupported CUDA device index ", dev);
-  DeviceInfo& info = infos[dev];
-  if (info.major < 0) {
+  static PerDeviceOnce once;
+  const int dev = current_device_index();
+  once([&] {
     DeviceInfo d;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, dev));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev));
-    info = d;
-  }
-  return info;
+    infos[dev] = d;
+  });
+  return infos[dev];
+}
+
+// Allows `kernel` up to `bytes` of dynamic shared memory on the current device. CUDA keeps this attribute per device,
+// so it is set once per (kernel instantiation, device): `once` is a static PerDeviceOnce of the instantiation. The
+// first call on each device is eager in practice (a warm-up or the first forward), so the attribute is set before
+// any CUDA-graph capture on that device.
+template <typename Kernel>
+void set_max_dynamic_smem(PerDeviceOnce& once, Kernel kernel, int bytes) {
+  once([&] { C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes)); });
 }
 
 inline bool device_is_sm90() { return device_info().major == 9 && device_info().minor == 0; }

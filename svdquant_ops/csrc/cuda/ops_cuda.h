@@ -14,11 +14,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_cuda(const at::Tenso
                                                                  const at::Tensor& proj_down,
                                                                  c10::string_view precision, bool act_unsigned);
 
-at::Tensor gemm_w4a4_cuda(const at::Tensor& act_codes, const at::Tensor& act_scales, const at::Tensor& wgt_codes,
-                          const at::Tensor& wgt_scales, const std::optional<at::Tensor>& wgt_global_scale,
-                          const at::Tensor& lora_act, const at::Tensor& proj_up,
-                          const std::optional<at::Tensor>& bias, c10::string_view precision,
-                          at::ScalarType out_dtype, bool act_unsigned);
+at::Tensor gemm_cuda(const at::Tensor& act_codes, const at::Tensor& act_scales, const at::Tensor& codes,
+                     const at::Tensor& scales, const std::optional<at::Tensor>& global_scale,
+                     const at::Tensor& down_act, const at::Tensor& proj_up, const std::optional<at::Tensor>& bias,
+                     c10::string_view precision, at::ScalarType out_dtype, bool act_unsigned);
 
 }  // namespace cuda_impl
 }  // namespace svdquant

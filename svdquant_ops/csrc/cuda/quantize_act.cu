@@ -1,7 +1,7 @@
 // CUDA kernels of svdquant::quantize_act (semantics: ../cpu/quantize_act.cpp).
 //
 // Fast path (bf16/fp16 x, K % 64 == 0, R <= 64 with R % 8 == 0, 16-byte aligned inputs), any GPU sm_80+:
-//   one pass over x. A block owns 32 tokens; its 2 row-warps x 4 k-warps walk a slice of K in chunks of 64 channels.
+//   one pass over x. A block owns 64 tokens; its 4 row-warps x 2 k-warps walk a slice of K in chunks of 64 channels.
 //   Per chunk a warp quantizes its 16 rows (codes, scales) and feeds the same registers to bf16/fp16 mma.sync
 //   (m16n8k16, fp32 accumulate) against proj_down staged in shared memory, so x · proj_down costs no extra global
 //   traffic. The k-warps' partial products are summed in a fixed order; when K is split over several blocks (for load
@@ -11,9 +11,9 @@
 //   remainder correction of the compiler's IEEE division: bit-identical to a / b (see common.cuh), with a
 //   warp-uniform IEEE fallback for operands outside [2^-60, 2^60].
 // Portable path (everything else, or SVDQUANT_OPS_CUDA_PORTABLE=1): a thread per (token, group) running the CPU
-//   loop, and a thread per lora_act element summing over K in order.
+//   loop, and a thread per down_act element summing over K in order.
 // W4A8 (per-token INT8): the fast kernel in a mode that writes only each (token, 64-chunk) amax of x_hat and
-//   lora_act, then one warp per token reduces the amaxes to the token's scale and writes the int8 codes (reading x
+//   down_act, then one warp per token reduces the amaxes to the token's scale and writes the int8 codes (reading x
 //   a second time). Portable: the token kernel computes the amax itself.
 #include <c10/cuda/CUDAGuard.h>
 
@@ -77,8 +77,8 @@ __global__ void quantize_portable_kernel(const scalar_t* __restrict__ x, const s
 }
 
 template <typename scalar_t>
-__global__ void lora_down_portable_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ pd,
-                                          float* __restrict__ out, int64_t M, int64_t K, int64_t R) {
+__global__ void down_act_portable_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ pd,
+                                         float* __restrict__ out, int64_t M, int64_t K, int64_t R) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= M * R) return;
   const int64_t m = idx / R, r = idx % R;
@@ -163,9 +163,9 @@ __device__ __forceinline__ float div3(float a, float b, float y) {
 }
 
 // RW row-warps x KW k-warps per block; RP = R padded to 16/32/64 (0: no branch). blockIdx.y selects a slice of
-// `chunks_per_split` 64-channel chunks; with several slices, lora holds per-slice partial sums [splits, M, R].
+// `chunks_per_split` 64-channel chunks; with several slices, down_act holds per-slice partial sums [splits, M, R].
 // kFmt: kFmtInt4 / kFmtNvfp4 write codes and group scales; kFmtGroupMax (W4A8's first pass) writes only the fp32
-// amax of x_hat per (token, 64-channel chunk) into `scales` [M, K/64] (and lora_act), for quantize_tokens_kernel.
+// amax of x_hat per (token, 64-channel chunk) into `scales` [M, K/64] (and down_act), for quantize_tokens_kernel.
 enum Fmt : int { kFmtInt4 = 0, kFmtNvfp4 = 1, kFmtGroupMax = 2 };
 
 template <typename T, int RW, int KW, int RP, int kFmt, int kMinBlocks = 2>
@@ -174,7 +174,7 @@ __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel
                                                                      const T* __restrict__ pd,
                                                                      uint8_t* __restrict__ codes,
                                                                      void* __restrict__ scales,
-                                                                     float* __restrict__ lora, int M, int K, int R,
+                                                                     float* __restrict__ down_act, int M, int K, int R,
                                                                      bool act_unsigned, int chunks_per_split) {
   constexpr bool kNvfp4 = kFmt == kFmtNvfp4;
   constexpr bool kGroupMax = kFmt == kFmtGroupMax;
@@ -413,7 +413,7 @@ __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel
       mine[(g + 8) * RP + 8 * nt + 2 * t + 1] = cacc[nt][3];
     }
     __syncthreads();
-    float* out = lora + static_cast<int64_t>(blockIdx.y) * M * R;
+    float* out = down_act + static_cast<int64_t>(blockIdx.y) * M * R;
     for (int idx = threadIdx.x; idx < RW * 16 * R; idx += NT) {
       const int rl = idx / R, r = idx % R;
       const int rw_ = rl / 16, rr = rl % 16;
@@ -481,9 +481,9 @@ __global__ void __launch_bounds__(256) quantize_tokens_kernel(const T* __restric
     cr[k] = static_cast<int8_t>(code_of(static_cast<float>(xr[k]), static_cast<float>(smooth[k])));
 }
 
-// lora_act = sum over the K slices of the partial products, in slice order (deterministic).
-__global__ void lora_split_reduce_kernel(const float* __restrict__ part, float* __restrict__ out, int64_t n,
-                                         int splits) {
+// down_act = sum over the K slices of the partial products, in slice order (deterministic).
+__global__ void down_act_split_reduce_kernel(const float* __restrict__ part, float* __restrict__ out, int64_t n,
+                                             int splits) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
   float s = part[i];
@@ -493,74 +493,177 @@ __global__ void lora_split_reduce_kernel(const float* __restrict__ part, float* 
 
 template <typename T, int RW, int KW, int RP, int kFmt, int kMinBlocks>
 void launch_fast(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd, at::Tensor& codes,
-                 at::Tensor& scales, at::Tensor& lora, int M, int K, int R, bool act_unsigned, cudaStream_t stream) {
+                 at::Tensor& scales, at::Tensor& down_act, int M, int K, int R, bool act_unsigned,
+                 cudaStream_t stream) {
   constexpr int BUF = 64 * KW * 8 + 64 * KW * RP * 2;
   constexpr int SMEM = 2 * BUF;
   auto kernel = quantize_fast_kernel<T, RW, KW, RP, kFmt, kMinBlocks>;
-  static bool attr_set = false;  // set once, before any CUDA-graph capture (first call is eager)
-  if (!attr_set) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM));
-    attr_set = true;
-  }
+  static PerDeviceOnce smem_attr;  // per instantiation and device, on its first (eager) call
+  set_max_dynamic_smem(smem_attr, kernel, SMEM);
   const int rows = 16 * RW;
   const int slabs = (M + rows - 1) / rows;
   const int nchunks = K / 64;
   // Split K over blocks until there are >= 4 blocks per SM (load balance; a slice keeps >= 2 rounds of chunks).
   int splits = std::max(1, std::min((4 * num_sms() + slabs - 1) / slabs, nchunks / (2 * KW)));
   if (R == 0) splits = std::max(1, std::min((4 * num_sms() + slabs - 1) / slabs, nchunks / KW));
-  static const int splits_override = [] {  // experiments only (SVDQUANT_OPS_QA_SPLITS=n)
+#if SVDQ_DIAGNOSTICS
+  static const int splits_override = [] {  // SVDQUANT_OPS_QA_SPLITS=n forces the slice count (read once)
     const char* v = std::getenv("SVDQUANT_OPS_QA_SPLITS");
     return v != nullptr ? std::atoi(v) : 0;
   }();
   if (splits_override > 0) splits = std::max(1, std::min(splits_override, nchunks / KW));
+#endif
   const int cps = (nchunks + splits - 1) / splits;
   splits = (nchunks + cps - 1) / cps;
   at::Tensor part;
-  float* lora_dst = R > 0 ? lora.data_ptr<float>() : nullptr;
+  float* down_act_dst = R > 0 ? down_act.data_ptr<float>() : nullptr;
   if (splits > 1 && R > 0) {
-    part = at::empty({splits, static_cast<int64_t>(M), R}, lora.options());
-    lora_dst = part.data_ptr<float>();
+    part = at::empty({splits, static_cast<int64_t>(M), R}, down_act.options());
+    down_act_dst = part.data_ptr<float>();
   }
   kernel<<<dim3(slabs, splits), 32 * RW * KW, SMEM, stream>>>(
       reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const T*>(smooth.data_ptr()),
       R > 0 ? reinterpret_cast<const T*>(pd.data_ptr()) : nullptr,
-      kFmt == kFmtGroupMax ? nullptr : static_cast<uint8_t*>(codes.data_ptr()), scales.data_ptr(),
-      lora_dst, M, K, R, act_unsigned, cps);
+      kFmt == kFmtGroupMax ? nullptr : static_cast<uint8_t*>(codes.data_ptr()), scales.data_ptr(), down_act_dst, M,
+      K, R, act_unsigned, cps);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   debug_sync(stream, "quantize_act fast");
   if (splits > 1 && R > 0) {
     const int64_t n = static_cast<int64_t>(M) * R;
-    lora_split_reduce_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(
-        part.data_ptr<float>(), lora.data_ptr<float>(), n, splits);
+    down_act_split_reduce_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(
+        part.data_ptr<float>(), down_act.data_ptr<float>(), n, splits);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
 template <typename T, int RW, int KW, int kFmt, int kMinBlocks = 2>
 void dispatch_rp(int RP, const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd, at::Tensor& codes,
-                 at::Tensor& scales, at::Tensor& lora, int M, int K, int R, bool act_unsigned, cudaStream_t st) {
+                 at::Tensor& scales, at::Tensor& down_act, int M, int K, int R, bool act_unsigned, cudaStream_t st) {
   switch (RP) {
-    case 0: launch_fast<T, RW, KW, 0, kFmt, kMinBlocks>(x, smooth, pd, codes, scales, lora, M, K, R, act_unsigned, st); break;
-    case 16: launch_fast<T, RW, KW, 16, kFmt, kMinBlocks>(x, smooth, pd, codes, scales, lora, M, K, R, act_unsigned, st); break;
-    case 32: launch_fast<T, RW, KW, 32, kFmt, kMinBlocks>(x, smooth, pd, codes, scales, lora, M, K, R, act_unsigned, st); break;
-    default: launch_fast<T, RW, KW, 64, kFmt, kMinBlocks>(x, smooth, pd, codes, scales, lora, M, K, R, act_unsigned, st); break;
+    case 0:
+      launch_fast<T, RW, KW, 0, kFmt, kMinBlocks>(x, smooth, pd, codes, scales, down_act, M, K, R, act_unsigned, st);
+      break;
+    case 16:
+      launch_fast<T, RW, KW, 16, kFmt, kMinBlocks>(x, smooth, pd, codes, scales, down_act, M, K, R, act_unsigned, st);
+      break;
+    case 32:
+      launch_fast<T, RW, KW, 32, kFmt, kMinBlocks>(x, smooth, pd, codes, scales, down_act, M, K, R, act_unsigned, st);
+      break;
+    default:
+      launch_fast<T, RW, KW, 64, kFmt, kMinBlocks>(x, smooth, pd, codes, scales, down_act, M, K, R, act_unsigned, st);
+      break;
   }
 }
 
+// The fast kernel's block shape: 64 tokens x 2 k-warps (4 row-warps x 2 k-warps), i.e. proj_down staged once per 64
+// tokens. Diagnostics builds also compile, for SVDQUANT_OPS_QA_CFG (read once): =2 the earlier 32 tokens x 4 k-warps
+// shape, =3 the shipped shape compiled for 3 blocks per SM.
 template <typename T, int kFmt>
 void dispatch_fast(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd, at::Tensor& codes,
-                   at::Tensor& scales, at::Tensor& lora, int M, int K, int R, bool act_unsigned, cudaStream_t st) {
+                   at::Tensor& scales, at::Tensor& down_act, int M, int K, int R, bool act_unsigned, cudaStream_t st) {
   const int RP = R == 0 ? 0 : (R <= 16 ? 16 : (R <= 32 ? 32 : 64));
-  // Default (v5): 64 tokens x 2 k-warps per block, i.e. proj_down staged once per 64 tokens instead of 32 (-2 % at
-  // K = 3072, -7 % at K = 12288 / 15360 on the H200). SVDQUANT_OPS_QA_CFG=2: the v4 shape (32 tokens x 4 k-warps);
-  // =3: the default shape compiled for 3 blocks per SM (experiment).
+#if SVDQ_DIAGNOSTICS
   static const int cfg = [] {
     const char* v = std::getenv("SVDQUANT_OPS_QA_CFG");
     return v != nullptr ? std::atoi(v) : 0;
   }();
-  if (cfg == 2) dispatch_rp<T, 2, 4, kFmt>(RP, x, smooth, pd, codes, scales, lora, M, K, R, act_unsigned, st);
-  else if (cfg == 3) dispatch_rp<T, 4, 2, kFmt, 3>(RP, x, smooth, pd, codes, scales, lora, M, K, R, act_unsigned, st);
-  else dispatch_rp<T, 4, 2, kFmt>(RP, x, smooth, pd, codes, scales, lora, M, K, R, act_unsigned, st);
+  if (cfg == 2) {
+    dispatch_rp<T, 2, 4, kFmt>(RP, x, smooth, pd, codes, scales, down_act, M, K, R, act_unsigned, st);
+    return;
+  }
+  if (cfg == 3) {
+    dispatch_rp<T, 4, 2, kFmt, 3>(RP, x, smooth, pd, codes, scales, down_act, M, K, R, act_unsigned, st);
+    return;
+  }
+#endif
+  dispatch_rp<T, 4, 2, kFmt>(RP, x, smooth, pd, codes, scales, down_act, M, K, R, act_unsigned, st);
+}
+
+// down_act = x @ proj_down by the portable kernel (a thread per element, K in order).
+void launch_down_act_portable(const QuantizeActShape& s, const at::Tensor& x, const at::Tensor& proj_down,
+                              at::Tensor& down_act, cudaStream_t stream) {
+  SVDQ_DISPATCH_FLOAT16_32(x.scalar_type(), "quantize_act_cuda_down_act", [&] {
+    const int64_t n = s.M * s.R;
+    down_act_portable_kernel<scalar_t><<<static_cast<unsigned>((n + 127) / 128), 128, 0, stream>>>(
+        x.data_ptr<scalar_t>(), proj_down.data_ptr<scalar_t>(), down_act.data_ptr<float>(), s.M, s.K, s.R);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// W4A8 (per-token INT8): fast path = the fast kernel's group-max pass (amaxes and down_act), then the token kernel
+// reading those amaxes; portable = down_act by the portable kernel, then the token kernel computing the amax itself.
+void quantize_w4a8(const QuantizeActShape& s, bool fast, const at::Tensor& x, const at::Tensor& smooth,
+                   const at::Tensor& proj_down, at::Tensor& act_codes, at::Tensor& act_scales, at::Tensor& down_act,
+                   cudaStream_t stream) {
+  const int64_t G64 = s.K / kInt4Group;
+  auto* cd = static_cast<int8_t*>(act_codes.data_ptr());
+  at::Tensor gmax;
+  if (fast) {
+    const int M = static_cast<int>(s.M), K = static_cast<int>(s.K), R = static_cast<int>(s.R);
+    gmax = at::empty({s.M, G64}, x.options().dtype(at::kFloat));
+    if (x.scalar_type() == at::kBFloat16)
+      dispatch_fast<c10::BFloat16, kFmtGroupMax>(x, smooth, proj_down, act_codes, gmax, down_act, M, K, R, false,
+                                                 stream);
+    else
+      dispatch_fast<c10::Half, kFmtGroupMax>(x, smooth, proj_down, act_codes, gmax, down_act, M, K, R, false, stream);
+  } else if (s.R > 0) {
+    launch_down_act_portable(s, x, proj_down, down_act, stream);
+  }
+  const unsigned blocks = static_cast<unsigned>((s.M + 7) / 8);
+  const float* gm = fast ? gmax.data_ptr<float>() : nullptr;
+  if (fast && x.scalar_type() == at::kBFloat16) {
+    quantize_tokens_kernel<c10::BFloat16, true><<<blocks, 256, 0, stream>>>(
+        x.data_ptr<c10::BFloat16>(), smooth.data_ptr<c10::BFloat16>(), gm, cd,
+        act_scales.data_ptr<c10::BFloat16>(), s.M, s.K, G64);
+  } else if (fast) {
+    quantize_tokens_kernel<c10::Half, true><<<blocks, 256, 0, stream>>>(
+        x.data_ptr<c10::Half>(), smooth.data_ptr<c10::Half>(), gm, cd, act_scales.data_ptr<c10::Half>(), s.M, s.K,
+        G64);
+  } else {
+    SVDQ_DISPATCH_FLOAT16_32(x.scalar_type(), "quantize_act_cuda_w4a8", [&] {
+      quantize_tokens_kernel<scalar_t, false><<<blocks, 256, 0, stream>>>(
+          x.data_ptr<scalar_t>(), smooth.data_ptr<scalar_t>(), nullptr, cd, act_scales.data_ptr<scalar_t>(), s.M,
+          s.K, G64);
+    });
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  debug_sync(stream, "quantize_act w4a8 tokens");
+}
+
+// INT4 / NVFP4, fast path: one pass of the fast kernel (codes, group scales, down_act).
+void quantize_groups_fast(const QuantizeActShape& s, const at::Tensor& x, const at::Tensor& smooth,
+                          const at::Tensor& proj_down, at::Tensor& act_codes, at::Tensor& act_scales,
+                          at::Tensor& down_act, bool act_unsigned, cudaStream_t stream) {
+  const int M = static_cast<int>(s.M), K = static_cast<int>(s.K), R = static_cast<int>(s.R);
+  const bool nvfp4 = s.precision == Precision::kNvfp4;
+  const at::Tensor& pd = proj_down;
+  if (x.scalar_type() == at::kBFloat16) {
+    if (nvfp4)
+      dispatch_fast<c10::BFloat16, kFmtNvfp4>(x, smooth, pd, act_codes, act_scales, down_act, M, K, R, false, stream);
+    else
+      dispatch_fast<c10::BFloat16, kFmtInt4>(x, smooth, pd, act_codes, act_scales, down_act, M, K, R, act_unsigned,
+                                             stream);
+  } else {
+    if (nvfp4)
+      dispatch_fast<c10::Half, kFmtNvfp4>(x, smooth, pd, act_codes, act_scales, down_act, M, K, R, false, stream);
+    else
+      dispatch_fast<c10::Half, kFmtInt4>(x, smooth, pd, act_codes, act_scales, down_act, M, K, R, act_unsigned,
+                                         stream);
+  }
+}
+
+// INT4 / NVFP4, portable path: a thread per (token, group), then down_act.
+void quantize_groups_portable(const QuantizeActShape& s, const at::Tensor& x, const at::Tensor& smooth,
+                              const at::Tensor& proj_down, at::Tensor& act_codes, at::Tensor& act_scales,
+                              at::Tensor& down_act, bool act_unsigned, cudaStream_t stream) {
+  SVDQ_DISPATCH_FLOAT16_32(x.scalar_type(), "quantize_act_cuda_portable", [&] {
+    const int64_t n = s.M * s.G;
+    quantize_portable_kernel<scalar_t><<<static_cast<unsigned>((n + 127) / 128), 128, 0, stream>>>(
+        x.data_ptr<scalar_t>(), smooth.data_ptr<scalar_t>(), act_codes.data_ptr<uint8_t>(), act_scales.data_ptr(),
+        s.M, s.K, s.precision == Precision::kNvfp4, act_unsigned);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  if (s.R > 0) launch_down_act_portable(s, x, proj_down, down_act, stream);
 }
 
 }  // namespace
@@ -576,84 +679,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_cuda(const at::Tenso
   const bool nvfp4 = s.precision == Precision::kNvfp4;
   const bool w4a8 = s.precision == Precision::kW4a8;
   // W4A8: int8 codes, one scale per token; INT4 / NVFP4: two 4-bit codes per byte, one scale per group
-  auto codes = w4a8 ? at::empty(with_last_dim(x, s.K), x.options().dtype(at::kChar))
-                    : at::empty(with_last_dim(x, s.K / 2), x.options().dtype(at::kByte));
+  auto act_codes = w4a8 ? at::empty(with_last_dim(x, s.K), x.options().dtype(at::kChar))
+                        : at::empty(with_last_dim(x, s.K / 2), x.options().dtype(at::kByte));
   const auto scale_dtype = nvfp4 ? at::kFloat8_e4m3fn : x.scalar_type();
-  auto scales = at::empty(with_last_dim(x, w4a8 ? 1 : s.G), x.options().dtype(scale_dtype));
-  auto lora = at::empty(with_last_dim(x, s.R), x.options().dtype(at::kFloat));
-  if (s.M == 0) return {codes, scales, lora};
+  auto act_scales = at::empty(with_last_dim(x, w4a8 ? 1 : s.G), x.options().dtype(scale_dtype));
+  auto down_act = at::empty(with_last_dim(x, s.R), x.options().dtype(at::kFloat));
+  if (s.M == 0) return {act_codes, act_scales, down_act};
   cudaStream_t stream = current_stream();
 
   const bool fast = !force_portable() && x.scalar_type() != at::kFloat && s.K % 64 == 0 && s.R <= 64 &&
                     s.R % 8 == 0 && s.M < (int64_t(1) << 31) / 64 && s.K < (int64_t(1) << 30) &&
                     aligned16(xc.data_ptr()) && (s.R == 0 || aligned16(pdc.data_ptr()));
   if (w4a8) {
-    const int64_t G64 = s.K / kInt4Group;
-    cudaStream_t st = stream;
-    auto* cd = static_cast<int8_t*>(codes.data_ptr());
-    at::Tensor gmax;
-    if (fast) {
-      const int M = static_cast<int>(s.M), K = static_cast<int>(s.K), R = static_cast<int>(s.R);
-      gmax = at::empty({s.M, G64}, x.options().dtype(at::kFloat));
-      if (x.scalar_type() == at::kBFloat16)
-        dispatch_fast<c10::BFloat16, kFmtGroupMax>(xc, sc, pdc, codes, gmax, lora, M, K, R, false, st);
-      else
-        dispatch_fast<c10::Half, kFmtGroupMax>(xc, sc, pdc, codes, gmax, lora, M, K, R, false, st);
-    } else if (s.R > 0) {
-      SVDQ_DISPATCH_FLOAT16_32(x.scalar_type(), "quantize_act_cuda_lora", [&] {
-        const int64_t nl = s.M * s.R;
-        lora_down_portable_kernel<scalar_t><<<static_cast<unsigned>((nl + 127) / 128), 128, 0, st>>>(
-            xc.data_ptr<scalar_t>(), pdc.data_ptr<scalar_t>(), lora.data_ptr<float>(), s.M, s.K, s.R);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    }
-    const unsigned blocks = static_cast<unsigned>((s.M + 7) / 8);
-    const float* gm = fast ? gmax.data_ptr<float>() : nullptr;
-    if (fast && x.scalar_type() == at::kBFloat16) {
-      quantize_tokens_kernel<c10::BFloat16, true><<<blocks, 256, 0, st>>>(
-          xc.data_ptr<c10::BFloat16>(), sc.data_ptr<c10::BFloat16>(), gm, cd, scales.data_ptr<c10::BFloat16>(), s.M,
-          s.K, G64);
-    } else if (fast) {
-      quantize_tokens_kernel<c10::Half, true><<<blocks, 256, 0, st>>>(
-          xc.data_ptr<c10::Half>(), sc.data_ptr<c10::Half>(), gm, cd, scales.data_ptr<c10::Half>(), s.M, s.K, G64);
-    } else {
-      SVDQ_DISPATCH_FLOAT16_32(x.scalar_type(), "quantize_act_cuda_w4a8", [&] {
-        quantize_tokens_kernel<scalar_t, false><<<blocks, 256, 0, st>>>(
-            xc.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(), nullptr, cd, scales.data_ptr<scalar_t>(), s.M, s.K,
-            G64);
-      });
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    debug_sync(stream, "quantize_act w4a8 tokens");
-    return {codes, scales, lora};
+    quantize_w4a8(s, fast, xc, sc, pdc, act_codes, act_scales, down_act, stream);
+  } else if (fast) {
+    quantize_groups_fast(s, xc, sc, pdc, act_codes, act_scales, down_act, act_unsigned, stream);
+  } else {
+    quantize_groups_portable(s, xc, sc, pdc, act_codes, act_scales, down_act, act_unsigned, stream);
   }
-
-  if (fast) {
-    const int M = static_cast<int>(s.M), K = static_cast<int>(s.K), R = static_cast<int>(s.R);
-    if (x.scalar_type() == at::kBFloat16) {
-      if (nvfp4) dispatch_fast<c10::BFloat16, kFmtNvfp4>(xc, sc, pdc, codes, scales, lora, M, K, R, false, stream);
-      else dispatch_fast<c10::BFloat16, kFmtInt4>(xc, sc, pdc, codes, scales, lora, M, K, R, act_unsigned, stream);
-    } else {
-      if (nvfp4) dispatch_fast<c10::Half, kFmtNvfp4>(xc, sc, pdc, codes, scales, lora, M, K, R, false, stream);
-      else dispatch_fast<c10::Half, kFmtInt4>(xc, sc, pdc, codes, scales, lora, M, K, R, act_unsigned, stream);
-    }
-    return {codes, scales, lora};
-  }
-
-  SVDQ_DISPATCH_FLOAT16_32(x.scalar_type(), "quantize_act_cuda_portable", [&] {
-    const int64_t n = s.M * s.G;
-    quantize_portable_kernel<scalar_t><<<static_cast<unsigned>((n + 127) / 128), 128, 0, stream>>>(
-        xc.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(), codes.data_ptr<uint8_t>(), scales.data_ptr(), s.M, s.K,
-        nvfp4, act_unsigned);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (s.R > 0) {
-      const int64_t nl = s.M * s.R;
-      lora_down_portable_kernel<scalar_t><<<static_cast<unsigned>((nl + 127) / 128), 128, 0, stream>>>(
-          xc.data_ptr<scalar_t>(), pdc.data_ptr<scalar_t>(), lora.data_ptr<float>(), s.M, s.K, s.R);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  });
-  return {codes, scales, lora};
+  return {act_codes, act_scales, down_act};
 }
 
 }  // namespace cuda_impl

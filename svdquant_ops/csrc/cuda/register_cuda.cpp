@@ -5,5 +5,5 @@
 
 TORCH_LIBRARY_IMPL(svdquant, CUDA, m) {
   m.impl("quantize_act", &svdquant::cuda_impl::quantize_act_cuda);
-  m.impl("gemm_w4a4", &svdquant::cuda_impl::gemm_w4a4_cuda);
+  m.impl("gemm", &svdquant::cuda_impl::gemm_cuda);
 }

@@ -1,12 +1,12 @@
-// CPU reference of svdquant::gemm_w4a4: the executable specification the GPU kernels are tested against.
-//   acc[m, n]  = sum_g float(dot_g(m, n)) * (act_scale[m, g] * wgt_scale[n, g])     (fp32, g ascending)
+// CPU reference of svdquant::gemm: the executable specification the GPU kernels are tested against.
+//   acc[m, n]  = sum_g float(dot_g(m, n)) * (act_scale[m, g] * scale[n, g])         (fp32, g ascending)
 //                dot_g is the exact integer dot product of one group's codes (int32; NVFP4 uses twice the
 //                e2m1 values, which are integers in [-12, 12], and multiplies by 0.25, also exact)
-//   acc       *= wgt_global_scale[n]                                                 (NVFP4 only)
-//   y[m, n]    = out_dtype(acc + sum_r lora_act[m, r] * proj_up[n, r] + bias[n])
+//   acc       *= global_scale[n]                                                     (NVFP4 only)
+//   y[m, n]    = out_dtype(acc + sum_r down_act[m, r] * proj_up[n, r] + bias[n])
 // W4A8 has no per-group rescaling: one exact int32 dot product over all of K of the int8 activation codes with
 // the int8 weights code * multiplier (|.| <= 126), then one scale per token and one per output channel:
-//   acc[m, n]  = float(dot(m, n)) * (act_scale[m] * wgt_global_scale[n])            (fp32)
+//   acc[m, n]  = float(dot(m, n)) * (act_scale[m] * global_scale[n])                (fp32)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -45,18 +45,18 @@ std::vector<int8_t> decode_codes(const at::Tensor& packed, int64_t rows, int64_t
   return out;
 }
 
-// y[m, n] = out_dtype(acc(m, n) + sum_r lora_act[m, r] * proj_up[n, r] + bias[n]) for every precision; `acc` is
+// y[m, n] = out_dtype(acc(m, n) + sum_r down_act[m, r] * proj_up[n, r] + bias[n]) for every precision; `acc` is
 // the precision's fp32 4-bit (or W4A8) product. One task = one row of tokens times a block of output channels, so
 // M = 1 still uses every core.
 template <typename AccFn>
-at::Tensor add_branch_and_store(const GemmShape& s, const at::Tensor& act_codes, const at::Tensor& lora_act,
+at::Tensor add_branch_and_store(const GemmShape& s, const at::Tensor& act_codes, const at::Tensor& down_act,
                                 const at::Tensor& proj_up, const std::optional<at::Tensor>& bias,
                                 at::ScalarType out_dtype, const AccFn& acc_of) {
   const int64_t M = s.M, N = s.N, R = s.R;
-  const auto la = lora_act.contiguous();
+  const auto da = down_act.contiguous();
   const auto up = proj_up.to(at::kFloat).contiguous();
   const auto b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  const float* la_p = la.data_ptr<float>();
+  const float* da_p = da.data_ptr<float>();
   const float* up_p = up.data_ptr<float>();
   const float* b_p = b.defined() ? b.data_ptr<float>() : nullptr;
   auto out = at::empty({M, N}, act_codes.options().dtype(at::kFloat));
@@ -70,7 +70,7 @@ at::Tensor add_branch_and_store(const GemmShape& s, const at::Tensor& act_codes,
       for (int64_t n = (t % n_blocks) * kBlockN; n < n_end; ++n) {
         const float acc = acc_of(m, n);
         float branch = 0.f;
-        for (int64_t r = 0; r < R; ++r) branch += la_p[m * R + r] * up_p[n * R + r];
+        for (int64_t r = 0; r < R; ++r) branch += da_p[m * R + r] * up_p[n * R + r];
         y[m * N + n] = acc + branch + (b_p != nullptr ? b_p[n] : 0.f);
       }
     }
@@ -78,25 +78,25 @@ at::Tensor add_branch_and_store(const GemmShape& s, const at::Tensor& act_codes,
   return out.to(out_dtype).reshape(with_last_dim(act_codes, N));
 }
 
-at::Tensor gemm_w4a4_cpu(const at::Tensor& act_codes, const at::Tensor& act_scales, const at::Tensor& wgt_codes,
-                         const at::Tensor& wgt_scales, const std::optional<at::Tensor>& wgt_global_scale,
-                         const at::Tensor& lora_act, const at::Tensor& proj_up, const std::optional<at::Tensor>& bias,
-                         c10::string_view precision, at::ScalarType out_dtype, bool act_unsigned) {
-  constexpr const char* op = "svdquant::gemm_w4a4";
-  const auto s = check_gemm_w4a4(act_codes, act_scales, wgt_codes, wgt_scales, wgt_global_scale, lora_act, proj_up,
-                                 bias, precision, out_dtype, act_unsigned);
+at::Tensor gemm_cpu(const at::Tensor& act_codes, const at::Tensor& act_scales, const at::Tensor& codes,
+                    const at::Tensor& scales, const std::optional<at::Tensor>& global_scale, const at::Tensor& down_act,
+                    const at::Tensor& proj_up, const std::optional<at::Tensor>& bias, c10::string_view precision,
+                    at::ScalarType out_dtype, bool act_unsigned) {
+  constexpr const char* op = "svdquant::gemm";
+  const auto s = check_gemm(act_codes, act_scales, codes, scales, global_scale, down_act, proj_up, bias, precision,
+                            out_dtype, act_unsigned);
   const int64_t N = s.N, K = s.K, G = s.G;
   const auto sa = act_scales.to(at::kFloat).contiguous();
   const float* sa_p = sa.data_ptr<float>();
-  const auto wq = decode_codes(wgt_codes.contiguous(), N, K, s.precision, /*is_unsigned=*/false);
+  const auto wq = decode_codes(codes.contiguous(), N, K, s.precision, /*is_unsigned=*/false);
 
   if (s.precision == Precision::kW4a8) {  // see the header comment
-    check_w4a8_multipliers(wgt_scales, op, "wgt_scales");
-    check_finite(*wgt_global_scale, op, "wgt_global_scale");
+    check_w4a8_multipliers(scales, op, "scales");
+    check_finite(*global_scale, op, "global_scale");
     const auto ac = act_codes.contiguous();
     const int8_t* aq = ac.data_ptr<int8_t>();
     // Weight rows as exact int8 integers code * multiplier.
-    const auto mult = wgt_scales.contiguous();
+    const auto mult = scales.contiguous();
     const uint8_t* mp = mult.data_ptr<uint8_t>();
     std::vector<int8_t> wm(static_cast<size_t>(N * K));
     for (int64_t n = 0; n < N; ++n) {
@@ -104,9 +104,9 @@ at::Tensor gemm_w4a4_cpu(const at::Tensor& act_codes, const at::Tensor& act_scal
         wm[n * K + k] = static_cast<int8_t>(int(wq[n * K + k]) * int(mp[n * G + k / kInt4Group]));
       }
     }
-    const auto gsc = wgt_global_scale->contiguous();
+    const auto gsc = global_scale->contiguous();
     const float* g_p = gsc.data_ptr<float>();
-    return add_branch_and_store(s, act_codes, lora_act, proj_up, bias, out_dtype, [&](int64_t m, int64_t n) {
+    return add_branch_and_store(s, act_codes, down_act, proj_up, bias, out_dtype, [&](int64_t m, int64_t n) {
       const int8_t* a_row = aq + m * K;
       const int8_t* w_row = wm.data() + n * K;
       int32_t dot = 0;  // exact: K <= kW4a8MaxK (checked), |a * w| <= 127 * 126
@@ -115,17 +115,17 @@ at::Tensor gemm_w4a4_cpu(const at::Tensor& act_codes, const at::Tensor& act_scal
     });
   }
 
-  check_finite(wgt_scales, op, "wgt_scales");
-  if (wgt_global_scale.has_value()) check_finite(*wgt_global_scale, op, "wgt_global_scale");
+  check_finite(scales, op, "scales");
+  if (global_scale.has_value()) check_finite(*global_scale, op, "global_scale");
   const int gs = group_size(s.precision);
   const bool nvfp4 = s.precision == Precision::kNvfp4;
   const auto aq = decode_codes(act_codes.contiguous(), s.M, K, s.precision, act_unsigned);
-  const auto sw = wgt_scales.to(at::kFloat).contiguous();
-  const auto gsc = wgt_global_scale.has_value() ? wgt_global_scale->to(at::kFloat).contiguous() : at::Tensor();
+  const auto sw = scales.to(at::kFloat).contiguous();
+  const auto gsc = global_scale.has_value() ? global_scale->to(at::kFloat).contiguous() : at::Tensor();
   const float* sw_p = sw.data_ptr<float>();
   const float* g_p = gsc.defined() ? gsc.data_ptr<float>() : nullptr;
   const float dot_unit = nvfp4 ? 0.25f : 1.f;  // NVFP4 dots are of doubled values
-  return add_branch_and_store(s, act_codes, lora_act, proj_up, bias, out_dtype, [&](int64_t m, int64_t n) {
+  return add_branch_and_store(s, act_codes, down_act, proj_up, bias, out_dtype, [&](int64_t m, int64_t n) {
     const int8_t* a_row = aq.data() + m * K;
     const int8_t* w_row = wq.data() + n * K;
     float acc = 0.f;
@@ -142,4 +142,4 @@ at::Tensor gemm_w4a4_cpu(const at::Tensor& act_codes, const at::Tensor& act_scal
 }  // namespace
 }  // namespace svdquant
 
-TORCH_LIBRARY_IMPL(svdquant, CPU, m) { m.impl("gemm_w4a4", &svdquant::gemm_w4a4_cpu); }
+TORCH_LIBRARY_IMPL(svdquant, CPU, m) { m.impl("gemm", &svdquant::gemm_cpu); }

@@ -1,0 +1,421 @@
+// CUDA implementation of svdquant::gemm (semantics: ../cpu/gemm.cpp): argument plumbing and dispatch. The kernels
+// live in gemm/ (README.md in this folder has the design):
+//   Hopper path (compute capability 9.0, library built for sm_90a), on the current stream:
+//     1. gemm/prep.cuh  prep_kernel: expands both operands into 8-bit tensor-core inputs and the scales, low-rank
+//                       operands, bias and global scale into the layouts step 2 loads, in one workspace;
+//     2. gemm/sm90.cuh  sm90::gemm_kernel: persistent, warp-specialized TMA + wgmma GEMM with the rank-R branch,
+//                       the per-group promotion (INT4), and a TMA-store epilogue.
+//   Portable path (other GPUs, SVDQUANT_OPS_CUDA_PORTABLE=1, or index ranges past 32 bits):
+//     gemm/portable.cuh gemm_portable_kernel: bit-identical to the CPU op.
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda.h>
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+
+#include "../checks.h"
+#include "../formats.h"
+#include "common.cuh"
+#include "gemm/io.cuh"
+#include "gemm/portable.cuh"
+#include "gemm/prep.cuh"
+#include "gemm/sm90.cuh"
+#include "ops_cuda.h"
+
+namespace svdquant {
+namespace cuda_impl {
+namespace gemm {
+namespace {
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+at::Tensor contiguous_aligned(const at::Tensor& t) {
+  auto c = t.contiguous();
+  if (!aligned16(c.data_ptr())) c = c.clone();
+  return c;
+}
+
+// The op's tensors as the kernels read them: contiguous, codes 16-byte aligned (vector loads, TMA).
+struct Operands {
+  at::Tensor act_codes, act_scales, codes, scales, down_act, proj_up;
+  std::optional<at::Tensor> bias, global_scale;
+};
+
+Operands contiguous_operands(const at::Tensor& act_codes, const at::Tensor& act_scales, const at::Tensor& codes,
+                             const at::Tensor& scales, const std::optional<at::Tensor>& global_scale,
+                             const at::Tensor& down_act, const at::Tensor& proj_up,
+                             const std::optional<at::Tensor>& bias) {
+  Operands o;
+  o.act_codes = contiguous_aligned(act_codes);
+  o.codes = contiguous_aligned(codes);
+  o.act_scales = act_scales.contiguous();
+  o.scales = scales.contiguous();
+  o.down_act = down_act.contiguous();
+  o.proj_up = proj_up.contiguous();
+  if (bias.has_value()) o.bias = bias->contiguous();
+  if (global_scale.has_value()) o.global_scale = global_scale->contiguous();
+  return o;
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Portable path
+// ------------------------------------------------------------------------------------------------------------------
+void launch_portable(const GemmShape& s, const Operands& o, bool act_unsigned, at::Tensor& out,
+                     cudaStream_t stream) {
+  PortableArgs p{};
+  p.a_codes = static_cast<const uint8_t*>(o.act_codes.data_ptr());
+  p.a_scales = o.act_scales.data_ptr();
+  p.a_kind = kind_of(o.act_scales.scalar_type());
+  p.w_codes = o.codes.data_ptr<uint8_t>();
+  p.w_scales = o.scales.data_ptr();
+  p.w_kind = kind_of(o.scales.scalar_type());
+  const auto& gsc = o.global_scale;
+  p.gscale = gsc.has_value() ? gsc->data_ptr<float>() : nullptr;
+  p.gscale_numel = gsc.has_value() ? gsc->numel() : 0;
+  if (gsc.has_value() && !s.per_channel_global_scale) p.gscale_numel = 1;
+  p.down_act = s.R > 0 ? o.down_act.data_ptr<float>() : nullptr;
+  p.proj_up = s.R > 0 ? o.proj_up.data_ptr() : nullptr;
+  p.up_kind = kind_of(o.proj_up.scalar_type());
+  p.bias = o.bias.has_value() ? o.bias->data_ptr() : nullptr;
+  p.bias_kind = o.bias.has_value() ? kind_of(o.bias->scalar_type()) : kF32;
+  p.out = out.data_ptr();
+  p.out_kind = kind_of(out.scalar_type());
+  p.M = s.M;
+  p.N = s.N;
+  p.K = s.K;
+  p.G = s.G;
+  p.R = static_cast<int>(s.R);
+  p.nvfp4 = s.precision == Precision::kNvfp4;
+  p.act_unsigned = act_unsigned;
+  p.w4a8 = s.precision == Precision::kW4a8;
+  const dim3 grid(static_cast<unsigned>((s.N + 63) / 64), static_cast<unsigned>((s.M + 63) / 64));
+  gemm_portable_kernel<<<grid, 256, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  debug_sync(stream, "gemm portable");
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Hopper path
+// ------------------------------------------------------------------------------------------------------------------
+
+// The Hopper kernels index with 32-bit integers: larger problems take the portable path.
+bool fits_sm90_indexing(const GemmShape& s) {
+  const int64_t kMax32 = int64_t(1) << 31;
+  return s.M * (s.K / 16) < kMax32 && s.N * (s.K / 16) < kMax32 && (s.M + 128) * 3 * (s.R + 64) < kMax32 &&
+         (s.N + 128) * 3 * (s.R + 64) < kMax32 && s.G * (s.M + 4) < kMax32 && s.G * (s.N + 256) < kMax32;
+}
+
+// Which sm90 kernel variant runs. A normal build always runs the shipped one (the defaults).
+struct Variant {
+  int sched = sm90::kPromote;
+  bool wide = false;          // 128 x 192 tiles (INT4 skeleton only)
+  bool force_direct = false;  // register -> global epilogue even where the TMA-store epilogue applies
+  bool store = true;          // false: no stores at all (results are garbage)
+};
+
+#if SVDQ_DIAGNOSTICS
+// Diagnostics builds only, read at every call (benchmarks switch between variants in one process):
+//   SVDQUANT_OPS_GEMM_SCHEDULE = promote (default) | skeleton | skeleton192: the INT4 main loop without the promotion
+//     (wrong results; the speed of the TMA / wgmma feed alone; 192: 128 x 192 tiles);
+//   SVDQUANT_OPS_GEMM_EPILOGUE = tma (default) | direct | none: force the register -> global epilogue, or skip the
+//     stores (wrong results; splits a tile's time between main loop and stores).
+Variant diagnostic_variant() {
+  Variant v;
+  if (const char* e = std::getenv("SVDQUANT_OPS_GEMM_SCHEDULE"); e != nullptr && e[0] != '\0') {
+    if (std::strcmp(e, "skeleton") == 0) {
+      v.sched = sm90::kSkeleton;
+    } else if (std::strcmp(e, "skeleton192") == 0) {
+      v.sched = sm90::kSkeleton;
+      v.wide = true;
+    } else {
+      TORCH_CHECK(std::strcmp(e, "promote") == 0,
+                  "SVDQUANT_OPS_GEMM_SCHEDULE: expected promote, skeleton or skeleton192, got '", e, "'");
+    }
+  }
+  const char* epi = std::getenv("SVDQUANT_OPS_GEMM_EPILOGUE");
+  v.force_direct = epi != nullptr && (std::strcmp(epi, "direct") == 0 || std::strcmp(epi, "none") == 0);
+  v.store = !(epi != nullptr && std::strcmp(epi, "none") == 0);
+  return v;
+}
+#endif
+
+// Tile shape and workspace layout of one call: byte offsets of the prep kernel's outputs in one buffer.
+struct Sm90Plan {
+  int M, N, K, G, R;
+  int BN, m_tiles, n_tiles, SWP;
+  int64_t Mp, Np;  // padded token count (activation scales), padded channel count (bias, global scale)
+  int nseg, KL;    // bf16 parts of the branch (2: proj_up is bf16, else 3) and its padded K extent
+  int64_t oA, oB, oSA, oSW, oLA, oUP, oBias, oGs, bytes;
+};
+
+// 128 x 128 tiles: three 64-column fp32 accumulator sets per thread (the result and two in-flight groups) fit the
+// 232 registers of a consumer thread; 128 x 192 would not (only the INT4 skeleton diagnostic uses it).
+Sm90Plan plan_sm90(const GemmShape& s, at::ScalarType up_dtype, bool wide) {
+  const bool nvfp4 = s.precision == Precision::kNvfp4;
+  const bool w4a8 = s.precision == Precision::kW4a8;
+  Sm90Plan pl{};
+  pl.M = static_cast<int>(s.M), pl.N = static_cast<int>(s.N), pl.K = static_cast<int>(s.K);
+  pl.G = static_cast<int>(s.G), pl.R = static_cast<int>(s.R);
+  pl.m_tiles = (pl.M + sm90::BM - 1) / sm90::BM;
+  pl.BN = (wide && !nvfp4 && !w4a8) ? 192 : 128;
+  pl.n_tiles = (pl.N + pl.BN - 1) / pl.BN;
+  pl.SWP = pl.BN + 16;
+  pl.Np = int64_t(pl.n_tiles) * pl.BN;
+  // W4A8 reads its per-token scales in the epilogue without bounds checks: pad them to whole row tiles.
+  pl.Mp = w4a8 ? int64_t(pl.m_tiles) * sm90::BM : round_up(pl.M, 4);
+  pl.nseg = pl.R == 0 ? 0 : (up_dtype == at::kBFloat16 ? 2 : 3);
+  pl.KL = static_cast<int>(round_up(int64_t(pl.nseg) * pl.R, 64));
+  const int elem = nvfp4 ? 2 : 1;
+  int64_t off = 0;
+  auto take = [&](int64_t bytes) {
+    const int64_t o = off;
+    off += round_up(std::max<int64_t>(bytes, 1), 256);
+    return o;
+  };
+  pl.oA = take(w4a8 ? 0 : int64_t(pl.M) * pl.K * elem);
+  pl.oB = take(int64_t(pl.N) * pl.K * elem);
+  pl.oSA = take(nvfp4 ? 0 : (w4a8 ? 1 : int64_t(pl.G)) * pl.Mp * 4);
+  pl.oSW = take((nvfp4 || w4a8) ? 0 : int64_t(pl.G) * pl.n_tiles * pl.SWP * 4);
+  pl.oLA = take(int64_t(pl.M) * pl.KL * 2);
+  pl.oUP = take(int64_t(pl.N) * pl.KL * 2);
+  pl.oBias = take(pl.Np * 4);
+  pl.oGs = take(pl.Np * 4);
+  pl.bytes = off;
+  return pl;
+}
+
+PrepArgs prep_args(const GemmShape& s, const Sm90Plan& pl, const Operands& o, bool act_unsigned, uint8_t* base) {
+  PrepArgs pa{};
+  pa.a_codes = static_cast<const uint8_t*>(o.act_codes.data_ptr());
+  pa.a_scales = o.act_scales.data_ptr();
+  pa.a_scale_kind = kind_of(o.act_scales.scalar_type());
+  pa.down_act = pl.R > 0 ? o.down_act.data_ptr<float>() : nullptr;
+  pa.M = pl.M;
+  pa.K = pl.K;
+  pa.G = pl.G;
+  pa.R = pl.R;
+  pa.KL = pl.KL;
+  pa.nseg = pl.nseg;
+  pa.Mp = pl.Mp;
+  pa.A = base + pl.oA;
+  pa.SA = reinterpret_cast<float*>(base + pl.oSA);
+  pa.LA = reinterpret_cast<__nv_bfloat16*>(base + pl.oLA);
+  pa.w_codes = o.codes.data_ptr<uint8_t>();
+  pa.w_scales = o.scales.data_ptr();
+  pa.w_scale_kind = kind_of(o.scales.scalar_type());
+  pa.proj_up = pl.R > 0 ? o.proj_up.data_ptr() : nullptr;
+  pa.up_kind = kind_of(o.proj_up.scalar_type());
+  pa.bias = o.bias.has_value() ? o.bias->data_ptr() : nullptr;
+  pa.bias_kind = o.bias.has_value() ? kind_of(o.bias->scalar_type()) : kF32;
+  const auto& gsc = o.global_scale;
+  pa.gscale = gsc.has_value() ? gsc->data_ptr<float>() : nullptr;
+  pa.gscale_numel = gsc.has_value() ? (s.per_channel_global_scale ? gsc->numel() : 1) : 0;
+  pa.N = pl.N;
+  pa.n_tiles = pl.n_tiles;
+  pa.BN = pl.BN;
+  pa.SWP = pl.SWP;
+  pa.Np = pl.Np;
+  pa.B = base + pl.oB;
+  pa.SW = reinterpret_cast<float*>(base + pl.oSW);
+  pa.UP = reinterpret_cast<__nv_bfloat16*>(base + pl.oUP);
+  pa.biasf = reinterpret_cast<float*>(base + pl.oBias);
+  pa.gsf = reinterpret_cast<float*>(base + pl.oGs);
+  pa.nvfp4 = s.precision == Precision::kNvfp4;
+  pa.act_unsigned = act_unsigned;
+  pa.w4a8 = s.precision == Precision::kW4a8;
+  return pa;
+}
+
+// Grid: x strides over the 16-channel units of the larger operand, y = 0 activations, 1 weights, 2 the rest.
+void launch_prep(const PrepArgs& pa, const Sm90Plan& pl, cudaStream_t stream) {
+  const int64_t units = std::max<int64_t>(int64_t(pl.M), int64_t(pl.N)) * (pl.K / 16);
+  const unsigned gx =
+      static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((units + 255) / 256, 8 * num_sms())));
+  prep_kernel<<<dim3(gx, 3), 256, 0, stream>>>(pa);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  debug_sync(stream, "gemm prep");
+}
+
+// ---------------- TMA descriptors ----------------
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+// The driver's cuTensorMapEncodeTiled, resolved on the first call (thread-safe static initialization).
+EncodeTiledFn encode_fn() {
+  static EncodeTiledFn fn = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &q));
+    TORCH_CHECK(q == cudaDriverEntryPointSuccess && ptr != nullptr,
+                "svdquant::gemm: cuTensorMapEncodeTiled is not available from the CUDA driver");
+    return reinterpret_cast<EncodeTiledFn>(ptr);
+  }();
+  return fn;
+}
+
+// A 2-D row-major tensor [outer, inner] with `row_bytes` between rows, loaded / stored in boxes of
+// box_outer x box_inner elements.
+CUtensorMap make_map(const void* ptr, CUtensorMapDataType dtype, uint64_t inner, uint64_t outer,
+                     uint64_t row_bytes, uint32_t box_inner, uint32_t box_outer, CUtensorMapSwizzle swizzle) {
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {inner, outer};
+  const cuuint64_t strides[1] = {row_bytes};
+  const cuuint32_t box[2] = {box_inner, box_outer};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  const CUresult r = encode_fn()(&map, dtype, 2, const_cast<void*>(ptr), dims, strides, box, elem_strides,
+                                 CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TORCH_CHECK(r == CUDA_SUCCESS, "svdquant::gemm: cuTensorMapEncodeTiled failed (CUresult ", int(r), ") for a ",
+              outer, " x ", inner, " tensor");
+  return map;
+}
+
+CUtensorMap unused_map() {
+  CUtensorMap map;
+  std::memset(&map, 0, sizeof(map));
+  return map;
+}
+
+// The sm90 kernel's operands. Maps a precision does not use stay zero (the kernel never touches them).
+struct TensorMaps {
+  CUtensorMap A, B, SA, SW, LA, UP, C;
+};
+
+TensorMaps make_tensor_maps(const GemmShape& s, const Sm90Plan& pl, const Operands& o, uint8_t* base,
+                            const at::Tensor& out, bool tma_store) {
+  const auto swz = CU_TENSOR_MAP_SWIZZLE_128B;
+  const int M = pl.M, N = pl.N, K = pl.K, G = pl.G, BN = pl.BN;
+  TensorMaps m{unused_map(), unused_map(), unused_map(), unused_map(), unused_map(), unused_map(), unused_map()};
+  if (s.precision == Precision::kW4a8) {  // the activation codes are already int8 [M, K]: no copy
+    m.A = make_map(o.act_codes.data_ptr(), CU_TENSOR_MAP_DATA_TYPE_UINT8, K, M, K, 128, sm90::BM, swz);
+    m.B = make_map(base + pl.oB, CU_TENSOR_MAP_DATA_TYPE_UINT8, K, N, K, 128, BN, swz);
+  } else if (s.precision == Precision::kInt4) {
+    m.A = make_map(base + pl.oA, CU_TENSOR_MAP_DATA_TYPE_UINT8, K, M, K, 128, sm90::BM, swz);
+    m.B = make_map(base + pl.oB, CU_TENSOR_MAP_DATA_TYPE_UINT8, K, N, K, 128, BN, swz);
+    m.SA = make_map(base + pl.oSA, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, pl.Mp, G, pl.Mp * 4, sm90::BM, 2,
+                    CU_TENSOR_MAP_SWIZZLE_NONE);
+    m.SW = make_map(base + pl.oSW, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, int64_t(pl.n_tiles) * pl.SWP, G,
+                    int64_t(pl.n_tiles) * pl.SWP * 4, pl.SWP, 2, CU_TENSOR_MAP_SWIZZLE_NONE);
+  } else {
+    m.A = make_map(base + pl.oA, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, K, M, int64_t(K) * 2, 64, sm90::BM, swz);
+    m.B = make_map(base + pl.oB, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, K, N, int64_t(K) * 2, 64, BN, swz);
+  }
+  if (pl.KL > 0) {
+    m.LA = make_map(base + pl.oLA, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, pl.KL, M, int64_t(pl.KL) * 2, 64, sm90::BM, swz);
+    m.UP = make_map(base + pl.oUP, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, pl.KL, N, int64_t(pl.KL) * 2, 64, BN, swz);
+  }
+  if (tma_store) {
+    m.C = make_map(out.data_ptr(),
+                   out.scalar_type() == at::kHalf ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                   N, M, int64_t(N) * 2, 64, 64, swz);
+  }
+  return m;
+}
+
+sm90::Params sm90_params(const GemmShape& s, const Sm90Plan& pl, const PrepArgs& pa, const at::Tensor& out,
+                         bool has_bias, bool tma_store) {
+  sm90::Params p{};
+  p.bias = has_bias ? pa.biasf : nullptr;
+  p.gscale = pa.gsf;
+  p.ascale = pa.SA;
+  p.out = out.data_ptr();
+  p.M = pl.M;
+  p.N = pl.N;
+  p.m_tiles = pl.m_tiles;
+  p.n_tiles = pl.n_tiles;
+  // K steps per tile: INT4 / W4A8 128 channels per stage, NVFP4 64 (bf16); the branch 64 bf16 channels per stage
+  p.n_main = s.precision == Precision::kNvfp4 ? (pl.K + 63) / 64 : (pl.K + 127) / 128;
+  p.n_branch = pl.KL / 64;
+  p.out_kind = kind_of(out.scalar_type());
+  p.tma_store = tma_store;
+  return p;
+}
+
+template <int BN, int kKind, int kSched, bool kStore>
+void launch_sm90(const TensorMaps& m, const sm90::Params& p, cudaStream_t stream) {
+  using C = sm90::Cfg<BN, kKind>;
+  auto kernel = sm90::gemm_kernel<BN, kKind, kSched, kStore>;
+  static PerDeviceOnce smem_attr;  // per instantiation and device, on its first (eager) call
+  set_max_dynamic_smem(smem_attr, kernel, C::SMEM);
+  const int grid = std::min(p.m_tiles * p.n_tiles, num_sms());
+  kernel<<<grid, 384, C::SMEM, stream>>>(m.A, m.B, m.SA, m.SW, m.LA, m.UP, m.C, p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  debug_sync(stream, "gemm sm90");
+}
+
+// The kernel instantiation of (precision, variant). A normal build compiles the three shipped ones only.
+template <bool kStore>
+void launch_variant(Precision precision, [[maybe_unused]] const Variant& v, const TensorMaps& m,
+                    const sm90::Params& p, cudaStream_t stream) {
+  if (precision == Precision::kNvfp4) {
+    launch_sm90<128, sm90::kKindNvfp4, sm90::kPromote, kStore>(m, p, stream);
+  } else if (precision == Precision::kW4a8) {
+    launch_sm90<128, sm90::kKindW4a8, sm90::kPromote, kStore>(m, p, stream);
+#if SVDQ_DIAGNOSTICS
+  } else if (v.sched == sm90::kSkeleton && v.wide) {
+    launch_sm90<192, sm90::kKindInt4, sm90::kSkeleton, kStore>(m, p, stream);
+  } else if (v.sched == sm90::kSkeleton) {
+    launch_sm90<128, sm90::kKindInt4, sm90::kSkeleton, kStore>(m, p, stream);
+#endif
+  } else {
+    launch_sm90<128, sm90::kKindInt4, sm90::kPromote, kStore>(m, p, stream);
+  }
+}
+
+void run_sm90(const GemmShape& s, const Operands& o, bool act_unsigned, at::Tensor& out, cudaStream_t stream) {
+#if SVDQ_DIAGNOSTICS
+  const Variant v = diagnostic_variant();
+#else
+  const Variant v{};
+#endif
+  const Sm90Plan pl = plan_sm90(s, o.proj_up.scalar_type(), v.wide);
+  auto workspace = at::empty({pl.bytes}, out.options().dtype(at::kByte));
+  uint8_t* base = workspace.data_ptr<uint8_t>();
+
+  const PrepArgs pa = prep_args(s, pl, o, act_unsigned, base);
+  launch_prep(pa, pl, stream);
+
+  // 2-byte outputs whose rows are whole 16-byte units go through the TMA-store epilogue (TMA needs 16-byte strides).
+  const at::ScalarType out_dtype = out.scalar_type();
+  const bool tma_store = !v.force_direct && pl.BN == 128 && (out_dtype == at::kBFloat16 || out_dtype == at::kHalf) &&
+                         pl.N % 8 == 0 && aligned16(out.data_ptr());
+  const TensorMaps maps = make_tensor_maps(s, pl, o, base, out, tma_store);
+  const sm90::Params p = sm90_params(s, pl, pa, out, o.bias.has_value(), tma_store);
+#if SVDQ_DIAGNOSTICS
+  if (!v.store) {
+    launch_variant<false>(s.precision, v, maps, p, stream);
+    return;
+  }
+#endif
+  launch_variant<true>(s.precision, v, maps, p, stream);
+}
+
+}  // namespace
+}  // namespace gemm
+
+at::Tensor gemm_cuda(const at::Tensor& act_codes, const at::Tensor& act_scales, const at::Tensor& codes,
+                     const at::Tensor& scales, const std::optional<at::Tensor>& global_scale,
+                     const at::Tensor& down_act, const at::Tensor& proj_up, const std::optional<at::Tensor>& bias,
+                     c10::string_view precision, at::ScalarType out_dtype, bool act_unsigned) {
+  const auto s = check_gemm(act_codes, act_scales, codes, scales, global_scale, down_act, proj_up, bias, precision,
+                            out_dtype, act_unsigned);
+  const c10::cuda::CUDAGuard guard(act_codes.device());
+  auto out = at::empty({s.M, s.N}, act_codes.options().dtype(out_dtype));
+  if (s.M == 0) return out.reshape(with_last_dim(act_codes, s.N));
+  cudaStream_t stream = current_stream();
+  const auto o =
+      gemm::contiguous_operands(act_codes, act_scales, codes, scales, global_scale, down_act, proj_up, bias);
+  if (!force_portable() && device_is_sm90() && gemm::fits_sm90_indexing(s)) {
+    gemm::run_sm90(s, o, act_unsigned, out, stream);
+  } else {
+    gemm::launch_portable(s, o, act_unsigned, out, stream);
+  }
+  return out.reshape(with_last_dim(act_codes, s.N));
+}
+
+}  // namespace cuda_impl
+}  // namespace svdquant

@@ -1,0 +1,93 @@
+"""The explicit entry points: ``prepare_model``, ``calibrate`` and ``quantize_model`` (prepare, quantize, summary)."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..quantize.calibration import record_inputs
+from ..quantize.config import SVDQuantConfig
+from ..quantize.selection import decide
+from ..quantize.structure import describe
+from ..storage import SVDQuantTensor
+from .diffusers import attach_to_diffusers, prepare_model
+
+log = logging.getLogger("svdquant_ops")
+
+
+def _nbytes(module: nn.Module) -> int:
+    total = 0
+    for t in [*module.parameters(), *module.buffers()]:
+        total += t.storage_nbytes() if isinstance(t, SVDQuantTensor) else t.numel() * t.element_size()
+    return total
+
+
+@dataclass
+class QuantizeSummary:
+    """What ``quantize_model`` did: linears quantized, linears kept in 16-bit (name -> reason), bytes of all
+    parameters and buffers before and after."""
+
+    quantized: list[str] = field(default_factory=list)
+    kept: dict[str, str] = field(default_factory=dict)
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+    def __str__(self) -> str:
+        reasons: dict[str, int] = {}
+        for r in self.kept.values():
+            reasons[r] = reasons.get(r, 0) + 1
+        why = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
+        ratio = self.bytes_after / self.bytes_before if self.bytes_before else float("nan")
+        return (f"{len(self.quantized)} linears quantized, {len(self.kept)} kept in 16-bit"
+                f"{' (' + why + ')' if why else ''}; weights {self.bytes_before / 2**20:.1f} MiB -> "
+                f"{self.bytes_after / 2**20:.1f} MiB ({ratio:.2f}x)")
+
+
+def quantize_model(model: nn.Module, config: SVDQuantConfig | None = None, **options) -> QuantizeSummary:
+    """Quantize every eligible linear of ``model`` in place with SVDQuant, applying the model family's skip rules.
+
+    ``config`` defaults to ``SVDQuantConfig(**options)``; passing both is an error. Uses what ``calibrate`` recorded
+    where present (calibrated algorithm), data-free elsewhere. Returns (and logs) the summary. A diffusers model
+    can then be saved with ``model.save_pretrained(dir)`` and loaded with ``from_pretrained(dir)``."""
+    from torchao.quantization import quantize_
+
+    if config is None:
+        config = SVDQuantConfig(**options)
+    elif options:
+        raise TypeError(f"quantize_model: pass either config or options, not both (got options {sorted(options)})")
+    if not isinstance(config, SVDQuantConfig):
+        raise TypeError(f"quantize_model: config must be an SVDQuantConfig, got {type(config).__name__}")
+    prepare_model(model)
+    summary = QuantizeSummary(bytes_before=_nbytes(model))
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            d = decide(module, config)
+            if not d.quantize:
+                summary.kept[describe(module)] = d.reason
+    with torch.no_grad():
+        quantize_(model, config)
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            if isinstance(m.weight, SVDQuantTensor):
+                summary.quantized.append(describe(m))
+            else:  # e.g. torchao's quantize_ filter leaves NonDynamicallyQuantizableLinear alone
+                summary.kept.setdefault(describe(m), "left unchanged by torchao's quantize_ filter")
+    summary.bytes_after = _nbytes(model)
+    attach_to_diffusers(model, config, list(summary.kept))  # model.save_pretrained then writes a quantized model
+    log.info("svdquant_ops: %s", summary)
+    return summary
+
+
+@contextmanager
+def calibrate(model: nn.Module, *, max_rows: int = 4096, storage: str = "auto", seed: int = 0,
+              hessian: bool = False):
+    """Prepare ``model`` (``prepare_model``, keeping names a prepared enclosing model gave) and record calibration
+    statistics of every linear input while the block runs; ``quantize_model`` / ``quantize_`` then use them.
+    Arguments: ``quantize.calibration.record_inputs``."""
+    prepare_model(model, overwrite_names=False)
+    with record_inputs(model, max_rows=max_rows, storage=storage, seed=seed, hessian=hessian) as session:
+        yield session

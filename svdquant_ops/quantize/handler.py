@@ -1,0 +1,164 @@
+"""The torchao handler of ``SVDQuantConfig``: ``quantize_(model, SVDQuantConfig())`` calls ``transform`` once per
+linear.
+
+It swaps only the ``weight`` of each linear that ``selection.decide`` picks for an :class:`SVDQuantTensor` and
+returns the same module (diffusers' loading path calls ``quantize_`` with each bare linear as the root and ignores
+a returned replacement). Where ``calibrate(model)`` recorded data for a layer, the calibrated algorithm
+(``solve.solve_group``) runs for its whole shared-input group; everywhere else the layer is quantized data-free
+(λ = 1, truncated SVD, RTN residual: ``decompose``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from ..formats import ACT_SHIFT, FLOAT_DTYPES, INT4
+from ..storage import SVDQuantTensor
+from .calibration import RECORD_ATTR, SESSION_ATTR, InputRecord, forget_calibration
+from .config import SVDQuantConfig
+from .decompose import check_weight, decompose
+from .selection import ALREADY_QUANTIZED, decide, rules_unknown
+from .solve import solve_group
+from .structure import branch_key, describe, gelu_fed
+
+log = logging.getLogger("svdquant_ops")
+_warned_configs: set[int] = set()  # id() of configs whose "rules unknown" warning was given
+
+
+def transform(module: nn.Module, config: SVDQuantConfig, *, parameter_name: str = "weight") -> nn.Module:
+    """Quantize ``module.weight`` in place (or keep it, logging why); registered for ``SVDQuantConfig`` in config.py."""
+    if not isinstance(module, nn.Linear) or parameter_name != "weight":
+        raise TypeError(f"SVDQuantConfig applies to the weight of nn.Linear modules, got {type(module).__name__}."
+                        f"{parameter_name}")
+    if rules_unknown(module, config) and id(config) not in _warned_configs:
+        _warned_configs.add(id(config))
+        log.warning(
+            "svdquant_ops: quantize_ got %s from a model that svdquant_ops did not prepare, so the skip rules "
+            "(embedders, AdaLN modulation and final projection stay 16-bit) and the unsigned INT4 of GELU-fed "
+            "layers cannot apply: every linear is quantized. Use svdquant_ops.quantize_model(model, config) instead "
+            "(or call svdquant_ops.prepare_model(model) before quantize_).", describe(module))
+    decision = decide(module, config)
+    if not decision.quantize:
+        if decision.reason != ALREADY_QUANTIZED:  # quantizing twice is a no-op
+            log.info("svdquant_ops: keeping %s in 16-bit: %s", describe(module), decision.reason)
+            forget_calibration(module)
+        return module
+    weight = module.weight
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"svdquant_ops: {describe(module)} has weight dtype {weight.dtype}; expected one of "
+                        f"{[str(d) for d in FLOAT_DTYPES]}")
+    rank = min(config.rank, module.in_features, module.out_features)
+    if rank < config.rank:
+        log.info("svdquant_ops: %s uses rank %d (min(in_features, out_features) < %d)", describe(module), rank,
+                 config.rank)
+    qweight = quantize_linear(module, config, rank)
+    module.weight = nn.Parameter(qweight, requires_grad=False)
+    if module.bias is not None:
+        module.bias.requires_grad_(False)  # no autograd through the inference ops (and compile needs it)
+    return module
+
+
+def _solve_device(config, weight: torch.Tensor) -> torch.device:
+    if config.device is not None:
+        return torch.device(config.device)
+    return torch.device("cuda") if torch.cuda.is_available() else weight.device
+
+
+def _unsigned_for(module: nn.Module, config, rec: InputRecord | None) -> bool:
+    # Unsigned activations exist only in INT4 (nvfp4 has none; w4a8's 8 bits cover GELU's negative tail).
+    if config.precision != INT4 or config.act_unsigned is False:
+        return False
+    if config.act_unsigned is True:
+        return True
+    if not gelu_fed(module):  # "auto": only inputs produced by a GELU
+        return False
+    if rec is not None and rec.minimum is not None and float(rec.minimum) < -ACT_SHIFT:
+        log.info("svdquant_ops: %s follows a GELU but saw inputs below -%g; using signed INT4", describe(module),
+                 ACT_SHIFT)
+        return False
+    return True
+
+
+def _data_free(module: nn.Linear, config, rank: int, unsigned: bool) -> SVDQuantTensor:
+    weight = module.weight.detach()
+    device = _solve_device(config, weight)
+    parts = decompose(weight.to(device), precision=config.precision, rank=rank, svd=config.svd,
+                      act_unsigned=unsigned, per_channel_global=config.nvfp4_per_channel_scale, dtype=weight.dtype,
+                      seed=config.seed)
+    return SVDQuantTensor.from_parts(parts, weight.dtype).to(weight.device)
+
+
+def _solve_record(rec: InputRecord, config, rank: int) -> None:
+    members = rec.members
+    w0 = members[0].weight
+    device = _solve_device(config, w0)
+    dtype = w0.dtype
+    for m in members:
+        if isinstance(m.weight, SVDQuantTensor):
+            raise ValueError(f"svdquant_ops: {describe(m)} is already quantized but shares its input with "
+                             f"{rec.name}; quantize the whole group at once")
+    r = min([rank] + [min(m.in_features, m.out_features) for m in members])
+    unsigned = all(_unsigned_for(m, config, rec) for m in members)
+    stats: dict = {}
+    with torch.no_grad():
+        parts = solve_group([m.weight.detach().to(device) for m in members], rec.rows.to(device),
+                            rec.absmax.to(device), config, rank=r, dtype=dtype, unsigned=unsigned,
+                            branch_keys=[branch_key(m) for m in members], input_stats=rec.input_stats(),
+                            stats=stats, name=rec.name)
+    for m, p in zip(members, parts):
+        rec.solved[m] = SVDQuantTensor.from_parts(p, dtype).to(m.weight.device)
+    rec.solved_config = config
+    log.info("svdquant_ops: %s: %d rows, rank %d, %s%s, SQNR %.1f dB on calibration rows", rec.name,
+             rec.rows.shape[0], r, config.precision, " unsigned" if unsigned else "", stats["sqnr_db"])
+    rec.release()
+    rec.session.group_done(rec, config)
+
+
+def quantize_linear(module: nn.Linear, config, rank: int) -> SVDQuantTensor:
+    """Quantize one linear: calibrated where ``calibrate`` recorded its input, data-free otherwise."""
+    name = describe(module)
+    try:
+        check_weight(module.weight.detach())
+    except ValueError as exc:
+        raise ValueError(f"svdquant_ops: cannot quantize {name}: {exc}") from None
+    rec: InputRecord | None = getattr(module, RECORD_ATTR, None)
+    watched = getattr(module, SESSION_ATTR, None) is not None  # calibrate() ran over this layer
+    if config.calibration == "off":
+        rec = None
+    if rec is not None and module in rec.solved:  # solved with the rest of its shared-input group
+        if rec.solved_config != config:
+            raise ValueError(f"svdquant_ops: {name} shares its input (and λ) with {rec.name}, which was quantized "
+                             "with a different SVDQuantConfig; give every member of a shared-input group the same "
+                             "config")
+        return _take(module, rec)
+    if rec is not None and rec.in_features != module.in_features:
+        raise ValueError(f"svdquant_ops: {name}: recorded inputs have {rec.in_features} features but the layer has "
+                         f"{module.in_features} (the model changed after calibrate())")
+    usable = rec is not None and rec.seen_rows > 0 and rec.rows is not None
+    if rec is not None and rec.nonfinite:
+        if config.calibration == "required":
+            raise ValueError(f"svdquant_ops: {rec.name}: recorded calibration inputs contain NaN or Inf")
+        log.warning("svdquant_ops: %s: recorded calibration inputs contain NaN or Inf; quantizing data-free",
+                    rec.name)
+        usable = False
+    if not usable:
+        if config.calibration == "required":
+            raise ValueError(f"svdquant_ops: {name}: SVDQuantConfig(calibration='required') but calibrate() "
+                             "recorded no input for this layer (run the model inside `with calibrate(model):`)")
+        if config.calibration != "off" and watched and not (rec is not None and rec.nonfinite):
+            log.info("svdquant_ops: %s never saw calibration data; quantizing data-free", name)
+        with torch.no_grad():
+            qt = _data_free(module, config, rank, _unsigned_for(module, config, None))
+        forget_calibration(module)
+        return qt
+    _solve_record(rec, config, rank)
+    return _take(module, rec)
+
+
+def _take(module: nn.Module, rec: InputRecord) -> SVDQuantTensor:
+    qt = rec.solved.pop(module)
+    forget_calibration(module)
+    return qt

@@ -1,0 +1,92 @@
+"""Device and dtype moves of quantized weights and modules, in grad mode, no_grad and inference_mode (under
+inference_mode the aten.to overloads reach the subclass undecomposed). Moves to "meta" stand in for a device
+change on this CPU-only machine; the GPU moves are in test_cuda_model.py."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from svdquant_ops import SVDQuantTensor, quantize_weight
+
+MODES = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
+
+
+@pytest.fixture(scope="module")
+def layer():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 64).to(torch.bfloat16)
+    lin.weight = torch.nn.Parameter(quantize_weight(lin.weight.detach(), "w4a8", 16), requires_grad=False)
+    return lin
+
+
+MODULE_MOVES = {
+    "to(meta)": (lambda m: m.to("meta"), "meta", torch.bfloat16),
+    "to(device, dtype)": (lambda m: m.to("meta", torch.float16), "meta", torch.float16),
+    "to(dtype)": (lambda m: m.to(torch.float16), "cpu", torch.float16),
+    "half()": (lambda m: m.half(), "cpu", torch.float16),
+    "float()": (lambda m: m.float(), "cpu", torch.float32),
+    "to(meta, non_blocking)": (lambda m: m.to("meta", non_blocking=True), "meta", torch.bfloat16),
+    "to(cpu, non_blocking)": (lambda m: m.to("cpu", non_blocking=True), "cpu", torch.bfloat16),
+    "cpu()": (lambda m: m.cpu(), "cpu", torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("move", sorted(MODULE_MOVES))
+def test_module_moves(layer, mode, move):
+    fn, device, dtype = MODULE_MOVES[move]
+    m = copy.deepcopy(layer)
+    with MODES[mode]():
+        out = fn(m)
+    w = out.weight
+    assert isinstance(w, SVDQuantTensor) and w.device.type == device and w.dtype == dtype
+    for name in ("codes", "scales", "global_scale", "smooth", "proj_down", "proj_up"):
+        assert getattr(w, name).device.type == device, name
+    assert w.smooth.dtype == dtype and w.proj_up.dtype == dtype
+    assert w.codes.dtype == torch.uint8 and w.scales.dtype == torch.uint8 and w.global_scale.dtype == torch.float32
+    if device == "cpu":  # codes and scales stay bit-exact through a dtype change
+        assert torch.equal(w.codes, layer.weight.codes) and torch.equal(w.scales, layer.weight.scales)
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_tensor_to_overloads(layer, mode):
+    w = layer.weight
+    with MODES[mode]():
+        by_other = w.to(torch.zeros(1, dtype=torch.float16))
+        by_dtype = w.to(torch.float32)
+        by_device = w.to("meta")
+        alias = w.to("cpu")
+        forced = w.to("cpu", copy=True)
+    assert by_other.dtype == torch.float16 and by_dtype.dtype == torch.float32 and by_device.device.type == "meta"
+    assert alias.codes is w.codes  # nothing to do: an alias of the same parts, as aten.to returns
+    assert forced.codes is not w.codes and torch.equal(forced.codes, w.codes)
+
+
+def test_bad_dtype_is_a_clear_error(layer):
+    with pytest.raises(TypeError, match="can only be cast to"):
+        layer.weight.to(torch.int8)
+
+
+def test_accelerate_sequential_offload_rebuilds_the_parameter():
+    """accelerate's cpu_offload (what enable_sequential_cpu_offload uses) moves weights to "meta" and back by
+    calling type(param)(value, requires_grad=...): the quantized weight must survive that, outputs unchanged."""
+    from accelerate import cpu_offload
+
+    from svdquant_ops import quantize_model
+
+    from .builders import flux_inputs, tiny_flux
+
+    model = tiny_flux()
+    quantize_model(model, precision="w4a8", rank=8)
+    inputs = flux_inputs()
+    with torch.inference_mode():
+        ref = model(**inputs).sample
+    cpu_offload(model, execution_device=torch.device("cpu"))
+    assert model.transformer_blocks[0].attn.to_q.weight.device.type == "meta"
+    with torch.inference_mode():
+        assert torch.equal(model(**inputs).sample, ref)
+    with pytest.raises(ValueError, match="requires_grad=True"):
+        SVDQuantTensor(model.transformer_blocks[0].attn.to_k.weight, requires_grad=True)

@@ -1,0 +1,123 @@
+"""Which linears get quantized: one rule (``quantize.selection.decide``) for the handler, the calibration progress
+bar and the summary; never silent when the rules cannot apply."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torchao.quantization import quantize_
+
+from svdquant_ops import SVDQuantConfig, SVDQuantTensor, prepare_model, quantize_model
+from svdquant_ops.quantize import handler
+
+from .builders import tiny_flux, tiny_sana, tiny_sd3
+
+# What the default rules keep in 16-bit in each tiny model, written out by hand from the diffusers module trees.
+FLUX_KEPT = {
+    "x_embedder": "embedder", "context_embedder": "embedder",
+    "time_text_embed.timestep_embedder.linear_1": "embedder", "time_text_embed.timestep_embedder.linear_2": "embedder",
+    "time_text_embed.text_embedder.linear_1": "embedder", "time_text_embed.text_embedder.linear_2": "embedder",
+    "transformer_blocks.0.norm1.linear": "AdaLN modulation", "transformer_blocks.0.norm1_context.linear": "AdaLN modulation",
+    "transformer_blocks.1.norm1.linear": "AdaLN modulation", "transformer_blocks.1.norm1_context.linear": "AdaLN modulation",
+    "single_transformer_blocks.0.norm.linear": "AdaLN modulation",
+    "single_transformer_blocks.1.norm.linear": "AdaLN modulation",
+    "norm_out.linear": "AdaLN modulation", "proj_out": "final projection",
+}
+SD3_KEPT = {
+    "time_text_embed.timestep_embedder.linear_1": "embedder", "time_text_embed.timestep_embedder.linear_2": "embedder",
+    "time_text_embed.text_embedder.linear_1": "embedder", "time_text_embed.text_embedder.linear_2": "embedder",
+    "context_embedder": "embedder",
+    "transformer_blocks.0.norm1.linear": "AdaLN modulation", "transformer_blocks.0.norm1_context.linear": "AdaLN modulation",
+    "transformer_blocks.1.norm1.linear": "AdaLN modulation", "transformer_blocks.1.norm1_context.linear": "AdaLN modulation",
+    "norm_out.linear": "AdaLN modulation", "proj_out": "final projection",
+}
+SANA_KEPT = {
+    "time_embed.emb.timestep_embedder.linear_1": "embedder", "time_embed.emb.timestep_embedder.linear_2": "embedder",
+    "time_embed.linear": "embedder", "proj_out": "final projection",
+}
+
+MODELS = {"flux": (tiny_flux, FLUX_KEPT), "sd3": (tiny_sd3, SD3_KEPT), "sana": (tiny_sana, SANA_KEPT)}
+
+
+def _warnings(caplog):
+    return [r for r in caplog.records if r.name == "svdquant_ops" and r.levelno >= logging.WARNING]
+
+
+def _linears(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warnings():
+    handler._warned_configs.clear()
+    yield
+    handler._warned_configs.clear()
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_prepared_quantize_keeps_exactly_the_default_rules(family, caplog):
+    build, kept = MODELS[family]
+    model = build()
+    prepare_model(model)
+    with caplog.at_level(logging.INFO, logger="svdquant_ops"):
+        quantize_(model, SVDQuantConfig(rank=8))
+    actual_kept = {n for n, m in _linears(model).items() if not isinstance(m.weight, SVDQuantTensor)}
+    assert actual_kept == set(kept)
+    for name, reason in kept.items():
+        assert any(f"keeping {name} in 16-bit: {reason}" in r.message for r in caplog.records), name
+    assert _warnings(caplog) == []
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_unprepared_quantize_warns_once_and_names_the_right_call(family, caplog):
+    build, kept = MODELS[family]
+    model = build()
+    with caplog.at_level(logging.INFO, logger="svdquant_ops"):
+        quantize_(model, SVDQuantConfig(rank=8))
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1
+    assert "svdquant_ops.quantize_model(model, config)" in warnings[0].getMessage()
+    # It did what it said: every linear of a supported size quantized, the family's rules not applied.
+    assert all(isinstance(m.weight, SVDQuantTensor) == (m.in_features % 64 == 0) for m in _linears(model).values())
+
+
+def test_quantize_model_summary_matches_what_happened(caplog):
+    model = tiny_flux()
+    before = {n: m.weight for n, m in _linears(model).items()}
+    with caplog.at_level(logging.INFO, logger="svdquant_ops"):
+        summary = quantize_model(model, precision="w4a8", rank=8)
+    assert summary.kept == FLUX_KEPT
+    assert set(summary.quantized) == set(before) - set(FLUX_KEPT)
+    assert all(isinstance(_linears(model)[n].weight, SVDQuantTensor) for n in summary.quantized)
+    assert 0 < summary.bytes_after < summary.bytes_before
+    assert f"{len(summary.quantized)} linears quantized, {len(FLUX_KEPT)} kept in 16-bit" in str(summary)
+    assert any(str(summary) in r.getMessage() for r in caplog.records)
+    assert _warnings(caplog) == []
+    with pytest.raises(TypeError, match="either config or options"):
+        quantize_model(tiny_flux(), SVDQuantConfig(), rank=4)
+
+
+def test_gelu_fed_layer_gets_unsigned_activations_only_when_prepared():
+    prepared = tiny_flux()
+    quantize_model(prepared, rank=8)
+    assert prepared.transformer_blocks[0].ff.net[2].weight.act_unsigned
+    assert not prepared.transformer_blocks[0].ff.net[0].proj.weight.act_unsigned
+    plain = tiny_flux()
+    quantize_(plain, SVDQuantConfig(rank=8))
+    assert not plain.transformer_blocks[0].ff.net[2].weight.act_unsigned
+
+
+def test_skip_patterns_warn_only_when_they_cannot_apply(caplog):
+    with caplog.at_level(logging.INFO, logger="svdquant_ops"):
+        quantize_(torch.nn.Linear(64, 64).to(torch.bfloat16), SVDQuantConfig(skip=[]))  # nothing to apply
+        assert _warnings(caplog) == []
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64)).to(torch.bfloat16)
+        quantize_(model, SVDQuantConfig(skip=["0"]))  # a pattern, but the handler cannot know the name "0"
+    assert len(_warnings(caplog)) == 1
+    assert isinstance(model[0].weight, SVDQuantTensor)
+    named = torch.nn.Sequential(torch.nn.Linear(64, 64)).to(torch.bfloat16)
+    prepare_model(named)
+    quantize_(named, SVDQuantConfig(skip=["0"]))
+    assert not isinstance(named[0].weight, SVDQuantTensor)
