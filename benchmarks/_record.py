@@ -48,6 +48,13 @@ def _parse_dirty(value: str) -> bool | str:
 def source_state() -> dict:
     """commit (full hash or "unknown"), dirty (True / False / "unknown"; with git also dirty_count and up to 50
     dirty_paths from ``git status --porcelain``), and source: where they came from."""
+    # The caller's word first: the device machine's copy of the tree can carry a stale .git (seen: it reported an
+    # older commit than the tree it ran), so a commit passed in SVDQUANT_COMMIT wins over asking git.
+    env_commit = os.environ.get("SVDQUANT_COMMIT", "").strip()
+    env_dirty = os.environ.get("SVDQUANT_DIRTY")
+    if env_commit:
+        return dict(commit=env_commit, dirty=_parse_dirty(env_dirty) if env_dirty is not None else "unknown",
+                    source="env SVDQUANT_COMMIT, SVDQUANT_DIRTY (passed by the caller)")
     head = _git("rev-parse", "HEAD")
     if head is not None and (root := _git("rev-parse", "--show-toplevel")) is not None \
             and Path(root.strip()).resolve() == ROOT:
@@ -55,11 +62,6 @@ def source_state() -> dict:
         paths = [ln[3:] for ln in status.splitlines() if ln.strip()] if status is not None else []
         return dict(commit=head.strip(), dirty=bool(paths) if status is not None else "unknown",
                     dirty_count=len(paths), dirty_paths=paths[:50], source="git")
-    env_commit = os.environ.get("SVDQUANT_COMMIT", "").strip()
-    env_dirty = os.environ.get("SVDQUANT_DIRTY")
-    if env_commit:
-        return dict(commit=env_commit, dirty=_parse_dirty(env_dirty) if env_dirty is not None else "unknown",
-                    source="env SVDQUANT_COMMIT, SVDQUANT_DIRTY: no .git here")
     return dict(commit="unknown", dirty="unknown", source="nowhere: no .git here and SVDQUANT_COMMIT unset")
 
 

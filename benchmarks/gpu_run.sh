@@ -30,10 +30,10 @@ if ls .whl/*.whl >/dev/null 2>&1; then  # torchao, diffusers, accelerate, expect
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the package from this tree (no pip install on the device)
-if git rev-parse HEAD >/dev/null 2>&1; then
-  echo "commit $(git rev-parse HEAD) (git)"
-elif [[ -n "$SVDQUANT_COMMIT" ]]; then
+if [[ -n "$SVDQUANT_COMMIT" ]]; then  # the caller's word wins: the device's copy may carry a stale .git
   echo "commit $SVDQUANT_COMMIT dirty ${SVDQUANT_DIRTY:-unknown} (passed by the caller)"
+elif git rev-parse HEAD >/dev/null 2>&1; then
+  echo "commit $(git rev-parse HEAD) (git)"
 else
   echo "warning: no .git here and SVDQUANT_COMMIT not set: results will record commit 'unknown'" >&2
 fi

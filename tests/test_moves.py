@@ -90,3 +90,11 @@ def test_accelerate_sequential_offload_rebuilds_the_parameter():
         assert torch.equal(model(**inputs).sample, ref)
     with pytest.raises(ValueError, match="requires_grad=True"):
         SVDQuantTensor(model.transformer_blocks[0].attn.to_k.weight, requires_grad=True)
+
+
+def test_cpu_of_a_cpu_weight_is_a_new_wrapper(layer):
+    """diffusers' group offloading keeps weight.cpu() as the CPU copy and later swaps the parameter itself: the
+    copy must be a distinct object (sharing the parts), or it would move to the GPU with the parameter."""
+    w = layer.weight
+    for alias in (w.cpu(), w.to("cpu")):
+        assert alias is not w and alias.codes is w.codes

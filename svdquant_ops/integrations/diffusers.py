@@ -81,7 +81,9 @@ def attach_to_diffusers(model: nn.Module, config, kept: list[str]) -> bool:
         return False
     quantizer = TorchAoHfQuantizer(TorchAoConfig(config, modules_to_not_convert=list(kept)), pre_quantized=True)
     quantizer.validate_environment(device_map=None)  # sets the quantizer's offload state, as from_pretrained does
-    quantizer.preprocess_model(model, device_map=None, keep_in_fp32_modules=[])
+    # Not quantizer.preprocess_model: it also sets model.is_quantized, which makes diffusers refuse .to(dtype), a
+    # move SVDQuantTensor supports. A model loaded back with from_pretrained does carry that flag (diffusers' rule).
+    quantizer.modules_to_not_convert = list(kept)
     model.hf_quantizer = quantizer
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     model.register_to_config(quantization_config=quantizer.quantization_config, _pre_quantization_dtype=dtype)

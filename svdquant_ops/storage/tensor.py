@@ -182,6 +182,7 @@ class SVDQuantTensor(TorchAOBaseTensor):
 
 
 implements = SVDQuantTensor.implements
+implements_torch_function = SVDQuantTensor.implements_torch_function
 
 
 @implements(aten.is_pinned.default)
@@ -256,6 +257,32 @@ def _to(self: SVDQuantTensor, device, dtype, non_blocking: bool, copy: bool) -> 
     if not copy and same_device and (dtype is None or dtype == self.dtype):
         return self._apply_fn_to_data(lambda t: t)
     return _moved(self, device, dtype, non_blocking)  # a full copy, as .to(dtype) of a plain tensor: no shared parts
+
+
+# Tensor.cpu() / .cuda() / .to() of a tensor already there return the very same object (aten.to aliases without reaching the
+# subclass outside inference_mode). Code that keeps that result as a separate copy and later swaps the parameter
+# (diffusers' group offloading with low_cpu_mem_usage) would then see its "CPU copy" move too: return a new wrapper.
+@implements_torch_function(torch.Tensor.cpu)
+def _(func, types, args, kwargs):
+    return _to(args[0], "cpu", None, False, False)
+
+
+@implements_torch_function(torch.Tensor.to)
+def _(func, types, args, kwargs):
+    kwargs = dict(kwargs or {})
+    copy = kwargs.pop("copy", False)
+    device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args[1:], **kwargs)
+    return _to(args[0], device, dtype, non_blocking, copy)
+
+
+@implements_torch_function(torch.Tensor.cuda)
+def _(func, types, args, kwargs):
+    device = kwargs.get("device", args[1] if len(args) > 1 else None)
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    elif isinstance(device, int):
+        device = torch.device("cuda", device)
+    return _to(args[0], device, None, kwargs.get("non_blocking", False), False)
 
 
 @implements(aten.to.dtype_layout)
