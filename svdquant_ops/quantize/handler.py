@@ -54,8 +54,8 @@ def transform(module: nn.Module, config: SVDQuantConfig, *, parameter_name: str 
     if rank < config.rank:
         log.info("svdquant_ops: %s uses rank %d (min(in_features, out_features) < %d)", describe(module), rank,
                  config.rank)
-    qweight = quantize_linear(module, config, rank)
-    module.weight = nn.Parameter(qweight, requires_grad=False)
+    weight = quantize_linear(module, config, rank)
+    module.weight = nn.Parameter(weight, requires_grad=False)
     if module.bias is not None:
         module.bias.requires_grad_(False)  # no autograd through the inference ops (and compile needs it)
     return module

@@ -285,34 +285,13 @@ def _(func, types, args, kwargs):
     return _to(args[0], device, None, kwargs.get("non_blocking", False), False)
 
 
-@implements(aten.to.dtype_layout)
+@implements([aten.to.dtype_layout, aten.to.device, aten.to.dtype, aten.to.other])
 def _(func, types, args, kwargs):
-    kw = {**kwargs}
-    return _to(args[0], kw.get("device"), kw.get("dtype"), kw.get("non_blocking", False), kw.get("copy", False))
-
-
-@implements(aten.to.device)
-def _(func, types, args, kwargs):
-    a = list(args[1:]) + [None] * 4
-    device, dtype = kwargs.get("device", a[0]), kwargs.get("dtype", a[1])
-    nb, cp = kwargs.get("non_blocking", a[2] or False), kwargs.get("copy", a[3] or False)
-    return _to(args[0], device, dtype, nb, cp)
-
-
-@implements(aten.to.dtype)
-def _(func, types, args, kwargs):
-    a = list(args[1:]) + [None] * 3
-    dtype = kwargs.get("dtype", a[0])
-    nb, cp = kwargs.get("non_blocking", a[1] or False), kwargs.get("copy", a[2] or False)
-    return _to(args[0], None, dtype, nb, cp)
-
-
-@implements(aten.to.other)
-def _(func, types, args, kwargs):
-    a = list(args[1:]) + [None] * 3
-    other = kwargs.get("other", a[0])
-    nb, cp = kwargs.get("non_blocking", a[1] or False), kwargs.get("copy", a[2] or False)
-    return _to(args[0], other.device, other.dtype, nb, cp)
+    a = {arg.name: v for arg, v in zip(func._schema.arguments, args)} | dict(kwargs)  # bind to the schema's names
+    other = a.get("other")
+    device = other.device if other is not None else a.get("device")
+    dtype = other.dtype if other is not None else a.get("dtype")
+    return _to(a["self"], device, dtype, bool(a.get("non_blocking", False)), bool(a.get("copy", False)))
 
 
 def _setstate(self, state: dict) -> None:
