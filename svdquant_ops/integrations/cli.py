@@ -1,0 +1,187 @@
+"""The ``svdquant`` command.
+
+    svdquant quantize [MODEL] [--out DIR] [--precision int4|nvfp4|w4a8] [--rank 32] [--prompts FILE]
+                      [--num-prompts N] [--steps N] [--device cuda] [--gptq]
+    svdquant generate DIR --prompt TEXT [--out image.png] [--steps N] [--seed N] [--compile] [--device cuda]
+
+Without MODEL, ``quantize`` uses the built-in default (a small FLUX.1-architecture pipeline with seeded weights, no
+download). MODEL is a hub id or a local diffusers pipeline directory. Bad input ends with one line on stderr and
+exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from ..formats import PRECISIONS
+
+log = logging.getLogger("svdquant_ops")
+BUILTIN = "builtin:tiny-flux"
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: reported in one line, exit code 2."""
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UsageError(f"--device: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is available on this machine (use --device cpu)")
+    return str(device)
+
+
+def _load_pipeline(model: str, dtype):
+    from diffusers import DiffusionPipeline
+
+    path = Path(model)
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise UsageError(f"{model}: not a diffusers pipeline directory (no model_index.json)")
+    elif model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise UsageError(f"{model}: no such directory, and not a hub id of the form 'owner/name'")
+    try:
+        return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+    except OSError as exc:  # huggingface_hub raises OSError subclasses for missing files and no connection
+        where = "the local directory" if path.exists() else "the hub (no network here, or no such model?)"
+        detail = str(exc).splitlines()[0].split(". ")[0][:200]
+        raise UsageError(f"{model}: cannot load the pipeline from {where}: {detail}") from None
+
+
+def cmd_quantize(args) -> int:
+    import torch
+
+    from ..quantize.config import SVDQuantConfig
+    from .pipelines import BUILTIN_CALL, builtin_prompts, quantize_pipeline, read_prompts, tiny_flux_pipeline
+
+    start = time.perf_counter()
+    device = _device(args.device)
+    builtin = args.model is None
+    held_out = 1 if builtin else 2  # prompts kept out of calibration for the fidelity report
+    if args.num_prompts is not None and args.num_prompts < held_out + 1:
+        raise UsageError(f"--num-prompts must be at least {held_out + 1} ({held_out} held out for the report), got "
+                         f"{args.num_prompts}")
+    prompts = read_prompts(args.prompts) if args.prompts else builtin_prompts()
+    if args.num_prompts is not None:
+        prompts = prompts[: args.num_prompts]
+    elif builtin:
+        prompts = prompts[:17]  # the built-in default runs in about a minute on 2 CPU cores
+    name = BUILTIN if builtin else args.model
+    out = Path(args.out or f"svdquant-{Path(name.split(':')[-1]).name}-{args.precision}")
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"--out {out}: directory exists and is not empty")
+    pipe = tiny_flux_pipeline() if builtin else _load_pipeline(args.model, torch.bfloat16)
+    print(f"svdquant: quantizing {name} ({args.precision}, rank {args.rank}) on {device}", flush=True)
+    pipe = pipe.to(device)
+    call = dict(BUILTIN_CALL) if builtin else {}
+    if args.height:
+        call["height"] = args.height
+    if args.width:
+        call["width"] = args.width
+    config = SVDQuantConfig(precision=args.precision, rank=args.rank, gptq=args.gptq, device=device)
+    # The built-in model keeps 1024 rows per input (its inputs are 256 + 64 tokens per step): the solve stays short.
+    report = quantize_pipeline(pipe, config, prompts, steps=args.steps, eval_prompts=held_out,
+                               max_rows=1024 if builtin else 4096, **call)
+    if not report.summary.quantized:
+        raise UsageError(f"{name}: nothing to quantize (no linear layer of a supported size in the denoiser)")
+    t0 = time.perf_counter()
+    pipe.save_pretrained(out)
+    report.seconds["save"] = time.perf_counter() - t0
+    report.seconds["total"] = time.perf_counter() - start
+    (out / "svdquant_report.json").write_text(json.dumps({"model": name, "precision": args.precision,
+                                                          "rank": args.rank, **report.to_dict()}, indent=1))
+    print("\n".join(["", *report.lines(), f"written to {out}/ (load with DiffusionPipeline.from_pretrained after "
+                     "`import svdquant_ops`, or `svdquant generate`)"]))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from .pipelines import BUILTIN_CALL, denoiser_of, is_quantized
+
+    path = Path(args.dir)
+    if not (path / "model_index.json").is_file():
+        raise UsageError(f"{args.dir}: not a diffusers pipeline directory (no model_index.json)")
+    device = _device(args.device)
+    pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=torch.bfloat16).to(device)
+    _, denoiser = denoiser_of(pipe)
+    if not is_quantized(denoiser):
+        raise UsageError(f"{args.dir}: its denoiser is not quantized by svdquant_ops (run `svdquant quantize` first)")
+    if args.compile:
+        denoiser.compile(fullgraph=True)
+    report = path / "svdquant_report.json"
+    builtin = report.is_file() and json.loads(report.read_text()).get("model") == BUILTIN
+    call = dict(BUILTIN_CALL) if builtin else {}
+    if args.height:
+        call["height"] = args.height
+    if args.width:
+        call["width"] = args.width
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        image = pipe(args.prompt, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed),
+                     **call).images[0]
+    image.save(args.out)
+    print(f"svdquant: wrote {args.out} ({image.width}x{image.height}, {args.steps} steps, "
+          f"{time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="svdquant", description="SVDQuant 4-bit quantization of diffusers pipelines.")
+    sub = p.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quantize", help="quantize a pipeline's denoiser (calibrated on prompts) and save it")
+    q.add_argument("model", nargs="?", help="hub id or local pipeline directory (default: the built-in tiny FLUX "
+                                            "pipeline, seeded weights, no download)")
+    q.add_argument("--out", help="output directory (default: svdquant-<model>-<precision>)")
+    q.add_argument("--precision", default="int4", choices=PRECISIONS, help="int4 (default), nvfp4 or w4a8 (Hopper)")
+    q.add_argument("--rank", type=int, default=32, help="rank of the 16-bit low-rank branch (32)")
+    q.add_argument("--prompts", help="calibration prompts, one per line (default: 128 built-in captions)")
+    q.add_argument("--num-prompts", type=int, help="use the first N prompts (default: all; 18 for the built-in model)")
+    q.add_argument("--steps", type=int, default=4, help="denoising steps per calibration prompt (4)")
+    q.add_argument("--height", type=int, help="image height for calibration (default: the pipeline's)")
+    q.add_argument("--width", type=int, help="image width for calibration (default: the pipeline's)")
+    q.add_argument("--device", help="where the pipeline and the algorithm run (default: cuda if available)")
+    q.add_argument("--gptq", action="store_true", help="GPTQ for the 4-bit residual instead of round-to-nearest")
+    q.set_defaults(run=cmd_quantize)
+    g = sub.add_parser("generate", help="generate an image with a quantized pipeline directory")
+    g.add_argument("dir", help="a directory written by `svdquant quantize`")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--out", default="image.png", help="image file to write (image.png)")
+    g.add_argument("--steps", type=int, default=4, help="denoising steps (4)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--height", type=int)
+    g.add_argument("--width", type=int)
+    g.add_argument("--compile", action="store_true", help="torch.compile the denoiser (one graph)")
+    g.add_argument("--device", help="default: cuda if available")
+    g.set_defaults(run=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        return args.run(args)
+    except (UsageError, FileNotFoundError) as exc:
+        print(f"svdquant: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # bad values found while working (e.g. NaN weights): still the user's input
+        print(f"svdquant: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

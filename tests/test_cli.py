@@ -1,0 +1,118 @@
+"""The ``svdquant`` command, run as a user runs it: the built-in default end to end (subprocess), the directory it
+writes loaded back, ``generate``, and the error paths (one line, exit code 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from svdquant_ops import SVDQuantTensor
+from svdquant_ops.integrations import cli
+from svdquant_ops.integrations.pipelines import BUILTIN_CALL, denoiser_of, tiny_flux_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _svdquant(*args, cwd):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "svdquant_ops.integrations.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def quantized_dir(tmp_path_factory):
+    """`svdquant quantize` with no model: the README's first command (minus the install)."""
+    work = tmp_path_factory.mktemp("cli")
+    r = _svdquant("quantize", "--precision", "w4a8", cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return work / "svdquant-tiny-flux-w4a8", r.stdout
+
+
+def test_default_run_reports_what_it_did(quantized_dir):
+    out, stdout = quantized_dir
+    assert "linears quantized: 44" in stdout
+    assert "linears kept in 16-bit: 18 (9 AdaLN modulation, 8 embedder, 1 final projection)" in stdout
+    report = json.loads((out / "svdquant_report.json").read_text())
+    assert report["model"] == cli.BUILTIN and report["precision"] == "w4a8"
+    assert len(report["quantized"]) == 44 and report["bytes_after"] < 0.7 * report["bytes_before"]
+    assert report["sqnr_db"] > 25, report["sqnr_db"]  # w4a8 on random weights: ~40 dB seen
+    assert f"{report['sqnr_db']:.1f} dB" in stdout
+
+
+def test_written_directory_loads_back_bit_exact(quantized_dir, tmp_path):
+    """What `quantize` writes (pipe.save_pretrained after quantize_pipeline) loads back with DiffusionPipeline's own
+    from_pretrained: the same 4-bit layers, and the same denoiser outputs bit for bit."""
+    from diffusers import DiffusionPipeline
+
+    from svdquant_ops import SVDQuantConfig
+    from svdquant_ops.integrations.pipelines import Recorder, builtin_prompts, quantize_pipeline, run_prompts
+
+    out, _ = quantized_dir
+    loaded = DiffusionPipeline.from_pretrained(out, torch_dtype=torch.bfloat16)
+    quantized = {n for n, m in denoiser_of(loaded)[1].named_modules()
+                 if isinstance(getattr(m, "weight", None), SVDQuantTensor)}
+    assert quantized == set(json.loads((out / "svdquant_report.json").read_text())["quantized"])
+
+    pipe = tiny_flux_pipeline()
+    quantize_pipeline(pipe, SVDQuantConfig(precision="int4", rank=16, smooth_grid=2, lowrank_iters=2),
+                      builtin_prompts()[:3], steps=1, eval_prompts=1, max_rows=256, **BUILTIN_CALL)
+    pipe.save_pretrained(tmp_path / "q")
+    again = DiffusionPipeline.from_pretrained(tmp_path / "q", torch_dtype=torch.bfloat16)
+    recorder = Recorder()
+    handle = pipe.transformer.register_forward_hook(recorder, with_kwargs=True)
+    with torch.inference_mode():
+        run_prompts(pipe, ["a red fox"], steps=2, **BUILTIN_CALL)
+    handle.remove()
+    with torch.inference_mode():
+        for args, kwargs, ref in recorder.calls:
+            assert torch.equal(again.transformer(*args, **kwargs)[0], ref)
+
+
+def test_generate_writes_an_image(quantized_dir, tmp_path):
+    from PIL import Image
+
+    out, _ = quantized_dir
+    r = _svdquant("generate", str(out), "--prompt", "a red fox in the snow", "--out", str(tmp_path / "fox.png"),
+                  cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    image = Image.open(tmp_path / "fox.png")
+    assert image.size == (BUILTIN_CALL["width"], BUILTIN_CALL["height"])
+
+
+def _fails(capsys, argv, message):
+    assert cli.main(argv) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("svdquant")]  # not other libraries' logs
+    assert len(err) == 1 and err[0].startswith("svdquant: error: ") and message in err[0], err
+
+
+def test_error_paths(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _fails(capsys, ["quantize", str(tmp_path / "missing")], "no such directory, and not a hub id")
+    _fails(capsys, ["quantize", str(tmp_path)], "not a diffusers pipeline directory (no model_index.json)")
+    _fails(capsys, ["quantize", "nobody/no-such-model", "--out", str(tmp_path / "o")],
+           "cannot load the pipeline from the hub")
+    _fails(capsys, ["quantize", "--prompts", str(tmp_path / "none.txt")], "prompts file")
+    _fails(capsys, ["quantize", "--num-prompts", "1"], "--num-prompts must be at least 2")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    _fails(capsys, ["quantize", "--out", str(tmp_path / "full")], "directory exists and is not empty")
+    _fails(capsys, ["generate", str(tmp_path), "--prompt", "x"], "not a diffusers pipeline directory")
+    plain = tmp_path / "plain"
+    tiny_flux_pipeline().save_pretrained(plain)
+    capsys.readouterr()  # the save's progress bars
+    _fails(capsys, ["generate", str(plain), "--prompt", "x"], "its denoiser is not quantized by svdquant_ops")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["quantize", "--precision", "int8"])
+    assert exc.value.code == 2 and "invalid choice: 'int8'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        _fails(capsys, ["quantize", "--device", "cuda"], "no CUDA GPU is available")
+
+
+def test_console_script_is_declared():
+    assert 'svdquant = "svdquant_ops.integrations.cli:main"' in (ROOT / "pyproject.toml").read_text()
