@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parent.parent / "svdquant_ops"
 # Layer of each module (first matching prefix); a module may import its own layer and the ones below.
 LAYERS = [
     ("svdquant_ops.formats", 0), ("svdquant_ops.layout", 0), ("svdquant_ops.quantizers", 0),
-    ("svdquant_ops.storage", 1),
+    ("svdquant_ops.storage", 1), ("svdquant_ops.tensor", 1),  # the latter: 0.1.0's path, an alias of storage.tensor
     ("svdquant_ops.ops", 2), ("svdquant_ops.meta", 2),
     ("svdquant_ops.quantize", 3),
     ("svdquant_ops.integrations", 4),
@@ -103,3 +103,26 @@ print(sorted(m for m in sys.modules if m.startswith("svdquant_ops.")))
     assert r.returncode == 0, r.stderr
     loaded = eval(r.stdout.strip().splitlines()[-1])
     assert [m for m in loaded if _layer(m) is None or _layer(m) > 2] == []
+
+
+def test_saved_diffusers_model_loads_after_a_plain_import(tmp_path):
+    """config.json names SVDQuantConfig: a fresh process that only ran `import svdquant_ops` loads the model."""
+    save = """
+import svdquant_ops, sys
+sys.path.insert(0, "tests")
+from builders import tiny_flux
+m = tiny_flux()
+svdquant_ops.quantize_model(m, precision="w4a8", rank=8)
+m.save_pretrained(sys.argv[1])
+"""
+    load = """
+import sys, svdquant_ops
+from diffusers import FluxTransformer2DModel
+m = FluxTransformer2DModel.from_pretrained(sys.argv[1])
+print(type(m.transformer_blocks[0].attn.to_q.weight).__name__)
+"""
+    for code in (save, load):
+        r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=600,
+                           cwd=PKG.parent)
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "SVDQuantTensor"

@@ -14,11 +14,11 @@ from svdquant_ops import SVDQuantTensor, quantize_weight
 MODES = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
 
 
-@pytest.fixture(scope="module")
-def layer():
+@pytest.fixture(scope="module", params=["int4", "nvfp4", "w4a8"])
+def layer(request):
     torch.manual_seed(0)
     lin = torch.nn.Linear(128, 64).to(torch.bfloat16)
-    lin.weight = torch.nn.Parameter(quantize_weight(lin.weight.detach(), "w4a8", 16), requires_grad=False)
+    lin.weight = torch.nn.Parameter(quantize_weight(lin.weight.detach(), request.param, 16), requires_grad=False)
     return lin
 
 
@@ -44,9 +44,9 @@ def test_module_moves(layer, mode, move):
     w = out.weight
     assert isinstance(w, SVDQuantTensor) and w.device.type == device and w.dtype == dtype
     for name in ("codes", "scales", "global_scale", "smooth", "proj_down", "proj_up"):
-        assert getattr(w, name).device.type == device, name
+        assert getattr(w, name) is None or getattr(w, name).device.type == device, name
     assert w.smooth.dtype == dtype and w.proj_up.dtype == dtype
-    assert w.codes.dtype == torch.uint8 and w.scales.dtype == torch.uint8 and w.global_scale.dtype == torch.float32
+    assert w.codes.dtype == torch.uint8 and w.scales.dtype == layer.weight.scales.dtype  # scales keep their dtype
     if device == "cpu":  # codes and scales stay bit-exact through a dtype change
         assert torch.equal(w.codes, layer.weight.codes) and torch.equal(w.scales, layer.weight.scales)
 
@@ -63,6 +63,12 @@ def test_tensor_to_overloads(layer, mode):
     assert by_other.dtype == torch.float16 and by_dtype.dtype == torch.float32 and by_device.device.type == "meta"
     assert alias.codes is w.codes  # nothing to do: an alias of the same parts, as aten.to returns
     assert forced.codes is not w.codes and torch.equal(forced.codes, w.codes)
+    positional = w.to("cpu", w.dtype, False, True)  # non_blocking, copy given positionally
+    assert positional.codes is not w.codes
+    x = torch.randn(2, 128)
+    with MODES[mode]():
+        moved = x.to(w)  # the weight as the reference of a plain tensor's move
+    assert type(moved) is torch.Tensor and moved.dtype == w.dtype
 
 
 def test_bad_dtype_is_a_clear_error(layer):

@@ -111,13 +111,60 @@ def test_gelu_fed_layer_gets_unsigned_activations_only_when_prepared():
 
 def test_skip_patterns_warn_only_when_they_cannot_apply(caplog):
     with caplog.at_level(logging.INFO, logger="svdquant_ops"):
-        quantize_(torch.nn.Linear(64, 64).to(torch.bfloat16), SVDQuantConfig(skip=[]))  # nothing to apply
+        # no pattern to apply, and w4a8 has no unsigned variant (no GELU detection needed): nothing to warn about
+        quantize_(torch.nn.Linear(64, 64).to(torch.bfloat16), SVDQuantConfig(precision="w4a8", skip=[]))
         assert _warnings(caplog) == []
         model = torch.nn.Sequential(torch.nn.Linear(64, 64)).to(torch.bfloat16)
-        quantize_(model, SVDQuantConfig(skip=["0"]))  # a pattern, but the handler cannot know the name "0"
+        quantize_(model, SVDQuantConfig(precision="w4a8", skip=["0"]))  # the handler cannot know the name "0"
     assert len(_warnings(caplog)) == 1
     assert isinstance(model[0].weight, SVDQuantTensor)
+    assert "the skip patterns ['0']" in _warnings(caplog)[0].getMessage()
     named = torch.nn.Sequential(torch.nn.Linear(64, 64)).to(torch.bfloat16)
     prepare_model(named)
-    quantize_(named, SVDQuantConfig(skip=["0"]))
+    quantize_(named, SVDQuantConfig(precision="w4a8", skip=["0"]))
     assert not isinstance(named[0].weight, SVDQuantTensor)
+
+
+def test_unprepared_int4_warns_even_with_explicit_patterns(caplog):
+    """skip=[] needs no names, but int4's unsigned activations for GELU-fed layers need the structure: without it
+    ff.net.2 silently got signed INT4; now that is said, once per config."""
+    model = tiny_flux()
+    config = SVDQuantConfig(rank=8, skip=[])
+    with caplog.at_level(logging.INFO, logger="svdquant_ops"):
+        quantize_(model, config)
+        quantize_(tiny_flux(), config)
+    assert len(_warnings(caplog)) == 1
+    assert not model.transformer_blocks[0].ff.net[2].weight.act_unsigned
+
+
+def test_warning_once_per_config_object(caplog):
+    with caplog.at_level(logging.WARNING, logger="svdquant_ops"):
+        for _ in range(20):
+            quantize_(torch.nn.Linear(64, 64).to(torch.bfloat16), SVDQuantConfig(rank=8))
+    assert len(_warnings(caplog)) == 20
+
+
+def test_names_from_an_enclosing_model_are_kept():
+    model = tiny_flux()
+    prepare_model(model)
+    block = model.single_transformer_blocks[0]
+    quantize_model(block, rank=8)  # a block of a prepared model: its proj_out is not the final projection
+    assert isinstance(block.proj_out.weight, SVDQuantTensor)
+    other = tiny_flux()
+    from svdquant_ops import calibrate
+
+    with calibrate(other.single_transformer_blocks[0]):  # named on its own first: relative names
+        pass
+    with calibrate(other):  # then the whole model: full names replace them
+        pass
+    quantize_(other, SVDQuantConfig(rank=8))
+    assert isinstance(other.single_transformer_blocks[0].proj_out.weight, SVDQuantTensor)
+    assert isinstance(other.single_transformer_blocks[1].proj_out.weight, SVDQuantTensor)
+    assert not isinstance(other.proj_out.weight, SVDQuantTensor)
+
+
+def test_quantize_model_twice_is_a_no_op_with_the_same_summary():
+    model = tiny_flux()
+    first = quantize_model(model, rank=8)
+    second = quantize_model(model, rank=8)
+    assert second.kept == first.kept and sorted(second.quantized) == sorted(first.quantized)

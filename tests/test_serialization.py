@@ -194,7 +194,7 @@ def test_diffusers_from_pretrained_and_save_pretrained(tmp_path, safe):
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-@pytest.mark.parametrize("fmt", ["safetensors", "pickle"])
+@pytest.mark.parametrize("fmt", ["safetensors", "pickle", "pickle-full"])
 def test_layout1_checkpoints_still_load_bit_exact(fmt):
     """Checkpoints of svdquant_ops 0.1.0 (fields qweight / wscales / wglobal) load through the key map and compute
     the outputs 0.1.0 computed, bit for bit."""
@@ -202,8 +202,8 @@ def test_layout1_checkpoints_still_load_bit_exact(fmt):
 
     if fmt == "safetensors":
         sd = svdquant_ops.load_file(FIXTURES / "layout1.safetensors")
-    else:
-        sd = torch.load(FIXTURES / "layout1.pt", weights_only=True)
+    else:  # weights_only=False: the full unpickler imports the 0.1.0 module path svdquant_ops.tensor
+        sd = torch.load(FIXTURES / "layout1.pt", weights_only=fmt == "pickle")
     expected = load_file(str(FIXTURES / "layout1_expected.safetensors"))
     for precision in ("int4", "nvfp4", "w4a8"):
         w = sd[f"{precision}.weight"]

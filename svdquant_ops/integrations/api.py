@@ -11,7 +11,7 @@ from torch import nn
 
 from ..quantize.calibration import record_inputs
 from ..quantize.config import SVDQuantConfig
-from ..quantize.selection import decide
+from ..quantize.selection import ALREADY_QUANTIZED, decide
 from ..quantize.structure import describe
 from ..storage import SVDQuantTensor
 from .diffusers import attach_to_diffusers, prepare_model
@@ -66,7 +66,7 @@ def quantize_model(model: nn.Module, config: SVDQuantConfig | None = None, **opt
     for module in model.modules():
         if isinstance(module, nn.Linear):
             d = decide(module, config)
-            if not d.quantize:
+            if not d.quantize and d.reason != ALREADY_QUANTIZED:  # already 4-bit: counted as quantized below
                 summary.kept[describe(module)] = d.reason
     with torch.no_grad():
         quantize_(model, config)
@@ -85,9 +85,9 @@ def quantize_model(model: nn.Module, config: SVDQuantConfig | None = None, **opt
 @contextmanager
 def calibrate(model: nn.Module, *, max_rows: int = 4096, storage: str = "auto", seed: int = 0,
               hessian: bool = False):
-    """Prepare ``model`` (``prepare_model``, keeping names a prepared enclosing model gave) and record calibration
-    statistics of every linear input while the block runs; ``quantize_model`` / ``quantize_`` then use them.
-    Arguments: ``quantize.calibration.record_inputs``."""
-    prepare_model(model, overwrite_names=False)
+    """Prepare ``model`` (``prepare_model``) and record calibration statistics of every linear input while the
+    block runs; ``quantize_model`` / ``quantize_`` then use them. Arguments: ``quantize.calibration.record_inputs``.
+    """
+    prepare_model(model)
     with record_inputs(model, max_rows=max_rows, storage=storage, seed=seed, hessian=hessian) as session:
         yield session

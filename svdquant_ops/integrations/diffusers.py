@@ -40,12 +40,12 @@ def keep_reason_for(name: str) -> str | None:
     return next((reason for pattern, reason in DEFAULT_KEEP if fnmatch.fnmatchcase(name, pattern)), None)
 
 
-def prepare_model(model: nn.Module, *, overwrite_names: bool = True) -> nn.Module:
+def prepare_model(model: nn.Module) -> nn.Module:
     """Record on every linear of ``model`` its name, whether a GELU feeds it, its branch-sharing key and whether the
-    model family keeps it in 16-bit. Idempotent; ``quantize_model`` and ``calibrate`` call it. With
-    ``overwrite_names=False`` modules keep names they already have (a submodule of a prepared model keeps its full
-    names, so ``blocks.0.proj_out`` is not mistaken for the final ``proj_out``)."""
-    record_names(model, overwrite=overwrite_names)
+    model family keeps it in 16-bit. Idempotent; ``quantize_model`` and ``calibrate`` call it. Names given while
+    preparing an enclosing model are kept (``record_names``), so a block of a prepared model keeps
+    ``blocks.0.proj_out`` and is not mistaken for the final ``proj_out``."""
+    record_names(model)
     for module in model.modules():
         fqn = module_name(module)
         children = list(module.named_children())

@@ -182,7 +182,7 @@ class CalibrationSession:
         self._recent[id(x)] = rec
 
     def install(self) -> None:
-        record_names(self.model, overwrite=False)  # keep names given by prepare_model(whole model)
+        record_names(self.model)  # keeps names given by prepare_model(whole model)
         for module in self.model.modules():
             if isinstance(module, nn.Linear):
                 if hasattr(module, RECORD_ATTR):

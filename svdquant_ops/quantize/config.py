@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torchao.core.config as ao_config
 from torch import nn
 from torchao.core.config import AOBaseConfig
 from torchao.quantization.transform_module import register_quantize_module_handler
@@ -94,9 +93,7 @@ class SVDQuantConfig(AOBaseConfig):
             self.device = str(torch.device(self.device))  # validates; a string keeps the config JSON-serializable
 
 
-# torchao rebuilds configs from config.json (diffusers' save_pretrained) by class name from allowlisted modules;
-# torch.load(weights_only=True) needs the class allowlisted too.
-ao_config.ALLOWED_AO_MODULES.add("svdquant_ops")
+# torch.load(weights_only=True) of a pickled config needs the class allowlisted (config.json lookups: serialization).
 torch.serialization.add_safe_globals([SVDQuantConfig, (SVDQuantConfig, "svdquant_ops.config.SVDQuantConfig")])
 
 

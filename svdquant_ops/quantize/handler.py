@@ -11,6 +11,7 @@ a returned replacement). Where ``calibrate(model)`` recorded data for a layer, t
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 from torch import nn
@@ -25,7 +26,20 @@ from .solve import solve_group
 from .structure import branch_key, describe, gelu_fed
 
 log = logging.getLogger("svdquant_ops")
-_warned_configs: set[int] = set()  # id() of configs whose "rules unknown" warning was given
+_warned_configs: list[weakref.ref] = []  # configs whose "rules unknown" warning was given (unhashable dataclasses)
+
+
+def _warn_once(config: SVDQuantConfig, module: nn.Module) -> None:
+    _warned_configs[:] = [r for r in _warned_configs if r() is not None]
+    if any(r() is config for r in _warned_configs):
+        return
+    _warned_configs.append(weakref.ref(config))
+    what = ("the model family's skip rules (embedders, AdaLN modulation and final projection stay 16-bit)"
+            if config.skip is None else f"the skip patterns {config.skip} (module names are unknown)")
+    log.warning(
+        "svdquant_ops: quantize_ got %s from a model that svdquant_ops did not prepare, so %s and the unsigned INT4 "
+        "of GELU-fed layers cannot apply. Use svdquant_ops.quantize_model(model, config) instead (or call "
+        "svdquant_ops.prepare_model(model) before quantize_).", describe(module), what)
 
 
 def transform(module: nn.Module, config: SVDQuantConfig, *, parameter_name: str = "weight") -> nn.Module:
@@ -33,13 +47,8 @@ def transform(module: nn.Module, config: SVDQuantConfig, *, parameter_name: str 
     if not isinstance(module, nn.Linear) or parameter_name != "weight":
         raise TypeError(f"SVDQuantConfig applies to the weight of nn.Linear modules, got {type(module).__name__}."
                         f"{parameter_name}")
-    if rules_unknown(module, config) and id(config) not in _warned_configs:
-        _warned_configs.add(id(config))
-        log.warning(
-            "svdquant_ops: quantize_ got %s from a model that svdquant_ops did not prepare, so the skip rules "
-            "(embedders, AdaLN modulation and final projection stay 16-bit) and the unsigned INT4 of GELU-fed "
-            "layers cannot apply: every linear is quantized. Use svdquant_ops.quantize_model(model, config) instead "
-            "(or call svdquant_ops.prepare_model(model) before quantize_).", describe(module))
+    if rules_unknown(module, config):
+        _warn_once(config, module)
     decision = decide(module, config)
     if not decision.quantize:
         if decision.reason != ALREADY_QUANTIZED:  # quantizing twice is a no-op

@@ -52,8 +52,9 @@ def decide(module: nn.Module, config) -> Decision:
 
 
 def rules_unknown(module: nn.Module, config) -> bool:
-    """True when ``decide`` could not apply the skip rules to ``module``: with ``skip=None`` nobody prepared the
-    model (so no model-family rules and no GELU detection), or with skip patterns the module has no name."""
-    if config.skip is None:
-        return not prepared(module)
+    """True when the structure rules could not apply to ``module``: nobody prepared the model and the config relies
+    on it (``skip=None``: the family's rules; int4 with ``act_unsigned="auto"``: GELU detection), or skip patterns
+    meet a module without a name."""
+    if not prepared(module) and (config.skip is None or (config.precision == "int4" and config.act_unsigned == "auto")):
+        return True
     return bool(config.skip) and module_name(module) is None

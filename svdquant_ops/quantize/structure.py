@@ -5,7 +5,7 @@ attached to each ``nn.Linear`` beforehand. This module defines the facts and rea
 The model-family knowledge that *decides* them (diffusers' q/k/v names, its GELU modules, which layers stay 16-bit)
 lives in ``svdquant_ops.integrations`` (``prepare_model``), which records:
 
-* the module's fully qualified name (``record_names``; ``calibrate`` records names too),
+* the module's fully qualified name (``record_names``),
 * whether its input comes straight from a GELU (then the unsigned INT4 variant is valid: GELU(x) >= -0.17),
 * a branch-sharing key: linears with the same key (q/k/v of one attention) share one low-rank down projection,
 * the reason to keep it in 16-bit, when the model family says so (embedders, AdaLN modulation, final projection),
@@ -26,12 +26,15 @@ KEEP_ATTR = "_svdquant_keep_reason"
 PREPARED_ATTR = "_svdquant_prepared"
 
 
-def record_names(model: nn.Module, *, overwrite: bool = True) -> nn.Module:
-    """Record each submodule's fully qualified name on it. With ``overwrite=False`` a module keeps a name it
-    already has, so naming a submodule after its enclosing model does not replace full names by relative ones."""
+def record_names(model: nn.Module) -> nn.Module:
+    """Record each submodule's fully qualified name on it. A name recorded from an enclosing model is kept: when a
+    submodule is named on its own later, its relative names (``proj_out``) are suffixes of the recorded full ones
+    (``single_transformer_blocks.0.proj_out``), and a longer name that ends with a recorded one replaces it."""
     for fqn, module in model.named_modules():
-        if overwrite or getattr(module, FQN_ATTR, None) is None:
-            setattr(module, FQN_ATTR, fqn)
+        old = getattr(module, FQN_ATTR, None)
+        if old is not None and (old == fqn or (old and fqn == "") or old.endswith("." + fqn)):
+            continue  # already named, possibly from an enclosing model: keep the full name
+        setattr(module, FQN_ATTR, fqn)
     return model
 
 

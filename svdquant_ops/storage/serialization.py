@@ -3,7 +3,7 @@ and the key map that loads checkpoints written by svdquant_ops 0.1.0 (layout ver
 
 Three allowlists (see ../shared/docs/torchao.md): ``torch.serialization.add_safe_globals`` (``torch.load`` with
 ``weights_only=True``, which diffusers uses for ``.bin``), ``torchao.core.config.ALLOWED_AO_MODULES`` (rebuilding
-``SVDQuantConfig`` from ``config.json``; registered by the config's own module) and torchao's safetensors subclass
+``SVDQuantConfig`` from ``config.json``) and torchao's safetensors subclass
 allowlists (``save_pretrained`` with ``safe_serialization=True``). ``register()`` runs when ``svdquant_ops`` is
 imported.
 
@@ -30,9 +30,19 @@ def register() -> None:
     global _registered
     if _registered:
         return
+    import sys
+
+    import torchao.core.config as ao_config
     from torchao.prototype.safetensors import safetensors_utils
 
-    # The pickled class path of 0.1.0 checkpoints is an alias of today's class.
+    from . import tensor as tensor_module
+
+    # config.json of a saved diffusers model names SVDQuantConfig: torchao looks it up in allowlisted modules, and
+    # the package resolves the name lazily.
+    ao_config.ALLOWED_AO_MODULES.add("svdquant_ops")
+    # Pickles of 0.1.0 name the class svdquant_ops.tensor.SVDQuantTensor: an alias for weights_only=True, and the
+    # old module path for the full unpickler.
+    sys.modules.setdefault("svdquant_ops.tensor", tensor_module)
     torch.serialization.add_safe_globals([SVDQuantTensor, (SVDQuantTensor, "svdquant_ops.tensor.SVDQuantTensor")])
     if "SVDQuantTensor" not in safetensors_utils.ALLOWED_TENSORS_SUBCLASSES:
         safetensors_utils.ALLOWED_TENSORS_SUBCLASSES.append("SVDQuantTensor")

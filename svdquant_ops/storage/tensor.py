@@ -253,15 +253,29 @@ def _(func, types, args, kwargs):
 # self: nn.Module._apply swaps a parameter with what .to returned, and swapping a tensor with itself fails under
 # inference_mode.
 def _to(self: SVDQuantTensor, device, dtype, non_blocking: bool, copy: bool) -> SVDQuantTensor:
-    same_device = device is None or torch.device(device) == self.device
+    same_device = device is None or _same_device(self.device, device)
     if not copy and same_device and (dtype is None or dtype == self.dtype):
         return self._apply_fn_to_data(lambda t: t)
     return _moved(self, device, dtype, non_blocking)  # a full copy, as .to(dtype) of a plain tensor: no shared parts
 
 
-# Tensor.cpu() / .cuda() / .to() of a tensor already there return the very same object (aten.to aliases without reaching the
-# subclass outside inference_mode). Code that keeps that result as a separate copy and later swaps the parameter
-# (diffusers' group offloading with low_cpu_mem_usage) would then see its "CPU copy" move too: return a new wrapper.
+def _same_device(a: torch.device, b) -> bool:
+    b = torch.device(b)
+    if b.type == "cuda" and b.index is None:  # "cuda" means the current device
+        b = torch.device("cuda", torch.cuda.current_device())
+    return a == b
+
+
+def _plain(func, args, kwargs):
+    """The call as torch runs it without us, where the weight is only an argument (``x.to(weight)``)."""
+    with torch._C.DisableTorchFunctionSubclass():
+        return func(*args, **(kwargs or {}))
+
+
+# Tensor.cpu() / .cuda() / .to() of a tensor already there return the very same object (aten.to aliases without
+# reaching the subclass outside inference_mode). Code that keeps that result as a separate copy and later swaps the
+# parameter (diffusers' group offloading with low_cpu_mem_usage) would then see its "CPU copy" move too: return a
+# new wrapper.
 @implements_torch_function(torch.Tensor.cpu)
 def _(func, types, args, kwargs):
     return _to(args[0], "cpu", None, False, False)
@@ -269,9 +283,14 @@ def _(func, types, args, kwargs):
 
 @implements_torch_function(torch.Tensor.to)
 def _(func, types, args, kwargs):
+    if not isinstance(args[0], SVDQuantTensor):
+        return _plain(func, args, kwargs)
     kwargs = dict(kwargs or {})
+    rest = list(args[1:])
     copy = kwargs.pop("copy", False)
-    device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args[1:], **kwargs)
+    if len(rest) >= 2 and all(isinstance(v, bool) for v in rest[-2:]):  # ..., non_blocking, copy positionally
+        copy = rest.pop()
+    device, dtype, non_blocking, _ = torch._C._nn._parse_to(*rest, **kwargs)
     return _to(args[0], device, dtype, non_blocking, copy)
 
 
@@ -289,6 +308,8 @@ def _(func, types, args, kwargs):
 def _(func, types, args, kwargs):
     a = {arg.name: v for arg, v in zip(func._schema.arguments, args)} | dict(kwargs)  # bind to the schema's names
     other = a.get("other")
+    if not isinstance(a["self"], SVDQuantTensor):  # x.to(weight) under inference_mode: an ordinary move of x
+        return a["self"].to(other.device, other.dtype, bool(a.get("non_blocking", False)), bool(a.get("copy", False)))
     device = other.device if other is not None else a.get("device")
     dtype = other.dtype if other is not None else a.get("dtype")
     return _to(a["self"], device, dtype, bool(a.get("non_blocking", False)), bool(a.get("copy", False)))
