@@ -116,3 +116,18 @@ def test_error_paths(capsys, tmp_path, monkeypatch):
 
 def test_console_script_is_declared():
     assert 'svdquant = "svdquant_ops.integrations.cli:main"' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_text_encoder_weight_only_int8_composes_on_cpu():
+    """One call puts torchao's weight-only int8 on the T5 text encoder while the transformer uses SVDQuant."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    from svdquant_ops import quantize_model
+    from svdquant_ops.integrations.pipelines import run_prompts
+
+    pipe = tiny_flux_pipeline()
+    quantize_model(pipe.transformer, precision="w4a8", rank=8, smooth_grid=2, lowrank_iters=2)
+    quantize_(pipe.text_encoder_2, Int8WeightOnlyConfig())
+    assert type(pipe.text_encoder_2.encoder.block[0].layer[0].SelfAttention.q.weight).__name__ == "Int8Tensor"
+    with torch.inference_mode():
+        run_prompts(pipe, ["a red fox"], steps=2, **BUILTIN_CALL)

@@ -141,3 +141,52 @@ def test_compile_repeated_blocks_fullgraph_without_offload(quantized):
     m = copy.deepcopy(model).to("cuda")
     m.compile_repeated_blocks(fullgraph=True)
     _check(m, inputs, ref)
+
+
+# ---------------------------------------------------------------- a whole pipeline (the built-in tiny FLUX one)
+@pytest.fixture(scope="module")
+def pipeline():
+    """The built-in tiny FLUX pipeline with its transformer quantized (w4a8, on the CPU) and the latents the same
+    pipeline computes after pipe.to("cuda")."""
+    from svdquant_ops.integrations.pipelines import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline()
+    quantize_model(pipe.transformer, precision="w4a8", rank=16)
+    ref = _latents(copy.deepcopy(pipe).to("cuda"))
+    return pipe, ref
+
+
+def _latents(pipe):
+    from svdquant_ops.integrations.pipelines import BUILTIN_CALL
+
+    with torch.inference_mode():
+        out = pipe("a red fox in the snow", num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                   output_type="latent", **BUILTIN_CALL).images
+    return out.float().cpu()
+
+
+@pytest.mark.parametrize("how", ["pipe.to(cuda) in inference_mode", "enable_model_cpu_offload",
+                                 "enable_sequential_cpu_offload"])
+def test_pipeline_moves_and_offloading(pipeline, how):
+    pipe, ref = pipeline
+    p = copy.deepcopy(pipe)
+    if how == "enable_model_cpu_offload":
+        p.enable_model_cpu_offload(device="cuda")
+    elif how == "enable_sequential_cpu_offload":
+        p.enable_sequential_cpu_offload(device="cuda")
+    else:
+        with torch.inference_mode():
+            p = p.to("cuda")
+    out = _latents(p)
+    assert sqnr_db(ref, out) > 30, sqnr_db(ref, out)
+
+
+def test_text_encoder_weight_only_int8_beside_svdquant_transformer(pipeline):
+    """Composition: torchao's own weight-only config on the T5 text encoder, SVDQuant on the transformer."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    pipe, ref = pipeline
+    p = copy.deepcopy(pipe).to("cuda")
+    quantize_(p.text_encoder_2, Int8WeightOnlyConfig())
+    assert type(p.text_encoder_2.encoder.block[0].layer[0].SelfAttention.q.weight).__name__ == "Int8Tensor"
+    assert sqnr_db(ref, _latents(p)) > 20
