@@ -23,7 +23,7 @@ from .config import SVDQuantConfig
 from .decompose import check_weight, decompose
 from .selection import ALREADY_QUANTIZED, decide, rules_unknown
 from .solve import solve_group
-from .structure import branch_key, describe, gelu_fed
+from .structure import branch_key, describe, gelu_fed, module_name
 
 log = logging.getLogger("svdquant_ops")
 _warned_configs: list[weakref.ref] = []  # configs whose "rules unknown" warning was given (unhashable dataclasses)
@@ -34,12 +34,16 @@ def _warn_once(config: SVDQuantConfig, module: nn.Module) -> None:
     if any(r() is config for r in _warned_configs):
         return
     _warned_configs.append(weakref.ref(config))
-    what = ("the model family's skip rules (embedders, AdaLN modulation and final projection stay 16-bit)"
-            if config.skip is None else f"the skip patterns {config.skip} (module names are unknown)")
-    log.warning(
-        "svdquant_ops: quantize_ got %s from a model that svdquant_ops did not prepare, so %s and the unsigned INT4 "
-        "of GELU-fed layers cannot apply. Use svdquant_ops.quantize_model(model, config) instead (or call "
-        "svdquant_ops.prepare_model(model) before quantize_).", describe(module), what)
+    lost = []
+    if config.skip is None:
+        lost.append("the model family's skip rules (embedders, AdaLN modulation and final projection stay 16-bit)")
+    elif config.skip and module_name(module) is None:
+        lost.append(f"the skip patterns {config.skip} (module names are unknown)")
+    if config.precision == "int4" and config.act_unsigned == "auto":
+        lost.append("the unsigned INT4 of GELU-fed layers")
+    log.warning("svdquant_ops: quantize_ got %s from a model that svdquant_ops did not prepare, so %s cannot apply. "
+                "Use svdquant_ops.quantize_model(model, config) instead (or call svdquant_ops.prepare_model(model) "
+                "before quantize_).", describe(module), " and ".join(lost))
 
 
 def transform(module: nn.Module, config: SVDQuantConfig, *, parameter_name: str = "weight") -> nn.Module:
