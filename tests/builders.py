@@ -240,3 +240,43 @@ class MLP(torch.nn.Module):
 
     def forward(self, x):
         return self.fc3(self.fc2(self.act(self.fc1(x))))
+
+
+def tiny_pixart(seed: int = 0, dtype=torch.bfloat16):
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    return PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8,
+                                    num_layers=1, cross_attention_dim=64, caption_channels=64, sample_size=8,
+                                    patch_size=2, norm_type="ada_norm_single",
+                                    use_additional_conditions=False).to(dtype).eval()
+
+
+def tiny_qwen_image(seed: int = 0, dtype=torch.bfloat16):
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    return QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1,
+                                       attention_head_dim=32, num_attention_heads=2, joint_attention_dim=64,
+                                       axes_dims_rope=(8, 12, 12)).to(dtype).eval()
+
+
+def tiny_wan(seed: int = 0, dtype=torch.bfloat16):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4,
+                                 out_channels=4, text_dim=64, freq_dim=64, ffn_dim=128, num_layers=1,
+                                 rope_max_seq_len=32).to(dtype).eval()
+
+
+def tiny_sdxl_unet(seed: int = 0, dtype=torch.bfloat16):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(64, 128),
+                                layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+                                attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+                                transformer_layers_per_block=1).to(dtype).eval()

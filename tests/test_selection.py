@@ -12,7 +12,7 @@ from torchao.quantization import quantize_
 from svdquant_ops import SVDQuantConfig, SVDQuantTensor, prepare_model, quantize_model
 from svdquant_ops.quantize import handler
 
-from .builders import tiny_flux, tiny_sana, tiny_sd3
+from .builders import tiny_flux, tiny_pixart, tiny_qwen_image, tiny_sana, tiny_sd3, tiny_sdxl_unet, tiny_wan
 
 # What the default rules keep in 16-bit in each tiny model, written out by hand from the diffusers module trees.
 FLUX_KEPT = {
@@ -38,7 +38,33 @@ SANA_KEPT = {
     "time_embed.linear": "embedder", "proj_out": "final projection",
 }
 
-MODELS = {"flux": (tiny_flux, FLUX_KEPT), "sd3": (tiny_sd3, SD3_KEPT), "sana": (tiny_sana, SANA_KEPT)}
+PIXART_KEPT = {
+    "adaln_single.emb.timestep_embedder.linear_1": "embedder", "adaln_single.emb.timestep_embedder.linear_2": "embedder",
+    "adaln_single.linear": "AdaLN modulation", "proj_out": "final projection",
+}
+QWEN_KEPT = {
+    "time_text_embed.timestep_embedder.linear_1": "embedder", "time_text_embed.timestep_embedder.linear_2": "embedder",
+    "img_in": "embedder", "txt_in": "embedder", "transformer_blocks.0.img_mod.1": "AdaLN modulation",
+    "transformer_blocks.0.txt_mod.1": "AdaLN modulation", "norm_out.linear": "AdaLN modulation",
+    "proj_out": "final projection",
+}
+WAN_KEPT = {
+    "condition_embedder.time_embedder.linear_1": "embedder", "condition_embedder.time_embedder.linear_2": "embedder",
+    "condition_embedder.time_proj": "embedder", "condition_embedder.text_embedder.linear_1": "embedder",
+    "condition_embedder.text_embedder.linear_2": "embedder", "proj_out": "final projection",
+}
+# The SDXL UNet: its transformer linears (attention, feed-forward, proj_in / proj_out of each Transformer2DModel) are
+# quantized; the time and added-condition embeddings and every resnet's per-sample time projection stay 16-bit.
+SDXL_KEPT = {
+    **{f"{e}.linear_{i}": "embedder" for e in ("time_embedding", "add_embedding") for i in (1, 2)},
+    **{f"{b}.resnets.{r}.time_emb_proj": "AdaLN modulation"
+       for b, rs in (("down_blocks.0", (0,)), ("down_blocks.1", (0,)), ("up_blocks.0", (0, 1)),
+                     ("up_blocks.1", (0, 1)), ("mid_block", (0, 1))) for r in rs},
+}
+
+MODELS = {"flux": (tiny_flux, FLUX_KEPT), "sd3": (tiny_sd3, SD3_KEPT), "sana": (tiny_sana, SANA_KEPT),
+          "pixart": (tiny_pixart, PIXART_KEPT), "qwen-image": (tiny_qwen_image, QWEN_KEPT), "wan": (tiny_wan, WAN_KEPT),
+          "sdxl-unet": (tiny_sdxl_unet, SDXL_KEPT)}
 
 
 def _warnings(caplog):

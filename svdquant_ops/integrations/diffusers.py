@@ -15,9 +15,15 @@ from ..quantize.structure import mark, module_name, record_names
 # they see one token per sample (embedders, AdaLN modulation) or shape the output directly (final projection), so
 # 4-bit activations buy nothing there and cost accuracy. Used when SVDQuantConfig.skip is None.
 DEFAULT_KEEP = (
-    ("*embed*", "embedder"),
-    ("*norm*.linear", "AdaLN modulation"),
+    ("*embed*", "embedder"),  # FLUX, SD3, SANA, PixArt, Wan (condition_embedder), SDXL (time / add_embedding)
+    ("img_in", "embedder"),  # Qwen-Image's input projections
+    ("txt_in", "embedder"),
+    ("*norm*.linear", "AdaLN modulation"),  # FLUX norm1 / norm1_context / norm, SD3, norm_out
     ("norm_out.*", "AdaLN modulation"),
+    ("*adaln*.linear", "AdaLN modulation"),  # PixArt's adaln_single
+    ("*.img_mod.*", "AdaLN modulation"),  # Qwen-Image's per-block modulation
+    ("*.txt_mod.*", "AdaLN modulation"),
+    ("*.time_emb_proj", "AdaLN modulation"),  # the SDXL UNet's per-resnet time projection
     ("proj_out", "final projection"),
 )
 
