@@ -194,3 +194,31 @@ def test_quantize_model_twice_is_a_no_op_with_the_same_summary():
     first = quantize_model(model, rank=8)
     second = quantize_model(model, rank=8)
     assert second.kept == first.kept and sorted(second.quantized) == sorted(first.quantized)
+
+
+@pytest.mark.parametrize("precision", ["int4", "w4a8"])
+def test_from_pretrained_with_our_quantization_config_keeps_the_family_rules(tmp_path, caplog, precision):
+    """diffusers quantizes each linear alone while loading; svdquant_ops.quantization_config hands it the family
+    rules as an FqnToConfig that diffusers resolves per parameter name: the same kept set, no warning, and the
+    config survives save_pretrained / from_pretrained bit-exactly."""
+    from diffusers import FluxTransformer2DModel
+
+    import svdquant_ops
+
+    from .builders import flux_inputs
+
+    tiny_flux().save_pretrained(tmp_path / "bf16")
+    with caplog.at_level(logging.INFO, logger="svdquant_ops"):
+        q = FluxTransformer2DModel.from_pretrained(
+            tmp_path / "bf16", torch_dtype=torch.bfloat16,
+            quantization_config=svdquant_ops.quantization_config(precision=precision, rank=8))
+    assert {n for n, m in _linears(q).items() if not isinstance(m.weight, SVDQuantTensor)} == set(FLUX_KEPT)
+    assert _warnings(caplog) == []
+    assert not q.transformer_blocks[0].ff.net[2].weight.act_unsigned  # no GELU detection on this path: signed
+    q.save_pretrained(tmp_path / "q")
+    r = FluxTransformer2DModel.from_pretrained(tmp_path / "q", torch_dtype=torch.bfloat16)
+    inputs = flux_inputs()
+    with torch.inference_mode():
+        assert torch.equal(q(**inputs).sample, r(**inputs).sample)
+    with pytest.raises(TypeError, match="either config or options"):
+        svdquant_ops.quantization_config(SVDQuantConfig(), rank=4)

@@ -94,3 +94,29 @@ def attach_to_diffusers(model: nn.Module, config, kept: list[str]) -> bool:
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     model.register_to_config(quantization_config=quantizer.quantization_config, _pre_quantization_dtype=dtype)
     return True
+
+
+def quantization_config(config=None, **options):
+    """A diffusers ``quantization_config`` for ``from_pretrained(..., quantization_config=...)`` that applies the
+    model-family rules while loading: ``TorchAoConfig(FqnToConfig)`` mapping each ``DEFAULT_KEEP`` pattern (as a
+    regex over module names, which diffusers resolves per parameter) to None (kept 16-bit) and everything else to
+    ``config`` (default ``SVDQuantConfig(**options)``). It survives ``save_pretrained`` / ``from_pretrained``.
+
+    diffusers quantizes each linear alone while loading, so nothing can tell which inputs come from a GELU: with
+    ``act_unsigned="auto"`` this path uses signed INT4 everywhere (``quantize_model`` after loading detects them)."""
+    import dataclasses
+
+    from diffusers import TorchAoConfig
+    from torchao.quantization import FqnToConfig
+
+    from ..quantize.config import SVDQuantConfig
+
+    if config is None:
+        config = SVDQuantConfig(**options)
+    elif options:
+        raise TypeError(f"quantization_config: pass either config or options, not both (got {sorted(options)})")
+    unsigned = False if config.act_unsigned == "auto" else config.act_unsigned
+    per_layer = dataclasses.replace(config, skip=[], act_unsigned=unsigned)  # names are resolved by diffusers here
+    table = {"re:" + fnmatch.translate(pattern): None for pattern, _ in DEFAULT_KEEP}
+    table["_default"] = per_layer
+    return TorchAoConfig(FqnToConfig(table))
