@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import time
 
-import torch
 from _common import arguments, generate, load
 
 import svdquant_ops

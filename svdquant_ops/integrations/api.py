@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -36,15 +37,20 @@ class QuantizeSummary:
     bytes_before: int = 0
     bytes_after: int = 0
 
+    @property
+    def ratio(self) -> float:
+        return self.bytes_after / self.bytes_before if self.bytes_before else float("nan")
+
+    def kept_reasons(self) -> str:
+        """How many linears were kept for each reason, most frequent first ("9 AdaLN modulation, 8 embedder")."""
+        counts = Counter(self.kept.values())
+        return ", ".join(f"{n} {r}" for r, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
     def __str__(self) -> str:
-        reasons: dict[str, int] = {}
-        for r in self.kept.values():
-            reasons[r] = reasons.get(r, 0) + 1
-        why = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
-        ratio = self.bytes_after / self.bytes_before if self.bytes_before else float("nan")
+        why = self.kept_reasons()
         return (f"{len(self.quantized)} linears quantized, {len(self.kept)} kept in 16-bit"
                 f"{' (' + why + ')' if why else ''}; weights {self.bytes_before / 2**20:.1f} MiB -> "
-                f"{self.bytes_after / 2**20:.1f} MiB ({ratio:.2f}x)")
+                f"{self.bytes_after / 2**20:.1f} MiB ({self.ratio:.2f}x)")
 
 
 def quantize_model(model: nn.Module, config: SVDQuantConfig | None = None, **options) -> QuantizeSummary:

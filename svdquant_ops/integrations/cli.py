@@ -59,11 +59,20 @@ def _load_pipeline(model: str, dtype):
         raise UsageError(f"{model}: cannot load the pipeline from {where}: {detail}") from None
 
 
+def _call_args(builtin: bool, args) -> dict:
+    """Extra pipeline-call arguments: the built-in pipeline's size, then --height / --width."""
+    from .pipelines import BUILTIN_CALL
+
+    call = dict(BUILTIN_CALL) if builtin else {}
+    call.update({k: v for k, v in (("height", args.height), ("width", args.width)) if v})
+    return call
+
+
 def cmd_quantize(args) -> int:
     import torch
 
     from ..quantize.config import SVDQuantConfig
-    from .pipelines import BUILTIN_CALL, builtin_prompts, quantize_pipeline, read_prompts, tiny_flux_pipeline
+    from .pipelines import builtin_prompts, quantize_pipeline, read_prompts, tiny_flux_pipeline
 
     start = time.perf_counter()
     device = _device(args.device)
@@ -84,11 +93,7 @@ def cmd_quantize(args) -> int:
     pipe = tiny_flux_pipeline() if builtin else _load_pipeline(args.model, torch.bfloat16)
     print(f"svdquant: quantizing {name} ({args.precision}, rank {args.rank}) on {device}", flush=True)
     pipe = pipe.to(device)
-    call = dict(BUILTIN_CALL) if builtin else {}
-    if args.height:
-        call["height"] = args.height
-    if args.width:
-        call["width"] = args.width
+    call = _call_args(builtin, args)
     config = SVDQuantConfig(precision=args.precision, rank=args.rank, gptq=args.gptq, device=device)
     # The built-in model keeps 1024 rows per input (its inputs are 256 + 64 tokens per step): the solve stays short.
     report = quantize_pipeline(pipe, config, prompts, steps=args.steps, eval_prompts=held_out,
@@ -110,7 +115,7 @@ def cmd_generate(args) -> int:
     import torch
     from diffusers import DiffusionPipeline
 
-    from .pipelines import BUILTIN_CALL, denoiser_of, is_quantized
+    from .pipelines import denoiser_of, is_quantized
 
     path = Path(args.dir)
     if not (path / "model_index.json").is_file():
@@ -124,11 +129,7 @@ def cmd_generate(args) -> int:
         denoiser.compile(fullgraph=True)
     report = path / "svdquant_report.json"
     builtin = report.is_file() and json.loads(report.read_text()).get("model") == BUILTIN
-    call = dict(BUILTIN_CALL) if builtin else {}
-    if args.height:
-        call["height"] = args.height
-    if args.width:
-        call["width"] = args.width
+    call = _call_args(builtin, args)
     t0 = time.perf_counter()
     with torch.inference_mode():
         image = pipe(args.prompt, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed),

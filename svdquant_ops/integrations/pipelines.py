@@ -144,15 +144,10 @@ class PipelineReport:
 
     def lines(self) -> list[str]:
         s = self.summary
-        ratio = s.bytes_after / s.bytes_before if s.bytes_before else float("nan")
-        reasons: dict[str, int] = {}
-        for r in s.kept.values():
-            reasons[r] = reasons.get(r, 0) + 1
-        kept = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])) or "none"
         return [
             f"linears quantized: {len(s.quantized)}",
-            f"linears kept in 16-bit: {len(s.kept)} ({kept})",
-            f"denoiser weights: {s.bytes_before / 2**20:.2f} MiB -> {s.bytes_after / 2**20:.2f} MiB ({ratio:.2f}x)",
+            f"linears kept in 16-bit: {len(s.kept)} ({s.kept_reasons() or 'none'})",
+            f"denoiser weights: {s.bytes_before / 2**20:.2f} MiB -> {s.bytes_after / 2**20:.2f} MiB ({s.ratio:.2f}x)",
             f"denoiser output SQNR vs 16-bit: {self.sqnr_db:.1f} dB over {self.eval_calls} denoising steps "
             "of held-out prompts",
             f"calibration: {self.calibration_prompts} prompts",

@@ -37,6 +37,8 @@ def _defines() -> list[str]:
 
 def _cxx_flags() -> list[str]:
     return ["-O3", "-fopenmp", *_defines()]
+
+
 _loaded_path: Path | None = None
 
 

@@ -20,27 +20,20 @@ from ..formats import ACT_SHIFT, FLOAT_DTYPES, INT4
 from ..storage import SVDQuantTensor
 from .calibration import RECORD_ATTR, SESSION_ATTR, InputRecord, forget_calibration
 from .config import SVDQuantConfig
-from .decompose import check_weight, decompose
-from .selection import ALREADY_QUANTIZED, decide, rules_unknown
+from .decompose import check_weight, quantize_weight
+from .selection import ALREADY_QUANTIZED, decide, unapplied_rules
 from .solve import solve_group
-from .structure import branch_key, describe, gelu_fed, module_name
+from .structure import branch_key, describe, gelu_fed
 
 log = logging.getLogger("svdquant_ops")
 _warned_configs: list[weakref.ref] = []  # configs whose "rules unknown" warning was given (unhashable dataclasses)
 
 
-def _warn_once(config: SVDQuantConfig, module: nn.Module) -> None:
+def _warn_once(config: SVDQuantConfig, module: nn.Module, lost: list[str]) -> None:
     _warned_configs[:] = [r for r in _warned_configs if r() is not None]
     if any(r() is config for r in _warned_configs):
         return
     _warned_configs.append(weakref.ref(config))
-    lost = []
-    if config.skip is None:
-        lost.append("the model family's skip rules (embedders, AdaLN modulation and final projection stay 16-bit)")
-    elif config.skip and module_name(module) is None:
-        lost.append(f"the skip patterns {config.skip} (module names are unknown)")
-    if config.precision == "int4" and config.act_unsigned == "auto":
-        lost.append("the unsigned INT4 of GELU-fed layers")
     log.warning("svdquant_ops: quantize_ got %s from a model that svdquant_ops did not prepare, so %s cannot apply. "
                 "Use svdquant_ops.quantize_model(model, config) instead (or call svdquant_ops.prepare_model(model) "
                 "before quantize_).", describe(module), " and ".join(lost))
@@ -51,8 +44,9 @@ def transform(module: nn.Module, config: SVDQuantConfig, *, parameter_name: str 
     if not isinstance(module, nn.Linear) or parameter_name != "weight":
         raise TypeError(f"SVDQuantConfig applies to the weight of nn.Linear modules, got {type(module).__name__}."
                         f"{parameter_name}")
-    if rules_unknown(module, config):
-        _warn_once(config, module)
+    lost = unapplied_rules(module, config)
+    if lost:
+        _warn_once(config, module, lost)
     decision = decide(module, config)
     if not decision.quantize:
         if decision.reason != ALREADY_QUANTIZED:  # quantizing twice is a no-op
@@ -97,11 +91,9 @@ def _unsigned_for(module: nn.Module, config, rec: InputRecord | None) -> bool:
 
 def _data_free(module: nn.Linear, config, rank: int, unsigned: bool) -> SVDQuantTensor:
     weight = module.weight.detach()
-    device = _solve_device(config, weight)
-    parts = decompose(weight.to(device), precision=config.precision, rank=rank, svd=config.svd,
-                      act_unsigned=unsigned, per_channel_global=config.nvfp4_per_channel_scale, dtype=weight.dtype,
-                      seed=config.seed)
-    return SVDQuantTensor.from_parts(parts, weight.dtype).to(weight.device)
+    qt = quantize_weight(weight.to(_solve_device(config, weight)), config.precision, rank, svd=config.svd,
+                         act_unsigned=unsigned, per_channel_global=config.nvfp4_per_channel_scale, seed=config.seed)
+    return qt.to(weight.device)
 
 
 def _solve_record(rec: InputRecord, config, rank: int) -> None:

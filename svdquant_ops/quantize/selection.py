@@ -51,10 +51,14 @@ def decide(module: nn.Module, config) -> Decision:
     return Decision(True)
 
 
-def rules_unknown(module: nn.Module, config) -> bool:
-    """True when the structure rules could not apply to ``module``: nobody prepared the model and the config relies
-    on it (``skip=None``: the family's rules; int4 with ``act_unsigned="auto"``: GELU detection), or skip patterns
-    meet a module without a name."""
-    if not prepared(module) and (config.skip is None or (config.precision == "int4" and config.act_unsigned == "auto")):
-        return True
-    return bool(config.skip) and module_name(module) is None
+def unapplied_rules(module: nn.Module, config) -> list[str]:
+    """The structure rules ``config`` relies on that could not apply to ``module`` (empty when all did): the family's
+    skip rules and GELU detection need a prepared model; skip patterns need the module's name."""
+    lost = []
+    if config.skip is None and not prepared(module):
+        lost.append("the model family's skip rules (embedders, AdaLN modulation and final projection stay 16-bit)")
+    elif config.skip and module_name(module) is None:
+        lost.append(f"the skip patterns {config.skip} (module names are unknown)")
+    if config.precision == "int4" and config.act_unsigned == "auto" and not prepared(module):
+        lost.append("the unsigned INT4 of GELU-fed layers")
+    return lost

@@ -43,6 +43,11 @@ def _rewrap(weight: "SVDQuantTensor", requires_grad: bool, extra) -> "SVDQuantTe
         raise TypeError("SVDQuantTensor(weight, ...) takes only requires_grad besides the weight")
     if requires_grad:
         raise ValueError("SVDQuantTensor does not support requires_grad=True: its ops are inference-only")
+    return _alias(weight)
+
+
+def _alias(weight: "SVDQuantTensor") -> "SVDQuantTensor":
+    """A new wrapper around the same parts."""
     return weight._apply_fn_to_data(lambda t: t)
 
 
@@ -220,7 +225,7 @@ def _(func, types, args, kwargs):
     return dst
 
 
-def _moved(self: SVDQuantTensor, device, dtype, non_blocking: bool, copy: bool = True) -> SVDQuantTensor:
+def _moved(self: SVDQuantTensor, device, dtype, non_blocking: bool) -> SVDQuantTensor:
     """A copy of ``self`` on ``device`` with model dtype ``dtype``: every part moves; the 16-bit parts (smooth and the
     low-rank factors) take the new dtype; codes and weight scales stay bit-exact (the GEMM reads scales of any
     float dtype)."""
@@ -232,7 +237,7 @@ def _moved(self: SVDQuantTensor, device, dtype, non_blocking: bool, copy: bool =
     def move(t, cast):
         if t is None:
             return None
-        t = t.to(device, non_blocking=non_blocking, copy=copy and not (cast and t.dtype != dtype))
+        t = t.to(device, non_blocking=non_blocking, copy=not (cast and t.dtype != dtype))  # the cast copies
         return t.to(dtype) if cast else t
 
     return SVDQuantTensor(
@@ -255,7 +260,7 @@ def _(func, types, args, kwargs):
 def _to(self: SVDQuantTensor, device, dtype, non_blocking: bool, copy: bool) -> SVDQuantTensor:
     same_device = device is None or _same_device(self.device, device)
     if not copy and same_device and (dtype is None or dtype == self.dtype):
-        return self._apply_fn_to_data(lambda t: t)
+        return _alias(self)
     return _moved(self, device, dtype, non_blocking)  # a full copy, as .to(dtype) of a plain tensor: no shared parts
 
 
@@ -308,11 +313,12 @@ def _(func, types, args, kwargs):
 def _(func, types, args, kwargs):
     a = {arg.name: v for arg, v in zip(func._schema.arguments, args)} | dict(kwargs)  # bind to the schema's names
     other = a.get("other")
-    if not isinstance(a["self"], SVDQuantTensor):  # x.to(weight) under inference_mode: an ordinary move of x
-        return a["self"].to(other.device, other.dtype, bool(a.get("non_blocking", False)), bool(a.get("copy", False)))
     device = other.device if other is not None else a.get("device")
     dtype = other.dtype if other is not None else a.get("dtype")
-    return _to(a["self"], device, dtype, bool(a.get("non_blocking", False)), bool(a.get("copy", False)))
+    non_blocking, copy = bool(a.get("non_blocking", False)), bool(a.get("copy", False))
+    if not isinstance(a["self"], SVDQuantTensor):  # x.to(weight) under inference_mode: an ordinary move of x
+        return a["self"].to(device, dtype, non_blocking, copy)
+    return _to(a["self"], device, dtype, non_blocking, copy)
 
 
 def _setstate(self, state: dict) -> None:
