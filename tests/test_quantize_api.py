@@ -163,3 +163,15 @@ def test_corrupt_tensor_parts_are_refused(mlp):
 
 def test_svdquant_tensor_exported():
     assert svdquant_ops.SVDQuantTensor is SVDQuantTensor
+
+
+def test_data_free_weight_is_close_and_keeps_its_rank():
+    """The effective weight of a data-free int4 quantization is close to w, and the stored rank is the one asked for
+    (16 is already a multiple of 16: no padding). These were the assertions of 0.1.0's
+    test_dequantize_matches_layer_math, whose new version (test_quantizers.py) uses a different weight."""
+    torch.manual_seed(1)
+    w = torch.randn(64, 128).to(torch.bfloat16)
+    for svd in ("exact", "lowrank"):
+        qt = quantize_weight(w, "int4", 16, svd=svd)
+        assert (qt.dequantize().float() - w.float()).norm() / w.float().norm() < 0.15
+        assert qt.rank == 16
