@@ -3,7 +3,8 @@
 Layers, each importing only the ones before it (the data flow):
 
 1. formats and packing: ``formats``, ``layout``, ``quantizers`` (rounding rules per format)
-2. storage: ``storage`` (``SVDQuantTensor``, the ``SVDQuantParts`` it is built from, serialization)
+2. storage: ``storage`` (``SVDQuantTensor``, the weight-only ``W4A16Tensor``, the ``SVDQuantParts`` the algorithm
+   builds, serialization)
 3. ops: ``ops`` (typed wrappers over ``torch.ops.svdquant``, built on first use from ``csrc``; fake kernels in
    ``meta``), and the ``F.linear`` dispatch of ``SVDQuantTensor``
 4. the offline algorithm: ``quantize`` (``SVDQuantConfig``, the torchao handler, calibration, solver)
@@ -15,7 +16,7 @@ access.
 """
 
 from . import formats, layout, ops
-from .storage import SVDQuantTensor
+from .storage import SVDQuantTensor, W4A16Tensor
 from .storage import serialization as _serialization
 
 _serialization.register()
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "SVDQuantConfig": "svdquant_ops.quantize.config",
+    "W4A16Config": "svdquant_ops.quantize.weight_only",
     "quantize_weight": "svdquant_ops.quantize.decompose",
     "quantize_model": "svdquant_ops.integrations.api",
     "QuantizeSummary": "svdquant_ops.integrations.api",
@@ -42,11 +44,32 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
+    value = _diffusers_model_class(name)
+    if value is not None:
+        return value
     raise AttributeError(f"module 'svdquant_ops' has no attribute {name!r}")
+
+
+def _diffusers_model_class(name: str):
+    """diffusers' ``ModelMixin`` and its subclasses, by name. A pipeline saved by svdquant_ops names this package as
+    its quantized denoiser's library in ``model_index.json`` (``["svdquant_ops", "FluxTransformer2DModel"]``):
+    diffusers imports the library to find the class, so ``DiffusionPipeline.from_pretrained`` registers our config
+    and tensors before loading the component, with no ``import svdquant_ops`` in the user's code."""
+    if name.startswith("_"):
+        return None
+    try:
+        import diffusers
+    except ImportError:
+        return None
+    try:
+        value = getattr(diffusers, name)
+    except AttributeError:
+        return None
+    return value if isinstance(value, type) and issubclass(value, diffusers.ModelMixin) else None
 
 
 def __dir__():
     return sorted([*globals(), *_LAZY])
 
 
-__all__ = ["formats", "layout", "ops", "SVDQuantTensor", "__version__", *_LAZY]
+__all__ = ["formats", "layout", "ops", "SVDQuantTensor", "W4A16Tensor", "__version__", *_LAZY]

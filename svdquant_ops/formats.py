@@ -24,6 +24,15 @@ W4A8 (``"w4a8"``, a Hopper format: no per-group rescaling inside the GEMM)
     (same saturation and rounding rule as INT4), codes int8 in [-127, 127], one byte per code (not packed), and
     the scales have shape [..., 1]. No unsigned variant (8 bits leave room for GELU's negative tail).
 
+W4A16 (``"w4a16"``, weight-only: for linears that see one token per sample, such as AdaLN modulation)
+    Weights: unsigned codes in [0, 15] (same nibble packing), groups of 64 input channels, asymmetric: one scale and
+    one zero per (output row, group), both in the model dtype, weight value = code * scale + zero (exactly as
+    Nunchaku's AWQ layers store it). Rule: zero = min(group), scale = (max(group) - min(group)) / 15, both rounded to
+    the model dtype first, codes = clamp(round((W - zero) / scale), 0, 15) (0 where scale is 0). Activations stay in
+    16-bit; the op dequantizes exactly (fp32 code * scale + zero) and accumulates in fp32. Not an SVDQuant
+    precision (no smoothing, no low-rank branch): ``SVDQuantConfig.weight_only`` picks it for the linears the
+    model family marks.
+
 Rounding is round-half-to-even everywhere (``torch.round`` / ``rintf``); for e2m1 "even" means an even
 mantissa bit, which gives the rule in ``E2M1_BOUNDS``.
 """
@@ -35,7 +44,9 @@ import torch
 INT4 = "int4"
 NVFP4 = "nvfp4"
 W4A8 = "w4a8"
-PRECISIONS = (INT4, NVFP4, W4A8)
+PRECISIONS = (INT4, NVFP4, W4A8)  # the SVDQuant (W4A4 / W4A8) precisions
+W4A16 = "w4a16"  # weight-only
+W4A16_GROUP = 64
 
 GROUP_SIZE = {INT4: 64, NVFP4: 16, W4A8: 64}  # weight groups (W4A8 activations have one scale per token)
 

@@ -1,4 +1,4 @@
-"""Round-to-nearest rules of the three formats (int4, nvfp4, w4a8) in PyTorch: weights (offline), activations
+"""Round-to-nearest rules of the formats (int4, nvfp4, w4a8; weight-only w4a16) in PyTorch: weights (offline), activations
 (fake-quant in the calibration loop) and dequantization (storage inspection).
 
 They follow the same rules as the C++ kernels (``csrc/formats.h``): the activation quantizer here produces exactly
@@ -22,6 +22,7 @@ from .formats import (
     NVFP4,
     NVFP4_QMAX,
     UINT4_QMAX,
+    W4A16_GROUP,
     W4A8,
     W4A8_MULT_MAX,
     check_precision,
@@ -173,6 +174,26 @@ def rtn_weight(w: torch.Tensor, precision: str, scale_dtype: torch.dtype, *, per
 def fake_quant_weight(w: torch.Tensor, precision: str, scale_dtype: torch.dtype) -> torch.Tensor:
     codes, scales, gsc = rtn_weight(w, precision, scale_dtype)
     return dequantize(codes, scales, precision, gsc)
+
+
+def quantize_w4a16_weight(w: torch.Tensor, scale_dtype: torch.dtype):
+    """W4A16 weights (formats.py): per group of 64, zero = min and scale = (max - min) / 15, both rounded to
+    ``scale_dtype``; codes = clamp(round((w - zero) / scale), 0, 15), 0 where scale is 0. Returns uint8 codes
+    [N, K], scales and zeros [N, K/64]."""
+    g = _groups(w.float(), W4A16_GROUP)
+    lo, hi = g.amin(-1), g.amax(-1)
+    zeros = lo.to(scale_dtype)
+    scales = ((hi - lo) / UINT4_QMAX).to(scale_dtype)
+    s, z = scales.float().unsqueeze(-1), zeros.float().unsqueeze(-1)
+    q = torch.where(s > 0, torch.round((g - z) / torch.where(s > 0, s, 1.0)), 0.0)
+    codes = q.clamp(0, UINT4_QMAX).to(torch.uint8).flatten(-2)
+    return codes, scales, zeros
+
+
+def dequantize_w4a16(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """Codes [N, K] (0..15), scales and zeros [N, K/64] -> fp32 weights, code * scale + zero (the op's rule)."""
+    c = _groups(codes.float(), W4A16_GROUP)
+    return (c * scales.float().unsqueeze(-1) + zeros.float().unsqueeze(-1)).flatten(-2)
 
 
 def smooth_act(x: torch.Tensor, smooth: torch.Tensor, *, unsigned: bool = False) -> torch.Tensor:

@@ -9,16 +9,18 @@ import copy
 import pytest
 import torch
 
-from svdquant_ops import SVDQuantTensor, quantize_weight
+from svdquant_ops import SVDQuantTensor, W4A16Tensor, quantize_weight
 
 MODES = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
 
 
-@pytest.fixture(scope="module", params=["int4", "nvfp4", "w4a8"])
+@pytest.fixture(scope="module", params=["int4", "nvfp4", "w4a8", "w4a16"])
 def layer(request):
     torch.manual_seed(0)
     lin = torch.nn.Linear(128, 64).to(torch.bfloat16)
-    lin.weight = torch.nn.Parameter(quantize_weight(lin.weight.detach(), request.param, 16), requires_grad=False)
+    w = lin.weight.detach()
+    q = W4A16Tensor.from_float(w) if request.param == "w4a16" else quantize_weight(w, request.param, 16)
+    lin.weight = torch.nn.Parameter(q, requires_grad=False)
     return lin
 
 
@@ -42,10 +44,9 @@ def test_module_moves(layer, mode, move):
     with MODES[mode]():
         out = fn(m)
     w = out.weight
-    assert isinstance(w, SVDQuantTensor) and w.device.type == device and w.dtype == dtype
-    for name in ("codes", "scales", "global_scale", "smooth", "proj_down", "proj_up"):
-        assert getattr(w, name) is None or getattr(w, name).device.type == device, name
-    assert w.smooth.dtype == dtype and w.proj_up.dtype == dtype
+    assert type(w) is type(layer.weight) and w.device.type == device and w.dtype == dtype
+    assert all(t.device.type == device for t in w._data_tensors())
+    assert all(getattr(w, name).dtype == dtype for name in w.dtype_fields)  # SVDQuant: λ and the low-rank factors
     assert w.codes.dtype == torch.uint8 and w.scales.dtype == layer.weight.scales.dtype  # scales keep their dtype
     if device == "cpu":  # codes and scales stay bit-exact through a dtype change
         assert torch.equal(w.codes, layer.weight.codes) and torch.equal(w.scales, layer.weight.scales)

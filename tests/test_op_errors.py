@@ -134,6 +134,74 @@ def test_fake_kernel_errors_match(name, precision, call, msg):
     assert msg in str(exc.value)
 
 
+def _w4_good():
+    """Valid w4a16_linear arguments: x [3, 128] bf16, N = 8, bf16 scales and zeros, bias."""
+    g = generator("op_errors_w4a16")
+    return dict(x=torch.randn(3, 128, generator=g).to(BF),
+                codes=torch.randint(0, 256, (8, 64), generator=g).to(torch.uint8),
+                scales=torch.rand(8, 2, generator=g).to(BF), zeros=-torch.rand(8, 2, generator=g).to(BF),
+                bias=torch.randn(8, generator=g).to(BF))
+
+
+def _w4(a, kw):
+    """w4a16_linear on `a` with the case's replacements (a value, or a function of `a` evaluated here, so that under
+    a FakeTensorMode the broken tensor is derived from the fake ones)."""
+    a = {**a, **{k: (v(a) if callable(v) else v) for k, v in kw.items()}}
+    return ops.w4a16_linear(a["x"], a["codes"], a["scales"], a["zeros"], a["bias"])
+
+
+W4A16_CASES = [
+    # (name, replacements (value or function of the valid arguments), expected message)
+    ("x float64", dict(x=lambda a: a["x"].double()), "x must be bfloat16, float16 or float32, got torch.float64"),
+    ("x 0-d", dict(x=lambda a: a["x"].sum()), "x must have at least 1 dimension [..., K], got a 0-d tensor"),
+    ("K not multiple of 64", dict(x=lambda a: a["x"][:, :100]), "x.size(-1) (K=100) must be a positive multiple of 64"),
+    ("codes dtype", dict(codes=lambda a: a["codes"].to(torch.int8)),
+     "svdquant::w4a16_linear: codes must be uint8 (two 4-bit codes per byte), got torch.int8"),
+    ("codes K mismatch", dict(codes=lambda a: a["codes"][:, :32]),
+     "codes must have shape [N, K/2] = [N, 64] to match x.size(-1) (K=128), got [8, 32]"),
+    ("codes unpacked", dict(codes=lambda a: a["codes"].repeat(1, 2)),
+     "codes must have shape [N, K/2] = [N, 64] to match x.size(-1) (K=128), got [8, 128]"),
+    ("codes 1-d", dict(codes=lambda a: a["codes"][0]), "codes must have shape [N, K/2] = [N, 64]"),
+    ("no output rows", dict(codes=lambda a: a["codes"][:0], scales=lambda a: a["scales"][:0],
+                            zeros=lambda a: a["zeros"][:0], bias=None),
+     "codes must have at least one output row (N >= 1), got N=0"),
+    ("scales dtype", dict(scales=lambda a: a["scales"].to(torch.int32), zeros=lambda a: a["zeros"].to(torch.int32)),
+     "svdquant::w4a16_linear: scales must be bfloat16, float16 or float32, got torch.int32"),
+    ("scales shape", dict(scales=lambda a: a["scales"][:, :1]),
+     "svdquant::w4a16_linear: scales must have shape [N, K/64] = [8, 2], got [8, 1]"),
+    ("scales rows", dict(scales=lambda a: a["scales"][:4]), "scales must have shape [N, K/64] = [8, 2], got [4, 2]"),
+    ("zeros dtype", dict(zeros=lambda a: a["zeros"].float()),
+     "zeros must have scales' dtype torch.bfloat16, got torch.float32"),
+    ("zeros shape", dict(zeros=lambda a: a["zeros"][:4]), "zeros must have shape [N, K/64] = [8, 2], got [4, 2]"),
+    ("bias shape", dict(bias=lambda a: a["bias"][:5]), "bias must have shape [N] = [8], got [5]"),
+    ("bias dtype", dict(bias=lambda a: a["bias"].double()),
+     "bias must be bfloat16, float16 or float32, got torch.float64"),
+    ("codes device", dict(codes=lambda a: a["codes"].to("meta")),
+     "codes must be on the same device as x (cpu), got meta"),
+    ("scales device", dict(scales=lambda a: a["scales"].to("meta")),
+     "scales must be on the same device as x (cpu), got meta"),
+    ("zeros device", dict(zeros=lambda a: a["zeros"].to("meta")),
+     "zeros must be on the same device as x (cpu), got meta"),
+    ("bias device", dict(bias=lambda a: a["bias"].to("meta")), "bias must be on the same device as x (cpu), got meta"),
+]
+
+
+@pytest.mark.parametrize("name,kw,msg", W4A16_CASES, ids=[c[0] for c in W4A16_CASES])
+def test_w4a16_eager_errors(name, kw, msg):
+    with pytest.raises(RuntimeError) as exc:
+        _w4(_w4_good(), kw)
+    assert msg in str(exc.value)
+
+
+@pytest.mark.parametrize("name,kw,msg", W4A16_CASES, ids=[c[0] for c in W4A16_CASES])
+def test_w4a16_fake_kernel_errors_match(name, kw, msg):
+    mode = FakeTensorMode(allow_non_fake_inputs=False)
+    fake = {k: mode.from_tensor(v) for k, v in _w4_good().items()}
+    with mode, pytest.raises(RuntimeError) as exc:
+        _w4(fake, kw)
+    assert msg in str(exc.value)
+
+
 @pytest.mark.parametrize(
     "bad,msg",
     [(float("nan"), "smooth must be finite"), (float("inf"), "smooth must be finite"), (0.0, "smooth must be > 0"),

@@ -76,6 +76,23 @@ def test_opcheck_linear(precision, act_unsigned, lead, R):
     torch.library.opcheck(OPS.linear.default, (*args, precision, act_unsigned), test_utils=utils)
 
 
+W4A16_CONFIGS = [((3,), torch.bfloat16, torch.bfloat16, True), ((2, 5), torch.float16, torch.float32, False),
+                 ((1,), torch.float32, torch.float16, True), ((0,), torch.bfloat16, torch.bfloat16, True)]
+
+
+@pytest.mark.parametrize("lead,x_dtype,scale_dtype,bias", W4A16_CONFIGS)
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_w4a16_linear(lead, x_dtype, scale_dtype, bias, requires_grad):
+    from .test_w4a16_op import w4a16_args, w4a16_inputs
+
+    a = w4a16_inputs(lead, 24, 128, x_dtype, scale_dtype, generator(("opcheck_w4a16", lead)), bias=bias)
+    if requires_grad:
+        for name in ("x", "scales", "zeros", "bias"):
+            if a[name] is not None:
+                a[name].requires_grad_(True)
+    torch.library.opcheck(OPS.w4a16_linear.default, tuple(w4a16_args(a)), test_utils=_utils(requires_grad))
+
+
 def test_backward_raises_not_implemented():
     y = ops.linear(*_linear_args("int4", requires_grad=True), "int4")
     with pytest.raises(RuntimeError, match="not implemented"):
@@ -84,7 +101,7 @@ def test_backward_raises_not_implemented():
 
 def test_ops_registered_with_cpu_and_fake_kernels():
     ns = torch.ops.svdquant
-    for name in ("quantize_act", "gemm"):
+    for name in ("quantize_act", "gemm", "w4a16_linear"):
         assert hasattr(ns, name)
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"svdquant::{name}", "CPU")
         entry = torch._library.simple_registry.singleton.find(f"svdquant::{name}")

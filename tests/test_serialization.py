@@ -9,7 +9,7 @@ import torch
 from torchao.quantization import quantize_
 
 import svdquant_ops
-from svdquant_ops import SVDQuantConfig, SVDQuantTensor
+from svdquant_ops import SVDQuantConfig, SVDQuantTensor, W4A16Config, W4A16Tensor
 
 from .builders import MLP, flux_inputs, tiny_flux
 
@@ -17,7 +17,7 @@ from .builders import MLP, flux_inputs, tiny_flux
 def _quantized_mlp(precision="int4", seed=0):
     torch.manual_seed(seed)
     m = MLP().to(torch.bfloat16).eval()
-    quantize_(m, SVDQuantConfig(precision=precision))
+    quantize_(m, W4A16Config() if precision == "w4a16" else SVDQuantConfig(precision=precision))
     return m
 
 
@@ -26,8 +26,8 @@ def _run(model, x):
         return model(x)
 
 
-def _assert_same_tensors(a: SVDQuantTensor, b: SVDQuantTensor):
-    assert type(b) is SVDQuantTensor
+def _assert_same_tensors(a, b):
+    assert type(b) is type(a)
     for name in a.tensor_data_names + a.optional_tensor_data_names:
         ta, tb = getattr(a, name), getattr(b, name)
         assert (ta is None) == (tb is None), name
@@ -39,7 +39,7 @@ def _assert_same_tensors(a: SVDQuantTensor, b: SVDQuantTensor):
         assert getattr(a, name) == getattr(b, name), name
 
 
-@pytest.mark.parametrize("precision", ["int4", "nvfp4", "w4a8"])
+@pytest.mark.parametrize("precision", ["int4", "nvfp4", "w4a8", "w4a16"])
 def test_torch_save_load_weights_only(tmp_path, precision):
     model = _quantized_mlp(precision)
     x = torch.randn(3, 256).to(torch.bfloat16)
@@ -53,11 +53,11 @@ def test_torch_save_load_weights_only(tmp_path, precision):
     # (b) assign into a plain 16-bit model
     plain = MLP().to(torch.bfloat16).eval()
     plain.load_state_dict(sd, assign=True)
-    assert isinstance(plain.fc1.weight, SVDQuantTensor)
+    assert type(plain.fc1.weight) is type(model.fc1.weight)
     assert torch.equal(_run(plain, x), _run(model, x))
 
 
-@pytest.mark.parametrize("precision", ["int4", "nvfp4", "w4a8"])
+@pytest.mark.parametrize("precision", ["int4", "nvfp4", "w4a8", "w4a16"])
 def test_safetensors_round_trip(tmp_path, precision):
     model = _quantized_mlp(precision)
     x = torch.randn(2, 5, 256).to(torch.bfloat16)
@@ -68,6 +68,24 @@ def test_safetensors_round_trip(tmp_path, precision):
     plain = MLP().to(torch.bfloat16).eval()
     plain.load_state_dict(sd, assign=True)
     assert torch.equal(_run(plain, x), _run(model, x))
+
+
+def test_w4a16_corrupt_parts_are_refused(tmp_path):
+    model = _quantized_mlp("w4a16")
+    assert isinstance(model.fc1.weight, W4A16Tensor)
+    sd = model.state_dict()
+    bad = sd["fc1.weight"]
+    bad.zeros[0, 0] = float("nan")
+    svdquant_ops.save_file(sd, tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="W4A16Tensor: zeros contains NaN"):
+        svdquant_ops.load_file(tmp_path / "bad.safetensors")
+    w = model.fc2.weight
+    with pytest.raises(ValueError, match=r"W4A16Tensor: scales must have shape \[96, 8\]"):
+        W4A16Tensor(w.codes, w.scales[:, :2], w.zeros, 1, torch.bfloat16)
+    with pytest.raises(ValueError, match="zeros must have the dtype of scales"):
+        W4A16Tensor(w.codes, w.scales, w.zeros.float(), 1, torch.bfloat16)
+    with pytest.raises(TypeError, match="cannot copy a SVDQuantTensor into a W4A16Tensor"):
+        w.copy_(_quantized_mlp("int4").fc2.weight)
 
 
 def test_safetensors_corrupt_file_is_refused(tmp_path):

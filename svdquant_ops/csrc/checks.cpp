@@ -186,6 +186,45 @@ GemmShape check_gemm(const at::Tensor& act_codes, const at::Tensor& act_scales, 
   return s;
 }
 
+W4a16Shape check_w4a16_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                              const at::Tensor& zeros, const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "svdquant::w4a16_linear";
+  W4a16Shape s{};
+  TORCH_CHECK(is_float16_32(x.scalar_type()), op, ": x must be bfloat16, float16 or float32, got ",
+              dtype_name(x.scalar_type()));
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dimension [..., K], got a 0-d tensor");
+  s.K = x.size(-1);
+  TORCH_CHECK(s.K > 0 && s.K % kW4a16Group == 0, op, ": x.size(-1) (K=", s.K, ") must be a positive multiple of ",
+              kW4a16Group);
+  s.G = s.K / kW4a16Group;
+  s.M = x.numel() / s.K;
+  TORCH_CHECK(codes.scalar_type() == at::kByte, op, ": codes must be uint8 (two 4-bit codes per byte), got ",
+              dtype_name(codes.scalar_type()));
+  TORCH_CHECK(codes.dim() == 2 && codes.size(1) == s.K / 2, op, ": codes must have shape [N, K/2] = [N, ", s.K / 2,
+              "] to match x.size(-1) (K=", s.K, "), got ", codes.sizes());
+  s.N = codes.size(0);
+  TORCH_CHECK(s.N >= 1, op, ": codes must have at least one output row (N >= 1), got N=0");
+  check_device(codes, x, op, "codes", "x");
+  TORCH_CHECK(is_float16_32(scales.scalar_type()), op, ": scales must be bfloat16, float16 or float32, got ",
+              dtype_name(scales.scalar_type()));
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == s.N && scales.size(1) == s.G, op,
+              ": scales must have shape [N, K/", kW4a16Group, "] = [", s.N, ", ", s.G, "], got ", scales.sizes());
+  check_device(scales, x, op, "scales", "x");
+  TORCH_CHECK(zeros.scalar_type() == scales.scalar_type(), op, ": zeros must have scales' dtype ",
+              dtype_name(scales.scalar_type()), ", got ", dtype_name(zeros.scalar_type()));
+  TORCH_CHECK(zeros.dim() == 2 && zeros.size(0) == s.N && zeros.size(1) == s.G, op,
+              ": zeros must have shape [N, K/", kW4a16Group, "] = [", s.N, ", ", s.G, "], got ", zeros.sizes());
+  check_device(zeros, x, op, "zeros", "x");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == s.N, op, ": bias must have shape [N] = [", s.N, "], got ",
+                bias->sizes());
+    TORCH_CHECK(is_float16_32(bias->scalar_type()), op, ": bias must be bfloat16, float16 or float32, got ",
+                dtype_name(bias->scalar_type()));
+    check_device(*bias, x, op, "bias", "x");
+  }
+  return s;
+}
+
 void check_finite(const at::Tensor& t, const char* op, const char* name) {
   if (t.numel() == 0) return;
   TORCH_CHECK(at::isfinite(t.to(at::kFloat)).all().item<bool>(), op, ": ", name,

@@ -51,6 +51,19 @@ GemmShape check_gemm(const at::Tensor& act_codes, const at::Tensor& act_scales, 
                      const at::Tensor& down_act, const at::Tensor& proj_up, const std::optional<at::Tensor>& bias,
                      std::string_view precision, at::ScalarType out_dtype, bool act_unsigned);
 
+// W4A16 (weight-only): unsigned 4-bit codes, one scale and one zero per 64 input channels of a row.
+constexpr int kW4a16Group = 64;
+
+struct W4a16Shape {
+  int64_t M;  // tokens: product of the leading dims of x
+  int64_t N;
+  int64_t K;
+  int64_t G;  // groups per row: K / 64
+};
+
+W4a16Shape check_w4a16_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                              const at::Tensor& zeros, const std::optional<at::Tensor>& bias);
+
 // Data-dependent checks (need the values): run by the CPU kernels. GPU kernels skip them to stay free of host
 // synchronization; SVDQuantTensor validates weights once when it is built or loaded.
 void check_finite_positive(const at::Tensor& t, const char* op, const char* name);

@@ -44,6 +44,8 @@ TORCH_LIBRARY(svdquant, m) {
   m.def(
       "linear(Tensor x, Tensor smooth, Tensor proj_down, Tensor codes, Tensor scales, Tensor? global_scale, "
       "Tensor proj_up, Tensor? bias, str precision, bool act_unsigned=False) -> Tensor");
+  // Weight-only 4-bit linear (formats.py "w4a16"): y = x @ (code * scale + zero)^T + bias in x's dtype.
+  m.def("w4a16_linear(Tensor x, Tensor codes, Tensor scales, Tensor zeros, Tensor? bias=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(svdquant, CompositeImplicitAutograd, m) { m.impl("linear", &svdquant::linear); }
@@ -53,4 +55,5 @@ TORCH_LIBRARY_IMPL(svdquant, CompositeImplicitAutograd, m) { m.impl("linear", &s
 TORCH_LIBRARY_IMPL(svdquant, Autograd, m) {
   m.impl("quantize_act", torch::autograd::autogradNotImplementedFallback());
   m.impl("gemm", torch::autograd::autogradNotImplementedFallback());
+  m.impl("w4a16_linear", torch::autograd::autogradNotImplementedFallback());
 }

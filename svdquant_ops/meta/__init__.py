@@ -2,14 +2,14 @@
 
 They run the same argument checks as the C++ kernels (``csrc/checks.cpp``) that can be decided from shapes and
 dtypes alone, so a bad call fails at trace time with the same message instead of deep inside a compiled graph.
-``svdquant::linear`` is CompositeImplicitAutograd and decomposes into the two ops below, so it needs none.
+``svdquant::linear`` is CompositeImplicitAutograd and decomposes into quantize_act and gemm, so it needs none.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..formats import FLOAT_DTYPES, GROUP_SIZE, INT4, NVFP4, PRECISIONS, W4A8, W4A8_MULT_MAX
+from ..formats import FLOAT_DTYPES, GROUP_SIZE, INT4, NVFP4, PRECISIONS, W4A8, W4A8_MULT_MAX, W4A16_GROUP
 
 _FLOAT_NAMES = "bfloat16, float16 or float32"
 # W4A8: |act code * weight code * multiplier| <= 127 * 126, so an int32 dot over K <= 131072 cannot overflow
@@ -152,3 +152,33 @@ def _gemm_fake(act_codes, act_scales, codes, scales, global_scale, down_act, pro
                     ("down_act", down_act), ("proj_up", proj_up)):
         _check_device(op, name, t, "act_codes", act_codes)
     return act_codes.new_empty((*lead, N), dtype=out_dtype)
+
+
+
+@torch.library.register_fake("svdquant::w4a16_linear")
+def _w4a16_linear_fake(x, codes, scales, zeros, bias=None):
+    op = "w4a16_linear"
+    _check(x.dtype in FLOAT_DTYPES, op, f"x must be {_FLOAT_NAMES}, got {x.dtype}")
+    _check(x.dim() >= 1, op, "x must have at least 1 dimension [..., K], got a 0-d tensor")
+    K = x.shape[-1]
+    _check(K > 0 and K % W4A16_GROUP == 0, op, f"x.size(-1) (K={K}) must be a positive multiple of {W4A16_GROUP}")
+    G = K // W4A16_GROUP
+    _check(codes.dtype == torch.uint8, op, f"codes must be uint8 (two 4-bit codes per byte), got {codes.dtype}")
+    _check(codes.dim() == 2 and codes.shape[1] == K // 2, op,
+           f"codes must have shape [N, K/2] = [N, {K // 2}] to match x.size(-1) (K={K}), got {list(codes.shape)}")
+    N = codes.shape[0]
+    _check(N >= 1, op, "codes must have at least one output row (N >= 1), got N=0")
+    _check_device(op, "codes", codes, "x", x)
+    _check(scales.dtype in FLOAT_DTYPES, op, f"scales must be {_FLOAT_NAMES}, got {scales.dtype}")
+    _check(tuple(scales.shape) == (N, G), op,
+           f"scales must have shape [N, K/{W4A16_GROUP}] = [{N}, {G}], got {list(scales.shape)}")
+    _check_device(op, "scales", scales, "x", x)
+    _check(zeros.dtype == scales.dtype, op, f"zeros must have scales' dtype {scales.dtype}, got {zeros.dtype}")
+    _check(tuple(zeros.shape) == (N, G), op,
+           f"zeros must have shape [N, K/{W4A16_GROUP}] = [{N}, {G}], got {list(zeros.shape)}")
+    _check_device(op, "zeros", zeros, "x", x)
+    if bias is not None:
+        _check(bias.dim() == 1 and bias.shape[0] == N, op, f"bias must have shape [N] = [{N}], got {list(bias.shape)}")
+        _check(bias.dtype in FLOAT_DTYPES, op, f"bias must be {_FLOAT_NAMES}, got {bias.dtype}")
+        _check_device(op, "bias", bias, "x", x)
+    return x.new_empty((*x.shape[:-1], N))

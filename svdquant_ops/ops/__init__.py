@@ -1,5 +1,5 @@
 """The ops: typed Python entry points to ``torch.ops.svdquant`` (schemas in ``csrc/ops.cpp``), and the dispatch
-that makes ``F.linear(x, SVDQuantTensor)`` run them.
+that makes ``F.linear(x, weight)`` run them for an ``SVDQuantTensor`` or ``W4A16Tensor`` weight.
 
 The C++/CUDA library is built and loaded on first use of an op (``build.py``), not on import; ``load()`` does it
 ahead of time. Fake kernels (``svdquant_ops/meta``) are registered with it, so the ops trace under torch.compile.
@@ -15,6 +15,9 @@ gemm(act_codes, act_scales, codes, scales, global_scale, down_act, proj_up, bias
     the fp32 per-channel scale [N] (required), K <= 131072.
 linear(x, smooth, proj_down, codes, scales, global_scale, proj_up, bias, precision, act_unsigned=False)
     -> y [..., N] in x's dtype: quantize_act then gemm (CompositeImplicitAutograd, so tracing sees both).
+w4a16_linear(x, codes, scales, zeros, bias=None) -> y [..., N] in x's dtype
+    The weight-only format (formats.py "w4a16"): x @ (code * scale + zero)ᵀ + bias, fp32 accumulation. codes uint8
+    [N, K/2] (unsigned nibbles, layout.py), scales and zeros [N, K/64] in one float dtype.
 """
 
 from __future__ import annotations
@@ -22,10 +25,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..storage.tensor import SVDQuantTensor
+from ..storage import SVDQuantTensor, W4A16Tensor
 from . import build
 
-__all__ = ["load", "quantize_act", "gemm", "linear", "quantized_linear"]
+__all__ = ["load", "quantize_act", "gemm", "linear", "quantized_linear", "w4a16_linear", "weight_only_linear"]
 
 
 def load(verbose: bool = False):
@@ -66,6 +69,12 @@ def linear(x: torch.Tensor, smooth: torch.Tensor, proj_down: torch.Tensor, codes
                                              precision, act_unsigned)
 
 
+def w4a16_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    _ready()
+    return torch.ops.svdquant.w4a16_linear.default(x, codes, scales, zeros, bias)
+
+
 def quantized_linear(x: torch.Tensor, weight: SVDQuantTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for a quantized weight: one ``svdquant::linear`` call."""
     if x.dtype != weight.dtype:
@@ -75,6 +84,21 @@ def quantized_linear(x: torch.Tensor, weight: SVDQuantTensor, bias: torch.Tensor
         bias = weight.bias_correction if bias is None else bias.float() + weight.bias_correction
     return linear(x, weight.smooth, weight.proj_down, weight.codes, weight.scales, weight.global_scale,
                   weight.proj_up, bias, weight.precision, weight.act_unsigned)
+
+
+def weight_only_linear(x: torch.Tensor, weight: W4A16Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for a 4-bit weight-only weight: one ``svdquant::w4a16_linear`` call."""
+    if x.dtype != weight.dtype:
+        raise TypeError(f"W4A16 linear: input dtype {x.dtype} does not match the quantized weight's dtype "
+                        f"{weight.dtype}; cast the input or the model")
+    return w4a16_linear(x, weight.codes, weight.scales, weight.zeros, bias)
+
+
+@W4A16Tensor.implements(torch.ops.aten.linear.default)
+@W4A16Tensor.implements_torch_function(F.linear)
+def _(func, types, args, kwargs):
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    return weight_only_linear(args[0], args[1], bias)
 
 
 @SVDQuantTensor.implements(torch.ops.aten.linear.default)

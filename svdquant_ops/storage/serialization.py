@@ -9,7 +9,7 @@ imported.
 
 Checkpoint keys are ``<module>.<param>`` for plain tensors and ``<module>._weight_<field>`` for the fields of an
 ``SVDQuantTensor`` (``codes``, ``scales``, ``global_scale``, ``smooth``, ``proj_down``, ``proj_up``,
-``bias_correction``). Version 0.1.0 named three fields ``qweight``, ``wscales``, ``wglobal``
+``bias_correction``; a ``W4A16Tensor``'s ``codes``, ``scales``, ``zeros``). Version 0.1.0 named three fields ``qweight``, ``wscales``, ``wglobal``
 (``tensor.LEGACY_FIELD_NAMES``) and pickled the class as ``svdquant_ops.tensor.SVDQuantTensor``; both are mapped here
 (safetensors: ``_from_saved_fields``; pickles: the safe-globals alias and ``SVDQuantTensor.__setstate__``).
 """
@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 
+from .base import PackedWeight
 from .tensor import LEGACY_FIELD_NAMES, SVDQuantTensor
+from .weight_only import W4A16Tensor
 
 _registered = False
 
@@ -43,11 +45,14 @@ def register() -> None:
     # Pickles of 0.1.0 name the class svdquant_ops.tensor.SVDQuantTensor: an alias for weights_only=True, and the
     # old module path for the full unpickler.
     sys.modules.setdefault("svdquant_ops.tensor", tensor_module)
-    torch.serialization.add_safe_globals([SVDQuantTensor, (SVDQuantTensor, "svdquant_ops.tensor.SVDQuantTensor")])
-    if "SVDQuantTensor" not in safetensors_utils.ALLOWED_TENSORS_SUBCLASSES:
-        safetensors_utils.ALLOWED_TENSORS_SUBCLASSES.append("SVDQuantTensor")
-    # torchao rebuilds each tensor as ALLOWED_CLASSES[name](**fields): route it through the key map.
+    torch.serialization.add_safe_globals([SVDQuantTensor, (SVDQuantTensor, "svdquant_ops.tensor.SVDQuantTensor"),
+                                          W4A16Tensor])
+    for name in ("SVDQuantTensor", "W4A16Tensor"):
+        if name not in safetensors_utils.ALLOWED_TENSORS_SUBCLASSES:
+            safetensors_utils.ALLOWED_TENSORS_SUBCLASSES.append(name)
+    # torchao rebuilds each tensor as ALLOWED_CLASSES[name](**fields): SVDQuantTensor goes through the key map.
     safetensors_utils.ALLOWED_CLASSES["SVDQuantTensor"] = _from_saved_fields
+    safetensors_utils.ALLOWED_CLASSES["W4A16Tensor"] = W4A16Tensor
     _registered = True
 
 
@@ -57,7 +62,7 @@ def _from_saved_fields(**fields) -> SVDQuantTensor:
 
 
 def save_file(state_dict: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Save a state dict holding SVDQuantTensors (and plain tensors) to one safetensors file."""
+    """Save a state dict holding quantized weights (and plain tensors) to one safetensors file."""
     from safetensors.torch import save_file as st_save
     from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
@@ -68,7 +73,7 @@ def save_file(state_dict: dict[str, torch.Tensor], path: str | Path, metadata: d
 
 
 def load_file(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Load what ``save_file`` wrote; every SVDQuantTensor is shape-checked on construction and value-checked."""
+    """Load what ``save_file`` wrote; every quantized weight is shape-checked on construction and value-checked."""
     from safetensors import safe_open
     from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
 
@@ -86,6 +91,6 @@ def load_file(path: str | Path, device: str | torch.device = "cpu") -> dict[str,
     if missing:
         raise ValueError(f"{path}: corrupt quantized checkpoint, incomplete tensors: {sorted(missing)[:5]}")
     for t in result.values():
-        if isinstance(t, SVDQuantTensor):
+        if isinstance(t, PackedWeight):
             t.validate()
     return {**leftover, **result}

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torchao.utils import TorchAOBaseTensor
 
 from ..formats import FLOAT_DTYPES, GROUP_SIZE, INT4, NVFP4, W4A8, W4A8_MULT_MAX, check_precision
 from ..layout import LAYOUT_VERSION, check_layout_version, pack_nibbles, unpack_nibbles
 from ..quantizers import dequantize as dequantize_codes
+from .base import PackedWeight, rewrap
 from .parts import SVDQuantParts
 
 aten = torch.ops.aten
@@ -36,36 +36,22 @@ RANK_MULTIPLE = 16  # ranks are zero-padded to a multiple of 16 (exact) so GPU k
 LEGACY_FIELD_NAMES = {"qweight": "codes", "wscales": "scales", "wglobal": "global_scale"}
 
 
-def _rewrap(weight: "SVDQuantTensor", requires_grad: bool, extra) -> "SVDQuantTensor":
-    """``SVDQuantTensor(weight, requires_grad=False)``, the call ``nn.Parameter`` subclasses answer and accelerate's
-    offloading makes to rebuild a parameter of a class it does not know: a new wrapper around the same parts."""
-    if extra is not None:
-        raise TypeError("SVDQuantTensor(weight, ...) takes only requires_grad besides the weight")
-    if requires_grad:
-        raise ValueError("SVDQuantTensor does not support requires_grad=True: its ops are inference-only")
-    return _alias(weight)
-
-
-def _alias(weight: "SVDQuantTensor") -> "SVDQuantTensor":
-    """A new wrapper around the same parts."""
-    return weight._apply_fn_to_data(lambda t: t)
-
-
 def _pad_rank(t: torch.Tensor) -> torch.Tensor:
     pad = (-t.shape[1]) % RANK_MULTIPLE
     return F.pad(t, (0, pad)) if pad else t
 
 
-class SVDQuantTensor(TorchAOBaseTensor):
+class SVDQuantTensor(PackedWeight):
     tensor_data_names = ["codes", "scales", "smooth", "proj_down", "proj_up"]
     tensor_attribute_names = ["precision", "act_unsigned", "layout_version", "dtype"]
     optional_tensor_data_names = ["global_scale", "bias_correction"]
+    dtype_fields = ("smooth", "proj_down", "proj_up")  # the 16-bit parts; codes and scales stay bit-exact
 
     def __new__(cls, codes, scales=None, smooth=None, proj_down=None, proj_up=None, precision=None,
                 act_unsigned=None, layout_version=None, dtype=None, global_scale=None, bias_correction=None,
                 requires_grad=False):
-        if isinstance(codes, SVDQuantTensor):  # SVDQuantTensor(weight, requires_grad=...): see _rewrap
-            return _rewrap(codes, requires_grad, scales)
+        if isinstance(codes, SVDQuantTensor):  # SVDQuantTensor(weight, requires_grad=...): see base.rewrap
+            return rewrap(codes, requires_grad, scales)
         shape = (codes.shape[0], codes.shape[1] * 2)
         return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=codes.device,
                                                    requires_grad=False)
@@ -137,14 +123,6 @@ class SVDQuantTensor(TorchAOBaseTensor):
     def rank(self) -> int:
         return self.proj_down.shape[1]
 
-    def storage_nbytes(self) -> int:
-        """Bytes held by all parts (the logical ``nbytes`` would count a 16-bit [N, K] weight)."""
-        return sum(t.numel() * t.element_size() for t in self._data_tensors())
-
-    def _data_tensors(self) -> list[torch.Tensor]:
-        names = self.tensor_data_names + self.optional_tensor_data_names
-        return [getattr(self, n) for n in names if getattr(self, n) is not None]
-
     def _validate_w4a8(self) -> None:
         if self.scales.numel():
             lo, hi = int(self.scales.min()), int(self.scales.max())
@@ -184,141 +162,6 @@ class SVDQuantTensor(TorchAOBaseTensor):
         n, k = self.shape
         return (f"SVDQuantTensor(precision={self.precision!r}, shape=[{n}, {k}], rank={self.rank}, dtype={self.dtype}, "
                 f"act_unsigned={self.act_unsigned}, layout_version={self.layout_version}, device={self.device})")
-
-
-implements = SVDQuantTensor.implements
-implements_torch_function = SVDQuantTensor.implements_torch_function
-
-
-@implements(aten.is_pinned.default)
-def _(func, types, args, kwargs):
-    w = args[0]
-    return all(t.is_pinned() for t in w._data_tensors())
-
-
-@implements([aten._pin_memory.default, aten.pin_memory.default])
-def _(func, types, args, kwargs):
-    return args[0]._apply_fn_to_data(lambda t: t.pin_memory())
-
-
-@implements(aten.copy_.default)
-def _(func, types, args, kwargs):
-    """load_state_dict into an already-quantized model: parts are copied in place when the layouts agree."""
-    dst, src = args[0], args[1]
-    if not isinstance(src, SVDQuantTensor):
-        raise TypeError(f"cannot copy a {type(src).__name__} into an SVDQuantTensor; load the state dict with "
-                        "assign=True or quantize the model the same way first")
-    for name in dst.tensor_attribute_names:
-        if getattr(dst, name) != getattr(src, name):
-            raise ValueError(f"cannot load SVDQuantTensor: {name} differs ({getattr(src, name)!r} in the state dict, "
-                             f"{getattr(dst, name)!r} in the model); quantize the model with the same config or "
-                             "load with assign=True")
-    for name in dst.tensor_data_names + dst.optional_tensor_data_names:
-        a, b = getattr(dst, name), getattr(src, name)
-        if (a is None) != (b is None) or (a is not None and a.shape != b.shape):
-            what = "present" if b is not None else "absent"
-            raise ValueError(f"cannot load SVDQuantTensor: part {name} is {what} in the state dict with shape "
-                             f"{None if b is None else list(b.shape)} but {None if a is None else list(a.shape)} in "
-                             "the model; quantize the model with the same config or load with assign=True")
-        if a is not None:
-            a.copy_(b)
-    return dst
-
-
-def _moved(self: SVDQuantTensor, device, dtype, non_blocking: bool) -> SVDQuantTensor:
-    """A copy of ``self`` on ``device`` with model dtype ``dtype``: every part moves; the 16-bit parts (smooth and the
-    low-rank factors) take the new dtype; codes and weight scales stay bit-exact (the GEMM reads scales of any
-    float dtype)."""
-    device = self.device if device is None else torch.device(device)
-    dtype = self.dtype if dtype is None else dtype
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"SVDQuantTensor can only be cast to {[str(d) for d in FLOAT_DTYPES]}, got {dtype}")
-
-    def move(t, cast):
-        if t is None:
-            return None
-        t = t.to(device, non_blocking=non_blocking, copy=not (cast and t.dtype != dtype))  # the cast copies
-        return t.to(dtype) if cast else t
-
-    return SVDQuantTensor(
-        move(self.codes, False), move(self.scales, False), move(self.smooth, True), move(self.proj_down, True),
-        move(self.proj_up, True), self.precision, self.act_unsigned, self.layout_version, dtype,
-        global_scale=move(self.global_scale, False), bias_correction=move(self.bias_correction, False))
-
-
-@implements(aten._to_copy.default)
-def _(func, types, args, kwargs):
-    kw = args[0]._get_to_kwargs(*args[1:], **kwargs)
-    return _moved(args[0], kw["device"], kw["dtype"], kw["non_blocking"])
-
-
-# Under inference_mode the aten.to overloads reach the subclass undecomposed; torchao's inherited handler returns
-# an alias with corrected storage, which is wrong for a device change. Each one is a _to_copy, or an alias when
-# nothing changes and no copy is asked for (as aten.to does). The alias is a new wrapper around the same parts, not
-# self: nn.Module._apply swaps a parameter with what .to returned, and swapping a tensor with itself fails under
-# inference_mode.
-def _to(self: SVDQuantTensor, device, dtype, non_blocking: bool, copy: bool) -> SVDQuantTensor:
-    same_device = device is None or _same_device(self.device, device)
-    if not copy and same_device and (dtype is None or dtype == self.dtype):
-        return _alias(self)
-    return _moved(self, device, dtype, non_blocking)  # a full copy, as .to(dtype) of a plain tensor: no shared parts
-
-
-def _same_device(a: torch.device, b) -> bool:
-    b = torch.device(b)
-    if b.type == "cuda" and b.index is None:  # "cuda" means the current device
-        b = torch.device("cuda", torch.cuda.current_device())
-    return a == b
-
-
-def _plain(func, args, kwargs):
-    """The call as torch runs it without us, where the weight is only an argument (``x.to(weight)``)."""
-    with torch._C.DisableTorchFunctionSubclass():
-        return func(*args, **(kwargs or {}))
-
-
-# Tensor.cpu() / .cuda() / .to() of a tensor already there return the very same object (aten.to aliases without
-# reaching the subclass outside inference_mode). Code that keeps that result as a separate copy and later swaps the
-# parameter (diffusers' group offloading with low_cpu_mem_usage) would then see its "CPU copy" move too: return a
-# new wrapper.
-@implements_torch_function(torch.Tensor.cpu)
-def _(func, types, args, kwargs):
-    return _to(args[0], "cpu", None, False, False)
-
-
-@implements_torch_function(torch.Tensor.to)
-def _(func, types, args, kwargs):
-    if not isinstance(args[0], SVDQuantTensor):
-        return _plain(func, args, kwargs)
-    kwargs = dict(kwargs or {})
-    rest = list(args[1:])
-    copy = kwargs.pop("copy", False)
-    if len(rest) >= 2 and all(isinstance(v, bool) for v in rest[-2:]):  # ..., non_blocking, copy positionally
-        copy = rest.pop()
-    device, dtype, non_blocking, _ = torch._C._nn._parse_to(*rest, **kwargs)
-    return _to(args[0], device, dtype, non_blocking, copy)
-
-
-@implements_torch_function(torch.Tensor.cuda)
-def _(func, types, args, kwargs):
-    device = kwargs.get("device", args[1] if len(args) > 1 else None)
-    if device is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    elif isinstance(device, int):
-        device = torch.device("cuda", device)
-    return _to(args[0], device, None, kwargs.get("non_blocking", False), False)
-
-
-@implements([aten.to.dtype_layout, aten.to.device, aten.to.dtype, aten.to.other])
-def _(func, types, args, kwargs):
-    a = {arg.name: v for arg, v in zip(func._schema.arguments, args)} | dict(kwargs)  # bind to the schema's names
-    other = a.get("other")
-    device = other.device if other is not None else a.get("device")
-    dtype = other.dtype if other is not None else a.get("dtype")
-    non_blocking, copy = bool(a.get("non_blocking", False)), bool(a.get("copy", False))
-    if not isinstance(a["self"], SVDQuantTensor):  # x.to(weight) under inference_mode: an ordinary move of x
-        return a["self"].to(device, dtype, non_blocking, copy)
-    return _to(a["self"], device, dtype, non_blocking, copy)
 
 
 def _setstate(self, state: dict) -> None:

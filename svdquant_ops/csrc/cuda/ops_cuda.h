@@ -19,5 +19,8 @@ at::Tensor gemm_cuda(const at::Tensor& act_codes, const at::Tensor& act_scales, 
                      const at::Tensor& down_act, const at::Tensor& proj_up, const std::optional<at::Tensor>& bias,
                      c10::string_view precision, at::ScalarType out_dtype, bool act_unsigned);
 
+at::Tensor w4a16_linear_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                             const at::Tensor& zeros, const std::optional<at::Tensor>& bias);
+
 }  // namespace cuda_impl
 }  // namespace svdquant

@@ -1,0 +1,183 @@
+"""PackedWeight: what every quantized weight of ours shares, whatever its format. A torchao tensor subclass whose
+logical shape and dtype are the 16-bit weight's, holding its parts as plain tensors (``tensor_data_names``).
+
+Shared here, registered once and inherited by each format's class (torchao copies a parent's handlers into a
+subclass defined after them): device and dtype moves in every autograd mode, pinning, in-place loading
+(``copy_``) and the ``Cls(weight, requires_grad=False)`` rewrap accelerate uses. A subclass names the parts that
+follow the model dtype on ``.to(dtype)`` in ``dtype_fields``; every other part stays bit-exact.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchao.utils import TorchAOBaseTensor
+
+from ..formats import FLOAT_DTYPES
+
+aten = torch.ops.aten
+
+
+class PackedWeight(TorchAOBaseTensor):
+    dtype_fields: tuple[str, ...] = ()  # parts cast to the new model dtype by .to(dtype)
+
+    def storage_nbytes(self) -> int:
+        """Bytes held by all parts (the logical ``nbytes`` would count a 16-bit [N, K] weight)."""
+        return sum(t.numel() * t.element_size() for t in self._data_tensors())
+
+    def _data_tensors(self) -> list[torch.Tensor]:
+        names = self.tensor_data_names + list(getattr(self, "optional_tensor_data_names", []))
+        return [getattr(self, n) for n in names if getattr(self, n) is not None]
+
+    def validate(self):  # overridden by formats with value checks beyond shapes and dtypes
+        return self
+
+
+def rewrap(weight: PackedWeight, requires_grad: bool, extra) -> PackedWeight:
+    """``Cls(weight, requires_grad=False)``, the call ``nn.Parameter`` subclasses answer and accelerate's offloading
+    makes to rebuild a parameter of a class it does not know: a new wrapper around the same parts."""
+    if extra is not None:
+        raise TypeError(f"{type(weight).__name__}(weight, ...) takes only requires_grad besides the weight")
+    if requires_grad:
+        raise ValueError(f"{type(weight).__name__} does not support requires_grad=True: its ops are inference-only")
+    return alias(weight)
+
+
+def alias(weight: PackedWeight) -> PackedWeight:
+    """A new wrapper around the same parts."""
+    return weight._apply_fn_to_data(lambda t: t)
+
+
+implements = PackedWeight.implements
+implements_torch_function = PackedWeight.implements_torch_function
+
+
+@implements(aten.is_pinned.default)
+def _(func, types, args, kwargs):
+    return all(t.is_pinned() for t in args[0]._data_tensors())
+
+
+@implements([aten._pin_memory.default, aten.pin_memory.default])
+def _(func, types, args, kwargs):
+    return args[0]._apply_fn_to_data(lambda t: t.pin_memory())
+
+
+@implements(aten.copy_.default)
+def _(func, types, args, kwargs):
+    """load_state_dict into an already-quantized model: parts are copied in place when the layouts agree."""
+    dst, src = args[0], args[1]
+    cls = type(dst).__name__
+    if type(src) is not type(dst):
+        raise TypeError(f"cannot copy a {type(src).__name__} into a {cls}; load the state dict with assign=True or "
+                        "quantize the model the same way first")
+    for name in dst.tensor_attribute_names:
+        if getattr(dst, name) != getattr(src, name):
+            raise ValueError(f"cannot load {cls}: {name} differs ({getattr(src, name)!r} in the state dict, "
+                             f"{getattr(dst, name)!r} in the model); quantize the model with the same config or "
+                             "load with assign=True")
+    for name in dst.tensor_data_names + list(getattr(dst, "optional_tensor_data_names", [])):
+        a, b = getattr(dst, name), getattr(src, name)
+        if (a is None) != (b is None) or (a is not None and a.shape != b.shape):
+            what = "present" if b is not None else "absent"
+            raise ValueError(f"cannot load {cls}: part {name} is {what} in the state dict with shape "
+                             f"{None if b is None else list(b.shape)} but {None if a is None else list(a.shape)} in "
+                             "the model; quantize the model with the same config or load with assign=True")
+        if a is not None:
+            a.copy_(b)
+    return dst
+
+
+def _moved(self: PackedWeight, device, dtype, non_blocking: bool) -> PackedWeight:
+    """A copy of ``self`` on ``device`` with model dtype ``dtype``: every part moves; the ``dtype_fields`` take the
+    new dtype; codes and scales stay bit-exact (the kernels read scales of any float dtype)."""
+    device = self.device if device is None else torch.device(device)
+    dtype = self.dtype if dtype is None else dtype
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{type(self).__name__} can only be cast to {[str(d) for d in FLOAT_DTYPES]}, got {dtype}")
+
+    def move(name):
+        t = getattr(self, name)
+        if t is None:
+            return None
+        cast = name in self.dtype_fields and t.dtype != dtype
+        t = t.to(device, non_blocking=non_blocking, copy=not cast)  # the cast below copies
+        return t.to(dtype) if cast else t
+
+    data = [move(n) for n in self.tensor_data_names]
+    optional = {n: move(n) for n in getattr(self, "optional_tensor_data_names", [])}
+    attrs = [dtype if a == "dtype" else getattr(self, a) for a in self.tensor_attribute_names]
+    return type(self)(*data, *attrs, **optional)
+
+
+@implements(aten._to_copy.default)
+def _(func, types, args, kwargs):
+    kw = args[0]._get_to_kwargs(*args[1:], **kwargs)
+    return _moved(args[0], kw["device"], kw["dtype"], kw["non_blocking"])
+
+
+# Under inference_mode the aten.to overloads reach the subclass undecomposed; torchao's inherited handler returns
+# an alias with corrected storage, which is wrong for a device change. Each one is a _to_copy, or an alias when
+# nothing changes and no copy is asked for (as aten.to does). The alias is a new wrapper around the same parts, not
+# self: nn.Module._apply swaps a parameter with what .to returned, and swapping a tensor with itself fails under
+# inference_mode.
+def _to(self: PackedWeight, device, dtype, non_blocking: bool, copy: bool) -> PackedWeight:
+    same_device = device is None or _same_device(self.device, device)
+    if not copy and same_device and (dtype is None or dtype == self.dtype):
+        return alias(self)
+    return _moved(self, device, dtype, non_blocking)  # a full copy, as .to(dtype) of a plain tensor: no shared parts
+
+
+def _same_device(a: torch.device, b) -> bool:
+    b = torch.device(b)
+    if b.type == "cuda" and b.index is None:  # "cuda" means the current device
+        b = torch.device("cuda", torch.cuda.current_device())
+    return a == b
+
+
+def _plain(func, args, kwargs):
+    """The call as torch runs it without us, where the weight is only an argument (``x.to(weight)``)."""
+    with torch._C.DisableTorchFunctionSubclass():
+        return func(*args, **(kwargs or {}))
+
+
+# Tensor.cpu() / .cuda() / .to() of a tensor already there return the very same object (aten.to aliases without
+# reaching the subclass outside inference_mode). Code that keeps that result as a separate copy and later swaps the
+# parameter (diffusers' group offloading with low_cpu_mem_usage) would then see its "CPU copy" move too: return a
+# new wrapper.
+@implements_torch_function(torch.Tensor.cpu)
+def _(func, types, args, kwargs):
+    return _to(args[0], "cpu", None, False, False)
+
+
+@implements_torch_function(torch.Tensor.to)
+def _(func, types, args, kwargs):
+    if not isinstance(args[0], PackedWeight):
+        return _plain(func, args, kwargs)
+    kwargs = dict(kwargs or {})
+    rest = list(args[1:])
+    copy = kwargs.pop("copy", False)
+    if len(rest) >= 2 and all(isinstance(v, bool) for v in rest[-2:]):  # ..., non_blocking, copy positionally
+        copy = rest.pop()
+    device, dtype, non_blocking, _ = torch._C._nn._parse_to(*rest, **kwargs)
+    return _to(args[0], device, dtype, non_blocking, copy)
+
+
+@implements_torch_function(torch.Tensor.cuda)
+def _(func, types, args, kwargs):
+    device = kwargs.get("device", args[1] if len(args) > 1 else None)
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    elif isinstance(device, int):
+        device = torch.device("cuda", device)
+    return _to(args[0], device, None, kwargs.get("non_blocking", False), False)
+
+
+@implements([aten.to.dtype_layout, aten.to.device, aten.to.dtype, aten.to.other])
+def _(func, types, args, kwargs):
+    a = {arg.name: v for arg, v in zip(func._schema.arguments, args)} | dict(kwargs)  # bind to the schema's names
+    other = a.get("other")
+    device = other.device if other is not None else a.get("device")
+    dtype = other.dtype if other is not None else a.get("dtype")
+    non_blocking, copy = bool(a.get("non_blocking", False)), bool(a.get("copy", False))
+    if not isinstance(a["self"], PackedWeight):  # x.to(weight) under inference_mode: an ordinary move of x
+        return a["self"].to(device, dtype, non_blocking, copy)
+    return _to(a["self"], device, dtype, non_blocking, copy)
