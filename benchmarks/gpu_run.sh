@@ -8,7 +8,13 @@
 #     tiles     bench_linear.py --tile-overhead (GEMM kernel time split into per-tile fixed + per-stage cost)
 #                                                                                                 [diagnostics build]
 #     full      bench_linear.py --out $OUT (the recorded table)
+#     flux      bench_flux.py --profile --out $OUT $FLUX_ARGS: one FLUX.1-dev transformer step, bf16 / torchao fp8 /
+#               SVDQuant w4a8 / int4, eager / compiled / CUDA graphs (default: all 9 configurations at 1024x1024,
+#               batch 1; one process each; FLUX_ARGS e.g. "--configs bf16-compile,w4a8-compile --size 2048")
 #     probe     benchmarks/probes/overlap_probe.cu: tensor-core vs FP32 promotion overlap (HISTORY.md, session 4)
+#     w4a16     bench_w4a16.py --check --out $OUT: weight-only 4-bit linear vs bf16 cuBLAS at M = 1..16, and its
+#               CUDA op against the CPU op on the same shapes
+#     w4a16grid bench_w4a16.py --grid-sweep: the GEMV kernel per forced blocks per SM             [diagnostics build]
 # The device machine gets a copy of the working tree without .git, so the results cannot ask git which commit they
 # measured: the caller passes it, computed on its own machine, in SVDQUANT_COMMIT (git rev-parse HEAD) and
 # SVDQUANT_DIRTY (1 when git status --porcelain prints anything, else 0); benchmarks/_record.py writes both into
@@ -43,8 +49,8 @@ python3 -c "import svdquant_ops.ops as o, torch; o.load(); print('build ok', tor
 echo "build_s $(( $(date +%s) - t0 ))"
 for step in "$@"; do
   case "$step" in
-    tests) python3 -m pytest tests/test_cuda_ops.py tests/test_cuda_model.py tests/test_cuda_moves.py -q \
-             -p no:cacheprovider -rfEs ;;
+    tests) python3 -m pytest tests/test_cuda_ops.py tests/test_cuda_w4a16.py tests/test_cuda_model.py \
+             tests/test_cuda_moves.py -q -p no:cacheprovider -rfEs ;;
     gemm) SVDQUANT_OPS_DIAGNOSTICS=1 python3 benchmarks/bench_linear.py --gemm-only \
             --schedules "${SCHEDULES:-promote,skeleton}" ${GEMM_ARGS:-} ;;
     quantize)
@@ -55,11 +61,14 @@ for step in "$@"; do
       fi ;;
     tiles) SVDQUANT_OPS_DIAGNOSTICS=1 python3 benchmarks/bench_linear.py --tile-overhead ;;
     full) python3 benchmarks/bench_linear.py --out "${OUT:-benchmarks/results}" ${FULL_ARGS:-} ;;
+    flux) python3 benchmarks/bench_flux.py --profile --out "${OUT:-benchmarks/results}" ${FLUX_ARGS:-} ;;
     probe)
       inc=$(python3 -c "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))")
       nvcc -std=c++17 -O3 -arch=sm_90a $inc -I svdquant_ops/csrc --expt-relaxed-constexpr -diag-suppress 3306 \
         benchmarks/probes/overlap_probe.cu -o /tmp/overlap_probe -lcuda
       /tmp/overlap_probe ;;
+    w4a16) python3 benchmarks/bench_w4a16.py --check --out "${OUT:-benchmarks/results}" ${W4A16_ARGS:-} ;;
+    w4a16grid) SVDQUANT_OPS_DIAGNOSTICS=1 python3 benchmarks/bench_w4a16.py --grid-sweep ${W4A16_ARGS:-} ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

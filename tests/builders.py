@@ -280,3 +280,57 @@ def tiny_sdxl_unet(seed: int = 0, dtype=torch.bfloat16):
                                 attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
                                 addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
                                 transformer_layers_per_block=1).to(dtype).eval()
+
+
+# Seeded inputs of the tiny models above, few tokens each (the timestep as each pipeline passes it).
+def _randn(g: torch.Generator, dtype, *shape) -> torch.Tensor:
+    return torch.randn(*shape, generator=g).to(dtype)
+
+
+def sd3_inputs(seed: int = 0, batch: int = 1, txt_tokens: int = 8, dtype=torch.bfloat16):
+    """8x8 latent, patch 2: 16 image tokens."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=_randn(g, dtype, batch, 4, 8, 8),
+                encoder_hidden_states=_randn(g, dtype, batch, txt_tokens, 64),
+                pooled_projections=_randn(g, dtype, batch, 64), timestep=torch.full((batch,), 500.0))
+
+
+def sana_inputs(seed: int = 0, batch: int = 1, txt_tokens: int = 8, dtype=torch.bfloat16):
+    """4x8 latent, patch 1: 32 image tokens."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=_randn(g, dtype, batch, 4, 4, 8),
+                encoder_hidden_states=_randn(g, dtype, batch, txt_tokens, 64),
+                timestep=torch.full((batch,), 500.0))
+
+
+def pixart_inputs(seed: int = 0, batch: int = 1, txt_tokens: int = 8, dtype=torch.bfloat16):
+    """8x8 latent, patch 2: 16 image tokens."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=_randn(g, dtype, batch, 4, 8, 8),
+                encoder_hidden_states=_randn(g, dtype, batch, txt_tokens, 64),
+                timestep=torch.full((batch,), 500.0))
+
+
+def qwen_image_inputs(seed: int = 0, batch: int = 1, txt_tokens: int = 8, dtype=torch.bfloat16):
+    """Packed latents (2x2 patches of 4 channels) on a 4x8 grid: 32 image tokens."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=_randn(g, dtype, batch, 32, 16),
+                encoder_hidden_states=_randn(g, dtype, batch, txt_tokens, 64),
+                timestep=torch.full((batch,), 0.5), img_shapes=[(1, 4, 8)] * batch)
+
+
+def wan_inputs(seed: int = 0, batch: int = 1, txt_tokens: int = 8, dtype=torch.bfloat16):
+    """2 frames of 8x8, patch (1, 2, 2): 32 video tokens."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=_randn(g, dtype, batch, 4, 2, 8, 8),
+                encoder_hidden_states=_randn(g, dtype, batch, txt_tokens, 64),
+                timestep=torch.full((batch,), 500.0))
+
+
+def sdxl_unet_inputs(seed: int = 0, batch: int = 1, txt_tokens: int = 8, dtype=torch.bfloat16):
+    """16x16 latent; added conditions: pooled text embedding (80 - 6 * 8 = 32 channels) and the 6 size / crop ids."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(sample=_randn(g, dtype, batch, 4, 16, 16), timestep=torch.full((batch,), 500.0),
+                encoder_hidden_states=_randn(g, dtype, batch, txt_tokens, 64),
+                added_cond_kwargs=dict(text_embeds=_randn(g, dtype, batch, 32),
+                                       time_ids=torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]] * batch).to(dtype)))

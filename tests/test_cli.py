@@ -36,11 +36,13 @@ def quantized_dir(tmp_path_factory):
 
 def test_default_run_reports_what_it_did(quantized_dir):
     out, stdout = quantized_dir
-    assert "linears quantized: 44" in stdout
-    assert "linears kept in 16-bit: 18 (9 AdaLN modulation, 8 embedder, 1 final projection)" in stdout
+    assert "linears quantized (SVDQuant): 44" in stdout
+    assert "linears with 4-bit weights only: 9 (AdaLN modulation)" in stdout
+    assert "linears kept in 16-bit: 9 (8 embedder, 1 final projection)" in stdout
     report = json.loads((out / "svdquant_report.json").read_text())
     assert report["model"] == cli.BUILTIN and report["precision"] == "w4a8"
-    assert len(report["quantized"]) == 44 and report["bytes_after"] < 0.7 * report["bytes_before"]
+    assert len(report["quantized"]) == 44 and len(report["weight_only"]) == 9
+    assert report["bytes_after"] < 0.5 * report["bytes_before"]
     assert report["sqnr_db"] > 25, report["sqnr_db"]  # w4a8 on random weights: ~40 dB seen
     assert f"{report['sqnr_db']:.1f} dB" in stdout
 
@@ -72,6 +74,24 @@ def test_written_directory_loads_back_bit_exact(quantized_dir, tmp_path):
     with torch.inference_mode():
         for args, kwargs, ref in recorder.calls:
             assert torch.equal(again.transformer(*args, **kwargs)[0], ref)
+
+
+def test_loading_without_the_import_names_the_import(quantized_dir):
+    """The written model_index.json names svdquant_ops as the denoiser's library: in a fresh process without
+    `import svdquant_ops`, diffusers refuses with a message that says to import it; with the import it loads."""
+    out, _ = quantized_dir
+    code = ("import sys, torch\nfrom diffusers import DiffusionPipeline\n"
+            "if sys.argv[2] == '1':\n    import svdquant_ops\n"
+            "p = DiffusionPipeline.from_pretrained(sys.argv[1], torch_dtype=torch.bfloat16)\n"
+            "print(type(p.transformer.transformer_blocks[0].norm1.linear.weight).__name__)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    bare = subprocess.run([sys.executable, "-c", code, str(out), "0"], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert bare.returncode != 0 and "import svdquant_ops before calling `from_pretrained`" in bare.stderr
+    imported = subprocess.run([sys.executable, "-c", code, str(out), "1"], capture_output=True, text=True, env=env,
+                              timeout=600)
+    assert imported.returncode == 0, imported.stderr[-3000:]
+    assert imported.stdout.strip().endswith("W4A16Tensor")
 
 
 def test_generate_writes_an_image(quantized_dir, tmp_path):

@@ -22,7 +22,7 @@ def _run(script: str, *args: str, cwd: Path) -> str:
 
 def test_flux_compile(tmp_path):
     out = _run("flux_compile.py", "--steps", "2", "--out", "img.png", cwd=tmp_path)
-    assert "44 linears quantized, 18 kept in 16-bit" in out and "compiled" in out
+    assert "44 linears SVDQuant, 9 4-bit weight-only (9 AdaLN modulation), 9 kept in 16-bit" in out and "compiled" in out
     assert (tmp_path / "img.png").is_file()
 
 

@@ -9,12 +9,14 @@ import pytest
 import torch
 from torchao.quantization import quantize_
 
-from svdquant_ops import SVDQuantConfig, SVDQuantTensor, prepare_model, quantize_model
+from svdquant_ops import SVDQuantConfig, SVDQuantTensor, W4A16Tensor, prepare_model, quantize_model
 from svdquant_ops.quantize import handler
 
 from .builders import tiny_flux, tiny_pixart, tiny_qwen_image, tiny_sana, tiny_sd3, tiny_sdxl_unet, tiny_wan
 
-# What the default rules keep in 16-bit in each tiny model, written out by hand from the diffusers module trees.
+# What the default rules do not give SVDQuant in each tiny model, written out by hand from the diffusers module
+# trees: AdaLN modulation linears get 4-bit weights only (W4A16Tensor), the rest stay 16-bit.
+ADALN = "AdaLN modulation"
 FLUX_KEPT = {
     "x_embedder": "embedder", "context_embedder": "embedder",
     "time_text_embed.timestep_embedder.linear_1": "embedder", "time_text_embed.timestep_embedder.linear_2": "embedder",
@@ -35,12 +37,14 @@ SD3_KEPT = {
 }
 SANA_KEPT = {
     "time_embed.emb.timestep_embedder.linear_1": "embedder", "time_embed.emb.timestep_embedder.linear_2": "embedder",
-    "time_embed.linear": "embedder", "proj_out": "final projection",
+    "time_embed.linear": "AdaLN modulation", "proj_out": "final projection",
+    "caption_projection.linear_1": "embedder", "caption_projection.linear_2": "embedder",
 }
 
 PIXART_KEPT = {
     "adaln_single.emb.timestep_embedder.linear_1": "embedder", "adaln_single.emb.timestep_embedder.linear_2": "embedder",
     "adaln_single.linear": "AdaLN modulation", "proj_out": "final projection",
+    "caption_projection.linear_1": "embedder", "caption_projection.linear_2": "embedder",
 }
 QWEN_KEPT = {
     "time_text_embed.timestep_embedder.linear_1": "embedder", "time_text_embed.timestep_embedder.linear_2": "embedder",
@@ -67,6 +71,18 @@ MODELS = {"flux": (tiny_flux, FLUX_KEPT), "sd3": (tiny_sd3, SD3_KEPT), "sana": (
           "sdxl-unet": (tiny_sdxl_unet, SDXL_KEPT)}
 
 
+def _split(expected: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(kept in 16-bit, weight-only) parts of a model's expected table."""
+    return ({n: r for n, r in expected.items() if r != ADALN}, {n: r for n, r in expected.items() if r == ADALN})
+
+
+def _by_kind(model) -> tuple[set[str], set[str]]:
+    """(16-bit, weight-only) linears of a quantized model, from their weights."""
+    lin = _linears(model)
+    return ({n for n, m in lin.items() if type(m.weight) is torch.nn.Parameter},
+            {n for n, m in lin.items() if isinstance(m.weight, W4A16Tensor)})
+
+
 def _warnings(caplog):
     return [r for r in caplog.records if r.name == "svdquant_ops" and r.levelno >= logging.WARNING]
 
@@ -83,17 +99,23 @@ def _fresh_warnings():
 
 
 @pytest.mark.parametrize("family", sorted(MODELS))
-def test_prepared_quantize_keeps_exactly_the_default_rules(family, caplog):
-    build, kept = MODELS[family]
+def test_prepared_quantize_follows_exactly_the_default_rules(family, caplog):
+    build, expected = MODELS[family]
+    kept, weight_only = _split(expected)
     model = build()
     prepare_model(model)
     with caplog.at_level(logging.INFO, logger="svdquant_ops"):
         quantize_(model, SVDQuantConfig(rank=8))
-    actual_kept = {n for n, m in _linears(model).items() if not isinstance(m.weight, SVDQuantTensor)}
-    assert actual_kept == set(kept)
+    assert _by_kind(model) == (set(kept), set(weight_only))
     for name, reason in kept.items():
         assert any(f"keeping {name} in 16-bit: {reason}" in r.message for r in caplog.records), name
+    for name, reason in weight_only.items():
+        assert any(f"giving {name} 4-bit weights only (w4a16): {reason}" in r.message for r in caplog.records), name
     assert _warnings(caplog) == []
+    # weight_only=None keeps them in 16-bit, as before 4-bit AdaLN existed
+    model = build()
+    quantize_model(model, rank=8, weight_only=None)
+    assert _by_kind(model) == (set(expected), set())
 
 
 @pytest.mark.parametrize("family", sorted(MODELS))
@@ -112,13 +134,15 @@ def test_unprepared_quantize_warns_once_and_names_the_right_call(family, caplog)
 def test_quantize_model_summary_matches_what_happened(caplog):
     model = tiny_flux()
     before = {n: m.weight for n, m in _linears(model).items()}
+    kept, weight_only = _split(FLUX_KEPT)
     with caplog.at_level(logging.INFO, logger="svdquant_ops"):
         summary = quantize_model(model, precision="w4a8", rank=8)
-    assert summary.kept == FLUX_KEPT
+    assert summary.kept == kept and summary.weight_only == weight_only
     assert set(summary.quantized) == set(before) - set(FLUX_KEPT)
     assert all(isinstance(_linears(model)[n].weight, SVDQuantTensor) for n in summary.quantized)
     assert 0 < summary.bytes_after < summary.bytes_before
-    assert f"{len(summary.quantized)} linears quantized, {len(FLUX_KEPT)} kept in 16-bit" in str(summary)
+    assert (f"{len(summary.quantized)} linears SVDQuant, {len(weight_only)} 4-bit weight-only (7 AdaLN modulation), "
+            f"{len(kept)} kept in 16-bit (6 embedder, 1 final projection)") in str(summary)
     assert any(str(summary) in r.getMessage() for r in caplog.records)
     assert _warnings(caplog) == []
     with pytest.raises(TypeError, match="either config or options"):
@@ -194,6 +218,7 @@ def test_quantize_model_twice_is_a_no_op_with_the_same_summary():
     first = quantize_model(model, rank=8)
     second = quantize_model(model, rank=8)
     assert second.kept == first.kept and sorted(second.quantized) == sorted(first.quantized)
+    assert second.weight_only == first.weight_only
 
 
 @pytest.mark.parametrize("precision", ["int4", "w4a8"])
@@ -212,7 +237,8 @@ def test_from_pretrained_with_our_quantization_config_keeps_the_family_rules(tmp
         q = FluxTransformer2DModel.from_pretrained(
             tmp_path / "bf16", torch_dtype=torch.bfloat16,
             quantization_config=svdquant_ops.quantization_config(precision=precision, rank=8))
-    assert {n for n, m in _linears(q).items() if not isinstance(m.weight, SVDQuantTensor)} == set(FLUX_KEPT)
+    kept, weight_only = _split(FLUX_KEPT)
+    assert _by_kind(q) == (set(kept), set(weight_only))
     assert _warnings(caplog) == []
     assert not q.transformer_blocks[0].ff.net[2].weight.act_unsigned  # no GELU detection on this path: signed
     q.save_pretrained(tmp_path / "q")
@@ -222,3 +248,39 @@ def test_from_pretrained_with_our_quantization_config_keeps_the_family_rules(tmp
         assert torch.equal(q(**inputs).sample, r(**inputs).sample)
     with pytest.raises(TypeError, match="either config or options"):
         svdquant_ops.quantization_config(SVDQuantConfig(), rank=4)
+
+
+class _UnknownDiT(torch.nn.Module):
+    """A diffusion transformer whose names no family rule knows: the structural rules must still keep its
+    embedders and input / output projections in 16-bit and give its modulation linears 4-bit weights only."""
+
+    def __init__(self, dim: int = 64):
+        super().__init__()
+        from diffusers.models.embeddings import TimestepEmbedding
+        from diffusers.models.normalization import AdaLayerNormZero
+
+        self.t_mlp = TimestepEmbedding(32, dim)  # an *Embedding* class: 16-bit
+        self.inp = torch.nn.Linear(dim, dim)  # directly under the root, outside the blocks: 16-bit
+        self.blocks = torch.nn.ModuleList([torch.nn.ModuleDict({
+            "ada": AdaLayerNormZero(dim),  # AdaLayerNorm* class: weight-only
+            "mod": torch.nn.Sequential(torch.nn.SiLU(), torch.nn.Linear(dim, 2 * dim)),  # SiLU then linear
+            "qkv": torch.nn.Linear(dim, 3 * dim),
+            "ff": torch.nn.Sequential(torch.nn.Linear(dim, 4 * dim), torch.nn.GELU(), torch.nn.Linear(4 * dim, dim)),
+        }) for _ in range(2)])
+        self.out = torch.nn.Linear(dim, dim)
+
+
+def test_structural_rules_cover_a_model_with_unknown_names():
+    model = _UnknownDiT().to(torch.bfloat16)
+    summary = quantize_model(model, rank=8)
+    assert summary.kept == {
+        "t_mlp.linear_1": "embedder (Embedding class)", "t_mlp.linear_2": "embedder (Embedding class)",
+        "inp": "input / output projection (outside the blocks)", "out": "input / output projection (outside the blocks)"}
+    assert summary.weight_only == {
+        **{f"blocks.{i}.ada.linear": "AdaLN modulation (AdaLayerNorm class)" for i in range(2)},
+        **{f"blocks.{i}.mod.1": "AdaLN modulation (SiLU then linear)" for i in range(2)}}
+    assert sorted(summary.quantized) == sorted(f"blocks.{i}.{n}" for i in range(2) for n in ("qkv", "ff.0", "ff.2"))
+    assert model.blocks[0]["ff"][2].weight.act_unsigned  # GELU-fed, found by structure too
+    # a lone block has no "outside": its direct linears are not taken for input / output projections
+    block = _UnknownDiT().to(torch.bfloat16).blocks[0]
+    assert quantize_model(block, rank=8).kept == {}

@@ -12,9 +12,9 @@ from torch import nn
 
 from ..quantize.calibration import record_inputs
 from ..quantize.config import SVDQuantConfig
-from ..quantize.selection import ALREADY_QUANTIZED, decide
-from ..quantize.structure import describe
-from ..storage import SVDQuantTensor
+from ..quantize.selection import ALREADY_QUANTIZED, KEEP, decide
+from ..quantize.structure import describe, weight_only_reason
+from ..storage import PackedWeight, SVDQuantTensor, W4A16Tensor
 from .diffusers import attach_to_diffusers, prepare_model
 
 log = logging.getLogger("svdquant_ops")
@@ -23,16 +23,17 @@ log = logging.getLogger("svdquant_ops")
 def _nbytes(module: nn.Module) -> int:
     total = 0
     for t in [*module.parameters(), *module.buffers()]:
-        total += t.storage_nbytes() if isinstance(t, SVDQuantTensor) else t.numel() * t.element_size()
+        total += t.storage_nbytes() if isinstance(t, PackedWeight) else t.numel() * t.element_size()
     return total
 
 
 @dataclass
 class QuantizeSummary:
-    """What ``quantize_model`` did: linears quantized, linears kept in 16-bit (name -> reason), bytes of all
-    parameters and buffers before and after."""
+    """What ``quantize_model`` did: linears quantized with SVDQuant, linears with 4-bit weights only (name ->
+    reason), linears kept in 16-bit (name -> reason), bytes of all parameters and buffers before and after."""
 
     quantized: list[str] = field(default_factory=list)
+    weight_only: dict[str, str] = field(default_factory=dict)
     kept: dict[str, str] = field(default_factory=dict)
     bytes_before: int = 0
     bytes_after: int = 0
@@ -42,15 +43,20 @@ class QuantizeSummary:
         return self.bytes_after / self.bytes_before if self.bytes_before else float("nan")
 
     def kept_reasons(self) -> str:
-        """How many linears were kept for each reason, most frequent first ("9 AdaLN modulation, 8 embedder")."""
-        counts = Counter(self.kept.values())
-        return ", ".join(f"{n} {r}" for r, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        """How many linears were kept for each reason, most frequent first ("8 embedder, 1 final projection")."""
+        return _counts(self.kept)
 
     def __str__(self) -> str:
-        why = self.kept_reasons()
-        return (f"{len(self.quantized)} linears quantized, {len(self.kept)} kept in 16-bit"
+        why, wo = self.kept_reasons(), _counts(self.weight_only)
+        return (f"{len(self.quantized)} linears SVDQuant, {len(self.weight_only)} 4-bit weight-only"
+                f"{' (' + wo + ')' if wo else ''}, {len(self.kept)} kept in 16-bit"
                 f"{' (' + why + ')' if why else ''}; weights {self.bytes_before / 2**20:.1f} MiB -> "
                 f"{self.bytes_after / 2**20:.1f} MiB ({self.ratio:.2f}x)")
+
+
+def _counts(reasons: dict[str, str]) -> str:
+    counts = Counter(reasons.values())
+    return ", ".join(f"{n} {r}" for r, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def quantize_model(model: nn.Module, config: SVDQuantConfig | None = None, **options) -> QuantizeSummary:
@@ -69,19 +75,26 @@ def quantize_model(model: nn.Module, config: SVDQuantConfig | None = None, **opt
         raise TypeError(f"quantize_model: config must be an SVDQuantConfig, got {type(config).__name__}")
     prepare_model(model)
     summary = QuantizeSummary(bytes_before=_nbytes(model))
+    reasons = {}
     for module in model.modules():
         if isinstance(module, nn.Linear):
             d = decide(module, config)
-            if not d.quantize and d.reason != ALREADY_QUANTIZED:  # already 4-bit: counted as quantized below
-                summary.kept[describe(module)] = d.reason
+            if d.reason != ALREADY_QUANTIZED:  # already 4-bit: counted by its weight below
+                reasons[module] = d
     with torch.no_grad():
         quantize_(model, config)
     for m in model.modules():
-        if isinstance(m, nn.Linear):
-            if isinstance(m.weight, SVDQuantTensor):
-                summary.quantized.append(describe(m))
-            else:  # e.g. torchao's quantize_ filter leaves NonDynamicallyQuantizableLinear alone
-                summary.kept.setdefault(describe(m), "left unchanged by torchao's quantize_ filter")
+        if not isinstance(m, nn.Linear):
+            continue
+        d = reasons.get(m)
+        if isinstance(m.weight, SVDQuantTensor):
+            summary.quantized.append(describe(m))
+        elif isinstance(m.weight, W4A16Tensor):
+            summary.weight_only[describe(m)] = d.reason if d is not None else (weight_only_reason(m) or "weight-only")
+        elif d is not None and d.action == KEEP:
+            summary.kept[describe(m)] = d.reason
+        else:  # e.g. torchao's quantize_ filter leaves NonDynamicallyQuantizableLinear alone
+            summary.kept[describe(m)] = "left unchanged by torchao's quantize_ filter"
     summary.bytes_after = _nbytes(model)
     attach_to_diffusers(model, config, list(summary.kept))  # model.save_pretrained then writes a quantized model
     log.info("svdquant_ops: %s", summary)

@@ -29,17 +29,9 @@ class UsageError(Exception):
 
 
 def _device(name: str | None) -> str:
-    import torch
+    from .bench import resolve_device
 
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise UsageError(f"--device: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is available on this machine (use --device cpu)")
-    return str(device)
+    return resolve_device(name)
 
 
 def _load_pipeline(model: str, dtype):
@@ -72,7 +64,7 @@ def cmd_quantize(args) -> int:
     import torch
 
     from ..quantize.config import SVDQuantConfig
-    from .pipelines import builtin_prompts, quantize_pipeline, read_prompts, tiny_flux_pipeline
+    from .pipelines import builtin_prompts, quantize_pipeline, read_prompts, save_pipeline, tiny_flux_pipeline
 
     start = time.perf_counter()
     device = _device(args.device)
@@ -94,14 +86,15 @@ def cmd_quantize(args) -> int:
     print(f"svdquant: quantizing {name} ({args.precision}, rank {args.rank}) on {device}", flush=True)
     pipe = pipe.to(device)
     call = _call_args(builtin, args)
-    config = SVDQuantConfig(precision=args.precision, rank=args.rank, gptq=args.gptq, device=device)
+    config = SVDQuantConfig(precision=args.precision, rank=args.rank, gptq=args.gptq, device=device,
+                            weight_only=None if args.weight_only == "none" else args.weight_only)
     # The built-in model keeps 1024 rows per input (its inputs are 256 + 64 tokens per step): the solve stays short.
     report = quantize_pipeline(pipe, config, prompts, steps=args.steps, eval_prompts=held_out,
                                max_rows=1024 if builtin else 4096, **call)
     if not report.summary.quantized:
         raise UsageError(f"{name}: nothing to quantize (no linear layer of a supported size in the denoiser)")
     t0 = time.perf_counter()
-    pipe.save_pretrained(out)
+    save_pipeline(pipe, out)
     report.seconds["save"] = time.perf_counter() - t0
     report.seconds["total"] = time.perf_counter() - start
     (out / "svdquant_report.json").write_text(json.dumps({"model": name, "precision": args.precision,
@@ -140,6 +133,17 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import BenchError, run, run_child
+
+    if args.one:  # one configuration in this process (what the driver starts)
+        return run_child(args)
+    try:
+        return run(args)
+    except BenchError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="svdquant", description="SVDQuant 4-bit quantization of diffusers pipelines.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -149,6 +153,8 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--out", help="output directory (default: svdquant-<model>-<precision>)")
     q.add_argument("--precision", default="int4", choices=PRECISIONS, help="int4 (default), nvfp4 or w4a8 (Hopper)")
     q.add_argument("--rank", type=int, default=32, help="rank of the 16-bit low-rank branch (32)")
+    q.add_argument("--weight-only", default="w4a16", choices=("w4a16", "none"),
+                   help="AdaLN modulation linears: 4-bit weights, 16-bit activations (w4a16, default) or 16-bit (none)")
     q.add_argument("--prompts", help="calibration prompts, one per line (default: 128 built-in captions)")
     q.add_argument("--num-prompts", type=int, help="use the first N prompts (default: all; 18 for the built-in model)")
     q.add_argument("--steps", type=int, default=4, help="denoising steps per calibration prompt (4)")
@@ -168,6 +174,12 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true", help="torch.compile the denoiser (one graph)")
     g.add_argument("--device", help="default: cuda if available")
     g.set_defaults(run=cmd_generate)
+    from .bench import add_arguments as bench_arguments  # the benchmark's options live beside its code
+
+    b = sub.add_parser("bench", help="time one FLUX.1 transformer step: bf16, torchao fp8, SVDQuant w4a8 / "
+                                        "int4, eager / compiled / CUDA graphs (one process per configuration)")
+    bench_arguments(b)
+    b.set_defaults(run=cmd_bench)
     return p
 
 

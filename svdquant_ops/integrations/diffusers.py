@@ -11,21 +11,44 @@ from torch import nn
 
 from ..quantize.structure import mark, module_name, record_names
 
-# Linears SVDQuant keeps in 16-bit in diffusion transformers, as (fnmatch pattern over the module name, reason):
-# they see one token per sample (embedders, AdaLN modulation) or shape the output directly (final projection), so
-# 4-bit activations buy nothing there and cost accuracy. Used when SVDQuantConfig.skip is None.
-DEFAULT_KEEP = (
-    ("*embed*", "embedder"),  # FLUX, SD3, SANA, PixArt, Wan (condition_embedder), SDXL (time / add_embedding)
-    ("img_in", "embedder"),  # Qwen-Image's input projections
-    ("txt_in", "embedder"),
-    ("*norm*.linear", "AdaLN modulation"),  # FLUX norm1 / norm1_context / norm, SD3, norm_out
-    ("norm_out.*", "AdaLN modulation"),
-    ("*adaln*.linear", "AdaLN modulation"),  # PixArt's adaln_single
-    ("*.img_mod.*", "AdaLN modulation"),  # Qwen-Image's per-block modulation
-    ("*.txt_mod.*", "AdaLN modulation"),
-    ("*.time_emb_proj", "AdaLN modulation"),  # the SDXL UNet's per-resnet time projection
-    ("proj_out", "final projection"),
+KEEP, WEIGHT_ONLY = "keep", "weight_only"  # the roles a family rule gives a linear (SVDQuant otherwise)
+
+# The model-family rules, as (fnmatch pattern over the module name, role, reason); the first match wins. Embedders
+# and the final projection stay 16-bit: they see one token per sample or shape the output directly, so 4-bit buys
+# little there and costs accuracy. AdaLN modulation linears also see one token per sample but hold a quarter of
+# FLUX.1's weights: 4-bit weights with 16-bit activations (SVDQuantConfig.weight_only). Used with skip=None.
+DEFAULT_RULES = (
+    ("time_embed.linear", WEIGHT_ONLY, "AdaLN modulation"),  # SANA's AdaLayerNormSingle (before *embed*)
+    ("*embed*", KEEP, "embedder"),  # FLUX, SD3, SANA, PixArt, Wan (condition_embedder), SDXL (time / add_embedding)
+    ("caption_projection.*", KEEP, "embedder"),  # SANA's and PixArt's text input projection (FLUX: context_embedder)
+    ("img_in", KEEP, "embedder"),  # Qwen-Image's input projections
+    ("txt_in", KEEP, "embedder"),
+    ("*norm*.linear", WEIGHT_ONLY, "AdaLN modulation"),  # FLUX norm1 / norm1_context / norm, SD3, norm_out
+    ("norm_out.*", WEIGHT_ONLY, "AdaLN modulation"),
+    ("*adaln*.linear", WEIGHT_ONLY, "AdaLN modulation"),  # PixArt's adaln_single
+    ("*.img_mod.*", WEIGHT_ONLY, "AdaLN modulation"),  # Qwen-Image's per-block modulation
+    ("*.txt_mod.*", WEIGHT_ONLY, "AdaLN modulation"),
+    ("*.time_emb_proj", WEIGHT_ONLY, "AdaLN modulation"),  # the SDXL UNet's per-resnet time projection
+    ("proj_out", KEEP, "final projection"),
 )
+
+
+def structural_role(parents: list[nn.Module], siblings: list[nn.Module], index: int) -> tuple[str, str] | None:
+    """The role of a linear no name rule matched, from where it sits, so that models with unknown names get the
+    same treatment: ``parents`` are its enclosing modules from the root down, ``siblings`` its parent's children
+    (it is ``siblings[index]``). Diffusers' AdaLN classes (``AdaLayerNorm*``) and a ``Sequential(SiLU, Linear)``
+    modulate: weight-only; anything inside an ``*Embedding*`` class embeds: 16-bit; a linear directly under the root
+    model is an input or output projection outside the blocks: 16-bit."""
+    if type(parents[-1]).__name__.startswith("AdaLayerNorm"):
+        return WEIGHT_ONLY, "AdaLN modulation (AdaLayerNorm class)"
+    if isinstance(parents[-1], nn.Sequential) and index > 0 and isinstance(siblings[index - 1], nn.SiLU):
+        return WEIGHT_ONLY, "AdaLN modulation (SiLU then linear)"
+    if any("Embedding" in type(p).__name__ for p in parents):
+        return KEEP, "embedder (Embedding class)"
+    if len(parents) == 1:
+        return KEEP, "input / output projection (outside the blocks)"
+    return None
+
 
 # q/k/v of one attention share one low-rank down projection (one SVD of the row-stacked weights), as in the
 # reference; diffusers' joint attention has a second, text-stream set.
@@ -42,21 +65,30 @@ def is_gelu(module: nn.Module) -> bool:
     return type(module).__name__ in ("GELU", "ApproximateGELU") and type(module).__module__.startswith("diffusers")
 
 
-def keep_reason_for(name: str) -> str | None:
-    return next((reason for pattern, reason in DEFAULT_KEEP if fnmatch.fnmatchcase(name, pattern)), None)
+def rule_for(name: str) -> tuple[str, str] | None:
+    """The (role, reason) of the first name rule matching ``name``, or None."""
+    return next(((role, reason) for pattern, role, reason in DEFAULT_RULES if fnmatch.fnmatchcase(name, pattern)),
+                None)
 
 
 def prepare_model(model: nn.Module) -> nn.Module:
-    """Record on every linear of ``model`` its name, whether a GELU feeds it, its branch-sharing key and whether the
-    model family keeps it in 16-bit. Idempotent; ``quantize_model`` and ``calibrate`` call it. Names given while
-    preparing an enclosing model are kept (``record_names``), so a block of a prepared model keeps
+    """Record on every linear of ``model`` its name, whether a GELU feeds it, its branch-sharing key and its role:
+    kept in 16-bit or weight-only by the first matching name rule (``DEFAULT_RULES``), else by where it sits
+    (``structural_role``), else SVDQuant. Idempotent; ``quantize_model`` and ``calibrate`` call it. Names given
+    while preparing an enclosing model are kept (``record_names``), so a block of a prepared model keeps
     ``blocks.0.proj_out`` and is not mistaken for the final ``proj_out``."""
     record_names(model)
-    for module in model.modules():
+    # "Outside the blocks" needs blocks: a root with a block list (not a lone block) and that is not itself a named
+    # part of a larger prepared model.
+    has_blocks = module_name(model) == "" and any(isinstance(c, nn.ModuleList) for c in model.children())
+
+    def walk(module: nn.Module, parents: list[nn.Module]) -> None:
         fqn = module_name(module)
         children = list(module.named_children())
+        siblings = [c for _, c in children]
         for i, (child_name, child) in enumerate(children):
             if not isinstance(child, nn.Linear):
+                walk(child, parents + [child])
                 continue
             gelu = False
             if isinstance(module, (nn.Sequential, nn.ModuleList)):
@@ -65,9 +97,13 @@ def prepare_model(model: nn.Module) -> nn.Module:
                     j -= 1
                 gelu = j >= 0 and is_gelu(children[j][1])
             kind = _QKV.get(child_name)
-            child_fqn = module_name(child)
-            mark(child, gelu_fed=gelu, branch_key=f"{fqn}:{kind}" if kind else None,
-                 keep_reason=keep_reason_for(child_fqn))
+            role = rule_for(module_name(child)) or structural_role(parents, siblings, i)
+            if role is not None and role[1].startswith("input / output") and not has_blocks:
+                role = None
+            role_kw = {} if role is None else {"keep_reason" if role[0] == KEEP else "weight_only_reason": role[1]}
+            mark(child, gelu_fed=gelu, branch_key=f"{fqn}:{kind}" if kind else None, **role_kw)
+
+    walk(model, [model])
     if isinstance(model, nn.Linear):  # a bare linear as the root: no context, nothing to keep
         mark(model)
     return model
@@ -98,18 +134,21 @@ def attach_to_diffusers(model: nn.Module, config, kept: list[str]) -> bool:
 
 def quantization_config(config=None, **options):
     """A diffusers ``quantization_config`` for ``from_pretrained(..., quantization_config=...)`` that applies the
-    model-family rules while loading: ``TorchAoConfig(FqnToConfig)`` mapping each ``DEFAULT_KEEP`` pattern (as a
-    regex over module names, which diffusers resolves per parameter) to None (kept 16-bit) and everything else to
-    ``config`` (default ``SVDQuantConfig(**options)``). It survives ``save_pretrained`` / ``from_pretrained``.
+    model-family name rules while loading: ``TorchAoConfig(FqnToConfig)`` mapping each ``DEFAULT_RULES`` pattern (as
+    a regex over module names, which diffusers resolves per parameter) to None (kept 16-bit) or ``W4A16Config()``
+    (weight-only; None when ``config.weight_only`` is None), and everything else to ``config`` (default
+    ``SVDQuantConfig(**options)``). It survives ``save_pretrained`` / ``from_pretrained``.
 
-    diffusers quantizes each linear alone while loading, so nothing can tell which inputs come from a GELU: with
-    ``act_unsigned="auto"`` this path uses signed INT4 everywhere (``quantize_model`` after loading detects them)."""
+    diffusers quantizes each linear alone while loading, so what needs the module tree cannot apply on this path:
+    the structural rules for names no rule knows, and the detection of GELU-fed inputs (with
+    ``act_unsigned="auto"`` this path uses signed INT4 everywhere). ``quantize_model`` after loading has both."""
     import dataclasses
 
     from diffusers import TorchAoConfig
     from torchao.quantization import FqnToConfig
 
     from ..quantize.config import SVDQuantConfig
+    from ..quantize.weight_only import W4A16Config
 
     if config is None:
         config = SVDQuantConfig(**options)
@@ -117,6 +156,11 @@ def quantization_config(config=None, **options):
         raise TypeError(f"quantization_config: pass either config or options, not both (got {sorted(options)})")
     unsigned = False if config.act_unsigned == "auto" else config.act_unsigned
     per_layer = dataclasses.replace(config, skip=[], act_unsigned=unsigned)  # names are resolved by diffusers here
-    table = {"re:" + fnmatch.translate(pattern): None for pattern, _ in DEFAULT_KEEP}
+    weight_only = W4A16Config() if config.weight_only else None
+    # torchao tries regexes on parameter names ("x.weight") before module names, applying every match; the
+    # lookahead restricts each rule to module names, where the first match wins, as in prepare_model.
+    module_only = r"(?!.*\.(?:weight|bias)\Z)"
+    table = {"re:" + module_only + fnmatch.translate(pattern): (weight_only if role == WEIGHT_ONLY else None)
+             for pattern, role, _ in DEFAULT_RULES}
     table["_default"] = per_layer
     return TorchAoConfig(FqnToConfig(table))

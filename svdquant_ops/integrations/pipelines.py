@@ -4,6 +4,8 @@ a fidelity report against the 16-bit denoiser, and the built-in default pipeline
 
 from __future__ import annotations
 
+import json
+
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +48,22 @@ def denoiser_of(pipe) -> tuple[str, nn.Module]:
 
 def is_quantized(module: nn.Module) -> bool:
     return any(isinstance(getattr(m, "weight", None), SVDQuantTensor) for m in module.modules())
+
+
+def save_pipeline(pipe, directory: str | Path) -> None:
+    """``pipe.save_pretrained(directory)``, then name svdquant_ops as the quantized denoiser's library in
+    ``model_index.json`` (``svdquant_ops`` re-exports diffusers' model classes). Loading needs our config and tensor
+    classes registered either way; this way ``DiffusionPipeline.from_pretrained`` without ``import svdquant_ops``
+    fails with diffusers' own message saying to import it, instead of torchao's "Failed to find class
+    SVDQuantConfig"."""
+    pipe.save_pretrained(directory)
+    name, denoiser = denoiser_of(pipe)
+    if not is_quantized(denoiser):
+        return
+    index_path = Path(directory) / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index[name] = ["svdquant_ops", type(denoiser).__name__]
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.bfloat16):
@@ -145,7 +163,9 @@ class PipelineReport:
     def lines(self) -> list[str]:
         s = self.summary
         return [
-            f"linears quantized: {len(s.quantized)}",
+            f"linears quantized (SVDQuant): {len(s.quantized)}",
+            f"linears with 4-bit weights only: {len(s.weight_only)}"
+            + (f" ({', '.join(sorted(set(s.weight_only.values())))})" if s.weight_only else ""),
             f"linears kept in 16-bit: {len(s.kept)} ({s.kept_reasons() or 'none'})",
             f"denoiser weights: {s.bytes_before / 2**20:.2f} MiB -> {s.bytes_after / 2**20:.2f} MiB ({s.ratio:.2f}x)",
             f"denoiser output SQNR vs 16-bit: {self.sqnr_db:.1f} dB over {self.eval_calls} denoising steps "
@@ -156,7 +176,7 @@ class PipelineReport:
 
     def to_dict(self) -> dict:
         s = self.summary
-        return dict(quantized=s.quantized, kept=s.kept, bytes_before=s.bytes_before, bytes_after=s.bytes_after,
+        return dict(quantized=s.quantized, weight_only=s.weight_only, kept=s.kept, bytes_before=s.bytes_before, bytes_after=s.bytes_after,
                     sqnr_db=self.sqnr_db, eval_calls=self.eval_calls, calibration_prompts=self.calibration_prompts,
                     seconds=self.seconds)
 

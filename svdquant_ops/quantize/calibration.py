@@ -203,11 +203,11 @@ class CalibrationSession:
         """A group was solved: advance the progress bar (created on the first solve, with ETA)."""
         from tqdm.auto import tqdm
 
-        from .selection import decide
+        from .selection import SVDQUANT, decide
 
         if self._bar is None:  # groups the handler will solve: recorded, and picked by the handler's own rule
             for r in self.records:
-                r.counted = bool(r.seen_rows and not r.finished and decide(r.members[0], config).quantize)
+                r.counted = bool(r.seen_rows and not r.finished and decide(r.members[0], config).action == SVDQUANT)
             total = sum(r.counted for r in self.records)
             self._bar = tqdm(total=max(total, 1), desc="SVDQuant groups", unit="group", dynamic_ncols=True)
         rec.finished = True

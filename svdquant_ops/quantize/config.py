@@ -28,9 +28,13 @@ class SVDQuantConfig(AOBaseConfig):
         rank: rank of the 16-bit low-rank branch (32). Ranks are zero-padded to a multiple of 16 in storage.
         skip: which linears stay in 16-bit by name. None (default): the model family's rules, which
             ``quantize_model`` / ``prepare_model`` / ``calibrate`` record on the model (for diffusion transformers:
-            embedders, AdaLN modulation linears, the final projection; ``integrations.diffusers``). A list of fnmatch
-            patterns over module names: exactly those instead (``[]`` quantizes every eligible linear). Without a
-            prepared model the handler cannot know names or families: it warns once and quantizes every linear.
+            embedders and the final projection stay 16-bit, AdaLN modulation linears get ``weight_only``;
+            ``integrations.diffusers``). A list of fnmatch patterns over module names: exactly those stay 16-bit
+            and every other eligible linear gets SVDQuant (``[]``: all of them). Without a prepared model the
+            handler cannot know names or families: it warns once and gives every linear SVDQuant.
+        weight_only: format of the linears the family rules mark weight-only (they see one token per sample, so
+            4-bit activations buy nothing there): "w4a16" (default: 4-bit weights, 16-bit activations, exact
+            dequantization) or None (keep them in 16-bit).
         svd: "lowrank" (seeded randomized ``torch.svd_lowrank`` in fp32, the default everywhere) or "exact"
             (``torch.linalg.svd``).
         nvfp4_per_channel_scale: NVFP4 weights get a per-output-channel fp32 scale instead of a per-tensor one.
@@ -52,6 +56,7 @@ class SVDQuantConfig(AOBaseConfig):
     precision: str = "int4"
     rank: int = 32
     skip: list | None = None
+    weight_only: str | None = "w4a16"
     svd: str = DEFAULT_SVD
     nvfp4_per_channel_scale: bool = False
     calibration: str = "auto"
@@ -77,6 +82,8 @@ class SVDQuantConfig(AOBaseConfig):
         if self.skip is not None and (not isinstance(self.skip, list) or not all(isinstance(p, str) for p in self.skip)):
             raise ValueError("SVDQuantConfig.skip must be None (the model family's rules) or a list of fnmatch "
                              f"patterns (str), got {self.skip!r}")
+        if self.weight_only not in ("w4a16", None):
+            raise ValueError(f"SVDQuantConfig.weight_only must be 'w4a16' or None, got {self.weight_only!r}")
         if self.calibration not in ("auto", "required", "off"):
             raise ValueError(f"SVDQuantConfig.calibration must be 'auto', 'required' or 'off', got {self.calibration!r}")
         for name in ("smooth_grid", "lowrank_iters", "gptq_block", "seed"):

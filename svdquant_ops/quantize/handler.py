@@ -1,8 +1,8 @@
 """The torchao handler of ``SVDQuantConfig``: ``quantize_(model, SVDQuantConfig())`` calls ``transform`` once per
 linear.
 
-It swaps only the ``weight`` of each linear that ``selection.decide`` picks for an :class:`SVDQuantTensor` and
-returns the same module (diffusers' loading path calls ``quantize_`` with each bare linear as the root and ignores
+It swaps only the ``weight`` of each linear that ``selection.decide`` picks, for an :class:`SVDQuantTensor` (or, for
+the linears the model family marks weight-only, a ``W4A16Tensor``: ``weight_only.py``) and returns the same module (diffusers' loading path calls ``quantize_`` with each bare linear as the root and ignores
 a returned replacement). Where ``calibrate(model)`` recorded data for a layer, the calibrated algorithm
 (``solve.solve_group``) runs for its whole shared-input group; everywhere else the layer is quantized data-free
 (λ = 1, truncated SVD, RTN residual: ``decompose``).
@@ -17,13 +17,14 @@ import torch
 from torch import nn
 
 from ..formats import ACT_SHIFT, FLOAT_DTYPES, INT4
-from ..storage import SVDQuantTensor
+from ..storage import PackedWeight, SVDQuantTensor
 from .calibration import RECORD_ATTR, SESSION_ATTR, InputRecord, forget_calibration
 from .config import SVDQuantConfig
 from .decompose import check_weight, quantize_weight
-from .selection import ALREADY_QUANTIZED, decide, unapplied_rules
+from .selection import ALREADY_QUANTIZED, KEEP, WEIGHT_ONLY, decide, unapplied_rules
 from .solve import solve_group
 from .structure import branch_key, describe, gelu_fed
+from .weight_only import quantize_weight_only
 
 log = logging.getLogger("svdquant_ops")
 _warned_configs: list[weakref.ref] = []  # configs whose "rules unknown" warning was given (unhashable dataclasses)
@@ -48,11 +49,15 @@ def transform(module: nn.Module, config: SVDQuantConfig, *, parameter_name: str 
     if lost:
         _warn_once(config, module, lost)
     decision = decide(module, config)
-    if not decision.quantize:
+    if decision.action == KEEP:
         if decision.reason != ALREADY_QUANTIZED:  # quantizing twice is a no-op
             log.info("svdquant_ops: keeping %s in 16-bit: %s", describe(module), decision.reason)
             forget_calibration(module)
         return module
+    if decision.action == WEIGHT_ONLY:
+        log.info("svdquant_ops: giving %s 4-bit weights only (w4a16): %s", describe(module), decision.reason)
+        forget_calibration(module)
+        return quantize_weight_only(module)
     weight = module.weight
     if weight.dtype not in FLOAT_DTYPES:
         raise TypeError(f"svdquant_ops: {describe(module)} has weight dtype {weight.dtype}; expected one of "
@@ -102,7 +107,7 @@ def _solve_record(rec: InputRecord, config, rank: int) -> None:
     device = _solve_device(config, w0)
     dtype = w0.dtype
     for m in members:
-        if isinstance(m.weight, SVDQuantTensor):
+        if isinstance(m.weight, PackedWeight):
             raise ValueError(f"svdquant_ops: {describe(m)} is already quantized but shares its input with "
                              f"{rec.name}; quantize the whole group at once")
     r = min([rank] + [min(m.in_features, m.out_features) for m in members])

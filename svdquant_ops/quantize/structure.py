@@ -8,7 +8,8 @@ lives in ``svdquant_ops.integrations`` (``prepare_model``), which records:
 * the module's fully qualified name (``record_names``),
 * whether its input comes straight from a GELU (then the unsigned INT4 variant is valid: GELU(x) >= -0.17),
 * a branch-sharing key: linears with the same key (q/k/v of one attention) share one low-rank down projection,
-* the reason to keep it in 16-bit, when the model family says so (embedders, AdaLN modulation, final projection),
+* the reason to keep it in 16-bit, when the model family says so (embedders, final projection),
+* the reason to give it 4-bit weights only (16-bit activations), when the model family says so (AdaLN modulation),
 * that the model was prepared at all (so the handler can tell "no reason to keep" from "nobody looked").
 
 Which linears share an *input* (and hence λ) is not guessed from names: ``calibrate`` observes it, as the
@@ -23,6 +24,7 @@ FQN_ATTR = "_svdquant_fqn"
 GELU_ATTR = "_svdquant_gelu_input"
 BRANCH_ATTR = "_svdquant_branch_key"
 KEEP_ATTR = "_svdquant_keep_reason"
+WEIGHT_ONLY_ATTR = "_svdquant_weight_only_reason"
 PREPARED_ATTR = "_svdquant_prepared"
 
 
@@ -39,11 +41,14 @@ def record_names(model: nn.Module) -> nn.Module:
 
 
 def mark(module: nn.Module, *, gelu_fed: bool = False, branch_key: str | None = None,
-         keep_reason: str | None = None) -> None:
+         keep_reason: str | None = None, weight_only_reason: str | None = None) -> None:
     """Record the structure facts of one linear (called by the integrations' ``prepare_model``)."""
+    if keep_reason and weight_only_reason:
+        raise ValueError("mark: a linear is either kept in 16-bit or weight-only, not both")
     setattr(module, GELU_ATTR, bool(gelu_fed))
     setattr(module, BRANCH_ATTR, branch_key)
     setattr(module, KEEP_ATTR, keep_reason)
+    setattr(module, WEIGHT_ONLY_ATTR, weight_only_reason)
     setattr(module, PREPARED_ATTR, True)
 
 
@@ -70,6 +75,10 @@ def branch_key(module: nn.Module) -> str | None:
 
 def keep_reason(module: nn.Module) -> str | None:
     return getattr(module, KEEP_ATTR, None)
+
+
+def weight_only_reason(module: nn.Module) -> str | None:
+    return getattr(module, WEIGHT_ONLY_ATTR, None)
 
 
 def prepared(module: nn.Module) -> bool:

@@ -1,0 +1,786 @@
+"""One FLUX.1 transformer step under each configuration, side by side (``svdquant bench``,
+``benchmarks/bench_flux.py``): bf16 eager and compiled, torchao fp8 row-wise compiled, SVDQuant w4a8 and int4
+(eager, compiled, and compiled with ``mode="reduce-overhead"``, i.e. CUDA graphs).
+
+The model is FLUX.1-dev's architecture (diffusers' default ``FluxTransformer2DModel()`` config, 11.9 B parameters)
+with seeded random weights in bf16, built directly on the device; ``--model tiny`` is a four-block model for CPU
+runs. One step is one transformer forward at ``--size`` pixels (``(size / 16)^2`` image tokens, 512 text tokens),
+batch ``--batch``.
+
+Each configuration runs in its own process (``--one NAME``, which prints one ``BENCH_RESULT {json}`` line), so a
+22 GiB bf16 model and its quantized copy never share a GPU, a crash or hang costs one row (``--timeout``), and no
+configuration inherits another's global settings (torchao's quantizers flip Inductor globals). The driver assembles
+the rows into a markdown table and a JSON file with the run's record (date, GPU, commit, command:
+``benchmarks/_record.py`` when the source tree is present) and writes both after every row.
+
+Per configuration: ms per step (median of ``--iters`` after ``--warmup`` calls, CUDA events around each step, under
+``torch.inference_mode()``), the ratio to bf16 compiled of the same run, weight bytes (quantized weights by their
+parts), peak allocated memory during the timed steps, the first call's time (compilation), Dynamo's graph and frame
+counts (one graph, no recompiles expected), the time to quantize and, with ``--profile``, device time per step by
+kernel category (``categorize``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import math
+import os
+import platform
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+RESULT_PREFIX = "BENCH_RESULT "
+TEXT_TOKENS = 512  # FLUX.1-dev's T5 sequence length
+RANK = 32
+
+
+class BenchError(ValueError):
+    """A request the benchmark cannot run as asked (reported in one line, exit code 2)."""
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# configurations and models
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Config:
+    name: str
+    weights: str  # "bf16", "fp8", "w4a8", "int4"
+    compile: bool
+    mode: str | None = None  # torch.compile mode
+    torchao_inductor: bool = False  # fp8: let torchao set its "recommended" Inductor globals (the 2026-12-04 hang)
+
+    @property
+    def cuda_only(self) -> bool:
+        return self.mode == "reduce-overhead" or self.weights == "fp8"
+
+    @property
+    def label(self) -> str:
+        what = {"bf16": "bf16", "fp8": "torchao fp8 row-wise", "w4a8": "SVDQuant w4a8", "int4": "SVDQuant int4"}
+        how = "compiled" if self.compile else "eager"
+        if self.mode:
+            how += f', mode="{self.mode}"'
+        if self.torchao_inductor:
+            how += ", torchao's Inductor settings (coordinate descent tuning)"
+        return f"{what[self.weights]} {how}"
+
+
+def _configs() -> dict[str, Config]:
+    out = {"bf16-eager": Config("bf16-eager", "bf16", False)}
+    for w in ("bf16", "fp8", "w4a8", "int4"):
+        out[f"{w}-compile"] = Config(f"{w}-compile", w, True)
+        out[f"{w}-compile-ro"] = Config(f"{w}-compile-ro", w, True, "reduce-overhead")
+    for w in ("w4a8", "int4"):
+        out[f"{w}-eager"] = Config(f"{w}-eager", w, False)
+    # Diagnostic, not in the default set: torchao's default set_inductor_config=True (what hung on 2026-12-04).
+    out["fp8-compile-coordesc"] = Config("fp8-compile-coordesc", "fp8", True, torchao_inductor=True)
+    return out
+
+
+CONFIGS = _configs()
+# The default set in the order it runs: the baseline and the compiled configurations first, so that a run cut short
+# by --budget still has the rows that matter most (the table lists rows in CONFIGS' order whatever the run order).
+DEFAULT_CUDA = ["bf16-compile", "fp8-compile", "w4a8-compile", "int4-compile", "bf16-eager", "bf16-compile-ro",
+                "fp8-compile-ro", "w4a8-compile-ro", "int4-compile-ro"]
+DEFAULT_CPU = ["bf16-eager", "w4a8-eager", "int4-eager"]
+BASELINE = "bf16-compile"
+
+# diffusers' FluxTransformer2DModel() defaults are FLUX.1-dev's transformer (without the guidance embedder).
+MODELS = {
+    "flux-dev": {},
+    "tiny": dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=64,
+                 num_attention_heads=2, joint_attention_dim=128, pooled_projection_dim=64, guidance_embeds=False,
+                 axes_dims_rope=[8, 28, 28]),  # tests/builders.FLUX_TINY
+}
+CATEGORIES = ("linear_svdquant", "linear_dense", "act_quant", "attention", "other")
+CATEGORY_TITLES = {"linear_svdquant": "linear: SVDQuant GEMM (+ weight prep, w4a16)",
+                   "linear_dense": "linear: cuBLAS / CUTLASS / Triton GEMM", "act_quant": "activation quantization "
+                   "(svdquant quantize_act)", "attention": "attention", "other": "other (Inductor-fused and the rest)"}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# kernel categories
+# ------------------------------------------------------------------------------------------------------------------
+_ATTENTION = ("flash", "fmha", "attention", "sdpa", "attn")
+_DENSE_SUBSTRINGS = ("gemm", "gemv", "nvjet", "cublas", "cutlass", "xmma", "splitkreduce", "f8f8bf16", "s16816")
+_DENSE_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
+              "aten::_scaled_mm", "aten::_int_mm", "aten::mv", "aten::addmv"}
+
+
+def categorize(name: str) -> str:
+    """The category of a profiled kernel (CUDA kernel name) or operator (CPU profile: op name):
+
+    * ``linear_svdquant``: this package's GEMM kernels (``svdquant::`` gemm / prep / linear kernels and ops, anything
+      named w4a16);
+    * ``act_quant``: its activation quantization (``quantize_act``, ``quantize_*_kernel``, ``down_act_*``), and
+      torchao's ``quantize_fp8_row`` kernel where torchao takes its mslk path;
+    * ``attention``: flash / memory-efficient / cuDNN SDPA kernels and the SDPA ops;
+    * ``linear_dense``: cuBLAS(Lt) / CUTLASS GEMMs (bf16 and torch._scaled_mm fp8), Inductor's Triton GEMM templates
+      (``triton_tem_``) and the ATen matmul ops;
+    * ``other``: everything else, Inductor's generated elementwise / reduction kernels included. torchao's fp8
+      activation quantization is plain ATen ops that Inductor fuses into those kernels, so for fp8 it lands here.
+    """
+    low = name.lower()
+    if low.startswith("triton_"):  # Inductor's kernels: names list the fused ATen ops, attention's input copies too
+        if low.startswith("triton_tem_"):
+            return "attention" if "attention" in low else "linear_dense"
+        return "other"
+    if "w4a16" in low:
+        return "linear_svdquant"
+    if "quantize_fp8" in low:  # torchao's mslk path (triton quantize_fp8_row), when mslk is installed
+        return "act_quant"
+    if "svdquant" in low or "quantize_act" in low:
+        if "quantize" in low or "down_act" in low:
+            return "act_quant"
+        if any(s in low for s in ("gemm", "prep", "linear")):
+            return "linear_svdquant"
+        return "other"
+    if any(s in low for s in _ATTENTION):
+        return "attention"
+    if low in _DENSE_OPS or any(s in low for s in _DENSE_SUBSTRINGS):
+        return "linear_dense"
+    return "other"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# one configuration, in this process
+# ------------------------------------------------------------------------------------------------------------------
+def build_model(model: str, device, seed: int = 0):
+    """The transformer with seeded random weights, created in bf16 directly on ``device`` (no CPU copy): parameters
+    get PyTorch's default initialization (uniform, scaled by fan-in) from the device's generator."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            m = FluxTransformer2DModel(**MODELS[model])
+    finally:
+        torch.set_default_dtype(previous)
+    return m.eval().requires_grad_(False)
+
+
+def make_inputs(model: str, size: int, batch: int, text_tokens: int, device, seed: int = 0) -> dict:
+    """One step's inputs as FluxPipeline passes them: packed latents [B, (size/16)^2, C], T5 states, pooled CLIP
+    states, timestep, and the image / text position ids."""
+    import torch
+
+    cfg = {"in_channels": 64, "joint_attention_dim": 4096, "pooled_projection_dim": 768, **MODELS[model]}
+    side = size // 16
+    g = torch.Generator(device=device).manual_seed(seed)
+    bf = dict(device=device, dtype=torch.bfloat16)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device=device).to(torch.bfloat16)
+
+    rows = torch.arange(side, device=device).repeat_interleave(side)
+    cols = torch.arange(side, device=device).repeat(side)
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], 1).to(**bf)
+    return dict(hidden_states=randn(batch, side * side, cfg["in_channels"]),
+                encoder_hidden_states=randn(batch, text_tokens, cfg["joint_attention_dim"]),
+                pooled_projections=randn(batch, cfg["pooled_projection_dim"]),
+                timestep=torch.full((batch,), 0.5, **bf), img_ids=img_ids,
+                txt_ids=torch.zeros(text_tokens, 3, **bf), return_dict=False)
+
+
+def tensor_bytes(t) -> int:
+    """Bytes a parameter or buffer holds: our quantized weights by their parts (``PackedWeight.storage_nbytes``),
+    other tensor subclasses (torchao's Float8Tensor) by their inner tensors, plain tensors by numel * element size."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    from ..storage import PackedWeight
+
+    if isinstance(t, PackedWeight):
+        return t.storage_nbytes()
+    if is_traceable_wrapper_subclass(t):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names if getattr(t, n) is not None)
+    return t.numel() * t.element_size()
+
+
+def weight_bytes(module) -> int:
+    return sum(tensor_bytes(t) for t in [*module.parameters(), *module.buffers()])
+
+
+_INDUCTOR_KEYS = ("max_autotune", "max_autotune_gemm", "max_autotune_pointwise", "coordinate_descent_tuning",
+                  "coordinate_descent_check_all_directions", "freezing", "triton.unique_kernel_names")
+
+
+def inductor_settings() -> dict:
+    import torch._inductor.config as ic
+
+    out = {}
+    for key in _INDUCTOR_KEYS:
+        obj = ic
+        for part in key.split("."):
+            obj = getattr(obj, part, None)
+        out[key] = obj
+    return out
+
+
+def quantize(model, cfg: Config, rank: int, weight_only: str | None) -> dict:
+    """Quantize ``model`` in place for ``cfg``; returns what was done. Inductor's global settings are saved before
+    and restored after (torchao's fp8 handler sets coordinate-descent tuning process-wide unless
+    ``set_inductor_config=False``), except for the diagnostic ``fp8-compile-coordesc``."""
+    import torch
+    import torch._inductor.config as ic
+
+    if cfg.weights == "bf16":
+        return {}
+    saved = ic.save_config()
+    if cfg.weights == "fp8":
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+        quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(),
+                                                                   set_inductor_config=cfg.torchao_inductor))
+        n = sum(1 for m in model.modules() if type(getattr(m, "weight", None)).__name__ == "Float8Tensor")
+        info = {"summary": f"{n} linears fp8 (torchao Float8Tensor, PerRow)", "fp8_kernels": _fp8_kernel_path()}
+    else:
+        from .api import quantize_model
+
+        s = quantize_model(model, precision=cfg.weights, rank=rank, weight_only=weight_only)
+        info = {"summary": f"{len(s.quantized)} SVDQuant, {len(s.weight_only)} w4a16, {len(s.kept)} kept",
+                "quantized": len(s.quantized), "weight_only": len(s.weight_only), "kept": len(s.kept)}
+    if not cfg.torchao_inductor:
+        ic.load_config(saved)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return info
+
+
+def _fp8_kernel_path() -> str:
+    try:
+        from torchao.utils import _is_mslk_available
+
+        mslk = _is_mslk_available()
+    except Exception:  # noqa: BLE001
+        mslk = False
+    return ("mslk (triton quantize_fp8_row + f8f8bf16_rowwise)" if mslk else
+            "torch._scaled_mm, activation quantization in ATen ops (fused by Inductor)")
+
+
+def _profile(step, device, steps: int) -> dict:
+    """Device time per step by category (CUDA: kernels; CPU: operators' self time), and the top kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.device(device).type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    per: dict[str, float] = {}
+    if cuda:
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                per[e.name] = per.get(e.name, 0.0) + e.device_time_total
+    else:
+        for e in prof.key_averages():
+            if not e.key.startswith("ProfilerStep"):
+                per[e.key] = per.get(e.key, 0.0) + e.self_cpu_time_total
+    cats = dict.fromkeys(CATEGORIES, 0.0)
+    for name, us in per.items():
+        cats[categorize(name)] += us / 1e3 / steps
+    top = sorted(per.items(), key=lambda kv: -kv[1])[:15]
+    return {"steps": steps, "source": "CUDA kernels" if cuda else "CPU operators (self time)",
+            "ms_per_step": cats, "total_ms_per_step": sum(cats.values()),
+            "top": [{"name": n[:200], "category": categorize(n), "ms_per_step": us / 1e3 / steps} for n, us in top]}
+
+
+def run_one(name: str, *, model: str = "flux-dev", size: int = 1024, batch: int = 1, iters: int = 10,
+            warmup: int = 3, profile: bool = False, profile_steps: int = 3, device: str = "cuda",
+            text_tokens: int = TEXT_TOKENS, rank: int = RANK, weight_only: str | None = "w4a16",
+            seed: int = 0, on_timed=None) -> dict:
+    """Measure one configuration in this process (the driver runs each in a fresh one). ``on_timed(result)`` is
+    called once the timed steps are done, before profiling (the child saves its result there, so that a profiler
+    failure cannot lose the timing)."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    import svdquant_ops.ops
+
+    cfg = CONFIGS[name]
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    if cfg.compile and not cfg.mode and warmup < 1:
+        warmup = 1  # the first call compiles
+    if cfg.mode == "reduce-overhead":
+        warmup = max(warmup, 3)  # compile (and warm up), record the CUDA graphs, first replay
+    res: dict = dict(config=name, label=cfg.label, ok=False, model=model, size=size, batch=batch, iters=iters,
+                     warmup=warmup, device=str(dev))
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    if cfg.weights in ("w4a8", "int4"):  # build / load the op library up front (not counted as quantization)
+        t0 = time.perf_counter()
+        svdquant_ops.ops.load()
+        res["ops_load_s"] = time.perf_counter() - t0
+    torch._dynamo.reset()
+    counters.clear()
+
+    t0 = time.perf_counter()
+    m = build_model(model, dev, seed)
+    sync()
+    res["build_s"] = time.perf_counter() - t0
+    res["params"] = sum(p.numel() for p in m.parameters())
+    res["bf16_weight_bytes"] = weight_bytes(m)
+    inputs = make_inputs(model, size, batch, text_tokens, dev, seed + 1)
+    res["tokens"] = dict(image=inputs["hidden_states"].shape[1], text=text_tokens)
+
+    t0 = time.perf_counter()
+    res.update(quantize(m, cfg, rank, weight_only))
+    sync()
+    res["quantize_s"] = time.perf_counter() - t0 if cfg.weights != "bf16" else None
+    res["weight_bytes"] = weight_bytes(m)
+    if cuda:
+        res["resident_bytes"] = torch.cuda.memory_allocated()
+        res["peak_quantize_bytes"] = torch.cuda.max_memory_allocated()
+    res["inductor"] = inductor_settings()
+
+    if cfg.compile:
+        torch._logging.set_logs(recompiles=True)  # a recompile prints its reason (the guard that failed)
+    fn = torch.compile(m, fullgraph=True, mode=cfg.mode) if cfg.compile else m
+    ro = cfg.mode == "reduce-overhead"
+
+    def step():
+        if ro:
+            torch.compiler.cudagraph_mark_step_begin()
+        return fn(**inputs)[0]
+
+    with torch.inference_mode():
+        warm_s = []
+        for _ in range(warmup):
+            t0 = time.perf_counter()
+            step()
+            sync()
+            warm_s.append(time.perf_counter() - t0)
+        res["first_call_s"] = warm_s[0] if warm_s else None
+        res["warmup_s"] = warm_s
+        if cuda:
+            res["peak_warmup_bytes"] = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        ms, wall = [], []
+        for _ in range(iters):
+            sync()
+            t0 = time.perf_counter()
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = step()
+                end.record()
+                torch.cuda.synchronize()
+                ms.append(start.elapsed_time(end))
+            else:
+                out = step()
+                ms.append((time.perf_counter() - t0) * 1e3)
+            wall.append((time.perf_counter() - t0) * 1e3)
+        res["output_finite"] = bool(torch.isfinite(out).all())
+        res["output_shape"] = list(out.shape)
+        del out
+        res["peak_step_bytes"] = torch.cuda.max_memory_allocated() if cuda else None
+        res["ms_all"] = ms
+        res["ms_median"] = statistics.median(ms)
+        res["ms_min"] = min(ms)
+        res["wall_ms_median"] = statistics.median(wall)
+        # Each Dynamo compilation of a frame (the first and every recompile) produces one graph; with
+        # fullgraph=True there are no partial graphs, so graphs - 1 is the number of recompiles.
+        res["graphs"] = int(counters["stats"]["unique_graphs"])
+        res["recompiles"] = max(res["graphs"] - 1, 0) if cfg.compile else None
+        res["cudagraph_skips"] = int(counters["inductor"]["cudagraph_skips"])
+        res["graph_breaks"] = int(sum(counters["graph_break"].values()))
+        res["ok"] = True
+        if on_timed is not None:
+            on_timed(res)
+        if profile:
+            try:
+                res["profile"] = _profile(step, dev, profile_steps)
+            except Exception as exc:  # noqa: BLE001  (the timing stands without it)
+                res["profile_error"] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+    return res
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the driver: one process per configuration
+# ------------------------------------------------------------------------------------------------------------------
+def resolve_device(name: str | None) -> str:
+    """``--device``: default cuda when available, else cpu; a clear one-line error (BenchError, a ValueError) for
+    a bad name, a missing GPU or another device type. The ``svdquant`` command uses it for every subcommand."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise BenchError(f"--device: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda: no CUDA GPU is available on this machine (use --device cpu)")
+    if dev.type not in ("cuda", "cpu"):
+        raise BenchError(f"--device {name}: only cuda and cpu are supported")
+    return str(dev)
+
+
+def validate(args) -> tuple[list[str], str]:
+    """(configuration names, device) for ``args``, or BenchError with one line saying what is wrong."""
+    device = resolve_device(args.device)
+    cuda = device.startswith("cuda")
+    if args.configs:
+        names = [c.strip() for c in args.configs.split(",") if c.strip()]
+        if names == ["all"]:
+            names = list(DEFAULT_CUDA)
+    else:
+        names = list(DEFAULT_CUDA if cuda else DEFAULT_CPU)
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise BenchError(f"--configs: unknown configuration {', '.join(unknown)} (known: {', '.join(CONFIGS)})")
+    if len(set(names)) != len(names):
+        raise BenchError(f"--configs: a configuration is listed twice: {args.configs}")
+    if not cuda:
+        need = [n for n in names if CONFIGS[n].cuda_only]
+        if need:
+            raise BenchError(f"{', '.join(need)} need{'s' if len(need) == 1 else ''} a CUDA GPU (fp8 tensor cores / "
+                             f"CUDA graphs) and this run is on {device}; on the CPU use --model tiny --configs "
+                             f"{','.join(DEFAULT_CPU)}")
+        if args.model != "tiny":
+            raise BenchError(f"--model {args.model} needs a CUDA GPU (22 GiB of bf16 weights); on the CPU use "
+                             "--model tiny")
+    if args.size <= 0 or args.size % 16:
+        raise BenchError(f"--size must be a positive multiple of 16 (pixels; 16 per image token), got {args.size}")
+    for flag, value, low in (("--batch", args.batch, 1), ("--iters", args.iters, 1), ("--warmup", args.warmup, 0),
+                             ("--text-tokens", args.text_tokens, 1), ("--rank", args.rank, 0)):
+        if value < low:
+            raise BenchError(f"{flag} must be at least {low}, got {value}")
+    return names, device
+
+
+def _child_args(args, name: str, device: str, result_file: str) -> list[str]:
+    a = ["--one", name, "--result-file", result_file, "--model", args.model, "--size", str(args.size), "--batch",
+         str(args.batch), "--iters", str(args.iters), "--warmup", str(args.warmup), "--device", device,
+         "--text-tokens", str(args.text_tokens), "--rank", str(args.rank), "--weight-only", args.weight_only,
+         "--seed", str(args.seed), "--profile-steps", str(args.profile_steps)]
+    return a + (["--profile"] if args.profile else ["--no-profile"])
+
+
+def _run_child(args, name: str, device: str, timeout: float) -> dict:
+    """Run one configuration in a fresh process (its own process group, killed whole on timeout)."""
+    import svdquant_ops
+
+    root = str(Path(svdquant_ops.__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    fd, result_file = tempfile.mkstemp(prefix=f"svdq-bench-{name}-", suffix=".json")
+    os.close(fd)
+    cmd = [sys.executable, "-m", "svdquant_ops.integrations.bench", *_child_args(args, name, device, result_file)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        rc = proc.wait(timeout=timeout)
+    except BaseException as exc:  # timeout, or Ctrl-C: end the child and whatever it started (compile workers)
+        _kill_group(proc)
+        if not isinstance(exc, subprocess.TimeoutExpired):
+            raise
+        rc = None
+    elapsed = time.perf_counter() - t0
+    try:
+        res = json.loads(Path(result_file).read_text() or "null")
+    except (OSError, ValueError):  # killed while writing it
+        res = None
+    finally:
+        Path(result_file).unlink(missing_ok=True)
+    _kill_group(proc)  # whatever the child left running (compile workers), if anything
+    if res is not None and res.get("ok"):
+        if rc != 0:  # timed, then died or hung (in the profiler, or on the way out): the timing stands
+            what = f"timed out after {timeout:g} s" if rc is None else f"process exited with code {rc}"
+            if args.profile and "profile" not in res and "profile_error" not in res:
+                res["profile_error"] = what + " while profiling"
+            else:
+                res["exit_note"] = what + " after saving its result"
+    elif rc is None:
+        res = dict(res or {}, config=name, ok=False, error=f"timed out after {timeout:g} s", timed_out=True)
+    elif res is None:
+        res = dict(config=name, ok=False, error=f"process exited with code {rc} without a result")
+    res["process_s"] = elapsed
+    res.setdefault("label", CONFIGS[name].label)
+    return res
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """End the child's process group (it leads its own session: only what it started): SIGTERM, then SIGKILL."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        if sig == signal.SIGKILL:
+            return
+
+
+def _versions() -> dict:
+    import torch
+
+    out = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
+    for mod in ("torchao", "diffusers", "triton"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001
+            out[mod] = "n/a"
+    return out
+
+
+def _record_module():
+    """benchmarks/_record.py of the source tree this package lives in, or None (an installed wheel has none)."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "_record.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("_svdquant_bench_record", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _fallback_record(gpu: str) -> dict:
+    commit = os.environ.get("SVDQUANT_COMMIT", "").strip()
+    return dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), gpu=gpu, commit=commit or "unknown",
+                dirty=os.environ.get("SVDQUANT_DIRTY", "unknown"),
+                source="env SVDQUANT_COMMIT" if commit else "nowhere: no source tree and SVDQUANT_COMMIT unset",
+                command="python " + shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]), host=platform.node())
+
+
+def _fallback_header(rec: dict) -> list[str]:
+    return [f"- date: {rec['date']}", f"- GPU: {rec['gpu']}", f"- commit: {rec['commit']} (from {rec['source']})",
+            f"- tree dirty: {rec['dirty']}", f"- command: `{rec['command']}`"]
+
+
+def _gpu_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def _gpu_tag(gpu: str) -> str:
+    for tag in ("H200", "H100", "B200", "A100", "L40S"):
+        if tag in gpu:
+            return tag.lower()
+    return "cpu" if gpu.startswith("cpu") else "".join(c if c.isalnum() else "_" for c in gpu).strip("_").lower()
+
+
+def _fmt_bytes(n) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+
+
+def _fmt(x, spec=".1f", none="-") -> str:
+    return none if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def report(meta: dict, rows: list[dict], header_md) -> str:
+    order = list(CONFIGS)
+    rows = sorted(rows, key=lambda r: order.index(r["config"]) if r["config"] in order else len(order))
+    base = next((r for r in rows if r["config"] == BASELINE and r.get("ok")), None)
+    lines = [f"# FLUX.1 transformer step on {meta['gpu']} ({meta['date']})", ""]
+    lines += header_md(meta)
+    v = meta["versions"]
+    lines += [f"- software: torch {v['torch']} (CUDA {v['cuda']}), torchao {v['torchao']}, diffusers "
+              f"{v['diffusers']}, triton {v['triton']}, Python {v['python']}",
+              f"- model: {meta['model_desc']}",
+              f"- step: one transformer forward at {meta['size']}x{meta['size']} ({meta['image_tokens']} image + "
+              f"{meta['text_tokens']} text tokens), batch {meta['batch']}; ms/step = median of {meta['iters']} steps "
+              f"after {meta['warmup']} warm-up calls (reduce-overhead: at least 3), "
+              f"{'CUDA events' if meta['device'].startswith('cuda') else 'perf_counter'}, under "
+              "torch.inference_mode(); one process per configuration "
+              f"(timeout {meta['timeout']:g} s" + (f", {meta['budget']:g} s for the run)" if meta.get("budget")
+                                                     else ")"),
+              f"- SVDQuant: quantize_model(precision=..., rank={meta['rank']}, weight_only={meta['weight_only']!r}), "
+              "data-free, the model family's default rules; fp8: torchao quantize_(model, "
+              "Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)) on every "
+              "linear; compiled: torch.compile(model, fullgraph=True[, mode=...]), Inductor's default settings", ""]
+    lines += ["| configuration | ms / step | speed vs bf16 compiled | weights | peak memory (timed steps) | first call "
+              "(compile) s | graphs / recompiles | quantize s | notes |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if not r.get("ok"):
+            lines.append(f"| {r['config']} | - | - | {_fmt_bytes(r.get('weight_bytes'))} | - | - | - | "
+                         f"{_fmt(r.get('quantize_s'))} | **{r.get('error', 'failed')}** |")
+            continue
+        ratio = f"{base['ms_median'] / r['ms_median']:.2f}x" if base else "-"
+        graphs = f"{r['graphs']} / {r['recompiles']}" if r.get("recompiles") is not None else "-"
+        notes = [r[k] for k in ("summary",) if r.get(k)]
+        if not r.get("output_finite", True):
+            notes.append("output not finite")
+        if r.get("cudagraph_skips"):
+            notes.append(f"CUDA graphs skipped ({r['cudagraph_skips']})")
+        if r.get("graph_breaks"):
+            notes.append(f"{r['graph_breaks']} graph breaks")
+        if r.get("profile_error"):
+            notes.append(f"profile: {r['profile_error']}")
+        if r.get("exit_note"):
+            notes.append(r["exit_note"])
+        lines.append(f"| {r['config']} | {r['ms_median']:.1f} | {ratio} | {_fmt_bytes(r['weight_bytes'])} | "
+                     f"{_fmt_bytes(r.get('peak_step_bytes'))} | {_fmt(r.get('first_call_s'))} | {graphs} | "
+                     f"{_fmt(r.get('quantize_s'), '.2f')} | {'; '.join(notes)} |")
+    if not base:
+        lines += ["", f"(no {BASELINE} row in this run: no ratios)"]
+    fp8 = next((r.get("fp8_kernels") for r in rows if r.get("fp8_kernels")), None)
+    if fp8:
+        lines += ["", f"fp8 kernels: {fp8}."]
+    prof = [r for r in rows if r.get("ok") and r.get("profile")]
+    if prof:
+        src = prof[0]["profile"]
+        lines += ["", f"## Device time per step ({src['source']}, torch.profiler over {src['steps']} steps, ms)", "",
+                  "| configuration | " + " | ".join(CATEGORY_TITLES[c] for c in CATEGORIES) + " | total |",
+                  "|---" * (len(CATEGORIES) + 2) + "|"]
+        for r in prof:
+            p = r["profile"]
+            lines.append(f"| {r['config']} | " + " | ".join(f"{p['ms_per_step'][c]:.1f}" for c in CATEGORIES)
+                         + f" | {p['total_ms_per_step']:.1f} |")
+        lines += ["", "fp8's activation quantization is ATen ops that Inductor fuses with their neighbours: it is in "
+                  "'other'. The top kernels of each configuration are in the JSON file (profile.top)."]
+    return "\n".join(lines) + "\n"
+
+
+def run(args) -> int:
+    """The driver: validate, run each configuration in its own process, write and print the table."""
+    names, device = validate(args)
+    mod = _record_module()
+    gpu = _gpu_name(device)
+    meta = dict(mod.record(gpu) if mod else _fallback_record(gpu))
+    header_md = mod.header_md if mod else _fallback_header
+    if args.model == "flux-dev":
+        arch, n_params = "diffusers' default FluxTransformer2DModel() config", "11.9 B parameters"
+    else:
+        arch = "FluxTransformer2DModel(" + ", ".join(f"{k}={v}" for k, v in MODELS[args.model].items()) + ")"
+        n_params = "tiny: 2 double + 2 single blocks, width 128"
+    meta.update(versions=_versions(), device=device, model=args.model, size=args.size, batch=args.batch,
+                iters=args.iters, warmup=args.warmup, text_tokens=args.text_tokens, rank=args.rank,
+                weight_only=None if args.weight_only == "none" else args.weight_only, timeout=args.timeout,
+                budget=args.budget,
+                image_tokens=(args.size // 16) ** 2, configs=names,
+                model_desc=f"FLUX.1-dev architecture ({arch}, {n_params}), seeded random weights, bf16, built on "
+                           "the device")
+    out = Path(args.out) if args.out else None
+    stem = f"{meta['date'][:10]}-{_gpu_tag(gpu)}-flux{'-tiny' if args.model == 'tiny' else ''}-{args.size}px-" \
+           f"b{args.batch}{'-' + args.tag if args.tag else ''}"
+    print(f"svdquant bench: {len(names)} configurations on {gpu}: {', '.join(names)}", flush=True)
+    start = time.perf_counter()
+    rows: list[dict] = []
+    for name in names:
+        left = args.budget - (time.perf_counter() - start) if args.budget else None
+        if left is not None and left < 30:
+            rows.append(dict(config=name, label=CONFIGS[name].label, ok=False,
+                             error=f"skipped: time budget of {args.budget:.0f} s used up"))
+            continue
+        timeout = min(args.timeout, round(left - 10)) if left is not None else args.timeout
+        print(f"--- {name} (timeout {timeout:.0f} s)", flush=True)
+        r = _run_child(args, name, device, timeout)
+        rows.append(r)
+        print(f"--- {name}: " + (f"{r['ms_median']:.2f} ms/step, first call {_fmt(r.get('first_call_s'))} s, "
+                                 f"{r['process_s']:.0f} s in all" if r.get("ok") else r.get("error", "failed")),
+              flush=True)
+        md = report(meta, rows, header_md)
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"{stem}.md").write_text(md)
+            (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1, default=str))
+    md = report(meta, rows, header_md)
+    print(md)
+    if out is not None:
+        print(f"wrote {out / stem}.md/.json (commit {meta['commit']}, dirty: {meta['dirty']})")
+    return 0 if all(r.get("ok") for r in rows) else 1
+
+
+def run_child(args) -> int:
+    """``--one NAME``: measure one configuration, print one BENCH_RESULT line, write it to --result-file."""
+
+    def save(res: dict) -> None:
+        if args.result_file:
+            Path(args.result_file).write_text(json.dumps(res, default=str))
+
+    try:
+        _, device = validate(args)
+        res = run_one(args.one, model=args.model, size=args.size, batch=args.batch, iters=args.iters,
+                      warmup=args.warmup, profile=args.profile, profile_steps=args.profile_steps, device=device,
+                      text_tokens=args.text_tokens, rank=args.rank,
+                      weight_only=None if args.weight_only == "none" else args.weight_only, seed=args.seed,
+                      on_timed=save)
+    except Exception as exc:  # noqa: BLE001  (the row says what failed; the driver goes on)
+        import traceback
+
+        traceback.print_exc()
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        res = dict(config=args.one, ok=False, error=f"{type(exc).__name__}: {first}")
+    save(res)
+    print(RESULT_PREFIX + json.dumps(res, default=str), flush=True)
+    return 0 if res.get("ok") else 1
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# command line (shared by `svdquant bench` and benchmarks/bench_flux.py)
+# ------------------------------------------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--configs", help="comma-separated configurations (default on a GPU: " + ",".join(DEFAULT_CUDA)
+                   + "; on the CPU: " + ",".join(DEFAULT_CPU) + "); also: " + ", ".join(
+                       n for n in CONFIGS if n not in DEFAULT_CUDA))
+    p.add_argument("--model", default="flux-dev", choices=list(MODELS),
+                   help="flux-dev (FLUX.1-dev architecture, default) or tiny (four blocks, for CPU runs)")
+    p.add_argument("--size", type=int, default=1024, help="image size in pixels (1024: 4096 image tokens)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--iters", type=int, default=10, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls first, the compiling call included")
+    p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=False,
+                   help="device time per step by kernel category (torch.profiler over --profile-steps steps)")
+    p.add_argument("--profile-steps", type=int, default=3, help=argparse.SUPPRESS)
+    p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--out", help="folder for <date>-<gpu>-flux-<size>px-b<batch>.md/.json (default: print only)")
+    p.add_argument("--tag", help="suffix of the output files' names (several runs into one folder)")
+    p.add_argument("--timeout", type=float, default=300, help="seconds per configuration's process (300)")
+    p.add_argument("--budget", type=float, help="seconds for the whole run: later configurations get what is left "
+                   "and are skipped (recorded) when it is spent")
+    p.add_argument("--text-tokens", type=int, default=TEXT_TOKENS, help="T5 tokens per sample (512)")
+    p.add_argument("--rank", type=int, default=RANK, help="SVDQuant low-rank branch (32)")
+    p.add_argument("--weight-only", default="w4a16", choices=("w4a16", "none"),
+                   help="SVDQuant configurations: AdaLN modulation linears in w4a16 (default) or kept 16-bit")
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--one", choices=list(CONFIGS), help=argparse.SUPPRESS)  # child mode: one configuration
+    p.add_argument("--result-file", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "bench") -> int:
+    p = add_arguments(argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0]))
+    args = p.parse_args(argv)
+    if args.one:
+        return run_child(args)
+    try:
+        return run(args)
+    except BenchError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    code = main()
+    if "--one" in sys.argv:  # a child: its result is saved; skip the interpreter's teardown (it can hang)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -1,0 +1,178 @@
+"""``svdquant bench`` (``svdquant_ops/integrations/bench.py``, wrapped by ``benchmarks/bench_flux.py``) on the CPU:
+kernel-name categories, a tiny-model run end to end (one process per configuration), the per-configuration
+timeout, weight bytes of quantized weights, the table, and the one-line errors (exit code 2)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from svdquant_ops.integrations import bench, cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Kernel names as torch.profiler reports them on an H200 (CUDA) and operator names of a CPU profile.
+KERNELS = {
+    # this package's kernels
+    "void svdquant::cuda_impl::gemm::(anonymous namespace)::gemm_kernel<(svdquant::Precision)2, __nv_bfloat16, "
+    "true>(CUtensorMap, CUtensorMap, CUtensorMap, CUtensorMap, CUtensorMap, CUtensorMap, "
+    "svdquant::cuda_impl::gemm::(anonymous namespace)::Sm90Args)": "linear_svdquant",
+    "void svdquant::cuda_impl::gemm::(anonymous namespace)::prep_kernel(svdquant::cuda_impl::gemm::"
+    "(anonymous namespace)::PrepArgs)": "linear_svdquant",
+    "void svdquant::cuda_impl::gemm::(anonymous namespace)::gemm_portable_kernel(svdquant::cuda_impl::gemm::"
+    "(anonymous namespace)::PortableArgs)": "linear_svdquant",
+    "void svdquant::cuda_impl::(anonymous namespace)::quantize_fast_kernel<__nv_bfloat16, 2, 2, 2, 0, 2>"
+    "(__nv_bfloat16 const*, __nv_bfloat16 const*, __nv_bfloat16 const*, unsigned char*, void*, float*, long, long, "
+    "long, bool)": "act_quant",
+    "void svdquant::cuda_impl::(anonymous namespace)::quantize_tokens_kernel<__nv_bfloat16, true>(__nv_bfloat16 "
+    "const*, __nv_bfloat16 const*, float const*, signed char*, __nv_bfloat16*, long, long, long)": "act_quant",
+    "void svdquant::cuda_impl::(anonymous namespace)::down_act_split_reduce_kernel(float const*, float*, long, int)":
+        "act_quant",
+    "void svdquant::cuda_impl::w4a16_gemv_kernel<__nv_bfloat16>(...)": "linear_svdquant",
+    # cuBLAS / CUTLASS GEMMs (bf16 and fp8 row-wise) and Inductor's GEMM templates
+    "nvjet_tst_192x192_64x4_2x1_v_bz_coopA_TNT": "linear_dense",
+    "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1_execute_segment_k_off_kernel__"
+    "5x_cublas": "linear_dense",
+    "void cutlass::device_kernel<at::cuda::detail::enable_3x_kernel_for_sm9x<cutlass::gemm::kernel::GemmUniversal<"
+    "cute::tuple<int, int, int>, cutlass::gemm::collective::CollectiveMma<...f8f8bf16_rowwise...>>>>(...)":
+        "linear_dense",
+    "cutlass3x_sm90_tensorop_gemm_bf16_bf16_f32_bf16_bf16_128x256x64_1x2x1_0_tnn_align8_warpspecialized_"
+    "cooperative_epi_tma": "linear_dense",
+    "void gemv2T_kernel_val<int, int, __nv_bfloat16, __nv_bfloat16, float, float, 128, 16, 4, 4, false, false, "
+    "cublasGemvParamsEx<int, cublasGemvTensorStridedBatched<__nv_bfloat16 const>, cublasGemvTensorStridedBatched<"
+    "__nv_bfloat16 const>, cublasGemvTensorStridedBatched<__nv_bfloat16>, float> >(...)": "linear_dense",
+    "void splitKreduce_kernel<32, 16, int, float, __nv_bfloat16, float, __nv_bfloat16, true, false, false>(...)":
+        "linear_dense",
+    "triton_tem_fused_mm_0": "linear_dense",
+    "_kernel_quantize_fp8_row": "act_quant",
+    # attention: cuDNN SDPA, flash, memory-efficient (CUTLASS-based: attention wins over GEMM)
+    "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128_4x1x1_kernel0_0": "attention",
+    "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4, false, false, "
+    "cutlass::bfloat16_t, Flash_kernel_traits<128, 128, 64, 4, cutlass::bfloat16_t> >, false, false, false, false, "
+    "true, true, false, false>(pytorch_flash::Flash_fwd_params)": "attention",
+    "fmha_cutlassF_bf16_aligned_64x128_rf_sm80(PyTorchMemEffAttention::AttentionKernel<cutlass::bfloat16_t, "
+    "cutlass::arch::Sm80, true, 64, 128, 128, true, true>::Params)": "attention",
+    # Inductor's fused kernels (an SDPA input copy too) and ATen's elementwise kernels
+    "triton_poi_fused__scaled_dot_product_cudnn_attention_clone_3": "other",
+    "triton_red_fused__to_copy_add_mean_mul_native_layer_norm_pow_rsqrt_3": "other",
+    "triton_per_fused_abs_amax_clamp_div_mul_reciprocal_7": "other",
+    "void at::native::vectorized_elementwise_kernel<4, at::native::BinaryFunctor<c10::BFloat16, c10::BFloat16, "
+    "c10::BFloat16, at::native::binary_internal::MulFunctor<float> >, std::array<char*, 3ul> >(int, ...)": "other",
+    "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float, false>(...)": "other",
+    "Memcpy DtoD (Device -> Device)": "other",
+    # CPU profile: operators
+    "svdquant::gemm": "linear_svdquant",
+    "svdquant::w4a16_linear": "linear_svdquant",
+    "svdquant::quantize_act": "act_quant",
+    "aten::addmm": "linear_dense",
+    "aten::mm": "linear_dense",
+    "aten::_scaled_mm": "linear_dense",
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+    "aten::native_layer_norm": "other",
+    "aten::mul": "other",
+    "## Call CompiledFxGraph fqtltvmorz3ei4eum4mgqjuoehvdyirqyrzbjmx37zeyqfbpoesp ##": "other",
+}
+
+
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_categorize(name):
+    assert bench.categorize(name) == KERNELS[name]
+
+
+def test_categories_cover_the_table():
+    assert set(KERNELS.values()) == set(bench.CATEGORIES) == set(bench.CATEGORY_TITLES)
+
+
+def _svdquant(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "svdquant_ops.integrations.cli", *args], cwd=cwd,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+
+
+def test_tiny_model_on_cpu(tmp_path):
+    """The command as a user runs it: bf16 and SVDQuant int4, each in its own process, both rows in the table."""
+    r = _svdquant("bench", "--model", "tiny", "--configs", "bf16-eager,int4-eager", "--iters", "2", "--warmup", "1",
+                  "--size", "64", "--text-tokens", "8", "--device", "cpu", "--out", str(tmp_path), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    md = list(tmp_path.glob("*-cpu-flux-tiny-64px-b1.md"))
+    assert len(md) == 1, list(tmp_path.iterdir())
+    table = md[0].read_text()
+    for line in ("- commit: ", "- command: ", "| bf16-eager | ", "| int4-eager | "):
+        assert line in table, table
+    data = json.loads(md[0].with_suffix(".json").read_text())
+    rows = {row["config"]: row for row in data["rows"]}
+    assert data["meta"]["commit"] and data["meta"]["versions"]["torch"] == torch.__version__
+    assert set(rows) == {"bf16-eager", "int4-eager"} and all(row["ok"] for row in rows.values())
+    for row in rows.values():
+        assert len(row["ms_all"]) == 2 and math.isfinite(row["ms_median"]) and row["ms_median"] > 0
+        assert row["output_finite"] and row["output_shape"] == [1, 16, 16] and row["tokens"] == dict(image=16,
+                                                                                                      text=8)
+    assert rows["bf16-eager"]["weight_bytes"] == rows["int4-eager"]["bf16_weight_bytes"]
+    assert rows["int4-eager"]["weight_bytes"] < 0.7 * rows["bf16-eager"]["weight_bytes"]
+    assert rows["int4-eager"]["quantized"] > 0 and rows["int4-eager"]["quantize_s"] > 0
+    assert r.stdout.count(bench.RESULT_PREFIX) == 2  # one line per child
+
+
+def _args(**kw):
+    p = bench.add_arguments(argparse.ArgumentParser())
+    return p.parse_args([f"--{k.replace('_', '-')}={v}" for k, v in kw.items()])
+
+
+def test_timeout_costs_one_row(capsys):
+    """A configuration that outlasts --timeout is ended (its whole process group) and recorded; the run goes on."""
+    args = _args(model="tiny", configs="bf16-eager", device="cpu", timeout=0.5)
+    assert bench.run(args) == 1
+    out = capsys.readouterr().out
+    assert "| bf16-eager | - | - |" in out and "**timed out after 0.5 s**" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--configs", "bf16-eager,fp8-compile"], "fp8-compile needs a CUDA GPU"),
+    (["--configs", "bf16-compile-ro,w4a8-compile-ro"], "bf16-compile-ro, w4a8-compile-ro need a CUDA GPU"),
+    (["--configs", "bf16-eager,fp16-eager"], "unknown configuration fp16-eager"),
+    (["--configs", "bf16-eager", "--size", "1000"], "--size must be a positive multiple of 16"),
+])
+def test_errors_are_one_line(capsys, argv, message):
+    assert cli.main(["bench", "--model", "tiny", "--device", "cpu", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("svdquant: error: ") and message in err[0], err
+
+
+def test_flux_dev_needs_cuda(capsys):
+    assert cli.main(["bench", "--device", "cpu", "--configs", "bf16-eager"]) == 2
+    assert "--model flux-dev needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_weight_bytes_of_quantized_weights():
+    """Parts of quantized weights, not their logical 16-bit size: torchao's Float8Tensor through its inner tensors."""
+    from torchao.quantization import PerRow
+    from torchao.quantization.quantize_.workflows.float8.float8_tensor import Float8Tensor
+
+    w = torch.randn(64, 128, dtype=torch.bfloat16)
+    f8 = Float8Tensor.from_hp(w, granularity=PerRow())
+    assert bench.tensor_bytes(w) == 64 * 128 * 2
+    assert bench.tensor_bytes(f8) == 64 * 128 + 64 * 4  # e4m3 codes + one fp32 scale per row
+
+
+def test_report_ratios_and_failures():
+    meta = dict(gpu="GPU", date="2026-12-05 00:00 UTC", versions=dict.fromkeys(
+        ("torch", "cuda", "torchao", "diffusers", "triton", "python"), "x"), model_desc="m", size=1024,
+        image_tokens=4096, text_tokens=512, batch=1, iters=10, warmup=3, device="cuda", timeout=300, rank=32,
+        weight_only="w4a16")
+    ok = dict(ok=True, weight_bytes=2**31, peak_step_bytes=2**32, first_call_s=60.0, graphs=1, recompiles=0,
+              quantize_s=None, output_finite=True)
+    rows = [dict(ok, config="bf16-compile", ms_median=128.0),
+            dict(ok, config="fp8-compile", ms_median=102.4, summary="502 linears fp8",
+                 fp8_kernels="torch._scaled_mm"),
+            dict(config="fp8-compile-coordesc", ok=False, error="timed out after 240 s")]
+    md = bench.report(meta, rows, lambda m: ["- header"])
+    assert "| bf16-compile | 128.0 | 1.00x | 2.00 GiB | 4.00 GiB | 60.0 | 1 / 0 |" in md
+    assert "| fp8-compile | 102.4 | 1.25x |" in md and "502 linears fp8" in md
+    assert "| fp8-compile-coordesc | - | - |" in md and "**timed out after 240 s**" in md
