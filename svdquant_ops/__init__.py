@@ -31,6 +31,7 @@ _LAZY = {
     "QuantizeSummary": "svdquant_ops.integrations.api",
     "calibrate": "svdquant_ops.integrations.api",
     "prepare_model": "svdquant_ops.integrations.diffusers",
+    "share_inputs": "svdquant_ops.quantize.sharing",
     "quantization_config": "svdquant_ops.integrations.diffusers",
     "save_file": "svdquant_ops.storage.serialization",
     "load_file": "svdquant_ops.storage.serialization",

@@ -13,6 +13,8 @@ from torch import nn
 from ..quantize.calibration import record_inputs
 from ..quantize.config import SVDQuantConfig
 from ..quantize.selection import ALREADY_QUANTIZED, KEEP, decide
+from ..ops import install_compile_pass
+from ..quantize.sharing import share_inputs
 from ..quantize.structure import describe, weight_only_reason
 from ..storage import PackedWeight, SVDQuantTensor, W4A16Tensor
 from .diffusers import attach_to_diffusers, prepare_model
@@ -63,8 +65,10 @@ def quantize_model(model: nn.Module, config: SVDQuantConfig | None = None, **opt
     """Quantize every eligible linear of ``model`` in place with SVDQuant, applying the model family's skip rules.
 
     ``config`` defaults to ``SVDQuantConfig(**options)``; passing both is an error. Uses what ``calibrate`` recorded
-    where present (calibrated algorithm), data-free elsewhere. Returns (and logs) the summary. A diffusers model
-    can then be saved with ``model.save_pretrained(dir)`` and loaded with ``from_pretrained(dir)``."""
+    where present (calibrated algorithm), data-free elsewhere. Linears that read the same input then share λ and
+    one down projection (``share_inputs``), and Inductor gets the pass that merges their activation quantization
+    (``ops.install_compile_pass``, chained after any pass already installed). Returns (and logs) the summary. A
+    diffusers model can then be saved with ``model.save_pretrained(dir)`` and loaded with ``from_pretrained(dir)``."""
     from torchao.quantization import quantize_
 
     if config is None:
@@ -83,6 +87,8 @@ def quantize_model(model: nn.Module, config: SVDQuantConfig | None = None, **opt
                 reasons[module] = d
     with torch.no_grad():
         quantize_(model, config)
+    share_inputs(model)  # one λ and one down projection per input: one quantize_act per input at run time
+    install_compile_pass()  # and under torch.compile, where Inductor does not merge custom ops by itself
     for m in model.modules():
         if not isinstance(m, nn.Linear):
             continue

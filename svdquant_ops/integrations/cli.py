@@ -118,6 +118,15 @@ def cmd_generate(args) -> int:
     _, denoiser = denoiser_of(pipe)
     if not is_quantized(denoiser):
         raise UsageError(f"{args.dir}: its denoiser is not quantized by svdquant_ops (run `svdquant quantize` first)")
+    # Saving writes each member's copy of shared λ / down projections: share them again, and merge the
+    # activation quantization of linears that read one input under torch.compile too.
+    from ..ops import install_compile_pass
+    from ..quantize.sharing import share_inputs
+    from .diffusers import prepare_model
+
+    prepare_model(denoiser)
+    share_inputs(denoiser)
+    install_compile_pass()
     if args.compile:
         denoiser.compile(fullgraph=True)
     report = path / "svdquant_report.json"

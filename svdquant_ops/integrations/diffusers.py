@@ -9,7 +9,7 @@ import fnmatch
 
 from torch import nn
 
-from ..quantize.structure import mark, module_name, record_names
+from ..quantize.structure import link_branches, mark, module_name, record_names
 
 KEEP, WEIGHT_ONLY = "keep", "weight_only"  # the roles a family rule gives a linear (SVDQuant otherwise)
 
@@ -55,6 +55,19 @@ def structural_role(parents: list[nn.Module], siblings: list[nn.Module], index: 
 _QKV = {"to_q": "qkv", "to_k": "qkv", "to_v": "qkv",
         "add_q_proj": "added_qkv", "add_k_proj": "added_qkv", "add_v_proj": "added_qkv"}
 _PASS_THROUGH = (nn.Dropout, nn.Identity)
+# Blocks whose attention q/k/v and MLP-in projection read the same normalized input (one input group).
+_SINGLE_STREAM_BLOCKS = ("FluxSingleTransformerBlock",)
+
+
+def input_group_key(parents: list[nn.Module], module: nn.Module, child_name: str) -> str | None:
+    """The input-group key of linear ``child_name`` of ``module`` (``parents`` from the root down, ending with
+    ``module``): the linears with one key read the very same tensor in diffusers' forward."""
+    kind = _QKV.get(child_name)
+    if type(module).__name__ in _SINGLE_STREAM_BLOCKS and child_name == "proj_mlp":
+        return f"{module_name(module)}:single_input"
+    if kind == "qkv" and len(parents) >= 2 and type(parents[-2]).__name__ in _SINGLE_STREAM_BLOCKS:
+        return f"{module_name(parents[-2])}:single_input"
+    return f"{module_name(module)}:{kind}" if kind else None
 
 
 def is_gelu(module: nn.Module) -> bool:
@@ -101,9 +114,11 @@ def prepare_model(model: nn.Module) -> nn.Module:
             if role is not None and role[1].startswith("input / output") and not has_blocks:
                 role = None
             role_kw = {} if role is None else {"keep_reason" if role[0] == KEEP else "weight_only_reason": role[1]}
-            mark(child, gelu_fed=gelu, branch_key=f"{fqn}:{kind}" if kind else None, **role_kw)
+            mark(child, gelu_fed=gelu, branch_key=f"{fqn}:{kind}" if kind else None,
+                 input_group=input_group_key(parents, module, child_name), **role_kw)
 
     walk(model, [model])
+    link_branches(model)
     if isinstance(model, nn.Linear):  # a bare linear as the root: no context, nothing to keep
         mark(model)
     return model

@@ -22,13 +22,17 @@ w4a16_linear(x, codes, scales, zeros, bias=None) -> y [..., N] in x's dtype
 
 from __future__ import annotations
 
+import threading
+import weakref
+
 import torch
 import torch.nn.functional as F
 
 from ..storage import SVDQuantTensor, W4A16Tensor
 from . import build
 
-__all__ = ["load", "quantize_act", "gemm", "linear", "quantized_linear", "w4a16_linear", "weight_only_linear"]
+__all__ = ["load", "quantize_act", "gemm", "linear", "quantized_linear", "w4a16_linear", "weight_only_linear",
+           "clear_act_cache", "merge_quantize_act", "install_compile_pass"]
 
 
 def load(verbose: bool = False):
@@ -75,15 +79,167 @@ def w4a16_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
     return torch.ops.svdquant.w4a16_linear.default(x, codes, scales, zeros, bias)
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# One activation quantization per input, eagerly: a one-entry cache of the last quantize_act.
+#
+# Linears that read the same tensor and hold the very same ``smooth`` and ``proj_down`` tensors (``share_inputs``)
+# need one quantize_act. The cache keeps the last call's key and outputs; a call with the same key reuses them and
+# runs only the GEMM. The key is the input *object* (held by a weak reference and compared with ``is``, so a freed
+# tensor whose id or memory is reused never matches) with its version counter and data pointer (an in-place write
+# bumps the version); smooth and proj_down by data pointer, shape, stride, dtype, device and version (not by object:
+# ``nn.Parameter(weight)`` detaches the weight, giving each inner tensor a new view object of the same memory; the
+# entry holds them, so their memory cannot be freed and reused by another tensor while the entry lives), precision
+# and act_unsigned. Inference tensors
+# have no version counter: an in-place write under ``torch.inference_mode`` leaves no trace, and a hit would then
+# be a silent wrong result, so calls whose input, smooth or proj_down is an inference tensor are never cached (the
+# compiled path merges the calls in the graph instead; eager callers get the reuse under ``torch.no_grad``). Only
+# plain ``torch.Tensor`` inputs outside tracing are cached (no fake, functional or other subclass tensors).
+# ------------------------------------------------------------------------------------------------------------------
+_cache = threading.local()
+
+
+def clear_act_cache() -> None:
+    """Drop the cached activation quantization (it is replaced by the next input anyway)."""
+    _cache.entry = None
+
+
+def _key(t: torch.Tensor, hold: bool):
+    if type(t) is not torch.Tensor or t.is_inference():
+        return None
+    return (t if hold else weakref.ref(t), t._version, t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype,
+            t.device)
+
+
+def _matches(saved, t: torch.Tensor, hold: bool) -> bool:
+    ref, version, ptr, shape, stride, dtype, device = saved
+    if not hold and ref() is not t:
+        return False
+    return (t._version == version and t.data_ptr() == ptr and tuple(t.shape) == shape
+            and tuple(t.stride()) == stride and t.dtype == dtype and t.device == device)
+
+
+def _cached_quantize_act(x, smooth, proj_down, precision: str, act_unsigned: bool):
+    """quantize_act through the one-entry cache, or None when these arguments cannot be cached."""
+    if torch.compiler.is_compiling():
+        return None
+    args, hold = (x, smooth, proj_down), (False, True, True)
+    keys = [_key(t, h) for t, h in zip(args, hold)]
+    if any(k is None for k in keys):
+        return None
+    entry = getattr(_cache, "entry", None)
+    if (entry is not None and entry[1] == precision and entry[2] == act_unsigned
+            and all(_matches(k, t, h) for k, t, h in zip(entry[0], args, hold))):
+        return entry[3]
+    _cache.entry = None  # free the old entry before quantizing the new input
+    out = quantize_act(x, smooth, proj_down, precision, act_unsigned)
+    _cache.entry = (keys, precision, act_unsigned, out)
+    return out
+
+
 def quantized_linear(x: torch.Tensor, weight: SVDQuantTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for a quantized weight: one ``svdquant::linear`` call."""
+    """``F.linear(x, weight, bias)`` for a quantized weight: ``svdquant::quantize_act`` (reused from the previous
+    call when it read the same input with the same λ and down projection, eagerly) then ``svdquant::gemm``."""
     if x.dtype != weight.dtype:
         raise TypeError(f"SVDQuant linear: input dtype {x.dtype} does not match the quantized weight's dtype "
                         f"{weight.dtype}; cast the input or the model")
     if weight.bias_correction is not None:
         bias = weight.bias_correction if bias is None else bias.float() + weight.bias_correction
-    return linear(x, weight.smooth, weight.proj_down, weight.codes, weight.scales, weight.global_scale,
-                  weight.proj_up, bias, weight.precision, weight.act_unsigned)
+    act = _cached_quantize_act(x, weight.smooth, weight.proj_down, weight.precision, weight.act_unsigned)
+    if act is None:
+        return linear(x, weight.smooth, weight.proj_down, weight.codes, weight.scales, weight.global_scale,
+                      weight.proj_up, bias, weight.precision, weight.act_unsigned)
+    act_codes, act_scales, down_act = act
+    return gemm(act_codes, act_scales, weight.codes, weight.scales, weight.global_scale, down_act, weight.proj_up,
+                bias, weight.precision, x.dtype, weight.act_unsigned)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# One activation quantization per input, compiled: a post-grad FX pass.
+#
+# AOTAutograd gives each tensor-subclass inner tensor its own graph input even where two weights share it, and
+# Inductor does not CSE custom ops in inference graphs, so q/k/v's quantize_act calls stay separate nodes. Their
+# fake values, though, share one fake storage when the real tensors do (FakeTensorMode memoizes the fake of each
+# real storage), so the pass merges quantize_act nodes with the same x node, smooth and proj_down of the same fake
+# storage, offset, shape and stride, and the same precision / act_unsigned.
+# ------------------------------------------------------------------------------------------------------------------
+def _same_view(a, b) -> bool:
+    va, vb = a.meta.get("val"), b.meta.get("val") if hasattr(b, "meta") else None
+    if a is b:
+        return True
+    if not isinstance(va, torch.Tensor) or not isinstance(vb, torch.Tensor):
+        return False
+    try:
+        same_storage = va.untyped_storage() is vb.untyped_storage() or (
+            va.untyped_storage()._cdata == vb.untyped_storage()._cdata)
+    except (NotImplementedError, RuntimeError):
+        return False
+    return (same_storage and va.storage_offset() == vb.storage_offset() and va.shape == vb.shape
+            and va.stride() == vb.stride() and va.dtype == vb.dtype and va.device == vb.device)
+
+
+def merge_quantize_act(graph: torch.fx.Graph) -> int:
+    """Merge duplicate ``svdquant.quantize_act`` nodes of ``graph`` in place; returns how many were removed."""
+    try:
+        target = torch.ops.svdquant.quantize_act.default
+    except (AttributeError, RuntimeError):  # the op library is not loaded: no such nodes
+        return 0
+    seen: dict = {}
+    removed = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not target:
+            continue
+        args = list(node.args) + [node.kwargs.get(k) for k in ("precision", "act_unsigned") if k in node.kwargs]
+        x, smooth, proj_down = args[:3]
+        rest = tuple(args[3:])
+        if not all(isinstance(a, torch.fx.Node) for a in (x, smooth, proj_down)):
+            continue
+        rest = rest + ((False,) if len(rest) < 2 else ())  # act_unsigned defaults to False
+        bucket = seen.setdefault((x, rest), [])
+        for other in bucket:
+            if _same_view(other.args[1], smooth) and _same_view(other.args[2], proj_down):
+                node.replace_all_uses_with(other)
+                graph.erase_node(node)
+                removed += 1
+                break
+        else:
+            bucket.append(node)
+    return removed
+
+
+def _make_pass(inner):
+    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+    class MergeQuantizeAct(CustomGraphPass):
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            if self.inner is not None:
+                self.inner(graph)
+            merge_quantize_act(graph)
+
+        def uuid(self):
+            inner = None
+            if self.inner is not None:
+                inner = self.inner.uuid() if hasattr(self.inner, "uuid") else None
+                if inner is None:
+                    return None  # an uncacheable inner pass: no cache key
+            return (get_hash_for_files((__file__,)), inner)
+
+    return MergeQuantizeAct(inner)
+
+
+def install_compile_pass() -> None:
+    """Make Inductor run ``merge_quantize_act`` after grad (``torch._inductor.config.post_grad_custom_pre_pass``),
+    chained after a pass already installed there. Idempotent."""
+    from torch._inductor import config
+
+    current = config.post_grad_custom_pre_pass
+    if getattr(current, "_svdquant_merge", False):
+        return
+    p = _make_pass(current)
+    p._svdquant_merge = True
+    config.post_grad_custom_pre_pass = p
 
 
 def weight_only_linear(x: torch.Tensor, weight: W4A16Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -20,10 +20,10 @@ from ..formats import ACT_SHIFT, FLOAT_DTYPES, INT4
 from ..storage import PackedWeight, SVDQuantTensor
 from .calibration import RECORD_ATTR, SESSION_ATTR, InputRecord, forget_calibration
 from .config import SVDQuantConfig
-from .decompose import check_weight, quantize_weight
-from .selection import ALREADY_QUANTIZED, KEEP, WEIGHT_ONLY, decide, unapplied_rules
-from .solve import solve_group
-from .structure import branch_key, describe, gelu_fed
+from .decompose import check_weight, decompose, quantize_weight
+from .selection import ALREADY_QUANTIZED, KEEP, SVDQUANT, WEIGHT_ONLY, decide, unapplied_rules
+from .solve import _member_parts, solve_group
+from .structure import CALIBRATED_GROUP_ATTR, branch_group, branch_key, describe, gelu_fed
 from .weight_only import quantize_weight_only
 
 log = logging.getLogger("svdquant_ops")
@@ -95,10 +95,70 @@ def _unsigned_for(module: nn.Module, config, rec: InputRecord | None) -> bool:
 
 
 def _data_free(module: nn.Linear, config, rank: int, unsigned: bool) -> SVDQuantTensor:
+    qt = _data_free_branch(module, config, rank)
+    if qt is not None:
+        return qt
     weight = module.weight.detach()
     qt = quantize_weight(weight.to(_solve_device(config, weight)), config.precision, rank, svd=config.svd,
                          act_unsigned=unsigned, per_channel_global=config.nvfp4_per_channel_scale, seed=config.seed)
     return qt.to(weight.device)
+
+
+def _stack_with(module: nn.Linear, config) -> list:
+    """The linears sharing ``module``'s branch key that the data-free path decomposes with it (one SVD of the
+    row-stacked weights, as the calibrated path does): still 16-bit, picked for SVDQuant by ``config``, same input
+    width and dtype, not waiting for a calibrated solve."""
+    group = branch_group(module)
+    if group is None or module not in group.members:
+        return [module]
+    out = []
+    for m in group.members:
+        if m is module:
+            out.append(m)
+            continue
+        if (not isinstance(m, nn.Linear) or isinstance(m.weight, PackedWeight) or m in group.solved
+                or m.in_features != module.in_features or m.weight.dtype != module.weight.dtype
+                or decide(m, config).action != SVDQUANT):
+            continue
+        rec = getattr(m, RECORD_ATTR, None)
+        if rec is not None and config.calibration != "off" and rec.seen_rows > 0 and rec.rows is not None:
+            continue  # quantized by its calibrated group
+        out.append(m)
+    return out
+
+
+def _data_free_branch(module: nn.Linear, config, rank: int) -> SVDQuantTensor | None:
+    """Data-free q/k/v: one decomposition of the stacked weights, shared down projection; results of the other
+    members are kept on the group until the handler reaches them. None when ``module`` has no branch group."""
+    group = branch_group(module)
+    if group is None:
+        return None
+    if module in group.solved:
+        qt = group.solved.pop(module)
+        if group.solved_config == config:
+            return qt
+        # solved with another member's config: quantize this one alone
+    members = _stack_with(module, config)
+    if len(members) < 2:
+        return None
+    r = min([rank] + [min(m.in_features, m.out_features) for m in members])
+    unsigned = all(_unsigned_for(m, config, None) for m in members)
+    w0 = module.weight.detach()
+    device = _solve_device(config, w0)
+    stacked = torch.cat([m.weight.detach().to(device) for m in members])
+    parts = decompose(stacked, precision=config.precision, rank=r, svd=config.svd, act_unsigned=unsigned,
+                      per_channel_global=config.nvfp4_per_channel_scale, dtype=w0.dtype, seed=config.seed)
+    split = _member_parts(None, parts, [m.out_features for m in members])
+    group.solved_config = config
+    for m, p in zip(members, split):
+        qt = SVDQuantTensor.from_parts(p, w0.dtype).to(m.weight.device)
+        if m is module:
+            mine = qt
+        else:
+            group.solved[m] = qt
+    log.info("svdquant_ops: %s: data-free, one rank-%d decomposition of %d stacked weights", group.key, r,
+             len(members))
+    return mine
 
 
 def _solve_record(rec: InputRecord, config, rank: int) -> None:
@@ -120,6 +180,7 @@ def _solve_record(rec: InputRecord, config, rank: int) -> None:
                             stats=stats, name=rec.name)
     for m, p in zip(members, parts):
         rec.solved[m] = SVDQuantTensor.from_parts(p, dtype).to(m.weight.device)
+        object.__setattr__(m, CALIBRATED_GROUP_ATTR, f"calibrated:{rec.name}")  # one λ: sharing.share_inputs
     rec.solved_config = config
     log.info("svdquant_ops: %s: %d rows, rank %d, %s%s, SQNR %.1f dB on calibration rows", rec.name,
              rec.rows.shape[0], r, config.precision, " unsigned" if unsigned else "", stats["sqnr_db"])

@@ -1,0 +1,185 @@
+"""One activation quantization per input (issue 14 item 1): linears that read the same tensor share λ and one
+concatenated down projection (``share_inputs``), and run one ``svdquant::quantize_act`` eagerly (the ops' one-entry
+cache) and compiled (the ``merge_quantize_act`` post-grad pass), with outputs bit-identical to the unshared model.
+
+Tiny FLUX (2 double + 2 single blocks): 34 SVDQuant linears per forward (12 per double block, 5 per single block),
+so 34 quantize_act calls unshared; shared, q/k/v and add_q/k/v each read one input (8 inputs per double block) and
+a single block's q/k/v + proj_mlp read one (2 inputs per single block): 20.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.backends.common import aot_autograd
+from torchao.quantization import quantize_
+
+from svdquant_ops import SVDQuantConfig, ops, prepare_model, quantize_model
+from svdquant_ops.quantize.sharing import share_inputs
+from svdquant_ops.storage import SVDQuantTensor
+
+from .builders import flux_inputs, tiny_flux
+
+UNSHARED, SHARED = 34, 20
+
+
+@pytest.fixture(autouse=True)
+def _fresh():
+    torch._dynamo.reset()
+    ops.clear_act_cache()
+    yield
+    torch._dynamo.reset()
+    ops.clear_act_cache()
+
+
+def _quantized_pair():
+    model = tiny_flux()
+    prepare_model(model)
+    quantize_(model, SVDQuantConfig())
+    unshared = copy.deepcopy(model)
+    assert share_inputs(model) == 6  # 2 x (qkv, added_qkv) + 2 x single-block input
+    return unshared, model
+
+
+def _same(*ts) -> bool:
+    # nn.Parameter(weight) detaches the weight, so members hold views of one tensor: same memory, same shape
+    return all(t.data_ptr() == ts[0].data_ptr() and t.shape == ts[0].shape for t in ts)
+
+
+def _count(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = fn()
+    names = [e.name for e in prof.events()]
+    return out, names.count("svdquant::quantize_act"), names.count("svdquant::gemm")
+
+
+def test_groups_share_tensors():
+    unshared, model = _quantized_pair()
+    attn = model.transformer_blocks[0].attn
+    q, k, v = (getattr(attn, n).weight for n in ("to_q", "to_k", "to_v"))
+    assert _same(q.proj_down, k.proj_down, v.proj_down) and _same(q.smooth, k.smooth, v.smooth)
+    assert q.rank == 32  # data-free q/k/v: one SVD of the stacked weights, one down projection
+    uq, uk = unshared.transformer_blocks[0].attn.to_q.weight, unshared.transformer_blocks[0].attn.to_k.weight
+    assert torch.equal(uq.proj_down, uk.proj_down) and not _same(uq.proj_down, uk.proj_down)
+    assert not _same(attn.add_q_proj.weight.proj_down, q.proj_down)  # the text stream reads another tensor
+    block = model.single_transformer_blocks[0]
+    mlp, sq = block.proj_mlp.weight, block.attn.to_q.weight
+    assert _same(mlp.proj_down, sq.proj_down) and _same(mlp.smooth, sq.smooth) and mlp.rank == 64  # [pd_qkv | pd_mlp]
+    cols_mlp, cols_q = mlp.proj_up.abs().sum(0) != 0, sq.proj_up.abs().sum(0) != 0  # own columns, zeros elsewhere
+    assert int(cols_mlp.sum()) == 32 and int(cols_q.sum()) == 32 and not (cols_mlp & cols_q).any()
+    assert block.proj_out.weight.rank == 32  # reads another input
+    assert share_inputs(model) == 0  # idempotent
+
+
+def test_eager_one_quantization_per_input_bit_identical():
+    unshared, model = _quantized_pair()
+    inputs = flux_inputs()
+    with torch.no_grad():
+        ref, n_ref, g_ref = _count(lambda: unshared(**inputs).sample)
+        out, n, g = _count(lambda: model(**inputs).sample)
+        again = model(**inputs).sample
+    assert (n_ref, g_ref) == (UNSHARED, UNSHARED)
+    assert (n, g) == (SHARED, UNSHARED)
+    assert torch.equal(out, ref) and torch.equal(again, ref)
+
+
+def test_inference_mode_is_not_cached():
+    # Inference tensors have no version counter: an in-place write could not be detected, so no reuse eagerly.
+    unshared, model = _quantized_pair()
+    inputs = flux_inputs()
+    with torch.inference_mode():
+        ref = unshared(**inputs).sample
+        out, n, _ = _count(lambda: model(**inputs).sample)
+    assert n == UNSHARED and torch.equal(out, ref)
+
+
+def test_cache_sees_in_place_writes():
+    _, model = _quantized_pair()
+    attn = model.transformer_blocks[0].attn
+    x = torch.randn(2, 5, attn.to_q.in_features).to(torch.bfloat16)
+    with torch.no_grad():
+        q1 = attn.to_q(x)
+        expect = attn.to_k(x * 2)
+        ops.clear_act_cache()
+        attn.to_q(x)
+        x.mul_(2)  # same object, new values: must not reuse the quantization of the old values
+        k = attn.to_k(x)
+        assert torch.equal(k, expect)
+        assert torch.equal(attn.to_q(x / 2), q1)
+
+
+def test_shares_again_after_copies():
+    # What loading a saved model gives: every member with its own copies of equal tensors.
+    unshared, model = _quantized_pair()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and isinstance(m.weight, SVDQuantTensor):
+            w = m.weight
+            m.weight = torch.nn.Parameter(SVDQuantTensor(
+                w.codes, w.scales, w.smooth.clone(), w.proj_down.clone(), w.proj_up, w.precision, w.act_unsigned,
+                w.layout_version, w.dtype, global_scale=w.global_scale, bias_correction=w.bias_correction),
+                requires_grad=False)
+    assert share_inputs(model) == 6
+    inputs = flux_inputs()
+    with torch.no_grad():
+        ref = unshared(**inputs).sample
+        out, n, _ = _count(lambda: model(**inputs).sample)
+    assert n == SHARED and torch.equal(out, ref)
+
+
+def test_quantize_model_shares():
+    model = tiny_flux()
+    quantize_model(model)
+    attn = model.transformer_blocks[1].attn
+    assert _same(attn.to_q.weight.proj_down, attn.to_v.weight.proj_down)
+    inputs = flux_inputs()
+    with torch.no_grad():
+        _, n, _ = _count(lambda: model(**inputs).sample)
+    assert n == SHARED
+
+
+def test_compiled_aot_merge_bit_identical():
+    _, model = _quantized_pair()
+    seen = []
+
+    def fw(gm, example_inputs):
+        nodes = [n for n in gm.graph.nodes if n.target is torch.ops.svdquant.quantize_act.default]
+        # AOTAutograd gives every inner tensor its own placeholder, even where the real tensors are one
+        assert len({n.args[1] for n in nodes}) == len(nodes)
+        seen.append((len(nodes), ops.merge_quantize_act(gm.graph)))
+        gm.recompile()
+        return gm
+
+    compiled = torch.compile(model, fullgraph=True, backend=aot_autograd(fw_compiler=fw))
+    inputs = flux_inputs()
+    with torch.inference_mode():
+        eager = model(**inputs).sample
+        compiled(**inputs)
+        out, n, _ = _count(lambda: compiled(**inputs).sample)
+    assert seen == [(UNSHARED, UNSHARED - SHARED)]
+    assert n == SHARED and torch.equal(out, eager)
+
+
+def test_compiled_inductor_pass():
+    from torch._inductor import config
+
+    unshared, model = _quantized_pair()
+    inputs = flux_inputs()
+    with torch.inference_mode():
+        eager = model(**inputs).sample
+    with config.patch(post_grad_custom_pre_pass=None, fx_graph_cache=False):
+        with torch.inference_mode():
+            plain = torch.compile(unshared, fullgraph=True)(**inputs).sample
+        torch._dynamo.reset()
+        ops.install_compile_pass()
+        ops.install_compile_pass()  # idempotent: one pass
+        assert getattr(config.post_grad_custom_pre_pass, "inner", None) is None
+        compiled = torch.compile(model, fullgraph=True)
+        with torch.inference_mode():
+            compiled(**inputs)
+            out, n, _ = _count(lambda: compiled(**inputs).sample)
+    assert n == SHARED
+    assert torch.equal(out, plain)  # same graph but for the merged calls
+    torch.testing.assert_close(out, eager, rtol=2e-2, atol=2e-2)  # Inductor's fused elementwise rounding
