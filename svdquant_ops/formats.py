@@ -29,7 +29,8 @@ W4A16 (``"w4a16"``, weight-only: for linears that see one token per sample, such
     one zero per (output row, group), both in the model dtype, weight value = code * scale + zero (exactly as
     Nunchaku's AWQ layers store it). Rule: zero = min(group), scale = (max(group) - min(group)) / 15, both rounded to
     the model dtype first, codes = clamp(round((W - zero) / scale), 0, 15) (0 where scale is 0). Activations stay in
-    16-bit; the op dequantizes exactly (fp32 code * scale + zero) and accumulates in fp32. Not an SVDQuant
+    16-bit; the op dequantizes exactly (fp32 code * scale + zero) and accumulates in fp32 (the CUDA path
+    for more than 8 tokens rounds each weight once to the activation dtype and calls cuBLAS). Not an SVDQuant
     precision (no smoothing, no low-rank branch): ``SVDQuantConfig.weight_only`` picks it for the linears the
     model family marks.
 

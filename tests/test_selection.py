@@ -284,3 +284,64 @@ def test_structural_rules_cover_a_model_with_unknown_names():
     # a lone block has no "outside": its direct linears are not taken for input / output projections
     block = _UnknownDiT().to(torch.bfloat16).blocks[0]
     assert quantize_model(block, rank=8).kept == {}
+
+
+def test_an_mlp_with_silu_is_not_modulation():
+    """Only exactly Sequential(SiLU, Linear) is modulation; the second linear of an MLP with a SiLU is not."""
+    model = torch.nn.Module()
+    model.blocks = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.SiLU(),
+                                                            torch.nn.Linear(128, 64))])
+    summary = quantize_model(model.to(torch.bfloat16), rank=8)
+    assert sorted(summary.quantized) == ["blocks.0.0", "blocks.0.2"] and summary.weight_only == {}
+
+
+class _SharedSiluBlock(torch.nn.Module):
+    """A modulation linear and an MLP reading the very same tensor: calibration records them as one input group."""
+
+    def __init__(self):
+        super().__init__()
+        self.mod = torch.nn.Sequential(torch.nn.SiLU(), torch.nn.Linear(64, 128))
+        self.ff = torch.nn.Linear(64, 64)
+
+    def forward(self, x):
+        h = torch.nn.functional.silu(x)
+        return self.mod[1](h).sum() + self.ff(h).sum()
+
+
+@pytest.mark.parametrize("order", ["weight-only first", "svdquant first"])
+def test_calibrated_group_with_a_weight_only_member(order):
+    from svdquant_ops import calibrate
+
+    model = torch.nn.Module()
+    model.blocks = torch.nn.ModuleList([_SharedSiluBlock()])
+    model.to(torch.bfloat16)
+    block = model.blocks[0]
+    if order == "svdquant first":  # torchao visits modules in registration order
+        block._modules = {"ff": block.ff, "mod": block.mod}
+    with calibrate(model) as session:
+        block(torch.randn(32, 64, dtype=torch.bfloat16))
+    assert len(session.records) == 1 and len(session.records[0].members) == 2  # one input group
+    summary = quantize_model(model, rank=8)
+    assert summary.quantized == ["blocks.0.ff"] and list(summary.weight_only) == ["blocks.0.mod.1"]
+    assert isinstance(block.mod[1].weight, W4A16Tensor) and isinstance(block.ff.weight, SVDQuantTensor)
+
+
+def test_fqn_config_name_patterns_reaching_non_linears_are_harmless():
+    """quantization_config()'s name patterns also match a block's norm or SiLU (norm_out.norm, img_mod.0) when the
+    table is used with torchao's quantize_ directly: those are left alone."""
+    import svdquant_ops
+
+    model = tiny_flux()
+    quantize_(model, svdquant_ops.quantization_config(rank=8).quant_type, filter_fn=None)
+    assert isinstance(model.norm_out.linear.weight, W4A16Tensor)
+    assert isinstance(model.transformer_blocks[0].attn.to_q.weight, SVDQuantTensor)
+
+
+def test_quantization_config_honours_explicit_skip():
+    import svdquant_ops
+
+    table = svdquant_ops.quantization_config(skip=["*attn.to_q"], rank=8).quant_type
+    model = tiny_flux()
+    quantize_(model, table, filter_fn=None)
+    assert type(model.transformer_blocks[0].attn.to_q.weight) is torch.nn.Parameter
+    assert isinstance(model.norm_out.linear.weight, SVDQuantTensor)  # no family rules with an explicit list

@@ -86,6 +86,12 @@ def test_w4a16_corrupt_parts_are_refused(tmp_path):
         W4A16Tensor(w.codes, w.scales, w.zeros.float(), 1, torch.bfloat16)
     with pytest.raises(TypeError, match="cannot copy a SVDQuantTensor into a W4A16Tensor"):
         w.copy_(_quantized_mlp("int4").fc2.weight)
+    with pytest.raises(ValueError, match="part scales has dtype torch.float16 in the state dict but torch.bfloat16"):
+        w.copy_(W4A16Tensor(w.codes, w.scales.half(), w.zeros.half(), 1, torch.bfloat16))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        W4A16Tensor.from_float(torch.full((4, 64), float("nan")))
+    with pytest.raises(ValueError, match="scales and zeros are required"):
+        W4A16Tensor(w.codes, None, None, 1, torch.bfloat16)
 
 
 def test_safetensors_corrupt_file_is_refused(tmp_path):

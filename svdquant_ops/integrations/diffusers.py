@@ -36,12 +36,13 @@ DEFAULT_RULES = (
 def structural_role(parents: list[nn.Module], siblings: list[nn.Module], index: int) -> tuple[str, str] | None:
     """The role of a linear no name rule matched, from where it sits, so that models with unknown names get the
     same treatment: ``parents`` are its enclosing modules from the root down, ``siblings`` its parent's children
-    (it is ``siblings[index]``). Diffusers' AdaLN classes (``AdaLayerNorm*``) and a ``Sequential(SiLU, Linear)``
-    modulate: weight-only; anything inside an ``*Embedding*`` class embeds: 16-bit; a linear directly under the root
+    (it is ``siblings[index]``). Diffusers' AdaLN classes (``AdaLayerNorm*``) and exactly ``Sequential(SiLU,
+    Linear)`` modulate: weight-only; anything inside an ``*Embedding*`` class embeds: 16-bit; a linear directly under the root
     model is an input or output projection outside the blocks: 16-bit."""
     if type(parents[-1]).__name__.startswith("AdaLayerNorm"):
         return WEIGHT_ONLY, "AdaLN modulation (AdaLayerNorm class)"
-    if isinstance(parents[-1], nn.Sequential) and index > 0 and isinstance(siblings[index - 1], nn.SiLU):
+    if (isinstance(parents[-1], nn.Sequential) and len(siblings) == 2 and index == 1
+            and isinstance(siblings[0], nn.SiLU)):  # exactly Sequential(SiLU, Linear): an MLP's SiLU is not one
         return WEIGHT_ONLY, "AdaLN modulation (SiLU then linear)"
     if any("Embedding" in type(p).__name__ for p in parents):
         return KEEP, "embedder (Embedding class)"
@@ -152,7 +153,7 @@ def quantization_config(config=None, **options):
     model-family name rules while loading: ``TorchAoConfig(FqnToConfig)`` mapping each ``DEFAULT_RULES`` pattern (as
     a regex over module names, which diffusers resolves per parameter) to None (kept 16-bit) or ``W4A16Config()``
     (weight-only; None when ``config.weight_only`` is None), and everything else to ``config`` (default
-    ``SVDQuantConfig(**options)``). It survives ``save_pretrained`` / ``from_pretrained``.
+    ``SVDQuantConfig(**options)``). A ``config.skip`` list replaces the rules: those names stay 16-bit. It survives ``save_pretrained`` / ``from_pretrained``.
 
     diffusers quantizes each linear alone while loading, so what needs the module tree cannot apply on this path:
     the structural rules for names no rule knows, and the detection of GELU-fed inputs (with
@@ -175,7 +176,10 @@ def quantization_config(config=None, **options):
     # torchao tries regexes on parameter names ("x.weight") before module names, applying every match; the
     # lookahead restricts each rule to module names, where the first match wins, as in prepare_model.
     module_only = r"(?!.*\.(?:weight|bias)\Z)"
-    table = {"re:" + module_only + fnmatch.translate(pattern): (weight_only if role == WEIGHT_ONLY else None)
-             for pattern, role, _ in DEFAULT_RULES}
+    if config.skip is None:
+        table = {"re:" + module_only + fnmatch.translate(pattern): (weight_only if role == WEIGHT_ONLY else None)
+                 for pattern, role, _ in DEFAULT_RULES}
+    else:  # explicit patterns replace the family's rules, as in quantize_model
+        table = {"re:" + module_only + fnmatch.translate(pattern): None for pattern in config.skip}
     table["_default"] = per_layer
     return TorchAoConfig(FqnToConfig(table))

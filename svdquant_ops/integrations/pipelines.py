@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..quantize.config import SVDQuantConfig
-from ..storage import SVDQuantTensor
+from ..storage import PackedWeight
 from .api import QuantizeSummary, calibrate, quantize_model
 
 PROMPTS_FILE = Path(__file__).with_name("prompts.txt")
@@ -47,7 +47,7 @@ def denoiser_of(pipe) -> tuple[str, nn.Module]:
 
 
 def is_quantized(module: nn.Module) -> bool:
-    return any(isinstance(getattr(m, "weight", None), SVDQuantTensor) for m in module.modules())
+    return any(isinstance(getattr(m, "weight", None), PackedWeight) for m in module.modules())
 
 
 def save_pipeline(pipe, directory: str | Path) -> None:

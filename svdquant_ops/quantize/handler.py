@@ -162,7 +162,9 @@ def _data_free_branch(module: nn.Linear, config, rank: int) -> SVDQuantTensor | 
 
 
 def _solve_record(rec: InputRecord, config, rank: int) -> None:
-    members = rec.members
+    # Only the members that get SVDQuant share the solve (λ, branch): a weight-only or 16-bit linear reading the
+    # same input (an AdaLN beside an MLP) takes no part in it.
+    members = [m for m in rec.members if isinstance(m.weight, SVDQuantTensor) or decide(m, config).action == SVDQUANT]
     w0 = members[0].weight
     device = _solve_device(config, w0)
     dtype = w0.dtype

@@ -29,6 +29,10 @@ class W4A16Config(AOBaseConfig):
 
     version: int = 1
 
+    def __post_init__(self):
+        if self.version != 1:
+            raise ValueError(f"W4A16Config.version must be 1, got {self.version!r}")
+
 
 torch.serialization.add_safe_globals([W4A16Config])
 
@@ -53,9 +57,11 @@ def quantize_weight_only(module: nn.Linear) -> nn.Linear:
 
 @register_quantize_module_handler(W4A16Config)
 def _transform(module: nn.Module, config: W4A16Config, *, parameter_name: str = "weight") -> nn.Module:
-    if not isinstance(module, nn.Linear) or parameter_name != "weight":
+    if parameter_name != "weight":
         raise TypeError(f"W4A16Config applies to the weight of nn.Linear modules, got {type(module).__name__}."
                         f"{parameter_name}")
+    if not isinstance(module, nn.Linear):  # FqnToConfig name patterns also reach a block's norm or SiLU
+        return module
     if isinstance(module.weight, PackedWeight):
         return module
     if module.in_features % W4A16_GROUP:

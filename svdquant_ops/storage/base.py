@@ -81,6 +81,9 @@ def _(func, types, args, kwargs):
             raise ValueError(f"cannot load {cls}: part {name} is {what} in the state dict with shape "
                              f"{None if b is None else list(b.shape)} but {None if a is None else list(a.shape)} in "
                              "the model; quantize the model with the same config or load with assign=True")
+        if a is not None and a.dtype != b.dtype:  # a silent cast would round scales: outputs would change
+            raise ValueError(f"cannot load {cls}: part {name} has dtype {b.dtype} in the state dict but {a.dtype} in "
+                             "the model; load with assign=True or quantize the model in the same dtype")
         if a is not None:
             a.copy_(b)
     return dst

@@ -39,16 +39,21 @@ class W4A16Tensor(PackedWeight):
         check_layout_version(layout_version)
         if dtype not in FLOAT_DTYPES:
             raise ValueError(f"W4A16Tensor: dtype must be one of {[str(d) for d in FLOAT_DTYPES]}, got {dtype}")
-        n, k = codes.shape[0], codes.shape[1] * 2
         if codes.dim() != 2 or codes.dtype != torch.uint8:
             raise ValueError(f"W4A16Tensor: codes must be uint8 [N, K/2], got {list(codes.shape)} {codes.dtype} "
                              "(corrupt checkpoint?)")
+        if scales is None or zeros is None:
+            raise ValueError("W4A16Tensor: scales and zeros are required")
+        n, k = codes.shape[0], codes.shape[1] * 2
         if k % W4A16_GROUP:
             raise ValueError(f"W4A16Tensor: in_features ({k}) must be a multiple of {W4A16_GROUP}")
         for name, t in (("scales", scales), ("zeros", zeros)):
             if tuple(t.shape) != (n, k // W4A16_GROUP) or t.dtype not in FLOAT_DTYPES:
                 raise ValueError(f"W4A16Tensor: {name} must have shape [{n}, {k // W4A16_GROUP}] and a float dtype, "
                                  f"got {list(t.shape)} {t.dtype} (corrupt checkpoint?)")
+        for name, t in (("scales", scales), ("zeros", zeros)):
+            if t.device != codes.device:
+                raise ValueError(f"W4A16Tensor: {name} must be on the device of codes ({codes.device}), got {t.device}")
         if zeros.dtype != scales.dtype:
             raise ValueError(f"W4A16Tensor: zeros must have the dtype of scales ({scales.dtype}), got {zeros.dtype} "
                              "(corrupt checkpoint?)")
@@ -68,7 +73,13 @@ class W4A16Tensor(PackedWeight):
         if weight.shape[1] % W4A16_GROUP:
             raise ValueError(f"W4A16Tensor.from_float: in_features ({weight.shape[1]}) must be a multiple of "
                              f"{W4A16_GROUP}")
+        if not torch.isfinite(weight).all():
+            raise ValueError("W4A16Tensor.from_float: weight contains NaN or Inf values; refusing to quantize a "
+                             "corrupt weight")
         codes, scales, zeros = quantize_w4a16_weight(weight.detach(), weight.dtype)
+        if not (torch.isfinite(scales).all() and torch.isfinite(zeros).all()):
+            raise ValueError(f"W4A16Tensor.from_float: a group's range overflows {weight.dtype} (scale = (max - min) "
+                             "/ 15 is not finite)")
         return cls(pack_nibbles(codes).contiguous(), scales.contiguous(), zeros.contiguous(), LAYOUT_VERSION,
                    weight.dtype)
 

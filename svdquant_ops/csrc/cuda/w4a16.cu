@@ -2,7 +2,8 @@
 //   M <= 8 tokens (sm_80+): w4a16_gemv_kernel, one launch that streams the packed 4-bit weights once and never
 //                           builds a 16-bit weight. Codes go to tensor cores as exact 16-bit integers and the groups'
 //                           affine rule is applied per 64-group in fp32: sum_k x*(c*s + z) = s*sum_k x*c + z*sum_k x.
-//   M > 8 (or older GPUs):  w4a16_dequant_kernel writes the weight in x's dtype (each weight rounded once to that
+//   M > 8 (or GPUs older than sm_80 or with less shared memory per block than the GEMV needs, e.g. sm_86/89/120):
+//                           w4a16_dequant_kernel writes the weight in x's dtype (each weight rounded once to that
 //                           dtype), then cuBLAS (at::mm / at::addmm).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -549,6 +550,17 @@ void launch_gemv(const W4a16Shape& s, const at::Tensor& x, const at::Tensor& cod
   }
 }
 
+// The GEMV launcher reserves its largest shared-memory footprint per device (set_max_dynamic_smem). GPUs whose
+// per-block opt-in limit is below it (99 KB on sm_86 / sm_89 / sm_120; 163 KB on sm_80 for 16-bit x) take the
+// dequantize + cuBLAS path instead of failing to launch.
+bool gemv_fits(at::ScalarType x_dtype) {
+  int limit = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, current_device_index()));
+  const int need = (x_dtype == at::kFloat ? slice_smem_bytes<float>() : slice_smem_bytes<c10::Half>()) * kMaxWarps +
+                   kRedCap;
+  return need <= limit;
+}
+
 template <typename XT, typename ST>
 at::Tensor dequantize(const W4a16Shape& s, const at::Tensor& codes, const at::Tensor& scales,
                       const at::Tensor& zeros, at::ScalarType x_dtype, cudaStream_t stream) {
@@ -592,7 +604,7 @@ at::Tensor w4a16_linear_cuda(const at::Tensor& x, const at::Tensor& codes, const
   const auto c = w4a16::contiguous_aligned(codes);
   const auto sc = scales.contiguous();
   const auto zc = zeros.contiguous();
-  if (s.M <= w4a16::kGemvMaxM && device_info().major >= 8) {
+  if (s.M <= w4a16::kGemvMaxM && device_info().major >= 8 && w4a16::gemv_fits(x.scalar_type())) {
     const auto xc = w4a16::contiguous_aligned(x);
     auto out = at::empty({s.M, s.N}, x.options());
     w4a16::dispatch_types(x.scalar_type(), scales.scalar_type(), [&](auto xt, auto st) {
