@@ -183,3 +183,28 @@ def test_compiled_inductor_pass():
     assert n == SHARED
     assert torch.equal(out, plain)  # same graph but for the merged calls
     torch.testing.assert_close(out, eager, rtol=2e-2, atol=2e-2)  # Inductor's fused elementwise rounding
+
+
+_MOVES = [("fp16", lambda m: m.to(torch.float16))]
+if torch.cuda.is_available():
+    _MOVES.append(("cuda", lambda m: m.to("cuda")))
+
+
+@pytest.mark.parametrize("name,move", _MOVES, ids=[n for n, _ in _MOVES])
+def test_a_move_copies_shared_parts_and_share_inputs_restores_them(name, move):
+    """nn.Module._apply moves each weight alone, so a move ends the sharing (outputs unchanged, only the reuse is
+    lost) and share_inputs brings it back, bit-identical to the moved unshared model."""
+    unshared, model = _quantized_pair()
+    move(unshared), move(model)
+    dtype = torch.float16 if name == "fp16" else torch.bfloat16
+    device = "cuda" if name == "cuda" else "cpu"
+    inputs = {k: v.to(device, dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else
+              (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in flux_inputs().items()}
+    attn = model.transformer_blocks[0].attn
+    assert not _same(attn.to_q.weight.proj_down, attn.to_k.weight.proj_down)
+    assert share_inputs(model) == 6
+    assert _same(attn.to_q.weight.proj_down, attn.to_k.weight.proj_down)
+    with torch.no_grad():
+        ref = unshared(**inputs).sample
+        out, n, _ = _count(lambda: model(**inputs).sample)
+    assert n == SHARED and torch.equal(out, ref)
