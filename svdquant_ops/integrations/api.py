@@ -16,17 +16,15 @@ from ..quantize.selection import ALREADY_QUANTIZED, KEEP, decide
 from ..ops import install_compile_pass
 from ..quantize.sharing import share_inputs
 from ..quantize.structure import describe, weight_only_reason
-from ..storage import PackedWeight, SVDQuantTensor, W4A16Tensor
+from ..storage import SVDQuantTensor, W4A16Tensor
+from ..storage.base import distinct_nbytes
 from .diffusers import attach_to_diffusers, prepare_model
 
 log = logging.getLogger("svdquant_ops")
 
 
 def _nbytes(module: nn.Module) -> int:
-    total = 0
-    for t in [*module.parameters(), *module.buffers()]:
-        total += t.storage_nbytes() if isinstance(t, PackedWeight) else t.numel() * t.element_size()
-    return total
+    return distinct_nbytes([*module.parameters(), *module.buffers()])
 
 
 @dataclass

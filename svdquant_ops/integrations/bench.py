@@ -210,7 +210,15 @@ def tensor_bytes(t) -> int:
 
 
 def weight_bytes(module) -> int:
-    return sum(tensor_bytes(t) for t in [*module.parameters(), *module.buffers()])
+    """Bytes of all parameters and buffers; our weights' shared parts (``share_inputs``) counted once."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    from ..storage import PackedWeight
+    from ..storage.base import distinct_nbytes
+
+    tensors = [*module.parameters(), *module.buffers()]
+    other = [t for t in tensors if is_traceable_wrapper_subclass(t) and not isinstance(t, PackedWeight)]
+    return distinct_nbytes([t for t in tensors if not any(t is o for o in other)]) + sum(map(tensor_bytes, other))
 
 
 _INDUCTOR_KEYS = ("max_autotune", "max_autotune_gemm", "max_autotune_pointwise", "coordinate_descent_tuning",

@@ -32,6 +32,23 @@ class PackedWeight(TorchAOBaseTensor):
         return self
 
 
+def distinct_nbytes(tensors) -> int:
+    """Bytes held by ``tensors`` (quantized weights by their parts), each storage counted once: the members of a
+    shared input group hold views of one λ and one down projection (``quantize.sharing``)."""
+    seen, total = set(), 0
+    for t in tensors:
+        for p in (t._data_tensors() if isinstance(t, PackedWeight) else [t]):
+            if p.device.type == "meta":  # no storage to tell apart
+                total += p.numel() * p.element_size()
+                continue
+            storage = p.untyped_storage()
+            key = (storage.data_ptr(), p.device)
+            if key not in seen:
+                seen.add(key)
+                total += storage.nbytes()
+    return total
+
+
 def rewrap(weight: PackedWeight, requires_grad: bool, extra) -> PackedWeight:
     """``Cls(weight, requires_grad=False)``, the call ``nn.Parameter`` subclasses answer and accelerate's offloading
     makes to rebuild a parameter of a class it does not know: a new wrapper around the same parts."""
