@@ -56,7 +56,7 @@ def _diffusers_model_class(name: str):
     its quantized denoiser's library in ``model_index.json`` (``["svdquant_ops", "FluxTransformer2DModel"]``):
     diffusers imports the library to find the class, so ``DiffusionPipeline.from_pretrained`` registers our config
     and tensors before loading the component, with no ``import svdquant_ops`` in the user's code."""
-    if name.startswith("_"):
+    if not name[:1].isupper():  # class names only: other lookups (hasattr probes) must not import diffusers
         return None
     try:
         import diffusers

@@ -34,7 +34,8 @@ if DEV.type == "cuda" and not torch.cuda.is_available():  # pragma: no cover - C
 from svdquant_ops import ops  # noqa: E402
 
 # session_generator(key): fresh inputs every session; SVDQ_TEST_SEED (printed in the report header) replays a run.
-from .builders import act_inputs, gemm_inputs, linear_inputs, op_args, session_generator  # noqa: E402
+from .builders import (  # noqa: E402
+    act_inputs, assert_cuda_graph_replays_eager, gemm_inputs, linear_inputs, op_args, session_generator)
 
 ops.load()  # builds / loads the library with its CUDA kernels
 OPS = torch.ops.svdquant
@@ -270,25 +271,7 @@ def test_cuda_graph_replay_equals_eager(path, precision):
     def fn(inp):
         return OPS.linear(inp, smooth, pd, wc, ws, gsc, up, b, precision, False)
 
-    eager = fn(x)
-    static_x = x.clone()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn(static_x)  # warm-up on a side stream, as torch.cuda.graph requires
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y = fn(static_x)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(static_y.view(torch.int16), eager.view(torch.int16))
-    # new inputs through the same graph
-    x2 = torch.randn_like(x)
-    static_x.copy_(x2)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(static_y.view(torch.int16), fn(x2).view(torch.int16))
+    assert_cuda_graph_replays_eager(fn, x)
 
 
 @needs_gpu

@@ -34,7 +34,7 @@ if DEV.type == "cuda" and not torch.cuda.is_available():  # pragma: no cover - C
 
 from svdquant_ops import layout, ops  # noqa: E402
 
-from .builders import session_generator  # noqa: E402
+from .builders import assert_cuda_graph_replays_eager, session_generator  # noqa: E402
 from .test_w4a16_op import w4a16_args, w4a16_inputs  # noqa: E402
 
 ops.load()
@@ -215,24 +215,7 @@ def test_cuda_graph_replay_equals_eager(M):
     def fn(inp):
         return OPS.w4a16_linear(inp, codes, scales, zeros, bias)
 
-    eager = fn(x)
-    static_x = x.clone()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn(static_x)  # warm-up on a side stream, as torch.cuda.graph requires
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y = fn(static_x)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(static_y.view(torch.int16), eager.view(torch.int16))
-    x2 = torch.randn_like(x)
-    static_x.copy_(x2)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(static_y.view(torch.int16), fn(x2).view(torch.int16))
+    assert_cuda_graph_replays_eager(fn, x)
 
 
 @needs_gpu

@@ -56,6 +56,14 @@ def _count(fn):
     return out, names.count("svdquant::quantize_act"), names.count("svdquant::gemm")
 
 
+def _against_unshared(unshared, model, inputs, mode=torch.no_grad):
+    """(quantize_act calls of ``model``'s forward, whether its output equals the unshared model's bit for bit)."""
+    with mode():
+        ref = unshared(**inputs).sample
+        out, n, _ = _count(lambda: model(**inputs).sample)
+    return n, torch.equal(out, ref)
+
+
 def test_groups_share_tensors():
     unshared, model = _quantized_pair()
     attn = model.transformer_blocks[0].attn
@@ -89,11 +97,7 @@ def test_eager_one_quantization_per_input_bit_identical():
 def test_inference_mode_is_not_cached():
     # Inference tensors have no version counter: an in-place write could not be detected, so no reuse eagerly.
     unshared, model = _quantized_pair()
-    inputs = flux_inputs()
-    with torch.inference_mode():
-        ref = unshared(**inputs).sample
-        out, n, _ = _count(lambda: model(**inputs).sample)
-    assert n == UNSHARED and torch.equal(out, ref)
+    assert _against_unshared(unshared, model, flux_inputs(), torch.inference_mode) == (UNSHARED, True)
 
 
 def test_cache_sees_in_place_writes():
@@ -122,11 +126,7 @@ def test_shares_again_after_copies():
                 w.layout_version, w.dtype, global_scale=w.global_scale, bias_correction=w.bias_correction),
                 requires_grad=False)
     assert share_inputs(model) == 6
-    inputs = flux_inputs()
-    with torch.no_grad():
-        ref = unshared(**inputs).sample
-        out, n, _ = _count(lambda: model(**inputs).sample)
-    assert n == SHARED and torch.equal(out, ref)
+    assert _against_unshared(unshared, model, flux_inputs()) == (SHARED, True)
 
 
 def test_quantize_model_shares():
@@ -204,7 +204,4 @@ def test_a_move_copies_shared_parts_and_share_inputs_restores_them(name, move):
     assert not _same(attn.to_q.weight.proj_down, attn.to_k.weight.proj_down)
     assert share_inputs(model) == 6
     assert _same(attn.to_q.weight.proj_down, attn.to_k.weight.proj_down)
-    with torch.no_grad():
-        ref = unshared(**inputs).sample
-        out, n, _ = _count(lambda: model(**inputs).sample)
-    assert n == SHARED and torch.equal(out, ref)
+    assert _against_unshared(unshared, model, inputs) == (SHARED, True)

@@ -23,7 +23,9 @@ from .diffusers import attach_to_diffusers, prepare_model
 log = logging.getLogger("svdquant_ops")
 
 
-def _nbytes(module: nn.Module) -> int:
+def model_nbytes(module: nn.Module) -> int:
+    """Bytes of all parameters and buffers: quantized weights by their parts (not their logical 16-bit size),
+    torchao's subclasses by their inner tensors, shared parts once (``storage.base.distinct_nbytes``)."""
     return distinct_nbytes([*module.parameters(), *module.buffers()])
 
 
@@ -76,7 +78,7 @@ def quantize_model(model: nn.Module, config: SVDQuantConfig | None = None, **opt
     if not isinstance(config, SVDQuantConfig):
         raise TypeError(f"quantize_model: config must be an SVDQuantConfig, got {type(config).__name__}")
     prepare_model(model)
-    summary = QuantizeSummary(bytes_before=_nbytes(model))
+    summary = QuantizeSummary(bytes_before=model_nbytes(model))
     reasons = {}
     for module in model.modules():
         if isinstance(module, nn.Linear):
@@ -99,7 +101,7 @@ def quantize_model(model: nn.Module, config: SVDQuantConfig | None = None, **opt
             summary.kept[describe(m)] = d.reason
         else:  # e.g. torchao's quantize_ filter leaves NonDynamicallyQuantizableLinear alone
             summary.kept[describe(m)] = "left unchanged by torchao's quantize_ filter"
-    summary.bytes_after = _nbytes(model)
+    summary.bytes_after = model_nbytes(model)
     attach_to_diffusers(model, config, list(summary.kept))  # model.save_pretrained then writes a quantized model
     log.info("svdquant_ops: %s", summary)
     return summary

@@ -194,31 +194,11 @@ def make_inputs(model: str, size: int, batch: int, text_tokens: int, device, see
                 txt_ids=torch.zeros(text_tokens, 3, **bf), return_dict=False)
 
 
-def tensor_bytes(t) -> int:
-    """Bytes a parameter or buffer holds: our quantized weights by their parts (``PackedWeight.storage_nbytes``),
-    other tensor subclasses (torchao's Float8Tensor) by their inner tensors, plain tensors by numel * element size."""
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
-    from ..storage import PackedWeight
-
-    if isinstance(t, PackedWeight):
-        return t.storage_nbytes()
-    if is_traceable_wrapper_subclass(t):
-        names, _ = t.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(t, n)) for n in names if getattr(t, n) is not None)
-    return t.numel() * t.element_size()
-
-
 def weight_bytes(module) -> int:
-    """Bytes of all parameters and buffers; our weights' shared parts (``share_inputs``) counted once."""
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+    """Bytes of all parameters and buffers, as the quantization summary counts them (``api.model_nbytes``)."""
+    from .api import model_nbytes
 
-    from ..storage import PackedWeight
-    from ..storage.base import distinct_nbytes
-
-    tensors = [*module.parameters(), *module.buffers()]
-    other = [t for t in tensors if is_traceable_wrapper_subclass(t) and not isinstance(t, PackedWeight)]
-    return distinct_nbytes([t for t in tensors if not any(t is o for o in other)]) + sum(map(tensor_bytes, other))
+    return model_nbytes(module)
 
 
 _INDUCTOR_KEYS = ("max_autotune", "max_autotune_gemm", "max_autotune_pointwise", "coordinate_descent_tuning",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import ACT_SHIFT, check_precision
+from ..formats import ACT_SHIFT, FLOAT_DTYPES, check_precision
 from ..quantizers import dequantize, rtn_weight
 from ..storage import SVDQuantParts, SVDQuantTensor
 from .lowrank import DEFAULT_SVD, truncated_svd
@@ -25,6 +25,18 @@ def check_weight(weight: torch.Tensor, name: str = "weight") -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {weight.dtype}")
     if not torch.isfinite(weight).all():
         raise ValueError(f"{name} contains NaN or Inf values; refusing to quantize a corrupt weight")
+
+
+def check_layer_weight(weight: torch.Tensor, name: str) -> None:
+    """``check_weight`` for the weight of layer ``name`` about to be quantized: one of the model dtypes, finite;
+    errors name the layer."""
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"svdquant_ops: {name} has weight dtype {weight.dtype}; expected one of "
+                        f"{[str(d) for d in FLOAT_DTYPES]}")
+    try:
+        check_weight(weight)
+    except ValueError as exc:
+        raise ValueError(f"svdquant_ops: cannot quantize {name}: {exc}") from None
 
 
 def branch_in_smoothed_space(proj_up: torch.Tensor, proj_down: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:

@@ -16,11 +16,11 @@ import weakref
 import torch
 from torch import nn
 
-from ..formats import ACT_SHIFT, FLOAT_DTYPES, INT4
+from ..formats import ACT_SHIFT, INT4
 from ..storage import PackedWeight, SVDQuantTensor
 from .calibration import RECORD_ATTR, SESSION_ATTR, InputRecord, forget_calibration
 from .config import SVDQuantConfig
-from .decompose import check_weight, decompose, quantize_weight
+from .decompose import check_layer_weight, decompose, quantize_weight
 from .selection import ALREADY_QUANTIZED, KEEP, SVDQUANT, WEIGHT_ONLY, decide, unapplied_rules
 from .solve import _member_parts, solve_group
 from .structure import CALIBRATED_GROUP_ATTR, branch_group, branch_key, describe, gelu_fed
@@ -58,10 +58,7 @@ def transform(module: nn.Module, config: SVDQuantConfig, *, parameter_name: str 
         log.info("svdquant_ops: giving %s 4-bit weights only (w4a16): %s", describe(module), decision.reason)
         forget_calibration(module)
         return quantize_weight_only(module)
-    weight = module.weight
-    if weight.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"svdquant_ops: {describe(module)} has weight dtype {weight.dtype}; expected one of "
-                        f"{[str(d) for d in FLOAT_DTYPES]}")
+    check_layer_weight(module.weight.detach(), describe(module))
     rank = min(config.rank, module.in_features, module.out_features)
     if rank < config.rank:
         log.info("svdquant_ops: %s uses rank %d (min(in_features, out_features) < %d)", describe(module), rank,
@@ -193,10 +190,6 @@ def _solve_record(rec: InputRecord, config, rank: int) -> None:
 def quantize_linear(module: nn.Linear, config, rank: int) -> SVDQuantTensor:
     """Quantize one linear: calibrated where ``calibrate`` recorded its input, data-free otherwise."""
     name = describe(module)
-    try:
-        check_weight(module.weight.detach())
-    except ValueError as exc:
-        raise ValueError(f"svdquant_ops: cannot quantize {name}: {exc}") from None
     rec: InputRecord | None = getattr(module, RECORD_ATTR, None)
     watched = getattr(module, SESSION_ATTR, None) is not None  # calibrate() ran over this layer
     if config.calibration == "off":

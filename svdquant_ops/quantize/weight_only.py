@@ -15,9 +15,9 @@ from torch import nn
 from torchao.core.config import AOBaseConfig
 from torchao.quantization.transform_module import register_quantize_module_handler
 
-from ..formats import FLOAT_DTYPES, W4A16_GROUP
+from ..formats import W4A16_GROUP
 from ..storage import PackedWeight, W4A16Tensor
-from .decompose import check_weight
+from .decompose import check_layer_weight
 from .structure import describe
 
 log = logging.getLogger("svdquant_ops")
@@ -40,14 +40,7 @@ torch.serialization.add_safe_globals([W4A16Config])
 def quantize_weight_only(module: nn.Linear) -> nn.Linear:
     """Swap ``module.weight`` for a ``W4A16Tensor`` in place (errors name the layer)."""
     weight = module.weight.detach()
-    name = describe(module)
-    if weight.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"svdquant_ops: {name} has weight dtype {weight.dtype}; expected one of "
-                        f"{[str(d) for d in FLOAT_DTYPES]}")
-    try:
-        check_weight(weight)
-    except ValueError as exc:
-        raise ValueError(f"svdquant_ops: cannot quantize {name}: {exc}") from None
+    check_layer_weight(weight, describe(module))
     with torch.no_grad():
         module.weight = nn.Parameter(W4A16Tensor.from_float(weight), requires_grad=False)
     if module.bias is not None:

@@ -20,10 +20,6 @@ aten = torch.ops.aten
 class PackedWeight(TorchAOBaseTensor):
     dtype_fields: tuple[str, ...] = ()  # parts cast to the new model dtype by .to(dtype)
 
-    def storage_nbytes(self) -> int:
-        """Bytes held by all parts (the logical ``nbytes`` would count a 16-bit [N, K] weight)."""
-        return sum(t.numel() * t.element_size() for t in self._data_tensors())
-
     def _data_tensors(self) -> list[torch.Tensor]:
         names = self.tensor_data_names + list(getattr(self, "optional_tensor_data_names", []))
         return [getattr(self, n) for n in names if getattr(self, n) is not None]
@@ -33,19 +29,29 @@ class PackedWeight(TorchAOBaseTensor):
 
 
 def distinct_nbytes(tensors) -> int:
-    """Bytes held by ``tensors`` (quantized weights by their parts), each storage counted once: the members of a
-    shared input group hold views of one λ and one down projection (``quantize.sharing``)."""
+    """Bytes held by ``tensors``, each storage counted once. Tensor subclasses (our quantized weights, torchao's)
+    count by their inner tensors, not their logical 16-bit size; the members of a shared input group hold views of
+    one λ and one down projection (``quantize.sharing``), counted once."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
     seen, total = set(), 0
-    for t in tensors:
-        for p in (t._data_tensors() if isinstance(t, PackedWeight) else [t]):
-            if p.device.type == "meta":  # no storage to tell apart
-                total += p.numel() * p.element_size()
-                continue
-            storage = p.untyped_storage()
-            key = (storage.data_ptr(), p.device)
-            if key not in seen:
-                seen.add(key)
-                total += storage.nbytes()
+    stack = list(tensors)
+    while stack:
+        t = stack.pop()
+        if t is None:
+            continue
+        if is_traceable_wrapper_subclass(t):
+            names, _ = t.__tensor_flatten__()
+            stack.extend(getattr(t, n) for n in names)
+            continue
+        if t.device.type == "meta":  # no storage to tell apart
+            total += t.numel() * t.element_size()
+            continue
+        storage = t.untyped_storage()
+        key = (storage.data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
     return total
 
 
