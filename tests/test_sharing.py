@@ -205,3 +205,30 @@ def test_a_move_copies_shared_parts_and_share_inputs_restores_them(name, move):
     assert share_inputs(model) == 6
     assert _same(attn.to_q.weight.proj_down, attn.to_k.weight.proj_down)
     assert _against_unshared(unshared, model, inputs) == (SHARED, True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (a CUDA graph capture)")
+def test_cuda_graph_capture_bypasses_the_cache():
+    """An eager call right before a capture must not let the capture reuse its quantization: the graph would then
+    replay the GEMMs on the codes of the capture-time input. Replays follow new inputs, bit-identical to eager."""
+    _, model = _quantized_pair()
+    model.cuda()
+    share_inputs(model)
+    attn = model.transformer_blocks[0].attn
+    static_x = torch.randn(2, 5, attn.to_q.in_features, device="cuda", dtype=torch.bfloat16)
+    qkv = lambda t: torch.cat([attn.to_q(t), attn.to_k(t), attn.to_v(t)], -1)  # noqa: E731
+    with torch.no_grad():
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            qkv(static_x)  # warm-up: fills the cache with static_x's quantization
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            static_y = qkv(static_x)
+        new_x = torch.randn_like(static_x)
+        static_x.copy_(new_x)
+        g.replay()
+        torch.cuda.synchronize()
+        ops.clear_act_cache()
+        assert torch.equal(static_y, qkv(new_x))

@@ -93,7 +93,8 @@ def w4a16_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
 # have no version counter: an in-place write under ``torch.inference_mode`` leaves no trace, and a hit would then
 # be a silent wrong result, so calls whose input, smooth or proj_down is an inference tensor are never cached (the
 # compiled path merges the calls in the graph instead; eager callers get the reuse under ``torch.no_grad``). Only
-# plain ``torch.Tensor`` inputs outside tracing are cached (no fake, functional or other subclass tensors).
+# plain ``torch.Tensor`` inputs outside tracing and outside CUDA graph capture are cached (no fake, functional or
+# other subclass tensors).
 # ------------------------------------------------------------------------------------------------------------------
 _cache = threading.local()
 
@@ -120,7 +121,9 @@ def _matches(saved, t: torch.Tensor, hold: bool) -> bool:
 
 def _cached_quantize_act(x, smooth, proj_down, precision: str, act_unsigned: bool):
     """quantize_act through the one-entry cache, or None when these arguments cannot be cached."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        # A hit during a CUDA graph capture would leave quantize_act out of the graph (replays would reuse codes of
+        # the capture-time input), and an entry made during one would hold memory of that graph's pool.
         return None
     args, hold = (x, smooth, proj_down), (False, True, True)
     keys = [_key(t, h) for t, h in zip(args, hold)]
