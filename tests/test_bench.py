@@ -178,3 +178,13 @@ def test_report_ratios_and_failures():
     assert "| bf16-compile | 128.0 | 1.00x | 2.00 GiB | 4.00 GiB | 60.0 | 1 / 0 |" in md
     assert "| fp8-compile | 102.4 | 1.25x |" in md and "502 linears fp8" in md
     assert "| fp8-compile-coordesc | - | - |" in md and "**timed out after 240 s**" in md
+
+
+def test_idle_attributes_each_gap_to_the_kernel_that_waited():
+    from svdquant_ops.integrations.bench import _idle
+
+    # (start, end, name) in µs; "x" runs inside "b"'s span (overlap: no gap before it), two gaps before "b"
+    r = _idle([(35, 40, "b"), (0, 10, "a"), (12, 20, "b"), (20, 30, "c"), (38, 39, "x")], steps=1)
+    assert r["kernels_per_step"] == 5
+    assert abs(r["span_ms_per_step"] - 0.040) < 1e-12 and abs(r["idle_ms_per_step"] - 0.007) < 1e-12
+    assert [(e["before"], e["gaps_per_step"]) for e in r["idle_top"]] == [("b", 2)]

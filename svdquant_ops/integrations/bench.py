@@ -271,10 +271,12 @@ def _profile(step, device, steps: int) -> dict:
         if cuda:
             torch.cuda.synchronize()
     per: dict[str, float] = {}
+    kernels = []
     if cuda:
         for e in prof.events():
             if e.device_type == torch.autograd.DeviceType.CUDA:
                 per[e.name] = per.get(e.name, 0.0) + e.device_time_total
+                kernels.append((e.time_range.start, e.time_range.end, e.name))
     else:
         for e in prof.key_averages():
             if not e.key.startswith("ProfilerStep"):
@@ -283,9 +285,34 @@ def _profile(step, device, steps: int) -> dict:
     for name, us in per.items():
         cats[categorize(name)] += us / 1e3 / steps
     top = sorted(per.items(), key=lambda kv: -kv[1])[:15]
-    return {"steps": steps, "source": "CUDA kernels" if cuda else "CPU operators (self time)",
-            "ms_per_step": cats, "total_ms_per_step": sum(cats.values()),
-            "top": [{"name": n[:200], "category": categorize(n), "ms_per_step": us / 1e3 / steps} for n, us in top]}
+    out = {"steps": steps, "source": "CUDA kernels" if cuda else "CPU operators (self time)",
+           "ms_per_step": cats, "total_ms_per_step": sum(cats.values()),
+           "top": [{"name": n[:200], "category": categorize(n), "ms_per_step": us / 1e3 / steps} for n, us in top]}
+    if kernels:
+        out.update(_idle(kernels, steps))
+    return out
+
+
+def _idle(kernels: list, steps: int) -> dict:
+    """Where the GPU waits between kernels: the kernels per step, the span from the first kernel's start to the last
+    one's end, and the idle time before each kernel (its start minus the latest end so far), summed per step by the
+    name of the kernel that waited (top 10)."""
+    kernels.sort()
+    idle: dict[str, list] = {}
+    last_end = kernels[0][1]
+    for start, end, name in kernels[1:]:
+        gap = start - last_end
+        if gap > 0:
+            slot = idle.setdefault(name, [0.0, 0])
+            slot[0] += gap
+            slot[1] += 1
+        last_end = max(last_end, end)
+    top = sorted(idle.items(), key=lambda kv: -kv[1][0])[:10]
+    return {"kernels_per_step": len(kernels) / steps,
+            "span_ms_per_step": (last_end - kernels[0][0]) / 1e3 / steps,
+            "idle_ms_per_step": sum(v[0] for v in idle.values()) / 1e3 / steps,
+            "idle_top": [{"before": n[:200], "category": categorize(n), "ms_per_step": v[0] / 1e3 / steps,
+                          "gaps_per_step": v[1] / steps} for n, v in top]}
 
 
 def run_one(name: str, *, model: str = "flux-dev", size: int = 1024, batch: int = 1, iters: int = 10,
@@ -648,6 +675,14 @@ def report(meta: dict, rows: list[dict], header_md) -> str:
                          + f" | {p['total_ms_per_step']:.1f} |")
         lines += ["", "fp8's activation quantization is ATen ops that Inductor fuses with their neighbours: it is in "
                   "'other'. The top kernels of each configuration are in the JSON file (profile.top)."]
+        idle = [r for r in prof if r["profile"].get("kernels_per_step")]
+        if idle:
+            lines += ["", "GPU idle between kernels (profiled steps; the kernels that waited longest are in "
+                      "profile.idle_top):", "", "| configuration | kernels / step | first start to last end, ms / step "
+                      "| idle, ms / step |", "|---|---|---|---|"]
+            lines += [f"| {r['config']} | {r['profile']['kernels_per_step']:.0f} | "
+                      f"{r['profile']['span_ms_per_step']:.1f} | {r['profile']['idle_ms_per_step']:.1f} |"
+                      for r in idle]
     return "\n".join(lines) + "\n"
 
 
