@@ -19,6 +19,7 @@ aten = torch.ops.aten
 
 class PackedWeight(TorchAOBaseTensor):
     dtype_fields: tuple[str, ...] = ()  # parts cast to the new model dtype by .to(dtype)
+    optional_tensor_data_names: list[str] = []  # parts that may be None
 
     def _data_tensors(self) -> list[torch.Tensor]:
         names = self.tensor_data_names + list(getattr(self, "optional_tensor_data_names", []))
@@ -26,6 +27,13 @@ class PackedWeight(TorchAOBaseTensor):
 
     def validate(self):  # overridden by formats with value checks beyond shapes and dtypes
         return self
+
+    def __tensor_flatten__(self):
+        # torchao's generic version, without its hasattr probes: a compiled model calls this twice per quantized
+        # weight and step (Dynamo's metadata guard, AOTAutograd's unwrapping), ~1000 times per FLUX step.
+        names = list(self.tensor_data_names)
+        names += [n for n in self.optional_tensor_data_names if getattr(self, n) is not None]
+        return names, {a: getattr(self, a) for a in self.tensor_attribute_names}
 
 
 def distinct_nbytes(tensors) -> int:
