@@ -60,6 +60,7 @@ class Config:
     compile: bool
     mode: str | None = None  # torch.compile mode
     torchao_inductor: bool = False  # fp8: let torchao set its "recommended" Inductor globals (the 2026-12-04 hang)
+    dict_tag_guards: bool = False  # Dynamo's experimental recursive dict-tag guards (a shorter host prologue)
 
     @property
     def cuda_only(self) -> bool:
@@ -73,6 +74,8 @@ class Config:
             how += f', mode="{self.mode}"'
         if self.torchao_inductor:
             how += ", torchao's Inductor settings (coordinate descent tuning)"
+        if self.dict_tag_guards:
+            how += ", recursive dict-tag guards"
         return f"{what[self.weights]} {how}"
 
 
@@ -85,6 +88,10 @@ def _configs() -> dict[str, Config]:
         out[f"{w}-eager"] = Config(f"{w}-eager", w, False)
     # Diagnostic, not in the default set: torchao's default set_inductor_config=True (what hung on 2026-12-04).
     out["fp8-compile-coordesc"] = Config("fp8-compile-coordesc", "fp8", True, torchao_inductor=True)
+    # Diagnostic: torch._dynamo.config.use_recursive_dict_tags_for_guards (HISTORY.md, 2026-12-04: the guards on
+    # ~3700 inner tensors are most of a compiled quantized step's host prologue).
+    for w in ("bf16", "fp8", "w4a8"):
+        out[f"{w}-compile-tags"] = Config(f"{w}-compile-tags", w, True, dict_tag_guards=True)
     return out
 
 
@@ -371,6 +378,8 @@ def run_one(name: str, *, model: str = "flux-dev", size: int = 1024, batch: int 
 
     if cfg.compile:
         torch._logging.set_logs(recompiles=True)  # a recompile prints its reason (the guard that failed)
+    if cfg.dict_tag_guards:  # this process only (one configuration per process)
+        torch._dynamo.config.use_recursive_dict_tags_for_guards = True
     fn = torch.compile(m, fullgraph=True, mode=cfg.mode) if cfg.compile else m
     ro = cfg.mode == "reduce-overhead"
 
