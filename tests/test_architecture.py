@@ -16,7 +16,8 @@ LAYERS = [
     ("svdquant_ops.storage", 1), ("svdquant_ops.tensor", 1),  # the latter: 0.1.0's path, an alias of storage.tensor
     ("svdquant_ops.ops", 2), ("svdquant_ops.meta", 2),
     ("svdquant_ops.quantize", 3),
-    ("svdquant_ops.integrations", 4),
+    ("svdquant_ops.integrations", 4), ("svdquant_ops.lora", 4),  # the latter: the LoRA facade
+    ("svdquant_ops.nunchaku", 4),  # the Nunchaku import facade
 ]
 NAMES = ["formats/packing", "storage", "ops", "algorithm", "integrations"]
 

@@ -160,6 +160,8 @@ def test_w4a8_safetensors_checks_multipliers_and_channel_scale(tmp_path):
     cases = [("_weight_scales", lambda t: t.index_fill_(1, torch.tensor([0]), 0), r"scales \(W4A8 multipliers\) "
               r"must be in \[1, 18\], found 0"),
              ("_weight_scales", lambda t: t.index_fill_(1, torch.tensor([0]), 19), "must be in .1, 18., found 19"),
+             ("_weight_codes", lambda t: t.index_fill_(1, torch.tensor([5]), 0x80), r"W4A8 codes must be in \[-7, 7\], "
+              "found -8"),
              ("_weight_scales", lambda t: t.to(torch.bfloat16), "scales must have shape .* and dtype in "
               r"\['torch.uint8'\]"),
              ("_weight_global_scale", lambda t: t.index_fill_(0, torch.tensor([3]), -1.0), "global_scale .* must be >= 0"),

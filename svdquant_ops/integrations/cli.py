@@ -3,6 +3,7 @@
     svdquant quantize [MODEL] [--out DIR] [--precision int4|nvfp4|w4a8] [--rank 32] [--prompts FILE]
                       [--num-prompts N] [--steps N] [--device cuda] [--gptq]
     svdquant generate DIR --prompt TEXT [--out image.png] [--steps N] [--seed N] [--compile] [--device cuda]
+    svdquant generate NUNCHAKU.safetensors --base MODEL --prompt TEXT [--precision w4a8] [...]
 
 Without MODEL, ``quantize`` uses the built-in default (a small FLUX.1-architecture pipeline with seeded weights, no
 download). MODEL is a hub id or a local diffusers pipeline directory. Bad input ends with one line on stderr and
@@ -111,6 +112,10 @@ def cmd_generate(args) -> int:
     from .pipelines import denoiser_of, is_quantized
 
     path = Path(args.dir)
+    if path.is_file() and path.suffix == ".safetensors":  # a Nunchaku checkpoint: the transformer, on a base pipeline
+        return _generate(args, *_nunchaku_pipeline(args, path))
+    if args.base or args.precision:
+        raise UsageError("--base and --precision apply to a Nunchaku .safetensors file, not to a pipeline directory")
     if not (path / "model_index.json").is_file():
         raise UsageError(f"{args.dir}: not a diffusers pipeline directory (no model_index.json)")
     device = _device(args.device)
@@ -127,10 +132,48 @@ def cmd_generate(args) -> int:
     prepare_model(denoiser)
     share_inputs(denoiser)
     install_compile_pass()
-    if args.compile:
-        denoiser.compile(fullgraph=True)
     report = path / "svdquant_report.json"
     builtin = report.is_file() and json.loads(report.read_text()).get("model") == BUILTIN
+    return _generate(args, pipe, denoiser, builtin)
+
+
+def _nunchaku_pipeline(args, path: Path):
+    """(pipeline, transformer, builtin) for `generate FILE.safetensors --base MODEL`: the Nunchaku transformer
+    (svdquant_ops.nunchaku) in the base pipeline's place."""
+    import torch
+
+    from .nunchaku import load_nunchaku_transformer
+    from .pipelines import tiny_flux_pipeline
+
+    if not args.base:
+        raise UsageError(f"{args.dir}: a Nunchaku checkpoint holds only the transformer; name the base pipeline for "
+                         "the text encoders, VAE and scheduler with --base (hub id or directory, e.g. "
+                         "black-forest-labs/FLUX.1-schnell)")
+    device = _device(args.device)
+    transformer = load_nunchaku_transformer(path, device=device, precision=args.precision)
+    builtin = args.base == BUILTIN
+    if builtin:
+        pipe = tiny_flux_pipeline()
+        pipe.transformer = transformer
+    else:
+        from diffusers import DiffusionPipeline
+
+        base = Path(args.base)
+        if not base.exists() and (args.base.startswith((".", "/", "~")) or args.base.count("/") != 1):
+            raise UsageError(f"--base {args.base}: no such directory, and not a hub id of the form 'owner/name'")
+        try:
+            pipe = DiffusionPipeline.from_pretrained(args.base, transformer=transformer, torch_dtype=torch.bfloat16)
+        except OSError as exc:
+            detail = str(exc).splitlines()[0][:200]
+            raise UsageError(f"--base {args.base}: cannot load the pipeline: {detail}") from None
+    return pipe.to(device), transformer, builtin
+
+
+def _generate(args, pipe, denoiser, builtin: bool) -> int:
+    import torch
+
+    if args.compile:
+        denoiser.compile(fullgraph=True)
     call = _call_args(builtin, args)
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -173,7 +216,10 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--gptq", action="store_true", help="GPTQ for the 4-bit residual instead of round-to-nearest")
     q.set_defaults(run=cmd_quantize)
     g = sub.add_parser("generate", help="generate an image with a quantized pipeline directory")
-    g.add_argument("dir", help="a directory written by `svdquant quantize`")
+    g.add_argument("dir", help="a directory written by `svdquant quantize`, or a Nunchaku SVDQuant .safetensors file")
+    g.add_argument("--base", help="for a Nunchaku file: the base pipeline (hub id or directory; builtin:tiny-flux)")
+    g.add_argument("--precision", choices=("int4", "nvfp4", "w4a8"),
+                   help="for a Nunchaku file: w4a8 converts it at load time (default: the file's own, exact)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--out", default="image.png", help="image file to write (image.png)")
     g.add_argument("--steps", type=int, default=4, help="denoising steps (4)")

@@ -129,6 +129,10 @@ class SVDQuantTensor(PackedWeight):
             if lo < 1 or hi > W4A8_MULT_MAX:
                 raise ValueError(f"SVDQuantTensor: scales (W4A8 multipliers) must be in [1, {W4A8_MULT_MAX}], found "
                                  f"{lo if lo < 1 else hi} (corrupt checkpoint?)")
+        # code -8 (nibble 8) times a multiplier up to 18 leaves int8: W4A8 codes are [-7, 7] (INT4's are [-8, 7])
+        if self.codes.numel() and (((self.codes & 0xF) == 8) | ((self.codes >> 4) == 8)).any():
+            raise ValueError("SVDQuantTensor: W4A8 codes must be in [-7, 7], found -8 (an INT4 weight relabelled as "
+                             "W4A8, or a corrupt checkpoint?)")
         if not torch.isfinite(self.global_scale).all():
             raise ValueError("SVDQuantTensor: global_scale contains NaN or Inf (corrupt checkpoint?)")
         if not (self.global_scale >= 0).all():
