@@ -358,3 +358,14 @@ def assert_cuda_graph_replays_eager(fn, x: torch.Tensor) -> None:
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(static_y.view(torch.int16), fn(x2).view(torch.int16))
+
+
+def fresh_compile_state():
+    """Generator for an autouse fixture: Dynamo's caches and the ops' eager quantize_act cache reset around a test."""
+    from svdquant_ops import ops
+
+    torch._dynamo.reset()
+    ops.clear_act_cache()
+    yield
+    torch._dynamo.reset()
+    ops.clear_act_cache()

@@ -21,18 +21,12 @@ from svdquant_ops import SVDQuantConfig, ops, prepare_model, quantize_model
 from svdquant_ops.quantize.sharing import share_inputs
 from svdquant_ops.storage import SVDQuantTensor
 
-from .builders import flux_inputs, tiny_flux
+from .builders import fresh_compile_state, flux_inputs, tiny_flux
 
 UNSHARED, SHARED = 34, 20
 
 
-@pytest.fixture(autouse=True)
-def _fresh():
-    torch._dynamo.reset()
-    ops.clear_act_cache()
-    yield
-    torch._dynamo.reset()
-    ops.clear_act_cache()
+_fresh = pytest.fixture(autouse=True)(fresh_compile_state)  # no Dynamo cache or cached quantization between tests
 
 
 def _quantized_pair():

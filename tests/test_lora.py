@@ -1,0 +1,380 @@
+"""LoRA adapters on quantized models (issue 16): ``svdquant_ops.lora``.
+
+An adapter on an SVDQuant linear is appended to its low-rank branch (``proj_down`` / ``proj_up`` grow by the
+adapter's rank, padded to 16); on 16-bit and 4-bit weight-only linears, and where the branch would pass
+``max_fused_rank``, it is an exact side branch (a forward hook). Strength changes write into the adapter's columns
+in place. Every test here runs on the CPU ops.
+
+Tolerances against float64 (``_bound``): the 4-bit part of a layer's output is computed identically with and
+without the adapter (same activation codes, same group products), so ``y_lora - y_base`` differs from the exact
+delta ``s·a/r·(x·Aᵀ)·Bᵀ`` only by rounding: the fp32 dot products of ``down_act = x @ Aᵀ`` (length K) and of the
+branch sum (R terms), at most (K + R)·u·M with u = 2^-24 and ``M = |s|·(|x|·|A|ᵀ)·|B|ᵀ``; the rounding of
+``s·a/r·B`` to the model dtype, u_m·Mr with ``Mr = |s|·|x·Aᵀ|·|B|ᵀ`` (u_m = 2^-24 for fp32, 2^-8 for bf16: its
+2^-9 doubled for the fp32 sums around it); one rounding of each output to the model dtype plus the fp32 additions
+around it, 4·u_m·(|y_base| + |y_lora|). The side branch computes in the model dtype (``x·Dᵀ`` and the product with
+``U`` each rounded once): 2·u_m·Mr more. A wrong strength, alpha, transpose or column is off by O(|delta|), which
+every test checks to be at least 10x the bound.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch._dynamo
+from safetensors.torch import save_file
+from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
+from torchao.quantization import quantize_
+
+from svdquant_ops import SVDQuantConfig, W4A16Config, ops, quantize_model
+from svdquant_ops.lora import (enable_pipeline_lora, load_lora, lora_scales, read_lora, set_adapters, set_lora_scale,
+                               unload_lora)
+from svdquant_ops.storage import SVDQuantTensor, W4A16Tensor
+
+from .builders import fresh_compile_state, flux_inputs, tiny_flux
+
+U = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8}  # unit roundoff (bf16: 2^-9, doubled for its fp32 sums)
+
+
+_fresh = pytest.fixture(autouse=True)(fresh_compile_state)  # no Dynamo cache or cached quantization between tests
+
+
+# ---------------------------------------------------------------- helpers
+def _layers(dtype=torch.float32, precision="int4"):
+    """An SVDQuant linear, a 4-bit weight-only linear and a 16-bit linear (random weights)."""
+    torch.manual_seed(0)
+    net = nn.ModuleDict(dict(svdq=nn.Linear(256, 192), w4a16=nn.Linear(256, 384), plain=nn.Linear(128, 96)))
+    net = net.to(dtype).eval()
+    quantize_(net.svdq, SVDQuantConfig(precision=precision))
+    quantize_(net.w4a16, W4A16Config())
+    assert isinstance(net.svdq.weight, SVDQuantTensor) and isinstance(net.w4a16.weight, W4A16Tensor)
+    return net
+
+
+def _lora(model: nn.Module, names, rank: int, seed: int, dtype=torch.float32, prefix: str = "") -> dict:
+    """A diffusers-format LoRA state dict for ``names``: A ~ N(0, 1/K), B ~ N(0, 1/4), so x·Aᵀ·Bᵀ is O(|x|)."""
+    g = torch.Generator().manual_seed(seed)
+    mods = dict(model.named_modules())
+    sd = {}
+    for name in names:
+        n, k = mods[name].weight.shape
+        sd[f"{prefix}{name}.lora_A.weight"] = (torch.randn(rank, k, generator=g) / k**0.5).to(dtype)
+        sd[f"{prefix}{name}.lora_B.weight"] = (torch.randn(n, rank, generator=g) / 2).to(dtype)
+    return sd
+
+
+def _delta(sd: dict, name: str, x: torch.Tensor, scale: float, alpha_scale: float = 1.0):
+    """The exact delta of ``name``'s LoRA at strength ``scale`` in float64, with the magnitudes its rounding errors
+    scale with: ``M = |s|·(|x|·|A|ᵀ)·|B|ᵀ`` (fp32 dot products over K) and ``Mr = |s|·|x·Aᵀ|·|B|ᵀ`` (roundings of
+    ``x·Aᵀ`` or of ``s·B`` to the model dtype)."""
+    a, b = sd[f"{name}.lora_A.weight"].double(), sd[f"{name}.lora_B.weight"].double()
+    s = scale * alpha_scale
+    x = x.double()
+    return s * (x @ a.T) @ b.T, (abs(s) * (x.abs() @ a.abs().T) @ b.abs().T, abs(s) * (x @ a.T).abs() @ b.abs().T)
+
+
+def _bound(y_base, y_lora, mags, k: int, r: int, dtype, side: bool):
+    m, mr = mags
+    u, um = 2.0**-24, U[dtype]
+    return (k + r) * u * m + um * (3 if side else 1) * mr + 4 * um * (y_base.double().abs() + y_lora.double().abs())
+
+
+def _check(y_base, y_lora, delta, mags, k, r, dtype, side):
+    err = ((y_lora.double() - y_base.double()) - delta).abs()
+    bound = _bound(y_base, y_lora, mags, k, r, dtype, side)
+    assert (err <= bound).all(), f"max error {err.max():.3g}, ratio to bound {(err / bound).max():.3g}"
+    assert delta.abs().max() > 10 * bound.max()  # the delta is far above the tolerance: a wrong one would show
+    return (err / delta.abs().max()).max().item()
+
+
+def _parts(model):
+    """Every inner tensor of every SVDQuant weight, copied."""
+    out = {}
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Linear) and isinstance(m.weight, SVDQuantTensor):
+            out[n] = [getattr(m.weight, f).clone() for f in m.weight.__tensor_flatten__()[0]]
+    return out
+
+
+# ---------------------------------------------------------------- exactness against float64
+@pytest.mark.parametrize("dtype,precision", [(torch.float32, "int4"), (torch.float32, "nvfp4"),
+                                             (torch.bfloat16, "w4a8"), (torch.bfloat16, "int4")])
+def test_output_is_quantized_output_plus_lora_delta(dtype, precision):
+    net = _layers(dtype, precision)
+    names = ["svdq", "w4a16", "plain"]
+    sd = _lora(net, names, rank=8, seed=1, dtype=dtype)
+    xs = {n: torch.randn(2, 5, m.weight.shape[1]).to(dtype) for n, m in net.items()}
+    with torch.no_grad():
+        base = {n: net[n](xs[n]) for n in names}
+        counts = load_lora(net, sd, "a", scale=0.7)
+        assert counts == {"fused": 1, "side": 2}
+        assert net.svdq.weight.rank == 32 + 16  # rank 8 padded to 16
+        for n in names:
+            delta, m = _delta(sd, n, xs[n], 0.7)
+            _check(base[n], net[n](xs[n]), delta, m, xs[n].shape[-1], 48, dtype, side=n != "svdq")
+
+
+def test_two_stacked_adapters_strengths_zero_and_unload():
+    net = _layers()
+    names = ["svdq", "w4a16", "plain"]
+    sa, sb = _lora(net, names, rank=8, seed=1), _lora(net, names, rank=12, seed=2)
+    xs = {n: torch.randn(7, m.weight.shape[1]) for n, m in net.items()}
+    parts = _parts(net)
+    with torch.no_grad():
+        base = {n: net[n](xs[n]) for n in names}
+        load_lora(net, sa, "a", scale=0.7)
+        load_lora(net, sb, "b", scale=-1.3)
+        assert net.svdq.weight.rank == 32 + 16 + 16 and lora_scales(net) == {"a": 0.7, "b": -1.3}
+        for n in names:
+            da, ma = _delta(sa, n, xs[n], 0.7)
+            db, mb = _delta(sb, n, xs[n], -1.3)
+            mags = (ma[0] + mb[0], ma[1] + mb[1])
+            _check(base[n], net[n](xs[n]), da + db, mags, xs[n].shape[-1], 64, torch.float32, n != "svdq")
+        # strength 0 writes zeros into the adapter's columns: exactly the model without it
+        set_lora_scale(net, "a", 0.0)
+        set_lora_scale(net, "b", 0.0)
+        for n in names:
+            assert torch.equal(net[n](xs[n]), base[n]), n
+        set_adapters(net, ["b"], [2.0])  # diffusers' selection: a stays at 0
+        assert lora_scales(net) == {"a": 0.0, "b": 2.0}
+        for n in names:
+            db, mb = _delta(sb, n, xs[n], 2.0)
+            _check(base[n], net[n](xs[n]), db, mb, xs[n].shape[-1], 64, torch.float32, n != "svdq")
+        with_b = {n: net[n](xs[n]) for n in names}
+        unload_lora(net, "a")  # b's columns move left, keeping their values
+        assert net.svdq.weight.rank == 48 and lora_scales(net) == {"b": 2.0}
+        for n in names:
+            torch.testing.assert_close(net[n](xs[n]), with_b[n], rtol=0, atol=1e-5)
+        assert torch.equal(net.svdq(xs["svdq"]), with_b["svdq"])  # zero columns removed: same fp32 sums
+        unload_lora(net)
+        for n in names:
+            assert torch.equal(net[n](xs[n]), base[n]), n
+    assert all(torch.equal(a, b) for n in parts for a, b in zip(parts[n], _parts(net)[n]))
+    assert not net.w4a16._forward_hooks and not net.plain._forward_hooks
+    assert not any("lora" in k for k in net.state_dict()) and lora_scales(net) == {}
+
+
+def test_rank_past_the_fast_path_becomes_a_side_branch():
+    net = _layers()
+    sd = _lora(net, ["svdq"], rank=40, seed=3)  # 32 + 48 > 64: quantize_act would leave its CUDA fast path
+    x = torch.randn(6, 256)
+    with torch.no_grad():
+        base = net.svdq(x)
+        assert load_lora(net, sd, "wide") == {"fused": 0, "side": 1}
+        assert net.svdq.weight.rank == 32
+        delta, m = _delta(sd, "svdq", x, 1.0)
+        _check(base, net.svdq(x), delta, m, 256, 40, torch.float32, side=True)
+        unload_lora(net)
+        assert load_lora(net, sd, "wide", max_fused_rank=None) == {"fused": 1, "side": 0}  # no limit: fused
+        assert net.svdq.weight.rank == 32 + 48
+        _check(base, net.svdq(x), delta, m, 256, 80, torch.float32, side=False)
+
+
+def test_alpha_metadata_and_kohya_scaling(tmp_path):
+    net = _layers()
+    sd = _lora(net, ["svdq"], rank=8, seed=4)
+    path = tmp_path / "a.safetensors"  # PEFT metadata as diffusers' save_lora_weights writes it
+    save_file(sd, str(path), metadata={"lora_adapter_metadata": json.dumps({"r": 8, "lora_alpha": 32})})
+    assert read_lora(net, str(path))["svdq"].scale == 4.0
+    with_alpha = dict(sd, **{"svdq.alpha": torch.tensor(4.0)})
+    assert read_lora(net, with_alpha)["svdq"].scale == 0.5
+
+
+# ---------------------------------------------------------------- input sharing (one quantize_act per input)
+def _quantized_flux():
+    model = tiny_flux()
+    quantize_model(model)
+    return model
+
+
+def _count_quantize_act(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = fn()
+    return out, [e.name for e in prof.events()].count("svdquant::quantize_act")
+
+
+def test_lora_on_to_q_leaves_shared_siblings_bit_identical():
+    model = _quantized_flux()
+    attn = model.transformer_blocks[0].attn
+    single = model.single_transformer_blocks[0]
+    x = torch.randn(1, 9, 128).to(torch.bfloat16)
+    inputs = flux_inputs()
+    sd = _lora(model, ["transformer_blocks.0.attn.to_q"], rank=8, seed=5, dtype=torch.bfloat16)
+    sd.update(_lora(model, ["single_transformer_blocks.0.attn.to_q"], rank=8, seed=6, dtype=torch.bfloat16))
+    with torch.no_grad():
+        before = {n: getattr(attn, n)(x) for n in ("to_q", "to_k", "to_v")}
+        before_single = {n: m(x) for n, m in (("q", single.attn.to_q), ("k", single.attn.to_k),
+                                              ("mlp", single.proj_mlp))}
+        ref, n_ref = _count_quantize_act(lambda: model(**inputs).sample)
+        load_lora(model, sd, "q_only", max_fused_rank=None)  # the single block's [qkv | mlp] group: 64 + 16
+        assert attn.to_q.weight.rank == attn.to_k.weight.rank == 48 and single.proj_mlp.weight.rank == 80
+        for group in ((attn.to_q, attn.to_k, attn.to_v), (single.attn.to_q, single.attn.to_k, single.proj_mlp)):
+            pd, sm = group[0].weight.proj_down, group[0].weight.smooth
+            assert all(m.weight.proj_down.data_ptr() == pd.data_ptr() and m.weight.smooth.data_ptr() == sm.data_ptr()
+                       for m in group)
+        assert torch.equal(attn.to_k(x), before["to_k"]) and torch.equal(attn.to_v(x), before["to_v"])
+        assert not torch.equal(attn.to_q(x), before["to_q"])
+        assert torch.equal(single.attn.to_k(x), before_single["k"]) and torch.equal(single.proj_mlp(x),
+                                                                                    before_single["mlp"])
+        out, n = _count_quantize_act(lambda: model(**inputs).sample)
+        assert n == n_ref == 20  # still one quantize_act per input (test_sharing)
+        assert not torch.equal(out, ref)
+        unload_lora(model)
+        assert attn.to_q.weight.rank == 32 and single.proj_mlp.weight.rank == 64
+        assert attn.to_q.weight.proj_down.data_ptr() == attn.to_k.weight.proj_down.data_ptr()
+        assert torch.equal(model(**inputs).sample, ref)
+
+
+def test_whole_model_compile_strength_changes_do_not_recompile():
+    model = _quantized_flux()
+    names = ["transformer_blocks.0.attn.to_q", "transformer_blocks.1.ff.net.2", "single_transformer_blocks.0.attn.to_k",
+             "transformer_blocks.0.norm1.linear", "x_embedder"]  # fused, fused, side (rank 64), W4A16, 16-bit
+    assert load_lora(model, _lora(model, names, rank=8, seed=10, dtype=torch.bfloat16), "a") == {"fused": 2, "side": 3}
+    cnt = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=cnt)
+    inputs = flux_inputs()
+    with torch.inference_mode():
+        first = compiled(**inputs).sample
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for scale in (0.3, 0.0, -2.0):
+                set_lora_scale(model, "a", scale)
+                out = compiled(**inputs).sample
+                assert torch.equal(out, model(**inputs).sample) and not torch.equal(out, first)
+        assert cnt.frame_count == 1
+        unload_lora(model)
+        compiled(**inputs)
+    assert cnt.frame_count == 2  # the rank changed back: one recompile
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (a CUDA graph capture)")
+def test_cuda_graph_replay_sees_a_strength_change():
+    """On the GPU: adapters on the CUDA kernels (fused and side), and a strength change written while a CUDA graph
+    holds the weights takes effect at the next replay, equal to eager at that strength (not run on CPU machines)."""
+    model = _quantized_flux()
+    names = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.ff.net.2", "single_transformer_blocks.0.attn.to_k",
+             "transformer_blocks.0.norm1.linear"]  # fused, fused, side (rank 64), W4A16 side
+    sd = _lora(model, names, rank=16, seed=11, dtype=torch.bfloat16)
+    model.cuda()
+    assert load_lora(model, sd, "a", scale=1.0) == {"fused": 2, "side": 2}
+    inputs = {k: v.cuda() for k, v in flux_inputs().items()}
+    fn = lambda: model(**inputs).sample  # noqa: E731
+    with torch.no_grad():
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()  # warm-up on a side stream, as torch.cuda.graph requires
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            static_y = fn()
+        outs = []
+        for scale in (0.0, -1.5, 1.0):
+            set_lora_scale(model, "a", scale)  # written in place: the captured graph reads the same memory
+            g.replay()
+            torch.cuda.synchronize()
+            outs.append(static_y.clone())
+            ops.clear_act_cache()
+            # same kernels and inputs; cuBLAS (the side branch) may pick another algorithm under capture
+            torch.testing.assert_close(outs[-1], fn(), rtol=0, atol=1e-2)
+        assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
+
+
+# ---------------------------------------------------------------- errors
+def test_helpful_errors():
+    net = _layers()
+    sd = _lora(net, ["svdq"], rank=4, seed=7)
+    with pytest.raises(ValueError, match=r"do not match the model.*svdq.*\[192, 256\]"):
+        load_lora(net, {"svdq.lora_A.weight": torch.randn(4, 128), "svdq.lora_B.weight": torch.randn(192, 4)}, "x")
+    with pytest.raises(ValueError, match=r"unknown LoRA key format.*svdq\.lokr_w1"):
+        load_lora(net, dict(sd, **{"svdq.lokr_w1": torch.randn(4, 4)}), "x")
+    with pytest.raises(ValueError, match=r"not in the ModuleDict.*'blocks.3.to_q'"):
+        load_lora(net, {"blocks.3.to_q.lora_A.weight": torch.randn(4, 8),
+                        "blocks.3.to_q.lora_B.weight": torch.randn(8, 4)}, "x")
+    load_lora(net, sd, "x")
+    with pytest.raises(ValueError, match="already loaded"):
+        load_lora(net, sd, "x")
+    with pytest.raises(KeyError, match=r"no adapter named 'y'.*\['x'\]"):
+        set_lora_scale(net, "y", 1.0)
+    with pytest.raises(KeyError, match="no adapter named 'y'"):
+        unload_lora(net, "y")
+    assert lora_scales(net) == {"x": 1.0}  # a failed load leaves nothing behind
+
+
+# ---------------------------------------------------------------- a tiny FLUX pipeline: files, compile, unload
+def _kohya_file(transformer, path, rank=4):
+    """Kohya / sd-scripts FLUX names (fused qkv, alphas) for the tiny pipeline's transformer. diffusers' converter
+    hard-codes FLUX.1's single-block linear1 split ([3072, 3072, 3072, 12288]), so the tiny model's single blocks get
+    linear2 (proj_out) only."""
+    g = torch.Generator().manual_seed(8)
+    mods = dict(transformer.named_modules())
+    attn0 = mods["transformer_blocks.0.attn.to_q"].weight.shape
+    shapes = {}
+    for i in range(2):
+        shapes[f"double_blocks_{i}_img_attn_qkv"] = (3 * attn0[0], attn0[1])
+        shapes[f"double_blocks_{i}_img_attn_proj"] = tuple(mods[f"transformer_blocks.{i}.attn.to_out.0"].weight.shape)
+        ff_context = mods[f"transformer_blocks.{i}.ff_context.net.0.proj"]
+        shapes[f"double_blocks_{i}_txt_mlp_0"] = tuple(ff_context.weight.shape)
+        shapes[f"double_blocks_{i}_img_mod_lin"] = tuple(mods[f"transformer_blocks.{i}.norm1.linear"].weight.shape)
+        shapes[f"single_blocks_{i}_linear2"] = tuple(mods[f"single_transformer_blocks.{i}.proj_out"].weight.shape)
+    sd = {}
+    for key, (n, k) in shapes.items():
+        sd[f"lora_unet_{key}.lora_down.weight"] = (torch.randn(rank, k, generator=g) / k**0.5).to(torch.bfloat16)
+        sd[f"lora_unet_{key}.lora_up.weight"] = (torch.randn(n, rank, generator=g) / 4).to(torch.bfloat16)
+        sd[f"lora_unet_{key}.alpha"] = torch.tensor(float(rank) / 2)
+    save_file(sd, str(path))
+
+
+def test_flux_pipeline_diffusers_and_kohya_files_compile_switch_unload(tmp_path):
+    from svdquant_ops.integrations.pipelines import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline()
+    quantize_model(pipe.transformer)
+    tr = pipe.transformer
+    names = [n for n, m in tr.named_modules() if n.endswith(("attn.to_q", "attn.to_out.0", "ff.net.2", "norm1.linear"))]
+    diffusers_sd = _lora(tr, names, rank=8, seed=9, dtype=torch.bfloat16, prefix="transformer.")
+    save_file(diffusers_sd, str(tmp_path / "style.safetensors"),  # PEFT metadata as a pipeline's file has it
+              metadata={"lora_adapter_metadata": json.dumps({"transformer.r": 8, "transformer.lora_alpha": 16})})
+    _kohya_file(tr, tmp_path / "kohya.safetensors")
+    assert read_lora(pipe, str(tmp_path / "style.safetensors"))["transformer_blocks.0.attn.to_q"].scale == 2.0
+    with torch.inference_mode():  # once: T5's bf16 CPU output varies from call to call (not the transformer)
+        prompt_embeds, pooled, _ = pipe.encode_prompt("a red fox", prompt_2=None, max_sequence_length=16)
+
+    def generate():
+        with torch.inference_mode():
+            return pipe(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, num_inference_steps=2, height=32,
+                        width=32, generator=torch.Generator().manual_seed(0), output_type="latent").images
+
+    base = generate()
+    counts = load_lora(pipe, str(tmp_path / "style.safetensors"), "style", scale=1.0)
+    # SVDQuant linears fused; the single blocks' to_q (their shared [qkv | mlp] branch is at rank 64 already) and the
+    # 4-bit weight-only AdaLN linears as side branches
+    assert counts == {"fused": 2 * 3, "side": 4 + 2}
+    enable_pipeline_lora(pipe)  # diffusers' own method names, routed here
+    pipe.load_lora_weights(str(tmp_path / "kohya.safetensors"), adapter_name="kohya")
+    qkv = tr.transformer_blocks[0].attn
+    # style on to_q (rank 8 -> 16 columns); Kohya's fused qkv: one A for q, k and v, appended once (16 columns)
+    assert qkv.to_q.weight.rank == qkv.to_k.weight.rank == 32 + 16 + 16
+    assert pipe.get_active_adapters() == ["style", "kohya"]
+
+    cnt = CompileCounterWithBackend("aot_eager")
+    tr.compile_repeated_blocks(fullgraph=True, backend=cnt)  # diffusers' regional compilation: each block type once
+    both = generate()
+    assert not torch.equal(both, base)
+    frames = cnt.frame_count
+    assert frames >= 2  # a double and a single block were compiled
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        pipe.set_adapters(["style", "kohya"], [0.0, 0.0])
+        assert torch.equal(generate(), base)  # strength 0 under compile: exactly the model without adapters
+        set_lora_scale(pipe, "style", 1.0)
+        set_lora_scale(pipe, "kohya", 1.0)
+        assert torch.equal(generate(), both)
+        set_lora_scale(pipe, "kohya", 0.5)
+        half = generate()
+    assert cnt.frame_count == frames  # no recompile for strength changes
+    assert not torch.equal(half, both) and not torch.equal(half, base)
+    with torch.compiler.set_stance("force_eager"):  # eager gives the same numbers (aot_eager is bit-identical)
+        assert torch.equal(generate(), half)
+        pipe.unload_lora_weights()
+        assert lora_scales(pipe) == {} and torch.equal(generate(), base)
