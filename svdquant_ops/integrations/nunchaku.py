@@ -82,6 +82,18 @@ class NunchakuFormatError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------ one linear
+def _check_layer(name: str, tensors: dict, required, allowed, keys: str, what: str) -> None:
+    """One layer's packed tensors: every required key present, no unknown key, no NaN / Inf."""
+    missing = [k for k in required if k not in tensors]
+    if missing:
+        raise NunchakuFormatError(f"{name}: missing {keys} {missing} (have {sorted(tensors)})")
+    unknown = sorted(set(tensors) - set(allowed))
+    if unknown:
+        raise NunchakuFormatError(f"{name}: unknown keys {unknown} for {what}")
+    for k, t in tensors.items():
+        _finite(f"{name}.{k}", t)
+
+
 def _finite(name: str, t: torch.Tensor | None) -> None:
     if t is not None and t.is_floating_point() and t.numel() and not torch.isfinite(t.float()).all():
         raise NunchakuFormatError(f"{name} contains NaN or Inf (corrupt checkpoint?)")
@@ -101,14 +113,8 @@ def unpack_canonical(tensors: dict, precision: str, *, name: str = "linear") -> 
     (NVFP4, when present), ``smooth`` [K], ``bias`` [N] (as stored: GELU shift compensated), ``proj_down_raw_x``
     [K, R], ``proj_up`` [N, R]. Padded sizes are kept."""
     precision = _canonical_precision(precision)
-    missing = [k for k in ("qweight", "wscales", "smooth", "lora_down", "lora_up") if k not in tensors]
-    if missing:
-        raise NunchakuFormatError(f"{name}: missing packed keys {missing} (have {sorted(tensors)})")
-    unknown = sorted(set(tensors) - set(SVDQ_KEYS))
-    if unknown:
-        raise NunchakuFormatError(f"{name}: unknown keys {unknown} for an SVDQuant W4A4 linear")
-    for k, t in tensors.items():
-        _finite(f"{name}.{k}", t)
+    _check_layer(name, tensors, ("qweight", "wscales", "smooth", "lora_down", "lora_up"), SVDQ_KEYS,
+                 "packed keys", "an SVDQuant W4A4 linear")
     nib = P.unpack_codes(tensors["qweight"])
     n, k = nib.shape
     out = {}
@@ -255,14 +261,7 @@ def unpack_awq_linear(tensors: dict, chunks: int, *, name: str = "linear", dtype
     """One AWQ W4A16 AdaLN linear (``qweight`` int32 [N/4, K/2], ``wscales`` / ``wzeros`` [K/64 (padded), N],
     ``bias`` [N]) -> our ``W4A16Tensor`` (exact: same codes, scales and zeros) and the diffusers-order bias (rows
     de-interleaved from Nunchaku's ``chunks`` order; the +1 folded into the scale chunks taken back)."""
-    missing = [k for k in ("qweight", "wscales", "wzeros") if k not in tensors]
-    if missing:
-        raise NunchakuFormatError(f"{name}: missing AWQ keys {missing} (have {sorted(tensors)})")
-    unknown = sorted(set(tensors) - set(AWQ_KEYS))
-    if unknown:
-        raise NunchakuFormatError(f"{name}: unknown keys {unknown} for an AWQ W4A16 linear")
-    for k, t in tensors.items():
-        _finite(f"{name}.{k}", t)
+    _check_layer(name, tensors, ("qweight", "wscales", "wzeros"), AWQ_KEYS, "AWQ keys", "an AWQ W4A16 linear")
     codes = P.unpack_awq(tensors["qweight"])
     n, k = codes.shape
     if n % chunks:
