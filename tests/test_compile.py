@@ -75,3 +75,23 @@ def test_tiny_flux_fullgraph_one_frame():
             compiled(**inputs2)
     assert cnt.frame_count == 1
     assert torch.equal(out, eager)
+
+
+def test_cache_key_of_a_quantized_weight_is_its_metadata(mlp):
+    """AOTAutograd's cache key for our weights (_stable_hash_for_caching): equal for same-shaped weights of one
+    format whatever their values, different when the shape or the format differs (else a cached graph compiled for
+    one would be reused for the other)."""
+    import copy
+
+    other, w8 = copy.deepcopy(mlp), copy.deepcopy(mlp)
+    with torch.no_grad():
+        other.fc1.weight.mul_(2)
+    quantize_(w8, SVDQuantConfig(precision="w4a8"))
+    quantize_(mlp, SVDQuantConfig(precision="int4"))
+    quantize_(other, SVDQuantConfig(precision="int4"))
+    a, b = mlp.fc1.weight, other.fc1.weight
+    assert not torch.equal(a.scales, b.scales)  # other values...
+    assert a._stable_hash_for_caching() == b._stable_hash_for_caching()  # ...same key
+    keys = {a._stable_hash_for_caching(), mlp.fc2.weight._stable_hash_for_caching(),
+            w8.fc1.weight._stable_hash_for_caching()}
+    assert len(keys) == 3

@@ -9,6 +9,8 @@ follow the model dtype on ``.to(dtype)`` in ``dtype_fields``; every other part s
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from torchao.utils import TorchAOBaseTensor
 
@@ -27,6 +29,17 @@ class PackedWeight(TorchAOBaseTensor):
 
     def validate(self):  # overridden by formats with value checks beyond shapes and dtypes
         return self
+
+    def _stable_hash_for_caching(self) -> str:
+        # AOTAutograd's cache key for a weight that is a graph input: what the compiled graph depends on (class,
+        # logical shape, format attributes, each part's metadata), never the values. Without it torch warns and
+        # falls back to the same information through a generic path.
+        names, attrs = self.__tensor_flatten__()
+        parts = [(n, tuple(t.shape), tuple(t.stride()), t.storage_offset(), str(t.dtype), str(t.device))
+                 for n in names for t in (getattr(self, n),)]
+        key = (type(self).__module__, type(self).__qualname__, tuple(self.shape), self.requires_grad,
+               sorted((k, str(v)) for k, v in attrs.items()), parts)
+        return hashlib.sha256(repr(key).encode()).hexdigest()
 
     def __tensor_flatten__(self):
         # torchao's generic version, without its hasattr probes: a compiled model calls this twice per quantized
