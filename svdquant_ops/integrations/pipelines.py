@@ -101,6 +101,8 @@ def tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.bfloat16):
                                              pooled_projection_dim=64, guidance_embeds=True, axes_dims_rope=[16, 24, 24])
     finally:
         torch.random.set_rng_state(gen_state)
+    for m in (clip, t5, vae, transformer):  # built, not loaded: in training mode, and T5's dropout would be on
+        m.eval()
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip,
                         tokenizer=tokenizer(77), text_encoder_2=t5, tokenizer_2=tokenizer(64), transformer=transformer)
     return pipe.to(dtype)
