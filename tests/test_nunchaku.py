@@ -491,3 +491,32 @@ def test_pack_functions_are_inverses_on_random_layouts():
     rows = torch.arange(12)
     assert P.interleave_rows(rows, 3).tolist() == [0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11]
     assert torch.equal(P.deinterleave_rows(P.interleave_rows(rows, 3), 3), rows)
+
+
+def test_lora_on_an_imported_model_reaches_the_split_proj_out(tiny):
+    """FLUX LoRAs target a single block's proj_out, which an INT4 import holds as SplitInputLinear: the adapter's A
+    is split along the two parts (B·A·x = B·A₁·x₁ + B·A₂·x₂), fused into both branches; unload restores the layer
+    bit for bit. Tolerance: the two parts sum their deltas in the model dtype (bf16), so a few bf16 ulps of the
+    output's magnitude."""
+    from svdquant_ops.lora import load_lora, unload_lora
+
+    model = load_nunchaku_transformer(tiny["files"]["small-int4"])
+    proj = model.single_transformer_blocks[0].proj_out
+    assert isinstance(proj, N.SplitInputLinear)
+    g = torch.Generator().manual_seed(3)
+    n, k, r = proj.out_features, proj.in_features, 8
+    a, b = torch.randn(r, k, generator=g) / k**0.5, torch.randn(n, r, generator=g) / 2
+    name = "single_transformer_blocks.0.proj_out"
+    x = torch.randn(2, 5, k, generator=g).to(torch.bfloat16)
+    with torch.inference_mode():
+        base = proj(x)
+    counts = load_lora(model, {f"{name}.lora_A.weight": a, f"{name}.lora_B.weight": b}, "style", scale=0.5)
+    assert counts == {"fused": 2, "side": 0}  # out_proj and mlp_fc2
+    with torch.inference_mode():
+        got = proj(x).double() - base.double()
+    want = 0.5 * (x.double() @ a.double().T) @ b.double().T
+    tol = 8 * 2.0**-8 * (base.double().abs() + want.abs()).max()
+    assert (got - want).abs().max() < tol, ((got - want).abs().max(), tol)
+    unload_lora(model)
+    with torch.inference_mode():
+        assert torch.equal(proj(x), base)

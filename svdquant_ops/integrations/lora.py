@@ -314,6 +314,7 @@ def _resolve(denoiser: nn.Module, layers: dict[str, LoraLayer]) -> dict[nn.Linea
     if missing:
         raise ValueError(f"load_lora: {len(missing)} of the LoRA's {len(layers)} target modules are not in the "
                          f"{type(denoiser).__name__}, e.g. {missing[:5]} (is the LoRA for another model?)")
+    layers = _split_inputs(modules, layers)
     wrong = [f"{n} ({type(modules[n]).__name__})" for n in layers if not isinstance(modules[n], nn.Linear)]
     if wrong:
         raise ValueError(f"load_lora: LoRA on linears only; these targets are not nn.Linear: {wrong[:5]}")
@@ -328,6 +329,24 @@ def _resolve(denoiser: nn.Module, layers: dict[str, LoraLayer]) -> dict[nn.Linea
     if bad:
         raise ValueError(f"load_lora: {len(bad)} LoRA shapes do not match the model (is the LoRA for another "
                          f"model, or another size of it?): " + "; ".join(bad[:5]))
+    return out
+
+
+def _split_inputs(modules: dict, layers: dict[str, LoraLayer]) -> dict[str, LoraLayer]:
+    """A target that is one linear over input parts held by several linears (``lora_parts()``: (child name, input
+    slice) pairs, e.g. an imported Nunchaku single block's ``proj_out``) gets one LoRA per part: A's columns of that
+    slice with the same B, since B·A·x = Σ B·A[:, part]·x[part]."""
+    out = {}
+    for name, layer in layers.items():
+        parts = getattr(modules.get(name), "lora_parts", None)
+        if parts is None:
+            out[name] = layer
+            continue
+        k = modules[name].in_features
+        if layer.down.shape[1] != k:
+            raise ValueError(f"load_lora: {name}: lora_A {list(layer.down.shape)} does not match in_features {k}")
+        for child, cols in parts():
+            out[f"{name}.{child}"] = LoraLayer(layer.down[:, cols], layer.up, layer.scale)
     return out
 
 

@@ -373,6 +373,10 @@ class SplitInputLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out_proj(x[..., : self.split]) + self.mlp_fc2(x[..., self.split:])
 
+    def lora_parts(self) -> list[tuple[str, slice]]:
+        """Which child linear reads which input columns (``svdquant_ops.lora`` splits a LoRA's A along them)."""
+        return [("out_proj", slice(0, self.split)), ("mlp_fc2", slice(self.split, self.in_features))]
+
     def extra_repr(self) -> str:
         return f"split={self.split}, in_features={self.in_features}, out_features={self.out_features}"
 
