@@ -336,19 +336,26 @@ def sdxl_unet_inputs(seed: int = 0, batch: int = 1, txt_tokens: int = 8, dtype=t
                                        time_ids=torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]] * batch).to(dtype)))
 
 
+def capture_cuda_graph(fn):
+    """``(graph, output)``: ``fn()`` warmed up on a side stream, as torch.cuda.graph requires, then captured; a
+    replay rewrites ``output`` from whatever the tensors ``fn`` reads hold then."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def assert_cuda_graph_replays_eager(fn, x: torch.Tensor) -> None:
     """Capture ``fn(static_x)`` in a CUDA graph: its replay equals the eager call bit for bit (outputs compared as
     16-bit patterns), also after new values are copied into the static input."""
     eager = fn(x)
     static_x = x.clone()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn(static_x)  # warm-up on a side stream, as torch.cuda.graph requires
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y = fn(static_x)
+    graph, static_y = capture_cuda_graph(lambda: fn(static_x))
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(static_y.view(torch.int16), eager.view(torch.int16))

@@ -10,7 +10,7 @@ import torch
 
 from svdquant_ops.nunchaku import load_nunchaku_transformer
 
-from .builders import sqnr_db
+from .builders import capture_cuda_graph, sqnr_db
 from .test_nunchaku import _flux_inputs, write_tiny_nunchaku
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -56,14 +56,7 @@ def test_runs_on_cuda_like_cpu_compiles_and_replays(files, fmt, precision):
 
     static = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in cuda_inputs.items()}
     with torch.inference_mode():
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            gpu(**static)
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            static_y = gpu(**static).sample
+        g, static_y = capture_cuda_graph(lambda: gpu(**static).sample)
         fresh = _flux_inputs(cpu, seed=1)
         for k, v in fresh.items():
             if isinstance(v, torch.Tensor):

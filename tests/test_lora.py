@@ -33,7 +33,7 @@ from svdquant_ops.lora import (enable_pipeline_lora, load_lora, lora_scales, rea
                                unload_lora)
 from svdquant_ops.storage import SVDQuantTensor, W4A16Tensor
 
-from .builders import fresh_compile_state, flux_inputs, tiny_flux
+from .builders import capture_cuda_graph, fresh_compile_state, flux_inputs, tiny_flux
 
 U = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8}  # unit roundoff (bf16: 2^-9, doubled for its fp32 sums)
 
@@ -261,14 +261,7 @@ def test_cuda_graph_replay_sees_a_strength_change():
     inputs = {k: v.cuda() for k, v in flux_inputs().items()}
     fn = lambda: model(**inputs).sample  # noqa: E731
     with torch.no_grad():
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()  # warm-up on a side stream, as torch.cuda.graph requires
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            static_y = fn()
+        g, static_y = capture_cuda_graph(fn)
         outs = []
         for scale in (0.0, -1.5, 1.0):
             set_lora_scale(model, "a", scale)  # written in place: the captured graph reads the same memory
