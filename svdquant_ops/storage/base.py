@@ -24,8 +24,7 @@ class PackedWeight(TorchAOBaseTensor):
     optional_tensor_data_names: list[str] = []  # parts that may be None
 
     def _data_tensors(self) -> list[torch.Tensor]:
-        names = self.tensor_data_names + list(getattr(self, "optional_tensor_data_names", []))
-        return [getattr(self, n) for n in names if getattr(self, n) is not None]
+        return [getattr(self, n) for n in self.__tensor_flatten__()[0]]
 
     def validate(self):  # overridden by formats with value checks beyond shapes and dtypes
         return self
@@ -118,7 +117,7 @@ def _(func, types, args, kwargs):
             raise ValueError(f"cannot load {cls}: {name} differs ({getattr(src, name)!r} in the state dict, "
                              f"{getattr(dst, name)!r} in the model); quantize the model with the same config or "
                              "load with assign=True")
-    for name in dst.tensor_data_names + list(getattr(dst, "optional_tensor_data_names", [])):
+    for name in dst.tensor_data_names + dst.optional_tensor_data_names:
         a, b = getattr(dst, name), getattr(src, name)
         if (a is None) != (b is None) or (a is not None and a.shape != b.shape):
             what = "present" if b is not None else "absent"
@@ -150,7 +149,7 @@ def _moved(self: PackedWeight, device, dtype, non_blocking: bool) -> PackedWeigh
         return t.to(dtype) if cast else t
 
     data = [move(n) for n in self.tensor_data_names]
-    optional = {n: move(n) for n in getattr(self, "optional_tensor_data_names", [])}
+    optional = {n: move(n) for n in self.optional_tensor_data_names}
     attrs = [dtype if a == "dtype" else getattr(self, a) for a in self.tensor_attribute_names]
     return type(self)(*data, *attrs, **optional)
 

@@ -23,7 +23,6 @@ from .base import PackedWeight, rewrap
 class W4A16Tensor(PackedWeight):
     tensor_data_names = ["codes", "scales", "zeros"]
     tensor_attribute_names = ["layout_version", "dtype"]
-    optional_tensor_data_names = []
 
     def __new__(cls, codes, scales=None, zeros=None, layout_version=None, dtype=None, requires_grad=False):
         if isinstance(codes, W4A16Tensor):  # W4A16Tensor(weight, requires_grad=...): see base.rewrap
