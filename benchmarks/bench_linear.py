@@ -48,6 +48,23 @@ TOKENS = [1024, 4608, 9216]
 RANK = 32
 
 
+def kernel_times(fn, iters: int = 20) -> list[tuple[str, float]]:
+    """Mean device time per call of each kernel ``fn`` launches (torch.profiler), in launch order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    per: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            name = e.name.split("<")[0].split("(")[0].replace("void ", "").split("::")[-1][:48]
+            per[name] = per.get(name, 0.0) + e.device_time_total / iters
+    return list(per.items())
+
+
 def log(*a):
     print(*a, flush=True)
 
@@ -442,15 +459,18 @@ def main():
             "result's header)")
     if args.quantize_only:
         g = torch.Generator().manual_seed(3)
-        for K, N in SHAPES:
-            L = make_layer(K, N, RANK, dev, g, args.precision)
+        # distinct K of SHAPES at rank 32; K = 3072 at rank 64 (a FLUX single block's shared q/k/v/mlp input) and 128
+        # (that input with rank-16 LoRAs fused)
+        for K, R in [(3072, 32), (12288, 32), (15360, 32), (3072, 64), (3072, 128)]:
+            L = make_layer(K, 3072, R, dev, g, args.precision)
             x = torch.randn(4608, K, device=dev, dtype=torch.bfloat16)
             fn = lambda: torch.ops.svdquant.quantize_act(x, L["smooth"], L["pd"], args.precision, False)
             fn()
             ms = bench_graph(fn, args.rep_ms)
-            log(f"quantize_only {args.precision} K={K} M=4608 R={RANK}: {ms * 1e3:.1f} us, {4608 * K * 2 / ms / 1e9:.2f} TB/s of x "
+            log(f"quantize_only {args.precision} K={K} M=4608 R={R}: {ms * 1e3:.1f} us, {4608 * K * 2 / ms / 1e9:.2f} TB/s of x "
                 f"(SVDQUANT_OPS_QA_CFG={os.environ.get('SVDQUANT_OPS_QA_CFG', '0')}, "
                 f"SVDQUANT_OPS_QA_SPLITS={os.environ.get('SVDQUANT_OPS_QA_SPLITS', 'auto')})")
+            log("  kernels:", ", ".join(f"{n} {us:.1f} us" for n, us in kernel_times(fn)))
         return
     if args.gemm_only:
         # gemm alone (prep included) at M = 4608 under each SVDQUANT_OPS_GEMM_SCHEDULE (read per call), next to

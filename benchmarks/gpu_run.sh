@@ -11,7 +11,11 @@
 #     full      bench_linear.py --out $OUT (the recorded table)
 #     flux      bench_flux.py --profile --out $OUT $FLUX_ARGS: one FLUX.1-dev transformer step, bf16 / torchao fp8 /
 #               SVDQuant w4a8 / int4, eager / compiled / CUDA graphs (default: all 9 configurations at 1024x1024,
-#               batch 1; one process each; FLUX_ARGS e.g. "--configs bf16-compile,w4a8-compile --size 2048")
+#               batch 1; one process each; FLUX_ARGS e.g. "--configs bf16-compile,w4a8-compile --size 2048").
+#               Extra rows (benchmarks/README.md): w4a8-compile[-ro]-lora16, w4a8-compile-lora16-fusedqkv (a rank-16
+#               LoRA on the w4a8 model), nunchaku-{int4|w4a8}-compile[-ro] (the model written as a Nunchaku INT4
+#               file in $TMPDIR, ~6.5 GB, loaded back exact / converted to w4a8, output SQNR), e.g.
+#               FLUX_ARGS="--configs w4a8-compile,nunchaku-w4a8-compile --timeout 420 --budget 480 --tag nunchaku"
 #     probe     benchmarks/probes/overlap_probe.cu: tensor-core vs FP32 promotion overlap (HISTORY.md, session 4)
 #     w4a16     bench_w4a16.py --check --out $OUT: weight-only 4-bit linear vs bf16 cuBLAS at M = 1..16, and its
 #               CUDA op against the CPU op on the same shapes

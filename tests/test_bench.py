@@ -138,6 +138,7 @@ def test_timeout_costs_one_row(capsys):
     (["--configs", "bf16-compile-ro,w4a8-compile-ro"], "bf16-compile-ro, w4a8-compile-ro need a CUDA GPU"),
     (["--configs", "bf16-eager,fp16-eager"], "unknown configuration fp16-eager"),
     (["--configs", "bf16-eager", "--size", "1000"], "--size must be a positive multiple of 16"),
+    (["--configs", "nunchaku-int4-eager", "--rank", "24"], "--rank must be a positive multiple of 16"),
 ])
 def test_errors_are_one_line(capsys, argv, message):
     assert cli.main(["bench", "--model", "tiny", "--device", "cpu", *argv]) == 2
@@ -188,3 +189,93 @@ def test_idle_attributes_each_gap_to_the_kernel_that_waited():
     assert r["kernels_per_step"] == 5
     assert abs(r["span_ms_per_step"] - 0.040) < 1e-12 and abs(r["idle_ms_per_step"] - 0.007) < 1e-12
     assert [(e["before"], e["gaps_per_step"]) for e in r["idle_top"]] == [("b", 2)]
+
+
+# ------------------------------------------------------------------------------------------------ extra rows
+EXTRA = ["w4a8-eager", "w4a8-eager-lora16", "nunchaku-int4-eager", "nunchaku-w4a8-eager"]
+
+
+@pytest.fixture(scope="module")
+def extra_rows(tmp_path_factory):
+    """The LoRA and Nunchaku-file configurations on the tiny model, each through run_one (what a child process of
+    the driver runs), with the temporary directory redirected to see that the Nunchaku file is deleted."""
+    tmp = tmp_path_factory.mktemp("bench_tmp")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("tempfile.tempdir", str(tmp))
+        rows = {name: bench.run_one(name, model="tiny", size=64, iters=2, warmup=1, device="cpu", text_tokens=8)
+                for name in EXTRA}
+    return rows, tmp
+
+
+def test_lora_row_counts_fused_and_side_branches(extra_rows):
+    """A rank-16 LoRA on the 12 + 5 FLUX targets per double / single block of the 2 + 2 block model. With
+    load_lora's defaults (fused up to rank 64): the linears that read an input alone (attention out, context out,
+    both MLPs' fc1 / fc2; a single block's proj_out) fuse it into their rank-32 branch (48); q/k/v and the context
+    q/k/v (one shared branch: 32 + 3·16 = 80) and a single block's q/k/v + proj_mlp (64 + 4·16) get side branches."""
+    rows, _ = extra_rows
+    r, plain = rows["w4a8-eager-lora16"], rows["w4a8-eager"]
+    assert r["ok"] and r["output_finite"] and r["label"] == "SVDQuant w4a8 eager + rank-16 LoRA"
+    lo = r["lora"]
+    assert lo["targets"] == 2 * 12 + 2 * 5 and lo["fused"] + lo["side"] == lo["targets"]
+    assert (lo["fused"], lo["side"]) == (2 * 6 + 2 * 1, 2 * 6 + 2 * 4)
+    assert lo["rank"] == 16 and lo["params"] == sum(16 * (k + n) for k, n in _tiny_lora_shapes())
+    assert lo["bytes_added"] == 2 * lo["params"]  # bf16; each A and B held once (fused or as side buffers)
+    assert r["weight_bytes"] == plain["weight_bytes"] + lo["bytes_added"]
+
+
+def _tiny_lora_shapes():
+    d, mlp = 128, 512
+    double = [(d, d)] * 8 + [(d, mlp), (mlp, d)] * 2
+    single = [(d, d)] * 3 + [(d, mlp), (d + mlp, d)]
+    return double * 2 + single * 2
+
+
+def test_lora_with_one_a_per_input_fuses_the_double_blocks_qkv():
+    """"-fusedqkv": one A per block input (as diffusers converts a Kohya / BFL fused qkv), appended once to the
+    shared branch: the double blocks' q/k/v fuse (32 + 16); a single block's shared branch is already at 64."""
+    from svdquant_ops.integrations.api import quantize_model
+
+    model = bench.build_model("tiny", "cpu")
+    quantize_model(model, precision="w4a8", rank=32)
+    info = bench.add_lora(model, bench.CONFIGS["w4a8-compile-lora16-fusedqkv"], "cpu", 0, lambda: None)["lora"]
+    assert (info["fused"], info["side"]) == (2 * 12 + 2 * 1, 2 * 4)
+
+
+def test_nunchaku_rows_record_file_load_and_output_error(extra_rows):
+    """The bf16 model written as a Nunchaku INT4 file and loaded back: exact int4 and converted to w4a8, the output
+    SQNR against the bf16 model's step and (w4a8) against the exact int4 model's. Numbers seen on this tiny model:
+    int4 vs bf16 36.8 dB, w4a8 vs bf16 38.8 dB, w4a8 vs int4 37.9 dB."""
+    rows, tmp = extra_rows
+    i4, w8 = rows["nunchaku-int4-eager"], rows["nunchaku-w4a8-eager"]
+    for r in (i4, w8):
+        assert r["ok"] and r["output_finite"] and r["output_shape"] == [1, 16, 16]
+        assert r["nunchaku_file_bytes"] > 0 and r["nunchaku_write_s"] > 0 and r["nunchaku_load_s"] > 0
+        assert r["nunchaku_rank"] == 32 and r["quantize_s"] is None
+        assert r["weight_bytes"] < 0.7 * r["bf16_weight_bytes"]
+        assert 10 < r["output_sqnr_vs_bf16_db"] < 80
+    assert i4["label"] == "Nunchaku INT4 file, exact int4, eager"
+    assert i4["summary"] == "36 SVDQuant, 6 w4a16 (Nunchaku file)"  # proj_out: two linears (SplitInputLinear)
+    assert w8["summary"] == "34 SVDQuant, 6 w4a16 (Nunchaku file)"
+    assert "output_sqnr_vs_int4_db" not in i4
+    assert 10 < w8["output_sqnr_vs_int4_db"] < 80
+    assert w8["output_sqnr_int4_vs_bf16_db"] == i4["output_sqnr_vs_bf16_db"]  # same file, same exact model
+    assert i4["nunchaku_file_bytes"] == w8["nunchaku_file_bytes"]
+    assert list(tmp.iterdir()) == []  # the temporary file is gone
+
+
+def test_report_shows_the_lora_and_nunchaku_sections(extra_rows):
+    rows, _ = extra_rows
+    meta = dict(gpu="cpu", date="2026-12-05 00:00 UTC", versions=dict.fromkeys(
+        ("torch", "cuda", "torchao", "diffusers", "triton", "python"), "x"), model_desc="m", size=64,
+        image_tokens=16, text_tokens=8, batch=1, iters=2, warmup=1, device="cpu", timeout=300, rank=32,
+        weight_only="w4a16")
+    md = bench.report(meta, list(rows.values()), lambda m: [])
+    lo = rows["w4a8-eager-lora16"]["lora"]
+    assert "## LoRA rows" in md and f"| w4a8-eager-lora16 | rank 16 | {lo['fused']} / {lo['side']} |" in md
+    assert "x (w4a8-eager) |" in md  # the ratio to the row without the LoRA
+    assert "## Nunchaku INT4 file rows" in md
+    w8 = rows["nunchaku-w4a8-eager"]
+    assert (f"| {w8['output_sqnr_vs_bf16_db']:.1f} | {w8['output_sqnr_vs_int4_db']:.1f} | "
+            f"{w8['output_sqnr_int4_vs_bf16_db']:.1f} |") in md
+    assert "- (no w4a8-eager row)" not in md and "(no int4-eager row)" in md  # int4-eager was not run
+    assert "output SQNR vs bf16" in md and "16 LoRA on 34 linears: 14 fused, 20 side branches" in md

@@ -131,6 +131,11 @@ QA_CASES = [
     (100, 320, 32, torch.float32, "w4a8", False),  # fp32 input: portable path
     (1200, 3072, 64, torch.bfloat16, "w4a8", False),
     (77, 1344, 16, torch.float16, "w4a8", False),  # K % 256 != 0: the token kernel's tail loop
+    # 64 < R <= 128 (a LoRA fused into a shared branch): the fast kernel's RP = 128 instantiation
+    (130, 1024, 80, torch.bfloat16, "int4", False),
+    (45, 512, 128, torch.float16, "nvfp4", False),
+    (257, 3072, 128, torch.bfloat16, "w4a8", False),
+    (33, 768, 96, torch.bfloat16, "int4", True),
 ]
 
 
@@ -161,6 +166,22 @@ def test_quantize_act_wide_range_bit_exact(path, precision, unsigned, dtype):
     out = OPS.quantize_act(x.to(DEV), smooth.to(DEV), pd.to(DEV), precision, unsigned)
     assert_bits_equal(out[0], ref[0], "codes")
     assert_bits_equal(out[1], ref[1], "scales")
+
+
+def test_quantize_act_w4a8_unaligned_smooth(path):
+    """A smooth vector that is a view at a 2-byte offset: the fast W4A8 path's vector token kernel needs 16-byte
+    aligned rows of smooth and falls back to the one-element-per-lane kernel, bit-exact either way."""
+    g = session_generator(4242)
+    x, smooth, pd = op_args("quantize_act", act_inputs(77, 1344, 32, torch.bfloat16, g))
+    ref = OPS.quantize_act(x, smooth, pd, "w4a8", False)
+    buf = torch.empty(smooth.numel() + 1, dtype=smooth.dtype, device=DEV)
+    shifted = buf[1:]
+    shifted.copy_(smooth)
+    assert shifted.data_ptr() % 16 != 0
+    out = OPS.quantize_act(x.to(DEV), shifted, pd.to(DEV), "w4a8", False)
+    assert_bits_equal(out[0], ref[0], "codes")
+    assert_bits_equal(out[1], ref[1], "scales")
+    assert rel_fro(out[2], ref[2]) < 1e-5
 
 
 def test_quantize_act_nan_propagates(path):
@@ -290,10 +311,11 @@ def test_torch_compile_reduce_overhead():
 
 
 @pytest.mark.skipif(not IS_SM90, reason="the Hopper path exists on compute capability 9.0 only")
-@pytest.mark.parametrize("precision", ["int4", "w4a8"])
-def test_fast_and_portable_paths_agree_large(precision):
-    """A FLUX.1-size layer (too slow for the CPU reference): fast vs portable GPU paths."""
-    x, smooth, pd, wc, ws, gsc, up, b = _linear_inputs(M=2048, K=3072, N=3072, precision=precision)
+@pytest.mark.parametrize("precision,M,K", [("int4", 2048, 3072), ("w4a8", 2048, 3072), ("w4a8", 4607, 15360)])
+def test_fast_and_portable_paths_agree_large(precision, M, K):
+    """FLUX.1-size layers (too slow for the CPU reference): fast vs portable GPU paths (4607 x 15360: a single
+    block's proj_out input, with an odd token count)."""
+    x, smooth, pd, wc, ws, gsc, up, b = _linear_inputs(M=M, K=K, N=3072, precision=precision)
     os.environ.pop("SVDQUANT_OPS_CUDA_PORTABLE", None)
     codes, scales, la = OPS.quantize_act(x, smooth, pd, precision, False)
     fast = OPS.gemm(codes, scales, wc, ws, gsc, la, up, b, precision, torch.float32, False)

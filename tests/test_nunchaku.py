@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from svdquant_ops import SVDQuantTensor, W4A16Tensor
 from svdquant_ops.integrations import nunchaku as N
 from svdquant_ops.integrations import nunchaku_pack as P
+from svdquant_ops.integrations.nunchaku_write import write_nunchaku_flux
 from svdquant_ops.layout import unpack_nibbles
 from svdquant_ops.nunchaku import load_nunchaku_transformer, unpack_linear
 from svdquant_ops.storage import SVDQuantParts
@@ -145,102 +146,11 @@ def test_fixture_w4a8_conversion_error_is_recorded(unsigned):
 
 
 # ------------------------------------------------------------------------------------------------ a tiny FLUX file
-def _nvfp4_canonical(r: torch.Tensor) -> dict:
-    from svdquant_ops.quantizers import nvfp4_global_scale, quantize_nvfp4
-
-    channel = nvfp4_global_scale(r, per_channel=True).to(torch.bfloat16)
-    codes, micro = quantize_nvfp4(r, channel.float())
-    return {"codebook_index": codes, "micro_scales": micro, "channel_scales": channel}
-
-
-def _svdq_canonical(w: torch.Tensor, b: torch.Tensor | None, smooth: torch.Tensor, precision: str, unsigned: bool,
-                    rank: int = 32) -> dict:
-    """Data-free SVDQuant of a 16-bit layer in Nunchaku's conventions: INT4 codes over all of [-8, 7] (scale
-    max(max/7, -min/8) per group), the stored bias with the GELU shift compensated (unsigned)."""
-    lam = smooth.float()
-    w_hat = w.float() * lam
-    torch.manual_seed(0)
-    u, s, v = torch.svd_lowrank(w_hat, q=rank + 8, niter=2)
-    up = (u[:, :rank] * s[:rank]).to(torch.bfloat16)
-    down = (v[:, :rank] / lam[:, None]).to(torch.bfloat16)  # [K, R], multiplies raw x
-    r = w_hat - up.float() @ (down.float() * lam[:, None]).T
-    c = {"smooth": smooth, "proj_down_raw_x": down.contiguous(), "proj_up": up.contiguous()}
-    if precision == "int4":
-        g = r.reshape(r.shape[0], -1, 64)
-        scale = torch.maximum(g.amax(-1) / 7, -g.amin(-1) / 8).clamp(min=1e-8).to(torch.bfloat16)
-        codes = torch.round(g / scale.float().unsqueeze(-1)).clamp(-8, 7).to(torch.int8).reshape(r.shape)
-        c.update(codes=codes, wscales=scale)
-        deq = codes.float() * scale.float().repeat_interleave(64, 1)
-    else:
-        c.update(_nvfp4_canonical(r))
-    bias = b.float() if b is not None else None
-    if unsigned:
-        bias = (bias if bias is not None else 0) - deq @ (SHIFT / lam)
-    if bias is not None:
-        c["bias"] = bias.to(torch.bfloat16)
-    return c
-
-
 def write_tiny_nunchaku(path: Path, ref: torch.nn.Module, precision: str, seed: int = 0) -> dict:
-    """Write ``ref`` (a bf16 FluxTransformer2DModel) as a Nunchaku v1 file with our packer; returns the canonical
-    tensors of every quantized layer by its Nunchaku name (value: (canonical, unsigned))."""
-    sd = dict(ref.state_dict())
-    dim = ref.inner_dim
-    g = torch.Generator().manual_seed(seed)
-    out, canon = {}, {}
-
-    def lam(k):
-        return (0.5 + 1.5 * torch.rand(k, generator=g)).to(torch.bfloat16)
-
-    def take(names):
-        return (torch.cat([sd.pop(f"{n}.weight") for n in names]),
-                torch.cat([sd.pop(f"{n}.bias") for n in names]) if f"{names[0]}.bias" in sd else None)
-
-    def svdq(name, w, b, smooth, unsigned=False):
-        unsigned = unsigned and precision == "int4"
-        c = _svdq_canonical(w, b, smooth, precision, unsigned)
-        canon[name] = (c, unsigned)
-        out.update({f"{name}.{k}": v for k, v in N.pack_canonical(c, precision).items()})
-
-    def adaln(name, chunks):
-        w = W4A16Tensor.from_float(sd.pop(f"{name}.weight"))
-        out.update({f"{name}.{k}": v for k, v in N.pack_awq_linear(w, sd.pop(f"{name}.bias"), chunks).items()})
-
-    def rename(block, old, new):
-        for key in [k for k in sd if k.startswith(f"{block}.{new}.")]:
-            out[f"{block}.{old}.{key[len(block) + len(new) + 2:]}"] = sd.pop(key)
-
-    qkv = ["attn.to_q", "attn.to_k", "attn.to_v"]
-    for i in range(len(ref.transformer_blocks)):
-        b = f"transformer_blocks.{i}"
-        svdq(f"{b}.qkv_proj", *take([f"{b}.{n}" for n in qkv]), lam(dim))
-        svdq(f"{b}.qkv_proj_context", *take([f"{b}.attn.add_{n}_proj" for n in "qkv"]), lam(dim))
-        ones = torch.ones(dim, dtype=torch.bfloat16)  # λ folded into v
-        svdq(f"{b}.out_proj", *take([f"{b}.attn.to_out.0"]), ones)
-        svdq(f"{b}.out_proj_context", *take([f"{b}.attn.to_add_out"]), ones)
-        for s, ff in (("", "ff"), ("_context", "ff_context")):
-            svdq(f"{b}.mlp{s}_fc1", *take([f"{b}.{ff}.net.0.proj"]), lam(dim))
-            svdq(f"{b}.mlp{s}_fc2", *take([f"{b}.{ff}.net.2"]), lam(4 * dim), unsigned=True)
-        adaln(f"{b}.norm1.linear", 6)
-        adaln(f"{b}.norm1_context.linear", 6)
-        for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
-            rename(b, n, f"attn.{n}")
-    for i in range(len(ref.single_transformer_blocks)):
-        b = f"single_transformer_blocks.{i}"
-        shared = lam(dim)  # q/k/v and the MLP-in projection read one input
-        svdq(f"{b}.qkv_proj", *take([f"{b}.{n}" for n in qkv]), shared)
-        svdq(f"{b}.mlp_fc1", *take([f"{b}.proj_mlp"]), shared)
-        w, bias = take([f"{b}.proj_out"])
-        svdq(f"{b}.out_proj", w[:, :dim], None, torch.ones(dim, dtype=torch.bfloat16))
-        svdq(f"{b}.mlp_fc2", w[:, dim:], bias, lam(4 * dim), unsigned=True)
-        adaln(f"{b}.norm.linear", 3)
-        for n in ("norm_q", "norm_k"):
-            rename(b, n, f"attn.{n}")
-    out.update(sd)  # embedders, final norm and projection: 16-bit
-    config = {k: v for k, v in dict(ref.config).items() if not k.startswith("_")}
-    N.save_nunchaku_file(path, out, config={"_class_name": "FluxTransformer2DModel", **config}, precision=precision,
-                         rank=32)
-    return canon
+    """Write ``ref`` (a bf16 FluxTransformer2DModel) as a Nunchaku v1 file with our packer (the library's
+    ``write_nunchaku_flux``: data-free SVDQuant in Nunchaku's conventions); returns the canonical tensors of every
+    quantized layer by its Nunchaku name (value: (canonical, unsigned))."""
+    return write_nunchaku_flux(path, ref, precision, seed=seed, keep_canonical=True)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,11 @@
 """One FLUX.1 transformer step under each configuration, side by side (``svdquant bench``,
 ``benchmarks/bench_flux.py``): bf16 eager and compiled, torchao fp8 row-wise compiled, SVDQuant w4a8 and int4
-(eager, compiled, and compiled with ``mode="reduce-overhead"``, i.e. CUDA graphs).
+(eager, compiled, and compiled with ``mode="reduce-overhead"``, i.e. CUDA graphs). Extra rows, not in the default
+set: ``w4a8-*-lora16`` (the w4a8 model with a seeded random rank-16 LoRA on FLUX's usual LoRA targets, ``load_lora``'s
+defaults; the row records how many linears got it fused and as a side branch) and ``nunchaku-{int4|w4a8}-*`` (the
+bf16 model written as a Nunchaku INT4 file by ``write_nunchaku_flux`` and loaded back with
+``load_nunchaku_transformer``, exact or converted to w4a8; the row records the file's size, the write and load times
+and the output SQNR of one eager step against the bf16 model and, for w4a8, against the exact int4 model).
 
 The model is FLUX.1-dev's architecture (diffusers' default ``FluxTransformer2DModel()`` config, 11.9 B parameters)
 with seeded random weights in bf16, built directly on the device; ``--model tiny`` is a four-block model for CPU
@@ -32,6 +37,7 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -44,6 +50,7 @@ from pathlib import Path
 RESULT_PREFIX = "BENCH_RESULT "
 TEXT_TOKENS = 512  # FLUX.1-dev's T5 sequence length
 RANK = 32
+NUNCHAKU_TMP_PREFIX = "svdq-bench-nunchaku-"  # + the child's pid: the driver removes what a killed child left
 
 
 class BenchError(ValueError):
@@ -61,6 +68,11 @@ class Config:
     mode: str | None = None  # torch.compile mode
     torchao_inductor: bool = False  # fp8: let torchao set its "recommended" Inductor globals (the 2026-12-04 hang)
     dict_tag_guards: bool = False  # Dynamo's experimental recursive dict-tag guards (a shorter host prologue)
+    lora_rank: int = 0  # > 0: a seeded random LoRA of this rank on FLUX's usual targets, loaded after quantizing
+    lora_shared_a: bool = False  # one LoRA A per block input (q/k/v[/mlp]), as diffusers converts Kohya / BFL files
+    lora_max_fused_rank: int | None = None  # load_lora's max_fused_rank (None: its default)
+    nunchaku: bool = False  # weights from a Nunchaku INT4 file written from the bf16 model ("int4": the exact
+    #                         import, "w4a8": converted at load time)
 
     @property
     def cuda_only(self) -> bool:
@@ -69,6 +81,8 @@ class Config:
     @property
     def label(self) -> str:
         what = {"bf16": "bf16", "fp8": "torchao fp8 row-wise", "w4a8": "SVDQuant w4a8", "int4": "SVDQuant int4"}
+        if self.nunchaku:
+            what = {"int4": "Nunchaku INT4 file, exact int4,", "w4a8": "Nunchaku INT4 file, converted to w4a8,"}
         how = "compiled" if self.compile else "eager"
         if self.mode:
             how += f', mode="{self.mode}"'
@@ -76,6 +90,12 @@ class Config:
             how += ", torchao's Inductor settings (coordinate descent tuning)"
         if self.dict_tag_guards:
             how += ", recursive dict-tag guards"
+        if self.lora_rank:
+            how += f" + rank-{self.lora_rank} LoRA"
+            if self.lora_shared_a:
+                how += " (one A per block input, as fused-qkv Kohya / BFL files)"
+            if self.lora_max_fused_rank:
+                how += f", fused up to rank {self.lora_max_fused_rank}"
         return f"{what[self.weights]} {how}"
 
 
@@ -92,6 +112,24 @@ def _configs() -> dict[str, Config]:
     # ~3700 inner tensors are most of a compiled quantized step's host prologue).
     for w in ("bf16", "fp8", "w4a8"):
         out[f"{w}-compile-tags"] = Config(f"{w}-compile-tags", w, True, dict_tag_guards=True)
+    # Extra, not in the default set: a rank-16 LoRA on the w4a8 model (load_lora's defaults: fused into the SVDQuant
+    # branch up to rank 64, a side branch past it and on 16-bit / weight-only linears). "-fusedqkv": one A per block
+    # input (q/k/v, and a single block's MLP-in), as diffusers converts Kohya / BFL files with a fused qkv.
+    for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
+        out[f"w4a8-compile{sfx}-lora16"] = Config(f"w4a8-compile{sfx}-lora16", "w4a8", True, mode, lora_rank=16)
+    out["w4a8-compile-lora16-fusedqkv"] = Config("w4a8-compile-lora16-fusedqkv", "w4a8", True, lora_rank=16,
+                                                 lora_shared_a=True)
+    out["w4a8-eager-lora16"] = Config("w4a8-eager-lora16", "w4a8", False, lora_rank=16)
+    # Diagnostic: every adapter fused up to rank 128 (quantize_act's fast kernel at R = 128 runs one block per SM)
+    out["w4a8-compile-lora16-fuse128"] = Config("w4a8-compile-lora16-fuse128", "w4a8", True, lora_rank=16,
+                                                lora_max_fused_rank=128)
+    # Extra: the model written as a Nunchaku INT4 file (write_nunchaku_flux) and loaded back with
+    # load_nunchaku_transformer, exact (int4) or converted to w4a8; the rows record the output error (SQNR).
+    for w in ("int4", "w4a8"):
+        out[f"nunchaku-{w}-compile"] = Config(f"nunchaku-{w}-compile", w, True, nunchaku=True)
+        out[f"nunchaku-{w}-compile-ro"] = Config(f"nunchaku-{w}-compile-ro", w, True, "reduce-overhead",
+                                                 nunchaku=True)
+        out[f"nunchaku-{w}-eager"] = Config(f"nunchaku-{w}-eager", w, False, nunchaku=True)
     return out
 
 
@@ -268,6 +306,122 @@ def _fp8_kernel_path() -> str:
             "torch._scaled_mm, activation quantization in ATen ops (fused by Inductor)")
 
 
+# FLUX LoRA targets (diffusers module names inside each block), as LoRA trainers and files for FLUX.1 cover them,
+# and which of them read one input (a shared A in fused-qkv files: diffusers copies a Kohya / BFL qkv's A to all three)
+LORA_TARGETS = {
+    "transformer_blocks": ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
+                           "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2",
+                           "ff_context.net.0.proj", "ff_context.net.2"),
+    "single_transformer_blocks": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out"),
+}
+_LORA_INPUTS = {"attn.to_q": "x", "attn.to_k": "x", "attn.to_v": "x", "proj_mlp": "x", "attn.add_q_proj": "ctx",
+                "attn.add_k_proj": "ctx", "attn.add_v_proj": "ctx"}
+LORA_B_STD = 0.01  # B ~ N(0, 0.01²): a visible but small change of the output (a trained B is small too)
+
+
+def random_lora(model, rank: int, device, seed: int = 0, shared_a: bool = False) -> dict:
+    """A seeded random LoRA for a FLUX transformer in diffusers / PEFT keys (``<module>.lora_A.weight`` [r, K],
+    ``<module>.lora_B.weight`` [N, r]) on every ``LORA_TARGETS`` linear: A ~ N(0, 1/K), B ~ N(0, LORA_B_STD²), bf16,
+    made on ``device``. ``shared_a``: one A per block input (q/k/v, and a single block's MLP-in projection)."""
+    import torch
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    out = {}
+    for prefix, targets in LORA_TARGETS.items():
+        for i, block in enumerate(getattr(model, prefix)):
+            a_of_input: dict = {}
+            for t in targets:
+                mod = block.get_submodule(t)
+                k, n = mod.in_features, mod.out_features
+                key = _LORA_INPUTS.get(t) if shared_a else None
+                a = a_of_input.get(key)
+                if a is None:
+                    a = (torch.randn(rank, k, generator=g, device=device) / math.sqrt(k)).to(torch.bfloat16)
+                    if key is not None:
+                        a_of_input[key] = a
+                b = (torch.randn(n, rank, generator=g, device=device) * LORA_B_STD).to(torch.bfloat16)
+                out[f"{prefix}.{i}.{t}.lora_A.weight"] = a
+                out[f"{prefix}.{i}.{t}.lora_B.weight"] = b
+    return out
+
+
+def add_lora(model, cfg: Config, device, seed: int, sync) -> dict:
+    """Load ``random_lora`` into the (quantized) model with ``load_lora``'s defaults; what it did, for the row."""
+    from .lora import load_lora
+
+    t0 = time.perf_counter()
+    sd = random_lora(model, cfg.lora_rank, device, seed + 2, cfg.lora_shared_a)
+    params = sum(t.numel() for t in {id(t): t for t in sd.values()}.values())  # a shared A counts once
+    before = weight_bytes(model)
+    kw = {} if cfg.lora_max_fused_rank is None else {"max_fused_rank": cfg.lora_max_fused_rank}
+    counts = load_lora(model, sd, "bench", scale=1.0, **kw)
+    sync()
+    return {"lora": dict(rank=cfg.lora_rank, shared_a=cfg.lora_shared_a, targets=len(sd) // 2, params=params,
+                         fused=counts["fused"], side=counts["side"], load_s=time.perf_counter() - t0,
+                         bytes_added=weight_bytes(model) - before)}
+
+
+def sqnr_db(ref, out) -> float:
+    """Output SQNR in dB: 10·log10(Σ ref² / Σ (out − ref)²), in float64 (inf when equal)."""
+    ref, out = ref.double(), out.double()
+    noise = float((out - ref).pow(2).sum())
+    return math.inf if noise == 0 else 10 * math.log10(float(ref.pow(2).sum()) / noise)
+
+
+def _free() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def write_nunchaku(model, path: Path, rank: int, seed: int, sync) -> dict:
+    """Write the bf16 model as a Nunchaku INT4 file (``write_nunchaku_flux``); its size and the time it took."""
+    from .nunchaku_write import write_nunchaku_flux
+
+    t0 = time.perf_counter()
+    write_nunchaku_flux(path, model, "int4", seed=seed, rank=rank)
+    sync()
+    return {"nunchaku_write_s": time.perf_counter() - t0, "nunchaku_file_bytes": path.stat().st_size,
+            "nunchaku_rank": rank}
+
+
+def load_nunchaku(path: Path, cfg: Config, device, inputs: dict, ref, sync):
+    """(model, what was measured): ``load_nunchaku_transformer`` exact (int4) or converted (w4a8), and the SQNR of
+    one eager step's output against the bf16 model's ``ref``; for w4a8 also against the exact int4 model's output
+    (loaded from the same file, run once, freed before the timed steps)."""
+    import torch
+
+    from ..storage import SVDQuantTensor, W4A16Tensor
+    from .nunchaku import load_nunchaku_transformer
+
+    t0 = time.perf_counter()
+    m = load_nunchaku_transformer(path, device=device, precision=None if cfg.weights == "int4" else "w4a8")
+    sync()
+    info = {"nunchaku_load_s": time.perf_counter() - t0}
+    weights = [getattr(mod, "weight", None) for mod in m.modules()]
+    n_svdq = sum(isinstance(w, SVDQuantTensor) for w in weights)
+    n_w4a16 = sum(isinstance(w, W4A16Tensor) for w in weights)
+    info.update(summary=f"{n_svdq} SVDQuant, {n_w4a16} w4a16 (Nunchaku file)", quantized=n_svdq,
+                weight_only=n_w4a16)
+    with torch.inference_mode():
+        out = m(**inputs)[0]
+    info["output_sqnr_vs_bf16_db"] = sqnr_db(ref, out)
+    if cfg.weights == "w4a8":
+        t0 = time.perf_counter()
+        exact = load_nunchaku_transformer(path, device=device)
+        sync()
+        info["nunchaku_int4_load_s"] = time.perf_counter() - t0
+        with torch.inference_mode():
+            out4 = exact(**inputs)[0]
+        del exact
+        _free()
+        info["output_sqnr_vs_int4_db"] = sqnr_db(out4, out)
+        info["output_sqnr_int4_vs_bf16_db"] = sqnr_db(ref, out4)
+    return m, info
+
+
 def _profile(step, device, steps: int) -> dict:
     """Device time per step by category (CUDA: kernels; CPU: operators' self time), and the top kernels."""
     import torch
@@ -366,10 +520,25 @@ def run_one(name: str, *, model: str = "flux-dev", size: int = 1024, batch: int 
     inputs = make_inputs(model, size, batch, text_tokens, dev, seed + 1)
     res["tokens"] = dict(image=inputs["hidden_states"].shape[1], text=text_tokens)
 
-    t0 = time.perf_counter()
-    res.update(quantize(m, cfg, rank, weight_only))
-    sync()
-    res["quantize_s"] = time.perf_counter() - t0 if cfg.weights != "bf16" else None
+    if cfg.nunchaku:  # bf16 model -> Nunchaku INT4 file -> loaded model; the file is deleted before the timed steps
+        with tempfile.TemporaryDirectory(prefix=f"{NUNCHAKU_TMP_PREFIX}{os.getpid()}-") as tmp:
+            path = Path(tmp) / f"svdq-int4_r{rank}-bench-{model}.safetensors"
+            with torch.inference_mode():
+                ref = m(**inputs)[0]  # the bf16 model's eager step: the reference of the output error
+            res.update(write_nunchaku(m, path, rank, seed, sync))
+            del m
+            _free()
+            m, info = load_nunchaku(path, cfg, dev, inputs, ref, sync)
+            res.update(info)
+            del ref
+        res["quantize_s"] = None  # the load time is nunchaku_load_s
+    else:
+        t0 = time.perf_counter()
+        res.update(quantize(m, cfg, rank, weight_only))
+        sync()
+        res["quantize_s"] = time.perf_counter() - t0 if cfg.weights != "bf16" else None
+    if cfg.lora_rank:
+        res.update(add_lora(m, cfg, dev, seed, sync))
     res["weight_bytes"] = weight_bytes(m)
     if cuda:
         res["resident_bytes"] = torch.cuda.memory_allocated()
@@ -505,6 +674,10 @@ def validate(args) -> tuple[list[str], str]:
                              ("--text-tokens", args.text_tokens, 1), ("--rank", args.rank, 0)):
         if value < low:
             raise BenchError(f"{flag} must be at least {low}, got {value}")
+    nunchaku = [n for n in names if CONFIGS[n].nunchaku]
+    if nunchaku and (args.rank <= 0 or args.rank % 16):
+        raise BenchError(f"{', '.join(nunchaku)}: --rank must be a positive multiple of 16 for a Nunchaku file "
+                         f"(its packing of the low-rank factors), got {args.rank}")
     return names, device
 
 
@@ -542,6 +715,8 @@ def _run_child(args, name: str, device: str, timeout: float) -> dict:
     finally:
         Path(result_file).unlink(missing_ok=True)
     _kill_group(proc)  # whatever the child left running (compile workers), if anything
+    for left in Path(tempfile.gettempdir()).glob(f"{NUNCHAKU_TMP_PREFIX}{proc.pid}-*"):  # a Nunchaku file (GBs)
+        shutil.rmtree(left, ignore_errors=True)  # of a child killed before its own clean-up ran
     if res is not None and res.get("ok"):
         if rc != 0:  # timed, then died or hung (in the profiler, or on the way out): the timing stands
             what = f"timed out after {timeout:g} s" if rc is None else f"process exited with code {rc}"
@@ -681,11 +856,61 @@ def report(meta: dict, rows: list[dict], header_md) -> str:
         if r.get("ms_pipelined") is not None:
             vs = f", {base['ms_pipelined'] / r['ms_pipelined']:.2f}x" if base and base.get("ms_pipelined") else ""
             notes.append(f"back to back {r['ms_pipelined']:.1f} ms/step{vs}")
+        if r.get("lora"):
+            lo = r["lora"]
+            notes.append(f"rank-{lo['rank']} LoRA on {lo['targets']} linears: {lo['fused']} fused, {lo['side']} "
+                         "side branches")
+        if r.get("output_sqnr_vs_bf16_db") is not None:
+            sq = f"output SQNR vs bf16 {_fmt(r['output_sqnr_vs_bf16_db'])} dB"
+            if r.get("output_sqnr_vs_int4_db") is not None:
+                sq += f", vs exact int4 {_fmt(r['output_sqnr_vs_int4_db'])} dB"
+            notes.append(sq)
         lines.append(f"| {r['config']} | {r['ms_median']:.1f} | {ratio} | {_fmt_bytes(r['weight_bytes'])} | "
                      f"{_fmt_bytes(r.get('peak_step_bytes'))} | {_fmt(r.get('first_call_s'))} | {graphs} | "
                      f"{_fmt(r.get('quantize_s'), '.2f')} | {'; '.join(notes)} |")
     if not base:
         lines += ["", f"(no {BASELINE} row in this run: no ratios)"]
+    by_name = {r["config"]: r for r in rows if r.get("ok")}
+
+    def versus(name: str, r: dict) -> str:  # speed of r against the row `name` of this run
+        other = by_name.get(name)
+        return f"{other['ms_median'] / r['ms_median']:.2f}x ({name})" if other else f"- (no {name} row)"
+
+    lora = [r for r in rows if r.get("ok") and r.get("lora")]
+    if lora:
+        lines += ["", "## LoRA rows", "", "A seeded random LoRA (diffusers / PEFT keys, A ~ N(0, 1/K), B ~ N(0, "
+                  f"{LORA_B_STD:g}²), bf16) on every linear FLUX LoRAs target (double blocks: attention q/k/v/out, "
+                  "context q/k/v/out, both MLPs; single blocks: q/k/v, proj_mlp, proj_out), loaded after quantizing "
+                  "with `load_lora(model, sd, \"bench\", scale=1.0)` (defaults: fused into the SVDQuant branch up to "
+                  "rank 64, a side branch past it). Speed relative to the same configuration without the LoRA "
+                  "(> 1: faster).", "",
+                  "| configuration | LoRA | linears fused / side branch | parameters | weight bytes added | load s | "
+                  "ms / step | vs without LoRA |", "|---|---|---|---|---|---|---|---|"]
+        for r in lora:
+            lo = r["lora"]
+            what = f"rank {lo['rank']}" + (", one A per block input" if lo.get("shared_a") else "")
+            lines.append(f"| {r['config']} | {what} | {lo['fused']} / {lo['side']} | {lo['params'] / 1e6:.2f} M | "
+                         f"{_fmt_bytes(lo['bytes_added'])} | {lo['load_s']:.2f} | {r['ms_median']:.1f} | "
+                         f"{versus(r['config'].split('-lora')[0], r)} |")
+    nun = [r for r in rows if r.get("ok") and r.get("nunchaku_file_bytes") is not None]
+    if nun:
+        lines += ["", "## Nunchaku INT4 file rows", "", "The bf16 model written as a Nunchaku v1 INT4 file "
+                  "(`write_nunchaku_flux`: data-free SVDQuant in Nunchaku's conventions, rank "
+                  f"{nun[0].get('nunchaku_rank')}, λ random in [0.5, 2)) to a temporary file, the bf16 model freed, "
+                  "the file loaded with `load_nunchaku_transformer(path, precision=None | \"w4a8\")` and deleted. "
+                  "Output SQNR (10·log10(Σ ref² / Σ (out − ref)²)) of one eager step on the benchmark inputs; "
+                  "speed relative to quantize_model's row of the same precision (> 1: faster).", "",
+                  "| configuration | file | written in s | loaded in s | ms / step | vs quantize_model | SQNR vs bf16 "
+                  "dB | SQNR vs exact int4 dB | exact int4 vs bf16 dB |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in nun:
+            int4_vs_bf16 = r.get("output_sqnr_int4_vs_bf16_db")
+            if int4_vs_bf16 is None and r["config"].startswith("nunchaku-int4"):
+                int4_vs_bf16 = r.get("output_sqnr_vs_bf16_db")
+            lines.append(f"| {r['config']} | {_fmt_bytes(r['nunchaku_file_bytes'])} | "
+                         f"{_fmt(r.get('nunchaku_write_s'))} | {_fmt(r.get('nunchaku_load_s'))} | "
+                         f"{r['ms_median']:.1f} | {versus(r['config'].removeprefix('nunchaku-'), r)} | "
+                         f"{_fmt(r.get('output_sqnr_vs_bf16_db'))} | {_fmt(r.get('output_sqnr_vs_int4_db'))} | "
+                         f"{_fmt(int4_vs_bf16)} |")
     fp8 = next((r.get("fp8_kernels") for r in rows if r.get("fp8_kernels")), None)
     if fp8:
         lines += ["", f"fp8 kernels: {fp8}."]

@@ -1,5 +1,6 @@
 """Importing Nunchaku's SVDQuant checkpoints (``svdq-{int4|fp4}_r32-*.safetensors``) into our tensors, and writing
-them (the packer the tests use). Layout and semantics: ``../shared/docs/nunchaku-format.md``; index arithmetic:
+them (the packer; ``nunchaku_write.write_nunchaku_flux`` writes a whole 16-bit FLUX transformer with it, for
+tests and benchmarks). Layout and semantics: ``../shared/docs/nunchaku-format.md``; index arithmetic:
 ``nunchaku_pack.py``.
 
 ``unpack_linear(tensors, precision)`` turns one packed W4A4 linear into an ``SVDQuantTensor`` and its bias;

@@ -1,6 +1,6 @@
 // CUDA kernels of svdquant::quantize_act (semantics: ../cpu/quantize_act.cpp).
 //
-// Fast path (bf16/fp16 x, K % 64 == 0, R <= 64 with R % 8 == 0, 16-byte aligned inputs), any GPU sm_80+:
+// Fast path (bf16/fp16 x, K % 64 == 0, R <= 128 with R % 8 == 0, 16-byte aligned inputs), any GPU sm_80+:
 //   one pass over x. A block owns 64 tokens; its 4 row-warps x 2 k-warps walk a slice of K in chunks of 64 channels.
 //   Per chunk a warp quantizes its 16 rows (codes, scales) and feeds the same registers to bf16/fp16 mma.sync
 //   (m16n8k16, fp32 accumulate) against proj_down staged in shared memory, so x · proj_down costs no extra global
@@ -13,8 +13,8 @@
 // Portable path (everything else, or SVDQUANT_OPS_CUDA_PORTABLE=1): a thread per (token, group) running the CPU
 //   loop, and a thread per down_act element summing over K in order.
 // W4A8 (per-token INT8): the fast kernel in a mode that writes only each (token, 64-chunk) amax of x_hat and
-//   down_act, then one warp per token reduces the amaxes to the token's scale and writes the int8 codes (reading x
-//   a second time). Portable: the token kernel computes the amax itself.
+//   down_act, then the token kernel (2 tokens per warp) reduces the amaxes to each token's scale and writes the int8
+//   codes (reading x a second time). Portable: a warp per token computes the amax itself.
 #include <c10/cuda/CUDAGuard.h>
 
 #include <cstdlib>
@@ -136,6 +136,8 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
 
 // XOR swizzle of the 16-byte chunks of a staged proj_down row (RP bf16 values) so that the ldmatrix.trans reads
 // below (rows k, k+1, k+16, k+17, ...) hit distinct banks.
+// RP = 128 (256-byte rows, 16 chunks) uses RP = 64's 3-bit pattern: rows 256 bytes apart start in the same bank, so
+// distinct low 3 chunk bits are distinct banks.
 template <int RP>
 __device__ __forceinline__ int pd_swizzle(int k) {
   if constexpr (RP == 16) return (k >> 4) & 1;
@@ -426,15 +428,11 @@ __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel
   }
 }
 
-// W4A8's second pass: per-token INT8 codes, one warp per token.
-__device__ __forceinline__ uint32_t word4(const uint4& v, int w) {
-  return w == 0 ? v.x : (w == 1 ? v.y : (w == 2 ? v.z : v.w));
-}
-
 // amax of x_hat over the row (from the first pass's per-chunk maxima `gmax` [M, G], or computed here when gmax is
 // null), scale = int4_scale<T>(amax, 127), codes = int8_code(x_hat / scale), both divisions correctly rounded as in
-// the CPU reference. kVec (16-bit x and smooth, 16-byte aligned rows): 8 contiguous values per lane and step.
-template <typename T, bool kVec>
+// the CPU reference; one warp per token, one element per lane and step (the portable path, and the fast path when
+// smooth is not 16-byte aligned).
+template <typename T>
 __global__ void __launch_bounds__(256) quantize_tokens_kernel(const T* __restrict__ x, const T* __restrict__ smooth,
                                                               const float* __restrict__ gmax, int8_t* __restrict__ codes,
                                                               T* __restrict__ scales, int64_t M, int64_t K, int64_t G) {
@@ -457,28 +455,102 @@ __global__ void __launch_bounds__(256) quantize_tokens_kernel(const T* __restric
   int8_t* cr = codes + row * K;
   // x_hat / scale with the row's reciprocal (bit-identical to the IEEE division, see div_rn_fast); NaN -> code 0
   const float ys = rcp_for_div(sc);
-  auto code_of = [&](float xv, float lv) {
-    return sc == 0.f ? 0 : min(max(__float2int_rn(div_rn_fast(__fdiv_rn(xv, lv), sc, ys)), -127), 127);
-  };
-  int64_t k0 = 0;
-  if constexpr (kVec) {
-    for (; k0 + 256 <= K; k0 += 256) {
-      const int64_t k = k0 + 8 * lane;
-      const uint4 xv = __ldcs(reinterpret_cast<const uint4*>(xr + k));
-      const uint4 lv = *reinterpret_cast<const uint4*>(smooth + k);
-      uint32_t out[2] = {0u, 0u};
+  for (int64_t k = lane; k < K; k += 32) {
+    const float xh = __fdiv_rn(static_cast<float>(xr[k]), static_cast<float>(smooth[k]));
+    cr[k] = static_cast<int8_t>(sc == 0.f ? 0 : min(max(__float2int_rn(div_rn_fast(xh, sc, ys)), -127), 127));
+  }
+}
+
+// W4A8's second pass: per-token INT8 codes.
+__device__ __forceinline__ uint32_t word4(const uint4& v, int w) {
+  return w == 0 ? v.x : (w == 1 ? v.y : (w == 2 ? v.z : v.w));
+}
+
+// W4A8's second pass on the fast path (16-bit x and smooth, 16-byte aligned, K % 8 == 0): kTokRows tokens per warp,
+// 4 warps per block. Per 256-channel step a lane holds 8 consecutive channels of each of its rows; the 8 reciprocals
+// of smooth are computed once per step for all its rows, and the next step's loads are issued before this step's
+// math (2 x (kTokRows + 1) 16-byte loads in flight per lane). The divisions are the fast kernel's exact ones: x_hat =
+// div3(x, smooth) (IEEE fallback when an operand is out of range), x_hat / scale by div_rn_fast.
+constexpr int kTokRows = 2, kTokWarps = 4;
+
+template <typename T>
+__global__ void __launch_bounds__(32 * kTokWarps) quantize_tokens_fast_kernel(const T* __restrict__ x,
+                                                                              const T* __restrict__ smooth,
+                                                                              const float* __restrict__ gmax,
+                                                                              int8_t* __restrict__ codes,
+                                                                              T* __restrict__ scales, int M, int K,
+                                                                              int G) {
+  constexpr uint32_t FULL = 0xffffffffu;
+  const int lane = threadIdx.x & 31;
+  const int row0 = (blockIdx.x * kTokWarps + (threadIdx.x >> 5)) * kTokRows;
+  if (row0 >= M) return;
+  int rows[kTokRows];
+  float sc[kTokRows], ys[kTokRows];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const uint32_t xw = word4(xv, i >> 1), lw = word4(lv, i >> 1);
-        const float a = Raw<T>::to_float((i & 1) ? (xw >> 16) : (xw & 0xFFFFu));
-        const float l = Raw<T>::to_float((i & 1) ? (lw >> 16) : (lw & 0xFFFFu));
-        out[i >> 2] |= (static_cast<uint32_t>(code_of(a, l)) & 0xFFu) << (8 * (i & 3));
+  for (int h = 0; h < kTokRows; ++h) {
+    rows[h] = min(row0 + h, M - 1);  // a row past M repeats the last one and is not stored
+    float amax = 0.f;
+    for (int g = lane; g < G; g += 32) amax = max_nan(amax, gmax[static_cast<int64_t>(rows[h]) * G + g]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) amax = max_nan(amax, __shfl_xor_sync(FULL, amax, o));
+    sc[h] = int4_scale<T>(amax, kInt8Qmax);
+    ys[h] = rcp_for_div(sc[h]);
+    if (lane == 0 && row0 + h < M) scales[row0 + h] = static_cast<T>(sc[h]);
+  }
+  uint4 xn[kTokRows], ln;
+  auto load = [&](int k) {
+    ln = *reinterpret_cast<const uint4*>(smooth + k);
+#pragma unroll
+    for (int h = 0; h < kTokRows; ++h)
+      xn[h] = __ldcs(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(rows[h]) * K + k));
+  };
+  int k = 8 * lane;
+  if (k < K) load(k);
+  for (; k < K; k += 256) {
+    uint4 xc[kTokRows];
+#pragma unroll
+    for (int h = 0; h < kTokRows; ++h) xc[h] = xn[h];
+    const uint4 lc = ln;
+    if (k + 256 < K) load(k + 256);
+    float l[8], yl[8];
+    bool lbad = false;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const uint32_t w = word4(lc, i >> 1);
+      l[i] = Raw<T>::to_float((i & 1) ? (w >> 16) : (w & 0xFFFFu));
+      yl[i] = rcp_for_div(l[i]);  // NaN for smooth outside [2^-60, 2^60]: IEEE fallback below
+      lbad |= yl[i] != yl[i];
+    }
+#pragma unroll
+    for (int h = 0; h < kTokRows; ++h) {
+      auto a_of = [&](int i) {
+        const uint32_t w = word4(xc[h], i >> 1);
+        return Raw<T>::to_float((i & 1) ? (w >> 16) : (w & 0xFFFFu));
+      };
+      uint32_t out[2] = {0u, 0u};
+      if (sc[h] != 0.f) {  // warp-uniform; a zero row (scale 0) has all codes 0
+        float xh[8];
+        float amin = INFINITY, amx = 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const float a = a_of(i);
+          xh[i] = div3(a, l[i], yl[i]);
+          amin = fminf(amin, fabsf(a));
+          amx = fmaxf(amx, fabsf(a));
+        }
+        if (lbad || !(amin >= 0x1p-60f) || !(amx <= 0x1p60f)) {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) xh[i] = __fdiv_rn(a_of(i), l[i]);
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const int code = min(max(__float2int_rn(div_rn_fast(xh[i], sc[h], ys[h])), -127), 127);  // NaN -> 0
+          out[i >> 2] |= (static_cast<uint32_t>(code) & 0xFFu) << (8 * (i & 3));
+        }
       }
-      *reinterpret_cast<uint2*>(cr + k) = make_uint2(out[0], out[1]);
+      if (row0 + h < M) *reinterpret_cast<uint2*>(codes + static_cast<int64_t>(row0 + h) * K + k) = make_uint2(out[0], out[1]);
     }
   }
-  for (int64_t k = k0 + lane; k < K; k += 32)
-    cr[k] = static_cast<int8_t>(code_of(static_cast<float>(xr[k]), static_cast<float>(smooth[k])));
 }
 
 // down_act = sum over the K slices of the partial products, in slice order (deterministic).
@@ -549,8 +621,11 @@ void dispatch_rp(int RP, const at::Tensor& x, const at::Tensor& smooth, const at
     case 32:
       launch_fast<T, RW, KW, 32, kFmt, kMinBlocks>(x, smooth, pd, codes, scales, down_act, M, K, R, act_unsigned, st);
       break;
-    default:
+    case 64:
       launch_fast<T, RW, KW, 64, kFmt, kMinBlocks>(x, smooth, pd, codes, scales, down_act, M, K, R, act_unsigned, st);
+      break;
+    default:  // 64 accumulators per lane: compiled for one block per SM (at two it spills 256-420 bytes)
+      launch_fast<T, RW, KW, 128, kFmt, 1>(x, smooth, pd, codes, scales, down_act, M, K, R, act_unsigned, st);
       break;
   }
 }
@@ -561,7 +636,7 @@ void dispatch_rp(int RP, const at::Tensor& x, const at::Tensor& smooth, const at
 template <typename T, int kFmt>
 void dispatch_fast(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd, at::Tensor& codes,
                    at::Tensor& scales, at::Tensor& down_act, int M, int K, int R, bool act_unsigned, cudaStream_t st) {
-  const int RP = R == 0 ? 0 : (R <= 16 ? 16 : (R <= 32 ? 32 : 64));
+  const int RP = R == 0 ? 0 : (R <= 16 ? 16 : (R <= 32 ? 32 : (R <= 64 ? 64 : 128)));
 #if SVDQ_DIAGNOSTICS
   static const int cfg = [] {
     const char* v = std::getenv("SVDQUANT_OPS_QA_CFG");
@@ -609,21 +684,22 @@ void quantize_w4a8(const QuantizeActShape& s, bool fast, const at::Tensor& x, co
   } else if (s.R > 0) {
     launch_down_act_portable(s, x, proj_down, down_act, stream);
   }
-  const unsigned blocks = static_cast<unsigned>((s.M + 7) / 8);
   const float* gm = fast ? gmax.data_ptr<float>() : nullptr;
-  if (fast && x.scalar_type() == at::kBFloat16) {
-    quantize_tokens_kernel<c10::BFloat16, true><<<blocks, 256, 0, stream>>>(
-        x.data_ptr<c10::BFloat16>(), smooth.data_ptr<c10::BFloat16>(), gm, cd,
-        act_scales.data_ptr<c10::BFloat16>(), s.M, s.K, G64);
-  } else if (fast) {
-    quantize_tokens_kernel<c10::Half, true><<<blocks, 256, 0, stream>>>(
-        x.data_ptr<c10::Half>(), smooth.data_ptr<c10::Half>(), gm, cd, act_scales.data_ptr<c10::Half>(), s.M, s.K,
-        G64);
+  if (fast && aligned16(smooth.data_ptr())) {
+    const int M = static_cast<int>(s.M), K = static_cast<int>(s.K), G = static_cast<int>(G64);
+    const unsigned blocks = static_cast<unsigned>((s.M + kTokRows * kTokWarps - 1) / (kTokRows * kTokWarps));
+    if (x.scalar_type() == at::kBFloat16)
+      quantize_tokens_fast_kernel<c10::BFloat16><<<blocks, 32 * kTokWarps, 0, stream>>>(
+          x.data_ptr<c10::BFloat16>(), smooth.data_ptr<c10::BFloat16>(), gm, cd,
+          act_scales.data_ptr<c10::BFloat16>(), M, K, G);
+    else
+      quantize_tokens_fast_kernel<c10::Half><<<blocks, 32 * kTokWarps, 0, stream>>>(
+          x.data_ptr<c10::Half>(), smooth.data_ptr<c10::Half>(), gm, cd, act_scales.data_ptr<c10::Half>(), M, K, G);
   } else {
+    const unsigned blocks = static_cast<unsigned>((s.M + 7) / 8);
     SVDQ_DISPATCH_FLOAT16_32(x.scalar_type(), "quantize_act_cuda_w4a8", [&] {
-      quantize_tokens_kernel<scalar_t, false><<<blocks, 256, 0, stream>>>(
-          x.data_ptr<scalar_t>(), smooth.data_ptr<scalar_t>(), nullptr, cd, act_scales.data_ptr<scalar_t>(), s.M,
-          s.K, G64);
+      quantize_tokens_kernel<scalar_t><<<blocks, 256, 0, stream>>>(
+          x.data_ptr<scalar_t>(), smooth.data_ptr<scalar_t>(), gm, cd, act_scales.data_ptr<scalar_t>(), s.M, s.K, G64);
     });
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -687,7 +763,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_cuda(const at::Tenso
   if (s.M == 0) return {act_codes, act_scales, down_act};
   cudaStream_t stream = current_stream();
 
-  const bool fast = !force_portable() && x.scalar_type() != at::kFloat && s.K % 64 == 0 && s.R <= 64 &&
+  const bool fast = !force_portable() && x.scalar_type() != at::kFloat && s.K % 64 == 0 && s.R <= 128 &&
                     s.R % 8 == 0 && s.M < (int64_t(1) << 31) / 64 && s.K < (int64_t(1) << 30) &&
                     aligned16(xc.data_ptr()) && (s.R == 0 || aligned16(pdc.data_ptr()));
   if (w4a8) {
