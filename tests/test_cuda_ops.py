@@ -184,6 +184,23 @@ def test_quantize_act_w4a8_unaligned_smooth(path):
     assert rel_fro(out[2], ref[2]) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_quantize_act_w4a8_row_scales_across_the_range(path, dtype):
+    """W4A8 token scales from 2^-70 to 2^70 (bf16; fp16 within its range), a zero row, an odd row count: the token
+    kernel's fast rounding (scales in [2^-52, 2^52]) and its checked division (outside) give the CPU's codes."""
+    g = session_generator(777 + (dtype == torch.float16))
+    exps = [-70, -56, -53, -52, -20, 0, 20, 52, 53, 56, 70] if dtype == torch.bfloat16 else [-14, -8, 0, 8, 12]
+    x, smooth, pd = op_args("quantize_act", act_inputs(2 * len(exps) + 1, 1024, 32, torch.float32, g))
+    for i, e in enumerate(exps):
+        x[2 * i: 2 * i + 2] *= 2.0**e
+    x[-1] = 0
+    x, smooth, pd = x.to(dtype), smooth.to(dtype), pd.to(dtype)
+    ref = OPS.quantize_act(x, smooth, pd, "w4a8", False)
+    out = OPS.quantize_act(x.to(DEV), smooth.to(DEV), pd.to(DEV), "w4a8", False)
+    assert_bits_equal(out[0], ref[0], "codes")
+    assert_bits_equal(out[1], ref[1], "scales")
+
+
 def test_quantize_act_nan_propagates(path):
     x, smooth, pd = op_args("quantize_act", act_inputs(40, 256, 16, torch.bfloat16, session_generator(99)))
     x[3, 70] = float("nan")

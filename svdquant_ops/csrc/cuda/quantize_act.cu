@@ -486,6 +486,7 @@ __global__ void __launch_bounds__(32 * kTokWarps) quantize_tokens_fast_kernel(co
   if (row0 >= M) return;
   int rows[kTokRows];
   float sc[kTokRows], ys[kTokRows];
+  bool qfast[kTokRows];
 #pragma unroll
   for (int h = 0; h < kTokRows; ++h) {
     rows[h] = min(row0 + h, M - 1);  // a row past M repeats the last one and is not stored
@@ -495,6 +496,7 @@ __global__ void __launch_bounds__(32 * kTokWarps) quantize_tokens_fast_kernel(co
     for (int o = 16; o > 0; o >>= 1) amax = max_nan(amax, __shfl_xor_sync(FULL, amax, o));
     sc[h] = int4_scale<T>(amax, kInt8Qmax);
     ys[h] = rcp_for_div(sc[h]);
+    qfast[h] = sc[h] >= 0x1p-52f && sc[h] <= 0x1p52f;
     if (lane == 0 && row0 + h < M) scales[row0 + h] = static_cast<T>(sc[h]);
   }
   uint4 xn[kTokRows], ln;
@@ -542,10 +544,26 @@ __global__ void __launch_bounds__(32 * kTokWarps) quantize_tokens_fast_kernel(co
 #pragma unroll
           for (int i = 0; i < 8; ++i) xh[i] = __fdiv_rn(a_of(i), l[i]);
         }
+        if (qfast[h]) {
+          // scale in [2^-52, 2^52]: |x_hat| <= 127.5 * scale < 2^60, so div3 is exact wherever |x_hat| >= 2^-60;
+          // below that |q| < 2^-8 and the code is 0 either way. Clamp, then round half to even by adding 1.5 * 2^23
+          // (the sum's ulp is 1): the low byte of the sum's bits is the code in two's complement.
+          uint32_t b[8];
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          const int code = min(max(__float2int_rn(div_rn_fast(xh[i], sc[h], ys[h])), -127), 127);  // NaN -> 0
-          out[i >> 2] |= (static_cast<uint32_t>(code) & 0xFFu) << (8 * (i & 3));
+          for (int i = 0; i < 8; ++i) {
+            const float q = fminf(fmaxf(div3(xh[i], sc[h], ys[h]), -kInt8Qmax), kInt8Qmax);
+            b[i] = __float_as_uint(__fadd_rn(q, 0x1.8p23f));
+          }
+#pragma unroll
+          for (int w = 0; w < 2; ++w)
+            out[w] = __byte_perm(__byte_perm(b[4 * w], b[4 * w + 1], 0x0040),
+                                 __byte_perm(b[4 * w + 2], b[4 * w + 3], 0x0040), 0x5410);
+        } else {  // a scale outside that range (or NaN: every code 0): the checked division
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            const int code = min(max(__float2int_rn(div_rn_fast(xh[i], sc[h], ys[h])), -127), 127);  // NaN -> 0
+            out[i >> 2] |= (static_cast<uint32_t>(code) & 0xFFu) << (8 * (i & 3));
+          }
         }
       }
       if (row0 + h < M) *reinterpret_cast<uint2*>(codes + static_cast<int64_t>(row0 + h) * K + k) = make_uint2(out[0], out[1]);
