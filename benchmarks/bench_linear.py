@@ -60,7 +60,8 @@ def kernel_times(fn, iters: int = 20) -> list[tuple[str, float]]:
     per: dict[str, float] = {}
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
-            name = e.name.split("<")[0].split("(")[0].replace("void ", "").split("::")[-1][:48]
+            name = e.name.replace("(anonymous namespace)::", "").replace("void ", "").split("<")[0].split("(")[0]
+            name = name.split("::")[-1][:48]
             per[name] = per.get(name, 0.0) + e.device_time_total / iters
     return list(per.items())
 

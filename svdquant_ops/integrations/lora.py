@@ -22,8 +22,9 @@ appends its columns to that shared tensor (one ``quantize_act`` still serves the
 others' ``proj_up``, which leaves their outputs unchanged bit for bit. Equal ``A`` of several members (the fused
 qkv of Kohya / BFL files, which diffusers' converter copies to to_q, to_k and to_v) are appended once.
 
-Where the branch would grow past ``max_fused_rank`` (default 64: the CUDA ``quantize_act`` fast path needs
-R <= 64; a wider R is correct but runs the slower portable kernel), and on 16-bit linears and 4-bit weight-only
+Where the branch would grow past ``max_fused_rank`` (default 64, ``FUSED_RANK_LIMIT``: the CUDA ``quantize_act``
+fast kernel runs at two blocks per SM up to R = 64, at one up to 128, and past 128 the slower portable kernel
+runs), and on 16-bit linears and 4-bit weight-only
 (``W4A16Tensor``) linears, the adapter runs as an exact side branch instead: a forward hook adding
 ``(x·Dᵀ)·Uᵀ`` with ``D`` [R, K] the adapters' ``A`` stacked and ``U`` [N, R] their scaled ``B`` side by side, held
 as non-persistent buffers of the linear (they move with the model and are not saved). Strength changes write into
@@ -57,7 +58,10 @@ from ..storage.tensor import RANK_MULTIPLE
 
 log = logging.getLogger("svdquant_ops")
 
-FUSED_RANK_LIMIT = 64  # svdquant::quantize_act's CUDA fast path: R <= 64 (csrc/cuda/README.md)
+# The default max_fused_rank. quantize_act's CUDA fast kernel runs up to R = 128, at one block per SM past 64
+# (csrc/cuda/README.md); whether fusing to 128 beats side branches in a whole model is not yet measured
+# (benchmarks/README.md, w4a8-compile-lora16-fuse128), so the default stays at the two-blocks-per-SM limit.
+FUSED_RANK_LIMIT = 64
 STATE_ATTR = "_svdquant_lora"  # the adapters of a model: a plain attribute of its root module (not saved)
 SIDE_DOWN, SIDE_UP = "_svdquant_lora_down", "_svdquant_lora_up"  # side-branch buffers (non-persistent)
 
