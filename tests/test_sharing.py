@@ -185,9 +185,9 @@ if torch.cuda.is_available():
 
 
 @pytest.mark.parametrize("name,move", _MOVES, ids=[n for n, _ in _MOVES])
-def test_a_move_copies_shared_parts_and_share_inputs_restores_them(name, move):
-    """nn.Module._apply moves each weight alone, so a move ends the sharing (outputs unchanged, only the reuse is
-    lost) and share_inputs brings it back, bit-identical to the moved unshared model."""
+def test_a_move_keeps_the_sharing(name, move):
+    """nn.Module._apply moves each weight alone; the parts the members of a group share are moved once and stay
+    shared (one quantize_act per input after the move), bit-identical to the moved unshared model."""
     unshared, model = _quantized_pair()
     move(unshared), move(model)
     dtype = torch.float16 if name == "fp16" else torch.bfloat16
@@ -195,10 +195,31 @@ def test_a_move_copies_shared_parts_and_share_inputs_restores_them(name, move):
     inputs = {k: v.to(device, dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else
               (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in flux_inputs().items()}
     attn = model.transformer_blocks[0].attn
-    assert not _same(attn.to_q.weight.proj_down, attn.to_k.weight.proj_down)
-    assert share_inputs(model) == 6
-    assert _same(attn.to_q.weight.proj_down, attn.to_k.weight.proj_down)
+    assert attn.to_q.weight.proj_down.dtype == dtype and attn.to_q.weight.device.type == device
+    for part in ("proj_down", "smooth"):
+        assert _same(getattr(attn.to_q.weight, part), getattr(attn.to_k.weight, part))
+    assert not _same(attn.to_q.weight.proj_up, attn.to_k.weight.proj_up)  # each member's own part stays its own
+    assert share_inputs(model) == 0  # nothing left to share
     assert _against_unshared(unshared, model, inputs) == (SHARED, True)
+
+
+def test_a_moved_part_is_reused_only_while_unchanged():
+    """Two moves of one weight share its shareable parts (smooth, proj_down) only while neither the source nor the
+    earlier copy has been written to (a reused copy must be indistinguishable from a fresh one); its own parts
+    (codes, scales, proj_up) are always fresh copies."""
+    _, model = _quantized_pair()
+    w = model.transformer_blocks[0].attn.to_q.weight
+    a = w.to(torch.float16)
+    b = w.to(torch.float16)
+    assert _same(a.proj_down, b.proj_down) and _same(a.smooth, b.smooth)
+    assert not _same(a.codes, b.codes) and not _same(a.proj_up, b.proj_up)
+    a.proj_down.mul_(2)  # the earlier copy changed: the next move copies again
+    c = w.to(torch.float16)
+    assert not _same(c.proj_down, a.proj_down) and torch.equal(c.proj_down, w.proj_down.to(torch.float16))
+    with torch.no_grad():
+        w.smooth.mul_(1)  # the source written (same values, new version): copied again
+    d = w.to(torch.float16)
+    assert not _same(d.smooth, c.smooth) and torch.equal(d.smooth, c.smooth)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (a CUDA graph capture)")
