@@ -203,23 +203,39 @@ def test_a_move_keeps_the_sharing(name, move):
     assert _against_unshared(unshared, model, inputs) == (SHARED, True)
 
 
-def test_a_moved_part_is_reused_only_while_unchanged():
-    """Two moves of one weight share its shareable parts (smooth, proj_down) only while neither the source nor the
-    earlier copy has been written to (a reused copy must be indistinguishable from a fresh one); its own parts
-    (codes, scales, proj_up) are always fresh copies."""
+def test_moves_map_shared_parts_to_shared_copies_only():
+    """Shared in, shared out: weights that share a part get one copy of it; two moves of one weight get independent
+    copies; a copy is not handed on once it or its source has been written to."""
     _, model = _quantized_pair()
-    w = model.transformer_blocks[0].attn.to_q.weight
-    a = w.to(torch.float16)
-    b = w.to(torch.float16)
+    attn = model.transformer_blocks[0].attn
+    q, k = attn.to_q.weight, attn.to_k.weight
+    a, b = q.to(torch.float16), k.to(torch.float16)
     assert _same(a.proj_down, b.proj_down) and _same(a.smooth, b.smooth)
-    assert not _same(a.codes, b.codes) and not _same(a.proj_up, b.proj_up)
-    a.proj_down.mul_(2)  # the earlier copy changed: the next move copies again
-    c = w.to(torch.float16)
-    assert not _same(c.proj_down, a.proj_down) and torch.equal(c.proj_down, w.proj_down.to(torch.float16))
-    with torch.no_grad():
-        w.smooth.mul_(1)  # the source written (same values, new version): copied again
-    d = w.to(torch.float16)
-    assert not _same(d.smooth, c.smooth) and torch.equal(d.smooth, c.smooth)
+    assert not _same(a.codes, b.codes) and not _same(a.proj_up, b.proj_up)  # each weight's own parts
+    a2 = q.to(torch.float16)  # the same weight again: an independent copy
+    assert not _same(a2.proj_down, a.proj_down) and torch.equal(a2.proj_down, a.proj_down)
+    a2.proj_down.mul_(2)  # the latest copy written: the next move copies again
+    c = k.to(torch.float16)
+    assert not _same(c.proj_down, a2.proj_down) and torch.equal(c.proj_down, q.proj_down.to(torch.float16))
+    e = k.to(torch.float16)
+    assert _same(e.smooth, c.smooth)
+    q.smooth.data.mul_(2)  # the source written through another weight's view, unseen by version counters
+    q.proj_down.data.mul_(2)
+    d = k.to(torch.float16)
+    assert not _same(d.smooth, c.smooth) and torch.equal(d.smooth, k.smooth.to(torch.float16))
+    assert not _same(d.proj_down, c.proj_down) and torch.equal(d.proj_down, k.proj_down.to(torch.float16))
+
+
+def test_a_move_under_inference_mode_keeps_the_sharing():
+    """Offload hooks move weights inside the pipeline's inference_mode: the shared parts stay shared (their copies
+    are made as normal tensors), the others become inference tensors as before."""
+    _, model = _quantized_pair()
+    with torch.inference_mode():
+        model.to(torch.float16)
+    attn = model.transformer_blocks[0].attn
+    assert _same(attn.to_q.weight.proj_down, attn.to_k.weight.proj_down)
+    assert not attn.to_q.weight.proj_down.is_inference() and attn.to_q.weight.codes.is_inference()
+    assert share_inputs(model) == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (a CUDA graph capture)")

@@ -11,13 +11,12 @@ weights may hold as one tensor (``shared_fields``) are still one tensor after a 
 from __future__ import annotations
 
 import hashlib
-import weakref
-from collections import OrderedDict
 
 import torch
 from torchao.utils import TorchAOBaseTensor
 
 from ..formats import FLOAT_DTYPES
+from .shared_moves import move_part
 
 aten = torch.ops.aten
 
@@ -136,52 +135,19 @@ def _(func, types, args, kwargs):
     return dst
 
 
-# The last moves of shareable parts (``shared_fields``), so that a move keeps the aliasing between weights:
-# nn.Module._apply moves each weight alone, and linears that share one smooth / proj_down (share_inputs) must still
-# share one copy afterwards (one quantize_act per input). Members of a group sit next to each other in the module
-# tree, so a short memory suffices; it holds at most _MOVED_KEEP small parts (proj_down is K x R) beyond their use.
-# An entry is keyed by the source's storage (a weak reference guards against a reused id), view geometry and target,
-# and is reused only while neither the source nor the copy has been written since (version counters): a reused copy
-# is indistinguishable from a fresh one.
-_MOVED: OrderedDict = OrderedDict()
-_MOVED_KEEP = 32
-
-
-def _move_part(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None, non_blocking: bool,
+def _move_part(owner, t: torch.Tensor, device: torch.device, dtype: torch.dtype | None, non_blocking: bool,
                shareable: bool) -> torch.Tensor:
-    """``t`` on ``device`` (cast to ``dtype`` unless None) as a new tensor; for a ``shareable`` part, the copy an
-    earlier move of the same memory made when it is still valid (see ``_MOVED``)."""
-    key = None
     if shareable:
-        try:
-            st, version = t.untyped_storage(), t._version
-            key = (id(st), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, device, dtype)
-        except RuntimeError:  # an inference tensor keeps no version counter: no reuse
-            key = None
-    if key is not None:
-        hit = _MOVED.get(key)
-        if hit is not None and hit[0]() is st and hit[1] == version and hit[2]._version == hit[3]:
-            _MOVED.move_to_end(key)
-            return hit[2]
+        return move_part(owner, t, device, dtype, non_blocking)
     cast = dtype is not None and t.dtype != dtype
     out = t.to(device, non_blocking=non_blocking, copy=not cast)  # the cast below copies
-    if cast:
-        out = out.to(dtype)
-    if key is not None:
-        try:
-            _MOVED[key] = (weakref.ref(st), version, out, out._version)
-        except RuntimeError:
-            return out
-        _MOVED.move_to_end(key)
-        while len(_MOVED) > _MOVED_KEEP:
-            _MOVED.popitem(last=False)
-    return out
+    return out.to(dtype) if cast else out
 
 
 def _moved(self: PackedWeight, device, dtype, non_blocking: bool) -> PackedWeight:
     """A copy of ``self`` on ``device`` with model dtype ``dtype``: every part moves; the ``dtype_fields`` take the
     new dtype; codes and scales stay bit-exact (the kernels read scales of any float dtype). ``shared_fields`` that
-    several weights hold as one tensor stay one tensor (``_MOVED``)."""
+    several weights hold as one tensor stay one tensor (``shared_moves``)."""
     device = self.device if device is None else torch.device(device)
     if device.type == "cuda" and device.index is None:  # one key per physical device
         device = torch.device("cuda", torch.cuda.current_device())
@@ -193,7 +159,7 @@ def _moved(self: PackedWeight, device, dtype, non_blocking: bool) -> PackedWeigh
         t = getattr(self, name)
         if t is None:
             return None
-        return _move_part(t, device, dtype if name in self.dtype_fields else None, non_blocking,
+        return _move_part(self, t, device, dtype if name in self.dtype_fields else None, non_blocking,
                           name in self.shared_fields)
 
     data = [move(n) for n in self.tensor_data_names]

@@ -156,8 +156,9 @@ __device__ __forceinline__ uint32_t word_of(const uint4 (&v)[2], int w) {
 }
 
 // q = a / b for b > 0 by the remainder correction of the compiler's IEEE division with a precomputed reciprocal y
-// (common.cuh). Exact when a, b lie in [2^-60, 2^60] (callers check and fall back otherwise). The sign of a is kept
-// for zeros (a / b with b > 0 has a's sign), which the correction alone would lose for -0.
+// (common.cuh). Exact when a, b lie in [2^-60, 2^60] (callers check and fall back otherwise). For a = -0 it returns
+// +0 (the correction's fma adds +0 to -0): callers that read the sign of a zero quotient restore it (NVFP4's
+// copysignf); for INT4 and W4A8 codes the sign of zero does not matter.
 __device__ __forceinline__ float div3(float a, float b, float y) {
   const float q = __fmul_rn(a, y);
   const float r = fmaf(-b, q, a);
@@ -470,7 +471,8 @@ __device__ __forceinline__ uint32_t word4(const uint4& v, int w) {
 // 4 warps per block. Per 256-channel step a lane holds 8 consecutive channels of each of its rows; the 8 reciprocals
 // of smooth are computed once per step for all its rows, and the next step's loads are issued before this step's
 // math (2 x (kTokRows + 1) 16-byte loads in flight per lane). The divisions are the fast kernel's exact ones: x_hat =
-// div3(x, smooth) (IEEE fallback when an operand is out of range), x_hat / scale by div_rn_fast.
+// div3(x, smooth) (IEEE fallback when an operand is out of range); x_hat / scale by div3 plus a rounding without F2I
+// for rows whose scale is in [2^-52, 2^52], by div_rn_fast (checked per element) for the others.
 constexpr int kTokRows = 2, kTokWarps = 4;
 
 template <typename T>
@@ -545,9 +547,12 @@ __global__ void __launch_bounds__(32 * kTokWarps) quantize_tokens_fast_kernel(co
           for (int i = 0; i < 8; ++i) xh[i] = __fdiv_rn(a_of(i), l[i]);
         }
         if (qfast[h]) {
-          // scale in [2^-52, 2^52]: |x_hat| <= 127.5 * scale < 2^60, so div3 is exact wherever |x_hat| >= 2^-60;
-          // below that |q| < 2^-8 and the code is 0 either way. Clamp, then round half to even by adding 1.5 * 2^23
-          // (the sum's ulp is 1): the low byte of the sum's bits is the code in two's complement.
+          // scale in [2^-52, 2^52] and amax finite (a NaN or Inf in the row makes the scale NaN or Inf: checked
+          // path). Then |x_hat| < 2^60: bf16, scale = amax / 127 rounded, so |x_hat| <= amax < 2^60; fp16, x_hat is
+          // at most 65504 / 2^-24 < 2^40 (its scale may be clamped to 65504 or be subnormal, so |x_hat / scale| can
+          // pass 127.5: the clamp below covers it). So div3 is exact wherever |x_hat| >= 2^-60, and below that
+          // |q| < 2^-8: code 0 either way. Clamp, then round half to even by adding 1.5 * 2^23 (the sum's ulp is 1):
+          // the low byte of the sum's bits is the code in two's complement.
           uint32_t b[8];
 #pragma unroll
           for (int i = 0; i < 8; ++i) {
