@@ -361,13 +361,6 @@ def add_lora(model, cfg: Config, device, seed: int, sync) -> dict:
                          bytes_added=weight_bytes(model) - before)}
 
 
-def sqnr_db(ref, out) -> float:
-    """Output SQNR in dB: 10·log10(Σ ref² / Σ (out − ref)²), in float64 (inf when equal)."""
-    ref, out = ref.double(), out.double()
-    noise = float((out - ref).pow(2).sum())
-    return math.inf if noise == 0 else 10 * math.log10(float(ref.pow(2).sum()) / noise)
-
-
 def _free() -> None:
     import torch
 
@@ -395,6 +388,7 @@ def load_nunchaku(path: Path, cfg: Config, device, inputs: dict, ref, sync):
 
     from ..storage import SVDQuantTensor, W4A16Tensor
     from .nunchaku import load_nunchaku_transformer
+    from .pipelines import sqnr_db
 
     t0 = time.perf_counter()
     m = load_nunchaku_transformer(path, device=device, precision=None if cfg.weights == "int4" else "w4a8")

@@ -16,7 +16,7 @@ import torch
 from torchao.utils import TorchAOBaseTensor
 
 from ..formats import FLOAT_DTYPES
-from .shared_moves import move_part
+from .shared_moves import copy_part, move_part
 
 aten = torch.ops.aten
 
@@ -135,15 +135,6 @@ def _(func, types, args, kwargs):
     return dst
 
 
-def _move_part(owner, t: torch.Tensor, device: torch.device, dtype: torch.dtype | None, non_blocking: bool,
-               shareable: bool) -> torch.Tensor:
-    if shareable:
-        return move_part(owner, t, device, dtype, non_blocking)
-    cast = dtype is not None and t.dtype != dtype
-    out = t.to(device, non_blocking=non_blocking, copy=not cast)  # the cast below copies
-    return out.to(dtype) if cast else out
-
-
 def _moved(self: PackedWeight, device, dtype, non_blocking: bool) -> PackedWeight:
     """A copy of ``self`` on ``device`` with model dtype ``dtype``: every part moves; the ``dtype_fields`` take the
     new dtype; codes and scales stay bit-exact (the kernels read scales of any float dtype). ``shared_fields`` that
@@ -159,8 +150,10 @@ def _moved(self: PackedWeight, device, dtype, non_blocking: bool) -> PackedWeigh
         t = getattr(self, name)
         if t is None:
             return None
-        return _move_part(self, t, device, dtype if name in self.dtype_fields else None, non_blocking,
-                          name in self.shared_fields)
+        to = dtype if name in self.dtype_fields else None
+        if name in self.shared_fields:
+            return move_part(self, t, device, to, non_blocking)
+        return copy_part(t, device, to, non_blocking)
 
     data = [move(n) for n in self.tensor_data_names]
     optional = {n: move(n) for n in self.optional_tensor_data_names}

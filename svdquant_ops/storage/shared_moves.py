@@ -37,7 +37,7 @@ _watched: set[int] = set()  # ids of source storages with a finalizer that forge
 _lock = threading.Lock()
 
 
-def _stream(device: torch.device):
+def _stream(device: torch.device):  # the destination's: reused sources are on the CPU
     return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
 
 
@@ -56,6 +56,13 @@ def _reusable(t: torch.Tensor, device: torch.device) -> bool:
     return True
 
 
+def copy_part(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None, non_blocking: bool) -> torch.Tensor:
+    """``t`` on ``device``, cast to ``dtype`` unless None, always a new tensor."""
+    cast = dtype is not None and t.dtype != dtype
+    out = t.to(device, non_blocking=non_blocking, copy=not cast)  # the cast below copies
+    return out.to(dtype) if cast else out
+
+
 def move_part(owner: torch.Tensor, t: torch.Tensor, device: torch.device, dtype: torch.dtype | None,
               non_blocking: bool) -> torch.Tensor:
     """``t`` (a shareable part of the weight ``owner``) on ``device``, cast to ``dtype`` unless None, as a new tensor:
@@ -63,19 +70,15 @@ def move_part(owner: torch.Tensor, t: torch.Tensor, device: torch.device, dtype:
     key = None
     if _reusable(t, device):
         st = t.untyped_storage()
-        key = (id(st), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, device, dtype, _stream(t.device),
-               _stream(device))
+        key = (id(st), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, device, dtype, _stream(device))
         with _lock:
             hit = _entries.get(key)
             if (hit is not None and hit[0]() is st and hit[4] != id(owner) and hit[3] == hit[2]._version
                     and torch.equal(hit[1], t)):
                 _entries.move_to_end(key)
                 return hit[2]
-    cast = dtype is not None and t.dtype != dtype
     with torch.inference_mode(False) if key is not None else nullcontext():
-        out = t.to(device, non_blocking=non_blocking, copy=not cast)  # the cast below copies
-        if cast:
-            out = out.to(dtype)
+        out = copy_part(t, device, dtype, non_blocking)
     if key is not None:
         with _lock:
             _entries[key] = (weakref.ref(st), t.detach().clone(), out, out._version, id(owner))
