@@ -201,6 +201,52 @@ def test_quantize_act_w4a8_row_scales_across_the_range(path, dtype):
     assert_bits_equal(out[1], ref[1], "scales")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("smooth_edge", ["inside", "outside"])
+def test_quantize_act_w4a8_unchecked_division_bounds(path, dtype, smooth_edge):
+    """The W4A8 fast path divides without per-element range checks on rows whose amax lies in [2^-28, 2^33] when
+    every smooth value lies in [2^-20, 2^20]; other rows are recomputed exactly. Rows at and just past both amax
+    bounds, rows with tiny / subnormal / zero / huge elements, and smooth values at the bounds ("inside") or one
+    past them ("outside": every row takes the exact path) must all give the CPU's codes and scales."""
+    g = session_generator(4711 + (dtype == torch.float16) + 2 * (smooth_edge == "outside"))
+    K = 1024
+    x, smooth, pd = op_args("quantize_act", act_inputs(16, K, 32, torch.float32, g))
+    lo, hi = (2.0**-20, 2.0**20) if dtype == torch.bfloat16 else (2.0**-14, 2.0**15)
+    smooth[5], smooth[6] = lo, hi
+    x[:, 5] *= lo  # keep those columns' x_hat ordinary (fp16: as far as its range allows)
+    x[:, 6] *= min(hi, 2.0**12)
+    if smooth_edge == "outside":
+        smooth[7] = 2.0**21 if dtype == torch.bfloat16 else 2.0**-15
+    tiny = 1e-30 if dtype == torch.bfloat16 else 6e-8
+    sub = 1e-40 if dtype == torch.bfloat16 else 1e-7
+    x[0, 1::7], x[0, 2::11], x[0, 3::13] = tiny, sub, -0.0  # normal row with tiny, subnormal and -0 entries
+    x[1] = 0.0
+    x[1, 9] = tiny  # a row of tiny values only
+    targets = [2.0**-29, 2.0**-28, 2.0**33, 2.0**34, 2.0**-28 * 0.99, 2.0**33 * 1.01]
+    for i, t in enumerate(targets):  # rows whose amax sits at / beside a bound (x_hat[j] = t exactly at column j)
+        r, j = 2 + i, 40 + i
+        if dtype == torch.float16:  # reach t with x and smooth both in fp16's range (smooth still in the bounds)
+            if t > 1:
+                smooth[j] = 2.0**-20
+                x[:, j] *= 2.0**-20  # other rows' x_hat there stays ordinary
+            else:
+                smooth[j] = 2.0**15
+            x[r] = x[r] * (0.0 if t < 1 else 2.0**-4)  # below 2^-28, fp16 x / smooth is 0 or the target
+        else:
+            x[r] = x[r] * t * 2.0**-12
+        x[r, j] = smooth[j] * t
+    if dtype == torch.bfloat16:
+        x[9, 100] = 2.0**70  # a huge element
+        x[10, 50] = 2.0**61
+    x, smooth, pd = x.to(dtype), smooth.to(dtype), pd.to(dtype)
+    ref = OPS.quantize_act(x, smooth, pd, "w4a8", False)
+    out = OPS.quantize_act(x.to(DEV), smooth.to(DEV), pd.to(DEV), "w4a8", False)
+    assert_bits_equal(out[0], ref[0], "codes")
+    assert_bits_equal(out[1], ref[1], "scales")
+    assert torch.isfinite(ref[2]).all()
+    assert rel_fro(out[2], ref[2]) < 1e-5
+
+
 def test_quantize_act_nan_propagates(path):
     x, smooth, pd = op_args("quantize_act", act_inputs(40, 256, 16, torch.bfloat16, session_generator(99)))
     x[3, 70] = float("nan")

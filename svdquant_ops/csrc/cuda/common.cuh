@@ -62,7 +62,7 @@ class PerDeviceOnce {
 
 // Per-device attributes, read once (no CUDA call on later ops, so nothing new happens during graph capture).
 struct DeviceInfo {
-  int major = -1, minor = -1, sms = 0;
+  int major = -1, minor = -1, sms = 0, l2_bytes = 0;
 };
 inline const DeviceInfo& device_info() {
   static DeviceInfo infos[kMaxDevices];
@@ -73,6 +73,7 @@ inline const DeviceInfo& device_info() {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, dev));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.l2_bytes, cudaDevAttrL2CacheSize, dev));
     infos[dev] = d;
   });
   return infos[dev];
@@ -90,6 +91,7 @@ void set_max_dynamic_smem(PerDeviceOnce& once, Kernel kernel, int bytes) {
 inline bool device_is_sm90() { return device_info().major == 9 && device_info().minor == 0; }
 
 inline int num_sms() { return device_info().sms; }
+inline int64_t l2_bytes() { return device_info().l2_bytes; }
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 

@@ -14,7 +14,8 @@
 //   loop, and a thread per down_act element summing over K in order.
 // W4A8 (per-token INT8): the fast kernel in a mode that writes only each (token, 64-chunk) amax of x_hat and
 //   down_act, then the token kernel (2 tokens per warp) reduces the amaxes to each token's scale and writes the int8
-//   codes (reading x a second time). Portable: a warp per token computes the amax itself.
+//   codes (reading x a second time); rows whose amax is outside the bounds at kW4a8AmaxLo are recomputed with IEEE
+//   divisions. Portable: a warp per token computes the amax itself.
 #include <c10/cuda/CUDAGuard.h>
 
 #include <cstdlib>
@@ -165,6 +166,23 @@ __device__ __forceinline__ float div3(float a, float b, float y) {
   return fmaf(y, r, q);
 }
 
+// W4A8's fast path computes x_hat = x / smooth by div3 without checking each element's range. It is exact for
+// every row whose amax (as computed) lies in [kW4a8AmaxLo, kW4a8AmaxHi] when every smooth value lies in
+// [2^-20, 2^20]; the first pass gives smooth values outside that range a NaN reciprocal, so their chunks' amaxes
+// are NaN and the row is recomputed exactly. Why: div3 is exact for |x| in [2^-60, 2^60] (and 0). A smaller
+// nonzero |x| gives |x_hat| < 2^-40 (computed: < 2^-38), which is neither the row's amax (>= 2^-28) nor a nonzero
+// code (|x_hat / scale| < 2^-38 * 127 / 2^-28 / (1 - 2^-8) < 1/8). A larger finite |x| gives |x_hat| > 2^40
+// (computed: > 2^39, or Inf / NaN when x * rcp overflows), so the row's amax fails the upper bound; NaN / Inf in x
+// make it NaN / Inf. Rows outside the bounds (including zero rows) are recomputed with IEEE divisions.
+constexpr float kW4a8AmaxLo = 0x1p-28f, kW4a8AmaxHi = 0x1p33f;
+
+__device__ __forceinline__ float rcp_w4a8_first_pass(float b) {
+  const float ab = fabsf(b);
+  return (ab >= 0x1p-20f && ab <= 0x1p20f) ? rcp_for_div(b) : __int_as_float(0x7fffffff);
+}
+
+__device__ __forceinline__ bool w4a8_row_fast(float amax) { return amax >= kW4a8AmaxLo && amax <= kW4a8AmaxHi; }
+
 // RW row-warps x KW k-warps per block; RP = R padded to 16/32/64 (0: no branch). blockIdx.y selects a slice of
 // `chunks_per_split` 64-channel chunks; with several slices, down_act holds per-slice partial sums [splits, M, R].
 // kFmt: kFmtInt4 / kFmtNvfp4 write codes and group scales; kFmtGroupMax (W4A8's first pass) writes only the fp32
@@ -178,7 +196,8 @@ __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel
                                                                      uint8_t* __restrict__ codes,
                                                                      void* __restrict__ scales,
                                                                      float* __restrict__ down_act, int M, int K, int R,
-                                                                     bool act_unsigned, int chunks_per_split) {
+                                                                     bool act_unsigned, int chunks_per_split,
+                                                                     bool keep_x) {
   constexpr bool kNvfp4 = kFmt == kFmtNvfp4;
   constexpr bool kGroupMax = kFmt == kFmtGroupMax;
   constexpr int NT = 32 * RW * KW;
@@ -242,27 +261,30 @@ __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel
       const int idx = threadIdx.x + i * NT;
       if (idx < RC) {
         sm[idx] = sv[i];
-        sm[RC + idx] = rcp_for_div(sv[i]);
+        sm[RC + idx] = kGroupMax ? rcp_w4a8_first_pass(sv[i]) : rcp_for_div(sv[i]);
       }
     }
   };
   uint4 xn[2][2];
-  auto load_x = [&](int c) {
+  auto load_x = [&](int c, uint4 (&dst)[2][2]) {
     const int64_t col = static_cast<int64_t>(c) * 64 + 16 * t;
     const uint4 z = make_uint4(0, 0, 0, 0);
+    // keep_x: W4A8's token kernel reads x again next; when x fits in L2, default caching lets that read hit it
+    // (streaming loads, the single-pass formats' choice, are evicted first)
+    const bool keep = kGroupMax && keep_x;
     if (row_a < M) {
       const uint4* p = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(row_a) * K + col);
-      xn[0][0] = __ldcs(p);
-      xn[0][1] = __ldcs(p + 1);
+      dst[0][0] = keep ? __ldg(p) : __ldcs(p);
+      dst[0][1] = keep ? __ldg(p + 1) : __ldcs(p + 1);
     } else {
-      xn[0][0] = xn[0][1] = z;
+      dst[0][0] = dst[0][1] = z;
     }
     if (row_b < M) {
       const uint4* p = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(row_b) * K + col);
-      xn[1][0] = __ldcs(p);
-      xn[1][1] = __ldcs(p + 1);
+      dst[1][0] = keep ? __ldg(p) : __ldcs(p);
+      dst[1][1] = keep ? __ldg(p + 1) : __ldcs(p + 1);
     } else {
-      xn[1][0] = xn[1][1] = z;
+      dst[1][0] = dst[1][1] = z;
     }
   };
 
@@ -270,7 +292,7 @@ __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel
   load_smooth(0);
   store_smooth(0);
   stage_pd(0, 0);
-  if (c_begin + kw < c_end) load_x(c_begin + kw);
+  if (c_begin + kw < c_end) load_x(c_begin + kw, xn);
 
   for (int q = 0; q < rounds; ++q) {
     cp_async_wait_all();
@@ -285,9 +307,39 @@ __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel
 #pragma unroll
     for (int h = 0; h < 2; ++h) xc[h][0] = xn[h][0], xc[h][1] = xn[h][1];
     const int c = c_begin + q * KW + kw;
-    if (has_next && c + KW < c_end) load_x(c + KW);
+    if (has_next && c + KW < c_end) load_x(c + KW, xn);
 
-    if (c < c_end) {
+    if (kGroupMax && c < c_end) {
+      // W4A8's per-chunk amax of x_hat = x / smooth by div3 without range checks: out-of-range smooth values have
+      // NaN reciprocals here, and the token kernel validates each row's amax (kW4a8AmaxLo / Hi) and recomputes it
+      // exactly when it is outside (see there why that is exact).
+      const float* sm = reinterpret_cast<const float*>(smem + buf * BUF) + kw * 64 + 16 * t;
+      float amx2[2] = {0.f, 0.f};
+#pragma unroll
+      for (int i4 = 0; i4 < 4; ++i4) {
+        const float4 l4 = *reinterpret_cast<const float4*>(sm + 4 * i4);
+        const float4 y4 = *reinterpret_cast<const float4*>(sm + RC + 4 * i4);
+        const float lv[4] = {l4.x, l4.y, l4.z, l4.w};
+        const float yv[4] = {y4.x, y4.y, y4.z, y4.w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int i = 4 * i4 + e;
+            const uint32_t w = word_of(xc[h], i >> 1);
+            const float a = Raw<T>::to_float((i & 1) ? (w >> 16) : (w & 0xFFFFu));
+            amx2[h] = max_nan(amx2[h], fabsf(div3(a, lv[e], yv[e])));
+          }
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float amax = max_nan(amx2[h], __shfl_xor_sync(FULL, amx2[h], 1));
+        amax = max_nan(amax, __shfl_xor_sync(FULL, amax, 2));
+        const int row = h == 0 ? row_a : row_b;
+        if (t == 0 && row < M) static_cast<float*>(scales)[static_cast<int64_t>(row) * G + c] = amax;
+      }
+    } else if (c < c_end) {
       const float* sm = reinterpret_cast<const float*>(smem + buf * BUF) + kw * 64 + 16 * t;
       auto a_of = [&](int h, int i) {
         const uint32_t w = word_of(xc[h], i >> 1);
@@ -333,12 +385,7 @@ __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel
         for (int i = 0; i < 16; ++i) amax = max_nan(amax, act_unsigned ? xh[i] : fabsf(xh[i]));
 
         uint32_t packed[2] = {0u, 0u};
-        if constexpr (kGroupMax) {
-          amax = max_nan(amax, __shfl_xor_sync(FULL, amax, 1));
-          amax = max_nan(amax, __shfl_xor_sync(FULL, amax, 2));
-          if (t == 0 && row < M) static_cast<float*>(scales)[static_cast<int64_t>(row) * G + c] = amax;
-          continue;  // no codes in this pass
-        } else if constexpr (!kNvfp4) {
+        if constexpr (!kNvfp4) {
           amax = max_nan(amax, __shfl_xor_sync(FULL, amax, 1));
           amax = max_nan(amax, __shfl_xor_sync(FULL, amax, 2));
           const float s = int4_scale<T>(amax, act_unsigned ? kUint4Qmax : kInt4Qmax);
@@ -378,7 +425,9 @@ __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel
               make_uint2(packed[0], packed[1]);
         }
       }
+    }
 
+    if (c < c_end) {
       if constexpr (RP > 0) {
         // this lane's ldmatrix row in k-step s4 is kl = kl0 + 4 * s4; its swizzle does not depend on s4
         // ((kl >> 4) and (kl & 1) are the same for every s4), so the address is pd_base + lane offset + s4 step
@@ -445,12 +494,16 @@ __global__ void __launch_bounds__(256) quantize_tokens_kernel(const T* __restric
   float amax = 0.f;
   if (gmax != nullptr) {
     for (int64_t g = lane; g < G; g += 32) amax = max_nan(amax, gmax[row * G + g]);
-  } else {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) amax = max_nan(amax, __shfl_xor_sync(FULL, amax, o));
+  }
+  if (gmax == nullptr || !w4a8_row_fast(amax)) {  // the first pass's amax is exact only inside the bounds
+    amax = 0.f;
     for (int64_t k = lane; k < K; k += 32)
       amax = max_nan(amax, fabsf(__fdiv_rn(static_cast<float>(xr[k]), static_cast<float>(smooth[k]))));
-  }
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) amax = max_nan(amax, __shfl_xor_sync(FULL, amax, o));
+    for (int o = 16; o > 0; o >>= 1) amax = max_nan(amax, __shfl_xor_sync(FULL, amax, o));
+  }
   const float sc = int4_scale<T>(amax, kInt8Qmax);
   if (lane == 0) scales[row] = static_cast<T>(sc);
   int8_t* cr = codes + row * K;
@@ -470,9 +523,10 @@ __device__ __forceinline__ uint32_t word4(const uint4& v, int w) {
 // W4A8's second pass on the fast path (16-bit x and smooth, 16-byte aligned, K % 8 == 0): kTokRows tokens per warp,
 // 4 warps per block. Per 256-channel step a lane holds 8 consecutive channels of each of its rows; the 8 reciprocals
 // of smooth are computed once per step for all its rows, and the next step's loads are issued before this step's
-// math (2 x (kTokRows + 1) 16-byte loads in flight per lane). The divisions are the fast kernel's exact ones: x_hat =
-// div3(x, smooth) (IEEE fallback when an operand is out of range); x_hat / scale by div3 plus a rounding without F2I
-// for rows whose scale is in [2^-52, 2^52], by div_rn_fast (checked per element) for the others.
+// math (2 x (kTokRows + 1) 16-byte loads in flight per lane). x_hat = div3(x, smooth) with no per-element range
+// check for rows whose amax passes w4a8_row_fast (see kW4a8AmaxLo), IEEE divisions for the other rows; x_hat / scale
+// by div3 plus a rounding without F2I for rows whose scale is in [2^-52, 2^52], by div_rn_fast (checked per element)
+// for the others.
 constexpr int kTokRows = 2, kTokWarps = 4;
 
 template <typename T>
@@ -488,7 +542,7 @@ __global__ void __launch_bounds__(32 * kTokWarps) quantize_tokens_fast_kernel(co
   if (row0 >= M) return;
   int rows[kTokRows];
   float sc[kTokRows], ys[kTokRows];
-  bool qfast[kTokRows];
+  bool qfast[kTokRows], xfast[kTokRows];
 #pragma unroll
   for (int h = 0; h < kTokRows; ++h) {
     rows[h] = min(row0 + h, M - 1);  // a row past M repeats the last one and is not stored
@@ -496,6 +550,27 @@ __global__ void __launch_bounds__(32 * kTokWarps) quantize_tokens_fast_kernel(co
     for (int g = lane; g < G; g += 32) amax = max_nan(amax, gmax[static_cast<int64_t>(rows[h]) * G + g]);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) amax = max_nan(amax, __shfl_xor_sync(FULL, amax, o));
+    // Inside the bounds the first pass's amax is exact and so is div3 for this row's x_hat (kW4a8AmaxLo); outside
+    // (rare: zero, tiny, huge or NaN rows, or smooth outside [2^-20, 2^20]) the amax is recomputed with IEEE
+    // divisions and so are the row's x_hat below. Warp-uniform.
+    xfast[h] = w4a8_row_fast(amax);
+    if (!xfast[h]) {
+      amax = 0.f;
+      const T* xr = x + static_cast<int64_t>(rows[h]) * K;
+      for (int k = 8 * lane; k < K; k += 256) {
+        const uint4 xv = *reinterpret_cast<const uint4*>(xr + k);
+        const uint4 lv = *reinterpret_cast<const uint4*>(smooth + k);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const uint32_t wx = word4(xv, i >> 1), wl = word4(lv, i >> 1);
+          const float a = Raw<T>::to_float((i & 1) ? (wx >> 16) : (wx & 0xFFFFu));
+          const float l = Raw<T>::to_float((i & 1) ? (wl >> 16) : (wl & 0xFFFFu));
+          amax = max_nan(amax, fabsf(__fdiv_rn(a, l)));
+        }
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) amax = max_nan(amax, __shfl_xor_sync(FULL, amax, o));
+    }
     sc[h] = int4_scale<T>(amax, kInt8Qmax);
     ys[h] = rcp_for_div(sc[h]);
     qfast[h] = sc[h] >= 0x1p-52f && sc[h] <= 0x1p52f;
@@ -517,13 +592,11 @@ __global__ void __launch_bounds__(32 * kTokWarps) quantize_tokens_fast_kernel(co
     const uint4 lc = ln;
     if (k + 256 < K) load(k + 256);
     float l[8], yl[8];
-    bool lbad = false;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       const uint32_t w = word4(lc, i >> 1);
       l[i] = Raw<T>::to_float((i & 1) ? (w >> 16) : (w & 0xFFFFu));
-      yl[i] = rcp_for_div(l[i]);  // NaN for smooth outside [2^-60, 2^60]: IEEE fallback below
-      lbad |= yl[i] != yl[i];
+      yl[i] = rcp_for_div(l[i]);  // used by xfast rows only, whose smooth values are all in [2^-20, 2^20]
     }
 #pragma unroll
     for (int h = 0; h < kTokRows; ++h) {
@@ -534,15 +607,10 @@ __global__ void __launch_bounds__(32 * kTokWarps) quantize_tokens_fast_kernel(co
       uint32_t out[2] = {0u, 0u};
       if (sc[h] != 0.f) {  // warp-uniform; a zero row (scale 0) has all codes 0
         float xh[8];
-        float amin = INFINITY, amx = 0.f;
+        if (xfast[h]) {
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          const float a = a_of(i);
-          xh[i] = div3(a, l[i], yl[i]);
-          amin = fminf(amin, fabsf(a));
-          amx = fmaxf(amx, fabsf(a));
-        }
-        if (lbad || !(amin >= 0x1p-60f) || !(amx <= 0x1p60f)) {
+          for (int i = 0; i < 8; ++i) xh[i] = div3(a_of(i), l[i], yl[i]);
+        } else {
 #pragma unroll
           for (int i = 0; i < 8; ++i) xh[i] = __fdiv_rn(a_of(i), l[i]);
         }
@@ -586,6 +654,15 @@ __global__ void down_act_split_reduce_kernel(const float* __restrict__ part, flo
   out[i] = s;
 }
 
+// Diagnostics builds: an integer switch read from the environment on every call (so one process can sweep it);
+// `fallback` when unset.
+#if SVDQ_DIAGNOSTICS
+inline int diag_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  return v != nullptr && v[0] != '\0' ? std::atoi(v) : fallback;
+}
+#endif
+
 template <typename T, int RW, int KW, int RP, int kFmt, int kMinBlocks>
 void launch_fast(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd, at::Tensor& codes,
                  at::Tensor& scales, at::Tensor& down_act, int M, int K, int R, bool act_unsigned,
@@ -599,14 +676,19 @@ void launch_fast(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor
   const int slabs = (M + rows - 1) / rows;
   const int nchunks = K / 64;
   // Split K over blocks until there are >= 4 blocks per SM (load balance; a slice keeps >= 2 rounds of chunks).
-  int splits = std::max(1, std::min((4 * num_sms() + slabs - 1) / slabs, nchunks / (2 * KW)));
+  // W4A8's group-max pass: at most one wave of resident blocks instead (kMinBlocks per SM): longer slices and fewer
+  // partial sums measured faster there (H200, M = 4608: 17.6 vs 27.6 us at K = 3072, R = 32; csrc/cuda/README.md).
+  int splits = kFmt == kFmtGroupMax
+                   ? std::max(1, std::min(kMinBlocks * num_sms() / slabs, nchunks / (2 * KW)))
+                   : std::max(1, std::min((4 * num_sms() + slabs - 1) / slabs, nchunks / (2 * KW)));
   if (R == 0) splits = std::max(1, std::min((4 * num_sms() + slabs - 1) / slabs, nchunks / KW));
+  // W4A8's group-max pass: keep x in L2 for the token kernel when it fits in half of it
+  bool keep_x = kFmt == kFmtGroupMax && int64_t(M) * K * int64_t(sizeof(T)) <= l2_bytes() / 2;
 #if SVDQ_DIAGNOSTICS
-  static const int splits_override = [] {  // SVDQUANT_OPS_QA_SPLITS=n forces the slice count (read once)
-    const char* v = std::getenv("SVDQUANT_OPS_QA_SPLITS");
-    return v != nullptr ? std::atoi(v) : 0;
-  }();
+  const int splits_override = diag_int("SVDQUANT_OPS_QA_SPLITS", 0);  // forces the slice count
   if (splits_override > 0) splits = std::max(1, std::min(splits_override, nchunks / KW));
+  const int keep_override = diag_int("SVDQUANT_OPS_QA_KEEP", -1);  // 0 / 1 forces keep_x (group-max pass)
+  if (keep_override >= 0) keep_x = kFmt == kFmtGroupMax && keep_override == 1;
 #endif
   const int cps = (nchunks + splits - 1) / splits;
   splits = (nchunks + cps - 1) / cps;
@@ -620,7 +702,7 @@ void launch_fast(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor
       reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const T*>(smooth.data_ptr()),
       R > 0 ? reinterpret_cast<const T*>(pd.data_ptr()) : nullptr,
       kFmt == kFmtGroupMax ? nullptr : static_cast<uint8_t*>(codes.data_ptr()), scales.data_ptr(), down_act_dst, M,
-      K, R, act_unsigned, cps);
+      K, R, act_unsigned, cps, keep_x);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   debug_sync(stream, "quantize_act fast");
   if (splits > 1 && R > 0) {
@@ -634,15 +716,17 @@ void launch_fast(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor
 template <typename T, int RW, int KW, int kFmt, int kMinBlocks = 2>
 void dispatch_rp(int RP, const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd, at::Tensor& codes,
                  at::Tensor& scales, at::Tensor& down_act, int M, int K, int R, bool act_unsigned, cudaStream_t st) {
+  // W4A8's group-max pass (no codes to hold) fits 3 blocks per SM without spills up to RP = 32 (80 registers)
+  constexpr int kMinSmall = (kFmt == kFmtGroupMax && RW == 4 && KW == 2) ? 3 : kMinBlocks;
   switch (RP) {
     case 0:
-      launch_fast<T, RW, KW, 0, kFmt, kMinBlocks>(x, smooth, pd, codes, scales, down_act, M, K, R, act_unsigned, st);
+      launch_fast<T, RW, KW, 0, kFmt, kMinSmall>(x, smooth, pd, codes, scales, down_act, M, K, R, act_unsigned, st);
       break;
     case 16:
-      launch_fast<T, RW, KW, 16, kFmt, kMinBlocks>(x, smooth, pd, codes, scales, down_act, M, K, R, act_unsigned, st);
+      launch_fast<T, RW, KW, 16, kFmt, kMinSmall>(x, smooth, pd, codes, scales, down_act, M, K, R, act_unsigned, st);
       break;
     case 32:
-      launch_fast<T, RW, KW, 32, kFmt, kMinBlocks>(x, smooth, pd, codes, scales, down_act, M, K, R, act_unsigned, st);
+      launch_fast<T, RW, KW, 32, kFmt, kMinSmall>(x, smooth, pd, codes, scales, down_act, M, K, R, act_unsigned, st);
       break;
     case 64:
       launch_fast<T, RW, KW, 64, kFmt, kMinBlocks>(x, smooth, pd, codes, scales, down_act, M, K, R, act_unsigned, st);
@@ -654,17 +738,14 @@ void dispatch_rp(int RP, const at::Tensor& x, const at::Tensor& smooth, const at
 }
 
 // The fast kernel's block shape: 64 tokens x 2 k-warps (4 row-warps x 2 k-warps), i.e. proj_down staged once per 64
-// tokens. Diagnostics builds also compile, for SVDQUANT_OPS_QA_CFG (read once): =2 the earlier 32 tokens x 4 k-warps
-// shape, =3 the shipped shape compiled for 3 blocks per SM.
+// tokens. Diagnostics builds also compile, for SVDQUANT_OPS_QA_CFG (read on every call): =2 the earlier 32 tokens x 4
+// k-warps shape, =3 the shipped shape compiled for 3 blocks per SM (W4A8's group-max pass ships that for RP <= 32).
 template <typename T, int kFmt>
 void dispatch_fast(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd, at::Tensor& codes,
                    at::Tensor& scales, at::Tensor& down_act, int M, int K, int R, bool act_unsigned, cudaStream_t st) {
   const int RP = R == 0 ? 0 : (R <= 16 ? 16 : (R <= 32 ? 32 : (R <= 64 ? 64 : 128)));
 #if SVDQ_DIAGNOSTICS
-  static const int cfg = [] {
-    const char* v = std::getenv("SVDQUANT_OPS_QA_CFG");
-    return v != nullptr ? std::atoi(v) : 0;
-  }();
+  const int cfg = diag_int("SVDQUANT_OPS_QA_CFG", 0);
   if (cfg == 2) {
     dispatch_rp<T, 2, 4, kFmt>(RP, x, smooth, pd, codes, scales, down_act, M, K, R, act_unsigned, st);
     return;

@@ -98,38 +98,154 @@ __device__ __forceinline__ void expand_unit(const uint8_t* codes, const void* sc
   }
 }
 
+// __byte_perm, also as host code (so that w4a8_expand8 can be tested exhaustively on the host).
+__host__ __device__ __forceinline__ uint32_t byte_perm(uint32_t x, uint32_t y, uint32_t s) {
+#ifdef __CUDA_ARCH__
+  return __byte_perm(x, y, s);
+#else
+  const uint64_t v = (uint64_t(y) << 32) | x;
+  uint32_t r = 0;
+  for (int i = 0; i < 4; ++i) r |= uint32_t((v >> (8 * ((s >> (4 * i)) & 7))) & 0xFFu) << (8 * i);
+  return r;
+#endif
+}
+
+// W4A8: 8 int4 codes (one word, low nibble first) times the multiplier m, as 8 int8 bytes (|.| <= 126 for m <= 18).
+// Two codes per word in 16-bit halves: sext(c) * m == (c ^ 8) * m - 8m, and (c ^ 8) * m + ((-8m) mod 256) < 65536
+// for any m < 256, so no carry crosses a half and each half's low byte is the product mod 256.
+__host__ __device__ __forceinline__ uint2 w4a8_expand8(uint32_t w, uint32_t m) {
+  const uint32_t bias = ((0u - 8u * m) & 0xFFu) * 0x10001u;
+  const uint32_t x = w ^ 0x88888888u;
+  const uint32_t c04 = (x & 0x000F000Fu) * m + bias;  // codes 0 and 4 in the halves' low bytes
+  const uint32_t c15 = ((x >> 4) & 0x000F000Fu) * m + bias;
+  const uint32_t c26 = ((x >> 8) & 0x000F000Fu) * m + bias;
+  const uint32_t c37 = ((x >> 12) & 0x000F000Fu) * m + bias;
+  const uint32_t c0145 = byte_perm(c04, c15, 0x6240), c2367 = byte_perm(c26, c37, 0x6240);
+  return make_uint2(byte_perm(c0145, c2367, 0x5410), byte_perm(c0145, c2367, 0x7632));
+}
+
 // W4A8 weights: 16 codes of one row times their group's integer multiplier (in [1, 18]), as int8 (|code * m| <= 126).
 __device__ __forceinline__ void expand_unit_w4a8(const uint8_t* codes, const uint8_t* mult, uint8_t* dst, uint32_t K,
                                                  uint32_t G, uint32_t u) {
   const uint32_t per_row = K / 16;
   const int64_t row = u / per_row, ku = u % per_row;
   const uint2 in = *reinterpret_cast<const uint2*>(codes + row * (K / 2) + ku * 8);
-  const int m = mult[row * G + ku / 4];  // 4 units of 16 per 64-channel group
-  uint32_t o[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const uint32_t w = i < 2 ? in.x : in.y;
-    uint32_t word = 0;
-#pragma unroll
-    for (int b = 0; b < 4; ++b) {
-      const int nib = static_cast<int>((w >> (16 * (i & 1) + 4 * b)) & 0xFu);
-      word |= (static_cast<uint32_t>(sign_extend_nibble(nib) * m) & 0xFFu) << (8 * b);
-    }
-    o[i] = word;
-  }
-  *reinterpret_cast<uint4*>(dst + row * K + ku * 16) = make_uint4(o[0], o[1], o[2], o[3]);
+  const uint32_t m = mult[row * G + ku / 4];  // 4 units of 16 per 64-channel group
+  const uint2 a = w4a8_expand8(in.x, m), b = w4a8_expand8(in.y, m);
+  *reinterpret_cast<uint4*>(dst + row * K + ku * 16) = make_uint4(a.x, a.y, b.x, b.y);
 }
 
 // One segment of a value split into bf16 parts for the fp32-accurate branch: the low part (v - bf16(v)) in segment
 // `lo_seg`, the high part bf16(v) in the others.
-__device__ __forceinline__ __nv_bfloat16 bf16_split_part(float v, int seg, int lo_seg) {
+__host__ __device__ __forceinline__ __nv_bfloat16 bf16_split_part(float v, int seg, int lo_seg) {
   const float hi = __bfloat162float(__float2bfloat16_rn(v));
   return __float2bfloat16_rn(seg == lo_seg ? v - hi : v);
 }
 
-// blockIdx.y = 0: activation codes, 1: weight codes (blocks stride over 16-channel units), 2: the scales, branch
-// operands, bias and global scale (one flat index over all of them). Index math in 32 bits (the host sends larger
-// problems to the portable path).
+// Outputs kk0 .. kk0 + 7 of one row of a split branch operand, from v[i] = the row's source value of output kk0 + i
+// (0 past nseg * R): bf16 parts, segment seg(kk) = kk / R (nseg <= 3, so two compares), lo_seg the low part.
+__host__ __device__ __forceinline__ uint4 split_unit(const float v[8], int kk0, int R, int lo_seg) {
+  uint32_t h[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int kk = kk0 + i, seg = (kk >= R) + (kk >= 2 * R);
+    const __nv_bfloat16 b = bf16_split_part(v[i], seg, lo_seg);
+    h[i] = *reinterpret_cast<const uint16_t*>(&b);
+  }
+  return make_uint4(h[0] | (h[1] << 16), h[2] | (h[3] << 16), h[4] | (h[5] << 16), h[6] | (h[7] << 16));
+}
+
+// One 16-byte unit (8 bf16) of LA [M, KL] or UP [N, KL] (KL % 64 == 0: a unit lies in one row). `vec`: R % 8 == 0 and
+// a 16-byte aligned f32 / f16 / bf16 source, so the unit lies in one segment and reads 8 aligned source values.
+__device__ __forceinline__ uint4 branch_unit(const void* src, int kind, uint32_t row, int kk0, int R, int nseg,
+                                             int lo_seg, bool vec) {
+  float v[8];
+  const int lim = nseg * R;
+  if (vec) {
+    if (kk0 >= lim) return make_uint4(0u, 0u, 0u, 0u);  // bf16 +0, as bf16_split_part(0) gives
+    const int seg = (kk0 >= R) + (kk0 >= 2 * R);
+    const uint32_t i0 = row * R + (kk0 - seg * R);
+    if (kind == kF32) {
+      const float4* q = reinterpret_cast<const float4*>(static_cast<const float*>(src) + i0);
+      const float4 a = __ldg(q), b = __ldg(q + 1);
+      v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+    } else {
+      const uint4 q = __ldg(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(src) + i0));
+      const uint32_t w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const uint16_t bits = static_cast<uint16_t>(w[i / 2] >> (16 * (i % 2)));
+        v[i] = kind == kF16 ? static_cast<float>(c10::Half(bits, c10::Half::from_bits()))
+                            : static_cast<float>(c10::BFloat16(bits, c10::BFloat16::from_bits()));  // as load_f
+      }
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int kk = kk0 + i, seg = (kk >= R) + (kk >= 2 * R);
+      v[i] = kk < lim ? load_f(src, kind, int64_t(row) * R + (kk - seg * R)) : 0.f;
+    }
+  }
+  return split_unit(v, kk0, R, lo_seg);
+}
+
+// The small operands, for threads (tid, stride): LA then UP in 16-byte units, then SA, SW, bias and global scale one
+// element at a time (one flat index over them). Index math in 32 bits (the host sends larger problems to the
+// portable path).
+__device__ __forceinline__ void prep_small(const PrepArgs& p, uint32_t tid, uint32_t stride) {
+  const uint32_t M = static_cast<uint32_t>(p.M), N = static_cast<uint32_t>(p.N), Mp = static_cast<uint32_t>(p.Mp);
+  const uint32_t G = static_cast<uint32_t>(p.G), Np = static_cast<uint32_t>(p.Np);
+  const uint32_t ku = static_cast<uint32_t>(p.KL) / 8;  // units per row
+  const uint32_t nLA = M * ku, nU = nLA + N * ku;
+  const bool r8 = p.R % 8 == 0;
+  const bool vla = r8 && (reinterpret_cast<uintptr_t>(p.down_act) & 15u) == 0;
+  const bool vup = r8 && (reinterpret_cast<uintptr_t>(p.proj_up) & 15u) == 0 &&
+                   (p.up_kind == kF32 || p.up_kind == kF16 || p.up_kind == kBF16);
+  for (uint32_t j = tid; j < nU; j += stride) {
+    if (j < nLA) {  // down_act: segments 0 and 2 the high part, 1 the low part
+      const uint32_t m = j / ku, k8 = j - m * ku;
+      reinterpret_cast<uint4*>(p.LA)[j] = branch_unit(p.down_act, kF32, m, 8 * k8, p.R, p.nseg, 1, vla);
+    } else {  // proj_up: segments 0 and 1 the high part, 2 the low part
+      const uint32_t ju = j - nLA, n = ju / ku, k8 = ju - n * ku;
+      reinterpret_cast<uint4*>(p.UP)[ju] = branch_unit(p.proj_up, p.up_kind, n, 8 * k8, p.R, p.nseg, 2, vup);
+    }
+  }
+  const uint32_t nSA = p.nvfp4 ? 0u : (p.w4a8 ? Mp : G * Mp);
+  const uint32_t swrow = static_cast<uint32_t>(p.n_tiles * p.SWP);
+  const uint32_t nSW = (p.nvfp4 || p.w4a8) ? 0u : G * swrow;
+  const uint32_t total = nSA + nSW + 2 * Np;
+  for (uint32_t i = tid; i < total; i += stride) {
+    uint32_t j = i;
+    if (j < nSA) {
+      const uint32_t g = j / Mp, m = j % Mp;  // W4A8: g == 0, one scale per token
+      p.SA[j] = m < M ? load_f(p.a_scales, p.a_scale_kind, p.w4a8 ? m : m * G + g) : 0.f;
+      continue;
+    }
+    j -= nSA;
+    if (j < nSW) {
+      const uint32_t g = j / swrow, rem = j % swrow;
+      const uint32_t nt = rem / p.SWP, pos = rem % p.SWP;
+      const uint32_t seg = p.BN / 4 + 4;
+      const uint32_t tq = pos / seg, w = pos % seg;
+      float v = 0.f;
+      if (w < static_cast<uint32_t>(p.BN / 4)) {
+        const uint32_t n = nt * p.BN + 8 * (w / 2) + 2 * tq + (w % 2);
+        if (n < N) v = load_f(p.w_scales, p.w_scale_kind, n * G + g);
+      }
+      p.SW[j] = v;
+      continue;
+    }
+    j -= nSW;
+    if (j < Np) {
+      p.biasf[j] = (p.bias != nullptr && j < N) ? load_f(p.bias, p.bias_kind, j) : 0.f;
+      continue;
+    }
+    j -= Np;
+    p.gsf[j] = j < N ? (p.gscale != nullptr ? p.gscale[p.gscale_numel == 1 ? 0 : j] : 1.f) : 0.f;
+  }
+}
+
+// blockIdx.y = 0: activation codes, 1: weight codes (blocks stride over 16-channel units), 2: the small operands.
 __global__ void prep_kernel(const PrepArgs p) {
   const uint32_t stride = gridDim.x * blockDim.x;
   const uint32_t tid = blockIdx.x * blockDim.x + threadIdx.x;
@@ -159,59 +275,7 @@ __global__ void prep_kernel(const PrepArgs p) {
     }
     return;
   }
-  const uint32_t M = static_cast<uint32_t>(p.M), N = static_cast<uint32_t>(p.N), Mp = static_cast<uint32_t>(p.Mp);
-  const uint32_t KL = static_cast<uint32_t>(p.KL), Np = static_cast<uint32_t>(p.Np);
-  const uint32_t nSA = p.nvfp4 ? 0u : (p.w4a8 ? Mp : G * Mp);
-  const uint32_t swrow = static_cast<uint32_t>(p.n_tiles * p.SWP);
-  const uint32_t nSW = (p.nvfp4 || p.w4a8) ? 0u : G * swrow;
-  const uint32_t nLA = M * KL;
-  const uint32_t nUP = N * KL;
-  const uint32_t total = nSA + nSW + nLA + nUP + 2 * Np;
-  for (uint32_t i = tid; i < total; i += stride) {
-    uint32_t j = i;
-    if (j < nSA) {
-      const uint32_t g = j / Mp, m = j % Mp;  // W4A8: g == 0, one scale per token
-      p.SA[j] = m < M ? load_f(p.a_scales, p.a_scale_kind, p.w4a8 ? m : m * G + g) : 0.f;
-      continue;
-    }
-    j -= nSA;
-    if (j < nSW) {
-      const uint32_t g = j / swrow, rem = j % swrow;
-      const uint32_t nt = rem / p.SWP, pos = rem % p.SWP;
-      const uint32_t seg = p.BN / 4 + 4;
-      const uint32_t tq = pos / seg, w = pos % seg;
-      float v = 0.f;
-      if (w < static_cast<uint32_t>(p.BN / 4)) {
-        const uint32_t n = nt * p.BN + 8 * (w / 2) + 2 * tq + (w % 2);
-        if (n < N) v = load_f(p.w_scales, p.w_scale_kind, n * G + g);
-      }
-      p.SW[j] = v;
-      continue;
-    }
-    j -= nSW;
-    if (j < nLA) {  // down_act: segments 0 and 2 the high part, 1 the low part
-      const uint32_t m = j / KL;
-      const int kk = static_cast<int>(j % KL);
-      p.LA[j] = kk < p.nseg * p.R ? bf16_split_part(p.down_act[m * p.R + kk % p.R], kk / p.R, 1)
-                                  : __float2bfloat16_rn(0.f);
-      continue;
-    }
-    j -= nLA;
-    if (j < nUP) {  // proj_up: segments 0 and 1 the high part, 2 the low part
-      const uint32_t n = j / KL;
-      const int kk = static_cast<int>(j % KL);
-      p.UP[j] = kk < p.nseg * p.R ? bf16_split_part(load_f(p.proj_up, p.up_kind, n * p.R + kk % p.R), kk / p.R, 2)
-                                  : __float2bfloat16_rn(0.f);
-      continue;
-    }
-    j -= nUP;
-    if (j < Np) {
-      p.biasf[j] = (p.bias != nullptr && j < N) ? load_f(p.bias, p.bias_kind, j) : 0.f;
-      continue;
-    }
-    j -= Np;
-    p.gsf[j] = j < N ? (p.gscale != nullptr ? p.gscale[p.gscale_numel == 1 ? 0 : j] : 1.f) : 0.f;
-  }
+  prep_small(p, tid, stride);
 }
 
 }  // namespace gemm
