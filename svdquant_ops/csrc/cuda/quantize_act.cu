@@ -166,6 +166,15 @@ __device__ __forceinline__ float div3(float a, float b, float y) {
   return fmaf(y, r, q);
 }
 
+// Smooth values and their reciprocals of channels 4 * i4 .. 4 * i4 + 3 from a round's shared-memory staging (values
+// at sm[0..], reciprocals at sm[rc..]).
+__device__ __forceinline__ void staged_smooth4(const float* sm, int rc, int i4, float (&lv)[4], float (&yv)[4]) {
+  const float4 l4 = *reinterpret_cast<const float4*>(sm + 4 * i4);
+  const float4 y4 = *reinterpret_cast<const float4*>(sm + rc + 4 * i4);
+  lv[0] = l4.x, lv[1] = l4.y, lv[2] = l4.z, lv[3] = l4.w;
+  yv[0] = y4.x, yv[1] = y4.y, yv[2] = y4.z, yv[3] = y4.w;
+}
+
 // W4A8's fast path computes x_hat = x / smooth by div3 without checking each element's range. It is exact for
 // every row whose amax (as computed) lies in [kW4a8AmaxLo, kW4a8AmaxHi] when every smooth value lies in
 // [2^-20, 2^20]; the first pass gives smooth values outside that range a NaN reciprocal, so their chunks' amaxes
@@ -309,6 +318,10 @@ __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel
     const int c = c_begin + q * KW + kw;
     if (has_next && c + KW < c_end) load_x(c + KW, xn);
 
+    auto x_at = [&](int h, int i) {  // channel i of this lane's 16 in row h, as fp32
+      const uint32_t w = word_of(xc[h], i >> 1);
+      return Raw<T>::to_float((i & 1) ? (w >> 16) : (w & 0xFFFFu));
+    };
     if (kGroupMax && c < c_end) {
       // W4A8's per-chunk amax of x_hat = x / smooth by div3 without range checks: out-of-range smooth values have
       // NaN reciprocals here, and the token kernel validates each row's amax (kW4a8AmaxLo / Hi) and recomputes it
@@ -317,18 +330,13 @@ __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel
       float amx2[2] = {0.f, 0.f};
 #pragma unroll
       for (int i4 = 0; i4 < 4; ++i4) {
-        const float4 l4 = *reinterpret_cast<const float4*>(sm + 4 * i4);
-        const float4 y4 = *reinterpret_cast<const float4*>(sm + RC + 4 * i4);
-        const float lv[4] = {l4.x, l4.y, l4.z, l4.w};
-        const float yv[4] = {y4.x, y4.y, y4.z, y4.w};
+        float lv[4], yv[4];
+        staged_smooth4(sm, RC, i4, lv, yv);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            const int i = 4 * i4 + e;
-            const uint32_t w = word_of(xc[h], i >> 1);
-            const float a = Raw<T>::to_float((i & 1) ? (w >> 16) : (w & 0xFFFFu));
-            amx2[h] = max_nan(amx2[h], fabsf(div3(a, lv[e], yv[e])));
+            amx2[h] = max_nan(amx2[h], fabsf(div3(x_at(h, 4 * i4 + e), lv[e], yv[e])));
           }
         }
       }
@@ -342,8 +350,7 @@ __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel
     } else if (c < c_end) {
       const float* sm = reinterpret_cast<const float*>(smem + buf * BUF) + kw * 64 + 16 * t;
       auto a_of = [&](int h, int i) {
-        const uint32_t w = word_of(xc[h], i >> 1);
-        const float xv = Raw<T>::to_float((i & 1) ? (w >> 16) : (w & 0xFFFFu));
+        const float xv = x_at(h, i);
         return act_unsigned ? __fadd_rn(xv, kActShift) : xv;
       };
       // x_hat = a / smooth for both rows: fast exact path; a warp-uniform IEEE fallback below when an operand is
@@ -353,10 +360,8 @@ __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel
       bool ybad = false;
 #pragma unroll
       for (int i4 = 0; i4 < 4; ++i4) {
-        const float4 l4 = *reinterpret_cast<const float4*>(sm + 4 * i4);
-        const float4 y4 = *reinterpret_cast<const float4*>(sm + RC + 4 * i4);
-        const float lv[4] = {l4.x, l4.y, l4.z, l4.w};
-        const float yv[4] = {y4.x, y4.y, y4.z, y4.w};
+        float lv[4], yv[4];
+        staged_smooth4(sm, RC, i4, lv, yv);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           ybad |= yv[e] != yv[e];
