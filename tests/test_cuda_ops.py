@@ -203,20 +203,25 @@ def test_quantize_act_w4a8_row_scales_across_the_range(path, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("smooth_edge", ["inside", "outside"])
-def test_quantize_act_w4a8_unchecked_division_bounds(path, dtype, smooth_edge):
+@pytest.mark.parametrize("smooth_offset", [0, 1])
+def test_quantize_act_w4a8_unchecked_division_bounds(path, dtype, smooth_edge, smooth_offset):
     """The W4A8 fast path divides without per-element range checks on rows whose amax lies in [2^-28, 2^33] when
     every smooth value lies in [2^-20, 2^20]; other rows are recomputed exactly. Rows at and just past both amax
-    bounds, rows with tiny / subnormal / zero / huge elements, and smooth values at the bounds ("inside") or one
-    past them ("outside": every row takes the exact path) must all give the CPU's codes and scales."""
-    g = session_generator(4711 + (dtype == torch.float16) + 2 * (smooth_edge == "outside"))
+    bounds, rows with tiny / subnormal / zero / huge elements, and smooth values at the bounds ("inside") or past
+    them ("outside": every row takes the exact path; bf16 2^-61 has no fast reciprocal at all, so x_hat computed
+    without the fallback would differ) must all give the CPU's codes and scales; also with smooth at a 2-byte offset
+    (the token kernel's scalar version, fed by the same first pass)."""
+    g = session_generator(4711 + (dtype == torch.float16) + 2 * (smooth_edge == "outside") + 4 * smooth_offset)
     K = 1024
     x, smooth, pd = op_args("quantize_act", act_inputs(16, K, 32, torch.float32, g))
     lo, hi = (2.0**-20, 2.0**20) if dtype == torch.bfloat16 else (2.0**-14, 2.0**15)
     smooth[5], smooth[6] = lo, hi
     x[:, 5] *= lo  # keep those columns' x_hat ordinary (fp16: as far as its range allows)
     x[:, 6] *= min(hi, 2.0**12)
-    if smooth_edge == "outside":
-        smooth[7] = 2.0**21 if dtype == torch.bfloat16 else 2.0**-15
+    if smooth_edge == "outside":  # past the bound, and (bf16) outside [2^-60, 2^60] too; x_hat there stays ordinary
+        e = -61 if dtype == torch.bfloat16 else -24
+        smooth[7] = 2.0**e
+        x[:, 7] *= 2.0**e
     tiny = 1e-30 if dtype == torch.bfloat16 else 6e-8
     sub = 1e-40 if dtype == torch.bfloat16 else 1e-7
     x[0, 1::7], x[0, 2::11], x[0, 3::13] = tiny, sub, -0.0  # normal row with tiny, subnormal and -0 entries
@@ -238,9 +243,15 @@ def test_quantize_act_w4a8_unchecked_division_bounds(path, dtype, smooth_edge):
     if dtype == torch.bfloat16:
         x[9, 100] = 2.0**70  # a huge element
         x[10, 50] = 2.0**61
+        smooth[60], x[11, 60] = 0.25, 2.0**127  # x_hat overflows to Inf on the CPU (scale: bf16's max); div3 gives NaN
     x, smooth, pd = x.to(dtype), smooth.to(dtype), pd.to(dtype)
     ref = OPS.quantize_act(x, smooth, pd, "w4a8", False)
-    out = OPS.quantize_act(x.to(DEV), smooth.to(DEV), pd.to(DEV), "w4a8", False)
+    smooth_dev = smooth.to(DEV)
+    if smooth_offset:
+        smooth_dev = torch.empty(K + 1, dtype=dtype, device=DEV)[1:]
+        smooth_dev.copy_(smooth)
+        assert smooth_dev.data_ptr() % 16 != 0
+    out = OPS.quantize_act(x.to(DEV), smooth_dev, pd.to(DEV), "w4a8", False)
     assert_bits_equal(out[0], ref[0], "codes")
     assert_bits_equal(out[1], ref[1], "scales")
     assert torch.isfinite(ref[2]).all()
