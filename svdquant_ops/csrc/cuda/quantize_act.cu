@@ -106,6 +106,17 @@ struct Raw<c10::Half> {
   }
 };
 
+__device__ __forceinline__ uint32_t word4(const uint4& v, int w) {
+  return w == 0 ? v.x : (w == 1 ? v.y : (w == 2 ? v.z : v.w));
+}
+
+// Element i (0..7) of 8 packed 16-bit values, as fp32.
+template <typename T>
+__device__ __forceinline__ float value_of(const uint4& v, int i) {
+  const uint32_t w = word4(v, i >> 1);
+  return Raw<T>::to_float((i & 1) ? (w >> 16) : (w & 0xFFFFu));
+}
+
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                           uint32_t b0, uint32_t b1);
@@ -318,10 +329,7 @@ __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel
     const int c = c_begin + q * KW + kw;
     if (has_next && c + KW < c_end) load_x(c + KW, xn);
 
-    auto x_at = [&](int h, int i) {  // channel i of this lane's 16 in row h, as fp32
-      const uint32_t w = word_of(xc[h], i >> 1);
-      return Raw<T>::to_float((i & 1) ? (w >> 16) : (w & 0xFFFFu));
-    };
+    auto x_at = [&](int h, int i) { return value_of<T>(xc[h][i >> 3], i & 7); };  // channel i of the lane's 16
     if (kGroupMax && c < c_end) {
       // W4A8's per-chunk amax of x_hat = x / smooth by div3 without range checks: out-of-range smooth values have
       // NaN reciprocals here, and the token kernel validates each row's amax (kW4a8AmaxLo / Hi) and recomputes it
@@ -520,11 +528,6 @@ __global__ void __launch_bounds__(256) quantize_tokens_kernel(const T* __restric
   }
 }
 
-// W4A8's second pass: per-token INT8 codes.
-__device__ __forceinline__ uint32_t word4(const uint4& v, int w) {
-  return w == 0 ? v.x : (w == 1 ? v.y : (w == 2 ? v.z : v.w));
-}
-
 // W4A8's second pass on the fast path (16-bit x and smooth, 16-byte aligned, K % 8 == 0): kTokRows tokens per warp,
 // 4 warps per block. Per 256-channel step a lane holds 8 consecutive channels of each of its rows; the 8 reciprocals
 // of smooth are computed once per step for all its rows, and the next step's loads are issued before this step's
@@ -567,6 +570,7 @@ __global__ void __launch_bounds__(32 * kTokWarps) quantize_tokens_fast_kernel(co
         const uint4 lv = *reinterpret_cast<const uint4*>(smooth + k);
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
+          // (written out: through value_of, ptxas structures the fp16 kernel differently)
           const uint32_t wx = word4(xv, i >> 1), wl = word4(lv, i >> 1);
           const float a = Raw<T>::to_float((i & 1) ? (wx >> 16) : (wx & 0xFFFFu));
           const float l = Raw<T>::to_float((i & 1) ? (wl >> 16) : (wl & 0xFFFFu));
@@ -599,16 +603,12 @@ __global__ void __launch_bounds__(32 * kTokWarps) quantize_tokens_fast_kernel(co
     float l[8], yl[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      const uint32_t w = word4(lc, i >> 1);
-      l[i] = Raw<T>::to_float((i & 1) ? (w >> 16) : (w & 0xFFFFu));
+      l[i] = value_of<T>(lc, i);
       yl[i] = rcp_for_div(l[i]);  // used by xfast rows only, whose smooth values are all in [2^-20, 2^20]
     }
 #pragma unroll
     for (int h = 0; h < kTokRows; ++h) {
-      auto a_of = [&](int i) {
-        const uint32_t w = word4(xc[h], i >> 1);
-        return Raw<T>::to_float((i & 1) ? (w >> 16) : (w & 0xFFFFu));
-      };
+      auto a_of = [&](int i) { return value_of<T>(xc[h], i); };
       uint32_t out[2] = {0u, 0u};
       if (sc[h] != 0.f) {  // warp-uniform; a zero row (scale 0) has all codes 0
         float xh[8];
@@ -686,6 +686,7 @@ void launch_fast(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor
   int splits = kFmt == kFmtGroupMax
                    ? std::max(1, std::min(kMinBlocks * num_sms() / slabs, nchunks / (2 * KW)))
                    : std::max(1, std::min((4 * num_sms() + slabs - 1) / slabs, nchunks / (2 * KW)));
+  // Rank 0 (every format, the group-max pass too: not part of that measurement): >= 4 blocks per SM, slices of one round.
   if (R == 0) splits = std::max(1, std::min((4 * num_sms() + slabs - 1) / slabs, nchunks / KW));
   // W4A8's group-max pass: keep x in L2 for the token kernel when it fits in half of it
   bool keep_x = kFmt == kFmtGroupMax && int64_t(M) * K * int64_t(sizeof(T)) <= l2_bytes() / 2;

@@ -98,30 +98,18 @@ __device__ __forceinline__ void expand_unit(const uint8_t* codes, const void* sc
   }
 }
 
-// __byte_perm, also as host code (so that w4a8_expand8 can be tested exhaustively on the host).
-__host__ __device__ __forceinline__ uint32_t byte_perm(uint32_t x, uint32_t y, uint32_t s) {
-#ifdef __CUDA_ARCH__
-  return __byte_perm(x, y, s);
-#else
-  const uint64_t v = (uint64_t(y) << 32) | x;
-  uint32_t r = 0;
-  for (int i = 0; i < 4; ++i) r |= uint32_t((v >> (8 * ((s >> (4 * i)) & 7))) & 0xFFu) << (8 * i);
-  return r;
-#endif
-}
-
 // W4A8: 8 int4 codes (one word, low nibble first) times the multiplier m, as 8 int8 bytes (|.| <= 126 for m <= 18).
 // Two codes per word in 16-bit halves: sext(c) * m == (c ^ 8) * m - 8m, and (c ^ 8) * m + ((-8m) mod 256) < 65536
 // for any m < 256, so no carry crosses a half and each half's low byte is the product mod 256.
-__host__ __device__ __forceinline__ uint2 w4a8_expand8(uint32_t w, uint32_t m) {
+__device__ __forceinline__ uint2 w4a8_expand8(uint32_t w, uint32_t m) {
   const uint32_t bias = ((0u - 8u * m) & 0xFFu) * 0x10001u;
   const uint32_t x = w ^ 0x88888888u;
   const uint32_t c04 = (x & 0x000F000Fu) * m + bias;  // codes 0 and 4 in the halves' low bytes
   const uint32_t c15 = ((x >> 4) & 0x000F000Fu) * m + bias;
   const uint32_t c26 = ((x >> 8) & 0x000F000Fu) * m + bias;
   const uint32_t c37 = ((x >> 12) & 0x000F000Fu) * m + bias;
-  const uint32_t c0145 = byte_perm(c04, c15, 0x6240), c2367 = byte_perm(c26, c37, 0x6240);
-  return make_uint2(byte_perm(c0145, c2367, 0x5410), byte_perm(c0145, c2367, 0x7632));
+  const uint32_t c0145 = __byte_perm(c04, c15, 0x6240), c2367 = __byte_perm(c26, c37, 0x6240);
+  return make_uint2(__byte_perm(c0145, c2367, 0x5410), __byte_perm(c0145, c2367, 0x7632));
 }
 
 // W4A8 weights: 16 codes of one row times their group's integer multiplier (in [1, 18]), as int8 (|code * m| <= 126).
@@ -137,14 +125,14 @@ __device__ __forceinline__ void expand_unit_w4a8(const uint8_t* codes, const uin
 
 // One segment of a value split into bf16 parts for the fp32-accurate branch: the low part (v - bf16(v)) in segment
 // `lo_seg`, the high part bf16(v) in the others.
-__host__ __device__ __forceinline__ __nv_bfloat16 bf16_split_part(float v, int seg, int lo_seg) {
+__device__ __forceinline__ __nv_bfloat16 bf16_split_part(float v, int seg, int lo_seg) {
   const float hi = __bfloat162float(__float2bfloat16_rn(v));
   return __float2bfloat16_rn(seg == lo_seg ? v - hi : v);
 }
 
 // Outputs kk0 .. kk0 + 7 of one row of a split branch operand, from v[i] = the row's source value of output kk0 + i
 // (0 past nseg * R): bf16 parts, segment seg(kk) = kk / R (nseg <= 3, so two compares), lo_seg the low part.
-__host__ __device__ __forceinline__ uint4 split_unit(const float v[8], int kk0, int R, int lo_seg) {
+__device__ __forceinline__ uint4 split_unit(const float v[8], int kk0, int R, int lo_seg) {
   uint32_t h[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
