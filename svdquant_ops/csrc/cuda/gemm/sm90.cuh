@@ -165,10 +165,10 @@ __device__ __forceinline__ void consume_stage(uint8_t* smem, uint64_t* full, uin
 // the row's 16-byte chunks 2q and 2q + 1 in the 128-byte swizzle TMA would give (chunk j of row r at j ^ (r % 8)).
 __host__ __device__ __forceinline__ void expand_unit_sw128(uint8_t* b, int u, const uint4 c, uint32_t m) {
   const int r = u >> 2, q = u & 3;
-  const uint2 x0 = w4a8_expand8(c.x, m), x1 = w4a8_expand8(c.y, m);
-  const uint2 x2 = w4a8_expand8(c.z, m), x3 = w4a8_expand8(c.w, m);
   uint8_t* row = b + r * 128;
+  const uint2 x0 = w4a8_expand8(c.x, m), x1 = w4a8_expand8(c.y, m);
   *reinterpret_cast<uint4*>(row + (((2 * q) ^ (r & 7)) * 16)) = make_uint4(x0.x, x0.y, x1.x, x1.y);
+  const uint2 x2 = w4a8_expand8(c.z, m), x3 = w4a8_expand8(c.w, m);
   *reinterpret_cast<uint4*>(row + (((2 * q + 1) ^ (r & 7)) * 16)) = make_uint4(x2.x, x2.y, x3.x, x3.y);
 }
 
@@ -441,8 +441,8 @@ __global__ void __launch_bounds__(384, 1)
               const int u = 256 + t + 96 * k;
               if (u < 384) h[k] = *reinterpret_cast<const uint4*>(codes + u * 16), hm[k] = mult(u);
             }
-#pragma unroll
-            for (int k = 0; k < 3; ++k) {  // rows 0-63 (units 0-255)
+#pragma unroll 1
+            for (int k = 0; k < 3; ++k) {  // rows 0-63 (units 0-255); one unit at a time (56 registers)
               const int u = t + 96 * k;
               if (u < 256) expand_unit_sw128(b, u, *reinterpret_cast<const uint4*>(codes + u * 16), mult(u));
             }
