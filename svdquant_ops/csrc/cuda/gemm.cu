@@ -114,6 +114,7 @@ struct Variant {
   bool wide = false;          // 128 x 192 tiles (INT4 skeleton only)
   bool force_direct = false;  // register -> global epilogue even where the TMA-store epilogue applies
   bool store = true;          // false: no stores at all (results are garbage)
+  bool w4_expand = false;     // W4A8: 4-bit weights expanded inside the GEMM kernel, no weight prep (not yet validated)
 };
 
 #if SVDQ_DIAGNOSTICS
@@ -121,7 +122,9 @@ struct Variant {
 //   SVDQUANT_OPS_GEMM_SCHEDULE = promote (default) | skeleton | skeleton192: the INT4 main loop without the promotion
 //     (wrong results; the speed of the TMA / wgmma feed alone; 192: 128 x 192 tiles);
 //   SVDQUANT_OPS_GEMM_EPILOGUE = tma (default) | direct | none: force the register -> global epilogue, or skip the
-//     stores (wrong results; splits a tile's time between main loop and stores).
+//     stores (wrong results; splits a tile's time between main loop and stores);
+//   SVDQUANT_OPS_GEMM_WPREP = prep (default) | kernel: W4A8's weights expanded by the prep kernel, or inside the GEMM
+//     kernel from the 4-bit codes (sm90::kKindW4a8Expand; written, not yet run on a GPU).
 Variant diagnostic_variant() {
   Variant v;
   if (const char* e = std::getenv("SVDQUANT_OPS_GEMM_SCHEDULE"); e != nullptr && e[0] != '\0') {
@@ -138,6 +141,10 @@ Variant diagnostic_variant() {
   const char* epi = std::getenv("SVDQUANT_OPS_GEMM_EPILOGUE");
   v.force_direct = epi != nullptr && (std::strcmp(epi, "direct") == 0 || std::strcmp(epi, "none") == 0);
   v.store = !(epi != nullptr && std::strcmp(epi, "none") == 0);
+  const char* wp = std::getenv("SVDQUANT_OPS_GEMM_WPREP");  // prep (default) | kernel
+  v.w4_expand = wp != nullptr && std::strcmp(wp, "kernel") == 0;
+  TORCH_CHECK(wp == nullptr || wp[0] == '\0' || v.w4_expand || std::strcmp(wp, "prep") == 0,
+              "SVDQUANT_OPS_GEMM_WPREP: expected prep or kernel, got '", wp, "'");
   return v;
 }
 #endif
@@ -153,7 +160,7 @@ struct Sm90Plan {
 
 // 128 x 128 tiles: three 64-column fp32 accumulator sets per thread (the result and two in-flight groups) fit the
 // 232 registers of a consumer thread; 128 x 192 would not (only the INT4 skeleton diagnostic uses it).
-Sm90Plan plan_sm90(const GemmShape& s, at::ScalarType up_dtype, bool wide) {
+Sm90Plan plan_sm90(const GemmShape& s, at::ScalarType up_dtype, bool wide, bool w4_expand) {
   const bool nvfp4 = s.precision == Precision::kNvfp4;
   const bool w4a8 = s.precision == Precision::kW4a8;
   Sm90Plan pl{};
@@ -176,7 +183,7 @@ Sm90Plan plan_sm90(const GemmShape& s, at::ScalarType up_dtype, bool wide) {
     return o;
   };
   pl.oA = take(w4a8 ? 0 : int64_t(pl.M) * pl.K * elem);
-  pl.oB = take(int64_t(pl.N) * pl.K * elem);
+  pl.oB = take(w4_expand ? 0 : int64_t(pl.N) * pl.K * elem);
   pl.oSA = take(nvfp4 ? 0 : (w4a8 ? 1 : int64_t(pl.G)) * pl.Mp * 4);
   pl.oSW = take((nvfp4 || w4a8) ? 0 : int64_t(pl.G) * pl.n_tiles * pl.SWP * 4);
   pl.oLA = take(int64_t(pl.M) * pl.KL * 2);
@@ -353,6 +360,10 @@ void launch_variant(Precision precision, [[maybe_unused]] const Variant& v, cons
                     const sm90::Params& p, cudaStream_t stream) {
   if (precision == Precision::kNvfp4) {
     launch_sm90<128, sm90::kKindNvfp4, sm90::kPromote, kStore>(m, p, stream);
+#if SVDQ_DIAGNOSTICS
+  } else if (precision == Precision::kW4a8 && v.w4_expand) {
+    launch_sm90<128, sm90::kKindW4a8Expand, sm90::kPromote, kStore>(m, p, stream);
+#endif
   } else if (precision == Precision::kW4a8) {
     launch_sm90<128, sm90::kKindW4a8, sm90::kPromote, kStore>(m, p, stream);
 #if SVDQ_DIAGNOSTICS
@@ -372,19 +383,27 @@ void run_sm90(const GemmShape& s, const Operands& o, bool act_unsigned, at::Tens
 #else
   const Variant v{};
 #endif
-  const Sm90Plan pl = plan_sm90(s, o.proj_up.scalar_type(), v.wide);
+  const bool w4_expand = v.w4_expand && s.precision == Precision::kW4a8;
+  const Sm90Plan pl = plan_sm90(s, o.proj_up.scalar_type(), v.wide, w4_expand);
   auto workspace = at::empty({pl.bytes}, out.options().dtype(at::kByte));
   uint8_t* base = workspace.data_ptr<uint8_t>();
 
-  const PrepArgs pa = prep_args(s, pl, o, act_unsigned, base);
+  PrepArgs pa = prep_args(s, pl, o, act_unsigned, base);
+  pa.skip_b = w4_expand;
   launch_prep(pa, pl, stream);
 
   // 2-byte outputs whose rows are whole 16-byte units go through the TMA-store epilogue (TMA needs 16-byte strides).
   const at::ScalarType out_dtype = out.scalar_type();
   const bool tma_store = !v.force_direct && pl.BN == 128 && (out_dtype == at::kBFloat16 || out_dtype == at::kHalf) &&
                          pl.N % 8 == 0 && aligned16(out.data_ptr());
-  const TensorMaps maps = make_tensor_maps(s, pl, o, base, out, tma_store);
-  const sm90::Params p = sm90_params(s, pl, pa, out, o.bias.has_value(), tma_store);
+  TensorMaps maps = make_tensor_maps(s, pl, o, base, out, tma_store);
+  sm90::Params p = sm90_params(s, pl, pa, out, o.bias.has_value(), tma_store);
+  if (w4_expand) {  // the GEMM loads the packed codes [N, K / 2] itself: 64-byte rows of 128 codes, no swizzle
+    maps.B = make_map(o.codes.data_ptr(), CU_TENSOR_MAP_DATA_TYPE_UINT8, pl.K / 2, pl.N, pl.K / 2, 64, pl.BN,
+                      CU_TENSOR_MAP_SWIZZLE_NONE);
+    p.wmult = o.scales.data_ptr<uint8_t>();
+    p.G = pl.G;
+  }
 #if SVDQ_DIAGNOSTICS
   if (!v.store) {
     launch_variant<false>(s.precision, v, maps, p, stream);

@@ -52,6 +52,7 @@ struct PrepArgs {
   float* gsf;    // [Np]
   int nvfp4, act_unsigned;
   int w4a8;  // W4A8: act codes are used as they are; B = int8 code * multiplier; SA = per-token scales [Mp]
+  int skip_b;  // W4A8 with the weights expanded inside the GEMM kernel (diagnostics): no B here
 };
 
 __device__ __forceinline__ uint32_t e4m3_of_nibble(uint32_t nib, bool is_unsigned) {
@@ -239,7 +240,7 @@ __global__ void prep_kernel(const PrepArgs p) {
   const uint32_t tid = blockIdx.x * blockDim.x + threadIdx.x;
   const uint32_t K = static_cast<uint32_t>(p.K), G = static_cast<uint32_t>(p.G);
   if (blockIdx.y < 2 && p.w4a8) {
-    if (blockIdx.y == 1) {
+    if (blockIdx.y == 1 && !p.skip_b) {
       const uint32_t n = static_cast<uint32_t>(p.N) * (K / 16);
       for (uint32_t u = tid; u < n; u += stride)
         expand_unit_w4a8(p.w_codes, static_cast<const uint8_t*>(p.w_scales), p.B, K, G, u);

@@ -21,6 +21,7 @@
 #include "../common.cuh"
 #include "../wgmma_ops.cuh"
 #include "io.cuh"
+#include "prep.cuh"  // w4a8_expand8
 
 namespace svdquant {
 namespace cuda_impl {
@@ -31,7 +32,9 @@ constexpr int BM = 128;
 
 // What the main loop multiplies: INT4 as fp8 codes with per-group promotion, NVFP4 as exact bf16 values, W4A8 as
 // int8 (activation codes x weight code * multiplier) into one int32 accumulator over all of K (no promotion).
-enum Kind : int { kKindInt4 = 0, kKindNvfp4 = 1, kKindW4a8 = 2 };
+// kKindW4a8Expand (diagnostics builds, not yet validated on a GPU): W4A8 with the 4-bit weight codes loaded by TMA
+// and expanded to int8 inside the kernel by the producer warpgroup's idle warps (no per-call weight prep).
+enum Kind : int { kKindInt4 = 0, kKindNvfp4 = 1, kKindW4a8 = 2, kKindW4a8Expand = 3 };
 
 template <int BN, int kKind>
 struct Cfg {
@@ -53,7 +56,10 @@ struct Cfg {
   static constexpr int STAGES = BN == 192 ? 5 : (kScales ? 5 : 6);
   static constexpr int EPI_OFF = STAGES * STAGE;
   static constexpr int BAR_OFF = EPI_OFF + EPI_BYTES;
-  static constexpr int SMEM = BAR_OFF + 1024 + 2 * STAGES * 8;
+  // kKindW4a8Expand: the tile's 4-bit codes (BN rows x 64 bytes) land in the upper half of the stage's weight buffer
+  static constexpr int B4_OFF = A_BYTES + B_BYTES / 2;
+  static constexpr int B4_BYTES = BN * 64;
+  static constexpr int SMEM = BAR_OFF + 1024 + (kKind == kKindW4a8Expand ? 3 : 2) * STAGES * 8;
   static_assert(SMEM <= 232448, "shared memory over the sm_90 limit of 227 KB per block");
 };
 
@@ -67,6 +73,8 @@ struct Params {
   int n_main, n_branch;
   int out_kind;
   int tma_store;  // BN = 128, 2-byte output, N % 8 == 0: epilogue through shared memory and TMA stores
+  const uint8_t* wmult;  // kKindW4a8Expand: the weight's group multipliers [N, G]
+  int G;
 };
 
 // Tiles in groups of 16 row-blocks so that the CTAs running at one time share A rows and B columns in L2.
@@ -151,6 +159,17 @@ __device__ __forceinline__ void consume_stage(uint8_t* smem, uint64_t* full, uin
     ph ^= 1;
   }
 #endif
+}
+
+// kKindW4a8Expand: unit u (32 4-bit codes of int8 row u / 4, quarter q = u % 4) times the multiplier m, written as
+// the row's 16-byte chunks 2q and 2q + 1 in the 128-byte swizzle TMA would give (chunk j of row r at j ^ (r % 8)).
+__host__ __device__ __forceinline__ void expand_unit_sw128(uint8_t* b, int u, const uint4 c, uint32_t m) {
+  const int r = u >> 2, q = u & 3;
+  uint8_t* row = b + r * 128;
+  const uint2 x0 = w4a8_expand8(c.x, m), x1 = w4a8_expand8(c.y, m);
+  *reinterpret_cast<uint4*>(row + (((2 * q) ^ (r & 7)) * 16)) = make_uint4(x0.x, x0.y, x1.x, x1.y);
+  const uint2 x2 = w4a8_expand8(c.z, m), x3 = w4a8_expand8(c.w, m);
+  *reinterpret_cast<uint4*>(row + (((2 * q + 1) ^ (r & 7)) * 16)) = make_uint4(x2.x, x2.y, x3.x, x3.y);
 }
 
 // ---------------- the kernel's parts (all force-inlined into gemm_kernel) ----------------
@@ -306,16 +325,20 @@ __global__ void __launch_bounds__(384, 1)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using C = Cfg<BN, kKind>;
   constexpr bool kFp8 = kKind == kKindInt4;
-  constexpr bool kI8 = kKind == kKindW4a8;
+  constexpr bool kExp = kKind == kKindW4a8Expand;
+  constexpr bool kI8 = kKind == kKindW4a8 || kExp;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
-  // full[s]: the stage's TMA bytes have landed (producer's expect_tx); empty[s]: every consumer warp is done with it
+  // full[s]: the stage's TMA bytes have landed (producer's expect_tx); empty[s]: every consumer warp is done with it.
+  // kExp: the TMA bytes land on raw[s]; the 3 expander warps wait on it, write the int8 weights, then arrive on full[s].
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + C::BAR_OFF);
   uint64_t* empty = full + C::STAGES;
+  uint64_t* raw = empty + C::STAGES;
   if (threadIdx.x == 0) {
     for (int s = 0; s < C::STAGES; ++s) {
-      mbar_init(&full[s], 1);
+      mbar_init(&full[s], kExp ? 3 : 1);
       mbar_init(&empty[s], 8);  // one arrival per consumer warp
+      if constexpr (kExp) mbar_init(&raw[s], 1);
     }
     fence_barrier_init();
   }
@@ -327,7 +350,12 @@ __global__ void __launch_bounds__(384, 1)
     // ---------------- producer warpgroup: one thread issues all TMA loads ----------------
     // Per tile, in the order the consumers take them: the branch's n_branch stages (down_act / proj_up bf16 parts,
     // 64 channels each), then the n_main stages of the main loop.
-    setmaxnreg_dec<40>();
+    // kExp: the expander warps hold a stage's staged codes for rows 64-127 in registers
+    if constexpr (kExp) {
+      setmaxnreg_dec<56>();
+    } else {
+      setmaxnreg_dec<40>();
+    }
     if (threadIdx.x == 256) {
       tma_prefetch_desc(&tmA);
       tma_prefetch_desc(&tmB);
@@ -348,10 +376,16 @@ __global__ void __launch_bounds__(384, 1)
         for (int i = 0; i < per_tile; ++i) {
           mbar_wait(&empty[s], ph ^ 1);
           uint8_t* st = smem + s * C::STAGE;
+          uint64_t* land = kExp ? &raw[s] : &full[s];
           if (i < p.n_branch) {
-            mbar_expect_tx(&full[s], C::A_BYTES + C::B_BYTES);
-            tma_load_2d(&tmLA, st, &full[s], i * 64, m0);
-            tma_load_2d(&tmUP, st + C::A_BYTES, &full[s], i * 64, n0);
+            mbar_expect_tx(land, C::A_BYTES + C::B_BYTES);
+            tma_load_2d(&tmLA, st, land, i * 64, m0);
+            tma_load_2d(&tmUP, st + C::A_BYTES, land, i * 64, n0);
+          } else if constexpr (kExp) {  // 128 int8 activation channels, the weights' 128 4-bit codes (64 bytes)
+            const int ki = i - p.n_branch;
+            mbar_expect_tx(land, C::A_BYTES + C::B4_BYTES);
+            tma_load_2d(&tmA, st, land, ki * 128, m0);
+            tma_load_2d(&tmB, st + C::B4_OFF, land, ki * 64, n0);
           } else {
             const int ki = i - p.n_branch;
             if constexpr (kFp8) {  // 128 fp8 channels and both groups' scales
@@ -374,11 +408,82 @@ __global__ void __launch_bounds__(384, 1)
           }
         }
       }
+    } else if (kExp && threadIdx.x >= 288) {
+      // ---------------- kExp: warps 9-11 expand the staged 4-bit weights in place ----------------
+      // A unit is 32 codes (16 staged bytes, at unit index u: row u / 4, quarter u % 4) -> 32 int8 bytes, chunks 2q
+      // and 2q + 1 of the row's 128-byte-swizzled int8 row. The codes are staged in the upper half of the weight
+      // buffer ([8, 16) KB), which int8 rows 64-127 overwrite, so three phases: rows 0-63 (written below the staged
+      // codes) while rows 64-95 are read into registers; barrier; rows 64-95 written (over rows 0-63's codes) while
+      // rows 96-127 are read; barrier; rows 96-127 written (over rows 64-127's codes).
+      const int t = threadIdx.x - 288, lane = threadIdx.x & 31;
+      int s = 0;
+      uint32_t ph = 0;
+      for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
+        int mt, nt;
+        tile_coords(tile, p.m_tiles, p.n_tiles, mt, nt);
+        const int n0 = nt * BN;
+        for (int i = 0; i < per_tile; ++i) {
+          if (i >= p.n_branch) {
+            const int g0 = 2 * (i - p.n_branch);
+            // the multiplier of unit u (row n0 + u / 4, group g0 + (u % 4) / 2); 0 past N or K (codes are 0 there)
+            auto mult = [&](int u) -> uint32_t {
+              const int n = n0 + (u >> 2), g = g0 + ((u & 3) >> 1);
+              return (n < p.N && g < p.G) ? __ldg(p.wmult + n * p.G + g) : 0u;
+            };
+            mbar_wait(&raw[s], ph);
+            uint8_t* st = smem + s * C::STAGE;
+            const uint8_t* codes = st + C::B4_OFF;
+            uint8_t* b = st + C::A_BYTES;
+            uint4 h[2];
+            uint32_t hm[2];
+#pragma unroll
+            for (int k = 0; k < 2; ++k) {  // rows 64-95 (units 256-383) into registers
+              const int u = 256 + t + 96 * k;
+              if (u < 384) h[k] = *reinterpret_cast<const uint4*>(codes + u * 16), hm[k] = mult(u);
+            }
+#pragma unroll 1
+            for (int k = 0; k < 3; ++k) {  // rows 0-63 (units 0-255); one unit at a time (56 registers)
+              const int u = t + 96 * k;
+              if (u < 256) expand_unit_sw128(b, u, *reinterpret_cast<const uint4*>(codes + u * 16), mult(u));
+            }
+            named_bar_sync(4, 96);  // rows 0-95's codes are read
+#pragma unroll
+            for (int k = 0; k < 2; ++k) {
+              const int u = 256 + t + 96 * k;
+              if (u < 384) expand_unit_sw128(b, u, h[k], hm[k]);
+            }
+#pragma unroll
+            for (int k = 0; k < 2; ++k) {  // rows 96-127 (units 384-511) into registers
+              const int u = 384 + t + 96 * k;
+              if (u < 512) h[k] = *reinterpret_cast<const uint4*>(codes + u * 16), hm[k] = mult(u);
+            }
+            named_bar_sync(4, 96);  // rows 96-127's codes are read
+#pragma unroll
+            for (int k = 0; k < 2; ++k) {
+              const int u = 384 + t + 96 * k;
+              if (u < 512) expand_unit_sw128(b, u, h[k], hm[k]);
+            }
+            fence_proxy_async_smem();  // generic-proxy writes, read by wgmma (async proxy)
+          } else {
+            mbar_wait(&raw[s], ph);  // branch stage: nothing to expand
+          }
+          __syncwarp();
+          if (lane == 0) mbar_arrive(&full[s]);
+          if (++s == C::STAGES) {
+            s = 0;
+            ph ^= 1;
+          }
+        }
+      }
     }
   } else {
     // ---------------- two consumer warpgroups: 64 rows each ----------------
     // Per tile: the rank-R branch, the main loop of the precision, the epilogue.
-    setmaxnreg_inc<232>();
+    if constexpr (kExp) {  // 128 x 56 + 256 x 224 <= 64 K registers
+      setmaxnreg_inc<224>();
+    } else {
+      setmaxnreg_inc<232>();
+    }
     const int wg = threadIdx.x >> 7;
     const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
     const int tq = lane & 3;
