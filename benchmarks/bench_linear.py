@@ -394,6 +394,44 @@ def smoke(dev, one=False):
     os.environ.pop("SVDQUANT_OPS_CUDA_PORTABLE", None)
 
 
+def wprep_compare(dev, rep_ms):
+    """W4A8 gemm, weights expanded by prep vs inside the GEMM kernel: the int32 main loop and the epilogue are the
+    same, so the outputs must be bit-equal; times of the gemm op (prep included) and of its kernels."""
+    g = torch.Generator().manual_seed(11)
+    # FLUX shapes at M = 4608 (image + text) and 512 (text stream), then edges: N not a multiple of the 128-wide
+    # tile, K with an odd number of 64-groups (the last stage's second group past K), few rows, fp16 output
+    cases = [(4608, K, N, 32, torch.bfloat16) for K, N in SHAPES]
+    cases += [(512, 3072, 3072, 32, torch.bfloat16), (512, 3072, 12288, 32, torch.bfloat16)]
+    cases += [(77, 320, 200, 32, torch.bfloat16), (300, 1088, 4100, 16, torch.float16), (4608, 3072, 3072, 0, torch.bfloat16)]
+    bad = 0
+    for M, K, N, R, dt in cases:
+        L = make_layer(K, N, R, dev, g, "w4a8", dt)
+        x = torch.randn(M, K, device=dev, dtype=dt)
+        q = torch.ops.svdquant.quantize_act(x, L["smooth"], L["pd"], "w4a8", False)
+        fn = lambda: torch.ops.svdquant.gemm(q[0], q[1], L["wc"], L["ws"], L["gsc"], q[2], L["up"], L["bias"],
+                                             "w4a8", dt, False)
+        res, ms, ks = {}, {}, {}
+        for mode in ("prep", "kernel"):
+            os.environ["SVDQUANT_OPS_GEMM_WPREP"] = mode
+            res[mode] = fn().clone()
+            again = fn()
+            assert torch.equal(res[mode], again), f"{mode}: two calls differ (M={M} K={K} N={N})"
+            ms[mode] = bench_graph(fn, rep_ms)
+            ks[mode] = kernel_times(fn)
+        os.environ.pop("SVDQUANT_OPS_GEMM_WPREP", None)
+        same = torch.equal(res["prep"], res["kernel"])
+        finite = bool(torch.isfinite(res["kernel"]).all())
+        bad += (not same) or (not finite)
+        diff = (res["prep"].float() - res["kernel"].float()).abs().max().item()
+        log(f"wprep M={M} K={K} N={N} R={R} {str(dt)[6:]}: {'bit-equal' if same else f'DIFFER (max |d| {diff:.3g})'}"
+            f"{'' if finite else ' NON-FINITE'} | prep {ms['prep'] * 1e3:.1f} us, kernel {ms['kernel'] * 1e3:.1f} us "
+            f"({ms['prep'] / ms['kernel']:.2f}x) | kernels: prep path " + ", ".join(f"{n} {us:.1f}" for n, us in ks["prep"])
+            + "; kernel path " + ", ".join(f"{n} {us:.1f}" for n, us in ks["kernel"]))
+    log(f"wprep: {bad} of {len(cases)} cases differ")
+    if bad:
+        sys.exit(1)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="only the quick smoke check")
@@ -404,6 +442,9 @@ def main():
     ap.add_argument("--tile-overhead", action="store_true", help="only the sm90 GEMM kernel's time (no prep) at "
                     "M=4608, N=3072 over K, R and epilogue, fit as per-tile fixed cost + per-stage cost "
                     "(needs SVDQUANT_OPS_DIAGNOSTICS=1)")
+    ap.add_argument("--wprep", action="store_true", help="only W4A8's gemm with the weights expanded by the prep "
+                    "kernel against expanded inside the GEMM (SVDQUANT_OPS_GEMM_WPREP=kernel): bit-equal outputs, "
+                    "times (needs SVDQUANT_OPS_DIAGNOSTICS=1)")
     ap.add_argument("--breakdown", action="store_true", help="only per-kernel device times of the linear (profiler)")
     ap.add_argument("--profile", action="store_true", help="only run the FLUX 3072x3072 M=4608 linear a few times "
                     "(for ncu)")
@@ -424,6 +465,8 @@ def main():
     needs = []
     if args.gemm_only and any(v.strip() != "promote" for v in args.schedules.split(",")):
         needs.append(f"--gemm-only --schedules {args.schedules} (SVDQUANT_OPS_GEMM_SCHEDULE / _EPILOGUE)")
+    if args.wprep:
+        needs.append("--wprep (SVDQUANT_OPS_GEMM_WPREP)")
     if args.tile_overhead:
         needs.append("--tile-overhead (SVDQUANT_OPS_GEMM_EPILOGUE=direct|none)")
     qa_knobs = [k for k in ("SVDQUANT_OPS_QA_CFG", "SVDQUANT_OPS_QA_SPLITS") if os.environ.get(k)]
@@ -501,6 +544,9 @@ def main():
         return
     if args.tile_overhead:
         tile_overhead(dev, ["w4a8", "int4"])
+        return
+    if args.wprep:
+        wprep_compare(dev, args.rep_ms)
         return
     if args.breakdown:
         # per-kernel device time of the full linear (rank 32 vs rank 0) from torch.profiler, at M = 4608

@@ -1,6 +1,7 @@
 // Build and run on any machine with nvcc (no GPU needed), from the repository root:
 //   nvcc -std=c++17 -arch=sm_90a $(python -c "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))") \
-//     -I svdquant_ops/csrc -I svdquant_ops/csrc/cuda --expt-relaxed-constexpr benchmarks/probes/w4a8_expand_check.cu -o /tmp/x && /tmp/x
+//     -I svdquant_ops/csrc -I svdquant_ops/csrc/cuda --expt-relaxed-constexpr benchmarks/probes/w4a8_expand_check.cu \
+//     -L $TORCH_LIB -lc10 -ltorch_cpu -Xlinker -rpath=$TORCH_LIB -o /tmp/x && /tmp/x   (TORCH_LIB: torch/lib; the headers pull in c10)
 // Host check of the kKindW4a8Expand expansion: the smem image the three phases leave equals the 128-byte-swizzled
 // int8 tile TMA would load from the prep kernel's B, and no phase reads a byte written in the same phase or later
 // overwritten before it was read.

@@ -99,18 +99,30 @@ __device__ __forceinline__ void expand_unit(const uint8_t* codes, const void* sc
   }
 }
 
+// __byte_perm, also as host code: benchmarks/probes/w4a8_expand_check.cu runs the W4A8 expansion on the host.
+__host__ __device__ __forceinline__ uint32_t byte_perm(uint32_t x, uint32_t y, uint32_t s) {
+#ifdef __CUDA_ARCH__
+  return __byte_perm(x, y, s);
+#else
+  const uint64_t v = (uint64_t(y) << 32) | x;
+  uint32_t r = 0;
+  for (int i = 0; i < 4; ++i) r |= uint32_t((v >> (8 * ((s >> (4 * i)) & 7))) & 0xFFu) << (8 * i);
+  return r;
+#endif
+}
+
 // W4A8: 8 int4 codes (one word, low nibble first) times the multiplier m, as 8 int8 bytes (|.| <= 126 for m <= 18).
 // Two codes per word in 16-bit halves: sext(c) * m == (c ^ 8) * m - 8m, and (c ^ 8) * m + ((-8m) mod 256) < 65536
 // for any m < 256, so no carry crosses a half and each half's low byte is the product mod 256.
-__device__ __forceinline__ uint2 w4a8_expand8(uint32_t w, uint32_t m) {
+__host__ __device__ __forceinline__ uint2 w4a8_expand8(uint32_t w, uint32_t m) {
   const uint32_t bias = ((0u - 8u * m) & 0xFFu) * 0x10001u;
   const uint32_t x = w ^ 0x88888888u;
   const uint32_t c04 = (x & 0x000F000Fu) * m + bias;  // codes 0 and 4 in the halves' low bytes
   const uint32_t c15 = ((x >> 4) & 0x000F000Fu) * m + bias;
   const uint32_t c26 = ((x >> 8) & 0x000F000Fu) * m + bias;
   const uint32_t c37 = ((x >> 12) & 0x000F000Fu) * m + bias;
-  const uint32_t c0145 = __byte_perm(c04, c15, 0x6240), c2367 = __byte_perm(c26, c37, 0x6240);
-  return make_uint2(__byte_perm(c0145, c2367, 0x5410), __byte_perm(c0145, c2367, 0x7632));
+  const uint32_t c0145 = byte_perm(c04, c15, 0x6240), c2367 = byte_perm(c26, c37, 0x6240);
+  return make_uint2(byte_perm(c0145, c2367, 0x5410), byte_perm(c0145, c2367, 0x7632));
 }
 
 // W4A8 weights: 16 codes of one row times their group's integer multiplier (in [1, 18]), as int8 (|code * m| <= 126).
