@@ -418,6 +418,10 @@ def wprep_compare(dev, rep_ms):
             assert torch.equal(res[mode], again), f"{mode}: two calls differ (M={M} K={K} N={N})"
             ms[mode] = bench_graph(fn, rep_ms)
             ks[mode] = kernel_times(fn)
+        for mode in ("kernel-nomult", "kernel-noexpand"):  # wrong results: where the expander's time goes
+            os.environ["SVDQUANT_OPS_GEMM_WPREP"] = mode
+            fn()
+            ms[mode] = bench_graph(fn, rep_ms)
         os.environ.pop("SVDQUANT_OPS_GEMM_WPREP", None)
         same = torch.equal(res["prep"], res["kernel"])
         finite = bool(torch.isfinite(res["kernel"]).all())
@@ -425,7 +429,8 @@ def wprep_compare(dev, rep_ms):
         diff = (res["prep"].float() - res["kernel"].float()).abs().max().item()
         log(f"wprep M={M} K={K} N={N} R={R} {str(dt)[6:]}: {'bit-equal' if same else f'DIFFER (max |d| {diff:.3g})'}"
             f"{'' if finite else ' NON-FINITE'} | prep {ms['prep'] * 1e3:.1f} us, kernel {ms['kernel'] * 1e3:.1f} us "
-            f"({ms['prep'] / ms['kernel']:.2f}x) | kernels: prep path " + ", ".join(f"{n} {us:.1f}" for n, us in ks["prep"])
+            f"({ms['prep'] / ms['kernel']:.2f}x), kernel-nomult {ms['kernel-nomult'] * 1e3:.1f} us, kernel-noexpand "
+            f"{ms['kernel-noexpand'] * 1e3:.1f} us | kernels: prep path " + ", ".join(f"{n} {us:.1f}" for n, us in ks["prep"])
             + "; kernel path " + ", ".join(f"{n} {us:.1f}" for n, us in ks["kernel"]))
     log(f"wprep: {bad} of {len(cases)} cases differ")
     if bad:

@@ -115,6 +115,7 @@ struct Variant {
   bool force_direct = false;  // register -> global epilogue even where the TMA-store epilogue applies
   bool store = true;          // false: no stores at all (results are garbage)
   bool w4_expand = false;     // W4A8: 4-bit weights expanded inside the GEMM kernel, no weight prep (not yet validated)
+  int w4_expand_mode = 0;     // 0 full; 1 multipliers taken as 1 (no loads); 2 no expansion (both: wrong results)
 };
 
 #if SVDQ_DIAGNOSTICS
@@ -123,8 +124,10 @@ struct Variant {
 //     (wrong results; the speed of the TMA / wgmma feed alone; 192: 128 x 192 tiles);
 //   SVDQUANT_OPS_GEMM_EPILOGUE = tma (default) | direct | none: force the register -> global epilogue, or skip the
 //     stores (wrong results; splits a tile's time between main loop and stores);
-//   SVDQUANT_OPS_GEMM_WPREP = prep (default) | kernel: W4A8's weights expanded by the prep kernel, or inside the GEMM
-//     kernel from the 4-bit codes (sm90::kKindW4a8Expand; written, not yet run on a GPU).
+//   SVDQUANT_OPS_GEMM_WPREP = prep (default) | kernel | kernel-nomult | kernel-noexpand: W4A8's weights expanded by
+//     the prep kernel, or inside the GEMM kernel from the 4-bit codes (sm90::kKindW4a8Expand; bit-equal to prep on
+//     the H200 but 3.5x slower); -nomult takes every multiplier as 1 and -noexpand skips the expansion (both wrong
+//     results: they split the expander's time).
 Variant diagnostic_variant() {
   Variant v;
   if (const char* e = std::getenv("SVDQUANT_OPS_GEMM_SCHEDULE"); e != nullptr && e[0] != '\0') {
@@ -142,9 +145,11 @@ Variant diagnostic_variant() {
   v.force_direct = epi != nullptr && (std::strcmp(epi, "direct") == 0 || std::strcmp(epi, "none") == 0);
   v.store = !(epi != nullptr && std::strcmp(epi, "none") == 0);
   const char* wp = std::getenv("SVDQUANT_OPS_GEMM_WPREP");  // prep (default) | kernel
-  v.w4_expand = wp != nullptr && std::strcmp(wp, "kernel") == 0;
-  TORCH_CHECK(wp == nullptr || wp[0] == '\0' || v.w4_expand || std::strcmp(wp, "prep") == 0,
-              "SVDQUANT_OPS_GEMM_WPREP: expected prep or kernel, got '", wp, "'");
+  v.w4_expand = wp != nullptr && std::strncmp(wp, "kernel", 6) == 0;
+  v.w4_expand_mode = !v.w4_expand ? 0 : std::strcmp(wp, "kernel-nomult") == 0 ? 1 : std::strcmp(wp, "kernel-noexpand") == 0 ? 2 : 0;
+  TORCH_CHECK(wp == nullptr || wp[0] == '\0' || std::strcmp(wp, "prep") == 0 || std::strcmp(wp, "kernel") == 0 ||
+                  v.w4_expand_mode != 0,
+              "SVDQUANT_OPS_GEMM_WPREP: expected prep, kernel, kernel-nomult or kernel-noexpand, got '", wp, "'");
   return v;
 }
 #endif
@@ -403,6 +408,9 @@ void run_sm90(const GemmShape& s, const Operands& o, bool act_unsigned, at::Tens
                       CU_TENSOR_MAP_SWIZZLE_NONE);
     p.wmult = o.scales.data_ptr<uint8_t>();
     p.G = pl.G;
+#if SVDQ_DIAGNOSTICS
+    p.exp_mode = v.w4_expand_mode;
+#endif
   }
 #if SVDQ_DIAGNOSTICS
   if (!v.store) {

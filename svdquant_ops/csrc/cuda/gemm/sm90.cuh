@@ -75,6 +75,7 @@ struct Params {
   int tma_store;  // BN = 128, 2-byte output, N % 8 == 0: epilogue through shared memory and TMA stores
   const uint8_t* wmult;  // kKindW4a8Expand: the weight's group multipliers [N, G]
   int G;
+  int exp_mode;  // kKindW4a8Expand diagnostics: 0 full; 1 multipliers taken as 1; 2 no expansion
 };
 
 // Tiles in groups of 16 row-blocks so that the CTAs running at one time share A rows and B columns in L2.
@@ -423,12 +424,12 @@ __global__ void __launch_bounds__(384, 1)
         tile_coords(tile, p.m_tiles, p.n_tiles, mt, nt);
         const int n0 = nt * BN;
         for (int i = 0; i < per_tile; ++i) {
-          if (i >= p.n_branch) {
+          if (i >= p.n_branch && p.exp_mode != 2) {
             const int g0 = 2 * (i - p.n_branch);
             // the multiplier of unit u (row n0 + u / 4, group g0 + (u % 4) / 2); 0 past N or K (codes are 0 there)
             auto mult = [&](int u) -> uint32_t {
               const int n = n0 + (u >> 2), g = g0 + ((u & 3) >> 1);
-              return (n < p.N && g < p.G) ? __ldg(p.wmult + n * p.G + g) : 0u;
+              return (n < p.N && g < p.G) ? (p.exp_mode == 1 ? 1u : __ldg(p.wmult + n * p.G + g)) : 0u;
             };
             mbar_wait(&raw[s], ph);
             uint8_t* st = smem + s * C::STAGE;
