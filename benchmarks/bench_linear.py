@@ -394,7 +394,7 @@ def smoke(dev, one=False):
     os.environ.pop("SVDQUANT_OPS_CUDA_PORTABLE", None)
 
 
-def wprep_compare(dev, rep_ms):
+def wprep_compare(dev, rep_ms, quick=False):
     """W4A8 gemm, weights expanded by prep vs inside the GEMM kernel: the int32 main loop and the epilogue are the
     same, so the outputs must be bit-equal; times of the gemm op (prep included) and of its kernels."""
     g = torch.Generator().manual_seed(11)
@@ -403,6 +403,8 @@ def wprep_compare(dev, rep_ms):
     cases = [(4608, K, N, 32, torch.bfloat16) for K, N in SHAPES]
     cases += [(512, 3072, 3072, 32, torch.bfloat16), (512, 3072, 12288, 32, torch.bfloat16)]
     cases += [(77, 320, 200, 32, torch.bfloat16), (300, 1088, 4100, 16, torch.float16), (4608, 3072, 3072, 0, torch.bfloat16)]
+    if quick:  # the square FLUX shape and the longest K
+        cases = [cases[0], cases[4]]
     bad = 0
     for M, K, N, R, dt in cases:
         L = make_layer(K, N, R, dev, g, "w4a8", dt)
@@ -418,7 +420,7 @@ def wprep_compare(dev, rep_ms):
             assert torch.equal(res[mode], again), f"{mode}: two calls differ (M={M} K={K} N={N})"
             ms[mode] = bench_graph(fn, rep_ms)
             ks[mode] = kernel_times(fn)
-        for mode in ("kernel-nomult", "kernel-noexpand"):  # wrong results: where the expander's time goes
+        for mode in ("kernel-nomult", "kernel-noexpand", "kernel-nostore", "kernel-noarith"):  # wrong results: where the expander's time goes
             os.environ["SVDQUANT_OPS_GEMM_WPREP"] = mode
             fn()
             ms[mode] = bench_graph(fn, rep_ms)
@@ -430,7 +432,8 @@ def wprep_compare(dev, rep_ms):
         log(f"wprep M={M} K={K} N={N} R={R} {str(dt)[6:]}: {'bit-equal' if same else f'DIFFER (max |d| {diff:.3g})'}"
             f"{'' if finite else ' NON-FINITE'} | prep {ms['prep'] * 1e3:.1f} us, kernel {ms['kernel'] * 1e3:.1f} us "
             f"({ms['prep'] / ms['kernel']:.2f}x), kernel-nomult {ms['kernel-nomult'] * 1e3:.1f} us, kernel-noexpand "
-            f"{ms['kernel-noexpand'] * 1e3:.1f} us | kernels: prep path " + ", ".join(f"{n} {us:.1f}" for n, us in ks["prep"])
+            f"{ms['kernel-noexpand'] * 1e3:.1f} us, kernel-nostore {ms['kernel-nostore'] * 1e3:.1f} us, kernel-noarith "
+            f"{ms['kernel-noarith'] * 1e3:.1f} us | kernels: prep path " + ", ".join(f"{n} {us:.1f}" for n, us in ks["prep"])
             + "; kernel path " + ", ".join(f"{n} {us:.1f}" for n, us in ks["kernel"]))
     log(f"wprep: {bad} of {len(cases)} cases differ")
     if bad:
@@ -551,7 +554,7 @@ def main():
         tile_overhead(dev, ["w4a8", "int4"])
         return
     if args.wprep:
-        wprep_compare(dev, args.rep_ms)
+        wprep_compare(dev, args.rep_ms, args.quick)
         return
     if args.breakdown:
         # per-kernel device time of the full linear (rank 32 vs rank 0) from torch.profiler, at M = 4608

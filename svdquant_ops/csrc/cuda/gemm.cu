@@ -115,7 +115,7 @@ struct Variant {
   bool force_direct = false;  // register -> global epilogue even where the TMA-store epilogue applies
   bool store = true;          // false: no stores at all (results are garbage)
   bool w4_expand = false;     // W4A8: 4-bit weights expanded inside the GEMM kernel, no weight prep (not yet validated)
-  int w4_expand_mode = 0;     // 0 full; 1 multipliers taken as 1 (no loads); 2 no expansion (both: wrong results)
+  int w4_expand_mode = 0;     // 0 full; 1 multipliers as 1; 2 no expansion; 3 no stores; 4 no arithmetic (1-4: wrong)
 };
 
 #if SVDQ_DIAGNOSTICS
@@ -124,10 +124,12 @@ struct Variant {
 //     (wrong results; the speed of the TMA / wgmma feed alone; 192: 128 x 192 tiles);
 //   SVDQUANT_OPS_GEMM_EPILOGUE = tma (default) | direct | none: force the register -> global epilogue, or skip the
 //     stores (wrong results; splits a tile's time between main loop and stores);
-//   SVDQUANT_OPS_GEMM_WPREP = prep (default) | kernel | kernel-nomult | kernel-noexpand: W4A8's weights expanded by
+//   SVDQUANT_OPS_GEMM_WPREP = prep (default) | kernel | kernel-nomult | kernel-noexpand | kernel-nostore |
+//     kernel-noarith: W4A8's weights expanded by
 //     the prep kernel, or inside the GEMM kernel from the 4-bit codes (sm90::kKindW4a8Expand; bit-equal to prep on
-//     the H200 but 3.5x slower); -nomult takes every multiplier as 1 and -noexpand skips the expansion (both wrong
-//     results: they split the expander's time).
+//     the H200 but 3.5x slower); -nomult takes every multiplier as 1, -noexpand skips the expansion, -nostore computes
+//     without storing, -noarith stores the staged codes without computing (all four wrong results: they split the
+//     expander's time).
 Variant diagnostic_variant() {
   Variant v;
   if (const char* e = std::getenv("SVDQUANT_OPS_GEMM_SCHEDULE"); e != nullptr && e[0] != '\0') {
@@ -146,10 +148,13 @@ Variant diagnostic_variant() {
   v.store = !(epi != nullptr && std::strcmp(epi, "none") == 0);
   const char* wp = std::getenv("SVDQUANT_OPS_GEMM_WPREP");  // prep (default) | kernel
   v.w4_expand = wp != nullptr && std::strncmp(wp, "kernel", 6) == 0;
-  v.w4_expand_mode = !v.w4_expand ? 0 : std::strcmp(wp, "kernel-nomult") == 0 ? 1 : std::strcmp(wp, "kernel-noexpand") == 0 ? 2 : 0;
+  v.w4_expand_mode = !v.w4_expand ? 0 : std::strcmp(wp, "kernel-nomult") == 0 ? 1 : std::strcmp(wp, "kernel-noexpand") == 0 ? 2
+                       : std::strcmp(wp, "kernel-nostore") == 0  ? 3
+                       : std::strcmp(wp, "kernel-noarith") == 0  ? 4
+                                                                  : 0;
   TORCH_CHECK(wp == nullptr || wp[0] == '\0' || std::strcmp(wp, "prep") == 0 || std::strcmp(wp, "kernel") == 0 ||
                   v.w4_expand_mode != 0,
-              "SVDQUANT_OPS_GEMM_WPREP: expected prep, kernel, kernel-nomult or kernel-noexpand, got '", wp, "'");
+              "SVDQUANT_OPS_GEMM_WPREP: expected prep, kernel, kernel-nomult, kernel-noexpand, kernel-nostore or kernel-noarith, got '", wp, "'");
   return v;
 }
 #endif
