@@ -114,7 +114,7 @@ struct Variant {
   bool wide = false;          // 128 x 192 tiles (INT4 skeleton only)
   bool force_direct = false;  // register -> global epilogue even where the TMA-store epilogue applies
   bool store = true;          // false: no stores at all (results are garbage)
-  bool w4_expand = false;     // W4A8: 4-bit weights expanded inside the GEMM kernel, no weight prep (not yet validated)
+  bool w4_expand = false;     // W4A8: 4-bit weights expanded inside the GEMM kernel, no weight prep (bit-equal, 3.5x slower)
   int w4_expand_mode = 0;     // 0 full; 1 multipliers as 1; 2 no expansion; 3 no stores; 4 no arithmetic (1-4: wrong)
 };
 

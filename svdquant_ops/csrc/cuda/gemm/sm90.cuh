@@ -32,8 +32,10 @@ constexpr int BM = 128;
 
 // What the main loop multiplies: INT4 as fp8 codes with per-group promotion, NVFP4 as exact bf16 values, W4A8 as
 // int8 (activation codes x weight code * multiplier) into one int32 accumulator over all of K (no promotion).
-// kKindW4a8Expand (diagnostics builds, not yet validated on a GPU): W4A8 with the 4-bit weight codes loaded by TMA
-// and expanded to int8 inside the kernel by the producer warpgroup's idle warps (no per-call weight prep).
+// kKindW4a8Expand (diagnostics builds): W4A8 with the 4-bit weight codes loaded by TMA and expanded to int8 inside
+// the kernel by the producer warpgroup's idle warps (no per-call weight prep). Bit-equal to the prep path on the
+// H200 but 3.5x slower: three warps cannot expand a stage in the time of its MMAs (results/2026-12-04-h200-w4a8-
+// inkernel-expand.md). Kept as the baseline for an expansion in the consumers' registers.
 enum Kind : int { kKindInt4 = 0, kKindNvfp4 = 1, kKindW4a8 = 2, kKindW4a8Expand = 3 };
 
 template <int BN, int kKind>
