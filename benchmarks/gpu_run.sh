@@ -17,6 +17,8 @@
 #               file in $TMPDIR, ~6.5 GB, loaded back exact / converted to w4a8, output SQNR), e.g.
 #               FLUX_ARGS="--configs w4a8-compile,nunchaku-w4a8-compile --timeout 420 --budget 480 --tag nunchaku"
 #     probe     benchmarks/probes/overlap_probe.cu: tensor-core vs FP32 promotion overlap (HISTORY.md, session 4)
+#     regaprobe benchmarks/probes/w4a8_rega_probe.cu: W4A8 weights expanded in the consumers' registers (wgmma's
+#               register A operand) against today's shared-memory int8 weights, exact check and times
 #     w4a16     bench_w4a16.py --check --out $OUT: weight-only 4-bit linear vs bf16 cuBLAS at M = 1..16, and its
 #               CUDA op against the CPU op on the same shapes
 #     w4a16grid bench_w4a16.py --grid-sweep: the GEMV kernel per forced blocks per SM             [diagnostics build]
@@ -72,6 +74,12 @@ for step in "$@"; do
       nvcc -std=c++17 -O3 -arch=sm_90a $inc -I svdquant_ops/csrc --expt-relaxed-constexpr -diag-suppress 3306 \
         benchmarks/probes/overlap_probe.cu -o /tmp/overlap_probe -lcuda
       /tmp/overlap_probe ;;
+    regaprobe)
+      inc=$(python3 -c "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))")
+      tl=$(python3 -c "import torch, os; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
+      nvcc -std=c++17 -O3 -arch=sm_90a $inc -I svdquant_ops/csrc --expt-relaxed-constexpr -diag-suppress 3306 \
+        benchmarks/probes/w4a8_rega_probe.cu -L "$tl" -lc10 -ltorch_cpu -Xlinker -rpath="$tl" -lcuda -o /tmp/rega_probe
+      /tmp/rega_probe ;;
     w4a16) python3 benchmarks/bench_w4a16.py --check --out "${OUT:-benchmarks/results}" ${W4A16_ARGS:-} ;;
     w4a16grid) SVDQUANT_OPS_DIAGNOSTICS=1 python3 benchmarks/bench_w4a16.py --grid-sweep ${W4A16_ARGS:-} ;;
     *) echo "unknown step $step" >&2; exit 2 ;;

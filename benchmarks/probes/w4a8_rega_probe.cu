@@ -1,0 +1,449 @@
+// Probe: can the consumer warpgroups expand W4A8 weights in registers as fast as the tensor cores consume them?
+// (benchmarks/HISTORY.md, 2026-12-04 night: expanding them in shared memory with the producer warpgroup's idle warps
+// was 3.5x too slow.) Two persistent kernels compute the same int32 product Y[M, N] = X[M, K] . Wexp[N, K]^T with
+// X int8 activation codes and Wexp = sign-extended 4-bit code x group multiplier (64 channels per group), one
+// 128 x 128 output tile at a time, 128 channels per pipeline stage, one producer warpgroup (TMA) and two consumer
+// warpgroups, 6 stages, as the shipped sm90 GEMM's W4A8 main loop:
+//   ss    both operands from shared memory: X tile and the int8 weights expanded beforehand (what the prep kernel
+//         writes today), s8 wgmma m64n128k32 with A = 64 tokens per warpgroup      (today's main loop)
+//   rega  Y^T per tile: each consumer warpgroup owns 64 weight rows, loads its threads' 4-bit codes (one 1-D bulk
+//         copy of a pre-shuffled 8.25 KB tile per stage: codes in fragment order + the tile's multipliers),
+//         expands them in registers (w4a8_expand8: one word of 8 codes -> two A registers) and feeds them as the
+//         register A operand; X is the shared-memory B operand. Stage i's expansion overlaps stage i-1's MMAs
+//         (two register sets of A fragments).
+// Both are checked against a naive kernel (exact int32 equality) on a shape with more tiles than SMs, then timed
+// (CUDA events, median of 20) on FLUX shapes at M = 4608. The epilogue stores int32 directly (both kernels; the
+// rega stores are transposed); with store = 0 it only stores an impossible value (main loop alone).
+// Build and run (GPU machine, from the repository root; or `bash benchmarks/gpu_run.sh regaprobe`):
+//   TL=$(python3 -c "import torch, os; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
+//   nvcc -std=c++17 -O3 -arch=sm_90a $(python3 -c "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))") \
+//     -I svdquant_ops/csrc --expt-relaxed-constexpr -diag-suppress 3306 benchmarks/probes/w4a8_rega_probe.cu \
+//     -L $TL -lc10 -ltorch_cpu -Xlinker -rpath=$TL -lcuda -o /tmp/rega && /tmp/rega
+#include <cuda.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "cuda/common.cuh"
+#include "cuda/gemm/prep.cuh"  // w4a8_expand8
+#include "cuda/wgmma_ops.cuh"
+
+using namespace svdquant;
+using namespace svdquant::cuda_impl;
+using svdquant::cuda_impl::gemm::w4a8_expand8;
+
+constexpr int kTile = 128;                  // output tile rows and columns
+constexpr int kStageK = 128;                // channels per stage
+constexpr int kXBytes = kTile * kStageK;    // one X tile (int8), 128-byte swizzled rows
+constexpr int kWshBytes = 8192 + 256;       // one pre-shuffled weight tile: 4-bit codes + 2 x 128 multipliers
+constexpr int kStages = 6;
+constexpr int kStageBytes[2] = {kXBytes + kTile * kStageK, kXBytes + ((kWshBytes + 1023) / 1024) * 1024};
+
+#define CK(x)                                                                          \
+  do {                                                                                 \
+    cudaError_t e_ = (x);                                                              \
+    if (e_ != cudaSuccess) {                                                           \
+      std::printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); \
+      std::exit(1);                                                                    \
+    }                                                                                  \
+  } while (0)
+
+__device__ __forceinline__ void mma_s8_rs(int (&d)[64], const uint32_t (&a)[4], uint64_t desc_b, int scale_d) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p;\n}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]), "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]), "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]), "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]), "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]), "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]), "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]), "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
+#endif
+}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// 1-D bulk copy global -> shared, completion counted on `bar` (bytes; size and addresses multiples of 16).
+__device__ __forceinline__ void bulk_load_1d(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                   smem_u32(dst)),
+               "l"(reinterpret_cast<uint64_t>(src)), "r"(bytes), "r"(smem_u32(bar))
+               : "memory");
+}
+#endif
+
+// The 16 A registers of one stage (4 k32 steps) of a consumer thread from its 32 bytes of shuffled codes: word q of
+// half h is k-step 2h + q / 2, row g + 8 (q % 2); its low 4 codes go to register (q % 2), its high 4 to (q % 2) + 2.
+__host__ __device__ __forceinline__ void expand_stage(uint32_t (&a)[4][4], const uint4 c0, const uint4 c1, uint32_t m0g,
+                                             uint32_t m0g8, uint32_t m1g, uint32_t m1g8) {
+  const uint32_t w[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
+#pragma unroll
+  for (int q = 0; q < 8; ++q) {
+    const uint32_t m = q < 4 ? ((q & 1) ? m0g8 : m0g) : ((q & 1) ? m1g8 : m1g);
+    const uint2 e = w4a8_expand8(w[q], m);
+    a[q >> 1][q & 1] = e.x;
+    a[q >> 1][(q & 1) + 2] = e.y;
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void fence_regs_u(uint32_t (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
+
+template <bool kRegA>
+__global__ void __launch_bounds__(384, 1)
+    probe_kernel(const __grid_constant__ CUtensorMap tmX, const __grid_constant__ CUtensorMap tmW,
+                 const uint8_t* __restrict__ wsh, int* __restrict__ Y, int M, int N, int K, int store) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int STAGE = kStageBytes[kRegA];
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * STAGE);
+  uint64_t* empty = full + kStages;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], 8);
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+  const int m_tiles = M / kTile, n_tiles = N / kTile, total = m_tiles * n_tiles, nk = K / kStageK;
+  if (threadIdx.x >= 256) {
+    setmaxnreg_dec<40>();
+    if (threadIdx.x == 256) {
+      int s = 0;
+      uint32_t ph = 0;
+      for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
+        const int mt = tile % m_tiles, nt = tile / m_tiles;
+        for (int ki = 0; ki < nk; ++ki) {
+          mbar_wait(&empty[s], ph ^ 1);
+          uint8_t* st = smem + s * STAGE;
+          if constexpr (kRegA) {
+            mbar_expect_tx(&full[s], kXBytes + kWshBytes);
+            tma_load_2d(&tmX, st, &full[s], ki * kStageK, mt * kTile);
+            bulk_load_1d(st + kXBytes, wsh + (static_cast<size_t>(nt) * nk + ki) * kWshBytes, kWshBytes, &full[s]);
+          } else {
+            mbar_expect_tx(&full[s], kXBytes + kTile * kStageK);
+            tma_load_2d(&tmX, st, &full[s], ki * kStageK, mt * kTile);
+            tma_load_2d(&tmW, st + kXBytes, &full[s], ki * kStageK, nt * kTile);
+          }
+          if (++s == kStages) {
+            s = 0;
+            ph ^= 1;
+          }
+        }
+      }
+    }
+  } else {
+    setmaxnreg_inc<232>();
+    const int wg = threadIdx.x >> 7, t = threadIdx.x & 127, warp = t >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, tq = lane & 3;
+    int s = 0;
+    uint32_t ph = 0;
+    for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
+      const int mt = tile % m_tiles, nt = tile / m_tiles;
+      int acc[64];
+#pragma unroll
+      for (int i = 0; i < 64; ++i) acc[i] = 0;
+      if constexpr (!kRegA) {
+        for (int ki = 0; ki < nk; ++ki) {
+          mbar_wait(&full[s], ph);
+          uint8_t* st = smem + s * STAGE;
+          const uint64_t da = desc_sw128(st + wg * 64 * 128), db = desc_sw128(st + kXBytes);
+          fence_regs(acc);
+          wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk) wgmma::mma_s8<128>(acc, da + 2 * kk, db + 2 * kk, 1);
+          wgmma_commit();
+          wgmma_wait<0>();
+          fence_regs(acc);
+          if (lane == 0) mbar_arrive(&empty[s]);
+          if (++s == kStages) {
+            s = 0;
+            ph ^= 1;
+          }
+        }
+      } else {
+        // stage i: wait, expand into A[i % 2] (stage i - 2's MMAs, its last readers, are complete), issue, then wait
+        // for stage i - 1's MMAs and hand its buffer back
+        uint32_t A0[4][4], A1[4][4];
+        int prev = -1;
+        auto step = [&](uint32_t (&a)[4][4]) {
+          mbar_wait(&full[s], ph);
+          const uint8_t* st = smem + s * STAGE;
+          const uint4* wt = reinterpret_cast<const uint4*>(st + kXBytes) + wg * 256 + t;
+          const uint4 c0 = wt[0], c1 = wt[128];
+          const uint8_t* mu = st + kXBytes + 8192 + wg * 64 + warp * 16 + g;
+          expand_stage(a, c0, c1, mu[0], mu[8], mu[128], mu[136]);
+          const uint64_t db = desc_sw128(st + 0);
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk) fence_regs_u(a[kk]);
+          fence_regs(acc);
+          wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk) mma_s8_rs(acc, a[kk], db + 2 * kk, 1);
+          wgmma_commit();
+          wgmma_wait<1>();
+          if (prev >= 0 && lane == 0) mbar_arrive(&empty[prev]);
+          prev = s;
+          if (++s == kStages) {
+            s = 0;
+            ph ^= 1;
+          }
+        };
+        int ki = 0;
+        for (; ki + 1 < nk; ki += 2) {
+          step(A0);
+          step(A1);
+        }
+        if (ki < nk) step(A0);
+        wgmma_wait<0>();
+        fence_regs(acc);
+        if (lane == 0) mbar_arrive(&empty[prev]);
+      }
+      // epilogue: accumulator (r, c) of this thread: r = 16 warp + g + 8 h, c = 8 j + 2 tq + e (acc[4 j + 2 h + e])
+#pragma unroll
+      for (int j = 0; j < 16; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int v = acc[4 * j + 2 * h + e];
+            const int r = 64 * wg + 16 * warp + g + 8 * h, c = 8 * j + 2 * tq + e;
+            // ss: rows are tokens, columns weights; rega: rows are weights, columns tokens (Y^T)
+            const int64_t m = kRegA ? mt * kTile + c : mt * kTile + r, n = kRegA ? nt * kTile + r : nt * kTile + c;
+            if (store || v == 0x7FFFFFFF) Y[m * N + n] = v;
+          }
+    }
+  }
+#endif
+}
+
+__global__ void reference_kernel(const int8_t* X, const uint8_t* codes, const uint8_t* mult, int* Y, int M, int N,
+                                 int K) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i >= int64_t(M) * N) return;
+  const int m = i / N, n = i % N;
+  int s = 0;
+  for (int k = 0; k < K; ++k) {
+    const int nib = (codes[int64_t(n) * (K / 2) + k / 2] >> (4 * (k & 1))) & 0xF;
+    s += int(X[int64_t(m) * K + k]) * ((nib ^ 8) - 8) * int(mult[int64_t(n) * (K / 64) + k / 64]);
+  }
+  Y[i] = s;
+}
+
+// Host: the pre-shuffled tiles [N / 128][K / 128][8448 bytes] (see expand_stage for the word order).
+std::vector<uint8_t> shuffle(const std::vector<uint8_t>& codes, const std::vector<uint8_t>& mult, int N, int K) {
+  const int nk = K / kStageK, G = K / 64;
+  std::vector<uint8_t> out(size_t(N / kTile) * nk * kWshBytes);
+  auto nib = [&](int n, int k) -> uint32_t { return (codes[size_t(n) * (K / 2) + k / 2] >> (4 * (k & 1))) & 0xF; };
+  for (int nt = 0; nt < N / kTile; ++nt)
+    for (int kt = 0; kt < nk; ++kt) {
+      uint8_t* base = out.data() + (size_t(nt) * nk + kt) * kWshBytes;
+      for (int wg = 0; wg < 2; ++wg)
+        for (int t = 0; t < 128; ++t) {
+          const int warp = t / 32, lane = t % 32, g = lane / 4, tq = lane % 4;
+          for (int half = 0; half < 2; ++half)
+            for (int q = 0; q < 4; ++q) {
+              const int ks = 2 * half + q / 2, r = q % 2;
+              const int n = nt * kTile + 64 * wg + 16 * warp + g + 8 * r;
+              uint32_t word = 0;
+              for (int i = 0; i < 8; ++i) {
+                const int k = kt * kStageK + 32 * ks + (i < 4 ? 4 * tq + i : 16 + 4 * tq + (i - 4));
+                word |= nib(n, k) << (4 * i);
+              }
+              std::memcpy(base + wg * 4096 + half * 2048 + t * 16 + q * 4, &word, 4);
+            }
+        }
+      for (int gi = 0; gi < 2; ++gi)
+        for (int rr = 0; rr < kTile; ++rr) base[8192 + gi * 128 + rr] = mult[size_t(nt * kTile + rr) * G + kt * 2 + gi];
+    }
+  return out;
+}
+
+// Host check of the layout: every consumer thread's A registers, as expand_stage builds them from the shuffled
+// tile, hold the expanded weights at the (row, channel) that wgmma's register-A layout for 8-bit types gives them
+// (CUTLASS's ALayout_64x32: row 16 warp + lane / 4 + 8 (r % 2), channels 4 (lane % 4) + byte + 16 (r / 2) of the
+// k32 step). Returns the number of mismatching bytes.
+size_t host_layout_check(const std::vector<uint8_t>& codes, const std::vector<uint8_t>& mult,
+                         const std::vector<uint8_t>& wexp, int N, int K) {
+  const std::vector<uint8_t> wsh = shuffle(codes, mult, N, K);
+  const int nk = K / kStageK;
+  size_t bad = 0;
+  for (int nt = 0; nt < N / kTile; ++nt)
+    for (int kt = 0; kt < nk; ++kt) {
+      const uint8_t* st = wsh.data() + (size_t(nt) * nk + kt) * kWshBytes;
+      for (int wg = 0; wg < 2; ++wg)
+        for (int t = 0; t < 128; ++t) {
+          const int warp = t / 32, lane = t % 32, g = lane / 4, tq = lane % 4;
+          uint4 c0, c1;
+          std::memcpy(&c0, st + (wg * 256 + t) * 16, 16);
+          std::memcpy(&c1, st + (wg * 256 + 128 + t) * 16, 16);
+          const uint8_t* mu = st + 8192 + wg * 64 + warp * 16 + g;
+          uint32_t a[4][4];
+          expand_stage(a, c0, c1, mu[0], mu[8], mu[128], mu[136]);
+          for (int ks = 0; ks < 4; ++ks)
+            for (int r = 0; r < 4; ++r)
+              for (int b = 0; b < 4; ++b) {
+                const int n = nt * kTile + 64 * wg + 16 * warp + g + 8 * (r % 2);
+                const int k = kt * kStageK + 32 * ks + 4 * tq + b + 16 * (r / 2);
+                bad += uint8_t(a[ks][r] >> (8 * b)) != wexp[size_t(n) * K + k];
+              }
+        }
+    }
+  return bad;
+}
+
+#ifndef REGA_PROBE_HOST_ONLY
+CUtensorMap map_2d(const void* ptr, uint64_t inner, uint64_t outer) {
+  CUtensorMap m;
+  const cuuint64_t dims[2] = {inner, outer};
+  const cuuint64_t strides[1] = {inner};
+  const cuuint32_t box[2] = {128, 128};
+  const cuuint32_t es[2] = {1, 1};
+  const CUresult r = cuTensorMapEncodeTiled(&m, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<void*>(ptr), dims,
+                                            strides, box, es, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    std::printf("cuTensorMapEncodeTiled failed (%d)\n", int(r));
+    std::exit(1);
+  }
+  return m;
+}
+
+struct Problem {
+  int M, N, K;
+  int8_t* X;
+  uint8_t *codes, *mult, *wexp, *wsh;
+  int* Y;
+};
+
+Problem make_problem(int M, int N, int K, uint32_t seed) {
+  std::mt19937 rng(seed);
+  const int G = K / 64;
+  std::vector<int8_t> x(size_t(M) * K);
+  for (auto& v : x) v = int8_t(int(rng() % 255) - 127);
+  std::vector<uint8_t> codes(size_t(N) * K / 2), mult(size_t(N) * G), wexp(size_t(N) * K);
+  for (auto& c : codes) c = uint8_t(((rng() % 15 + 9) & 0xF) | (((rng() % 15 + 9) & 0xF) << 4));  // [-7, 7]
+  for (auto& m : mult) m = uint8_t(1 + rng() % 18);
+  for (int n = 0; n < N; ++n)
+    for (int k = 0; k < K; ++k) {
+      const int nib = (codes[size_t(n) * (K / 2) + k / 2] >> (4 * (k & 1))) & 0xF;
+      wexp[size_t(n) * K + k] = uint8_t(int8_t(((nib ^ 8) - 8) * mult[size_t(n) * G + k / 64]));
+    }
+  const std::vector<uint8_t> wsh = shuffle(codes, mult, N, K);
+  if (M <= 2048) {  // the checked shapes
+    const size_t bad = host_layout_check(codes, mult, wexp, N, K);
+    std::printf("host layout check N=%d K=%d: %zu bytes differ\n", N, K, bad);
+    if (bad) std::exit(1);
+  }
+  Problem p{M, N, K};
+  CK(cudaMalloc(&p.X, x.size()));
+  CK(cudaMalloc(&p.codes, codes.size()));
+  CK(cudaMalloc(&p.mult, mult.size()));
+  CK(cudaMalloc(&p.wexp, wexp.size()));
+  CK(cudaMalloc(&p.wsh, wsh.size()));
+  CK(cudaMalloc(&p.Y, size_t(M) * N * 4));
+  CK(cudaMemcpy(p.X, x.data(), x.size(), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(p.codes, codes.data(), codes.size(), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(p.mult, mult.data(), mult.size(), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(p.wexp, wexp.data(), wexp.size(), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(p.wsh, wsh.data(), wsh.size(), cudaMemcpyHostToDevice));
+  return p;
+}
+
+void free_problem(Problem& p) {
+  cudaFree(p.X);
+  cudaFree(p.codes);
+  cudaFree(p.mult);
+  cudaFree(p.wexp);
+  cudaFree(p.wsh);
+  cudaFree(p.Y);
+}
+
+template <bool kRegA>
+void launch(const Problem& p, int store, int sms) {
+  const CUtensorMap tmX = map_2d(p.X, p.K, p.M), tmW = map_2d(p.wexp, p.K, p.N);
+  const int smem = kStages * kStageBytes[kRegA] + 1024 + 2 * kStages * 8;
+  static bool attr = false;
+  if (!attr) {
+    CK(cudaFuncSetAttribute(probe_kernel<kRegA>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    attr = true;
+  }
+  const int tiles = (p.M / kTile) * (p.N / kTile);
+  probe_kernel<kRegA><<<std::min(tiles, sms), 384, smem>>>(tmX, tmW, p.wsh, p.Y, p.M, p.N, p.K, store);
+  CK(cudaGetLastError());
+}
+
+template <bool kRegA>
+float time_us(const Problem& p, int store, int sms) {
+  for (int i = 0; i < 3; ++i) launch<kRegA>(p, store, sms);
+  cudaEvent_t a, b;
+  cudaEventCreate(&a);
+  cudaEventCreate(&b);
+  std::vector<float> ts;
+  for (int i = 0; i < 20; ++i) {
+    cudaEventRecord(a);
+    launch<kRegA>(p, store, sms);
+    cudaEventRecord(b);
+    CK(cudaEventSynchronize(b));
+    float ms;
+    cudaEventElapsedTime(&ms, a, b);
+    ts.push_back(ms * 1e3f);
+  }
+  std::sort(ts.begin(), ts.end());
+  return ts[ts.size() / 2];
+}
+
+int main() {
+  int sms;
+  CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  cudaDeviceProp prop;
+  CK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("device %s, %d SMs\n", prop.name, sms);
+  int bad = 0;
+  // correctness: more tiles than SMs (each CTA runs several tiles), odd and even numbers of stages
+  const int checks[][3] = {{2048, 2048, 1024}, {1152, 1536, 896}, {512, 384, 3072}};
+  for (const auto& c : checks) {
+    Problem p = make_problem(c[0], c[1], c[2], 7u + c[2]);
+    std::vector<int> ref(size_t(p.M) * p.N), got(ref.size());
+    reference_kernel<<<(p.M * p.N + 255) / 256, 256>>>(p.X, p.codes, p.mult, p.Y, p.M, p.N, p.K);
+    CK(cudaDeviceSynchronize());
+    CK(cudaMemcpy(ref.data(), p.Y, ref.size() * 4, cudaMemcpyDeviceToHost));
+    for (int kind = 0; kind < 2; ++kind) {
+      CK(cudaMemset(p.Y, 0xFF, ref.size() * 4));
+      if (kind) launch<true>(p, 1, sms); else launch<false>(p, 1, sms);
+      CK(cudaDeviceSynchronize());
+      CK(cudaMemcpy(got.data(), p.Y, got.size() * 4, cudaMemcpyDeviceToHost));
+      size_t diff = 0, first = 0;
+      for (size_t i = 0; i < ref.size(); ++i)
+        if (ref[i] != got[i] && diff++ == 0) first = i;
+      bad += diff != 0;
+      std::printf("check %s M=%d N=%d K=%d: %zu of %zu differ", kind ? "rega" : "ss  ", p.M, p.N, p.K, diff,
+                  ref.size());
+      if (diff) std::printf(" (first at m=%zu n=%zu: %d, want %d)", first / p.N, first % p.N, got[first], ref[first]);
+      std::printf("\n");
+    }
+    free_problem(p);
+  }
+  // speed at M = 4608 on FLUX shapes (K x N)
+  const int shapes[][2] = {{3072, 3072}, {3072, 12288}, {12288, 3072}, {15360, 3072}};
+  for (const auto& sh : shapes) {
+    Problem p = make_problem(4608, sh[1], sh[0], 11u);
+    const double ops = 2.0 * p.M * p.N * p.K;
+    for (int store = 1; store >= 0; --store) {
+      const float ss = time_us<false>(p, store, sms), ra = time_us<true>(p, store, sms);
+      std::printf("time M=%d K=%d N=%d %s: ss %.1f us (%.0f TOPS), rega %.1f us (%.0f TOPS): rega/ss %.3f\n", p.M,
+                  p.K, p.N, store ? "with stores" : "main loop ", ss, ops / ss * 1e-6, ra, ops / ra * 1e-6, ra / ss);
+    }
+    free_problem(p);
+  }
+  std::printf("%s\n", bad ? "FAIL" : "PASS");
+  return bad != 0;
+}
+#endif  // REGA_PROBE_HOST_ONLY
