@@ -108,8 +108,8 @@ def _configs() -> dict[str, Config]:
         out[f"{w}-eager"] = Config(f"{w}-eager", w, False)
     # Diagnostic, not in the default set: torchao's default set_inductor_config=True (what hung on 2026-12-04).
     out["fp8-compile-coordesc"] = Config("fp8-compile-coordesc", "fp8", True, torchao_inductor=True)
-    # Diagnostic: torch._dynamo.config.use_recursive_dict_tags_for_guards (HISTORY.md, 2026-12-04: the guards on
-    # ~3700 inner tensors are most of a compiled quantized step's host prologue).
+    # Diagnostic: torch._dynamo.config.use_recursive_dict_tags_for_guards (HISTORY.md, 2026-12-04 night: on the CPU
+    # the guards on the ~3400 inner tensors cost ~3 ms per call and these tags do not shorten them).
     for w in ("bf16", "fp8", "w4a8"):
         out[f"{w}-compile-tags"] = Config(f"{w}-compile-tags", w, True, dict_tag_guards=True)
     # Extra, not in the default set: a rank-16 LoRA on the w4a8 model (load_lora's defaults: fused into the SVDQuant
