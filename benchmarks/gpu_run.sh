@@ -79,7 +79,7 @@ for step in "$@"; do
       tl=$(python3 -c "import torch, os; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
       nvcc -std=c++17 -O3 -arch=sm_90a $inc -I svdquant_ops/csrc --expt-relaxed-constexpr -diag-suppress 3306 \
         benchmarks/probes/w4a8_rega_probe.cu -L "$tl" -lc10 -ltorch_cpu -Xlinker -rpath="$tl" -lcuda -o /tmp/rega_probe
-      /tmp/rega_probe ;;
+      timeout 180 /tmp/rega_probe ;;
     w4a16) python3 benchmarks/bench_w4a16.py --check --out "${OUT:-benchmarks/results}" ${W4A16_ARGS:-} ;;
     w4a16grid) SVDQUANT_OPS_DIAGNOSTICS=1 python3 benchmarks/bench_w4a16.py --grid-sweep ${W4A16_ARGS:-} ;;
     *) echo "unknown step $step" >&2; exit 2 ;;

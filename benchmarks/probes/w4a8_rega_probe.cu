@@ -6,19 +6,20 @@
 // warpgroups, 6 stages, as the shipped sm90 GEMM's W4A8 main loop:
 //   ss    both operands from shared memory: X tile and the int8 weights expanded beforehand (what the prep kernel
 //         writes today), s8 wgmma m64n128k32 with A = 64 tokens per warpgroup      (today's main loop)
+//   ss-overlap  as ss, but stage i - 1's MMAs still run while stage i's are issued (rega's overlap, no expansion)
 //   rega  Y^T per tile: each consumer warpgroup owns 64 weight rows, loads its threads' 4-bit codes (one 1-D bulk
 //         copy of a pre-shuffled 8.25 KB tile per stage: codes in fragment order + the tile's multipliers),
 //         expands them in registers (w4a8_expand8: one word of 8 codes -> two A registers) and feeds them as the
 //         register A operand; X is the shared-memory B operand. Stage i's expansion overlaps stage i-1's MMAs
 //         (two register sets of A fragments).
-// Both are checked against a naive kernel (exact int32 equality) on a shape with more tiles than SMs, then timed
-// (CUDA events, median of 20) on FLUX shapes at M = 4608. The epilogue stores int32 directly (both kernels; the
+// All three are checked against a naive kernel (exact int32 equality) on shapes with more tiles than SMs, then timed
+// (20 launches between two CUDA events, median of 5) on FLUX shapes at M = 4608. The epilogue stores int32 directly (both kernels; the
 // rega stores are transposed); with store = 0 it only stores an impossible value (main loop alone).
 // Build and run (GPU machine, from the repository root; or `bash benchmarks/gpu_run.sh regaprobe`):
 //   TL=$(python3 -c "import torch, os; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
 //   nvcc -std=c++17 -O3 -arch=sm_90a $(python3 -c "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))") \
 //     -I svdquant_ops/csrc --expt-relaxed-constexpr -diag-suppress 3306 benchmarks/probes/w4a8_rega_probe.cu \
-//     -L $TL -lc10 -ltorch_cpu -Xlinker -rpath=$TL -lcuda -o /tmp/rega && /tmp/rega
+//     -L $TL -lc10 -ltorch_cpu -Xlinker -rpath=$TL -lcuda -o /tmp/rega && timeout 180 /tmp/rega
 #include <cuda.h>
 
 #include <algorithm>
@@ -93,11 +94,14 @@ __device__ __forceinline__ void fence_regs_u(uint32_t (&r)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
 }
 
-template <bool kRegA>
+// kMode: 0 ss (each stage's MMAs waited for before the next stage, as the shipped main loop), 1 ss with stage i - 1's
+// MMAs still running while stage i's are issued (the overlap rega has, without its expansion), 2 rega.
+template <int kMode>
 __global__ void __launch_bounds__(384, 1)
     probe_kernel(const __grid_constant__ CUtensorMap tmX, const __grid_constant__ CUtensorMap tmW,
                  const uint8_t* __restrict__ wsh, int* __restrict__ Y, int M, int N, int K, int store) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr bool kRegA = kMode == 2;
   constexpr int STAGE = kStageBytes[kRegA];
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
@@ -150,6 +154,7 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
       for (int i = 0; i < 64; ++i) acc[i] = 0;
       if constexpr (!kRegA) {
+        int prev = -1;
         for (int ki = 0; ki < nk; ++ki) {
           mbar_wait(&full[s], ph);
           uint8_t* st = smem + s * STAGE;
@@ -159,13 +164,24 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
           for (int kk = 0; kk < 4; ++kk) wgmma::mma_s8<128>(acc, da + 2 * kk, db + 2 * kk, 1);
           wgmma_commit();
-          wgmma_wait<0>();
-          fence_regs(acc);
-          if (lane == 0) mbar_arrive(&empty[s]);
+          if constexpr (kMode == 0) {
+            wgmma_wait<0>();
+            fence_regs(acc);
+            if (lane == 0) mbar_arrive(&empty[s]);
+          } else {
+            wgmma_wait<1>();
+            if (prev >= 0 && lane == 0) mbar_arrive(&empty[prev]);
+            prev = s;
+          }
           if (++s == kStages) {
             s = 0;
             ph ^= 1;
           }
+        }
+        if constexpr (kMode == 1) {
+          wgmma_wait<0>();
+          fence_regs(acc);
+          if (lane == 0) mbar_arrive(&empty[prev]);
         }
       } else {
         // stage i: wait, expand into A[i % 2] (stage i - 2's MMAs, its last readers, are complete), issue, then wait
@@ -366,36 +382,43 @@ void free_problem(Problem& p) {
   cudaFree(p.Y);
 }
 
-template <bool kRegA>
-void launch(const Problem& p, int store, int sms) {
-  const CUtensorMap tmX = map_2d(p.X, p.K, p.M), tmW = map_2d(p.wexp, p.K, p.N);
+struct Maps {
+  CUtensorMap x, w;
+};
+
+template <int kMode>
+void launch(const Problem& p, const Maps& mp, int store, int sms) {
+  constexpr bool kRegA = kMode == 2;
   const int smem = kStages * kStageBytes[kRegA] + 1024 + 2 * kStages * 8;
   static bool attr = false;
   if (!attr) {
-    CK(cudaFuncSetAttribute(probe_kernel<kRegA>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    CK(cudaFuncSetAttribute(probe_kernel<kMode>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     attr = true;
   }
   const int tiles = (p.M / kTile) * (p.N / kTile);
-  probe_kernel<kRegA><<<std::min(tiles, sms), 384, smem>>>(tmX, tmW, p.wsh, p.Y, p.M, p.N, p.K, store);
+  probe_kernel<kMode><<<std::min(tiles, sms), 384, smem>>>(mp.x, mp.w, p.wsh, p.Y, p.M, p.N, p.K, store);
   CK(cudaGetLastError());
 }
 
-template <bool kRegA>
-float time_us(const Problem& p, int store, int sms) {
-  for (int i = 0; i < 3; ++i) launch<kRegA>(p, store, sms);
+// Mean device time of one launch: 20 launches queued between one pair of events (no host work inside), median of 5.
+template <int kMode>
+float time_us(const Problem& p, const Maps& mp, int store, int sms) {
+  for (int i = 0; i < 3; ++i) launch<kMode>(p, mp, store, sms);
   cudaEvent_t a, b;
-  cudaEventCreate(&a);
-  cudaEventCreate(&b);
+  CK(cudaEventCreate(&a));
+  CK(cudaEventCreate(&b));
   std::vector<float> ts;
-  for (int i = 0; i < 20; ++i) {
-    cudaEventRecord(a);
-    launch<kRegA>(p, store, sms);
-    cudaEventRecord(b);
+  for (int r = 0; r < 5; ++r) {
+    CK(cudaEventRecord(a));
+    for (int i = 0; i < 20; ++i) launch<kMode>(p, mp, store, sms);
+    CK(cudaEventRecord(b));
     CK(cudaEventSynchronize(b));
     float ms;
-    cudaEventElapsedTime(&ms, a, b);
-    ts.push_back(ms * 1e3f);
+    CK(cudaEventElapsedTime(&ms, a, b));
+    ts.push_back(ms * 1e3f / 20);
   }
+  CK(cudaEventDestroy(a));
+  CK(cudaEventDestroy(b));
   std::sort(ts.begin(), ts.end());
   return ts[ts.size() / 2];
 }
@@ -408,23 +431,27 @@ int main() {
   std::printf("device %s, %d SMs\n", prop.name, sms);
   int bad = 0;
   // correctness: more tiles than SMs (each CTA runs several tiles), odd and even numbers of stages
-  const int checks[][3] = {{2048, 2048, 1024}, {1152, 1536, 896}, {512, 384, 3072}};
+  const int checks[][3] = {{2048, 2048, 1024}, {1152, 3072, 896}, {512, 384, 3072}};
   for (const auto& c : checks) {
     Problem p = make_problem(c[0], c[1], c[2], 7u + c[2]);
+    const Maps mp{map_2d(p.X, p.K, p.M), map_2d(p.wexp, p.K, p.N)};
     std::vector<int> ref(size_t(p.M) * p.N), got(ref.size());
     reference_kernel<<<(p.M * p.N + 255) / 256, 256>>>(p.X, p.codes, p.mult, p.Y, p.M, p.N, p.K);
     CK(cudaDeviceSynchronize());
     CK(cudaMemcpy(ref.data(), p.Y, ref.size() * 4, cudaMemcpyDeviceToHost));
-    for (int kind = 0; kind < 2; ++kind) {
-      CK(cudaMemset(p.Y, 0xFF, ref.size() * 4));
-      if (kind) launch<true>(p, 1, sms); else launch<false>(p, 1, sms);
+    const char* names[3] = {"ss        ", "ss-overlap", "rega      "};
+    for (int kind = 0; kind < 3; ++kind) {
+      CK(cudaMemset(p.Y, 0x7F, ref.size() * 4));  // 0x7F7F7F7F: beyond any result (|Y| <= 127 * 126 * K)
+      if (kind == 0) launch<0>(p, mp, 1, sms);
+      if (kind == 1) launch<1>(p, mp, 1, sms);
+      if (kind == 2) launch<2>(p, mp, 1, sms);
       CK(cudaDeviceSynchronize());
       CK(cudaMemcpy(got.data(), p.Y, got.size() * 4, cudaMemcpyDeviceToHost));
       size_t diff = 0, first = 0;
       for (size_t i = 0; i < ref.size(); ++i)
         if (ref[i] != got[i] && diff++ == 0) first = i;
       bad += diff != 0;
-      std::printf("check %s M=%d N=%d K=%d: %zu of %zu differ", kind ? "rega" : "ss  ", p.M, p.N, p.K, diff,
+      std::printf("check %s M=%d N=%d K=%d: %zu of %zu differ", names[kind], p.M, p.N, p.K, diff,
                   ref.size());
       if (diff) std::printf(" (first at m=%zu n=%zu: %d, want %d)", first / p.N, first % p.N, got[first], ref[first]);
       std::printf("\n");
@@ -435,11 +462,15 @@ int main() {
   const int shapes[][2] = {{3072, 3072}, {3072, 12288}, {12288, 3072}, {15360, 3072}};
   for (const auto& sh : shapes) {
     Problem p = make_problem(4608, sh[1], sh[0], 11u);
+    const Maps mp{map_2d(p.X, p.K, p.M), map_2d(p.wexp, p.K, p.N)};
     const double ops = 2.0 * p.M * p.N * p.K;
     for (int store = 1; store >= 0; --store) {
-      const float ss = time_us<false>(p, store, sms), ra = time_us<true>(p, store, sms);
-      std::printf("time M=%d K=%d N=%d %s: ss %.1f us (%.0f TOPS), rega %.1f us (%.0f TOPS): rega/ss %.3f\n", p.M,
-                  p.K, p.N, store ? "with stores" : "main loop ", ss, ops / ss * 1e-6, ra, ops / ra * 1e-6, ra / ss);
+      const float ss = time_us<0>(p, mp, store, sms), so = time_us<1>(p, mp, store, sms),
+                  ra = time_us<2>(p, mp, store, sms);
+      std::printf("time M=%d K=%d N=%d %s: ss %.1f us (%.0f TOPS), ss-overlap %.1f us (%.0f TOPS), rega %.1f us "
+                  "(%.0f TOPS): rega/ss %.3f, rega/ss-overlap %.3f\n",
+                  p.M, p.K, p.N, store ? "with stores" : "main loop ", ss, ops / ss * 1e-6, so, ops / so * 1e-6, ra,
+                  ops / ra * 1e-6, ra / ss, ra / so);
     }
     free_problem(p);
   }
