@@ -153,8 +153,24 @@ __global__ void __launch_bounds__(384, 1)
       int acc[64];
 #pragma unroll
       for (int i = 0; i < 64; ++i) acc[i] = 0;
+      // ss-overlap and rega: after issuing stage s, wait for the stage before it and hand that one back (stage s's
+      // MMAs keep running); after the last stage, wait for all and hand back the last
+      int prev = -1;
+      auto retire_previous = [&]() {
+        wgmma_wait<1>();
+        if (prev >= 0 && lane == 0) mbar_arrive(&empty[prev]);
+        prev = s;
+        if (++s == kStages) {
+          s = 0;
+          ph ^= 1;
+        }
+      };
+      auto retire_last = [&]() {
+        wgmma_wait<0>();
+        fence_regs(acc);
+        if (lane == 0) mbar_arrive(&empty[prev]);
+      };
       if constexpr (!kRegA) {
-        int prev = -1;
         for (int ki = 0; ki < nk; ++ki) {
           mbar_wait(&full[s], ph);
           uint8_t* st = smem + s * STAGE;
@@ -168,26 +184,19 @@ __global__ void __launch_bounds__(384, 1)
             wgmma_wait<0>();
             fence_regs(acc);
             if (lane == 0) mbar_arrive(&empty[s]);
+            if (++s == kStages) {
+              s = 0;
+              ph ^= 1;
+            }
           } else {
-            wgmma_wait<1>();
-            if (prev >= 0 && lane == 0) mbar_arrive(&empty[prev]);
-            prev = s;
-          }
-          if (++s == kStages) {
-            s = 0;
-            ph ^= 1;
+            retire_previous();
           }
         }
-        if constexpr (kMode == 1) {
-          wgmma_wait<0>();
-          fence_regs(acc);
-          if (lane == 0) mbar_arrive(&empty[prev]);
-        }
+        if constexpr (kMode == 1) retire_last();
       } else {
         // stage i: wait, expand into A[i % 2] (stage i - 2's MMAs, its last readers, are complete), issue, then wait
         // for stage i - 1's MMAs and hand its buffer back
         uint32_t A0[4][4], A1[4][4];
-        int prev = -1;
         auto step = [&](uint32_t (&a)[4][4]) {
           mbar_wait(&full[s], ph);
           const uint8_t* st = smem + s * STAGE;
@@ -203,13 +212,7 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
           for (int kk = 0; kk < 4; ++kk) mma_s8_rs(acc, a[kk], db + 2 * kk, 1);
           wgmma_commit();
-          wgmma_wait<1>();
-          if (prev >= 0 && lane == 0) mbar_arrive(&empty[prev]);
-          prev = s;
-          if (++s == kStages) {
-            s = 0;
-            ph ^= 1;
-          }
+          retire_previous();
         };
         int ki = 0;
         for (; ki + 1 < nk; ki += 2) {
@@ -217,9 +220,7 @@ __global__ void __launch_bounds__(384, 1)
           step(A1);
         }
         if (ki < nk) step(A0);
-        wgmma_wait<0>();
-        fence_regs(acc);
-        if (lane == 0) mbar_arrive(&empty[prev]);
+        retire_last();
       }
       // epilogue: accumulator (r, c) of this thread: r = 16 warp + g + 8 h, c = 8 j + 2 tq + e (acc[4 j + 2 h + e])
 #pragma unroll
