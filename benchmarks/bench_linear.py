@@ -523,6 +523,19 @@ def main():
                 f"(SVDQUANT_OPS_QA_CFG={os.environ.get('SVDQUANT_OPS_QA_CFG', '0')}, "
                 f"SVDQUANT_OPS_QA_SPLITS={os.environ.get('SVDQUANT_OPS_QA_SPLITS', 'auto')})")
             log("  kernels:", ", ".join(f"{n} {us:.1f} us" for n, us in kernel_times(fn)))
+            if args.precision == "w4a8":  # the compiled path: amax from Inductor, then one pass of the op
+                sm = L["smooth"]
+                amax = (x.float() / sm.float()).abs().amax(-1, keepdim=True)  # eager ATen: IEEE, the exact amax
+                fg = lambda: torch.ops.svdquant.quantize_act_given_amax(x, sm, L["pd"], amax)
+                same = torch.equal(fg()[0], fn()[0])
+                ms_g = bench_graph(fg, args.rep_ms)
+                amax_of = torch.compile(lambda x, s: (x.float() / s.float()).abs().amax(-1, keepdim=True))
+                fa = lambda: amax_of(x, sm)
+                fa()
+                ms_a = bench_graph(fa, args.rep_ms)
+                log(f"  given_amax K={K} R={R}: {ms_g * 1e3:.1f} us ({ms_g / ms:.2f}x of quantize_act; codes equal "
+                    f"to quantize_act's: {same}); Inductor's amax as its own kernel (unfused): {ms_a * 1e3:.1f} us")
+                log("  kernels:", ", ".join(f"{n} {us:.1f} us" for n, us in kernel_times(fg)))
         return
     if args.gemm_only:
         # gemm alone (prep included) at M = 4608 under each SVDQUANT_OPS_GEMM_SCHEDULE (read per call), next to

@@ -278,6 +278,97 @@ def test_quantize_act_leading_dims(path):
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# quantize_act_given_amax (W4A8 with each token's amax given, as the compile pass feeds it)
+# ------------------------------------------------------------------------------------------------------------------
+GIVEN_AMAX_CASES = [
+    # (M, K, R, dtype)
+    (1, 64, 0, torch.bfloat16),
+    (33, 640, 32, torch.float16),
+    (130, 3072, 32, torch.bfloat16),
+    (64, 128, 20, torch.bfloat16),  # R % 8 != 0: portable path
+    (100, 320, 32, torch.float32),  # fp32 input: portable path
+    (1200, 3072, 64, torch.bfloat16),
+    (77, 1344, 16, torch.float16),
+    (257, 3072, 128, torch.bfloat16),
+    (4224, 256, 32, torch.bfloat16),
+]
+# per-row factors on the exact amax: exact, smaller (codes clamp at +-127), larger, zero, NaN, Inf, tiny and huge
+# (scales outside [2^-52, 2^52]: the checked division), one ulp below
+AMAX_FACTORS = [1.0, 0.5, 3.0, 0.0, float("nan"), float("inf"), 1e-30, 1e30, 1 - 2.0**-23]
+
+
+def _given_amax(x, smooth):
+    amax = (x.float() / smooth.float()).abs().amax(-1, keepdim=True)
+    f = torch.tensor(AMAX_FACTORS)[torch.arange(amax.shape[0]) % len(AMAX_FACTORS)]
+    return torch.where(f[:, None] == 0, torch.zeros_like(amax), amax * f[:, None])
+
+
+def _check_given_amax(x, smooth, pd, amax, smooth_dev=None):
+    ref = OPS.quantize_act_given_amax(x, smooth, pd, amax)
+    out = OPS.quantize_act_given_amax(x.to(DEV), smooth.to(DEV) if smooth_dev is None else smooth_dev, pd.to(DEV),
+                                      amax.to(DEV))
+    assert_bits_equal(out[0], ref[0], "codes")
+    assert_bits_equal(out[1], ref[1], "scales")
+    assert out[2].shape == ref[2].shape and out[2].dtype == torch.float32
+    if pd.shape[1] > 0 and torch.isfinite(ref[2]).all():
+        assert rel_fro(out[2], ref[2]) < 1e-5
+    return out
+
+
+@pytest.mark.parametrize("M,K,R,dtype", GIVEN_AMAX_CASES)
+def test_quantize_act_given_amax_matches_cpu(path, M, K, R, dtype):
+    g = session_generator(("given_amax", M, K, R, str(dtype)))
+    x, smooth, pd = op_args("quantize_act", act_inputs(M, K, R, dtype, g, outliers=True))
+    out = _check_given_amax(x, smooth, pd, _given_amax(x, smooth))
+    exact = torch.arange(M) % len(AMAX_FACTORS) == 0  # rows given their exact amax: quantize_act's codes
+    ref = OPS.quantize_act(x, smooth, pd, "w4a8", False)
+    assert torch.equal(out[0].cpu()[exact], ref[0][exact])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_quantize_act_given_amax_wide_range_bit_exact(path, dtype):
+    """Magnitudes over ~80 binades, zeros, -0.0, tiny values (the x / smooth fallback), huge and overflowing x_hat
+    (bf16: the +-2^60 clip before the division by the scale), with exact and scaled amaxes; also smooth at a 2-byte
+    offset (the fast kernel reads smooth by element)."""
+    g = session_generator(("given_amax_wide", str(dtype)))
+    x, smooth, pd = op_args("quantize_act", act_inputs(300, 1024, 32, torch.float32, g, wide=True))
+    if dtype == torch.float16:
+        x = x.clamp(-6e4, 6e4)
+        smooth = smooth.clamp(1e-4, 6e4)
+    else:
+        x[9, 100], x[10, 50] = 2.0**70, -(2.0**61)
+        smooth[60], x[11, 60] = 0.25, 2.0**127  # x_hat overflows to Inf
+    x, smooth, pd = x.to(dtype), smooth.to(dtype), pd.to(dtype)
+    amax = _given_amax(x, smooth)
+    _check_given_amax(x, smooth, pd, amax)
+    shifted = torch.empty(smooth.numel() + 1, dtype=dtype, device=DEV)[1:]
+    shifted.copy_(smooth)
+    _check_given_amax(x, smooth, pd, amax, smooth_dev=shifted)
+
+
+def test_quantize_act_given_amax_nan_in_x_with_a_finite_amax(path):
+    """A NaN element under a finite given amax (the amax left it out): that code is 0, as int8_code(NaN) on the
+    CPU, and the rest of the row is quantized normally."""
+    x, smooth, pd = op_args("quantize_act", act_inputs(40, 256, 16, torch.bfloat16, session_generator(98)))
+    amax = (x.float() / smooth.float()).abs().amax(-1, keepdim=True)
+    x[3, 70] = float("nan")
+    out = _check_given_amax(x, smooth, pd, amax)
+    assert out[0][3, 70].item() == 0 and out[0][3].abs().max().item() == 127
+
+
+def test_quantize_act_given_amax_deterministic_and_graph_replay(path):
+    x, smooth, pd, *_ = _linear_inputs(M=777, K=1024, N=64, precision="w4a8")
+    amax = (x.float() / smooth.float()).abs().amax(-1, keepdim=True)
+    first = OPS.quantize_act_given_amax(x, smooth, pd, amax)
+    for _ in range(3):
+        again = OPS.quantize_act_given_amax(x, smooth, pd, amax)
+        for a, a0 in zip(again, first):
+            assert torch.equal(a.view(torch.uint8), a0.view(torch.uint8))
+    if ON_GPU:
+        assert_cuda_graph_replays_eager(lambda inp: OPS.quantize_act_given_amax(inp, smooth, pd, amax)[0], x)
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # gemm
 # ------------------------------------------------------------------------------------------------------------------
 GEMM_CASES = [

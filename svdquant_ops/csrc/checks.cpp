@@ -56,8 +56,7 @@ std::vector<int64_t> with_last_dim(const at::Tensor& t, int64_t last) {
 }
 
 QuantizeActShape check_quantize_act(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& proj_down,
-                                    std::string_view precision, bool act_unsigned) {
-  constexpr const char* op = "svdquant::quantize_act";
+                                    std::string_view precision, bool act_unsigned, const char* op) {
   QuantizeActShape s{};
   s.precision = parse_precision(precision);
   TORCH_CHECK(!(act_unsigned && s.precision != Precision::kInt4), op,
@@ -83,6 +82,18 @@ QuantizeActShape check_quantize_act(const at::Tensor& x, const at::Tensor& smoot
               dtype_name(x.scalar_type()), ", got ", dtype_name(proj_down.scalar_type()));
   check_device(proj_down, x, op, "proj_down", "x");
   s.R = proj_down.size(1);
+  return s;
+}
+
+QuantizeActShape check_quantize_act_given_amax(const at::Tensor& x, const at::Tensor& smooth,
+                                               const at::Tensor& proj_down, const at::Tensor& amax) {
+  constexpr const char* op = "svdquant::quantize_act_given_amax";
+  const auto s = check_quantize_act(x, smooth, proj_down, "w4a8", false, op);
+  TORCH_CHECK(amax.scalar_type() == at::kFloat, op, ": amax must be float32 (each token's amax of |x / smooth|), got ",
+              dtype_name(amax.scalar_type()));
+  TORCH_CHECK(amax.sizes() == at::IntArrayRef(with_last_dim(x, 1)), op, ": amax must have shape ",
+              at::IntArrayRef(with_last_dim(x, 1)), " (x's leading dims and one value per token), got ", amax.sizes());
+  check_device(amax, x, op, "amax", "x");
   return s;
 }
 
@@ -229,6 +240,12 @@ void check_finite(const at::Tensor& t, const char* op, const char* name) {
   if (t.numel() == 0) return;
   TORCH_CHECK(at::isfinite(t.to(at::kFloat)).all().item<bool>(), op, ": ", name,
               " must be finite, found NaN or Inf");
+}
+
+void check_not_negative(const at::Tensor& t, const char* op, const char* name) {
+  if (t.numel() == 0) return;
+  TORCH_CHECK(!(t < 0).any().item<bool>(), op, ": ", name, " must be >= 0 (or NaN), found ",
+              t.masked_select(t < 0).min().item<float>());
 }
 
 void check_w4a8_multipliers(const at::Tensor& t, const char* op, const char* name) {

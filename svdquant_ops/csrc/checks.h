@@ -34,7 +34,12 @@ struct QuantizeActShape {
 };
 
 QuantizeActShape check_quantize_act(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& proj_down,
-                                    std::string_view precision, bool act_unsigned);
+                                    std::string_view precision, bool act_unsigned,
+                                    const char* op = "svdquant::quantize_act");
+
+// quantize_act_given_amax: quantize_act's checks for precision 'w4a8', and amax fp32 [..., 1] on x's device.
+QuantizeActShape check_quantize_act_given_amax(const at::Tensor& x, const at::Tensor& smooth,
+                                               const at::Tensor& proj_down, const at::Tensor& amax);
 
 struct GemmShape {
   Precision precision;
@@ -70,6 +75,8 @@ void check_finite_positive(const at::Tensor& t, const char* op, const char* name
 void check_finite(const at::Tensor& t, const char* op, const char* name);
 // W4A8 weight multipliers (uint8) must lie in [1, kW4a8MultMax].
 void check_w4a8_multipliers(const at::Tensor& t, const char* op, const char* name);
+// Each value >= 0 or NaN (a per-token amax).
+void check_not_negative(const at::Tensor& t, const char* op, const char* name);
 
 // Output shape helpers: leading dims of `t` with the last dim replaced.
 std::vector<int64_t> with_last_dim(const at::Tensor& t, int64_t last);

@@ -37,6 +37,13 @@ TORCH_LIBRARY(svdquant, m) {
   m.def(
       "quantize_act(Tensor x, Tensor smooth, Tensor proj_down, str precision, bool act_unsigned=False) "
       "-> (Tensor act_codes, Tensor act_scales, Tensor down_act)");
+  // W4A8's quantize_act with each token's amax of |x / smooth| given (fp32 [..., 1]) instead of computed: the
+  // compiled path lets Inductor compute that row reduction inside the kernel that produces x (ops.install_compile_pass),
+  // so this op reads x once. Codes and scales as quantize_act's for that amax (equal to quantize_act(x, smooth,
+  // proj_down, "w4a8") when amax is the exact one); a smaller amax clamps codes to +-127.
+  m.def(
+      "quantize_act_given_amax(Tensor x, Tensor smooth, Tensor proj_down, Tensor amax) "
+      "-> (Tensor act_codes, Tensor act_scales, Tensor down_act)");
   m.def(
       "gemm(Tensor act_codes, Tensor act_scales, Tensor codes, Tensor scales, Tensor? global_scale, "
       "Tensor down_act, Tensor proj_up, Tensor? bias, str precision, ScalarType out_dtype, "
@@ -54,6 +61,7 @@ TORCH_LIBRARY_IMPL(svdquant, CompositeImplicitAutograd, m) { m.impl("linear", &s
 // ATen calls record nothing) and makes a backward through a float output raise "not implemented".
 TORCH_LIBRARY_IMPL(svdquant, Autograd, m) {
   m.impl("quantize_act", torch::autograd::autogradNotImplementedFallback());
+  m.impl("quantize_act_given_amax", torch::autograd::autogradNotImplementedFallback());
   m.impl("gemm", torch::autograd::autogradNotImplementedFallback());
   m.impl("w4a16_linear", torch::autograd::autogradNotImplementedFallback());
 }

@@ -47,10 +47,9 @@ def _check_device(op: str, name: str, t: torch.Tensor, ref_name: str, ref: torch
            f"{name} must be on the same device as {ref_name} ({ref.device}), got {t.device}")
 
 
-@torch.library.register_fake("svdquant::quantize_act")
-def _quantize_act_fake(x, smooth, proj_down, precision, act_unsigned=False):
-    op = "quantize_act"
-    gs = _check_precision(op, precision, act_unsigned)
+def _check_act_inputs(op: str, x, smooth, proj_down, precision: str) -> int:
+    """quantize_act's shape / dtype / device checks of x, smooth and proj_down; returns K."""
+    gs = GROUP_SIZE[precision]
     _check(x.dtype in FLOAT_DTYPES, op, f"x must be {_FLOAT_NAMES}, got {x.dtype}")
     _check(x.dim() >= 1, op, "x must have at least 1 dimension [..., K], got a 0-d tensor")
     K = x.shape[-1]
@@ -64,6 +63,13 @@ def _quantize_act_fake(x, smooth, proj_down, precision, act_unsigned=False):
            f"proj_down must have shape [K, R] with K={K} to match x.size(-1), got {list(proj_down.shape)}")
     _check(proj_down.dtype == x.dtype, op, f"proj_down must have x's dtype {x.dtype}, got {proj_down.dtype}")
     _check_device(op, "proj_down", proj_down, "x", x)
+    return K
+
+
+@torch.library.register_fake("svdquant::quantize_act")
+def _quantize_act_fake(x, smooth, proj_down, precision, act_unsigned=False):
+    gs = _check_precision("quantize_act", precision, act_unsigned)
+    K = _check_act_inputs("quantize_act", x, smooth, proj_down, precision)
     lead = x.shape[:-1]
     if precision == W4A8:  # int8 codes, one per byte; one scale per token
         act_codes = x.new_empty((*lead, K), dtype=torch.int8)
@@ -74,6 +80,20 @@ def _quantize_act_fake(x, smooth, proj_down, precision, act_unsigned=False):
         act_scales = x.new_empty((*lead, K // gs), dtype=scale_dtype)
     down_act = x.new_empty((*lead, proj_down.shape[1]), dtype=torch.float32)
     return act_codes, act_scales, down_act
+
+
+@torch.library.register_fake("svdquant::quantize_act_given_amax")
+def _quantize_act_given_amax_fake(x, smooth, proj_down, amax):
+    op = "quantize_act_given_amax"
+    K = _check_act_inputs(op, x, smooth, proj_down, W4A8)
+    lead = x.shape[:-1]
+    _check(amax.dtype == torch.float32, op,
+           f"amax must be float32 (each token's amax of |x / smooth|), got {amax.dtype}")
+    _check(tuple(amax.shape) == (*lead, 1), op,
+           f"amax must have shape {[*lead, 1]} (x's leading dims and one value per token), got {list(amax.shape)}")
+    _check_device(op, "amax", amax, "x", x)
+    return (x.new_empty((*lead, K), dtype=torch.int8), x.new_empty((*lead, 1), dtype=x.dtype),
+            x.new_empty((*lead, proj_down.shape[1]), dtype=torch.float32))
 
 
 @torch.library.register_fake("svdquant::gemm")

@@ -9,6 +9,11 @@ precision: "int4", "nvfp4" or "w4a8" (formats.py). Weight operands are named as 
 quantize_act(x, smooth, proj_down, precision, act_unsigned=False) -> (act_codes, act_scales, down_act)
     act_codes uint8 [..., K/2] (layout.py), act_scales [..., K/group], down_act = x @ proj_down in fp32 [..., R].
     w4a8: act_codes int8 [..., K] (one per byte, not packed), act_scales [..., 1] in x's dtype (one per token).
+quantize_act_given_amax(x, smooth, proj_down, amax) -> (act_codes, act_scales, down_act)
+    W4A8's quantize_act with each token's amax of |x / smooth| given (fp32 [..., 1], >= 0 or NaN) instead of
+    computed, so the op reads x once; equal to quantize_act(..., "w4a8") for the exact amax, and a smaller amax
+    clamps codes to +-127. The compile pass (install_compile_pass) rewrites W4A8 quantize_act nodes into it, with
+    the amax as ATen ops that Inductor fuses into the kernel producing x.
 gemm(act_codes, act_scales, codes, scales, global_scale, down_act, proj_up, bias, precision, out_dtype,
      act_unsigned=False) -> y [..., N]
     Q(x)·Q(R)ᵀ + down_act·proj_upᵀ + bias. w4a8: scales are uint8 multipliers [N, K/64] in [1, 18], global_scale
@@ -31,8 +36,8 @@ import torch.nn.functional as F
 from ..storage import SVDQuantTensor, W4A16Tensor
 from . import build
 
-__all__ = ["load", "quantize_act", "gemm", "linear", "quantized_linear", "w4a16_linear", "weight_only_linear",
-           "clear_act_cache", "merge_quantize_act", "install_compile_pass"]
+__all__ = ["load", "quantize_act", "quantize_act_given_amax", "gemm", "linear", "quantized_linear", "w4a16_linear",
+           "weight_only_linear", "clear_act_cache", "merge_quantize_act", "split_w4a8_amax", "install_compile_pass"]
 
 
 def load(verbose: bool = False):
@@ -55,6 +60,11 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor, proj_down: torch.Tensor,
                  act_unsigned: bool = False):
     _ready()
     return torch.ops.svdquant.quantize_act.default(x, smooth, proj_down, precision, act_unsigned)
+
+
+def quantize_act_given_amax(x: torch.Tensor, smooth: torch.Tensor, proj_down: torch.Tensor, amax: torch.Tensor):
+    _ready()
+    return torch.ops.svdquant.quantize_act_given_amax.default(x, smooth, proj_down, amax)
 
 
 def gemm(act_codes: torch.Tensor, act_scales: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
@@ -209,6 +219,60 @@ def merge_quantize_act(graph: torch.fx.Graph) -> int:
     return removed
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# W4A8's per-token amax, compiled: out of the op and into Inductor's kernels.
+#
+# quantize_act("w4a8") reads x twice: once for each token's amax of |x / smooth| (its scale), once for the codes.
+# As ATen ops in the graph the amax is a row reduction that Inductor fuses into the kernel that already writes x
+# (the norm and modulation before q/k/v, the GELU before a down projection), and quantize_act_given_amax then reads
+# x once. Inductor's fp32 division may differ from IEEE by an ulp on the GPU, so a compiled scale can differ from
+# eager's in its last bit (codes then clamp at +-127 instead of reaching 127.5); the CPU's division is exact.
+# ------------------------------------------------------------------------------------------------------------------
+def _fake_call(graph: torch.fx.Graph, fn, *args) -> torch.fx.Node:
+    """A new node ``fn(*args)`` with its fake value (Inductor's lowering reads ``meta["val"]``); call it under the
+    graph's fake mode."""
+    node = graph.call_function(fn, args)
+    node.meta["val"] = fn(*[a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in args])
+    return node
+
+
+def split_w4a8_amax(graph: torch.fx.Graph) -> int:
+    """Rewrite each ``svdquant.quantize_act(x, smooth, proj_down, "w4a8")`` node of ``graph`` into
+    ``amax = (x.float() / smooth.float()).abs().amax(-1, keepdim=True)`` and ``quantize_act_given_amax(x, smooth,
+    proj_down, amax)``, in place; returns how many were rewritten."""
+    try:
+        target = torch.ops.svdquant.quantize_act.default
+        given = torch.ops.svdquant.quantize_act_given_amax.default
+    except (AttributeError, RuntimeError):  # the op library is not loaded: no such nodes
+        return 0
+    from torch._guards import detect_fake_mode
+
+    aten, prims = torch.ops.aten, torch.ops.prims
+    rewritten = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not target:
+            continue
+        args = list(node.args) + [node.kwargs[k] for k in ("precision",) if k in node.kwargs]
+        if len(args) < 4 or args[3] != "w4a8":
+            continue
+        x, smooth, proj_down = args[:3]
+        vals = [a.meta.get("val") if isinstance(a, torch.fx.Node) else None for a in (x, smooth)]
+        fake_mode = detect_fake_mode(vals) if all(isinstance(v, torch.Tensor) for v in vals) else None
+        if fake_mode is None:
+            continue
+        with graph.inserting_before(node), fake_mode:
+            xf = _fake_call(graph, prims.convert_element_type.default, x, torch.float32)
+            sf = _fake_call(graph, prims.convert_element_type.default, smooth, torch.float32)
+            ratio = _fake_call(graph, aten.abs.default, _fake_call(graph, aten.div.Tensor, xf, sf))
+            amax = _fake_call(graph, aten.amax.default, ratio, [vals[0].dim() - 1], True)
+            new = graph.call_function(given, (x, smooth, proj_down, amax))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        rewritten += 1
+    return rewritten
+
+
 def _make_pass(inner):
     from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
@@ -220,6 +284,7 @@ def _make_pass(inner):
             if self.inner is not None:
                 self.inner(graph)
             merge_quantize_act(graph)
+            split_w4a8_amax(graph)
 
         def uuid(self):
             inner = None
@@ -233,7 +298,8 @@ def _make_pass(inner):
 
 
 def install_compile_pass() -> None:
-    """Make Inductor run ``merge_quantize_act`` after grad (``torch._inductor.config.post_grad_custom_pre_pass``),
+    """Make Inductor run ``merge_quantize_act`` then ``split_w4a8_amax`` after grad
+    (``torch._inductor.config.post_grad_custom_pre_pass``),
     chained after a pass already installed there. Idempotent."""
     from torch._inductor import config
 

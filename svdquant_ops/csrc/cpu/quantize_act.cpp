@@ -5,6 +5,7 @@
 // clamped to the code range (0 when scale == 0); down_act = x @ proj_down in fp32 on the *raw* x.
 // W4A8: one scale per token (row) instead of per group: scale = amax(|x_hat| over the row) / 127 rounded to x's
 // dtype, code = int8_code(x_hat / scale) (0 when scale == 0), one int8 per code (not packed), scales [..., 1].
+// quantize_act_given_amax: the same with each row's amax given instead of computed.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -57,8 +58,8 @@ void quantize_rows(const scalar_t* x, const scalar_t* smooth, uint8_t* codes, vo
 }
 
 template <typename scalar_t>
-void quantize_rows_w4a8(const scalar_t* x, const scalar_t* smooth, int8_t* codes, scalar_t* scales, int64_t M,
-                        int64_t K) {
+void quantize_rows_w4a8(const scalar_t* x, const scalar_t* smooth, const float* given_amax, int8_t* codes,
+                        scalar_t* scales, int64_t M, int64_t K) {
   at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> xh(static_cast<size_t>(K));
     for (int64_t m = begin; m < end; ++m) {
@@ -67,11 +68,17 @@ void quantize_rows_w4a8(const scalar_t* x, const scalar_t* smooth, int8_t* codes
         xh[k] = static_cast<float>(x[m * K + k]) / static_cast<float>(smooth[k]);
         amax = nan_max(amax, fabsf(xh[k]));
       }
+      if (given_amax != nullptr) amax = given_amax[m];
       const float s = int4_scale<scalar_t>(amax, kInt8Qmax);
       scales[m] = static_cast<scalar_t>(s);
       for (int64_t k = 0; k < K; ++k) codes[m * K + k] = static_cast<int8_t>(s == 0.f ? 0 : int8_code(xh[k] / s));
     }
   });
+}
+
+// fp32 products of the raw input with the down projection (exact products of 16-bit values, fp32 sums).
+at::Tensor down_act_of(const at::Tensor& xc, const at::Tensor& proj_down, const QuantizeActShape& s) {
+  return at::matmul(xc.reshape({s.M, s.K}).to(at::kFloat), proj_down.to(at::kFloat)).reshape(with_last_dim(xc, s.R));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_cpu(const at::Tensor& x, const at::Tensor& smooth,
@@ -88,20 +95,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_cpu(const at::Tensor
   auto act_scales = at::empty(with_last_dim(x, s.G), x.options().dtype(scale_dtype));
   SVDQ_DISPATCH_FLOAT16_32(x.scalar_type(), "quantize_act_cpu", [&] {
     if (w4a8) {
-      quantize_rows_w4a8<scalar_t>(xc.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(), act_codes.data_ptr<int8_t>(),
-                                   act_scales.data_ptr<scalar_t>(), s.M, s.K);
+      quantize_rows_w4a8<scalar_t>(xc.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(), nullptr,
+                                   act_codes.data_ptr<int8_t>(), act_scales.data_ptr<scalar_t>(), s.M, s.K);
     } else {
       quantize_rows<scalar_t>(xc.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(), act_codes.data_ptr<uint8_t>(),
                               act_scales.data_ptr(), s.M, s.K, s.precision, act_unsigned);
     }
   });
-  // fp32 products of the raw input with the down projection (exact products of 16-bit values, fp32 sums).
-  auto down_act = at::matmul(xc.reshape({s.M, s.K}).to(at::kFloat), proj_down.to(at::kFloat))
-                      .reshape(with_last_dim(x, s.R));
-  return {act_codes, act_scales, down_act};
+  return {act_codes, act_scales, down_act_of(xc, proj_down, s)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_given_amax_cpu(const at::Tensor& x,
+                                                                           const at::Tensor& smooth,
+                                                                           const at::Tensor& proj_down,
+                                                                           const at::Tensor& amax) {
+  constexpr const char* op = "svdquant::quantize_act_given_amax";
+  const auto s = check_quantize_act_given_amax(x, smooth, proj_down, amax);
+  check_finite_positive(smooth, op, "smooth");
+  check_not_negative(amax, op, "amax");
+  auto xc = x.contiguous();
+  auto sc = smooth.contiguous();
+  auto ac = amax.contiguous();
+  auto act_codes = at::empty(with_last_dim(x, s.K), x.options().dtype(at::kChar));
+  auto act_scales = at::empty(with_last_dim(x, 1), x.options());
+  SVDQ_DISPATCH_FLOAT16_32(x.scalar_type(), "quantize_act_given_amax_cpu", [&] {
+    quantize_rows_w4a8<scalar_t>(xc.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(), ac.data_ptr<float>(),
+                                 act_codes.data_ptr<int8_t>(), act_scales.data_ptr<scalar_t>(), s.M, s.K);
+  });
+  return {act_codes, act_scales, down_act_of(xc, proj_down, s)};
 }
 
 }  // namespace
 }  // namespace svdquant
 
-TORCH_LIBRARY_IMPL(svdquant, CPU, m) { m.impl("quantize_act", &svdquant::quantize_act_cpu); }
+TORCH_LIBRARY_IMPL(svdquant, CPU, m) {
+  m.impl("quantize_act", &svdquant::quantize_act_cpu);
+  m.impl("quantize_act_given_amax", &svdquant::quantize_act_given_amax_cpu);
+}

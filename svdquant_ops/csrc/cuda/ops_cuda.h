@@ -14,6 +14,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_cuda(const at::Tenso
                                                                  const at::Tensor& proj_down,
                                                                  c10::string_view precision, bool act_unsigned);
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_given_amax_cuda(const at::Tensor& x,
+                                                                            const at::Tensor& smooth,
+                                                                            const at::Tensor& proj_down,
+                                                                            const at::Tensor& amax);
+
 at::Tensor gemm_cuda(const at::Tensor& act_codes, const at::Tensor& act_scales, const at::Tensor& codes,
                      const at::Tensor& scales, const std::optional<at::Tensor>& global_scale,
                      const at::Tensor& down_act, const at::Tensor& proj_up, const std::optional<at::Tensor>& bias,

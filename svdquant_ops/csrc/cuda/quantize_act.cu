@@ -16,6 +16,9 @@
 //   down_act, then the token kernel (2 tokens per warp) reduces the amaxes to each token's scale and writes the int8
 //   codes (reading x a second time); rows whose amax is outside the bounds at kW4a8AmaxLo are recomputed with IEEE
 //   divisions. Portable: a warp per token computes the amax itself.
+// quantize_act_given_amax (W4A8 with each token's amax given, as Inductor computes it inside the kernel that
+//   produces x): one pass of the fast kernel writing int8 codes and down_act; portable: the token kernel with the
+//   given amax, and the portable down_act kernel.
 #include <c10/cuda/CUDAGuard.h>
 
 #include <cstdlib>
@@ -206,8 +209,10 @@ __device__ __forceinline__ bool w4a8_row_fast(float amax) { return amax >= kW4a8
 // RW row-warps x KW k-warps per block; RP = R padded to 16/32/64 (0: no branch). blockIdx.y selects a slice of
 // `chunks_per_split` 64-channel chunks; with several slices, down_act holds per-slice partial sums [splits, M, R].
 // kFmt: kFmtInt4 / kFmtNvfp4 write codes and group scales; kFmtGroupMax (W4A8's first pass) writes only the fp32
-// amax of x_hat per (token, 64-channel chunk) into `scales` [M, K/64] (and down_act), for quantize_tokens_kernel.
-enum Fmt : int { kFmtInt4 = 0, kFmtNvfp4 = 1, kFmtGroupMax = 2 };
+// amax of x_hat per (token, 64-channel chunk) into `scales` [M, K/64] (and down_act), for quantize_tokens_kernel;
+// kFmtInt8Token (quantize_act_given_amax) writes W4A8's int8 codes and per-token scales [M] from the given per-token
+// amaxes `amax_in` [M].
+enum Fmt : int { kFmtInt4 = 0, kFmtNvfp4 = 1, kFmtGroupMax = 2, kFmtInt8Token = 3 };
 
 template <typename T, int RW, int KW, int RP, int kFmt, int kMinBlocks = 2>
 __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel(const T* __restrict__ x,
@@ -215,11 +220,13 @@ __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel
                                                                      const T* __restrict__ pd,
                                                                      uint8_t* __restrict__ codes,
                                                                      void* __restrict__ scales,
-                                                                     float* __restrict__ down_act, int M, int K, int R,
-                                                                     bool act_unsigned, int chunks_per_split,
+                                                                     float* __restrict__ down_act,
+                                                                     const float* __restrict__ amax_in, int M, int K,
+                                                                     int R, bool act_unsigned, int chunks_per_split,
                                                                      bool keep_x) {
   constexpr bool kNvfp4 = kFmt == kFmtNvfp4;
   constexpr bool kGroupMax = kFmt == kFmtGroupMax;
+  constexpr bool kInt8 = kFmt == kFmtInt8Token;
   constexpr int NT = 32 * RW * KW;
   constexpr int RC = 64 * KW;                // channels per round
   constexpr int BUF = RC * 8 + RC * RP * 2;  // smooth + reciprocal (fp32) + staged proj_down
@@ -236,6 +243,21 @@ __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel
   const int c_end = min(nchunks, c_begin + chunks_per_split);
   const int rounds = (c_end - c_begin + KW - 1) / KW;
   const int G = kNvfp4 ? K / kNvfp4Group : K / kInt4Group;  // kGroupMax: 64-channel chunks
+
+  // kInt8: rows row_a / row_b's scale from the given amax, its reciprocal, and whether div3 by it is exact for every
+  // |x_hat| <= 2^60 (scale in [2^-52, 2^52]: see the codes below); the k-slice-0 blocks' first k-warp writes it
+  float tsc[2] = {0.f, 0.f}, tys[2] = {0.f, 0.f};
+  bool tfast[2] = {false, false};
+  if constexpr (kInt8) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = h == 0 ? row_a : row_b;
+      tsc[h] = int4_scale<T>(row < M ? amax_in[row] : 0.f, kInt8Qmax);
+      tys[h] = rcp_for_div(tsc[h]);
+      tfast[h] = tsc[h] >= 0x1p-52f && tsc[h] <= 0x1p52f;
+      if (blockIdx.y == 0 && kw == 0 && t == 0 && row < M) static_cast<T*>(scales)[row] = static_cast<T>(tsc[h]);
+    }
+  }
 
   float cacc[RP > 0 ? RP / 8 : 1][4];
 #pragma unroll
@@ -393,6 +415,38 @@ __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel
             for (int i = 0; i < 16; ++i) xh[i] = __fdiv_rn(a_of(h, i), sm[i]);
           }
         }
+        if constexpr (kInt8) {
+          // code = int8_code(x_hat / scale). Fast rows: x_hat clipped to +-2^60 (beyond it |x_hat / scale| >= 2^8
+          // clamps to +-127 either way), so div3 is exact wherever |x_hat| >= 2^-60 and below that the code is 0
+          // either way; clamp, then round half to even by adding 1.5 * 2^23 (the sum's low byte is the code, as in
+          // quantize_tokens_fast_kernel); NaN x_hat -> 0. Other rows (scale 0, NaN, Inf, or outside the range):
+          // the checked division (F2I makes NaN 0).
+          uint32_t w4[4] = {0u, 0u, 0u, 0u};
+          if (tfast[h]) {
+            uint32_t b[16];
+#pragma unroll
+            for (int i = 0; i < 16; ++i) {
+              const float a = fminf(fmaxf(xh[i], -0x1p60f), 0x1p60f);
+              const float q = fminf(fmaxf(div3(a, tsc[h], tys[h]), -kInt8Qmax), kInt8Qmax);
+              b[i] = xh[i] == xh[i] ? __float_as_uint(__fadd_rn(q, 0x1.8p23f)) : 0u;
+            }
+#pragma unroll
+            for (int w = 0; w < 4; ++w)
+              w4[w] = __byte_perm(__byte_perm(b[4 * w], b[4 * w + 1], 0x0040),
+                                  __byte_perm(b[4 * w + 2], b[4 * w + 3], 0x0040), 0x5410);
+          } else if (tsc[h] != 0.f) {
+#pragma unroll
+            for (int i = 0; i < 16; ++i) {
+              const int code = min(max(__float2int_rn(div_rn_fast(xh[i], tsc[h], tys[h])), -127), 127);
+              w4[i >> 2] |= (static_cast<uint32_t>(code) & 0xFFu) << (8 * (i & 3));
+            }
+          }
+          if (row < M) {
+            *reinterpret_cast<uint4*>(codes + static_cast<int64_t>(row) * K + c * 64 + 16 * t) =
+                make_uint4(w4[0], w4[1], w4[2], w4[3]);
+          }
+          continue;
+        }
         float amax = 0.f;
 #pragma unroll
         for (int i = 0; i < 16; ++i) amax = max_nan(amax, act_unsigned ? xh[i] : fabsf(xh[i]));
@@ -492,13 +546,14 @@ __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel
 }
 
 // amax of x_hat over the row (from the first pass's per-chunk maxima `gmax` [M, G], or computed here when gmax is
-// null), scale = int4_scale<T>(amax, 127), codes = int8_code(x_hat / scale), both divisions correctly rounded as in
-// the CPU reference; one warp per token, one element per lane and step (the portable path, and the fast path when
-// smooth is not 16-byte aligned).
+// null; `given`: gmax [M] holds each row's amax, taken as it is), scale = int4_scale<T>(amax, 127), codes =
+// int8_code(x_hat / scale), both divisions correctly rounded as in the CPU reference; one warp per token, one
+// element per lane and step (the portable path, and the fast path when smooth is not 16-byte aligned).
 template <typename T>
 __global__ void __launch_bounds__(256) quantize_tokens_kernel(const T* __restrict__ x, const T* __restrict__ smooth,
                                                               const float* __restrict__ gmax, int8_t* __restrict__ codes,
-                                                              T* __restrict__ scales, int64_t M, int64_t K, int64_t G) {
+                                                              T* __restrict__ scales, int64_t M, int64_t K, int64_t G,
+                                                              bool given) {
   constexpr uint32_t FULL = 0xffffffffu;
   const int lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5);
@@ -510,7 +565,7 @@ __global__ void __launch_bounds__(256) quantize_tokens_kernel(const T* __restric
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) amax = max_nan(amax, __shfl_xor_sync(FULL, amax, o));
   }
-  if (gmax == nullptr || !w4a8_row_fast(amax)) {  // the first pass's amax is exact only inside the bounds
+  if (!given && (gmax == nullptr || !w4a8_row_fast(amax))) {  // the first pass's amax is exact only inside the bounds
     amax = 0.f;
     for (int64_t k = lane; k < K; k += 32)
       amax = max_nan(amax, fabsf(__fdiv_rn(static_cast<float>(xr[k]), static_cast<float>(smooth[k]))));
@@ -670,8 +725,8 @@ inline int diag_int(const char* name, int fallback) {
 
 template <typename T, int RW, int KW, int RP, int kFmt, int kMinBlocks>
 void launch_fast(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd, at::Tensor& codes,
-                 at::Tensor& scales, at::Tensor& down_act, int M, int K, int R, bool act_unsigned,
-                 cudaStream_t stream) {
+                 at::Tensor& scales, at::Tensor& down_act, const float* amax_in, int M, int K, int R,
+                 bool act_unsigned, cudaStream_t stream) {
   constexpr int BUF = 64 * KW * 8 + 64 * KW * RP * 2;
   constexpr int SMEM = 2 * BUF;
   auto kernel = quantize_fast_kernel<T, RW, KW, RP, kFmt, kMinBlocks>;
@@ -707,8 +762,8 @@ void launch_fast(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor
   kernel<<<dim3(slabs, splits), 32 * RW * KW, SMEM, stream>>>(
       reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const T*>(smooth.data_ptr()),
       R > 0 ? reinterpret_cast<const T*>(pd.data_ptr()) : nullptr,
-      kFmt == kFmtGroupMax ? nullptr : static_cast<uint8_t*>(codes.data_ptr()), scales.data_ptr(), down_act_dst, M,
-      K, R, act_unsigned, cps, keep_x);
+      kFmt == kFmtGroupMax ? nullptr : static_cast<uint8_t*>(codes.data_ptr()), scales.data_ptr(), down_act_dst,
+      amax_in, M, K, R, act_unsigned, cps, keep_x);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   debug_sync(stream, "quantize_act fast");
   if (splits > 1 && R > 0) {
@@ -721,24 +776,30 @@ void launch_fast(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor
 
 template <typename T, int RW, int KW, int kFmt, int kMinBlocks = 2>
 void dispatch_rp(int RP, const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd, at::Tensor& codes,
-                 at::Tensor& scales, at::Tensor& down_act, int M, int K, int R, bool act_unsigned, cudaStream_t st) {
+                 at::Tensor& scales, at::Tensor& down_act, const float* am, int M, int K, int R, bool act_unsigned,
+                 cudaStream_t st) {
   // W4A8's group-max pass (no codes to hold) fits 3 blocks per SM without spills up to RP = 32 (80 registers)
   constexpr int kMinSmall = (kFmt == kFmtGroupMax && RW == 4 && KW == 2) ? 3 : kMinBlocks;
   switch (RP) {
     case 0:
-      launch_fast<T, RW, KW, 0, kFmt, kMinSmall>(x, smooth, pd, codes, scales, down_act, M, K, R, act_unsigned, st);
+      launch_fast<T, RW, KW, 0, kFmt, kMinSmall>(x, smooth, pd, codes, scales, down_act, am, M, K, R,
+                                                 act_unsigned, st);
       break;
     case 16:
-      launch_fast<T, RW, KW, 16, kFmt, kMinSmall>(x, smooth, pd, codes, scales, down_act, M, K, R, act_unsigned, st);
+      launch_fast<T, RW, KW, 16, kFmt, kMinSmall>(x, smooth, pd, codes, scales, down_act, am, M, K, R,
+                                                  act_unsigned, st);
       break;
     case 32:
-      launch_fast<T, RW, KW, 32, kFmt, kMinSmall>(x, smooth, pd, codes, scales, down_act, M, K, R, act_unsigned, st);
+      launch_fast<T, RW, KW, 32, kFmt, kMinSmall>(x, smooth, pd, codes, scales, down_act, am, M, K, R,
+                                                  act_unsigned, st);
       break;
     case 64:
-      launch_fast<T, RW, KW, 64, kFmt, kMinBlocks>(x, smooth, pd, codes, scales, down_act, M, K, R, act_unsigned, st);
+      launch_fast<T, RW, KW, 64, kFmt, kMinBlocks>(x, smooth, pd, codes, scales, down_act, am, M, K, R,
+                                                   act_unsigned, st);
       break;
     default:  // 64 accumulators per lane: compiled for one block per SM (at two it spills 256-420 bytes)
-      launch_fast<T, RW, KW, 128, kFmt, 1>(x, smooth, pd, codes, scales, down_act, M, K, R, act_unsigned, st);
+      launch_fast<T, RW, KW, 128, kFmt, 1>(x, smooth, pd, codes, scales, down_act, am, M, K, R,
+                                           act_unsigned, st);
       break;
   }
 }
@@ -748,20 +809,21 @@ void dispatch_rp(int RP, const at::Tensor& x, const at::Tensor& smooth, const at
 // k-warps shape, =3 the shipped shape compiled for 3 blocks per SM (W4A8's group-max pass ships that for RP <= 32).
 template <typename T, int kFmt>
 void dispatch_fast(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd, at::Tensor& codes,
-                   at::Tensor& scales, at::Tensor& down_act, int M, int K, int R, bool act_unsigned, cudaStream_t st) {
+                   at::Tensor& scales, at::Tensor& down_act, int M, int K, int R, bool act_unsigned, cudaStream_t st,
+                   const float* am = nullptr) {
   const int RP = R == 0 ? 0 : (R <= 16 ? 16 : (R <= 32 ? 32 : (R <= 64 ? 64 : 128)));
 #if SVDQ_DIAGNOSTICS
   const int cfg = diag_int("SVDQUANT_OPS_QA_CFG", 0);
   if (cfg == 2) {
-    dispatch_rp<T, 2, 4, kFmt>(RP, x, smooth, pd, codes, scales, down_act, M, K, R, act_unsigned, st);
+    dispatch_rp<T, 2, 4, kFmt>(RP, x, smooth, pd, codes, scales, down_act, am, M, K, R, act_unsigned, st);
     return;
   }
   if (cfg == 3) {
-    dispatch_rp<T, 4, 2, kFmt, 3>(RP, x, smooth, pd, codes, scales, down_act, M, K, R, act_unsigned, st);
+    dispatch_rp<T, 4, 2, kFmt, 3>(RP, x, smooth, pd, codes, scales, down_act, am, M, K, R, act_unsigned, st);
     return;
   }
 #endif
-  dispatch_rp<T, 4, 2, kFmt>(RP, x, smooth, pd, codes, scales, down_act, M, K, R, act_unsigned, st);
+  dispatch_rp<T, 4, 2, kFmt>(RP, x, smooth, pd, codes, scales, down_act, am, M, K, R, act_unsigned, st);
 }
 
 // down_act = x @ proj_down by the portable kernel (a thread per element, K in order).
@@ -809,7 +871,8 @@ void quantize_w4a8(const QuantizeActShape& s, bool fast, const at::Tensor& x, co
     const unsigned blocks = static_cast<unsigned>((s.M + 7) / 8);
     SVDQ_DISPATCH_FLOAT16_32(x.scalar_type(), "quantize_act_cuda_w4a8", [&] {
       quantize_tokens_kernel<scalar_t><<<blocks, 256, 0, stream>>>(
-          x.data_ptr<scalar_t>(), smooth.data_ptr<scalar_t>(), gm, cd, act_scales.data_ptr<scalar_t>(), s.M, s.K, G64);
+          x.data_ptr<scalar_t>(), smooth.data_ptr<scalar_t>(), gm, cd, act_scales.data_ptr<scalar_t>(), s.M, s.K, G64,
+          false);
     });
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -852,6 +915,14 @@ void quantize_groups_portable(const QuantizeActShape& s, const at::Tensor& x, co
   if (s.R > 0) launch_down_act_portable(s, x, proj_down, down_act, stream);
 }
 
+// The fast kernel's conditions: 16-bit x, K % 64 == 0, R <= 128 with R % 8 == 0, 32-bit-safe indices, x and
+// proj_down 16-byte aligned.
+bool fast_kernel_ok(const QuantizeActShape& s, const at::Tensor& xc, const at::Tensor& pdc) {
+  return !force_portable() && xc.scalar_type() != at::kFloat && s.K % 64 == 0 && s.R <= 128 && s.R % 8 == 0 &&
+         s.M < (int64_t(1) << 31) / 64 && s.K < (int64_t(1) << 30) && aligned16(xc.data_ptr()) &&
+         (s.R == 0 || aligned16(pdc.data_ptr()));
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_cuda(const at::Tensor& x, const at::Tensor& smooth,
@@ -873,9 +944,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_cuda(const at::Tenso
   if (s.M == 0) return {act_codes, act_scales, down_act};
   cudaStream_t stream = current_stream();
 
-  const bool fast = !force_portable() && x.scalar_type() != at::kFloat && s.K % 64 == 0 && s.R <= 128 &&
-                    s.R % 8 == 0 && s.M < (int64_t(1) << 31) / 64 && s.K < (int64_t(1) << 30) &&
-                    aligned16(xc.data_ptr()) && (s.R == 0 || aligned16(pdc.data_ptr()));
+  const bool fast = fast_kernel_ok(s, xc, pdc);
   if (w4a8) {
     quantize_w4a8(s, fast, xc, sc, pdc, act_codes, act_scales, down_act, stream);
   } else if (fast) {
@@ -883,6 +952,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_cuda(const at::Tenso
   } else {
     quantize_groups_portable(s, xc, sc, pdc, act_codes, act_scales, down_act, act_unsigned, stream);
   }
+  return {act_codes, act_scales, down_act};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_given_amax_cuda(const at::Tensor& x,
+                                                                            const at::Tensor& smooth,
+                                                                            const at::Tensor& proj_down,
+                                                                            const at::Tensor& amax) {
+  const auto s = check_quantize_act_given_amax(x, smooth, proj_down, amax);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto xc = x.contiguous();
+  auto sc = smooth.contiguous();
+  auto pdc = proj_down.contiguous();
+  auto ac = amax.contiguous();
+  auto act_codes = at::empty(with_last_dim(x, s.K), x.options().dtype(at::kChar));
+  auto act_scales = at::empty(with_last_dim(x, 1), x.options());
+  auto down_act = at::empty(with_last_dim(x, s.R), x.options().dtype(at::kFloat));
+  if (s.M == 0) return {act_codes, act_scales, down_act};
+  cudaStream_t stream = current_stream();
+  const float* am = ac.data_ptr<float>();
+  if (fast_kernel_ok(s, xc, pdc)) {
+    const int M = static_cast<int>(s.M), K = static_cast<int>(s.K), R = static_cast<int>(s.R);
+    if (x.scalar_type() == at::kBFloat16)
+      dispatch_fast<c10::BFloat16, kFmtInt8Token>(xc, sc, pdc, act_codes, act_scales, down_act, M, K, R, false,
+                                                  stream, am);
+    else
+      dispatch_fast<c10::Half, kFmtInt8Token>(xc, sc, pdc, act_codes, act_scales, down_act, M, K, R, false, stream,
+                                              am);
+    return {act_codes, act_scales, down_act};
+  }
+  if (s.R > 0) launch_down_act_portable(s, xc, pdc, down_act, stream);
+  SVDQ_DISPATCH_FLOAT16_32(x.scalar_type(), "quantize_act_given_amax_cuda", [&] {
+    quantize_tokens_kernel<scalar_t><<<static_cast<unsigned>((s.M + 7) / 8), 256, 0, stream>>>(
+        xc.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(), am, static_cast<int8_t*>(act_codes.data_ptr()),
+        act_scales.data_ptr<scalar_t>(), s.M, s.K, 1, true);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  debug_sync(stream, "quantize_act_given_amax tokens");
   return {act_codes, act_scales, down_act};
 }
 

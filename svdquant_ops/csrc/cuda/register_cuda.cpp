@@ -5,6 +5,7 @@
 
 TORCH_LIBRARY_IMPL(svdquant, CUDA, m) {
   m.impl("quantize_act", &svdquant::cuda_impl::quantize_act_cuda);
+  m.impl("quantize_act_given_amax", &svdquant::cuda_impl::quantize_act_given_amax_cuda);
   m.impl("gemm", &svdquant::cuda_impl::gemm_cuda);
   m.impl("w4a16_linear", &svdquant::cuda_impl::w4a16_linear_cuda);
 }
