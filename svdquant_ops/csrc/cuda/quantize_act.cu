@@ -737,10 +737,12 @@ void launch_fast(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor
   const int nchunks = K / 64;
   // Split K over blocks until there are >= 4 blocks per SM (load balance; a slice keeps >= 2 rounds of chunks).
   // W4A8's group-max pass: at most one wave of resident blocks instead (kMinBlocks per SM): longer slices and fewer
-  // partial sums measured faster there (H200, M = 4608: 17.6 vs 27.6 us at K = 3072, R = 32; csrc/cuda/README.md).
-  int splits = kFmt == kFmtGroupMax
-                   ? std::max(1, std::min(kMinBlocks * num_sms() / slabs, nchunks / (2 * KW)))
-                   : std::max(1, std::min((4 * num_sms() + slabs - 1) / slabs, nchunks / (2 * KW)));
+  // partial sums measured faster there (H200, M = 4608: 17.6 vs 27.6 us at K = 3072, R = 32; csrc/cuda/README.md;
+  // at 2 blocks per SM 19.4 us with 3 slices against 27.6 with 8). W4A8's given-amax mode (same loads, 2 blocks per
+  // SM) takes the same rule.
+  constexpr bool kOneWave = kFmt == kFmtGroupMax || kFmt == kFmtInt8Token;
+  int splits = kOneWave ? std::max(1, std::min(kMinBlocks * num_sms() / slabs, nchunks / (2 * KW)))
+                        : std::max(1, std::min((4 * num_sms() + slabs - 1) / slabs, nchunks / (2 * KW)));
   // Rank 0 (every format, the group-max pass too: not part of that measurement): >= 4 blocks per SM, slices of one round.
   if (R == 0) splits = std::max(1, std::min((4 * num_sms() + slabs - 1) / slabs, nchunks / KW));
   // W4A8's group-max pass: keep x in L2 for the token kernel when it fits in half of it
