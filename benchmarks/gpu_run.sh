@@ -9,6 +9,9 @@
 #     tiles     bench_linear.py --tile-overhead (GEMM kernel time split into per-tile fixed + per-stage cost)
 #                                                                                                 [diagnostics build]
 #     full      bench_linear.py --out $OUT (the recorded table)
+#     amax      quantize_act_given_amax (W4A8, amax given; install_compile_pass(amax_split=True)): its GPU tests, then
+#               bench_linear.py --quantize-only --precision w4a8 (quantize_act vs the given-amax op vs Inductor's
+#               amax alone, per K). Then e.g. FLUX_ARGS="--configs bf16-compile,fp8-compile,w4a8-compile-split" flux
 #     flux      bench_flux.py --profile --out $OUT $FLUX_ARGS: one FLUX.1-dev transformer step, bf16 / torchao fp8 /
 #               SVDQuant w4a8 / int4, eager / compiled / CUDA graphs (default: all 9 configurations at 1024x1024,
 #               batch 1; one process each; FLUX_ARGS e.g. "--configs bf16-compile,w4a8-compile --size 2048").
@@ -68,6 +71,9 @@ for step in "$@"; do
       fi ;;
     tiles) SVDQUANT_OPS_DIAGNOSTICS=1 python3 benchmarks/bench_linear.py --tile-overhead ;;
     full) python3 benchmarks/bench_linear.py --out "${OUT:-benchmarks/results}" ${FULL_ARGS:-} ;;
+    amax) python3 -m pytest tests/test_cuda_ops.py tests/test_cuda_model.py -k "given_amax or amax_split" -q \
+            -p no:cacheprovider -rfEs
+          python3 benchmarks/bench_linear.py --quantize-only --precision w4a8 --rep-ms 30 ;;
     flux) python3 benchmarks/bench_flux.py --profile --out "${OUT:-benchmarks/results}" ${FLUX_ARGS:-} ;;
     probe)
       inc=$(python3 -c "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))")

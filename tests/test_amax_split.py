@@ -131,7 +131,7 @@ def test_pass_rewrites_every_w4a8_quantize_act_bit_identical_to_eager():
     with torch.inference_mode():
         eager = model(x)
     with config.patch(post_grad_custom_pre_pass=None, fx_graph_cache=False):
-        ops.install_compile_pass()
+        ops.install_compile_pass(amax_split=True)
         compiled = torch.compile(model, fullgraph=True)
         with torch.inference_mode():
             compiled(x)
@@ -150,7 +150,7 @@ def test_pass_on_a_shared_w4a8_flux():
     with torch.no_grad():  # (inference tensors bypass the eager cache: 34 calls there)
         eager, n_eager, _ = _count(lambda: model(**inputs).sample)
     with config.patch(post_grad_custom_pre_pass=None, fx_graph_cache=False):
-        ops.install_compile_pass()
+        ops.install_compile_pass(amax_split=True)
         compiled = torch.compile(model, fullgraph=True)
         with torch.inference_mode():
             compiled(**inputs)
@@ -165,3 +165,24 @@ def test_pass_leaves_int4_alone():
     q = graph.call_function(OPS.quantize_act.default, (x, smooth, pd, "int4", False))
     graph.output(q)
     assert ops.split_w4a8_amax(copy.deepcopy(graph)) == 0
+
+
+def test_split_is_opt_in():
+    """install_compile_pass() merges but does not split (until the CUDA kernel has passed its GPU tests); a second
+    call with amax_split=True turns the split on in the same pass object, with another cache key."""
+    from torch._inductor import config
+
+    model = torch.nn.Sequential(torch.nn.Linear(128, 64)).to(torch.bfloat16)
+    quantize_(model, SVDQuantConfig(precision="w4a8", rank=16))
+    x = torch.randn(5, 128).to(torch.bfloat16)
+    with config.patch(post_grad_custom_pre_pass=None, fx_graph_cache=False):
+        ops.install_compile_pass()
+        p = config.post_grad_custom_pre_pass
+        key = p.uuid()
+        with torch.inference_mode():
+            compiled = torch.compile(model, fullgraph=True)
+            compiled(x)
+            _, n_qa, n_given = _count(lambda: compiled(x))
+        assert (p.amax_split, n_qa, n_given) == (False, 1, 0)
+        ops.install_compile_pass(amax_split=True)
+        assert config.post_grad_custom_pre_pass is p and p.amax_split and p.uuid() != key

@@ -102,7 +102,7 @@ def test_w4a8_compiled_with_the_amax_split_on_gpu():
     with torch.inference_mode():
         eager = model(x)
     with config.patch(post_grad_custom_pre_pass=None, fx_graph_cache=False):
-        ops.install_compile_pass()
+        ops.install_compile_pass(amax_split=True)
         outs = {}
         for mode in ("default", "reduce-overhead"):
             torch._dynamo.reset()

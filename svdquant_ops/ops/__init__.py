@@ -12,8 +12,8 @@ quantize_act(x, smooth, proj_down, precision, act_unsigned=False) -> (act_codes,
 quantize_act_given_amax(x, smooth, proj_down, amax) -> (act_codes, act_scales, down_act)
     W4A8's quantize_act with each token's amax of |x / smooth| given (fp32 [..., 1], >= 0 or NaN) instead of
     computed, so the op reads x once; equal to quantize_act(..., "w4a8") for the exact amax, and a smaller amax
-    clamps codes to +-127. The compile pass (install_compile_pass) rewrites W4A8 quantize_act nodes into it, with
-    the amax as ATen ops that Inductor fuses into the kernel producing x.
+    clamps codes to +-127. The compile pass (install_compile_pass(amax_split=True)) rewrites W4A8 quantize_act
+    nodes into it, with the amax as ATen ops that Inductor fuses into the kernel producing x.
 gemm(act_codes, act_scales, codes, scales, global_scale, down_act, proj_up, bias, precision, out_dtype,
      act_unsigned=False) -> y [..., N]
     Q(x)·Q(R)ᵀ + down_act·proj_upᵀ + bias. w4a8: scales are uint8 multipliers [N, K/64] in [1, 18], global_scale
@@ -273,18 +273,20 @@ def split_w4a8_amax(graph: torch.fx.Graph) -> int:
     return rewritten
 
 
-def _make_pass(inner):
+def _make_pass(inner, amax_split: bool):
     from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
     class MergeQuantizeAct(CustomGraphPass):
-        def __init__(self, inner):
+        def __init__(self, inner, amax_split):
             self.inner = inner
+            self.amax_split = amax_split
 
         def __call__(self, graph: torch.fx.Graph) -> None:
             if self.inner is not None:
                 self.inner(graph)
             merge_quantize_act(graph)
-            split_w4a8_amax(graph)
+            if self.amax_split:
+                split_w4a8_amax(graph)
 
         def uuid(self):
             inner = None
@@ -292,21 +294,25 @@ def _make_pass(inner):
                 inner = self.inner.uuid() if hasattr(self.inner, "uuid") else None
                 if inner is None:
                     return None  # an uncacheable inner pass: no cache key
-            return (get_hash_for_files((__file__,)), inner)
+            return (get_hash_for_files((__file__,)), inner, self.amax_split)
 
-    return MergeQuantizeAct(inner)
+    return MergeQuantizeAct(inner, amax_split)
 
 
-def install_compile_pass() -> None:
-    """Make Inductor run ``merge_quantize_act`` then ``split_w4a8_amax`` after grad
-    (``torch._inductor.config.post_grad_custom_pre_pass``),
-    chained after a pass already installed there. Idempotent."""
+def install_compile_pass(amax_split: bool = False) -> None:
+    """Make Inductor run ``merge_quantize_act`` after grad (``torch._inductor.config.post_grad_custom_pre_pass``),
+    chained after a pass already installed there. Idempotent; a second call sets ``amax_split``.
+
+    amax_split: also run ``split_w4a8_amax`` (W4A8's per-token amax computed by Inductor, the op reading x once).
+    Off by default until its CUDA kernel (``quantize_act_given_amax``) has passed the GPU tests
+    (tests/test_cuda_ops.py, tests/test_cuda_model.py); the CPU path is tested."""
     from torch._inductor import config
 
     current = config.post_grad_custom_pre_pass
     if getattr(current, "_svdquant_merge", False):
+        current.amax_split = amax_split
         return
-    p = _make_pass(current)
+    p = _make_pass(current, amax_split)
     p._svdquant_merge = True
     config.post_grad_custom_pre_pass = p
 
