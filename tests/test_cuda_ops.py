@@ -295,12 +295,20 @@ GIVEN_AMAX_CASES = [
 # per-row factors on the exact amax: exact, smaller (codes clamp at +-127), larger, zero, NaN, Inf, tiny and huge
 # (scales outside [2^-52, 2^52]: the checked division), one ulp below
 AMAX_FACTORS = [1.0, 0.5, 3.0, 0.0, float("nan"), float("inf"), 1e-30, 1e30, 1 - 2.0**-23]
+# and rows given absolute amaxes whose scales sit on the edges: 2^-56 and 2^56 (checked division with a valid
+# reciprocal), 2^-20 and 2^-24 (fp16: subnormal scales on the fast rounding path), 2^-52 and 2^52 (the range's ends)
+AMAX_ABSOLUTE = [127 * 2.0**-56, 127 * 2.0**56, 127 * 2.0**-20, 127 * 2.0**-24, 127 * 2.0**-52, 127 * 2.0**52]
 
 
 def _given_amax(x, smooth):
     amax = (x.float() / smooth.float()).abs().amax(-1, keepdim=True)
-    f = torch.tensor(AMAX_FACTORS)[torch.arange(amax.shape[0]) % len(AMAX_FACTORS)]
-    return torch.where(f[:, None] == 0, torch.zeros_like(amax), amax * f[:, None])
+    rows = torch.arange(amax.shape[0])
+    f = torch.tensor(AMAX_FACTORS)[rows % len(AMAX_FACTORS)]
+    amax = torch.where(f[:, None] == 0, torch.zeros_like(amax), amax * f[:, None])
+    period = len(AMAX_FACTORS) + len(AMAX_ABSOLUTE)  # rows whose index mod period >= len(AMAX_FACTORS)
+    for j, a in enumerate(AMAX_ABSOLUTE):
+        amax[rows % period == len(AMAX_FACTORS) + j] = a
+    return amax
 
 
 def _check_given_amax(x, smooth, pd, amax, smooth_dev=None):
@@ -320,7 +328,9 @@ def test_quantize_act_given_amax_matches_cpu(path, M, K, R, dtype):
     g = session_generator(("given_amax", M, K, R, str(dtype)))
     x, smooth, pd = op_args("quantize_act", act_inputs(M, K, R, dtype, g, outliers=True))
     out = _check_given_amax(x, smooth, pd, _given_amax(x, smooth))
-    exact = torch.arange(M) % len(AMAX_FACTORS) == 0  # rows given their exact amax: quantize_act's codes
+    period = len(AMAX_FACTORS) + len(AMAX_ABSOLUTE)
+    rows = torch.arange(M)
+    exact = (rows % len(AMAX_FACTORS) == 0) & (rows % period < len(AMAX_FACTORS))  # given their exact amax
     ref = OPS.quantize_act(x, smooth, pd, "w4a8", False)
     assert torch.equal(out[0].cpu()[exact], ref[0][exact])
 

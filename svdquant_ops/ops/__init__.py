@@ -10,7 +10,8 @@ quantize_act(x, smooth, proj_down, precision, act_unsigned=False) -> (act_codes,
     act_codes uint8 [..., K/2] (layout.py), act_scales [..., K/group], down_act = x @ proj_down in fp32 [..., R].
     w4a8: act_codes int8 [..., K] (one per byte, not packed), act_scales [..., 1] in x's dtype (one per token).
 quantize_act_given_amax(x, smooth, proj_down, amax) -> (act_codes, act_scales, down_act)
-    W4A8's quantize_act with each token's amax of |x / smooth| given (fp32 [..., 1], >= 0 or NaN) instead of
+    W4A8's quantize_act with each token's amax of |x / smooth| given (fp32 [..., 1], >= 0 or NaN: the CPU op checks
+    it; the CUDA op reads no values on the host, and a negative amax gives a negative scale) instead of
     computed, so the op reads x once; equal to quantize_act(..., "w4a8") for the exact amax, and a smaller amax
     clamps codes to +-127. The compile pass (install_compile_pass(amax_split=True)) rewrites W4A8 quantize_act
     nodes into it, with the amax as ATen ops that Inductor fuses into the kernel producing x.

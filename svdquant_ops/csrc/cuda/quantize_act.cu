@@ -560,7 +560,9 @@ __global__ void __launch_bounds__(256) quantize_tokens_kernel(const T* __restric
   if (row >= M) return;
   const T* xr = x + row * K;
   float amax = 0.f;
-  if (gmax != nullptr) {
+  if (given) {
+    amax = gmax[row];  // as it is (a reduction from 0 would turn a negative amax into 0: the fast path does not)
+  } else if (gmax != nullptr) {
     for (int64_t g = lane; g < G; g += 32) amax = max_nan(amax, gmax[row * G + g]);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) amax = max_nan(amax, __shfl_xor_sync(FULL, amax, o));
