@@ -49,6 +49,15 @@ def test_opcheck_quantize_act(precision, act_unsigned, lead, R, requires_grad):
                           test_utils=_utils(requires_grad))
 
 
+@pytest.mark.parametrize("lead,R", [((2, 3), 16), ((1,), 0)])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_quantize_act_given_amax(lead, R, requires_grad):
+    x, smooth, pd, *_ = _linear_args("w4a8", lead=lead, R=R, requires_grad=requires_grad)
+    amax = (x.detach().float() / smooth.float()).abs().amax(-1, keepdim=True)
+    torch.library.opcheck(OPS.quantize_act_given_amax.default, (x, smooth, pd, amax),
+                          test_utils=_utils(requires_grad))
+
+
 @pytest.mark.parametrize("precision,act_unsigned,lead,R", CONFIGS)
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_opcheck_gemm(precision, act_unsigned, lead, R, requires_grad):
@@ -101,7 +110,7 @@ def test_backward_raises_not_implemented():
 
 def test_ops_registered_with_cpu_and_fake_kernels():
     ns = torch.ops.svdquant
-    for name in ("quantize_act", "gemm", "w4a16_linear"):
+    for name in ("quantize_act", "quantize_act_given_amax", "gemm", "w4a16_linear"):
         assert hasattr(ns, name)
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"svdquant::{name}", "CPU")
         entry = torch._library.simple_registry.singleton.find(f"svdquant::{name}")
