@@ -114,9 +114,11 @@ def _w4a8_flux():
     return model
 
 
-def test_pass_rewrites_every_w4a8_quantize_act_bit_identical_to_eager():
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_pass_rewrites_every_w4a8_quantize_act_bit_identical_to_eager(dynamic):
     """One linear whose input is the graph's input: Inductor's amax reads the same bf16 values the op would, and the
-    CPU's division is IEEE, so the compiled output equals eager's bit for bit, with the op run once per input."""
+    CPU's division is IEEE, so the compiled output equals eager's bit for bit, with the op run once per input; also
+    with symbolic shapes (the amax's fake value carries them)."""
     from torch._inductor import config
 
     model = torch.nn.Sequential(torch.nn.Linear(256, 96)).to(torch.bfloat16)
@@ -126,7 +128,7 @@ def test_pass_rewrites_every_w4a8_quantize_act_bit_identical_to_eager():
         eager = model(x)
     with config.patch(post_grad_custom_pre_pass=None, fx_graph_cache=False):
         ops.install_compile_pass(amax_split=True)
-        compiled = torch.compile(model, fullgraph=True)
+        compiled = torch.compile(model, fullgraph=True, dynamic=dynamic)
         with torch.inference_mode():
             compiled(x)
             out, n_qa, n_given = _count(lambda: compiled(x))
