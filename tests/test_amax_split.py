@@ -165,7 +165,8 @@ def test_pass_leaves_int4_alone():
 
 def test_split_is_opt_in():
     """install_compile_pass() merges but does not split (until the CUDA kernel has passed its GPU tests); a second
-    call with amax_split=True turns the split on in the same pass object, with another cache key."""
+    call with amax_split=True turns the split on in the same pass object, with another cache key, and a later plain
+    call (quantize_model's) leaves it on."""
     from torch._inductor import config
 
     model = torch.nn.Sequential(torch.nn.Linear(128, 64)).to(torch.bfloat16)
@@ -182,3 +183,7 @@ def test_split_is_opt_in():
         assert (p.amax_split, n_qa, n_given) == (False, 1, 0)
         ops.install_compile_pass(amax_split=True)
         assert config.post_grad_custom_pre_pass is p and p.amax_split and p.uuid() != key
+        ops.install_compile_pass()  # as quantize_model calls it: keeps the split
+        assert p.amax_split
+        ops.install_compile_pass(amax_split=False)
+        assert not p.amax_split and p.uuid() == key

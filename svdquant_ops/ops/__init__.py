@@ -300,20 +300,23 @@ def _make_pass(inner, amax_split: bool):
     return MergeQuantizeAct(inner, amax_split)
 
 
-def install_compile_pass(amax_split: bool = False) -> None:
+def install_compile_pass(amax_split: bool | None = None) -> None:
     """Make Inductor run ``merge_quantize_act`` after grad (``torch._inductor.config.post_grad_custom_pre_pass``),
-    chained after a pass already installed there. Idempotent; a second call sets ``amax_split``.
+    chained after a pass already installed there. Idempotent.
 
-    amax_split: also run ``split_w4a8_amax`` (W4A8's per-token amax computed by Inductor, the op reading x once).
-    Off by default until its CUDA kernel (``quantize_act_given_amax``) has passed the GPU tests
-    (tests/test_cuda_ops.py, tests/test_cuda_model.py); the CPU path is tested."""
+    amax_split: also run ``split_w4a8_amax`` (W4A8's per-token amax computed by Inductor, the op reading x once);
+    None keeps the installed pass's setting (False for a new one), so ``quantize_model`` (which calls this) does not
+    undo an earlier ``install_compile_pass(amax_split=True)``. Off by default until its CUDA kernel
+    (``quantize_act_given_amax``) has passed the GPU tests (tests/test_cuda_ops.py, tests/test_cuda_model.py); the
+    CPU path is tested."""
     from torch._inductor import config
 
     current = config.post_grad_custom_pre_pass
     if getattr(current, "_svdquant_merge", False):
-        current.amax_split = amax_split
+        if amax_split is not None:
+            current.amax_split = amax_split
         return
-    p = _make_pass(current, amax_split)
+    p = _make_pass(current, bool(amax_split))
     p._svdquant_merge = True
     config.post_grad_custom_pre_pass = p
 
