@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One device call's worth of GPU work (benchmarks/README.md): fresh JIT build, the GPU tests, then the timing steps
-# named on the command line. Usage (from the repository root on the GPU machine):
+# One device call's worth of GPU work (benchmarks/README.md): JIT build (or the carried cache, below), the GPU
+# tests, then the timing steps named on the command line. Usage (from the repository root on the GPU machine):
 #   SVDQUANT_COMMIT=<full hash> SVDQUANT_DIRTY=<0|1> bash benchmarks/gpu_run.sh tests gemm quantize full
 #     tests     pytest tests/test_cuda_*.py and tests/test_sharing.py (its move test has a CUDA case; fresh seed
 #               unless SVDQ_TEST_SEED is set)
@@ -36,7 +36,13 @@
 # accelerate and psutil downloaded the same way).
 set -euo pipefail
 export PYTHONUNBUFFERED=1
-export SVDQUANT_OPS_CACHE=${SVDQUANT_OPS_CACHE:-/tmp/svdq_cache_$$}
+export SVDQUANT_OPS_CACHE=${SVDQUANT_OPS_CACHE:-/tmp/svdq_cache}
+# The op library's build cache travels between device calls: a carried .gpucache/svdq_cache.tgz (the previous call's
+# $OUT/svdq_cache.tgz, copied there and named in the call's carry) is unpacked first, so a call whose sources match
+# one of its builds (the cache is keyed by a hash of the sources, torch and the flags) skips the ~70 s build.
+if [[ -f .gpucache/svdq_cache.tgz && ! -d "$SVDQUANT_OPS_CACHE" ]]; then
+  mkdir -p "$SVDQUANT_OPS_CACHE" && tar xzf .gpucache/svdq_cache.tgz -C "$SVDQUANT_OPS_CACHE" || true
+fi
 export SVDQUANT_RUN_COMMAND="bash benchmarks/gpu_run.sh $*"
 export SVDQUANT_COMMIT=${SVDQUANT_COMMIT:-} SVDQUANT_DIRTY=${SVDQUANT_DIRTY:-}
 unset SVDQUANT_OPS_DIAGNOSTICS  # only the steps below that need it set it
@@ -57,6 +63,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader || tru
 t0=$(date +%s)
 python3 -c "import svdquant_ops.ops as o, torch; o.load(); print('build ok', torch.__version__)"
 echo "build_s $(( $(date +%s) - t0 ))"
+if [[ -n "${OUT:-}" ]]; then tar czf "$OUT/svdq_cache.tgz" -C "$SVDQUANT_OPS_CACHE" . || true; fi
 for step in "$@"; do
   case "$step" in
     tests) python3 -m pytest tests/test_cuda_ops.py tests/test_cuda_w4a16.py tests/test_cuda_model.py tests/test_cuda_nunchaku.py \
