@@ -253,10 +253,10 @@ def split_w4a8_amax(graph: torch.fx.Graph) -> int:
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not target:
             continue
-        args = list(node.args) + [node.kwargs[k] for k in ("precision",) if k in node.kwargs]
-        if len(args) < 4 or args[3] != "w4a8":
+        precision = node.args[3] if len(node.args) > 3 else node.kwargs.get("precision")
+        if precision != "w4a8":
             continue
-        x, smooth, proj_down = args[:3]
+        x, smooth, proj_down = node.args[:3]
         vals = [a.meta.get("val") if isinstance(a, torch.fx.Node) else None for a in (x, smooth)]
         fake_mode = detect_fake_mode(vals) if all(isinstance(v, torch.Tensor) for v in vals) else None
         if fake_mode is None:
