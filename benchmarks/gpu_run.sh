@@ -9,8 +9,8 @@
 #     tiles     bench_linear.py --tile-overhead (GEMM kernel time split into per-tile fixed + per-stage cost)
 #                                                                                                 [diagnostics build]
 #     full      bench_linear.py --out $OUT (the recorded table)
-#     amax      quantize_act_given_amax (W4A8, amax given; install_compile_pass(amax_split=True)): its GPU tests, then
-#               bench_linear.py --quantize-only --precision w4a8 (quantize_act vs the given-amax op vs Inductor's
+#     amax      quantize_act_given_amax (W4A8, amax given; install_compile_pass(amax_split=True)): its GPU tests,
+#               tests/test_sharing.py (shared parts as one graph input under this torch), then bench_linear.py --quantize-only --precision w4a8 (quantize_act vs the given-amax op vs Inductor's
 #               amax alone, per K). Then e.g. FLUX_ARGS="--configs bf16-compile,fp8-compile,w4a8-compile-split" flux
 #     flux      bench_flux.py --profile --out $OUT $FLUX_ARGS: one FLUX.1-dev transformer step, bf16 / torchao fp8 /
 #               SVDQuant w4a8 / int4, eager / compiled / CUDA graphs (default: all 9 configurations at 1024x1024,
@@ -80,6 +80,8 @@ for step in "$@"; do
     full) python3 benchmarks/bench_linear.py --out "${OUT:-benchmarks/results}" ${FULL_ARGS:-} ;;
     amax) python3 -m pytest tests/test_cuda_ops.py tests/test_cuda_model.py -k "given_amax or amax_split" -q \
             -p no:cacheprovider -rfEs
+          # shared parts as one graph input and the merge of identical calls, under this machine's torch
+          python3 -m pytest tests/test_sharing.py -q -p no:cacheprovider -rfEs
           python3 benchmarks/bench_linear.py --quantize-only --precision w4a8 --rep-ms 30 ;;
     flux) python3 benchmarks/bench_flux.py --profile --out "${OUT:-benchmarks/results}" ${FLUX_ARGS:-} ;;
     probe)

@@ -348,8 +348,9 @@ def test_lora_on_to_q_leaves_shared_siblings_bit_identical(device, monkeypatch):
         assert attn.to_q.weight.rank == attn.to_k.weight.rank == 48 and single.proj_mlp.weight.rank == 80
         for group in ((attn.to_q, attn.to_k, attn.to_v), (single.attn.to_q, single.attn.to_k, single.proj_mlp)):
             pd, sm = group[0].weight.proj_down, group[0].weight.smooth
-            assert all(m.weight.proj_down.data_ptr() == pd.data_ptr() and m.weight.smooth.data_ptr() == sm.data_ptr()
-                       for m in group)
+            # one object each (torch.compile: one graph input, one merged quantize_act), still marked shared
+            assert all(m.weight.proj_down is pd and m.weight.smooth is sm
+                       and m.weight.__tensor_flatten__()[1].get("holds_shared") for m in group)
         assert torch.equal(attn.to_k(x), before["to_k"]) and torch.equal(attn.to_v(x), before["to_v"])
         assert not torch.equal(attn.to_q(x), before["to_q"])
         with _portable_kernels(monkeypatch, device):
@@ -363,7 +364,7 @@ def test_lora_on_to_q_leaves_shared_siblings_bit_identical(device, monkeypatch):
         assert not torch.equal(out, ref)
         unload_lora(model)
         assert attn.to_q.weight.rank == 32 and single.proj_mlp.weight.rank == 64
-        assert attn.to_q.weight.proj_down.data_ptr() == attn.to_k.weight.proj_down.data_ptr()
+        assert attn.to_q.weight.proj_down is attn.to_k.weight.proj_down
         assert torch.equal(model(**inputs).sample, ref)
 
 

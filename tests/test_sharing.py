@@ -14,6 +14,7 @@ import copy
 import pytest
 import torch
 import torch._dynamo
+from torch import nn
 from torch._dynamo.backends.common import aot_autograd
 from torchao.quantization import quantize_
 
@@ -39,8 +40,8 @@ def _quantized_pair():
 
 
 def _same(*ts) -> bool:
-    # nn.Parameter(weight) detaches the weight, so members hold views of one tensor: same memory, same shape
-    return all(t.data_ptr() == ts[0].data_ptr() and t.shape == ts[0].shape for t in ts)
+    # one tensor object, through nn.Parameter's detach and moves: torch.compile makes it one graph input
+    return all(t is ts[0] for t in ts)
 
 
 def _count(fn):
@@ -140,8 +141,8 @@ def test_compiled_aot_merge_bit_identical():
 
     def fw(gm, example_inputs):
         nodes = [n for n in gm.graph.nodes if n.target is torch.ops.svdquant.quantize_act.default]
-        # AOTAutograd gives every inner tensor its own placeholder, even where the real tensors are one
-        assert len({n.args[1] for n in nodes}) == len(nodes)
+        # a part several weights hold as one object is one placeholder: the nodes to merge have identical arguments
+        assert len({n.args[1] for n in nodes}) == SHARED
         seen.append((len(nodes), ops.merge_quantize_act(gm.graph)))
         gm.recompile()
         return gm
@@ -177,6 +178,97 @@ def test_compiled_inductor_pass():
     assert n == SHARED
     assert torch.equal(out, plain)  # same graph but for the merged calls
     torch.testing.assert_close(out, eager, rtol=2e-2, atol=2e-2)  # Inductor's fused elementwise rounding
+
+
+def _merging_aot(merged: list):
+    """An aot_eager-like backend that runs the merge pass (bit-identical to eager) and records what it merged."""
+    def fw(gm, example_inputs):
+        merged.append(ops.merge_quantize_act(gm.graph))
+        gm.recompile()
+        return gm
+    return aot_autograd(fw_compiler=fw)
+
+
+def _quantized_weights(model):
+    return [m.weight for m in model.modules() if isinstance(m, nn.Linear) and isinstance(m.weight, SVDQuantTensor)]
+
+
+@pytest.mark.parametrize("how", ["rebind", "assign"])
+def test_unsharing_a_compiled_weight_recompiles(how):
+    """A member given a λ of its own after compiling (its inner tensor rebound, or a new weight assigned) must not
+    keep its group's merged quantization: Dynamo guards that the members' parts are one object, so the change
+    recompiles, and the output is eager's bit for bit."""
+    _, model = _quantized_pair()
+    merged = []
+    compiled = torch.compile(model, fullgraph=True, backend=_merging_aot(merged))
+    inputs = flux_inputs()
+    with torch.inference_mode():
+        before = compiled(**inputs).sample
+        v = model.transformer_blocks[0].attn.to_v  # no norm after V: its λ shows in the output
+        w = v.weight
+        smooth = w.smooth.clone() * 4
+        if how == "rebind":
+            w.smooth = smooth
+        else:
+            v.weight = nn.Parameter(SVDQuantTensor(
+                w.codes, w.scales, smooth, w.proj_down, w.proj_up, w.precision, w.act_unsigned, w.layout_version,
+                w.dtype, global_scale=w.global_scale, bias_correction=w.bias_correction), requires_grad=False)
+        eager = model(**inputs).sample
+        compiled(**inputs)  # recompiles (the profiler would count the tracing's calls too)
+        out, n, _ = _count(lambda: compiled(**inputs).sample)
+    assert not torch.equal(eager, before)
+    assert torch.equal(out, eager)
+    assert merged == [UNSHARED - SHARED, UNSHARED - SHARED - 1] and n == SHARED + 1  # to_v quantizes on its own
+
+
+def test_views_of_one_memory_are_not_merged():
+    """Parts that are views of one memory but separate objects are separate graph inputs, which a caller may rebind
+    one at a time and which nothing guards together: the pass leaves their calls alone."""
+    _, model = _quantized_pair()
+    for w in _quantized_weights(model):
+        w.smooth, w.proj_down = w.smooth.view(w.smooth.shape), w.proj_down.view(w.proj_down.shape)
+    merged = []
+    inputs = flux_inputs()
+    compiled = torch.compile(model, fullgraph=True, backend=_merging_aot(merged))
+    with torch.inference_mode():
+        eager = model(**inputs).sample
+        compiled(**inputs)
+        out, n, _ = _count(lambda: compiled(**inputs).sample)
+    assert merged == [0] and n == UNSHARED and torch.equal(out, eager)
+
+
+def test_shared_weights_stay_out_of_the_aot_autograd_cache(tmp_path, monkeypatch):
+    """AOTAutograd keys its cache by each weight alone, which cannot show that weights hold one part object: the
+    graph compiled for the shared model (its quantize_act calls merged) must not be reused for a model with separate
+    parts of the same shapes. Inductor's own cache keys the graph, where the sharing shows, and still applies."""
+    import torch._functorch.config as functorch_config
+    from torch._dynamo.utils import counters
+    from torch._functorch._aot_autograd.autograd_cache import BypassAOTAutogradCache
+    from torch._inductor import config
+
+    _, model = _quantized_pair()
+    separate = copy.deepcopy(model)
+    for w in _quantized_weights(separate):
+        w.smooth, w.proj_down = w.smooth.clone(), w.proj_down.clone()
+    separate.transformer_blocks[0].attn.to_v.weight.smooth.mul_(4)
+    with pytest.raises(BypassAOTAutogradCache):
+        model.transformer_blocks[0].attn.to_q.weight._stable_hash_for_caching()
+    assert isinstance(separate.transformer_blocks[0].attn.to_q.weight._stable_hash_for_caching(), str)
+    inputs = flux_inputs()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    ops.install_compile_pass()
+    outs = {}
+    for name, m, cached in (("shared", model, True), ("separate", separate, True), ("fresh", separate, False)):
+        torch._dynamo.reset()
+        counters.clear()
+        with config.patch(fx_graph_cache=cached), functorch_config.patch(enable_autograd_cache=cached):
+            with torch.inference_mode():
+                outs[name] = torch.compile(m, fullgraph=True)(**inputs).sample
+        if name == "shared":
+            assert counters["aot_autograd"]["autograd_cache_bypass"] == 1
+    assert torch.equal(outs["separate"], outs["fresh"])  # not the shared model's graph
+    with torch.inference_mode():
+        torch.testing.assert_close(outs["separate"], separate(**inputs).sample, rtol=2e-2, atol=2e-2)
 
 
 _MOVES = [("fp16", lambda m: m.to(torch.float16))]

@@ -85,8 +85,13 @@ def build(weights: str, seed: int = 0, cache: str | None = None):
     from svdquant_ops.ops import install_compile_pass
 
     if weights == "w4a8" and cache and os.path.exists(cache):
+        from svdquant_ops import share_inputs
+
         m, info = torch.load(cache, weights_only=False)
-        install_compile_pass()  # what quantize_model does besides the weights (Inductor's merge pass)
+        # what quantize_model does besides the weights: one λ / down projection object per input group (a pickle
+        # may keep them as views of one memory, which torch.compile treats as separate inputs) and Inductor's pass
+        share_inputs(m)
+        install_compile_pass()
         return m, info
     torch.manual_seed(seed)
     m = FluxTransformer2DModel(**MODEL).to(torch.bfloat16).eval().requires_grad_(False)

@@ -55,6 +55,7 @@ from torch import nn
 
 from ..storage import SVDQuantTensor
 from ..storage.tensor import RANK_MULTIPLE
+from ..storage.shared_moves import mark_shared
 
 log = logging.getLogger("svdquant_ops")
 
@@ -406,6 +407,8 @@ def _install(g: _FusedGroup, keep: list[_Segment], new: _Segment | None, new_dow
             downs.append(new_down.to(pd_cur.device, pd_cur.dtype))
         proj_down = torch.cat(downs, dim=1).contiguous()
         smooth = first.smooth
+        if len(g.members) > 1:  # one object for the group, as share_inputs made it (storage.shared_moves)
+            mark_shared(proj_down)
         for i, m in enumerate(g.members):
             w = m.weight
             ups = [w.proj_up[:, :g.base_rank]] + [w.proj_up[:, o:o + wd] for o, wd in spans]

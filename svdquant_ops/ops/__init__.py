@@ -170,29 +170,15 @@ def quantized_linear(x: torch.Tensor, weight: SVDQuantTensor, bias: torch.Tensor
 # ------------------------------------------------------------------------------------------------------------------
 # One activation quantization per input, compiled: a post-grad FX pass.
 #
-# AOTAutograd gives each tensor-subclass inner tensor its own graph input even where two weights share it, and
-# Inductor does not CSE custom ops in inference graphs, so q/k/v's quantize_act calls stay separate nodes. Their
-# fake values, though, share one fake storage when the real tensors do (FakeTensorMode memoizes the fake of each
-# real storage), so the pass merges quantize_act nodes with the same x node, smooth and proj_down of the same fake
-# storage, offset, shape and stride, and the same precision / act_unsigned.
+# The linears of an input group hold the very same smooth and proj_down objects (share_inputs), which torch.compile
+# makes one graph input each: their quantize_act nodes then have identical arguments. Inductor does not CSE custom
+# ops in inference graphs, so the pass merges them. It merges nothing else: parts that are separate objects, even
+# views of one memory, are separate inputs that a caller may rebind one at a time. Dynamo guards the identity ("a.smooth
+# is b.smooth"), so unsharing a weight recompiles, and the graph itself shows the sharing to Inductor's cache.
 # ------------------------------------------------------------------------------------------------------------------
-def _same_view(a, b) -> bool:
-    va, vb = a.meta.get("val"), b.meta.get("val") if hasattr(b, "meta") else None
-    if a is b:
-        return True
-    if not isinstance(va, torch.Tensor) or not isinstance(vb, torch.Tensor):
-        return False
-    try:
-        same_storage = va.untyped_storage() is vb.untyped_storage() or (
-            va.untyped_storage()._cdata == vb.untyped_storage()._cdata)
-    except (NotImplementedError, RuntimeError):
-        return False
-    return (same_storage and va.storage_offset() == vb.storage_offset() and va.shape == vb.shape
-            and va.stride() == vb.stride() and va.dtype == vb.dtype and va.device == vb.device)
-
-
 def merge_quantize_act(graph: torch.fx.Graph) -> int:
-    """Merge duplicate ``svdquant.quantize_act`` nodes of ``graph`` in place; returns how many were removed."""
+    """Merge the ``svdquant.quantize_act`` nodes of ``graph`` that have identical arguments, in place; returns how
+    many were removed."""
     try:
         target = torch.ops.svdquant.quantize_act.default
     except (AttributeError, RuntimeError):  # the op library is not loaded: no such nodes
@@ -203,20 +189,15 @@ def merge_quantize_act(graph: torch.fx.Graph) -> int:
         if node.op != "call_function" or node.target is not target:
             continue
         args = list(node.args) + [node.kwargs.get(k) for k in ("precision", "act_unsigned") if k in node.kwargs]
-        x, smooth, proj_down = args[:3]
-        rest = tuple(args[3:])
-        if not all(isinstance(a, torch.fx.Node) for a in (x, smooth, proj_down)):
+        if not all(isinstance(a, torch.fx.Node) for a in args[:3]):
             continue
-        rest = rest + ((False,) if len(rest) < 2 else ())  # act_unsigned defaults to False
-        bucket = seen.setdefault((x, rest), [])
-        for other in bucket:
-            if _same_view(other.args[1], smooth) and _same_view(other.args[2], proj_down):
-                node.replace_all_uses_with(other)
-                graph.erase_node(node)
-                removed += 1
-                break
-        else:
-            bucket.append(node)
+        if len(args) < 5:
+            args.append(False)  # act_unsigned defaults to False
+        first = seen.setdefault(tuple(args), node)
+        if first is not node:
+            node.replace_all_uses_with(first)
+            graph.erase_node(node)
+            removed += 1
     return removed
 
 

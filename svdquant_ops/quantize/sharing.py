@@ -6,8 +6,9 @@ For each input group (``structure.input_group``: the group calibration solved to
 structural group recorded by ``prepare_model``) whose quantized members agree on precision, act_unsigned, dtype,
 device and λ values, every member gets
 
-* the very same ``smooth`` tensor (the same memory: ``nn.Parameter`` gives each member its own view object),
-* the very same ``proj_down``: the concatenation along the rank of the group's distinct down projections (q/k/v
+* the very same ``smooth`` tensor object (``nn.Parameter`` keeps it: ``PackedWeight``'s detach), which
+  torch.compile makes one graph input for the whole group,
+* the very same ``proj_down`` object: the concatenation along the rank of the group's distinct down projections (q/k/v
   share one; a FLUX single block's MLP-in projection has its own: [pd_qkv | pd_mlp]),
 * a ``proj_up`` [N, R_total] with its own branch's columns in place and zeros elsewhere.
 
@@ -25,15 +26,15 @@ import torch
 from torch import nn
 
 from ..storage import SVDQuantTensor
+from ..storage.shared_moves import mark_shared
 from .structure import describe, input_group
 
 log = logging.getLogger("svdquant_ops")
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """One tensor: ``nn.Parameter(weight)`` detaches a weight, so members hold views of the same memory."""
-    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-                      and a.dtype == b.dtype and a.device == b.device)
+    """One tensor object (torch.compile makes it one graph input); views of one memory are not enough."""
+    return a is b
 
 
 def _compatible(a: SVDQuantTensor, b: SVDQuantTensor) -> bool:
@@ -55,8 +56,10 @@ def _share(members: list[nn.Linear]) -> bool:
         which.append(j)
     smooth = weights[0].smooth
     if len(downs) == 1 and all(_same(w.proj_down, downs[0]) and _same(w.smooth, smooth) for w in weights):
+        mark_shared(smooth), mark_shared(downs[0])  # e.g. unpickled: objects kept, marks not
         return False  # already shared
     proj_down = downs[0] if len(downs) == 1 else torch.cat(downs, dim=1).contiguous()
+    mark_shared(smooth), mark_shared(proj_down)
     offsets = [0]
     for d in downs:
         offsets.append(offsets[-1] + d.shape[1])

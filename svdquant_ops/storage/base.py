@@ -13,12 +13,18 @@ from __future__ import annotations
 import hashlib
 
 import torch
+from torch.utils._python_dispatch import return_and_correct_aliasing
 from torchao.utils import TorchAOBaseTensor
 
 from ..formats import FLOAT_DTYPES
-from .shared_moves import copy_part, move_part
+from .shared_moves import SHARED_MARK, copy_part, move_part
 
 aten = torch.ops.aten
+
+try:  # any exception while AOTAutograd computes its cache key bypasses the cache; this one says it is deliberate
+    from torch._functorch._aot_autograd.autograd_cache import BypassAOTAutogradCache as _BypassAOTAutogradCache
+except ImportError:  # pragma: no cover - another torch layout
+    _BypassAOTAutogradCache = RuntimeError
 
 
 class PackedWeight(TorchAOBaseTensor):
@@ -37,6 +43,12 @@ class PackedWeight(TorchAOBaseTensor):
         # logical shape, format attributes, each part's metadata), never the values. Without it torch warns and
         # falls back to the same information through a generic path.
         names, attrs = self.__tensor_flatten__()
+        if attrs.get("holds_shared"):
+            # One part object held by several weights is one graph input (torch.compile deduplicates it, and the
+            # merge pass in svdquant_ops.ops relies on that). A per-weight key cannot tell that layout from separate
+            # parts of the same shapes, so a cached graph could be reused for the wrong one: keep it out of the
+            # AOTAutograd cache (Inductor's own cache keys the graph, which shows the layout, and still applies).
+            raise _BypassAOTAutogradCache(f"{type(self).__name__} holds parts shared with other weights")
         parts = [(n, tuple(t.shape), tuple(t.stride()), t.storage_offset(), str(t.dtype), str(t.device))
                  for n in names for t in (getattr(self, n),)]
         key = (type(self).__module__, type(self).__qualname__, tuple(self.shape), self.requires_grad,
@@ -44,11 +56,27 @@ class PackedWeight(TorchAOBaseTensor):
         return hashlib.sha256(repr(key).encode()).hexdigest()
 
     def __tensor_flatten__(self):
-        # torchao's generic version, without its hasattr probes: a compiled model calls this twice per quantized
-        # weight and step (Dynamo's metadata guard, AOTAutograd's unwrapping), ~1000 times per FLUX step.
-        names = list(self.tensor_data_names)
-        names += [n for n in self.optional_tensor_data_names if getattr(self, n) is not None]
-        return names, {a: getattr(self, a) for a in self.tensor_attribute_names}
+        # torchao's generic version, without its hasattr probes and reading the instance dict directly: a compiled
+        # model calls this twice per quantized weight and step (Dynamo's metadata guard, AOTAutograd's unwrapping),
+        # ~1000 times per FLUX step.
+        d = self.__dict__
+        names = self.tensor_data_names + [n for n in self.optional_tensor_data_names if d[n] is not None]
+        dtype = d.get("_dtype")
+        if dtype is None:  # a tensor's dtype never changes, and reading it goes through __torch_function__ (1.5 us)
+            dtype = d["_dtype"] = self.dtype
+        ctx = {a: dtype if a == "dtype" else d[a] for a in self.tensor_attribute_names}
+        # whether a part may be one object with other weights' (shared_moves); the fake weight torch.compile
+        # builds gets it through __tensor_unflatten__, for the cache key above
+        if d.get("_holds_shared") or any(getattr(d[n], SHARED_MARK, False) for n in self.shared_fields):
+            ctx["holds_shared"] = True
+        return names, ctx
+
+    @classmethod
+    def __tensor_unflatten__(cls, tensor_data_dict, tensor_attributes, outer_size, outer_stride):
+        weight = super().__tensor_unflatten__(tensor_data_dict, tensor_attributes, outer_size, outer_stride)
+        if tensor_attributes.get("holds_shared"):
+            weight._holds_shared = True
+        return weight
 
 
 def distinct_nbytes(tensors) -> int:
@@ -95,6 +123,14 @@ def alias(weight: PackedWeight) -> PackedWeight:
 
 implements = PackedWeight.implements
 implements_torch_function = PackedWeight.implements_torch_function
+
+
+@implements(aten.detach.default)
+def _(func, types, args, kwargs):
+    # nn.Parameter(weight) detaches. torchao's handler detaches every part into a new view; the parts never require
+    # grad, so the new wrapper holds the very same part objects instead: parts that several weights share stay one
+    # object, which torch.compile turns into one graph input for all of them.
+    return return_and_correct_aliasing(func, args, kwargs, alias(args[0]))
 
 
 @implements(aten.is_pinned.default)

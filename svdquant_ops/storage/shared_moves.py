@@ -29,12 +29,27 @@ from contextlib import nullcontext
 import torch
 
 KEEP = 32
+# A part that several weights hold as one tensor object is marked with this attribute (``mark_shared``: by
+# ``share_inputs`` and by the moves below). torch.compile makes such a part one graph input for all its holders, a
+# layout that AOTAutograd's cache key cannot see (it hashes each weight alone): a weight that holds a marked part keeps
+# its graph out of that cache (``PackedWeight._stable_hash_for_caching``). A copy of the tensor (``copy.deepcopy``)
+# keeps the mark, which errs on the safe side.
+SHARED_MARK = "_svdquant_shared"
 # key -> (source storage ref, snapshot of the source, copy, copy version, id of the weight that made the copy).
 # The owner is held by id, not weakref: swap_tensors (nn.Module._apply) refuses tensors with weak references. A
 # reused id only refuses a reuse (a fresh copy), never grants one.
 _entries: OrderedDict = OrderedDict()
 _watched: set[int] = set()  # ids of source storages with a finalizer that forgets their entries
 _lock = threading.Lock()
+
+
+def mark_shared(t: torch.Tensor) -> torch.Tensor:
+    setattr(t, SHARED_MARK, True)
+    return t
+
+
+def is_marked(t: torch.Tensor | None) -> bool:
+    return t is not None and getattr(t, SHARED_MARK, False)
 
 
 def _stream(device: torch.device):  # the destination's: reused sources are on the CPU
@@ -76,9 +91,11 @@ def move_part(owner: torch.Tensor, t: torch.Tensor, device: torch.device, dtype:
             if (hit is not None and hit[0]() is st and hit[4] != id(owner) and hit[3] == hit[2]._version
                     and torch.equal(hit[1], t)):
                 _entries.move_to_end(key)
-                return hit[2]
+                return mark_shared(hit[2])  # a second holder
     with torch.inference_mode(False) if key is not None else nullcontext():
         out = copy_part(t, device, dtype, non_blocking)
+    if is_marked(t):
+        mark_shared(out)
     if key is not None:
         with _lock:
             _entries[key] = (weakref.ref(st), t.detach().clone(), out, out._version, id(owner))
