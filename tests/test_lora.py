@@ -368,6 +368,23 @@ def test_lora_on_to_q_leaves_shared_siblings_bit_identical(device, monkeypatch):
         assert torch.equal(model(**inputs).sample, ref)
 
 
+def test_lora_leaves_a_member_with_its_own_smooth_alone():
+    """A member of a shared group given a λ of its own since (its smooth rebound: no longer one object with the
+    group's) is not rebuilt with the group's λ when a LoRA goes onto a sibling: its output stays the same."""
+    model = _quantized_flux()
+    attn = model.transformer_blocks[0].attn
+    attn.to_v.weight.smooth = attn.to_v.weight.smooth.clone() * 2
+    x = torch.randn(1, 9, 128).to(torch.bfloat16)
+    sd = _lora(model, ["transformer_blocks.0.attn.to_q"], rank=8, seed=5, dtype=torch.bfloat16)
+    with torch.no_grad():
+        before_v, before_k = attn.to_v(x), attn.to_k(x)
+        load_lora(model, sd, "q_only", max_fused_rank=None)
+        assert torch.equal(attn.to_v(x), before_v) and torch.equal(attn.to_k(x), before_k)
+        assert attn.to_q.weight.smooth is attn.to_k.weight.smooth is not attn.to_v.weight.smooth
+        unload_lora(model)
+        assert torch.equal(attn.to_v(x), before_v)
+
+
 # Inductor on CUDA fuses the elementwise parts (norms, activations, residual adds) with fewer bf16 roundings than
 # eager: the tolerance of the other compiled tiny-model tests on the GPU (test_cuda_model.py, test_cuda_nunchaku.py).
 COMPILED_RTOL = COMPILED_ATOL = 2e-2

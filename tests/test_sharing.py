@@ -21,6 +21,7 @@ from torchao.quantization import quantize_
 from svdquant_ops import SVDQuantConfig, ops, prepare_model, quantize_model
 from svdquant_ops.quantize.sharing import share_inputs
 from svdquant_ops.storage import SVDQuantTensor
+from svdquant_ops.storage.shared_moves import SHARED_MARK
 
 from .builders import assert_cuda_graph_replays_eager, fresh_compile_state, flux_inputs, tiny_flux
 
@@ -42,6 +43,22 @@ def _quantized_pair():
 def _same(*ts) -> bool:
     # one tensor object, through nn.Parameter's detach and moves: torch.compile makes it one graph input
     return all(t is ts[0] for t in ts)
+
+
+def _quantized_weights(model):
+    return [m.weight for m in model.modules() if isinstance(m, nn.Linear) and isinstance(m.weight, SVDQuantTensor)]
+
+
+def _identical_parts_are_marked(model) -> bool:
+    """Every part object that several quantized weights hold carries the shared mark (without it AOTAutograd's cache
+    would not be bypassed for that layout)."""
+    holders: dict = {}
+    for w in _quantized_weights(model):
+        for name in w.__tensor_flatten__()[0]:
+            t = getattr(w, name)
+            holders.setdefault(id(t), []).append(t)
+    shared = [ts[0] for ts in holders.values() if len(ts) > 1]
+    return bool(shared) and all(getattr(t, SHARED_MARK, False) for t in shared)
 
 
 def _count(fn):
@@ -74,6 +91,7 @@ def test_groups_share_tensors():
     cols_mlp, cols_q = mlp.proj_up.abs().sum(0) != 0, sq.proj_up.abs().sum(0) != 0  # own columns, zeros elsewhere
     assert int(cols_mlp.sum()) == 32 and int(cols_q.sum()) == 32 and not (cols_mlp & cols_q).any()
     assert block.proj_out.weight.rank == 32  # reads another input
+    assert _identical_parts_are_marked(model)
     assert share_inputs(model) == 0  # idempotent
 
 
@@ -189,10 +207,6 @@ def _merging_aot(merged: list):
     return aot_autograd(fw_compiler=fw)
 
 
-def _quantized_weights(model):
-    return [m.weight for m in model.modules() if isinstance(m, nn.Linear) and isinstance(m.weight, SVDQuantTensor)]
-
-
 @pytest.mark.parametrize("how", ["rebind", "assign"])
 def test_unsharing_a_compiled_weight_recompiles(how):
     """A member given a λ of its own after compiling (its inner tensor rebound, or a new weight assigned) must not
@@ -240,7 +254,7 @@ def test_views_of_one_memory_are_not_merged():
 def test_shared_weights_stay_out_of_the_aot_autograd_cache(tmp_path, monkeypatch):
     """AOTAutograd keys its cache by each weight alone, which cannot show that weights hold one part object: the
     graph compiled for the shared model (its quantize_act calls merged) must not be reused for a model with separate
-    parts of the same shapes. Inductor's own cache keys the graph, where the sharing shows, and still applies."""
+    parts of the same shapes (Inductor's own cache keys the graph, where the sharing shows)."""
     import torch._functorch.config as functorch_config
     from torch._dynamo.utils import counters
     from torch._functorch._aot_autograd.autograd_cache import BypassAOTAutogradCache
@@ -271,6 +285,19 @@ def test_shared_weights_stay_out_of_the_aot_autograd_cache(tmp_path, monkeypatch
         torch.testing.assert_close(outs["separate"], separate(**inputs).sample, rtol=2e-2, atol=2e-2)
 
 
+def test_nunchaku_row_split_marks_the_parts_it_shares():
+    """A Nunchaku file's fused q/k/v split into three linears holding one λ and one down projection object: marked
+    like share_inputs' groups, so their graph stays out of AOTAutograd's cache too."""
+    from svdquant_ops.integrations.nunchaku import split_rows
+
+    unshared, _ = _quantized_pair()
+    w = unshared.transformer_blocks[0].attn.to_q.weight
+    assert not getattr(w.smooth, SHARED_MARK, False)
+    parts = [p for p, _ in split_rows(w, None, [w.shape[0] // 2] * 2)]
+    assert parts[0].smooth is parts[1].smooth and parts[0].proj_down is parts[1].proj_down
+    assert all(p.__tensor_flatten__()[1].get("holds_shared") for p in parts)
+
+
 _MOVES = [("fp16", lambda m: m.to(torch.float16))]
 if torch.cuda.is_available():
     _MOVES.append(("cuda", lambda m: m.to("cuda")))
@@ -291,6 +318,7 @@ def test_a_move_keeps_the_sharing(name, move):
     for part in ("proj_down", "smooth"):
         assert _same(getattr(attn.to_q.weight, part), getattr(attn.to_k.weight, part))
     assert not _same(attn.to_q.weight.proj_up, attn.to_k.weight.proj_up)  # each member's own part stays its own
+    assert _identical_parts_are_marked(model)
     assert share_inputs(model) == 0  # nothing left to share
     assert _against_unshared(unshared, model, inputs) == (SHARED, True)
 
@@ -327,6 +355,7 @@ def test_a_move_under_inference_mode_keeps_the_sharing():
     attn = model.transformer_blocks[0].attn
     assert _same(attn.to_q.weight.proj_down, attn.to_k.weight.proj_down)
     assert not attn.to_q.weight.proj_down.is_inference() and attn.to_q.weight.codes.is_inference()
+    assert _identical_parts_are_marked(model)
     assert share_inputs(model) == 0
 
 

@@ -355,11 +355,6 @@ def _split_inputs(modules: dict, layers: dict[str, LoraLayer]) -> dict[str, Lora
     return out
 
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-                      and a.dtype == b.dtype and a.device == b.device)
-
-
 def _svdquant_linears(model: nn.Module) -> list[nn.Linear]:
     return [m for m in model.modules() if isinstance(m, nn.Linear) and isinstance(m.weight, SVDQuantTensor)]
 
@@ -372,8 +367,10 @@ def _group_of(st: _State, model: nn.Module, module: nn.Linear, cache: dict) -> _
             return g
     if "linears" not in cache:
         cache["linears"] = _svdquant_linears(model)
-    pd = module.weight.proj_down
-    g = _FusedGroup([m for m in cache["linears"] if _same(m.weight.proj_down, pd)], pd.shape[1])
+    pd, sm = module.weight.proj_down, module.weight.smooth
+    # the linears holding the very same λ and down projection objects (share_inputs): the rebuild gives them one
+    # smooth, so a member given a λ of its own since is not part of the group
+    g = _FusedGroup([m for m in cache["linears"] if m.weight.proj_down is pd and m.weight.smooth is sm], pd.shape[1])
     cache["new"].append(g)
     return g
 

@@ -45,6 +45,7 @@ from ..formats import ACT_SHIFT, INT4, NVFP4, W4A8
 from ..layout import LAYOUT_VERSION, pack_nibbles, unpack_nibbles
 from ..quantizers import dequantize, quantize_w4a8_weight
 from ..storage import SVDQuantParts, SVDQuantTensor, W4A16Tensor
+from ..storage.shared_moves import mark_shared
 from . import nunchaku_pack as P
 
 log = logging.getLogger("svdquant_ops")
@@ -312,6 +313,8 @@ def split_rows(weight: SVDQuantTensor, bias: torch.Tensor | None, sizes) -> list
     """Split a fused linear's outputs (q;k;v): each part keeps its rows of the codes, scales, up projection, channel
     scales and bias correction, and the very same λ and down projection tensors (one ``quantize_act`` for all)."""
     out, start = [], 0
+    if len(sizes) > 1:  # one object held by several weights: storage.shared_moves
+        mark_shared(weight.smooth), mark_shared(weight.proj_down)
     for size in sizes:
         rows = slice(start, start + size)
         gs = weight.global_scale
@@ -453,8 +456,10 @@ def load_nunchaku_transformer(path: str | Path, device="cpu", precision: str | N
 
     ``precision``: None (or the file's own, ``"int4"`` / ``"nvfp4"``): the exact import. ``"w4a8"``: re-express
     the weights in our W4A8 format at load time (INT8 activations; the fast format on Hopper; an approximation of
-    the file's model, see ``to_w4a8``). ``share`` (default) gives linears that read one input one λ and one down
-    projection (``share_inputs``) and installs the compile pass that merges their activation quantization.
+    the file's model, see ``to_w4a8``). The file's fused q/k/v become three linears holding one λ and one down
+    projection object either way (``split_rows``). ``share`` (default) also gives the other linears that read one
+    input one λ and one down projection (``share_inputs``) and installs the compile pass that merges their
+    activation quantization.
     """
     from diffusers import FluxTransformer2DModel
 

@@ -98,9 +98,8 @@ def w4a16_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
 # runs only the GEMM. The key is the input *object* (held by a weak reference and compared with ``is``, so a freed
 # tensor whose id or memory is reused never matches) with its version counter and data pointer (an in-place write
 # bumps the version); smooth and proj_down by data pointer, shape, stride, dtype, device and version (not by object:
-# ``nn.Parameter(weight)`` detaches the weight, giving each inner tensor a new view object of the same memory; the
-# entry holds them, so their memory cannot be freed and reused by another tensor while the entry lives), precision
-# and act_unsigned. Inference tensors
+# eagerly, views of one memory hold the same values too; the entry holds them, so their memory cannot be freed and
+# reused by another tensor while the entry lives), precision and act_unsigned. Inference tensors
 # have no version counter: an in-place write under ``torch.inference_mode`` leaves no trace, and a hit would then
 # be a silent wrong result, so calls whose input, smooth or proj_down is an inference tensor are never cached (the
 # compiled path merges the calls in the graph instead; eager callers get the reuse under ``torch.no_grad``). Only

@@ -81,8 +81,8 @@ class PackedWeight(TorchAOBaseTensor):
 
 def distinct_nbytes(tensors) -> int:
     """Bytes held by ``tensors``, each storage counted once. Tensor subclasses (our quantized weights, torchao's)
-    count by their inner tensors, not their logical 16-bit size; the members of a shared input group hold views of
-    one λ and one down projection (``quantize.sharing``), counted once."""
+    count by their inner tensors, not their logical 16-bit size; the members of a shared input group hold one λ and
+    one down projection (``quantize.sharing``), counted once."""
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
     seen, total = set(), 0

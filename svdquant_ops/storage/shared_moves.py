@@ -30,7 +30,8 @@ import torch
 
 KEEP = 32
 # A part that several weights hold as one tensor object is marked with this attribute (``mark_shared``: by
-# ``share_inputs`` and by the moves below). torch.compile makes such a part one graph input for all its holders, a
+# ``share_inputs``, the Nunchaku loader's row split, LoRA's rebuild of a group, and the moves below when a second
+# weight takes a copy). torch.compile makes such a part one graph input for all its holders, a
 # layout that AOTAutograd's cache key cannot see (it hashes each weight alone): a weight that holds a marked part keeps
 # its graph out of that cache (``PackedWeight._stable_hash_for_caching``). A copy of the tensor (``copy.deepcopy``)
 # keeps the mark, which errs on the safe side.
@@ -46,10 +47,6 @@ _lock = threading.Lock()
 def mark_shared(t: torch.Tensor) -> torch.Tensor:
     setattr(t, SHARED_MARK, True)
     return t
-
-
-def is_marked(t: torch.Tensor | None) -> bool:
-    return t is not None and getattr(t, SHARED_MARK, False)
 
 
 def _stream(device: torch.device):  # the destination's: reused sources are on the CPU
@@ -94,8 +91,6 @@ def move_part(owner: torch.Tensor, t: torch.Tensor, device: torch.device, dtype:
                 return mark_shared(hit[2])  # a second holder
     with torch.inference_mode(False) if key is not None else nullcontext():
         out = copy_part(t, device, dtype, non_blocking)
-    if is_marked(t):
-        mark_shared(out)
     if key is not None:
         with _lock:
             _entries[key] = (weakref.ref(st), t.detach().clone(), out, out._version, id(owner))
