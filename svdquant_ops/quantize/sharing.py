@@ -55,11 +55,11 @@ def _share(members: list[nn.Linear]) -> bool:
             j = len(downs) - 1
         which.append(j)
     smooth = weights[0].smooth
-    if len(downs) == 1 and all(_same(w.proj_down, downs[0]) and _same(w.smooth, smooth) for w in weights):
-        mark_shared(smooth), mark_shared(downs[0])  # e.g. unpickled: objects kept, marks not
-        return False  # already shared
     proj_down = downs[0] if len(downs) == 1 else torch.cat(downs, dim=1).contiguous()
-    mark_shared(smooth), mark_shared(proj_down)
+    for t in (smooth, proj_down):
+        mark_shared(t)  # also when already shared: an unpickled model keeps the objects but not always the marks
+    if len(downs) == 1 and all(_same(w.proj_down, proj_down) and _same(w.smooth, smooth) for w in weights):
+        return False  # already shared
     offsets = [0]
     for d in downs:
         offsets.append(offsets[-1] + d.shape[1])

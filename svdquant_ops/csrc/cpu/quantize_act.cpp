@@ -63,12 +63,13 @@ void quantize_rows_w4a8(const scalar_t* x, const scalar_t* smooth, const float* 
   at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> xh(static_cast<size_t>(K));
     for (int64_t m = begin; m < end; ++m) {
+      for (int64_t k = 0; k < K; ++k) xh[k] = static_cast<float>(x[m * K + k]) / static_cast<float>(smooth[k]);
       float amax = 0.f;
-      for (int64_t k = 0; k < K; ++k) {
-        xh[k] = static_cast<float>(x[m * K + k]) / static_cast<float>(smooth[k]);
-        amax = nan_max(amax, fabsf(xh[k]));
+      if (given_amax != nullptr) {
+        amax = given_amax[m];
+      } else {
+        for (int64_t k = 0; k < K; ++k) amax = nan_max(amax, fabsf(xh[k]));
       }
-      if (given_amax != nullptr) amax = given_amax[m];
       const float s = int4_scale<scalar_t>(amax, kInt8Qmax);
       scales[m] = static_cast<scalar_t>(s);
       for (int64_t k = 0; k < K; ++k) codes[m * K + k] = static_cast<int8_t>(s == 0.f ? 0 : int8_code(xh[k] / s));
