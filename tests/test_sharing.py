@@ -371,3 +371,49 @@ def test_cuda_graph_capture_bypasses_the_cache():
     with torch.no_grad():  # cached: a normal tensor outside inference mode
         # its warm-up call fills the cache with the static input's quantization right before the capture
         assert_cuda_graph_replays_eager(lambda t: torch.cat([attn.to_q(t), attn.to_k(t), attn.to_v(t)], -1), x)
+
+
+def _parts(model) -> dict:
+    return {f"{n}.{p}": getattr(m.weight, p) for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and isinstance(m.weight, SVDQuantTensor)
+            for p in m.weight.__tensor_flatten__()[0]}
+
+
+def test_load_state_dict_into_a_shared_model_keeps_each_members_values():
+    """An in-place load_state_dict writes each member's parts into the one tensor the group shares: a checkpoint
+    whose members differ (here to_v given its own λ) must not leave the last member's values in all of them. The
+    groups the checkpoint agrees on are shared again (share_inputs' load hook)."""
+    _, src = _quantized_pair()
+    v = src.transformer_blocks[0].attn.to_v.weight
+    v.smooth = v.smooth * 2  # to_v's own λ; its siblings keep the group's
+    expected = _parts(src)
+    dst = tiny_flux(seed=1)  # another quantization of the same shapes, shared
+    prepare_model(dst)
+    quantize_(dst, SVDQuantConfig())
+    assert share_inputs(dst) == 6
+    dst.load_state_dict(src.state_dict())
+    got = _parts(dst)
+    assert [k for k in expected if not torch.equal(got[k], expected[k])] == []
+    attn = dst.transformer_blocks[0].attn
+    assert _same(attn.to_q.weight.smooth, attn.to_k.weight.smooth) and not _same(attn.to_q.weight.smooth,
+                                                                               attn.to_v.weight.smooth)
+    assert _same(attn.to_q.weight.proj_down, attn.to_k.weight.proj_down)
+    assert not _same(attn.to_v.weight.proj_down, attn.to_q.weight.proj_down)  # to_v cannot share: its λ differs
+    block = dst.single_transformer_blocks[1]
+    assert _same(block.proj_mlp.weight.smooth, block.attn.to_q.weight.smooth)
+    assert _identical_parts_are_marked(dst)
+    inputs = flux_inputs()
+    with torch.no_grad():
+        assert torch.equal(dst(**inputs).sample, src(**inputs).sample)
+
+
+def test_load_state_dict_into_one_member_leaves_its_siblings_alone():
+    _, model = _quantized_pair()
+    attn = model.transformer_blocks[0].attn
+    k_smooth = attn.to_k.weight.smooth.clone()
+    sd = attn.to_q.state_dict()
+    sd["weight"] = copy.deepcopy(sd["weight"])
+    sd["weight"].smooth = sd["weight"].smooth * 2
+    attn.to_q.load_state_dict(sd)
+    assert torch.equal(attn.to_q.weight.smooth, sd["weight"].smooth)
+    assert torch.equal(attn.to_k.weight.smooth, k_smooth) and _same(attn.to_k.weight.smooth, attn.to_v.weight.smooth)

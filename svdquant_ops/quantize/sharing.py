@@ -15,7 +15,9 @@ device and λ values, every member gets
 The result is exact: the extra columns of ``x @ proj_down`` meet zero columns of ``proj_up``, and adding exact
 zeros in fp32 changes nothing. No field or layout changes, so checkpoints are written as before (the shared tensors
 are written once per member; a loaded model has separate copies with equal values, and calling ``share_inputs``
-on it shares them again: distinct down projections are found by value, ``torch.equal``).
+on it shares them again: distinct down projections are found by value, ``torch.equal``). An in-place
+``load_state_dict`` into a shared model gives each member whose checkpoint part differs its own copy, and the model
+shares what is equal again after the load (the hook at the end of this module).
 """
 
 from __future__ import annotations
@@ -89,6 +91,9 @@ def share_inputs(model: nn.Module) -> int:
             key = input_group(m)
             if key is not None:
                 groups.setdefault(key, []).append(m)
+    if groups and not getattr(model, _LOAD_HOOK, False):
+        model.register_load_state_dict_post_hook(_share_after_load)
+        setattr(model, _LOAD_HOOK, True)
     changed = 0
     for key, members in groups.items():
         clusters: list[list[nn.Linear]] = []
@@ -106,3 +111,14 @@ def share_inputs(model: nn.Module) -> int:
             if len(c) > 1 and _share(c):
                 changed += 1
     return changed
+
+
+# An in-place load_state_dict never writes a shared part (the values would reach every member): a member whose
+# checkpoint values differ gets its own copy (``PackedWeight``'s copy_). Loading a shared model's checkpoint into
+# another shared model of the same shapes thus unshares every member; this hook shares what came out equal again.
+_LOAD_HOOK = "_svdquant_share_on_load"
+
+
+def _share_after_load(module: nn.Module, incompatible_keys) -> None:
+    share_inputs(module)
+

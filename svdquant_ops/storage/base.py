@@ -11,6 +11,7 @@ weights may hold as one tensor (``shared_fields``) are still one tensor after a 
 from __future__ import annotations
 
 import hashlib
+from contextlib import nullcontext
 
 import torch
 from torch.utils._python_dispatch import return_and_correct_aliasing
@@ -145,7 +146,8 @@ def _(func, types, args, kwargs):
 
 @implements(aten.copy_.default)
 def _(func, types, args, kwargs):
-    """load_state_dict into an already-quantized model: parts are copied in place when the layouts agree."""
+    """load_state_dict into an already-quantized model: parts are copied in place when the layouts agree, except a
+    shared part whose values differ, which this weight gets its own copy of."""
     dst, src = args[0], args[1]
     cls = type(dst).__name__
     if type(src) is not type(dst):
@@ -166,8 +168,19 @@ def _(func, types, args, kwargs):
         if a is not None and a.dtype != b.dtype:  # a silent cast would round scales: outputs would change
             raise ValueError(f"cannot load {cls}: part {name} has dtype {b.dtype} in the state dict but {a.dtype} in "
                              "the model; load with assign=True or quantize the model in the same dtype")
-        if a is not None:
-            a.copy_(b)
+        if a is None:
+            continue
+        if name in dst.shared_fields and getattr(a, SHARED_MARK, False):
+            # other weights hold this very tensor (share_inputs): writing into it would hand them this weight's
+            # values. Equal values need no write; other values go into a copy of this weight's own (share_inputs'
+            # load hook shares the parts that came out equal again).
+            if not torch.equal(a, b.to(a.device)):
+                with torch.inference_mode(False) if not a.is_inference() else nullcontext():
+                    own = torch.empty_like(a)
+                own.copy_(b)
+                setattr(dst, name, own)
+            continue
+        a.copy_(b)
     return dst
 
 
