@@ -66,11 +66,9 @@ def _check_act_inputs(op: str, x, smooth, proj_down, precision: str) -> int:
     return K
 
 
-@torch.library.register_fake("svdquant::quantize_act")
-def _quantize_act_fake(x, smooth, proj_down, precision, act_unsigned=False):
-    gs = _check_precision("quantize_act", precision, act_unsigned)
-    K = _check_act_inputs("quantize_act", x, smooth, proj_down, precision)
-    lead = x.shape[:-1]
+def _act_outputs(x, proj_down, precision: str):
+    """(act_codes, act_scales, down_act) of an activation quantization of x."""
+    lead, K, gs = x.shape[:-1], x.shape[-1], GROUP_SIZE[precision]
     if precision == W4A8:  # int8 codes, one per byte; one scale per token
         act_codes = x.new_empty((*lead, K), dtype=torch.int8)
         act_scales = x.new_empty((*lead, 1), dtype=x.dtype)
@@ -78,22 +76,27 @@ def _quantize_act_fake(x, smooth, proj_down, precision, act_unsigned=False):
         scale_dtype = x.dtype if precision == INT4 else torch.float8_e4m3fn
         act_codes = x.new_empty((*lead, K // 2), dtype=torch.uint8)
         act_scales = x.new_empty((*lead, K // gs), dtype=scale_dtype)
-    down_act = x.new_empty((*lead, proj_down.shape[1]), dtype=torch.float32)
-    return act_codes, act_scales, down_act
+    return act_codes, act_scales, x.new_empty((*lead, proj_down.shape[1]), dtype=torch.float32)
+
+
+@torch.library.register_fake("svdquant::quantize_act")
+def _quantize_act_fake(x, smooth, proj_down, precision, act_unsigned=False):
+    _check_precision("quantize_act", precision, act_unsigned)
+    _check_act_inputs("quantize_act", x, smooth, proj_down, precision)
+    return _act_outputs(x, proj_down, precision)
 
 
 @torch.library.register_fake("svdquant::quantize_act_given_amax")
 def _quantize_act_given_amax_fake(x, smooth, proj_down, amax):
     op = "quantize_act_given_amax"
-    K = _check_act_inputs(op, x, smooth, proj_down, W4A8)
+    _check_act_inputs(op, x, smooth, proj_down, W4A8)
     lead = x.shape[:-1]
     _check(amax.dtype == torch.float32, op,
            f"amax must be float32 (each token's amax of |x / smooth|), got {amax.dtype}")
     _check(tuple(amax.shape) == (*lead, 1), op,
            f"amax must have shape {[*lead, 1]} (x's leading dims and one value per token), got {list(amax.shape)}")
     _check_device(op, "amax", amax, "x", x)
-    return (x.new_empty((*lead, K), dtype=torch.int8), x.new_empty((*lead, 1), dtype=x.dtype),
-            x.new_empty((*lead, proj_down.shape[1]), dtype=torch.float32))
+    return _act_outputs(x, proj_down, W4A8)
 
 
 @torch.library.register_fake("svdquant::gemm")

@@ -927,6 +927,18 @@ bool fast_kernel_ok(const QuantizeActShape& s, const at::Tensor& xc, const at::T
          (s.R == 0 || aligned16(pdc.data_ptr()));
 }
 
+// The outputs for x: W4A8 int8 codes and one scale per token; INT4 / NVFP4 two 4-bit codes per byte and one scale
+// per group (NVFP4's in e4m3); down_act in fp32.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_act_outputs(const QuantizeActShape& s, const at::Tensor& x) {
+  const bool w4a8 = s.precision == Precision::kW4a8;
+  auto act_codes = w4a8 ? at::empty(with_last_dim(x, s.K), x.options().dtype(at::kChar))
+                        : at::empty(with_last_dim(x, s.K / 2), x.options().dtype(at::kByte));
+  const auto scale_dtype = s.precision == Precision::kNvfp4 ? at::kFloat8_e4m3fn : x.scalar_type();
+  auto act_scales = at::empty(with_last_dim(x, w4a8 ? 1 : s.G), x.options().dtype(scale_dtype));
+  auto down_act = at::empty(with_last_dim(x, s.R), x.options().dtype(at::kFloat));
+  return {act_codes, act_scales, down_act};
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_cuda(const at::Tensor& x, const at::Tensor& smooth,
@@ -937,19 +949,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_cuda(const at::Tenso
   auto xc = x.contiguous();
   auto sc = smooth.contiguous();
   auto pdc = proj_down.contiguous();
-  const bool nvfp4 = s.precision == Precision::kNvfp4;
-  const bool w4a8 = s.precision == Precision::kW4a8;
-  // W4A8: int8 codes, one scale per token; INT4 / NVFP4: two 4-bit codes per byte, one scale per group
-  auto act_codes = w4a8 ? at::empty(with_last_dim(x, s.K), x.options().dtype(at::kChar))
-                        : at::empty(with_last_dim(x, s.K / 2), x.options().dtype(at::kByte));
-  const auto scale_dtype = nvfp4 ? at::kFloat8_e4m3fn : x.scalar_type();
-  auto act_scales = at::empty(with_last_dim(x, w4a8 ? 1 : s.G), x.options().dtype(scale_dtype));
-  auto down_act = at::empty(with_last_dim(x, s.R), x.options().dtype(at::kFloat));
+  at::Tensor act_codes, act_scales, down_act;  // plain variables: C++17 lambdas cannot capture structured bindings
+  std::tie(act_codes, act_scales, down_act) = empty_act_outputs(s, x);
   if (s.M == 0) return {act_codes, act_scales, down_act};
   cudaStream_t stream = current_stream();
 
   const bool fast = fast_kernel_ok(s, xc, pdc);
-  if (w4a8) {
+  if (s.precision == Precision::kW4a8) {
     quantize_w4a8(s, fast, xc, sc, pdc, act_codes, act_scales, down_act, stream);
   } else if (fast) {
     quantize_groups_fast(s, xc, sc, pdc, act_codes, act_scales, down_act, act_unsigned, stream);
@@ -969,9 +975,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_given_amax_cuda(cons
   auto sc = smooth.contiguous();
   auto pdc = proj_down.contiguous();
   auto ac = amax.contiguous();
-  auto act_codes = at::empty(with_last_dim(x, s.K), x.options().dtype(at::kChar));
-  auto act_scales = at::empty(with_last_dim(x, 1), x.options());
-  auto down_act = at::empty(with_last_dim(x, s.R), x.options().dtype(at::kFloat));
+  at::Tensor act_codes, act_scales, down_act;  // plain variables: C++17 lambdas cannot capture structured bindings
+  std::tie(act_codes, act_scales, down_act) = empty_act_outputs(s, x);
   if (s.M == 0) return {act_codes, act_scales, down_act};
   cudaStream_t stream = current_stream();
   const float* am = ac.data_ptr<float>();
