@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -272,3 +273,44 @@ def test_quantize_model_then_save_pretrained_round_trips(tmp_path, safe):
     inputs = flux_inputs()
     with torch.inference_mode():
         assert torch.equal(loaded(**inputs).sample, model(**inputs).sample)
+
+
+@pytest.mark.parametrize("safe", [True, False])
+@pytest.mark.parametrize("part,corrupt,msg", [
+    ("proj_up", lambda t: torch.full_like(t, float("inf")), "proj_up contains NaN or Inf"),
+    ("smooth", lambda t: torch.full_like(t, float("nan")), "smooth contains NaN or Inf"),
+    ("bias_correction", lambda t: t[:1].clone(), r"bias_correction must have shape \[128\]"),
+    ("bias_correction", lambda t: t.bfloat16(), r"bias_correction must have shape \[128\] and dtype torch.float32"),
+])
+def test_from_pretrained_refuses_a_corrupt_weight(tmp_path, safe, part, corrupt, msg):
+    """diffusers' from_pretrained runs the value and shape checks load_file runs, for safetensors and .bin files:
+    a corrupt part does not load (it would give a broadcast bias or non-finite outputs)."""
+    from diffusers import FluxTransformer2DModel
+
+    model = tiny_flux()
+    svdquant_ops.quantize_model(model)  # int4 with act_unsigned GELU-fed layers: ff.net.2 has a bias_correction
+    model.save_pretrained(tmp_path, safe_serialization=safe)
+    key = "transformer_blocks.0.ff.net.2.weight"
+    if safe:
+        from safetensors import safe_open
+        from safetensors.torch import load_file, save_file
+
+        path = next(tmp_path.glob("*.safetensors"))
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        tensors = load_file(str(path))
+        name = key.replace(".weight", f"._weight_{part}")
+        tensors[name] = corrupt(tensors[name]).contiguous()
+        save_file(tensors, str(path), metadata=meta)
+    else:
+        path = next(tmp_path.glob("*.bin"))
+        sd = torch.load(path, weights_only=True)
+        setattr(sd[key], part, corrupt(getattr(sd[key], part)))
+        torch.save(sd, path)
+    with pytest.raises((ValueError, OSError)) as info:
+        FluxTransformer2DModel.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    chain, e = [], info.value
+    while e is not None:  # diffusers turns a failing torch.load into an OSError, ours in its chain
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    assert any(isinstance(e, ValueError) and re.search(msg, str(e)) for e in chain), chain

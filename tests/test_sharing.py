@@ -417,3 +417,31 @@ def test_load_state_dict_into_one_member_leaves_its_siblings_alone():
     attn.to_q.load_state_dict(sd)
     assert torch.equal(attn.to_q.weight.smooth, sd["weight"].smooth)
     assert torch.equal(attn.to_k.weight.smooth, k_smooth) and _same(attn.to_k.weight.smooth, attn.to_v.weight.smooth)
+
+
+def test_only_fake_weights_holding_shared_parts_refuse_pickling(tmp_path):
+    """torch 2.11's AOTAutograd cache key pickles the fake weights (it has no _stable_hash_for_caching): a fake that
+    holds shared parts raises the bypass there; a real shared weight still pickles (torch.save)."""
+    import pickle
+
+    from torch._functorch._aot_autograd.autograd_cache import BypassAOTAutogradCache
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    _, model = _quantized_pair()
+    q = model.transformer_blocks[0].attn.to_q.weight
+    names, ctx = q.__tensor_flatten__()
+    assert ctx["holds_shared"]
+    with FakeTensorMode() as mode:
+        parts = {n: mode.from_tensor(getattr(q, n)) for n in names}
+        fake = type(q).__tensor_unflatten__(parts, ctx, q.shape, q.stride())
+    with pytest.raises(BypassAOTAutogradCache):
+        pickle.dumps(fake)
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    other = tiny_flux(seed=1)
+    prepare_model(other)
+    quantize_(other, SVDQuantConfig())
+    share_inputs(other)
+    other.load_state_dict(torch.load(tmp_path / "sd.pt", weights_only=True))
+    inputs = flux_inputs()
+    with torch.no_grad():
+        assert torch.equal(other(**inputs).sample, model(**inputs).sample)

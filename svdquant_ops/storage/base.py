@@ -14,6 +14,7 @@ import hashlib
 from contextlib import nullcontext
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import return_and_correct_aliasing
 from torchao.utils import TorchAOBaseTensor
 
@@ -56,6 +57,14 @@ class PackedWeight(TorchAOBaseTensor):
                sorted((k, str(v)) for k, v in attrs.items()), parts)
         return hashlib.sha256(repr(key).encode()).hexdigest()
 
+    def __reduce_ex__(self, protocol):
+        # torch 2.11's AOTAutograd cache key pickles the fake weights torch.compile traced with (it has no
+        # _stable_hash_for_caching): the same bypass there, for the same reason. A real weight (torch.save) pickles
+        # as always; only fakes carry _holds_shared's flag from __tensor_unflatten__.
+        if self.__dict__.get("_holds_shared") and isinstance(getattr(self, self.tensor_data_names[0]), FakeTensor):
+            raise _BypassAOTAutogradCache(f"{type(self).__name__} holds parts shared with other weights")
+        return super().__reduce_ex__(protocol)
+
     def __tensor_flatten__(self):
         # torchao's generic version, without its hasattr probes and reading the instance dict directly: a compiled
         # model calls this twice per quantized weight and step (Dynamo's metadata guard, AOTAutograd's unwrapping),
@@ -78,6 +87,22 @@ class PackedWeight(TorchAOBaseTensor):
         if tensor_attributes.get("holds_shared"):
             weight._holds_shared = True
         return weight
+
+
+def check_on_unpickle(cls, rename: dict[str, str] | None = None) -> None:
+    """Make an unpickled ``cls`` weight (``torch.load``, ``from_pretrained`` of a ``.bin`` file) value-checked like a
+    safetensors one, the fields in ``rename`` renamed first. Wraps torchao's ``__setstate__``, which its
+    ``__init_subclass__`` installs after the class body, so it is called once the class exists."""
+    inner = cls.__setstate__
+
+    def __setstate__(self, state: dict) -> None:
+        if rename:
+            state = {rename.get(k, k): v for k, v in state.items()}
+        inner(self, state)
+        if self.device.type != "meta":  # nothing to check in shapes without values
+            self.validate()
+
+    cls.__setstate__ = __setstate__
 
 
 def distinct_nbytes(tensors) -> int:

@@ -11,7 +11,7 @@ Checkpoint keys are ``<module>.<param>`` for plain tensors and ``<module>._weigh
 ``SVDQuantTensor`` (``codes``, ``scales``, ``global_scale``, ``smooth``, ``proj_down``, ``proj_up``,
 ``bias_correction``; a ``W4A16Tensor``'s ``codes``, ``scales``, ``zeros``). Version 0.1.0 named three fields ``qweight``, ``wscales``, ``wglobal``
 (``tensor.LEGACY_FIELD_NAMES``) and pickled the class as ``svdquant_ops.tensor.SVDQuantTensor``; both are mapped here
-(safetensors: ``_from_saved_fields``; pickles: the safe-globals alias and ``SVDQuantTensor.__setstate__``).
+(safetensors: ``_from_saved_fields``; pickles: the safe-globals alias and ``base.check_on_unpickle``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from .base import PackedWeight
 from .tensor import LEGACY_FIELD_NAMES, SVDQuantTensor
 from .weight_only import W4A16Tensor
 
@@ -50,15 +49,20 @@ def register() -> None:
     for name in ("SVDQuantTensor", "W4A16Tensor"):
         if name not in safetensors_utils.ALLOWED_TENSORS_SUBCLASSES:
             safetensors_utils.ALLOWED_TENSORS_SUBCLASSES.append(name)
-    # torchao rebuilds each tensor as ALLOWED_CLASSES[name](**fields): SVDQuantTensor goes through the key map.
+    # torchao rebuilds each tensor as ALLOWED_CLASSES[name](**fields) (from_pretrained, load_file): SVDQuantTensor
+    # goes through the key map, and both are value-checked, as a corrupt file must not load.
     safetensors_utils.ALLOWED_CLASSES["SVDQuantTensor"] = _from_saved_fields
-    safetensors_utils.ALLOWED_CLASSES["W4A16Tensor"] = W4A16Tensor
+    safetensors_utils.ALLOWED_CLASSES["W4A16Tensor"] = _w4a16_from_saved_fields
     _registered = True
 
 
 def _from_saved_fields(**fields) -> SVDQuantTensor:
     """Build an SVDQuantTensor from the fields torchao read from a safetensors checkpoint (any version)."""
-    return SVDQuantTensor(**{LEGACY_FIELD_NAMES.get(k, k): v for k, v in fields.items()})
+    return SVDQuantTensor(**{LEGACY_FIELD_NAMES.get(k, k): v for k, v in fields.items()}).validate()
+
+
+def _w4a16_from_saved_fields(**fields) -> W4A16Tensor:
+    return W4A16Tensor(**fields).validate()
 
 
 def save_file(state_dict: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
@@ -90,7 +94,4 @@ def load_file(path: str | Path, device: str | torch.device = "cpu") -> dict[str,
     missing = set(json.loads(meta["tensor_names"])) - set(result)
     if missing:
         raise ValueError(f"{path}: corrupt quantized checkpoint, incomplete tensors: {sorted(missing)[:5]}")
-    for t in result.values():
-        if isinstance(t, PackedWeight):
-            t.validate()
-    return {**leftover, **result}
+    return {**leftover, **result}  # every quantized weight value-checked as it was built (register)

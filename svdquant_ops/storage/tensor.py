@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ..formats import FLOAT_DTYPES, GROUP_SIZE, INT4, NVFP4, W4A8, W4A8_MULT_MAX, check_precision
 from ..layout import LAYOUT_VERSION, check_layout_version, pack_nibbles, unpack_nibbles
 from ..quantizers import dequantize as dequantize_codes
-from .base import PackedWeight, rewrap
+from .base import PackedWeight, check_on_unpickle, rewrap
 from .parts import SVDQuantParts
 
 aten = torch.ops.aten
@@ -90,6 +90,16 @@ class SVDQuantTensor(PackedWeight):
             raise ValueError(f"SVDQuantTensor: global_scale must have shape [{n}] and dtype torch.float32 for "
                              f"precision 'w4a8' (the per-output-channel scale), got {list(global_scale.shape)} "
                              f"{global_scale.dtype} (corrupt checkpoint?)")
+        if precision == NVFP4 and (tuple(global_scale.shape) not in ((1,), (n,))
+                                   or global_scale.dtype != torch.float32):
+            raise ValueError(f"SVDQuantTensor: global_scale must have shape [1] (per tensor) or [{n}] (per output "
+                             f"channel) and dtype torch.float32 for precision 'nvfp4', got "
+                             f"{list(global_scale.shape)} {global_scale.dtype} (corrupt checkpoint?)")
+        if bias_correction is not None and (tuple(bias_correction.shape) != (n,)
+                                            or bias_correction.dtype != torch.float32):
+            raise ValueError(f"SVDQuantTensor: bias_correction must have shape [{n}] and dtype torch.float32 (one "
+                             f"correction per output channel), got {list(bias_correction.shape)} "
+                             f"{bias_correction.dtype} (corrupt checkpoint?)")
         if act_unsigned and precision != INT4:
             raise ValueError("SVDQuantTensor: act_unsigned is only defined for precision 'int4'")
         self.codes = codes
@@ -169,12 +179,5 @@ class SVDQuantTensor(PackedWeight):
                 f"act_unsigned={self.act_unsigned}, layout_version={self.layout_version}, device={self.device})")
 
 
-def _setstate(self, state: dict) -> None:
-    """Unpickling (``torch.load``): rename the fields of checkpoints written by svdquant_ops 0.1.0 (layout 1)."""
-    state = {LEGACY_FIELD_NAMES.get(k, k): v for k, v in state.items()}
-    _torchao_setstate(self, state)
-
-
-# torchao's __init_subclass__ installs its own __setstate__ after the class body runs; wrap it here.
-_torchao_setstate = SVDQuantTensor.__setstate__
-SVDQuantTensor.__setstate__ = _setstate
+# Unpickling (torch.load) renames the fields of checkpoints written by svdquant_ops 0.1.0 (layout 1).
+check_on_unpickle(SVDQuantTensor, LEGACY_FIELD_NAMES)

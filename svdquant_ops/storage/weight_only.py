@@ -17,7 +17,7 @@ import torch
 from ..formats import FLOAT_DTYPES, W4A16_GROUP
 from ..layout import LAYOUT_VERSION, check_layout_version, pack_nibbles, unpack_nibbles
 from ..quantizers import dequantize_w4a16, quantize_w4a16_weight
-from .base import PackedWeight, rewrap
+from .base import PackedWeight, check_on_unpickle, rewrap
 
 
 class W4A16Tensor(PackedWeight):
@@ -100,3 +100,6 @@ class W4A16Tensor(PackedWeight):
         n, k = self.shape
         return (f"W4A16Tensor(shape=[{n}, {k}], dtype={self.dtype}, layout_version={self.layout_version}, "
                 f"device={self.device})")
+
+
+check_on_unpickle(W4A16Tensor)
