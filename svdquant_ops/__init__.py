@@ -54,8 +54,9 @@ def __getattr__(name: str):
 def _diffusers_model_class(name: str):
     """diffusers' ``ModelMixin`` and its subclasses, by name. A pipeline saved by svdquant_ops names this package as
     its quantized denoiser's library in ``model_index.json`` (``["svdquant_ops", "FluxTransformer2DModel"]``):
-    diffusers imports the library to find the class, so ``DiffusionPipeline.from_pretrained`` registers our config
-    and tensors before loading the component, with no ``import svdquant_ops`` in the user's code."""
+    diffusers looks the class up here once the package is imported (without the import it stops with its own
+    message, "import svdquant_ops before calling ``from_pretrained``"), and the import has registered our config and
+    tensors for the loader by then."""
     if not name[:1].isupper():  # class names only: other lookups (hasattr probes) must not import diffusers
         return None
     try:

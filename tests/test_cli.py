@@ -123,6 +123,8 @@ def test_error_paths(capsys, tmp_path, monkeypatch):
     (tmp_path / "full" / "x").write_text("x")
     _fails(capsys, ["quantize", "--out", str(tmp_path / "full")], "directory exists and is not empty")
     _fails(capsys, ["generate", str(tmp_path), "--prompt", "x"], "not a diffusers pipeline directory")
+    _fails(capsys, ["generate", str(tmp_path / "missing.safetensors"), "--base", "builtin:tiny-flux", "--prompt", "x"],
+           "missing.safetensors: no such file or directory")
     plain = tmp_path / "plain"
     tiny_flux_pipeline().save_pretrained(plain)
     capsys.readouterr()  # the save's progress bars

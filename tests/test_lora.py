@@ -291,8 +291,13 @@ def test_rank_past_the_fast_path_becomes_a_side_branch():
         assert net.svdq.weight.rank == 32
         delta, m = _delta(sd, "svdq", x, 1.0)
         _check(base, net.svdq(x), delta, m, 256, 40, torch.float32, side=True)
+        # no state dict can hold a side branch: saving now would load back without it, silently
+        with pytest.raises(RuntimeError, match="svdq holds LoRA adapters as a side branch.*unload_lora"):
+            net.state_dict()
         unload_lora(net)
+        assert set(net.state_dict()) == set(_layers().state_dict())
         assert load_lora(net, sd, "wide", max_fused_rank=None) == {"fused": 1, "side": 0}  # no limit: fused
+        net.state_dict()  # fused adapters are part of the weights
         assert net.svdq.weight.rank == 32 + 48
         _check(base, net.svdq(x), delta, m, 256, 80, torch.float32, side=False)
 
@@ -461,7 +466,14 @@ def test_helpful_errors():
     with pytest.raises(ValueError, match=r"not in the ModuleDict.*'blocks.3.to_q'"):
         load_lora(net, {"blocks.3.to_q.lora_A.weight": torch.randn(4, 8),
                         "blocks.3.to_q.lora_B.weight": torch.randn(8, 4)}, "x")
+    nan_a = dict(sd, **{"svdq.lora_A.weight": torch.full_like(sd["svdq.lora_A.weight"], float("nan"))})
+    with pytest.raises(ValueError, match="svdq: lora_A contains NaN or Inf"):
+        load_lora(net, nan_a, "x")
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        load_lora(net, sd, "x", scale=float("inf"))
     load_lora(net, sd, "x")
+    with pytest.raises(ValueError, match="set_lora_scale: scale must be a finite number.*nan"):
+        set_lora_scale(net, "x", float("nan"))
     with pytest.raises(ValueError, match="already loaded"):
         load_lora(net, sd, "x")
     with pytest.raises(KeyError, match=r"no adapter named 'y'.*\['x'\]"):

@@ -247,6 +247,23 @@ def test_tiny_file_loads_and_matches_the_layers_built_directly(tiny, name):
     assert sqnr_db(want, out) > 8, sqnr_db(want, out)
 
 
+def test_an_imported_model_refuses_save_pretrained_and_round_trips_through_save_file(tiny, tmp_path):
+    """diffusers would load a re-saved import without its split single-block proj_out (the stock module tree has one
+    linear there): save_pretrained says so instead; the state dict round-trips bit for bit through save_file."""
+    import svdquant_ops
+
+    model = load_nunchaku_transformer(tiny["files"]["int4"])
+    with pytest.raises(NotImplementedError, match="cannot be saved with save_pretrained.*keep the Nunchaku file"):
+        model.save_pretrained(tmp_path / "resaved")
+    assert not (tmp_path / "resaved").exists()
+    svdquant_ops.save_file(model.state_dict(), tmp_path / "sd.safetensors")
+    other = load_nunchaku_transformer(tiny["files"]["int4"])
+    other.load_state_dict(svdquant_ops.load_file(tmp_path / "sd.safetensors"))
+    inputs = _flux_inputs(model)
+    with torch.inference_mode():
+        assert torch.equal(other(**inputs).sample, model(**inputs).sample)
+
+
 def test_every_packed_layer_of_the_tiny_file_round_trips(tiny):
     for precision in ("int4", "nvfp4"):
         t = load_file(tiny["files"][f"small-{precision}"])

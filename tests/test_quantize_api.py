@@ -9,7 +9,7 @@ import torch
 from torchao.quantization import FqnToConfig, Int8WeightOnlyConfig, quantize_
 
 import svdquant_ops
-from svdquant_ops import SVDQuantConfig, SVDQuantTensor, prepare_model, quantize_weight
+from svdquant_ops import SVDQuantConfig, SVDQuantTensor, prepare_model, quantize_model, quantize_weight
 from svdquant_ops.ops import quantized_linear
 
 from .builders import flux_inputs, sqnr_db, tiny_flux
@@ -43,6 +43,29 @@ def test_quantize_is_idempotent(mlp):
     w = mlp.fc1.weight
     quantize_(mlp, SVDQuantConfig(rank=16))
     assert mlp.fc1.weight is w
+
+
+def test_quantize_model_twice_keeps_or_refuses():
+    """A second quantize_model leaves quantized linears alone: with the same precision it changes nothing (the config
+    save_pretrained writes stays the first one); with another precision it says so instead of leaving a model whose
+    weights and saved config disagree."""
+    model = tiny_flux()
+    quantize_model(model)
+    first = model.config.quantization_config
+    w = model.transformer_blocks[0].attn.to_q.weight
+    quantize_model(model, rank=16)
+    assert model.transformer_blocks[0].attn.to_q.weight is w and model.config.quantization_config is first
+    with pytest.raises(ValueError, match="already quantized with precision 'int4'.*precision 'w4a8'"):
+        quantize_model(model, precision="w4a8")
+    assert model.config.quantization_config is first
+
+
+def test_quantize_weight_names_what_is_wrong():
+    with pytest.raises(TypeError, match="weight must be torch.bfloat16, torch.float16, torch.float32.*float64"):
+        quantize_weight(torch.randn(64, 64, dtype=torch.float64))
+    # fp16 holds the weight but not its low-rank factors (|w| 6e4 over 64 columns): no smooth was given to blame
+    with pytest.raises(ValueError, match=r"overflow torch.float16 \(max \|weight\| 6e\+04\); quantize a bfloat16"):
+        quantize_weight(torch.full((64, 64), 60000.0).half())
 
 
 def test_rank_improves_data_free_error():

@@ -78,6 +78,12 @@ def quantize_model(model: nn.Module, config: SVDQuantConfig | None = None, **opt
     if not isinstance(config, SVDQuantConfig):
         raise TypeError(f"quantize_model: config must be an SVDQuantConfig, got {type(config).__name__}")
     prepare_model(model)
+    done = [m for m in model.modules() if isinstance(m, nn.Linear) and isinstance(m.weight, SVDQuantTensor)]
+    other = next((m for m in done if m.weight.precision != config.precision), None)
+    if other is not None:  # quantize_ leaves a quantized linear alone: the model would not be what config says
+        raise ValueError(f"quantize_model: the model is already quantized with precision {other.weight.precision!r} "
+                         f"({describe(other)}), and quantizing again leaves those weights as they are; load the "
+                         f"16-bit model again to quantize it with precision {config.precision!r}")
     summary = QuantizeSummary(bytes_before=model_nbytes(model))
     reasons = {}
     for module in model.modules():
@@ -102,7 +108,8 @@ def quantize_model(model: nn.Module, config: SVDQuantConfig | None = None, **opt
         else:  # e.g. torchao's quantize_ filter leaves NonDynamicallyQuantizableLinear alone
             summary.kept[describe(m)] = "left unchanged by torchao's quantize_ filter"
     summary.bytes_after = model_nbytes(model)
-    attach_to_diffusers(model, config, list(summary.kept))  # model.save_pretrained then writes a quantized model
+    if not (done and getattr(model, "hf_quantizer", None) is not None):  # a second call keeps the first's config
+        attach_to_diffusers(model, config, list(summary.kept))  # model.save_pretrained then writes a quantized model
     log.info("svdquant_ops: %s", summary)
     return summary
 

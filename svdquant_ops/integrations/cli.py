@@ -112,6 +112,9 @@ def cmd_generate(args) -> int:
     from .pipelines import denoiser_of, is_quantized
 
     path = Path(args.dir)
+    if not path.exists():
+        raise UsageError(f"{args.dir}: no such file or directory (expected a directory written by `svdquant "
+                         "quantize`, or a Nunchaku .safetensors file)")
     if path.is_file() and path.suffix == ".safetensors":  # a Nunchaku checkpoint: the transformer, on a base pipeline
         return _generate(args, *_nunchaku_pipeline(args, path))
     if args.base or args.precision:
@@ -208,7 +211,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--weight-only", default="w4a16", choices=("w4a16", "none"),
                    help="AdaLN modulation linears: 4-bit weights, 16-bit activations (w4a16, default) or 16-bit (none)")
     q.add_argument("--prompts", help="calibration prompts, one per line (default: 128 built-in captions)")
-    q.add_argument("--num-prompts", type=int, help="use the first N prompts (default: all; 18 for the built-in model)")
+    q.add_argument("--num-prompts", type=int, help="use the first N prompts (default: all; 17 for the built-in model)")
     q.add_argument("--steps", type=int, default=4, help="denoising steps per calibration prompt (4)")
     q.add_argument("--height", type=int, help="image height for calibration (default: the pipeline's)")
     q.add_argument("--width", type=int, help="image width for calibration (default: the pipeline's)")

@@ -27,7 +27,8 @@ fast kernel runs at two blocks per SM up to R = 64, at one up to 128, and past 1
 runs), and on 16-bit linears and 4-bit weight-only
 (``W4A16Tensor``) linears, the adapter runs as an exact side branch instead: a forward hook adding
 ``(x·Dᵀ)·Uᵀ`` with ``D`` [R, K] the adapters' ``A`` stacked and ``U`` [N, R] their scaled ``B`` side by side, held
-as non-persistent buffers of the linear (they move with the model and are not saved). Strength changes write into
+as non-persistent buffers of the linear (they move with the model; ``state_dict()``, and so saving, refuses a model
+that has them: a saved model would keep the fused adapters and lose these). Strength changes write into
 ``U`` in place, as above. The module classes stay diffusers' own, so ``torch.compile`` traces the hook into the
 same graph.
 
@@ -135,6 +136,7 @@ class _SideBranch:
     def __init__(self):
         self.segments: list[_SideSegment] = []
         self.handle = None
+        self.save_handle = None
 
     def __call__(self, module: nn.Module, args, output):
         down, up = getattr(module, SIDE_DOWN), getattr(module, SIDE_UP)
@@ -294,6 +296,9 @@ def read_lora(model_or_pipe, path_or_state_dict, **load_kwargs) -> dict[str, Lor
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
             raise ValueError(f"load_lora: {name}: lora_A {list(a.shape)} and lora_B {list(b.shape)} are not the "
                              "factors of one linear's LoRA ([r, in_features] and [out_features, r])")
+        for what, t in (("lora_A", a), ("lora_B", b)):
+            if not torch.isfinite(t.float()).all():
+                raise ValueError(f"load_lora: {name}: {what} contains NaN or Inf (corrupt LoRA file?)")
         r = a.shape[0]
         if name in alpha_of:
             alpha = alpha_of[name]
@@ -444,6 +449,7 @@ def _side_install(m: nn.Linear, side: _SideBranch, keep: list[_SideSegment], new
             off += d.shape[0]
         if off == 0:
             side.handle.remove()
+            side.save_handle.remove()
             for name in (SIDE_DOWN, SIDE_UP):
                 delattr(m, name)
             side.segments = []
@@ -452,7 +458,16 @@ def _side_install(m: nn.Linear, side: _SideBranch, keep: list[_SideSegment], new
         m.register_buffer(SIDE_UP, torch.cat(ups, 1).contiguous(), persistent=False)
     if side.handle is None:
         side.handle = m.register_forward_hook(side)
+        side.save_handle = m.register_state_dict_pre_hook(_refuse_state_dict)
     side.segments = keep + new
+
+
+def _refuse_state_dict(module: nn.Module, prefix: str, keep_vars: bool) -> None:
+    # A side branch lives in non-persistent buffers and a hook, which no state dict holds, while fused adapters are
+    # in the weights: a model saved now would load with some of its adapters and not others.
+    raise RuntimeError(f"svdquant_ops: {prefix.rstrip('.') or 'this linear'} holds LoRA adapters as a side branch, "
+                       "which a state dict cannot hold (a model saved now would load with the fused adapters but "
+                       "without these); call svdquant_ops.lora.unload_lora(model) before saving")
 
 
 def load_lora(model, path_or_state_dict, adapter_name: str, scale: float = 1.0, *,
@@ -469,7 +484,7 @@ def load_lora(model, path_or_state_dict, adapter_name: str, scale: float = 1.0, 
     if adapter_name in st.scales:
         raise ValueError(f"load_lora: an adapter named {adapter_name!r} is already loaded; unload_lora(model, "
                          f"{adapter_name!r}) first or choose another name (loaded: {list(st.scales)})")
-    scale = float(scale)
+    scale = _strength(scale, "load_lora")
     targets = _resolve(denoiser, read_lora(model, path_or_state_dict, **load_kwargs))
     fused_by_group: dict[int, tuple[_FusedGroup, list]] = {}
     side_targets = []
@@ -532,13 +547,20 @@ def _known(st: _State | None, adapter_name: str, what: str) -> _State:
     return st
 
 
+def _strength(scale, fn: str) -> float:
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"{fn}: scale must be a finite number (the adapter's strength), got {scale}")
+    return scale
+
+
 @torch.no_grad()
 def set_lora_scale(model, adapter_name: str, scale: float) -> None:
     """Set adapter ``adapter_name``'s strength: writes ``scale·a/r·B`` into its columns in place (no new tensors,
     no recompile under torch.compile; a captured CUDA graph uses it at its next replay)."""
     denoiser, _ = _split_model(model)
     st = _known(_state(denoiser), adapter_name, "set_lora_scale")
-    scale = float(scale)
+    scale = _strength(scale, "set_lora_scale")
     st.scales[adapter_name] = scale
     for g in st.groups:
         for seg in g.segments:

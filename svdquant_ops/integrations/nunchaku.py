@@ -588,6 +588,7 @@ def load_nunchaku_transformer(path: str | Path, device="cpu", precision: str | N
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
+    model.save_pretrained = _cannot_save_pretrained  # an instance attribute: pipe.save_pretrained calls it too
     if share:
         from ..ops import install_compile_pass
         from ..quantize.sharing import share_inputs
@@ -599,6 +600,16 @@ def load_nunchaku_transformer(path: str | Path, device="cpu", precision: str | N
     log.info("svdquant_ops: loaded %s (%s%s, rank %d) as %s", path.name, native,
              f" -> {target}" if target != native else "", rank, type(model).__name__)
     return model
+
+
+def _cannot_save_pretrained(*args, **kwargs):
+    # diffusers' from_pretrained builds the stock module tree, which has one proj_out per single block, not the two
+    # linears (SplitInputLinear) this import holds: a re-saved model would load with proj_out uninitialized.
+    raise NotImplementedError(
+        "svdquant_ops: a transformer imported from a Nunchaku file cannot be saved with save_pretrained (diffusers "
+        "would load it back without its single blocks' proj_out, which Nunchaku splits into out_proj and mlp_fc2); "
+        "keep the Nunchaku file as its saved form, or save its state dict with svdquant_ops.save_file and load that "
+        "into a model from load_nunchaku_transformer")
 
 
 # ------------------------------------------------------------------------------------------------ writing a file

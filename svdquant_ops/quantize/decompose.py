@@ -74,6 +74,7 @@ def decompose(weight: torch.Tensor, *, precision: str = "int4", rank: int = 32, 
         raise ValueError(f"rank must be >= 0, got {rank}")
     dtype = dtype or weight.dtype
     n, k = weight.shape
+    smooth_given = smooth is not None
     if smooth is None:
         smooth = torch.ones(k, device=weight.device)
     smooth_q = smooth.to(dtype).float()  # the runtime divides by the stored (rounded) λ
@@ -85,7 +86,9 @@ def decompose(weight: torch.Tensor, *, precision: str = "int4", rank: int = 32, 
     proj_up = us.to(dtype)
     proj_down = (v / smooth_q.unsqueeze(1)).to(dtype)
     if not (torch.isfinite(proj_up).all() and torch.isfinite(proj_down).all()):
-        raise ValueError(f"the low-rank factors overflow {dtype} with this smooth vector; use a milder smoothing")
+        why = ("with this smooth vector; use a milder smoothing" if smooth_given else
+               f"(max |weight| {weight.abs().max().item():.4g}); quantize a bfloat16 or float32 copy of it")
+        raise ValueError(f"the low-rank factors overflow {dtype} {why}")
     return residual_parts(w_hat, smooth_q, proj_up, proj_down, precision, dtype, act_unsigned=act_unsigned,
                           per_channel_global=per_channel_global)
 
@@ -95,6 +98,9 @@ def quantize_weight(weight: torch.Tensor, precision: str = "int4", rank: int = 3
                     per_channel_global: bool = False, seed: int = 0) -> SVDQuantTensor:
     """Data-free SVDQuant of a 16-bit weight [N, K] into an ``SVDQuantTensor`` in the weight's dtype and device:
     λ (default 1), truncated SVD (``svd``: "lowrank" seeded randomized, or "exact"), RTN residual."""
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"quantize_weight: weight must be {', '.join(str(d) for d in FLOAT_DTYPES)} (the model dtype "
+                        f"the quantized weight keeps), got {weight.dtype}")
     parts = decompose(weight, precision=precision, rank=rank, smooth=smooth, svd=svd, act_unsigned=act_unsigned,
                       per_channel_global=per_channel_global, dtype=weight.dtype, seed=seed)
     return SVDQuantTensor.from_parts(parts, weight.dtype)
