@@ -120,6 +120,22 @@ def test_tiny_model_on_cpu(tmp_path):
     assert r.stdout.count(bench.RESULT_PREFIX) == 2  # one line per child
 
 
+def test_profile_has_the_host_side():
+    """--profile also ranks where the host's time to run a step goes (cProfile): on the CPU the quantized ops
+    themselves lead it."""
+    res = bench.run_one("int4-eager", model="tiny", size=64, iters=1, warmup=1, device="cpu", text_tokens=8,
+                        profile=True, profile_steps=1)
+    host = res["profile"]["host"]
+    assert host["steps"] == 1 and 0 < host["ms_per_step"] and len(host["top_self"]) == 25
+    assert any("svdquant" in t["function"] for t in host["top_self"][:5]), host["top_self"][:5]
+    meta = dict(gpu="cpu", date="2026-12-05 00:00 UTC", versions=dict.fromkeys(
+        ("torch", "cuda", "torchao", "diffusers", "triton", "python"), "x"), model_desc="m", size=64,
+        image_tokens=16, text_tokens=8, batch=1, iters=1, warmup=1, device="cpu", timeout=300, rank=32,
+        weight_only="w4a16")
+    md = bench.report(meta, [dict(res, config="int4-eager")], lambda m: ["- header"])
+    assert "| int4-eager | " in md.split("Host time of a step by function")[1]
+
+
 def _args(**kw):
     p = bench.add_arguments(argparse.ArgumentParser())
     return p.parse_args([f"--{k.replace('_', '-')}={v}" for k, v in kw.items()])

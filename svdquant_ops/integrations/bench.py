@@ -461,6 +461,29 @@ def _profile(step, device, steps: int) -> dict:
     return out
 
 
+def _host_profile(step, sync, steps: int) -> dict:
+    """Where the host's time to run a step goes (cProfile over ``steps`` steps, each synchronized after its call
+    returns, so the GPU's work is not in it): the Python functions and builtins with the most own time, per step.
+    A synchronized step's prologue (the host work before its first kernel: guards, unwrapping the weights, input
+    checks; under CUDA graphs everything before the replay) is part of these; cProfile roughly doubles Python's
+    time, so the ranks count, not the absolute numbers."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    for _ in range(steps):
+        prof.enable()
+        step()
+        prof.disable()
+        sync()
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (primitive calls, calls, own s, cumulative s, callers)
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:25]
+    return {"steps": steps, "ms_per_step": sum(v[2] for v in stats.values()) * 1e3 / steps,
+            "top_self": [{"function": name[:160], "file": "" if file == "~" else f"{'/'.join(Path(file).parts[-2:])}:"
+                          f"{line}", "calls_per_step": v[1] / steps, "self_ms_per_step": v[2] * 1e3 / steps,
+                          "cumulative_ms_per_step": v[3] * 1e3 / steps} for (file, line, name), v in rows]}
+
+
 def _idle(kernels: list, steps: int) -> dict:
     """Where the GPU waits between kernels: the kernels per step, the span from the first kernel's start to the last
     one's end, and the idle time before each kernel (its start minus the latest end so far), summed per step by the
@@ -623,6 +646,7 @@ def run_one(name: str, *, model: str = "flux-dev", size: int = 1024, batch: int 
         if profile:
             try:
                 res["profile"] = _profile(step, dev, profile_steps)
+                res["profile"]["host"] = _host_profile(step, sync, profile_steps)
             except Exception as exc:  # noqa: BLE001  (the timing stands without it)
                 res["profile_error"] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
     return res
@@ -939,6 +963,15 @@ def report(meta: dict, rows: list[dict], header_md) -> str:
             lines += [f"| {r['config']} | {r['profile']['kernels_per_step']:.0f} | "
                       f"{r['profile']['span_ms_per_step']:.1f} | {r['profile']['idle_ms_per_step']:.1f} |"
                       for r in idle]
+        host = [r for r in prof if r["profile"].get("host")]
+        if host:
+            lines += ["", "Host time of a step by function (cProfile, each step synchronized after its call; "
+                      "cProfile slows Python about 2x: compare ranks, not ms; all 25 in profile.host.top_self):", "",
+                      "| configuration | host ms / step under cProfile | top 5 by own time (ms / step) |", "|---|---|---|"]
+            for r in host:
+                h = r["profile"]["host"]
+                top = "; ".join(f"{t['function']} {t['self_ms_per_step']:.1f}" for t in h["top_self"][:5])
+                lines.append(f"| {r['config']} | {h['ms_per_step']:.1f} | {top} |")
     return "\n".join(lines) + "\n"
 
 
