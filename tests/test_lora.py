@@ -291,13 +291,14 @@ def test_rank_past_the_fast_path_becomes_a_side_branch():
         assert net.svdq.weight.rank == 32
         delta, m = _delta(sd, "svdq", x, 1.0)
         _check(base, net.svdq(x), delta, m, 256, 40, torch.float32, side=True)
-        # no state dict can hold a side branch: saving now would load back without it, silently
-        with pytest.raises(RuntimeError, match="svdq holds LoRA adapters as a side branch.*unload_lora"):
-            net.state_dict()
+        # no saved model holds a side branch: saving now would load back without it, silently
+        assert set(net.state_dict()) == set(_layers().state_dict())  # accelerate's offloading reads it
+        with pytest.raises(RuntimeError, match="holds LoRA adapters as side branches.*unload_lora"):
+            net.save_pretrained("unused")
         unload_lora(net)
-        assert set(net.state_dict()) == set(_layers().state_dict())
+        assert "save_pretrained" not in net.__dict__
         assert load_lora(net, sd, "wide", max_fused_rank=None) == {"fused": 1, "side": 0}  # no limit: fused
-        net.state_dict()  # fused adapters are part of the weights
+        assert "save_pretrained" not in net.__dict__  # fused adapters are part of the weights
         assert net.svdq.weight.rank == 32 + 48
         _check(base, net.svdq(x), delta, m, 256, 80, torch.float32, side=False)
 
@@ -388,6 +389,20 @@ def test_lora_leaves_a_member_with_its_own_smooth_alone():
         assert attn.to_q.weight.smooth is attn.to_k.weight.smooth is not attn.to_v.weight.smooth
         unload_lora(model)
         assert torch.equal(attn.to_v(x), before_v)
+
+
+def test_a_group_member_changed_after_loading_is_refused_not_rebuilt():
+    """A member given its own λ after the adapter was loaded (a load_state_dict into it): rebuilding the group's
+    branch from its first member would hand the others that member's λ, silently: unloading says why it cannot."""
+    model = _quantized_flux()
+    attn = model.transformer_blocks[0].attn
+    sd = _lora(model, ["transformer_blocks.0.attn.to_q"], rank=8, seed=5, dtype=torch.bfloat16)
+    load_lora(model, sd, "q_only", max_fused_rank=None)
+    k_smooth = attn.to_k.weight.smooth
+    attn.to_q.weight.smooth = attn.to_q.weight.smooth.clone() * 2
+    with pytest.raises(RuntimeError, match="no longer share their λ / down projection.*unload_lora before"):
+        unload_lora(model)
+    assert attn.to_k.weight.smooth is k_smooth and torch.equal(k_smooth, torch.ones_like(k_smooth))
 
 
 # Inductor on CUDA fuses the elementwise parts (norms, activations, residual adds) with fewer bf16 roundings than

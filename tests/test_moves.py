@@ -105,3 +105,17 @@ def test_cpu_of_a_cpu_weight_is_a_new_wrapper(layer):
     w = layer.weight
     for alias in (w.cpu(), w.to("cpu")):
         assert alias is not w and alias.codes is w.codes
+
+
+def test_a_cast_that_overflows_or_zeroes_lambda_is_refused():
+    """A calibrated λ can span more than float16 holds: the move says so instead of a model that fails (CPU) or
+    computes Inf (GPU kernels skip value checks) at its next forward."""
+    from svdquant_ops import quantize_weight
+
+    w = torch.randn(64, 128).to(torch.bfloat16)
+    smooth = torch.ones(128)
+    smooth[0], smooth[1] = 1e-19, 4000.0
+    with pytest.raises(ValueError, match="converting to torch.float16 overflows smooth or flushes it to 0"):
+        quantize_weight(w, smooth=smooth).to(torch.float16)
+    assert quantize_weight(w).to(torch.float16).dtype == torch.float16
+

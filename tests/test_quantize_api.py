@@ -46,15 +46,17 @@ def test_quantize_is_idempotent(mlp):
 
 
 def test_quantize_model_twice_keeps_or_refuses():
-    """A second quantize_model leaves quantized linears alone: with the same precision it changes nothing (the config
-    save_pretrained writes stays the first one); with another precision it says so instead of leaving a model whose
-    weights and saved config disagree."""
+    """A second quantize_model leaves quantized linears alone: with the same precision it quantizes only what the
+    first left in 16-bit (the saved config lists what is 16-bit now); with another precision it says so instead of
+    leaving a model whose weights and saved config disagree."""
     model = tiny_flux()
-    quantize_model(model)
-    first = model.config.quantization_config
+    quantize_model(model, weight_only=None)
     w = model.transformer_blocks[0].attn.to_q.weight
+    assert "transformer_blocks.0.norm1.linear" in model.config.quantization_config.modules_to_not_convert
     quantize_model(model, rank=16)
-    assert model.transformer_blocks[0].attn.to_q.weight is w and model.config.quantization_config is first
+    assert model.transformer_blocks[0].attn.to_q.weight is w
+    assert "transformer_blocks.0.norm1.linear" not in model.config.quantization_config.modules_to_not_convert
+    first = model.config.quantization_config
     with pytest.raises(ValueError, match="already quantized with precision 'int4'.*precision 'w4a8'"):
         quantize_model(model, precision="w4a8")
     assert model.config.quantization_config is first

@@ -108,8 +108,7 @@ def quantize_model(model: nn.Module, config: SVDQuantConfig | None = None, **opt
         else:  # e.g. torchao's quantize_ filter leaves NonDynamicallyQuantizableLinear alone
             summary.kept[describe(m)] = "left unchanged by torchao's quantize_ filter"
     summary.bytes_after = model_nbytes(model)
-    if not (done and getattr(model, "hf_quantizer", None) is not None):  # a second call keeps the first's config
-        attach_to_diffusers(model, config, list(summary.kept))  # model.save_pretrained then writes a quantized model
+    attach_to_diffusers(model, config, list(summary.kept))  # model.save_pretrained then writes a quantized model
     log.info("svdquant_ops: %s", summary)
     return summary
 

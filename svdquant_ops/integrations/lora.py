@@ -27,8 +27,9 @@ fast kernel runs at two blocks per SM up to R = 64, at one up to 128, and past 1
 runs), and on 16-bit linears and 4-bit weight-only
 (``W4A16Tensor``) linears, the adapter runs as an exact side branch instead: a forward hook adding
 ``(x·Dᵀ)·Uᵀ`` with ``D`` [R, K] the adapters' ``A`` stacked and ``U`` [N, R] their scaled ``B`` side by side, held
-as non-persistent buffers of the linear (they move with the model; ``state_dict()``, and so saving, refuses a model
-that has them: a saved model would keep the fused adapters and lose these). Strength changes write into
+as non-persistent buffers of the linear (they move with the model; they are not in ``state_dict()``, and
+``save_pretrained`` refuses a model that has them: it would keep the fused adapters and lose these). Strength changes
+write into
 ``U`` in place, as above. The module classes stay diffusers' own, so ``torch.compile`` traces the hook into the
 same graph.
 
@@ -136,7 +137,6 @@ class _SideBranch:
     def __init__(self):
         self.segments: list[_SideSegment] = []
         self.handle = None
-        self.save_handle = None
 
     def __call__(self, module: nn.Module, args, output):
         down, up = getattr(module, SIDE_DOWN), getattr(module, SIDE_UP)
@@ -389,6 +389,13 @@ def _check_group(g: _FusedGroup) -> None:
                                f"were loaded (expected an SVDQuantTensor of rank {want}, found "
                                f"{type(w).__name__}); reloading weights or re-quantizing drops the adapters' state: "
                                "unload_lora first")
+    first = g.members[0].weight
+    if any(m.weight.smooth is not first.smooth or m.weight.proj_down is not first.proj_down for m in g.members):
+        # the rebuild gives every member the first one's λ and down projection: one that got its own since (a load
+        # into it) would silently take another's
+        raise RuntimeError("svdquant_ops.lora: the linears of a LoRA group no longer share their λ / down projection (a load_state_dict or an "
+                           "assignment gave one of them its own since the adapters were loaded), so the branch cannot "
+                           "be rebuilt; unload_lora before changing the weights of linears that hold adapters")
 
 
 def _scaled(up: torch.Tensor, scale: float, dtype: torch.dtype, device) -> torch.Tensor:
@@ -449,7 +456,6 @@ def _side_install(m: nn.Linear, side: _SideBranch, keep: list[_SideSegment], new
             off += d.shape[0]
         if off == 0:
             side.handle.remove()
-            side.save_handle.remove()
             for name in (SIDE_DOWN, SIDE_UP):
                 delattr(m, name)
             side.segments = []
@@ -458,16 +464,25 @@ def _side_install(m: nn.Linear, side: _SideBranch, keep: list[_SideSegment], new
         m.register_buffer(SIDE_UP, torch.cat(ups, 1).contiguous(), persistent=False)
     if side.handle is None:
         side.handle = m.register_forward_hook(side)
-        side.save_handle = m.register_state_dict_pre_hook(_refuse_state_dict)
     side.segments = keep + new
 
 
-def _refuse_state_dict(module: nn.Module, prefix: str, keep_vars: bool) -> None:
-    # A side branch lives in non-persistent buffers and a hook, which no state dict holds, while fused adapters are
-    # in the weights: a model saved now would load with some of its adapters and not others.
-    raise RuntimeError(f"svdquant_ops: {prefix.rstrip('.') or 'this linear'} holds LoRA adapters as a side branch, "
-                       "which a state dict cannot hold (a model saved now would load with the fused adapters but "
-                       "without these); call svdquant_ops.lora.unload_lora(model) before saving")
+def _cannot_save_pretrained(*args, **kwargs):
+    # A side branch lives in non-persistent buffers and a hook, which no saved model holds, while fused adapters are
+    # in the weights: the model would load back with some of its adapters and not others.
+    raise RuntimeError("svdquant_ops: this model holds LoRA adapters as side branches, which save_pretrained cannot "
+                       "write (it would load back with the fused adapters but without these); call "
+                       "svdquant_ops.lora.unload_lora(model) before saving")
+
+
+def _guard_saving(denoiser: nn.Module, st: _State) -> None:
+    """An instance ``save_pretrained`` that refuses while a side branch exists (``pipe.save_pretrained`` calls it
+    too); ``state_dict()`` itself stays available (accelerate's offloading reads it)."""
+    own = denoiser.__dict__.get("save_pretrained")
+    if st.sides and own is None:
+        denoiser.save_pretrained = _cannot_save_pretrained
+    elif not st.sides and own is _cannot_save_pretrained:
+        del denoiser.save_pretrained
 
 
 def load_lora(model, path_or_state_dict, adapter_name: str, scale: float = 1.0, *,
@@ -534,6 +549,7 @@ def load_lora(model, path_or_state_dict, adapter_name: str, scale: float = 1.0, 
     for m, (segs, downs) in side_new.items():
         side = st.sides.setdefault(m, _SideBranch())
         _side_install(m, side, list(side.segments), segs, downs, st.scales)
+    _guard_saving(denoiser, st)
     counts = {"fused": sum(len(seg.blocks) for _, seg, _ in plans), "side": len(side_targets)}
     log.info("svdquant_ops: adapter %r loaded: %d linears fused into the SVDQuant branch, %d as a side branch",
              adapter_name, counts["fused"], counts["side"])
@@ -637,6 +653,7 @@ def unload_lora(model, adapter_name: str | None = None) -> None:
             del st.sides[m]
     for n in names:
         del st.scales[n]
+    _guard_saving(denoiser, st)
     if not st.scales:
         del denoiser.__dict__[STATE_ATTR]
 

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..storage import SVDQuantTensor, W4A16Tensor
+from ..storage.shared_moves import SHARED_MARK
 from . import build
 
 __all__ = ["load", "quantize_act", "quantize_act_given_amax", "gemm", "linear", "quantized_linear", "w4a16_linear",
@@ -104,7 +105,10 @@ def w4a16_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
 # be a silent wrong result, so calls whose input, smooth or proj_down is an inference tensor are never cached (the
 # compiled path merges the calls in the graph instead; eager callers get the reuse under ``torch.no_grad``). Only
 # plain ``torch.Tensor`` inputs outside tracing and outside CUDA graph capture are cached (no fake, functional or
-# other subclass tensors).
+# other subclass tensors). Writes the version counter cannot see (through ``.data``, or numpy memory shared with the
+# tensor) are why the cache serves only what it is for: weights whose λ is shared (marked, ``storage.shared_moves``),
+# each of them once per entry, so a linear called again on the same tensor quantizes it again; only a sibling called
+# on it after such a write, within one forward, could see the earlier quantization.
 # ------------------------------------------------------------------------------------------------------------------
 _cache = threading.local()
 
@@ -129,8 +133,11 @@ def _matches(saved, t: torch.Tensor, hold: bool) -> bool:
             and tuple(t.stride()) == stride and t.dtype == dtype and t.device == device)
 
 
-def _cached_quantize_act(x, smooth, proj_down, precision: str, act_unsigned: bool):
+def _cached_quantize_act(x, weight):
     """quantize_act through the one-entry cache, or None when these arguments cannot be cached."""
+    smooth, proj_down, precision, act_unsigned = weight.smooth, weight.proj_down, weight.precision, weight.act_unsigned
+    if not getattr(smooth, SHARED_MARK, False):  # no other linear can reuse this quantization
+        return None
     if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
         # A hit during a CUDA graph capture would leave quantize_act out of the graph (replays would reuse codes of
         # the capture-time input), and an entry made during one would hold memory of that graph's pool.
@@ -140,12 +147,13 @@ def _cached_quantize_act(x, smooth, proj_down, precision: str, act_unsigned: boo
     if any(k is None for k in keys):
         return None
     entry = getattr(_cache, "entry", None)
-    if (entry is not None and entry[1] == precision and entry[2] == act_unsigned
+    if (entry is not None and entry[1] == precision and entry[2] == act_unsigned and id(weight) not in entry[4]
             and all(_matches(k, t, h) for k, t, h in zip(entry[0], args, hold))):
+        entry[4].add(id(weight))
         return entry[3]
     _cache.entry = None  # free the old entry before quantizing the new input
     out = quantize_act(x, smooth, proj_down, precision, act_unsigned)
-    _cache.entry = (keys, precision, act_unsigned, out)
+    _cache.entry = (keys, precision, act_unsigned, out, {id(weight)})
     return out
 
 
@@ -157,7 +165,7 @@ def quantized_linear(x: torch.Tensor, weight: SVDQuantTensor, bias: torch.Tensor
                         f"{weight.dtype}; cast the input or the model")
     if weight.bias_correction is not None:
         bias = weight.bias_correction if bias is None else bias.float() + weight.bias_correction
-    act = _cached_quantize_act(x, weight.smooth, weight.proj_down, weight.precision, weight.act_unsigned)
+    act = _cached_quantize_act(x, weight)
     if act is None:
         return linear(x, weight.smooth, weight.proj_down, weight.codes, weight.scales, weight.global_scale,
                       weight.proj_up, bias, weight.precision, weight.act_unsigned)

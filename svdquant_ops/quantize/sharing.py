@@ -16,8 +16,8 @@ The result is exact: the extra columns of ``x @ proj_down`` meet zero columns of
 zeros in fp32 changes nothing. No field or layout changes, so checkpoints are written as before (the shared tensors
 are written once per member; a loaded model has separate copies with equal values, and calling ``share_inputs``
 on it shares them again: distinct down projections are found by value, ``torch.equal``). An in-place
-``load_state_dict`` into a shared model gives each member whose checkpoint part differs its own copy, and the model
-shares what is equal again after the load (the hook at the end of this module).
+``load_state_dict`` into a shared model writes a shared tensor only when the checkpoint gives all its holders the same
+values; a member whose part differs gets its own copy (the hooks at the end of this module).
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ import torch
 from torch import nn
 
 from ..storage import SVDQuantTensor
-from ..storage.shared_moves import mark_shared
+from ..storage.shared_moves import LOAD_IN_PLACE, mark_shared
 from .structure import describe, input_group
 
 log = logging.getLogger("svdquant_ops")
+_LOAD_HOOKS = "_svdquant_load_hooks"  # set on a model once share_inputs registered its load hooks
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -91,9 +92,10 @@ def share_inputs(model: nn.Module) -> int:
             key = input_group(m)
             if key is not None:
                 groups.setdefault(key, []).append(m)
-    if groups and not getattr(model, _LOAD_HOOK, False):
-        model.register_load_state_dict_post_hook(_share_after_load)
-        setattr(model, _LOAD_HOOK, True)
+    if groups and not getattr(model, _LOAD_HOOKS, False):
+        model.register_load_state_dict_pre_hook(_allow_in_place)
+        model.register_load_state_dict_post_hook(_end_load)
+        setattr(model, _LOAD_HOOKS, True)
     changed = 0
     for key, members in groups.items():
         clusters: list[list[nn.Linear]] = []
@@ -113,12 +115,33 @@ def share_inputs(model: nn.Module) -> int:
     return changed
 
 
-# An in-place load_state_dict never writes a shared part (the values would reach every member): a member whose
-# checkpoint values differ gets its own copy (``PackedWeight``'s copy_). Loading a shared model's checkpoint into
-# another shared model of the same shapes thus unshares every member; this hook shares what came out equal again.
-_LOAD_HOOK = "_svdquant_share_on_load"
+# An in-place load_state_dict writes a shared part only when the load gives every holder of it the same values:
+# otherwise the values would reach every member. The model share_inputs ran on checks that before its children load
+# (a pre-hook sees the whole state dict) and lets PackedWeight's copy_ write such parts in place (LOAD_IN_PLACE,
+# cleared after the load); any other differing part, and every load into a single member, gives that member its own
+# copy instead.
+def _allow_in_place(module: nn.Module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                    error_msgs) -> None:
+    holders: dict[int, tuple[torch.Tensor, str, list[str]]] = {}
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Linear) and isinstance(m.weight, SVDQuantTensor):
+            for field in m.weight.shared_fields:
+                t = getattr(m.weight, field)
+                holders.setdefault(id(t), (t, field, []))[2].append(f"{prefix}{name + '.' if name else ''}weight")
+    for t, field, keys in holders.values():
+        incoming = [state_dict.get(k) for k in keys]
+        if len(keys) < 2 or not all(isinstance(w, SVDQuantTensor) for w in incoming):
+            continue
+        parts = [getattr(w, field) for w in incoming]
+        if (all(p.shape == t.shape and p.dtype == t.dtype for p in parts)
+                and all(torch.equal(parts[0], p.to(parts[0].device)) for p in parts[1:])):
+            setattr(t, LOAD_IN_PLACE, True)
 
 
-def _share_after_load(module: nn.Module, incompatible_keys) -> None:
-    share_inputs(module)
-
+def _end_load(module: nn.Module, incompatible_keys) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Linear) and isinstance(m.weight, SVDQuantTensor):
+            for field in m.weight.shared_fields:
+                t = getattr(m.weight, field)
+                if getattr(t, LOAD_IN_PLACE, False):
+                    delattr(t, LOAD_IN_PLACE)

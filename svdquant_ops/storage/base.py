@@ -11,6 +11,7 @@ weights may hold as one tensor (``shared_fields``) are still one tensor after a 
 from __future__ import annotations
 
 import hashlib
+import sys
 from contextlib import nullcontext
 
 import torch
@@ -19,7 +20,7 @@ from torch.utils._python_dispatch import return_and_correct_aliasing
 from torchao.utils import TorchAOBaseTensor
 
 from ..formats import FLOAT_DTYPES
-from .shared_moves import SHARED_MARK, copy_part, move_part
+from .shared_moves import LOAD_IN_PLACE, SHARED_MARK, copy_part, move_part
 
 aten = torch.ops.aten
 
@@ -29,9 +30,19 @@ except ImportError:  # pragma: no cover - another torch layout
     _BypassAOTAutogradCache = RuntimeError
 
 
+def _computing_aot_cache_key() -> bool:
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_name == "autograd_cache_key" and frame.f_globals.get("__name__", "").startswith("torch."):
+            return True
+        frame = frame.f_back
+    return False
+
+
 class PackedWeight(TorchAOBaseTensor):
     dtype_fields: tuple[str, ...] = ()  # parts cast to the new model dtype by .to(dtype)
     shared_fields: tuple[str, ...] = ()  # parts several weights may hold as one tensor; a move keeps them shared
+    positive_fields: tuple[str, ...] = ()  # dtype_fields a cast must not flush to 0 (λ, which inputs are divided by)
     optional_tensor_data_names: list[str] = []  # parts that may be None
 
     def _data_tensors(self) -> list[torch.Tensor]:
@@ -59,9 +70,10 @@ class PackedWeight(TorchAOBaseTensor):
 
     def __reduce_ex__(self, protocol):
         # torch 2.11's AOTAutograd cache key pickles the fake weights torch.compile traced with (it has no
-        # _stable_hash_for_caching): the same bypass there, for the same reason. A real weight (torch.save) pickles
-        # as always; only fakes carry _holds_shared's flag from __tensor_unflatten__.
-        if self.__dict__.get("_holds_shared") and isinstance(getattr(self, self.tensor_data_names[0]), FakeTensor):
+        # _stable_hash_for_caching): the same bypass there, for the same reason. Only inside that key's computation:
+        # every other pickle (torch.save, also of fakes) works as always.
+        if (self.__dict__.get("_holds_shared") and isinstance(getattr(self, self.tensor_data_names[0]), FakeTensor)
+                and _computing_aot_cache_key()):
             raise _BypassAOTAutogradCache(f"{type(self).__name__} holds parts shared with other weights")
         return super().__reduce_ex__(protocol)
 
@@ -99,7 +111,8 @@ def check_on_unpickle(cls, rename: dict[str, str] | None = None) -> None:
         if rename:
             state = {rename.get(k, k): v for k, v in state.items()}
         inner(self, state)
-        if self.device.type != "meta":  # nothing to check in shapes without values
+        part = getattr(self, self.tensor_data_names[0])
+        if part.device.type != "meta" and not isinstance(part, FakeTensor):  # shapes without values: nothing to check
             self.validate()
 
     cls.__setstate__ = __setstate__
@@ -155,8 +168,10 @@ implements_torch_function = PackedWeight.implements_torch_function
 def _(func, types, args, kwargs):
     # nn.Parameter(weight) detaches. torchao's handler detaches every part into a new view; the parts never require
     # grad, so the new wrapper holds the very same part objects instead: parts that several weights share stay one
-    # object, which torch.compile turns into one graph input for all of them.
-    return return_and_correct_aliasing(func, args, kwargs, alias(args[0]))
+    # object, which torch.compile turns into one graph input for all of them. Under inference_mode a normal weight's
+    # alias is made as a normal tensor (an inference tensor has no version counter to share with it).
+    with torch.inference_mode(False) if not args[0].is_inference() else nullcontext():
+        return return_and_correct_aliasing(func, args, kwargs, alias(args[0]))
 
 
 @implements(aten.is_pinned.default)
@@ -195,10 +210,10 @@ def _(func, types, args, kwargs):
                              "the model; load with assign=True or quantize the model in the same dtype")
         if a is None:
             continue
-        if name in dst.shared_fields and getattr(a, SHARED_MARK, False):
+        if name in dst.shared_fields and getattr(a, SHARED_MARK, False) and not getattr(a, LOAD_IN_PLACE, False):
             # other weights hold this very tensor (share_inputs): writing into it would hand them this weight's
-            # values. Equal values need no write; other values go into a copy of this weight's own (share_inputs'
-            # load hook shares the parts that came out equal again).
+            # values, unless the load gives all of them the same (share_inputs' load hook then sets LOAD_IN_PLACE).
+            # Equal values need no write; other values go into a copy of this weight's own.
             if not torch.equal(a, b.to(a.device)):
                 with torch.inference_mode(False) if not a.is_inference() else nullcontext():
                     own = torch.empty_like(a)
@@ -231,8 +246,22 @@ def _moved(self: PackedWeight, device, dtype, non_blocking: bool) -> PackedWeigh
 
     data = [move(n) for n in self.tensor_data_names]
     optional = {n: move(n) for n in self.optional_tensor_data_names}
+    if dtype != self.dtype:  # a narrower dtype can overflow a calibrated λ's range (or take a tiny λ to 0)
+        for name, t in zip(self.tensor_data_names, data):
+            if (name in self.dtype_fields and t.device.type != "meta"
+                    and not _representable(getattr(self, name), t, nonzero=name in self.positive_fields)):
+                src = getattr(self, name).float().abs()
+                raise ValueError(f"{type(self).__name__}: converting to {dtype} overflows {name} or flushes it to 0 "
+                                 f"(|values| from {src.min().item():.3g} to {src.max().item():.3g}); keep this model "
+                                 f"in {self.dtype} or quantize it again in {dtype}")
     attrs = [dtype if a == "dtype" else getattr(self, a) for a in self.tensor_attribute_names]
     return type(self)(*data, *attrs, **optional)
+
+
+def _representable(src: torch.Tensor, dst: torch.Tensor, nonzero: bool) -> bool:
+    """Whether casting ``src`` gave ``dst`` with no new Inf (and, with ``nonzero``, no value flushed to zero)."""
+    s, d = src.float(), dst.to(src.device).float()
+    return bool((torch.isfinite(d) | ~torch.isfinite(s)).all() and (not nonzero or ((d != 0) | (s == 0)).all()))
 
 
 @implements(aten._to_copy.default)

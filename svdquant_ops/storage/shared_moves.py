@@ -36,6 +36,9 @@ KEEP = 32
 # its graph out of that cache (``PackedWeight._stable_hash_for_caching``). A copy of the tensor (``copy.deepcopy``)
 # keeps the mark, which errs on the safe side.
 SHARED_MARK = "_svdquant_shared"
+# Set on a shared part for the duration of one load_state_dict that gives every holder of it the same values
+# (``quantize.sharing``'s load hooks): ``PackedWeight``'s copy_ may then write it in place.
+LOAD_IN_PLACE = "_svdquant_load_in_place"
 # key -> (source storage ref, snapshot of the source, copy, copy version, id of the weight that made the copy).
 # The owner is held by id, not weakref: swap_tensors (nn.Module._apply) refuses tensors with weak references. A
 # reused id only refuses a reuse (a fresh copy), never grants one.

@@ -46,6 +46,7 @@ class SVDQuantTensor(PackedWeight):
     tensor_attribute_names = ["precision", "act_unsigned", "layout_version", "dtype"]
     optional_tensor_data_names = ["global_scale", "bias_correction"]
     dtype_fields = ("smooth", "proj_down", "proj_up")  # the 16-bit parts; codes and scales stay bit-exact
+    positive_fields = ("smooth",)
     shared_fields = ("smooth", "proj_down")  # one tensor for the linears that read one input (share_inputs)
 
     def __new__(cls, codes, scales=None, smooth=None, proj_down=None, proj_up=None, precision=None,
