@@ -78,8 +78,8 @@ def quantize_model(model: nn.Module, config: SVDQuantConfig | None = None, **opt
     if not isinstance(config, SVDQuantConfig):
         raise TypeError(f"quantize_model: config must be an SVDQuantConfig, got {type(config).__name__}")
     prepare_model(model)
-    done = [m for m in model.modules() if isinstance(m, nn.Linear) and isinstance(m.weight, SVDQuantTensor)]
-    other = next((m for m in done if m.weight.precision != config.precision), None)
+    other = next((m for m in model.modules() if isinstance(m, nn.Linear) and isinstance(m.weight, SVDQuantTensor)
+                  and m.weight.precision != config.precision), None)
     if other is not None:  # quantize_ leaves a quantized linear alone: the model would not be what config says
         raise ValueError(f"quantize_model: the model is already quantized with precision {other.weight.precision!r} "
                          f"({describe(other)}), and quantizing again leaves those weights as they are; load the "

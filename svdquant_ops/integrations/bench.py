@@ -967,7 +967,8 @@ def report(meta: dict, rows: list[dict], header_md) -> str:
         if host:
             lines += ["", "Host time of a step by function (cProfile, each step synchronized after its call; "
                       "cProfile slows Python about 2x: compare ranks, not ms; all 25 in profile.host.top_self):", "",
-                      "| configuration | host ms / step under cProfile | top 5 by own time (ms / step) |", "|---|---|---|"]
+                      "| configuration | host ms / step under cProfile | top 5 by own time (ms / step) |",
+                      "|---|---|---|"]
             for r in host:
                 h = r["profile"]["host"]
                 top = "; ".join(f"{t['function']} {t['self_ms_per_step']:.1f}" for t in h["top_self"][:5])

@@ -393,9 +393,10 @@ def _check_group(g: _FusedGroup) -> None:
     if any(m.weight.smooth is not first.smooth or m.weight.proj_down is not first.proj_down for m in g.members):
         # the rebuild gives every member the first one's λ and down projection: one that got its own since (a load
         # into it) would silently take another's
-        raise RuntimeError("svdquant_ops.lora: the linears of a LoRA group no longer share their λ / down projection (a load_state_dict or an "
-                           "assignment gave one of them its own since the adapters were loaded), so the branch cannot "
-                           "be rebuilt; unload_lora before changing the weights of linears that hold adapters")
+        raise RuntimeError("svdquant_ops.lora: the linears of a LoRA group no longer share their λ / down projection "
+                           "(a load_state_dict or an assignment gave one of them its own since the adapters were "
+                           "loaded), so the branch cannot be rebuilt; unload_lora before changing the weights of "
+                           "linears that hold adapters")
 
 
 def _scaled(up: torch.Tensor, scale: float, dtype: torch.dtype, device) -> torch.Tensor:

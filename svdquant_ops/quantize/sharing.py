@@ -120,14 +120,19 @@ def share_inputs(model: nn.Module) -> int:
 # (a pre-hook sees the whole state dict) and lets PackedWeight's copy_ write such parts in place (LOAD_IN_PLACE,
 # cleared after the load); any other differing part, and every load into a single member, gives that member its own
 # copy instead.
-def _allow_in_place(module: nn.Module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                    error_msgs) -> None:
-    holders: dict[int, tuple[torch.Tensor, str, list[str]]] = {}
+def _shared_parts(module: nn.Module):
+    """(module name, field, part) for every part of a quantized linear's weight that may be shared."""
     for name, m in module.named_modules():
         if isinstance(m, nn.Linear) and isinstance(m.weight, SVDQuantTensor):
             for field in m.weight.shared_fields:
-                t = getattr(m.weight, field)
-                holders.setdefault(id(t), (t, field, []))[2].append(f"{prefix}{name + '.' if name else ''}weight")
+                yield name, field, getattr(m.weight, field)
+
+
+def _allow_in_place(module: nn.Module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                    error_msgs) -> None:
+    holders: dict[int, tuple[torch.Tensor, str, list[str]]] = {}
+    for name, field, t in _shared_parts(module):
+        holders.setdefault(id(t), (t, field, []))[2].append(f"{prefix}{name + '.' if name else ''}weight")
     for t, field, keys in holders.values():
         incoming = [state_dict.get(k) for k in keys]
         if len(keys) < 2 or not all(isinstance(w, SVDQuantTensor) for w in incoming):
@@ -139,9 +144,6 @@ def _allow_in_place(module: nn.Module, state_dict, prefix, local_metadata, stric
 
 
 def _end_load(module: nn.Module, incompatible_keys) -> None:
-    for m in module.modules():
-        if isinstance(m, nn.Linear) and isinstance(m.weight, SVDQuantTensor):
-            for field in m.weight.shared_fields:
-                t = getattr(m.weight, field)
-                if getattr(t, LOAD_IN_PLACE, False):
-                    delattr(t, LOAD_IN_PLACE)
+    for _, _, t in _shared_parts(module):
+        if getattr(t, LOAD_IN_PLACE, False):
+            delattr(t, LOAD_IN_PLACE)
