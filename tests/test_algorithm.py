@@ -462,7 +462,9 @@ def test_solve_group_rejects_mismatched_shapes():
 @pytest.mark.parametrize(
     "kwargs,msg",
     [(dict(calibration="maybe"), "calibration must be"), (dict(smooth_grid=-1), "smooth_grid must be"),
-     (dict(gptq_damp=2.0), "gptq_damp must be in"), (dict(act_unsigned="yes"), "act_unsigned must be"),
+     (dict(gptq_damp=2.0), "gptq_damp must be a number in"), (dict(gptq_damp="0.1"), "gptq_damp must be"),
+     (dict(gptq_block=0), r"gptq_block must be an integer >= 1"), (dict(gptq="False"), "gptq must be True or False"),
+     (dict(refit_after_gptq=1), "refit_after_gptq must be True or False"), (dict(act_unsigned="yes"), "act_unsigned must be"),
      (dict(precision="nvfp4", act_unsigned=True), "only defined for precision 'int4'"),
      (dict(precision="w4a8", act_unsigned=True), "only defined for precision 'int4'"),
      (dict(device="gpu0"), "device")],

@@ -87,11 +87,15 @@ class SVDQuantConfig(AOBaseConfig):
         if self.calibration not in ("auto", "required", "off"):
             raise ValueError(f"SVDQuantConfig.calibration must be 'auto', 'required' or 'off', got {self.calibration!r}")
         for name in ("smooth_grid", "lowrank_iters", "gptq_block", "seed"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "gptq_block" else 0):
-                raise ValueError(f"SVDQuantConfig.{name} must be a non-negative integer, got {v!r}")
-        if not 0.0 <= float(self.gptq_damp) < 1.0:
-            raise ValueError(f"SVDQuantConfig.gptq_damp must be in [0, 1), got {self.gptq_damp!r}")
+            v, least = getattr(self, name), 1 if name == "gptq_block" else 0
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise ValueError(f"SVDQuantConfig.{name} must be an integer >= {least}, got {v!r}")
+        for name in ("nvfp4_per_channel_scale", "gptq", "gptq_act_order", "refit_after_gptq"):
+            if not isinstance(getattr(self, name), bool):  # a string "False" would read as True
+                raise ValueError(f"SVDQuantConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        damp = self.gptq_damp
+        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0.0 <= damp < 1.0:
+            raise ValueError(f"SVDQuantConfig.gptq_damp must be a number in [0, 1), got {damp!r}")
         if self.act_unsigned not in ("auto", True, False):
             raise ValueError(f"SVDQuantConfig.act_unsigned must be 'auto', True or False, got {self.act_unsigned!r}")
         if self.act_unsigned is True and self.precision != "int4":
