@@ -95,3 +95,37 @@ def test_cache_key_of_a_quantized_weight_is_its_metadata(mlp):
     keys = {a._stable_hash_for_caching(), mlp.fc2.weight._stable_hash_for_caching(),
             w8.fc1.weight._stable_hash_for_caching()}
     assert len(keys) == 3
+
+
+@pytest.mark.parametrize("precision", ["int4", "w4a8", "w4a16"])
+def test_input_gradient_is_the_dequantized_weights_eager_and_compiled(precision):
+    # A LoRA trained on a quantized base needs gradients through the frozen quantized linears: the forward stays
+    # the quantized layer, the backward is that of the dequantized weight (straight-through).
+    from svdquant_ops.quantize.weight_only import W4A16Config
+    from svdquant_ops.storage import SVDQuantTensor, W4A16Tensor
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 128).float()
+    quantize_(lin, W4A16Config() if precision == "w4a16" else SVDQuantConfig(precision=precision, skip=[]))
+    lin.bias.requires_grad_(True)
+    w = lin.weight
+    assert isinstance(w, W4A16Tensor if precision == "w4a16" else SVDQuantTensor)
+    x, g = torch.randn(2, 3, 256), torch.randn(2, 3, 128)
+    with torch.no_grad():
+        forward = lin(x)
+
+    def grads(module):
+        xr = x.clone().requires_grad_()
+        lin.bias.grad = None
+        out = module(xr)
+        (out * g).sum().backward()
+        return out.detach(), xr.grad, lin.bias.grad
+
+    out, grad_x, grad_b = grads(lin)
+    assert torch.equal(out, forward)  # the quantized layer, not the dequantized one
+    torch.testing.assert_close(grad_x, g @ w.dequantize(torch.float32), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_b, g.sum((0, 1)), rtol=1e-5, atol=1e-5)
+    cnt = CompileCounterWithBackend("aot_eager")
+    out_c, grad_x_c, grad_b_c = grads(torch.compile(lin, fullgraph=True, backend=cnt))
+    assert cnt.frame_count == 1
+    assert torch.equal(out_c, out) and torch.equal(grad_x_c, grad_x) and torch.equal(grad_b_c, grad_b)

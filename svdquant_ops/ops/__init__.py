@@ -317,16 +317,43 @@ def weight_only_linear(x: torch.Tensor, weight: W4A16Tensor, bias: torch.Tensor 
     return w4a16_linear(x, weight.codes, weight.scales, weight.zeros, bias)
 
 
+class _StraightThrough(torch.autograd.Function):
+    """A quantized linear whose input or bias needs a gradient (a LoRA trained on a quantized base, guidance by
+    gradients): the forward is the quantized layer, the backward that of the dequantized weight (straight-through
+    past the activation quantization, the usual estimator). The weight itself is frozen: its codes have no
+    gradient."""
+
+    @staticmethod
+    def forward(x, weight, bias, forward_fn):
+        return forward_fn(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.weight = inputs[1]
+        ctx.bias_needs_grad = inputs[2] is not None and inputs[2].requires_grad
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_x = grad @ ctx.weight.dequantize(grad.dtype)
+        grad_bias = grad.flatten(0, -2).sum(0) if ctx.bias_needs_grad else None
+        return grad_x, None, grad_bias, None
+
+
+def _dispatch(forward_fn, args, kwargs):
+    x, w = args[0], args[1]
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return _StraightThrough.apply(x, w, bias, forward_fn)
+    return forward_fn(x, w, bias)
+
+
 @W4A16Tensor.implements(torch.ops.aten.linear.default)
 @W4A16Tensor.implements_torch_function(F.linear)
 def _(func, types, args, kwargs):
-    bias = args[2] if len(args) > 2 else kwargs.get("bias")
-    return weight_only_linear(args[0], args[1], bias)
+    return _dispatch(weight_only_linear, args, kwargs)
 
 
 @SVDQuantTensor.implements(torch.ops.aten.linear.default)
 @SVDQuantTensor.implements_torch_function(F.linear)
 def _(func, types, args, kwargs):
-    x, w = args[0], args[1]
-    bias = args[2] if len(args) > 2 else kwargs.get("bias")
-    return quantized_linear(x, w, bias)
+    return _dispatch(quantized_linear, args, kwargs)
