@@ -99,6 +99,25 @@ def test_accelerate_sequential_offload_rebuilds_the_parameter():
         SVDQuantTensor(model.transformer_blocks[0].attn.to_k.weight, requires_grad=True)
 
 
+def test_to_empty_then_load_state_dict_reproduces_the_model():
+    """A model built on the meta device, then ``to_empty`` and a state-dict load (accelerate's and many loaders'
+    path): every part is allocated with its dtype, and the load gives back the outputs bit for bit."""
+    from svdquant_ops import quantize_model
+
+    from .builders import flux_inputs, tiny_flux
+
+    model = tiny_flux()
+    quantize_model(model, precision="w4a8", rank=8)
+    empty = copy.deepcopy(model).to("meta").to_empty(device="cpu")
+    w, src = empty.transformer_blocks[0].attn.to_q.weight, model.transformer_blocks[0].attn.to_q.weight
+    assert type(w) is SVDQuantTensor and w.device.type == "cpu" and w.precision == "w4a8"
+    assert [getattr(w, n).dtype for n in w.tensor_data_names] == [getattr(src, n).dtype for n in w.tensor_data_names]
+    empty.load_state_dict(model.state_dict())
+    inputs = flux_inputs()
+    with torch.inference_mode():
+        assert torch.equal(empty(**inputs).sample, model(**inputs).sample)
+
+
 def test_cpu_of_a_cpu_weight_is_a_new_wrapper(layer):
     """diffusers' group offloading keeps weight.cpu() as the CPU copy and later swaps the parameter itself: the
     copy must be a distinct object (sharing the parts), or it would move to the GPU with the parameter."""

@@ -151,7 +151,8 @@ def rewrap(weight: PackedWeight, requires_grad: bool, extra) -> PackedWeight:
     if extra is not None:
         raise TypeError(f"{type(weight).__name__}(weight, ...) takes only requires_grad besides the weight")
     if requires_grad:
-        raise ValueError(f"{type(weight).__name__} does not support requires_grad=True: its ops are inference-only")
+        raise ValueError(f"{type(weight).__name__} does not support requires_grad=True: the 4-bit weight is frozen "
+                         "(inputs and biases do get gradients)")
     return alias(weight)
 
 
@@ -262,6 +263,29 @@ def _representable(src: torch.Tensor, dst: torch.Tensor, nonzero: bool) -> bool:
     """Whether casting ``src`` gave ``dst`` with no new Inf (and, with ``nonzero``, no value flushed to zero)."""
     s, d = src.float(), dst.to(src.device).float()
     return bool((torch.isfinite(d) | ~torch.isfinite(s)).all() and (not nonzero or ((d != 0) | (s == 0)).all()))
+
+
+@implements(aten.empty_like.default)
+def _(func, types, args, kwargs):
+    """``module.to_empty(device=...)`` (a model built on the meta device, then loaded): every part uninitialized on
+    the device, the model dtype from ``dtype`` where given. Parts that were shared come out separate; the load fills
+    them."""
+    self, kwargs = args[0], kwargs or {}
+    device = self.device if kwargs.get("device") is None else torch.device(kwargs["device"])
+    dtype = kwargs.get("dtype") or self.dtype
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{type(self).__name__} can only be {[str(d) for d in FLOAT_DTYPES]}, got {dtype}")
+
+    def empty(name):
+        t = getattr(self, name)
+        if t is None:
+            return None
+        return torch.empty_like(t, device=device, dtype=dtype if name in self.dtype_fields else t.dtype)
+
+    data = [empty(n) for n in self.tensor_data_names]
+    optional = {n: empty(n) for n in self.optional_tensor_data_names}
+    attrs = [dtype if a == "dtype" else getattr(self, a) for a in self.tensor_attribute_names]
+    return type(self)(*data, *attrs, **optional)
 
 
 @implements(aten._to_copy.default)
