@@ -118,6 +118,28 @@ def test_to_empty_then_load_state_dict_reproduces_the_model():
         assert torch.equal(empty(**inputs).sample, model(**inputs).sample)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_share_memory_shares_every_part(mode):
+    """``module.share_memory()`` (before handing a model to worker processes) moves every part into shared memory
+    and keeps the outputs; it crashed the interpreter when torch read the wrapper's (absent) storage."""
+    from svdquant_ops import quantize_model
+
+    from .builders import flux_inputs, tiny_flux
+
+    model = tiny_flux()
+    quantize_model(model, precision="int4", rank=8)
+    inputs = flux_inputs()
+    with torch.inference_mode():
+        ref = model(**inputs).sample
+    with MODES[mode]():
+        model.share_memory()
+    weights = [p for p in model.parameters() if isinstance(p, (SVDQuantTensor, W4A16Tensor))]
+    assert weights and all(p.is_shared() for p in weights)
+    assert all(getattr(p, n).is_shared() for p in weights for n in p.tensor_data_names)
+    with torch.inference_mode():
+        assert torch.equal(model(**inputs).sample, ref)
+
+
 def test_cpu_of_a_cpu_weight_is_a_new_wrapper(layer):
     """diffusers' group offloading keeps weight.cpu() as the CPU copy and later swaps the parameter itself: the
     copy must be a distinct object (sharing the parts), or it would move to the GPU with the parameter."""

@@ -265,6 +265,20 @@ def _representable(src: torch.Tensor, dst: torch.Tensor, nonzero: bool) -> bool:
     return bool((torch.isfinite(d) | ~torch.isfinite(s)).all() and (not nonzero or ((d != 0) | (s == 0)).all()))
 
 
+# The wrapper has no storage of its own, and torch's share_memory_ / is_shared read it (a segfault): they act on
+# the parts instead, which is what a worker process receiving the module needs.
+@implements_torch_function(torch.Tensor.share_memory_)
+def _(func, types, args, kwargs):
+    for t in args[0]._data_tensors():
+        t.share_memory_()
+    return args[0]
+
+
+@implements_torch_function(torch.Tensor.is_shared)
+def _(func, types, args, kwargs):
+    return all(t.is_shared() for t in args[0]._data_tensors())
+
+
 @implements(aten.empty_like.default)
 def _(func, types, args, kwargs):
     """``module.to_empty(device=...)`` (a model built on the meta device, then loaded): every part uninitialized on
