@@ -164,6 +164,31 @@ def test_bad_config(kwargs, msg):
         SVDQuantConfig(**kwargs)
 
 
+class _Pipeline:  # what a diffusers pipeline looks like to the check: not a module, has components
+    components: dict = {}
+
+
+@pytest.mark.parametrize(
+    "call,error,msg",
+    [(lambda: quantize_model(None), TypeError, "model must be a torch.nn.Module, got NoneType"),
+     (lambda: quantize_model(_Pipeline()), TypeError, r"got _Pipeline; pass its denoiser \(pipe.transformer"),
+     (lambda: svdquant_ops.calibrate(torch.zeros(3)).__enter__(), TypeError, "model must be a torch.nn.Module"),
+     (lambda: svdquant_ops.calibrate(torch.nn.Linear(64, 64), max_rows=0.5).__enter__(), ValueError,
+      "max_rows must be an integer >= 1"),
+     (lambda: svdquant_ops.calibrate(torch.nn.Linear(64, 64), hessian="yes").__enter__(), ValueError,
+      "hessian must be True or False"),
+     (lambda: quantize_weight(torch.randn(64, 128), "w4a8", "8"), ValueError, "rank must be an integer >= 0, got '8'"),
+     (lambda: svdquant_ops.save_file([1], "x.safetensors"), TypeError, "state_dict must be a dict of str -> "
+      "torch.Tensor .* got list"),
+     (lambda: svdquant_ops.save_file({"a": 1}, "x.safetensors"), TypeError, "got 'a': int"),
+     (lambda: svdquant_ops.save_file({"a": torch.zeros(1)}, "x.safetensors", {"v": 1}), TypeError,
+      "metadata must be a dict of str -> str")],
+)
+def test_bad_arguments_are_named(call, error, msg):
+    with pytest.raises(error, match=msg):
+        call()
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nan_weight_is_refused(mlp, bad):
     with torch.no_grad():

@@ -91,6 +91,9 @@ def prepare_model(model: nn.Module) -> nn.Module:
     (``structural_role``), else SVDQuant. Idempotent; ``quantize_model`` and ``calibrate`` call it. Names given
     while preparing an enclosing model are kept (``record_names``), so a block of a prepared model keeps
     ``blocks.0.proj_out`` and is not mistaken for the final ``proj_out``."""
+    if not isinstance(model, nn.Module):
+        hint = ("; pass its denoiser (pipe.transformer or pipe.unet)" if hasattr(model, "components") else "")
+        raise TypeError(f"svdquant_ops: model must be a torch.nn.Module, got {type(model).__name__}{hint}")
     record_names(model)
     # "Outside the blocks" needs blocks: a root with a block list (not a lone block) and that is not itself a named
     # part of a larger prepared model.

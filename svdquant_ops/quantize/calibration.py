@@ -133,8 +133,12 @@ class CalibrationSession:
     """Hooks installed by ``calibrate``; keeps the records and the progress bar of the solve that follows."""
 
     def __init__(self, model: nn.Module, max_rows: int, storage: str, seed: int, hessian: bool = False):
-        if max_rows < 1:
-            raise ValueError(f"calibrate: max_rows must be >= 1, got {max_rows}")
+        if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+            raise ValueError(f"calibrate: max_rows must be an integer >= 1, got {max_rows!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"calibrate: seed must be an integer, got {seed!r}")
+        if not isinstance(hessian, bool):
+            raise ValueError(f"calibrate: hessian must be True or False, got {hessian!r}")
         if storage != "auto":
             torch.device(storage)  # validates the name
         self.model = model

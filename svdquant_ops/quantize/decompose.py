@@ -70,8 +70,8 @@ def decompose(weight: torch.Tensor, *, precision: str = "int4", rank: int = 32, 
     check_weight(weight)
     if act_unsigned and precision != "int4":
         raise ValueError(f"act_unsigned=True is only defined for precision 'int4', got {precision!r}")
-    if rank < 0:
-        raise ValueError(f"rank must be >= 0, got {rank}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise ValueError(f"rank must be an integer >= 0, got {rank!r}")
     dtype = dtype or weight.dtype
     n, k = weight.shape
     smooth_given = smooth is not None

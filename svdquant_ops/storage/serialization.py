@@ -70,6 +70,15 @@ def save_file(state_dict: dict[str, torch.Tensor], path: str | Path, metadata: d
     from safetensors.torch import save_file as st_save
     from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
+    if not isinstance(state_dict, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                   for k, v in state_dict.items()):
+        bad = (type(state_dict).__name__ if not isinstance(state_dict, dict) else
+               next(f"{k!r}: {type(v).__name__}" for k, v in state_dict.items()
+                    if not (isinstance(k, str) and isinstance(v, torch.Tensor))))
+        raise TypeError(f"save_file: state_dict must be a dict of str -> torch.Tensor (model.state_dict()), got {bad}")
+    if metadata is not None and not (isinstance(metadata, dict)
+                                     and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        raise TypeError(f"save_file: metadata must be a dict of str -> str, got {metadata!r}")
     register()
     tensors, meta = flatten_tensor_state_dict({k: v.detach() for k, v in state_dict.items()})
     meta = {**meta, **(metadata or {}), "svdquant_ops_format": "2"}  # 2: today's field names
