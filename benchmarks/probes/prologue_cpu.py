@@ -69,6 +69,9 @@ CONFIGS = {
     # Inductor's per-input size / stride asserts off (Dynamo's guards already check every inner tensor's strides:
     # a same-shape inner tensor with other strides recompiles with or without them, HISTORY.md)
     "w4a8-nosizeasserts": ("w4a8", {}, {"size_asserts": False}, None),
+    # torchao's unwrap_tensor_subclass: each quantized weight becomes a parametrization over its plain parts, so
+    # the compiled graph's inputs are plain tensors (no subclass flattening or metadata guard per call)
+    "w4a8-unwrap": ("w4a8", {}, {}, None),
 }
 DEFAULT = ["bf16", "bf16-tags", "bf16-skipnn", "w4a8", "w4a8-tags", "w4a8-skipnn", "w4a8-freezing"]
 
@@ -353,6 +356,10 @@ def run_config(name: str, iters: int, warmup: int, do_profile: bool, do_safety: 
 
     res = {"config": name, "weights": weights, "dynamo": dyn_cfg, "inductor": ind_cfg, "guard_filter": guard_filter}
     model, info = build(weights, cache=cache)
+    if name.endswith("-unwrap"):
+        from torchao.utils import unwrap_tensor_subclass
+
+        unwrap_tensor_subclass(model)
     res.update(info)
     res.update(count_tensors(model))
     inputs = make_inputs()
