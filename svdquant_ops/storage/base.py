@@ -236,25 +236,34 @@ def _moved(self: PackedWeight, device, dtype, non_blocking: bool) -> PackedWeigh
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"{type(self).__name__} can only be cast to {[str(d) for d in FLOAT_DTYPES]}, got {dtype}")
 
-    def move(name):
-        t = getattr(self, name)
-        if t is None:
-            return None
+    def move(name, t):
         to = dtype if name in self.dtype_fields else None
         if name in self.shared_fields:
             return move_part(self, t, device, to, non_blocking)
         return copy_part(t, device, to, non_blocking)
 
-    data = [move(n) for n in self.tensor_data_names]
-    optional = {n: move(n) for n in self.optional_tensor_data_names}
+    moved = _rebuilt(self, move, dtype)
     if dtype != self.dtype:  # a narrower dtype can overflow a calibrated λ's range (or take a tiny λ to 0)
-        for name, t in zip(self.tensor_data_names, data):
+        for name in self.tensor_data_names:
+            t = getattr(moved, name)
             if (name in self.dtype_fields and t.device.type != "meta"
                     and not _representable(getattr(self, name), t, nonzero=name in self.positive_fields)):
                 src = getattr(self, name).float().abs()
                 raise ValueError(f"{type(self).__name__}: converting to {dtype} overflows {name} or flushes it to 0 "
                                  f"(|values| from {src.min().item():.3g} to {src.max().item():.3g}); keep this model "
                                  f"in {self.dtype} or quantize it again in {dtype}")
+    return moved
+
+
+def _rebuilt(self: PackedWeight, part, dtype: torch.dtype) -> PackedWeight:
+    """A new weight of ``self``'s type and attributes with model dtype ``dtype``, each present part ``t`` named
+    ``name`` replaced by ``part(name, t)``."""
+    def one(name):
+        t = getattr(self, name)
+        return None if t is None else part(name, t)
+
+    data = [one(n) for n in self.tensor_data_names]
+    optional = {n: one(n) for n in self.optional_tensor_data_names}
     attrs = [dtype if a == "dtype" else getattr(self, a) for a in self.tensor_attribute_names]
     return type(self)(*data, *attrs, **optional)
 
@@ -290,16 +299,10 @@ def _(func, types, args, kwargs):
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"{type(self).__name__} can only be {[str(d) for d in FLOAT_DTYPES]}, got {dtype}")
 
-    def empty(name):
-        t = getattr(self, name)
-        if t is None:
-            return None
+    def empty(name, t):
         return torch.empty_like(t, device=device, dtype=dtype if name in self.dtype_fields else t.dtype)
 
-    data = [empty(n) for n in self.tensor_data_names]
-    optional = {n: empty(n) for n in self.optional_tensor_data_names}
-    attrs = [dtype if a == "dtype" else getattr(self, a) for a in self.tensor_attribute_names]
-    return type(self)(*data, *attrs, **optional)
+    return _rebuilt(self, empty, dtype)
 
 
 @implements(aten._to_copy.default)
