@@ -118,3 +118,26 @@ def test_w4a8_compiled_with_the_amax_split_on_gpu():
                 assert names.count("svdquant::quantize_act") == 0
     assert sqnr_db(eager.float(), outs["default"].float()) > 40
     assert torch.equal(outs["default"].view(torch.int16), outs["reduce-overhead"].view(torch.int16))
+
+
+@pytest.mark.parametrize("precision", ["int4", "w4a8"])
+def test_input_gradient_on_gpu_is_the_dequantized_weights(precision):
+    """A quantized linear on the GPU whose input needs a gradient (a LoRA trained on the quantized base): the
+    forward is the CUDA kernels' (bit-equal to the no-grad call), the input's gradient that of the dequantized weight,
+    eager and compiled."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(512, 256).to(torch.bfloat16)
+    quantize_(lin, SVDQuantConfig(precision=precision, skip=[], device="cpu"))
+    lin.cuda()
+    x = torch.randn(4, 33, 512, device="cuda").to(torch.bfloat16)
+    g = torch.randn(4, 33, 256, device="cuda").to(torch.bfloat16)
+    with torch.no_grad():
+        forward = lin(x)
+    want = (g.float() @ lin.weight.dequantize(torch.float32)).to(torch.bfloat16)
+    for fn in (lin, torch.compile(lin, fullgraph=True)):
+        xr = x.clone().requires_grad_()
+        out = fn(xr)
+        (out * g).sum().backward()
+        assert torch.equal(out.detach(), forward)
+        # bf16 matmul of g with the bf16-rounded dequantized weight, against fp32: a few bf16 ulps
+        torch.testing.assert_close(xr.grad, want, rtol=2e-2, atol=2e-2)
