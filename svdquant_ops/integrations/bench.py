@@ -124,7 +124,7 @@ def _configs() -> dict[str, Config]:
                                                  lora_shared_a=True)
     out["w4a8-eager-lora16"] = Config("w4a8-eager-lora16", "w4a8", False, lora_rank=16)
     # Extra: W4A8's per-token amax computed by Inductor inside the kernel producing x, quantize_act_given_amax
-    # reading x once (install_compile_pass(amax_split=True); off by default until its GPU tests pass)
+    # reading x once (install_compile_pass(amax_split=True); off by default: a net loss on the H200, HISTORY.md)
     for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
         out[f"w4a8-compile{sfx}-split"] = Config(f"w4a8-compile{sfx}-split", "w4a8", True, mode, amax_split=True)
     # Diagnostic: every adapter fused up to rank 128 (quantize_act's fast kernel at R = 128 runs one block per SM)
