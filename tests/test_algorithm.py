@@ -474,6 +474,14 @@ def test_bad_algorithm_config(kwargs, msg):
         SVDQuantConfig(**kwargs)
 
 
+def test_config_takes_numpy_numbers_and_stores_python_ones():
+    import numpy as np
+
+    cfg = SVDQuantConfig(rank=np.int64(16), gptq=np.bool_(True), gptq_damp=np.float32(0.25), act_unsigned=np.False_)
+    assert (cfg.rank, cfg.gptq, cfg.gptq_damp, cfg.act_unsigned) == (16, True, 0.25, False)
+    assert [type(v) for v in (cfg.rank, cfg.gptq, cfg.gptq_damp, cfg.act_unsigned)] == [int, bool, float, bool]
+
+
 def test_config_device_is_stored_as_a_string_for_json():
     from torchao.core.config import config_from_dict, config_to_dict
 

@@ -129,3 +129,15 @@ def test_input_gradient_is_the_dequantized_weights_eager_and_compiled(precision)
     out_c, grad_x_c, grad_b_c = grads(torch.compile(lin, fullgraph=True, backend=cnt))
     assert cnt.frame_count == 1
     assert torch.equal(out_c, out) and torch.equal(grad_x_c, grad_x) and torch.equal(grad_b_c, grad_b)
+    # an unbatched input, as plain nn.Linear takes it
+    x1 = x[0, 0].clone().requires_grad_()
+    lin.bias.grad = None
+    (lin(x1) * g[0, 0]).sum().backward()
+    torch.testing.assert_close(x1.grad, g[0, 0] @ w.dequantize(torch.float32), rtol=1e-5, atol=1e-5)
+    assert torch.equal(lin.bias.grad, g[0, 0])
+    # a part written in place between forward and backward: autograd's error, not a gradient of the new weight
+    y = lin(x.clone().requires_grad_())
+    with torch.no_grad():
+        w.scales.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()

@@ -182,7 +182,9 @@ class _Pipeline:  # what a diffusers pipeline looks like to the check: not a mod
       "torch.Tensor .* got list"),
      (lambda: svdquant_ops.save_file({"a": 1}, "x.safetensors"), TypeError, "got 'a': int"),
      (lambda: svdquant_ops.save_file({"a": torch.zeros(1)}, "x.safetensors", {"v": 1}), TypeError,
-      "metadata must be a dict of str -> str")],
+      "metadata must be a dict of str -> str"),
+     (lambda: svdquant_ops.save_file({"weight": quantize_weight(torch.randn(64, 128), "int4", 8)}, "x.safetensors"),
+      ValueError, r"'weight' needs a key of the form '<module>.<parameter>'")],
 )
 def test_bad_arguments_are_named(call, error, msg):
     with pytest.raises(error, match=msg):

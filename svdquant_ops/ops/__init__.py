@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..storage import SVDQuantTensor, W4A16Tensor
+from ..storage.base import alias
 from ..storage.shared_moves import SHARED_MARK
 from . import build
 
@@ -329,13 +330,17 @@ class _StraightThrough(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.weight = inputs[1]
-        ctx.bias_needs_grad = inputs[2] is not None and inputs[2].requires_grad
+        weight = inputs[1]
+        # a wrapper of its own (a part rebound on the module's weight before backward does not reach it) and its
+        # parts saved, so that one written in place before backward raises autograd's usual error
+        ctx.weight = alias(weight)
+        ctx.save_for_backward(*weight._data_tensors())
 
     @staticmethod
     def backward(ctx, grad):
-        grad_x = grad @ ctx.weight.dequantize(grad.dtype)
-        grad_bias = grad.flatten(0, -2).sum(0) if ctx.bias_needs_grad else None
+        ctx.saved_tensors  # the version check
+        grad_x = grad @ ctx.weight.dequantize(grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, None, grad_bias, None
 
 

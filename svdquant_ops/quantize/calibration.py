@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .args import flag, integer
 from .structure import describe, record_names
 
 log = logging.getLogger("svdquant_ops")
@@ -133,12 +134,9 @@ class CalibrationSession:
     """Hooks installed by ``calibrate``; keeps the records and the progress bar of the solve that follows."""
 
     def __init__(self, model: nn.Module, max_rows: int, storage: str, seed: int, hessian: bool = False):
-        if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
-            raise ValueError(f"calibrate: max_rows must be an integer >= 1, got {max_rows!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"calibrate: seed must be an integer, got {seed!r}")
-        if not isinstance(hessian, bool):
-            raise ValueError(f"calibrate: hessian must be True or False, got {hessian!r}")
+        max_rows = integer(max_rows, "calibrate: max_rows", 1)
+        seed = integer(seed, "calibrate: seed")
+        hessian = flag(hessian, "calibrate: hessian")
         if storage != "auto":
             torch.device(storage)  # validates the name
         self.model = model

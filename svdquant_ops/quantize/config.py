@@ -14,6 +14,7 @@ from torchao.core.config import AOBaseConfig
 from torchao.quantization.transform_module import register_quantize_module_handler
 
 from ..formats import PRECISIONS
+from .args import flag, fraction, integer
 from .lowrank import DEFAULT_SVD, SVD_METHODS
 
 
@@ -75,8 +76,7 @@ class SVDQuantConfig(AOBaseConfig):
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"SVDQuantConfig.precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
-            raise ValueError(f"SVDQuantConfig.rank must be an integer >= 0, got {self.rank!r}")
+        self.rank = integer(self.rank, "SVDQuantConfig.rank", 0)
         if self.svd not in SVD_METHODS:
             raise ValueError(f"SVDQuantConfig.svd must be one of {list(SVD_METHODS)}, got {self.svd!r}")
         if self.skip is not None and (not isinstance(self.skip, list) or not all(isinstance(p, str) for p in self.skip)):
@@ -87,17 +87,14 @@ class SVDQuantConfig(AOBaseConfig):
         if self.calibration not in ("auto", "required", "off"):
             raise ValueError(f"SVDQuantConfig.calibration must be 'auto', 'required' or 'off', got {self.calibration!r}")
         for name in ("smooth_grid", "lowrank_iters", "gptq_block", "seed"):
-            v, least = getattr(self, name), 1 if name == "gptq_block" else 0
-            if isinstance(v, bool) or not isinstance(v, int) or v < least:
-                raise ValueError(f"SVDQuantConfig.{name} must be an integer >= {least}, got {v!r}")
+            setattr(self, name, integer(getattr(self, name), f"SVDQuantConfig.{name}", 1 if name == "gptq_block" else 0))
         for name in ("nvfp4_per_channel_scale", "gptq", "gptq_act_order", "refit_after_gptq"):
-            if not isinstance(getattr(self, name), bool):  # a string "False" would read as True
-                raise ValueError(f"SVDQuantConfig.{name} must be True or False, got {getattr(self, name)!r}")
-        damp = self.gptq_damp
-        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0.0 <= damp < 1.0:
-            raise ValueError(f"SVDQuantConfig.gptq_damp must be a number in [0, 1), got {damp!r}")
-        if self.act_unsigned not in ("auto", True, False):
-            raise ValueError(f"SVDQuantConfig.act_unsigned must be 'auto', True or False, got {self.act_unsigned!r}")
+            setattr(self, name, flag(getattr(self, name), f"SVDQuantConfig.{name}"))  # a string "False" reads as True
+        self.gptq_damp = fraction(self.gptq_damp, "SVDQuantConfig.gptq_damp")
+        if not (isinstance(self.act_unsigned, str) and self.act_unsigned == "auto"):
+            if type(self.act_unsigned).__name__ not in ("bool", "bool_"):
+                raise ValueError(f"SVDQuantConfig.act_unsigned must be 'auto', True or False, got {self.act_unsigned!r}")
+            self.act_unsigned = bool(self.act_unsigned)
         if self.act_unsigned is True and self.precision != "int4":
             raise ValueError("SVDQuantConfig.act_unsigned=True is only defined for precision 'int4'")
         if self.device is not None:

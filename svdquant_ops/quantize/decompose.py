@@ -15,6 +15,7 @@ import torch
 from ..formats import ACT_SHIFT, FLOAT_DTYPES, check_precision
 from ..quantizers import dequantize, rtn_weight
 from ..storage import SVDQuantParts, SVDQuantTensor
+from .args import integer
 from .lowrank import DEFAULT_SVD, truncated_svd
 
 
@@ -70,8 +71,7 @@ def decompose(weight: torch.Tensor, *, precision: str = "int4", rank: int = 32, 
     check_weight(weight)
     if act_unsigned and precision != "int4":
         raise ValueError(f"act_unsigned=True is only defined for precision 'int4', got {precision!r}")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
-        raise ValueError(f"rank must be an integer >= 0, got {rank!r}")
+    rank = integer(rank, "rank", 0)
     dtype = dtype or weight.dtype
     n, k = weight.shape
     smooth_given = smooth is not None

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .base import PackedWeight
 from .tensor import LEGACY_FIELD_NAMES, SVDQuantTensor
 from .weight_only import W4A16Tensor
 
@@ -76,6 +77,10 @@ def save_file(state_dict: dict[str, torch.Tensor], path: str | Path, metadata: d
                next(f"{k!r}: {type(v).__name__}" for k, v in state_dict.items()
                     if not (isinstance(k, str) and isinstance(v, torch.Tensor))))
         raise TypeError(f"save_file: state_dict must be a dict of str -> torch.Tensor (model.state_dict()), got {bad}")
+    bare = next((k for k, v in state_dict.items() if isinstance(v, PackedWeight) and "." not in k), None)
+    if bare is not None:  # torchao's safetensors layout names a quantized tensor "<module>.<parameter>"
+        raise ValueError(f"save_file: the quantized tensor {bare!r} needs a key of the form '<module>.<parameter>' "
+                         "(save the state dict of the model around the layer, e.g. nn.Sequential(layer))")
     if metadata is not None and not (isinstance(metadata, dict)
                                      and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
         raise TypeError(f"save_file: metadata must be a dict of str -> str, got {metadata!r}")
