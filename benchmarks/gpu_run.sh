@@ -39,6 +39,9 @@
 # accelerate and psutil downloaded the same way).
 set -euo pipefail
 export PYTHONUNBUFFERED=1
+# Everything this script prints also goes to $OUT/gpu_run.log: the device tool returns only the output's last
+# 12,000 characters, and a long step (the FLUX profile's JSON) can push earlier steps' results out of it.
+if [[ -n "${OUT:-}" ]]; then exec > >(tee -a "$OUT/gpu_run.log") 2>&1; fi
 export SVDQUANT_OPS_CACHE=${SVDQUANT_OPS_CACHE:-/tmp/svdq_cache}
 # The op library's build cache travels between device calls: a carried .gpucache/svdq_cache.tgz (the previous call's
 # $OUT/svdq_cache.tgz, copied there and named in the call's carry) is unpacked first, so a call whose sources match
