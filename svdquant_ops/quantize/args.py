@@ -16,10 +16,10 @@ def integer(value, what: str, least: int | None = None) -> int:
     return int(value)
 
 
-def flag(value, what: str) -> bool:
-    """``value`` as a bool (Python or numpy bool); else ValueError naming ``what``."""
+def flag(value, what: str, expected: str = "True or False") -> bool:
+    """``value`` as a bool (Python or numpy bool); else ValueError naming ``what`` and the ``expected`` values."""
     if type(value).__name__ not in ("bool", "bool_"):
-        raise ValueError(f"{what} must be True or False, got {value!r}")
+        raise ValueError(f"{what} must be {expected}, got {value!r}")
     return bool(value)
 
 

@@ -87,14 +87,13 @@ class SVDQuantConfig(AOBaseConfig):
         if self.calibration not in ("auto", "required", "off"):
             raise ValueError(f"SVDQuantConfig.calibration must be 'auto', 'required' or 'off', got {self.calibration!r}")
         for name in ("smooth_grid", "lowrank_iters", "gptq_block", "seed"):
-            setattr(self, name, integer(getattr(self, name), f"SVDQuantConfig.{name}", 1 if name == "gptq_block" else 0))
+            least = 1 if name == "gptq_block" else 0
+            setattr(self, name, integer(getattr(self, name), f"SVDQuantConfig.{name}", least))
         for name in ("nvfp4_per_channel_scale", "gptq", "gptq_act_order", "refit_after_gptq"):
             setattr(self, name, flag(getattr(self, name), f"SVDQuantConfig.{name}"))  # a string "False" reads as True
         self.gptq_damp = fraction(self.gptq_damp, "SVDQuantConfig.gptq_damp")
         if not (isinstance(self.act_unsigned, str) and self.act_unsigned == "auto"):
-            if type(self.act_unsigned).__name__ not in ("bool", "bool_"):
-                raise ValueError(f"SVDQuantConfig.act_unsigned must be 'auto', True or False, got {self.act_unsigned!r}")
-            self.act_unsigned = bool(self.act_unsigned)
+            self.act_unsigned = flag(self.act_unsigned, "SVDQuantConfig.act_unsigned", "'auto', True or False")
         if self.act_unsigned is True and self.precision != "int4":
             raise ValueError("SVDQuantConfig.act_unsigned=True is only defined for precision 'int4'")
         if self.device is not None:

@@ -233,8 +233,6 @@ def _moved(self: PackedWeight, device, dtype, non_blocking: bool) -> PackedWeigh
     if device.type == "cuda" and device.index is None:  # one key per physical device
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = self.dtype if dtype is None else dtype
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{type(self).__name__} can only be cast to {[str(d) for d in FLOAT_DTYPES]}, got {dtype}")
 
     def move(name, t):
         to = dtype if name in self.dtype_fields else None
@@ -258,6 +256,9 @@ def _moved(self: PackedWeight, device, dtype, non_blocking: bool) -> PackedWeigh
 def _rebuilt(self: PackedWeight, part, dtype: torch.dtype) -> PackedWeight:
     """A new weight of ``self``'s type and attributes with model dtype ``dtype``, each present part ``t`` named
     ``name`` replaced by ``part(name, t)``."""
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{type(self).__name__} can only be cast to {[str(d) for d in FLOAT_DTYPES]}, got {dtype}")
+
     def one(name):
         t = getattr(self, name)
         return None if t is None else part(name, t)
@@ -296,8 +297,6 @@ def _(func, types, args, kwargs):
     self, kwargs = args[0], kwargs or {}
     device = self.device if kwargs.get("device") is None else torch.device(kwargs["device"])
     dtype = kwargs.get("dtype") or self.dtype
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{type(self).__name__} can only be {[str(d) for d in FLOAT_DTYPES]}, got {dtype}")
 
     def empty(name, t):
         return torch.empty_like(t, device=device, dtype=dtype if name in self.dtype_fields else t.dtype)
