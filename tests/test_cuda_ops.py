@@ -46,13 +46,27 @@ PATHS = ["fast", "portable"]
 ULP_BITS = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}
 
 
+def _select_path(monkeypatch, name):
+    for var, on in (("SVDQUANT_OPS_CUDA_PORTABLE", name == "portable"),
+                    ("SVDQUANT_OPS_CUDA_W4A8_TWO_PASS", name == "two_pass")):
+        if on:
+            monkeypatch.setenv(var, "1")
+        else:
+            monkeypatch.delenv(var, raising=False)
+    return name
+
+
 @pytest.fixture(params=PATHS)
 def path(request, monkeypatch):
-    if request.param == "portable":
-        monkeypatch.setenv("SVDQUANT_OPS_CUDA_PORTABLE", "1")
-    else:
-        monkeypatch.delenv("SVDQUANT_OPS_CUDA_PORTABLE", raising=False)
-    return request.param
+    return _select_path(monkeypatch, request.param)
+
+
+@pytest.fixture(params=["fast", "two_pass", "portable"])
+def w4a8_path(request, monkeypatch):
+    """W4A8's quantize_act has two fast paths on Hopper: one pass by the cluster kernel where K splits into at most 8
+    slices of at most 1920 channels ("fast"), and the two passes that serve every other K (forced with
+    SVDQUANT_OPS_CUDA_W4A8_TWO_PASS=1: "two_pass")."""
+    return _select_path(monkeypatch, request.param)
 
 
 def to_dev(args):
@@ -136,7 +150,15 @@ QA_CASES = [
     (45, 512, 128, torch.float16, "nvfp4", False),
     (257, 3072, 128, torch.bfloat16, "w4a8", False),
     (33, 768, 96, torch.bfloat16, "int4", True),
+    # W4A8's cluster kernel (Hopper): 8 CTAs of 768 / 1536 / 1920 channels, 8 of 512 (K = 4096), 1 of 576; token
+    # counts that are not multiples of its 16 rows; R = 16 / 24 (padded to 32) / 128 / 0
+    (40, 6144, 16, torch.bfloat16, "w4a8", False),
+    (129, 12288, 32, torch.float16, "w4a8", False),
+    (65, 15360, 128, torch.bfloat16, "w4a8", False),
+    (31, 4096, 24, torch.bfloat16, "w4a8", False),
+    (17, 576, 0, torch.float16, "w4a8", False),
 ]
+W4A8_QA_CASES = [c[:4] for c in QA_CASES if c[4] == "w4a8"]
 
 
 @pytest.mark.parametrize("M,K,R,dtype,precision,unsigned", QA_CASES)
@@ -150,6 +172,41 @@ def test_quantize_act_matches_cpu(path, M, K, R, dtype, precision, unsigned):
     assert out[2].shape == ref[2].shape and out[2].dtype == torch.float32
     if R > 0:
         assert rel_fro(out[2], ref[2]) < 1e-5
+
+
+@pytest.mark.parametrize("M,K,R,dtype", W4A8_QA_CASES)
+def test_quantize_act_w4a8_two_pass_matches_cpu(monkeypatch, M, K, R, dtype):
+    """The W4A8 cases above again on the two-pass kernels (on Hopper the cluster kernel serves most of them)."""
+    _select_path(monkeypatch, "two_pass")
+    g = session_generator(("two_pass", M, K, R, str(dtype)))
+    x, smooth, pd = op_args("quantize_act", act_inputs(M, K, R, dtype, g))
+    ref = OPS.quantize_act(x, smooth, pd, "w4a8", False)
+    out = OPS.quantize_act(x.to(DEV), smooth.to(DEV), pd.to(DEV), "w4a8", False)
+    assert_bits_equal(out[0], ref[0], "codes")
+    assert_bits_equal(out[1], ref[1], "scales")
+    if R > 0:
+        assert rel_fro(out[2], ref[2]) < 1e-5
+
+
+@pytest.mark.skipif(not IS_SM90, reason="the cluster kernel runs on compute capability 9.0 only")
+@pytest.mark.parametrize("K,two_pass,cluster", [(3072, False, True), (15360, False, True), (1344, False, False),
+                                                (3072, True, False)])
+def test_quantize_act_w4a8_cluster_dispatch(monkeypatch, K, two_pass, cluster):
+    """Which kernels a W4A8 quantize_act launches: the cluster kernel alone where K splits (3072: 4 slices, 15360: 8),
+    the two passes where it does not (1344 = 21 x 64) or when SVDQUANT_OPS_CUDA_W4A8_TWO_PASS=1."""
+    _select_path(monkeypatch, "two_pass" if two_pass else "fast")
+    x, smooth, pd = to_dev(op_args("quantize_act", act_inputs(64, K, 32, torch.bfloat16, session_generator(K))))
+    OPS.quantize_act(x, smooth, pd, "w4a8", False)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        OPS.quantize_act(x, smooth, pd, "w4a8", False)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    launched = [n for n in names if "quantize" in n]
+    if cluster:
+        assert len(launched) == 1 and "quantize_w4a8_cluster_kernel" in launched[0], launched
+    else:
+        assert launched and not any("cluster" in n for n in launched), launched
 
 
 @pytest.mark.parametrize("precision,unsigned", [("int4", False), ("int4", True), ("nvfp4", False), ("w4a8", False)])
@@ -168,7 +225,7 @@ def test_quantize_act_wide_range_bit_exact(path, precision, unsigned, dtype):
     assert_bits_equal(out[1], ref[1], "scales")
 
 
-def test_quantize_act_w4a8_unaligned_smooth(path):
+def test_quantize_act_w4a8_unaligned_smooth(w4a8_path):
     """A smooth vector that is a view at a 2-byte offset: the fast W4A8 path's vector token kernel needs 16-byte
     aligned rows of smooth and falls back to the one-element-per-lane kernel, bit-exact either way."""
     g = session_generator(4242)
@@ -185,7 +242,7 @@ def test_quantize_act_w4a8_unaligned_smooth(path):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_quantize_act_w4a8_row_scales_across_the_range(path, dtype):
+def test_quantize_act_w4a8_row_scales_across_the_range(w4a8_path, dtype):
     """W4A8 token scales from 2^-70 to 2^70 (bf16; fp16 within its range), a zero row, an odd row count: the token
     kernel's fast rounding (scales in [2^-52, 2^52]) and its checked division (outside) give the CPU's codes."""
     g = session_generator(777 + (dtype == torch.float16))
@@ -204,7 +261,7 @@ def test_quantize_act_w4a8_row_scales_across_the_range(path, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("smooth_edge", ["inside", "outside"])
 @pytest.mark.parametrize("smooth_offset", [0, 1])
-def test_quantize_act_w4a8_unchecked_division_bounds(path, dtype, smooth_edge, smooth_offset):
+def test_quantize_act_w4a8_unchecked_division_bounds(w4a8_path, dtype, smooth_edge, smooth_offset):
     """The W4A8 fast path divides without per-element range checks on rows whose amax lies in [2^-28, 2^33] when
     every smooth value lies in [2^-20, 2^20]; other rows are recomputed exactly. Rows at and just past both amax
     bounds, rows with tiny / subnormal / zero / huge elements, and smooth values at the bounds ("inside") or past
@@ -503,3 +560,11 @@ def test_fast_and_portable_paths_agree_large(precision, M, K):
     assert torch.equal(codes, codes_p) and torch.equal(scales.view(torch.int16), scales_p.view(torch.int16))
     assert rel_fro(la, la_p) < 1e-5
     assert rel_fro(fast, port) < 1e-5
+    if precision == "w4a8":  # the cluster kernel above; the two passes too
+        os.environ["SVDQUANT_OPS_CUDA_W4A8_TWO_PASS"] = "1"
+        try:
+            codes_t, scales_t, la_t = OPS.quantize_act(x, smooth, pd, precision, False)
+        finally:
+            os.environ.pop("SVDQUANT_OPS_CUDA_W4A8_TWO_PASS", None)
+        assert torch.equal(codes, codes_t) and torch.equal(scales.view(torch.int16), scales_t.view(torch.int16))
+        assert rel_fro(la_t, la_p) < 1e-5

@@ -33,10 +33,14 @@ namespace cuda_impl {
 // GPU; it is read at every call so tests can flip it. The Hopper kernels run only on compute capability 9.0 (the
 // library is then compiled for sm_90a, see the Python build).
 // ---------------------------------------------------------------------------------------------------------------
-inline bool force_portable() {
-  const char* v = std::getenv("SVDQUANT_OPS_CUDA_PORTABLE");
+inline bool env_flag(const char* name) {
+  const char* v = std::getenv(name);
   return v != nullptr && v[0] != '\0' && std::strcmp(v, "0") != 0;
 }
+inline bool force_portable() { return env_flag("SVDQUANT_OPS_CUDA_PORTABLE"); }
+// SVDQUANT_OPS_CUDA_W4A8_TWO_PASS=1 keeps W4A8's quantize_act on its two-pass kernels on Hopper too (instead of the
+// one-pass cluster kernel), read at every call, so tests and benchmarks compare both paths in one process.
+inline bool force_w4a8_two_pass() { return env_flag("SVDQUANT_OPS_CUDA_W4A8_TWO_PASS"); }
 
 constexpr int kMaxDevices = 64;
 

@@ -12,14 +12,17 @@
 //   warp-uniform IEEE fallback for operands outside [2^-60, 2^60].
 // Portable path (everything else, or SVDQUANT_OPS_CUDA_PORTABLE=1): a thread per (token, group) running the CPU
 //   loop, and a thread per down_act element summing over K in order.
-// W4A8 (per-token INT8): the fast kernel in a mode that writes only each (token, 64-chunk) amax of x_hat and
-//   down_act, then the token kernel (2 tokens per warp) reduces the amaxes to each token's scale and writes the int8
-//   codes (reading x a second time); rows whose amax is outside the bounds at kW4a8AmaxLo are recomputed with IEEE
-//   divisions. Portable: a warp per token computes the amax itself.
+// W4A8 (per-token INT8): on Hopper, when K splits into at most 8 slices of at most 1920 channels, the cluster kernel
+//   reads x once (a thread-block cluster along K exchanging partial amaxes and down products through distributed
+//   shared memory). Otherwise two passes: the fast kernel in a mode that writes only each (token, 64-chunk) amax of
+//   x_hat and down_act, then the token kernel (2 tokens per warp) reduces the amaxes to each token's scale and
+//   writes the int8 codes (reading x a second time). Both recompute rows whose amax is outside the bounds at
+//   kW4a8AmaxLo with IEEE divisions. Portable: a warp per token computes the amax itself.
 // quantize_act_given_amax (W4A8 with each token's amax given, as Inductor computes it inside the kernel that
 //   produces x): one pass of the fast kernel writing int8 codes and down_act; portable: the token kernel with the
 //   given amax, and the portable down_act kernel.
 #include <c10/cuda/CUDAGuard.h>
+#include <cooperative_groups.h>
 
 #include <cstdlib>
 #include <cuda_bf16.h>
@@ -706,6 +709,229 @@ __global__ void __launch_bounds__(32 * kTokWarps) quantize_tokens_fast_kernel(co
   }
 }
 
+// ------------------------------------------------------------------------------------------------------------------
+// W4A8 cluster kernel (sm_90): x read once
+// ------------------------------------------------------------------------------------------------------------------
+// A token's scale needs the amax over all of K, and its codes need the scale, so a kernel that streams x must read
+// it twice (the two passes above) unless one block holds the whole row; but the down projection wants each block to
+// keep to a slice of K (to reuse that slice of proj_down). A thread-block cluster along K has both: a cluster of C
+// CTAs (1, 2, 4 or 8) owns 16 tokens, CTA r owns the channels [r * Ks, (r + 1) * Ks), and each CTA
+//   1. copies its 16 x Ks tile of x into shared memory (cp.async, rows past M zero-filled), and smooth's slice
+//      with its reciprocals as fp32;
+//   2. computes each token's partial amax of |x / smooth| over the slice (8 threads per token) and the partial
+//      product x . proj_down (mma m16n8k16 on the tile; 4 warps take every 4th k16 step, summed in warp order);
+//   3. after a cluster barrier, reads its tokens' C partial amaxes from its peers' shared memory (every CTA
+//      computes the same scale), and sums the C partial products of the tokens t with t % C == r in rank order;
+//   4. writes the int8 codes of its slice from the tile, then waits at a second cluster barrier (peers may still be
+//      reading its shared memory).
+// Divisions as in the two passes (div3 where kW4a8AmaxLo's bounds make it exact, IEEE otherwise; rows outside the
+// bounds get their amax recomputed exactly and exchanged once more): codes and scales equal the CPU op's bit for
+// bit. down_act sums in a fixed order other than the CPU's (fp32): deterministic.
+constexpr int kClRows = 16;     // tokens per cluster
+constexpr int kClThreads = 128;  // 4 warps; 8 threads per token in the elementwise phases
+
+// Shared memory of a CTA: the tile (Ks + 8 elements per row: conflict-free ldmatrix), smooth and its reciprocals,
+// the partial amaxes, the per-warp and per-CTA partial products, the exact partial amaxes (rare rows).
+inline size_t w4a8_cluster_smem(int Ks, int RP) {
+  return 2 * size_t(kClRows) * (Ks + 8) + sizeof(float) * (2 * size_t(Ks) + 2 * kClRows + 5 * size_t(kClRows) * RP);
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+}
+
+template <typename T, int RP>
+__global__ void __launch_bounds__(kClThreads) quantize_w4a8_cluster_kernel(const T* __restrict__ x,
+                                                                           const T* __restrict__ smooth,
+                                                                           const T* __restrict__ pd,
+                                                                           int8_t* __restrict__ codes,
+                                                                           T* __restrict__ scales,
+                                                                           float* __restrict__ down_act, int M, int K,
+                                                                           int R, int Ks) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  extern __shared__ __align__(16) uint8_t smem[];
+  cg::cluster_group cluster = cg::this_cluster();
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int C = static_cast<int>(cluster.num_blocks());
+  const int ld = Ks + 8;
+  T* tile = reinterpret_cast<T*>(smem);
+  float* sm_s = reinterpret_cast<float*>(tile + kClRows * ld);
+  float* sm_y = sm_s + Ks;
+  float* amax_part = sm_y + Ks;
+  float* warp_down = amax_part + kClRows;       // [4][16][RP]
+  float* cta_down = warp_down + 4 * kClRows * RP;  // [16][RP]
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int m0 = (blockIdx.x / C) * kClRows;  // clusters are consecutive blocks along x
+  const int k0 = rank * Ks;
+  const int chunks = Ks / 8;  // 16-byte chunks per tile row
+
+  // 1. the tile and smooth's slice
+  for (int i = tid; i < kClRows * chunks; i += kClThreads) {
+    const int r = i / chunks, c = i - r * chunks;
+    const bool in = m0 + r < M;
+    cp_async16(tile + r * ld + c * 8, x + static_cast<int64_t>(in ? m0 + r : 0) * K + k0 + c * 8, in ? 16 : 0);
+  }
+  cp_async_commit();
+  for (int i = tid; i < Ks; i += kClThreads) {
+    const float s = static_cast<float>(smooth[k0 + i]);
+    sm_s[i] = s;
+    sm_y[i] = rcp_w4a8_first_pass(s);  // NaN outside [2^-20, 2^20]: that token's amax is NaN, so it is recomputed
+  }
+  cp_async_wait_all();
+  __syncthreads();
+
+  // 2a. partial amax of |x_hat| per token by div3 (exact for the rows that pass w4a8_row_fast, see kW4a8AmaxLo):
+  //     8 consecutive threads per token, 16-byte chunk c to thread c % 8
+  const int tok = tid >> 3, sub = tid & 7;
+  const T* xrow = tile + tok * ld;
+  float amax = 0.f;
+  for (int c = sub; c < chunks; c += 8) {
+    const uint4 xv = *reinterpret_cast<const uint4*>(xrow + c * 8);
+    const float4 y0 = *reinterpret_cast<const float4*>(sm_y + c * 8), y1 = *reinterpret_cast<const float4*>(sm_y + c * 8 + 4);
+    const float4 s0 = *reinterpret_cast<const float4*>(sm_s + c * 8), s1 = *reinterpret_cast<const float4*>(sm_s + c * 8 + 4);
+    const float yv[8] = {y0.x, y0.y, y0.z, y0.w, y1.x, y1.y, y1.z, y1.w};
+    const float sv[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
+#pragma unroll
+    for (int j = 0; j < 8; ++j) amax = max_nan(amax, fabsf(div3(value_of<T>(xv, j), sv[j], yv[j])));
+  }
+#pragma unroll
+  for (int off = 4; off > 0; off >>= 1) amax = max_nan(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+  if (sub == 0) amax_part[tok] = amax;
+
+  // 2b. partial x . proj_down: warp w takes the k16 steps w, w + 4, ... of the slice (m16 x RP accumulators)
+  if constexpr (RP > 0) {
+    constexpr int NTL = RP / 8;
+    float acc[NTL][4];
+#pragma unroll
+    for (int j = 0; j < NTL; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    const int g = lane >> 2, t4 = lane & 3;
+    const uint16_t* pdb = reinterpret_cast<const uint16_t*>(pd);
+    for (int s = warp; s < Ks / 16; s += 4) {
+      const int kk = s * 16;
+      uint32_t a[4];  // lanes 0-15: rows 0-15 at kk, lanes 16-31: rows 0-15 at kk + 8 (the m16k16 A fragment)
+      ldmatrix_x4(a, tile + (lane & 15) * ld + kk + (lane >> 4) * 8);
+      const int64_t krow = static_cast<int64_t>(k0 + kk + 2 * t4) * R;
+#pragma unroll
+      for (int j = 0; j < NTL; ++j) {
+        const int n = j * 8 + g;
+        uint32_t b0 = 0u, b1 = 0u;  // B[k][n] = proj_down[k][n] (col-major B fragment: k pairs in one register)
+        if (n < R) {
+          const uint16_t* p = pdb + krow + n;
+          b0 = static_cast<uint32_t>(__ldg(p)) | (static_cast<uint32_t>(__ldg(p + R)) << 16);
+          b1 = static_cast<uint32_t>(__ldg(p + 8 * R)) | (static_cast<uint32_t>(__ldg(p + 9 * R)) << 16);
+        }
+        mma_16816<T>(acc[j], a[0], a[1], a[2], a[3], b0, b1);
+      }
+    }
+    float* w = warp_down + warp * kClRows * RP;
+#pragma unroll
+    for (int j = 0; j < NTL; ++j) {
+      const int c = j * 8 + 2 * t4;
+      w[g * RP + c] = acc[j][0];
+      w[g * RP + c + 1] = acc[j][1];
+      w[(g + 8) * RP + c] = acc[j][2];
+      w[(g + 8) * RP + c + 1] = acc[j][3];
+    }
+    __syncthreads();
+    for (int i = tid; i < kClRows * RP; i += kClThreads) {
+      cta_down[i] = ((warp_down[i] + warp_down[kClRows * RP + i]) + warp_down[2 * kClRows * RP + i]) +
+                    warp_down[3 * kClRows * RP + i];
+    }
+  }
+
+  // 3. exchange through distributed shared memory. Every CTA of the cluster reads the same partials, so all agree
+  //    on each token's amax and on whether any token needs the exact recomputation (cluster-uniform branch).
+  cluster.sync();
+  const bool row_in = m0 + tok < M;
+  float full = 0.f;
+  for (int r = 0; r < C; ++r) full = max_nan(full, cluster.map_shared_rank(amax_part, r)[tok]);
+  const bool xfast = w4a8_row_fast(full);
+  if (__syncthreads_or(row_in && !xfast)) {
+    // rare (zero, tiny, huge or non-finite rows, smooth outside [2^-20, 2^20]): the slow tokens' amax again with
+    // IEEE divisions, exchanged through a second array (peers may still read the first)
+    float* amax_exact = cta_down + kClRows * RP;
+    float a = 0.f;
+    if (!xfast) {
+      for (int c = sub; c < chunks; c += 8) {
+        const uint4 xv = *reinterpret_cast<const uint4*>(xrow + c * 8);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) a = max_nan(a, fabsf(__fdiv_rn(value_of<T>(xv, j), sm_s[c * 8 + j])));
+      }
+    }
+#pragma unroll
+    for (int off = 4; off > 0; off >>= 1) a = max_nan(a, __shfl_xor_sync(0xffffffffu, a, off));
+    if (sub == 0) amax_exact[tok] = a;
+    cluster.sync();
+    if (!xfast) {
+      full = 0.f;
+      for (int r = 0; r < C; ++r) full = max_nan(full, cluster.map_shared_rank(amax_exact, r)[tok]);
+    }
+  }
+  const float scale = int4_scale<T>(full, kInt8Qmax);
+  if (rank == 0 && sub == 0 && row_in) scales[m0 + tok] = static_cast<T>(scale);
+  if constexpr (RP > 0) {
+    for (int i = tid; i < kClRows * R; i += kClThreads) {
+      const int t = i / R, n = i - t * R;
+      if (t % C != rank || m0 + t >= M) continue;
+      float sum = 0.f;
+      for (int r = 0; r < C; ++r) sum += cluster.map_shared_rank(cta_down, r)[t * RP + n];
+      down_act[static_cast<int64_t>(m0 + t) * R + n] = sum;
+    }
+  }
+
+  // 4. codes of this slice, as the token kernel computes them (quantize_tokens_fast_kernel): x_hat by div3 for rows
+  //    that pass w4a8_row_fast, else IEEE; x_hat / scale by div3 and the magic-number rounding for scales in
+  //    [2^-52, 2^52] (the reasoning is at that kernel), else div_rn_fast; a zero scale gives zero codes.
+  if (row_in) {
+    const float ys = rcp_for_div(scale);
+    const bool qfast = scale >= 0x1p-52f && scale <= 0x1p52f;
+    int8_t* out = codes + static_cast<int64_t>(m0 + tok) * K + k0;
+    for (int c = sub; c < chunks; c += 8) {
+      const uint4 xv = *reinterpret_cast<const uint4*>(xrow + c * 8);
+      uint32_t packed[2] = {0u, 0u};
+      if (scale != 0.f) {
+        float xh[8];
+        if (xfast) {
+          const float4 y0 = *reinterpret_cast<const float4*>(sm_y + c * 8), y1 = *reinterpret_cast<const float4*>(sm_y + c * 8 + 4);
+          const float4 s0 = *reinterpret_cast<const float4*>(sm_s + c * 8), s1 = *reinterpret_cast<const float4*>(sm_s + c * 8 + 4);
+          const float yv[8] = {y0.x, y0.y, y0.z, y0.w, y1.x, y1.y, y1.z, y1.w};
+          const float sv[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
+#pragma unroll
+          for (int j = 0; j < 8; ++j) xh[j] = div3(value_of<T>(xv, j), sv[j], yv[j]);
+        } else {
+#pragma unroll
+          for (int j = 0; j < 8; ++j) xh[j] = __fdiv_rn(value_of<T>(xv, j), sm_s[c * 8 + j]);
+        }
+        if (qfast) {
+          uint32_t b[8];
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            const float q = fminf(fmaxf(div3(xh[j], scale, ys), -kInt8Qmax), kInt8Qmax);
+            b[j] = __float_as_uint(__fadd_rn(q, 0x1.8p23f));
+          }
+#pragma unroll
+          for (int w = 0; w < 2; ++w)
+            packed[w] = __byte_perm(__byte_perm(b[4 * w], b[4 * w + 1], 0x0040),
+                                    __byte_perm(b[4 * w + 2], b[4 * w + 3], 0x0040), 0x5410);
+        } else {
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            const int q = min(max(__float2int_rn(div_rn_fast(xh[j], scale, ys)), -127), 127);  // NaN -> 0
+            packed[j >> 2] |= (static_cast<uint32_t>(q) & 0xFFu) << (8 * (j & 3));
+          }
+        }
+      }
+      *reinterpret_cast<uint2*>(out + c * 8) = make_uint2(packed[0], packed[1]);
+    }
+  }
+  cluster.sync();  // 5. peers may still be reading this CTA's partials
+#endif
+}
+
 // down_act = sum over the K slices of the partial products, in slice order (deterministic).
 __global__ void down_act_split_reduce_kernel(const float* __restrict__ part, float* __restrict__ out, int64_t n,
                                              int splits) {
@@ -841,13 +1067,82 @@ void launch_down_act_portable(const QuantizeActShape& s, const at::Tensor& x, co
   });
 }
 
-// W4A8 (per-token INT8): fast path = the fast kernel's group-max pass (amaxes and down_act), then the token kernel
-// reading those amaxes; portable = down_act by the portable kernel, then the token kernel computing the amax itself.
+// The cluster kernel's CTAs per cluster for K: the fewest (1, 2, 4 or 8, the portable cluster limit) that give
+// slices of at most 768 channels (tile + partials ~35 KB: several CTAs per SM), else 8 slices of at most 1920 (up to
+// ~120 KB: one per SM); slices are multiples of 64 channels. 0: no such split (the two passes serve that K).
+int w4a8_cluster_size(int64_t K) {
+  for (int c = 1; c <= 8; c *= 2) {
+    if (K % (64 * c) == 0 && K / c <= 768) return c;
+  }
+  return K % (64 * 8) == 0 && K / 8 <= 1920 ? 8 : 0;
+}
+
+template <typename T, int RP>
+void launch_w4a8_cluster(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd, at::Tensor& codes,
+                         at::Tensor& scales, at::Tensor& down_act, int M, int K, int R, int C, cudaStream_t stream) {
+  auto kernel = quantize_w4a8_cluster_kernel<T, RP>;
+  static PerDeviceOnce smem_attr;  // the largest slice's need, once per instantiation and device
+  set_max_dynamic_smem(smem_attr, kernel, static_cast<int>(w4a8_cluster_smem(1920, RP)));
+  const int Ks = K / C;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>((M + kClRows - 1) / kClRows) * C);
+  cfg.blockDim = dim3(kClThreads);
+  cfg.dynamicSmemBytes = w4a8_cluster_smem(Ks, RP);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = C;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, reinterpret_cast<const T*>(x.data_ptr()),
+                                    reinterpret_cast<const T*>(smooth.data_ptr()),
+                                    R > 0 ? reinterpret_cast<const T*>(pd.data_ptr()) : nullptr,
+                                    static_cast<int8_t*>(codes.data_ptr()), reinterpret_cast<T*>(scales.data_ptr()),
+                                    R > 0 ? down_act.data_ptr<float>() : nullptr, M, K, R, Ks));
+  debug_sync(stream, "quantize_act w4a8 cluster");
+}
+
+template <typename T>
+void dispatch_w4a8_cluster(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd, at::Tensor& codes,
+                           at::Tensor& scales, at::Tensor& down_act, int M, int K, int R, int C, cudaStream_t st) {
+  if (R == 0)
+    launch_w4a8_cluster<T, 0>(x, smooth, pd, codes, scales, down_act, M, K, R, C, st);
+  else if (R <= 16)
+    launch_w4a8_cluster<T, 16>(x, smooth, pd, codes, scales, down_act, M, K, R, C, st);
+  else if (R <= 32)
+    launch_w4a8_cluster<T, 32>(x, smooth, pd, codes, scales, down_act, M, K, R, C, st);
+  else if (R <= 64)
+    launch_w4a8_cluster<T, 64>(x, smooth, pd, codes, scales, down_act, M, K, R, C, st);
+  else
+    launch_w4a8_cluster<T, 128>(x, smooth, pd, codes, scales, down_act, M, K, R, C, st);
+}
+
+// CTAs per cluster when W4A8's one-pass cluster kernel serves this call, else 0: the fast kernel's conditions
+// (checked by the caller), Hopper (clusters and distributed shared memory), a K that splits (w4a8_cluster_size), and
+// SVDQUANT_OPS_CUDA_W4A8_TWO_PASS unset.
+int w4a8_cluster_for(const QuantizeActShape& s) {
+  return device_is_sm90() && !force_w4a8_two_pass() ? w4a8_cluster_size(s.K) : 0;
+}
+
+// W4A8 (per-token INT8): on Hopper, where K splits, the cluster kernel (one pass). Other fast-path calls: the fast
+// kernel's group-max pass (amaxes and down_act), then the token kernel reading those amaxes; portable = down_act by
+// the portable kernel, then the token kernel computing the amax itself.
 void quantize_w4a8(const QuantizeActShape& s, bool fast, const at::Tensor& x, const at::Tensor& smooth,
                    const at::Tensor& proj_down, at::Tensor& act_codes, at::Tensor& act_scales, at::Tensor& down_act,
                    cudaStream_t stream) {
   const int64_t G64 = s.K / kInt4Group;
   auto* cd = static_cast<int8_t*>(act_codes.data_ptr());
+  const int C = fast ? w4a8_cluster_for(s) : 0;
+  if (C > 0) {  // one pass
+    const int M = static_cast<int>(s.M), K = static_cast<int>(s.K), R = static_cast<int>(s.R);
+    if (x.scalar_type() == at::kBFloat16)
+      dispatch_w4a8_cluster<c10::BFloat16>(x, smooth, proj_down, act_codes, act_scales, down_act, M, K, R, C, stream);
+    else
+      dispatch_w4a8_cluster<c10::Half>(x, smooth, proj_down, act_codes, act_scales, down_act, M, K, R, C, stream);
+    return;
+  }
   at::Tensor gmax;
   if (fast) {
     const int M = static_cast<int>(s.M), K = static_cast<int>(s.K), R = static_cast<int>(s.R);
