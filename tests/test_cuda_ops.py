@@ -209,6 +209,36 @@ def test_quantize_act_w4a8_cluster_dispatch(monkeypatch, K, two_pass, cluster):
         assert launched and not any("cluster" in n for n in launched), launched
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_quantize_act_w4a8_specials_in_every_slice(w4a8_path, dtype):
+    """K = 15360 (the cluster kernel's 8 slices of 1920): NaN, Inf, huge, tiny and zero rows, and a smooth value
+    outside [2^-20, 2^20], placed in the last slice and in a middle one, so that a peer's partial amax decides
+    whether a token takes the exact path; the other tokens of those 16-row tiles must stay exact too."""
+    g = session_generator(("specials", str(dtype)))
+    M, K = 37, 15360
+    x, smooth, pd = op_args("quantize_act", act_inputs(M, K, 32, torch.float32, g))
+    last, mid = K - 5, 7 * 1920 // 2
+    x[1, last] = float("nan")
+    x[2, mid] = float("inf")
+    x[3] = 0.0
+    x[4] = x[4] * 1e-12
+    x[4, mid] = 0.0
+    x[17, last] = 3e4 if dtype == torch.float16 else 2.0**70
+    x[18, mid] = float("nan")
+    x[33, last] = -0.0
+    if dtype == torch.bfloat16:
+        smooth[K - 1] = 2.0**-30  # no fast reciprocal: every token's amax comes from the exact path
+        x[:, K - 1] *= 2.0**-30
+    x, smooth, pd = x.to(dtype), smooth.to(dtype), pd.to(dtype)
+    ref = OPS.quantize_act(x, smooth, pd, "w4a8", False)
+    out = OPS.quantize_act(x.to(DEV), smooth.to(DEV), pd.to(DEV), "w4a8", False)
+    assert_bits_equal(out[0], ref[0], "codes")
+    assert_bits_equal(out[1], ref[1], "scales")
+    finite = torch.isfinite(ref[2]).all(1)
+    assert torch.equal(finite, torch.isfinite(out[2].cpu()).all(1))
+    assert rel_fro(out[2][finite.to(out[2].device)], ref[2][finite]) < 1e-5
+
+
 @pytest.mark.parametrize("precision,unsigned", [("int4", False), ("int4", True), ("nvfp4", False), ("w4a8", False)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_quantize_act_wide_range_bit_exact(path, precision, unsigned, dtype):

@@ -1068,7 +1068,7 @@ void launch_down_act_portable(const QuantizeActShape& s, const at::Tensor& x, co
 }
 
 // The cluster kernel's CTAs per cluster for K: the fewest (1, 2, 4 or 8, the portable cluster limit) that give
-// slices of at most 768 channels (tile + partials ~35 KB: several CTAs per SM), else 8 slices of at most 1920 (up to
+// slices of at most 768 channels (31 KB at R = 0 to 72 KB at R = 128: 7 to 3 CTAs per SM), else 8 slices of at most 1920 (up to
 // ~120 KB: one per SM); slices are multiples of 64 channels. 0: no such split (the two passes serve that K).
 int w4a8_cluster_size(int64_t K) {
   for (int c = 1; c <= 8; c *= 2) {
