@@ -588,6 +588,36 @@ __global__ void __launch_bounds__(256) quantize_tokens_kernel(const T* __restric
   }
 }
 
+// W4A8 codes of 8 consecutive x_hat of a row with a nonzero scale `sc` (reciprocal `ys`), packed little-endian.
+// qfast: scale in [2^-52, 2^52] (a NaN or Inf in the row makes the scale NaN or Inf: the checked path). Then
+// |x_hat| < 2^60 (bf16: scale = amax / 127 rounded, so |x_hat| <= amax
+// < 2^60; fp16: x_hat is at most 65504 / 2^-24 < 2^40, and its scale may be clamped to 65504 or be subnormal, so
+// |x_hat / scale| can pass 127.5: the clamp covers it), so div3 is exact wherever |x_hat| >= 2^-60, and below that
+// |q| < 2^-8: code 0 either way. Clamp, then round half to even by adding 1.5 * 2^23 (the sum's ulp is 1): the low
+// byte of the sum's bits is the code in two's complement. Other scales (or NaN: every code 0): the checked division.
+__device__ __forceinline__ uint2 w4a8_codes8(const float (&xh)[8], float sc, float ys, bool qfast) {
+  uint32_t out[2] = {0u, 0u};
+  if (qfast) {
+    uint32_t b[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const float q = fminf(fmaxf(div3(xh[i], sc, ys), -kInt8Qmax), kInt8Qmax);
+      b[i] = __float_as_uint(__fadd_rn(q, 0x1.8p23f));
+    }
+#pragma unroll
+    for (int w = 0; w < 2; ++w)
+      out[w] = __byte_perm(__byte_perm(b[4 * w], b[4 * w + 1], 0x0040), __byte_perm(b[4 * w + 2], b[4 * w + 3], 0x0040),
+                           0x5410);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int code = min(max(__float2int_rn(div_rn_fast(xh[i], sc, ys)), -127), 127);  // NaN -> 0
+      out[i >> 2] |= (static_cast<uint32_t>(code) & 0xFFu) << (8 * (i & 3));
+    }
+  }
+  return make_uint2(out[0], out[1]);
+}
+
 // W4A8's second pass on the fast path (16-bit x and smooth, 16-byte aligned, K % 8 == 0): kTokRows tokens per warp,
 // 4 warps per block. Per 256-channel step a lane holds 8 consecutive channels of each of its rows; the 8 reciprocals
 // of smooth are computed once per step for all its rows, and the next step's loads are issued before this step's
@@ -669,7 +699,7 @@ __global__ void __launch_bounds__(32 * kTokWarps) quantize_tokens_fast_kernel(co
 #pragma unroll
     for (int h = 0; h < kTokRows; ++h) {
       auto a_of = [&](int i) { return value_of<T>(xc[h], i); };
-      uint32_t out[2] = {0u, 0u};
+      uint2 out = make_uint2(0u, 0u);
       if (sc[h] != 0.f) {  // warp-uniform; a zero row (scale 0) has all codes 0
         float xh[8];
         if (xfast[h]) {
@@ -679,32 +709,9 @@ __global__ void __launch_bounds__(32 * kTokWarps) quantize_tokens_fast_kernel(co
 #pragma unroll
           for (int i = 0; i < 8; ++i) xh[i] = __fdiv_rn(a_of(i), l[i]);
         }
-        if (qfast[h]) {
-          // scale in [2^-52, 2^52] and amax finite (a NaN or Inf in the row makes the scale NaN or Inf: checked
-          // path). Then |x_hat| < 2^60: bf16, scale = amax / 127 rounded, so |x_hat| <= amax < 2^60; fp16, x_hat is
-          // at most 65504 / 2^-24 < 2^40 (its scale may be clamped to 65504 or be subnormal, so |x_hat / scale| can
-          // pass 127.5: the clamp below covers it). So div3 is exact wherever |x_hat| >= 2^-60, and below that
-          // |q| < 2^-8: code 0 either way. Clamp, then round half to even by adding 1.5 * 2^23 (the sum's ulp is 1):
-          // the low byte of the sum's bits is the code in two's complement.
-          uint32_t b[8];
-#pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            const float q = fminf(fmaxf(div3(xh[i], sc[h], ys[h]), -kInt8Qmax), kInt8Qmax);
-            b[i] = __float_as_uint(__fadd_rn(q, 0x1.8p23f));
-          }
-#pragma unroll
-          for (int w = 0; w < 2; ++w)
-            out[w] = __byte_perm(__byte_perm(b[4 * w], b[4 * w + 1], 0x0040),
-                                 __byte_perm(b[4 * w + 2], b[4 * w + 3], 0x0040), 0x5410);
-        } else {  // a scale outside that range (or NaN: every code 0): the checked division
-#pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            const int code = min(max(__float2int_rn(div_rn_fast(xh[i], sc[h], ys[h])), -127), 127);  // NaN -> 0
-            out[i >> 2] |= (static_cast<uint32_t>(code) & 0xFFu) << (8 * (i & 3));
-          }
-        }
+        out = w4a8_codes8(xh, sc[h], ys[h], qfast[h]);
       }
-      if (row0 + h < M) *reinterpret_cast<uint2*>(codes + static_cast<int64_t>(row0 + h) * K + k) = make_uint2(out[0], out[1]);
+      if (row0 + h < M) *reinterpret_cast<uint2*>(codes + static_cast<int64_t>(row0 + h) * K + k) = out;
     }
   }
 }
@@ -759,7 +766,7 @@ __global__ void __launch_bounds__(kClThreads) quantize_w4a8_cluster_kernel(const
   const int ld = Ks + 8;
   T* tile = reinterpret_cast<T*>(smem);
   float* sm_s = reinterpret_cast<float*>(tile + kClRows * ld);
-  float* sm_y = sm_s + Ks;
+  float* sm_y = sm_s + Ks;  // reciprocals at sm_s[Ks + k]: the staging layout of staged_smooth4
   float* amax_part = sm_y + Ks;
   float* warp_down = amax_part + kClRows;       // [4][16][RP]
   float* cta_down = warp_down + 4 * kClRows * RP;  // [16][RP]
@@ -791,12 +798,11 @@ __global__ void __launch_bounds__(kClThreads) quantize_w4a8_cluster_kernel(const
   float amax = 0.f;
   for (int c = sub; c < chunks; c += 8) {
     const uint4 xv = *reinterpret_cast<const uint4*>(xrow + c * 8);
-    const float4 y0 = *reinterpret_cast<const float4*>(sm_y + c * 8), y1 = *reinterpret_cast<const float4*>(sm_y + c * 8 + 4);
-    const float4 s0 = *reinterpret_cast<const float4*>(sm_s + c * 8), s1 = *reinterpret_cast<const float4*>(sm_s + c * 8 + 4);
-    const float yv[8] = {y0.x, y0.y, y0.z, y0.w, y1.x, y1.y, y1.z, y1.w};
-    const float sv[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
+    float sv[2][4], yv[2][4];
+    staged_smooth4(sm_s, Ks, 2 * c, sv[0], yv[0]);
+    staged_smooth4(sm_s, Ks, 2 * c + 1, sv[1], yv[1]);
 #pragma unroll
-    for (int j = 0; j < 8; ++j) amax = max_nan(amax, fabsf(div3(value_of<T>(xv, j), sv[j], yv[j])));
+    for (int j = 0; j < 8; ++j) amax = max_nan(amax, fabsf(div3(value_of<T>(xv, j), sv[j >> 2][j & 3], yv[j >> 2][j & 3])));
   }
 #pragma unroll
   for (int off = 4; off > 0; off >>= 1) amax = max_nan(amax, __shfl_xor_sync(0xffffffffu, amax, off));
@@ -884,48 +890,29 @@ __global__ void __launch_bounds__(kClThreads) quantize_w4a8_cluster_kernel(const
   }
 
   // 4. codes of this slice, as the token kernel computes them (quantize_tokens_fast_kernel): x_hat by div3 for rows
-  //    that pass w4a8_row_fast, else IEEE; x_hat / scale by div3 and the magic-number rounding for scales in
-  //    [2^-52, 2^52] (the reasoning is at that kernel), else div_rn_fast; a zero scale gives zero codes.
+  //    that pass w4a8_row_fast, else IEEE; the codes by w4a8_codes8; a zero scale gives zero codes.
   if (row_in) {
     const float ys = rcp_for_div(scale);
     const bool qfast = scale >= 0x1p-52f && scale <= 0x1p52f;
     int8_t* out = codes + static_cast<int64_t>(m0 + tok) * K + k0;
     for (int c = sub; c < chunks; c += 8) {
       const uint4 xv = *reinterpret_cast<const uint4*>(xrow + c * 8);
-      uint32_t packed[2] = {0u, 0u};
+      uint2 packed = make_uint2(0u, 0u);
       if (scale != 0.f) {
         float xh[8];
         if (xfast) {
-          const float4 y0 = *reinterpret_cast<const float4*>(sm_y + c * 8), y1 = *reinterpret_cast<const float4*>(sm_y + c * 8 + 4);
-          const float4 s0 = *reinterpret_cast<const float4*>(sm_s + c * 8), s1 = *reinterpret_cast<const float4*>(sm_s + c * 8 + 4);
-          const float yv[8] = {y0.x, y0.y, y0.z, y0.w, y1.x, y1.y, y1.z, y1.w};
-          const float sv[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
+          float sv[2][4], yv[2][4];
+          staged_smooth4(sm_s, Ks, 2 * c, sv[0], yv[0]);
+          staged_smooth4(sm_s, Ks, 2 * c + 1, sv[1], yv[1]);
 #pragma unroll
-          for (int j = 0; j < 8; ++j) xh[j] = div3(value_of<T>(xv, j), sv[j], yv[j]);
+          for (int j = 0; j < 8; ++j) xh[j] = div3(value_of<T>(xv, j), sv[j >> 2][j & 3], yv[j >> 2][j & 3]);
         } else {
 #pragma unroll
           for (int j = 0; j < 8; ++j) xh[j] = __fdiv_rn(value_of<T>(xv, j), sm_s[c * 8 + j]);
         }
-        if (qfast) {
-          uint32_t b[8];
-#pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            const float q = fminf(fmaxf(div3(xh[j], scale, ys), -kInt8Qmax), kInt8Qmax);
-            b[j] = __float_as_uint(__fadd_rn(q, 0x1.8p23f));
-          }
-#pragma unroll
-          for (int w = 0; w < 2; ++w)
-            packed[w] = __byte_perm(__byte_perm(b[4 * w], b[4 * w + 1], 0x0040),
-                                    __byte_perm(b[4 * w + 2], b[4 * w + 3], 0x0040), 0x5410);
-        } else {
-#pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            const int q = min(max(__float2int_rn(div_rn_fast(xh[j], scale, ys)), -127), 127);  // NaN -> 0
-            packed[j >> 2] |= (static_cast<uint32_t>(q) & 0xFFu) << (8 * (j & 3));
-          }
-        }
+        packed = w4a8_codes8(xh, scale, ys, qfast);
       }
-      *reinterpret_cast<uint2*>(out + c * 8) = make_uint2(packed[0], packed[1]);
+      *reinterpret_cast<uint2*>(out + c * 8) = packed;
     }
   }
   cluster.sync();  // 5. peers may still be reading this CTA's partials
