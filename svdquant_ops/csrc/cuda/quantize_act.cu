@@ -1064,46 +1064,69 @@ int w4a8_cluster_size(int64_t K) {
   return K % (64 * 8) == 0 && K / 8 <= 1920 ? 8 : 0;
 }
 
+// The cluster launch config of the kernel for C CTAs per cluster and Ks channels per CTA (grid: `clusters` clusters).
+inline cudaLaunchConfig_t w4a8_cluster_config(cudaLaunchAttribute& attr, int clusters, int C, int Ks, int RP,
+                                              cudaStream_t stream) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(clusters) * C);
+  cfg.blockDim = dim3(kClThreads);
+  cfg.dynamicSmemBytes = w4a8_cluster_smem(Ks, RP);
+  cfg.stream = stream;
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = C;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  return cfg;
+}
+
+// Launches the cluster kernel, or returns false where a cluster of C CTAs with the largest slice of that C cannot be
+// resident on this device (a GPU partitioned by MPS or green contexts, too few SMs per GPC): the caller then runs
+// the two passes. Asked once per (instantiation, cluster size, device) through cudaOccupancyMaxActiveClusters, so
+// no CUDA call is added to later launches or to a graph capture.
 template <typename T, int RP>
-void launch_w4a8_cluster(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd, at::Tensor& codes,
+bool launch_w4a8_cluster(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd, at::Tensor& codes,
                          at::Tensor& scales, at::Tensor& down_act, int M, int K, int R, int C, cudaStream_t stream) {
   auto kernel = quantize_w4a8_cluster_kernel<T, RP>;
   static PerDeviceOnce smem_attr;  // the largest slice's need, once per instantiation and device
   set_max_dynamic_smem(smem_attr, kernel, static_cast<int>(w4a8_cluster_smem(1920, RP)));
-  const int Ks = K / C;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>((M + kClRows - 1) / kClRows) * C);
-  cfg.blockDim = dim3(kClThreads);
-  cfg.dynamicSmemBytes = w4a8_cluster_smem(Ks, RP);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = C;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  static PerDeviceOnce fit_once[4];  // C = 1, 2, 4, 8
+  static bool fits[4][kMaxDevices];
+  const int ci = C == 1 ? 0 : (C == 2 ? 1 : (C == 4 ? 2 : 3));
+  const int dev = current_device_index();
+  fit_once[ci]([&] {
+    cudaLaunchAttribute attr;
+    // the largest slice w4a8_cluster_size gives this C: smaller slices need less shared memory
+    const cudaLaunchConfig_t cfg = w4a8_cluster_config(attr, 1, C, C == 8 ? 1920 : 768, RP, stream);
+    int n = 0;
+    const cudaError_t err = cudaOccupancyMaxActiveClusters(&n, kernel, &cfg);
+    if (err != cudaSuccess) {
+      (void)cudaGetLastError();  // a device or driver that cannot answer: the two passes
+      n = 0;
+    }
+    fits[ci][dev] = n > 0;
+  });
+  if (!fits[ci][dev]) return false;
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t cfg = w4a8_cluster_config(attr, (M + kClRows - 1) / kClRows, C, K / C, RP, stream);
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, reinterpret_cast<const T*>(x.data_ptr()),
                                     reinterpret_cast<const T*>(smooth.data_ptr()),
                                     R > 0 ? reinterpret_cast<const T*>(pd.data_ptr()) : nullptr,
                                     static_cast<int8_t*>(codes.data_ptr()), reinterpret_cast<T*>(scales.data_ptr()),
-                                    R > 0 ? down_act.data_ptr<float>() : nullptr, M, K, R, Ks));
+                                    R > 0 ? down_act.data_ptr<float>() : nullptr, M, K, R, K / C));
   debug_sync(stream, "quantize_act w4a8 cluster");
+  return true;
 }
 
 template <typename T>
-void dispatch_w4a8_cluster(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd, at::Tensor& codes,
+bool dispatch_w4a8_cluster(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd, at::Tensor& codes,
                            at::Tensor& scales, at::Tensor& down_act, int M, int K, int R, int C, cudaStream_t st) {
-  if (R == 0)
-    launch_w4a8_cluster<T, 0>(x, smooth, pd, codes, scales, down_act, M, K, R, C, st);
-  else if (R <= 16)
-    launch_w4a8_cluster<T, 16>(x, smooth, pd, codes, scales, down_act, M, K, R, C, st);
-  else if (R <= 32)
-    launch_w4a8_cluster<T, 32>(x, smooth, pd, codes, scales, down_act, M, K, R, C, st);
-  else if (R <= 64)
-    launch_w4a8_cluster<T, 64>(x, smooth, pd, codes, scales, down_act, M, K, R, C, st);
-  else
-    launch_w4a8_cluster<T, 128>(x, smooth, pd, codes, scales, down_act, M, K, R, C, st);
+  if (R == 0) return launch_w4a8_cluster<T, 0>(x, smooth, pd, codes, scales, down_act, M, K, R, C, st);
+  if (R <= 16) return launch_w4a8_cluster<T, 16>(x, smooth, pd, codes, scales, down_act, M, K, R, C, st);
+  if (R <= 32) return launch_w4a8_cluster<T, 32>(x, smooth, pd, codes, scales, down_act, M, K, R, C, st);
+  if (R <= 64) return launch_w4a8_cluster<T, 64>(x, smooth, pd, codes, scales, down_act, M, K, R, C, st);
+  return launch_w4a8_cluster<T, 128>(x, smooth, pd, codes, scales, down_act, M, K, R, C, st);
 }
 
 // CTAs per cluster when W4A8's one-pass cluster kernel serves this call, else 0: the fast kernel's conditions
@@ -1113,22 +1136,22 @@ int w4a8_cluster_for(const QuantizeActShape& s) {
   return device_is_sm90() && !force_w4a8_two_pass() ? w4a8_cluster_size(s.K) : 0;
 }
 
-// W4A8 (per-token INT8): on Hopper, where K splits, the cluster kernel (one pass). Other fast-path calls: the fast
-// kernel's group-max pass (amaxes and down_act), then the token kernel reading those amaxes; portable = down_act by
-// the portable kernel, then the token kernel computing the amax itself.
+// W4A8 (per-token INT8): on Hopper, where K splits and such a cluster fits, the cluster kernel (one pass). Other
+// fast-path calls: the fast kernel's group-max pass (amaxes and down_act), then the token kernel reading those
+// amaxes; portable = down_act by the portable kernel, then the token kernel computing the amax itself.
 void quantize_w4a8(const QuantizeActShape& s, bool fast, const at::Tensor& x, const at::Tensor& smooth,
                    const at::Tensor& proj_down, at::Tensor& act_codes, at::Tensor& act_scales, at::Tensor& down_act,
                    cudaStream_t stream) {
   const int64_t G64 = s.K / kInt4Group;
   auto* cd = static_cast<int8_t*>(act_codes.data_ptr());
   const int C = fast ? w4a8_cluster_for(s) : 0;
-  if (C > 0) {  // one pass
+  if (C > 0) {  // one pass, where such a cluster fits on this device
     const int M = static_cast<int>(s.M), K = static_cast<int>(s.K), R = static_cast<int>(s.R);
-    if (x.scalar_type() == at::kBFloat16)
-      dispatch_w4a8_cluster<c10::BFloat16>(x, smooth, proj_down, act_codes, act_scales, down_act, M, K, R, C, stream);
-    else
-      dispatch_w4a8_cluster<c10::Half>(x, smooth, proj_down, act_codes, act_scales, down_act, M, K, R, C, stream);
-    return;
+    const bool done = x.scalar_type() == at::kBFloat16
+        ? dispatch_w4a8_cluster<c10::BFloat16>(x, smooth, proj_down, act_codes, act_scales, down_act, M, K, R, C,
+                                               stream)
+        : dispatch_w4a8_cluster<c10::Half>(x, smooth, proj_down, act_codes, act_scales, down_act, M, K, R, C, stream);
+    if (done) return;
   }
   at::Tensor gmax;
   if (fast) {
