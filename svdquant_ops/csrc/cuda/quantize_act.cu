@@ -25,6 +25,7 @@
 #include <cooperative_groups.h>
 
 #include <cstdlib>
+#include <stdexcept>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -1084,7 +1085,7 @@ inline cudaLaunchConfig_t w4a8_cluster_config(cudaLaunchAttribute& attr, int clu
 // Launches the cluster kernel, or returns false where a cluster of C CTAs with the largest slice of that C cannot be
 // resident on this device (a GPU partitioned by MPS or green contexts, too few SMs per GPC): the caller then runs
 // the two passes. Asked once per (instantiation, cluster size, device) through cudaOccupancyMaxActiveClusters, so
-// no CUDA call is added to later launches or to a graph capture.
+// no CUDA call is added to later launches or to a graph capture; a query that fails is not remembered.
 template <typename T, int RP>
 bool launch_w4a8_cluster(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd, at::Tensor& codes,
                          at::Tensor& scales, at::Tensor& down_act, int M, int K, int R, int C, cudaStream_t stream) {
@@ -1095,19 +1096,24 @@ bool launch_w4a8_cluster(const at::Tensor& x, const at::Tensor& smooth, const at
   static bool fits[4][kMaxDevices];
   const int ci = C == 1 ? 0 : (C == 2 ? 1 : (C == 4 ? 2 : 3));
   const int dev = current_device_index();
-  fit_once[ci]([&] {
-    cudaLaunchAttribute attr;
-    // the largest slice w4a8_cluster_size gives this C: smaller slices need less shared memory
-    const cudaLaunchConfig_t cfg = w4a8_cluster_config(attr, 1, C, C == 8 ? 1920 : 768, RP, stream);
-    int n = 0;
-    const cudaError_t err = cudaOccupancyMaxActiveClusters(&n, kernel, &cfg);
-    if (err != cudaSuccess) {
-      (void)cudaGetLastError();  // a device or driver that cannot answer: the two passes
-      n = 0;
-    }
-    fits[ci][dev] = n > 0;
-  });
-  if (!fits[ci][dev]) return false;
+  bool asked = true;
+  try {
+    fit_once[ci]([&] {
+      cudaLaunchAttribute attr;
+      // the largest slice w4a8_cluster_size gives this C: smaller slices need less shared memory
+      const cudaLaunchConfig_t cfg = w4a8_cluster_config(attr, 1, C, C == 8 ? 1920 : 768, RP, stream);
+      int n = 0;
+      const cudaError_t err = cudaOccupancyMaxActiveClusters(&n, kernel, &cfg);
+      if (err != cudaSuccess) {
+        (void)cudaGetLastError();
+        throw std::runtime_error(cudaGetErrorString(err));  // not remembered: the next call asks again
+      }
+      fits[ci][dev] = n > 0;
+    });
+  } catch (const std::runtime_error&) {
+    asked = false;  // the driver could not answer now (e.g. inside a capture): this call takes the two passes
+  }
+  if (!asked || !fits[ci][dev]) return false;
   cudaLaunchAttribute attr;
   const cudaLaunchConfig_t cfg = w4a8_cluster_config(attr, (M + kClRows - 1) / kClRows, C, K / C, RP, stream);
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, reinterpret_cast<const T*>(x.data_ptr()),
