@@ -1055,14 +1055,19 @@ void launch_down_act_portable(const QuantizeActShape& s, const at::Tensor& x, co
   });
 }
 
-// The cluster kernel's CTAs per cluster for K: the fewest (1, 2, 4 or 8, the portable cluster limit) that give
-// slices of at most 768 channels (31 KB at R = 0 to 72 KB at R = 128: 7 to 3 CTAs per SM), else 8 slices of at most 1920 (up to
-// ~120 KB: one per SM); slices are multiples of 64 channels. 0: no such split (the two passes serve that K).
+// Slice limits of the cluster kernel: clusters of 1, 2 or 4 CTAs take slices of at most kClSlice channels (31 KB at
+// R = 0 to 72 KB at R = 128: 7 to 3 CTAs per SM); 8 CTAs (the portable cluster limit) at most kClSlice8 (up to ~120
+// KB: one per SM).
+constexpr int kClSlice = 768, kClSlice8 = 1920;
+
+// The cluster kernel's CTAs per cluster for K: the fewest (1, 2, 4 or 8) that give slices of at most kClSlice
+// channels, else 8 slices of at most kClSlice8; slices are multiples of 64 channels. 0: no such split (the two passes
+// serve that K).
 int w4a8_cluster_size(int64_t K) {
   for (int c = 1; c <= 8; c *= 2) {
-    if (K % (64 * c) == 0 && K / c <= 768) return c;
+    if (K % (64 * c) == 0 && K / c <= kClSlice) return c;
   }
-  return K % (64 * 8) == 0 && K / 8 <= 1920 ? 8 : 0;
+  return K % (64 * 8) == 0 && K / 8 <= kClSlice8 ? 8 : 0;
 }
 
 // The cluster launch config of the kernel for C CTAs per cluster and Ks channels per CTA (grid: `clusters` clusters).
@@ -1091,7 +1096,7 @@ bool launch_w4a8_cluster(const at::Tensor& x, const at::Tensor& smooth, const at
                          at::Tensor& scales, at::Tensor& down_act, int M, int K, int R, int C, cudaStream_t stream) {
   auto kernel = quantize_w4a8_cluster_kernel<T, RP>;
   static PerDeviceOnce smem_attr;  // the largest slice's need, once per instantiation and device
-  set_max_dynamic_smem(smem_attr, kernel, static_cast<int>(w4a8_cluster_smem(1920, RP)));
+  set_max_dynamic_smem(smem_attr, kernel, static_cast<int>(w4a8_cluster_smem(kClSlice8, RP)));
   static PerDeviceOnce fit_once[4];  // C = 1, 2, 4, 8
   static bool fits[4][kMaxDevices];
   const int ci = C == 1 ? 0 : (C == 2 ? 1 : (C == 4 ? 2 : 3));
@@ -1101,7 +1106,7 @@ bool launch_w4a8_cluster(const at::Tensor& x, const at::Tensor& smooth, const at
     fit_once[ci]([&] {
       cudaLaunchAttribute attr;
       // the largest slice w4a8_cluster_size gives this C: smaller slices need less shared memory
-      const cudaLaunchConfig_t cfg = w4a8_cluster_config(attr, 1, C, C == 8 ? 1920 : 768, RP, stream);
+      const cudaLaunchConfig_t cfg = w4a8_cluster_config(attr, 1, C, C == 8 ? kClSlice8 : kClSlice, RP, stream);
       int n = 0;
       const cudaError_t err = cudaOccupancyMaxActiveClusters(&n, kernel, &cfg);
       if (err != cudaSuccess) {
