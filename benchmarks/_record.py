@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Environment variables that change what a benchmark measures; recorded when set.
 _ENV_KNOBS = ("SVDQUANT_OPS_DIAGNOSTICS", "SVDQUANT_OPS_CUDA_PORTABLE", "SVDQUANT_OPS_GEMM_SCHEDULE",
               "SVDQUANT_OPS_GEMM_EPILOGUE", "SVDQUANT_OPS_QA_SPLITS", "SVDQUANT_OPS_QA_CFG", "SVDQUANT_OPS_NO_CUDA",
-              "SVDQUANT_OPS_CUDA_ARCH", "SVDQUANT_OPS_W4A16_BLOCKS_PER_SM", "SVDQUANT_OPS_W4A16_GENERIC")
+              "SVDQUANT_OPS_CUDA_ARCH", "SVDQUANT_OPS_W4A16_BLOCKS_PER_SM", "SVDQUANT_OPS_W4A16_GENERIC",
+              "SVDQUANT_OPS_CUDA_W4A8_TWO_PASS")
 
 
 def _git(*args: str) -> str | None:
