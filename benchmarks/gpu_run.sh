@@ -24,7 +24,8 @@
 #               register A operand) against today's shared-memory int8 weights, exact check and times
 #     clusterprobe benchmarks/probes/quantize_cluster_probe.py: W4A8 quantize_act reading x once (a cluster along K
 #               exchanging amax and down_act through distributed shared memory) vs the library's two passes: exact
-#               check against the CPU op, time per FLUX shape and per step (HISTORY.md, 2026-12-05)
+#               check against the CPU op, time per FLUX shape and per step (HISTORY.md, 2026-12-05);
+#               CLUSTERPROBE_ARGS=--library-only: the library's cluster kernel vs its two passes alone, no build
 #     w4a16     bench_w4a16.py --check --out $OUT: weight-only 4-bit linear vs bf16 cuBLAS at M = 1..16, and its
 #               CUDA op against the CPU op on the same shapes
 #     w4a16grid bench_w4a16.py --grid-sweep: the GEMV kernel per forced blocks per SM             [diagnostics build]
@@ -101,7 +102,7 @@ for step in "$@"; do
       nvcc -std=c++17 -O3 -arch=sm_90a $inc -I svdquant_ops/csrc --expt-relaxed-constexpr -diag-suppress 3306 \
         benchmarks/probes/w4a8_rega_probe.cu -L "$tl" -lc10 -ltorch_cpu -Xlinker -rpath="$tl" -lcuda -o /tmp/rega_probe
       timeout 180 /tmp/rega_probe ;;
-    clusterprobe) timeout 300 python3 benchmarks/probes/quantize_cluster_probe.py ;;
+    clusterprobe) timeout 300 python3 benchmarks/probes/quantize_cluster_probe.py ${CLUSTERPROBE_ARGS:-} ;;
     w4a16) python3 benchmarks/bench_w4a16.py --check --out "${OUT:-benchmarks/results}" ${W4A16_ARGS:-} ;;
     w4a16grid) SVDQUANT_OPS_DIAGNOSTICS=1 python3 benchmarks/bench_w4a16.py --grid-sweep ${W4A16_ARGS:-} ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
