@@ -48,7 +48,7 @@ ULP_BITS = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}
 
 def _select_path(monkeypatch, name):
     for var, on in (("SVDQUANT_OPS_CUDA_PORTABLE", name == "portable"),
-                    ("SVDQUANT_OPS_CUDA_W4A8_TWO_PASS", name == "two_pass")):
+                    ("SVDQUANT_OPS_CUDA_W4A8_CLUSTER", name == "cluster")):
         if on:
             monkeypatch.setenv(var, "1")
         else:
@@ -61,11 +61,11 @@ def path(request, monkeypatch):
     return _select_path(monkeypatch, request.param)
 
 
-@pytest.fixture(params=["fast", "two_pass", "portable"])
+@pytest.fixture(params=["fast", "cluster", "portable"])
 def w4a8_path(request, monkeypatch):
-    """W4A8's quantize_act has two fast paths on Hopper: one pass by the cluster kernel where K splits into at most 8
-    slices of at most 1920 channels ("fast"), and the two passes that serve every other K (forced with
-    SVDQUANT_OPS_CUDA_W4A8_TWO_PASS=1: "two_pass")."""
+    """W4A8's quantize_act has two fast paths on Hopper: the two passes (the default, "fast"), and, opted into with
+    SVDQUANT_OPS_CUDA_W4A8_CLUSTER=1 ("cluster"), one pass by the cluster kernel where K splits into at most 8 slices
+    of at most 1920 channels."""
     return _select_path(monkeypatch, request.param)
 
 
@@ -150,8 +150,9 @@ QA_CASES = [
     (45, 512, 128, torch.float16, "nvfp4", False),
     (257, 3072, 128, torch.bfloat16, "w4a8", False),
     (33, 768, 96, torch.bfloat16, "int4", True),
-    # W4A8's cluster kernel (Hopper): 8 CTAs of 768 / 1536 / 1920 channels, 8 of 512 (K = 4096), 1 of 576; token
-    # counts that are not multiples of its 16 rows; R = 16 / 24 (padded to 32) / 128 / 0
+    # shapes for W4A8's opt-in cluster kernel (Hopper; test_quantize_act_w4a8_cluster_matches_cpu): 8 CTAs of
+    # 768 / 1536 / 1920 channels, 8 of 512 (K = 4096), 1 of 576; token counts that are not multiples of its 16 rows;
+    # R = 16 / 24 (padded to 32) / 128 / 0
     (40, 6144, 16, torch.bfloat16, "w4a8", False),
     (129, 12288, 32, torch.float16, "w4a8", False),
     (65, 15360, 128, torch.bfloat16, "w4a8", False),
@@ -175,10 +176,10 @@ def test_quantize_act_matches_cpu(path, M, K, R, dtype, precision, unsigned):
 
 
 @pytest.mark.parametrize("M,K,R,dtype", W4A8_QA_CASES)
-def test_quantize_act_w4a8_two_pass_matches_cpu(monkeypatch, M, K, R, dtype):
-    """The W4A8 cases above again on the two-pass kernels (on Hopper the cluster kernel serves most of them)."""
-    _select_path(monkeypatch, "two_pass")
-    g = session_generator(("two_pass", M, K, R, str(dtype)))
+def test_quantize_act_w4a8_cluster_matches_cpu(monkeypatch, M, K, R, dtype):
+    """The W4A8 cases above again with the cluster kernel opted into (on Hopper it serves those whose K splits)."""
+    _select_path(monkeypatch, "cluster")
+    g = session_generator(("cluster", M, K, R, str(dtype)))
     x, smooth, pd = op_args("quantize_act", act_inputs(M, K, R, dtype, g))
     ref = OPS.quantize_act(x, smooth, pd, "w4a8", False)
     out = OPS.quantize_act(x.to(DEV), smooth.to(DEV), pd.to(DEV), "w4a8", False)
@@ -189,12 +190,13 @@ def test_quantize_act_w4a8_two_pass_matches_cpu(monkeypatch, M, K, R, dtype):
 
 
 @pytest.mark.skipif(not IS_SM90, reason="the cluster kernel runs on compute capability 9.0 only")
-@pytest.mark.parametrize("K,two_pass,cluster", [(3072, False, True), (15360, False, True), (1344, False, False),
-                                                (3072, True, False)])
-def test_quantize_act_w4a8_cluster_dispatch(monkeypatch, K, two_pass, cluster):
-    """Which kernels a W4A8 quantize_act launches: the cluster kernel alone where K splits (3072: 4 slices, 15360: 8),
-    the two passes where it does not (1344 = 21 x 64) or when SVDQUANT_OPS_CUDA_W4A8_TWO_PASS=1."""
-    _select_path(monkeypatch, "two_pass" if two_pass else "fast")
+@pytest.mark.parametrize("K,opt_in,cluster", [(3072, True, True), (15360, True, True), (1344, True, False),
+                                              (3072, False, False)])
+def test_quantize_act_w4a8_cluster_dispatch(monkeypatch, K, opt_in, cluster):
+    """Which kernels a W4A8 quantize_act launches: with SVDQUANT_OPS_CUDA_W4A8_CLUSTER=1, the cluster kernel alone
+    where K splits (3072: 4 slices, 15360: 8) and the two passes where it does not (1344 = 21 x 64); without it, the
+    two passes."""
+    _select_path(monkeypatch, "cluster" if opt_in else "fast")
     x, smooth, pd = to_dev(op_args("quantize_act", act_inputs(64, K, 32, torch.bfloat16, session_generator(K))))
     OPS.quantize_act(x, smooth, pd, "w4a8", False)
     torch.cuda.synchronize()
@@ -590,11 +592,11 @@ def test_fast_and_portable_paths_agree_large(precision, M, K):
     assert torch.equal(codes, codes_p) and torch.equal(scales.view(torch.int16), scales_p.view(torch.int16))
     assert rel_fro(la, la_p) < 1e-5
     assert rel_fro(fast, port) < 1e-5
-    if precision == "w4a8":  # the cluster kernel above; the two passes too
-        os.environ["SVDQUANT_OPS_CUDA_W4A8_TWO_PASS"] = "1"
+    if precision == "w4a8":  # the two passes above; the opt-in cluster kernel too
+        os.environ["SVDQUANT_OPS_CUDA_W4A8_CLUSTER"] = "1"
         try:
             codes_t, scales_t, la_t = OPS.quantize_act(x, smooth, pd, precision, False)
         finally:
-            os.environ.pop("SVDQUANT_OPS_CUDA_W4A8_TWO_PASS", None)
+            os.environ.pop("SVDQUANT_OPS_CUDA_W4A8_CLUSTER", None)
         assert torch.equal(codes, codes_t) and torch.equal(scales.view(torch.int16), scales_t.view(torch.int16))
         assert rel_fro(la_t, la_p) < 1e-5

@@ -113,7 +113,7 @@ def main() -> int:
 def time_step(ext) -> int:
     """Times both library paths (and the probe's kernel, when built) on one FLUX step's shapes."""
     print("\n## Time per call (us, CUDA events) and per FLUX.1-dev step (ms)\n")
-    print("The library's op on both of its Hopper paths (SVDQUANT_OPS_CUDA_W4A8_TWO_PASS, read at every call), and "
+    print("The library's op on both of its Hopper paths (SVDQUANT_OPS_CUDA_W4A8_CLUSTER, read at every call), and "
           "this probe's kernel (proj_down transposed, IEEE divisions).\n")
     print("| M | K | calls per step | library, 2 passes | library, cluster | probe, cluster | library cluster / "
           "2 passes | library cluster GB/s (x read + codes written) |\n|---|---|---|---|---|---|---|---|")
@@ -121,10 +121,10 @@ def time_step(ext) -> int:
     for (M, K), n in STEP:
         x, smooth, pd = inputs(M, K, 1)
         pd_t = pd.t().contiguous()
-        os.environ["SVDQUANT_OPS_CUDA_W4A8_TWO_PASS"] = "1"
         two = time_us(lambda: torch.ops.svdquant.quantize_act(x, smooth, pd, "w4a8"))
-        del os.environ["SVDQUANT_OPS_CUDA_W4A8_TWO_PASS"]
+        os.environ["SVDQUANT_OPS_CUDA_W4A8_CLUSTER"] = "1"
         lib = time_us(lambda: torch.ops.svdquant.quantize_act(x, smooth, pd, "w4a8"))
+        del os.environ["SVDQUANT_OPS_CUDA_W4A8_CLUSTER"]
         new = time_us(lambda: ext.quantize_w4a8_cluster(x, smooth, pd_t)) if ext is not None else float("nan")
         for i, t in enumerate((two, lib, new)):
             totals[i] += n * t / 1e3

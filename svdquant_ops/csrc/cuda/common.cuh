@@ -38,9 +38,10 @@ inline bool env_flag(const char* name) {
   return v != nullptr && v[0] != '\0' && std::strcmp(v, "0") != 0;
 }
 inline bool force_portable() { return env_flag("SVDQUANT_OPS_CUDA_PORTABLE"); }
-// SVDQUANT_OPS_CUDA_W4A8_TWO_PASS=1 keeps W4A8's quantize_act on its two-pass kernels on Hopper too (instead of the
-// one-pass cluster kernel), read at every call, so tests and benchmarks compare both paths in one process.
-inline bool force_w4a8_two_pass() { return env_flag("SVDQUANT_OPS_CUDA_W4A8_TWO_PASS"); }
+// SVDQUANT_OPS_CUDA_W4A8_CLUSTER=1 puts W4A8's quantize_act on the one-pass cluster kernel on Hopper (opt-in: it is
+// exact but measured slower than the two passes, see quantize_act.cu), read at every call, so tests and benchmarks
+// compare both paths in one process.
+inline bool w4a8_cluster_opted_in() { return env_flag("SVDQUANT_OPS_CUDA_W4A8_CLUSTER"); }
 
 constexpr int kMaxDevices = 64;
 

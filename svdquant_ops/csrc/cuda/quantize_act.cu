@@ -12,9 +12,9 @@
 //   warp-uniform IEEE fallback for operands outside [2^-60, 2^60].
 // Portable path (everything else, or SVDQUANT_OPS_CUDA_PORTABLE=1): a thread per (token, group) running the CPU
 //   loop, and a thread per down_act element summing over K in order.
-// W4A8 (per-token INT8): on Hopper, when K splits into at most 8 slices of at most 1920 channels, the cluster kernel
-//   reads x once (a thread-block cluster along K exchanging partial amaxes and down products through distributed
-//   shared memory). Otherwise two passes: the fast kernel in a mode that writes only each (token, 64-chunk) amax of
+// W4A8 (per-token INT8): two passes by default. Opt-in on Hopper (SVDQUANT_OPS_CUDA_W4A8_CLUSTER=1), when K splits
+//   into at most 8 slices of at most 1920 channels, the cluster kernel reads x once (a thread-block cluster along K
+//   exchanging partial amaxes and down products through distributed shared memory); it is exact but slower. The two passes: the fast kernel in a mode that writes only each (token, 64-chunk) amax of
 //   x_hat and down_act, then the token kernel (2 tokens per warp) reduces the amaxes to each token's scale and
 //   writes the int8 codes (reading x a second time). Both recompute rows whose amax is outside the bounds at
 //   kW4a8AmaxLo with IEEE divisions. Portable: a warp per token computes the amax itself.
@@ -1142,13 +1142,13 @@ bool dispatch_w4a8_cluster(const at::Tensor& x, const at::Tensor& smooth, const 
 
 // CTAs per cluster when W4A8's one-pass cluster kernel serves this call, else 0: the fast kernel's conditions
 // (checked by the caller), Hopper (clusters and distributed shared memory), a K that splits (w4a8_cluster_size), and
-// SVDQUANT_OPS_CUDA_W4A8_TWO_PASS unset.
+// SVDQUANT_OPS_CUDA_W4A8_CLUSTER=1 (the two passes are the default: see the cluster kernel's comment).
 int w4a8_cluster_for(const QuantizeActShape& s) {
-  return device_is_sm90() && !force_w4a8_two_pass() ? w4a8_cluster_size(s.K) : 0;
+  return device_is_sm90() && w4a8_cluster_opted_in() ? w4a8_cluster_size(s.K) : 0;
 }
 
-// W4A8 (per-token INT8): on Hopper, where K splits and such a cluster fits, the cluster kernel (one pass). Other
-// fast-path calls: the fast kernel's group-max pass (amaxes and down_act), then the token kernel reading those
+// W4A8 (per-token INT8): on Hopper with SVDQUANT_OPS_CUDA_W4A8_CLUSTER=1, where K splits and such a cluster fits, the
+// cluster kernel (one pass). Other fast-path calls: the fast kernel's group-max pass (amaxes and down_act), then the token kernel reading those
 // amaxes; portable = down_act by the portable kernel, then the token kernel computing the amax itself.
 void quantize_w4a8(const QuantizeActShape& s, bool fast, const at::Tensor& x, const at::Tensor& smooth,
                    const at::Tensor& proj_down, at::Tensor& act_codes, at::Tensor& act_scales, at::Tensor& down_act,
