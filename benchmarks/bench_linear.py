@@ -22,7 +22,7 @@ start with the run's record (date, GPU, commit, dirty tree, command: benchmarks/
 file to benchmarks/results/INDEX.md.
 
 Diagnostic modes: --gemm-only with schedules other than "promote" (SVDQUANT_OPS_GEMM_SCHEDULE / _EPILOGUE),
---tile-overhead (epilogue variants) and --quantize-only with SVDQUANT_OPS_QA_CFG / _QA_SPLITS set use switches that
+--overlap (W4A8's overlapped-epilogue schedule against the shipped one), --wprep, --tile-overhead (epilogue variants) and --quantize-only with SVDQUANT_OPS_QA_CFG / _QA_SPLITS set use switches that
 exist only in a diagnostics build of the library: run them with SVDQUANT_OPS_DIAGNOSTICS=1 in the environment (a
 separate build and cache entry; ``gpu_run.sh gemm`` / ``tiles`` do this). Recorded tables come from the normal build.
 """
@@ -394,17 +394,55 @@ def smoke(dev, one=False):
     os.environ.pop("SVDQUANT_OPS_CUDA_PORTABLE", None)
 
 
+def w4a8_gemm_cases(quick=False):
+    """(M, K, N, R, dtype) of the W4A8 gemm variant comparisons: FLUX shapes at M = 4608 (image + text) and 512 (text
+    stream), then edges: N not a multiple of the 128-wide tile, K with an odd number of 64-groups (the last stage's
+    second group past K), few rows, fp16 output, rank 0."""
+    cases = [(4608, K, N, 32, torch.bfloat16) for K, N in SHAPES]
+    cases += [(512, 3072, 3072, 32, torch.bfloat16), (512, 3072, 12288, 32, torch.bfloat16)]
+    cases += [(77, 320, 200, 32, torch.bfloat16), (300, 1088, 4100, 16, torch.float16), (4608, 3072, 3072, 0, torch.bfloat16)]
+    return [cases[0], cases[4]] if quick else cases  # quick: the square FLUX shape and the longest K
+
+
+def overlap_compare(dev, rep_ms, quick=False):
+    """W4A8 gemm under the shipped schedule and under SVDQUANT_OPS_GEMM_SCHEDULE=overlap (each tile's epilogue under
+    the next tile's first MMAs, bias through the direct and the TMA-store epilogues): the same sums and the same
+    final fma, so the outputs must be bit-equal; times of the gemm op (prep included), also with fp32 output (the
+    direct epilogue)."""
+    g = torch.Generator().manual_seed(12)
+    bad = 0
+    cases = w4a8_gemm_cases(quick) + ([] if quick else [(4608, 3072, 3072, 32, torch.float32)])
+    for M, K, N, R, dt in cases:
+        xdt = torch.bfloat16 if dt == torch.float32 else dt
+        L = make_layer(K, N, R, dev, g, "w4a8", xdt)
+        x = torch.randn(M, K, device=dev, dtype=xdt)
+        q = torch.ops.svdquant.quantize_act(x, L["smooth"], L["pd"], "w4a8", False)
+        fn = lambda: torch.ops.svdquant.gemm(q[0], q[1], L["wc"], L["ws"], L["gsc"], q[2], L["up"], L["bias"],
+                                             "w4a8", dt, False)
+        res, ms = {}, {}
+        for sched in ("promote", "overlap"):
+            os.environ["SVDQUANT_OPS_GEMM_SCHEDULE"] = sched
+            res[sched] = fn().clone()
+            assert torch.equal(res[sched], fn()), f"{sched}: two calls differ (M={M} K={K} N={N})"
+            ms[sched] = bench_graph(fn, rep_ms)
+        os.environ.pop("SVDQUANT_OPS_GEMM_SCHEDULE", None)
+        same = torch.equal(res["promote"], res["overlap"])
+        finite = bool(torch.isfinite(res["overlap"]).all())
+        bad += (not same) or (not finite)
+        diff = (res["promote"].float() - res["overlap"].float()).abs().max().item()
+        log(f"overlap M={M} K={K} N={N} R={R} {str(dt)[6:]}: {'bit-equal' if same else f'DIFFER (max |d| {diff:.3g})'}"
+            f"{'' if finite else ' NON-FINITE'} | promote {ms['promote'] * 1e3:.1f} us, overlap "
+            f"{ms['overlap'] * 1e3:.1f} us ({ms['promote'] / ms['overlap']:.3f}x)")
+    log(f"overlap: {bad} of {len(cases)} cases differ")
+    if bad:
+        sys.exit(1)
+
+
 def wprep_compare(dev, rep_ms, quick=False):
     """W4A8 gemm, weights expanded by prep vs inside the GEMM kernel: the int32 main loop and the epilogue are the
     same, so the outputs must be bit-equal; times of the gemm op (prep included) and of its kernels."""
     g = torch.Generator().manual_seed(11)
-    # FLUX shapes at M = 4608 (image + text) and 512 (text stream), then edges: N not a multiple of the 128-wide
-    # tile, K with an odd number of 64-groups (the last stage's second group past K), few rows, fp16 output
-    cases = [(4608, K, N, 32, torch.bfloat16) for K, N in SHAPES]
-    cases += [(512, 3072, 3072, 32, torch.bfloat16), (512, 3072, 12288, 32, torch.bfloat16)]
-    cases += [(77, 320, 200, 32, torch.bfloat16), (300, 1088, 4100, 16, torch.float16), (4608, 3072, 3072, 0, torch.bfloat16)]
-    if quick:  # the square FLUX shape and the longest K
-        cases = [cases[0], cases[4]]
+    cases = w4a8_gemm_cases(quick)
     bad = 0
     for M, K, N, R, dt in cases:
         L = make_layer(K, N, R, dev, g, "w4a8", dt)
@@ -453,6 +491,9 @@ def main():
     ap.add_argument("--wprep", action="store_true", help="only W4A8's gemm with the weights expanded by the prep "
                     "kernel against expanded inside the GEMM (SVDQUANT_OPS_GEMM_WPREP=kernel): bit-equal outputs, "
                     "times (needs SVDQUANT_OPS_DIAGNOSTICS=1)")
+    ap.add_argument("--overlap", action="store_true", help="only W4A8's gemm under the shipped schedule against "
+                    "SVDQUANT_OPS_GEMM_SCHEDULE=overlap (epilogue under the next tile's MMAs): bit-equal outputs, "
+                    "times (needs SVDQUANT_OPS_DIAGNOSTICS=1)")
     ap.add_argument("--breakdown", action="store_true", help="only per-kernel device times of the linear (profiler)")
     ap.add_argument("--profile", action="store_true", help="only run the FLUX 3072x3072 M=4608 linear a few times "
                     "(for ncu)")
@@ -475,6 +516,8 @@ def main():
         needs.append(f"--gemm-only --schedules {args.schedules} (SVDQUANT_OPS_GEMM_SCHEDULE / _EPILOGUE)")
     if args.wprep:
         needs.append("--wprep (SVDQUANT_OPS_GEMM_WPREP)")
+    if args.overlap:
+        needs.append("--overlap (SVDQUANT_OPS_GEMM_SCHEDULE=overlap)")
     if args.tile_overhead:
         needs.append("--tile-overhead (SVDQUANT_OPS_GEMM_EPILOGUE=direct|none)")
     qa_knobs = [k for k in ("SVDQUANT_OPS_QA_CFG", "SVDQUANT_OPS_QA_SPLITS") if os.environ.get(k)]
@@ -568,6 +611,9 @@ def main():
         return
     if args.wprep:
         wprep_compare(dev, args.rep_ms, args.quick)
+        return
+    if args.overlap:
+        overlap_compare(dev, args.rep_ms, args.quick)
         return
     if args.breakdown:
         # per-kernel device time of the full linear (rank 32 vs rank 0) from torch.profiler, at M = 4608

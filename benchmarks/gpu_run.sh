@@ -8,6 +8,8 @@
 #     quantize  bench_linear.py --quantize-only ([diagnostics build] when SVDQUANT_OPS_QA_CFG / _QA_SPLITS are set)
 #     tiles     bench_linear.py --tile-overhead (GEMM kernel time split into per-tile fixed + per-stage cost)
 #                                                                                                 [diagnostics build]
+#     overlap   bench_linear.py --overlap: W4A8 gemm, shipped schedule vs SVDQUANT_OPS_GEMM_SCHEDULE=overlap (epilogue
+#               under the next tile's MMAs), bit-equal check and times; GEMM_ARGS=--quick: 2 shapes  [diagnostics build]
 #     full      bench_linear.py --out $OUT (the recorded table)
 #     amax      quantize_act_given_amax (W4A8, amax given; install_compile_pass(amax_split=True)): its GPU tests,
 #               tests/test_sharing.py (shared parts as one graph input under this torch), then bench_linear.py --quantize-only --precision w4a8 (quantize_act vs the given-amax op vs Inductor's
@@ -18,7 +20,8 @@
 #               Extra rows (benchmarks/README.md): w4a8-compile[-ro]-lora16, w4a8-compile-lora16-fusedqkv (a rank-16
 #               LoRA on the w4a8 model), nunchaku-{int4|w4a8}-compile[-ro] (the model written as a Nunchaku INT4
 #               file in $TMPDIR, ~6.5 GB, loaded back exact / converted to w4a8, output SQNR), e.g.
-#               FLUX_ARGS="--configs w4a8-compile,nunchaku-w4a8-compile --timeout 420 --budget 480 --tag nunchaku"
+#               FLUX_ARGS="--configs w4a8-compile,nunchaku-w4a8-compile --timeout 420 --budget 480 --tag nunchaku".
+#               With SVDQUANT_OPS_GEMM_SCHEDULE set (e.g. overlap), the diagnostics build runs that schedule.
 #     probe     benchmarks/probes/overlap_probe.cu: tensor-core vs FP32 promotion overlap (HISTORY.md, session 4)
 #     regaprobe benchmarks/probes/w4a8_rega_probe.cu: W4A8 weights expanded in the consumers' registers (wgmma's
 #               register A operand) against today's shared-memory int8 weights, exact check and times
@@ -84,13 +87,19 @@ for step in "$@"; do
         python3 benchmarks/bench_linear.py --quantize-only
       fi ;;
     tiles) SVDQUANT_OPS_DIAGNOSTICS=1 python3 benchmarks/bench_linear.py --tile-overhead ;;
+    overlap) SVDQUANT_OPS_DIAGNOSTICS=1 python3 benchmarks/bench_linear.py --overlap ${GEMM_ARGS:-} ;;
     full) python3 benchmarks/bench_linear.py --out "${OUT:-benchmarks/results}" ${FULL_ARGS:-} ;;
     amax) python3 -m pytest tests/test_cuda_ops.py tests/test_cuda_model.py -k "given_amax or amax_split" -q \
             -p no:cacheprovider -rfEs
           # shared parts as one graph input and the merge of identical calls, under this machine's torch
           python3 -m pytest tests/test_sharing.py -q -p no:cacheprovider -rfEs
           python3 benchmarks/bench_linear.py --quantize-only --precision w4a8 --rep-ms 30 ;;
-    flux) python3 benchmarks/bench_flux.py --profile --out "${OUT:-benchmarks/results}" ${FLUX_ARGS:-} ;;
+    flux)
+      if [[ -n "${SVDQUANT_OPS_GEMM_SCHEDULE:-}" ]]; then  # a diagnostic GEMM schedule: the diagnostics build
+        SVDQUANT_OPS_DIAGNOSTICS=1 python3 benchmarks/bench_flux.py --profile --out "${OUT:-benchmarks/results}" ${FLUX_ARGS:-}
+      else
+        python3 benchmarks/bench_flux.py --profile --out "${OUT:-benchmarks/results}" ${FLUX_ARGS:-}
+      fi ;;
     probe)
       inc=$(python3 -c "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))")
       nvcc -std=c++17 -O3 -arch=sm_90a $inc -I svdquant_ops/csrc --expt-relaxed-constexpr -diag-suppress 3306 \

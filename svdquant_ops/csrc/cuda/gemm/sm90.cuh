@@ -131,14 +131,22 @@ __device__ __forceinline__ void promote4(float* acc, const float* tmp, float sa0
 }
 
 // Main-loop schedules. kPromote is the one that ships. Diagnostics builds add kSkeleton: the same TMA / mbarrier /
-// wgmma loop without the promotion (wrong results), i.e. the speed of a plain fp8 GEMM with this feed.
-// (A FlashAttention-3-style ping-pong, warpgroups taking turns on the tensor cores, measured 6 % slower.)
+// wgmma loop without the promotion (wrong results), i.e. the speed of a plain fp8 GEMM with this feed; and
+// kOverlap (W4A8 only): each tile's epilogue runs while the next tile's first main-loop MMAs are on the tensor cores
+// (see the consumer loop; not yet measured).
+// (A FlashAttention-3-style ping-pong, warpgroups taking turns on the tensor cores, measured 6 % slower for INT4.)
 enum Schedule : int {
   kPromote = 0,
 #if SVDQ_DIAGNOSTICS
   kSkeleton = 2,
+  kOverlap = 3,
 #endif
 };
+
+// kOverlap: MMA batches (one pipeline stage each) that may be in flight when the next is issued. The deferred
+// epilogue runs once kOverlapLag + 1 stages are queued (~1.5k tensor-core cycles for the two warpgroups, against an
+// epilogue of ~2.2k), and the ring keeps STAGES - kOverlapLag - 1 stages for the producer to fill ahead.
+constexpr int kOverlapLag = 2;
 
 // One pipeline stage fed to a single accumulator: wait for the stage, its four K-steps of `mma` (the first one
 // overwrites the accumulator unless `accumulate`), wait for them, hand the stage back to the producer, advance the
@@ -331,6 +339,12 @@ __global__ void __launch_bounds__(384, 1)
   constexpr bool kFp8 = kKind == kKindInt4;
   constexpr bool kExp = kKind == kKindW4a8Expand;
   constexpr bool kI8 = kKind == kKindW4a8 || kExp;
+#if SVDQ_DIAGNOSTICS
+  constexpr bool kOv = kSched == kOverlap;
+  static_assert(!kOv || kKind == kKindW4a8, "the overlapped schedule is W4A8's (prep path) only");
+#else
+  constexpr bool kOv = false;
+#endif
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
   // full[s]: the stage's TMA bytes have landed (producer's expect_tx); empty[s]: every consumer warp is done with it.
@@ -353,7 +367,7 @@ __global__ void __launch_bounds__(384, 1)
   if (threadIdx.x >= 256) {
     // ---------------- producer warpgroup: one thread issues all TMA loads ----------------
     // Per tile, in the order the consumers take them: the branch's n_branch stages (down_act / proj_up bf16 parts,
-    // 64 channels each), then the n_main stages of the main loop.
+    // 64 channels each), then the n_main stages of the main loop (kOv: the main loop's first, then the branch's).
     // kExp: the expander warps hold a stage's staged codes for rows 64-127 in registers
     if constexpr (kExp) {
       setmaxnreg_dec<56>();
@@ -381,17 +395,19 @@ __global__ void __launch_bounds__(384, 1)
           mbar_wait(&empty[s], ph ^ 1);
           uint8_t* st = smem + s * C::STAGE;
           uint64_t* land = kExp ? &raw[s] : &full[s];
-          if (i < p.n_branch) {
+          const bool branch_stage = kOv ? i >= p.n_main : i < p.n_branch;
+          if (branch_stage) {
+            const int bi = kOv ? i - p.n_main : i;
             mbar_expect_tx(land, C::A_BYTES + C::B_BYTES);
-            tma_load_2d(&tmLA, st, land, i * 64, m0);
-            tma_load_2d(&tmUP, st + C::A_BYTES, land, i * 64, n0);
+            tma_load_2d(&tmLA, st, land, bi * 64, m0);
+            tma_load_2d(&tmUP, st + C::A_BYTES, land, bi * 64, n0);
           } else if constexpr (kExp) {  // 128 int8 activation channels, the weights' 128 4-bit codes (64 bytes)
             const int ki = i - p.n_branch;
             mbar_expect_tx(land, C::A_BYTES + C::B4_BYTES);
             tma_load_2d(&tmA, st, land, ki * 128, m0);
             tma_load_2d(&tmB, st + C::B4_OFF, land, ki * 64, n0);
           } else {
-            const int ki = i - p.n_branch;
+            const int ki = kOv ? i : i - p.n_branch;
             if constexpr (kFp8) {  // 128 fp8 channels and both groups' scales
               mbar_expect_tx(&full[s], C::A_BYTES + C::B_BYTES + C::SA_BYTES + C::SW_BYTES);
               tma_load_2d(&tmA, st, &full[s], ki * 128, m0);
@@ -516,6 +532,98 @@ __global__ void __launch_bounds__(384, 1)
     float tmp1[BN / 2];
     int s = 0;
     uint32_t ph = 0;
+#if SVDQ_DIAGNOSTICS
+    if constexpr (kOv) {
+      // W4A8 with the epilogue deferred (kOverlap): tile t's bias, cast and stores run after tile t + 1's first
+      // kOverlapLag + 1 stages of MMAs are issued, so the tensor cores work through them meanwhile (the shipped
+      // schedule leaves them idle for the whole epilogue: ~1.1 us of the ~2.07 us fixed cost per tile). The main loop
+      // keeps kOverlapLag stages of MMAs in flight and releases each stage once its MMAs are done. The rank-R branch
+      // comes last (the producer loads its stages after the main loop's), into tmp0, so that no third accumulator
+      // lives across the epilogue (acc, iacc and the deferred tile's bias), and acc, which the epilogue reads while
+      // MMAs are in flight, is never a wgmma accumulator (else ptxas waits for every wgmma before touching it, C7517).
+      // Bit-equal to the shipped schedule: the same sums, and acc = fma(main, act_scale * channel_scale, branch).
+      int iacc[BN / 2];
+      TileVec<BN> pbias;  // the deferred tile's bias
+      pbias.zero();
+      int pm0 = -1, pn0 = 0;  // the deferred tile's origin; pm0 < 0: none
+      auto epilogue = [&]() {
+        if (tma_epi) store_tile_tma<BN, C>(tmC, p, smem, cl, acc, pbias, pm0, pn0);
+        else store_tile_direct<BN>(p, cl, acc, pbias, pm0, pn0);
+        pm0 = -1;
+      };
+      for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
+        int mt, nt;
+        tile_coords(tile, p.m_tiles, p.n_tiles, mt, nt);
+        const int m0 = mt * BM, n0 = nt * BN;
+        TileVec<BN> vbias, vscale;
+        if (p.bias != nullptr) vbias.load(p.bias + n0, lane);
+        else vbias.zero();
+        vscale.load(p.gscale + n0, lane);
+        const float sa0 = p.ascale[m0 + r0], sa1 = p.ascale[m0 + r0 + 8];
+        int rs = s;  // the oldest stage whose MMAs have not been waited for
+        for (int ki = 0; ki < p.n_main; ++ki) {
+          mbar_wait(&full[s], ph);
+          uint8_t* st = smem + s * C::STAGE;
+          const uint64_t da = desc_sw128(st + wg * 64 * 128), db = desc_sw128(st + C::A_BYTES);
+          fence_regs(iacc);
+          wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk) wgmma::mma_s8<BN>(iacc, da + 2 * kk, db + 2 * kk, (ki > 0 || kk > 0) ? 1 : 0);
+          wgmma_commit();
+          if (++s == C::STAGES) {
+            s = 0;
+            ph ^= 1;
+          }
+          if (ki == kOverlapLag && pm0 >= 0) epilogue();
+          if (ki >= kOverlapLag) {
+            wgmma_wait<kOverlapLag>();
+            fence_regs(iacc);
+            if (lane == 0) mbar_arrive(&empty[rs]);
+            if (++rs == C::STAGES) rs = 0;
+          }
+        }
+        wgmma_wait<0>();
+        fence_regs(iacc);
+        for (int r = 0; r < min(p.n_main, kOverlapLag); ++r) {
+          if (lane == 0) mbar_arrive(&empty[rs]);
+          if (++rs == C::STAGES) rs = 0;
+        }
+        if (pm0 >= 0) epilogue();  // a main loop of at most kOverlapLag stages
+#pragma unroll
+        for (int j = 0; j < BN / 2; ++j) tmp0[j] = 0.f;
+        for (int i = 0; i < p.n_branch; ++i) {
+          mbar_wait(&full[s], ph);
+          uint8_t* st = smem + s * C::STAGE;
+          const uint64_t da = desc_sw128(st + wg * 64 * 128), db = desc_sw128(st + C::A_BYTES);
+          fence_regs(tmp0);
+          wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk) wgmma::mma_bf16<BN>(tmp0, da + 2 * kk, db + 2 * kk, (i > 0 || kk > 0) ? 1 : 0);
+          wgmma_commit();
+          wgmma_wait<0>();
+          fence_regs(tmp0);
+          if (lane == 0) mbar_arrive(&empty[s]);
+          if (++s == C::STAGES) {
+            s = 0;
+            ph ^= 1;
+          }
+        }
+        // as the shipped schedule: acc = fma(main, act_scale * channel_scale, branch)
+        static_for<BN / 8>([&](auto jc) {
+          constexpr int j = decltype(jc)::value;
+          const float2 gsc = vscale.template at<j>(tq);
+          acc[4 * j + 0] = fmaf(static_cast<float>(iacc[4 * j + 0]), sa0 * gsc.x, tmp0[4 * j + 0]);
+          acc[4 * j + 1] = fmaf(static_cast<float>(iacc[4 * j + 1]), sa0 * gsc.y, tmp0[4 * j + 1]);
+          acc[4 * j + 2] = fmaf(static_cast<float>(iacc[4 * j + 2]), sa1 * gsc.x, tmp0[4 * j + 2]);
+          acc[4 * j + 3] = fmaf(static_cast<float>(iacc[4 * j + 3]), sa1 * gsc.y, tmp0[4 * j + 3]);
+        });
+        pbias = vbias;
+        pm0 = m0;
+        pn0 = n0;
+      }
+      if (pm0 >= 0) epilogue();
+    } else
+#endif
     for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
       int mt, nt;
       tile_coords(tile, p.m_tiles, p.n_tiles, mt, nt);
