@@ -404,14 +404,32 @@ def w4a8_gemm_cases(quick=False):
     return [cases[0], cases[4]] if quick else cases  # quick: the square FLUX shape and the longest K
 
 
+def gemm_kernel_names(fn) -> set[str]:
+    """Full names (template arguments included) of the GEMM kernels one call of ``fn`` launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and "gemm_kernel" in e.name}
+
+
 def overlap_compare(dev, rep_ms, quick=False):
     """W4A8 gemm under the shipped schedule and under SVDQUANT_OPS_GEMM_SCHEDULE=overlap (each tile's epilogue under
     the next tile's first MMAs, bias through the direct and the TMA-store epilogues): the same sums and the same
-    final fma, so the outputs must be bit-equal; times of the gemm op (prep included), also with fp32 output (the
-    direct epilogue)."""
+    final fma, so the outputs must be bit-equal; times of the gemm op (prep included). Extra cases for this schedule:
+    1 and 2 main-loop stages (K = 128 / 256: the epilogue after the loop), 2 branch stages (R = 64), fp32 output (the
+    direct epilogue, also in --quick). Each schedule's first call gets an output block that was just filled with NaN
+    (the caching allocator hands back the block freed last), so a tile it does not store shows as a difference; the
+    profiler confirms which kernel ran."""
     g = torch.Generator().manual_seed(12)
     bad = 0
-    cases = w4a8_gemm_cases(quick) + ([] if quick else [(4608, 3072, 3072, 32, torch.float32)])
+    extra = [(4608, 3072, 3072, 32, torch.float32)]
+    if not quick:
+        extra += [(4608, 128, 3072, 32, torch.bfloat16), (4608, 256, 3072, 32, torch.bfloat16),
+                  (4608, 3072, 3072, 64, torch.bfloat16)]
+    cases = w4a8_gemm_cases(quick) + extra
     for M, K, N, R, dt in cases:
         xdt = torch.bfloat16 if dt == torch.float32 else dt
         L = make_layer(K, N, R, dev, g, "w4a8", xdt)
@@ -419,13 +437,19 @@ def overlap_compare(dev, rep_ms, quick=False):
         q = torch.ops.svdquant.quantize_act(x, L["smooth"], L["pd"], "w4a8", False)
         fn = lambda: torch.ops.svdquant.gemm(q[0], q[1], L["wc"], L["ws"], L["gsc"], q[2], L["up"], L["bias"],
                                              "w4a8", dt, False)
-        res, ms = {}, {}
+        res, ms, names = {}, {}, {}
         for sched in ("promote", "overlap"):
             os.environ["SVDQUANT_OPS_GEMM_SCHEDULE"] = sched
+            junk = torch.full((M, N), float("nan"), device=dev, dtype=dt)
+            del junk
             res[sched] = fn().clone()
             assert torch.equal(res[sched], fn()), f"{sched}: two calls differ (M={M} K={K} N={N})"
+            names[sched] = gemm_kernel_names(fn)
             ms[sched] = bench_graph(fn, rep_ms)
         os.environ.pop("SVDQUANT_OPS_GEMM_SCHEDULE", None)
+        # gemm_kernel<BN, kind, schedule, store>: W4A8 is kind 2, the overlap schedule 3
+        ran = any("2, 3, true>" in n for n in names["overlap"]) and not any("2, 3, true>" in n for n in names["promote"])
+        assert ran, f"the overlap schedule did not run as asked: {names}"
         same = torch.equal(res["promote"], res["overlap"])
         finite = bool(torch.isfinite(res["overlap"]).all())
         bad += (not same) or (not finite)

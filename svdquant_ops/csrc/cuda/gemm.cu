@@ -377,7 +377,7 @@ void launch_variant(Precision precision, [[maybe_unused]] const Variant& v, cons
   } else if (precision == Precision::kW4a8 && v.w4_expand) {
     launch_sm90<128, sm90::kKindW4a8Expand, sm90::kPromote, kStore>(m, p, stream);
   } else if (precision == Precision::kW4a8 && v.sched == sm90::kOverlap) {
-    launch_sm90<128, sm90::kKindW4a8, sm90::kOverlap, kStore>(m, p, stream);
+    if constexpr (kStore) launch_sm90<128, sm90::kKindW4a8, sm90::kOverlap, true>(m, p, stream);  // run_sm90 checks
 #endif
   } else if (precision == Precision::kW4a8) {
     launch_sm90<128, sm90::kKindW4a8, sm90::kPromote, kStore>(m, p, stream);
@@ -398,6 +398,8 @@ void run_sm90(const GemmShape& s, const Operands& o, bool act_unsigned, at::Tens
   TORCH_CHECK(v.sched != sm90::kOverlap || (s.precision == Precision::kW4a8 && !v.w4_expand),
               "SVDQUANT_OPS_GEMM_SCHEDULE=overlap: a W4A8 schedule (with SVDQUANT_OPS_GEMM_WPREP=prep), but this call is ",
               s.precision == Precision::kW4a8 ? "W4A8 with the in-kernel expansion" : "not W4A8");
+  TORCH_CHECK(v.sched != sm90::kOverlap || v.store,
+              "SVDQUANT_OPS_GEMM_SCHEDULE=overlap always stores: SVDQUANT_OPS_GEMM_EPILOGUE=none is not available with it");
 #else
   const Variant v{};
 #endif

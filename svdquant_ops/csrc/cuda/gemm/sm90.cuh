@@ -341,7 +341,7 @@ __global__ void __launch_bounds__(384, 1)
   constexpr bool kI8 = kKind == kKindW4a8 || kExp;
 #if SVDQ_DIAGNOSTICS
   constexpr bool kOv = kSched == kOverlap;
-  static_assert(!kOv || kKind == kKindW4a8, "the overlapped schedule is W4A8's (prep path) only");
+  static_assert(!kOv || (kKind == kKindW4a8 && kStore), "the overlapped schedule is W4A8's (prep path, stores) only");
 #else
   constexpr bool kOv = false;
 #endif
@@ -591,23 +591,9 @@ __global__ void __launch_bounds__(384, 1)
         if (pm0 >= 0) epilogue();  // a main loop of at most kOverlapLag stages
 #pragma unroll
         for (int j = 0; j < BN / 2; ++j) tmp0[j] = 0.f;
-        for (int i = 0; i < p.n_branch; ++i) {
-          mbar_wait(&full[s], ph);
-          uint8_t* st = smem + s * C::STAGE;
-          const uint64_t da = desc_sw128(st + wg * 64 * 128), db = desc_sw128(st + C::A_BYTES);
-          fence_regs(tmp0);
-          wgmma_fence();
-#pragma unroll
-          for (int kk = 0; kk < 4; ++kk) wgmma::mma_bf16<BN>(tmp0, da + 2 * kk, db + 2 * kk, (i > 0 || kk > 0) ? 1 : 0);
-          wgmma_commit();
-          wgmma_wait<0>();
-          fence_regs(tmp0);
-          if (lane == 0) mbar_arrive(&empty[s]);
-          if (++s == C::STAGES) {
-            s = 0;
-            ph ^= 1;
-          }
-        }
+        for (int i = 0; i < p.n_branch; ++i)
+          consume_stage<C>(smem, full, empty, s, ph, wg, lane, tmp0, i > 0,
+                           [](float (&d)[BN / 2], uint64_t a, uint64_t b, int sd) { wgmma::mma_bf16<BN>(d, a, b, sd); });
         // as the shipped schedule: acc = fma(main, act_scale * channel_scale, branch)
         static_for<BN / 8>([&](auto jc) {
           constexpr int j = decltype(jc)::value;
