@@ -477,6 +477,8 @@ def wprep_compare(dev, rep_ms, quick=False):
         res, ms, ks = {}, {}, {}
         for mode in ("prep", "kernel"):
             os.environ["SVDQUANT_OPS_GEMM_WPREP"] = mode
+            junk = torch.full((M, N), float("nan"), device=dev, dtype=dt)  # as in overlap_compare
+            del junk
             res[mode] = fn().clone()
             again = fn()
             assert torch.equal(res[mode], again), f"{mode}: two calls differ (M={M} K={K} N={N})"
