@@ -416,8 +416,9 @@ def gemm_kernel_names(fn) -> set[str]:
 
 
 def overlap_compare(dev, rep_ms, quick=False):
-    """W4A8 gemm under the shipped schedule and under SVDQUANT_OPS_GEMM_SCHEDULE=overlap (each tile's epilogue under
-    the next tile's first MMAs, bias through the direct and the TMA-store epilogues): the same sums and the same
+    """W4A8 gemm under the shipped schedule and under SVDQUANT_OPS_GEMM_SCHEDULE=overlap / overlap3 (each tile's
+    epilogue under the next tile's first MMAs, 2 / 3 stages of MMAs in flight; bias through the direct and the
+    TMA-store epilogues): the same sums and the same
     final fma, so the outputs must be bit-equal; times of the gemm op (prep included). Extra cases for this schedule:
     1 and 2 main-loop stages (K = 128 / 256: the epilogue after the loop), 2 branch stages (R = 64), fp32 output (the
     direct epilogue, also in --quick). Each schedule's first call gets an output block that was just filled with NaN
@@ -438,7 +439,7 @@ def overlap_compare(dev, rep_ms, quick=False):
         fn = lambda: torch.ops.svdquant.gemm(q[0], q[1], L["wc"], L["ws"], L["gsc"], q[2], L["up"], L["bias"],
                                              "w4a8", dt, False)
         res, ms, names = {}, {}, {}
-        for sched in ("promote", "overlap"):
+        for sched in ("promote", "overlap", "overlap3"):
             os.environ["SVDQUANT_OPS_GEMM_SCHEDULE"] = sched
             junk = torch.full((M, N), float("nan"), device=dev, dtype=dt)
             del junk
@@ -447,17 +448,22 @@ def overlap_compare(dev, rep_ms, quick=False):
             names[sched] = gemm_kernel_names(fn)
             ms[sched] = bench_graph(fn, rep_ms)
         os.environ.pop("SVDQUANT_OPS_GEMM_SCHEDULE", None)
-        # gemm_kernel<BN, kind, schedule, store>: W4A8 is kind 2, the overlap schedule 3
-        ran = any("2, 3, true>" in n for n in names["overlap"]) and not any("2, 3, true>" in n for n in names["promote"])
-        assert ran, f"the overlap schedule did not run as asked: {names}"
-        same = torch.equal(res["promote"], res["overlap"])
-        finite = bool(torch.isfinite(res["overlap"]).all())
-        bad += (not same) or (not finite)
-        diff = (res["promote"].float() - res["overlap"].float()).abs().max().item()
-        log(f"overlap M={M} K={K} N={N} R={R} {str(dt)[6:]}: {'bit-equal' if same else f'DIFFER (max |d| {diff:.3g})'}"
-            f"{'' if finite else ' NON-FINITE'} | promote {ms['promote'] * 1e3:.1f} us, overlap "
-            f"{ms['overlap'] * 1e3:.1f} us ({ms['promote'] / ms['overlap']:.3f}x)")
-    log(f"overlap: {bad} of {len(cases)} cases differ")
+        # gemm_kernel<BN, kind, schedule, store>: W4A8 is kind 2; schedules promote 0, overlap 3, overlap3 4
+        ran = all(any(f"2, {k}, true>" in n for n in names[sched]) for sched, k in (("promote", 0), ("overlap", 3),
+                                                                                      ("overlap3", 4)))
+        assert ran, f"a schedule did not run as asked: {names}"
+        verdicts = []
+        for sched in ("overlap", "overlap3"):
+            same = torch.equal(res["promote"], res[sched])
+            finite = bool(torch.isfinite(res[sched]).all())
+            bad += (not same) or (not finite)
+            diff = (res["promote"].float() - res[sched].float()).abs().max().item()
+            verdicts.append(f"{sched} {'bit-equal' if same else f'DIFFER (max |d| {diff:.3g})'}"
+                            f"{'' if finite else ' NON-FINITE'}")
+        log(f"overlap M={M} K={K} N={N} R={R} {str(dt)[6:]}: {', '.join(verdicts)} | promote "
+            f"{ms['promote'] * 1e3:.1f} us, overlap {ms['overlap'] * 1e3:.1f} us ({ms['promote'] / ms['overlap']:.3f}x), "
+            f"overlap3 {ms['overlap3'] * 1e3:.1f} us ({ms['promote'] / ms['overlap3']:.3f}x)")
+    log(f"overlap: {bad} of {2 * len(cases)} (case, schedule) pairs differ")
     if bad:
         sys.exit(1)
 

@@ -120,9 +120,10 @@ struct Variant {
 
 #if SVDQ_DIAGNOSTICS
 // Diagnostics builds only, read at every call (benchmarks switch between variants in one process):
-//   SVDQUANT_OPS_GEMM_SCHEDULE = promote (default) | skeleton | skeleton192 | overlap: skeleton is the INT4 main loop
-//     without the promotion (wrong results; the speed of the TMA / wgmma feed alone; 192: 128 x 192 tiles); overlap
-//     is W4A8 with each tile's epilogue under the next tile's first MMAs (sm90::kOverlap; W4A8 calls only);
+//   SVDQUANT_OPS_GEMM_SCHEDULE = promote (default) | skeleton | skeleton192 | overlap | overlap3: skeleton is the INT4
+//     main loop without the promotion (wrong results; the speed of the TMA / wgmma feed alone; 192: 128 x 192 tiles);
+//     overlap is W4A8 with each tile's epilogue under the next tile's first MMAs, 2 stages of MMAs in flight
+//     (sm90::kOverlap; W4A8 calls only), overlap3 the same with 3 (sm90::kOverlapDeep);
 //   SVDQUANT_OPS_GEMM_EPILOGUE = tma (default) | direct | none: force the register -> global epilogue, or skip the
 //     stores (wrong results; splits a tile's time between main loop and stores);
 //   SVDQUANT_OPS_GEMM_WPREP = prep (default) | kernel | kernel-nomult | kernel-noexpand | kernel-nostore |
@@ -141,9 +142,11 @@ Variant diagnostic_variant() {
       v.wide = true;
     } else if (std::strcmp(e, "overlap") == 0) {
       v.sched = sm90::kOverlap;
+    } else if (std::strcmp(e, "overlap3") == 0) {
+      v.sched = sm90::kOverlapDeep;
     } else {
-      TORCH_CHECK(std::strcmp(e, "promote") == 0,
-                  "SVDQUANT_OPS_GEMM_SCHEDULE: expected promote, skeleton, skeleton192 or overlap, got '", e, "'");
+      TORCH_CHECK(std::strcmp(e, "promote") == 0, "SVDQUANT_OPS_GEMM_SCHEDULE: expected promote, skeleton, "
+                  "skeleton192, overlap or overlap3, got '", e, "'");
     }
   }
   const char* epi = std::getenv("SVDQUANT_OPS_GEMM_EPILOGUE");
@@ -378,6 +381,8 @@ void launch_variant(Precision precision, [[maybe_unused]] const Variant& v, cons
     launch_sm90<128, sm90::kKindW4a8Expand, sm90::kPromote, kStore>(m, p, stream);
   } else if (precision == Precision::kW4a8 && v.sched == sm90::kOverlap) {
     if constexpr (kStore) launch_sm90<128, sm90::kKindW4a8, sm90::kOverlap, true>(m, p, stream);  // run_sm90 checks
+  } else if (precision == Precision::kW4a8 && v.sched == sm90::kOverlapDeep) {
+    if constexpr (kStore) launch_sm90<128, sm90::kKindW4a8, sm90::kOverlapDeep, true>(m, p, stream);
 #endif
   } else if (precision == Precision::kW4a8) {
     launch_sm90<128, sm90::kKindW4a8, sm90::kPromote, kStore>(m, p, stream);
@@ -395,11 +400,12 @@ void launch_variant(Precision precision, [[maybe_unused]] const Variant& v, cons
 void run_sm90(const GemmShape& s, const Operands& o, bool act_unsigned, at::Tensor& out, cudaStream_t stream) {
 #if SVDQ_DIAGNOSTICS
   const Variant v = diagnostic_variant();
-  TORCH_CHECK(v.sched != sm90::kOverlap || (s.precision == Precision::kW4a8 && !v.w4_expand),
-              "SVDQUANT_OPS_GEMM_SCHEDULE=overlap: a W4A8 schedule (with SVDQUANT_OPS_GEMM_WPREP=prep), but this call is ",
+  const bool overlap = v.sched == sm90::kOverlap || v.sched == sm90::kOverlapDeep;
+  TORCH_CHECK(!overlap || (s.precision == Precision::kW4a8 && !v.w4_expand),
+              "SVDQUANT_OPS_GEMM_SCHEDULE=overlap[3]: a W4A8 schedule (with SVDQUANT_OPS_GEMM_WPREP=prep), but this call is ",
               s.precision == Precision::kW4a8 ? "W4A8 with the in-kernel expansion" : "not W4A8");
-  TORCH_CHECK(v.sched != sm90::kOverlap || v.store,
-              "SVDQUANT_OPS_GEMM_SCHEDULE=overlap always stores: SVDQUANT_OPS_GEMM_EPILOGUE=none is not available with it");
+  TORCH_CHECK(!overlap || v.store, "SVDQUANT_OPS_GEMM_SCHEDULE=overlap[3] always stores: "
+              "SVDQUANT_OPS_GEMM_EPILOGUE=none is not available with it");
 #else
   const Variant v{};
 #endif

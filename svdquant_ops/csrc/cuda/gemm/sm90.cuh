@@ -132,21 +132,24 @@ __device__ __forceinline__ void promote4(float* acc, const float* tmp, float sa0
 
 // Main-loop schedules. kPromote is the one that ships. Diagnostics builds add kSkeleton: the same TMA / mbarrier /
 // wgmma loop without the promotion (wrong results), i.e. the speed of a plain fp8 GEMM with this feed; and
-// kOverlap (W4A8 only): each tile's epilogue runs while the next tile's first main-loop MMAs are on the tensor cores
-// (see the consumer loop; not yet measured).
+// kOverlap / kOverlapDeep (W4A8 only): each tile's epilogue runs while the next tile's first main-loop MMAs are on
+// the tensor cores, with 2 / 3 stages of MMAs in flight (see the consumer loop; not yet measured).
 // (A FlashAttention-3-style ping-pong, warpgroups taking turns on the tensor cores, measured 6 % slower for INT4.)
 enum Schedule : int {
   kPromote = 0,
 #if SVDQ_DIAGNOSTICS
   kSkeleton = 2,
-  kOverlap = 3,
+  kOverlap = 3,      // 2 stages of MMAs in flight (the lag below)
+  kOverlapDeep = 4,  // 3
 #endif
 };
 
-// kOverlap: MMA batches (one pipeline stage each) that may be in flight when the next is issued. The deferred
-// epilogue runs once kOverlapLag + 1 stages are queued (~1.5k tensor-core cycles for the two warpgroups, against an
-// epilogue of ~2.2k), and the ring keeps STAGES - kOverlapLag - 1 stages for the producer to fill ahead.
-constexpr int kOverlapLag = 2;
+#if SVDQ_DIAGNOSTICS
+// The overlapped schedules' lag: MMA batches (one pipeline stage each) that may be in flight when the next is
+// issued. The deferred epilogue runs once lag + 1 stages are queued (lag 2: ~1.5k tensor-core cycles for the two
+// warpgroups, against an epilogue of ~2.2k), and the ring keeps STAGES - lag - 1 stages for the producer to fill.
+constexpr int overlap_lag(int sched) { return sched == kOverlapDeep ? 3 : 2; }
+#endif
 
 // One pipeline stage fed to a single accumulator: wait for the stage, its four K-steps of `mma` (the first one
 // overwrites the accumulator unless `accumulate`), wait for them, hand the stage back to the producer, advance the
@@ -340,7 +343,7 @@ __global__ void __launch_bounds__(384, 1)
   constexpr bool kExp = kKind == kKindW4a8Expand;
   constexpr bool kI8 = kKind == kKindW4a8 || kExp;
 #if SVDQ_DIAGNOSTICS
-  constexpr bool kOv = kSched == kOverlap;
+  constexpr bool kOv = kSched == kOverlap || kSched == kOverlapDeep;
   static_assert(!kOv || (kKind == kKindW4a8 && kStore), "the overlapped schedule is W4A8's (prep path, stores) only");
 #else
   constexpr bool kOv = false;
@@ -535,13 +538,14 @@ __global__ void __launch_bounds__(384, 1)
 #if SVDQ_DIAGNOSTICS
     if constexpr (kOv) {
       // W4A8 with the epilogue deferred (kOverlap): tile t's bias, cast and stores run after tile t + 1's first
-      // kOverlapLag + 1 stages of MMAs are issued, so the tensor cores work through them meanwhile (the shipped
+      // lag + 1 stages of MMAs are issued, so the tensor cores work through them meanwhile (the shipped
       // schedule leaves them idle for the whole epilogue: ~1.1 us of the ~2.07 us fixed cost per tile). The main loop
-      // keeps kOverlapLag stages of MMAs in flight and releases each stage once its MMAs are done. The rank-R branch
+      // keeps `lag` stages of MMAs in flight and releases each stage once its MMAs are done. The rank-R branch
       // comes last (the producer loads its stages after the main loop's), into tmp0, so that no third accumulator
       // lives across the epilogue (acc, iacc and the deferred tile's bias), and acc, which the epilogue reads while
       // MMAs are in flight, is never a wgmma accumulator (else ptxas waits for every wgmma before touching it, C7517).
       // Bit-equal to the shipped schedule: the same sums, and acc = fma(main, act_scale * channel_scale, branch).
+      constexpr int kLag = overlap_lag(kSched);
       int iacc[BN / 2];
       TileVec<BN> pbias;  // the deferred tile's bias
       pbias.zero();
@@ -574,9 +578,9 @@ __global__ void __launch_bounds__(384, 1)
             s = 0;
             ph ^= 1;
           }
-          if (ki == kOverlapLag && pm0 >= 0) epilogue();
-          if (ki >= kOverlapLag) {
-            wgmma_wait<kOverlapLag>();
+          if (ki == kLag && pm0 >= 0) epilogue();
+          if (ki >= kLag) {
+            wgmma_wait<kLag>();
             fence_regs(iacc);
             if (lane == 0) mbar_arrive(&empty[rs]);
             if (++rs == C::STAGES) rs = 0;
@@ -584,11 +588,11 @@ __global__ void __launch_bounds__(384, 1)
         }
         wgmma_wait<0>();
         fence_regs(iacc);
-        for (int r = 0; r < min(p.n_main, kOverlapLag); ++r) {
+        for (int r = 0; r < min(p.n_main, kLag); ++r) {
           if (lane == 0) mbar_arrive(&empty[rs]);
           if (++rs == C::STAGES) rs = 0;
         }
-        if (pm0 >= 0) epilogue();  // a main loop of at most kOverlapLag stages
+        if (pm0 >= 0) epilogue();  // a main loop of at most kLag stages
 #pragma unroll
         for (int j = 0; j < BN / 2; ++j) tmp0[j] = 0.f;
         for (int i = 0; i < p.n_branch; ++i)
