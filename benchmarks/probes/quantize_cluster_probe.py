@@ -9,6 +9,9 @@ library's CUDA quantize_act (two passes over x), on the GPU machine (`bash bench
    38 x (4608, 3072), 38 x (4608, 15360)), and the per-step sums. Prediction (HISTORY.md, 2026-12-05): ~18-20 us
    against ~36 us at (4608, 3072), ~12 -> ~7 ms per step. Slices: K = 3072 in 4 CTAs of 768 channels,
    12288 and 15360 in 8 CTAs of 1536 / 1920.
+Measured (H100, 2026-12-05, --library-only): the library's cluster kernel 30.1 ms per step against its two passes'
+14.8 (results/2026-12-05-h100-quantize-act-w4a8-cluster.md); the cluster kernel is now opt-in
+(SVDQUANT_OPS_CUDA_W4A8_CLUSTER=1, which this script sets for the "library, cluster" column).
 """
 
 from __future__ import annotations
