@@ -404,6 +404,27 @@ def w4a8_gemm_cases(quick=False):
     return [cases[0], cases[4]] if quick else cases  # quick: the square FLUX shape and the longest K
 
 
+def w4a8_gemm_fn(M, K, N, R, dt, dev, g):
+    """One W4A8 gemm call (quantize_act done once) on fresh random inputs, output in ``dt`` (fp32 output: bf16
+    inputs), as a callable."""
+    xdt = torch.bfloat16 if dt == torch.float32 else dt
+    L = make_layer(K, N, R, dev, g, "w4a8", xdt)
+    x = torch.randn(M, K, device=dev, dtype=xdt)
+    q = torch.ops.svdquant.quantize_act(x, L["smooth"], L["pd"], "w4a8", False)
+    return lambda: torch.ops.svdquant.gemm(q[0], q[1], L["wc"], L["ws"], L["gsc"], q[2], L["up"], L["bias"], "w4a8",
+                                           dt, False)
+
+
+def first_output(fn, shape, dt, dev, label):
+    """``fn()``'s output, computed into a block just filled with NaN (the caching allocator hands back the block freed
+    last), so that elements a kernel does not store show up; asserts that a second call gives the same bits."""
+    junk = torch.full(shape, float("nan"), device=dev, dtype=dt)
+    del junk
+    out = fn().clone()
+    assert torch.equal(out, fn()), f"{label}: two calls differ ({shape})"
+    return out
+
+
 def gemm_kernel_names(fn) -> set[str]:
     """Full names (template arguments included) of the GEMM kernels one call of ``fn`` launches."""
     from torch.profiler import ProfilerActivity, profile
@@ -418,12 +439,11 @@ def gemm_kernel_names(fn) -> set[str]:
 def overlap_compare(dev, rep_ms, quick=False):
     """W4A8 gemm under the shipped schedule and under SVDQUANT_OPS_GEMM_SCHEDULE=overlap / overlap3 (each tile's
     epilogue under the next tile's first MMAs, 2 / 3 stages of MMAs in flight; bias through the direct and the
-    TMA-store epilogues): the same sums and the same
-    final fma, so the outputs must be bit-equal; times of the gemm op (prep included). Extra cases for this schedule:
-    1 and 2 main-loop stages (K = 128 / 256: the epilogue after the loop), 2 branch stages (R = 64), fp32 output (the
-    direct epilogue, also in --quick). Each schedule's first call gets an output block that was just filled with NaN
-    (the caching allocator hands back the block freed last), so a tile it does not store shows as a difference; the
-    profiler confirms which kernel ran."""
+    TMA-store epilogues): the same sums and the same final fma, so the outputs must be bit-equal; times of the gemm
+    op (prep included). Extra cases for this schedule: 1 and 2 main-loop stages (K = 128 / 256: the epilogue after the
+    loop), 2 branch stages (R = 64), fp32 output (the direct epilogue, also in --quick). Outputs land on NaN-filled
+    memory (first_output), so a tile a schedule does not store shows as a difference; the profiler confirms which
+    kernel ran."""
     g = torch.Generator().manual_seed(12)
     bad = 0
     extra = [(4608, 3072, 3072, 32, torch.float32)]
@@ -432,19 +452,11 @@ def overlap_compare(dev, rep_ms, quick=False):
                   (4608, 3072, 3072, 64, torch.bfloat16)]
     cases = w4a8_gemm_cases(quick) + extra
     for M, K, N, R, dt in cases:
-        xdt = torch.bfloat16 if dt == torch.float32 else dt
-        L = make_layer(K, N, R, dev, g, "w4a8", xdt)
-        x = torch.randn(M, K, device=dev, dtype=xdt)
-        q = torch.ops.svdquant.quantize_act(x, L["smooth"], L["pd"], "w4a8", False)
-        fn = lambda: torch.ops.svdquant.gemm(q[0], q[1], L["wc"], L["ws"], L["gsc"], q[2], L["up"], L["bias"],
-                                             "w4a8", dt, False)
+        fn = w4a8_gemm_fn(M, K, N, R, dt, dev, g)
         res, ms, names = {}, {}, {}
         for sched in ("promote", "overlap", "overlap3"):
             os.environ["SVDQUANT_OPS_GEMM_SCHEDULE"] = sched
-            junk = torch.full((M, N), float("nan"), device=dev, dtype=dt)
-            del junk
-            res[sched] = fn().clone()
-            assert torch.equal(res[sched], fn()), f"{sched}: two calls differ (M={M} K={K} N={N})"
+            res[sched] = first_output(fn, (M, N), dt, dev, f"{sched} K={K}")
             names[sched] = gemm_kernel_names(fn)
             ms[sched] = bench_graph(fn, rep_ms)
         os.environ.pop("SVDQUANT_OPS_GEMM_SCHEDULE", None)
@@ -475,19 +487,11 @@ def wprep_compare(dev, rep_ms, quick=False):
     cases = w4a8_gemm_cases(quick)
     bad = 0
     for M, K, N, R, dt in cases:
-        L = make_layer(K, N, R, dev, g, "w4a8", dt)
-        x = torch.randn(M, K, device=dev, dtype=dt)
-        q = torch.ops.svdquant.quantize_act(x, L["smooth"], L["pd"], "w4a8", False)
-        fn = lambda: torch.ops.svdquant.gemm(q[0], q[1], L["wc"], L["ws"], L["gsc"], q[2], L["up"], L["bias"],
-                                             "w4a8", dt, False)
+        fn = w4a8_gemm_fn(M, K, N, R, dt, dev, g)
         res, ms, ks = {}, {}, {}
         for mode in ("prep", "kernel"):
             os.environ["SVDQUANT_OPS_GEMM_WPREP"] = mode
-            junk = torch.full((M, N), float("nan"), device=dev, dtype=dt)  # as in overlap_compare
-            del junk
-            res[mode] = fn().clone()
-            again = fn()
-            assert torch.equal(res[mode], again), f"{mode}: two calls differ (M={M} K={K} N={N})"
+            res[mode] = first_output(fn, (M, N), dt, dev, f"{mode} K={K}")
             ms[mode] = bench_graph(fn, rep_ms)
             ks[mode] = kernel_times(fn)
         for mode in ("kernel-nomult", "kernel-noexpand", "kernel-nostore", "kernel-noarith"):  # wrong results: where the expander's time goes
