@@ -8,8 +8,9 @@
 #     quantize  bench_linear.py --quantize-only ([diagnostics build] when SVDQUANT_OPS_QA_CFG / _QA_SPLITS are set)
 #     tiles     bench_linear.py --tile-overhead (GEMM kernel time split into per-tile fixed + per-stage cost)
 #                                                                                                 [diagnostics build]
-#     overlap   bench_linear.py --overlap: W4A8 gemm, shipped schedule vs SVDQUANT_OPS_GEMM_SCHEDULE=overlap (epilogue
-#               under the next tile's MMAs), bit-equal check and times; GEMM_ARGS=--quick: 2 shapes  [diagnostics build]
+#     overlap   bench_linear.py --overlap: W4A8 gemm, shipped schedule vs SVDQUANT_OPS_GEMM_SCHEDULE=overlap and
+#               overlap3 (epilogue under the next tile's MMAs, 2 / 3 stages in flight), bit-equal check and times;
+#               GEMM_ARGS=--quick: 2 shapes and fp32 output                                     [diagnostics build]
 #     full      bench_linear.py --out $OUT (the recorded table)
 #     amax      quantize_act_given_amax (W4A8, amax given; install_compile_pass(amax_split=True)): its GPU tests,
 #               tests/test_sharing.py (shared parts as one graph input under this torch), then bench_linear.py --quantize-only --precision w4a8 (quantize_act vs the given-amax op vs Inductor's
@@ -94,12 +95,9 @@ for step in "$@"; do
           # shared parts as one graph input and the merge of identical calls, under this machine's torch
           python3 -m pytest tests/test_sharing.py -q -p no:cacheprovider -rfEs
           python3 benchmarks/bench_linear.py --quantize-only --precision w4a8 --rep-ms 30 ;;
-    flux)
-      if [[ -n "${SVDQUANT_OPS_GEMM_SCHEDULE:-}" ]]; then  # a diagnostic GEMM schedule: the diagnostics build
-        SVDQUANT_OPS_DIAGNOSTICS=1 python3 benchmarks/bench_flux.py --profile --out "${OUT:-benchmarks/results}" ${FLUX_ARGS:-}
-      else
-        python3 benchmarks/bench_flux.py --profile --out "${OUT:-benchmarks/results}" ${FLUX_ARGS:-}
-      fi ;;
+    flux)  # a diagnostic GEMM schedule asked for runs on the diagnostics build
+      SVDQUANT_OPS_DIAGNOSTICS=$([[ -n "${SVDQUANT_OPS_GEMM_SCHEDULE:-}" ]] && echo 1) \
+        python3 benchmarks/bench_flux.py --profile --out "${OUT:-benchmarks/results}" ${FLUX_ARGS:-} ;;
     probe)
       inc=$(python3 -c "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))")
       nvcc -std=c++17 -O3 -arch=sm_90a $inc -I svdquant_ops/csrc --expt-relaxed-constexpr -diag-suppress 3306 \
