@@ -22,7 +22,8 @@
 #               LoRA on the w4a8 model), nunchaku-{int4|w4a8}-compile[-ro] (the model written as a Nunchaku INT4
 #               file in $TMPDIR, ~6.5 GB, loaded back exact / converted to w4a8, output SQNR), e.g.
 #               FLUX_ARGS="--configs w4a8-compile,nunchaku-w4a8-compile --timeout 420 --budget 480 --tag nunchaku".
-#               With SVDQUANT_OPS_GEMM_SCHEDULE set (e.g. overlap), the diagnostics build runs that schedule.
+#               With SVDQUANT_OPS_GEMM_SCHEDULE set (e.g. overlap), the diagnostics build runs that schedule;
+#               the rows w4a8-compile[-ro]-overlap[3] run it for their own process only, beside shipped rows.
 #     probe     benchmarks/probes/overlap_probe.cu: tensor-core vs FP32 promotion overlap (HISTORY.md, session 4)
 #     regaprobe benchmarks/probes/w4a8_rega_probe.cu: W4A8 weights expanded in the consumers' registers (wgmma's
 #               register A operand) against today's shared-memory int8 weights, exact check and times
@@ -74,7 +75,9 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader || tru
 t0=$(date +%s)
 python3 -c "import svdquant_ops.ops as o, torch; o.load(); print('build ok', torch.__version__)"
 echo "build_s $(( $(date +%s) - t0 ))"
-if [[ -n "${OUT:-}" ]]; then tar czf "$OUT/svdq_cache.tgz" -C "$SVDQUANT_OPS_CACHE" . || true; fi
+save_cache() { if [[ -n "${OUT:-}" ]]; then tar czf "$OUT/svdq_cache.tgz" -C "$SVDQUANT_OPS_CACHE" . || true; fi; }
+save_cache  # now, in case a step runs past the call's limit, and again on exit with the diagnostics build if made
+trap save_cache EXIT
 for step in "$@"; do
   case "$step" in
     tests) python3 -m pytest tests/test_cuda_ops.py tests/test_cuda_w4a16.py tests/test_cuda_model.py tests/test_cuda_nunchaku.py \

@@ -152,6 +152,7 @@ def test_timeout_costs_one_row(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--configs", "bf16-eager,fp8-compile"], "fp8-compile needs a CUDA GPU"),
     (["--configs", "bf16-compile-ro,w4a8-compile-ro"], "bf16-compile-ro, w4a8-compile-ro need a CUDA GPU"),
+    (["--configs", "w4a8-eager,w4a8-compile-overlap"], "w4a8-compile-overlap needs a CUDA GPU"),
     (["--configs", "bf16-eager,fp16-eager"], "unknown configuration fp16-eager"),
     (["--configs", "bf16-eager", "--size", "1000"], "--size must be a positive multiple of 16"),
     (["--configs", "nunchaku-int4-eager", "--rank", "24"], "--rank must be a positive multiple of 16"),

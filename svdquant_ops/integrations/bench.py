@@ -74,10 +74,12 @@ class Config:
     nunchaku: bool = False  # weights from a Nunchaku INT4 file written from the bf16 model ("int4": the exact
     #                         import, "w4a8": converted at load time)
     amax_split: bool = False  # install_compile_pass(amax_split=True): W4A8's amax by Inductor, x read once
+    gemm_schedule: str | None = None  # a diagnostics-build W4A8 GEMM schedule (SVDQUANT_OPS_GEMM_SCHEDULE), e.g.
+    #                                   "overlap": the child loads the diagnostics build of the op library
 
     @property
     def cuda_only(self) -> bool:
-        return self.mode == "reduce-overhead" or self.weights == "fp8"
+        return self.mode == "reduce-overhead" or self.weights == "fp8" or self.gemm_schedule is not None
 
     @property
     def label(self) -> str:
@@ -93,6 +95,8 @@ class Config:
             how += ", recursive dict-tag guards"
         if self.amax_split:
             how += ", per-token amax by Inductor (amax_split)"
+        if self.gemm_schedule:
+            how += f", GEMM schedule {self.gemm_schedule} (diagnostics build)"
         if self.lora_rank:
             how += f" + rank-{self.lora_rank} LoRA"
             if self.lora_shared_a:
@@ -127,6 +131,12 @@ def _configs() -> dict[str, Config]:
     # reading x once (install_compile_pass(amax_split=True); off by default: a net loss on the H200, HISTORY.md)
     for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
         out[f"w4a8-compile{sfx}-split"] = Config(f"w4a8-compile{sfx}-split", "w4a8", True, mode, amax_split=True)
+    # Diagnostic: the W4A8 GEMM with each tile's epilogue under the next tile's first MMAs (2 / 3 stages of MMAs in
+    # flight), from the diagnostics build; same outputs bit for bit (bench_linear.py --overlap checks it).
+    for sched in ("overlap", "overlap3"):
+        for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
+            name = f"w4a8-compile{sfx}-{sched}"
+            out[name] = Config(name, "w4a8", True, mode, gemm_schedule=sched)
     # Diagnostic: every adapter fused up to rank 128 (quantize_act's fast kernel at R = 128 runs one block per SM)
     out["w4a8-compile-lora16-fuse128"] = Config("w4a8-compile-lora16-fuse128", "w4a8", True, lora_rank=16,
                                                 lora_max_fused_rank=128)
@@ -692,8 +702,8 @@ def validate(args) -> tuple[list[str], str]:
         need = [n for n in names if CONFIGS[n].cuda_only]
         if need:
             raise BenchError(f"{', '.join(need)} need{'s' if len(need) == 1 else ''} a CUDA GPU (fp8 tensor cores / "
-                             f"CUDA graphs) and this run is on {device}; on the CPU use --model tiny --configs "
-                             f"{','.join(DEFAULT_CPU)}")
+                             f"CUDA graphs / Hopper GEMM schedules) and this run is on {device}; on the CPU use "
+                             f"--model tiny --configs {','.join(DEFAULT_CPU)}")
         if args.model != "tiny":
             raise BenchError(f"--model {args.model} needs a CUDA GPU (22 GiB of bf16 weights); on the CPU use "
                              "--model tiny")
@@ -724,6 +734,8 @@ def _run_child(args, name: str, device: str, timeout: float) -> dict:
 
     root = str(Path(svdquant_ops.__file__).resolve().parents[1])
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if CONFIGS[name].gemm_schedule:  # read by the op library at load time (which build) and at every GEMM call
+        env.update(SVDQUANT_OPS_DIAGNOSTICS="1", SVDQUANT_OPS_GEMM_SCHEDULE=CONFIGS[name].gemm_schedule)
     fd, result_file = tempfile.mkstemp(prefix=f"svdq-bench-{name}-", suffix=".json")
     os.close(fd)
     cmd = [sys.executable, "-m", "svdquant_ops.integrations.bench", *_child_args(args, name, device, result_file)]
