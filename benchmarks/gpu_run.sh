@@ -9,7 +9,8 @@
 #     tiles     bench_linear.py --tile-overhead (GEMM kernel time split into per-tile fixed + per-stage cost)
 #                                                                                                 [diagnostics build]
 #     overlap   bench_linear.py --overlap: W4A8 gemm, shipped schedule vs SVDQUANT_OPS_GEMM_SCHEDULE=overlap and
-#               overlap3 (epilogue under the next tile's MMAs, 2 / 3 stages in flight), bit-equal check and times;
+#               overlap3 (epilogue under the next tile's MMAs, 2 / 3 stages in flight; bit-equal check) and pingpong
+#               (whole tiles per consumer warpgroup; within fp32 rounding), and times;
 #               GEMM_ARGS=--quick: 2 shapes and fp32 output                                     [diagnostics build]
 #     full      bench_linear.py --out $OUT (the recorded table)
 #     amax      quantize_act_given_amax (W4A8, amax given; install_compile_pass(amax_split=True)): its GPU tests,
@@ -23,7 +24,8 @@
 #               file in $TMPDIR, ~6.5 GB, loaded back exact / converted to w4a8, output SQNR), e.g.
 #               FLUX_ARGS="--configs w4a8-compile,nunchaku-w4a8-compile --timeout 420 --budget 480 --tag nunchaku".
 #               With SVDQUANT_OPS_GEMM_SCHEDULE set (e.g. overlap), the diagnostics build runs that schedule;
-#               the rows w4a8-compile[-ro]-overlap[3] run it for their own process only, beside shipped rows.
+#               the rows w4a8-compile[-ro]-{overlap,overlap3,pingpong} run it for their own process only, beside
+#               shipped rows.
 #     probe     benchmarks/probes/overlap_probe.cu: tensor-core vs FP32 promotion overlap (HISTORY.md, session 4)
 #     regaprobe benchmarks/probes/w4a8_rega_probe.cu: W4A8 weights expanded in the consumers' registers (wgmma's
 #               register A operand) against today's shared-memory int8 weights, exact check and times
@@ -75,9 +77,10 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader || tru
 t0=$(date +%s)
 python3 -c "import svdquant_ops.ops as o, torch; o.load(); print('build ok', torch.__version__)"
 echo "build_s $(( $(date +%s) - t0 ))"
-save_cache() { if [[ -n "${OUT:-}" ]]; then tar czf "$OUT/svdq_cache.tgz" -C "$SVDQUANT_OPS_CACHE" . || true; fi; }
-save_cache  # now, in case a step runs past the call's limit, and again on exit with the diagnostics build if made
-trap save_cache EXIT
+# (the normal build only: with the diagnostics build as well the file is too large to come back from the device)
+if [[ -n "${OUT:-}" ]]; then
+  tar czf "$OUT/svdq_cache.tgz" --exclude='*diagnostics*' -C "$SVDQUANT_OPS_CACHE" . || true
+fi
 for step in "$@"; do
   case "$step" in
     tests) python3 -m pytest tests/test_cuda_ops.py tests/test_cuda_w4a16.py tests/test_cuda_model.py tests/test_cuda_nunchaku.py \

@@ -132,8 +132,9 @@ def _configs() -> dict[str, Config]:
     for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
         out[f"w4a8-compile{sfx}-split"] = Config(f"w4a8-compile{sfx}-split", "w4a8", True, mode, amax_split=True)
     # Diagnostic: the W4A8 GEMM with each tile's epilogue under the next tile's first MMAs (2 / 3 stages of MMAs in
-    # flight), from the diagnostics build; same outputs bit for bit (bench_linear.py --overlap checks it).
-    for sched in ("overlap", "overlap3"):
+    # flight; same outputs bit for bit), or ping-pong (whole tiles per consumer warpgroup, one's epilogue under the
+    # other's main loop; within fp32 rounding), from the diagnostics build (bench_linear.py --overlap checks both).
+    for sched in ("overlap", "overlap3", "pingpong"):
         for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
             name = f"w4a8-compile{sfx}-{sched}"
             out[name] = Config(name, "w4a8", True, mode, gemm_schedule=sched)

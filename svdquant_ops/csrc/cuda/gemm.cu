@@ -120,10 +120,11 @@ struct Variant {
 
 #if SVDQ_DIAGNOSTICS
 // Diagnostics builds only, read at every call (benchmarks switch between variants in one process):
-//   SVDQUANT_OPS_GEMM_SCHEDULE = promote (default) | skeleton | skeleton192 | overlap | overlap3: skeleton is the INT4
-//     main loop without the promotion (wrong results; the speed of the TMA / wgmma feed alone; 192: 128 x 192 tiles);
-//     overlap is W4A8 with each tile's epilogue under the next tile's first MMAs, 2 stages of MMAs in flight
-//     (sm90::kOverlap; W4A8 calls only), overlap3 the same with 3 (sm90::kOverlapDeep);
+//   SVDQUANT_OPS_GEMM_SCHEDULE = promote (default) | skeleton | skeleton192 | overlap | overlap3 | pingpong: skeleton
+//     is the INT4 main loop without the promotion (wrong results; the speed of the TMA / wgmma feed alone; 192:
+//     128 x 192 tiles); overlap is W4A8 with each tile's epilogue under the next tile's first MMAs, 2 stages of MMAs
+//     in flight (sm90::kOverlap; W4A8 calls only), overlap3 the same with 3 (sm90::kOverlapDeep); pingpong is W4A8
+//     with whole tiles per consumer warpgroup, one's epilogue under the other's main loop (sm90::kPingPong);
 //   SVDQUANT_OPS_GEMM_EPILOGUE = tma (default) | direct | none: force the register -> global epilogue, or skip the
 //     stores (wrong results; splits a tile's time between main loop and stores);
 //   SVDQUANT_OPS_GEMM_WPREP = prep (default) | kernel | kernel-nomult | kernel-noexpand | kernel-nostore |
@@ -144,9 +145,11 @@ Variant diagnostic_variant() {
       v.sched = sm90::kOverlap;
     } else if (std::strcmp(e, "overlap3") == 0) {
       v.sched = sm90::kOverlapDeep;
+    } else if (std::strcmp(e, "pingpong") == 0) {
+      v.sched = sm90::kPingPong;
     } else {
       TORCH_CHECK(std::strcmp(e, "promote") == 0, "SVDQUANT_OPS_GEMM_SCHEDULE: expected promote, skeleton, "
-                  "skeleton192, overlap or overlap3, got '", e, "'");
+                  "skeleton192, overlap, overlap3 or pingpong, got '", e, "'");
     }
   }
   const char* epi = std::getenv("SVDQUANT_OPS_GEMM_EPILOGUE");
@@ -383,6 +386,8 @@ void launch_variant(Precision precision, [[maybe_unused]] const Variant& v, cons
     if constexpr (kStore) launch_sm90<128, sm90::kKindW4a8, sm90::kOverlap, true>(m, p, stream);  // run_sm90 checks
   } else if (precision == Precision::kW4a8 && v.sched == sm90::kOverlapDeep) {
     if constexpr (kStore) launch_sm90<128, sm90::kKindW4a8, sm90::kOverlapDeep, true>(m, p, stream);
+  } else if (precision == Precision::kW4a8 && v.sched == sm90::kPingPong) {
+    if constexpr (kStore) launch_sm90<128, sm90::kKindW4a8, sm90::kPingPong, true>(m, p, stream);
 #endif
   } else if (precision == Precision::kW4a8) {
     launch_sm90<128, sm90::kKindW4a8, sm90::kPromote, kStore>(m, p, stream);
@@ -400,17 +405,23 @@ void launch_variant(Precision precision, [[maybe_unused]] const Variant& v, cons
 void run_sm90(const GemmShape& s, const Operands& o, bool act_unsigned, at::Tensor& out, cudaStream_t stream) {
 #if SVDQ_DIAGNOSTICS
   const Variant v = diagnostic_variant();
-  const bool overlap = v.sched == sm90::kOverlap || v.sched == sm90::kOverlapDeep;
+  const bool overlap = v.sched == sm90::kOverlap || v.sched == sm90::kOverlapDeep || v.sched == sm90::kPingPong;
   TORCH_CHECK(!overlap || (s.precision == Precision::kW4a8 && !v.w4_expand),
-              "SVDQUANT_OPS_GEMM_SCHEDULE=overlap[3]: a W4A8 schedule (with SVDQUANT_OPS_GEMM_WPREP=prep), but this call is ",
-              s.precision == Precision::kW4a8 ? "W4A8 with the in-kernel expansion" : "not W4A8");
-  TORCH_CHECK(!overlap || v.store, "SVDQUANT_OPS_GEMM_SCHEDULE=overlap[3] always stores: "
+              "SVDQUANT_OPS_GEMM_SCHEDULE=overlap[3] / pingpong: a W4A8 schedule (with SVDQUANT_OPS_GEMM_WPREP=prep), "
+              "but this call is ", s.precision == Precision::kW4a8 ? "W4A8 with the in-kernel expansion" : "not W4A8");
+  TORCH_CHECK(!overlap || v.store, "SVDQUANT_OPS_GEMM_SCHEDULE=overlap[3] / pingpong always stores: "
               "SVDQUANT_OPS_GEMM_EPILOGUE=none is not available with it");
 #else
   const Variant v{};
 #endif
   const bool w4_expand = v.w4_expand && s.precision == Precision::kW4a8;
   const Sm90Plan pl = plan_sm90(s, o.proj_up.scalar_type(), v.wide, w4_expand);
+#if SVDQ_DIAGNOSTICS
+  // the ping-pong consumer waits on all of a tile's branch stages at once: they must fit in the ring
+  constexpr int kRing = sm90::Cfg<128, sm90::kKindW4a8>::STAGES;
+  TORCH_CHECK(v.sched != sm90::kPingPong || pl.KL / 64 <= kRing, "SVDQUANT_OPS_GEMM_SCHEDULE=pingpong: at most ",
+              kRing, " branch stages of 64 (rank x bf16 parts), but this call has ", pl.KL / 64, " (rank ", pl.R, ")");
+#endif
   auto workspace = at::empty({pl.bytes}, out.options().dtype(at::kByte));
   uint8_t* base = workspace.data_ptr<uint8_t>();
 

@@ -133,7 +133,9 @@ __device__ __forceinline__ void promote4(float* acc, const float* tmp, float sa0
 // Main-loop schedules. kPromote is the one that ships. Diagnostics builds add kSkeleton: the same TMA / mbarrier /
 // wgmma loop without the promotion (wrong results), i.e. the speed of a plain fp8 GEMM with this feed; and
 // kOverlap / kOverlapDeep (W4A8 only): each tile's epilogue runs while the next tile's first main-loop MMAs are on
-// the tensor cores, with 2 / 3 stages of MMAs in flight (see the consumer loop; not yet measured).
+// the tensor cores, with 2 / 3 stages of MMAs in flight (bit-equal, but 3-8 % slower on the H100: the int32 -> fp32
+// conversion stays outside the overlap); kPingPong (W4A8 only): each consumer warpgroup owns whole 128 x 128 tiles,
+// alternate tiles, and one's conversion, branch and epilogue run under the other's main loop (see the consumer loop).
 // (A FlashAttention-3-style ping-pong, warpgroups taking turns on the tensor cores, measured 6 % slower for INT4.)
 enum Schedule : int {
   kPromote = 0,
@@ -141,6 +143,7 @@ enum Schedule : int {
   kSkeleton = 2,
   kOverlap = 3,      // 2 stages of MMAs in flight (the lag below)
   kOverlapDeep = 4,  // 3
+  kPingPong = 5,
 #endif
 };
 
@@ -344,10 +347,14 @@ __global__ void __launch_bounds__(384, 1)
   constexpr bool kI8 = kKind == kKindW4a8 || kExp;
 #if SVDQ_DIAGNOSTICS
   constexpr bool kOv = kSched == kOverlap || kSched == kOverlapDeep;
-  static_assert(!kOv || (kKind == kKindW4a8 && kStore), "the overlapped schedule is W4A8's (prep path, stores) only");
+  constexpr bool kPP = kSched == kPingPong;
+  static_assert(!(kOv || kPP) || (kKind == kKindW4a8 && kStore && BN == 128),
+                "the overlapped and ping-pong schedules are W4A8's (prep path, stores, BN 128) only");
 #else
   constexpr bool kOv = false;
+  constexpr bool kPP = false;
 #endif
+  constexpr bool kBranchLast = kOv || kPP;  // the producer loads a tile's branch stages after its main loop's
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
   // full[s]: the stage's TMA bytes have landed (producer's expect_tx); empty[s]: every consumer warp is done with it.
@@ -358,7 +365,7 @@ __global__ void __launch_bounds__(384, 1)
   if (threadIdx.x == 0) {
     for (int s = 0; s < C::STAGES; ++s) {
       mbar_init(&full[s], kExp ? 3 : 1);
-      mbar_init(&empty[s], 8);  // one arrival per consumer warp
+      mbar_init(&empty[s], kPP ? 4 : 8);  // one arrival per consumer warp (kPP: of the warpgroup owning the tile)
       if constexpr (kExp) mbar_init(&raw[s], 1);
     }
     fence_barrier_init();
@@ -370,7 +377,8 @@ __global__ void __launch_bounds__(384, 1)
   if (threadIdx.x >= 256) {
     // ---------------- producer warpgroup: one thread issues all TMA loads ----------------
     // Per tile, in the order the consumers take them: the branch's n_branch stages (down_act / proj_up bf16 parts,
-    // 64 channels each), then the n_main stages of the main loop (kOv: the main loop's first, then the branch's).
+    // 64 channels each), then the n_main stages of the main loop (kOv, kPP: the main loop's first, then the
+    // branch's).
     // kExp: the expander warps hold a stage's staged codes for rows 64-127 in registers
     if constexpr (kExp) {
       setmaxnreg_dec<56>();
@@ -398,9 +406,9 @@ __global__ void __launch_bounds__(384, 1)
           mbar_wait(&empty[s], ph ^ 1);
           uint8_t* st = smem + s * C::STAGE;
           uint64_t* land = kExp ? &raw[s] : &full[s];
-          const bool branch_stage = kOv ? i >= p.n_main : i < p.n_branch;
+          const bool branch_stage = kBranchLast ? i >= p.n_main : i < p.n_branch;
           if (branch_stage) {
-            const int bi = kOv ? i - p.n_main : i;
+            const int bi = kBranchLast ? i - p.n_main : i;
             mbar_expect_tx(land, C::A_BYTES + C::B_BYTES);
             tma_load_2d(&tmLA, st, land, bi * 64, m0);
             tma_load_2d(&tmUP, st + C::A_BYTES, land, bi * 64, n0);
@@ -410,7 +418,7 @@ __global__ void __launch_bounds__(384, 1)
             tma_load_2d(&tmA, st, land, ki * 128, m0);
             tma_load_2d(&tmB, st + C::B4_OFF, land, ki * 64, n0);
           } else {
-            const int ki = kOv ? i : i - p.n_branch;
+            const int ki = kBranchLast ? i : i - p.n_branch;
             if constexpr (kFp8) {  // 128 fp8 channels and both groups' scales
               mbar_expect_tx(&full[s], C::A_BYTES + C::B_BYTES + C::SA_BYTES + C::SW_BYTES);
               tma_load_2d(&tmA, st, &full[s], ki * 128, m0);
@@ -536,7 +544,132 @@ __global__ void __launch_bounds__(384, 1)
     int s = 0;
     uint32_t ph = 0;
 #if SVDQ_DIAGNOSTICS
-    if constexpr (kOv) {
+    if constexpr (kPP) {
+      // W4A8 ping-pong (kPingPong): warpgroup w owns the CTA's tiles 2j + w, whole (128 x 128: two m64 halves,
+      // 2 x 64 int32 accumulators), and the tensor cores alternate between the warpgroups' main loops: while one
+      // runs its main loop the other converts (int32 -> fp32 runs at a quarter rate: ~1k cycles per tile), runs its
+      // branch and stores. The stages stay one ring in tile order (each stage read by the warpgroup that owns its
+      // tile; the other skips it), so a warpgroup may wait on its first stage only once every earlier stage has
+      // landed: an mbarrier parity wait cannot tell phase k from phase k - 2. Hence the order barriers: the other
+      // warpgroup arrives once it has waited on all of its tile's stages (the branch's included), just after issuing
+      // its last main-loop MMAs. The branch runs after the main loop, accumulating onto the scaled main-loop sums
+      // (acc = float(dot) * act_scale * channel_scale, then + branch by the tensor cores): the same terms as the
+      // shipped schedule, one rounding in another place (not bit-equal; within fp32 accumulation tolerance).
+      constexpr int kOrderBar = 5;  // named barrier kOrderBar + w: warpgroup w may start (the other arrives on it)
+      auto skip = [&](int n) {      // advance the ring position by n stages
+        s += n;
+        while (s >= C::STAGES) {
+          s -= C::STAGES;
+          ph ^= 1;
+        }
+      };
+      auto release = [&](int& rs) {
+        if (lane == 0) mbar_arrive(&empty[rs]);
+        if (++rs == C::STAGES) rs = 0;
+      };
+      if (wg == 1) skip(per_tile);
+      const int rw = warp * 16 + (lane >> 2);  // this thread's first row within a 64-row half
+      int q = wg;                               // the tile's index in the CTA's sequence
+      for (int tile = blockIdx.x + wg * gridDim.x; tile < total; tile += 2 * gridDim.x, q += 2) {
+        int mt, nt;
+        tile_coords(tile, p.m_tiles, p.n_tiles, mt, nt);
+        const int m0 = mt * BM, n0 = nt * BN;
+        TileVec<BN> vbias, vscale;  // the epilogue's vectors, fetched now: their latency hides behind the main loop
+        if (p.bias != nullptr) vbias.load(p.bias + n0, lane);
+        else vbias.zero();
+        vscale.load(p.gscale + n0, lane);
+        const float sa00 = p.ascale[m0 + rw], sa01 = p.ascale[m0 + rw + 8];
+        const float sa10 = p.ascale[m0 + 64 + rw], sa11 = p.ascale[m0 + 64 + rw + 8];
+        if (q > 0) named_bar_sync(kOrderBar + wg, 256);  // once the other has waited on the previous tile's stages
+        // zeroed here so that their live range starts here: the first wgmma of a tile ignores them (scale-d 0) but
+        // names them as inputs, and undefined inputs would keep them live through the conversion (ptxas spills)
+        int i0[BN / 2], i1[BN / 2];
+#pragma unroll
+        for (int j = 0; j < BN / 2; ++j) i0[j] = i1[j] = 0;
+        int rs = s;  // the oldest stage not yet released
+        for (int ki = 0; ki < p.n_main; ++ki) {
+          mbar_wait(&full[s], ph);
+          uint8_t* st = smem + s * C::STAGE;
+          const uint64_t da0 = desc_sw128(st), da1 = desc_sw128(st + 64 * 128), db = desc_sw128(st + C::A_BYTES);
+          fence_regs(i0);
+          fence_regs(i1);
+          wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk) {
+            const int sd = (ki > 0 || kk > 0) ? 1 : 0;
+            wgmma::mma_s8<BN>(i0, da0 + 2 * kk, db + 2 * kk, sd);
+            wgmma::mma_s8<BN>(i1, da1 + 2 * kk, db + 2 * kk, sd);
+          }
+          wgmma_commit();
+          skip(1);
+          if (ki > 0) {  // the previous stage's MMAs are done: hand it back
+            wgmma_wait<1>();
+            release(rs);
+          }
+        }
+        // As many branch stages as ring slots (R = 128 with fp32 / fp16 proj_up: 6) would wait forever on the slot
+        // the last main stage holds: release it first then.
+        const bool early = p.n_branch >= C::STAGES;
+        if (early) {
+          wgmma_wait<0>();
+          release(rs);
+        }
+        const int bs = s;  // the branch's first stage
+        for (int b = 0; b < p.n_branch; ++b) {
+          mbar_wait(&full[s], ph);
+          skip(1);
+        }
+        if (tile + gridDim.x < total) named_bar_arrive(kOrderBar + 1 - wg, 256);  // the other may start the next
+        wgmma_wait<0>();  // (again where early: one unconditional wait before the accumulators are read)
+        fence_regs(i0);
+        fence_regs(i1);
+        if (!early) release(rs);
+        float f0[BN / 2], f1[BN / 2];
+        static_for<BN / 8>([&](auto jc) {
+          constexpr int j = decltype(jc)::value;
+          const float2 gsc = vscale.template at<j>(tq);
+          f0[4 * j + 0] = static_cast<float>(i0[4 * j + 0]) * (sa00 * gsc.x);
+          f0[4 * j + 1] = static_cast<float>(i0[4 * j + 1]) * (sa00 * gsc.y);
+          f0[4 * j + 2] = static_cast<float>(i0[4 * j + 2]) * (sa01 * gsc.x);
+          f0[4 * j + 3] = static_cast<float>(i0[4 * j + 3]) * (sa01 * gsc.y);
+          f1[4 * j + 0] = static_cast<float>(i1[4 * j + 0]) * (sa10 * gsc.x);
+          f1[4 * j + 1] = static_cast<float>(i1[4 * j + 1]) * (sa10 * gsc.y);
+          f1[4 * j + 2] = static_cast<float>(i1[4 * j + 2]) * (sa11 * gsc.x);
+          f1[4 * j + 3] = static_cast<float>(i1[4 * j + 3]) * (sa11 * gsc.y);
+        });
+        for (int b = 0, bst = bs; b < p.n_branch; ++b) {  // (the stages were waited on above)
+          uint8_t* st = smem + bst * C::STAGE;
+          const uint64_t da0 = desc_sw128(st), da1 = desc_sw128(st + 64 * 128), db = desc_sw128(st + C::A_BYTES);
+          fence_regs(f0);
+          fence_regs(f1);
+          wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk) {
+            wgmma::mma_bf16<BN>(f0, da0 + 2 * kk, db + 2 * kk, 1);
+            wgmma::mma_bf16<BN>(f1, da1 + 2 * kk, db + 2 * kk, 1);
+          }
+          wgmma_commit();
+          wgmma_wait<0>();
+          fence_regs(f0);
+          fence_regs(f1);
+          release(rs);
+          if (++bst == C::STAGES) bst = 0;
+        }
+        // the two halves through the warpgroup's own epilogue buffer (the second waits for the first's stores to
+        // have read it); store_tile_* place rows by cl.wg / cl.r0, so each half gets its origin shifted to match
+        ConsumerLane h0 = cl, h1 = cl;
+        h0.r0 = rw;
+        h1.r0 = 64 + rw;
+        if (tma_epi) {
+          store_tile_tma<BN, C>(tmC, p, smem, cl, f0, vbias, m0 - 64 * wg, n0);
+          store_tile_tma<BN, C>(tmC, p, smem, cl, f1, vbias, m0 + 64 - 64 * wg, n0);
+        } else {
+          store_tile_direct<BN>(p, h0, f0, vbias, m0, n0);
+          store_tile_direct<BN>(p, h1, f1, vbias, m0, n0);
+        }
+        skip(per_tile);  // the other warpgroup's tile
+      }
+    } else if constexpr (kOv) {
       // W4A8 with the epilogue deferred (kOverlap): tile t's bias, cast and stores run after tile t + 1's first
       // lag + 1 stages of MMAs are issued, so the tensor cores work through them meanwhile (the shipped
       // schedule leaves them idle for the whole epilogue: ~1.1 us of the ~2.07 us fixed cost per tile). The main loop
