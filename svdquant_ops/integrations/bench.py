@@ -131,10 +131,11 @@ def _configs() -> dict[str, Config]:
     # reading x once (install_compile_pass(amax_split=True); off by default: a net loss on the H200, HISTORY.md)
     for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
         out[f"w4a8-compile{sfx}-split"] = Config(f"w4a8-compile{sfx}-split", "w4a8", True, mode, amax_split=True)
-    # Diagnostic: the W4A8 GEMM with each tile's epilogue under the next tile's first MMAs (2 / 3 stages of MMAs in
-    # flight; same outputs bit for bit), or ping-pong (whole tiles per consumer warpgroup, one's epilogue under the
-    # other's main loop; within fp32 rounding), from the diagnostics build (bench_linear.py --overlap checks both).
-    for sched in ("overlap", "overlap3", "pingpong"):
+    # Diagnostic: the W4A8 GEMM schedule forced, from the diagnostics build: both warpgroups on each tile
+    # (cooperative) or a warpgroup per tile (pingpong) for every call instead of the shipped choice per call, or each
+    # tile's epilogue under the next tile's first MMAs (overlap / overlap3: 2 / 3 stages of MMAs in flight; bit-equal
+    # to cooperative); bench_linear.py --overlap checks them against cooperative.
+    for sched in ("cooperative", "pingpong", "overlap", "overlap3"):
         for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
             name = f"w4a8-compile{sfx}-{sched}"
             out[name] = Config(name, "w4a8", True, mode, gemm_schedule=sched)
