@@ -2,8 +2,8 @@
 # One device call's worth of GPU work (benchmarks/README.md): JIT build (or the carried cache, below), the GPU
 # tests, then the timing steps named on the command line. Usage (from the repository root on the GPU machine):
 #   SVDQUANT_COMMIT=<full hash> SVDQUANT_DIRTY=<0|1> bash benchmarks/gpu_run.sh tests gemm quantize full
-#     tests     pytest tests/test_cuda_*.py and tests/test_sharing.py (its move test has a CUDA case; fresh seed
-#               unless SVDQ_TEST_SEED is set)
+#     tests     pytest tests/test_cuda_*.py, tests/test_sharing.py and tests/test_lora.py (their move tests have CUDA
+#               cases; fresh seed unless SVDQ_TEST_SEED is set), or the files in TEST_FILES
 #     gemm      bench_linear.py --gemm-only over $SCHEDULES (default promote,skeleton)            [diagnostics build]
 #     quantize  bench_linear.py --quantize-only ([diagnostics build] when SVDQUANT_OPS_QA_CFG / _QA_SPLITS are set)
 #     tiles     bench_linear.py --tile-overhead (GEMM kernel time split into per-tile fixed + per-stage cost)
@@ -83,8 +83,9 @@ if [[ -n "${OUT:-}" ]]; then
 fi
 for step in "$@"; do
   case "$step" in
-    tests) python3 -m pytest tests/test_cuda_ops.py tests/test_cuda_w4a16.py tests/test_cuda_model.py tests/test_cuda_nunchaku.py \
-             tests/test_cuda_moves.py tests/test_sharing.py tests/test_lora.py -q -p no:cacheprovider -rfEs ;;
+    tests) python3 -m pytest ${TEST_FILES:-tests/test_cuda_ops.py tests/test_cuda_w4a16.py tests/test_cuda_model.py \
+             tests/test_cuda_nunchaku.py tests/test_cuda_moves.py tests/test_sharing.py tests/test_lora.py} \
+             -q -p no:cacheprovider -rfEs ;;
     gemm) SVDQUANT_OPS_DIAGNOSTICS=1 python3 benchmarks/bench_linear.py --gemm-only \
             --schedules "${SCHEDULES:-promote,skeleton}" ${GEMM_ARGS:-} ;;
     quantize)
