@@ -437,9 +437,9 @@ def gemm_kernel_names(fn) -> set[str]:
     return {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and "gemm_kernel" in e.name}
 
 
-# W4A8 schedules compared with both consumer warpgroups on each tile (SVDQUANT_OPS_GEMM_SCHEDULE=cooperative; the
-# shipped choice where a CTA has fewer than two tiles or K is long): the template index of each in
-# gemm_kernel<BN, kind, schedule, store> (W4A8 is kind 2), and whether its outputs must be bit-equal to cooperative's
+# W4A8 schedules of the diagnostics build compared with the shipped one (promote: both consumer warpgroups on each
+# tile): the template index of each in gemm_kernel<BN, kind, schedule, store> (W4A8 is kind 2), and whether its
+# outputs must be bit-equal to promote's
 OTHER_SCHEDULES = {"overlap": (3, True), "overlap3": (4, True), "pingpong": (5, False)}
 
 
@@ -458,10 +458,10 @@ def schedule_close(ref: torch.Tensor, out: torch.Tensor) -> tuple[bool, float]:
 
 
 def overlap_compare(dev, rep_ms, quick=False):
-    """W4A8 gemm with both consumer warpgroups on each tile (SVDQUANT_OPS_GEMM_SCHEDULE=cooperative) against
-    =overlap / overlap3 (each tile's epilogue under the next tile's first MMAs, 2 / 3 stages of MMAs in flight; bias
-    through the direct and the TMA-store epilogues): the same sums and the same final fma, so the outputs must be
-    bit-equal; and =pingpong (a consumer warpgroup per tile, its conversion, branch and stores under the other's main
+    """W4A8 gemm under the shipped schedule (both consumer warpgroups on each tile) against
+    SVDQUANT_OPS_GEMM_SCHEDULE=overlap / overlap3 (each tile's epilogue under the next tile's first MMAs, 2 / 3 stages
+    of MMAs in flight; bias through the direct and the TMA-store epilogues): the same sums and the same final fma, so
+    the outputs must be bit-equal; and =pingpong (a consumer warpgroup per tile, its conversion, branch and stores under the other's main
     loop): the branch added onto the scaled main-loop sums by the tensor cores, so within fp32 rounding
     (schedule_close). Times of the gemm op (prep included). Extra cases: 1 and 2 main-loop stages (K = 128 / 256: the
     epilogue after the loop), 2 branch stages (R = 64), 6 (R = 128, fp16: the ping-pong's early release), fp32 output
@@ -474,7 +474,7 @@ def overlap_compare(dev, rep_ms, quick=False):
         extra += [(4608, 128, 3072, 32, torch.bfloat16), (4608, 256, 3072, 32, torch.bfloat16),
                   (4608, 3072, 3072, 64, torch.bfloat16), (1000, 3072, 3072, 128, torch.float16)]
     cases = w4a8_gemm_cases(quick) + extra
-    scheds = ["cooperative", *OTHER_SCHEDULES]
+    scheds = ["promote", *OTHER_SCHEDULES]
     for M, K, N, R, dt in cases:
         fn = w4a8_gemm_fn(M, K, N, R, dt, dev, g)
         res, ms, names = {}, {}, {}
@@ -484,24 +484,24 @@ def overlap_compare(dev, rep_ms, quick=False):
             names[sched] = gemm_kernel_names(fn)
             ms[sched] = bench_graph(fn, rep_ms)
         os.environ.pop("SVDQUANT_OPS_GEMM_SCHEDULE", None)
-        index = {"cooperative": 0, **{k: v[0] for k, v in OTHER_SCHEDULES.items()}}
+        index = {"promote": 0, **{k: v[0] for k, v in OTHER_SCHEDULES.items()}}
         ran = all(any(f"2, {index[sched]}, true>" in n for n in names[sched]) for sched in scheds)
         assert ran, f"a schedule did not run as asked: {names}"
         verdicts = []
         for sched, (_, exact) in OTHER_SCHEDULES.items():
             finite = bool(torch.isfinite(res[sched]).all())
             if exact:
-                ok = torch.equal(res["cooperative"], res[sched])
-                diff = (res["cooperative"].float() - res[sched].float()).abs().max().item()
+                ok = torch.equal(res["promote"], res[sched])
+                diff = (res["promote"].float() - res[sched].float()).abs().max().item()
                 verdict = "bit-equal" if ok else f"DIFFER (max |d| {diff:.3g})"
             else:
-                ok, scaled = schedule_close(res["cooperative"], res[sched])
+                ok, scaled = schedule_close(res["promote"], res[sched])
                 verdict = f"{'close' if ok else 'NOT CLOSE'} (max |d| / (|ref| + rms) {scaled:.2e})"
             bad += (not ok) or (not finite)
             verdicts.append(f"{sched} {verdict}{'' if finite else ' NON-FINITE'}")
-        times = ", ".join(f"{k} {ms[k] * 1e3:.1f} us ({ms['cooperative'] / ms[k]:.3f}x)" for k in OTHER_SCHEDULES)
-        log(f"overlap M={M} K={K} N={N} R={R} {str(dt)[6:]}: {', '.join(verdicts)} | cooperative "
-            f"{ms['cooperative'] * 1e3:.1f} us, {times}")
+        times = ", ".join(f"{k} {ms[k] * 1e3:.1f} us ({ms['promote'] / ms[k]:.3f}x)" for k in OTHER_SCHEDULES)
+        log(f"overlap M={M} K={K} N={N} R={R} {str(dt)[6:]}: {', '.join(verdicts)} | promote "
+            f"{ms['promote'] * 1e3:.1f} us, {times}")
     log(f"overlap: {bad} of {len(OTHER_SCHEDULES) * len(cases)} (case, schedule) pairs differ")
     if bad:
         sys.exit(1)

@@ -131,11 +131,11 @@ def _configs() -> dict[str, Config]:
     # reading x once (install_compile_pass(amax_split=True); off by default: a net loss on the H200, HISTORY.md)
     for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
         out[f"w4a8-compile{sfx}-split"] = Config(f"w4a8-compile{sfx}-split", "w4a8", True, mode, amax_split=True)
-    # Diagnostic: the W4A8 GEMM schedule forced, from the diagnostics build: both warpgroups on each tile
-    # (cooperative) or a warpgroup per tile (pingpong) for every call instead of the shipped choice per call, or each
-    # tile's epilogue under the next tile's first MMAs (overlap / overlap3: 2 / 3 stages of MMAs in flight; bit-equal
-    # to cooperative); bench_linear.py --overlap checks them against cooperative.
-    for sched in ("cooperative", "pingpong", "overlap", "overlap3"):
+    # Diagnostic: another W4A8 GEMM schedule, from the diagnostics build: each tile's epilogue under the next tile's
+    # first MMAs (overlap / overlap3: 2 / 3 stages of MMAs in flight; bit-equal), a consumer warpgroup per tile
+    # (pingpong: within fp32 rounding), or ping-pong only where it won on the H200 (pingpong-auto); bench_linear.py
+    # --overlap checks them against the shipped schedule.
+    for sched in ("overlap", "overlap3", "pingpong", "pingpong-auto"):
         for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
             name = f"w4a8-compile{sfx}-{sched}"
             out[name] = Config(name, "w4a8", True, mode, gemm_schedule=sched)

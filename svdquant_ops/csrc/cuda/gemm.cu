@@ -116,17 +116,17 @@ struct Variant {
   bool store = true;          // false: no stores at all (results are garbage)
   bool w4_expand = false;     // W4A8: 4-bit weights expanded inside the GEMM kernel, no weight prep (bit-equal, 3.5x slower)
   int w4_expand_mode = 0;     // 0 full; 1 multipliers as 1; 2 no expansion; 3 no stores; 4 no arithmetic (1-4: wrong)
-  bool cooperative = false;   // W4A8: both consumer warpgroups on each tile wherever the shipped choice is ping-pong
+  bool pingpong_auto = false;  // W4A8: ping-pong only where w4a8_pingpong_pays() expects it to win
 };
 
 #if SVDQ_DIAGNOSTICS
 // Diagnostics builds only, read at every call (benchmarks switch between variants in one process):
-//   SVDQUANT_OPS_GEMM_SCHEDULE = promote (default: the shipped choice) | cooperative | pingpong | skeleton |
-//     skeleton192 | overlap | overlap3: cooperative and pingpong force W4A8's schedule (both warpgroups on each tile;
-//     a warpgroup per tile, sm90::kPingPong) whatever w4a8_pingpong() picks; skeleton is the INT4 main loop without
-//     the promotion (wrong results; the speed of the TMA / wgmma feed alone; 192: 128 x 192 tiles); overlap is W4A8
-//     with each tile's epilogue under the next tile's first MMAs, 2 stages of MMAs in flight (sm90::kOverlap; W4A8
-//     calls only; bit-equal to cooperative), overlap3 the same with 3 (sm90::kOverlapDeep);
+//   SVDQUANT_OPS_GEMM_SCHEDULE = promote (default) | skeleton | skeleton192 | overlap | overlap3 | pingpong |
+//     pingpong-auto: skeleton is the INT4 main loop without the promotion (wrong results; the speed of the TMA /
+//     wgmma feed alone; 192: 128 x 192 tiles); overlap is W4A8 with each tile's epilogue under the next tile's first
+//     MMAs, 2 stages of MMAs in flight (sm90::kOverlap; W4A8 calls only), overlap3 the same with 3
+//     (sm90::kOverlapDeep); pingpong is W4A8 with whole tiles per consumer warpgroup, one's epilogue under the other's
+//     main loop (sm90::kPingPong), pingpong-auto the same only where w4a8_pingpong_pays() (other W4A8 calls: promote);
 //   SVDQUANT_OPS_GEMM_EPILOGUE = tma (default) | direct | none: force the register -> global epilogue, or skip the
 //     stores (wrong results; splits a tile's time between main loop and stores);
 //   SVDQUANT_OPS_GEMM_WPREP = prep (default) | kernel | kernel-nomult | kernel-noexpand | kernel-nostore |
@@ -149,11 +149,12 @@ Variant diagnostic_variant() {
       v.sched = sm90::kOverlapDeep;
     } else if (std::strcmp(e, "pingpong") == 0) {
       v.sched = sm90::kPingPong;
-    } else if (std::strcmp(e, "cooperative") == 0) {
-      v.cooperative = true;
+    } else if (std::strcmp(e, "pingpong-auto") == 0) {
+      v.sched = sm90::kPingPong;
+      v.pingpong_auto = true;
     } else {
-      TORCH_CHECK(std::strcmp(e, "promote") == 0, "SVDQUANT_OPS_GEMM_SCHEDULE: expected promote, cooperative, "
-                  "pingpong, skeleton, skeleton192, overlap or overlap3, got '", e, "'");
+      TORCH_CHECK(std::strcmp(e, "promote") == 0, "SVDQUANT_OPS_GEMM_SCHEDULE: expected promote, skeleton, "
+                  "skeleton192, overlap, overlap3, pingpong or pingpong-auto, got '", e, "'");
     }
   }
   const char* epi = std::getenv("SVDQUANT_OPS_GEMM_EPILOGUE");
@@ -377,24 +378,18 @@ void launch_sm90(const TensorMaps& m, const sm90::Params& p, cudaStream_t stream
   debug_sync(stream, "gemm sm90");
 }
 
-// W4A8's schedule: ping-pong (a consumer warpgroup per tile, one's epilogue under the other's main loop) where every
-// CTA gets two tiles or more and K is at most 32 stages of 128; both warpgroups on each tile elsewhere. On the H200
-// ping-pong took 0.96-0.98x of the time at K = 3072 (M = 4608, N = 3072 / 9216 / 12288) and 0.89x at K = 128, but
-// 1.03-1.04x at K = 12288 / 15360 and 1.05-1.08x with fewer than two tiles per CTA (96 and 192 tiles), where one
-// warpgroup's MMAs alone feed the tensor cores most of the time
-// (benchmarks/results/2026-12-05-h200-w4a8-pingpong.md). Its consumers wait on all branch stages at once, so they
-// must fit in the ring.
-constexpr int kPingPongMaxStages = 32;
-bool w4a8_pingpong(const sm90::Params& p, [[maybe_unused]] const Variant& v) {
-  const bool fits = p.n_branch <= sm90::Cfg<128, sm90::kKindW4a8>::STAGES;
 #if SVDQ_DIAGNOSTICS
-  if (v.sched == sm90::kPingPong) return fits;  // run_sm90 refuses the forced schedule where it does not fit
-  if (v.cooperative) return false;
-#endif
-  return fits && p.n_main <= kPingPongMaxStages && int64_t(p.m_tiles) * p.n_tiles >= 2 * int64_t(num_sms());
+// Where the W4A8 ping-pong (diagnostics) beat the shipped schedule on the H200: every CTA gets two tiles or more and
+// K is at most 32 stages of 128 (0.96-0.98x of the time at K = 3072, M = 4608, N = 3072 / 9216 / 12288; 0.89x at
+// K = 128); it lost at K = 12288 / 15360 (1.03-1.04x) and with fewer than two tiles per CTA (1.05-1.08x), where one
+// warpgroup's MMAs alone feed the tensor cores most of the time. On an H100 a FLUX.1 step's GEMMs under this rule
+// took +1.7 % (benchmarks/results/2026-12-05-h200-w4a8-pingpong.md), so it is not shipped.
+bool w4a8_pingpong_pays(const sm90::Params& p) {
+  return p.n_main <= 32 && int64_t(p.m_tiles) * p.n_tiles >= 2 * int64_t(num_sms());
 }
+#endif
 
-// The kernel instantiation of (precision, variant). A normal build compiles the four shipped ones only.
+// The kernel instantiation of (precision, variant). A normal build compiles the three shipped ones only.
 template <bool kStore>
 void launch_variant(Precision precision, [[maybe_unused]] const Variant& v, const TensorMaps& m,
                     const sm90::Params& p, cudaStream_t stream) {
@@ -407,9 +402,10 @@ void launch_variant(Precision precision, [[maybe_unused]] const Variant& v, cons
     if constexpr (kStore) launch_sm90<128, sm90::kKindW4a8, sm90::kOverlap, true>(m, p, stream);  // run_sm90 checks
   } else if (precision == Precision::kW4a8 && v.sched == sm90::kOverlapDeep) {
     if constexpr (kStore) launch_sm90<128, sm90::kKindW4a8, sm90::kOverlapDeep, true>(m, p, stream);
-#endif
-  } else if (precision == Precision::kW4a8 && kStore && w4a8_pingpong(p, v)) {
+  } else if (precision == Precision::kW4a8 && v.sched == sm90::kPingPong &&
+             (!v.pingpong_auto || w4a8_pingpong_pays(p))) {
     if constexpr (kStore) launch_sm90<128, sm90::kKindW4a8, sm90::kPingPong, true>(m, p, stream);
+#endif
   } else if (precision == Precision::kW4a8) {
     launch_sm90<128, sm90::kKindW4a8, sm90::kPromote, kStore>(m, p, stream);
 #if SVDQ_DIAGNOSTICS

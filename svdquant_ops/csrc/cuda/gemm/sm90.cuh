@@ -7,8 +7,6 @@
 //           (acc += tmp * (act_scale[row] * scale[col])), group 0 while group 1's MMAs run;
 //           NVFP4: bf16 wgmma of the exact values over all of K into one temporary, times the global scale once;
 //           W4A8: s8 wgmma over all of K into one int32 accumulator, scaled once by act_scale[row] * scale[col];
-//           or, where each CTA gets two tiles or more and K is short (gemm.cu), the ping-pong schedule: a consumer
-//           warpgroup per 128 x 128 tile, its branch after the main loop, one's epilogue under the other's MMAs;
 //   epilogue + bias, cast; 2-byte outputs through a shared-memory buffer and TMA stores that drain during the next
 //           tile, other outputs with direct stores.
 #pragma once
@@ -136,18 +134,20 @@ __device__ __forceinline__ void promote4(float* acc, const float* tmp, float sa0
 // wgmma loop without the promotion (wrong results), i.e. the speed of a plain fp8 GEMM with this feed; and
 // kOverlap / kOverlapDeep (W4A8 only): each tile's epilogue runs while the next tile's first main-loop MMAs are on
 // the tensor cores, with 2 / 3 stages of MMAs in flight (bit-equal, but 2-6 % slower on the H100 and the H200: the
-// int32 -> fp32 conversion stays outside the overlap). kPingPong (W4A8, shipped for most FLUX.1 shapes): each
-// consumer warpgroup owns whole 128 x 128 tiles, alternate tiles, and one's conversion, branch and epilogue run under
-// the other's main loop (see the consumer loop). (For INT4, a FlashAttention-3-style ping-pong measured 6 % slower:
-// its promotion competes with the other warpgroup.)
+// int32 -> fp32 conversion stays outside the overlap). kPingPong (W4A8 only): each consumer warpgroup owns whole
+// 128 x 128 tiles, alternate tiles, and one's conversion, branch and epilogue run under the other's main loop (see
+// the consumer loop); on the H200 0.96-0.98x of the shipped schedule's time at K = 3072 but 1.03-1.08x at long K or
+// with few tiles, and a FLUX.1 step's GEMMs -1.8 % (all calls) on the H200, +1.7 % on an H100 (only where it is
+// expected to win; benchmarks/results/2026-12-05-h200-w4a8-pingpong.md): not shipped. (For INT4, a
+// FlashAttention-3-style ping-pong measured 6 % slower: its promotion competes with the other warpgroup.)
 enum Schedule : int {
-  kPromote = 0,  // both consumer warpgroups on each tile, 64 rows each (every kind)
+  kPromote = 0,
 #if SVDQ_DIAGNOSTICS
   kSkeleton = 2,
   kOverlap = 3,      // 2 stages of MMAs in flight (the lag below)
   kOverlapDeep = 4,  // 3
+  kPingPong = 5,
 #endif
-  kPingPong = 5,  // W4A8: a consumer warpgroup per tile, alternate tiles (the host picks it per call: gemm.cu)
 };
 
 #if SVDQ_DIAGNOSTICS
@@ -329,9 +329,8 @@ __device__ __forceinline__ void store_tile_direct(const Params& p, const Consume
 
 // The kernel: 384 threads = one producer warpgroup (one thread issues the TMA loads; the others give their registers
 // to the consumers with setmaxnreg) and two consumer warpgroups of 64 rows each, persistent over the output tiles
-// (tile blockIdx.x, + gridDim.x, ...). The shipped kernels are gemm_kernel<128, kind> and W4A8's ping-pong
-// gemm_kernel<128, kKindW4a8, kPingPong>; the other schedules and kStore = false are diagnostic variants that only
-// diagnostics builds instantiate.
+// (tile blockIdx.x, + gridDim.x, ...). kSched != kPromote and kStore = false are diagnostic variants that only
+// diagnostics builds instantiate; the shipped kernels are gemm_kernel<128, kind>.
 // What stays written out in the body, and why: moving the producer loop or the consumer loop into a helper function
 // (even verbatim) changes ptxas's register assignment in the INT4 kernel (same register count, different SASS); so
 // does the INT4 main loop as a helper, and the W4A8 main loop or its scaling as a helper in the W4A8 kernel. The
@@ -351,12 +350,13 @@ __global__ void __launch_bounds__(384, 1)
   constexpr bool kI8 = kKind == kKindW4a8 || kExp;
 #if SVDQ_DIAGNOSTICS
   constexpr bool kOv = kSched == kOverlap || kSched == kOverlapDeep;
-#else
-  constexpr bool kOv = false;
-#endif
   constexpr bool kPP = kSched == kPingPong;
   static_assert(!(kOv || kPP) || (kKind == kKindW4a8 && kStore && BN == 128),
                 "the overlapped and ping-pong schedules are W4A8's (prep path, stores, BN 128) only");
+#else
+  constexpr bool kOv = false;
+  constexpr bool kPP = false;
+#endif
   constexpr bool kBranchLast = kOv || kPP;  // the producer loads a tile's branch stages after its main loop's
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
@@ -546,6 +546,7 @@ __global__ void __launch_bounds__(384, 1)
     float tmp1[BN / 2];
     int s = 0;
     uint32_t ph = 0;
+#if SVDQ_DIAGNOSTICS
     if constexpr (kPP) {
       // W4A8 ping-pong (kPingPong): warpgroup w owns the CTA's tiles 2j + w, whole (128 x 128: two m64 halves,
       // 2 x 64 int32 accumulators), and the tensor cores alternate between the warpgroups' main loops: while one
@@ -671,9 +672,7 @@ __global__ void __launch_bounds__(384, 1)
         }
         skip(per_tile);  // the other warpgroup's tile
       }
-    } else
-#if SVDQ_DIAGNOSTICS
-    if constexpr (kOv) {
+    } else if constexpr (kOv) {
       // W4A8 with the epilogue deferred (kOverlap): tile t's bias, cast and stores run after tile t + 1's first
       // lag + 1 stages of MMAs are issued, so the tensor cores work through them meanwhile (the shipped
       // schedule leaves them idle for the whole epilogue: ~1.1 us of the ~2.07 us fixed cost per tile). The main loop
