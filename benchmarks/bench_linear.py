@@ -405,12 +405,17 @@ def w4a8_gemm_cases(quick=False):
     return [cases[0], cases[4]] if quick else cases  # quick: the square FLUX shape and the longest K
 
 
-def w4a8_gemm_fn(M, K, N, R, dt, dev, g):
+def w4a8_gemm_fn(M, K, N, R, dt, dev, g, saturate=False):
     """One W4A8 gemm call (quantize_act done once) on fresh random inputs, output in ``dt`` (fp32 output: bf16
-    inputs), as a callable."""
+    inputs), as a callable. ``saturate``: every weight +7 x 18 and tokens 0-35 all ones, so that those rows' integer
+    dot products pass 2^22 (K = 3072: ~1.5e7) and the others stay small; rows 32-35 and 36-39 share a warp."""
     xdt = torch.bfloat16 if dt == torch.float32 else dt
     L = make_layer(K, N, R, dev, g, "w4a8", xdt)
     x = torch.randn(M, K, device=dev, dtype=xdt)
+    if saturate:
+        L["wc"].fill_(0x77)
+        L["ws"].fill_(18)
+        x[:36] = 1.0
     q = torch.ops.svdquant.quantize_act(x, L["smooth"], L["pd"], "w4a8", False)
     return lambda: torch.ops.svdquant.gemm(q[0], q[1], L["wc"], L["ws"], L["gsc"], q[2], L["up"], L["bias"], "w4a8",
                                            dt, False)
@@ -440,7 +445,7 @@ def gemm_kernel_names(fn) -> set[str]:
 # W4A8 schedules of the diagnostics build compared with the shipped one (promote: both consumer warpgroups on each
 # tile): the template index of each in gemm_kernel<BN, kind, schedule, store> (W4A8 is kind 2), and whether its
 # outputs must be bit-equal to promote's
-OTHER_SCHEDULES = {"overlap": (3, True), "overlap3": (4, True), "pingpong": (5, False)}
+OTHER_SCHEDULES = {"overlap": (3, True), "overlap3": (4, True), "pingpong": (5, False), "promote-cvt": (6, True)}
 
 
 def schedule_close(ref: torch.Tensor, out: torch.Tensor) -> tuple[bool, float]:
@@ -461,22 +466,26 @@ def overlap_compare(dev, rep_ms, quick=False):
     """W4A8 gemm under the shipped schedule (both consumer warpgroups on each tile) against
     SVDQUANT_OPS_GEMM_SCHEDULE=overlap / overlap3 (each tile's epilogue under the next tile's first MMAs, 2 / 3 stages
     of MMAs in flight; bias through the direct and the TMA-store epilogues): the same sums and the same final fma, so
-    the outputs must be bit-equal; and =pingpong (a consumer warpgroup per tile, its conversion, branch and stores under the other's main
-    loop): the branch added onto the scaled main-loop sums by the tensor cores, so within fp32 rounding
-    (schedule_close). Times of the gemm op (prep included). Extra cases: 1 and 2 main-loop stages (K = 128 / 256: the
+    the outputs must be bit-equal; =pingpong (a consumer warpgroup per tile, its conversion, branch and stores under
+    the other's main loop): the branch added onto the scaled main-loop sums by the tensor cores, so within fp32
+    rounding (schedule_close); and =promote-cvt (the shipped schedule with the int32 sums converted by a magic-number
+    add): bit-equal. Times of the gemm op (prep included). Extra cases: 1 and 2 main-loop stages (K = 128 / 256: the
     epilogue after the loop), 2 branch stages (R = 64), 6 (R = 128, fp16: the ping-pong's early release), fp32 output
-    (the direct epilogue, also in --quick). Outputs land on NaN-filled memory (first_output), so a tile a schedule
-    does not store shows as a difference; the profiler confirms which kernel ran."""
+    (the direct epilogue) and saturated rows (dot products past 2^22: promote-cvt's I2F fallback), the last two also
+    in --quick. Outputs land on NaN-filled memory (first_output), so a tile a schedule does not store shows as a
+    difference; the profiler confirms which kernel ran."""
     g = torch.Generator().manual_seed(12)
     bad = 0
-    extra = [(4608, 3072, 3072, 32, torch.float32)]
+    extra = [(4608, 3072, 3072, 32, torch.float32), (4608, 3072, 3072, 32, "saturate")]
     if not quick:
         extra += [(4608, 128, 3072, 32, torch.bfloat16), (4608, 256, 3072, 32, torch.bfloat16),
                   (4608, 3072, 3072, 64, torch.bfloat16), (1000, 3072, 3072, 128, torch.float16)]
     cases = w4a8_gemm_cases(quick) + extra
     scheds = ["promote", *OTHER_SCHEDULES]
     for M, K, N, R, dt in cases:
-        fn = w4a8_gemm_fn(M, K, N, R, dt, dev, g)
+        saturate = dt == "saturate"
+        dt = torch.bfloat16 if saturate else dt
+        fn = w4a8_gemm_fn(M, K, N, R, dt, dev, g, saturate)
         res, ms, names = {}, {}, {}
         for sched in scheds:
             os.environ["SVDQUANT_OPS_GEMM_SCHEDULE"] = sched
@@ -500,7 +509,8 @@ def overlap_compare(dev, rep_ms, quick=False):
             bad += (not ok) or (not finite)
             verdicts.append(f"{sched} {verdict}{'' if finite else ' NON-FINITE'}")
         times = ", ".join(f"{k} {ms[k] * 1e3:.1f} us ({ms['promote'] / ms[k]:.3f}x)" for k in OTHER_SCHEDULES)
-        log(f"overlap M={M} K={K} N={N} R={R} {str(dt)[6:]}: {', '.join(verdicts)} | promote "
+        what = f"{str(dt)[6:]}{' saturated' if saturate else ''}"
+        log(f"overlap M={M} K={K} N={N} R={R} {what}: {', '.join(verdicts)} | promote "
             f"{ms['promote'] * 1e3:.1f} us, {times}")
     log(f"overlap: {bad} of {len(OTHER_SCHEDULES) * len(cases)} (case, schedule) pairs differ")
     if bad:

@@ -133,9 +133,10 @@ def _configs() -> dict[str, Config]:
         out[f"w4a8-compile{sfx}-split"] = Config(f"w4a8-compile{sfx}-split", "w4a8", True, mode, amax_split=True)
     # Diagnostic: another W4A8 GEMM schedule, from the diagnostics build: each tile's epilogue under the next tile's
     # first MMAs (overlap / overlap3: 2 / 3 stages of MMAs in flight; bit-equal), a consumer warpgroup per tile
-    # (pingpong: within fp32 rounding), or ping-pong only where it won on the H200 (pingpong-auto); bench_linear.py
-    # --overlap checks them against the shipped schedule.
-    for sched in ("overlap", "overlap3", "pingpong", "pingpong-auto"):
+    # (pingpong: within fp32 rounding), ping-pong only where it won on the H200 (pingpong-auto), or the shipped one
+    # with its int32 -> fp32 conversion by a magic-number add (promote-cvt; bit-equal); bench_linear.py --overlap
+    # checks them against the shipped schedule.
+    for sched in ("overlap", "overlap3", "pingpong", "pingpong-auto", "promote-cvt"):
         for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
             name = f"w4a8-compile{sfx}-{sched}"
             out[name] = Config(name, "w4a8", True, mode, gemm_schedule=sched)

@@ -147,6 +147,7 @@ enum Schedule : int {
   kOverlap = 3,      // 2 stages of MMAs in flight (the lag below)
   kOverlapDeep = 4,  // 3
   kPingPong = 5,
+  kCvtMagic = 6,     // kPromote with W4A8's int32 -> fp32 conversion by a magic-number add (cvt_i32_exact)
 #endif
 };
 
@@ -192,6 +193,28 @@ __host__ __device__ __forceinline__ void expand_unit_sw128(uint8_t* b, int u, co
   const uint2 x2 = w4a8_expand8(c.z, m), x3 = w4a8_expand8(c.w, m);
   *reinterpret_cast<uint4*>(row + (((2 * q + 1) ^ (r & 7)) * 16)) = make_uint4(x2.x, x2.y, x3.x, x3.y);
 }
+
+#if SVDQ_DIAGNOSTICS
+// kCvtMagic: float(v[i]) for a thread's int32 accumulators without the quarter-rate I2F (16 results per clock and SM
+// against 64-128 for integer and float adds): for |v| <= 2^22 the bits 0x4B400000 + v are the float 1.5 * 2^23 + v,
+// in the binade [2^23, 2^24) where every integer is exact, so subtracting 1.5 * 2^23 gives v exactly (as I2F does
+// for |v| < 2^24). Outside that range the bits land in another binade (or wrap) and the result has |f| > 2^22, or
+// is NaN, so one compare per value tells; a thread with any such value converts all of them with I2F (dot products
+// of int8 codes rarely get there: |v| ~ sqrt(K) * 32 * 32 for FLUX.1's activations). Bit-equal to I2F everywhere.
+template <int N>
+__device__ __forceinline__ void cvt_i32_exact(const int (&v)[N], float (&f)[N]) {
+  bool ok = true;
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    f[i] = __int_as_float(v[i] + 0x4B400000) - 12582912.0f;
+    ok = ok & (fabsf(f[i]) <= 4194304.0f);
+  }
+  if (!ok) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) f[i] = static_cast<float>(v[i]);
+  }
+}
+#endif
 
 // ---------------- the kernel's parts (all force-inlined into gemm_kernel) ----------------
 
@@ -353,6 +376,7 @@ __global__ void __launch_bounds__(384, 1)
   constexpr bool kPP = kSched == kPingPong;
   static_assert(!(kOv || kPP) || (kKind == kKindW4a8 && kStore && BN == 128),
                 "the overlapped and ping-pong schedules are W4A8's (prep path, stores, BN 128) only");
+  static_assert(kSched != kCvtMagic || kKind == kKindW4a8, "the magic-number conversion is W4A8's");
 #else
   constexpr bool kOv = false;
   constexpr bool kPP = false;
@@ -843,6 +867,20 @@ __global__ void __launch_bounds__(384, 1)
         for (int ki = 0; ki < p.n_main; ++ki)
           consume_stage<C>(smem, full, empty, s, ph, wg, lane, iacc, ki > 0,
                            [](int (&d)[BN / 2], uint64_t a, uint64_t b, int sd) { wgmma::mma_s8<BN>(d, a, b, sd); });
+#if SVDQ_DIAGNOSTICS
+        if constexpr (kSched == kCvtMagic) {
+          float f[BN / 2];
+          cvt_i32_exact<BN / 2>(iacc, f);
+          static_for<BN / 8>([&](auto jc) {
+            constexpr int j = decltype(jc)::value;
+            const float2 gsc = vscale.template at<j>(tq);
+            acc[4 * j + 0] = fmaf(f[4 * j + 0], sa0 * gsc.x, acc[4 * j + 0]);
+            acc[4 * j + 1] = fmaf(f[4 * j + 1], sa0 * gsc.y, acc[4 * j + 1]);
+            acc[4 * j + 2] = fmaf(f[4 * j + 2], sa1 * gsc.x, acc[4 * j + 2]);
+            acc[4 * j + 3] = fmaf(f[4 * j + 3], sa1 * gsc.y, acc[4 * j + 3]);
+          });
+        } else
+#endif
         static_for<BN / 8>([&](auto jc) {
           constexpr int j = decltype(jc)::value;
           const float2 gsc = vscale.template at<j>(tq);
