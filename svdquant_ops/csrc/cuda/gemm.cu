@@ -389,7 +389,8 @@ void launch_sm90(const TensorMaps& m, const sm90::Params& p, cudaStream_t stream
 // warpgroup's MMAs alone feed the tensor cores most of the time. On an H100 a FLUX.1 step's GEMMs under this rule
 // took +1.7 % (benchmarks/results/2026-12-05-h200-w4a8-pingpong.md), so it is not shipped.
 bool w4a8_pingpong_pays(const sm90::Params& p) {
-  return p.n_main <= 32 && int64_t(p.m_tiles) * p.n_tiles >= 2 * int64_t(num_sms());
+  return p.n_main <= 32 && int64_t(p.m_tiles) * p.n_tiles >= 2 * int64_t(num_sms()) &&
+         p.n_branch <= sm90::Cfg<128, sm90::kKindW4a8>::STAGES;  // (its consumers' limit: branch stages fit the ring)
 }
 #endif
 
@@ -444,8 +445,10 @@ void run_sm90(const GemmShape& s, const Operands& o, bool act_unsigned, at::Tens
 #if SVDQ_DIAGNOSTICS
   // the ping-pong consumer waits on all of a tile's branch stages at once: they must fit in the ring
   constexpr int kRing = sm90::Cfg<128, sm90::kKindW4a8>::STAGES;
-  TORCH_CHECK(v.sched != sm90::kPingPong || pl.KL / 64 <= kRing, "SVDQUANT_OPS_GEMM_SCHEDULE=pingpong: at most ",
-              kRing, " branch stages of 64 (rank x bf16 parts), but this call has ", pl.KL / 64, " (rank ", pl.R, ")");
+  // (pingpong-auto leaves such calls to the shipped schedule: w4a8_pingpong_pays)
+  TORCH_CHECK(v.sched != sm90::kPingPong || v.pingpong_auto || pl.KL / 64 <= kRing,
+              "SVDQUANT_OPS_GEMM_SCHEDULE=pingpong: at most ", kRing, " branch stages of 64 (rank x bf16 parts), but "
+              "this call has ", pl.KL / 64, " (rank ", pl.R, ")");
 #endif
   auto workspace = at::empty({pl.bytes}, out.options().dtype(at::kByte));
   uint8_t* base = workspace.data_ptr<uint8_t>();

@@ -206,7 +206,7 @@ __device__ __forceinline__ void cvt_i32_exact(const int (&v)[N], float (&f)[N]) 
   bool ok = true;
 #pragma unroll
   for (int i = 0; i < N; ++i) {
-    f[i] = __int_as_float(v[i] + 0x4B400000) - 12582912.0f;
+    f[i] = __uint_as_float(static_cast<uint32_t>(v[i]) + 0x4B400000u) - 12582912.0f;  // (unsigned: wraps, defined)
     ok = ok & (fabsf(f[i]) <= 4194304.0f);
   }
   if (!ok) {
