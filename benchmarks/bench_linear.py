@@ -22,7 +22,8 @@ start with the run's record (date, GPU, commit, dirty tree, command: benchmarks/
 file to benchmarks/results/INDEX.md.
 
 Diagnostic modes: --gemm-only with schedules other than "promote" (SVDQUANT_OPS_GEMM_SCHEDULE / _EPILOGUE),
---overlap (W4A8's overlapped-epilogue and ping-pong schedules against the shipped one), --wprep, --tile-overhead
+--overlap (W4A8's overlapped-epilogue, ping-pong and promote-cvt schedules against the shipped one), --wprep,
+--tile-overhead
 (epilogue variants) and --quantize-only with SVDQUANT_OPS_QA_CFG / _QA_SPLITS set use switches that exist only in a
 diagnostics build of the library: run them with SVDQUANT_OPS_DIAGNOSTICS=1 in the environment (a separate build and
 cache entry; ``gpu_run.sh gemm`` / ``tiles`` / ``overlap`` do this). Recorded tables come from the normal build.
@@ -482,6 +483,7 @@ def overlap_compare(dev, rep_ms, quick=False):
                   (4608, 3072, 3072, 64, torch.bfloat16), (1000, 3072, 3072, 128, torch.float16)]
     cases = w4a8_gemm_cases(quick) + extra
     scheds = ["promote", *OTHER_SCHEDULES]
+    index = {"promote": 0, **{k: v[0] for k, v in OTHER_SCHEDULES.items()}}
     for M, K, N, R, dt in cases:
         saturate = dt == "saturate"
         dt = torch.bfloat16 if saturate else dt
@@ -493,7 +495,6 @@ def overlap_compare(dev, rep_ms, quick=False):
             names[sched] = gemm_kernel_names(fn)
             ms[sched] = bench_graph(fn, rep_ms)
         os.environ.pop("SVDQUANT_OPS_GEMM_SCHEDULE", None)
-        index = {"promote": 0, **{k: v[0] for k, v in OTHER_SCHEDULES.items()}}
         ran = all(any(f"2, {index[sched]}, true>" in n for n in names[sched]) for sched in scheds)
         assert ran, f"a schedule did not run as asked: {names}"
         verdicts = []
@@ -565,9 +566,9 @@ def main():
                     "kernel against expanded inside the GEMM (SVDQUANT_OPS_GEMM_WPREP=kernel): bit-equal outputs, "
                     "times (needs SVDQUANT_OPS_DIAGNOSTICS=1)")
     ap.add_argument("--overlap", action="store_true", help="only W4A8's gemm under the shipped schedule against "
-                    "SVDQUANT_OPS_GEMM_SCHEDULE=overlap / overlap3 (epilogue under the next tile's MMAs: bit-equal "
-                    "outputs) and pingpong (whole tiles per warpgroup: within fp32 rounding), times (needs "
-                    "SVDQUANT_OPS_DIAGNOSTICS=1)")
+                    "SVDQUANT_OPS_GEMM_SCHEDULE=overlap / overlap3 (epilogue under the next tile's MMAs) and "
+                    "promote-cvt (magic-number int32 -> fp32): bit-equal outputs; pingpong (whole tiles per "
+                    "warpgroup): within fp32 rounding; times (needs SVDQUANT_OPS_DIAGNOSTICS=1)")
     ap.add_argument("--breakdown", action="store_true", help="only per-kernel device times of the linear (profiler)")
     ap.add_argument("--profile", action="store_true", help="only run the FLUX 3072x3072 M=4608 linear a few times "
                     "(for ncu)")
@@ -591,7 +592,7 @@ def main():
     if args.wprep:
         needs.append("--wprep (SVDQUANT_OPS_GEMM_WPREP)")
     if args.overlap:
-        needs.append("--overlap (SVDQUANT_OPS_GEMM_SCHEDULE=overlap)")
+        needs.append(f"--overlap (SVDQUANT_OPS_GEMM_SCHEDULE={' / '.join(OTHER_SCHEDULES)})")
     if args.tile_overhead:
         needs.append("--tile-overhead (SVDQUANT_OPS_GEMM_EPILOGUE=direct|none)")
     qa_knobs = [k for k in ("SVDQUANT_OPS_QA_CFG", "SVDQUANT_OPS_QA_SPLITS") if os.environ.get(k)]

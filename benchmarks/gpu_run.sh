@@ -12,7 +12,7 @@
 #               overlap3 (epilogue under the next tile's MMAs, 2 / 3 stages in flight; bit-equal check), pingpong
 #               (whole tiles per consumer warpgroup; within fp32 rounding) and promote-cvt (the int32 sums converted
 #               by a magic-number add; bit-equal), and times;
-#               GEMM_ARGS=--quick: 2 shapes and fp32 output                                     [diagnostics build]
+#               GEMM_ARGS=--quick: 2 shapes, fp32 output and saturated rows                     [diagnostics build]
 #     full      bench_linear.py --out $OUT (the recorded table)
 #     amax      quantize_act_given_amax (W4A8, amax given; install_compile_pass(amax_split=True)): its GPU tests,
 #               tests/test_sharing.py (shared parts as one graph input under this torch), then bench_linear.py --quantize-only --precision w4a8 (quantize_act vs the given-amax op vs Inductor's

@@ -429,13 +429,13 @@ void launch_variant(Precision precision, [[maybe_unused]] const Variant& v, cons
 void run_sm90(const GemmShape& s, const Operands& o, bool act_unsigned, at::Tensor& out, cudaStream_t stream) {
 #if SVDQ_DIAGNOSTICS
   const Variant v = diagnostic_variant();
-  const bool overlap = v.sched == sm90::kOverlap || v.sched == sm90::kOverlapDeep || v.sched == sm90::kPingPong;
-  const bool w4a8_only = overlap || v.sched == sm90::kCvtMagic;
+  const bool always_stores = v.sched == sm90::kOverlap || v.sched == sm90::kOverlapDeep || v.sched == sm90::kPingPong;
+  const bool w4a8_only = always_stores || v.sched == sm90::kCvtMagic;
   TORCH_CHECK(!w4a8_only || (s.precision == Precision::kW4a8 && !v.w4_expand),
               "SVDQUANT_OPS_GEMM_SCHEDULE=overlap[3] / pingpong[-auto] / promote-cvt: a W4A8 schedule (with "
               "SVDQUANT_OPS_GEMM_WPREP=prep), but this call is ",
               s.precision == Precision::kW4a8 ? "W4A8 with the in-kernel expansion" : "not W4A8");
-  TORCH_CHECK(!overlap || v.store, "SVDQUANT_OPS_GEMM_SCHEDULE=overlap[3] / pingpong always stores: "
+  TORCH_CHECK(!always_stores || v.store, "SVDQUANT_OPS_GEMM_SCHEDULE=overlap[3] / pingpong always stores: "
               "SVDQUANT_OPS_GEMM_EPILOGUE=none is not available with it");
 #else
   const Variant v{};

@@ -15,8 +15,9 @@
 // W4A8 (per-token INT8): two passes by default. Opt-in on Hopper (SVDQUANT_OPS_CUDA_W4A8_CLUSTER=1), when K splits
 //   into at most 8 slices of at most 1920 channels, the cluster kernel reads x once (a thread-block cluster along K
 //   exchanging partial amaxes and down products through distributed shared memory); it is exact but slower. The
-//   two passes: the fast kernel in a mode that writes only each (token, 64-chunk) amax of x_hat and down_act, then the token kernel (2 tokens per warp) reduces the amaxes to each token's scale and
-//   writes the int8 codes (reading x a second time). Both recompute rows whose amax is outside the bounds at
+//   two passes: the fast kernel in a mode that writes only each (token, 64-chunk) amax of x_hat and down_act, then
+//   the token kernel (2 tokens per warp) reduces the amaxes to each token's scale and writes the int8 codes (reading
+//   x a second time). Both recompute rows whose amax is outside the bounds at
 //   kW4a8AmaxLo with IEEE divisions. Portable: a warp per token computes the amax itself.
 // quantize_act_given_amax (W4A8 with each token's amax given, as Inductor computes it inside the kernel that
 //   produces x): one pass of the fast kernel writing int8 codes and down_act; portable: the token kernel with the
@@ -1149,7 +1150,8 @@ int w4a8_cluster_for(const QuantizeActShape& s) {
 
 // W4A8 (per-token INT8): on Hopper with SVDQUANT_OPS_CUDA_W4A8_CLUSTER=1, where K splits and such a cluster fits, the
 // cluster kernel (one pass). Other fast-path calls: the fast kernel's group-max pass (amaxes and down_act), then the
-// token kernel reading those amaxes; portable = down_act by the portable kernel, then the token kernel computing the amax itself.
+// token kernel reading those amaxes; portable = down_act by the portable kernel, then the token kernel computing the
+// amax itself.
 void quantize_w4a8(const QuantizeActShape& s, bool fast, const at::Tensor& x, const at::Tensor& smooth,
                    const at::Tensor& proj_down, at::Tensor& act_codes, at::Tensor& act_scales, at::Tensor& down_act,
                    cudaStream_t stream) {
