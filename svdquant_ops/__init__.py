@@ -32,6 +32,8 @@ _LAZY = {
     "calibrate": "svdquant_ops.integrations.api",
     "prepare_model": "svdquant_ops.integrations.diffusers",
     "share_inputs": "svdquant_ops.quantize.sharing",
+    "fuse_qkv": "svdquant_ops.integrations.fusion",
+    "unfuse_qkv": "svdquant_ops.integrations.fusion",
     "quantization_config": "svdquant_ops.integrations.diffusers",
     "save_file": "svdquant_ops.storage.serialization",
     "load_file": "svdquant_ops.storage.serialization",

@@ -296,3 +296,24 @@ def test_report_shows_the_lora_and_nunchaku_sections(extra_rows):
             f"{w8['output_sqnr_int4_vs_bf16_db']:.1f} |") in md
     assert "- (no w4a8-eager row)" not in md and "(no int4-eager row)" in md  # int4-eager was not run
     assert "output SQNR vs bf16" in md and "16 LoRA on 34 linears: 14 fused, 20 side branches" in md
+
+
+@pytest.mark.parametrize("weights", ["bf16", "w4a8"])
+def test_fused_rows_fuse_each_attention(weights):
+    """"-fused" rows: q/k/v as one linear per attention (fuse_qkv), before quantizing a 16-bit baseline and after
+    quantizing with SVDQuant; the step's output is the unfused model's (exactly, for SVDQuant on the CPU ops)."""
+    cfg = bench.CONFIGS[f"{weights}-compile-fused"]
+    assert cfg.fuse_qkv and cfg.label.endswith("q/k/v fused (fuse_qkv)")
+    assert bench.CONFIGS[f"{weights}-compile-ro-fused"].mode == "reduce-overhead"
+    model, plain = bench.build_model("tiny", "cpu"), bench.build_model("tiny", "cpu")
+    info = bench.quantize(model, cfg, 32, "w4a16")
+    bench.quantize(plain, bench.CONFIGS[f"{weights}-compile"], 32, "w4a16")
+    assert info["fused_attention"] == 4 and info["summary"].endswith("q/k/v fused in 4 attention modules")
+    assert not hasattr(model.transformer_blocks[0].attn, "to_q")
+    inputs = bench.make_inputs("tiny", 64, 1, 8, torch.device("cpu"), 1)
+    with torch.inference_mode():
+        out, ref = model(**inputs)[0], plain(**inputs)[0]
+    if weights == "w4a8":
+        assert torch.equal(out, ref)
+    else:  # another GEMM shape: the CPU's bf16 matmul may block K differently
+        torch.testing.assert_close(out, ref, rtol=0, atol=2e-2)

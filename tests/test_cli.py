@@ -105,6 +105,21 @@ def test_generate_writes_an_image(quantized_dir, tmp_path):
     assert image.size == (BUILTIN_CALL["width"], BUILTIN_CALL["height"])
 
 
+def test_generate_with_fused_qkv_gives_the_same_image(quantized_dir, tmp_path):
+    from PIL import Image
+
+    out, _ = quantized_dir
+    images = []
+    for extra in ([], ["--fuse-qkv"]):
+        path = tmp_path / f"fox{len(extra)}.png"
+        r = _svdquant("generate", str(out), "--prompt", "a red fox", "--steps", "2", "--out", str(path), *extra,
+                      cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert ("svdquant: fused q/k/v of" in r.stdout) == bool(extra), r.stdout
+        images.append(Image.open(path).tobytes())
+    assert images[0] == images[1]
+
+
 def _fails(capsys, argv, message):
     assert cli.main(argv) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("svdquant")]  # not other libraries' logs

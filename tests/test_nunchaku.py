@@ -447,3 +447,20 @@ def test_lora_on_an_imported_model_reaches_the_split_proj_out(tiny):
     unload_lora(model)
     with torch.inference_mode():
         assert torch.equal(proj(x), base)
+
+
+@pytest.mark.parametrize("name", ["small-int4", "small-nvfp4"])
+def test_imported_model_fuses_qkv_back_into_one_linear(tiny, name):
+    """Nunchaku stores q/k/v as one qkv_proj, which the importer splits into diffusers' to_q / to_k / to_v;
+    fuse_qkv stacks them again: one GEMM each, outputs unchanged bit for bit."""
+    from svdquant_ops import fuse_qkv
+
+    model = load_nunchaku_transformer(tiny["files"][name])
+    inputs = _flux_inputs(model)
+    with torch.inference_mode():
+        ref = model(**inputs).sample
+        assert len(fuse_qkv(model).fused) == 2  # one double and one single block
+        out = model(**inputs).sample
+    assert torch.equal(out, ref)
+    sb = model.single_transformer_blocks[0]
+    assert sb.attn.to_qkv.weight.proj_down is sb.proj_mlp.weight.proj_down

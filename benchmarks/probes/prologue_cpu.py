@@ -27,8 +27,8 @@ and with eager's before the change (stale weights).
 Configurations (``--list``): ``bf16`` (the float model), ``w4a8`` (``quantize_model(precision="w4a8", rank=32,
 weight_only="w4a16")``, as bench.py), and w4a8 variants ``w4a8-tags`` (``use_recursive_dict_tags_for_guards``),
 ``w4a8-skipnn`` (``guard_filter_fn=skip_guard_on_all_nn_modules_unsafe``, unsafe: a bound), ``w4a8-freezing``
-(Inductor freezing), ``w4a8-nosizeasserts`` (Inductor's ``size_asserts`` off), and the same for bf16 where it
-matters.
+(Inductor freezing), ``w4a8-nosizeasserts`` (Inductor's ``size_asserts`` off), ``w4a8-fused`` (``fuse_qkv``: each
+attention's q/k/v as one linear, 152 fewer quantized weights), and the same for bf16 where it matters.
 
 Run (CPU, ~2-4 min per configuration, Inductor's cache makes the w4a8 variants after the first faster):
 
@@ -72,6 +72,9 @@ CONFIGS = {
     # torchao's unwrap_tensor_subclass: each quantized weight becomes a parametrization over its plain parts, so
     # the compiled graph's inputs are plain tensors (no subclass flattening or metadata guard per call)
     "w4a8-unwrap": ("w4a8", {}, {}, None),
+    # q/k/v (and the added q/k/v) of each attention as one linear (svdquant_ops.fuse_qkv): 152 fewer quantized
+    # weights to unwrap and guard, 152 fewer GEMM calls
+    "w4a8-fused": ("w4a8", {}, {}, None),
 }
 DEFAULT = ["bf16", "bf16-tags", "bf16-skipnn", "w4a8", "w4a8-tags", "w4a8-skipnn", "w4a8-freezing"]
 
@@ -360,6 +363,10 @@ def run_config(name: str, iters: int, warmup: int, do_profile: bool, do_safety: 
         from torchao.utils import unwrap_tensor_subclass
 
         unwrap_tensor_subclass(model)
+    if name.endswith("-fused"):
+        from svdquant_ops import fuse_qkv
+
+        res["fused_attention"] = len(fuse_qkv(model).fused)
     res.update(info)
     res.update(count_tensors(model))
     inputs = make_inputs()

@@ -76,6 +76,8 @@ class Config:
     amax_split: bool = False  # install_compile_pass(amax_split=True): W4A8's amax by Inductor, x read once
     gemm_schedule: str | None = None  # a diagnostics-build W4A8 GEMM schedule (SVDQUANT_OPS_GEMM_SCHEDULE), e.g.
     #                                   "overlap": the child loads the diagnostics build of the op library
+    fuse_qkv: bool = False  # each attention's q/k/v (and added q/k/v) as one linear (fusion.fuse_qkv): before
+    #                         quantizing for bf16 / fp8, after for SVDQuant (which fuses quantized weights exactly)
 
     @property
     def cuda_only(self) -> bool:
@@ -97,6 +99,8 @@ class Config:
             how += ", per-token amax by Inductor (amax_split)"
         if self.gemm_schedule:
             how += f", GEMM schedule {self.gemm_schedule} (diagnostics build)"
+        if self.fuse_qkv:
+            how += ", q/k/v fused (fuse_qkv)"
         if self.lora_rank:
             how += f" + rank-{self.lora_rank} LoRA"
             if self.lora_shared_a:
@@ -140,6 +144,12 @@ def _configs() -> dict[str, Config]:
         for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
             name = f"w4a8-compile{sfx}-{sched}"
             out[name] = Config(name, "w4a8", True, mode, gemm_schedule=sched)
+    # Extra: q/k/v of each attention as one linear (fuse_qkv), for every weight format, so that the fused rows
+    # compare with each other as the plain rows do
+    for w in ("bf16", "fp8", "w4a8", "int4"):
+        for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
+            name = f"{w}-compile{sfx}-fused"
+            out[name] = Config(name, w, True, mode, fuse_qkv=True)
     # Diagnostic: every adapter fused up to rank 128 (quantize_act's fast kernel at R = 128 runs one block per SM)
     out["w4a8-compile-lora16-fuse128"] = Config("w4a8-compile-lora16-fuse128", "w4a8", True, lora_rank=16,
                                                 lora_max_fused_rank=128)
@@ -291,8 +301,14 @@ def quantize(model, cfg: Config, rank: int, weight_only: str | None) -> dict:
     import torch
     import torch._inductor.config as ic
 
+    from .fusion import fuse_qkv
+
+    fused = {}
+    if cfg.fuse_qkv and cfg.weights in ("bf16", "fp8"):  # a 16-bit model: fused as diffusers would, then quantized
+        n = len(fuse_qkv(model).fused)
+        fused = {"fused_attention": n, "summary": f"q/k/v fused in {n} attention modules"}
     if cfg.weights == "bf16":
-        return {}
+        return fused
     saved = ic.save_config()
     if cfg.weights == "fp8":
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
@@ -307,6 +323,12 @@ def quantize(model, cfg: Config, rank: int, weight_only: str | None) -> dict:
         s = quantize_model(model, precision=cfg.weights, rank=rank, weight_only=weight_only)
         info = {"summary": f"{len(s.quantized)} SVDQuant, {len(s.weight_only)} w4a16, {len(s.kept)} kept",
                 "quantized": len(s.quantized), "weight_only": len(s.weight_only), "kept": len(s.kept)}
+        if cfg.fuse_qkv:  # the quantized weights, stacked exactly
+            n = len(fuse_qkv(model).fused)
+            fused = {"fused_attention": n, "summary": f"q/k/v fused in {n} attention modules"}
+    if fused:
+        fused["summary"] = f"{info['summary']}; {fused['summary']}"
+    info.update(fused)
     if not cfg.torchao_inductor:
         ic.load_config(saved)
     if cfg.amax_split:

@@ -175,6 +175,10 @@ def _nunchaku_pipeline(args, path: Path):
 def _generate(args, pipe, denoiser, builtin: bool) -> int:
     import torch
 
+    if args.fuse_qkv:
+        from .fusion import fuse_qkv
+
+        print(f"svdquant: {fuse_qkv(denoiser)}")
     if args.compile:
         denoiser.compile(fullgraph=True)
     call = _call_args(builtin, args)
@@ -230,6 +234,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int)
     g.add_argument("--width", type=int)
     g.add_argument("--compile", action="store_true", help="torch.compile the denoiser (one graph)")
+    g.add_argument("--fuse-qkv", action="store_true",
+                   help="one linear for each attention's q/k/v (svdquant_ops.fuse_qkv; same outputs, fewer GEMMs)")
     g.add_argument("--device", help="default: cuda if available")
     g.set_defaults(run=cmd_generate)
     from .bench import add_arguments as bench_arguments  # the benchmark's options live beside its code

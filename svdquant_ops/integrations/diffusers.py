@@ -52,9 +52,10 @@ def structural_role(parents: list[nn.Module], siblings: list[nn.Module], index: 
 
 
 # q/k/v of one attention share one low-rank down projection (one SVD of the row-stacked weights), as in the
-# reference; diffusers' joint attention has a second, text-stream set.
-_QKV = {"to_q": "qkv", "to_k": "qkv", "to_v": "qkv",
-        "add_q_proj": "added_qkv", "add_k_proj": "added_qkv", "add_v_proj": "added_qkv"}
+# reference; diffusers' joint attention has a second, text-stream set. Fused (diffusers' fuse_qkv_projections or
+# fusion.fuse_qkv), each set is one linear.
+_QKV = {"to_q": "qkv", "to_k": "qkv", "to_v": "qkv", "to_qkv": "qkv",
+        "add_q_proj": "added_qkv", "add_k_proj": "added_qkv", "add_v_proj": "added_qkv", "to_added_qkv": "added_qkv"}
 _PASS_THROUGH = (nn.Dropout, nn.Identity)
 # Blocks whose attention q/k/v and MLP-in projection read the same normalized input (one input group).
 _SINGLE_STREAM_BLOCKS = ("FluxSingleTransformerBlock",)

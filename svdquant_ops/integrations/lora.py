@@ -322,6 +322,12 @@ def _resolve(denoiser: nn.Module, layers: dict[str, LoraLayer]) -> dict[nn.Linea
     modules = dict(denoiser.named_modules())
     missing = [n for n in layers if n not in modules]
     if missing:
+        from .fusion import is_fused
+
+        if is_fused(denoiser):
+            raise ValueError(f"load_lora: the {type(denoiser).__name__}'s attention q/k/v are fused into to_qkv "
+                             f"(svdquant_ops.fuse_qkv), and the LoRA targets the unfused linears (e.g. "
+                             f"{missing[:3]}); call svdquant_ops.unfuse_qkv(model) before loading it")
         raise ValueError(f"load_lora: {len(missing)} of the LoRA's {len(layers)} target modules are not in the "
                          f"{type(denoiser).__name__}, e.g. {missing[:5]} (is the LoRA for another model?)")
     layers = _split_inputs(modules, layers)

@@ -130,6 +130,68 @@ class SVDQuantTensor(PackedWeight):
             qt._validate_w4a8()  # offline, so the value check costs nothing that matters
         return qt
 
+    # ---------------------------------------------------------------- stacking along the outputs
+    @classmethod
+    def stack_rows(cls, weights: list["SVDQuantTensor"]) -> "SVDQuantTensor":
+        """One weight whose output rows are ``weights``' in order (q, k, v -> qkv). Every output row of the GEMM
+        depends only on its own codes, scales, per-channel scale and ``proj_up`` row and on the shared input side, so
+        the stacked layer's outputs are the members' outputs side by side. Needs one input side: the same λ and
+        down projection (same tensors, or equal values; the first member's objects are kept), precision, format
+        attributes and rank. An NVFP4 per-tensor global scale that differs between members becomes per-channel."""
+        problem = cls.stack_mismatch(weights)
+        if problem is not None:
+            raise ValueError(f"SVDQuantTensor.stack_rows: {problem}")
+        first = weights[0]
+        global_scale = None
+        if first.global_scale is not None:
+            parts = [w.global_scale for w in weights]
+            if all(p.shape == (1,) for p in parts) and all(torch.equal(p, parts[0]) for p in parts[1:]):
+                global_scale = parts[0].clone()
+            else:  # per channel: [1] per-tensor scales expand to their rows
+                global_scale = torch.cat([p.expand(w.shape[0]) for p, w in zip(parts, weights)])
+        return cls(torch.cat([w.codes for w in weights]), torch.cat([w.scales for w in weights]), first.smooth,
+                   first.proj_down, torch.cat([w.proj_up for w in weights]), first.precision, first.act_unsigned,
+                   first.layout_version, first.dtype, global_scale=global_scale,
+                   bias_correction=None if first.bias_correction is None else
+                   torch.cat([w.bias_correction for w in weights]))
+
+    @classmethod
+    def stack_mismatch(cls, weights: list) -> str | None:
+        """Why ``stack_rows(weights)`` would refuse them, or None."""
+        first = weights[0]
+        for i, w in enumerate(weights):
+            if not isinstance(w, SVDQuantTensor):
+                return f"weights[{i}] is a {type(w).__name__}, not an SVDQuantTensor"
+            same = {"precision": (w.precision, first.precision), "act_unsigned": (w.act_unsigned, first.act_unsigned),
+                    "layout_version": (w.layout_version, first.layout_version), "dtype": (w.dtype, first.dtype),
+                    "device": (w.device, first.device), "in_features": (w.shape[1], first.shape[1]),
+                    "rank": (w.rank, first.rank), "scales dtype": (w.scales.dtype, first.scales.dtype),
+                    "bias_correction given": (w.bias_correction is not None, first.bias_correction is not None)}
+            for what, (a, b) in same.items():
+                if a != b:
+                    return f"weights[{i}] has {what} {a}, weights[0] {b}"
+            for field in cls.shared_fields:
+                a, b = getattr(w, field), getattr(first, field)
+                if a is not b and not torch.equal(a, b):
+                    return (f"weights[{i}].{field} differs from weights[0]'s: stacked weights must read their input "
+                            f"alike (one λ and down projection: svdquant_ops.share_inputs)")
+        return None
+
+    def rows(self, start: int, stop: int) -> "SVDQuantTensor":
+        """The weight of output rows ``start:stop`` (undoes ``stack_rows``: the same values bit for bit), holding
+        copies of its row parts and this weight's λ and down projection tensors."""
+        n = self.shape[0]
+        if not 0 <= start < stop <= n:
+            raise ValueError(f"SVDQuantTensor.rows: need 0 <= start < stop <= {n} (out_features), got {start}:{stop}")
+        gs = self.global_scale
+        if gs is not None:
+            gs = gs.clone() if gs.shape == (1,) else gs[start:stop].clone()
+        return SVDQuantTensor(self.codes[start:stop].clone(), self.scales[start:stop].clone(), self.smooth,
+                              self.proj_down, self.proj_up[start:stop].clone(), self.precision, self.act_unsigned,
+                              self.layout_version, self.dtype, global_scale=gs,
+                              bias_correction=None if self.bias_correction is None else
+                              self.bias_correction[start:stop].clone())
+
     # ---------------------------------------------------------------- inspection
     @property
     def rank(self) -> int:
