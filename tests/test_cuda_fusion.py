@@ -1,0 +1,60 @@
+"""``fuse_qkv`` on the GPU: the fused model's outputs equal the unfused model's bit for bit with the CUDA kernels
+(each output element of the wider GEMM is computed as in the narrow one), after a move of the fused model to the
+GPU, and under torch.compile with CUDA graphs. Skips without CUDA."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("CUDA is not available", allow_module_level=True)
+
+from torch._dynamo.utils import counters  # noqa: E402
+
+from svdquant_ops import fuse_qkv, quantize_model  # noqa: E402
+
+from .builders import flux_inputs, fresh_compile_state, tiny_flux  # noqa: E402
+
+_fresh = pytest.fixture(autouse=True)(fresh_compile_state)
+
+
+def _cuda(inputs):
+    return {k: v.cuda() for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("precision", ["w4a8", "int4", "nvfp4"])
+def test_fused_equals_unfused_on_gpu(precision):
+    model = tiny_flux()
+    quantize_model(model, precision=precision)
+    fused = copy.deepcopy(model)
+    assert len(fuse_qkv(fused).fused) == 4
+    model.cuda()
+    with torch.inference_mode():  # the fused model moves under inference_mode, as a user's script may
+        fused.to("cuda")
+    inputs = _cuda(flux_inputs())
+    with torch.inference_mode():
+        ref = model(**inputs).sample
+        out = fused(**inputs).sample
+    assert torch.equal(out, ref)
+    block = fused.single_transformer_blocks[0]
+    assert block.attn.to_qkv.weight.codes.is_cuda
+
+
+def test_fused_compiles_with_cuda_graphs():
+    model = tiny_flux()
+    quantize_model(model, precision="w4a8")
+    fuse_qkv(model)
+    model.cuda()
+    inputs = _cuda(flux_inputs())
+    with torch.inference_mode():
+        eager = model(**inputs).sample
+        counters.clear()
+        compiled = torch.compile(model, fullgraph=True, mode="reduce-overhead")
+        for _ in range(3):  # compile, record, replay
+            torch.compiler.cudagraph_mark_step_begin()
+            out = compiled(**inputs).sample.clone()
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
+    torch.testing.assert_close(out, eager, rtol=2e-2, atol=2e-2)  # Inductor's fused elementwise rounding
