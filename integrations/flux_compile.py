@@ -1,6 +1,6 @@
 """Quantize a FLUX pipeline's transformer, compile it in one graph (CUDA graphs on a GPU) and generate.
 
-    python integrations/flux_compile.py [--model black-forest-labs/FLUX.1-dev] [--out image.png]
+    python integrations/flux_compile.py [--model black-forest-labs/FLUX.1-dev] [--out image.png] [--fuse-qkv]
 """
 
 from __future__ import annotations
@@ -15,9 +15,14 @@ import svdquant_ops
 def main() -> None:
     p = arguments(__doc__)
     p.add_argument("--out", default="flux_compile.png")
+    p.add_argument("--fuse-qkv", action="store_true",
+                   help="one linear for each attention's q/k/v after quantizing (svdquant_ops.fuse_qkv): same outputs, "
+                        "fewer GEMMs and fewer weights for the compiled model to unwrap and guard on each call")
     args = p.parse_args()
     pipe, call = load(args)
     print(svdquant_ops.quantize_model(pipe.transformer, precision=args.precision))
+    if args.fuse_qkv:
+        print(svdquant_ops.fuse_qkv(pipe.transformer))
     t0 = time.perf_counter()
     eager = generate(pipe, args, call, output_type="latent")
     eager_s = time.perf_counter() - t0
