@@ -262,3 +262,94 @@ def test_deepcopy_and_pickle_keep_the_fusion_and_its_checkpoint_layout():
         with torch.no_grad():
             assert torch.equal(other(**inputs).sample, model(**inputs).sample)
         assert unfuse_qkv(other) == 4
+
+
+def test_unfused_weights_are_freed_without_a_garbage_collection():
+    import gc
+    import weakref
+
+    model = tiny_flux()
+    quantize_model(model, precision="w4a8")
+    attn = model.transformer_blocks[0].attn
+    old = [weakref.ref(attn.to_q), weakref.ref(attn.to_q.weight.codes)]
+    gc.disable()
+    try:
+        fuse_qkv(model)
+        assert all(r() is None for r in old)  # no reference cycle (the data-free branch group) keeps them
+    finally:
+        gc.enable()
+
+
+def test_diffusers_unfuse_qkv_projections_unfuses():
+    model, fused = _pair()
+    fused.unfuse_qkv_projections()  # diffusers' own, model level
+    assert not is_fused(fused) and hasattr(fused.transformer_blocks[0].attn, "to_q")
+    inputs = flux_inputs()
+    with torch.no_grad():
+        assert torch.equal(fused(**inputs).sample, model(**inputs).sample)
+    assert sorted(fused.state_dict()) == sorted(model.state_dict())
+    fuse_qkv(fused)  # and again
+    assert is_fused(fused)
+
+
+def test_unfuse_refuses_a_model_with_lora():
+    from svdquant_ops.lora import load_lora
+
+    _, fused = _pair()
+    mlp = fused.single_transformer_blocks[0].proj_mlp
+    g = torch.Generator().manual_seed(0)
+    load_lora(fused, {"single_transformer_blocks.0.proj_mlp.lora_A.weight": torch.randn(4, mlp.in_features, generator=g),
+                      "single_transformer_blocks.0.proj_mlp.lora_B.weight": torch.randn(mlp.out_features, 4,
+                                                                                        generator=g)}, "a")
+    with pytest.raises(ValueError, match="unfuse_qkv: the model holds LoRA adapters"):
+        unfuse_qkv(fused)
+
+
+def test_nvfp4_per_tensor_scales_keep_their_checkpoint_shape():
+    model = tiny_flux()
+    quantize_model(model, precision="nvfp4")
+    attn = model.transformer_blocks[0].attn
+    k = attn.to_k.weight
+    attn.to_k.weight = nn.Parameter(SVDQuantTensor(k.codes, k.scales, k.smooth, k.proj_down, k.proj_up, k.precision,
+                                                   k.act_unsigned, k.layout_version, k.dtype,
+                                                   global_scale=k.global_scale * 2), requires_grad=False)
+    ref = model.state_dict()
+    fused = copy.deepcopy(model)
+    fuse_qkv(fused)
+    assert fused.transformer_blocks[0].attn.to_qkv.weight.global_scale.shape == (3 * k.shape[0],)
+    sd = fused.state_dict()
+    for n in ("to_q", "to_k", "to_v"):
+        key = f"transformer_blocks.0.attn.{n}.weight"
+        assert sd[key].global_scale.shape == (1,) and torch.equal(sd[key].global_scale, ref[key].global_scale)
+    fused.load_state_dict(ref)  # in place, from the unfused checkpoint
+    unfuse_qkv(fused)
+    assert fused.transformer_blocks[0].attn.to_k.weight.global_scale.shape == (1,)
+    inputs = flux_inputs()
+    with torch.no_grad():
+        assert torch.equal(fused(**inputs).sample, model(**inputs).sample)
+
+
+def test_fused_under_inference_mode_still_loads_in_place():
+    model = tiny_flux()
+    quantize_model(model, precision="w4a8")
+    with torch.inference_mode():  # as a script that fuses where it generates might
+        fuse_qkv(model)
+    assert not model.transformer_blocks[0].attn.to_qkv.weight.codes.is_inference()
+    other = tiny_flux(seed=1)
+    quantize_model(other, precision="w4a8")
+    model.load_state_dict(other.state_dict())
+    inputs = flux_inputs()
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).sample, other(**inputs).sample)
+
+
+def test_16bit_members_that_cannot_stack_are_left_alone():
+    model = tiny_flux()
+    model.transformer_blocks[0].attn.to_k.register_forward_hook(lambda *a: None)
+    model.transformer_blocks[1].attn.add_v_proj.to(torch.float16)
+    summary = fuse_qkv(model)
+    assert "forward hooks" in summary.skipped["transformer_blocks.0.attn"]
+    assert "differ in in_features, dtype or device" in summary.skipped["transformer_blocks.1.attn"]
+    assert len(summary.fused) == 2  # the single blocks
+    with pytest.raises(ValueError, match="weights must be a non-empty list"):
+        SVDQuantTensor.stack_rows([])

@@ -10,15 +10,17 @@ expansion and one launch instead of three), and the compiled model has fewer wei
 call. 16-bit weights are concatenated as diffusers does (for a fair 16-bit or torchao baseline, fuse before
 quantizing).
 
-The attention classes are diffusers' ``AttentionModuleMixin`` ones whose processors read ``attn.fused_projections``
-(FLUX, Wan, ...); others are left as they are and counted in the result. A FLUX single block's ``proj_mlp`` reads the
+The attention classes are diffusers' ``AttentionModuleMixin`` ones that fuse the standard way (the mixin's
+``fuse_projections``) and whose processors read ``attn.fused_projections`` (FLUX.1 and its relatives; Wan fuses its
+own way and is left alone); the others are left as they are, with the reason, in the result. A FLUX single block's ``proj_mlp`` reads the
 same input but is called by the block, not the attention, so it stays its own GEMM (its quantize_act is still the
 one of q/k/v: ``to_qkv`` keeps the shared λ and down projection objects).
 
 Checkpoints keep diffusers' layout: ``state_dict()`` of a fused model gives ``to_q`` / ``to_k`` / ``to_v`` entries
-(rows of the fused weight, copied), so ``save_pretrained`` writes what ``from_pretrained`` of the unfused class
-reads, and ``load_state_dict`` stacks such entries into ``to_qkv``. ``unfuse_qkv(model)`` goes back (before loading a
-LoRA, which targets ``to_q`` etc.).
+(rows of the fused weight, copied: a transient copy of the q/k/v weights, ~1.1 GB for FLUX.1 w4a8), so
+``save_pretrained`` writes what ``from_pretrained`` of the unfused class reads, and ``load_state_dict`` stacks such
+entries into ``to_qkv``. ``unfuse_qkv(model)`` (or diffusers' ``unfuse_qkv_projections()``) goes back, before loading
+a LoRA, which targets ``to_q`` etc.
 """
 
 from __future__ import annotations
@@ -56,15 +58,19 @@ class FuseSummary:
 
 
 @functools.cache
-def _reads_fused_flag(processor_cls: type) -> bool:
-    """Whether a processor class takes the fused path when ``attn.fused_projections`` is set. diffusers has no
-    declared capability for it; the processors that support it test the attribute in their module's code (FLUX's
-    ``_get_qkv_projections``), and those that do not would call the deleted ``to_q``."""
+def _fused_names_read(processor_cls: type) -> frozenset:
+    """The fused linears (``to_qkv``, ``to_added_qkv``) a processor class's module reads when
+    ``attn.fused_projections`` is set; empty if it never tests the flag. diffusers declares no such capability; the
+    processors that support it test the attribute in their module's code (FLUX's ``_get_qkv_projections``), and
+    those that do not would call the deleted ``to_q``."""
     module = inspect.getmodule(processor_cls)
     try:
-        return module is not None and "attn.fused_projections" in inspect.getsource(module)
+        source = inspect.getsource(module) if module is not None else ""
     except (OSError, TypeError):
-        return False
+        return frozenset()
+    if "attn.fused_projections" not in source:
+        return frozenset()
+    return frozenset(f for f, _ in PROJECTIONS if f"attn.{f}" in source)
 
 
 def _attention_modules(model: nn.Module):
@@ -87,14 +93,20 @@ def _why_not(attn: nn.Module) -> str | None:
         return "the class fuses its projections its own way"
     if getattr(attn, "is_cross_attention", False):
         return "cross-attention (only k/v would fuse)"
-    if not _reads_fused_flag(type(getattr(attn, "processor", None))):
-        return f"its processor {type(getattr(attn, 'processor', None)).__name__} does not read fused_projections"
+    processor = type(getattr(attn, "processor", None))
+    reads = _fused_names_read(processor)
+    if not reads:
+        return f"its processor {processor.__name__} does not read fused_projections"
     for fused, names in PROJECTIONS:
         members = [getattr(attn, n, None) for n in names]
         if fused == "to_added_qkv" and all(m is None for m in members):
             continue
+        if fused not in reads:
+            return f"its processor {processor.__name__} does not read {fused}"
         if not all(isinstance(m, nn.Linear) for m in members):
             return f"{'/'.join(names)} are not all nn.Linear"
+        if any(m._forward_hooks or m._forward_pre_hooks for m in members):
+            return f"{'/'.join(names)} have forward hooks (offloading, calibration or a LoRA side branch)"
         kinds = {type(m.weight) for m in members}
         if len(kinds) != 1 or not (kinds <= {SVDQuantTensor, nn.Parameter, torch.Tensor}):
             return f"{'/'.join(names)} have weights of types {sorted(k.__name__ for k in kinds)}"
@@ -104,6 +116,11 @@ def _why_not(attn: nn.Module) -> str | None:
             problem = SVDQuantTensor.stack_mismatch([m.weight for m in members])
             if problem is not None:
                 return f"{'/'.join(names)}: {problem}"
+        else:
+            meta = {(m.in_features, m.weight.dtype, m.weight.device) for m in members}
+            meta |= {(m.in_features, m.bias.dtype, m.bias.device) for m in members if m.bias is not None}
+            if len(meta) != 1:
+                return f"{'/'.join(names)} differ in in_features, dtype or device: {sorted(map(str, meta))}"
     return None
 
 
@@ -115,12 +132,13 @@ def _stack(weights: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([w.detach() for w in weights])
 
 
-def _split(weight: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+def _split(weight: torch.Tensor, sizes: list[int], per_tensor: list[bool] | None = None) -> list[torch.Tensor]:
     bounds = [0]
     for s in sizes:
         bounds.append(bounds[-1] + s)
     if isinstance(weight, SVDQuantTensor):
-        return [weight.rows(a, b) for a, b in zip(bounds, bounds[1:])]
+        per_tensor = per_tensor or [False] * len(sizes)
+        return [weight.rows(a, b, per_tensor_scale=p) for a, b, p in zip(bounds, bounds[1:], per_tensor)]
     return [weight.detach()[a:b].clone() for a, b in zip(bounds, bounds[1:])]
 
 
@@ -148,6 +166,16 @@ def _carry_structure(new: nn.Linear, members: list[nn.Linear], name: str) -> Non
         setattr(new, structure.PREPARED_ATTR, False)
 
 
+def _release(members: list[nn.Linear]) -> None:
+    """Drop the data-free branch group the members were quantized in: it lists them, and that reference cycle would
+    keep the unfused weights in memory until the next garbage collection."""
+    for m in members:
+        group = m.__dict__.pop(structure.BRANCH_GROUP_ATTR, None)
+        if group is not None:
+            group.members = [x for x in group.members if x is not m]
+            group.solved.pop(m, None)
+
+
 def _fuse_one(attn: nn.Module) -> None:
     base = structure.module_name(attn)
     for fused, names in PROJECTIONS:
@@ -158,14 +186,21 @@ def _fuse_one(attn: nn.Module) -> None:
         bias = None if members[0].bias is None else torch.cat([m.bias.detach() for m in members])
         new = _linear(weight, bias, members[0])
         _carry_structure(new, members, f"{base}.{fused}" if base else fused)
+        _release(members)
         for n in names:
             delattr(attn, n)
         setattr(attn, fused, new)
         setattr(attn, f"_svdquant_{fused}_sizes", [m.out_features for m in members])
+        # an NVFP4 per-tensor scale that stack_rows made per-channel is per-tensor again in the unfused layout
+        setattr(attn, f"_svdquant_{fused}_per_tensor", [isinstance(m.weight, SVDQuantTensor)
+                                                        and m.weight.global_scale is not None
+                                                        and m.weight.global_scale.shape == (1,) for m in members])
     attn.fused_projections = True
     setattr(attn, FUSED_ATTR, True)
     attn._svdquant_fused_hooks = (attn.register_state_dict_post_hook(_unfused_state_dict),
                                   attn.register_load_state_dict_pre_hook(_fused_load_hook))
+    # diffusers' model.unfuse_qkv_projections() calls this: without it, it would delete to_qkv and leave no q/k/v
+    attn.unfuse_projections = functools.partial(_unfuse_one, attn)
 
 
 def _unfuse_one(attn: nn.Module) -> None:
@@ -175,7 +210,7 @@ def _unfuse_one(attn: nn.Module) -> None:
         if new is None:
             continue
         sizes = getattr(attn, f"_svdquant_{fused}_sizes")
-        weights = _split(new.weight, sizes)
+        weights = _split(new.weight, sizes, getattr(attn, f"_svdquant_{fused}_per_tensor", None))
         biases = [None] * len(sizes) if new.bias is None else _split(new.bias, sizes)
         for n, w, b in zip(names, weights, biases):
             lin = _linear(w, b, new)
@@ -186,6 +221,7 @@ def _unfuse_one(attn: nn.Module) -> None:
     setattr(attn, FUSED_ATTR, False)
     for handle in attn.__dict__.pop("_svdquant_fused_hooks", ()):
         handle.remove()
+    attn.__dict__.pop("unfuse_projections", None)  # the class's own again
 
 
 def fuse_qkv(model: nn.Module) -> FuseSummary:
@@ -204,6 +240,7 @@ def fuse_qkv(model: nn.Module) -> FuseSummary:
                          "(unfuse_qkv)")
     structure.record_names(model)
     summary = FuseSummary()
+    todo = []
     for name, attn in _attention_modules(model):
         if getattr(attn, FUSED_ATTR, False):
             summary.fused.append(name)
@@ -215,8 +252,13 @@ def fuse_qkv(model: nn.Module) -> FuseSummary:
         if why is not None:
             summary.skipped[name] = why
             continue
-        _fuse_one(attn)
+        todo.append(attn)
         summary.fused.append(name)
+    # Checked all first, so that nothing is half fused. Outside inference mode: weights made under it could not be
+    # loaded into in place later (load_state_dict).
+    with torch.inference_mode(False), torch.no_grad():
+        for attn in todo:
+            _fuse_one(attn)
     if summary.fused and not getattr(model, _ROOT_HOOK_ATTR, False):
         # Runs before any other pre-hook of the model (share_inputs' in-place check must see to_qkv's entries)
         handle = model.register_load_state_dict_pre_hook(_fused_load_hook_all)
@@ -229,11 +271,17 @@ def fuse_qkv(model: nn.Module) -> FuseSummary:
 def unfuse_qkv(model: nn.Module) -> int:
     """Undo ``fuse_qkv``: ``to_q`` / ``to_k`` / ``to_v`` (and ``add_*_proj``) again, with the same values bit for bit
     (their λ and down projection stay the shared tensors). Returns the number of attention modules unfused."""
+    from .lora import has_lora
+
+    if has_lora(model):
+        raise ValueError("unfuse_qkv: the model holds LoRA adapters (load_lora) loaded onto the fused linears; "
+                         "unload them first (svdquant_ops.lora.unload_lora), then unfuse and load them again")
     n = 0
-    for _, attn in _attention_modules(model):
-        if getattr(attn, FUSED_ATTR, False):
-            _unfuse_one(attn)
-            n += 1
+    with torch.inference_mode(False), torch.no_grad():
+        for _, attn in _attention_modules(model):
+            if getattr(attn, FUSED_ATTR, False):
+                _unfuse_one(attn)
+                n += 1
     return n
 
 
@@ -250,10 +298,11 @@ def _unfused_state_dict(attn: nn.Module, state_dict: dict, prefix: str, local_me
         sizes = getattr(attn, f"_svdquant_{fused}_sizes", None)
         if sizes is None or f"{prefix}{fused}.weight" not in state_dict:
             continue
+        per_tensor = getattr(attn, f"_svdquant_{fused}_per_tensor", None)
         for p in ("weight", "bias"):
             t = state_dict.pop(f"{prefix}{fused}.{p}", None)
             if t is not None:
-                for n, part in zip(names, _split(t, sizes)):
+                for n, part in zip(names, _split(t, sizes, per_tensor if p == "weight" else None)):
                     state_dict[f"{prefix}{n}.{p}"] = part
 
 

@@ -138,6 +138,8 @@ class SVDQuantTensor(PackedWeight):
         the stacked layer's outputs are the members' outputs side by side. Needs one input side: the same λ and
         down projection (same tensors, or equal values; the first member's objects are kept), precision, format
         attributes and rank. An NVFP4 per-tensor global scale that differs between members becomes per-channel."""
+        if not weights:
+            raise ValueError("SVDQuantTensor.stack_rows: weights must be a non-empty list of SVDQuantTensor")
         problem = cls.stack_mismatch(weights)
         if problem is not None:
             raise ValueError(f"SVDQuantTensor.stack_rows: {problem}")
@@ -177,15 +179,22 @@ class SVDQuantTensor(PackedWeight):
                             f"alike (one λ and down projection: svdquant_ops.share_inputs)")
         return None
 
-    def rows(self, start: int, stop: int) -> "SVDQuantTensor":
+    def rows(self, start: int, stop: int, *, per_tensor_scale: bool = False) -> "SVDQuantTensor":
         """The weight of output rows ``start:stop`` (undoes ``stack_rows``: the same values bit for bit), holding
-        copies of its row parts and this weight's λ and down projection tensors."""
+        copies of its row parts and this weight's λ and down projection tensors. ``per_tensor_scale``: an NVFP4
+        per-channel global scale that is one value over these rows (a per-tensor scale ``stack_rows`` expanded) is
+        returned per tensor ([1]) again."""
         n = self.shape[0]
         if not 0 <= start < stop <= n:
             raise ValueError(f"SVDQuantTensor.rows: need 0 <= start < stop <= {n} (out_features), got {start}:{stop}")
         gs = self.global_scale
         if gs is not None:
             gs = gs.clone() if gs.shape == (1,) else gs[start:stop].clone()
+            if per_tensor_scale and gs.shape != (1,):
+                if self.precision != NVFP4 or not torch.equal(gs, gs[:1].expand_as(gs)):
+                    raise ValueError("SVDQuantTensor.rows: per_tensor_scale needs an NVFP4 weight whose global "
+                                     f"scale is one value over rows {start}:{stop}")
+                gs = gs[:1].clone()
         return SVDQuantTensor(self.codes[start:stop].clone(), self.scales[start:stop].clone(), self.smooth,
                               self.proj_down, self.proj_up[start:stop].clone(), self.precision, self.act_unsigned,
                               self.layout_version, self.dtype, global_scale=gs,
