@@ -298,9 +298,9 @@ def test_unfuse_refuses_a_model_with_lora():
     _, fused = _pair()
     mlp = fused.single_transformer_blocks[0].proj_mlp
     g = torch.Generator().manual_seed(0)
-    load_lora(fused, {"single_transformer_blocks.0.proj_mlp.lora_A.weight": torch.randn(4, mlp.in_features, generator=g),
-                      "single_transformer_blocks.0.proj_mlp.lora_B.weight": torch.randn(mlp.out_features, 4,
-                                                                                        generator=g)}, "a")
+    key = "single_transformer_blocks.0.proj_mlp"
+    load_lora(fused, {f"{key}.lora_A.weight": torch.randn(4, mlp.in_features, generator=g),
+                      f"{key}.lora_B.weight": torch.randn(mlp.out_features, 4, generator=g)}, "a")
     with pytest.raises(ValueError, match="unfuse_qkv: the model holds LoRA adapters"):
         unfuse_qkv(fused)
 

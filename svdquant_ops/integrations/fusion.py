@@ -12,9 +12,9 @@ quantizing).
 
 The attention classes are diffusers' ``AttentionModuleMixin`` ones that fuse the standard way (the mixin's
 ``fuse_projections``) and whose processors read ``attn.fused_projections`` (FLUX.1 and its relatives; Wan fuses its
-own way and is left alone); the others are left as they are, with the reason, in the result. A FLUX single block's ``proj_mlp`` reads the
-same input but is called by the block, not the attention, so it stays its own GEMM (its quantize_act is still the
-one of q/k/v: ``to_qkv`` keeps the shared λ and down projection objects).
+own way and is left alone); the others are left as they are, with the reason, in the result. A FLUX single block's
+``proj_mlp`` reads the same input but is called by the block, not the attention, so it stays its own GEMM (its
+quantize_act is still the one of q/k/v: ``to_qkv`` keeps the shared λ and down projection objects).
 
 Checkpoints keep diffusers' layout: ``state_dict()`` of a fused model gives ``to_q`` / ``to_k`` / ``to_v`` entries
 (rows of the fused weight, copied: a transient copy of the q/k/v weights, ~1.1 GB for FLUX.1 w4a8), so
@@ -156,8 +156,8 @@ def _carry_structure(new: nn.Linear, members: list[nn.Linear], name: str) -> Non
     with a FLUX single block's proj_mlp), the same keep / weight-only decisions; it is one linear, no branch group."""
     q = members[0]
     structure.mark(new, gelu_fed=structure.gelu_fed(q), keep_reason=structure.keep_reason(q),
-                   weight_only_reason=structure.weight_only_reason(q), input_group=getattr(q, structure.INPUT_GROUP_ATTR,
-                                                                                          None))
+                   weight_only_reason=structure.weight_only_reason(q),
+                   input_group=getattr(q, structure.INPUT_GROUP_ATTR, None))
     calibrated = getattr(q, structure.CALIBRATED_GROUP_ATTR, None)
     if calibrated is not None:
         setattr(new, structure.CALIBRATED_GROUP_ATTR, calibrated)
