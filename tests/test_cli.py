@@ -110,12 +110,12 @@ def test_generate_with_fused_qkv_gives_the_same_image(quantized_dir, tmp_path):
 
     out, _ = quantized_dir
     images = []
-    for extra in ([], ["--fuse-qkv"]):
+    for extra in (["--no-fuse-qkv"], []):  # fused by default
         path = tmp_path / f"fox{len(extra)}.png"
         r = _svdquant("generate", str(out), "--prompt", "a red fox", "--steps", "2", "--out", str(path), *extra,
                       cwd=tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]
-        assert ("svdquant: fused q/k/v of" in r.stdout) == bool(extra), r.stdout
+        assert ("svdquant: fused q/k/v of" in r.stdout) == (not extra), r.stdout
         images.append(Image.open(path).tobytes())
     assert images[0] == images[1]
 

@@ -21,7 +21,7 @@ def _run(script: str, *args: str, cwd: Path) -> str:
 
 
 def test_flux_compile(tmp_path):
-    out = _run("flux_compile.py", "--steps", "2", "--out", "img.png", "--fuse-qkv", cwd=tmp_path)
+    out = _run("flux_compile.py", "--steps", "2", "--out", "img.png", cwd=tmp_path)
     assert "44 linears SVDQuant, 9 4-bit weight-only (9 AdaLN modulation), 9 kept in 16-bit" in out and "compiled" in out
     assert "fused q/k/v of 6 attention modules" in out  # the built-in pipeline's 2 double + 4 single blocks
     assert (tmp_path / "img.png").is_file()
