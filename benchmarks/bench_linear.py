@@ -189,6 +189,47 @@ def bench_graph(fn, rep_ms):
     return tt.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
 
 
+# The quantized inputs of a FLUX.1-dev step at 1024x1024, batch 1, with q/k/v fused (M, K, R, calls per step): the
+# single blocks' shared q/k/v/mlp input and proj_out input (38 each), the double blocks' image-stream inputs (q/k/v,
+# to_out, ff in: 3 x 19) and ff out (19), the same for the text stream at 512 tokens.
+FLUX_STEP_INPUTS = [(4608, 3072, 32, 38), (4608, 15360, 32, 38), (4096, 3072, 32, 57), (4096, 12288, 32, 19),
+                    (512, 3072, 32, 57), (512, 12288, 32, 19)]
+
+
+def gmax_ab(dev, rep_ms):
+    """W4A8 quantize_act, pipelined group-max kernel against the register-prefetch one, same inputs and process:
+    codes and scales must be equal bit for bit, down_act within fp32 summation-order differences."""
+    var = "SVDQUANT_OPS_CUDA_W4A8_GMAX_REGS"
+    g = torch.Generator().manual_seed(5)
+    tot = {"pipe": 0.0, "regs": 0.0}
+    worst = 0.0
+    for M, K, R, calls in FLUX_STEP_INPUTS:
+        L = make_layer(K, 3072, R, dev, g, "w4a8")
+        x = torch.randn(M, K, generator=g).to(dev, torch.bfloat16)
+        fn = lambda: torch.ops.svdquant.quantize_act(x, L["smooth"], L["pd"], "w4a8", False)
+        us, outs = {}, {}
+        for name in ("regs", "pipe"):
+            if name == "regs":
+                os.environ[var] = "1"
+            else:
+                os.environ.pop(var, None)
+            outs[name] = fn()
+            us[name] = bench_graph(fn, rep_ms) * 1e3
+            log(f"  {name} kernels:", ", ".join(f"{n[:60]} {t:.1f} us" for n, t in kernel_times(fn)))
+            tot[name] += us[name] * calls / 1e3
+        os.environ.pop(var, None)
+        same = torch.equal(outs["pipe"][0], outs["regs"][0]) and torch.equal(outs["pipe"][1], outs["regs"][1])
+        d = (outs["pipe"][2] - outs["regs"][2]).norm().item() / max(outs["regs"][2].norm().item(), 1e-30)
+        worst = max(worst, d)
+        log(f"gmax_ab M={M} K={K} R={R}: regs {us['regs']:.1f} us, pipe {us['pipe']:.1f} us "
+            f"({us['regs'] / us['pipe']:.2f}x); x at {M * K * 2 / us['pipe'] / 1e3:.2f} TB/s; codes and scales equal: "
+            f"{same}; down_act rel. diff {d:.1e}")
+        if not same:
+            raise SystemExit("gmax_ab: the two group-max kernels gave different codes or scales")
+    log(f"gmax_ab per FLUX step (quantize_act only): regs {tot['regs']:.2f} ms, pipe {tot['pipe']:.2f} ms; "
+        f"worst down_act rel. diff {worst:.1e}")
+
+
 def bench_eager(fn, rep_ms):
     import triton.testing as tt
 
@@ -557,6 +598,9 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="only the quick smoke check")
     ap.add_argument("--smoke-one", action="store_true", help="only one tiny INT4 case (for compute-sanitizer)")
     ap.add_argument("--quantize-only", action="store_true", help="only time quantize_act at M=4608, all K")
+    ap.add_argument("--gmax-ab", action="store_true", help="only W4A8's quantize_act on a FLUX.1 step's input shapes "
+                    "with the pipelined group-max kernel (default) against the register-prefetch one "
+                    "(SVDQUANT_OPS_CUDA_W4A8_GMAX_REGS=1): outputs compared, per-call and per-step times")
     ap.add_argument("--gemm-only", action="store_true", help="only time gemm at M=4608 per --schedules "
                     "(needs SVDQUANT_OPS_DIAGNOSTICS=1 unless --schedules is just promote)")
     ap.add_argument("--tile-overhead", action="store_true", help="only the sm90 GEMM kernel's time (no prep) at "
@@ -627,6 +671,9 @@ def main():
     if diagnostics and not (needs or args.smoke or args.smoke_one or args.profile):
         log("warning: SVDQUANT_OPS_DIAGNOSTICS=1: timing the diagnostics build, not the shipped one (recorded in the "
             "result's header)")
+    if args.gmax_ab:
+        gmax_ab(dev, args.rep_ms)
+        return
     if args.quantize_only:
         g = torch.Generator().manual_seed(3)
         # distinct K of SHAPES at rank 32; K = 3072 at rank 64 (a FLUX single block's shared q/k/v/mlp input) and 128

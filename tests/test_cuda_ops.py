@@ -48,7 +48,8 @@ ULP_BITS = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}
 
 def _select_path(monkeypatch, name):
     for var, on in (("SVDQUANT_OPS_CUDA_PORTABLE", name == "portable"),
-                    ("SVDQUANT_OPS_CUDA_W4A8_CLUSTER", name == "cluster")):
+                    ("SVDQUANT_OPS_CUDA_W4A8_CLUSTER", name == "cluster"),
+                    ("SVDQUANT_OPS_CUDA_W4A8_GMAX_REGS", name == "gmax-regs")):
         if on:
             monkeypatch.setenv(var, "1")
         else:
@@ -61,9 +62,11 @@ def path(request, monkeypatch):
     return _select_path(monkeypatch, request.param)
 
 
-@pytest.fixture(params=["fast", "cluster", "portable"])
+@pytest.fixture(params=["fast", "gmax-regs", "cluster", "portable"])
 def w4a8_path(request, monkeypatch):
-    """W4A8's quantize_act has two fast paths on Hopper: the two passes (the default, "fast"), and, opted into with
+    """W4A8's quantize_act has three fast paths on Hopper: the two passes (the default, "fast"; the first pass by the
+    pipelined group-max kernel where R <= 64), the two passes with the first by the register-prefetch kernel
+    (SVDQUANT_OPS_CUDA_W4A8_GMAX_REGS=1, "gmax-regs"; other GPUs' default), and, opted into with
     SVDQUANT_OPS_CUDA_W4A8_CLUSTER=1 ("cluster"), one pass by the cluster kernel where K splits into at most 8 slices
     of at most 1920 channels."""
     return _select_path(monkeypatch, request.param)
@@ -150,7 +153,7 @@ QA_CASES = [
     (45, 512, 128, torch.float16, "nvfp4", False),
     (257, 3072, 128, torch.bfloat16, "w4a8", False),
     (33, 768, 96, torch.bfloat16, "int4", True),
-    # shapes for W4A8's opt-in cluster kernel (Hopper; test_quantize_act_w4a8_cluster_matches_cpu): 8 CTAs of
+    # shapes for W4A8's opt-in cluster kernel (Hopper; test_quantize_act_w4a8_other_paths_match_cpu): 8 CTAs of
     # 768 / 1536 / 1920 channels, 8 of 512 (K = 4096), 1 of 576; token counts that are not multiples of its 16 rows;
     # R = 16 / 24 (padded to 32) / 128 / 0
     (40, 6144, 16, torch.bfloat16, "w4a8", False),
@@ -158,6 +161,12 @@ QA_CASES = [
     (65, 15360, 128, torch.bfloat16, "w4a8", False),
     (31, 4096, 24, torch.bfloat16, "w4a8", False),
     (17, 576, 0, torch.float16, "w4a8", False),
+    # W4A8's pipelined group-max pass (Hopper, R <= 64): a FLUX step's image + text tokens (3 slices of 16 chunks),
+    # the text stream alone (32 slices of 3 rounds, the last half empty), 31 chunks (odd slices: one k-warp idle in
+    # the last round), R = 64 (3 stages)
+    (4608, 3072, 32, torch.bfloat16, "w4a8", False),
+    (512, 12288, 32, torch.bfloat16, "w4a8", False),
+    (2500, 1984, 64, torch.float16, "w4a8", False),
 ]
 W4A8_QA_CASES = [c[:4] for c in QA_CASES if c[4] == "w4a8"]
 
@@ -175,11 +184,13 @@ def test_quantize_act_matches_cpu(path, M, K, R, dtype, precision, unsigned):
         assert rel_fro(out[2], ref[2]) < 1e-5
 
 
+@pytest.mark.parametrize("other", ["cluster", "gmax-regs"])
 @pytest.mark.parametrize("M,K,R,dtype", W4A8_QA_CASES)
-def test_quantize_act_w4a8_cluster_matches_cpu(monkeypatch, M, K, R, dtype):
-    """The W4A8 cases above again with the cluster kernel opted into (on Hopper it serves those whose K splits)."""
-    _select_path(monkeypatch, "cluster")
-    g = session_generator(("cluster", M, K, R, str(dtype)))
+def test_quantize_act_w4a8_other_paths_match_cpu(monkeypatch, other, M, K, R, dtype):
+    """The W4A8 cases above again with the cluster kernel opted into (on Hopper it serves those whose K splits), and
+    with the register-prefetch group-max kernel in place of the pipelined one."""
+    _select_path(monkeypatch, other)
+    g = session_generator((other, M, K, R, str(dtype)))
     x, smooth, pd = op_args("quantize_act", act_inputs(M, K, R, dtype, g))
     ref = OPS.quantize_act(x, smooth, pd, "w4a8", False)
     out = OPS.quantize_act(x.to(DEV), smooth.to(DEV), pd.to(DEV), "w4a8", False)
@@ -209,6 +220,25 @@ def test_quantize_act_w4a8_cluster_dispatch(monkeypatch, K, opt_in, cluster):
         assert len(launched) == 1 and "quantize_w4a8_cluster_kernel" in launched[0], launched
     else:
         assert launched and not any("cluster" in n for n in launched), launched
+
+
+@pytest.mark.skipif(not IS_SM90, reason="the pipelined group-max kernel runs on compute capability 9.0 only")
+@pytest.mark.parametrize("R,regs,pipelined", [(32, False, True), (64, False, True), (0, False, True),
+                                              (128, False, False), (32, True, False)])
+def test_quantize_act_w4a8_groupmax_dispatch(monkeypatch, R, regs, pipelined):
+    """Which kernel runs W4A8's first pass: the pipelined group-max kernel for R <= 64 unless
+    SVDQUANT_OPS_CUDA_W4A8_GMAX_REGS=1, the register-prefetch kernel for R = 128 or with that variable."""
+    _select_path(monkeypatch, "gmax-regs" if regs else "fast")
+    x, smooth, pd = to_dev(op_args("quantize_act", act_inputs(256, 3072, R, torch.bfloat16, session_generator(R))))
+    OPS.quantize_act(x, smooth, pd, "w4a8", False)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        OPS.quantize_act(x, smooth, pd, "w4a8", False)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert any("quantize_tokens_fast_kernel" in n for n in names), names
+    assert any("quantize_w4a8_groupmax_pipe_kernel" in n for n in names) == pipelined, names
+    assert any("quantize_fast_kernel" in n for n in names) == (not pipelined), names
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -42,6 +42,9 @@ inline bool force_portable() { return env_flag("SVDQUANT_OPS_CUDA_PORTABLE"); }
 // exact but measured slower than the two passes, see quantize_act.cu), read at every call, so tests and benchmarks
 // compare both paths in one process.
 inline bool w4a8_cluster_opted_in() { return env_flag("SVDQUANT_OPS_CUDA_W4A8_CLUSTER"); }
+// SVDQUANT_OPS_CUDA_W4A8_GMAX_REGS=1 puts W4A8's first pass (the two passes' group-max pass) on the register-prefetch
+// kernel instead of the pipelined one on Hopper (read at every call: tests and benchmarks compare both in one process).
+inline bool w4a8_groupmax_regs_forced() { return env_flag("SVDQUANT_OPS_CUDA_W4A8_GMAX_REGS"); }
 
 constexpr int kMaxDevices = 64;
 

@@ -211,6 +211,98 @@ __device__ __forceinline__ float rcp_w4a8_first_pass(float b) {
 
 __device__ __forceinline__ bool w4a8_row_fast(float amax) { return amax >= kW4a8AmaxLo && amax <= kW4a8AmaxHi; }
 
+// W4A8's first pass on one 64-channel chunk: the amax of x_hat = x / smooth (div3, no range checks: out-of-range
+// smooth values have NaN reciprocals here, and the token kernel validates each row's amax (kW4a8AmaxLo / Hi) and
+// recomputes it exactly when it is outside, see there why that is exact) over the chunk, for the lane's two rows,
+// reduced over the chunk's 4 lanes. xc: the lane's 16 channels (from 16 * t) of both rows; sm: the staged smooth
+// values of those channels, their reciprocals rc floats later.
+template <typename T>
+__device__ __forceinline__ void w4a8_chunk_amax(const uint4 (&xc)[2][2], const float* sm, int rc, float (&amax)[2]) {
+  constexpr uint32_t FULL = 0xffffffffu;
+  float amx2[2] = {0.f, 0.f};
+#pragma unroll
+  for (int i4 = 0; i4 < 4; ++i4) {
+    float lv[4], yv[4];
+    staged_smooth4(sm, rc, i4, lv, yv);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int i = 4 * i4 + e;
+        amx2[h] = max_nan(amx2[h], fabsf(div3(value_of<T>(xc[h][i >> 3], i & 7), lv[e], yv[e])));
+      }
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float a = max_nan(amx2[h], __shfl_xor_sync(FULL, amx2[h], 1));
+    amax[h] = max_nan(a, __shfl_xor_sync(FULL, a, 2));
+  }
+}
+
+// The lane's part of the staged proj_down ldmatrix addresses (bytes) for k-warp kw: row kl0 of the staged tile, and
+// the swizzled chunk: (2 * np + (j >> 1)) ^ swz == (2 * np) ^ ((j >> 1) ^ swz), so chunk np sits at
+// (np * 32) ^ pd_chunk_xor bytes.
+template <int RP>
+__device__ __forceinline__ void pd_lane_offsets(int kw, int lane, uint32_t& pd_lane, uint32_t& pd_chunk_xor) {
+  const int j = lane >> 3, i = lane & 7;
+  const int kl0 = kw * 64 + 16 * (i >> 1) + 2 * (j & 1) + (i & 1);
+  const int swz = pd_swizzle<RP>(kl0);
+  pd_lane = static_cast<uint32_t>(kl0 * RP * 2);
+  pd_chunk_xor = static_cast<uint32_t>(((j >> 1) ^ swz) * 16);
+}
+
+// cacc += the lane's rows of x . proj_down over one 64-channel chunk (mma m16n8k16): the lane's 16 consecutive
+// channels are its A fragments' k indices in a permuted order, and the staged proj_down rows are read in the same
+// order. pd_base: the staged chunk's address plus the lane's pd_lane.
+template <typename T, int RP>
+__device__ __forceinline__ void down_mma_chunk(float (&cacc)[RP / 8][4], const uint4 (&xc)[2][2], uint32_t pd_base,
+                                               uint32_t pd_chunk_xor) {
+  // this lane's ldmatrix row in k-step s4 is kl = kl0 + 4 * s4; its swizzle does not depend on s4
+  // ((kl >> 4) and (kl & 1) are the same for every s4), so the address is pd_base + s4 step
+#pragma unroll
+  for (int s4 = 0; s4 < 4; ++s4) {
+    const uint32_t a0 = word_of(xc[0], 2 * s4), a2 = word_of(xc[0], 2 * s4 + 1);
+    const uint32_t a1 = word_of(xc[1], 2 * s4), a3 = word_of(xc[1], 2 * s4 + 1);
+#pragma unroll
+    for (int np = 0; np < RP / 16; ++np) {
+      const uint32_t addr = pd_base + s4 * (4 * RP * 2) + ((np * 2 * 8 * 2) ^ pd_chunk_xor);
+      uint32_t b0, b1, b2, b3;
+      asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                   : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3)
+                   : "r"(addr));
+      mma_16816<T>(cacc[2 * np], a0, a1, a2, a3, b0, b1);
+      mma_16816<T>(cacc[2 * np + 1], a0, a1, a2, a3, b2, b3);
+    }
+  }
+}
+
+// The block's down_act rows: each warp's partial products (rows of row-warp rw, k-warp kw) through shared memory
+// `red` ([KW][RW][16][RP] floats; the caller has synchronized), summed over the k-warps in order, written to
+// out[m0 + row, 0 .. R).
+template <int RW, int KW, int RP>
+__device__ __forceinline__ void down_act_block_store(float* red, const float (&cacc)[RP / 8][4], int rw, int kw,
+                                                     int g, int t, float* __restrict__ out, int m0, int M, int R) {
+  float* mine = red + ((kw * RW + rw) * 16) * RP;
+#pragma unroll
+  for (int nt = 0; nt < RP / 8; ++nt) {
+    mine[g * RP + 8 * nt + 2 * t] = cacc[nt][0];
+    mine[g * RP + 8 * nt + 2 * t + 1] = cacc[nt][1];
+    mine[(g + 8) * RP + 8 * nt + 2 * t] = cacc[nt][2];
+    mine[(g + 8) * RP + 8 * nt + 2 * t + 1] = cacc[nt][3];
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < RW * 16 * R; idx += 32 * RW * KW) {
+    const int rl = idx / R, r = idx % R;
+    const int rw_ = rl / 16, rr = rl % 16;
+    float sum = red[((0 * RW + rw_) * 16 + rr) * RP + r];
+#pragma unroll
+    for (int k2 = 1; k2 < KW; ++k2) sum += red[((k2 * RW + rw_) * 16 + rr) * RP + r];
+    const int m = m0 + rl;
+    if (m < M) out[static_cast<int64_t>(m) * R + r] = sum;
+  }
+}
+
 // RW row-warps x KW k-warps per block; RP = R padded to 16/32/64 (0: no branch). blockIdx.y selects a slice of
 // `chunks_per_split` 64-channel chunks; with several slices, down_act holds per-slice partial sums [splits, M, R].
 // kFmt: kFmtInt4 / kFmtNvfp4 write codes and group scales; kFmtGroupMax (W4A8's first pass) writes only the fp32
@@ -267,16 +359,9 @@ __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel
   float cacc[RP > 0 ? RP / 8 : 1][4];
 #pragma unroll
   for (int i = 0; i < (RP > 0 ? RP / 8 : 1); ++i) cacc[i][0] = cacc[i][1] = cacc[i][2] = cacc[i][3] = 0.f;
-  // Per-lane part of the proj_down ldmatrix addresses (bytes): row kl0 of the staged tile, and the swizzled chunk:
-  // (2 * np + (j >> 1)) ^ swz == (2 * np) ^ ((j >> 1) ^ swz), so chunk np sits at (np * 32) ^ pd_chunk_xor bytes.
+  // per-lane part of the proj_down ldmatrix addresses (pd_lane_offsets)
   uint32_t pd_lane = 0, pd_chunk_xor = 0;
-  if constexpr (RP > 0) {
-    const int j = lane >> 3, i = lane & 7;
-    const int kl0 = kw * 64 + 16 * (i >> 1) + 2 * (j & 1) + (i & 1);
-    const int swz = pd_swizzle<RP>(kl0);
-    pd_lane = static_cast<uint32_t>(kl0 * RP * 2);
-    pd_chunk_xor = static_cast<uint32_t>(((j >> 1) ^ swz) * 16);
-  }
+  if constexpr (RP > 0) pd_lane_offsets<RP>(kw, lane, pd_lane, pd_chunk_xor);
 
   auto stage_pd = [&](int q, int buf) {
     if constexpr (RP > 0) {
@@ -358,29 +443,12 @@ __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel
 
     auto x_at = [&](int h, int i) { return value_of<T>(xc[h][i >> 3], i & 7); };  // channel i of the lane's 16
     if (kGroupMax && c < c_end) {
-      // W4A8's per-chunk amax of x_hat = x / smooth by div3 without range checks: out-of-range smooth values have
-      // NaN reciprocals here, and the token kernel validates each row's amax (kW4a8AmaxLo / Hi) and recomputes it
-      // exactly when it is outside (see there why that is exact).
-      const float* sm = reinterpret_cast<const float*>(smem + buf * BUF) + kw * 64 + 16 * t;
-      float amx2[2] = {0.f, 0.f};
-#pragma unroll
-      for (int i4 = 0; i4 < 4; ++i4) {
-        float lv[4], yv[4];
-        staged_smooth4(sm, RC, i4, lv, yv);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            amx2[h] = max_nan(amx2[h], fabsf(div3(x_at(h, 4 * i4 + e), lv[e], yv[e])));
-          }
-        }
-      }
+      float amax[2];
+      w4a8_chunk_amax<T>(xc, reinterpret_cast<const float*>(smem + buf * BUF) + kw * 64 + 16 * t, RC, amax);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        float amax = max_nan(amx2[h], __shfl_xor_sync(FULL, amx2[h], 1));
-        amax = max_nan(amax, __shfl_xor_sync(FULL, amax, 2));
         const int row = h == 0 ? row_a : row_b;
-        if (t == 0 && row < M) static_cast<float*>(scales)[static_cast<int64_t>(row) * G + c] = amax;
+        if (t == 0 && row < M) static_cast<float*>(scales)[static_cast<int64_t>(row) * G + c] = amax[h];
       }
     } else if (c < c_end) {
       const float* sm = reinterpret_cast<const float*>(smem + buf * BUF) + kw * 64 + 16 * t;
@@ -500,26 +568,8 @@ __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel
     }
 
     if (c < c_end) {
-      if constexpr (RP > 0) {
-        // this lane's ldmatrix row in k-step s4 is kl = kl0 + 4 * s4; its swizzle does not depend on s4
-        // ((kl >> 4) and (kl & 1) are the same for every s4), so the address is pd_base + lane offset + s4 step
-        const uint32_t pd_base = smem_u32(smem + buf * BUF + RC * 8) + pd_lane;
-#pragma unroll
-        for (int s4 = 0; s4 < 4; ++s4) {
-          const uint32_t a0 = word_of(xc[0], 2 * s4), a2 = word_of(xc[0], 2 * s4 + 1);
-          const uint32_t a1 = word_of(xc[1], 2 * s4), a3 = word_of(xc[1], 2 * s4 + 1);
-#pragma unroll
-          for (int np = 0; np < RP / 16; ++np) {
-            const uint32_t addr = pd_base + s4 * (4 * RP * 2) + ((np * 2 * 8 * 2) ^ pd_chunk_xor);
-            uint32_t b0, b1, b2, b3;
-            asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
-                         : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3)
-                         : "r"(addr));
-            mma_16816<T>(cacc[2 * np], a0, a1, a2, a3, b0, b1);
-            mma_16816<T>(cacc[2 * np + 1], a0, a1, a2, a3, b2, b3);
-          }
-        }
-      }
+      if constexpr (RP > 0)
+        down_mma_chunk<T, RP>(cacc, xc, smem_u32(smem + buf * BUF + RC * 8) + pd_lane, pd_chunk_xor);
     }
     if (has_next) store_smooth(buf ^ 1);
   }
@@ -527,26 +577,162 @@ __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel
   if constexpr (RP > 0) {
     cp_async_wait_all();
     __syncthreads();
-    float* red = reinterpret_cast<float*>(smem);  // [KW][RW][16][RP]
-    float* mine = red + ((kw * RW + rw) * 16) * RP;
+    down_act_block_store<RW, KW, RP>(reinterpret_cast<float*>(smem), cacc, rw, kw, g, t,
+                                     down_act + static_cast<int64_t>(blockIdx.y) * M * R, blockIdx.x * (16 * RW), M,
+                                     R);
+  }
+}
+
+// W4A8's first pass, pipelined (the default on sm_80+ for R <= 64): the group-max pass of quantize_fast_kernel
+// (per-chunk amaxes of x_hat, down_act partial sums per K slice) with x staged through shared memory by cp.async,
+// kPipeStages stages of 64 tokens x 128 channels in flight per block, instead of one 16-byte register prefetch per
+// lane and round. Why: that kernel read x at ~1.6 TB/s on the H200 (17.6 us at M = 4608, K = 3072, R = 32, against
+// ~6 us at the memory's bandwidth) with ~48 KB of loads in flight per SM; 2 blocks of 3 stages ahead keep ~96 KB in
+// flight. Per stage and k-warp the lane reads its 16 channels of rows g and g + 8 from shared memory (rows padded to
+// 144 bytes: the 8 lanes of an LDS.128 phase hit distinct banks) in the register layout of the register-prefetch
+// kernel, so the amax and the mma are the same code (w4a8_chunk_amax, down_mma_chunk) and the outputs the same
+// values: amaxes bit for bit, down_act summed per slice in the same order (slices may differ in number).
+constexpr int kPipeStages = 4;       // RP <= 32; RP = 64 takes 3 (2 blocks per SM either way)
+constexpr int kPipeRowBytes = 144;   // 64 channels x 2 bytes + 16 bytes of padding
+
+template <int RP, int S>
+struct PipeSmem {
+  static constexpr int kX = 2 * 64 * kPipeRowBytes;  // [k-warp][row][64 channels + pad]
+  static constexpr int kSmooth = 128 * 8;            // smooth values, then their reciprocals (fp32)
+  static constexpr int kPd = 128 * RP * 2;           // staged proj_down rows (swizzled as pd_swizzle)
+  static constexpr int kStage = kX + kSmooth + kPd;
+  static constexpr int kBytes = S * kStage;
+  static_assert(kBytes >= 2 * 4 * 16 * RP * 4, "the down_act reduction reuses the stages");
+};
+
+// cp.async of 16 bytes with an L2 eviction policy (createpolicy); src_bytes 0 fills zeros.
+__device__ __forceinline__ void cp_async16_policy(void* dst, const void* src, int src_bytes, uint64_t policy) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;" ::"r"(smem_u32(dst)), "l"(src),
+               "r"(src_bytes), "l"(policy)
+               : "memory");
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+template <typename T, int RP, int S>
+__global__ void __launch_bounds__(256, 2) quantize_w4a8_groupmax_pipe_kernel(const T* __restrict__ x,
+                                                                    const T* __restrict__ smooth,
+                                                                    const T* __restrict__ pd,
+                                                                    float* __restrict__ gmax,
+                                                                    float* __restrict__ down_act, int M, int K, int R,
+                                                                    int chunks_per_split, bool keep_x) {
+  using L = PipeSmem<RP, S>;
+  constexpr int RW = 4, KW = 2, RC = 128, NT = 256;
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int rw = warp / KW, kw = warp % KW;
+  const int g = lane >> 2, t = lane & 3;
+  const int m0 = blockIdx.x * 64;
+  const int row_a = m0 + rw * 16 + g, row_b = row_a + 8;
+  const int G = K / 64;
+  const int c_begin = blockIdx.y * chunks_per_split;
+  const int c_end = min(G, c_begin + chunks_per_split);
+  const int rounds = (c_end - c_begin + KW - 1) / KW;
+
+  // x is read once here; the token kernel reads it again, from L2 when it fits in half of L2 (keep_x), else
+  // it is streamed (evict first) so that proj_down, which every block of the slice reads, stays in L2
+  uint64_t policy;
+  if (keep_x)
+    asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(policy));
+  else
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+
+  auto stage_ptr = [&](int q) { return smem + (q % S) * L::kStage; };
+  // cp.async of round q's x tile and proj_down rows into its stage, one commit group (empty past the last round, so
+  // that every thread commits one group per round and wait_group counts rounds)
+  auto issue = [&](int q) {
+    if (q < rounds) {
+      uint8_t* st = stage_ptr(q);
+      const int c0 = c_begin + q * KW;
 #pragma unroll
-    for (int nt = 0; nt < RP / 8; ++nt) {
-      mine[g * RP + 8 * nt + 2 * t] = cacc[nt][0];
-      mine[g * RP + 8 * nt + 2 * t + 1] = cacc[nt][1];
-      mine[(g + 8) * RP + 8 * nt + 2 * t] = cacc[nt][2];
-      mine[(g + 8) * RP + 8 * nt + 2 * t + 1] = cacc[nt][3];
+      for (int i = 0; i < (2 * 64 * 8) / NT; ++i) {
+        const int idx = threadIdx.x + i * NT;
+        const int piece = idx & 7, row = (idx >> 3) & 63, kc = idx >> 9;
+        const bool ok = m0 + row < M && c0 + kc < c_end;
+        const T* src = ok ? x + static_cast<int64_t>(m0 + row) * K + (c0 + kc) * 64 + piece * 8 : x;
+        cp_async16_policy(st + (kc * 64 + row) * kPipeRowBytes + piece * 16, src, ok ? 16 : 0, policy);
+      }
+      if constexpr (RP > 0) {
+        T* dst = reinterpret_cast<T*>(st + L::kX + L::kSmooth);
+        constexpr int CH = RP / 8;
+        for (int idx = threadIdx.x; idx < RC * CH; idx += NT) {
+          const int kl = idx / CH, ch = idx % CH;
+          const int kg = c0 * 64 + kl;
+          const bool ok = kg < c_end * 64 && ch * 8 < R;
+          const T* src = ok ? pd + static_cast<int64_t>(kg) * R + ch * 8 : pd;
+          cp_async16(dst + kl * RP + ((ch ^ pd_swizzle<RP>(kl)) * 8), src, ok ? 16 : 0);
+        }
+      }
     }
+    cp_async_commit();
+  };
+  // round q's smooth values (thread i < 128: channel i of the round) and their first-pass reciprocals
+  auto load_smooth = [&](int q) {
+    const int kg = (c_begin + q * KW) * 64 + static_cast<int>(threadIdx.x);
+    return (threadIdx.x < RC && q < rounds && kg < c_end * 64) ? static_cast<float>(smooth[kg]) : 1.f;
+  };
+  auto store_smooth = [&](int q, float v) {
+    if (threadIdx.x < RC && q < rounds) {
+      float* sm = reinterpret_cast<float*>(stage_ptr(q) + L::kX);
+      sm[threadIdx.x] = v;
+      sm[RC + threadIdx.x] = rcp_w4a8_first_pass(v);
+    }
+  };
+
+  float cacc[RP > 0 ? RP / 8 : 1][4];
+#pragma unroll
+  for (int i = 0; i < (RP > 0 ? RP / 8 : 1); ++i) cacc[i][0] = cacc[i][1] = cacc[i][2] = cacc[i][3] = 0.f;
+  uint32_t pd_lane = 0, pd_chunk_xor = 0;
+  if constexpr (RP > 0) pd_lane_offsets<RP>(kw, lane, pd_lane, pd_chunk_xor);
+
+  // prologue: rounds 0 .. S - 2 in flight, their smooth values staged
+  float sv[S - 1];
+#pragma unroll
+  for (int q = 0; q < S - 1; ++q) {
+    issue(q);
+    sv[q] = load_smooth(q);
+  }
+#pragma unroll
+  for (int q = 0; q < S - 1; ++q) store_smooth(q, sv[q]);
+
+  for (int q = 0; q < rounds; ++q) {
+    cp_async_wait<S - 2>();  // round q's group has landed (this thread's copies) ...
+    __syncthreads();         // ... everyone's, and round q - 1's stage is free
+    issue(q + S - 1);
+    const float sv_next = load_smooth(q + S - 1);  // stored after this round's math (its latency hidden)
+    uint8_t* st = stage_ptr(q);
+    const int c = c_begin + q * KW + kw;
+    if (c < c_end) {
+      const uint8_t* xr = st + (kw * 64 + rw * 16 + g) * kPipeRowBytes + 32 * t;
+      uint4 xc[2][2];
+      xc[0][0] = *reinterpret_cast<const uint4*>(xr);
+      xc[0][1] = *reinterpret_cast<const uint4*>(xr + 16);
+      xc[1][0] = *reinterpret_cast<const uint4*>(xr + 8 * kPipeRowBytes);
+      xc[1][1] = *reinterpret_cast<const uint4*>(xr + 8 * kPipeRowBytes + 16);
+      float amax[2];
+      w4a8_chunk_amax<T>(xc, reinterpret_cast<const float*>(st + L::kX) + kw * 64 + 16 * t, RC, amax);
+      if (t == 0) {
+        if (row_a < M) gmax[static_cast<int64_t>(row_a) * G + c] = amax[0];
+        if (row_b < M) gmax[static_cast<int64_t>(row_b) * G + c] = amax[1];
+      }
+      if constexpr (RP > 0) down_mma_chunk<T, RP>(cacc, xc, smem_u32(st + L::kX + L::kSmooth) + pd_lane, pd_chunk_xor);
+    }
+    // round q + S - 1's stage is round q - 1's, which every thread finished before this round's barrier
+    store_smooth(q + S - 1, sv_next);
+  }
+
+  if constexpr (RP > 0) {
+    cp_async_wait<0>();
     __syncthreads();
-    float* out = down_act + static_cast<int64_t>(blockIdx.y) * M * R;
-    for (int idx = threadIdx.x; idx < RW * 16 * R; idx += NT) {
-      const int rl = idx / R, r = idx % R;
-      const int rw_ = rl / 16, rr = rl % 16;
-      float sum = red[((0 * RW + rw_) * 16 + rr) * RP + r];
-#pragma unroll
-      for (int k2 = 1; k2 < KW; ++k2) sum += red[((k2 * RW + rw_) * 16 + rr) * RP + r];
-      const int m = blockIdx.x * (16 * RW) + rl;
-      if (m < M) out[static_cast<int64_t>(m) * R + r] = sum;
-    }
+    down_act_block_store<RW, KW, RP>(reinterpret_cast<float*>(smem), cacc, rw, kw, g, t,
+                                     down_act + static_cast<int64_t>(blockIdx.y) * M * R, m0, M, R);
   }
 }
 
@@ -1045,6 +1231,67 @@ void dispatch_fast(const at::Tensor& x, const at::Tensor& smooth, const at::Tens
   dispatch_rp<T, 4, 2, kFmt>(RP, x, smooth, pd, codes, scales, down_act, am, M, K, R, act_unsigned, st);
 }
 
+// W4A8's group-max pass by the pipelined kernel: one wave of blocks (2 per SM) over M / 64 row slabs x K slices,
+// each slice >= 2 rounds; down_act's per-slice partial sums are added by down_act_split_reduce_kernel.
+template <typename T, int RP, int S>
+void launch_w4a8_groupmax_pipe(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd, at::Tensor& gmax,
+                               at::Tensor& down_act, int M, int K, int R, cudaStream_t stream) {
+  constexpr int kBytes = PipeSmem<RP, S>::kBytes;
+  auto kernel = quantize_w4a8_groupmax_pipe_kernel<T, RP, S>;
+  static PerDeviceOnce smem_attr;  // per instantiation and device, on its first (eager) call
+  set_max_dynamic_smem(smem_attr, kernel, kBytes);
+  const int slabs = (M + 63) / 64;
+  const int nchunks = K / 64;
+  int splits = std::max(1, std::min(2 * num_sms() / slabs, nchunks / 4));
+  bool keep_x = int64_t(M) * K * int64_t(sizeof(T)) <= l2_bytes() / 2;
+#if SVDQ_DIAGNOSTICS
+  const int splits_override = diag_int("SVDQUANT_OPS_QA_SPLITS", 0);  // forces the slice count
+  if (splits_override > 0) splits = std::max(1, std::min(splits_override, nchunks / 2));
+  const int keep_override = diag_int("SVDQUANT_OPS_QA_KEEP", -1);  // 0 / 1 forces keep_x
+  if (keep_override >= 0) keep_x = keep_override == 1;
+#endif
+  const int cps = (nchunks + splits - 1) / splits;
+  splits = (nchunks + cps - 1) / cps;
+  at::Tensor part;
+  float* down_act_dst = R > 0 ? down_act.data_ptr<float>() : nullptr;
+  if (splits > 1 && R > 0) {
+    part = at::empty({splits, static_cast<int64_t>(M), R}, down_act.options());
+    down_act_dst = part.data_ptr<float>();
+  }
+  kernel<<<dim3(slabs, splits), 256, kBytes, stream>>>(
+      reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const T*>(smooth.data_ptr()),
+      R > 0 ? reinterpret_cast<const T*>(pd.data_ptr()) : nullptr, gmax.data_ptr<float>(), down_act_dst, M, K, R, cps,
+      keep_x);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  debug_sync(stream, "quantize_act w4a8 group-max (pipelined)");
+  if (splits > 1 && R > 0) {
+    const int64_t n = static_cast<int64_t>(M) * R;
+    down_act_split_reduce_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(
+        part.data_ptr<float>(), down_act.data_ptr<float>(), n, splits);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// Whether W4A8's group-max pass takes the pipelined kernel: Hopper (2 blocks of its ~110 KB of shared memory per
+// SM), R <= 64, and not SVDQUANT_OPS_CUDA_W4A8_GMAX_REGS=1 (the register-prefetch kernel, for comparisons).
+bool w4a8_groupmax_pipelined(int R) { return R <= 64 && device_is_sm90() && !w4a8_groupmax_regs_forced(); }
+
+template <typename T>
+void dispatch_w4a8_groupmax(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd, at::Tensor& codes,
+                            at::Tensor& gmax, at::Tensor& down_act, int M, int K, int R, cudaStream_t st) {
+  if (!w4a8_groupmax_pipelined(R)) {
+    dispatch_fast<T, kFmtGroupMax>(x, smooth, pd, codes, gmax, down_act, M, K, R, false, st);
+  } else if (R == 0) {
+    launch_w4a8_groupmax_pipe<T, 0, kPipeStages>(x, smooth, pd, gmax, down_act, M, K, R, st);
+  } else if (R <= 16) {
+    launch_w4a8_groupmax_pipe<T, 16, kPipeStages>(x, smooth, pd, gmax, down_act, M, K, R, st);
+  } else if (R <= 32) {
+    launch_w4a8_groupmax_pipe<T, 32, kPipeStages>(x, smooth, pd, gmax, down_act, M, K, R, st);
+  } else {
+    launch_w4a8_groupmax_pipe<T, 64, kPipeStages - 1>(x, smooth, pd, gmax, down_act, M, K, R, st);
+  }
+}
+
 // down_act = x @ proj_down by the portable kernel (a thread per element, K in order).
 void launch_down_act_portable(const QuantizeActShape& s, const at::Tensor& x, const at::Tensor& proj_down,
                               at::Tensor& down_act, cudaStream_t stream) {
@@ -1171,10 +1418,9 @@ void quantize_w4a8(const QuantizeActShape& s, bool fast, const at::Tensor& x, co
     const int M = static_cast<int>(s.M), K = static_cast<int>(s.K), R = static_cast<int>(s.R);
     gmax = at::empty({s.M, G64}, x.options().dtype(at::kFloat));
     if (x.scalar_type() == at::kBFloat16)
-      dispatch_fast<c10::BFloat16, kFmtGroupMax>(x, smooth, proj_down, act_codes, gmax, down_act, M, K, R, false,
-                                                 stream);
+      dispatch_w4a8_groupmax<c10::BFloat16>(x, smooth, proj_down, act_codes, gmax, down_act, M, K, R, stream);
     else
-      dispatch_fast<c10::Half, kFmtGroupMax>(x, smooth, proj_down, act_codes, gmax, down_act, M, K, R, false, stream);
+      dispatch_w4a8_groupmax<c10::Half>(x, smooth, proj_down, act_codes, gmax, down_act, M, K, R, stream);
   } else if (s.R > 0) {
     launch_down_act_portable(s, x, proj_down, down_act, stream);
   }
