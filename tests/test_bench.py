@@ -37,7 +37,7 @@ KERNELS = {
     "void svdquant::cuda_impl::(anonymous namespace)::down_act_split_reduce_kernel(float const*, float*, long, int)":
         "act_quant",
     "void svdquant::cuda_impl::(anonymous namespace)::quantize_w4a8_groupmax_pipe_kernel<c10::BFloat16, 32, 4>("
-    "c10::BFloat16 const*, c10::BFloat16 const*, c10::BFloat16 const*, float*, float*, int, int, int, int, bool)":
+    "c10::BFloat16 const*, c10::BFloat16 const*, c10::BFloat16 const*, float*, float*, int, int, int, int)":
         "act_quant",
     "void svdquant::cuda_impl::w4a16_gemv_kernel<__nv_bfloat16>(...)": "linear_svdquant",
     # cuBLAS / CUTLASS GEMMs (bf16 and fp8 row-wise) and Inductor's GEMM templates

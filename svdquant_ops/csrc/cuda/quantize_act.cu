@@ -605,12 +605,6 @@ struct PipeSmem {
   static_assert(kBytes >= 2 * 4 * 16 * RP * 4, "the down_act reduction reuses the stages");
 };
 
-// cp.async of 16 bytes with an L2 eviction policy (createpolicy); src_bytes 0 fills zeros.
-__device__ __forceinline__ void cp_async16_policy(void* dst, const void* src, int src_bytes, uint64_t policy) {
-  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;" ::"r"(smem_u32(dst)), "l"(src),
-               "r"(src_bytes), "l"(policy)
-               : "memory");
-}
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
@@ -622,7 +616,7 @@ __global__ void __launch_bounds__(256, 2) quantize_w4a8_groupmax_pipe_kernel(con
                                                                     const T* __restrict__ pd,
                                                                     float* __restrict__ gmax,
                                                                     float* __restrict__ down_act, int M, int K, int R,
-                                                                    int chunks_per_split, bool keep_x) {
+                                                                    int chunks_per_split) {
   using L = PipeSmem<RP, S>;
   constexpr int RW = 4, KW = 2, RC = 128, NT = 256;
   extern __shared__ __align__(16) uint8_t smem[];
@@ -636,14 +630,8 @@ __global__ void __launch_bounds__(256, 2) quantize_w4a8_groupmax_pipe_kernel(con
   const int c_end = min(G, c_begin + chunks_per_split);
   const int rounds = (c_end - c_begin + KW - 1) / KW;
 
-  // x is read once here; the token kernel reads it again, from L2 when it fits in half of L2 (keep_x), else
-  // it is streamed (evict first) so that proj_down, which every block of the slice reads, stays in L2
-  uint64_t policy;
-  if (keep_x)
-    asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(policy));
-  else
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
-
+  // x by cp.async.cg with the default L2 policy: a first version streamed it (an evict-first createpolicy hint
+  // when x does not fit in half of L2) and met an illegal instruction on an H100 at its first launch (2026-12-05)
   auto stage_ptr = [&](int q) { return smem + (q % S) * L::kStage; };
   // cp.async of round q's x tile and proj_down rows into its stage, one commit group (empty past the last round, so
   // that every thread commits one group per round and wait_group counts rounds)
@@ -657,7 +645,7 @@ __global__ void __launch_bounds__(256, 2) quantize_w4a8_groupmax_pipe_kernel(con
         const int piece = idx & 7, row = (idx >> 3) & 63, kc = idx >> 9;
         const bool ok = m0 + row < M && c0 + kc < c_end;
         const T* src = ok ? x + static_cast<int64_t>(m0 + row) * K + (c0 + kc) * 64 + piece * 8 : x;
-        cp_async16_policy(st + (kc * 64 + row) * kPipeRowBytes + piece * 16, src, ok ? 16 : 0, policy);
+        cp_async16(st + (kc * 64 + row) * kPipeRowBytes + piece * 16, src, ok ? 16 : 0);
       }
       if constexpr (RP > 0) {
         T* dst = reinterpret_cast<T*>(st + L::kX + L::kSmooth);
@@ -1243,12 +1231,9 @@ void launch_w4a8_groupmax_pipe(const at::Tensor& x, const at::Tensor& smooth, co
   const int slabs = (M + 63) / 64;
   const int nchunks = K / 64;
   int splits = std::max(1, std::min(2 * num_sms() / slabs, nchunks / 4));
-  bool keep_x = int64_t(M) * K * int64_t(sizeof(T)) <= l2_bytes() / 2;
 #if SVDQ_DIAGNOSTICS
   const int splits_override = diag_int("SVDQUANT_OPS_QA_SPLITS", 0);  // forces the slice count
   if (splits_override > 0) splits = std::max(1, std::min(splits_override, nchunks / 2));
-  const int keep_override = diag_int("SVDQUANT_OPS_QA_KEEP", -1);  // 0 / 1 forces keep_x
-  if (keep_override >= 0) keep_x = keep_override == 1;
 #endif
   const int cps = (nchunks + splits - 1) / splits;
   splits = (nchunks + cps - 1) / cps;
@@ -1260,8 +1245,7 @@ void launch_w4a8_groupmax_pipe(const at::Tensor& x, const at::Tensor& smooth, co
   }
   kernel<<<dim3(slabs, splits), 256, kBytes, stream>>>(
       reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const T*>(smooth.data_ptr()),
-      R > 0 ? reinterpret_cast<const T*>(pd.data_ptr()) : nullptr, gmax.data_ptr<float>(), down_act_dst, M, K, R, cps,
-      keep_x);
+      R > 0 ? reinterpret_cast<const T*>(pd.data_ptr()) : nullptr, gmax.data_ptr<float>(), down_act_dst, M, K, R, cps);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   debug_sync(stream, "quantize_act w4a8 group-max (pipelined)");
   if (splits > 1 && R > 0) {
