@@ -6,6 +6,9 @@
 #               cases; fresh seed unless SVDQ_TEST_SEED is set), or the files in TEST_FILES
 #     gemm      bench_linear.py --gemm-only over $SCHEDULES (default promote,skeleton)            [diagnostics build]
 #     quantize  bench_linear.py --quantize-only ([diagnostics build] when SVDQUANT_OPS_QA_CFG / _QA_SPLITS are set)
+#     gmaxab    bench_linear.py --gmax-ab: W4A8 quantize_act on a FLUX.1 step's input shapes, the pipelined group-max
+#               kernel against the register-prefetch one (SVDQUANT_OPS_CUDA_W4A8_GMAX_REGS=1): equal codes and scales,
+#               per-shape and per-step times
 #     tiles     bench_linear.py --tile-overhead (GEMM kernel time split into per-tile fixed + per-stage cost)
 #                                                                                                 [diagnostics build]
 #     overlap   bench_linear.py --overlap: W4A8 gemm, shipped schedule vs SVDQUANT_OPS_GEMM_SCHEDULE=overlap and
@@ -90,6 +93,7 @@ for step in "$@"; do
              -q -p no:cacheprovider -rfEs ;;
     gemm) SVDQUANT_OPS_DIAGNOSTICS=1 python3 benchmarks/bench_linear.py --gemm-only \
             --schedules "${SCHEDULES:-promote,skeleton}" ${GEMM_ARGS:-} ;;
+    gmaxab) python3 benchmarks/bench_linear.py --gmax-ab ;;
     quantize)
       if [[ -n "${SVDQUANT_OPS_QA_CFG:-}${SVDQUANT_OPS_QA_SPLITS:-}" ]]; then
         SVDQUANT_OPS_DIAGNOSTICS=1 python3 benchmarks/bench_linear.py --quantize-only
