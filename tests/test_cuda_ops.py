@@ -200,6 +200,17 @@ def test_quantize_act_w4a8_other_paths_match_cpu(monkeypatch, other, M, K, R, dt
         assert rel_fro(out[2], ref[2]) < 1e-5
 
 
+def _w4a8_quantize_kernels(M, K, R):
+    """Names of the CUDA kernels one W4A8 quantize_act call launches (after a warm-up call)."""
+    x, smooth, pd = to_dev(op_args("quantize_act", act_inputs(M, K, R, torch.bfloat16, session_generator((K, R)))))
+    OPS.quantize_act(x, smooth, pd, "w4a8", False)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        OPS.quantize_act(x, smooth, pd, "w4a8", False)
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
 @pytest.mark.skipif(not IS_SM90, reason="the cluster kernel runs on compute capability 9.0 only")
 @pytest.mark.parametrize("K,opt_in,cluster", [(3072, True, True), (15360, True, True), (1344, True, False),
                                               (3072, False, False)])
@@ -208,14 +219,7 @@ def test_quantize_act_w4a8_cluster_dispatch(monkeypatch, K, opt_in, cluster):
     where K splits (3072: 4 slices, 15360: 8) and the two passes where it does not (1344 = 21 x 64); without it, the
     two passes."""
     _select_path(monkeypatch, "cluster" if opt_in else "fast")
-    x, smooth, pd = to_dev(op_args("quantize_act", act_inputs(64, K, 32, torch.bfloat16, session_generator(K))))
-    OPS.quantize_act(x, smooth, pd, "w4a8", False)
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        OPS.quantize_act(x, smooth, pd, "w4a8", False)
-        torch.cuda.synchronize()
-    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    launched = [n for n in names if "quantize" in n]
+    launched = [n for n in _w4a8_quantize_kernels(64, K, 32) if "quantize" in n]
     if cluster:
         assert len(launched) == 1 and "quantize_w4a8_cluster_kernel" in launched[0], launched
     else:
@@ -229,13 +233,7 @@ def test_quantize_act_w4a8_groupmax_dispatch(monkeypatch, R, regs, pipelined):
     """Which kernel runs W4A8's first pass: the pipelined group-max kernel for R <= 64 unless
     SVDQUANT_OPS_CUDA_W4A8_GMAX_REGS=1, the register-prefetch kernel for R = 128 or with that variable."""
     _select_path(monkeypatch, "gmax-regs" if regs else "fast")
-    x, smooth, pd = to_dev(op_args("quantize_act", act_inputs(256, 3072, R, torch.bfloat16, session_generator(R))))
-    OPS.quantize_act(x, smooth, pd, "w4a8", False)
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        OPS.quantize_act(x, smooth, pd, "w4a8", False)
-        torch.cuda.synchronize()
-    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    names = _w4a8_quantize_kernels(256, 3072, R)
     assert any("quantize_tokens_fast_kernel" in n for n in names), names
     assert any("quantize_w4a8_groupmax_pipe_kernel" in n for n in names) == pipelined, names
     assert any("quantize_fast_kernel" in n for n in names) == (not pipelined), names

@@ -1105,6 +1105,29 @@ __global__ void down_act_split_reduce_kernel(const float* __restrict__ part, flo
   out[i] = s;
 }
 
+// K slices (blockIdx.y) of a quantize_act kernel: chunks per slice, and the count made exact for it.
+inline int chunks_per_slice(int nchunks, int& splits) {
+  const int cps = (nchunks + splits - 1) / splits;
+  splits = (nchunks + cps - 1) / cps;
+  return cps;
+}
+
+// Where a sliced kernel writes down_act: with several slices (and R > 0) a [splits, M, R] workspace `part`, added in
+// slice order by down_act_split_reduce_kernel (down_act_slices_end), else down_act itself (nullptr for R = 0).
+float* down_act_slices_begin(at::Tensor& down_act, at::Tensor& part, int splits, int M, int R) {
+  if (R == 0) return nullptr;
+  if (splits == 1) return down_act.data_ptr<float>();
+  part = at::empty({splits, static_cast<int64_t>(M), R}, down_act.options());
+  return part.data_ptr<float>();
+}
+void down_act_slices_end(const at::Tensor& part, at::Tensor& down_act, int splits, int M, int R, cudaStream_t stream) {
+  if (splits == 1 || R == 0) return;
+  const int64_t n = static_cast<int64_t>(M) * R;
+  down_act_split_reduce_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(
+      part.data_ptr<float>(), down_act.data_ptr<float>(), n, splits);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // Diagnostics builds: an integer switch read from the environment on every call (so one process can sweep it);
 // `fallback` when unset.
 #if SVDQ_DIAGNOSTICS
@@ -1144,14 +1167,9 @@ void launch_fast(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor
   const int keep_override = diag_int("SVDQUANT_OPS_QA_KEEP", -1);  // 0 / 1 forces keep_x (group-max pass)
   if (keep_override >= 0) keep_x = kFmt == kFmtGroupMax && keep_override == 1;
 #endif
-  const int cps = (nchunks + splits - 1) / splits;
-  splits = (nchunks + cps - 1) / cps;
+  const int cps = chunks_per_slice(nchunks, splits);
   at::Tensor part;
-  float* down_act_dst = R > 0 ? down_act.data_ptr<float>() : nullptr;
-  if (splits > 1 && R > 0) {
-    part = at::empty({splits, static_cast<int64_t>(M), R}, down_act.options());
-    down_act_dst = part.data_ptr<float>();
-  }
+  float* down_act_dst = down_act_slices_begin(down_act, part, splits, M, R);
   kernel<<<dim3(slabs, splits), 32 * RW * KW, SMEM, stream>>>(
       reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const T*>(smooth.data_ptr()),
       R > 0 ? reinterpret_cast<const T*>(pd.data_ptr()) : nullptr,
@@ -1159,12 +1177,7 @@ void launch_fast(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor
       amax_in, M, K, R, act_unsigned, cps, keep_x);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   debug_sync(stream, "quantize_act fast");
-  if (splits > 1 && R > 0) {
-    const int64_t n = static_cast<int64_t>(M) * R;
-    down_act_split_reduce_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(
-        part.data_ptr<float>(), down_act.data_ptr<float>(), n, splits);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  down_act_slices_end(part, down_act, splits, M, R, stream);
 }
 
 template <typename T, int RW, int KW, int kFmt, int kMinBlocks = 2>
@@ -1235,25 +1248,15 @@ void launch_w4a8_groupmax_pipe(const at::Tensor& x, const at::Tensor& smooth, co
   const int splits_override = diag_int("SVDQUANT_OPS_QA_SPLITS", 0);  // forces the slice count
   if (splits_override > 0) splits = std::max(1, std::min(splits_override, nchunks / 2));
 #endif
-  const int cps = (nchunks + splits - 1) / splits;
-  splits = (nchunks + cps - 1) / cps;
+  const int cps = chunks_per_slice(nchunks, splits);
   at::Tensor part;
-  float* down_act_dst = R > 0 ? down_act.data_ptr<float>() : nullptr;
-  if (splits > 1 && R > 0) {
-    part = at::empty({splits, static_cast<int64_t>(M), R}, down_act.options());
-    down_act_dst = part.data_ptr<float>();
-  }
+  float* down_act_dst = down_act_slices_begin(down_act, part, splits, M, R);
   kernel<<<dim3(slabs, splits), 256, kBytes, stream>>>(
       reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const T*>(smooth.data_ptr()),
       R > 0 ? reinterpret_cast<const T*>(pd.data_ptr()) : nullptr, gmax.data_ptr<float>(), down_act_dst, M, K, R, cps);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   debug_sync(stream, "quantize_act w4a8 group-max (pipelined)");
-  if (splits > 1 && R > 0) {
-    const int64_t n = static_cast<int64_t>(M) * R;
-    down_act_split_reduce_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(
-        part.data_ptr<float>(), down_act.data_ptr<float>(), n, splits);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  down_act_slices_end(part, down_act, splits, M, R, stream);
 }
 
 // Whether W4A8's group-max pass takes the pipelined kernel: Hopper (2 blocks of its ~110 KB of shared memory per
