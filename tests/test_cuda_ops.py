@@ -161,9 +161,9 @@ QA_CASES = [
     (65, 15360, 128, torch.bfloat16, "w4a8", False),
     (31, 4096, 24, torch.bfloat16, "w4a8", False),
     (17, 576, 0, torch.float16, "w4a8", False),
-    # W4A8's pipelined group-max pass (Hopper, R <= 64): a FLUX step's image + text tokens (3 slices of 16 chunks),
-    # the text stream alone (32 slices of 3 rounds, the last half empty), 31 chunks (odd slices: one k-warp idle in
-    # the last round), R = 64 (3 stages)
+    # W4A8's pipelined group-max pass (Hopper, R <= 64): a FLUX step's image + text tokens (132 SMs: 3 slices of 16
+    # chunks), the text stream alone (32 slices of 6 chunks), 31 chunks (the last slice's last round has one chunk:
+    # one k-warp idle), R = 64 (3 stages)
     (4608, 3072, 32, torch.bfloat16, "w4a8", False),
     (512, 12288, 32, torch.bfloat16, "w4a8", False),
     (2500, 1984, 64, torch.float16, "w4a8", False),

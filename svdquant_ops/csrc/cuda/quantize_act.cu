@@ -583,7 +583,7 @@ __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel
   }
 }
 
-// W4A8's first pass, pipelined (the default on sm_80+ for R <= 64): the group-max pass of quantize_fast_kernel
+// W4A8's first pass, pipelined (the default on Hopper for R <= 64; its ~108 KB per block do not fit sm_86 / sm_89): the group-max pass of quantize_fast_kernel
 // (per-chunk amaxes of x_hat, down_act partial sums per K slice) with x staged through shared memory by cp.async,
 // kPipeStages stages of 64 tokens x 128 channels in flight per block, instead of one 16-byte register prefetch per
 // lane and round. Why: that kernel read x at ~1.6 TB/s on the H200 (17.6 us at M = 4608, K = 3072, R = 32, against
@@ -630,8 +630,9 @@ __global__ void __launch_bounds__(256, 2) quantize_w4a8_groupmax_pipe_kernel(con
   const int c_end = min(G, c_begin + chunks_per_split);
   const int rounds = (c_end - c_begin + KW - 1) / KW;
 
-  // x by cp.async.cg with the default L2 policy: a first version streamed it (an evict-first createpolicy hint
-  // when x does not fit in half of L2) and met an illegal instruction on an H100 at its first launch (2026-12-05)
+  // x by cp.async.cg with the default L2 policy. A first version streamed it (an evict-first createpolicy hint when x
+  // does not fit in half of L2) and met an illegal instruction at its first launch on an H100 (2026-12-05); the
+  // cause was not established (both instructions are valid PTX for sm_90), the hint was dropped.
   auto stage_ptr = [&](int q) { return smem + (q % S) * L::kStage; };
   // cp.async of round q's x tile and proj_down rows into its stage, one commit group (empty past the last round, so
   // that every thread commits one group per round and wait_group counts rounds)
@@ -1232,8 +1233,8 @@ void dispatch_fast(const at::Tensor& x, const at::Tensor& smooth, const at::Tens
   dispatch_rp<T, 4, 2, kFmt>(RP, x, smooth, pd, codes, scales, down_act, am, M, K, R, act_unsigned, st);
 }
 
-// W4A8's group-max pass by the pipelined kernel: one wave of blocks (2 per SM) over M / 64 row slabs x K slices,
-// each slice >= 2 rounds; down_act's per-slice partial sums are added by down_act_split_reduce_kernel.
+// W4A8's group-max pass by the pipelined kernel: one wave of blocks (2 per SM) over M / 64 row slabs x K slices of
+// >= 4 chunks where K allows (the last slice may be shorter); down_act's per-slice partial sums are added by down_act_split_reduce_kernel.
 template <typename T, int RP, int S>
 void launch_w4a8_groupmax_pipe(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd, at::Tensor& gmax,
                                at::Tensor& down_act, int M, int K, int R, cudaStream_t stream) {
