@@ -199,7 +199,7 @@ FLUX_STEP_INPUTS = [(4608, 3072, 32, 38), (4608, 15360, 32, 38), (4096, 3072, 32
 def gmax_ab(dev, rep_ms):
     """W4A8 quantize_act, pipelined group-max kernel against the register-prefetch one, same inputs and process:
     codes and scales must be equal bit for bit, down_act within fp32 summation-order differences."""
-    var = "SVDQUANT_OPS_CUDA_W4A8_GMAX_REGS"
+    var = "SVDQUANT_OPS_CUDA_W4A8_GMAX"
     g = torch.Generator().manual_seed(5)
     tot = {"pipe": 0.0, "regs": 0.0}
     worst = 0.0
@@ -209,10 +209,7 @@ def gmax_ab(dev, rep_ms):
         fn = lambda: torch.ops.svdquant.quantize_act(x, L["smooth"], L["pd"], "w4a8", False)
         us, outs = {}, {}
         for name in ("regs", "pipe"):
-            if name == "regs":
-                os.environ[var] = "1"
-            else:
-                os.environ.pop(var, None)
+            os.environ[var] = name
             outs[name] = fn()
             us[name] = bench_graph(fn, rep_ms) * 1e3
             log(f"  {name} kernels:", ", ".join(f"{n[:60]} {t:.1f} us" for n, t in kernel_times(fn)))
@@ -599,8 +596,8 @@ def main():
     ap.add_argument("--smoke-one", action="store_true", help="only one tiny INT4 case (for compute-sanitizer)")
     ap.add_argument("--quantize-only", action="store_true", help="only time quantize_act at M=4608, all K")
     ap.add_argument("--gmax-ab", action="store_true", help="only W4A8's quantize_act on a FLUX.1 step's input shapes "
-                    "with the pipelined group-max kernel (default) against the register-prefetch one "
-                    "(SVDQUANT_OPS_CUDA_W4A8_GMAX_REGS=1): outputs compared, per-call and per-step times")
+                    "with the pipelined group-max kernel against the register-prefetch one "
+                    "(SVDQUANT_OPS_CUDA_W4A8_GMAX=pipe / regs): outputs compared, per-call and per-step times")
     ap.add_argument("--gemm-only", action="store_true", help="only time gemm at M=4608 per --schedules "
                     "(needs SVDQUANT_OPS_DIAGNOSTICS=1 unless --schedules is just promote)")
     ap.add_argument("--tile-overhead", action="store_true", help="only the sm90 GEMM kernel's time (no prep) at "

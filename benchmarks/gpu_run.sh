@@ -7,7 +7,7 @@
 #     gemm      bench_linear.py --gemm-only over $SCHEDULES (default promote,skeleton)            [diagnostics build]
 #     quantize  bench_linear.py --quantize-only ([diagnostics build] when SVDQUANT_OPS_QA_CFG / _QA_SPLITS are set)
 #     gmaxab    bench_linear.py --gmax-ab: W4A8 quantize_act on a FLUX.1 step's input shapes, the pipelined group-max
-#               kernel against the register-prefetch one (SVDQUANT_OPS_CUDA_W4A8_GMAX_REGS=1): equal codes and scales,
+#               kernel against the register-prefetch one (SVDQUANT_OPS_CUDA_W4A8_GMAX=pipe / regs): equal codes and scales,
 #               per-shape and per-step times
 #     tiles     bench_linear.py --tile-overhead (GEMM kernel time split into per-tile fixed + per-stage cost)
 #                                                                                                 [diagnostics build]

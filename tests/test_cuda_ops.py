@@ -48,12 +48,15 @@ ULP_BITS = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}
 
 def _select_path(monkeypatch, name):
     for var, on in (("SVDQUANT_OPS_CUDA_PORTABLE", name == "portable"),
-                    ("SVDQUANT_OPS_CUDA_W4A8_CLUSTER", name == "cluster"),
-                    ("SVDQUANT_OPS_CUDA_W4A8_GMAX_REGS", name == "gmax-regs")):
+                    ("SVDQUANT_OPS_CUDA_W4A8_CLUSTER", name == "cluster")):
         if on:
             monkeypatch.setenv(var, "1")
         else:
             monkeypatch.delenv(var, raising=False)
+    if name.startswith("gmax-"):  # W4A8's first pass by the named kernel (Hopper): gmax-pipe, gmax-regs
+        monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_GMAX", name[len("gmax-"):])
+    else:
+        monkeypatch.delenv("SVDQUANT_OPS_CUDA_W4A8_GMAX", raising=False)
     return name
 
 
@@ -62,11 +65,11 @@ def path(request, monkeypatch):
     return _select_path(monkeypatch, request.param)
 
 
-@pytest.fixture(params=["fast", "gmax-regs", "cluster", "portable"])
+@pytest.fixture(params=["fast", "gmax-pipe", "gmax-regs", "cluster", "portable"])
 def w4a8_path(request, monkeypatch):
-    """W4A8's quantize_act has three fast paths on Hopper: the two passes (the default, "fast"; the first pass by the
-    pipelined group-max kernel where R <= 64), the two passes with the first by the register-prefetch kernel
-    (SVDQUANT_OPS_CUDA_W4A8_GMAX_REGS=1, "gmax-regs"; other GPUs' default), and, opted into with
+    """W4A8's quantize_act has three fast paths on Hopper: the two passes (the default, "fast"), whose first pass is
+    the pipelined group-max kernel where R <= 64 with SVDQUANT_OPS_CUDA_W4A8_GMAX=pipe ("gmax-pipe") or the
+    register-prefetch kernel with =regs ("gmax-regs"; other GPUs' only one), and, opted into with
     SVDQUANT_OPS_CUDA_W4A8_CLUSTER=1 ("cluster"), one pass by the cluster kernel where K splits into at most 8 slices
     of at most 1920 channels."""
     return _select_path(monkeypatch, request.param)
@@ -184,11 +187,11 @@ def test_quantize_act_matches_cpu(path, M, K, R, dtype, precision, unsigned):
         assert rel_fro(out[2], ref[2]) < 1e-5
 
 
-@pytest.mark.parametrize("other", ["cluster", "gmax-regs"])
+@pytest.mark.parametrize("other", ["cluster", "gmax-pipe", "gmax-regs"])
 @pytest.mark.parametrize("M,K,R,dtype", W4A8_QA_CASES)
 def test_quantize_act_w4a8_other_paths_match_cpu(monkeypatch, other, M, K, R, dtype):
     """The W4A8 cases above again with the cluster kernel opted into (on Hopper it serves those whose K splits), and
-    with the register-prefetch group-max kernel in place of the pipelined one."""
+    with each group-max kernel named."""
     _select_path(monkeypatch, other)
     g = session_generator((other, M, K, R, str(dtype)))
     x, smooth, pd = op_args("quantize_act", act_inputs(M, K, R, dtype, g))
@@ -226,17 +229,31 @@ def test_quantize_act_w4a8_cluster_dispatch(monkeypatch, K, opt_in, cluster):
         assert launched and not any("cluster" in n for n in launched), launched
 
 
+# The library's default for W4A8's first pass on Hopper (kW4a8GroupMaxPipeDefault in quantize_act.cu)
+GMAX_DEFAULT = "regs"
+
+
 @pytest.mark.skipif(not IS_SM90, reason="the pipelined group-max kernel runs on compute capability 9.0 only")
-@pytest.mark.parametrize("R,regs,pipelined", [(32, False, True), (64, False, True), (0, False, True),
-                                              (128, False, False), (32, True, False)])
-def test_quantize_act_w4a8_groupmax_dispatch(monkeypatch, R, regs, pipelined):
-    """Which kernel runs W4A8's first pass: the pipelined group-max kernel for R <= 64 unless
-    SVDQUANT_OPS_CUDA_W4A8_GMAX_REGS=1, the register-prefetch kernel for R = 128 or with that variable."""
-    _select_path(monkeypatch, "gmax-regs" if regs else "fast")
+@pytest.mark.parametrize("R,gmax,pipelined", [(32, "pipe", True), (64, "pipe", True), (0, "pipe", True),
+                                              (128, "pipe", False), (32, "regs", False),
+                                              (32, None, GMAX_DEFAULT == "pipe")])
+def test_quantize_act_w4a8_groupmax_dispatch(monkeypatch, R, gmax, pipelined):
+    """Which kernel runs W4A8's first pass: with SVDQUANT_OPS_CUDA_W4A8_GMAX=pipe the pipelined group-max kernel for
+    R <= 64 and the register-prefetch one for R = 128; with =regs the register-prefetch one; unset, the default."""
+    _select_path(monkeypatch, f"gmax-{gmax}" if gmax else "fast")
     names = _w4a8_quantize_kernels(256, 3072, R)
     assert any("quantize_tokens_fast_kernel" in n for n in names), names
     assert any("quantize_w4a8_groupmax_pipe_kernel" in n for n in names) == pipelined, names
     assert any("quantize_fast_kernel" in n for n in names) == (not pipelined), names
+
+
+def test_quantize_act_w4a8_groupmax_variable_checked(monkeypatch):
+    """A value of SVDQUANT_OPS_CUDA_W4A8_GMAX other than pipe / regs is an error naming the variable."""
+    monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_GMAX", "fast")
+    monkeypatch.delenv("SVDQUANT_OPS_CUDA_PORTABLE", raising=False)
+    x, smooth, pd = to_dev(op_args("quantize_act", act_inputs(64, 3072, 32, torch.bfloat16, session_generator(7))))
+    with pytest.raises(RuntimeError, match="SVDQUANT_OPS_CUDA_W4A8_GMAX must be 'pipe', 'regs' or unset, got 'fast'"):
+        OPS.quantize_act(x, smooth, pd, "w4a8", False)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

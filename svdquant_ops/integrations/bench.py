@@ -78,13 +78,13 @@ class Config:
     #                                   "overlap": the child loads the diagnostics build of the op library
     fuse_qkv: bool = False  # each attention's q/k/v (and added q/k/v) as one linear (fusion.fuse_qkv): before
     #                         quantizing for bf16 / fp8, after for SVDQuant (which fuses quantized weights exactly)
-    gmax_regs: bool = False  # W4A8's first quantize_act pass by the register-prefetch kernel instead of the pipelined
-    #                          one (SVDQUANT_OPS_CUDA_W4A8_GMAX_REGS=1 in the child)
+    gmax: str | None = None  # W4A8's first quantize_act pass by the pipelined ("pipe") or the register-prefetch
+    #                          ("regs") kernel (SVDQUANT_OPS_CUDA_W4A8_GMAX in the child); None: the library's default
 
     @property
     def cuda_only(self) -> bool:
         return (self.mode == "reduce-overhead" or self.weights == "fp8" or self.gemm_schedule is not None
-                or self.gmax_regs)
+                or self.gmax is not None)
 
     @property
     def label(self) -> str:
@@ -104,8 +104,9 @@ class Config:
             how += f", GEMM schedule {self.gemm_schedule} (diagnostics build)"
         if self.fuse_qkv:
             how += ", q/k/v fused (fuse_qkv)"
-        if self.gmax_regs:
-            how += ", first quantize_act pass by the register-prefetch kernel"
+        if self.gmax:
+            how += {"pipe": ", first quantize_act pass by the pipelined kernel",
+                    "regs": ", first quantize_act pass by the register-prefetch kernel"}[self.gmax]
         if self.lora_rank:
             how += f" + rank-{self.lora_rank} LoRA"
             if self.lora_shared_a:
@@ -155,11 +156,12 @@ def _configs() -> dict[str, Config]:
         for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
             name = f"{w}-compile{sfx}-fused"
             out[name] = Config(name, w, True, mode, fuse_qkv=True)
-    # Diagnostic: W4A8's first quantize_act pass by the register-prefetch kernel (the default before the pipelined
-    # one), so that one run compares both
+    # Diagnostic: W4A8's first quantize_act pass by each kernel named (pipelined, register-prefetch), so that one
+    # run compares both whatever the library's default
     for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
-        name = f"w4a8-compile{sfx}-fused-gmaxregs"
-        out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, gmax_regs=True)
+        for k in ("pipe", "regs"):
+            name = f"w4a8-compile{sfx}-fused-gmax{k}"
+            out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, gmax=k)
     # Diagnostic: every adapter fused up to rank 128 (quantize_act's fast kernel at R = 128 runs one block per SM)
     out["w4a8-compile-lora16-fuse128"] = Config("w4a8-compile-lora16-fuse128", "w4a8", True, lora_rank=16,
                                                 lora_max_fused_rank=128)
@@ -769,8 +771,8 @@ def _run_child(args, name: str, device: str, timeout: float) -> dict:
 
     root = str(Path(svdquant_ops.__file__).resolve().parents[1])
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    if CONFIGS[name].gmax_regs:  # read by the op library at every quantize_act call
-        env.update(SVDQUANT_OPS_CUDA_W4A8_GMAX_REGS="1")
+    if CONFIGS[name].gmax:  # read by the op library at every quantize_act call
+        env.update(SVDQUANT_OPS_CUDA_W4A8_GMAX=CONFIGS[name].gmax)
     if CONFIGS[name].gemm_schedule:  # read by the op library at load time (which build) and at every GEMM call
         env.update(SVDQUANT_OPS_DIAGNOSTICS="1", SVDQUANT_OPS_GEMM_SCHEDULE=CONFIGS[name].gemm_schedule)
     fd, result_file = tempfile.mkstemp(prefix=f"svdq-bench-{name}-", suffix=".json")

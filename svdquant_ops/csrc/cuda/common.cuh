@@ -42,9 +42,18 @@ inline bool force_portable() { return env_flag("SVDQUANT_OPS_CUDA_PORTABLE"); }
 // exact but measured slower than the two passes, see quantize_act.cu), read at every call, so tests and benchmarks
 // compare both paths in one process.
 inline bool w4a8_cluster_opted_in() { return env_flag("SVDQUANT_OPS_CUDA_W4A8_CLUSTER"); }
-// SVDQUANT_OPS_CUDA_W4A8_GMAX_REGS=1 puts W4A8's first pass (the two passes' group-max pass) on the register-prefetch
-// kernel instead of the pipelined one on Hopper (read at every call: tests and benchmarks compare both in one process).
-inline bool w4a8_groupmax_regs_forced() { return env_flag("SVDQUANT_OPS_CUDA_W4A8_GMAX_REGS"); }
+// SVDQUANT_OPS_CUDA_W4A8_GMAX=pipe|regs picks the kernel of W4A8's first pass (the two passes' group-max pass) on
+// Hopper: the pipelined one or the register-prefetch one; unset or empty, the library's default
+// (kW4a8GroupMaxPipeDefault in quantize_act.cu). Read at every call: tests and benchmarks compare both in one process.
+enum class W4a8GroupMax { kDefault, kPipe, kRegs };
+inline W4a8GroupMax w4a8_groupmax_choice() {
+  const char* v = std::getenv("SVDQUANT_OPS_CUDA_W4A8_GMAX");
+  if (v == nullptr || v[0] == '\0') return W4a8GroupMax::kDefault;
+  if (std::strcmp(v, "pipe") == 0) return W4a8GroupMax::kPipe;
+  if (std::strcmp(v, "regs") == 0) return W4a8GroupMax::kRegs;
+  TORCH_CHECK(false, "svdquant: SVDQUANT_OPS_CUDA_W4A8_GMAX must be 'pipe', 'regs' or unset, got '", v, "'");
+  return W4a8GroupMax::kDefault;  // not reached
+}
 
 constexpr int kMaxDevices = 64;
 

@@ -1260,9 +1260,18 @@ void launch_w4a8_groupmax_pipe(const at::Tensor& x, const at::Tensor& smooth, co
   down_act_slices_end(part, down_act, splits, M, R, stream);
 }
 
-// Whether W4A8's group-max pass takes the pipelined kernel: Hopper (2 blocks of its ~110 KB of shared memory per
-// SM), R <= 64, and not SVDQUANT_OPS_CUDA_W4A8_GMAX_REGS=1 (the register-prefetch kernel, for comparisons).
-bool w4a8_groupmax_pipelined(int R) { return R <= 64 && device_is_sm90() && !w4a8_groupmax_regs_forced(); }
+// Whether the pipelined kernel is W4A8's first pass by default on Hopper. Off until it has passed the GPU tests and
+// been timed against the register-prefetch kernel on a GPU (written 2026-12-05 without a GPU lent);
+// SVDQUANT_OPS_CUDA_W4A8_GMAX=pipe selects it meanwhile.
+constexpr bool kW4a8GroupMaxPipeDefault = false;
+
+// Whether W4A8's group-max pass takes the pipelined kernel: Hopper (2 blocks of its ~108 KB of shared memory per
+// SM), R <= 64, and SVDQUANT_OPS_CUDA_W4A8_GMAX=pipe (or unset, where kW4a8GroupMaxPipeDefault).
+bool w4a8_groupmax_pipelined(int R) {
+  const W4a8GroupMax c = w4a8_groupmax_choice();  // read first: a bad value is an error on every GPU this pass runs on
+  const bool pipe = c == W4a8GroupMax::kPipe || (c == W4a8GroupMax::kDefault && kW4a8GroupMaxPipeDefault);
+  return pipe && R <= 64 && device_is_sm90();
+}
 
 template <typename T>
 void dispatch_w4a8_groupmax(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd, at::Tensor& codes,
