@@ -247,6 +247,7 @@ def test_quantize_act_w4a8_groupmax_dispatch(monkeypatch, R, gmax, pipelined):
     assert any("quantize_fast_kernel" in n for n in names) == (not pipelined), names
 
 
+@needs_gpu
 def test_quantize_act_w4a8_groupmax_variable_checked(monkeypatch):
     """A value of SVDQUANT_OPS_CUDA_W4A8_GMAX other than pipe / regs is an error naming the variable."""
     monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_GMAX", "fast")
