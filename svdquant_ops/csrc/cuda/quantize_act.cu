@@ -583,8 +583,10 @@ __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel
   }
 }
 
-// W4A8's first pass, pipelined (the default on Hopper for R <= 64; its ~108 KB per block do not fit sm_86 / sm_89): the group-max pass of quantize_fast_kernel
-// (per-chunk amaxes of x_hat, down_act partial sums per K slice) with x staged through shared memory by cp.async,
+// W4A8's first pass, pipelined (Hopper, R <= 64, SVDQUANT_OPS_CUDA_W4A8_GMAX=pipe until it has run on a GPU: see
+// kW4a8GroupMaxPipeDefault; its ~108 KB per block do not fit sm_86 / sm_89): the group-max pass of
+// quantize_fast_kernel (per-chunk amaxes of x_hat, down_act partial sums per K slice) with x staged through shared
+// memory by cp.async,
 // kPipeStages stages of 64 tokens x 128 channels in flight per block, instead of one 16-byte register prefetch per
 // lane and round. Why: that kernel read x at ~1.6 TB/s on the H200 (17.6 us at M = 4608, K = 3072, R = 32, against
 // ~6 us at the memory's bandwidth) with ~48 KB of loads in flight per SM; 2 blocks of 3 stages ahead keep ~96 KB in
