@@ -252,6 +252,20 @@ __device__ __forceinline__ void pd_lane_offsets(int kw, int lane, uint32_t& pd_l
   pd_chunk_xor = static_cast<uint32_t>(((j >> 1) ^ swz) * 16);
 }
 
+// cp.async of proj_down rows k0 .. k0 + RC - 1 into a staged tile dst [RC][RP] with XOR-swizzled 16-byte chunks
+// (pd_swizzle), by NT threads; rows at or past k_end and columns past R are zero-filled.
+template <typename T, int RP, int RC, int NT>
+__device__ __forceinline__ void stage_pd_rows(T* dst, const T* __restrict__ pd, int k0, int k_end, int R) {
+  constexpr int CH = RP / 8;
+  for (int idx = threadIdx.x; idx < RC * CH; idx += NT) {
+    const int kl = idx / CH, ch = idx % CH;
+    const int kg = k0 + kl;
+    const bool ok = kg < k_end && ch * 8 < R;
+    const T* src = ok ? pd + static_cast<int64_t>(kg) * R + ch * 8 : pd;
+    cp_async16(dst + kl * RP + ((ch ^ pd_swizzle<RP>(kl)) * 8), src, ok ? 16 : 0);
+  }
+}
+
 // cacc += the lane's rows of x . proj_down over one 64-channel chunk (mma m16n8k16): the lane's 16 consecutive
 // channels are its A fragments' k indices in a permuted order, and the staged proj_down rows are read in the same
 // order. pd_base: the staged chunk's address plus the lane's pd_lane.
@@ -364,17 +378,9 @@ __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel
   if constexpr (RP > 0) pd_lane_offsets<RP>(kw, lane, pd_lane, pd_chunk_xor);
 
   auto stage_pd = [&](int q, int buf) {
-    if constexpr (RP > 0) {
-      T* dst = reinterpret_cast<T*>(smem + buf * BUF + RC * 8);
-      constexpr int CH = RP / 8;
-      for (int idx = threadIdx.x; idx < RC * CH; idx += NT) {
-        const int kl = idx / CH, ch = idx % CH;
-        const int kg = (c_begin + q * KW) * 64 + kl;
-        const bool ok = kg < c_end * 64 && ch * 8 < R;
-        const T* src = ok ? pd + static_cast<int64_t>(kg) * R + ch * 8 : pd;
-        cp_async16(dst + kl * RP + ((ch ^ pd_swizzle<RP>(kl)) * 8), src, ok ? 16 : 0);
-      }
-    }
+    if constexpr (RP > 0)
+      stage_pd_rows<T, RP, RC, NT>(reinterpret_cast<T*>(smem + buf * BUF + RC * 8), pd, (c_begin + q * KW) * 64,
+                                   c_end * 64, R);
     cp_async_commit();
   };
   float sv[SV];
@@ -584,16 +590,15 @@ __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel
 }
 
 // W4A8's first pass, pipelined (Hopper, R <= 64, SVDQUANT_OPS_CUDA_W4A8_GMAX=pipe until it has run on a GPU: see
-// kW4a8GroupMaxPipeDefault; its ~108 KB per block do not fit sm_86 / sm_89): the group-max pass of
-// quantize_fast_kernel (per-chunk amaxes of x_hat, down_act partial sums per K slice) with x staged through shared
-// memory by cp.async,
-// kPipeStages stages of 64 tokens x 128 channels in flight per block, instead of one 16-byte register prefetch per
-// lane and round. Why: that kernel read x at ~1.6 TB/s on the H200 (17.6 us at M = 4608, K = 3072, R = 32, against
-// ~6 us at the memory's bandwidth) with ~48 KB of loads in flight per SM; 2 blocks of 3 stages ahead keep ~96 KB in
-// flight. Per stage and k-warp the lane reads its 16 channels of rows g and g + 8 from shared memory (rows padded to
-// 144 bytes: the 8 lanes of an LDS.128 phase hit distinct banks) in the register layout of the register-prefetch
-// kernel, so the amax and the mma are the same code (w4a8_chunk_amax, down_mma_chunk) and the outputs the same
-// values: amaxes bit for bit, down_act summed per slice in the same order (slices may differ in number).
+// kW4a8GroupMaxPipeDefault; its ~108 KB per block do not fit sm_86 / sm_89): the group-max pass of quantize_fast_kernel
+// (per-chunk amaxes of x_hat, down_act partial sums per K slice) with x staged through shared memory by cp.async,
+// kPipeStages stages of 64 tokens x 128 channels in flight per block, instead of one 16-byte register prefetch per lane
+// and round. Why: that kernel read x at ~1.6 TB/s on the H200 (17.6 us at M = 4608, K = 3072, R = 32, against ~6 us at
+// the memory's bandwidth) with ~48 KB of loads in flight per SM; 2 blocks of 3 stages ahead keep ~96 KB in flight. Per
+// stage and k-warp the lane reads its 16 channels of rows g and g + 8 from shared memory (rows padded to 144 bytes: the
+// 8 lanes of an LDS.128 phase hit distinct banks) in the register layout of the register-prefetch kernel, so the amax
+// and the mma are the same code (w4a8_chunk_amax, down_mma_chunk) and the outputs the same values: amaxes bit for bit,
+// down_act summed per slice in the same order (slices may differ in number).
 constexpr int kPipeStages = 4;       // RP <= 32; RP = 64 takes 3 (2 blocks per SM either way)
 constexpr int kPipeRowBytes = 144;   // 64 channels x 2 bytes + 16 bytes of padding
 
@@ -650,17 +655,8 @@ __global__ void __launch_bounds__(256, 2) quantize_w4a8_groupmax_pipe_kernel(con
         const T* src = ok ? x + static_cast<int64_t>(m0 + row) * K + (c0 + kc) * 64 + piece * 8 : x;
         cp_async16(st + (kc * 64 + row) * kPipeRowBytes + piece * 16, src, ok ? 16 : 0);
       }
-      if constexpr (RP > 0) {
-        T* dst = reinterpret_cast<T*>(st + L::kX + L::kSmooth);
-        constexpr int CH = RP / 8;
-        for (int idx = threadIdx.x; idx < RC * CH; idx += NT) {
-          const int kl = idx / CH, ch = idx % CH;
-          const int kg = c0 * 64 + kl;
-          const bool ok = kg < c_end * 64 && ch * 8 < R;
-          const T* src = ok ? pd + static_cast<int64_t>(kg) * R + ch * 8 : pd;
-          cp_async16(dst + kl * RP + ((ch ^ pd_swizzle<RP>(kl)) * 8), src, ok ? 16 : 0);
-        }
-      }
+      if constexpr (RP > 0)
+        stage_pd_rows<T, RP, RC, NT>(reinterpret_cast<T*>(st + L::kX + L::kSmooth), pd, c0 * 64, c_end * 64, R);
     }
     cp_async_commit();
   };
@@ -1236,7 +1232,8 @@ void dispatch_fast(const at::Tensor& x, const at::Tensor& smooth, const at::Tens
 }
 
 // W4A8's group-max pass by the pipelined kernel: one wave of blocks (2 per SM) over M / 64 row slabs x K slices of
-// >= 4 chunks where K allows (the last slice may be shorter); down_act's per-slice partial sums are added by down_act_split_reduce_kernel.
+// >= 4 chunks where K allows (the last slice may be shorter); down_act's per-slice partial sums are added by
+// down_act_split_reduce_kernel.
 template <typename T, int RP, int S>
 void launch_w4a8_groupmax_pipe(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd, at::Tensor& gmax,
                                at::Tensor& down_act, int M, int K, int R, cudaStream_t stream) {
