@@ -243,6 +243,8 @@ def test_quantize_act_w4a8_groupmax_dispatch(monkeypatch, R, gmax, pipelined):
     _select_path(monkeypatch, f"gmax-{gmax}" if gmax else "fast")
     names = _w4a8_quantize_kernels(256, 3072, R)
     assert any("quantize_tokens_fast_kernel" in n for n in names), names
+    # K is split into slices here; the token kernel adds their down_act partial sums (no reduce launch)
+    assert not any("down_act_split_reduce_kernel" in n for n in names), names
     assert any("quantize_w4a8_groupmax_pipe_kernel" in n for n in names) == pipelined, names
     assert any("quantize_fast_kernel" in n for n in names) == (not pipelined), names
 
@@ -305,7 +307,9 @@ def test_quantize_act_wide_range_bit_exact(path, precision, unsigned, dtype):
 
 def test_quantize_act_w4a8_unaligned_smooth(w4a8_path):
     """A smooth vector that is a view at a 2-byte offset: the fast W4A8 path's vector token kernel needs 16-byte
-    aligned rows of smooth and falls back to the one-element-per-lane kernel, bit-exact either way."""
+    aligned rows of smooth and falls back to the one-element-per-lane kernel, bit-exact either way. down_act too:
+    the vector token kernel adds the first pass's K-slice partial sums (21 chunks here: several slices) itself, the
+    fallback leaves them to the reduce kernel, in the same order."""
     g = session_generator(4242)
     x, smooth, pd = op_args("quantize_act", act_inputs(77, 1344, 32, torch.bfloat16, g))
     ref = OPS.quantize_act(x, smooth, pd, "w4a8", False)
@@ -317,6 +321,8 @@ def test_quantize_act_w4a8_unaligned_smooth(w4a8_path):
     assert_bits_equal(out[0], ref[0], "codes")
     assert_bits_equal(out[1], ref[1], "scales")
     assert rel_fro(out[2], ref[2]) < 1e-5
+    aligned = OPS.quantize_act(x.to(DEV), smooth.to(DEV), pd.to(DEV), "w4a8", False)
+    assert_bits_equal(aligned[2], out[2].cpu(), "down_act (vector token kernel vs reduce kernel)")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

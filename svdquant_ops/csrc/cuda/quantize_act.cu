@@ -17,8 +17,8 @@
 //   exchanging partial amaxes and down products through distributed shared memory); it is exact but slower. The
 //   two passes: the fast kernel in a mode that writes only each (token, 64-chunk) amax of x_hat and down_act, then
 //   the token kernel (2 tokens per warp) reduces the amaxes to each token's scale and writes the int8 codes (reading
-//   x a second time). Both recompute rows whose amax is outside the bounds at
-//   kW4a8AmaxLo with IEEE divisions. Portable: a warp per token computes the amax itself.
+//   x a second time) and adds down_act's K-slice partial sums. Both recompute rows whose amax is outside the bounds
+//   at kW4a8AmaxLo with IEEE divisions. Portable: a warp per token computes the amax itself.
 // quantize_act_given_amax (W4A8 with each token's amax given, as Inductor computes it inside the kernel that
 //   produces x): one pass of the fast kernel writing int8 codes and down_act; portable: the token kernel with the
 //   given amax, and the portable down_act kernel.
@@ -799,7 +799,9 @@ __device__ __forceinline__ uint2 w4a8_codes8(const float (&xh)[8], float sc, flo
 // math (2 x (kTokRows + 1) 16-byte loads in flight per lane). x_hat = div3(x, smooth) with no per-element range
 // check for rows whose amax passes w4a8_row_fast (see kW4a8AmaxLo), IEEE divisions for the other rows; x_hat / scale
 // by div3 plus a rounding without F2I for rows whose scale is in [2^-52, 2^52], by div_rn_fast (checked per element)
-// for the others.
+// for the others. Where the first pass split K into slices, the kernel also adds each of its rows' down_act partial
+// sums `part` [splits, M, R] in slice order (R = 0: nothing to add), as down_act_split_reduce_kernel would: one
+// launch less per call.
 constexpr int kTokRows = 2, kTokWarps = 4;
 
 template <typename T>
@@ -807,8 +809,10 @@ __global__ void __launch_bounds__(32 * kTokWarps) quantize_tokens_fast_kernel(co
                                                                               const T* __restrict__ smooth,
                                                                               const float* __restrict__ gmax,
                                                                               int8_t* __restrict__ codes,
-                                                                              T* __restrict__ scales, int M, int K,
-                                                                              int G) {
+                                                                              T* __restrict__ scales,
+                                                                              const float* __restrict__ part,
+                                                                              float* __restrict__ down_act, int M,
+                                                                              int K, int G, int R, int splits) {
   constexpr uint32_t FULL = 0xffffffffu;
   const int lane = threadIdx.x & 31;
   const int row0 = (blockIdx.x * kTokWarps + (threadIdx.x >> 5)) * kTokRows;
@@ -849,6 +853,16 @@ __global__ void __launch_bounds__(32 * kTokWarps) quantize_tokens_fast_kernel(co
     ys[h] = rcp_for_div(sc[h]);
     qfast[h] = sc[h] >= 0x1p-52f && sc[h] <= 0x1p52f;
     if (lane == 0 && row0 + h < M) scales[row0 + h] = static_cast<T>(sc[h]);
+    // down_act of this row from the first pass's K slices (R = 0: none left), added in slice order as
+    // down_act_split_reduce_kernel does: the same bits
+    if (row0 + h < M) {
+      const int64_t n = static_cast<int64_t>(M) * R, at = static_cast<int64_t>(row0 + h) * R;
+      for (int r = lane; r < R; r += 32) {
+        float acc = part[at + r];
+        for (int k = 1; k < splits; ++k) acc += part[k * n + at + r];
+        down_act[at + r] = acc;
+      }
+    }
   }
   uint4 xn[kTokRows], ln;
   auto load = [&](int k) {
@@ -1111,19 +1125,29 @@ inline int chunks_per_slice(int nchunks, int& splits) {
   return cps;
 }
 
-// Where a sliced kernel writes down_act: with several slices (and R > 0) a [splits, M, R] workspace `part`, added in
-// slice order by down_act_split_reduce_kernel (down_act_slices_end), else down_act itself (nullptr for R = 0).
-float* down_act_slices_begin(at::Tensor& down_act, at::Tensor& part, int splits, int M, int R) {
+// What a sliced kernel leaves of down_act: with several slices (and R > 0) the per-slice partial sums [splits, M, R]
+// in `part`, for the caller to add in slice order (down_act_slices_end, or W4A8's token kernel on its way), else
+// nothing (the kernel wrote down_act itself; `part` undefined).
+struct DownActParts {
+  at::Tensor part;
+  int splits = 1;
+  bool pending() const { return part.defined(); }
+};
+
+// Where a sliced kernel writes down_act: the workspace of `parts` with several slices (and R > 0), else down_act
+// itself (nullptr for R = 0).
+float* down_act_slices_begin(at::Tensor& down_act, DownActParts& parts, int splits, int M, int R) {
   if (R == 0) return nullptr;
   if (splits == 1) return down_act.data_ptr<float>();
-  part = at::empty({splits, static_cast<int64_t>(M), R}, down_act.options());
-  return part.data_ptr<float>();
+  parts.part = at::empty({splits, static_cast<int64_t>(M), R}, down_act.options());
+  parts.splits = splits;
+  return parts.part.data_ptr<float>();
 }
-void down_act_slices_end(const at::Tensor& part, at::Tensor& down_act, int splits, int M, int R, cudaStream_t stream) {
-  if (splits == 1 || R == 0) return;
+void down_act_slices_end(const DownActParts& parts, at::Tensor& down_act, int M, int R, cudaStream_t stream) {
+  if (!parts.pending()) return;
   const int64_t n = static_cast<int64_t>(M) * R;
   down_act_split_reduce_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(
-      part.data_ptr<float>(), down_act.data_ptr<float>(), n, splits);
+      parts.part.data_ptr<float>(), down_act.data_ptr<float>(), n, parts.splits);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -1137,9 +1161,9 @@ inline int diag_int(const char* name, int fallback) {
 #endif
 
 template <typename T, int RW, int KW, int RP, int kFmt, int kMinBlocks>
-void launch_fast(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd, at::Tensor& codes,
-                 at::Tensor& scales, at::Tensor& down_act, const float* amax_in, int M, int K, int R,
-                 bool act_unsigned, cudaStream_t stream) {
+DownActParts launch_fast(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd, at::Tensor& codes,
+                         at::Tensor& scales, at::Tensor& down_act, const float* amax_in, int M, int K, int R,
+                         bool act_unsigned, cudaStream_t stream) {
   constexpr int BUF = 64 * KW * 8 + 64 * KW * RP * 2;
   constexpr int SMEM = 2 * BUF;
   auto kernel = quantize_fast_kernel<T, RW, KW, RP, kFmt, kMinBlocks>;
@@ -1167,8 +1191,8 @@ void launch_fast(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor
   if (keep_override >= 0) keep_x = kFmt == kFmtGroupMax && keep_override == 1;
 #endif
   const int cps = chunks_per_slice(nchunks, splits);
-  at::Tensor part;
-  float* down_act_dst = down_act_slices_begin(down_act, part, splits, M, R);
+  DownActParts parts;
+  float* down_act_dst = down_act_slices_begin(down_act, parts, splits, M, R);
   kernel<<<dim3(slabs, splits), 32 * RW * KW, SMEM, stream>>>(
       reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const T*>(smooth.data_ptr()),
       R > 0 ? reinterpret_cast<const T*>(pd.data_ptr()) : nullptr,
@@ -1176,36 +1200,31 @@ void launch_fast(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor
       amax_in, M, K, R, act_unsigned, cps, keep_x);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   debug_sync(stream, "quantize_act fast");
-  down_act_slices_end(part, down_act, splits, M, R, stream);
+  return parts;
 }
 
 template <typename T, int RW, int KW, int kFmt, int kMinBlocks = 2>
-void dispatch_rp(int RP, const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd, at::Tensor& codes,
-                 at::Tensor& scales, at::Tensor& down_act, const float* am, int M, int K, int R, bool act_unsigned,
-                 cudaStream_t st) {
+DownActParts dispatch_rp(int RP, const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd,
+                         at::Tensor& codes, at::Tensor& scales, at::Tensor& down_act, const float* am, int M, int K,
+                         int R, bool act_unsigned, cudaStream_t st) {
   // W4A8's group-max pass (no codes to hold) fits 3 blocks per SM without spills up to RP = 32 (80 registers)
   constexpr int kMinSmall = (kFmt == kFmtGroupMax && RW == 4 && KW == 2) ? 3 : kMinBlocks;
   switch (RP) {
     case 0:
-      launch_fast<T, RW, KW, 0, kFmt, kMinSmall>(x, smooth, pd, codes, scales, down_act, am, M, K, R,
+      return launch_fast<T, RW, KW, 0, kFmt, kMinSmall>(x, smooth, pd, codes, scales, down_act, am, M, K, R,
                                                  act_unsigned, st);
-      break;
     case 16:
-      launch_fast<T, RW, KW, 16, kFmt, kMinSmall>(x, smooth, pd, codes, scales, down_act, am, M, K, R,
+      return launch_fast<T, RW, KW, 16, kFmt, kMinSmall>(x, smooth, pd, codes, scales, down_act, am, M, K, R,
                                                   act_unsigned, st);
-      break;
     case 32:
-      launch_fast<T, RW, KW, 32, kFmt, kMinSmall>(x, smooth, pd, codes, scales, down_act, am, M, K, R,
+      return launch_fast<T, RW, KW, 32, kFmt, kMinSmall>(x, smooth, pd, codes, scales, down_act, am, M, K, R,
                                                   act_unsigned, st);
-      break;
     case 64:
-      launch_fast<T, RW, KW, 64, kFmt, kMinBlocks>(x, smooth, pd, codes, scales, down_act, am, M, K, R,
+      return launch_fast<T, RW, KW, 64, kFmt, kMinBlocks>(x, smooth, pd, codes, scales, down_act, am, M, K, R,
                                                    act_unsigned, st);
-      break;
     default:  // 64 accumulators per lane: compiled for one block per SM (at two it spills 256-420 bytes)
-      launch_fast<T, RW, KW, 128, kFmt, 1>(x, smooth, pd, codes, scales, down_act, am, M, K, R,
+      return launch_fast<T, RW, KW, 128, kFmt, 1>(x, smooth, pd, codes, scales, down_act, am, M, K, R,
                                            act_unsigned, st);
-      break;
   }
 }
 
@@ -1213,30 +1232,30 @@ void dispatch_rp(int RP, const at::Tensor& x, const at::Tensor& smooth, const at
 // tokens. Diagnostics builds also compile, for SVDQUANT_OPS_QA_CFG (read on every call): =2 the earlier 32 tokens x 4
 // k-warps shape, =3 the shipped shape compiled for 3 blocks per SM (W4A8's group-max pass ships that for RP <= 32).
 template <typename T, int kFmt>
-void dispatch_fast(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd, at::Tensor& codes,
-                   at::Tensor& scales, at::Tensor& down_act, int M, int K, int R, bool act_unsigned, cudaStream_t st,
-                   const float* am = nullptr) {
+DownActParts dispatch_fast(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd, at::Tensor& codes,
+                           at::Tensor& scales, at::Tensor& down_act, int M, int K, int R, bool act_unsigned,
+                           cudaStream_t st, const float* am = nullptr) {
   const int RP = R == 0 ? 0 : (R <= 16 ? 16 : (R <= 32 ? 32 : (R <= 64 ? 64 : 128)));
 #if SVDQ_DIAGNOSTICS
   const int cfg = diag_int("SVDQUANT_OPS_QA_CFG", 0);
   if (cfg == 2) {
-    dispatch_rp<T, 2, 4, kFmt>(RP, x, smooth, pd, codes, scales, down_act, am, M, K, R, act_unsigned, st);
-    return;
+    return dispatch_rp<T, 2, 4, kFmt>(RP, x, smooth, pd, codes, scales, down_act, am, M, K, R, act_unsigned, st);
   }
   if (cfg == 3) {
-    dispatch_rp<T, 4, 2, kFmt, 3>(RP, x, smooth, pd, codes, scales, down_act, am, M, K, R, act_unsigned, st);
-    return;
+    return dispatch_rp<T, 4, 2, kFmt, 3>(RP, x, smooth, pd, codes, scales, down_act, am, M, K, R, act_unsigned,
+                                         st);
   }
 #endif
-  dispatch_rp<T, 4, 2, kFmt>(RP, x, smooth, pd, codes, scales, down_act, am, M, K, R, act_unsigned, st);
+  return dispatch_rp<T, 4, 2, kFmt>(RP, x, smooth, pd, codes, scales, down_act, am, M, K, R, act_unsigned, st);
 }
 
 // W4A8's group-max pass by the pipelined kernel: one wave of blocks (2 per SM) over M / 64 row slabs x K slices of
 // >= 4 chunks where K allows (the last slice may be shorter); down_act's per-slice partial sums are added by
 // down_act_split_reduce_kernel.
 template <typename T, int RP, int S>
-void launch_w4a8_groupmax_pipe(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd, at::Tensor& gmax,
-                               at::Tensor& down_act, int M, int K, int R, cudaStream_t stream) {
+DownActParts launch_w4a8_groupmax_pipe(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd,
+                                       at::Tensor& gmax, at::Tensor& down_act, int M, int K, int R,
+                                       cudaStream_t stream) {
   constexpr int kBytes = PipeSmem<RP, S>::kBytes;
   auto kernel = quantize_w4a8_groupmax_pipe_kernel<T, RP, S>;
   static PerDeviceOnce smem_attr;  // per instantiation and device, on its first (eager) call
@@ -1249,14 +1268,14 @@ void launch_w4a8_groupmax_pipe(const at::Tensor& x, const at::Tensor& smooth, co
   if (splits_override > 0) splits = std::max(1, std::min(splits_override, nchunks / 2));
 #endif
   const int cps = chunks_per_slice(nchunks, splits);
-  at::Tensor part;
-  float* down_act_dst = down_act_slices_begin(down_act, part, splits, M, R);
+  DownActParts parts;
+  float* down_act_dst = down_act_slices_begin(down_act, parts, splits, M, R);
   kernel<<<dim3(slabs, splits), 256, kBytes, stream>>>(
       reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const T*>(smooth.data_ptr()),
       R > 0 ? reinterpret_cast<const T*>(pd.data_ptr()) : nullptr, gmax.data_ptr<float>(), down_act_dst, M, K, R, cps);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   debug_sync(stream, "quantize_act w4a8 group-max (pipelined)");
-  down_act_slices_end(part, down_act, splits, M, R, stream);
+  return parts;
 }
 
 // Whether the pipelined kernel is W4A8's first pass by default on Hopper. Off until it has passed the GPU tests and
@@ -1273,19 +1292,15 @@ bool w4a8_groupmax_pipelined(int R) {
 }
 
 template <typename T>
-void dispatch_w4a8_groupmax(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd, at::Tensor& codes,
-                            at::Tensor& gmax, at::Tensor& down_act, int M, int K, int R, cudaStream_t st) {
-  if (!w4a8_groupmax_pipelined(R)) {
-    dispatch_fast<T, kFmtGroupMax>(x, smooth, pd, codes, gmax, down_act, M, K, R, false, st);
-  } else if (R == 0) {
-    launch_w4a8_groupmax_pipe<T, 0, kPipeStages>(x, smooth, pd, gmax, down_act, M, K, R, st);
-  } else if (R <= 16) {
-    launch_w4a8_groupmax_pipe<T, 16, kPipeStages>(x, smooth, pd, gmax, down_act, M, K, R, st);
-  } else if (R <= 32) {
-    launch_w4a8_groupmax_pipe<T, 32, kPipeStages>(x, smooth, pd, gmax, down_act, M, K, R, st);
-  } else {
-    launch_w4a8_groupmax_pipe<T, 64, kPipeStages - 1>(x, smooth, pd, gmax, down_act, M, K, R, st);
-  }
+DownActParts dispatch_w4a8_groupmax(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd,
+                                    at::Tensor& codes, at::Tensor& gmax, at::Tensor& down_act, int M, int K, int R,
+                                    cudaStream_t st) {
+  if (!w4a8_groupmax_pipelined(R))
+    return dispatch_fast<T, kFmtGroupMax>(x, smooth, pd, codes, gmax, down_act, M, K, R, false, st);
+  if (R == 0) return launch_w4a8_groupmax_pipe<T, 0, kPipeStages>(x, smooth, pd, gmax, down_act, M, K, R, st);
+  if (R <= 16) return launch_w4a8_groupmax_pipe<T, 16, kPipeStages>(x, smooth, pd, gmax, down_act, M, K, R, st);
+  if (R <= 32) return launch_w4a8_groupmax_pipe<T, 32, kPipeStages>(x, smooth, pd, gmax, down_act, M, K, R, st);
+  return launch_w4a8_groupmax_pipe<T, 64, kPipeStages - 1>(x, smooth, pd, gmax, down_act, M, K, R, st);
 }
 
 // down_act = x @ proj_down by the portable kernel (a thread per element, K in order).
@@ -1410,28 +1425,34 @@ void quantize_w4a8(const QuantizeActShape& s, bool fast, const at::Tensor& x, co
     if (done) return;
   }
   at::Tensor gmax;
+  DownActParts parts;  // the group-max pass's down_act partial sums, when it split K
   if (fast) {
     const int M = static_cast<int>(s.M), K = static_cast<int>(s.K), R = static_cast<int>(s.R);
     gmax = at::empty({s.M, G64}, x.options().dtype(at::kFloat));
-    if (x.scalar_type() == at::kBFloat16)
-      dispatch_w4a8_groupmax<c10::BFloat16>(x, smooth, proj_down, act_codes, gmax, down_act, M, K, R, stream);
-    else
-      dispatch_w4a8_groupmax<c10::Half>(x, smooth, proj_down, act_codes, gmax, down_act, M, K, R, stream);
+    parts = x.scalar_type() == at::kBFloat16
+        ? dispatch_w4a8_groupmax<c10::BFloat16>(x, smooth, proj_down, act_codes, gmax, down_act, M, K, R, stream)
+        : dispatch_w4a8_groupmax<c10::Half>(x, smooth, proj_down, act_codes, gmax, down_act, M, K, R, stream);
   } else if (s.R > 0) {
     launch_down_act_portable(s, x, proj_down, down_act, stream);
   }
   const float* gm = fast ? gmax.data_ptr<float>() : nullptr;
   if (fast && aligned16(smooth.data_ptr())) {
+    // the token kernel also adds the partial sums (one launch less per call; same order as the reduce kernel)
     const int M = static_cast<int>(s.M), K = static_cast<int>(s.K), G = static_cast<int>(G64);
+    const int R = parts.pending() ? static_cast<int>(s.R) : 0;
+    const float* part = parts.pending() ? parts.part.data_ptr<float>() : nullptr;
+    float* da = parts.pending() ? down_act.data_ptr<float>() : nullptr;
     const unsigned blocks = static_cast<unsigned>((s.M + kTokRows * kTokWarps - 1) / (kTokRows * kTokWarps));
     if (x.scalar_type() == at::kBFloat16)
       quantize_tokens_fast_kernel<c10::BFloat16><<<blocks, 32 * kTokWarps, 0, stream>>>(
           x.data_ptr<c10::BFloat16>(), smooth.data_ptr<c10::BFloat16>(), gm, cd,
-          act_scales.data_ptr<c10::BFloat16>(), M, K, G);
+          act_scales.data_ptr<c10::BFloat16>(), part, da, M, K, G, R, parts.splits);
     else
       quantize_tokens_fast_kernel<c10::Half><<<blocks, 32 * kTokWarps, 0, stream>>>(
-          x.data_ptr<c10::Half>(), smooth.data_ptr<c10::Half>(), gm, cd, act_scales.data_ptr<c10::Half>(), M, K, G);
+          x.data_ptr<c10::Half>(), smooth.data_ptr<c10::Half>(), gm, cd, act_scales.data_ptr<c10::Half>(), part, da,
+          M, K, G, R, parts.splits);
   } else {
+    down_act_slices_end(parts, down_act, static_cast<int>(s.M), static_cast<int>(s.R), stream);
     const unsigned blocks = static_cast<unsigned>((s.M + 7) / 8);
     SVDQ_DISPATCH_FLOAT16_32(x.scalar_type(), "quantize_act_cuda_w4a8", [&] {
       quantize_tokens_kernel<scalar_t><<<blocks, 256, 0, stream>>>(
@@ -1450,19 +1471,17 @@ void quantize_groups_fast(const QuantizeActShape& s, const at::Tensor& x, const 
   const int M = static_cast<int>(s.M), K = static_cast<int>(s.K), R = static_cast<int>(s.R);
   const bool nvfp4 = s.precision == Precision::kNvfp4;
   const at::Tensor& pd = proj_down;
-  if (x.scalar_type() == at::kBFloat16) {
-    if (nvfp4)
-      dispatch_fast<c10::BFloat16, kFmtNvfp4>(x, smooth, pd, act_codes, act_scales, down_act, M, K, R, false, stream);
-    else
-      dispatch_fast<c10::BFloat16, kFmtInt4>(x, smooth, pd, act_codes, act_scales, down_act, M, K, R, act_unsigned,
-                                             stream);
-  } else {
-    if (nvfp4)
-      dispatch_fast<c10::Half, kFmtNvfp4>(x, smooth, pd, act_codes, act_scales, down_act, M, K, R, false, stream);
-    else
-      dispatch_fast<c10::Half, kFmtInt4>(x, smooth, pd, act_codes, act_scales, down_act, M, K, R, act_unsigned,
-                                         stream);
-  }
+  auto& ac = act_codes;
+  auto& as = act_scales;
+  const bool u = act_unsigned;
+  DownActParts parts;
+  if (x.scalar_type() == at::kBFloat16)
+    parts = nvfp4 ? dispatch_fast<c10::BFloat16, kFmtNvfp4>(x, smooth, pd, ac, as, down_act, M, K, R, false, stream)
+                  : dispatch_fast<c10::BFloat16, kFmtInt4>(x, smooth, pd, ac, as, down_act, M, K, R, u, stream);
+  else
+    parts = nvfp4 ? dispatch_fast<c10::Half, kFmtNvfp4>(x, smooth, pd, ac, as, down_act, M, K, R, false, stream)
+                  : dispatch_fast<c10::Half, kFmtInt4>(x, smooth, pd, ac, as, down_act, M, K, R, u, stream);
+  down_act_slices_end(parts, down_act, M, R, stream);
 }
 
 // INT4 / NVFP4, portable path: a thread per (token, group), then down_act.
@@ -1542,12 +1561,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_given_amax_cuda(cons
   const float* am = ac.data_ptr<float>();
   if (fast_kernel_ok(s, xc, pdc)) {
     const int M = static_cast<int>(s.M), K = static_cast<int>(s.K), R = static_cast<int>(s.R);
-    if (x.scalar_type() == at::kBFloat16)
-      dispatch_fast<c10::BFloat16, kFmtInt8Token>(xc, sc, pdc, act_codes, act_scales, down_act, M, K, R, false,
-                                                  stream, am);
-    else
-      dispatch_fast<c10::Half, kFmtInt8Token>(xc, sc, pdc, act_codes, act_scales, down_act, M, K, R, false, stream,
-                                              am);
+    const DownActParts parts =
+        x.scalar_type() == at::kBFloat16
+            ? dispatch_fast<c10::BFloat16, kFmtInt8Token>(xc, sc, pdc, act_codes, act_scales, down_act, M, K, R,
+                                                          false, stream, am)
+            : dispatch_fast<c10::Half, kFmtInt8Token>(xc, sc, pdc, act_codes, act_scales, down_act, M, K, R, false,
+                                                      stream, am);
+    down_act_slices_end(parts, down_act, M, R, stream);
     return {act_codes, act_scales, down_act};
   }
   if (s.R > 0) launch_down_act_portable(s, xc, pdc, down_act, stream);
