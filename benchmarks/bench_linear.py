@@ -196,35 +196,53 @@ FLUX_STEP_INPUTS = [(4608, 3072, 32, 38), (4608, 15360, 32, 38), (4096, 3072, 32
                     (512, 3072, 32, 57), (512, 12288, 32, 19)]
 
 
-def gmax_ab(dev, rep_ms):
-    """W4A8 quantize_act, pipelined group-max kernel against the register-prefetch one, same inputs and process:
-    codes and scales must be equal bit for bit, down_act within fp32 summation-order differences."""
-    var = "SVDQUANT_OPS_CUDA_W4A8_GMAX"
+def env_ab(dev, rep_ms, tag, var, a, b, exact_down_act):
+    """W4A8 quantize_act on a FLUX.1 step's inputs with environment variable `var` at value a, then b ("" = unset),
+    same inputs and process: codes and scales must be equal bit for bit, down_act too where `exact_down_act`, else
+    within fp32 summation-order differences; per-call (CUDA graph) and per-step times, and each kernel's time."""
     g = torch.Generator().manual_seed(5)
-    tot = {"pipe": 0.0, "regs": 0.0}
+    tot = {a: 0.0, b: 0.0}
     worst = 0.0
+    name = {v: v or "unset" for v in (a, b)}
     for M, K, R, calls in FLUX_STEP_INPUTS:
         L = make_layer(K, 3072, R, dev, g, "w4a8")
         x = torch.randn(M, K, generator=g).to(dev, torch.bfloat16)
         fn = lambda: torch.ops.svdquant.quantize_act(x, L["smooth"], L["pd"], "w4a8", False)
         us, outs = {}, {}
-        for name in ("regs", "pipe"):
-            os.environ[var] = name
-            outs[name] = fn()
-            us[name] = bench_graph(fn, rep_ms) * 1e3
-            log(f"  {name} kernels:", ", ".join(f"{n[:60]} {t:.1f} us" for n, t in kernel_times(fn)))
-            tot[name] += us[name] * calls / 1e3
+        for v in (a, b):
+            if v:
+                os.environ[var] = v
+            else:
+                os.environ.pop(var, None)
+            outs[v] = fn()
+            us[v] = bench_graph(fn, rep_ms) * 1e3
+            log(f"  {name[v]} kernels:", ", ".join(f"{n[:60]} {t:.1f} us" for n, t in kernel_times(fn)))
+            tot[v] += us[v] * calls / 1e3
         os.environ.pop(var, None)
-        same = torch.equal(outs["pipe"][0], outs["regs"][0]) and torch.equal(outs["pipe"][1], outs["regs"][1])
-        d = (outs["pipe"][2] - outs["regs"][2]).norm().item() / max(outs["regs"][2].norm().item(), 1e-30)
+        same = torch.equal(outs[a][0], outs[b][0]) and torch.equal(outs[a][1], outs[b][1])
+        d = (outs[b][2] - outs[a][2]).norm().item() / max(outs[a][2].norm().item(), 1e-30)
+        if exact_down_act:
+            same = same and torch.equal(outs[a][2], outs[b][2])
         worst = max(worst, d)
-        log(f"gmax_ab M={M} K={K} R={R}: regs {us['regs']:.1f} us, pipe {us['pipe']:.1f} us "
-            f"({us['regs'] / us['pipe']:.2f}x); x at {M * K * 2 / us['pipe'] / 1e3:.2f} TB/s; codes and scales equal: "
-            f"{same}; down_act rel. diff {d:.1e}")
+        # the op reads x twice (both passes) and writes int8 codes: 5 bytes per element
+        log(f"{tag} M={M} K={K} R={R}: {name[a]} {us[a]:.1f} us, {name[b]} {us[b]:.1f} us ({us[a] / us[b]:.2f}x); "
+            f"{name[b]} moves {M * K * 5 / us[b] / 1e6:.2f} TB/s; codes and scales equal: {same}; down_act rel. diff "
+            f"{d:.1e}")
         if not same:
-            raise SystemExit("gmax_ab: the two group-max kernels gave different codes or scales")
-    log(f"gmax_ab per FLUX step (quantize_act only): regs {tot['regs']:.2f} ms, pipe {tot['pipe']:.2f} ms; "
+            raise SystemExit(f"{tag}: {var}={name[a]} and {name[b]} gave different outputs")
+    log(f"{tag} per FLUX step (quantize_act only): {name[a]} {tot[a]:.2f} ms, {name[b]} {tot[b]:.2f} ms; "
         f"worst down_act rel. diff {worst:.1e}")
+
+
+def gmax_ab(dev, rep_ms):
+    """The pipelined group-max kernel against the register-prefetch one (SVDQUANT_OPS_CUDA_W4A8_GMAX)."""
+    env_ab(dev, rep_ms, "gmax_ab", "SVDQUANT_OPS_CUDA_W4A8_GMAX", "regs", "pipe", exact_down_act=False)
+
+
+def token_ab(dev, rep_ms):
+    """The token kernel over one K slice (SVDQUANT_OPS_QA_TOKEN_SPLITS=1, diagnostics build) against the shipped
+    rule (K split where M is small): all outputs equal bit for bit."""
+    env_ab(dev, rep_ms, "token_ab", "SVDQUANT_OPS_QA_TOKEN_SPLITS", "1", "", exact_down_act=True)
 
 
 def bench_eager(fn, rep_ms):
@@ -598,6 +616,9 @@ def main():
     ap.add_argument("--gmax-ab", action="store_true", help="only W4A8's quantize_act on a FLUX.1 step's input shapes "
                     "with the pipelined group-max kernel against the register-prefetch one "
                     "(SVDQUANT_OPS_CUDA_W4A8_GMAX=pipe / regs): outputs compared, per-call and per-step times")
+    ap.add_argument("--token-ab", action="store_true", help="only W4A8's quantize_act on a FLUX.1 step's input "
+                    "shapes with the token kernel over one K slice (SVDQUANT_OPS_QA_TOKEN_SPLITS=1) against the "
+                    "shipped split rule: outputs compared, times (needs SVDQUANT_OPS_DIAGNOSTICS=1)")
     ap.add_argument("--gemm-only", action="store_true", help="only time gemm at M=4608 per --schedules "
                     "(needs SVDQUANT_OPS_DIAGNOSTICS=1 unless --schedules is just promote)")
     ap.add_argument("--tile-overhead", action="store_true", help="only the sm90 GEMM kernel's time (no prep) at "
@@ -636,7 +657,10 @@ def main():
         needs.append(f"--overlap (SVDQUANT_OPS_GEMM_SCHEDULE={' / '.join(OTHER_SCHEDULES)})")
     if args.tile_overhead:
         needs.append("--tile-overhead (SVDQUANT_OPS_GEMM_EPILOGUE=direct|none)")
-    qa_knobs = [k for k in ("SVDQUANT_OPS_QA_CFG", "SVDQUANT_OPS_QA_SPLITS") if os.environ.get(k)]
+    if args.token_ab:
+        needs.append("--token-ab (SVDQUANT_OPS_QA_TOKEN_SPLITS)")
+    qa_knobs = [k for k in ("SVDQUANT_OPS_QA_CFG", "SVDQUANT_OPS_QA_SPLITS", "SVDQUANT_OPS_QA_TOKEN_SPLITS")
+                if os.environ.get(k)]
     if qa_knobs:
         needs.append(" / ".join(qa_knobs) + " (quantize_act configurations)")
     if needs and not diagnostics:
@@ -670,6 +694,9 @@ def main():
             "result's header)")
     if args.gmax_ab:
         gmax_ab(dev, args.rep_ms)
+        return
+    if args.token_ab:
+        token_ab(dev, args.rep_ms)
         return
     if args.quantize_only:
         g = torch.Generator().manual_seed(3)

@@ -801,7 +801,8 @@ __device__ __forceinline__ uint2 w4a8_codes8(const float (&xh)[8], float sc, flo
 // by div3 plus a rounding without F2I for rows whose scale is in [2^-52, 2^52], by div_rn_fast (checked per element)
 // for the others. Where the first pass split K into slices, the kernel also adds each of its rows' down_act partial
 // sums `part` [splits, M, R] in slice order (R = 0: nothing to add), as down_act_split_reduce_kernel would: one
-// launch less per call.
+// launch less per call. Where M is small, blockIdx.y takes a slice of K (k_per_block channels; see
+// token_kernel_k_per_block); every slice computes its rows' scales, slice 0 stores them and down_act.
 constexpr int kTokRows = 2, kTokWarps = 4;
 
 template <typename T>
@@ -812,7 +813,8 @@ __global__ void __launch_bounds__(32 * kTokWarps) quantize_tokens_fast_kernel(co
                                                                               T* __restrict__ scales,
                                                                               const float* __restrict__ part,
                                                                               float* __restrict__ down_act, int M,
-                                                                              int K, int G, int R, int splits) {
+                                                                              int K, int G, int R, int splits,
+                                                                              int k_per_block) {
   constexpr uint32_t FULL = 0xffffffffu;
   const int lane = threadIdx.x & 31;
   const int row0 = (blockIdx.x * kTokWarps + (threadIdx.x >> 5)) * kTokRows;
@@ -852,10 +854,10 @@ __global__ void __launch_bounds__(32 * kTokWarps) quantize_tokens_fast_kernel(co
     sc[h] = int4_scale<T>(amax, kInt8Qmax);
     ys[h] = rcp_for_div(sc[h]);
     qfast[h] = sc[h] >= 0x1p-52f && sc[h] <= 0x1p52f;
-    if (lane == 0 && row0 + h < M) scales[row0 + h] = static_cast<T>(sc[h]);
+    if (lane == 0 && row0 + h < M && blockIdx.y == 0) scales[row0 + h] = static_cast<T>(sc[h]);
     // down_act of this row from the first pass's K slices (R = 0: none left), added in slice order as
     // down_act_split_reduce_kernel does: the same bits
-    if (row0 + h < M) {
+    if (row0 + h < M && blockIdx.y == 0) {
       const int64_t n = static_cast<int64_t>(M) * R, at = static_cast<int64_t>(row0 + h) * R;
       for (int r = lane; r < R; r += 32) {
         float acc = part[at + r];
@@ -871,14 +873,16 @@ __global__ void __launch_bounds__(32 * kTokWarps) quantize_tokens_fast_kernel(co
     for (int h = 0; h < kTokRows; ++h)
       xn[h] = __ldcs(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(rows[h]) * K + k));
   };
-  int k = 8 * lane;
-  if (k < K) load(k);
-  for (; k < K; k += 256) {
+  // this block's channels (blockIdx.y: a slice of K where few rows would leave SMs idle; k_per_block % 256 == 0)
+  const int k_end = min(K, static_cast<int>(blockIdx.y + 1) * k_per_block);
+  int k = static_cast<int>(blockIdx.y) * k_per_block + 8 * lane;
+  if (k < k_end) load(k);
+  for (; k < k_end; k += 256) {
     uint4 xc[kTokRows];
 #pragma unroll
     for (int h = 0; h < kTokRows; ++h) xc[h] = xn[h];
     const uint4 lc = ln;
-    if (k + 256 < K) load(k + 256);
+    if (k + 256 < k_end) load(k + 256);
     float l[8], yl[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
@@ -1406,6 +1410,22 @@ int w4a8_cluster_for(const QuantizeActShape& s) {
   return device_is_sm90() && w4a8_cluster_opted_in() ? w4a8_cluster_size(s.K) : 0;
 }
 
+// Channels per block of W4A8's vector token kernel (a multiple of its 256-channel step). One block row of 8 tokens
+// per 8 rows leaves most SMs idle where M is small (M = 512, FLUX's text stream: 64 blocks of 4 warps on 132 SMs;
+// H100, 2026-12-06: 25.0 us at K = 12288 against 9.8 for the group-max pass, which splits K): there K is split over
+// blockIdx.y until there are ~4 blocks per SM, keeping >= 2 steps per block. Below 2 blocks per SM only: at
+// M >= 2048 each SM already holds several blocks. Diagnostics builds: SVDQUANT_OPS_QA_TOKEN_SPLITS forces the count.
+int token_kernel_k_per_block(int M, int K) {
+  const int steps = (K + 255) / 256;
+  const int blocks = (M + kTokRows * kTokWarps - 1) / (kTokRows * kTokWarps);
+  int splits = blocks < 2 * num_sms() ? std::max(1, std::min((4 * num_sms() + blocks - 1) / blocks, steps / 2)) : 1;
+#if SVDQ_DIAGNOSTICS
+  const int forced = diag_int("SVDQUANT_OPS_QA_TOKEN_SPLITS", 0);
+  if (forced > 0) splits = std::min(forced, steps);
+#endif
+  return 256 * ((steps + splits - 1) / splits);
+}
+
 // W4A8 (per-token INT8): on Hopper with SVDQUANT_OPS_CUDA_W4A8_CLUSTER=1, where K splits and such a cluster fits, the
 // cluster kernel (one pass). Other fast-path calls: the fast kernel's group-max pass (amaxes and down_act), then the
 // token kernel reading those amaxes; portable = down_act by the portable kernel, then the token kernel computing the
@@ -1442,15 +1462,16 @@ void quantize_w4a8(const QuantizeActShape& s, bool fast, const at::Tensor& x, co
     const int R = parts.pending() ? static_cast<int>(s.R) : 0;
     const float* part = parts.pending() ? parts.part.data_ptr<float>() : nullptr;
     float* da = parts.pending() ? down_act.data_ptr<float>() : nullptr;
-    const unsigned blocks = static_cast<unsigned>((s.M + kTokRows * kTokWarps - 1) / (kTokRows * kTokWarps));
+    const int kps = token_kernel_k_per_block(M, K);
+    const dim3 grid((M + kTokRows * kTokWarps - 1) / (kTokRows * kTokWarps), (K + kps - 1) / kps);
     if (x.scalar_type() == at::kBFloat16)
-      quantize_tokens_fast_kernel<c10::BFloat16><<<blocks, 32 * kTokWarps, 0, stream>>>(
+      quantize_tokens_fast_kernel<c10::BFloat16><<<grid, 32 * kTokWarps, 0, stream>>>(
           x.data_ptr<c10::BFloat16>(), smooth.data_ptr<c10::BFloat16>(), gm, cd,
-          act_scales.data_ptr<c10::BFloat16>(), part, da, M, K, G, R, parts.splits);
+          act_scales.data_ptr<c10::BFloat16>(), part, da, M, K, G, R, parts.splits, kps);
     else
-      quantize_tokens_fast_kernel<c10::Half><<<blocks, 32 * kTokWarps, 0, stream>>>(
+      quantize_tokens_fast_kernel<c10::Half><<<grid, 32 * kTokWarps, 0, stream>>>(
           x.data_ptr<c10::Half>(), smooth.data_ptr<c10::Half>(), gm, cd, act_scales.data_ptr<c10::Half>(), part, da,
-          M, K, G, R, parts.splits);
+          M, K, G, R, parts.splits, kps);
   } else {
     down_act_slices_end(parts, down_act, static_cast<int>(s.M), static_cast<int>(s.R), stream);
     const unsigned blocks = static_cast<unsigned>((s.M + 7) / 8);
