@@ -240,9 +240,9 @@ def gmax_ab(dev, rep_ms):
 
 
 def token_ab(dev, rep_ms):
-    """The token kernel over one K slice (SVDQUANT_OPS_QA_TOKEN_SPLITS=1, diagnostics build) against the shipped
-    rule (K split where M is small): all outputs equal bit for bit."""
-    env_ab(dev, rep_ms, "token_ab", "SVDQUANT_OPS_QA_TOKEN_SPLITS", "1", "", exact_down_act=True)
+    """W4A8's token kernel over all of K in one block per 8 rows against K split where M is small
+    (SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT=0 / 1): all outputs equal bit for bit."""
+    env_ab(dev, rep_ms, "token_ab", "SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT", "0", "1", exact_down_act=True)
 
 
 def bench_eager(fn, rep_ms):
@@ -617,8 +617,8 @@ def main():
                     "with the pipelined group-max kernel against the register-prefetch one "
                     "(SVDQUANT_OPS_CUDA_W4A8_GMAX=pipe / regs): outputs compared, per-call and per-step times")
     ap.add_argument("--token-ab", action="store_true", help="only W4A8's quantize_act on a FLUX.1 step's input "
-                    "shapes with the token kernel over one K slice (SVDQUANT_OPS_QA_TOKEN_SPLITS=1) against the "
-                    "shipped split rule: outputs compared, times (needs SVDQUANT_OPS_DIAGNOSTICS=1)")
+                    "shapes with the token kernel's K split where M is small off and on "
+                    "(SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT=0 / 1): outputs compared, per-call and per-step times")
     ap.add_argument("--gemm-only", action="store_true", help="only time gemm at M=4608 per --schedules "
                     "(needs SVDQUANT_OPS_DIAGNOSTICS=1 unless --schedules is just promote)")
     ap.add_argument("--tile-overhead", action="store_true", help="only the sm90 GEMM kernel's time (no prep) at "
@@ -657,10 +657,7 @@ def main():
         needs.append(f"--overlap (SVDQUANT_OPS_GEMM_SCHEDULE={' / '.join(OTHER_SCHEDULES)})")
     if args.tile_overhead:
         needs.append("--tile-overhead (SVDQUANT_OPS_GEMM_EPILOGUE=direct|none)")
-    if args.token_ab:
-        needs.append("--token-ab (SVDQUANT_OPS_QA_TOKEN_SPLITS)")
-    qa_knobs = [k for k in ("SVDQUANT_OPS_QA_CFG", "SVDQUANT_OPS_QA_SPLITS", "SVDQUANT_OPS_QA_TOKEN_SPLITS")
-                if os.environ.get(k)]
+    qa_knobs = [k for k in ("SVDQUANT_OPS_QA_CFG", "SVDQUANT_OPS_QA_SPLITS") if os.environ.get(k)]
     if qa_knobs:
         needs.append(" / ".join(qa_knobs) + " (quantize_act configurations)")
     if needs and not diagnostics:

@@ -9,9 +9,9 @@
 #     gmaxab    bench_linear.py --gmax-ab: W4A8 quantize_act on a FLUX.1 step's input shapes, the pipelined group-max
 #               kernel against the register-prefetch one (SVDQUANT_OPS_CUDA_W4A8_GMAX=pipe / regs): equal codes and scales,
 #               per-shape and per-step times
-#     tokenab   bench_linear.py --token-ab: W4A8 quantize_act on a FLUX.1 step's input shapes, the token kernel over
-#               one K slice (SVDQUANT_OPS_QA_TOKEN_SPLITS=1) against the shipped rule (K split where M is small):
-#               equal outputs, per-shape and per-step times                                       [diagnostics build]
+#     tokenab   bench_linear.py --token-ab: W4A8 quantize_act on a FLUX.1 step's input shapes, the token kernel
+#               with its K split where M is small off and on (SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT=0 / 1): equal
+#               outputs, per-shape and per-step times
 #     tiles     bench_linear.py --tile-overhead (GEMM kernel time split into per-tile fixed + per-stage cost)
 #                                                                                                 [diagnostics build]
 #     overlap   bench_linear.py --overlap: W4A8 gemm, shipped schedule vs SVDQUANT_OPS_GEMM_SCHEDULE=overlap and
@@ -97,7 +97,7 @@ for step in "$@"; do
     gemm) SVDQUANT_OPS_DIAGNOSTICS=1 python3 benchmarks/bench_linear.py --gemm-only \
             --schedules "${SCHEDULES:-promote,skeleton}" ${GEMM_ARGS:-} ;;
     gmaxab) python3 benchmarks/bench_linear.py --gmax-ab ;;
-    tokenab) SVDQUANT_OPS_DIAGNOSTICS=1 python3 benchmarks/bench_linear.py --token-ab ;;
+    tokenab) python3 benchmarks/bench_linear.py --token-ab ;;
     quantize)
       if [[ -n "${SVDQUANT_OPS_QA_CFG:-}${SVDQUANT_OPS_QA_SPLITS:-}" ]]; then
         SVDQUANT_OPS_DIAGNOSTICS=1 python3 benchmarks/bench_linear.py --quantize-only

@@ -57,6 +57,10 @@ def _select_path(monkeypatch, name):
         monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_GMAX", name[len("gmax-"):])
     else:
         monkeypatch.delenv("SVDQUANT_OPS_CUDA_W4A8_GMAX", raising=False)
+    if name == "token-split":  # W4A8's token kernel with K split over blocks where M is small (any GPU)
+        monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT", "1")
+    else:
+        monkeypatch.delenv("SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT", raising=False)
     return name
 
 
@@ -65,13 +69,14 @@ def path(request, monkeypatch):
     return _select_path(monkeypatch, request.param)
 
 
-@pytest.fixture(params=["fast", "gmax-pipe", "gmax-regs", "cluster", "portable"])
+@pytest.fixture(params=["fast", "gmax-pipe", "gmax-regs", "token-split", "cluster", "portable"])
 def w4a8_path(request, monkeypatch):
     """W4A8's quantize_act has three fast paths on Hopper: the two passes (the default, "fast"), whose first pass is
     the pipelined group-max kernel where R <= 64 with SVDQUANT_OPS_CUDA_W4A8_GMAX=pipe ("gmax-pipe") or the
     register-prefetch kernel with =regs ("gmax-regs"; other GPUs' only one), and, opted into with
     SVDQUANT_OPS_CUDA_W4A8_CLUSTER=1 ("cluster"), one pass by the cluster kernel where K splits into at most 8 slices
-    of at most 1920 channels."""
+    of at most 1920 channels. With SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT=1 ("token-split", any GPU) the second pass
+    splits K over blocks where M is small."""
     return _select_path(monkeypatch, request.param)
 
 
@@ -187,11 +192,11 @@ def test_quantize_act_matches_cpu(path, M, K, R, dtype, precision, unsigned):
         assert rel_fro(out[2], ref[2]) < 1e-5
 
 
-@pytest.mark.parametrize("other", ["cluster", "gmax-pipe", "gmax-regs"])
+@pytest.mark.parametrize("other", ["cluster", "gmax-pipe", "gmax-regs", "token-split"])
 @pytest.mark.parametrize("M,K,R,dtype", W4A8_QA_CASES)
 def test_quantize_act_w4a8_other_paths_match_cpu(monkeypatch, other, M, K, R, dtype):
-    """The W4A8 cases above again with the cluster kernel opted into (on Hopper it serves those whose K splits), and
-    with each group-max kernel named."""
+    """The W4A8 cases above again with the cluster kernel opted into (on Hopper it serves those whose K splits), with
+    each group-max kernel named, and with the token kernel's K split (all but the 4608-token cases split K)."""
     _select_path(monkeypatch, other)
     g = session_generator((other, M, K, R, str(dtype)))
     x, smooth, pd = op_args("quantize_act", act_inputs(M, K, R, dtype, g))
@@ -256,6 +261,16 @@ def test_quantize_act_w4a8_groupmax_variable_checked(monkeypatch):
     monkeypatch.delenv("SVDQUANT_OPS_CUDA_PORTABLE", raising=False)
     x, smooth, pd = to_dev(op_args("quantize_act", act_inputs(64, 3072, 32, torch.bfloat16, session_generator(7))))
     with pytest.raises(RuntimeError, match="SVDQUANT_OPS_CUDA_W4A8_GMAX must be 'pipe', 'regs' or unset, got 'fast'"):
+        OPS.quantize_act(x, smooth, pd, "w4a8", False)
+
+
+@needs_gpu
+def test_quantize_act_w4a8_token_split_variable_checked(monkeypatch):
+    """A value of SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT other than 1 / 0 is an error naming the variable."""
+    _select_path(monkeypatch, "fast")
+    monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT", "yes")
+    x, smooth, pd = to_dev(op_args("quantize_act", act_inputs(64, 3072, 32, torch.bfloat16, session_generator(8))))
+    with pytest.raises(RuntimeError, match="SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT must be '1', '0' or unset, got 'yes'"):
         OPS.quantize_act(x, smooth, pd, "w4a8", False)
 
 

@@ -55,6 +55,18 @@ inline W4a8GroupMax w4a8_groupmax_choice() {
   return W4a8GroupMax::kDefault;  // not reached
 }
 
+// SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT=1|0: whether W4A8's token kernel splits K over blocks where M is small
+// (token_kernel_k_per_block in quantize_act.cu); unset or empty, the library's default (kW4a8TokenSplitDefault
+// there). Read at every call: tests and benchmarks compare both in one process. -1: unset.
+inline int w4a8_token_split_choice() {
+  const char* v = std::getenv("SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT");
+  if (v == nullptr || v[0] == '\0') return -1;
+  if (std::strcmp(v, "1") == 0) return 1;
+  if (std::strcmp(v, "0") == 0) return 0;
+  TORCH_CHECK(false, "svdquant: SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT must be '1', '0' or unset, got '", v, "'");
+  return -1;  // not reached
+}
+
 constexpr int kMaxDevices = 64;
 
 inline int current_device_index() {

@@ -801,8 +801,9 @@ __device__ __forceinline__ uint2 w4a8_codes8(const float (&xh)[8], float sc, flo
 // by div3 plus a rounding without F2I for rows whose scale is in [2^-52, 2^52], by div_rn_fast (checked per element)
 // for the others. Where the first pass split K into slices, the kernel also adds each of its rows' down_act partial
 // sums `part` [splits, M, R] in slice order (R = 0: nothing to add), as down_act_split_reduce_kernel would: one
-// launch less per call. Where M is small, blockIdx.y takes a slice of K (k_per_block channels; see
-// token_kernel_k_per_block); every slice computes its rows' scales, slice 0 stores them and down_act.
+// launch less per call. With SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT=1, where M is small, blockIdx.y takes a slice of K
+// (k_per_block channels; see token_kernel_k_per_block); every slice computes its rows' scales, slice 0 stores them
+// and down_act.
 constexpr int kTokRows = 2, kTokWarps = 4;
 
 template <typename T>
@@ -1254,8 +1255,8 @@ DownActParts dispatch_fast(const at::Tensor& x, const at::Tensor& smooth, const 
 }
 
 // W4A8's group-max pass by the pipelined kernel: one wave of blocks (2 per SM) over M / 64 row slabs x K slices of
-// >= 4 chunks where K allows (the last slice may be shorter); down_act's per-slice partial sums are added by
-// down_act_split_reduce_kernel.
+// >= 4 chunks where K allows (the last slice may be shorter); down_act's per-slice partial sums go back to the
+// caller (DownActParts).
 template <typename T, int RP, int S>
 DownActParts launch_w4a8_groupmax_pipe(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd,
                                        at::Tensor& gmax, at::Tensor& down_act, int M, int K, int R,
@@ -1410,19 +1411,21 @@ int w4a8_cluster_for(const QuantizeActShape& s) {
   return device_is_sm90() && w4a8_cluster_opted_in() ? w4a8_cluster_size(s.K) : 0;
 }
 
-// Channels per block of W4A8's vector token kernel (a multiple of its 256-channel step). One block row of 8 tokens
-// per 8 rows leaves most SMs idle where M is small (M = 512, FLUX's text stream: 64 blocks of 4 warps on 132 SMs;
-// H100, 2026-12-06: 25.0 us at K = 12288 against 9.8 for the group-max pass, which splits K): there K is split over
-// blockIdx.y until there are ~4 blocks per SM, keeping >= 2 steps per block. Below 2 blocks per SM only: at
-// M >= 2048 each SM already holds several blocks. Diagnostics builds: SVDQUANT_OPS_QA_TOKEN_SPLITS forces the count.
-int token_kernel_k_per_block(int M, int K) {
+// Whether W4A8's token kernel splits K where M is small by default. Off until it has passed the GPU tests and been
+// timed on a GPU (written 2026-12-06 after the session's last device call); SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT=1
+// selects it meanwhile.
+constexpr bool kW4a8TokenSplitDefault = false;
+
+// Channels per block of W4A8's vector token kernel (a multiple of its 256-channel step). One block per 8 rows leaves
+// most SMs idle where M is small (M = 512, FLUX's text stream: 64 blocks of 4 warps on 132 SMs; H100, 2026-12-06:
+// 25.0 us at K = 12288 against 9.8 for the group-max pass, which splits K). With the split on, K is split over
+// blockIdx.y there until there are ~4 blocks per SM, keeping >= 2 steps per block; only below 2 blocks per SM: at
+// M >= 2048 each SM already holds several blocks.
+int token_kernel_k_per_block(int M, int K, bool on) {
   const int steps = (K + 255) / 256;
   const int blocks = (M + kTokRows * kTokWarps - 1) / (kTokRows * kTokWarps);
-  int splits = blocks < 2 * num_sms() ? std::max(1, std::min((4 * num_sms() + blocks - 1) / blocks, steps / 2)) : 1;
-#if SVDQ_DIAGNOSTICS
-  const int forced = diag_int("SVDQUANT_OPS_QA_TOKEN_SPLITS", 0);
-  if (forced > 0) splits = std::min(forced, steps);
-#endif
+  const int splits = on && blocks < 2 * num_sms()
+      ? std::max(1, std::min((4 * num_sms() + blocks - 1) / blocks, steps / 2)) : 1;
   return 256 * ((steps + splits - 1) / splits);
 }
 
@@ -1434,6 +1437,9 @@ void quantize_w4a8(const QuantizeActShape& s, bool fast, const at::Tensor& x, co
                    const at::Tensor& proj_down, at::Tensor& act_codes, at::Tensor& act_scales, at::Tensor& down_act,
                    cudaStream_t stream) {
   const int64_t G64 = s.K / kInt4Group;
+  // read before any launch: a bad value is an error on every W4A8 path, whatever the shape
+  const int split_choice = w4a8_token_split_choice();
+  const bool token_split = split_choice == 1 || (split_choice == -1 && kW4a8TokenSplitDefault);
   auto* cd = static_cast<int8_t*>(act_codes.data_ptr());
   const int C = fast ? w4a8_cluster_for(s) : 0;
   if (C > 0) {  // one pass, where such a cluster fits on this device
@@ -1462,7 +1468,7 @@ void quantize_w4a8(const QuantizeActShape& s, bool fast, const at::Tensor& x, co
     const int R = parts.pending() ? static_cast<int>(s.R) : 0;
     const float* part = parts.pending() ? parts.part.data_ptr<float>() : nullptr;
     float* da = parts.pending() ? down_act.data_ptr<float>() : nullptr;
-    const int kps = token_kernel_k_per_block(M, K);
+    const int kps = token_kernel_k_per_block(M, K, token_split);
     const dim3 grid((M + kTokRows * kTokWarps - 1) / (kTokRows * kTokWarps), (K + kps - 1) / kps);
     if (x.scalar_type() == at::kBFloat16)
       quantize_tokens_fast_kernel<c10::BFloat16><<<grid, 32 * kTokWarps, 0, stream>>>(
