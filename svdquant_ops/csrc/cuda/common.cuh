@@ -42,29 +42,26 @@ inline bool force_portable() { return env_flag("SVDQUANT_OPS_CUDA_PORTABLE"); }
 // exact but measured slower than the two passes, see quantize_act.cu), read at every call, so tests and benchmarks
 // compare both paths in one process.
 inline bool w4a8_cluster_opted_in() { return env_flag("SVDQUANT_OPS_CUDA_W4A8_CLUSTER"); }
-// SVDQUANT_OPS_CUDA_W4A8_GMAX=pipe|regs picks the kernel of W4A8's first pass (the two passes' group-max pass) on
-// Hopper: the pipelined one or the register-prefetch one; unset or empty, the library's default
-// (kW4a8GroupMaxPipeDefault in quantize_act.cu). Read at every call: tests and benchmarks compare both in one process.
-enum class W4a8GroupMax { kDefault, kPipe, kRegs };
-inline W4a8GroupMax w4a8_groupmax_choice() {
-  const char* v = std::getenv("SVDQUANT_OPS_CUDA_W4A8_GMAX");
-  if (v == nullptr || v[0] == '\0') return W4a8GroupMax::kDefault;
-  if (std::strcmp(v, "pipe") == 0) return W4a8GroupMax::kPipe;
-  if (std::strcmp(v, "regs") == 0) return W4a8GroupMax::kRegs;
-  TORCH_CHECK(false, "svdquant: SVDQUANT_OPS_CUDA_W4A8_GMAX must be 'pipe', 'regs' or unset, got '", v, "'");
-  return W4a8GroupMax::kDefault;  // not reached
+// A two-way run-time switch read at every call (tests and benchmarks compare both settings in one process): true for
+// `on`, false for `off`, `fallback` (the library's default) when unset or empty; any other value is an error naming
+// the variable.
+inline bool env_switch(const char* name, const char* on, const char* off, bool fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || v[0] == '\0') return fallback;
+  if (std::strcmp(v, on) == 0) return true;
+  if (std::strcmp(v, off) == 0) return false;
+  TORCH_CHECK(false, "svdquant: ", name, " must be '", on, "', '", off, "' or unset, got '", v, "'");
+  return fallback;  // not reached
 }
-
+// SVDQUANT_OPS_CUDA_W4A8_GMAX=pipe|regs: W4A8's first pass (the two passes' group-max pass) on Hopper by the
+// pipelined or the register-prefetch kernel; unset: `fallback` (kW4a8GroupMaxPipeDefault in quantize_act.cu).
+inline bool w4a8_groupmax_pipe(bool fallback) {
+  return env_switch("SVDQUANT_OPS_CUDA_W4A8_GMAX", "pipe", "regs", fallback);
+}
 // SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT=1|0: whether W4A8's token kernel splits K over blocks where M is small
-// (token_kernel_k_per_block in quantize_act.cu); unset or empty, the library's default (kW4a8TokenSplitDefault
-// there). Read at every call: tests and benchmarks compare both in one process. -1: unset.
-inline int w4a8_token_split_choice() {
-  const char* v = std::getenv("SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT");
-  if (v == nullptr || v[0] == '\0') return -1;
-  if (std::strcmp(v, "1") == 0) return 1;
-  if (std::strcmp(v, "0") == 0) return 0;
-  TORCH_CHECK(false, "svdquant: SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT must be '1', '0' or unset, got '", v, "'");
-  return -1;  // not reached
+// (token_kernel_k_per_block in quantize_act.cu); unset: `fallback` (kW4a8TokenSplitDefault there).
+inline bool w4a8_token_split(bool fallback) {
+  return env_switch("SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT", "1", "0", fallback);
 }
 
 constexpr int kMaxDevices = 64;

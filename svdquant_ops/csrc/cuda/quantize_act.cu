@@ -589,7 +589,7 @@ __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel
   }
 }
 
-// W4A8's first pass, pipelined (Hopper, R <= 64, SVDQUANT_OPS_CUDA_W4A8_GMAX=pipe until it has run on a GPU: see
+// W4A8's first pass, pipelined (Hopper, R <= 64, opt-in with SVDQUANT_OPS_CUDA_W4A8_GMAX=pipe: see
 // kW4a8GroupMaxPipeDefault; its ~108 KB per block do not fit sm_86 / sm_89): the group-max pass of quantize_fast_kernel
 // (per-chunk amaxes of x_hat, down_act partial sums per K slice) with x staged through shared memory by cp.async,
 // kPipeStages stages of 64 tokens x 128 channels in flight per block, instead of one 16-byte register prefetch per lane
@@ -1283,16 +1283,15 @@ DownActParts launch_w4a8_groupmax_pipe(const at::Tensor& x, const at::Tensor& sm
   return parts;
 }
 
-// Whether the pipelined kernel is W4A8's first pass by default on Hopper. Off until it has passed the GPU tests and
-// been timed against the register-prefetch kernel on a GPU (written 2026-12-05 without a GPU lent);
-// SVDQUANT_OPS_CUDA_W4A8_GMAX=pipe selects it meanwhile.
+// Whether the pipelined kernel is W4A8's first pass by default on Hopper. Off: exact on an H100 (2026-12-06) but
+// 0.89x-0.96x of the register-prefetch kernel's speed on FLUX's large shapes (both run under one wave at low
+// occupancy; benchmarks/results/2026-12-06-h100-gmax-ab-fold.md). SVDQUANT_OPS_CUDA_W4A8_GMAX=pipe selects it.
 constexpr bool kW4a8GroupMaxPipeDefault = false;
 
 // Whether W4A8's group-max pass takes the pipelined kernel: Hopper (2 blocks of its ~108 KB of shared memory per
 // SM), R <= 64, and SVDQUANT_OPS_CUDA_W4A8_GMAX=pipe (or unset, where kW4a8GroupMaxPipeDefault).
 bool w4a8_groupmax_pipelined(int R) {
-  const W4a8GroupMax c = w4a8_groupmax_choice();  // read first: a bad value is an error on every GPU this pass runs on
-  const bool pipe = c == W4a8GroupMax::kPipe || (c == W4a8GroupMax::kDefault && kW4a8GroupMaxPipeDefault);
+  const bool pipe = w4a8_groupmax_pipe(kW4a8GroupMaxPipeDefault);  // first: a bad value is an error on every GPU
   return pipe && R <= 64 && device_is_sm90();
 }
 
@@ -1438,8 +1437,7 @@ void quantize_w4a8(const QuantizeActShape& s, bool fast, const at::Tensor& x, co
                    cudaStream_t stream) {
   const int64_t G64 = s.K / kInt4Group;
   // read before any launch: a bad value is an error on every W4A8 path, whatever the shape
-  const int split_choice = w4a8_token_split_choice();
-  const bool token_split = split_choice == 1 || (split_choice == -1 && kW4a8TokenSplitDefault);
+  const bool token_split = w4a8_token_split(kW4a8TokenSplitDefault);
   auto* cd = static_cast<int8_t*>(act_codes.data_ptr());
   const int C = fast ? w4a8_cluster_for(s) : 0;
   if (C > 0) {  // one pass, where such a cluster fits on this device
