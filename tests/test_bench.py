@@ -40,6 +40,9 @@ KERNELS = {
     "c10::BFloat16 const*, c10::BFloat16 const*, c10::BFloat16 const*, float*, float*, int, int, int, int)":
         "act_quant",
     "void svdquant::cuda_impl::w4a16_gemv_kernel<__nv_bfloat16>(...)": "linear_svdquant",
+    "svdquant::cuda_impl::gemm::expand_w4a8_kernel(svdquant::cuda_impl::gemm::ExpandJob)": "linear_svdquant",
+    "svdquant::expand_w4a8_weight": "linear_svdquant",  # the op (CPU profile)
+    "svdquant::gemm_expanded": "linear_svdquant",
     # cuBLAS / CUTLASS GEMMs (bf16 and fp8 row-wise) and Inductor's GEMM templates
     "nvjet_tst_192x192_64x4_2x1_v_bz_coopA_TNT": "linear_dense",
     "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1_execute_segment_k_off_kernel__"

@@ -58,3 +58,39 @@ def test_fused_compiles_with_cuda_graphs():
             out = compiled(**inputs).sample.clone()
     assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
     torch.testing.assert_close(out, eager, rtol=2e-2, atol=2e-2)  # Inductor's fused elementwise rounding
+
+
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_expand_ahead_compiled_equals_without(mode):
+    """A compiled fused w4a8 model whose GEMMs expand each other's weights (install_compile_pass(expand_ahead=True))
+    gives the output of the same model compiled without, bit for bit, on the CUDA kernels; in one graph, also with
+    CUDA graphs."""
+    from torch._inductor import config
+
+    from svdquant_ops import ops
+
+    model = tiny_flux()
+    quantize_model(model, precision="w4a8")
+    fuse_qkv(model)
+    model.cuda()
+    inputs = _cuda(flux_inputs())
+    outs = []
+    for ahead in (False, True):
+        torch._dynamo.reset()
+        with config.patch(post_grad_custom_pre_pass=None, fx_graph_cache=False), torch.inference_mode():
+            ops.install_compile_pass(expand_ahead=ahead)
+            counters.clear()
+            compiled = torch.compile(model, fullgraph=True, mode=mode)
+            for _ in range(3):
+                torch.compiler.cudagraph_mark_step_begin()
+                out = compiled(**inputs).sample.clone()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                torch.compiler.cudagraph_mark_step_begin()
+                compiled(**inputs)
+        assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
+        if mode is None:  # (CUDA graph replays call no op)
+            names = [e.name for e in prof.events()]
+            assert names.count("svdquant::gemm_expanded") == (22 if ahead else 0)
+            assert names.count("svdquant::gemm") == (0 if ahead else 22)
+        outs.append(out)
+    assert torch.equal(outs[1], outs[0])

@@ -57,8 +57,8 @@ def _select_path(monkeypatch, name):
         monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_GMAX", name[len("gmax-"):])
     else:
         monkeypatch.delenv("SVDQUANT_OPS_CUDA_W4A8_GMAX", raising=False)
-    if name == "token-split":  # W4A8's token kernel with K split over blocks where M is small (any GPU)
-        monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT", "1")
+    if name in ("token-split", "token-nosplit"):  # W4A8's token kernel with / without K split where M is small
+        monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT", "1" if name == "token-split" else "0")
     else:
         monkeypatch.delenv("SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT", raising=False)
     return name
@@ -69,14 +69,14 @@ def path(request, monkeypatch):
     return _select_path(monkeypatch, request.param)
 
 
-@pytest.fixture(params=["fast", "gmax-pipe", "gmax-regs", "token-split", "cluster", "portable"])
+@pytest.fixture(params=["fast", "gmax-pipe", "gmax-regs", "token-split", "token-nosplit", "cluster", "portable"])
 def w4a8_path(request, monkeypatch):
     """W4A8's quantize_act has three fast paths on Hopper: the two passes (the default, "fast"), whose first pass is
     the pipelined group-max kernel where R <= 64 with SVDQUANT_OPS_CUDA_W4A8_GMAX=pipe ("gmax-pipe") or the
     register-prefetch kernel with =regs ("gmax-regs"; other GPUs' only one), and, opted into with
     SVDQUANT_OPS_CUDA_W4A8_CLUSTER=1 ("cluster"), one pass by the cluster kernel where K splits into at most 8 slices
-    of at most 1920 channels. With SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT=1 ("token-split", any GPU) the second pass
-    splits K over blocks where M is small."""
+    of at most 1920 channels. The second pass splits K over blocks where M is small (the default; also forced with
+    SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT=1, "token-split", any GPU), or not with =0 ("token-nosplit")."""
     return _select_path(monkeypatch, request.param)
 
 
@@ -192,11 +192,12 @@ def test_quantize_act_matches_cpu(path, M, K, R, dtype, precision, unsigned):
         assert rel_fro(out[2], ref[2]) < 1e-5
 
 
-@pytest.mark.parametrize("other", ["cluster", "gmax-pipe", "gmax-regs", "token-split"])
+@pytest.mark.parametrize("other", ["cluster", "gmax-pipe", "gmax-regs", "token-split", "token-nosplit"])
 @pytest.mark.parametrize("M,K,R,dtype", W4A8_QA_CASES)
 def test_quantize_act_w4a8_other_paths_match_cpu(monkeypatch, other, M, K, R, dtype):
     """The W4A8 cases above again with the cluster kernel opted into (on Hopper it serves those whose K splits), with
-    each group-max kernel named, and with the token kernel's K split (all but the 4608-token cases split K)."""
+    each group-max kernel named, and with the token kernel's K split forced on (all but the 4608-token cases split
+    K) and off."""
     _select_path(monkeypatch, other)
     g = session_generator((other, M, K, R, str(dtype)))
     x, smooth, pd = op_args("quantize_act", act_inputs(M, K, R, dtype, g))
@@ -595,6 +596,81 @@ def test_linear_end_to_end_matches_cpu(path):
     ref = OPS.linear(*args, "int4", False)
     out = OPS.linear(*to_dev(args), "int4", False)
     assert_output_close(out, ref, "linear")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# W4A8 weights expanded ahead: expand_w4a8_weight, gemm_expanded (the GEMM kernel expands the next weight)
+# ------------------------------------------------------------------------------------------------------------------
+def _random_w4a8_weight(N, K, g):
+    """Codes of every byte (nibble 8, which the quantizer never writes, included) and multipliers over [1, 18]."""
+    return (torch.randint(0, 256, (N, K // 2), generator=g, dtype=torch.uint8),
+            torch.randint(1, 19, (N, K // 64), generator=g, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("N,K", [(1, 64), (131, 192), (3072, 3072), (1000, 1088), (9216, 3072)])
+def test_expand_w4a8_weight_matches_cpu(N, K):
+    codes, mult = _random_w4a8_weight(N, K, session_generator(("expand", N, K)))
+    assert_bits_equal(OPS.expand_w4a8_weight(codes.to(DEV), mult.to(DEV)), OPS.expand_w4a8_weight(codes, mult),
+                      "expanded weight")
+
+
+# (M, N, K, R, model dtype, out dtype, next N, next K): the next weight smaller and larger than this one; tiles
+# from 1 (expanded by a kernel of its own after the GEMM: fewer CTAs than half the SMs) to 2 per SM (by the GEMM)
+EXPANDED_CASES = [
+    (1, 256, 64, 0, torch.bfloat16, torch.float32, 64, 128),
+    (7, 100, 192, 16, torch.bfloat16, torch.bfloat16, 3072, 3072),
+    (520, 3072, 3072, 32, torch.bfloat16, torch.bfloat16, 3072, 12288),
+    (1100, 2056, 1024, 32, torch.float16, torch.float16, 131, 192),
+    (2200, 2056, 1024, 32, torch.float16, torch.float32, 9216, 3072),
+    (4608, 3072, 3072, 32, torch.bfloat16, torch.bfloat16, 12288, 3072),
+]
+
+
+@pytest.mark.parametrize("M,N,K,R,model_dtype,out_dtype,nN,nK", EXPANDED_CASES)
+def test_gemm_expanded_matches_gemm_and_cpu(path, M, N, K, R, model_dtype, out_dtype, nN, nK):
+    """gemm_expanded on the GPU: its output equals the GPU gemm's bit for bit (the same kernel, fed the same int8
+    weight), and the CPU op's within the gemm tolerance; the next weight equals the CPU expansion bit for bit."""
+    g = session_generator(("expanded", M, N, K, nN, nK))
+    args = op_args("gemm", gemm_inputs(M, N, K, R, "w4a8", model_dtype, g))
+    ncodes, nmult = _random_w4a8_weight(nN, nK, g)
+    d = to_dev(args)
+    weight = OPS.expand_w4a8_weight(d[2], d[3])
+    out, nxt = OPS.gemm_expanded(*d, out_dtype, weight, ncodes.to(DEV), nmult.to(DEV))
+    assert torch.equal(out, OPS.gemm(*d, "w4a8", out_dtype, False)), "gemm_expanded differs from gemm"
+    assert_output_close(out, OPS.gemm(*args, "w4a8", out_dtype, False), f"gemm_expanded {M}x{N}x{K}")
+    assert_bits_equal(nxt, OPS.expand_w4a8_weight(ncodes, nmult), "next weight")
+    out2, none = OPS.gemm_expanded(*d, out_dtype, weight, None, None)
+    assert torch.equal(out2, out) and none.shape == (0, 0) and none.dtype == torch.int8
+
+
+def test_gemm_expanded_without_tokens_still_expands_the_next_weight(path):
+    g = session_generator("expanded-empty")
+    args = to_dev(op_args("gemm", gemm_inputs((0,), 128, 256, 16, "w4a8", torch.bfloat16, g)))
+    ncodes, nmult = _random_w4a8_weight(200, 320, g)
+    out, nxt = OPS.gemm_expanded(*args, torch.bfloat16, OPS.expand_w4a8_weight(args[2], args[3]), ncodes.to(DEV),
+                                 nmult.to(DEV))
+    assert out.shape == (0, 128)
+    assert_bits_equal(nxt, OPS.expand_w4a8_weight(ncodes, nmult), "next weight")
+
+
+@needs_gpu
+def test_gemm_expanded_deterministic_and_graph_replay(path):
+    g = session_generator("expanded-graph")
+    x, smooth, pd, wc, ws, gsc, up, b = to_dev(op_args("linear", linear_inputs(777, 1000, 1024, 32, "w4a8",
+                                                                               torch.bfloat16, g)))
+    ncodes, nmult = (t.to(DEV) for t in _random_w4a8_weight(3072, 3072, g))
+    weight = OPS.expand_w4a8_weight(wc, ws)
+
+    def fn(inp):
+        ac, asc, da = OPS.quantize_act(inp, smooth, pd, "w4a8", False)
+        out, nxt = OPS.gemm_expanded(ac, asc, wc, ws, gsc, da, up, b, torch.bfloat16, weight, ncodes, nmult)
+        # the output and the next weight as one tensor of 16-bit patterns, so the replay check covers both
+        return torch.cat([out.view(torch.int16).flatten(), nxt.view(torch.int16).flatten()]).view(torch.bfloat16)
+
+    first = fn(x)
+    for _ in range(3):
+        assert torch.equal(fn(x).view(torch.int16), first.view(torch.int16))
+    assert_cuda_graph_replays_eager(fn, x)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -100,8 +100,7 @@ QuantizeActShape check_quantize_act_given_amax(const at::Tensor& x, const at::Te
 GemmShape check_gemm(const at::Tensor& act_codes, const at::Tensor& act_scales, const at::Tensor& codes,
                      const at::Tensor& scales, const std::optional<at::Tensor>& global_scale,
                      const at::Tensor& down_act, const at::Tensor& proj_up, const std::optional<at::Tensor>& bias,
-                     std::string_view precision, at::ScalarType out_dtype, bool act_unsigned) {
-  constexpr const char* op = "svdquant::gemm";
+                     std::string_view precision, at::ScalarType out_dtype, bool act_unsigned, const char* op) {
   GemmShape s{};
   s.precision = parse_precision(precision);
   const bool w4a8 = s.precision == Precision::kW4a8;
@@ -194,6 +193,47 @@ GemmShape check_gemm(const at::Tensor& act_codes, const at::Tensor& act_scales, 
   check_device(scales, act_codes, op, "scales", "act_codes");
   check_device(down_act, act_codes, op, "down_act", "act_codes");
   check_device(proj_up, act_codes, op, "proj_up", "act_codes");
+  return s;
+}
+
+std::pair<int64_t, int64_t> check_expand_w4a8(const at::Tensor& codes, const at::Tensor& scales, const char* op,
+                                              const char* prefix) {
+  TORCH_CHECK(codes.scalar_type() == at::kByte, op, ": ", prefix, "codes must be uint8 (two 4-bit codes per byte), got ",
+              dtype_name(codes.scalar_type()));
+  TORCH_CHECK(codes.dim() == 2 && codes.size(0) >= 1, op, ": ", prefix,
+              "codes must have shape [N, K/2] with N >= 1, got ", codes.sizes());
+  const int64_t N = codes.size(0), K = codes.size(1) * 2;
+  TORCH_CHECK(K > 0 && K % kInt4Group == 0, op, ": ", prefix, "codes must hold K (", K,
+              ") input channels per row, a positive multiple of ", kInt4Group, " for precision 'w4a8'");
+  TORCH_CHECK(scales.scalar_type() == at::kByte, op, ": ", prefix, "scales must be uint8 (integer multipliers in [1, ",
+              kW4a8MultMax, "]) for precision 'w4a8', got ", dtype_name(scales.scalar_type()));
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) == K / kInt4Group, op, ": ", prefix,
+              "scales must have shape [N, K/", kInt4Group, "] = [", N, ", ", K / kInt4Group, "], got ", scales.sizes());
+  check_device(scales, codes, op, (std::string(prefix) + "scales").c_str(), (std::string(prefix) + "codes").c_str());
+  return {N, K};
+}
+
+GemmShape check_gemm_expanded(const at::Tensor& act_codes, const at::Tensor& act_scales, const at::Tensor& codes,
+                              const at::Tensor& scales, const at::Tensor& global_scale, const at::Tensor& down_act,
+                              const at::Tensor& proj_up, const std::optional<at::Tensor>& bias,
+                              at::ScalarType out_dtype, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& next_codes,
+                              const std::optional<at::Tensor>& next_scales) {
+  constexpr const char* op = "svdquant::gemm_expanded";
+  const GemmShape s = check_gemm(act_codes, act_scales, codes, scales, global_scale, down_act, proj_up, bias, "w4a8",
+                                 out_dtype, false, op);
+  TORCH_CHECK(weight.scalar_type() == at::kChar, op,
+              ": weight must be int8 (the expanded weight code * multiplier, expand_w4a8_weight), got ",
+              dtype_name(weight.scalar_type()));
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == s.N && weight.size(1) == s.K, op,
+              ": weight must have shape [N, K] = [", s.N, ", ", s.K, "] (codes' expansion), got ", weight.sizes());
+  check_device(weight, act_codes, op, "weight", "act_codes");
+  TORCH_CHECK(next_codes.has_value() == next_scales.has_value(), op,
+              ": next_codes and next_scales must be given together (the next weight to expand) or both be None");
+  if (next_codes.has_value()) {
+    check_expand_w4a8(*next_codes, *next_scales, op, "next_");
+    check_device(*next_codes, act_codes, op, "next_codes", "act_codes");
+  }
   return s;
 }
 

@@ -7,6 +7,7 @@
 
 #include <optional>
 #include <string_view>
+#include <utility>
 
 #include "formats.h"
 
@@ -54,7 +55,21 @@ struct GemmShape {
 GemmShape check_gemm(const at::Tensor& act_codes, const at::Tensor& act_scales, const at::Tensor& codes,
                      const at::Tensor& scales, const std::optional<at::Tensor>& global_scale,
                      const at::Tensor& down_act, const at::Tensor& proj_up, const std::optional<at::Tensor>& bias,
-                     std::string_view precision, at::ScalarType out_dtype, bool act_unsigned);
+                     std::string_view precision, at::ScalarType out_dtype, bool act_unsigned,
+                     const char* op = "svdquant::gemm");
+
+// expand_w4a8_weight: codes uint8 [N, K/2] (K a positive multiple of 64, N >= 1) and the multipliers uint8
+// [N, K/64] on one device; returns {N, K}. `prefix` names the arguments ("next_" for gemm_expanded's next weight).
+std::pair<int64_t, int64_t> check_expand_w4a8(const at::Tensor& codes, const at::Tensor& scales, const char* op,
+                                              const char* prefix = "");
+
+// gemm_expanded: gemm's checks for precision 'w4a8', plus `weight` int8 [N, K] on act_codes' device, and the next
+// weight's codes and multipliers both given or both None (check_expand_w4a8, on the same device).
+GemmShape check_gemm_expanded(const at::Tensor& act_codes, const at::Tensor& act_scales, const at::Tensor& codes,
+                              const at::Tensor& scales, const at::Tensor& global_scale, const at::Tensor& down_act,
+                              const at::Tensor& proj_up, const std::optional<at::Tensor>& bias,
+                              at::ScalarType out_dtype, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& next_codes, const std::optional<at::Tensor>& next_scales);
 
 // W4A16 (weight-only): unsigned 4-bit codes, one scale and one zero per 64 input channels of a row.
 constexpr int kW4a16Group = 64;

@@ -48,6 +48,16 @@ TORCH_LIBRARY(svdquant, m) {
       "gemm(Tensor act_codes, Tensor act_scales, Tensor codes, Tensor scales, Tensor? global_scale, "
       "Tensor down_act, Tensor proj_up, Tensor? bias, str precision, ScalarType out_dtype, "
       "bool act_unsigned=False) -> Tensor");
+  // W4A8 weights expanded ahead of their GEMM (ops.install_compile_pass): expand_w4a8_weight gives the int8 weight
+  // code * multiplier [N, K] that gemm's Hopper kernel multiplies; gemm_expanded is gemm(..., "w4a8") with that
+  // expansion given as `weight` (it must equal expand_w4a8_weight(codes, scales); the CPU op checks it), and it also
+  // returns the expansion of the next weight (next_codes, next_scales; int8 [0, 0] when None), which the CUDA kernel
+  // writes with warps that its GEMM leaves idle. So a compiled model's W4A8 GEMMs expand no weight of their own.
+  m.def("expand_w4a8_weight(Tensor codes, Tensor scales) -> Tensor");
+  m.def(
+      "gemm_expanded(Tensor act_codes, Tensor act_scales, Tensor codes, Tensor scales, Tensor global_scale, "
+      "Tensor down_act, Tensor proj_up, Tensor? bias, ScalarType out_dtype, Tensor weight, Tensor? next_codes=None, "
+      "Tensor? next_scales=None) -> (Tensor out, Tensor next_weight)");
   m.def(
       "linear(Tensor x, Tensor smooth, Tensor proj_down, Tensor codes, Tensor scales, Tensor? global_scale, "
       "Tensor proj_up, Tensor? bias, str precision, bool act_unsigned=False) -> Tensor");
@@ -63,5 +73,7 @@ TORCH_LIBRARY_IMPL(svdquant, Autograd, m) {
   m.impl("quantize_act", torch::autograd::autogradNotImplementedFallback());
   m.impl("quantize_act_given_amax", torch::autograd::autogradNotImplementedFallback());
   m.impl("gemm", torch::autograd::autogradNotImplementedFallback());
+  m.impl("expand_w4a8_weight", torch::autograd::autogradNotImplementedFallback());
+  m.impl("gemm_expanded", torch::autograd::autogradNotImplementedFallback());
   m.impl("w4a16_linear", torch::autograd::autogradNotImplementedFallback());
 }

@@ -80,6 +80,8 @@ class Config:
     #                         quantizing for bf16 / fp8, after for SVDQuant (which fuses quantized weights exactly)
     gmax: str | None = None  # W4A8's first quantize_act pass by the pipelined ("pipe") or the register-prefetch
     #                          ("regs") kernel (SVDQUANT_OPS_CUDA_W4A8_GMAX in the child); None: the library's default
+    expand_ahead: bool | None = None  # install_compile_pass(expand_ahead=...): each W4A8 GEMM expands the next one's
+    #                                   weight (True) or its own (False); None: the library's default
 
     @property
     def cuda_only(self) -> bool:
@@ -107,6 +109,9 @@ class Config:
         if self.gmax:
             how += {"pipe": ", first quantize_act pass by the pipelined kernel",
                     "regs": ", first quantize_act pass by the register-prefetch kernel"}[self.gmax]
+        if self.expand_ahead is not None:
+            how += (", each GEMM expanding the next one's weight (expand_ahead)" if self.expand_ahead
+                    else ", each GEMM expanding its own weight (no expand_ahead)")
         if self.lora_rank:
             how += f" + rank-{self.lora_rank} LoRA"
             if self.lora_shared_a:
@@ -162,6 +167,12 @@ def _configs() -> dict[str, Config]:
         for k in ("pipe", "regs"):
             name = f"w4a8-compile{sfx}-fused-gmax{k}"
             out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, gmax=k)
+    # Extra: the W4A8 weights expanded by the GEMM before (install_compile_pass(expand_ahead=True)) or by a prep
+    # kernel of each GEMM's own (False), whatever the library's default, so that one run compares both
+    for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
+        for k, on in (("ahead", True), ("noahead", False)):
+            name = f"w4a8-compile{sfx}-fused-{k}"
+            out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, expand_ahead=on)
     # Diagnostic: every adapter fused up to rank 128 (quantize_act's fast kernel at R = 128 runs one block per SM)
     out["w4a8-compile-lora16-fuse128"] = Config("w4a8-compile-lora16-fuse128", "w4a8", True, lora_rank=16,
                                                 lora_max_fused_rank=128)
@@ -208,8 +219,8 @@ _DENSE_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::ma
 def categorize(name: str) -> str:
     """The category of a profiled kernel (CUDA kernel name) or operator (CPU profile: op name):
 
-    * ``linear_svdquant``: this package's GEMM kernels (``svdquant::`` gemm / prep / linear kernels and ops, anything
-      named w4a16);
+    * ``linear_svdquant``: this package's GEMM kernels (``svdquant::`` gemm / prep / linear / weight expansion kernels
+      and ops, anything named w4a16);
     * ``act_quant``: its activation quantization (``quantize_act``, ``quantize_*_kernel``, ``down_act_*``), and
       torchao's ``quantize_fp8_row`` kernel where torchao takes its mslk path;
     * ``attention``: flash / memory-efficient / cuDNN SDPA kernels and the SDPA ops;
@@ -230,7 +241,7 @@ def categorize(name: str) -> str:
     if "svdquant" in low or "quantize_act" in low:
         if "quantize" in low or "down_act" in low:
             return "act_quant"
-        if any(s in low for s in ("gemm", "prep", "linear")):
+        if any(s in low for s in ("gemm", "prep", "linear", "expand")):
             return "linear_svdquant"
         return "other"
     if any(s in low for s in _ATTENTION):
@@ -343,10 +354,10 @@ def quantize(model, cfg: Config, rank: int, weight_only: str | None) -> dict:
     info.update(fused)
     if not cfg.torchao_inductor:
         ic.load_config(saved)
-    if cfg.amax_split:
+    if cfg.amax_split or cfg.expand_ahead is not None:
         from ..ops import install_compile_pass
 
-        install_compile_pass(amax_split=True)
+        install_compile_pass(amax_split=True if cfg.amax_split else None, expand_ahead=cfg.expand_ahead)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -99,10 +99,9 @@ def _quantize_act_given_amax_fake(x, smooth, proj_down, amax):
     return _act_outputs(x, proj_down, W4A8)
 
 
-@torch.library.register_fake("svdquant::gemm")
-def _gemm_fake(act_codes, act_scales, codes, scales, global_scale, down_act, proj_up, bias, precision,
-              out_dtype, act_unsigned=False):
-    op = "gemm"
+def _check_gemm(op, act_codes, act_scales, codes, scales, global_scale, down_act, proj_up, bias, precision,
+                out_dtype, act_unsigned):
+    """gemm's checks (csrc/checks.cpp check_gemm); returns (leading dims, N, K)."""
     gs = _check_precision(op, precision, act_unsigned)
     w4a8 = precision == W4A8
     if w4a8:
@@ -174,7 +173,62 @@ def _gemm_fake(act_codes, act_scales, codes, scales, global_scale, down_act, pro
     for name, t in (("act_scales", act_scales), ("codes", codes), ("scales", scales),
                     ("down_act", down_act), ("proj_up", proj_up)):
         _check_device(op, name, t, "act_codes", act_codes)
+    return lead, N, K
+
+
+@torch.library.register_fake("svdquant::gemm")
+def _gemm_fake(act_codes, act_scales, codes, scales, global_scale, down_act, proj_up, bias, precision,
+               out_dtype, act_unsigned=False):
+    lead, N, _ = _check_gemm("gemm", act_codes, act_scales, codes, scales, global_scale, down_act, proj_up, bias,
+                             precision, out_dtype, act_unsigned)
     return act_codes.new_empty((*lead, N), dtype=out_dtype)
+
+
+def _check_expand_w4a8(op: str, codes, scales, prefix: str = "") -> tuple[int, int]:
+    """expand_w4a8_weight's checks (csrc/checks.cpp check_expand_w4a8); returns (N, K)."""
+    _check(codes.dtype == torch.uint8, op, f"{prefix}codes must be uint8 (two 4-bit codes per byte), got {codes.dtype}")
+    _check(codes.dim() == 2 and codes.shape[0] >= 1, op,
+           f"{prefix}codes must have shape [N, K/2] with N >= 1, got {list(codes.shape)}")
+    N, K = codes.shape[0], codes.shape[1] * 2
+    _check(K > 0 and K % GROUP_SIZE[W4A8] == 0, op,
+           f"{prefix}codes must hold K ({K}) input channels per row, a positive multiple of {GROUP_SIZE[W4A8]} for "
+           "precision 'w4a8'")
+    _check(scales.dtype == torch.uint8, op,
+           f"{prefix}scales must be uint8 (integer multipliers in [1, {W4A8_MULT_MAX}]) for precision 'w4a8', "
+           f"got {scales.dtype}")
+    G = K // GROUP_SIZE[W4A8]
+    _check(tuple(scales.shape) == (N, G), op,
+           f"{prefix}scales must have shape [N, K/{GROUP_SIZE[W4A8]}] = [{N}, {G}], got {list(scales.shape)}")
+    _check_device(op, f"{prefix}scales", scales, f"{prefix}codes", codes)
+    return N, K
+
+
+@torch.library.register_fake("svdquant::expand_w4a8_weight")
+def _expand_w4a8_weight_fake(codes, scales):
+    N, K = _check_expand_w4a8("expand_w4a8_weight", codes, scales)
+    return codes.new_empty((N, K), dtype=torch.int8)
+
+
+@torch.library.register_fake("svdquant::gemm_expanded")
+def _gemm_expanded_fake(act_codes, act_scales, codes, scales, global_scale, down_act, proj_up, bias, out_dtype,
+                        weight, next_codes=None, next_scales=None):
+    op = "gemm_expanded"
+    lead, N, K = _check_gemm(op, act_codes, act_scales, codes, scales, global_scale, down_act, proj_up, bias, W4A8,
+                             out_dtype, False)
+    _check(weight.dtype == torch.int8, op,
+           f"weight must be int8 (the expanded weight code * multiplier, expand_w4a8_weight), got {weight.dtype}")
+    _check(tuple(weight.shape) == (N, K), op,
+           f"weight must have shape [N, K] = [{N}, {K}] (codes' expansion), got {list(weight.shape)}")
+    _check_device(op, "weight", weight, "act_codes", act_codes)
+    _check((next_codes is None) == (next_scales is None), op,
+           "next_codes and next_scales must be given together (the next weight to expand) or both be None")
+    if next_codes is None:
+        next_weight = weight.new_empty((0, 0))
+    else:
+        nN, nK = _check_expand_w4a8(op, next_codes, next_scales, "next_")
+        _check_device(op, "next_codes", next_codes, "act_codes", act_codes)
+        next_weight = weight.new_empty((nN, nK))
+    return act_codes.new_empty((*lead, N), dtype=out_dtype), next_weight
 
 
 

@@ -19,6 +19,15 @@ gemm(act_codes, act_scales, codes, scales, global_scale, down_act, proj_up, bias
      act_unsigned=False) -> y [..., N]
     Q(x)·Q(R)ᵀ + down_act·proj_upᵀ + bias. w4a8: scales are uint8 multipliers [N, K/64] in [1, 18], global_scale
     the fp32 per-channel scale [N] (required), K <= 131072.
+expand_w4a8_weight(codes, scales) -> weight int8 [N, K]
+    W4A8's weight as the integers code * multiplier that the Hopper kernel multiplies (it is what gemm expands on
+    every call).
+gemm_expanded(act_codes, act_scales, codes, scales, global_scale, down_act, proj_up, bias, out_dtype, weight,
+              next_codes=None, next_scales=None) -> (y, next_weight)
+    gemm(..., "w4a8") with the weight's expansion given (``weight``, equal to expand_w4a8_weight(codes, scales); the
+    CPU op checks it), and the expansion of the next weight returned (int8 [0, 0] when next_codes is None). The CUDA
+    kernel writes it with warps its GEMM leaves idle, so no GEMM of a compiled model waits for its own expansion
+    (the compile pass ``expand_w4a8_ahead`` chains the calls).
 linear(x, smooth, proj_down, codes, scales, global_scale, proj_up, bias, precision, act_unsigned=False)
     -> y [..., N] in x's dtype: quantize_act then gemm (CompositeImplicitAutograd, so tracing sees both).
 w4a16_linear(x, codes, scales, zeros, bias=None) -> y [..., N] in x's dtype
@@ -39,8 +48,9 @@ from ..storage.base import alias
 from ..storage.shared_moves import SHARED_MARK
 from . import build
 
-__all__ = ["load", "quantize_act", "quantize_act_given_amax", "gemm", "linear", "quantized_linear", "w4a16_linear",
-           "weight_only_linear", "clear_act_cache", "merge_quantize_act", "split_w4a8_amax", "install_compile_pass"]
+__all__ = ["load", "quantize_act", "quantize_act_given_amax", "gemm", "expand_w4a8_weight", "gemm_expanded", "linear",
+           "quantized_linear", "w4a16_linear", "weight_only_linear", "clear_act_cache", "merge_quantize_act",
+           "split_w4a8_amax", "expand_w4a8_ahead", "install_compile_pass"]
 
 
 def load(verbose: bool = False):
@@ -76,6 +86,21 @@ def gemm(act_codes: torch.Tensor, act_scales: torch.Tensor, codes: torch.Tensor,
     _ready()
     return torch.ops.svdquant.gemm.default(act_codes, act_scales, codes, scales, global_scale, down_act, proj_up,
                                            bias, precision, out_dtype, act_unsigned)
+
+
+def expand_w4a8_weight(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    _ready()
+    return torch.ops.svdquant.expand_w4a8_weight.default(codes, scales)
+
+
+def gemm_expanded(act_codes: torch.Tensor, act_scales: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                  global_scale: torch.Tensor, down_act: torch.Tensor, proj_up: torch.Tensor,
+                  bias: torch.Tensor | None, out_dtype: torch.dtype, weight: torch.Tensor,
+                  next_codes: torch.Tensor | None = None,
+                  next_scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    _ready()
+    return torch.ops.svdquant.gemm_expanded.default(act_codes, act_scales, codes, scales, global_scale, down_act,
+                                                    proj_up, bias, out_dtype, weight, next_codes, next_scales)
 
 
 def linear(x: torch.Tensor, smooth: torch.Tensor, proj_down: torch.Tensor, codes: torch.Tensor,
@@ -263,13 +288,89 @@ def split_w4a8_amax(graph: torch.fx.Graph) -> int:
     return rewritten
 
 
-def _make_pass(inner, amax_split: bool):
+# ------------------------------------------------------------------------------------------------------------------
+# W4A8's weights expanded ahead, compiled: each GEMM expands the next one's weight.
+#
+# The Hopper kernel multiplies int8 weights code * multiplier. gemm expands them from the 4-bit codes on every call,
+# in a prep kernel of its own: ~1.5 bytes of DRAM traffic per weight (read 0.5, write 1) that nothing else overlaps,
+# ~3.5 ms of a FLUX.1 step on an H200. Keeping the expansion would cost 1 byte per weight of memory (the 0.30x target
+# of bf16 forbids it). In a compiled graph the order of the GEMMs is known, so the pass lets each one's kernel expand
+# the next one's weight with warps its pipeline leaves idle, while its tensor cores work: gemm_expanded. The first
+# GEMM's weight gets an expand_w4a8_weight node. Bit-equal (the same integer products); one expanded weight beyond
+# gemm's own workspace is alive at a time.
+# ------------------------------------------------------------------------------------------------------------------
+# Off until measured on a GPU (benchmarks/HISTORY.md); install_compile_pass(expand_ahead=True) turns it on.
+EXPAND_AHEAD_DEFAULT = False
+_GEMM_ARGS = ("act_codes", "act_scales", "codes", "scales", "global_scale", "down_act", "proj_up", "bias",
+              "precision", "out_dtype", "act_unsigned")
+
+
+def _device_of(node) -> torch.device | None:
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return val.device if isinstance(val, torch.Tensor) else None
+
+
+def expand_w4a8_ahead(graph: torch.fx.Graph) -> int:
+    """Rewrite the W4A8 ``svdquant.gemm`` nodes of ``graph``, in graph order, into ``gemm_expanded`` nodes that each
+    take their weight's expansion from the previous one and expand the next one's, in place; returns how many were
+    rewritten. A chain restarts (with an ``expand_w4a8_weight`` node) where the next weight's codes are computed
+    after the current GEMM or live on another device."""
+    try:
+        target = torch.ops.svdquant.gemm.default
+        expand = torch.ops.svdquant.expand_w4a8_weight.default
+        expanded = torch.ops.svdquant.gemm_expanded.default
+    except (AttributeError, RuntimeError):  # the op library is not loaded: no such nodes
+        return 0
+    import operator
+
+    from torch._guards import detect_fake_mode
+
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    calls = []
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target is not target:
+            continue
+        a = dict(zip(_GEMM_ARGS, node.args))
+        a.update(node.kwargs)
+        if a.get("precision") != "w4a8" or a.get("act_unsigned", False):
+            continue
+        if not all(isinstance(a[k], torch.fx.Node) for k in ("act_codes", "codes", "scales")):
+            continue
+        calls.append((node, a))
+    vals = [a["act_codes"].meta.get("val") for _, a in calls]
+    fake_mode = detect_fake_mode(vals) if vals and all(isinstance(v, torch.Tensor) for v in vals) else None
+    if fake_mode is None:
+        return 0
+    weight = None  # the expansion of the current call's weight, made by the call before it
+    for i, (node, a) in enumerate(calls):
+        nxt = calls[i + 1][1] if i + 1 < len(calls) else None
+        # the next weight's codes must exist when this call runs, on its device
+        if nxt is not None and not (order[nxt["codes"]] < order[node] and order[nxt["scales"]] < order[node]
+                                    and _device_of(nxt["codes"]) == _device_of(a["act_codes"])):
+            nxt = None
+        with graph.inserting_before(node), fake_mode:
+            if weight is None:
+                weight = _fake_call(graph, expand, a["codes"], a["scales"])
+            new = _fake_call(graph, expanded, a["act_codes"], a["act_scales"], a["codes"], a["scales"],
+                             a["global_scale"], a["down_act"], a["proj_up"], a.get("bias"), a["out_dtype"], weight,
+                             None if nxt is None else nxt["codes"], None if nxt is None else nxt["scales"])
+            out = _fake_call(graph, operator.getitem, new, 0)
+            weight = None if nxt is None else _fake_call(graph, operator.getitem, new, 1)
+        for k, v in node.meta.items():
+            out.meta.setdefault(k, v)
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+    return len(calls)
+
+
+def _make_pass(inner, amax_split: bool, expand_ahead: bool):
     from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
     class MergeQuantizeAct(CustomGraphPass):
-        def __init__(self, inner, amax_split):
+        def __init__(self, inner, amax_split, expand_ahead):
             self.inner = inner
             self.amax_split = amax_split
+            self.expand_ahead = expand_ahead
 
         def __call__(self, graph: torch.fx.Graph) -> None:
             if self.inner is not None:
@@ -277,6 +378,8 @@ def _make_pass(inner, amax_split: bool):
             merge_quantize_act(graph)
             if self.amax_split:
                 split_w4a8_amax(graph)
+            if self.expand_ahead:
+                expand_w4a8_ahead(graph)
 
         def uuid(self):
             inner = None
@@ -284,12 +387,12 @@ def _make_pass(inner, amax_split: bool):
                 inner = self.inner.uuid() if hasattr(self.inner, "uuid") else None
                 if inner is None:
                     return None  # an uncacheable inner pass: no cache key
-            return (get_hash_for_files((__file__,)), inner, self.amax_split)
+            return (get_hash_for_files((__file__,)), inner, self.amax_split, self.expand_ahead)
 
-    return MergeQuantizeAct(inner, amax_split)
+    return MergeQuantizeAct(inner, amax_split, expand_ahead)
 
 
-def install_compile_pass(amax_split: bool | None = None) -> None:
+def install_compile_pass(amax_split: bool | None = None, expand_ahead: bool | None = None) -> None:
     """Make Inductor run ``merge_quantize_act`` after grad (``torch._inductor.config.post_grad_custom_pre_pass``),
     chained after a pass already installed there. Idempotent.
 
@@ -297,15 +400,19 @@ def install_compile_pass(amax_split: bool | None = None) -> None:
     None keeps the installed pass's setting (False for a new one), so ``quantize_model`` (which calls this) does not
     undo an earlier ``install_compile_pass(amax_split=True)``. Off by default: on an H200 FLUX.1-dev step it saved
     2.0 ms of quantize_act but cost 4.5 ms in Inductor's kernels, whose pointwise producers (GELU) became row
-    reductions (benchmarks/HISTORY.md, 2026-12-05)."""
+    reductions (benchmarks/HISTORY.md, 2026-12-05).
+    expand_ahead: also run ``expand_w4a8_ahead`` (each W4A8 GEMM expands the next one's weight); None keeps the
+    installed pass's setting (``EXPAND_AHEAD_DEFAULT`` for a new one)."""
     from torch._inductor import config
 
     current = config.post_grad_custom_pre_pass
     if getattr(current, "_svdquant_merge", False):
         if amax_split is not None:
             current.amax_split = amax_split
+        if expand_ahead is not None:
+            current.expand_ahead = expand_ahead
         return
-    p = _make_pass(current, bool(amax_split))
+    p = _make_pass(current, bool(amax_split), EXPAND_AHEAD_DEFAULT if expand_ahead is None else bool(expand_ahead))
     p._svdquant_merge = True
     config.post_grad_custom_pre_pass = p
 

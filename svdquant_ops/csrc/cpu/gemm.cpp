@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
 #include <vector>
 
 #include "../checks.h"
@@ -78,6 +79,44 @@ at::Tensor add_branch_and_store(const GemmShape& s, const at::Tensor& act_codes,
   return out.to(out_dtype).reshape(with_last_dim(act_codes, N));
 }
 
+// W4A8 weights as the exact int8 integers code * multiplier [N, K] (what the Hopper kernel multiplies).
+at::Tensor expand_w4a8(const at::Tensor& codes, const at::Tensor& scales) {
+  const int64_t N = codes.size(0), K = codes.size(1) * 2, G = K / kInt4Group;
+  const auto wq = decode_codes(codes.contiguous(), N, K, Precision::kW4a8, /*is_unsigned=*/false);
+  const auto mult = scales.contiguous();
+  const uint8_t* mp = mult.data_ptr<uint8_t>();
+  auto out = at::empty({N, K}, codes.options().dtype(at::kChar));
+  int8_t* wm = out.data_ptr<int8_t>();
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t k = 0; k < K; ++k) {
+        wm[n * K + k] = static_cast<int8_t>(int(wq[n * K + k]) * int(mp[n * G + k / kInt4Group]));
+      }
+    }
+  });
+  return out;
+}
+
+// The W4A8 product with the expanded weight `wm` [N, K] (see the header comment).
+at::Tensor w4a8_product(const GemmShape& s, const at::Tensor& act_codes, const at::Tensor& act_scales,
+                        const int8_t* wm, const at::Tensor& global_scale, const at::Tensor& down_act,
+                        const at::Tensor& proj_up, const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
+  const int64_t K = s.K;
+  const auto sa = act_scales.to(at::kFloat).contiguous();
+  const float* sa_p = sa.data_ptr<float>();
+  const auto ac = act_codes.contiguous();
+  const int8_t* aq = ac.data_ptr<int8_t>();
+  const auto gsc = global_scale.contiguous();
+  const float* g_p = gsc.data_ptr<float>();
+  return add_branch_and_store(s, act_codes, down_act, proj_up, bias, out_dtype, [&](int64_t m, int64_t n) {
+    const int8_t* a_row = aq + m * K;
+    const int8_t* w_row = wm + n * K;
+    int32_t dot = 0;  // exact: K <= kW4a8MaxK (checked), |a * w| <= 127 * 126
+    for (int64_t k = 0; k < K; ++k) dot += int32_t(a_row[k]) * int32_t(w_row[k]);
+    return static_cast<float>(dot) * (sa_p[m] * g_p[n]);
+  });
+}
+
 at::Tensor gemm_cpu(const at::Tensor& act_codes, const at::Tensor& act_scales, const at::Tensor& codes,
                     const at::Tensor& scales, const std::optional<at::Tensor>& global_scale, const at::Tensor& down_act,
                     const at::Tensor& proj_up, const std::optional<at::Tensor>& bias, c10::string_view precision,
@@ -85,38 +124,21 @@ at::Tensor gemm_cpu(const at::Tensor& act_codes, const at::Tensor& act_scales, c
   constexpr const char* op = "svdquant::gemm";
   const auto s = check_gemm(act_codes, act_scales, codes, scales, global_scale, down_act, proj_up, bias, precision,
                             out_dtype, act_unsigned);
-  const int64_t N = s.N, K = s.K, G = s.G;
-  const auto sa = act_scales.to(at::kFloat).contiguous();
-  const float* sa_p = sa.data_ptr<float>();
-  const auto wq = decode_codes(codes.contiguous(), N, K, s.precision, /*is_unsigned=*/false);
+  const int64_t K = s.K, G = s.G;
 
   if (s.precision == Precision::kW4a8) {  // see the header comment
     check_w4a8_multipliers(scales, op, "scales");
     check_finite(*global_scale, op, "global_scale");
-    const auto ac = act_codes.contiguous();
-    const int8_t* aq = ac.data_ptr<int8_t>();
-    // Weight rows as exact int8 integers code * multiplier.
-    const auto mult = scales.contiguous();
-    const uint8_t* mp = mult.data_ptr<uint8_t>();
-    std::vector<int8_t> wm(static_cast<size_t>(N * K));
-    for (int64_t n = 0; n < N; ++n) {
-      for (int64_t k = 0; k < K; ++k) {
-        wm[n * K + k] = static_cast<int8_t>(int(wq[n * K + k]) * int(mp[n * G + k / kInt4Group]));
-      }
-    }
-    const auto gsc = global_scale->contiguous();
-    const float* g_p = gsc.data_ptr<float>();
-    return add_branch_and_store(s, act_codes, down_act, proj_up, bias, out_dtype, [&](int64_t m, int64_t n) {
-      const int8_t* a_row = aq + m * K;
-      const int8_t* w_row = wm.data() + n * K;
-      int32_t dot = 0;  // exact: K <= kW4a8MaxK (checked), |a * w| <= 127 * 126
-      for (int64_t k = 0; k < K; ++k) dot += int32_t(a_row[k]) * int32_t(w_row[k]);
-      return static_cast<float>(dot) * (sa_p[m] * g_p[n]);
-    });
+    const auto wm = expand_w4a8(codes, scales);
+    return w4a8_product(s, act_codes, act_scales, wm.data_ptr<int8_t>(), *global_scale, down_act, proj_up, bias,
+                        out_dtype);
   }
 
   check_finite(scales, op, "scales");
   if (global_scale.has_value()) check_finite(*global_scale, op, "global_scale");
+  const auto sa = act_scales.to(at::kFloat).contiguous();
+  const float* sa_p = sa.data_ptr<float>();
+  const auto wq = decode_codes(codes.contiguous(), s.N, K, s.precision, /*is_unsigned=*/false);
   const int gs = group_size(s.precision);
   const bool nvfp4 = s.precision == Precision::kNvfp4;
   const auto aq = decode_codes(act_codes.contiguous(), s.M, K, s.precision, act_unsigned);
@@ -139,7 +161,42 @@ at::Tensor gemm_cpu(const at::Tensor& act_codes, const at::Tensor& act_scales, c
   });
 }
 
+at::Tensor expand_w4a8_weight_cpu(const at::Tensor& codes, const at::Tensor& scales) {
+  constexpr const char* op = "svdquant::expand_w4a8_weight";
+  check_expand_w4a8(codes, scales, op);
+  check_w4a8_multipliers(scales, op, "scales");
+  return expand_w4a8(codes, scales);
+}
+
+std::tuple<at::Tensor, at::Tensor> gemm_expanded_cpu(
+    const at::Tensor& act_codes, const at::Tensor& act_scales, const at::Tensor& codes, const at::Tensor& scales,
+    const at::Tensor& global_scale, const at::Tensor& down_act, const at::Tensor& proj_up,
+    const std::optional<at::Tensor>& bias, at::ScalarType out_dtype, const at::Tensor& weight,
+    const std::optional<at::Tensor>& next_codes, const std::optional<at::Tensor>& next_scales) {
+  constexpr const char* op = "svdquant::gemm_expanded";
+  const auto s = check_gemm_expanded(act_codes, act_scales, codes, scales, global_scale, down_act, proj_up, bias,
+                                     out_dtype, weight, next_codes, next_scales);
+  check_w4a8_multipliers(scales, op, "scales");
+  check_finite(global_scale, op, "global_scale");
+  const auto w = weight.contiguous();
+  TORCH_CHECK(at::equal(w, expand_w4a8(codes, scales)), op,
+              ": weight must equal expand_w4a8_weight(codes, scales) (the expansion of this layer's codes), but it "
+              "differs");
+  at::Tensor next = at::empty({0, 0}, weight.options());
+  if (next_codes.has_value()) {
+    check_w4a8_multipliers(*next_scales, op, "next_scales");
+    next = expand_w4a8(*next_codes, *next_scales);
+  }
+  return {w4a8_product(s, act_codes, act_scales, w.data_ptr<int8_t>(), global_scale, down_act, proj_up, bias,
+                       out_dtype),
+          next};
+}
+
 }  // namespace
 }  // namespace svdquant
 
-TORCH_LIBRARY_IMPL(svdquant, CPU, m) { m.impl("gemm", &svdquant::gemm_cpu); }
+TORCH_LIBRARY_IMPL(svdquant, CPU, m) {
+  m.impl("gemm", &svdquant::gemm_cpu);
+  m.impl("expand_w4a8_weight", &svdquant::expand_w4a8_weight_cpu);
+  m.impl("gemm_expanded", &svdquant::gemm_expanded_cpu);
+}

@@ -63,13 +63,15 @@ Operands contiguous_operands(const at::Tensor& act_codes, const at::Tensor& act_
 // ------------------------------------------------------------------------------------------------------------------
 // Portable path
 // ------------------------------------------------------------------------------------------------------------------
+// `weight`: W4A8's expanded int8 weight [N, K] (gemm_expanded), read instead of the codes and multipliers.
 void launch_portable(const GemmShape& s, const Operands& o, bool act_unsigned, at::Tensor& out,
-                     cudaStream_t stream) {
+                     cudaStream_t stream, const at::Tensor* weight = nullptr) {
   PortableArgs p{};
   p.a_codes = static_cast<const uint8_t*>(o.act_codes.data_ptr());
   p.a_scales = o.act_scales.data_ptr();
   p.a_kind = kind_of(o.act_scales.scalar_type());
-  p.w_codes = o.codes.data_ptr<uint8_t>();
+  p.w_codes = weight != nullptr ? static_cast<const uint8_t*>(weight->data_ptr()) : o.codes.data_ptr<uint8_t>();
+  p.w_expanded = weight != nullptr;
   p.w_scales = o.scales.data_ptr();
   p.w_kind = kind_of(o.scales.scalar_type());
   const auto& gsc = o.global_scale;
@@ -95,6 +97,29 @@ void launch_portable(const GemmShape& s, const Operands& o, bool act_unsigned, a
   gemm_portable_kernel<<<grid, 256, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   debug_sync(stream, "gemm portable");
+}
+
+// W4A8 weight expansion as a kernel of its own (expand_w4a8_weight, and the next weight of a gemm_expanded call that
+// does not take the Hopper path). `codes` 16-byte aligned and contiguous, `mult` contiguous, `out` [N, K] int8.
+ExpandJob expand_job(const at::Tensor& codes, const at::Tensor& mult, at::Tensor& out, const char* op) {
+  const int64_t units = codes.size(0) * codes.size(1) / 16;
+  TORCH_CHECK(units <= int64_t(UINT32_MAX), op, ": the weight to expand has ", codes.size(0) * codes.size(1) * 2,
+              " codes, more than the CUDA kernel indexes (2^37)");
+  ExpandJob j{};
+  j.codes = codes.data_ptr<uint8_t>();
+  j.mult = mult.data_ptr<uint8_t>();
+  j.out = static_cast<uint8_t*>(out.data_ptr());
+  j.units = static_cast<uint32_t>(units);
+  return j;
+}
+
+void launch_expand(const ExpandJob& j, cudaStream_t stream) {
+  if (j.units == 0) return;
+  const unsigned gx = static_cast<unsigned>(std::max<int64_t>(
+      1, std::min<int64_t>((int64_t(j.units) + 1023) / 1024, 8 * num_sms())));  // 4 units per thread and step
+  expand_w4a8_kernel<<<gx, 256, 0, stream>>>(j);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  debug_sync(stream, "expand_w4a8_weight");
 }
 
 // ------------------------------------------------------------------------------------------------------------------
@@ -265,8 +290,11 @@ PrepArgs prep_args(const GemmShape& s, const Sm90Plan& pl, const Operands& o, bo
 }
 
 // Grid: x strides over the 16-channel units of the larger operand, y = 0 activations, 1 weights, 2 the rest.
+// (W4A8 with the weights expanded elsewhere: as many threads as the small operands need.)
 void launch_prep(const PrepArgs& pa, const Sm90Plan& pl, cudaStream_t stream) {
-  const int64_t units = std::max<int64_t>(int64_t(pl.M), int64_t(pl.N)) * (pl.K / 16);
+  const int64_t units = pa.w4a8 && pa.skip_b
+                            ? (int64_t(pl.M) + pl.N) * (pl.KL / 8) + pl.Mp + 2 * pl.Np
+                            : std::max<int64_t>(int64_t(pl.M), int64_t(pl.N)) * (pl.K / 16);
   const unsigned gx =
       static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((units + 255) / 256, 8 * num_sms())));
   prep_kernel<<<dim3(gx, 3), 256, 0, stream>>>(pa);
@@ -426,7 +454,11 @@ void launch_variant(Precision precision, [[maybe_unused]] const Variant& v, cons
   }
 }
 
-void run_sm90(const GemmShape& s, const Operands& o, bool act_unsigned, at::Tensor& out, cudaStream_t stream) {
+// `weight`: W4A8's expanded int8 weight [N, K] (gemm_expanded): the GEMM loads it and the prep kernel expands
+// nothing. `next`: a weight the GEMM kernel's idle producer warps expand meanwhile (W4A8; units == 0: none).
+// Returns whether the GEMM kernel took `next` (it does not where it runs on fewer than half the SMs: too few warps).
+bool run_sm90(const GemmShape& s, const Operands& o, bool act_unsigned, at::Tensor& out, cudaStream_t stream,
+              const at::Tensor* weight = nullptr, const ExpandJob& next = ExpandJob{}) {
 #if SVDQ_DIAGNOSTICS
   const Variant v = diagnostic_variant();
   const bool always_stores = v.sched == sm90::kOverlap || v.sched == sm90::kOverlapDeep || v.sched == sm90::kPingPong;
@@ -440,8 +472,8 @@ void run_sm90(const GemmShape& s, const Operands& o, bool act_unsigned, at::Tens
 #else
   const Variant v{};
 #endif
-  const bool w4_expand = v.w4_expand && s.precision == Precision::kW4a8;
-  const Sm90Plan pl = plan_sm90(s, o.proj_up.scalar_type(), v.wide, w4_expand);
+  const bool w4_expand = v.w4_expand && s.precision == Precision::kW4a8 && weight == nullptr;
+  const Sm90Plan pl = plan_sm90(s, o.proj_up.scalar_type(), v.wide, w4_expand || weight != nullptr);
 #if SVDQ_DIAGNOSTICS
   // the ping-pong consumer waits on all of a tile's branch stages at once: they must fit in the ring
   constexpr int kRing = sm90::Cfg<128, sm90::kKindW4a8>::STAGES;
@@ -454,7 +486,7 @@ void run_sm90(const GemmShape& s, const Operands& o, bool act_unsigned, at::Tens
   uint8_t* base = workspace.data_ptr<uint8_t>();
 
   PrepArgs pa = prep_args(s, pl, o, act_unsigned, base);
-  pa.skip_b = w4_expand;
+  pa.skip_b = w4_expand || weight != nullptr;
   launch_prep(pa, pl, stream);
 
   // 2-byte outputs whose rows are whole 16-byte units go through the TMA-store epilogue (TMA needs 16-byte strides).
@@ -463,6 +495,12 @@ void run_sm90(const GemmShape& s, const Operands& o, bool act_unsigned, at::Tens
                          pl.N % 8 == 0 && aligned16(out.data_ptr());
   TensorMaps maps = make_tensor_maps(s, pl, o, base, out, tma_store);
   sm90::Params p = sm90_params(s, pl, pa, out, o.bias.has_value(), tma_store);
+  const bool takes_next = next.units != 0 && 2 * std::min(pl.m_tiles * pl.n_tiles, num_sms()) >= num_sms();
+  if (takes_next) p.next = next;
+  if (weight != nullptr) {
+    maps.B = make_map(weight->data_ptr(), CU_TENSOR_MAP_DATA_TYPE_UINT8, pl.K, pl.N, pl.K, 128, pl.BN,
+                      CU_TENSOR_MAP_SWIZZLE_128B);
+  }
   if (w4_expand) {  // the GEMM loads the packed codes [N, K / 2] itself: 64-byte rows of 128 codes, no swizzle
     maps.B = make_map(o.codes.data_ptr(), CU_TENSOR_MAP_DATA_TYPE_UINT8, pl.K / 2, pl.N, pl.K / 2, 64, pl.BN,
                       CU_TENSOR_MAP_SWIZZLE_NONE);
@@ -475,10 +513,11 @@ void run_sm90(const GemmShape& s, const Operands& o, bool act_unsigned, at::Tens
 #if SVDQ_DIAGNOSTICS
   if (!v.store) {
     launch_variant<false>(s.precision, v, maps, p, stream);
-    return;
+    return takes_next;
   }
 #endif
   launch_variant<true>(s.precision, v, maps, p, stream);
+  return takes_next;
 }
 
 }  // namespace
@@ -497,11 +536,56 @@ at::Tensor gemm_cuda(const at::Tensor& act_codes, const at::Tensor& act_scales, 
   const auto o =
       gemm::contiguous_operands(act_codes, act_scales, codes, scales, global_scale, down_act, proj_up, bias);
   if (!force_portable() && device_is_sm90() && gemm::fits_sm90_indexing(s)) {
-    gemm::run_sm90(s, o, act_unsigned, out, stream);
+    (void)gemm::run_sm90(s, o, act_unsigned, out, stream);
   } else {
     gemm::launch_portable(s, o, act_unsigned, out, stream);
   }
   return out.reshape(with_last_dim(act_codes, s.N));
+}
+
+at::Tensor expand_w4a8_weight_cuda(const at::Tensor& codes, const at::Tensor& scales) {
+  constexpr const char* op = "svdquant::expand_w4a8_weight";
+  const auto [N, K] = check_expand_w4a8(codes, scales, op);
+  const c10::cuda::CUDAGuard guard(codes.device());
+  auto out = at::empty({N, K}, codes.options().dtype(at::kChar));
+  const auto c = gemm::contiguous_aligned(codes);
+  const auto m = scales.contiguous();
+  gemm::launch_expand(gemm::expand_job(c, m, out, op), current_stream());
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> gemm_expanded_cuda(
+    const at::Tensor& act_codes, const at::Tensor& act_scales, const at::Tensor& codes, const at::Tensor& scales,
+    const at::Tensor& global_scale, const at::Tensor& down_act, const at::Tensor& proj_up,
+    const std::optional<at::Tensor>& bias, at::ScalarType out_dtype, const at::Tensor& weight,
+    const std::optional<at::Tensor>& next_codes, const std::optional<at::Tensor>& next_scales) {
+  constexpr const char* op = "svdquant::gemm_expanded";
+  const auto s = check_gemm_expanded(act_codes, act_scales, codes, scales, global_scale, down_act, proj_up, bias,
+                                     out_dtype, weight, next_codes, next_scales);
+  const c10::cuda::CUDAGuard guard(act_codes.device());
+  cudaStream_t stream = current_stream();
+  auto out = at::empty({s.M, s.N}, act_codes.options().dtype(out_dtype));
+  at::Tensor next = at::empty({0, 0}, weight.options());
+  at::Tensor nc, nm;  // the next weight's codes and multipliers as the kernels read them (alive until launched)
+  gemm::ExpandJob job{};
+  if (next_codes.has_value()) {
+    nc = gemm::contiguous_aligned(*next_codes);
+    nm = next_scales->contiguous();
+    next = at::empty({nc.size(0), nc.size(1) * 2}, weight.options());
+    job = gemm::expand_job(nc, nm, next, op);
+  }
+  const auto w = gemm::contiguous_aligned(weight);
+  if (s.M > 0) {
+    const auto o =
+        gemm::contiguous_operands(act_codes, act_scales, codes, scales, global_scale, down_act, proj_up, bias);
+    if (!force_portable() && device_is_sm90() && gemm::fits_sm90_indexing(s)) {
+      if (gemm::run_sm90(s, o, false, out, stream, &w, job)) job.units = 0;  // expanded by the GEMM kernel
+    } else {
+      gemm::launch_portable(s, o, false, out, stream, &w);
+    }
+  }
+  gemm::launch_expand(job, stream);
+  return {out.reshape(with_last_dim(act_codes, s.N)), next};
 }
 
 }  // namespace cuda_impl

@@ -24,6 +24,14 @@ at::Tensor gemm_cuda(const at::Tensor& act_codes, const at::Tensor& act_scales, 
                      const at::Tensor& down_act, const at::Tensor& proj_up, const std::optional<at::Tensor>& bias,
                      c10::string_view precision, at::ScalarType out_dtype, bool act_unsigned);
 
+at::Tensor expand_w4a8_weight_cuda(const at::Tensor& codes, const at::Tensor& scales);
+
+std::tuple<at::Tensor, at::Tensor> gemm_expanded_cuda(
+    const at::Tensor& act_codes, const at::Tensor& act_scales, const at::Tensor& codes, const at::Tensor& scales,
+    const at::Tensor& global_scale, const at::Tensor& down_act, const at::Tensor& proj_up,
+    const std::optional<at::Tensor>& bias, at::ScalarType out_dtype, const at::Tensor& weight,
+    const std::optional<at::Tensor>& next_codes, const std::optional<at::Tensor>& next_scales);
+
 at::Tensor w4a16_linear_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                              const at::Tensor& zeros, const std::optional<at::Tensor>& bias);
 

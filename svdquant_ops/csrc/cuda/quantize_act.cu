@@ -1410,10 +1410,11 @@ int w4a8_cluster_for(const QuantizeActShape& s) {
   return device_is_sm90() && w4a8_cluster_opted_in() ? w4a8_cluster_size(s.K) : 0;
 }
 
-// Whether W4A8's token kernel splits K where M is small by default. Off until it has passed the GPU tests and been
-// timed on a GPU (written 2026-12-06 after the session's last device call); SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT=1
-// selects it meanwhile.
-constexpr bool kW4a8TokenSplitDefault = false;
+// Whether W4A8's token kernel splits K where M is small by default. On: on an H200 (2026-12-06) it passed the GPU
+// tests and took the M = 512 calls from 15.3 to 11.6 us (K = 3072) and 34.7 to 20.3 us (K = 12288), a FLUX.1 step's
+// quantize_act from 11.64 to 11.24 ms, with the M >= 4096 calls unchanged (0.97x-1.01x, noise);
+// SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT=0 turns it off.
+constexpr bool kW4a8TokenSplitDefault = true;
 
 // Channels per block of W4A8's vector token kernel (a multiple of its 256-channel step). One block per 8 rows leaves
 // most SMs idle where M is small (M = 512, FLUX's text stream: 64 blocks of 4 warps on 132 SMs; H100, 2026-12-06:

@@ -32,6 +32,7 @@ struct PortableArgs {
   int R;
   int nvfp4, act_unsigned;
   int w4a8;  // int8 activation codes [M, K], per-token scales [M]; weights code * multiplier, global scale [N]
+  int w_expanded;  // W4A8: w_codes is the expanded int8 weight [N, K] (gemm_expanded), not packed codes
 };
 
 __device__ __forceinline__ int decode_nibble(int nib, bool nvfp4, bool is_unsigned) {
@@ -59,8 +60,8 @@ __device__ __forceinline__ void load_chunk_codes(const uint8_t* codes, int64_t r
   for (int i = 0; i < 4; ++i) dst[r][4 * part + i] = w[i];
 }
 
-// W4A8 operands of one 64-channel chunk as packed int8 words: activation codes as stored; weight codes times the
-// chunk's group multiplier (the chunk is exactly one 64-channel group).
+// W4A8 operands of one 64-channel chunk as packed int8 words: activation codes (and gemm_expanded's int8 weight) as
+// stored; weight codes times the chunk's group multiplier (the chunk is exactly one 64-channel group).
 __device__ __forceinline__ void load_chunk_w4a8(const uint8_t* codes, const uint8_t* mult, int64_t rows, int64_t K,
                                                 int64_t row0, int64_t k_chunk, bool weights, int (*dst)[17]) {
   const int r = threadIdx.x / 4, part = threadIdx.x % 4;
@@ -129,7 +130,7 @@ __global__ void __launch_bounds__(256) gemm_portable_kernel(const PortableArgs p
     __syncthreads();
     if (p.w4a8) {
       load_chunk_w4a8(p.a_codes, nullptr, p.M, p.K, m0, kc, false, As);
-      load_chunk_w4a8(p.w_codes, static_cast<const uint8_t*>(p.w_scales), p.N, p.K, n0, kc, true, Bs);
+      load_chunk_w4a8(p.w_codes, static_cast<const uint8_t*>(p.w_scales), p.N, p.K, n0, kc, !p.w_expanded, Bs);
       __syncthreads();
       dp4a_words(As, Bs, ty, tx, 0, 16, idot);
       continue;

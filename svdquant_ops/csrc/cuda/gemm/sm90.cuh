@@ -79,6 +79,7 @@ struct Params {
   int G;
   int exp_mode;  // kKindW4a8Expand diagnostics: 0 full; 1 multipliers taken as 1; 2 no expansion; 3 no stores;
                  // 4 codes stored, no arithmetic
+  ExpandJob next;  // W4A8 (gemm_expanded): the next GEMM's weight, expanded by the producer warpgroup's idle warps
 };
 
 // Tiles in groups of 16 row-blocks so that the CTAs running at one time share A rows and B columns in L2.
@@ -550,6 +551,11 @@ __global__ void __launch_bounds__(384, 1)
           }
         }
       }
+    } else if (kKind == kKindW4a8 && threadIdx.x >= 288 && p.next.units != 0) {
+      // ---------------- W4A8: warps 9-11 expand the next GEMM's weight (gemm_expanded) ----------------
+      // Off the critical path: nothing here waits on the pipeline, so the loads and stores run beside the main loop
+      // (the GEMM leaves DRAM bandwidth and issue slots to spare) instead of in a prep kernel of their own.
+      expand_w4a8_units(p.next, blockIdx.x * 96 + (threadIdx.x - 288), gridDim.x * 96);
     }
   } else {
     // ---------------- two consumer warpgroups: 64 rows each ----------------
