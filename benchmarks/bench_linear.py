@@ -245,6 +245,60 @@ def token_ab(dev, rep_ms):
     env_ab(dev, rep_ms, "token_ab", "SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT", "0", "1", exact_down_act=True)
 
 
+# A FLUX.1-dev step's W4A8 GEMMs with q/k/v fused, in a plausible graph order, each with the weight it expands
+# ahead (install_compile_pass(expand_ahead=True)) and its calls per step: (name, M, N, K, calls). The next weight of
+# each is the following entry's (of the group, cyclically: the last of a block expands the next block's first).
+FLUX_DOUBLE = [("img qkv", 4096, 9216, 3072), ("txt qkv", 512, 9216, 3072), ("img out", 4096, 3072, 3072),
+               ("txt out", 512, 3072, 3072), ("img ff in", 4096, 12288, 3072), ("img ff out", 4096, 3072, 12288),
+               ("txt ff in", 512, 12288, 3072), ("txt ff out", 512, 3072, 12288)]
+FLUX_SINGLE = [("single qkv", 4608, 9216, 3072), ("single mlp", 4608, 12288, 3072), ("single out", 4608, 3072, 15360)]
+
+
+def ahead_ab(dev, rep_ms):
+    """gemm_expanded on a FLUX.1 step's GEMM sequence: each GEMM alone (its weight given expanded), the next weight
+    expanded by a kernel of its own after it (SVDQUANT_OPS_CUDA_W4A8_NEXT=kernel), by the GEMM kernel's idle warps
+    (=gemm), and as the library chooses (auto); against gemm with its own prep. Outputs and next weights compared bit
+    for bit; per-call (CUDA graph) and per-step times."""
+    ops = torch.ops.svdquant
+    g = torch.Generator().manual_seed(7)
+    modes = ("kernel", "gemm", "auto")
+    tot = {k: 0.0 for k in ("prep", "alone", *modes)}
+    bad = 0
+    for seq, calls in ((FLUX_DOUBLE, 19), (FLUX_SINGLE, 38)):
+        layers = [make_layer(K, N, 32, dev, g, "w4a8") for _, _, N, K in seq]
+        for i, (name, M, N, K) in enumerate(seq):
+            L, nxt = layers[i], layers[(i + 1) % len(seq)]
+            ac = torch.randint(-127, 128, (M, K), generator=g, dtype=torch.int32).to(dev, torch.int8)
+            asc = (torch.rand(M, 1, generator=g) * 0.02 + 1e-3).to(dev, torch.bfloat16)
+            da = torch.randn(M, 32, generator=g).to(dev)
+            w = ops.expand_w4a8_weight(L["wc"], L["ws"])
+            args = (ac, asc, L["wc"], L["ws"], L["gsc"], da, L["up"], L["bias"])
+            us, outs = {}, {}
+            fn_prep = lambda: ops.gemm(*args, "w4a8", torch.bfloat16, False)  # noqa: E731
+            fn_alone = lambda: ops.gemm_expanded(*args, torch.bfloat16, w, None, None)  # noqa: E731
+            fn_next = lambda: ops.gemm_expanded(*args, torch.bfloat16, w, nxt["wc"], nxt["ws"])  # noqa: E731
+            us["prep"], us["alone"] = bench_graph(fn_prep, rep_ms) * 1e3, bench_graph(fn_alone, rep_ms) * 1e3
+            ref = fn_prep()
+            ref_next = ops.expand_w4a8_weight(nxt["wc"], nxt["ws"])
+            for m in modes:
+                os.environ["SVDQUANT_OPS_CUDA_W4A8_NEXT"] = m
+                outs[m] = fn_next()
+                us[m] = bench_graph(fn_next, rep_ms) * 1e3
+            os.environ.pop("SVDQUANT_OPS_CUDA_W4A8_NEXT", None)
+            same = all(torch.equal(o[0], ref) and torch.equal(o[1], ref_next) for o in outs.values())
+            bad += not same
+            for k in tot:
+                tot[k] += us[k] * calls / 1e3
+            nN, nK = nxt["wc"].shape[0], nxt["wc"].shape[1] * 2
+            log(f"ahead_ab {name} M={M} N={N} K={K}, next {nN}x{nK}: gemm with prep {us['prep']:.1f} us; "
+                f"gemm_expanded alone {us['alone']:.1f}, + next by a kernel {us['kernel']:.1f}, by the GEMM "
+                f"{us['gemm']:.1f} (in-GEMM extra {us['gemm'] - us['alone']:.1f} against "
+                f"{us['kernel'] - us['alone']:.1f}), auto {us['auto']:.1f}; equal: {same}")
+    log("ahead_ab per FLUX step (W4A8 GEMMs): " + ", ".join(f"{k} {v:.2f} ms" for k, v in tot.items()))
+    if bad:
+        raise SystemExit(f"ahead_ab: {bad} GEMMs gave different outputs or next weights")
+
+
 def bench_eager(fn, rep_ms):
     import triton.testing as tt
 
@@ -619,6 +673,10 @@ def main():
     ap.add_argument("--token-ab", action="store_true", help="only W4A8's quantize_act on a FLUX.1 step's input "
                     "shapes with the token kernel's K split where M is small off and on "
                     "(SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT=0 / 1): outputs compared, per-call and per-step times")
+    ap.add_argument("--ahead-ab", action="store_true", help="only W4A8's gemm_expanded on a FLUX.1 step's GEMM "
+                    "sequence: the next weight expanded by a kernel of its own, by the GEMM's idle warps, or as the "
+                    "library chooses (SVDQUANT_OPS_CUDA_W4A8_NEXT), against gemm with its prep; per-call and per-step "
+                    "times")
     ap.add_argument("--gemm-only", action="store_true", help="only time gemm at M=4608 per --schedules "
                     "(needs SVDQUANT_OPS_DIAGNOSTICS=1 unless --schedules is just promote)")
     ap.add_argument("--tile-overhead", action="store_true", help="only the sm90 GEMM kernel's time (no prep) at "
@@ -691,6 +749,9 @@ def main():
             "result's header)")
     if args.gmax_ab:
         gmax_ab(dev, args.rep_ms)
+        return
+    if args.ahead_ab:
+        ahead_ab(dev, args.rep_ms)
         return
     if args.token_ab:
         token_ab(dev, args.rep_ms)

@@ -627,20 +627,39 @@ EXPANDED_CASES = [
 
 
 @pytest.mark.parametrize("M,N,K,R,model_dtype,out_dtype,nN,nK", EXPANDED_CASES)
-def test_gemm_expanded_matches_gemm_and_cpu(path, M, N, K, R, model_dtype, out_dtype, nN, nK):
-    """gemm_expanded on the GPU: its output equals the GPU gemm's bit for bit (the same kernel, fed the same int8
-    weight), and the CPU op's within the gemm tolerance; the next weight equals the CPU expansion bit for bit."""
+def test_gemm_expanded_matches_gemm_and_cpu(monkeypatch, path, M, N, K, R, model_dtype, out_dtype, nN, nK):
+    """gemm_expanded on the GPU, with the next weight expanded where the library chooses, by the GEMM kernel's idle
+    warps and by a kernel of its own (SVDQUANT_OPS_CUDA_W4A8_NEXT=auto / gemm / kernel): its output equals the GPU
+    gemm's bit for bit (the same kernel, fed the same int8 weight), and the CPU op's within the gemm tolerance; the
+    next weight equals the CPU expansion bit for bit."""
     g = session_generator(("expanded", M, N, K, nN, nK))
     args = op_args("gemm", gemm_inputs(M, N, K, R, "w4a8", model_dtype, g))
     ncodes, nmult = _random_w4a8_weight(nN, nK, g)
     d = to_dev(args)
     weight = OPS.expand_w4a8_weight(d[2], d[3])
-    out, nxt = OPS.gemm_expanded(*d, out_dtype, weight, ncodes.to(DEV), nmult.to(DEV))
-    assert torch.equal(out, OPS.gemm(*d, "w4a8", out_dtype, False)), "gemm_expanded differs from gemm"
+    ref_next = OPS.expand_w4a8_weight(ncodes, nmult)
+    ref = OPS.gemm(*d, "w4a8", out_dtype, False)
+    for where in ("auto", "gemm", "kernel"):
+        monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_NEXT", where)
+        out, nxt = OPS.gemm_expanded(*d, out_dtype, weight, ncodes.to(DEV), nmult.to(DEV))
+        assert torch.equal(out, ref), f"gemm_expanded ({where}) differs from gemm"
+        assert_bits_equal(nxt, ref_next, f"next weight ({where})")
     assert_output_close(out, OPS.gemm(*args, "w4a8", out_dtype, False), f"gemm_expanded {M}x{N}x{K}")
-    assert_bits_equal(nxt, OPS.expand_w4a8_weight(ncodes, nmult), "next weight")
     out2, none = OPS.gemm_expanded(*d, out_dtype, weight, None, None)
     assert torch.equal(out2, out) and none.shape == (0, 0) and none.dtype == torch.int8
+
+
+def test_next_variable_checked(monkeypatch):
+    """A value of SVDQUANT_OPS_CUDA_W4A8_NEXT other than auto / gemm / kernel is an error naming the variable (on
+    the Hopper path, which reads it)."""
+    if not IS_SM90:
+        pytest.skip("read on the Hopper path only")
+    args = to_dev(op_args("gemm", gemm_inputs(300, 256, 256, 16, "w4a8", torch.bfloat16, session_generator("nv"))))
+    weight = OPS.expand_w4a8_weight(args[2], args[3])
+    monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_NEXT", "always")
+    with pytest.raises(RuntimeError, match="SVDQUANT_OPS_CUDA_W4A8_NEXT must be 'auto', 'gemm', 'kernel' or unset, "
+                                           "got 'always'"):
+        OPS.gemm_expanded(*args, torch.bfloat16, weight, args[2], args[3])
 
 
 def test_gemm_expanded_without_tokens_still_expands_the_next_weight(path):

@@ -454,9 +454,24 @@ void launch_variant(Precision precision, [[maybe_unused]] const Variant& v, cons
   }
 }
 
+// Whether the GEMM kernel's three idle producer warps per CTA should expand `next` (SVDQUANT_OPS_CUDA_W4A8_NEXT):
+// only where they are expected to finish well within the GEMM. They expand at most ~1 TB/s of codes read plus int8
+// written over 132 CTAs (12 loads of 16 bytes in flight per SM: measured on an H100 at 42c3d37, a whole FLUX.1
+// step's GEMMs expanding every next weight took 6.8 ms longer and saved 4.2 ms of prep), so a short GEMM (the
+// 512-token text stream) that expands a large weight waits for it, where a kernel of its own runs at ~3 TB/s. The
+// GEMM's own time is estimated at 1000 TOPS or 3 TB/s of weight and activation reads, whichever is longer.
+bool next_in_gemm_pays(const GemmShape& s, const Sm90Plan& pl, const ExpandJob& next) {
+  const int where = w4a8_next_where();
+  if (where != 0) return where == 1;
+  const int ctas = std::min(pl.m_tiles * pl.n_tiles, num_sms());
+  const double gemm_us = std::max(2.0 * s.M * s.N * s.K / 1.0e9, double(s.N + s.M) * s.K / 3.0e6);
+  const double expand_us = 48.0 * next.units / 1.0e6 * num_sms() / ctas;  // 48 bytes per 32-code unit
+  return expand_us <= 0.5 * gemm_us;
+}
+
 // `weight`: W4A8's expanded int8 weight [N, K] (gemm_expanded): the GEMM loads it and the prep kernel expands
 // nothing. `next`: a weight the GEMM kernel's idle producer warps expand meanwhile (W4A8; units == 0: none).
-// Returns whether the GEMM kernel took `next` (it does not where it runs on fewer than half the SMs: too few warps).
+// Returns whether the GEMM kernel took `next` (next_in_gemm_pays).
 bool run_sm90(const GemmShape& s, const Operands& o, bool act_unsigned, at::Tensor& out, cudaStream_t stream,
               const at::Tensor* weight = nullptr, const ExpandJob& next = ExpandJob{}) {
 #if SVDQ_DIAGNOSTICS
@@ -495,7 +510,7 @@ bool run_sm90(const GemmShape& s, const Operands& o, bool act_unsigned, at::Tens
                          pl.N % 8 == 0 && aligned16(out.data_ptr());
   TensorMaps maps = make_tensor_maps(s, pl, o, base, out, tma_store);
   sm90::Params p = sm90_params(s, pl, pa, out, o.bias.has_value(), tma_store);
-  const bool takes_next = next.units != 0 && 2 * std::min(pl.m_tiles * pl.n_tiles, num_sms()) >= num_sms();
+  const bool takes_next = next.units != 0 && next_in_gemm_pays(s, pl, next);
   if (takes_next) p.next = next;
   if (weight != nullptr) {
     maps.B = make_map(weight->data_ptr(), CU_TENSOR_MAP_DATA_TYPE_UINT8, pl.K, pl.N, pl.K, 128, pl.BN,
