@@ -65,8 +65,8 @@ inline bool w4a8_token_split(bool fallback) {
 }
 
 // SVDQUANT_OPS_CUDA_W4A8_NEXT=auto|gemm|kernel: where gemm_expanded expands the next weight on Hopper: by the GEMM
-// kernel's idle warps where it expects them to finish within the GEMM (auto, the default: next_in_gemm_pays in
-// gemm.cu), always there (gemm), or always in a kernel of its own after the GEMM (kernel). 0 / 1 / 2.
+// kernel's idle warps where that measured cheaper (auto, the default: next_in_gemm_pays in gemm.cu), always there
+// (gemm), or always in a kernel of its own after the GEMM (kernel). 0 / 1 / 2.
 inline int w4a8_next_where() {
   const char* v = std::getenv("SVDQUANT_OPS_CUDA_W4A8_NEXT");
   if (v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0) return 0;

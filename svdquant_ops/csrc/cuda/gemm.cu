@@ -102,9 +102,9 @@ void launch_portable(const GemmShape& s, const Operands& o, bool act_unsigned, a
 // W4A8 weight expansion as a kernel of its own (expand_w4a8_weight, and the next weight of a gemm_expanded call that
 // does not take the Hopper path). `codes` 16-byte aligned and contiguous, `mult` contiguous, `out` [N, K] int8.
 ExpandJob expand_job(const at::Tensor& codes, const at::Tensor& mult, at::Tensor& out, const char* op) {
-  const int64_t units = codes.size(0) * codes.size(1) / 16;
+  const int64_t units = codes.size(0) * codes.size(1) / 8;
   TORCH_CHECK(units <= int64_t(UINT32_MAX), op, ": the weight to expand has ", codes.size(0) * codes.size(1) * 2,
-              " codes, more than the CUDA kernel indexes (2^37)");
+              " codes, more than the CUDA kernel indexes (2^36)");
   ExpandJob j{};
   j.codes = codes.data_ptr<uint8_t>();
   j.mult = mult.data_ptr<uint8_t>();
@@ -454,19 +454,19 @@ void launch_variant(Precision precision, [[maybe_unused]] const Variant& v, cons
   }
 }
 
-// Whether the GEMM kernel's three idle producer warps per CTA should expand `next` (SVDQUANT_OPS_CUDA_W4A8_NEXT):
-// only where they are expected to finish well within the GEMM. They expand at most ~1 TB/s of codes read plus int8
-// written over 132 CTAs (12 loads of 16 bytes in flight per SM: measured on an H100 at 42c3d37, a whole FLUX.1
-// step's GEMMs expanding every next weight took 6.8 ms longer and saved 4.2 ms of prep), so a short GEMM (the
-// 512-token text stream) that expands a large weight waits for it, where a kernel of its own runs at ~3 TB/s. The
-// GEMM's own time is estimated at 1000 TOPS or 3 TB/s of weight and activation reads, whichever is longer.
-bool next_in_gemm_pays(const GemmShape& s, const Sm90Plan& pl, const ExpandJob& next) {
+// Whether the GEMM kernel's three idle producer warps per CTA should expand `next` (SVDQUANT_OPS_CUDA_W4A8_NEXT).
+// Measured per FLUX.1 GEMM on an H100 (results/2026-12-06-h100-ahead-ab.md, with the earlier 32-code loop): by the
+// GEMM, the expansion cost about half of a kernel of its own wherever the GEMM's rows in flight fit L2 with room to
+// spare (K = 3072 at M = 512..4608, and K = 12288 at M = 512), but more than the kernel for the two long-K GEMMs at
+// M >= 4096 (K = 12288, 15360), whose 16 row tiles in flight hold 25-31 MB of activation codes: the expansion's
+// writes then evict what the GEMM reuses. So: the GEMM takes it where those rows are at most 8 MB, and where it runs
+// on at least half the SMs (fewer CTAs have too few expanding warps).
+bool next_in_gemm_pays(const GemmShape& s, const Sm90Plan& pl) {
   const int where = w4a8_next_where();
   if (where != 0) return where == 1;
   const int ctas = std::min(pl.m_tiles * pl.n_tiles, num_sms());
-  const double gemm_us = std::max(2.0 * s.M * s.N * s.K / 1.0e9, double(s.N + s.M) * s.K / 3.0e6);
-  const double expand_us = 48.0 * next.units / 1.0e6 * num_sms() / ctas;  // 48 bytes per 32-code unit
-  return expand_us <= 0.5 * gemm_us;
+  const int64_t rows_in_flight = std::min<int64_t>(s.M, 16 * sm90::BM);  // tile_coords' groups of 16 row tiles
+  return 2 * ctas >= num_sms() && rows_in_flight * s.K <= (int64_t(8) << 20);
 }
 
 // `weight`: W4A8's expanded int8 weight [N, K] (gemm_expanded): the GEMM loads it and the prep kernel expands
@@ -510,7 +510,7 @@ bool run_sm90(const GemmShape& s, const Operands& o, bool act_unsigned, at::Tens
                          pl.N % 8 == 0 && aligned16(out.data_ptr());
   TensorMaps maps = make_tensor_maps(s, pl, o, base, out, tma_store);
   sm90::Params p = sm90_params(s, pl, pa, out, o.bias.has_value(), tma_store);
-  const bool takes_next = next.units != 0 && next_in_gemm_pays(s, pl, next);
+  const bool takes_next = next.units != 0 && next_in_gemm_pays(s, pl);
   if (takes_next) p.next = next;
   if (weight != nullptr) {
     maps.B = make_map(weight->data_ptr(), CU_TENSOR_MAP_DATA_TYPE_UINT8, pl.K, pl.N, pl.K, 128, pl.BN,

@@ -136,55 +136,50 @@ __device__ __forceinline__ void expand_unit_w4a8(const uint8_t* codes, const uin
   *reinterpret_cast<uint4*>(dst + row * K + ku * 16) = make_uint4(a.x, a.y, b.x, b.y);
 }
 
-// W4A8 weights expanded ahead of their GEMM (svdquant::expand_w4a8_weight, and gemm_expanded's next weight): unit u
-// is 32 codes of one row (16 bytes; K % 64 == 0, so a unit lies in one 64-channel group) -> 32 int8 bytes, the same
-// products as expand_unit_w4a8. A row holds K / 32 units, an even number, so over the whole weight unit u reads codes
-// bytes [16 u, 16 u + 16), multiplier u / 2 and writes bytes [32 u, 32 u + 32): a flat map, no row arithmetic.
+// W4A8 weights expanded ahead of their GEMM (svdquant::expand_w4a8_weight, and gemm_expanded's next weight), unit
+// by unit as prep's expand_unit_w4a8: unit u is 16 codes (8 bytes) -> 16 int8 bytes. A row holds K / 16 units, a
+// multiple of 4 (K % 64 == 0), so over the whole weight unit u reads codes bytes [8 u, 8 u + 8), multiplier u / 4 and
+// writes bytes [16 u, 16 u + 16): a flat map. Consecutive lanes take consecutive units, so a warp's store writes 512
+// contiguous bytes (with 32-code units, two 16-byte stores per lane 32 bytes apart, each store instruction half-filled
+// every sector it touched and the expansion ran at 0.37x of prep's: results/2026-12-06-h100-ahead-ab.md).
 struct ExpandJob {
-  const uint8_t* codes;  // [N, K / 2], 16-byte aligned
+  const uint8_t* codes;  // [N, K / 2], 8-byte aligned
   const uint8_t* mult;   // [N, K / 64]
   uint8_t* out;          // [N, K], 16-byte aligned
-  uint32_t units;        // N * K / 32 (0: nothing to expand)
+  uint32_t units;        // N * K / 16 (0: nothing to expand)
 };
 
-__device__ __forceinline__ uint4 ld_nc_v4(const void* p) {  // read once: no L1 allocation
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
+__device__ __forceinline__ uint2 ld_nc_v2(const void* p) {  // read once: no L1 allocation
+  uint2 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
   return v;
 }
 
-__device__ __forceinline__ void expand32_w4a8_store(const ExpandJob& j, uint32_t u, uint4 c, uint32_t m) {
-  uint4* dst = reinterpret_cast<uint4*>(j.out + uint64_t(u) * 32);
-  const uint2 a = w4a8_expand8(c.x, m), b = w4a8_expand8(c.y, m);
-  dst[0] = make_uint4(a.x, a.y, b.x, b.y);
-  const uint2 e = w4a8_expand8(c.z, m), f = w4a8_expand8(c.w, m);
-  dst[1] = make_uint4(e.x, e.y, f.x, f.y);
-}
-
-// Units first, first + stride, ...: four units' loads in flight before any is expanded (the expanding warps are
-// few, so bandwidth comes from loads in flight per thread).
+// Units first, first + stride, ...: kU units' loads in flight before any is expanded (the GEMM kernel's expanding
+// warps are few, so their bandwidth comes from loads in flight per thread).
+template <int kU>
 __device__ __forceinline__ void expand_w4a8_units(const ExpandJob& j, uint32_t first, uint32_t stride) {
-  constexpr int kU = 4;
   for (uint32_t u0 = first; u0 < j.units; u0 += kU * stride) {
-    uint4 c[kU];
+    uint2 c[kU];
     uint32_t m[kU];
 #pragma unroll
     for (int i = 0; i < kU; ++i) {
       const uint32_t u = u0 + i * stride;
-      if (u < j.units) c[i] = ld_nc_v4(j.codes + uint64_t(u) * 16), m[i] = j.mult[u >> 1];
+      if (u < j.units) c[i] = ld_nc_v2(j.codes + uint64_t(u) * 8), m[i] = j.mult[u >> 2];
     }
 #pragma unroll
     for (int i = 0; i < kU; ++i) {
       const uint32_t u = u0 + i * stride;
-      if (u < j.units) expand32_w4a8_store(j, u, c[i], m[i]);
+      if (u < j.units) {
+        const uint2 a = w4a8_expand8(c[i].x, m[i]), b = w4a8_expand8(c[i].y, m[i]);
+        *reinterpret_cast<uint4*>(j.out + uint64_t(u) * 16) = make_uint4(a.x, a.y, b.x, b.y);
+      }
     }
   }
 }
 
 __global__ void expand_w4a8_kernel(const ExpandJob j) {
-  expand_w4a8_units(j, blockIdx.x * blockDim.x + threadIdx.x, gridDim.x * blockDim.x);
+  expand_w4a8_units<4>(j, blockIdx.x * blockDim.x + threadIdx.x, gridDim.x * blockDim.x);
 }
 
 // One segment of a value split into bf16 parts for the fp32-accurate branch: the low part (v - bf16(v)) in segment

@@ -555,7 +555,7 @@ __global__ void __launch_bounds__(384, 1)
       // ---------------- W4A8: warps 9-11 expand the next GEMM's weight (gemm_expanded) ----------------
       // Off the critical path: nothing here waits on the pipeline, so the loads and stores run beside the main loop
       // (the GEMM leaves DRAM bandwidth and issue slots to spare) instead of in a prep kernel of their own.
-      expand_w4a8_units(p.next, blockIdx.x * 96 + (threadIdx.x - 288), gridDim.x * 96);
+      expand_w4a8_units<6>(p.next, blockIdx.x * 96 + (threadIdx.x - 288), gridDim.x * 96);
     }
   } else {
     // ---------------- two consumer warpgroups: 64 rows each ----------------
