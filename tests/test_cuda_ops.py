@@ -649,6 +649,33 @@ def test_gemm_expanded_matches_gemm_and_cpu(monkeypatch, path, M, N, K, R, model
     assert torch.equal(out2, out) and none.shape == (0, 0) and none.dtype == torch.int8
 
 
+@pytest.mark.skipif(not IS_SM90, reason="the GEMM kernel expands the next weight on compute capability 9.0 only")
+@pytest.mark.parametrize("where,M,expand_launched", [("gemm", 2048, False), ("kernel", 2048, True),
+                                                     ("auto", 2048, False), ("auto", 7, True)])
+def test_gemm_expanded_expands_where_asked(monkeypatch, where, M, expand_launched):
+    """Which kernels a gemm_expanded call launches: with SVDQUANT_OPS_CUDA_W4A8_NEXT=gemm the GEMM kernel expands the
+    next weight (no expand_w4a8_kernel), with =kernel a kernel of its own does; auto gives it to a 2048 x 3072 x 3072
+    GEMM (all SMs, 6.3 MB of rows in flight, a 3072 x 3072 next weight) and not to a 7-token one (24 CTAs). The next
+    codes are a strided view (copied before the launch) and still expand bit-equal."""
+    g = session_generator(("where", where, M))
+    d = to_dev(op_args("gemm", gemm_inputs(M, 3072, 3072, 32, "w4a8", torch.bfloat16, g)))
+    wide, nmult = _random_w4a8_weight(3072, 6144, g)
+    ncodes = wide[:, ::2]  # [3072, 1536] of a wider tensor: not contiguous
+    nmult = nmult[:, :48].contiguous()
+    weight = OPS.expand_w4a8_weight(d[2], d[3])
+    monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_NEXT", where)
+    fn = lambda: OPS.gemm_expanded(*d, torch.bfloat16, weight, ncodes.to(DEV), nmult.to(DEV))  # noqa: E731
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out, nxt = fn()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert any("gemm_kernel" in n for n in names)
+    assert any("expand_w4a8_kernel" in n for n in names) == expand_launched, names
+    assert_bits_equal(nxt, OPS.expand_w4a8_weight(ncodes.contiguous(), nmult), "next weight")
+
+
 def test_next_variable_checked(monkeypatch):
     """A value of SVDQUANT_OPS_CUDA_W4A8_NEXT other than auto / gemm / kernel is an error naming the variable (on
     the Hopper path, which reads it)."""

@@ -7,6 +7,8 @@ The CUDA kernels are tested against this reference in test_cuda_ops.py (ops) and
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -232,6 +234,37 @@ def _graph_with_two_gemms(second_codes_after_first: bool):
     y2 = call(OPS.gemm.default, *p2, "w4a8", torch.bfloat16, False)
     graph.output((y1, y2))
     return graph
+
+
+def test_pass_keeps_the_graph_valid_where_a_gemm_reads_another_gemms_output():
+    """A GEMM whose argument is an earlier GEMM's output (here its fp32 output as the next one's down_act): the
+    rewritten call must read the replacement, not the erased node."""
+    mode = FakeTensorMode()
+    a1 = _gemm_args(N=16, R=16, seed="c1")  # out [6, 16] fp32 = the next call's down_act [6, R = 16]
+    a2 = _gemm_args(N=24, K=128, R=16, seed="c2")
+    graph = torch.fx.Graph()
+
+    def ph(name, t):
+        node = graph.placeholder(name)
+        node.meta["val"] = mode.from_tensor(t)
+        return node
+
+    def call(fn, *args):
+        node = graph.call_function(fn, args)
+        with mode:
+            node.meta["val"] = fn(*[x.meta["val"] if isinstance(x, torch.fx.Node) else x for x in args])
+        return node
+
+    p1 = [ph(f"a{i}", t) for i, t in enumerate(a1)]
+    p2 = [ph(f"b{i}", t) for i, t in enumerate(a2)]
+    y1 = call(OPS.gemm.default, *p1, "w4a8", torch.float32, False)
+    p2[5] = y1
+    y2 = call(OPS.gemm.default, *p2, "w4a8", torch.bfloat16, False)
+    graph.output((y1, y2))
+    assert ops.expand_w4a8_ahead(graph) == 2
+    graph.lint()
+    gemms = [n for n in graph.nodes if n.target is OPS.gemm_expanded.default]
+    assert gemms[1].args[5].target is operator.getitem and gemms[1].args[5].args[0] is gemms[0]
 
 
 @pytest.mark.parametrize("late", [False, True])

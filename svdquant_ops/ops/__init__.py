@@ -325,25 +325,30 @@ def expand_w4a8_ahead(graph: torch.fx.Graph) -> int:
 
     from torch._guards import detect_fake_mode
 
+    def named_args(node):  # read when used: a rewrite before may have replaced an argument (replace_all_uses_with)
+        a = dict(zip(_GEMM_ARGS, node.args))
+        a.update(node.kwargs)
+        return a
+
     order = {n: i for i, n in enumerate(graph.nodes)}
     calls = []
     for node in graph.nodes:
         if node.op != "call_function" or node.target is not target:
             continue
-        a = dict(zip(_GEMM_ARGS, node.args))
-        a.update(node.kwargs)
+        a = named_args(node)
         if a.get("precision") != "w4a8" or a.get("act_unsigned", False):
             continue
         if not all(isinstance(a[k], torch.fx.Node) for k in ("act_codes", "codes", "scales")):
             continue
-        calls.append((node, a))
-    vals = [a["act_codes"].meta.get("val") for _, a in calls]
+        calls.append(node)
+    vals = [named_args(n)["act_codes"].meta.get("val") for n in calls]
     fake_mode = detect_fake_mode(vals) if vals and all(isinstance(v, torch.Tensor) for v in vals) else None
     if fake_mode is None:
         return 0
     weight = None  # the expansion of the current call's weight, made by the call before it
-    for i, (node, a) in enumerate(calls):
-        nxt = calls[i + 1][1] if i + 1 < len(calls) else None
+    for i, node in enumerate(calls):
+        a = named_args(node)
+        nxt = named_args(calls[i + 1]) if i + 1 < len(calls) else None
         # the next weight's codes must exist when this call runs, on its device
         if nxt is not None and not (order[nxt["codes"]] < order[node] and order[nxt["scales"]] < order[node]
                                     and _device_of(nxt["codes"]) == _device_of(a["act_codes"])):

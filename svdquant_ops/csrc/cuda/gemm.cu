@@ -102,9 +102,10 @@ void launch_portable(const GemmShape& s, const Operands& o, bool act_unsigned, a
 // W4A8 weight expansion as a kernel of its own (expand_w4a8_weight, and the next weight of a gemm_expanded call that
 // does not take the Hopper path). `codes` 16-byte aligned and contiguous, `mult` contiguous, `out` [N, K] int8.
 ExpandJob expand_job(const at::Tensor& codes, const at::Tensor& mult, at::Tensor& out, const char* op) {
+  // below 2^31 units, the expansion loops' 32-bit unit counters cannot wrap (they step by < 2^21 past the end)
   const int64_t units = codes.size(0) * codes.size(1) / 8;
-  TORCH_CHECK(units <= int64_t(UINT32_MAX), op, ": the weight to expand has ", codes.size(0) * codes.size(1) * 2,
-              " codes, more than the CUDA kernel indexes (2^36)");
+  TORCH_CHECK(units < (int64_t(1) << 31), op, ": the weight to expand has ", codes.size(0) * codes.size(1) * 2,
+              " codes, more than the CUDA kernel indexes (2^35)");
   ExpandJob j{};
   j.codes = codes.data_ptr<uint8_t>();
   j.mult = mult.data_ptr<uint8_t>();
@@ -459,14 +460,18 @@ void launch_variant(Precision precision, [[maybe_unused]] const Variant& v, cons
 // GEMM, the expansion cost about half of a kernel of its own wherever the GEMM's rows in flight fit L2 with room to
 // spare (K = 3072 at M = 512..4608, and K = 12288 at M = 512), but more than the kernel for the two long-K GEMMs at
 // M >= 4096 (K = 12288, 15360), whose 16 row tiles in flight hold 25-31 MB of activation codes: the expansion's
-// writes then evict what the GEMM reuses. So: the GEMM takes it where those rows are at most 8 MB, and where it runs
-// on at least half the SMs (fewer CTAs have too few expanding warps).
-bool next_in_gemm_pays(const GemmShape& s, const Sm90Plan& pl) {
+// writes then evict what the GEMM reuses. So: the GEMM takes it where those rows are at most 8 MB, where it runs on
+// at least half the SMs (fewer CTAs have too few expanding warps), and where the expansion at ~1 TB/s (the three warps
+// per SM, 24 bytes moved per 16 codes) is expected to end within the GEMM, estimated at 1000 TOPS or 3 TB/s of
+// operand reads, whichever is longer: a 512-token GEMM expanding a large weight would otherwise wait for it.
+bool next_in_gemm_pays(const GemmShape& s, const Sm90Plan& pl, const ExpandJob& next) {
   const int where = w4a8_next_where();
   if (where != 0) return where == 1;
   const int ctas = std::min(pl.m_tiles * pl.n_tiles, num_sms());
   const int64_t rows_in_flight = std::min<int64_t>(s.M, 16 * sm90::BM);  // tile_coords' groups of 16 row tiles
-  return 2 * ctas >= num_sms() && rows_in_flight * s.K <= (int64_t(8) << 20);
+  const double gemm_us = std::max(2.0 * s.M * s.N * s.K / 1.0e9, double(s.N + s.M) * s.K / 3.0e6);
+  const double expand_us = 24.0 * next.units / 1.0e6 * num_sms() / ctas;
+  return 2 * ctas >= num_sms() && rows_in_flight * s.K <= (int64_t(8) << 20) && expand_us <= gemm_us;
 }
 
 // `weight`: W4A8's expanded int8 weight [N, K] (gemm_expanded): the GEMM loads it and the prep kernel expands
@@ -475,7 +480,8 @@ bool next_in_gemm_pays(const GemmShape& s, const Sm90Plan& pl) {
 bool run_sm90(const GemmShape& s, const Operands& o, bool act_unsigned, at::Tensor& out, cudaStream_t stream,
               const at::Tensor* weight = nullptr, const ExpandJob& next = ExpandJob{}) {
 #if SVDQ_DIAGNOSTICS
-  const Variant v = diagnostic_variant();
+  Variant v = diagnostic_variant();
+  if (weight != nullptr) v.w4_expand = false;  // gemm_expanded: the weight is given expanded
   const bool always_stores = v.sched == sm90::kOverlap || v.sched == sm90::kOverlapDeep || v.sched == sm90::kPingPong;
   const bool w4a8_only = always_stores || v.sched == sm90::kCvtMagic;
   TORCH_CHECK(!w4a8_only || (s.precision == Precision::kW4a8 && !v.w4_expand),
@@ -487,7 +493,7 @@ bool run_sm90(const GemmShape& s, const Operands& o, bool act_unsigned, at::Tens
 #else
   const Variant v{};
 #endif
-  const bool w4_expand = v.w4_expand && s.precision == Precision::kW4a8 && weight == nullptr;
+  const bool w4_expand = v.w4_expand && s.precision == Precision::kW4a8;
   const Sm90Plan pl = plan_sm90(s, o.proj_up.scalar_type(), v.wide, w4_expand || weight != nullptr);
 #if SVDQ_DIAGNOSTICS
   // the ping-pong consumer waits on all of a tile's branch stages at once: they must fit in the ring
@@ -510,7 +516,7 @@ bool run_sm90(const GemmShape& s, const Operands& o, bool act_unsigned, at::Tens
                          pl.N % 8 == 0 && aligned16(out.data_ptr());
   TensorMaps maps = make_tensor_maps(s, pl, o, base, out, tma_store);
   sm90::Params p = sm90_params(s, pl, pa, out, o.bias.has_value(), tma_store);
-  const bool takes_next = next.units != 0 && next_in_gemm_pays(s, pl);
+  const bool takes_next = next.units != 0 && next_in_gemm_pays(s, pl, next);
   if (takes_next) p.next = next;
   if (weight != nullptr) {
     maps.B = make_map(weight->data_ptr(), CU_TENSOR_MAP_DATA_TYPE_UINT8, pl.K, pl.N, pl.K, 128, pl.BN,
