@@ -208,59 +208,52 @@ def test_pass_leaves_int4_alone():
     assert calls == {"gemm": 34, "gemm_expanded": 0, "expand_w4a8_weight": 0}
 
 
-def _graph_with_two_gemms(second_codes_after_first: bool):
-    """An FX graph of two W4A8 gemm calls with fake values; the second weight's codes are a placeholder, or computed
-    (a clone) after the first call."""
-    mode = FakeTensorMode()
-    a1, a2 = _gemm_args(seed="g1"), _gemm_args(N=24, K=128, seed="g2")
-    graph = torch.fx.Graph()
+class _FakeGraph:
+    """An FX graph built by hand, each node with its fake value (what the pass reads)."""
 
-    def ph(name, t):
-        node = graph.placeholder(name)
-        node.meta["val"] = mode.from_tensor(t)
-        return node
+    def __init__(self):
+        self.mode = FakeTensorMode()
+        self.graph = torch.fx.Graph()
 
-    def call(fn, *args):
-        node = graph.call_function(fn, args)
-        with mode:
+    def inputs(self, prefix, tensors):
+        nodes = []
+        for i, t in enumerate(tensors):
+            node = self.graph.placeholder(f"{prefix}{i}")
+            node.meta["val"] = self.mode.from_tensor(t)
+            nodes.append(node)
+        return nodes
+
+    def call(self, fn, *args):
+        node = self.graph.call_function(fn, args)
+        with self.mode:
             node.meta["val"] = fn(*[x.meta["val"] if isinstance(x, torch.fx.Node) else x for x in args])
         return node
 
-    p1 = [ph(f"a{i}", t) for i, t in enumerate(a1)]
-    p2 = [ph(f"b{i}", t) for i, t in enumerate(a2)]
-    y1 = call(OPS.gemm.default, *p1, "w4a8", torch.bfloat16, False)
+
+def _graph_with_two_gemms(second_codes_after_first: bool):
+    """An FX graph of two W4A8 gemm calls; the second weight's codes are a placeholder, or computed (a clone) after
+    the first call."""
+    g = _FakeGraph()
+    p1, p2 = g.inputs("a", _gemm_args(seed="g1")), g.inputs("b", _gemm_args(N=24, K=128, seed="g2"))
+    y1 = g.call(OPS.gemm.default, *p1, "w4a8", torch.bfloat16, False)
     if second_codes_after_first:
-        p2[2] = call(torch.ops.aten.clone.default, p2[2])
-    y2 = call(OPS.gemm.default, *p2, "w4a8", torch.bfloat16, False)
-    graph.output((y1, y2))
-    return graph
+        p2[2] = g.call(torch.ops.aten.clone.default, p2[2])
+    y2 = g.call(OPS.gemm.default, *p2, "w4a8", torch.bfloat16, False)
+    g.graph.output((y1, y2))
+    return g.graph
 
 
 def test_pass_keeps_the_graph_valid_where_a_gemm_reads_another_gemms_output():
     """A GEMM whose argument is an earlier GEMM's output (here its fp32 output as the next one's down_act): the
     rewritten call must read the replacement, not the erased node."""
-    mode = FakeTensorMode()
-    a1 = _gemm_args(N=16, R=16, seed="c1")  # out [6, 16] fp32 = the next call's down_act [6, R = 16]
-    a2 = _gemm_args(N=24, K=128, R=16, seed="c2")
-    graph = torch.fx.Graph()
-
-    def ph(name, t):
-        node = graph.placeholder(name)
-        node.meta["val"] = mode.from_tensor(t)
-        return node
-
-    def call(fn, *args):
-        node = graph.call_function(fn, args)
-        with mode:
-            node.meta["val"] = fn(*[x.meta["val"] if isinstance(x, torch.fx.Node) else x for x in args])
-        return node
-
-    p1 = [ph(f"a{i}", t) for i, t in enumerate(a1)]
-    p2 = [ph(f"b{i}", t) for i, t in enumerate(a2)]
-    y1 = call(OPS.gemm.default, *p1, "w4a8", torch.float32, False)
+    g = _FakeGraph()
+    p1 = g.inputs("a", _gemm_args(N=16, R=16, seed="c1"))  # out [6, 16] fp32 = the next call's down_act [6, R = 16]
+    p2 = g.inputs("b", _gemm_args(N=24, K=128, R=16, seed="c2"))
+    y1 = g.call(OPS.gemm.default, *p1, "w4a8", torch.float32, False)
     p2[5] = y1
-    y2 = call(OPS.gemm.default, *p2, "w4a8", torch.bfloat16, False)
-    graph.output((y1, y2))
+    y2 = g.call(OPS.gemm.default, *p2, "w4a8", torch.bfloat16, False)
+    g.graph.output((y1, y2))
+    graph = g.graph
     assert ops.expand_w4a8_ahead(graph) == 2
     graph.lint()
     gemms = [n for n in graph.nodes if n.target is OPS.gemm_expanded.default]
