@@ -169,6 +169,13 @@ def gemm_inputs(lead, N: int, K: int, R: int, precision: str, model_dtype: torch
                 global_scale=w["global_scale"], down_act=down_act, proj_up=w["proj_up"], bias=w["bias"])
 
 
+def packed_w4a8_weight(N: int, K: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A W4A8 weight to expand: codes of every byte (nibble 8, -8, which the quantizer never writes, included) and
+    multipliers over [1, 18]."""
+    return (torch.randint(0, 256, (N, K // 2), generator=gen, dtype=torch.uint8),
+            torch.randint(1, W4A8_MULT_MAX + 1, (N, K // 64), generator=gen, dtype=torch.uint8))
+
+
 def linear_inputs(lead, N: int, K: int, R: int, precision: str, model_dtype: torch.dtype, gen: torch.Generator, *,
                   unsigned: bool = False, outliers: bool = False, **weight_kw) -> dict:
     """linear's tensor arguments: ``act_inputs`` then ``weight_inputs(**weight_kw)``."""

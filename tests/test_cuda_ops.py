@@ -35,7 +35,8 @@ from svdquant_ops import ops  # noqa: E402
 
 # session_generator(key): fresh inputs every session; SVDQ_TEST_SEED (printed in the report header) replays a run.
 from .builders import (  # noqa: E402
-    act_inputs, assert_cuda_graph_replays_eager, gemm_inputs, linear_inputs, op_args, session_generator)
+    act_inputs, assert_cuda_graph_replays_eager, gemm_inputs, linear_inputs, op_args, packed_w4a8_weight,
+    session_generator)
 
 ops.load()  # builds / loads the library with its CUDA kernels
 OPS = torch.ops.svdquant
@@ -601,15 +602,9 @@ def test_linear_end_to_end_matches_cpu(path):
 # ------------------------------------------------------------------------------------------------------------------
 # W4A8 weights expanded ahead: expand_w4a8_weight, gemm_expanded (the GEMM kernel expands the next weight)
 # ------------------------------------------------------------------------------------------------------------------
-def _random_w4a8_weight(N, K, g):
-    """Codes of every byte (nibble 8, which the quantizer never writes, included) and multipliers over [1, 18]."""
-    return (torch.randint(0, 256, (N, K // 2), generator=g, dtype=torch.uint8),
-            torch.randint(1, 19, (N, K // 64), generator=g, dtype=torch.uint8))
-
-
 @pytest.mark.parametrize("N,K", [(1, 64), (131, 192), (3072, 3072), (1000, 1088), (9216, 3072)])
 def test_expand_w4a8_weight_matches_cpu(N, K):
-    codes, mult = _random_w4a8_weight(N, K, session_generator(("expand", N, K)))
+    codes, mult = packed_w4a8_weight(N, K, session_generator(("expand", N, K)))
     assert_bits_equal(OPS.expand_w4a8_weight(codes.to(DEV), mult.to(DEV)), OPS.expand_w4a8_weight(codes, mult),
                       "expanded weight")
 
@@ -634,7 +629,7 @@ def test_gemm_expanded_matches_gemm_and_cpu(monkeypatch, path, M, N, K, R, model
     next weight equals the CPU expansion bit for bit."""
     g = session_generator(("expanded", M, N, K, nN, nK))
     args = op_args("gemm", gemm_inputs(M, N, K, R, "w4a8", model_dtype, g))
-    ncodes, nmult = _random_w4a8_weight(nN, nK, g)
+    ncodes, nmult = packed_w4a8_weight(nN, nK, g)
     d = to_dev(args)
     weight = OPS.expand_w4a8_weight(d[2], d[3])
     ref_next = OPS.expand_w4a8_weight(ncodes, nmult)
@@ -659,7 +654,7 @@ def test_gemm_expanded_expands_where_asked(monkeypatch, where, M, expand_launche
     codes are a strided view (copied before the launch) and still expand bit-equal."""
     g = session_generator(("where", where, M))
     d = to_dev(op_args("gemm", gemm_inputs(M, 3072, 3072, 32, "w4a8", torch.bfloat16, g)))
-    wide, nmult = _random_w4a8_weight(3072, 6144, g)
+    wide, nmult = packed_w4a8_weight(3072, 6144, g)
     ncodes = wide[:, ::2]  # [3072, 1536] of a wider tensor: not contiguous
     nmult = nmult[:, :48].contiguous()
     weight = OPS.expand_w4a8_weight(d[2], d[3])
@@ -692,7 +687,7 @@ def test_next_variable_checked(monkeypatch):
 def test_gemm_expanded_without_tokens_still_expands_the_next_weight(path):
     g = session_generator("expanded-empty")
     args = to_dev(op_args("gemm", gemm_inputs((0,), 128, 256, 16, "w4a8", torch.bfloat16, g)))
-    ncodes, nmult = _random_w4a8_weight(200, 320, g)
+    ncodes, nmult = packed_w4a8_weight(200, 320, g)
     out, nxt = OPS.gemm_expanded(*args, torch.bfloat16, OPS.expand_w4a8_weight(args[2], args[3]), ncodes.to(DEV),
                                  nmult.to(DEV))
     assert out.shape == (0, 128)
@@ -704,7 +699,7 @@ def test_gemm_expanded_deterministic_and_graph_replay(path):
     g = session_generator("expanded-graph")
     x, smooth, pd, wc, ws, gsc, up, b = to_dev(op_args("linear", linear_inputs(777, 1000, 1024, 32, "w4a8",
                                                                                torch.bfloat16, g)))
-    ncodes, nmult = (t.to(DEV) for t in _random_w4a8_weight(3072, 3072, g))
+    ncodes, nmult = (t.to(DEV) for t in packed_w4a8_weight(3072, 3072, g))
     weight = OPS.expand_w4a8_weight(wc, ws)
 
     def fn(inp):

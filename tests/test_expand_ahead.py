@@ -16,7 +16,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from svdquant_ops import ops, quantize_model
 from svdquant_ops.integrations.fusion import fuse_qkv
 
-from .builders import flux_inputs, fresh_compile_state, gemm_inputs, generator, op_args, tiny_flux
+from .builders import (flux_inputs, fresh_compile_state, gemm_inputs, generator, op_args, packed_w4a8_weight,
+                       tiny_flux)
 
 OPS = torch.ops.svdquant
 ops.load()
@@ -43,8 +44,7 @@ def _gemm_args(M=6, N=72, K=192, R=16, dtype=torch.bfloat16, seed="expand"):
 @pytest.mark.parametrize("N,K", [(1, 64), (72, 192), (130, 1024)])
 def test_expansion_is_code_times_multiplier(N, K):
     g = generator(("expand", N, K))
-    codes = torch.randint(0, 256, (N, K // 2), generator=g, dtype=torch.uint8)  # every nibble, -8 included
-    mult = torch.randint(1, 19, (N, K // 64), generator=g, dtype=torch.uint8)
+    codes, mult = packed_w4a8_weight(N, K, g)  # every nibble, -8 included
     out = OPS.expand_w4a8_weight(codes, mult)
     assert out.dtype == torch.int8 and out.shape == (N, K)
     assert torch.equal(out, reference_expansion(codes, mult))

@@ -100,7 +100,8 @@ void launch_portable(const GemmShape& s, const Operands& o, bool act_unsigned, a
 }
 
 // W4A8 weight expansion as a kernel of its own (expand_w4a8_weight, and the next weight of a gemm_expanded call that
-// does not take the Hopper path). `codes` 16-byte aligned and contiguous, `mult` contiguous, `out` [N, K] int8.
+// does not take the Hopper path). `codes` contiguous and 8-byte aligned (contiguous_aligned gives 16), `mult`
+// contiguous, `out` [N, K] int8, 16-byte aligned.
 ExpandJob expand_job(const at::Tensor& codes, const at::Tensor& mult, at::Tensor& out, const char* op) {
   // below 2^31 units, the expansion loops' 32-bit unit counters cannot wrap (they step by < 2^21 past the end)
   const int64_t units = codes.size(0) * codes.size(1) / 8;
@@ -116,8 +117,9 @@ ExpandJob expand_job(const at::Tensor& codes, const at::Tensor& mult, at::Tensor
 
 void launch_expand(const ExpandJob& j, cudaStream_t stream) {
   if (j.units == 0) return;
-  const unsigned gx = static_cast<unsigned>(std::max<int64_t>(
-      1, std::min<int64_t>((int64_t(j.units) + 1023) / 1024, 8 * num_sms())));  // 4 units per thread and step
+  constexpr int64_t kPerBlock = 256 * kExpandUnitsPerThread;
+  const unsigned gx = static_cast<unsigned>(
+      std::max<int64_t>(1, std::min<int64_t>((int64_t(j.units) + kPerBlock - 1) / kPerBlock, 8 * num_sms())));
   expand_w4a8_kernel<<<gx, 256, 0, stream>>>(j);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   debug_sync(stream, "expand_w4a8_weight");

@@ -178,8 +178,10 @@ __device__ __forceinline__ void expand_w4a8_units(const ExpandJob& j, uint32_t f
   }
 }
 
+// The kernel of its own: kExpandUnitsPerThread units per thread and step (launch_expand sizes its grid by it).
+constexpr int kExpandUnitsPerThread = 4;
 __global__ void expand_w4a8_kernel(const ExpandJob j) {
-  expand_w4a8_units<4>(j, blockIdx.x * blockDim.x + threadIdx.x, gridDim.x * blockDim.x);
+  expand_w4a8_units<kExpandUnitsPerThread>(j, blockIdx.x * blockDim.x + threadIdx.x, gridDim.x * blockDim.x);
 }
 
 // One segment of a value split into bf16 parts for the fp32-accurate branch: the low part (v - bf16(v)) in segment
