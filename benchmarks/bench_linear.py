@@ -299,6 +299,53 @@ def ahead_ab(dev, rep_ms):
         raise SystemExit(f"ahead_ab: {bad} GEMMs gave different outputs or next weights")
 
 
+def schedule_ab(dev, rep_ms, sched):
+    """W4A8 gemm (prep included) on a FLUX.1 step's GEMMs (q/k/v fused) under the shipped schedule against the
+    diagnostics build's SVDQUANT_OPS_GEMM_SCHEDULE=``sched``, alternating within each shape: outputs compared bit for
+    bit (the in-flight / magic-conversion schedules compute the same sums), the kernel that ran checked, per-call
+    (CUDA graph) and per-step times."""
+    ops = torch.ops.svdquant
+    g = torch.Generator().manual_seed(8)
+    exact = OTHER_SCHEDULES[sched][1]
+    tot = {"promote": 0.0, sched: 0.0}
+    bad = 0
+    for seq, calls in ((FLUX_DOUBLE, 19), (FLUX_SINGLE, 38)):
+        for name, M, N, K in seq:
+            L = make_layer(K, N, 32, dev, g, "w4a8")
+            ac = torch.randint(-127, 128, (M, K), generator=g, dtype=torch.int32).to(dev, torch.int8)
+            asc = (torch.rand(M, 1, generator=g) * 0.02 + 1e-3).to(dev, torch.bfloat16)
+            da = torch.randn(M, 32, generator=g).to(dev)
+            fn = lambda: ops.gemm(ac, asc, L["wc"], L["ws"], L["gsc"], da, L["up"], L["bias"], "w4a8",  # noqa: E731
+                                  torch.bfloat16, False)
+            us, outs, names = {k: [] for k in tot}, {}, {}
+            for rep in range(2):  # A, B, A, B: drift between the two shows as a spread
+                for k in tot:
+                    os.environ["SVDQUANT_OPS_GEMM_SCHEDULE"] = k
+                    if rep == 0:
+                        outs[k] = first_output(fn, (M, N), torch.bfloat16, dev, f"{k} {name}")
+                        names[k] = gemm_kernel_names(fn)
+                    us[k].append(bench_graph(fn, rep_ms) * 1e3)
+            os.environ.pop("SVDQUANT_OPS_GEMM_SCHEDULE", None)
+            idx = {"promote": 0, sched: OTHER_SCHEDULES[sched][0]}
+            assert all(any(f"2, {idx[k]}, true>" in n for n in names[k]) for k in tot), f"not as asked: {names}"
+            if exact:
+                same = torch.equal(outs["promote"], outs[sched])
+            else:
+                same = schedule_close(outs["promote"], outs[sched])[0]
+            bad += not same
+            med = {k: sum(v) / len(v) for k, v in us.items()}
+            for k in tot:
+                tot[k] += med[k] * calls / 1e3
+            log(f"schedule_ab {name} M={M} N={N} K={K}: promote {med['promote']:.1f} us "
+                f"({'/'.join(f'{x:.1f}' for x in us['promote'])}), {sched} {med[sched]:.1f} us "
+                f"({'/'.join(f'{x:.1f}' for x in us[sched])}), {med['promote'] / med[sched]:.3f}x; "
+                f"{'bit-equal' if exact else 'close'}: {same}")
+    log(f"schedule_ab per FLUX step (W4A8 GEMMs with prep): promote {tot['promote']:.2f} ms, {sched} "
+        f"{tot[sched]:.2f} ms ({tot['promote'] / tot[sched]:.3f}x)")
+    if bad:
+        raise SystemExit(f"schedule_ab: {bad} GEMMs differ between promote and {sched}")
+
+
 def bench_eager(fn, rep_ms):
     import triton.testing as tt
 
@@ -556,7 +603,8 @@ def gemm_kernel_names(fn) -> set[str]:
 # W4A8 schedules of the diagnostics build compared with the shipped one (promote: both consumer warpgroups on each
 # tile): the template index of each in gemm_kernel<BN, kind, schedule, store> (W4A8 is kind 2), and whether its
 # outputs must be bit-equal to promote's
-OTHER_SCHEDULES = {"overlap": (3, True), "overlap3": (4, True), "pingpong": (5, False), "promote-cvt": (6, True)}
+OTHER_SCHEDULES = {"overlap": (3, True), "overlap3": (4, True), "pingpong": (5, False), "promote-cvt": (6, True),
+                   "inflight": (7, True)}
 
 
 def schedule_close(ref: torch.Tensor, out: torch.Tensor) -> tuple[bool, float]:
@@ -677,6 +725,9 @@ def main():
                     "sequence: the next weight expanded by a kernel of its own, by the GEMM's idle warps, or as the "
                     "library chooses (SVDQUANT_OPS_CUDA_W4A8_NEXT), against gemm with its prep; per-call and per-step "
                     "times")
+    ap.add_argument("--schedule-ab", metavar="SCHEDULE", choices=sorted(OTHER_SCHEDULES), help="only W4A8's gemm "
+                    "on a FLUX.1 step's GEMMs under the shipped schedule against SVDQUANT_OPS_GEMM_SCHEDULE=SCHEDULE "
+                    "(e.g. inflight): outputs compared, per-call and per-step times (needs SVDQUANT_OPS_DIAGNOSTICS=1)")
     ap.add_argument("--gemm-only", action="store_true", help="only time gemm at M=4608 per --schedules "
                     "(needs SVDQUANT_OPS_DIAGNOSTICS=1 unless --schedules is just promote)")
     ap.add_argument("--tile-overhead", action="store_true", help="only the sm90 GEMM kernel's time (no prep) at "
@@ -713,6 +764,8 @@ def main():
         needs.append("--wprep (SVDQUANT_OPS_GEMM_WPREP)")
     if args.overlap:
         needs.append(f"--overlap (SVDQUANT_OPS_GEMM_SCHEDULE={' / '.join(OTHER_SCHEDULES)})")
+    if args.schedule_ab:
+        needs.append(f"--schedule-ab (SVDQUANT_OPS_GEMM_SCHEDULE={args.schedule_ab})")
     if args.tile_overhead:
         needs.append("--tile-overhead (SVDQUANT_OPS_GEMM_EPILOGUE=direct|none)")
     qa_knobs = [k for k in ("SVDQUANT_OPS_QA_CFG", "SVDQUANT_OPS_QA_SPLITS") if os.environ.get(k)]
@@ -752,6 +805,9 @@ def main():
         return
     if args.ahead_ab:
         ahead_ab(dev, args.rep_ms)
+        return
+    if args.schedule_ab:
+        schedule_ab(dev, args.rep_ms, args.schedule_ab)
         return
     if args.token_ab:
         token_ab(dev, args.rep_ms)

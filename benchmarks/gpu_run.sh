@@ -16,8 +16,8 @@
 #                                                                                                 [diagnostics build]
 #     overlap   bench_linear.py --overlap: W4A8 gemm, shipped schedule vs SVDQUANT_OPS_GEMM_SCHEDULE=overlap and
 #               overlap3 (epilogue under the next tile's MMAs, 2 / 3 stages in flight; bit-equal check), pingpong
-#               (whole tiles per consumer warpgroup; within fp32 rounding) and promote-cvt (the int32 sums converted
-#               by a magic-number add; bit-equal), and times;
+#               (whole tiles per consumer warpgroup; within fp32 rounding), promote-cvt (the int32 sums converted
+#               by a magic-number add; bit-equal) and inflight (one stage of MMAs in flight; bit-equal), and times;
 #               GEMM_ARGS=--quick: 2 shapes, fp32 output and saturated rows                     [diagnostics build]
 #     full      bench_linear.py --out $OUT (the recorded table)
 #     amax      quantize_act_given_amax (W4A8, amax given; install_compile_pass(amax_split=True)): its GPU tests,
@@ -31,8 +31,8 @@
 #               file in $TMPDIR, ~6.5 GB, loaded back exact / converted to w4a8, output SQNR), e.g.
 #               FLUX_ARGS="--configs w4a8-compile,nunchaku-w4a8-compile --timeout 420 --budget 480 --tag nunchaku".
 #               With SVDQUANT_OPS_GEMM_SCHEDULE set (e.g. overlap), the diagnostics build runs that schedule;
-#               the rows w4a8-compile[-ro]-{overlap,overlap3,pingpong,pingpong-auto,promote-cvt} run it for their
-#               own process only, beside shipped rows.
+#               the rows w4a8-compile[-ro]-{overlap,overlap3,pingpong,pingpong-auto,promote-cvt,inflight} and
+#               w4a8-compile[-ro]-fused-inflight run it for their own process only, beside shipped rows.
 #     probe     benchmarks/probes/overlap_probe.cu: tensor-core vs FP32 promotion overlap (HISTORY.md, session 4)
 #     regaprobe benchmarks/probes/w4a8_rega_probe.cu: W4A8 weights expanded in the consumers' registers (wgmma's
 #               register A operand) against today's shared-memory int8 weights, exact check and times

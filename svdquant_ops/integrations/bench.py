@@ -151,10 +151,15 @@ def _configs() -> dict[str, Config]:
     # (pingpong: within fp32 rounding), ping-pong only where it won on the H200 (pingpong-auto), or the shipped one
     # with its int32 -> fp32 conversion by a magic-number add (promote-cvt; bit-equal); bench_linear.py --overlap
     # checks them against the shipped schedule.
-    for sched in ("overlap", "overlap3", "pingpong", "pingpong-auto", "promote-cvt"):
+    for sched in ("overlap", "overlap3", "pingpong", "pingpong-auto", "promote-cvt", "inflight"):
         for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
             name = f"w4a8-compile{sfx}-{sched}"
             out[name] = Config(name, "w4a8", True, mode, gemm_schedule=sched)
+    # ... and with q/k/v fused, beside the shipped w4a8-compile[-ro]-fused: the main loop with one stage of MMAs in
+    # flight (inflight, bit-equal)
+    for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
+        name = f"w4a8-compile{sfx}-fused-inflight"
+        out[name] = Config(name, "w4a8", True, mode, gemm_schedule="inflight", fuse_qkv=True)
     # Extra: q/k/v of each attention as one linear (fuse_qkv), for every weight format, so that the fused rows
     # compare with each other as the plain rows do
     for w in ("bf16", "fp8", "w4a8", "int4"):

@@ -149,6 +149,7 @@ enum Schedule : int {
   kOverlapDeep = 4,  // 3
   kPingPong = 5,
   kCvtMagic = 6,     // kPromote with W4A8's int32 -> fp32 conversion by a magic-number add (cvt_i32_exact)
+  kInflight = 7,     // kPromote with W4A8's main loop keeping one stage of MMAs in flight (w4a8_main_loop)
 #endif
 };
 
@@ -378,6 +379,7 @@ __global__ void __launch_bounds__(384, 1)
   static_assert(!(kOv || kPP) || (kKind == kKindW4a8 && kStore && BN == 128),
                 "the overlapped and ping-pong schedules are W4A8's (prep path, stores, BN 128) only");
   static_assert(kSched != kCvtMagic || kKind == kKindW4a8, "the magic-number conversion is W4A8's");
+  static_assert(kSched != kInflight || kKind == kKindW4a8, "the in-flight main loop is W4A8's");
 #else
   constexpr bool kOv = false;
   constexpr bool kPP = false;
@@ -870,9 +872,45 @@ __global__ void __launch_bounds__(384, 1)
         // (Written out: as a helper like nvfp4_main_loop, or with the scaling in a helper, ptxas assigns the W4A8
         // kernel's registers differently.)
         int iacc[BN / 2];
-        for (int ki = 0; ki < p.n_main; ++ki)
-          consume_stage<C>(smem, full, empty, s, ph, wg, lane, iacc, ki > 0,
-                           [](int (&d)[BN / 2], uint64_t a, uint64_t b, int sd) { wgmma::mma_s8<BN>(d, a, b, sd); });
+#if SVDQ_DIAGNOSTICS
+        constexpr bool kDrain = kSched != kInflight;
+#else
+        constexpr bool kDrain = true;
+#endif
+        if constexpr (kDrain) {  // each stage's MMAs finish before the next stage's are issued
+          for (int ki = 0; ki < p.n_main; ++ki)
+            consume_stage<C>(smem, full, empty, s, ph, wg, lane, iacc, ki > 0,
+                             [](int (&d)[BN / 2], uint64_t a, uint64_t b, int sd) { wgmma::mma_s8<BN>(d, a, b, sd); });
+        } else {
+          // One stage of MMAs in flight (as CUTLASS's sm90 main loops): stage k + 1's MMAs are issued before stage
+          // k's are waited for, so the tensor cores never drain between stages (draining leaves them idle while
+          // the warp waits, arrives, waits on the next stage and issues: the main loop ran ~600 cycles per stage
+          // against 512 of MMAs). A stage goes back to the producer once the MMAs after it are issued: one ring
+          // slot less of look-ahead. Integer sums: bit-equal to the draining loop.
+          int rs = s;  // the oldest stage not yet released
+          for (int ki = 0; ki < p.n_main; ++ki) {
+            mbar_wait(&full[s], ph);
+            uint8_t* st = smem + s * C::STAGE;
+            const uint64_t da = desc_sw128(st + wg * 64 * 128), db = desc_sw128(st + C::A_BYTES);
+            fence_regs(iacc);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk) wgmma::mma_s8<BN>(iacc, da + 2 * kk, db + 2 * kk, (ki > 0 || kk > 0) ? 1 : 0);
+            wgmma_commit();
+            if (++s == C::STAGES) {
+              s = 0;
+              ph ^= 1;
+            }
+            if (ki > 0) {
+              wgmma_wait<1>();
+              if (lane == 0) mbar_arrive(&empty[rs]);
+              if (++rs == C::STAGES) rs = 0;
+            }
+          }
+          wgmma_wait<0>();
+          fence_regs(iacc);
+          if (p.n_main > 0 && lane == 0) mbar_arrive(&empty[rs]);
+        }
 #if SVDQ_DIAGNOSTICS
         if constexpr (kSched == kCvtMagic) {
           float f[BN / 2];
