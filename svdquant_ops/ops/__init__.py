@@ -299,7 +299,8 @@ def split_w4a8_amax(graph: torch.fx.Graph) -> int:
 # GEMM's weight gets an expand_w4a8_weight node. Bit-equal (the same integer products); one expanded weight beyond
 # gemm's own workspace is alive at a time.
 # ------------------------------------------------------------------------------------------------------------------
-# Off until measured on a GPU (benchmarks/HISTORY.md); install_compile_pass(expand_ahead=True) turns it on.
+# Off: break-even on an H100 FLUX.1 step (linear kernels -0.3 ms, all kernels +0.5 ms; benchmarks/HISTORY.md,
+# 2026-12-06); install_compile_pass(expand_ahead=True) turns it on.
 EXPAND_AHEAD_DEFAULT = False
 _GEMM_ARGS = ("act_codes", "act_scales", "codes", "scales", "global_scale", "down_act", "proj_up", "bias",
               "precision", "out_dtype", "act_unsigned")
