@@ -21,6 +21,9 @@ roundoff of bf16) + one bf16 ulp, where mag = |x| @ (|code * scale| + |zero|).T 
 --grid-sweep (diagnostics build only, SVDQUANT_OPS_DIAGNOSTICS=1): the GEMV kernel's time per forced number of blocks
 per SM (SVDQUANT_OPS_W4A16_BLOCKS_PER_SM = 1, 2) next to the shipped choice, for the full-slice kernel and the
 generic one (SVDQUANT_OPS_W4A16_GENERIC=1), to tune the grid and compare the two code-load patterns.
+--group-ab: a FLUX.1-dev step's 77 AdaLN modulation linears at one token (19 x 2 of N = 18432, 38 of 9216, 1 of 6144,
+K = 3072, bf16 bias), one w4a16_linear call each against one w4a16_linear_group call (two GEMV launches): outputs
+compared bit for bit, time per step (CUDA graph of the whole set; the weights, ~1.8 GB, are read from HBM).
 --out DIR writes <date>-<gpu>-w4a16.md / .json there, each starting with the run's record (benchmarks/_record.py).
 """
 
@@ -117,6 +120,32 @@ def timing(dev, shapes, tokens, replays):
     return rows
 
 
+ADALN = [18432] * 38 + [9216] * 38 + [6144]  # FLUX.1-dev: norm1 / norm1_context, single norm, norm_out
+
+
+def group_ab(dev, replays):
+    ops = torch.ops.svdquant
+    g = torch.Generator(dev).manual_seed(5)
+    K = 3072
+    ws = [make_w4a16(K, N, g) for N in ADALN]
+    bias = [(torch.randn(N, device=dev) * 0.1).to(torch.bfloat16) for N in ADALN]
+    x = torch.randn(1, K, device=dev).to(torch.bfloat16)
+    codes, scales, zeros = ([w[i] for w in ws] for i in range(3))
+    single = [ops.w4a16_linear(x, *w, b) for w, b in zip(ws, bias)]
+    grouped = ops.w4a16_linear_group(x, codes, scales, zeros, bias)
+    same = all(torch.equal(a, b) for a, b in zip(single, grouped))
+    t = {}
+    for name, fn in (("single", lambda: [ops.w4a16_linear(x, *w, b) for w, b in zip(ws, bias)]),
+                     ("grouped", lambda: ops.w4a16_linear_group(x, codes, scales, zeros, bias))):
+        t[name] = time_rotating(lambda i, fn=fn: fn, 1, replays, min_calls=1)
+    gb = sum(w4a16_bytes(K, N) for N in ADALN) / 1e9
+    log(f"group_ab {len(ADALN)} AdaLN linears, {gb:.2f} GB of weights: one call each {t['single']:.3f} ms "
+        f"({gb / t['single']:.2f} TB/s), grouped {t['grouped']:.3f} ms ({gb / t['grouped']:.2f} TB/s), "
+        f"{t['single'] / t['grouped']:.2f}x; bit-equal: {same}")
+    if not same:
+        raise SystemExit("bench_w4a16.py --group-ab: the grouped outputs differ from the single calls'")
+
+
 def grid_sweep(dev, shapes, tokens, replays):
     """w4a16 GEMV time per forced SVDQUANT_OPS_W4A16_BLOCKS_PER_SM (read at every call in a diagnostics build)."""
     g = torch.Generator(dev).manual_seed(2)
@@ -205,6 +234,8 @@ def main():
     ap.add_argument("--check-only", action="store_true", help="only the comparison, no timing")
     ap.add_argument("--quick", action="store_true", help="two shapes only")
     ap.add_argument("--replays", type=int, default=20)
+    ap.add_argument("--group-ab", action="store_true", help="only a FLUX.1 step's 77 AdaLN linears, one call each "
+                    "against one w4a16_linear_group call: bit-equal outputs, time per step")
     ap.add_argument("--grid-sweep", action="store_true", help="only the GEMV time per forced blocks per SM "
                     "(needs SVDQUANT_OPS_DIAGNOSTICS=1)")
     args = ap.parse_args()
@@ -227,6 +258,9 @@ def main():
     shapes = SHAPES[::3] if args.quick else SHAPES
     if args.grid_sweep:
         grid_sweep(dev, shapes, TOKENS, args.replays)
+        return
+    if args.group_ab:
+        group_ab(dev, args.replays)
         return
     chk = check(dev, shapes, TOKENS) if (args.check or args.check_only) else []
     tim = [] if args.check_only else timing(dev, shapes, TOKENS, args.replays)

@@ -43,6 +43,8 @@
 #     w4a16     bench_w4a16.py --check --out $OUT: weight-only 4-bit linear vs bf16 cuBLAS at M = 1..16, and its
 #               CUDA op against the CPU op on the same shapes
 #     w4a16grid bench_w4a16.py --grid-sweep: the GEMV kernel per forced blocks per SM             [diagnostics build]
+#     w4a16group bench_w4a16.py --group-ab: a FLUX.1 step's 77 AdaLN linears one call each vs w4a16_linear_group
+#               (bit-equal check, time per step), after tests/test_cuda_w4a16.py -k group
 # The device machine gets a copy of the working tree without .git, so the results cannot ask git which commit they
 # measured: the caller passes it, computed on its own machine, in SVDQUANT_COMMIT (git rev-parse HEAD) and
 # SVDQUANT_DIRTY (1 when git status --porcelain prints anything, else 0); benchmarks/_record.py writes both into
@@ -129,6 +131,8 @@ for step in "$@"; do
     clusterprobe) timeout 300 python3 benchmarks/probes/quantize_cluster_probe.py ${CLUSTERPROBE_ARGS:-} ;;
     w4a16) python3 benchmarks/bench_w4a16.py --check --out "${OUT:-benchmarks/results}" ${W4A16_ARGS:-} ;;
     w4a16grid) SVDQUANT_OPS_DIAGNOSTICS=1 python3 benchmarks/bench_w4a16.py --grid-sweep ${W4A16_ARGS:-} ;;
+    w4a16group) python3 -m pytest -q -p no:cacheprovider -rfE tests/test_cuda_w4a16.py -k group
+                python3 benchmarks/bench_w4a16.py --group-ab ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

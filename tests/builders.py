@@ -383,3 +383,27 @@ def fresh_compile_state():
     yield
     torch._dynamo.reset()
     ops.clear_act_cache()
+
+
+class FakeGraph:
+    """An FX graph built by hand, each node with its fake value (what the pass reads)."""
+
+    def __init__(self):
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        self.mode = FakeTensorMode()
+        self.graph = torch.fx.Graph()
+
+    def inputs(self, prefix, tensors):
+        nodes = []
+        for i, t in enumerate(tensors):
+            node = self.graph.placeholder(f"{prefix}{i}")
+            node.meta["val"] = self.mode.from_tensor(t)
+            nodes.append(node)
+        return nodes
+
+    def call(self, fn, *args):
+        node = self.graph.call_function(fn, args)
+        with self.mode:
+            node.meta["val"] = fn(*[x.meta["val"] if isinstance(x, torch.fx.Node) else x for x in args])
+        return node

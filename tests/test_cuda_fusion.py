@@ -60,25 +60,31 @@ def test_fused_compiles_with_cuda_graphs():
     torch.testing.assert_close(out, eager, rtol=2e-2, atol=2e-2)  # Inductor's fused elementwise rounding
 
 
+# (compile-pass setting, the op its rewrite calls and how often per step, the op it replaces and how often)
+PASSES = {"expand_ahead": ("gemm_expanded", 22, "gemm", 22), "group_w4a16": ("w4a16_linear_group", 1, "w4a16_linear", 7)}
+
+
+@pytest.mark.parametrize("which", sorted(PASSES))
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
-def test_expand_ahead_compiled_equals_without(mode):
-    """A compiled fused w4a8 model whose GEMMs expand each other's weights (install_compile_pass(expand_ahead=True))
-    gives the output of the same model compiled without, bit for bit, on the CUDA kernels; in one graph, also with
-    CUDA graphs."""
+def test_pass_compiled_equals_without(which, mode):
+    """A compiled fused w4a8 model with an optional compile pass on (install_compile_pass(expand_ahead=True): its
+    GEMMs expand each other's weights; group_w4a16=True: its 7 AdaLN linears as one grouped call) gives the output
+    of the same model compiled without, bit for bit, on the CUDA kernels; in one graph, also with CUDA graphs."""
     from torch._inductor import config
 
     from svdquant_ops import ops
 
+    new_op, new_calls, old_op, old_calls = PASSES[which]
     model = tiny_flux()
     quantize_model(model, precision="w4a8")
     fuse_qkv(model)
     model.cuda()
     inputs = _cuda(flux_inputs())
     outs = []
-    for ahead in (False, True):
+    for on in (False, True):
         torch._dynamo.reset()
         with config.patch(post_grad_custom_pre_pass=None, fx_graph_cache=False), torch.inference_mode():
-            ops.install_compile_pass(expand_ahead=ahead)
+            ops.install_compile_pass(**{which: on})
             counters.clear()
             compiled = torch.compile(model, fullgraph=True, mode=mode)
             for _ in range(3):
@@ -90,7 +96,7 @@ def test_expand_ahead_compiled_equals_without(mode):
         assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
         if mode is None:  # (CUDA graph replays call no op)
             names = [e.name for e in prof.events()]
-            assert names.count("svdquant::gemm_expanded") == (22 if ahead else 0)
-            assert names.count("svdquant::gemm") == (0 if ahead else 22)
+            assert names.count(f"svdquant::{new_op}") == (new_calls if on else 0)
+            assert names.count(f"svdquant::{old_op}") == (0 if on else old_calls)
         outs.append(out)
     assert torch.equal(outs[1], outs[0])

@@ -233,3 +233,88 @@ def test_torch_compile_fullgraph(mode):
         y = compiled(x)
     torch.cuda.synchronize()
     assert torch.equal(y.view(torch.int16), eager.view(torch.int16))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# w4a16_linear_group: one GEMV launch over several weights (up to 48 per launch), each output equal to its weight's
+# w4a16_linear on the GPU bit for bit (the grouped kernel sums every row as the single one does); where the group
+# cannot be one launch (M > 8, a weight with N % 16 != 0, two bias dtypes, two scale dtypes), one call per weight.
+# ---------------------------------------------------------------------------------------------------------------
+def _group_inputs(M, Ns, K, x_dtype=BF, scale_dtype=BF, biases=None, key="group"):
+    g = session_generator((key, M, tuple(Ns), K, str(x_dtype), str(scale_dtype), str(biases)))
+    ws = [w4a16_inputs((M,), N, K, x_dtype, scale_dtype if not isinstance(scale_dtype, list) else scale_dtype[i], g,
+                       bias=True if biases is None else biases[i]) for i, N in enumerate(Ns)]
+    x = ws[0]["x"].to(DEV)
+    lists = [[w[k].to(DEV) if w[k] is not None else None for w in ws] for k in ("codes", "scales", "zeros", "bias")]
+    return x, lists
+
+
+def _group_kernels(fn) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if "w4a16_gemv" in e.name]
+
+
+GROUP_CASES = [
+    # (M, Ns, K, x dtype, scale dtype, biases, grouped launches expected (0: one call per weight))
+    (1, [18432, 18432, 9216, 6144], 3072, BF, BF, None, 1),  # FLUX AdaLN modulation shapes
+    (8, [16, 48, 32], 192, F16, F32, [True, False, True], 1),
+    (3, [64, 16], 3072, F32, BF, None, 1),  # fp32 x: three bf16 pieces
+    (2, [32] * 50, 320, BF, BF, None, 2),  # 50 weights: two launches of 25; K = 320: the generic (not full) kernel
+    (1, [16, 7, 32], 192, BF, BF, None, 0),  # N = 7: one call per weight
+    (9, [16, 32], 192, BF, BF, None, 0),  # M > 8: matmul path per weight
+    (1, [16, 32], 192, BF, BF, [torch.float32, torch.bfloat16], 0),  # two bias dtypes
+    (1, [16, 32], 192, BF, [BF, F16], None, 0),  # two scale dtypes
+]
+
+
+@needs_gpu
+@pytest.mark.parametrize("M,Ns,K,x_dtype,scale_dtype,biases,launches", GROUP_CASES,
+                         ids=[f"M{c[0]}-n{len(c[1])}-K{c[2]}-{c[6]}" for c in GROUP_CASES])
+def test_group_equals_single_calls(M, Ns, K, x_dtype, scale_dtype, biases, launches):
+    x, (codes, scales, zeros, bias) = _group_inputs(M, Ns, K, x_dtype, scale_dtype, biases)
+    out = OPS.w4a16_linear_group(x, codes, scales, zeros, bias)
+    for i, o in enumerate(out):
+        ref = OPS.w4a16_linear(x, codes[i], scales[i], zeros[i], bias[i])
+        assert o.shape == ref.shape and torch.equal(o, ref), f"weight {i} (N={Ns[i]})"
+    names = _group_kernels(lambda: OPS.w4a16_linear_group(x, codes, scales, zeros, bias))
+    assert sum("group_kernel" in n for n in names) == launches, names
+    if launches:
+        assert not [n for n in names if "group_kernel" not in n], names
+
+
+@needs_gpu
+def test_group_deterministic_and_cuda_graph_replay_equals_eager():
+    x, (codes, scales, zeros, bias) = _group_inputs(1, [18432, 9216, 6144], 3072, key="group-graph")
+
+    def fn(inp):
+        return torch.cat(OPS.w4a16_linear_group(inp, codes, scales, zeros, bias), dim=-1)
+
+    first = fn(x)
+    for _ in range(3):
+        assert torch.equal(fn(x).view(torch.int16), first.view(torch.int16))
+    assert_cuda_graph_replays_eager(fn, x)
+
+
+@needs_gpu
+def test_group_with_mixed_alignment_runs_one_call_per_weight():
+    """One weight's scales and zeros start 2 bytes past an 8-byte boundary (the single op runs the generic kernel for
+    it, the lean one for the others): the group runs one call per weight, each equal to its single call."""
+    x, (codes, scales, zeros, bias) = _group_inputs(1, [32, 48], 3072, key="group-align")
+
+    def shifted(t):
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+        view = buf[1:].view(t.shape)
+        view.copy_(t)
+        return view
+
+    scales[1], zeros[1] = shifted(scales[1]), shifted(zeros[1])
+    out = OPS.w4a16_linear_group(x, codes, scales, zeros, bias)
+    for i, o in enumerate(out):
+        assert torch.equal(o, OPS.w4a16_linear(x, codes[i], scales[i], zeros[i], bias[i]))
+    names = _group_kernels(lambda: OPS.w4a16_linear_group(x, codes, scales, zeros, bias))
+    assert len(names) == 2 and not [n for n in names if "group_kernel" in n], names

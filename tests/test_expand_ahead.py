@@ -16,8 +16,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from svdquant_ops import ops, quantize_model
 from svdquant_ops.integrations.fusion import fuse_qkv
 
-from .builders import (flux_inputs, fresh_compile_state, gemm_inputs, generator, op_args, packed_w4a8_weight,
-                       tiny_flux)
+from .builders import (FakeGraph, flux_inputs, fresh_compile_state, gemm_inputs, generator, op_args,
+                       packed_w4a8_weight, tiny_flux)
 
 OPS = torch.ops.svdquant
 ops.load()
@@ -208,32 +208,10 @@ def test_pass_leaves_int4_alone():
     assert calls == {"gemm": 34, "gemm_expanded": 0, "expand_w4a8_weight": 0}
 
 
-class _FakeGraph:
-    """An FX graph built by hand, each node with its fake value (what the pass reads)."""
-
-    def __init__(self):
-        self.mode = FakeTensorMode()
-        self.graph = torch.fx.Graph()
-
-    def inputs(self, prefix, tensors):
-        nodes = []
-        for i, t in enumerate(tensors):
-            node = self.graph.placeholder(f"{prefix}{i}")
-            node.meta["val"] = self.mode.from_tensor(t)
-            nodes.append(node)
-        return nodes
-
-    def call(self, fn, *args):
-        node = self.graph.call_function(fn, args)
-        with self.mode:
-            node.meta["val"] = fn(*[x.meta["val"] if isinstance(x, torch.fx.Node) else x for x in args])
-        return node
-
-
 def _graph_with_two_gemms(second_codes_after_first: bool):
     """An FX graph of two W4A8 gemm calls; the second weight's codes are a placeholder, or computed (a clone) after
     the first call."""
-    g = _FakeGraph()
+    g = FakeGraph()
     p1, p2 = g.inputs("a", _gemm_args(seed="g1")), g.inputs("b", _gemm_args(N=24, K=128, seed="g2"))
     y1 = g.call(OPS.gemm.default, *p1, "w4a8", torch.bfloat16, False)
     if second_codes_after_first:
@@ -246,7 +224,7 @@ def _graph_with_two_gemms(second_codes_after_first: bool):
 def test_pass_keeps_the_graph_valid_where_a_gemm_reads_another_gemms_output():
     """A GEMM whose argument is an earlier GEMM's output (here its fp32 output as the next one's down_act): the
     rewritten call must read the replacement, not the erased node."""
-    g = _FakeGraph()
+    g = FakeGraph()
     p1 = g.inputs("a", _gemm_args(N=16, R=16, seed="c1"))  # out [6, 16] fp32 = the next call's down_act [6, R = 16]
     p2 = g.inputs("b", _gemm_args(N=24, K=128, R=16, seed="c2"))
     y1 = g.call(OPS.gemm.default, *p1, "w4a8", torch.float32, False)
@@ -273,20 +251,21 @@ def test_pass_restarts_the_chain_where_the_next_codes_come_later(late):
     assert (gemms[0].args[10] is None) == late  # next_codes of the first call
 
 
-def test_expand_ahead_setting():
-    """install_compile_pass(expand_ahead=...) sets the installed pass, with another cache key; a later plain call
-    (quantize_model's) keeps it."""
+@pytest.mark.parametrize("name", ["expand_ahead", "group_w4a16"])
+def test_optional_pass_setting(name):
+    """install_compile_pass(expand_ahead=...) / (group_w4a16=...) sets the installed pass, with another cache key; a
+    later plain call (quantize_model's) keeps it."""
     from torch._inductor import config
 
+    default = getattr(ops, {"expand_ahead": "EXPAND_AHEAD_DEFAULT", "group_w4a16": "GROUP_W4A16_DEFAULT"}[name])
     with config.patch(post_grad_custom_pre_pass=None):
         ops.install_compile_pass()
         p = config.post_grad_custom_pre_pass
-        assert p.expand_ahead == ops.EXPAND_AHEAD_DEFAULT
+        assert getattr(p, name) == default
         key = p.uuid()
-        ops.install_compile_pass(expand_ahead=not ops.EXPAND_AHEAD_DEFAULT)
+        ops.install_compile_pass(**{name: not default})
         assert config.post_grad_custom_pre_pass is p and p.uuid() != key
         ops.install_compile_pass()
-        assert p.expand_ahead != ops.EXPAND_AHEAD_DEFAULT
-        ops.install_compile_pass(expand_ahead=ops.EXPAND_AHEAD_DEFAULT)
+        assert getattr(p, name) != default
+        ops.install_compile_pass(**{name: default})
         assert p.uuid() == key
-

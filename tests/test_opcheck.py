@@ -102,6 +102,17 @@ def test_opcheck_w4a16_linear(lead, x_dtype, scale_dtype, bias, requires_grad):
     torch.library.opcheck(OPS.w4a16_linear.default, tuple(w4a16_args(a)), test_utils=_utils(requires_grad))
 
 
+@pytest.mark.parametrize("lead,x_dtype,scale_dtype,bias", W4A16_CONFIGS)
+def test_opcheck_w4a16_linear_group(lead, x_dtype, scale_dtype, bias):
+    from .test_w4a16_op import w4a16_inputs
+
+    g = generator(("opcheck_w4a16_group", lead))
+    ws = [w4a16_inputs(lead, N, 128, x_dtype, scale_dtype, g, bias=bias and i != 1) for i, N in enumerate((24, 16, 40))]
+    args = (ws[0]["x"], [w["codes"] for w in ws], [w["scales"] for w in ws], [w["zeros"] for w in ws],
+            [w["bias"] for w in ws])
+    torch.library.opcheck(OPS.w4a16_linear_group.default, args)
+
+
 def test_backward_raises_not_implemented():
     y = ops.linear(*_linear_args("int4", requires_grad=True), "int4")
     with pytest.raises(RuntimeError, match="not implemented"):
@@ -110,7 +121,8 @@ def test_backward_raises_not_implemented():
 
 def test_ops_registered_with_cpu_and_fake_kernels():
     ns = torch.ops.svdquant
-    for name in ("quantize_act", "quantize_act_given_amax", "gemm", "expand_w4a8_weight", "gemm_expanded", "w4a16_linear"):
+    for name in ("quantize_act", "quantize_act_given_amax", "gemm", "expand_w4a8_weight", "gemm_expanded", "w4a16_linear",
+                 "w4a16_linear_group"):
         assert hasattr(ns, name)
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"svdquant::{name}", "CPU")
         entry = torch._library.simple_registry.singleton.find(f"svdquant::{name}")

@@ -238,8 +238,7 @@ GemmShape check_gemm_expanded(const at::Tensor& act_codes, const at::Tensor& act
 }
 
 W4a16Shape check_w4a16_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
-                              const at::Tensor& zeros, const std::optional<at::Tensor>& bias) {
-  constexpr const char* op = "svdquant::w4a16_linear";
+                              const at::Tensor& zeros, const std::optional<at::Tensor>& bias, const char* op) {
   W4a16Shape s{};
   TORCH_CHECK(is_float16_32(x.scalar_type()), op, ": x must be bfloat16, float16 or float32, got ",
               dtype_name(x.scalar_type()));
@@ -274,6 +273,24 @@ W4a16Shape check_w4a16_linear(const at::Tensor& x, const at::Tensor& codes, cons
     check_device(*bias, x, op, "bias", "x");
   }
   return s;
+}
+
+std::vector<W4a16Shape> check_w4a16_linear_group(const at::Tensor& x, at::TensorList codes, at::TensorList scales,
+                                                 at::TensorList zeros,
+                                                 const c10::List<std::optional<at::Tensor>>& bias) {
+  constexpr const char* op = "svdquant::w4a16_linear_group";
+  const size_t n = codes.size();
+  TORCH_CHECK(n >= 1, op, ": codes must hold at least one weight, got an empty list");
+  TORCH_CHECK(scales.size() == n && zeros.size() == n && bias.size() == n, op,
+              ": codes, scales, zeros and bias must have one entry per weight, got ", n, ", ", scales.size(), ", ",
+              zeros.size(), " and ", bias.size());
+  std::vector<W4a16Shape> shapes;
+  shapes.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    const std::string where = std::string(op) + " (weight " + std::to_string(i) + ")";
+    shapes.push_back(check_w4a16_linear(x, codes[i], scales[i], zeros[i], bias.get(i), where.c_str()));
+  }
+  return shapes;
 }
 
 void check_finite(const at::Tensor& t, const char* op, const char* name) {

@@ -2,6 +2,8 @@
 // expected value; backends call these first and then only deal with valid, described inputs.
 #pragma once
 
+#include <vector>
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
@@ -82,7 +84,13 @@ struct W4a16Shape {
 };
 
 W4a16Shape check_w4a16_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
-                              const at::Tensor& zeros, const std::optional<at::Tensor>& bias);
+                              const at::Tensor& zeros, const std::optional<at::Tensor>& bias,
+                              const char* op = "svdquant::w4a16_linear");
+// w4a16_linear_group: as many codes, scales, zeros and bias entries, at least one; each weight checked as
+// w4a16_linear's against x. Returns one shape per weight.
+std::vector<W4a16Shape> check_w4a16_linear_group(const at::Tensor& x, at::TensorList codes, at::TensorList scales,
+                                                 at::TensorList zeros,
+                                                 const c10::List<std::optional<at::Tensor>>& bias);
 
 // Data-dependent checks (need the values): run by the CPU kernels. GPU kernels skip them to stay free of host
 // synchronization; SVDQuantTensor validates weights once when it is built or loaded.

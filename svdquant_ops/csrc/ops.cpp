@@ -63,6 +63,11 @@ TORCH_LIBRARY(svdquant, m) {
       "Tensor proj_up, Tensor? bias, str precision, bool act_unsigned=False) -> Tensor");
   // Weight-only 4-bit linear (formats.py "w4a16"): y = x @ (code * scale + zero)^T + bias in x's dtype.
   m.def("w4a16_linear(Tensor x, Tensor codes, Tensor scales, Tensor zeros, Tensor? bias=None) -> Tensor");
+  // Several weight-only linears of one input as one call: out[i] = w4a16_linear(x, codes[i], scales[i], zeros[i],
+  // bias[i]), bit for bit. The compile pass groups the calls that read one tensor (FLUX.1's 77 AdaLN modulation
+  // linears all read silu(temb)); on the GPU one GEMV launch streams all of their weights.
+  m.def(
+      "w4a16_linear_group(Tensor x, Tensor[] codes, Tensor[] scales, Tensor[] zeros, Tensor?[] bias) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(svdquant, CompositeImplicitAutograd, m) { m.impl("linear", &svdquant::linear); }
@@ -76,4 +81,5 @@ TORCH_LIBRARY_IMPL(svdquant, Autograd, m) {
   m.impl("expand_w4a8_weight", torch::autograd::autogradNotImplementedFallback());
   m.impl("gemm_expanded", torch::autograd::autogradNotImplementedFallback());
   m.impl("w4a16_linear", torch::autograd::autogradNotImplementedFallback());
+  m.impl("w4a16_linear_group", torch::autograd::autogradNotImplementedFallback());
 }

@@ -82,6 +82,8 @@ class Config:
     #                          ("regs") kernel (SVDQUANT_OPS_CUDA_W4A8_GMAX in the child); None: the library's default
     expand_ahead: bool | None = None  # install_compile_pass(expand_ahead=...): each W4A8 GEMM expands the next one's
     #                                   weight (True) or its own (False); None: the library's default
+    group_w4a16: bool | None = None  # install_compile_pass(group_w4a16=...): the weight-only linears of one input as
+    #                                  one grouped call (True) or one call each (False); None: the library's default
 
     @property
     def cuda_only(self) -> bool:
@@ -112,6 +114,9 @@ class Config:
         if self.expand_ahead is not None:
             how += (", each GEMM expanding the next one's weight (expand_ahead)" if self.expand_ahead
                     else ", each GEMM expanding its own weight (no expand_ahead)")
+        if self.group_w4a16 is not None:
+            how += (", the AdaLN w4a16 linears as one grouped call (group_w4a16)" if self.group_w4a16
+                    else ", one call per w4a16 linear (no group_w4a16)")
         if self.lora_rank:
             how += f" + rank-{self.lora_rank} LoRA"
             if self.lora_shared_a:
@@ -178,6 +183,12 @@ def _configs() -> dict[str, Config]:
         for k, on in (("ahead", True), ("noahead", False)):
             name = f"w4a8-compile{sfx}-fused-{k}"
             out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, expand_ahead=on)
+    # Extra: the weight-only linears that read one input (FLUX.1's AdaLN modulation) as one grouped call
+    # (install_compile_pass(group_w4a16=True)) or one call each (False), whatever the library's default
+    for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
+        for k, on in (("grouped", True), ("ungrouped", False)):
+            name = f"w4a8-compile{sfx}-fused-{k}"
+            out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, group_w4a16=on)
     # Diagnostic: every adapter fused up to rank 128 (quantize_act's fast kernel at R = 128 runs one block per SM)
     out["w4a8-compile-lora16-fuse128"] = Config("w4a8-compile-lora16-fuse128", "w4a8", True, lora_rank=16,
                                                 lora_max_fused_rank=128)
@@ -359,10 +370,11 @@ def quantize(model, cfg: Config, rank: int, weight_only: str | None) -> dict:
     info.update(fused)
     if not cfg.torchao_inductor:
         ic.load_config(saved)
-    if cfg.amax_split or cfg.expand_ahead is not None:
+    if cfg.amax_split or cfg.expand_ahead is not None or cfg.group_w4a16 is not None:
         from ..ops import install_compile_pass
 
-        install_compile_pass(amax_split=True if cfg.amax_split else None, expand_ahead=cfg.expand_ahead)
+        install_compile_pass(amax_split=True if cfg.amax_split else None, expand_ahead=cfg.expand_ahead,
+                             group_w4a16=cfg.group_w4a16)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -233,8 +233,7 @@ def _gemm_expanded_fake(act_codes, act_scales, codes, scales, global_scale, down
 
 
 @torch.library.register_fake("svdquant::w4a16_linear")
-def _w4a16_linear_fake(x, codes, scales, zeros, bias=None):
-    op = "w4a16_linear"
+def _w4a16_linear_fake(x, codes, scales, zeros, bias=None, op="w4a16_linear"):
     _check(x.dtype in FLOAT_DTYPES, op, f"x must be {_FLOAT_NAMES}, got {x.dtype}")
     _check(x.dim() >= 1, op, "x must have at least 1 dimension [..., K], got a 0-d tensor")
     K = x.shape[-1]
@@ -259,3 +258,15 @@ def _w4a16_linear_fake(x, codes, scales, zeros, bias=None):
         _check(bias.dtype in FLOAT_DTYPES, op, f"bias must be {_FLOAT_NAMES}, got {bias.dtype}")
         _check_device(op, "bias", bias, "x", x)
     return x.new_empty((*x.shape[:-1], N))
+
+
+@torch.library.register_fake("svdquant::w4a16_linear_group")
+def _w4a16_linear_group_fake(x, codes, scales, zeros, bias):
+    op = "w4a16_linear_group"
+    n = len(codes)
+    _check(n >= 1, op, "codes must hold at least one weight, got an empty list")
+    _check(len(scales) == n and len(zeros) == n and len(bias) == n, op,
+           f"codes, scales, zeros and bias must have one entry per weight, got {n}, {len(scales)}, {len(zeros)} "
+           f"and {len(bias)}")
+    return [_w4a16_linear_fake(x, c, s, z, b, op=f"{op} (weight {i})")
+            for i, (c, s, z, b) in enumerate(zip(codes, scales, zeros, bias))]

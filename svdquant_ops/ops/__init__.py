@@ -33,6 +33,10 @@ linear(x, smooth, proj_down, codes, scales, global_scale, proj_up, bias, precisi
 w4a16_linear(x, codes, scales, zeros, bias=None) -> y [..., N] in x's dtype
     The weight-only format (formats.py "w4a16"): x @ (code * scale + zero)ᵀ + bias, fp32 accumulation. codes uint8
     [N, K/2] (unsigned nibbles, layout.py), scales and zeros [N, K/64] in one float dtype.
+w4a16_linear_group(x, codes, scales, zeros, bias) -> [y_0, y_1, ...]
+    w4a16_linear(x, codes[i], scales[i], zeros[i], bias[i]) for every i, bit for bit (lists of equal length; bias
+    entries may be None). On the GPU one GEMV launch streams all the weights (up to 48 per launch) where x has at
+    most 8 tokens and every weight has a multiple of 16 rows; other calls run one w4a16_linear each.
 """
 
 from __future__ import annotations
@@ -49,8 +53,8 @@ from ..storage.shared_moves import SHARED_MARK
 from . import build
 
 __all__ = ["load", "quantize_act", "quantize_act_given_amax", "gemm", "expand_w4a8_weight", "gemm_expanded", "linear",
-           "quantized_linear", "w4a16_linear", "weight_only_linear", "clear_act_cache", "merge_quantize_act",
-           "split_w4a8_amax", "expand_w4a8_ahead", "install_compile_pass"]
+           "quantized_linear", "w4a16_linear", "w4a16_linear_group", "weight_only_linear", "clear_act_cache",
+           "merge_quantize_act", "split_w4a8_amax", "expand_w4a8_ahead", "group_w4a16", "install_compile_pass"]
 
 
 def load(verbose: bool = False):
@@ -115,6 +119,12 @@ def w4a16_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
                  bias: torch.Tensor | None = None) -> torch.Tensor:
     _ready()
     return torch.ops.svdquant.w4a16_linear.default(x, codes, scales, zeros, bias)
+
+
+def w4a16_linear_group(x: torch.Tensor, codes: list[torch.Tensor], scales: list[torch.Tensor],
+                       zeros: list[torch.Tensor], bias: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    _ready()
+    return torch.ops.svdquant.w4a16_linear_group.default(x, codes, scales, zeros, bias)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -369,14 +379,148 @@ def expand_w4a8_ahead(graph: torch.fx.Graph) -> int:
     return len(calls)
 
 
-def _make_pass(inner, amax_split: bool, expand_ahead: bool):
+# ------------------------------------------------------------------------------------------------------------------
+# Weight-only linears that read one input, compiled: one w4a16_linear_group call.
+#
+# FLUX.1's 77 AdaLN modulation linears (w4a16, one token at batch 1) all read silu(temb), each through its module's
+# own SiLU, which the graph keeps as separate nodes (Inductor does not CSE them here). Each GEMV streams 7-28 MB of
+# weights at 1.5-2 TB/s (a launch too short to reach the bandwidth): ~1.0-1.3 ms per step, where one launch over all
+# of them would take ~0.5 ms. The pass finds inputs computed the same way from the same nodes (value numbering of the
+# pure ops) and gives the calls of each such input to one w4a16_linear_group, placed where the first of them was.
+# Bit-equal: the grouped kernel sums every row as the single one does.
+# ------------------------------------------------------------------------------------------------------------------
+# Off until measured on a GPU (benchmarks/HISTORY.md); install_compile_pass(group_w4a16=True) turns it on.
+GROUP_W4A16_DEFAULT = False
+
+
+def _pure(target) -> bool:
+    return (isinstance(target, torch._ops.OpOverload) and not target._schema.is_mutable
+            and torch.Tag.nondeterministic_seeded not in target.tags)
+
+
+def _value_numbers(graph: torch.fx.Graph) -> dict:
+    """Each node's first equivalent in graph order: the same pure op of equivalent arguments (itself otherwise)."""
+    canon: dict = {}
+    table: dict = {}
+
+    def norm(a):
+        if isinstance(a, torch.fx.Node):
+            return canon[a]
+        if isinstance(a, (list, tuple)):
+            return tuple(norm(b) for b in a)
+        if isinstance(a, dict):
+            return tuple(sorted((k, norm(v)) for k, v in a.items()))
+        return (type(a), repr(a))  # not ==: 0.0 == -0.0 and 1 == 1.0 == True are different arguments
+
+    for node in graph.nodes:
+        canon[node] = node
+        # (factories, with no node among their arguments, stay distinct: two empty buffers are not one value)
+        if node.op != "call_function" or not _pure(node.target) or not node.all_input_nodes:
+            continue
+        sig = (node.target, norm(node.args), norm(node.kwargs))
+        try:
+            canon[node] = table.setdefault(sig, node)
+        except TypeError:  # an unhashable constant argument: keep the node as it is
+            pass
+    return canon
+
+
+def _erase_unused(graph: torch.fx.Graph, nodes) -> None:
+    """Erase ``nodes`` and then their inputs while they are pure and nothing reads them."""
+    todo, erased = list(nodes), set()
+    while todo:
+        n = todo.pop()
+        if n in erased or n.users or n.op != "call_function" or not _pure(n.target):
+            continue
+        inputs = n.all_input_nodes
+        graph.erase_node(n)
+        erased.add(n)
+        todo.extend(inputs)
+
+
+def group_w4a16(graph: torch.fx.Graph) -> int:
+    """Replace the ``svdquant.w4a16_linear`` nodes of ``graph`` whose inputs are equal (the same node, or the same
+    pure ops of the same nodes) by one ``w4a16_linear_group`` node per input, in place; returns how many calls were
+    grouped. A call joins its input's group only if its weights exist before the group's first call."""
+    try:
+        target = torch.ops.svdquant.w4a16_linear.default
+        grouped = torch.ops.svdquant.w4a16_linear_group.default
+    except (AttributeError, RuntimeError):  # the op library is not loaded: no such nodes
+        return 0
+    import operator
+
+    from torch._guards import detect_fake_mode
+
+    names = ("x", "codes", "scales", "zeros", "bias")
+    calls = [n for n in graph.nodes if n.op == "call_function" and n.target is target]
+    if len(calls) < 2:
+        return 0
+    canon = _value_numbers(graph)
+    by_input: dict = {}
+    for node in calls:
+        a = dict(zip(names, node.args))
+        a.update(node.kwargs)
+        a.setdefault("bias", None)
+        if not all(isinstance(a[k], torch.fx.Node) for k in names[:4]) or not (
+                a["bias"] is None or isinstance(a["bias"], torch.fx.Node)):
+            continue
+        by_input.setdefault(canon[a["x"]], []).append(node)
+    replaced: dict = {}  # erased call -> the getitem that took its place (an argument of a later group may be one)
+    dropped = []  # the members' own inputs, erased at the end if nothing reads them any more
+
+    def args_of(node):  # read when used, through the replacements so far
+        a = dict(zip(names, node.args))
+        a.update(node.kwargs)
+        a.setdefault("bias", None)
+        return {k: replaced.get(v, v) for k, v in a.items()}
+
+    done = 0
+    for members in by_input.values():
+        if len(members) < 2:
+            continue
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        first = members[0]
+        x = args_of(first)["x"]  # the first call's own input: live, and before the first call
+        members = [(n, args_of(n)) for n in members]
+        members = [(n, a) for n, a in members if all(a[k] is None or order[a[k]] < order[first] for k in names[1:])]
+        if len(members) < 2:
+            continue
+        vals = [x.meta.get("val")] + [a["codes"].meta.get("val") for _, a in members]
+        fake_mode = detect_fake_mode(vals) if all(isinstance(v, torch.Tensor) for v in vals) else None
+        if fake_mode is None:
+            continue
+        lists = [[a[k] for _, a in members] for k in names[1:]]
+        with graph.inserting_before(first), fake_mode:
+            new = graph.call_function(grouped, (x, *lists))
+            new.meta["val"] = grouped(x.meta["val"], *[[v.meta["val"] if v is not None else None for v in lst]
+                                                        for lst in lists])
+            outs = []
+            for i in range(len(members)):
+                out = graph.call_function(operator.getitem, (new, i))
+                out.meta["val"] = new.meta["val"][i]
+                outs.append(out)
+        for (node, a), out in zip(members, outs):
+            for k, v in node.meta.items():
+                out.meta.setdefault(k, v)
+            node.replace_all_uses_with(out)
+            graph.erase_node(node)
+            replaced[node] = out
+            if a["x"] is not x:
+                dropped.append(a["x"])
+        done += len(members)
+    _erase_unused(graph, dropped)
+    return done
+
+
+def _make_pass(inner, amax_split: bool, expand_ahead: bool, group: bool):
     from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
     class MergeQuantizeAct(CustomGraphPass):
-        def __init__(self, inner, amax_split, expand_ahead):
+        def __init__(self, inner, amax_split, expand_ahead, group_w4a16):
             self.inner = inner
             self.amax_split = amax_split
             self.expand_ahead = expand_ahead
+            self.group_w4a16 = group_w4a16
 
         def __call__(self, graph: torch.fx.Graph) -> None:
             if self.inner is not None:
@@ -386,6 +530,8 @@ def _make_pass(inner, amax_split: bool, expand_ahead: bool):
                 split_w4a8_amax(graph)
             if self.expand_ahead:
                 expand_w4a8_ahead(graph)
+            if self.group_w4a16:
+                group_w4a16(graph)
 
         def uuid(self):
             inner = None
@@ -393,12 +539,13 @@ def _make_pass(inner, amax_split: bool, expand_ahead: bool):
                 inner = self.inner.uuid() if hasattr(self.inner, "uuid") else None
                 if inner is None:
                     return None  # an uncacheable inner pass: no cache key
-            return (get_hash_for_files((__file__,)), inner, self.amax_split, self.expand_ahead)
+            return (get_hash_for_files((__file__,)), inner, self.amax_split, self.expand_ahead, self.group_w4a16)
 
-    return MergeQuantizeAct(inner, amax_split, expand_ahead)
+    return MergeQuantizeAct(inner, amax_split, expand_ahead, group)
 
 
-def install_compile_pass(amax_split: bool | None = None, expand_ahead: bool | None = None) -> None:
+def install_compile_pass(amax_split: bool | None = None, expand_ahead: bool | None = None,
+                         group_w4a16: bool | None = None) -> None:
     """Make Inductor run ``merge_quantize_act`` after grad (``torch._inductor.config.post_grad_custom_pre_pass``),
     chained after a pass already installed there. Idempotent.
 
@@ -408,7 +555,9 @@ def install_compile_pass(amax_split: bool | None = None, expand_ahead: bool | No
     2.0 ms of quantize_act but cost 4.5 ms in Inductor's kernels, whose pointwise producers (GELU) became row
     reductions (benchmarks/HISTORY.md, 2026-12-05).
     expand_ahead: also run ``expand_w4a8_ahead`` (each W4A8 GEMM expands the next one's weight); None keeps the
-    installed pass's setting (``EXPAND_AHEAD_DEFAULT`` for a new one)."""
+    installed pass's setting (``EXPAND_AHEAD_DEFAULT`` for a new one).
+    group_w4a16: also run ``group_w4a16`` (the weight-only linears of one input as one call); None keeps the
+    installed pass's setting (``GROUP_W4A16_DEFAULT`` for a new one)."""
     from torch._inductor import config
 
     current = config.post_grad_custom_pre_pass
@@ -417,8 +566,11 @@ def install_compile_pass(amax_split: bool | None = None, expand_ahead: bool | No
             current.amax_split = amax_split
         if expand_ahead is not None:
             current.expand_ahead = expand_ahead
+        if group_w4a16 is not None:
+            current.group_w4a16 = group_w4a16
         return
-    p = _make_pass(current, bool(amax_split), EXPAND_AHEAD_DEFAULT if expand_ahead is None else bool(expand_ahead))
+    p = _make_pass(current, bool(amax_split), EXPAND_AHEAD_DEFAULT if expand_ahead is None else bool(expand_ahead),
+                   GROUP_W4A16_DEFAULT if group_w4a16 is None else bool(group_w4a16))
     p._svdquant_merge = True
     config.post_grad_custom_pre_pass = p
 

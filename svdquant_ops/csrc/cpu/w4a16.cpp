@@ -67,7 +67,21 @@ at::Tensor w4a16_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const 
   return out.to(x.scalar_type()).reshape(with_last_dim(x, N));
 }
 
+// One w4a16_linear per weight: the grouped op's specification.
+std::vector<at::Tensor> w4a16_linear_group_cpu(const at::Tensor& x, at::TensorList codes, at::TensorList scales,
+                                               at::TensorList zeros,
+                                               const c10::List<std::optional<at::Tensor>>& bias) {
+  check_w4a16_linear_group(x, codes, scales, zeros, bias);
+  std::vector<at::Tensor> out;
+  out.reserve(codes.size());
+  for (size_t i = 0; i < codes.size(); ++i) out.push_back(w4a16_linear_cpu(x, codes[i], scales[i], zeros[i], bias.get(i)));
+  return out;
+}
+
 }  // namespace
 }  // namespace svdquant
 
-TORCH_LIBRARY_IMPL(svdquant, CPU, m) { m.impl("w4a16_linear", &svdquant::w4a16_linear_cpu); }
+TORCH_LIBRARY_IMPL(svdquant, CPU, m) {
+  m.impl("w4a16_linear", &svdquant::w4a16_linear_cpu);
+  m.impl("w4a16_linear_group", &svdquant::w4a16_linear_group_cpu);
+}

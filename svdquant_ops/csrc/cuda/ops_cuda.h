@@ -35,5 +35,9 @@ std::tuple<at::Tensor, at::Tensor> gemm_expanded_cuda(
 at::Tensor w4a16_linear_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                              const at::Tensor& zeros, const std::optional<at::Tensor>& bias);
 
+std::vector<at::Tensor> w4a16_linear_group_cuda(const at::Tensor& x, at::TensorList codes, at::TensorList scales,
+                                                at::TensorList zeros,
+                                                const c10::List<std::optional<at::Tensor>>& bias);
+
 }  // namespace cuda_impl
 }  // namespace svdquant

@@ -10,4 +10,5 @@ TORCH_LIBRARY_IMPL(svdquant, CUDA, m) {
   m.impl("expand_w4a8_weight", &svdquant::cuda_impl::expand_w4a8_weight_cuda);
   m.impl("gemm_expanded", &svdquant::cuda_impl::gemm_expanded_cuda);
   m.impl("w4a16_linear", &svdquant::cuda_impl::w4a16_linear_cuda);
+  m.impl("w4a16_linear_group", &svdquant::cuda_impl::w4a16_linear_group_cuda);
 }

@@ -196,11 +196,75 @@ __device__ __forceinline__ uint32_t st_bits(ST v) {
 // registers are the nibble pairs (c[s], c[s + 4]) of each 32-bit word of codes.
 // kFull: every slice has S groups and the scales / zeros allow one vector load per tile (the host checks both).
 // ---------------------------------------------------------------------------------------------------------------
-template <typename XT, typename ST, bool kFull>
-__global__ void __launch_bounds__(kMaxWarps * 32, 1)
-    w4a16_gemv_kernel(const XT* __restrict__ x, const uint8_t* __restrict__ codes, const ST* __restrict__ scales,
-                      const ST* __restrict__ zeros, const void* __restrict__ bias, int bias_kind,
-                      XT* __restrict__ y, int M, int N, int K) {
+// Where a row's weights and output live. One weight (w4a16_linear): rows 0..N-1 of one tensor each. A group
+// (w4a16_linear_group): the weights' rows one after another, N_i rows each (N_i % 16 == 0, so that a 16-row tile lies
+// in one weight), located by a binary search over the groups' row ends (uniform across a warp for the rows of one
+// tile). The kernel parameters hold the table (CUDA-graph safe: captured by value).
+constexpr int kGroupMax = 48;  // weights per grouped launch: the table stays well under 4 KB of kernel parameters
+
+struct GemvGroup {
+  int count;
+  int row_end[kGroupMax];  // exclusive end of weight i's rows in the concatenation
+  const uint8_t* codes[kGroupMax];
+  const void* scales[kGroupMax];
+  const void* zeros[kGroupMax];
+  const void* bias[kGroupMax];  // nullptr: none
+  void* y[kGroupMax];
+};
+
+// The weight holding a tile's rows: its tensors, and the tile's first row counted from its first row.
+template <typename ST>
+struct WeightPart {
+  const uint8_t* codes;
+  const ST* scales;
+  const ST* zeros;
+  int64_t row0;
+};
+
+template <typename XT, typename ST>
+struct OneWeight {
+  const uint8_t* __restrict__ codes;
+  const ST* __restrict__ scales;
+  const ST* __restrict__ zeros;
+  const void* __restrict__ bias;
+  XT* __restrict__ y;
+  int N;
+  __device__ __forceinline__ WeightPart<ST> part(int64_t) const { return {codes, scales, zeros, 0}; }
+  __device__ __forceinline__ float bias_at(int kind, int64_t n) const { return load_bias(bias, kind, n); }
+  __device__ __forceinline__ void store(int t, int64_t n, XT v) const { y[static_cast<int64_t>(t) * N + n] = v; }
+};
+
+template <typename XT, typename ST>
+struct GroupWeights {
+  const GemvGroup& g;
+  __device__ __forceinline__ int find(int64_t n) const {  // the weight holding row n
+    int lo = 0, hi = g.count - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi) / 2;
+      if (n < g.row_end[mid]) hi = mid;
+      else lo = mid + 1;
+    }
+    return lo;
+  }
+  __device__ __forceinline__ int64_t row0(int i) const { return i == 0 ? 0 : g.row_end[i - 1]; }
+  __device__ __forceinline__ WeightPart<ST> part(int64_t n0) const {
+    const int i = find(n0);
+    return {g.codes[i], static_cast<const ST*>(g.scales[i]), static_cast<const ST*>(g.zeros[i]), row0(i)};
+  }
+  __device__ __forceinline__ float bias_at(int kind, int64_t n) const {
+    const int i = find(n);
+    return g.bias[i] != nullptr ? load_bias(g.bias[i], kind, n - row0(i)) : 0.f;
+  }
+  __device__ __forceinline__ void store(int t, int64_t n, XT v) const {
+    const int i = find(n);
+    const int64_t r0 = row0(i);
+    static_cast<XT*>(g.y[i])[static_cast<int64_t>(t) * (g.row_end[i] - r0) + (n - r0)] = v;
+  }
+};
+
+template <typename XT, typename ST, bool kFull, typename Src>
+__device__ __forceinline__ void gemv_body(const XT* __restrict__ x, const Src& wsrc, int bias_kind, int M, int N,
+                                          int K) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr bool kF32 = std::is_same_v<XT, float>;
   constexpr bool kHalf = std::is_same_v<XT, c10::Half>;  // fp16 MMA; bf16 MMA for bf16 and fp32 x
@@ -233,7 +297,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1)
   const int rows = T * 16;
   const int64_t n_first = static_cast<int64_t>(tile_begin) * 16 + (rows > 0 ? threadIdx.x % rows : 0);
   const float bias_first =
-      static_cast<int>(threadIdx.x) < rows * M && n_first < N ? load_bias(bias, bias_kind, n_first) : 0.f;
+      static_cast<int>(threadIdx.x) < rows * M && n_first < N ? wsrc.bias_at(bias_kind, n_first) : 0.f;
   __syncthreads();
 
   for (int slice = warp; slice < n_slices; slice += W) {
@@ -255,7 +319,12 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1)
     }
     auto load_tile = [&](Loads& l, int tile) {
       const int64_t n0 = static_cast<int64_t>(tile) * 16;
-      const int64_t ra = min(n0 + g, last), rb = min(n0 + g + 8, last), rs = min(n0 + lane % 16, last);
+      const WeightPart<ST> pt = wsrc.part(n0);
+      const uint8_t* __restrict__ codes = pt.codes;
+      const ST* __restrict__ scales = pt.scales;
+      const ST* __restrict__ zeros = pt.zeros;
+      const int64_t w0 = pt.row0;
+      const int64_t ra = min(n0 + g, last) - w0, rb = min(n0 + g + 8, last) - w0, rs = min(n0 + lane % 16, last) - w0;
       const uint8_t* pa = codes + ra * row_stride + grp0 * 32;
       const uint8_t* pb = codes + rb * row_stride + grp0 * 32;
       const ST* psz = (lane < 16 ? scales : zeros) + rs * G + grp0;
@@ -439,12 +508,28 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1)
     const float* r = red + (i / 16) * W * (8 * 16) + t * 16 + i % 16;
     float v = 0.f;
     for (int w = 0; w < W; ++w) v += r[w * (8 * 16)];
-    v += e == static_cast<int>(threadIdx.x) ? bias_first : load_bias(bias, bias_kind, n);
-    y[static_cast<int64_t>(t) * N + n] = static_cast<XT>(v);
+    v += e == static_cast<int>(threadIdx.x) ? bias_first : wsrc.bias_at(bias_kind, n);
+    wsrc.store(t, n, static_cast<XT>(v));
   }
 #else
   __trap();  // the host only launches it on sm_80+
 #endif
+}
+
+template <typename XT, typename ST, bool kFull>
+__global__ void __launch_bounds__(kMaxWarps * 32, 1)
+    w4a16_gemv_kernel(const XT* __restrict__ x, const uint8_t* __restrict__ codes, const ST* __restrict__ scales,
+                      const ST* __restrict__ zeros, const void* __restrict__ bias, int bias_kind,
+                      XT* __restrict__ y, int M, int N, int K) {
+  gemv_body<XT, ST, kFull>(x, OneWeight<XT, ST>{codes, scales, zeros, bias, y, N}, bias_kind, M, N, K);
+}
+
+// The weights of a group as one concatenated weight of sum N_i rows (GemvGroup).
+template <typename XT, typename ST, bool kFull>
+__global__ void __launch_bounds__(kMaxWarps * 32, 1)
+    w4a16_gemv_group_kernel(const XT* __restrict__ x, const __grid_constant__ GemvGroup group, int bias_kind, int M,
+                            int N, int K) {
+  gemv_body<XT, ST, kFull>(x, GroupWeights<XT, ST>{group}, bias_kind, M, N, K);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -530,6 +615,20 @@ void launch_gemv_kernel(const W4a16Shape& s, const at::Tensor& x, const at::Tens
   debug_sync(stream, "w4a16_gemv_kernel");
 }
 
+// A group's launch: `s` is the concatenation (N = its rows), the table holds each weight's pointers.
+template <typename XT, typename ST, bool kFull>
+void launch_gemv_group_kernel(const W4a16Shape& s, const at::Tensor& x, const GemvGroup& group, int bkind,
+                              cudaStream_t stream) {
+  const GemvGrid gg = gemv_grid<XT>(s);
+  auto kernel = w4a16_gemv_group_kernel<XT, ST, kFull>;
+  static PerDeviceOnce once;
+  set_max_dynamic_smem(once, kernel, kMaxWarps * slice_smem_bytes<XT>() + kRedCap);
+  kernel<<<gg.blocks, gg.warps * 32, gg.smem, stream>>>(x.data_ptr<XT>(), group, bkind, static_cast<int>(s.M),
+                                                         static_cast<int>(s.N), static_cast<int>(s.K));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  debug_sync(stream, "w4a16_gemv_group_kernel");
+}
+
 template <typename XT, typename ST>
 void launch_gemv(const W4a16Shape& s, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                  const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& out,
@@ -592,8 +691,105 @@ void dispatch_types(at::ScalarType x_dtype, at::ScalarType s_dtype, F&& f) {
   }
 }
 
+// Whether one grouped GEMV launch can take these weights: the GEMV path for every one of them (M <= 8, sm_80+, its
+// shared memory), whole 16-row tiles per weight, one scales dtype and one bias dtype (weights without a bias add 0),
+// and row counts that index in 32 bits.
+bool group_fits(const at::Tensor& x, const std::vector<W4a16Shape>& shapes, at::TensorList scales,
+                const c10::List<std::optional<at::Tensor>>& bias, int& bkind) {
+  const int64_t M = shapes[0].M;
+  if (M < 1 || M > kGemvMaxM || device_info().major < 8 || !gemv_fits(x.scalar_type())) return false;
+  int64_t rows = 0;
+  bkind = kNoBias;
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    if (shapes[i].N % 16 != 0 || scales[i].scalar_type() != scales[0].scalar_type()) return false;
+    rows += shapes[i].N;
+    const int k = bias_kind(bias.get(i));
+    if (k == kNoBias) continue;
+    if (bkind != kNoBias && k != bkind) return false;
+    bkind = k;
+  }
+  return rows < (int64_t(1) << 30);
+}
+
 }  // namespace
 }  // namespace w4a16
+
+std::vector<at::Tensor> w4a16_linear_group_cuda(const at::Tensor& x, at::TensorList codes, at::TensorList scales,
+                                                at::TensorList zeros,
+                                                const c10::List<std::optional<at::Tensor>>& bias) {
+  const auto shapes = check_w4a16_linear_group(x, codes, scales, zeros, bias);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const size_t n = codes.size();
+  std::vector<at::Tensor> out;
+  out.reserve(n);
+  int bkind = w4a16::kNoBias;
+  if (!w4a16::group_fits(x, shapes, scales, bias, bkind)) {  // one call per weight
+    for (size_t i = 0; i < n; ++i) out.push_back(w4a16_linear_cuda(x, codes[i], scales[i], zeros[i], bias.get(i)));
+    return out;
+  }
+  cudaStream_t stream = current_stream();
+  const int64_t M = shapes[0].M, K = shapes[0].K, G = shapes[0].G;
+  const auto xc = w4a16::contiguous_aligned(x);
+  std::vector<at::Tensor> cc, sc, zc;  // contiguous operands, alive until the launches are enqueued
+  std::vector<std::optional<at::Tensor>> bc;
+  // The lean (full-slice) kernel needs whole slices and 4 scales / zeros per row as one aligned vector; one launch
+  // runs one kernel, so a group whose weights differ in that runs one call per weight (the single op would pick
+  // another kernel for some of them, whose staging order differs).
+  bool full = G % (x.scalar_type() == at::kFloat ? w4a16::slice_groups<float>() : w4a16::slice_groups<c10::Half>()) == 0;
+#if SVDQ_DIAGNOSTICS
+  if (const char* v = std::getenv("SVDQUANT_OPS_W4A16_GENERIC")) {  // diagnostics: the generic kernel everywhere
+    if (v[0] == '1') full = false;
+  }
+#endif
+  int n_full = 0;
+  for (size_t i = 0; i < n; ++i) {
+    cc.push_back(w4a16::contiguous_aligned(codes[i]));
+    sc.push_back(scales[i].contiguous());
+    zc.push_back(zeros[i].contiguous());
+    const auto b = bias.get(i);
+    bc.push_back(b.has_value() ? std::optional<at::Tensor>(b->contiguous()) : std::nullopt);
+    const uintptr_t align = 4 * scales[i].element_size() - 1;
+    n_full += (reinterpret_cast<uintptr_t>(sc[i].data_ptr()) & align) == 0 &&
+              (reinterpret_cast<uintptr_t>(zc[i].data_ptr()) & align) == 0;
+  }
+  if (full && n_full != 0 && n_full != static_cast<int>(n)) {
+    for (size_t i = 0; i < n; ++i) out.push_back(w4a16_linear_cuda(x, codes[i], scales[i], zeros[i], bias.get(i)));
+    return out;
+  }
+  full = full && n_full == static_cast<int>(n);
+  // as few launches as the table allows, with about as many weights each
+  const size_t launches = (n + w4a16::kGroupMax - 1) / w4a16::kGroupMax;
+  const size_t per = (n + launches - 1) / launches;
+  for (size_t i = 0; i < n; ++i) out.push_back(at::empty({M, shapes[i].N}, x.options()));
+  for (size_t first = 0; first < n; first += per) {
+    const size_t last = std::min(n, first + per);
+    w4a16::GemvGroup group{};
+    int64_t rows = 0;
+    for (size_t i = first; i < last; ++i) {
+      const int j = static_cast<int>(i - first);
+      group.codes[j] = cc[i].data_ptr<uint8_t>();
+      group.scales[j] = sc[i].data_ptr();
+      group.zeros[j] = zc[i].data_ptr();
+      group.bias[j] = bc[i].has_value() ? bc[i]->data_ptr() : nullptr;
+      group.y[j] = out[i].data_ptr();
+      rows += shapes[i].N;
+      group.row_end[j] = static_cast<int>(rows);
+    }
+    group.count = static_cast<int>(last - first);
+    const W4a16Shape s{M, rows, K, G};
+    w4a16::dispatch_types(x.scalar_type(), scales[0].scalar_type(), [&](auto xt, auto st) {
+      using XT = decltype(xt);
+      using ST = decltype(st);
+      if (full) {
+        w4a16::launch_gemv_group_kernel<XT, ST, true>(s, xc, group, bkind, stream);
+      } else {
+        w4a16::launch_gemv_group_kernel<XT, ST, false>(s, xc, group, bkind, stream);
+      }
+    });
+  }
+  for (size_t i = 0; i < n; ++i) out[i] = out[i].reshape(with_last_dim(x, shapes[i].N));
+  return out;
+}
 
 at::Tensor w4a16_linear_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                              const at::Tensor& zeros, const std::optional<at::Tensor>& bias) {
