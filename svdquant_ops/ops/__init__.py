@@ -394,8 +394,10 @@ GROUP_W4A16_DEFAULT = False
 
 
 def _pure(target) -> bool:
-    return (isinstance(target, torch._ops.OpOverload) and not target._schema.is_mutable
-            and torch.Tag.nondeterministic_seeded not in target.tags)
+    """An ATen / prims op that writes none of its arguments and draws no random numbers: equal arguments, equal
+    result. (Other libraries' custom ops may have effects their schemas do not declare.)"""
+    return (isinstance(target, torch._ops.OpOverload) and target.namespace in ("aten", "prims")
+            and not target._schema.is_mutable and torch.Tag.nondeterministic_seeded not in target.tags)
 
 
 def _value_numbers(graph: torch.fx.Graph) -> dict:
