@@ -306,7 +306,7 @@ def schedule_ab(dev, rep_ms, sched):
     (CUDA graph) and per-step times."""
     ops = torch.ops.svdquant
     g = torch.Generator().manual_seed(8)
-    exact = OTHER_SCHEDULES[sched][1]
+    exact = OTHER_SCHEDULES[sched][1] if sched in OTHER_SCHEDULES else None  # None: wrong results by design
     tot = {"promote": 0.0, sched: 0.0}
     bad = 0
     for seq, calls in ((FLUX_DOUBLE, 19), (FLUX_SINGLE, 38)):
@@ -322,13 +322,16 @@ def schedule_ab(dev, rep_ms, sched):
                 for k in tot:
                     os.environ["SVDQUANT_OPS_GEMM_SCHEDULE"] = k
                     if rep == 0:
-                        outs[k] = first_output(fn, (M, N), torch.bfloat16, dev, f"{k} {name}")
+                        outs[k] = fn() if exact is None else first_output(fn, (M, N), torch.bfloat16, dev,
+                                                                           f"{k} {name}")
                         names[k] = gemm_kernel_names(fn)
                     us[k].append(bench_graph(fn, rep_ms) * 1e3)
             os.environ.pop("SVDQUANT_OPS_GEMM_SCHEDULE", None)
-            idx = {"promote": 0, sched: OTHER_SCHEDULES[sched][0]}
+            idx = {"promote": 0, sched: OTHER_SCHEDULES[sched][0] if exact is not None else TIMING_SCHEDULES[sched]}
             assert all(any(f"2, {idx[k]}, true>" in n for n in names[k]) for k in tot), f"not as asked: {names}"
-            if exact:
+            if exact is None:
+                same = True  # (not compared)
+            elif exact:
                 same = torch.equal(outs["promote"], outs[sched])
             else:
                 same = schedule_close(outs["promote"], outs[sched])[0]
@@ -339,7 +342,8 @@ def schedule_ab(dev, rep_ms, sched):
             log(f"schedule_ab {name} M={M} N={N} K={K}: promote {med['promote']:.1f} us "
                 f"({'/'.join(f'{x:.1f}' for x in us['promote'])}), {sched} {med[sched]:.1f} us "
                 f"({'/'.join(f'{x:.1f}' for x in us[sched])}), {med['promote'] / med[sched]:.3f}x; "
-                f"{'bit-equal' if exact else 'close'}: {same}")
+                + ("outputs not compared (wrong by design)" if exact is None
+                   else f"{'bit-equal' if exact else 'close'}: {same}"))
     log(f"schedule_ab per FLUX step (W4A8 GEMMs with prep): promote {tot['promote']:.2f} ms, {sched} "
         f"{tot[sched]:.2f} ms ({tot['promote'] / tot[sched]:.3f}x)")
     if bad:
@@ -497,7 +501,8 @@ def tile_overhead(dev, precisions):
     """Where a 128 x 128 output tile's time goes: kernel time = rounds x (fixed + stages x per_stage), where rounds =
     ceil(tiles / SMs) (persistent grid) and stages = K / 128. Fitted over K at M = 4608, N = 3072 (864 tiles, 7
     rounds on 132 SMs), for R = 0 / 32 and each epilogue (SVDQUANT_OPS_GEMM_EPILOGUE: tma, direct, none = no stores,
-    a diagnostic)."""
+    a diagnostic); for W4A8 also SVDQUANT_OPS_GEMM_SCHEDULE=halffeed (each main-loop stage loads only the weight
+    tile: if the per-stage cost drops toward 512 cycles, the operand feed limits the main loop)."""
     import numpy as np
 
     g = torch.Generator().manual_seed(3)
@@ -505,25 +510,26 @@ def tile_overhead(dev, precisions):
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rounds = math.ceil(math.ceil(M / 128) * math.ceil(N / 128) / sms)
     Ks = [1536, 3072, 6144, 12288]
-    for prec in precisions:
-        for R in (0, 32):
-            for epi in ("tma", "direct", "none"):
-                os.environ["SVDQUANT_OPS_GEMM_EPILOGUE"] = epi
-                ts = []
-                for K in Ks:
-                    L = make_layer(K, N, R, dev, g, prec)
-                    x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
-                    q = torch.ops.svdquant.quantize_act(x, L["smooth"], L["pd"], prec, False)
-                    fn = lambda: torch.ops.svdquant.gemm(q[0], q[1], L["wc"], L["ws"], L["gsc"], q[2], L["up"],
-                                                         L["bias"], prec, torch.bfloat16, False)
-                    ts.append(kernel_us(fn, "gemm_kernel"))
-                per_tile = np.array(ts) / rounds
-                b, a = np.polyfit(np.array(Ks) / 128, per_tile, 1)
-                log(f"tile_overhead {prec} R={R} epilogue={epi}: gemm kernel us " +
-                    " / ".join(f"K={K} {t:.1f}" for K, t in zip(Ks, ts)) +
-                    f" -> per tile: fixed {a:.2f} us + {b * 1e3:.0f} ns per 128-channel stage "
-                    f"({rounds} rounds of {sms} tiles)")
-        os.environ.pop("SVDQUANT_OPS_GEMM_EPILOGUE", None)
+    runs = [(p, R, e, "promote") for p in precisions for R in (0, 32) for e in ("tma", "direct", "none")]
+    runs += [("w4a8", 32, e, "halffeed") for e in ("tma", "none") if "w4a8" in precisions]
+    for prec, R, epi, sched in runs:
+        os.environ["SVDQUANT_OPS_GEMM_EPILOGUE"] = epi
+        os.environ["SVDQUANT_OPS_GEMM_SCHEDULE"] = sched
+        ts = []
+        for K in Ks:
+            L = make_layer(K, N, R, dev, g, prec)
+            x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+            q = torch.ops.svdquant.quantize_act(x, L["smooth"], L["pd"], prec, False)
+            fn = lambda: torch.ops.svdquant.gemm(q[0], q[1], L["wc"], L["ws"], L["gsc"], q[2], L["up"],  # noqa: E731
+                                                 L["bias"], prec, torch.bfloat16, False)
+            ts.append(kernel_us(fn, "gemm_kernel"))
+        per_tile = np.array(ts) / rounds
+        b, a = np.polyfit(np.array(Ks) / 128, per_tile, 1)
+        log(f"tile_overhead {prec} R={R} epilogue={epi}{'' if sched == 'promote' else ' schedule=' + sched}: gemm "
+            "kernel us " + " / ".join(f"K={K} {t:.1f}" for K, t in zip(Ks, ts)) +
+            f" -> per tile: fixed {a:.2f} us + {b * 1e3:.0f} ns per 128-channel stage ({rounds} rounds of {sms} tiles)")
+    os.environ.pop("SVDQUANT_OPS_GEMM_EPILOGUE", None)
+    os.environ.pop("SVDQUANT_OPS_GEMM_SCHEDULE", None)
 
 
 def smoke(dev, one=False):
@@ -605,6 +611,9 @@ def gemm_kernel_names(fn) -> set[str]:
 # outputs must be bit-equal to promote's
 OTHER_SCHEDULES = {"overlap": (3, True), "overlap3": (4, True), "pingpong": (5, False), "promote-cvt": (6, True),
                    "inflight": (7, True)}
+# Diagnostics that compute wrong results by design, timed only (--schedule-ab, --tile-overhead): halffeed loads only the
+# weight tile per main-loop stage (half the operand feed), so its speed tells whether the feed limits the main loop
+TIMING_SCHEDULES = {"halffeed": 8}
 
 
 def schedule_close(ref: torch.Tensor, out: torch.Tensor) -> tuple[bool, float]:
@@ -725,9 +734,10 @@ def main():
                     "sequence: the next weight expanded by a kernel of its own, by the GEMM's idle warps, or as the "
                     "library chooses (SVDQUANT_OPS_CUDA_W4A8_NEXT), against gemm with its prep; per-call and per-step "
                     "times")
-    ap.add_argument("--schedule-ab", metavar="SCHEDULE", choices=sorted(OTHER_SCHEDULES), help="only W4A8's gemm "
-                    "on a FLUX.1 step's GEMMs under the shipped schedule against SVDQUANT_OPS_GEMM_SCHEDULE=SCHEDULE "
-                    "(e.g. inflight): outputs compared, per-call and per-step times (needs SVDQUANT_OPS_DIAGNOSTICS=1)")
+    ap.add_argument("--schedule-ab", metavar="SCHEDULE", choices=sorted({*OTHER_SCHEDULES, *TIMING_SCHEDULES}),
+                    help="only W4A8's gemm on a FLUX.1 step's GEMMs under the shipped schedule against "
+                    "SVDQUANT_OPS_GEMM_SCHEDULE=SCHEDULE (e.g. inflight; halffeed: times only): outputs compared, "
+                    "per-call and per-step times (needs SVDQUANT_OPS_DIAGNOSTICS=1)")
     ap.add_argument("--gemm-only", action="store_true", help="only time gemm at M=4608 per --schedules "
                     "(needs SVDQUANT_OPS_DIAGNOSTICS=1 unless --schedules is just promote)")
     ap.add_argument("--tile-overhead", action="store_true", help="only the sm90 GEMM kernel's time (no prep) at "

@@ -12,7 +12,8 @@
 #     tokenab   bench_linear.py --token-ab: W4A8 quantize_act on a FLUX.1 step's input shapes, the token kernel
 #               with its K split where M is small off and on (SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT=0 / 1): equal
 #               outputs, per-shape and per-step times
-#     tiles     bench_linear.py --tile-overhead (GEMM kernel time split into per-tile fixed + per-stage cost)
+#     tiles     bench_linear.py --tile-overhead (GEMM kernel time split into per-tile fixed + per-stage cost; W4A8
+#               also with half the operand feed, SVDQUANT_OPS_GEMM_SCHEDULE=halffeed)
 #                                                                                                 [diagnostics build]
 #     overlap   bench_linear.py --overlap: W4A8 gemm, shipped schedule vs SVDQUANT_OPS_GEMM_SCHEDULE=overlap and
 #               overlap3 (epilogue under the next tile's MMAs, 2 / 3 stages in flight; bit-equal check), pingpong

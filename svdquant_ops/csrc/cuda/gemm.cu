@@ -158,7 +158,8 @@ struct Variant {
 //     promote-cvt is the shipped W4A8 schedule converting its int32 sums to fp32 by a magic-number add instead of the
 //     quarter-rate I2F (sm90::kCvtMagic, cvt_i32_exact; bit-equal); inflight is the shipped W4A8 schedule keeping one
 //     stage of MMAs in flight in its main loop instead of draining the tensor cores every stage (sm90::kInflight;
-//     bit-equal);
+//     bit-equal); halffeed is the shipped W4A8 schedule whose main-loop stages load only the weight tile (wrong
+//     results: the speed with half the operand feed, sm90::kHalfFeed);
 //   SVDQUANT_OPS_GEMM_EPILOGUE = tma (default) | direct | none: force the register -> global epilogue, or skip the
 //     stores (wrong results; splits a tile's time between main loop and stores);
 //   SVDQUANT_OPS_GEMM_WPREP = prep (default) | kernel | kernel-nomult | kernel-noexpand | kernel-nostore |
@@ -185,12 +186,15 @@ Variant diagnostic_variant() {
       v.sched = sm90::kCvtMagic;
     } else if (std::strcmp(e, "inflight") == 0) {
       v.sched = sm90::kInflight;
+    } else if (std::strcmp(e, "halffeed") == 0) {
+      v.sched = sm90::kHalfFeed;
     } else if (std::strcmp(e, "pingpong-auto") == 0) {
       v.sched = sm90::kPingPong;
       v.pingpong_auto = true;
     } else {
       TORCH_CHECK(std::strcmp(e, "promote") == 0, "SVDQUANT_OPS_GEMM_SCHEDULE: expected promote, skeleton, "
-                  "skeleton192, overlap, overlap3, pingpong, pingpong-auto, promote-cvt or inflight, got '", e, "'");
+                  "skeleton192, overlap, overlap3, pingpong, pingpong-auto, promote-cvt, inflight or halffeed, got '", e,
+                  "'");
     }
   }
   const char* epi = std::getenv("SVDQUANT_OPS_GEMM_EPILOGUE");
@@ -446,6 +450,8 @@ void launch_variant(Precision precision, [[maybe_unused]] const Variant& v, cons
     launch_sm90<128, sm90::kKindW4a8, sm90::kCvtMagic, kStore>(m, p, stream);
   } else if (precision == Precision::kW4a8 && v.sched == sm90::kInflight) {
     launch_sm90<128, sm90::kKindW4a8, sm90::kInflight, kStore>(m, p, stream);
+  } else if (precision == Precision::kW4a8 && v.sched == sm90::kHalfFeed) {
+    launch_sm90<128, sm90::kKindW4a8, sm90::kHalfFeed, kStore>(m, p, stream);
   } else if (precision == Precision::kW4a8 && v.sched == sm90::kPingPong &&
              (!v.pingpong_auto || w4a8_pingpong_pays(p))) {
     if constexpr (kStore) launch_sm90<128, sm90::kKindW4a8, sm90::kPingPong, true>(m, p, stream);
@@ -491,9 +497,11 @@ bool run_sm90(const GemmShape& s, const Operands& o, bool act_unsigned, at::Tens
   Variant v = diagnostic_variant();
   if (weight != nullptr) v.w4_expand = false;  // gemm_expanded: the weight is given expanded
   const bool always_stores = v.sched == sm90::kOverlap || v.sched == sm90::kOverlapDeep || v.sched == sm90::kPingPong;
-  const bool w4a8_only = always_stores || v.sched == sm90::kCvtMagic || v.sched == sm90::kInflight;
+  const bool w4a8_only = always_stores || v.sched == sm90::kCvtMagic || v.sched == sm90::kInflight ||
+                         v.sched == sm90::kHalfFeed;
   TORCH_CHECK(!w4a8_only || (s.precision == Precision::kW4a8 && !v.w4_expand),
-              "SVDQUANT_OPS_GEMM_SCHEDULE=overlap[3] / pingpong[-auto] / promote-cvt / inflight: a W4A8 schedule (with "
+              "SVDQUANT_OPS_GEMM_SCHEDULE=overlap[3] / pingpong[-auto] / promote-cvt / inflight / halffeed: a W4A8 "
+              "schedule (with "
               "SVDQUANT_OPS_GEMM_WPREP=prep), but this call is ",
               s.precision == Precision::kW4a8 ? "W4A8 with the in-kernel expansion" : "not W4A8");
   TORCH_CHECK(!always_stores || v.store, "SVDQUANT_OPS_GEMM_SCHEDULE=overlap[3] / pingpong always stores: "

@@ -149,7 +149,9 @@ enum Schedule : int {
   kOverlapDeep = 4,  // 3
   kPingPong = 5,
   kCvtMagic = 6,     // kPromote with W4A8's int32 -> fp32 conversion by a magic-number add (cvt_i32_exact)
-  kInflight = 7,     // kPromote with W4A8's main loop keeping one stage of MMAs in flight (w4a8_main_loop)
+  kInflight = 7,     // kPromote with W4A8's main loop keeping one stage of MMAs in flight
+  kHalfFeed = 8,     // kPromote with W4A8's main-loop stages loading only the weight tile (wrong results: the
+                     // activation tile is whatever the stage held): the speed with half the operand feed
 #endif
 };
 
@@ -380,7 +382,10 @@ __global__ void __launch_bounds__(384, 1)
                 "the overlapped and ping-pong schedules are W4A8's (prep path, stores, BN 128) only");
   static_assert(kSched != kCvtMagic || kKind == kKindW4a8, "the magic-number conversion is W4A8's");
   static_assert(kSched != kInflight || kKind == kKindW4a8, "the in-flight main loop is W4A8's");
+  static_assert(kSched != kHalfFeed || kKind == kKindW4a8, "the half-feed diagnostic is W4A8's");
+  constexpr bool kHalf = kSched == kHalfFeed;
 #else
+  constexpr bool kHalf = false;
   constexpr bool kOv = false;
   constexpr bool kPP = false;
 #endif
@@ -458,8 +463,8 @@ __global__ void __launch_bounds__(384, 1)
             } else {
               // 128-byte rows: 64 bf16 channels (NVFP4) or 128 int8 channels (W4A8) per stage
               constexpr int kStep = kI8 ? 128 : 64;
-              mbar_expect_tx(&full[s], C::A_BYTES + C::B_BYTES);
-              tma_load_2d(&tmA, st, &full[s], ki * kStep, m0);
+              mbar_expect_tx(&full[s], (kHalf ? 0 : C::A_BYTES) + C::B_BYTES);
+              if constexpr (!kHalf) tma_load_2d(&tmA, st, &full[s], ki * kStep, m0);
               tma_load_2d(&tmB, st + C::A_BYTES, &full[s], ki * kStep, n0);
             }
           }
