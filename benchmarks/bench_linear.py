@@ -306,15 +306,25 @@ def schedule_ab(dev, rep_ms, sched):
     (CUDA graph) and per-step times."""
     ops = torch.ops.svdquant
     g = torch.Generator().manual_seed(8)
-    exact = OTHER_SCHEDULES[sched][1] if sched in OTHER_SCHEDULES else None  # None: wrong results by design
+    compared = {**OTHER_SCHEDULES, **PAIR_SCHEDULES}
+    exact = compared[sched][1] if sched in compared else None  # None: wrong results by design
     tot = {"promote": 0.0, sched: 0.0}
     bad = 0
-    for seq, calls in ((FLUX_DOUBLE, 19), (FLUX_SINGLE, 38)):
-        for name, M, N, K in seq:
-            L = make_layer(K, N, 32, dev, g, "w4a8")
+    # edge cases for the compared schedules (not in the per-step total): one and two main-loop stages, a single row
+    # tile with a ragged end, rank 128 with an fp16 up projection (six branch stages)
+    edges = [("edge K=128", 4608, 3072, 128, 32, torch.bfloat16), ("edge K=256", 4608, 3072, 256, 32, torch.bfloat16),
+             ("edge M=77", 77, 256, 320, 32, torch.bfloat16), ("edge R=128", 1000, 3072, 3072, 128, torch.float16)]
+    seqs = [([(n, M, N, K, 32, torch.bfloat16) for n, M, N, K in FLUX_DOUBLE], 19),
+            ([(n, M, N, K, 32, torch.bfloat16) for n, M, N, K in FLUX_SINGLE], 38)]
+    if exact is not None:
+        seqs.append((edges, 0))
+    for seq, calls in seqs:
+        for name, M, N, K, R, up_dt in seq:
+            L = make_layer(K, N, R, dev, g, "w4a8")
+            L["up"] = L["up"].to(up_dt)
             ac = torch.randint(-127, 128, (M, K), generator=g, dtype=torch.int32).to(dev, torch.int8)
             asc = (torch.rand(M, 1, generator=g) * 0.02 + 1e-3).to(dev, torch.bfloat16)
-            da = torch.randn(M, 32, generator=g).to(dev)
+            da = torch.randn(M, R, generator=g).to(dev)
             fn = lambda: ops.gemm(ac, asc, L["wc"], L["ws"], L["gsc"], da, L["up"], L["bias"], "w4a8",  # noqa: E731
                                   torch.bfloat16, False)
             us, outs, names = {k: [] for k in tot}, {}, {}
@@ -327,7 +337,7 @@ def schedule_ab(dev, rep_ms, sched):
                         names[k] = gemm_kernel_names(fn)
                     us[k].append(bench_graph(fn, rep_ms) * 1e3)
             os.environ.pop("SVDQUANT_OPS_GEMM_SCHEDULE", None)
-            idx = {"promote": 0, sched: OTHER_SCHEDULES[sched][0] if exact is not None else TIMING_SCHEDULES[sched]}
+            idx = {"promote": 0, sched: compared[sched][0] if exact is not None else TIMING_SCHEDULES[sched]}
             assert all(any(f"2, {idx[k]}, true>" in n for n in names[k]) for k in tot), f"not as asked: {names}"
             if exact is None:
                 same = True  # (not compared)
@@ -614,6 +624,10 @@ OTHER_SCHEDULES = {"overlap": (3, True), "overlap3": (4, True), "pingpong": (5, 
 # Diagnostics that compute wrong results by design, timed only (--schedule-ab, --tile-overhead): halffeed loads only the
 # weight tile per main-loop stage (half the operand feed), so its speed tells whether the feed limits the main loop
 TIMING_SCHEDULES = {"halffeed": 8}
+# Compared with promote by --schedule-ab only (bit-equal), as they need an even number of column tiles (the other calls
+# run promote): multicast runs 2-CTA clusters whose two tiles share rows, each CTA loading half of the activation tile
+# for both
+PAIR_SCHEDULES = {"multicast": (9, True)}
 
 
 def schedule_close(ref: torch.Tensor, out: torch.Tensor) -> tuple[bool, float]:
@@ -734,10 +748,11 @@ def main():
                     "sequence: the next weight expanded by a kernel of its own, by the GEMM's idle warps, or as the "
                     "library chooses (SVDQUANT_OPS_CUDA_W4A8_NEXT), against gemm with its prep; per-call and per-step "
                     "times")
-    ap.add_argument("--schedule-ab", metavar="SCHEDULE", choices=sorted({*OTHER_SCHEDULES, *TIMING_SCHEDULES}),
-                    help="only W4A8's gemm on a FLUX.1 step's GEMMs under the shipped schedule against "
-                    "SVDQUANT_OPS_GEMM_SCHEDULE=SCHEDULE (e.g. inflight; halffeed: times only): outputs compared, "
-                    "per-call and per-step times (needs SVDQUANT_OPS_DIAGNOSTICS=1)")
+    ap.add_argument("--schedule-ab", metavar="SCHEDULE",
+                    choices=sorted({*OTHER_SCHEDULES, *TIMING_SCHEDULES, *PAIR_SCHEDULES}),
+                    help="only W4A8's gemm on a FLUX.1 step's GEMMs (and edge cases) under the shipped schedule "
+                    "against SVDQUANT_OPS_GEMM_SCHEDULE=SCHEDULE (e.g. inflight, multicast; halffeed: times only): "
+                    "outputs compared, per-call and per-step times (needs SVDQUANT_OPS_DIAGNOSTICS=1)")
     ap.add_argument("--gemm-only", action="store_true", help="only time gemm at M=4608 per --schedules "
                     "(needs SVDQUANT_OPS_DIAGNOSTICS=1 unless --schedules is just promote)")
     ap.add_argument("--tile-overhead", action="store_true", help="only the sm90 GEMM kernel's time (no prep) at "

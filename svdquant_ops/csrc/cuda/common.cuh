@@ -235,6 +235,33 @@ __device__ __forceinline__ void tma_load_2d(const void* desc, void* dst, uint64_
       : "memory");
 }
 
+// The same copy multicast to the CTAs of the cluster in `mask` (same shared-memory offset in each; completion
+// counted on the mbarrier at `bar`'s offset in each of them).
+__device__ __forceinline__ void tma_load_2d_multicast(const void* desc, void* dst, uint64_t* bar, int c0, int c1,
+                                                      uint16_t mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%3, "
+      "%4}], [%2], %5;" ::"r"(smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(desc)), "r"(smem_u32(bar)), "r"(c0), "r"(c1), "h"(mask)
+      : "memory");
+}
+
+// Thread-block clusters: this CTA's rank, an arrival on the mbarrier at `bar`'s offset in CTA `cta` of the cluster,
+// and a barrier of all threads of the cluster (release / acquire: shared-memory writes before it are visible after).
+__device__ __forceinline__ uint32_t cluster_ctarank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t cta) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_u32(bar)), "r"(cta));
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
+}
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
+}
+
 // 2-D bulk tensor copy shared -> global (a TMA store), tracked by this thread's bulk async-groups.
 __device__ __forceinline__ void tma_store_2d(const void* desc, const void* src, int c0, int c1) {
   asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];" ::"l"(

@@ -159,7 +159,9 @@ struct Variant {
 //     quarter-rate I2F (sm90::kCvtMagic, cvt_i32_exact; bit-equal); inflight is the shipped W4A8 schedule keeping one
 //     stage of MMAs in flight in its main loop instead of draining the tensor cores every stage (sm90::kInflight;
 //     bit-equal); halffeed is the shipped W4A8 schedule whose main-loop stages load only the weight tile (wrong
-//     results: the speed with half the operand feed, sm90::kHalfFeed);
+//     results: the speed with half the operand feed, sm90::kHalfFeed); multicast is the shipped W4A8 schedule on
+//     clusters of two CTAs whose tiles share their rows, each loading half of the activation tile for both
+//     (sm90::kMulticast; bit-equal; calls with an odd number of column tiles run the shipped one);
 //   SVDQUANT_OPS_GEMM_EPILOGUE = tma (default) | direct | none: force the register -> global epilogue, or skip the
 //     stores (wrong results; splits a tile's time between main loop and stores);
 //   SVDQUANT_OPS_GEMM_WPREP = prep (default) | kernel | kernel-nomult | kernel-noexpand | kernel-nostore |
@@ -188,12 +190,14 @@ Variant diagnostic_variant() {
       v.sched = sm90::kInflight;
     } else if (std::strcmp(e, "halffeed") == 0) {
       v.sched = sm90::kHalfFeed;
+    } else if (std::strcmp(e, "multicast") == 0) {
+      v.sched = sm90::kMulticast;
     } else if (std::strcmp(e, "pingpong-auto") == 0) {
       v.sched = sm90::kPingPong;
       v.pingpong_auto = true;
     } else {
       TORCH_CHECK(std::strcmp(e, "promote") == 0, "SVDQUANT_OPS_GEMM_SCHEDULE: expected promote, skeleton, "
-                  "skeleton192, overlap, overlap3, pingpong, pingpong-auto, promote-cvt, inflight or halffeed, got '", e,
+                  "skeleton192, overlap, overlap3, pingpong, pingpong-auto, promote-cvt, inflight, halffeed or multicast, got '", e,
                   "'");
     }
   }
@@ -422,6 +426,33 @@ void launch_sm90(const TensorMaps& m, const sm90::Params& p, cudaStream_t stream
 }
 
 #if SVDQ_DIAGNOSTICS
+// kMulticast: clusters of two CTAs (one tile pair each at a time), as many clusters as can be resident at once.
+template <int kSched, bool kStore>
+void launch_sm90_pairs(const TensorMaps& m, const sm90::Params& p, cudaStream_t stream) {
+  using C = sm90::Cfg<128, sm90::kKindW4a8>;
+  auto kernel = sm90::gemm_kernel<128, sm90::kKindW4a8, kSched, kStore>;
+  static PerDeviceOnce smem_attr;
+  set_max_dynamic_smem(smem_attr, kernel, C::SMEM);
+  cudaLaunchConfig_t cfg{};
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 2;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.blockDim = dim3(384);
+  cfg.dynamicSmemBytes = C::SMEM;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  cfg.gridDim = dim3(2);
+  int clusters = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg));
+  const int pairs = p.m_tiles * p.n_tiles / 2;
+  cfg.gridDim = dim3(2 * std::max(1, std::min(pairs, clusters)));
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, m.A, m.B, m.SA, m.SW, m.LA, m.UP, m.C, p));
+  debug_sync(stream, "gemm sm90 (2-CTA clusters)");
+}
+
 // Where the W4A8 ping-pong (diagnostics) beat the shipped schedule on the H200: every CTA gets two tiles or more and
 // K is at most 32 stages of 128 (0.96-0.98x of the time at K = 3072, M = 4608, N = 3072 / 9216 / 12288; 0.89x at
 // K = 128); it lost at K = 12288 / 15360 (1.03-1.04x) and with fewer than two tiles per CTA (1.05-1.08x), where one
@@ -452,6 +483,8 @@ void launch_variant(Precision precision, [[maybe_unused]] const Variant& v, cons
     launch_sm90<128, sm90::kKindW4a8, sm90::kInflight, kStore>(m, p, stream);
   } else if (precision == Precision::kW4a8 && v.sched == sm90::kHalfFeed) {
     launch_sm90<128, sm90::kKindW4a8, sm90::kHalfFeed, kStore>(m, p, stream);
+  } else if (precision == Precision::kW4a8 && v.sched == sm90::kMulticast && p.n_tiles % 2 == 0) {
+    launch_sm90_pairs<sm90::kMulticast, kStore>(m, p, stream);
   } else if (precision == Precision::kW4a8 && v.sched == sm90::kPingPong &&
              (!v.pingpong_auto || w4a8_pingpong_pays(p))) {
     if constexpr (kStore) launch_sm90<128, sm90::kKindW4a8, sm90::kPingPong, true>(m, p, stream);
@@ -498,9 +531,9 @@ bool run_sm90(const GemmShape& s, const Operands& o, bool act_unsigned, at::Tens
   if (weight != nullptr) v.w4_expand = false;  // gemm_expanded: the weight is given expanded
   const bool always_stores = v.sched == sm90::kOverlap || v.sched == sm90::kOverlapDeep || v.sched == sm90::kPingPong;
   const bool w4a8_only = always_stores || v.sched == sm90::kCvtMagic || v.sched == sm90::kInflight ||
-                         v.sched == sm90::kHalfFeed;
+                         v.sched == sm90::kHalfFeed || v.sched == sm90::kMulticast;
   TORCH_CHECK(!w4a8_only || (s.precision == Precision::kW4a8 && !v.w4_expand),
-              "SVDQUANT_OPS_GEMM_SCHEDULE=overlap[3] / pingpong[-auto] / promote-cvt / inflight / halffeed: a W4A8 "
+              "SVDQUANT_OPS_GEMM_SCHEDULE=overlap[3] / pingpong[-auto] / promote-cvt / inflight / halffeed / multicast: a W4A8 "
               "schedule (with "
               "SVDQUANT_OPS_GEMM_WPREP=prep), but this call is ",
               s.precision == Precision::kW4a8 ? "W4A8 with the in-kernel expansion" : "not W4A8");
@@ -538,6 +571,18 @@ bool run_sm90(const GemmShape& s, const Operands& o, bool act_unsigned, at::Tens
     maps.B = make_map(weight->data_ptr(), CU_TENSOR_MAP_DATA_TYPE_UINT8, pl.K, pl.N, pl.K, 128, pl.BN,
                       CU_TENSOR_MAP_SWIZZLE_128B);
   }
+#if SVDQ_DIAGNOSTICS
+  if (v.sched == sm90::kMulticast && s.precision == Precision::kW4a8) {
+    // each CTA of a pair loads 64 of the tile's 128 rows for both: the W4A8 kernel's unused INT4 scale maps carry
+    // those 64-row boxes of the activation codes (SA) and of the branch's down_act parts (SW)
+    maps.SA = make_map(o.act_codes.data_ptr(), CU_TENSOR_MAP_DATA_TYPE_UINT8, pl.K, pl.M, pl.K, 128, 64,
+                       CU_TENSOR_MAP_SWIZZLE_128B);
+    if (pl.KL > 0) {
+      maps.SW = make_map(base + pl.oLA, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, pl.KL, pl.M, int64_t(pl.KL) * 2, 64, 64,
+                         CU_TENSOR_MAP_SWIZZLE_128B);
+    }
+  }
+#endif
   if (w4_expand) {  // the GEMM loads the packed codes [N, K / 2] itself: 64-byte rows of 128 codes, no swizzle
     maps.B = make_map(o.codes.data_ptr(), CU_TENSOR_MAP_DATA_TYPE_UINT8, pl.K / 2, pl.N, pl.K / 2, 64, pl.BN,
                       CU_TENSOR_MAP_SWIZZLE_NONE);

@@ -93,6 +93,13 @@ __device__ __forceinline__ void tile_coords(int tile, int m_tiles, int n_tiles, 
   nt = r / gm;
 }
 
+// kMulticast (diagnostics): tile t of a CTA in a 2-CTA cluster is its half (column tile 2 nc + t % 2) of the pair
+// t / 2 = tile_coords over n_tiles / 2 pair columns, whose two tiles share rows mt.
+__device__ __forceinline__ void mc_coords(int tile, int m_tiles, int n_tiles, int& mt, int& nt) {
+  tile_coords(tile >> 1, m_tiles, n_tiles >> 1, mt, nt);
+  nt = 2 * nt + (tile & 1);
+}
+
 // Epilogue vectors (bias, per-channel scales) of a BN-column tile, fetched at the start of the tile so the load
 // latency hides behind the main loop (loaded in the epilogue they cost ~3900 cycles per tile: L2 under the TMA
 // stream): lane L holds the column pairs L + 32 q. A thread's pair for accumulator column group j (columns
@@ -152,6 +159,8 @@ enum Schedule : int {
   kInflight = 7,     // kPromote with W4A8's main loop keeping one stage of MMAs in flight
   kHalfFeed = 8,     // kPromote with W4A8's main-loop stages loading only the weight tile (wrong results: the
                      // activation tile is whatever the stage held): the speed with half the operand feed
+  kMulticast = 9,    // kPromote for W4A8 on clusters of 2 CTAs: the two tiles of a cluster share their rows, and
+                     // each CTA loads half of the shared activation tile, multicast to both (bit-equal)
 #endif
 };
 
@@ -165,9 +174,9 @@ constexpr int overlap_lag(int sched) { return sched == kOverlapDeep ? 3 : 2; }
 // One pipeline stage fed to a single accumulator: wait for the stage, its four K-steps of `mma` (the first one
 // overwrites the accumulator unless `accumulate`), wait for them, hand the stage back to the producer, advance the
 // ring. Used by the W4A8 and NVFP4 main loops and the skeleton diagnostic.
-template <class C, typename Acc, typename Mma>
+template <class C, bool kMc = false, typename Acc, typename Mma>
 __device__ __forceinline__ void consume_stage(uint8_t* smem, uint64_t* full, uint64_t* empty, int& s, uint32_t& ph,
-                                              int wg, int lane, Acc& acc, bool accumulate, Mma mma) {
+                                              int wg, int lane, Acc& acc, bool accumulate, Mma mma, uint32_t peer = 0) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   mbar_wait(&full[s], ph);
   uint8_t* st = smem + s * C::STAGE;
@@ -180,6 +189,9 @@ __device__ __forceinline__ void consume_stage(uint8_t* smem, uint64_t* full, uin
   wgmma_wait<0>();
   fence_regs(acc);
   if (lane == 0) mbar_arrive(&empty[s]);
+  if constexpr (kMc) {
+    if (lane == 0) mbar_arrive_cluster(&empty[s], peer);  // the peer's producer also writes this stage
+  }
   if (++s == C::STAGES) {
     s = 0;
     ph ^= 1;
@@ -383,9 +395,12 @@ __global__ void __launch_bounds__(384, 1)
   static_assert(kSched != kCvtMagic || kKind == kKindW4a8, "the magic-number conversion is W4A8's");
   static_assert(kSched != kInflight || kKind == kKindW4a8, "the in-flight main loop is W4A8's");
   static_assert(kSched != kHalfFeed || kKind == kKindW4a8, "the half-feed diagnostic is W4A8's");
+  static_assert(kSched != kMulticast || (kKind == kKindW4a8 && BN == 128), "the multicast schedule is W4A8's");
   constexpr bool kHalf = kSched == kHalfFeed;
+  constexpr bool kMc = kSched == kMulticast;
 #else
   constexpr bool kHalf = false;
+  constexpr bool kMc = false;
   constexpr bool kOv = false;
   constexpr bool kPP = false;
 #endif
@@ -400,7 +415,9 @@ __global__ void __launch_bounds__(384, 1)
   if (threadIdx.x == 0) {
     for (int s = 0; s < C::STAGES; ++s) {
       mbar_init(&full[s], kExp ? 3 : 1);
-      mbar_init(&empty[s], kPP ? 4 : 8);  // one arrival per consumer warp (kPP: of the warpgroup owning the tile)
+      // one arrival per consumer warp (kPP: of the warpgroup owning the tile; kMc: of both CTAs of the cluster, whose
+      // producers both write every stage)
+      mbar_init(&empty[s], kPP ? 4 : (kMc ? 16 : 8));
       if constexpr (kExp) mbar_init(&raw[s], 1);
     }
     fence_barrier_init();
@@ -408,6 +425,11 @@ __global__ void __launch_bounds__(384, 1)
   __syncthreads();
   const int total = p.m_tiles * p.n_tiles;
   const int per_tile = p.n_branch + p.n_main;
+  // kMc: grid and column tiles are even, and the cluster's rank is blockIdx.x's parity, so the CTAs 2c and 2c + 1 see
+  // tiles 2 q + 0 and 2 q + 1 for the same q on every iteration of the loops below: pair q = tile_coords over
+  // n_tiles / 2 pair columns, the CTA's tile (mt, 2 nc + rank) (mc_coords).
+  const uint32_t rank = kMc ? (blockIdx.x & 1) : 0;
+  if constexpr (kMc) cluster_sync();  // the peer's barriers are initialized before anything arrives on them
 
   if (threadIdx.x >= 256) {
     // ---------------- producer warpgroup: one thread issues all TMA loads ----------------
@@ -435,7 +457,11 @@ __global__ void __launch_bounds__(384, 1)
       uint32_t ph = 0;
       for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
         int mt, nt;
-        tile_coords(tile, p.m_tiles, p.n_tiles, mt, nt);
+        if constexpr (kMc) {
+          mc_coords(tile, p.m_tiles, p.n_tiles, mt, nt);
+        } else {
+          tile_coords(tile, p.m_tiles, p.n_tiles, mt, nt);
+        }
         const int m0 = mt * BM, n0 = nt * BN;
         for (int i = 0; i < per_tile; ++i) {
           mbar_wait(&empty[s], ph ^ 1);
@@ -445,7 +471,11 @@ __global__ void __launch_bounds__(384, 1)
           if (branch_stage) {
             const int bi = kBranchLast ? i - p.n_main : i;
             mbar_expect_tx(land, C::A_BYTES + C::B_BYTES);
-            tma_load_2d(&tmLA, st, land, bi * 64, m0);
+            if constexpr (kMc) {  // this CTA's half of the rows, to both CTAs (tmSW: down_act parts in 64-row boxes)
+              tma_load_2d_multicast(&tmSW, st + rank * 64 * 128, land, bi * 64, m0 + 64 * rank, 3);
+            } else {
+              tma_load_2d(&tmLA, st, land, bi * 64, m0);
+            }
             tma_load_2d(&tmUP, st + C::A_BYTES, land, bi * 64, n0);
           } else if constexpr (kExp) {  // 128 int8 activation channels, the weights' 128 4-bit codes (64 bytes)
             const int ki = i - p.n_branch;
@@ -464,7 +494,11 @@ __global__ void __launch_bounds__(384, 1)
               // 128-byte rows: 64 bf16 channels (NVFP4) or 128 int8 channels (W4A8) per stage
               constexpr int kStep = kI8 ? 128 : 64;
               mbar_expect_tx(&full[s], (kHalf ? 0 : C::A_BYTES) + C::B_BYTES);
-              if constexpr (!kHalf) tma_load_2d(&tmA, st, &full[s], ki * kStep, m0);
+              if constexpr (kMc) {  // this CTA's half of the rows, to both CTAs (tmSA: the codes in 64-row boxes)
+                tma_load_2d_multicast(&tmSA, st + rank * 64 * 128, &full[s], ki * kStep, m0 + 64 * rank, 3);
+              } else if constexpr (!kHalf) {
+                tma_load_2d(&tmA, st, &full[s], ki * kStep, m0);
+              }
               tma_load_2d(&tmB, st + C::A_BYTES, &full[s], ki * kStep, n0);
             }
           }
@@ -789,7 +823,11 @@ __global__ void __launch_bounds__(384, 1)
 #endif
     for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
       int mt, nt;
-      tile_coords(tile, p.m_tiles, p.n_tiles, mt, nt);
+      if constexpr (kMc) {
+        mc_coords(tile, p.m_tiles, p.n_tiles, mt, nt);
+      } else {
+        tile_coords(tile, p.m_tiles, p.n_tiles, mt, nt);
+      }
       const int m0 = mt * BM, n0 = nt * BN;
 #pragma unroll
       for (int j = 0; j < BN / 2; ++j) acc[j] = 0.f;
@@ -809,6 +847,9 @@ __global__ void __launch_bounds__(384, 1)
         wgmma_wait<0>();
         fence_regs(tmp0);
         if (lane == 0) mbar_arrive(&empty[s]);
+        if constexpr (kMc) {
+          if (lane == 0) mbar_arrive_cluster(&empty[s], rank ^ 1);
+        }
         if (++s == C::STAGES) {
           s = 0;
           ph ^= 1;
@@ -884,8 +925,9 @@ __global__ void __launch_bounds__(384, 1)
 #endif
         if constexpr (kDrain) {  // each stage's MMAs finish before the next stage's are issued
           for (int ki = 0; ki < p.n_main; ++ki)
-            consume_stage<C>(smem, full, empty, s, ph, wg, lane, iacc, ki > 0,
-                             [](int (&d)[BN / 2], uint64_t a, uint64_t b, int sd) { wgmma::mma_s8<BN>(d, a, b, sd); });
+            consume_stage<C, kMc>(smem, full, empty, s, ph, wg, lane, iacc, ki > 0,
+                                  [](int (&d)[BN / 2], uint64_t a, uint64_t b, int sd) { wgmma::mma_s8<BN>(d, a, b, sd); },
+                                  rank ^ 1);
         } else {
           // One stage of MMAs in flight (as CUTLASS's sm90 main loops): stage k + 1's MMAs are issued before stage
           // k's are waited for, so the tensor cores never drain between stages (draining leaves them idle while
@@ -962,6 +1004,8 @@ __global__ void __launch_bounds__(384, 1)
     // the last tile's TMA stores must have landed before the CTA exits
     if (tma_epi && (threadIdx.x & 127) == 0) bulk_wait<0>();
   }
+  // kMc: neither CTA exits while the other may still arrive on its barriers
+  if constexpr (kMc) cluster_sync();
 #else
   __trap();  // built for another architecture: the host only launches this on sm_90a builds
 #endif
