@@ -311,9 +311,11 @@ def schedule_ab(dev, rep_ms, sched):
     tot = {"promote": 0.0, sched: 0.0}
     bad = 0
     # edge cases for the compared schedules (not in the per-step total): one and two main-loop stages, a single row
-    # tile with a ragged end, rank 128 with an fp16 up projection (six branch stages)
+    # tile with a ragged end, one of 40 rows (multicast: the second CTA's 64-row half lies wholly past M), rank 128
+    # with an fp16 up projection (six branch stages)
     edges = [("edge K=128", 4608, 3072, 128, 32, torch.bfloat16), ("edge K=256", 4608, 3072, 256, 32, torch.bfloat16),
-             ("edge M=77", 77, 256, 320, 32, torch.bfloat16), ("edge R=128", 1000, 3072, 3072, 128, torch.float16)]
+             ("edge M=77", 77, 256, 320, 32, torch.bfloat16), ("edge M=40", 40, 256, 320, 32, torch.bfloat16),
+             ("edge R=128", 1000, 3072, 3072, 128, torch.float16)]
     seqs = [([(n, M, N, K, 32, torch.bfloat16) for n, M, N, K in FLUX_DOUBLE], 19),
             ([(n, M, N, K, 32, torch.bfloat16) for n, M, N, K in FLUX_SINGLE], 38)]
     if exact is not None:

@@ -426,9 +426,11 @@ void launch_sm90(const TensorMaps& m, const sm90::Params& p, cudaStream_t stream
 }
 
 #if SVDQ_DIAGNOSTICS
-// kMulticast: clusters of two CTAs (one tile pair each at a time), as many clusters as can be resident at once.
+// kMulticast: clusters of two CTAs (one tile pair each at a time), as many clusters as can be resident at once,
+// asked once per device (cudaOccupancyMaxActiveClusters, which may fail inside a graph capture: then not remembered).
+// Returns false where no cluster of two fits or the driver cannot say now: the caller runs the shipped schedule.
 template <int kSched, bool kStore>
-void launch_sm90_pairs(const TensorMaps& m, const sm90::Params& p, cudaStream_t stream) {
+bool launch_sm90_pairs(const TensorMaps& m, const sm90::Params& p, cudaStream_t stream) {
   using C = sm90::Cfg<128, sm90::kKindW4a8>;
   auto kernel = sm90::gemm_kernel<128, sm90::kKindW4a8, kSched, kStore>;
   static PerDeviceOnce smem_attr;
@@ -445,12 +447,28 @@ void launch_sm90_pairs(const TensorMaps& m, const sm90::Params& p, cudaStream_t 
   cfg.attrs = attr;
   cfg.numAttrs = 1;
   cfg.gridDim = dim3(2);
-  int clusters = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg));
+  static PerDeviceOnce asked;
+  static int clusters[kMaxDevices];
+  try {
+    asked([&] {
+      int n = 0;
+      const cudaError_t err = cudaOccupancyMaxActiveClusters(&n, kernel, &cfg);
+      if (err != cudaSuccess) {
+        (void)cudaGetLastError();
+        throw std::runtime_error(cudaGetErrorString(err));
+      }
+      clusters[current_device_index()] = n;
+    });
+  } catch (const std::runtime_error&) {
+    return false;
+  }
+  const int n = clusters[current_device_index()];
+  if (n < 1) return false;
   const int pairs = p.m_tiles * p.n_tiles / 2;
-  cfg.gridDim = dim3(2 * std::max(1, std::min(pairs, clusters)));
+  cfg.gridDim = dim3(2 * std::min(pairs, n));
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, m.A, m.B, m.SA, m.SW, m.LA, m.UP, m.C, p));
   debug_sync(stream, "gemm sm90 (2-CTA clusters)");
+  return true;
 }
 
 // Where the W4A8 ping-pong (diagnostics) beat the shipped schedule on the H200: every CTA gets two tiles or more and
@@ -483,8 +501,9 @@ void launch_variant(Precision precision, [[maybe_unused]] const Variant& v, cons
     launch_sm90<128, sm90::kKindW4a8, sm90::kInflight, kStore>(m, p, stream);
   } else if (precision == Precision::kW4a8 && v.sched == sm90::kHalfFeed) {
     launch_sm90<128, sm90::kKindW4a8, sm90::kHalfFeed, kStore>(m, p, stream);
-  } else if (precision == Precision::kW4a8 && v.sched == sm90::kMulticast && p.n_tiles % 2 == 0) {
-    launch_sm90_pairs<sm90::kMulticast, kStore>(m, p, stream);
+  } else if (precision == Precision::kW4a8 && v.sched == sm90::kMulticast && p.n_tiles % 2 == 0 &&
+             launch_sm90_pairs<sm90::kMulticast, kStore>(m, p, stream)) {
+    // (launched; where no 2-CTA cluster fits, the shipped schedule below)
   } else if (precision == Precision::kW4a8 && v.sched == sm90::kPingPong &&
              (!v.pingpong_auto || w4a8_pingpong_pays(p))) {
     if constexpr (kStore) launch_sm90<128, sm90::kKindW4a8, sm90::kPingPong, true>(m, p, stream);

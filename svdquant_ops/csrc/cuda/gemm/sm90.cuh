@@ -400,7 +400,6 @@ __global__ void __launch_bounds__(384, 1)
   constexpr bool kMc = kSched == kMulticast;
 #else
   constexpr bool kHalf = false;
-  constexpr bool kMc = false;
   constexpr bool kOv = false;
   constexpr bool kPP = false;
 #endif
@@ -417,7 +416,11 @@ __global__ void __launch_bounds__(384, 1)
       mbar_init(&full[s], kExp ? 3 : 1);
       // one arrival per consumer warp (kPP: of the warpgroup owning the tile; kMc: of both CTAs of the cluster, whose
       // producers both write every stage)
+#if SVDQ_DIAGNOSTICS
       mbar_init(&empty[s], kPP ? 4 : (kMc ? 16 : 8));
+#else
+      mbar_init(&empty[s], 8);
+#endif
       if constexpr (kExp) mbar_init(&raw[s], 1);
     }
     fence_barrier_init();
@@ -425,11 +428,14 @@ __global__ void __launch_bounds__(384, 1)
   __syncthreads();
   const int total = p.m_tiles * p.n_tiles;
   const int per_tile = p.n_branch + p.n_main;
+#if SVDQ_DIAGNOSTICS
   // kMc: grid and column tiles are even, and the cluster's rank is blockIdx.x's parity, so the CTAs 2c and 2c + 1 see
   // tiles 2 q + 0 and 2 q + 1 for the same q on every iteration of the loops below: pair q = tile_coords over
-  // n_tiles / 2 pair columns, the CTA's tile (mt, 2 nc + rank) (mc_coords).
+  // n_tiles / 2 pair columns, the CTA's tile (mt, 2 nc + rank) (mc_coords). (kMc code is compiled in diagnostics
+  // builds only, so that the shipped kernels' SASS stays as it was.)
   const uint32_t rank = kMc ? (blockIdx.x & 1) : 0;
   if constexpr (kMc) cluster_sync();  // the peer's barriers are initialized before anything arrives on them
+#endif
 
   if (threadIdx.x >= 256) {
     // ---------------- producer warpgroup: one thread issues all TMA loads ----------------
@@ -449,6 +455,12 @@ __global__ void __launch_bounds__(384, 1)
         tma_prefetch_desc(&tmSA);
         tma_prefetch_desc(&tmSW);
       }
+#if SVDQ_DIAGNOSTICS
+      if constexpr (kMc) {  // (kMc's 64-row activation and down_act maps: tmLA is not used)
+        tma_prefetch_desc(&tmSA);
+        if (p.n_branch > 0) tma_prefetch_desc(&tmSW);
+      }
+#endif
       if (p.n_branch > 0) {
         tma_prefetch_desc(&tmLA);
         tma_prefetch_desc(&tmUP);
@@ -457,11 +469,12 @@ __global__ void __launch_bounds__(384, 1)
       uint32_t ph = 0;
       for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
         int mt, nt;
+#if SVDQ_DIAGNOSTICS
         if constexpr (kMc) {
           mc_coords(tile, p.m_tiles, p.n_tiles, mt, nt);
-        } else {
-          tile_coords(tile, p.m_tiles, p.n_tiles, mt, nt);
-        }
+        } else
+#endif
+        tile_coords(tile, p.m_tiles, p.n_tiles, mt, nt);
         const int m0 = mt * BM, n0 = nt * BN;
         for (int i = 0; i < per_tile; ++i) {
           mbar_wait(&empty[s], ph ^ 1);
@@ -471,11 +484,12 @@ __global__ void __launch_bounds__(384, 1)
           if (branch_stage) {
             const int bi = kBranchLast ? i - p.n_main : i;
             mbar_expect_tx(land, C::A_BYTES + C::B_BYTES);
+#if SVDQ_DIAGNOSTICS
             if constexpr (kMc) {  // this CTA's half of the rows, to both CTAs (tmSW: down_act parts in 64-row boxes)
               tma_load_2d_multicast(&tmSW, st + rank * 64 * 128, land, bi * 64, m0 + 64 * rank, 3);
-            } else {
-              tma_load_2d(&tmLA, st, land, bi * 64, m0);
-            }
+            } else
+#endif
+            tma_load_2d(&tmLA, st, land, bi * 64, m0);
             tma_load_2d(&tmUP, st + C::A_BYTES, land, bi * 64, n0);
           } else if constexpr (kExp) {  // 128 int8 activation channels, the weights' 128 4-bit codes (64 bytes)
             const int ki = i - p.n_branch;
@@ -494,11 +508,12 @@ __global__ void __launch_bounds__(384, 1)
               // 128-byte rows: 64 bf16 channels (NVFP4) or 128 int8 channels (W4A8) per stage
               constexpr int kStep = kI8 ? 128 : 64;
               mbar_expect_tx(&full[s], (kHalf ? 0 : C::A_BYTES) + C::B_BYTES);
+#if SVDQ_DIAGNOSTICS
               if constexpr (kMc) {  // this CTA's half of the rows, to both CTAs (tmSA: the codes in 64-row boxes)
                 tma_load_2d_multicast(&tmSA, st + rank * 64 * 128, &full[s], ki * kStep, m0 + 64 * rank, 3);
-              } else if constexpr (!kHalf) {
-                tma_load_2d(&tmA, st, &full[s], ki * kStep, m0);
-              }
+              } else
+#endif
+              if constexpr (!kHalf) tma_load_2d(&tmA, st, &full[s], ki * kStep, m0);
               tma_load_2d(&tmB, st + C::A_BYTES, &full[s], ki * kStep, n0);
             }
           }
@@ -823,11 +838,12 @@ __global__ void __launch_bounds__(384, 1)
 #endif
     for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
       int mt, nt;
+#if SVDQ_DIAGNOSTICS
       if constexpr (kMc) {
         mc_coords(tile, p.m_tiles, p.n_tiles, mt, nt);
-      } else {
-        tile_coords(tile, p.m_tiles, p.n_tiles, mt, nt);
-      }
+      } else
+#endif
+      tile_coords(tile, p.m_tiles, p.n_tiles, mt, nt);
       const int m0 = mt * BM, n0 = nt * BN;
 #pragma unroll
       for (int j = 0; j < BN / 2; ++j) acc[j] = 0.f;
@@ -847,9 +863,11 @@ __global__ void __launch_bounds__(384, 1)
         wgmma_wait<0>();
         fence_regs(tmp0);
         if (lane == 0) mbar_arrive(&empty[s]);
+#if SVDQ_DIAGNOSTICS
         if constexpr (kMc) {
           if (lane == 0) mbar_arrive_cluster(&empty[s], rank ^ 1);
         }
+#endif
         if (++s == C::STAGES) {
           s = 0;
           ph ^= 1;
@@ -924,10 +942,14 @@ __global__ void __launch_bounds__(384, 1)
         constexpr bool kDrain = true;
 #endif
         if constexpr (kDrain) {  // each stage's MMAs finish before the next stage's are issued
-          for (int ki = 0; ki < p.n_main; ++ki)
-            consume_stage<C, kMc>(smem, full, empty, s, ph, wg, lane, iacc, ki > 0,
-                                  [](int (&d)[BN / 2], uint64_t a, uint64_t b, int sd) { wgmma::mma_s8<BN>(d, a, b, sd); },
-                                  rank ^ 1);
+          auto mma = [](int (&d)[BN / 2], uint64_t a, uint64_t b, int sd) { wgmma::mma_s8<BN>(d, a, b, sd); };
+#if SVDQ_DIAGNOSTICS
+          if constexpr (kMc) {
+            for (int ki = 0; ki < p.n_main; ++ki)
+              consume_stage<C, true>(smem, full, empty, s, ph, wg, lane, iacc, ki > 0, mma, rank ^ 1);
+          } else
+#endif
+          for (int ki = 0; ki < p.n_main; ++ki) consume_stage<C>(smem, full, empty, s, ph, wg, lane, iacc, ki > 0, mma);
         } else {
           // One stage of MMAs in flight (as CUTLASS's sm90 main loops): stage k + 1's MMAs are issued before stage
           // k's are waited for, so the tensor cores never drain between stages (draining leaves them idle while
@@ -1004,8 +1026,10 @@ __global__ void __launch_bounds__(384, 1)
     // the last tile's TMA stores must have landed before the CTA exits
     if (tma_epi && (threadIdx.x & 127) == 0) bulk_wait<0>();
   }
+#if SVDQ_DIAGNOSTICS
   // kMc: neither CTA exits while the other may still arrive on its barriers
   if constexpr (kMc) cluster_sync();
+#endif
 #else
   __trap();  // built for another architecture: the host only launches this on sm_90a builds
 #endif
