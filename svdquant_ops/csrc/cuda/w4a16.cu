@@ -629,20 +629,26 @@ void launch_gemv_group_kernel(const W4a16Shape& s, const at::Tensor& x, const Ge
   debug_sync(stream, "w4a16_gemv_group_kernel");
 }
 
+// Whether a weight takes the lean kernel (kFull): full slices (K % 256 == 0 for 16-bit x) whose 4 scales / zeros per
+// row are one aligned vector. Diagnostics builds: SVDQUANT_OPS_W4A16_GENERIC=1 gives every weight the generic one.
+bool lean_gemv(int64_t G, at::ScalarType x_dtype, const at::Tensor& scales, const at::Tensor& zeros) {
+  const int64_t slice = x_dtype == at::kFloat ? slice_groups<float>() : slice_groups<c10::Half>();
+  const uintptr_t align = 4 * scales.element_size() - 1;
+  bool full = G % slice == 0 && (reinterpret_cast<uintptr_t>(scales.data_ptr()) & align) == 0 &&
+              (reinterpret_cast<uintptr_t>(zeros.data_ptr()) & align) == 0;
+#if SVDQ_DIAGNOSTICS
+  if (const char* v = std::getenv("SVDQUANT_OPS_W4A16_GENERIC")) {
+    if (v[0] == '1') full = false;
+  }
+#endif
+  return full;
+}
+
 template <typename XT, typename ST>
 void launch_gemv(const W4a16Shape& s, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                  const at::Tensor& zeros, const std::optional<at::Tensor>& bias, at::Tensor& out,
                  cudaStream_t stream) {
-  // Full slices (K % 256 == 0) whose 4 scales / zeros per row are one aligned vector: the lean kernel.
-  const uintptr_t align = 4 * sizeof(ST) - 1;
-  bool full = s.G % slice_groups<XT>() == 0 && (reinterpret_cast<uintptr_t>(scales.data_ptr()) & align) == 0 &&
-              (reinterpret_cast<uintptr_t>(zeros.data_ptr()) & align) == 0;
-#if SVDQ_DIAGNOSTICS
-  if (const char* v = std::getenv("SVDQUANT_OPS_W4A16_GENERIC")) {  // diagnostics: the generic kernel everywhere
-    if (v[0] == '1') full = false;
-  }
-#endif
-  if (full) {
+  if (lean_gemv(s.G, x.scalar_type(), scales, zeros)) {
     launch_gemv_kernel<XT, ST, true>(s, x, codes, scales, zeros, bias, out, stream);
   } else {
     launch_gemv_kernel<XT, ST, false>(s, x, codes, scales, zeros, bias, out, stream);
@@ -732,15 +738,8 @@ std::vector<at::Tensor> w4a16_linear_group_cuda(const at::Tensor& x, at::TensorL
   const auto xc = w4a16::contiguous_aligned(x);
   std::vector<at::Tensor> cc, sc, zc;  // contiguous operands, alive until the launches are enqueued
   std::vector<std::optional<at::Tensor>> bc;
-  // The lean (full-slice) kernel needs whole slices and 4 scales / zeros per row as one aligned vector; one launch
-  // runs one kernel, so a group whose weights differ in that runs one call per weight (the single op would pick
-  // another kernel for some of them, whose staging order differs).
-  bool full = G % (x.scalar_type() == at::kFloat ? w4a16::slice_groups<float>() : w4a16::slice_groups<c10::Half>()) == 0;
-#if SVDQ_DIAGNOSTICS
-  if (const char* v = std::getenv("SVDQUANT_OPS_W4A16_GENERIC")) {  // diagnostics: the generic kernel everywhere
-    if (v[0] == '1') full = false;
-  }
-#endif
+  // One launch runs one kernel (lean or generic, w4a16::lean_gemv): a group whose weights differ in that runs one
+  // call per weight (the single op would pick the other kernel for some of them, whose staging order differs).
   int n_full = 0;
   for (size_t i = 0; i < n; ++i) {
     cc.push_back(w4a16::contiguous_aligned(codes[i]));
@@ -748,15 +747,13 @@ std::vector<at::Tensor> w4a16_linear_group_cuda(const at::Tensor& x, at::TensorL
     zc.push_back(zeros[i].contiguous());
     const auto b = bias.get(i);
     bc.push_back(b.has_value() ? std::optional<at::Tensor>(b->contiguous()) : std::nullopt);
-    const uintptr_t align = 4 * scales[i].element_size() - 1;
-    n_full += (reinterpret_cast<uintptr_t>(sc[i].data_ptr()) & align) == 0 &&
-              (reinterpret_cast<uintptr_t>(zc[i].data_ptr()) & align) == 0;
+    n_full += w4a16::lean_gemv(G, x.scalar_type(), sc[i], zc[i]);
   }
-  if (full && n_full != 0 && n_full != static_cast<int>(n)) {
+  if (n_full != 0 && n_full != static_cast<int>(n)) {
     for (size_t i = 0; i < n; ++i) out.push_back(w4a16_linear_cuda(x, codes[i], scales[i], zeros[i], bias.get(i)));
     return out;
   }
-  full = full && n_full == static_cast<int>(n);
+  const bool full = n_full == static_cast<int>(n);
   // as few launches as the table allows, with about as many weights each
   const size_t launches = (n + w4a16::kGroupMax - 1) / w4a16::kGroupMax;
   const size_t per = (n + launches - 1) / launches;
