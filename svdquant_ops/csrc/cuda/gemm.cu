@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <string>
 
 #include "../checks.h"
 #include "../formats.h"
@@ -173,33 +174,28 @@ struct Variant {
 Variant diagnostic_variant() {
   Variant v;
   if (const char* e = std::getenv("SVDQUANT_OPS_GEMM_SCHEDULE"); e != nullptr && e[0] != '\0') {
-    if (std::strcmp(e, "skeleton") == 0) {
-      v.sched = sm90::kSkeleton;
-    } else if (std::strcmp(e, "skeleton192") == 0) {
-      v.sched = sm90::kSkeleton;
-      v.wide = true;
-    } else if (std::strcmp(e, "overlap") == 0) {
-      v.sched = sm90::kOverlap;
-    } else if (std::strcmp(e, "overlap3") == 0) {
-      v.sched = sm90::kOverlapDeep;
-    } else if (std::strcmp(e, "pingpong") == 0) {
-      v.sched = sm90::kPingPong;
-    } else if (std::strcmp(e, "promote-cvt") == 0) {
-      v.sched = sm90::kCvtMagic;
-    } else if (std::strcmp(e, "inflight") == 0) {
-      v.sched = sm90::kInflight;
-    } else if (std::strcmp(e, "halffeed") == 0) {
-      v.sched = sm90::kHalfFeed;
-    } else if (std::strcmp(e, "multicast") == 0) {
-      v.sched = sm90::kMulticast;
-    } else if (std::strcmp(e, "pingpong-auto") == 0) {
-      v.sched = sm90::kPingPong;
-      v.pingpong_auto = true;
-    } else {
-      TORCH_CHECK(std::strcmp(e, "promote") == 0, "SVDQUANT_OPS_GEMM_SCHEDULE: expected promote, skeleton, "
-                  "skeleton192, overlap, overlap3, pingpong, pingpong-auto, promote-cvt, inflight, halffeed or multicast, got '", e,
-                  "'");
+    struct Named {
+      const char* name;
+      int sched;
+      bool wide, pingpong_auto;
+    };
+    static constexpr Named kNames[] = {
+        {"promote", sm90::kPromote, false, false},      {"skeleton", sm90::kSkeleton, false, false},
+        {"skeleton192", sm90::kSkeleton, true, false},  {"overlap", sm90::kOverlap, false, false},
+        {"overlap3", sm90::kOverlapDeep, false, false}, {"pingpong", sm90::kPingPong, false, false},
+        {"pingpong-auto", sm90::kPingPong, false, true}, {"promote-cvt", sm90::kCvtMagic, false, false},
+        {"inflight", sm90::kInflight, false, false},    {"halffeed", sm90::kHalfFeed, false, false},
+        {"multicast", sm90::kMulticast, false, false}};
+    const Named* hit = nullptr;
+    std::string names;
+    for (const Named& n : kNames) {
+      if (std::strcmp(e, n.name) == 0) hit = &n;
+      names += names.empty() ? n.name : std::string(", ") + n.name;
     }
+    TORCH_CHECK(hit != nullptr, "SVDQUANT_OPS_GEMM_SCHEDULE: expected one of ", names, ", got '", e, "'");
+    v.sched = hit->sched;
+    v.wide = hit->wide;
+    v.pingpong_auto = hit->pingpong_auto;
   }
   const char* epi = std::getenv("SVDQUANT_OPS_GEMM_EPILOGUE");
   v.force_direct = epi != nullptr && (std::strcmp(epi, "direct") == 0 || std::strcmp(epi, "none") == 0);
