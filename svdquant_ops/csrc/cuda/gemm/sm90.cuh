@@ -199,6 +199,28 @@ __device__ __forceinline__ void consume_stage(uint8_t* smem, uint64_t* full, uin
 #endif
 }
 
+// The W4A8 main loops that keep stages of MMAs in flight (the diagnostics schedules kOverlap and kInflight): wait for
+// stage s, issue its four s8 K-steps into acc (the first one overwriting it where `first`), commit, advance the ring.
+// The caller waits for the MMAs and hands the stage back later.
+template <int BN, class C>
+__device__ __forceinline__ void issue_stage_s8(uint8_t* smem, uint64_t* full, int& s, uint32_t& ph, int wg,
+                                               int (&acc)[BN / 2], bool first) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  mbar_wait(&full[s], ph);
+  uint8_t* st = smem + s * C::STAGE;
+  const uint64_t da = desc_sw128(st + wg * 64 * 128), db = desc_sw128(st + C::A_BYTES);
+  fence_regs(acc);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) wgmma::mma_s8<BN>(acc, da + 2 * kk, db + 2 * kk, (!first || kk > 0) ? 1 : 0);
+  wgmma_commit();
+  if (++s == C::STAGES) {
+    s = 0;
+    ph ^= 1;
+  }
+#endif
+}
+
 // kKindW4a8Expand: unit u (32 4-bit codes of int8 row u / 4, quarter q = u % 4) times the multiplier m, written as
 // the row's 16-byte chunks 2q and 2q + 1 in the 128-byte swizzle TMA would give (chunk j of row r at j ^ (r % 8)).
 __host__ __device__ __forceinline__ void expand_unit_sw128(uint8_t* b, int u, const uint4 c, uint32_t m) {
@@ -788,18 +810,7 @@ __global__ void __launch_bounds__(384, 1)
         const float sa0 = p.ascale[m0 + r0], sa1 = p.ascale[m0 + r0 + 8];
         int rs = s;  // the oldest stage whose MMAs have not been waited for
         for (int ki = 0; ki < p.n_main; ++ki) {
-          mbar_wait(&full[s], ph);
-          uint8_t* st = smem + s * C::STAGE;
-          const uint64_t da = desc_sw128(st + wg * 64 * 128), db = desc_sw128(st + C::A_BYTES);
-          fence_regs(iacc);
-          wgmma_fence();
-#pragma unroll
-          for (int kk = 0; kk < 4; ++kk) wgmma::mma_s8<BN>(iacc, da + 2 * kk, db + 2 * kk, (ki > 0 || kk > 0) ? 1 : 0);
-          wgmma_commit();
-          if (++s == C::STAGES) {
-            s = 0;
-            ph ^= 1;
-          }
+          issue_stage_s8<BN, C>(smem, full, s, ph, wg, iacc, ki == 0);
           if (ki == kLag && pm0 >= 0) epilogue();
           if (ki >= kLag) {
             wgmma_wait<kLag>();
@@ -958,18 +969,7 @@ __global__ void __launch_bounds__(384, 1)
           // slot less of look-ahead. Integer sums: bit-equal to the draining loop.
           int rs = s;  // the oldest stage not yet released
           for (int ki = 0; ki < p.n_main; ++ki) {
-            mbar_wait(&full[s], ph);
-            uint8_t* st = smem + s * C::STAGE;
-            const uint64_t da = desc_sw128(st + wg * 64 * 128), db = desc_sw128(st + C::A_BYTES);
-            fence_regs(iacc);
-            wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < 4; ++kk) wgmma::mma_s8<BN>(iacc, da + 2 * kk, db + 2 * kk, (ki > 0 || kk > 0) ? 1 : 0);
-            wgmma_commit();
-            if (++s == C::STAGES) {
-              s = 0;
-              ph ^= 1;
-            }
+            issue_stage_s8<BN, C>(smem, full, s, ph, wg, iacc, ki == 0);
             if (ki > 0) {
               wgmma_wait<1>();
               if (lane == 0) mbar_arrive(&empty[rs]);
