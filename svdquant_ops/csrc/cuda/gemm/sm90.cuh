@@ -201,7 +201,8 @@ __device__ __forceinline__ void consume_stage(uint8_t* smem, uint64_t* full, uin
 
 // The W4A8 main loops that keep stages of MMAs in flight (the diagnostics schedules kOverlap and kInflight): wait for
 // stage s, issue its four s8 K-steps into acc (the first one overwriting it where `first`), commit, advance the ring.
-// The caller waits for the MMAs and hands the stage back later.
+// The caller waits for the MMAs and hands the stage back later. (consume_stage starts the same way; built on this
+// helper, the shipped W4A8 and NVFP4 kernels' SASS changes, so it stays written out.)
 template <int BN, class C>
 __device__ __forceinline__ void issue_stage_s8(uint8_t* smem, uint64_t* full, int& s, uint32_t& ph, int wg,
                                                int (&acc)[BN / 2], bool first) {
