@@ -161,10 +161,11 @@ def _configs() -> dict[str, Config]:
             name = f"w4a8-compile{sfx}-{sched}"
             out[name] = Config(name, "w4a8", True, mode, gemm_schedule=sched)
     # ... and with q/k/v fused, beside the shipped w4a8-compile[-ro]-fused: the main loop with one stage of MMAs in
-    # flight (inflight, bit-equal)
-    for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
-        name = f"w4a8-compile{sfx}-fused-inflight"
-        out[name] = Config(name, "w4a8", True, mode, gemm_schedule="inflight", fuse_qkv=True)
+    # flight (inflight), 2-CTA clusters sharing each activation tile by TMA multicast (multicast); both bit-equal
+    for sched in ("inflight", "multicast"):
+        for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
+            name = f"w4a8-compile{sfx}-fused-{sched}"
+            out[name] = Config(name, "w4a8", True, mode, gemm_schedule=sched, fuse_qkv=True)
     # Extra: q/k/v of each attention as one linear (fuse_qkv), for every weight format, so that the fused rows
     # compare with each other as the plain rows do
     for w in ("bf16", "fp8", "w4a8", "int4"):
