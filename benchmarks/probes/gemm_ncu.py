@@ -29,7 +29,9 @@ def main():
     M, N, K = (int(v) for v in args.shape.split(","))
     if not torch.cuda.is_available():
         raise SystemExit("gemm_ncu.py needs a CUDA GPU")
-    import svdquant_ops  # noqa: F401  (loads the op library)
+    import svdquant_ops.ops
+
+    svdquant_ops.ops.load()  # the op library (JIT or cached build): registers torch.ops.svdquant
 
     dev = "cuda"
     g = torch.Generator().manual_seed(5)
