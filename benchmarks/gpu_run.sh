@@ -33,7 +33,7 @@
 #               FLUX_ARGS="--configs w4a8-compile,nunchaku-w4a8-compile --timeout 420 --budget 480 --tag nunchaku".
 #               With SVDQUANT_OPS_GEMM_SCHEDULE set (e.g. overlap), the diagnostics build runs that schedule;
 #               the rows w4a8-compile[-ro]-{overlap,overlap3,pingpong,pingpong-auto,promote-cvt,inflight} and
-#               w4a8-compile[-ro]-fused-inflight run it for their own process only, beside shipped rows.
+#               w4a8-compile[-ro]-fused-{inflight,multicast} run it for their own process only, beside shipped rows.
 #     probe     benchmarks/probes/overlap_probe.cu: tensor-core vs FP32 promotion overlap (HISTORY.md, session 4)
 #     regaprobe benchmarks/probes/w4a8_rega_probe.cu: W4A8 weights expanded in the consumers' registers (wgmma's
 #               register A operand) against today's shared-memory int8 weights, exact check and times
