@@ -306,7 +306,7 @@ def schedule_ab(dev, rep_ms, sched):
     (CUDA graph) and per-step times."""
     ops = torch.ops.svdquant
     g = torch.Generator().manual_seed(8)
-    compared = {**OTHER_SCHEDULES, **PAIR_SCHEDULES}
+    compared = {**OTHER_SCHEDULES, **PAIR_SCHEDULES, **RING_SCHEDULES}
     exact = compared[sched][1] if sched in compared else None  # None: wrong results by design
     tot = {"promote": 0.0, sched: 0.0}
     bad = 0
@@ -514,7 +514,9 @@ def tile_overhead(dev, precisions):
     ceil(tiles / SMs) (persistent grid) and stages = K / 128. Fitted over K at M = 4608, N = 3072 (864 tiles, 7
     rounds on 132 SMs), for R = 0 / 32 and each epilogue (SVDQUANT_OPS_GEMM_EPILOGUE: tma, direct, none = no stores,
     a diagnostic); for W4A8 also SVDQUANT_OPS_GEMM_SCHEDULE=halffeed (each main-loop stage loads only the weight
-    tile: if the per-stage cost drops toward 512 cycles, the operand feed limits the main loop)."""
+    tile: if the per-stage cost drops toward 512 cycles, the operand feed limits the main loop) and ring4 / ring5 /
+    ring7 (rings of 4 / 5 / 7 stages, 7 with the direct epilogue only: if the per-stage cost falls as the ring
+    deepens, the loop waits on load latency; if it stays, on the feed's throughput)."""
     import numpy as np
 
     g = torch.Generator().manual_seed(3)
@@ -524,6 +526,8 @@ def tile_overhead(dev, precisions):
     Ks = [1536, 3072, 6144, 12288]
     runs = [(p, R, e, "promote") for p in precisions for R in (0, 32) for e in ("tma", "direct", "none")]
     runs += [("w4a8", 32, e, "halffeed") for e in ("tma", "none") if "w4a8" in precisions]
+    runs += [("w4a8", 32, e, r) for r, e in (("ring4", "tma"), ("ring5", "tma"), ("ring7", "direct"))
+             if "w4a8" in precisions]
     for prec, R, epi, sched in runs:
         os.environ["SVDQUANT_OPS_GEMM_EPILOGUE"] = epi
         os.environ["SVDQUANT_OPS_GEMM_SCHEDULE"] = sched
@@ -630,6 +634,10 @@ TIMING_SCHEDULES = {"halffeed": 8}
 # run promote): multicast runs 2-CTA clusters whose two tiles share rows, each CTA loading half of the activation tile
 # for both
 PAIR_SCHEDULES = {"multicast": (9, True)}
+# The shipped schedule with a ring of 4 / 5 / 7 stages instead of 6 (bit-equal; ring7 leaves no room for the epilogue
+# buffer, so it stores directly from registers): whether the main loop waits on load latency or on the feed's
+# throughput (--schedule-ab, --tile-overhead)
+RING_SCHEDULES = {"ring4": (10, True), "ring5": (11, True), "ring7": (12, True)}
 
 
 def schedule_close(ref: torch.Tensor, out: torch.Tensor) -> tuple[bool, float]:
@@ -751,15 +759,18 @@ def main():
                     "library chooses (SVDQUANT_OPS_CUDA_W4A8_NEXT), against gemm with its prep; per-call and per-step "
                     "times")
     ap.add_argument("--schedule-ab", metavar="SCHEDULE",
-                    choices=sorted({*OTHER_SCHEDULES, *TIMING_SCHEDULES, *PAIR_SCHEDULES}),
+                    choices=sorted({*OTHER_SCHEDULES, *TIMING_SCHEDULES, *PAIR_SCHEDULES, *RING_SCHEDULES}),
                     help="only W4A8's gemm on a FLUX.1 step's GEMMs (and edge cases) under the shipped schedule "
-                    "against SVDQUANT_OPS_GEMM_SCHEDULE=SCHEDULE (e.g. inflight, multicast; halffeed: times only): "
+                    "against SVDQUANT_OPS_GEMM_SCHEDULE=SCHEDULE (e.g. inflight, multicast, ring5; ring7 stores directly, "
+                    "so its times include the direct epilogue; halffeed: times only): "
                     "outputs compared, per-call and per-step times (needs SVDQUANT_OPS_DIAGNOSTICS=1)")
     ap.add_argument("--gemm-only", action="store_true", help="only time gemm at M=4608 per --schedules "
                     "(needs SVDQUANT_OPS_DIAGNOSTICS=1 unless --schedules is just promote)")
     ap.add_argument("--tile-overhead", action="store_true", help="only the sm90 GEMM kernel's time (no prep) at "
                     "M=4608, N=3072 over K, R and epilogue, fit as per-tile fixed cost + per-stage cost "
                     "(needs SVDQUANT_OPS_DIAGNOSTICS=1)")
+    ap.add_argument("--tile-w4a8-only", action="store_true", help="--tile-overhead: W4A8 only (its schedules and "
+                    "ring depths), not INT4")
     ap.add_argument("--wprep", action="store_true", help="only W4A8's gemm with the weights expanded by the prep "
                     "kernel against expanded inside the GEMM (SVDQUANT_OPS_GEMM_WPREP=kernel): bit-equal outputs, "
                     "times (needs SVDQUANT_OPS_DIAGNOSTICS=1)")
@@ -894,7 +905,7 @@ def main():
             log(" | ".join(row))
         return
     if args.tile_overhead:
-        tile_overhead(dev, ["w4a8", "int4"])
+        tile_overhead(dev, ["w4a8"] if args.tile_w4a8_only else ["w4a8", "int4"])
         return
     if args.wprep:
         wprep_compare(dev, args.rep_ms, args.quick)

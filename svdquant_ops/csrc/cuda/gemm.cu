@@ -162,7 +162,9 @@ struct Variant {
 //     bit-equal); halffeed is the shipped W4A8 schedule whose main-loop stages load only the weight tile (wrong
 //     results: the speed with half the operand feed, sm90::kHalfFeed); multicast is the shipped W4A8 schedule on
 //     clusters of two CTAs whose tiles share their rows, each loading half of the activation tile for both
-//     (sm90::kMulticast; bit-equal; calls with an odd number of column tiles run the shipped one);
+//     (sm90::kMulticast; bit-equal; calls with an odd number of column tiles run the shipped one); ring4 / ring5 /
+//     ring7 are the shipped W4A8 schedule with a ring of 4 / 5 / 7 stages instead of 6 (sm90::kRing*; bit-equal;
+//     ring7 has no room for the epilogue buffer and stores directly);
 //   SVDQUANT_OPS_GEMM_EPILOGUE = tma (default) | direct | none: force the register -> global epilogue, or skip the
 //     stores (wrong results; splits a tile's time between main loop and stores);
 //   SVDQUANT_OPS_GEMM_WPREP = prep (default) | kernel | kernel-nomult | kernel-noexpand | kernel-nostore |
@@ -185,7 +187,8 @@ Variant diagnostic_variant() {
         {"overlap3", sm90::kOverlapDeep, false, false}, {"pingpong", sm90::kPingPong, false, false},
         {"pingpong-auto", sm90::kPingPong, false, true}, {"promote-cvt", sm90::kCvtMagic, false, false},
         {"inflight", sm90::kInflight, false, false},    {"halffeed", sm90::kHalfFeed, false, false},
-        {"multicast", sm90::kMulticast, false, false}};
+        {"multicast", sm90::kMulticast, false, false},  {"ring4", sm90::kRing4, false, false},
+        {"ring5", sm90::kRing5, false, false},          {"ring7", sm90::kRing7, false, false}};
     const Named* hit = nullptr;
     std::string names;
     for (const Named& n : kNames) {
@@ -411,7 +414,7 @@ sm90::Params sm90_params(const GemmShape& s, const Sm90Plan& pl, const PrepArgs&
 
 template <int BN, int kKind, int kSched, bool kStore>
 void launch_sm90(const TensorMaps& m, const sm90::Params& p, cudaStream_t stream) {
-  using C = sm90::Cfg<BN, kKind>;
+  using C = sm90::Cfg<BN, kKind, sm90::ring_stages(kSched)>;
   auto kernel = sm90::gemm_kernel<BN, kKind, kSched, kStore>;
   static PerDeviceOnce smem_attr;  // per instantiation and device, on its first (eager) call
   set_max_dynamic_smem(smem_attr, kernel, C::SMEM);
@@ -497,6 +500,12 @@ void launch_variant(Precision precision, [[maybe_unused]] const Variant& v, cons
     launch_sm90<128, sm90::kKindW4a8, sm90::kInflight, kStore>(m, p, stream);
   } else if (precision == Precision::kW4a8 && v.sched == sm90::kHalfFeed) {
     launch_sm90<128, sm90::kKindW4a8, sm90::kHalfFeed, kStore>(m, p, stream);
+  } else if (precision == Precision::kW4a8 && v.sched == sm90::kRing4) {
+    launch_sm90<128, sm90::kKindW4a8, sm90::kRing4, kStore>(m, p, stream);
+  } else if (precision == Precision::kW4a8 && v.sched == sm90::kRing5) {
+    launch_sm90<128, sm90::kKindW4a8, sm90::kRing5, kStore>(m, p, stream);
+  } else if (precision == Precision::kW4a8 && v.sched == sm90::kRing7) {
+    launch_sm90<128, sm90::kKindW4a8, sm90::kRing7, kStore>(m, p, stream);
   } else if (precision == Precision::kW4a8 && v.sched == sm90::kMulticast && p.n_tiles % 2 == 0 &&
              launch_sm90_pairs<sm90::kMulticast, kStore>(m, p, stream)) {
     // (launched; where no 2-CTA cluster fits, the shipped schedule below)
@@ -546,9 +555,11 @@ bool run_sm90(const GemmShape& s, const Operands& o, bool act_unsigned, at::Tens
   if (weight != nullptr) v.w4_expand = false;  // gemm_expanded: the weight is given expanded
   const bool always_stores = v.sched == sm90::kOverlap || v.sched == sm90::kOverlapDeep || v.sched == sm90::kPingPong;
   const bool w4a8_only = always_stores || v.sched == sm90::kCvtMagic || v.sched == sm90::kInflight ||
-                         v.sched == sm90::kHalfFeed || v.sched == sm90::kMulticast;
+                         v.sched == sm90::kHalfFeed || v.sched == sm90::kMulticast ||
+                         sm90::ring_stages(v.sched) != 0;
   TORCH_CHECK(!w4a8_only || (s.precision == Precision::kW4a8 && !v.w4_expand),
-              "SVDQUANT_OPS_GEMM_SCHEDULE=overlap[3] / pingpong[-auto] / promote-cvt / inflight / halffeed / multicast: a W4A8 "
+              "SVDQUANT_OPS_GEMM_SCHEDULE=overlap[3] / pingpong[-auto] / promote-cvt / inflight / halffeed / multicast / "
+              "ring4 / ring5 / ring7: a W4A8 "
               "schedule (with "
               "SVDQUANT_OPS_GEMM_WPREP=prep), but this call is ",
               s.precision == Precision::kW4a8 ? "W4A8 with the in-kernel expansion" : "not W4A8");

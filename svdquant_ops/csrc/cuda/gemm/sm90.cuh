@@ -38,7 +38,9 @@ constexpr int BM = 128;
 // inkernel-expand.md). Kept as the baseline for an expansion in the consumers' registers.
 enum Kind : int { kKindInt4 = 0, kKindNvfp4 = 1, kKindW4a8 = 2, kKindW4a8Expand = 3 };
 
-template <int BN, int kKind>
+// kRing (diagnostics schedules kRing4 / kRing5 / kRing7): the ring's depth instead of the shipped one; 7 W4A8 stages
+// leave no room for the epilogue buffer, so that variant stores directly from registers.
+template <int BN, int kKind, int kRing = 0>
 struct Cfg {
   static constexpr bool kScales = kKind == kKindInt4;  // only INT4 streams group scales with its stages
   static constexpr int A_BYTES = BM * 128;
@@ -53,9 +55,9 @@ struct Cfg {
   // 128-byte swizzle), go through a buffer of their own so the stores drain while the next tile's main loop runs
   // (staging them in a pipeline stage instead made every tile wait for its stores to read it: +2.4 us per tile).
   static constexpr int C_BOX = 64 * 128;
-  static constexpr int EPI_BYTES = BN == 128 ? 2 * 2 * C_BOX : 0;
+  static constexpr int EPI_BYTES = BN == 128 && kRing <= 6 ? 2 * 2 * C_BOX : 0;
   // as many stages as fit next to the epilogue buffer in 227 KB: INT4 5 x 35 KB, W4A8 / NVFP4 6 x 32 KB
-  static constexpr int STAGES = BN == 192 ? 5 : (kScales ? 5 : 6);
+  static constexpr int STAGES = kRing > 0 ? kRing : (BN == 192 ? 5 : (kScales ? 5 : 6));
   static constexpr int EPI_OFF = STAGES * STAGE;
   static constexpr int BAR_OFF = EPI_OFF + EPI_BYTES;
   // kKindW4a8Expand: the tile's 4-bit codes (BN rows x 64 bytes) land in the upper half of the stage's weight buffer
@@ -161,8 +163,20 @@ enum Schedule : int {
                      // activation tile is whatever the stage held): the speed with half the operand feed
   kMulticast = 9,    // kPromote for W4A8 on clusters of 2 CTAs: the two tiles of a cluster share their rows, and
                      // each CTA loads half of the shared activation tile, multicast to both (bit-equal)
+  kRing4 = 10,       // kPromote for W4A8 with a ring of 4 / 5 / 7 stages instead of 6 (bit-equal; 7: direct
+  kRing5 = 11,       // epilogue): whether the main loop waits on load latency (a deeper ring runs faster) or on
+  kRing7 = 12,       // the feed's throughput (the depth does not matter)
 #endif
 };
+
+// The ring depth a schedule asks for (0: Cfg's own).
+constexpr int ring_stages(int sched) {
+#if SVDQ_DIAGNOSTICS
+  return sched == kRing4 ? 4 : (sched == kRing5 ? 5 : (sched == kRing7 ? 7 : 0));
+#else
+  return sched * 0;
+#endif
+}
 
 #if SVDQ_DIAGNOSTICS
 // The overlapped schedules' lag: MMA batches (one pipeline stage each) that may be in flight when the next is
@@ -406,7 +420,7 @@ __global__ void __launch_bounds__(384, 1)
                 const __grid_constant__ CUtensorMap tmC, const Params p) {
   static_assert(kStore || SVDQ_DIAGNOSTICS, "the no-store epilogue exists in diagnostics builds only");
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using C = Cfg<BN, kKind>;
+  using C = Cfg<BN, kKind, ring_stages(kSched)>;
   constexpr bool kFp8 = kKind == kKindInt4;
   constexpr bool kExp = kKind == kKindW4a8Expand;
   constexpr bool kI8 = kKind == kKindW4a8 || kExp;
@@ -419,6 +433,7 @@ __global__ void __launch_bounds__(384, 1)
   static_assert(kSched != kInflight || kKind == kKindW4a8, "the in-flight main loop is W4A8's");
   static_assert(kSched != kHalfFeed || kKind == kKindW4a8, "the half-feed diagnostic is W4A8's");
   static_assert(kSched != kMulticast || (kKind == kKindW4a8 && BN == 128), "the multicast schedule is W4A8's");
+  static_assert(ring_stages(kSched) == 0 || (kKind == kKindW4a8 && BN == 128), "the ring-depth schedules are W4A8's");
   constexpr bool kHalf = kSched == kHalfFeed;
   constexpr bool kMc = kSched == kMulticast;
 #else
@@ -649,7 +664,7 @@ __global__ void __launch_bounds__(384, 1)
     const int tq = lane & 3;
     const int r0 = wg * 64 + warp * 16 + (lane >> 2);
     const ConsumerLane cl{wg, warp, lane, tq, r0};
-    const bool tma_epi = BN == 128 && p.tma_store;
+    const bool tma_epi = BN == 128 && C::EPI_BYTES > 0 && p.tma_store;
     float acc[BN / 2];
     float tmp0[BN / 2];
     float tmp1[BN / 2];
