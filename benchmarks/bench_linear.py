@@ -806,6 +806,8 @@ def main():
         needs.append(f"--schedule-ab (SVDQUANT_OPS_GEMM_SCHEDULE={args.schedule_ab})")
     if args.tile_overhead:
         needs.append("--tile-overhead (SVDQUANT_OPS_GEMM_EPILOGUE=direct|none)")
+    if args.tile_w4a8_only and not args.tile_overhead:
+        raise SystemExit("--tile-w4a8-only: only with --tile-overhead")
     qa_knobs = [k for k in ("SVDQUANT_OPS_QA_CFG", "SVDQUANT_OPS_QA_SPLITS") if os.environ.get(k)]
     if qa_knobs:
         needs.append(" / ".join(qa_knobs) + " (quantize_act configurations)")

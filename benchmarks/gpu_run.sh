@@ -13,7 +13,14 @@
 #               with its K split where M is small off and on (SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT=0 / 1): equal
 #               outputs, per-shape and per-step times
 #     tiles     bench_linear.py --tile-overhead (GEMM kernel time split into per-tile fixed + per-stage cost; W4A8
-#               also with half the operand feed, SVDQUANT_OPS_GEMM_SCHEDULE=halffeed)
+#               also with half the operand feed, SVDQUANT_OPS_GEMM_SCHEDULE=halffeed, and rings of 4 / 5 / 7 stages)
+#     ring      the diagnostics build alone, then bench_linear.py --tile-overhead --tile-w4a8-only (W4A8's per-stage
+#               cost with rings of 4 / 5 / 6 / 7 stages: latency-bound or throughput-bound) and --schedule-ab ring5
+#               (bit-equality, per-shape times)                                                 [diagnostics build]
+#     ncu       the diagnostics build alone, then Nsight Compute on one W4A8 GEMM per schedule in NCU_SCHEDULES
+#               (default promote halffeed ring7) and on torchao's fp8 GEMM (cuBLAS), at NCU_SHAPE (default
+#               4096,9216,3072): speed of light, warp stall reasons, shared-memory bank use; $OUT/ncu_*.txt
+#                                                                                                 [diagnostics build]
 #                                                                                                 [diagnostics build]
 #     overlap   bench_linear.py --overlap: W4A8 gemm, shipped schedule vs SVDQUANT_OPS_GEMM_SCHEDULE=overlap and
 #               overlap3 (epilogue under the next tile's MMAs, 2 / 3 stages in flight; bit-equal check), pingpong
@@ -134,6 +141,26 @@ for step in "$@"; do
     w4a16grid) SVDQUANT_OPS_DIAGNOSTICS=1 python3 benchmarks/bench_w4a16.py --grid-sweep ${W4A16_ARGS:-} ;;
     w4a16group) python3 -m pytest -q -p no:cacheprovider -rfE tests/test_cuda_w4a16.py -k group
                 python3 benchmarks/bench_w4a16.py --group-ab ;;
+    ring)  # the diagnostics build first, in a process of its own (over 170 s on a fresh machine)
+      SVDQUANT_OPS_DIAGNOSTICS=1 python3 -c "import svdquant_ops.ops as o; o.load()"
+      SVDQUANT_OPS_DIAGNOSTICS=1 python3 benchmarks/bench_linear.py --tile-overhead --tile-w4a8-only
+      SVDQUANT_OPS_DIAGNOSTICS=1 python3 benchmarks/bench_linear.py --schedule-ab ring5 --rep-ms 10 ;;
+    ncu)  # build first: under ncu the JIT build runs past any sensible timeout
+      SVDQUANT_OPS_DIAGNOSTICS=1 python3 -c "import svdquant_ops.ops as o; o.load()"
+      ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+      stalls='regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio'
+      banks=l1tex__data_bank_reads.avg.pct_of_peak_sustained_elapsed,l1tex__data_bank_writes.avg.pct_of_peak_sustained_elapsed
+      for v in ${NCU_SCHEDULES:-promote halffeed ring7} fp8; do
+        if [[ $v == fp8 ]]; then k=nvjet; extra=--fp8; sched=promote; else k=gemm_kernel; extra=; sched=$v; fi
+        SVDQUANT_OPS_DIAGNOSTICS=1 SVDQUANT_OPS_GEMM_SCHEDULE=$sched timeout 90 "$ncu" --clock-control none \
+          -k "regex:$k" --launch-skip 1 --launch-count 1 --section SpeedOfLight --section WarpStateStats \
+          --metrics "$stalls,$banks" python3 benchmarks/probes/gemm_ncu.py --shape "${NCU_SHAPE:-4096,9216,3072}" \
+          $extra > "${OUT:-/tmp}/ncu_$v.txt" 2>&1 || echo "ncu $v: exit $?"
+        echo "== ncu $v"
+        grep -E "Duration|SM Frequency|L1/TEX Cache|L2 Cache Th|Compute \(SM\)|Warp Cycles Per Issued|data_bank" \
+          "${OUT:-/tmp}/ncu_$v.txt" | cut -c1-140 || true
+        grep -E "issue_stalled" "${OUT:-/tmp}/ncu_$v.txt" | awk '{ if ($NF + 0 > 0.05) print $1, $NF }' || true
+      done ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

@@ -11,6 +11,7 @@ Usage on the GPU machine (the schedule comes from SVDQUANT_OPS_GEMM_SCHEDULE, di
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -29,6 +30,10 @@ def main():
     M, N, K = (int(v) for v in args.shape.split(","))
     if not torch.cuda.is_available():
         raise SystemExit("gemm_ncu.py needs a CUDA GPU")
+    sched = os.environ.get("SVDQUANT_OPS_GEMM_SCHEDULE", "promote")
+    if sched != "promote" and os.environ.get("SVDQUANT_OPS_DIAGNOSTICS") != "1":
+        raise SystemExit(f"SVDQUANT_OPS_GEMM_SCHEDULE={sched} needs the diagnostics build: set "
+                         "SVDQUANT_OPS_DIAGNOSTICS=1 (a normal build runs the shipped schedule)")
     import svdquant_ops.ops
 
     svdquant_ops.ops.load()  # the op library (JIT or cached build): registers torch.ops.svdquant

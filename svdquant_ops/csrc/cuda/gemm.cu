@@ -430,7 +430,7 @@ void launch_sm90(const TensorMaps& m, const sm90::Params& p, cudaStream_t stream
 // Returns false where no cluster of two fits or the driver cannot say now: the caller runs the shipped schedule.
 template <int kSched, bool kStore>
 bool launch_sm90_pairs(const TensorMaps& m, const sm90::Params& p, cudaStream_t stream) {
-  using C = sm90::Cfg<128, sm90::kKindW4a8>;
+  using C = sm90::Cfg<128, sm90::kKindW4a8, sm90::ring_stages(kSched)>;
   auto kernel = sm90::gemm_kernel<128, sm90::kKindW4a8, kSched, kStore>;
   static PerDeviceOnce smem_attr;
   set_max_dynamic_smem(smem_attr, kernel, C::SMEM);
