@@ -514,7 +514,8 @@ def tile_overhead(dev, precisions):
     ceil(tiles / SMs) (persistent grid) and stages = K / 128. Fitted over K at M = 4608, N = 3072 (864 tiles, 7
     rounds on 132 SMs), for R = 0 / 32 and each epilogue (SVDQUANT_OPS_GEMM_EPILOGUE: tma, direct, none = no stores,
     a diagnostic); for W4A8 also SVDQUANT_OPS_GEMM_SCHEDULE=halffeed (each main-loop stage loads only the weight
-    tile: if the per-stage cost drops toward 512 cycles, the operand feed limits the main loop) and ring4 / ring5 /
+    tile: if the per-stage cost drops toward 512 cycles, the operand feed limits the main loop), halffeed-act (only
+    the activation tile: the same bytes, so the same drop if the bytes count and not the operand) and ring4 / ring5 /
     ring7 (rings of 4 / 5 / 7 stages, 7 with the direct epilogue only: if the per-stage cost falls as the ring
     deepens, the loop waits on load latency; if it stays, on the feed's throughput)."""
     import numpy as np
@@ -526,6 +527,7 @@ def tile_overhead(dev, precisions):
     Ks = [1536, 3072, 6144, 12288]
     runs = [(p, R, e, "promote") for p in precisions for R in (0, 32) for e in ("tma", "direct", "none")]
     runs += [("w4a8", 32, e, "halffeed") for e in ("tma", "none") if "w4a8" in precisions]
+    runs += [("w4a8", 32, "tma", "halffeed-act")] if "w4a8" in precisions else []
     runs += [("w4a8", 32, e, r) for r, e in (("ring4", "tma"), ("ring5", "tma"), ("ring7", "direct"))
              if "w4a8" in precisions]
     for prec, R, epi, sched in runs:
@@ -628,8 +630,9 @@ def gemm_kernel_names(fn) -> set[str]:
 OTHER_SCHEDULES = {"overlap": (3, True), "overlap3": (4, True), "pingpong": (5, False), "promote-cvt": (6, True),
                    "inflight": (7, True)}
 # Diagnostics that compute wrong results by design, timed only (--schedule-ab, --tile-overhead): halffeed loads only the
-# weight tile per main-loop stage (half the operand feed), so its speed tells whether the feed limits the main loop
-TIMING_SCHEDULES = {"halffeed": 8}
+# weight tile per main-loop stage (half the operand feed), so its speed tells whether the feed limits the main loop;
+# halffeed-act loads only the activation tile (the same bytes: if it is as fast, the bytes count, not the operand)
+TIMING_SCHEDULES = {"halffeed": 8, "halffeed-act": 13}
 # Compared with promote by --schedule-ab only (bit-equal), as they need an even number of column tiles (the other calls
 # run promote): multicast runs 2-CTA clusters whose two tiles share rows, each CTA loading half of the activation tile
 # for both

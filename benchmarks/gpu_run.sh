@@ -13,9 +13,11 @@
 #               with its K split where M is small off and on (SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT=0 / 1): equal
 #               outputs, per-shape and per-step times
 #     tiles     bench_linear.py --tile-overhead (GEMM kernel time split into per-tile fixed + per-stage cost; W4A8
-#               also with half the operand feed, SVDQUANT_OPS_GEMM_SCHEDULE=halffeed, and rings of 4 / 5 / 7 stages)
+#               also with half the operand feed, SVDQUANT_OPS_GEMM_SCHEDULE=halffeed / halffeed-act, and rings of
+#               4 / 5 / 7 stages)
 #     ring      the diagnostics build alone, then bench_linear.py --tile-overhead --tile-w4a8-only (W4A8's per-stage
-#               cost with rings of 4 / 5 / 6 / 7 stages: latency-bound or throughput-bound) and --schedule-ab ring5
+#               cost with rings of 4 / 5 / 6 / 7 stages: latency-bound or throughput-bound; halffeed and its mirror
+#               halffeed-act: the bytes or the operand) and --schedule-ab ring5
 #               (bit-equality, per-shape times)                                                 [diagnostics build]
 #     ncu       the diagnostics build alone, then Nsight Compute on one W4A8 GEMM per schedule in NCU_SCHEDULES
 #               (default promote halffeed ring7) and on torchao's fp8 GEMM (cuBLAS), at NCU_SHAPE (default

@@ -164,7 +164,8 @@ struct Variant {
 //     clusters of two CTAs whose tiles share their rows, each loading half of the activation tile for both
 //     (sm90::kMulticast; bit-equal; calls with an odd number of column tiles run the shipped one); ring4 / ring5 /
 //     ring7 are the shipped W4A8 schedule with a ring of 4 / 5 / 7 stages instead of 6 (sm90::kRing*; bit-equal;
-//     ring7 has no room for the epilogue buffer and stores directly);
+//     ring7 has no room for the epilogue buffer and stores directly); halffeed-act is halffeed's mirror, the main-loop
+//     stages loading only the activation tile (sm90::kHalfFeedAct; wrong results);
 //   SVDQUANT_OPS_GEMM_EPILOGUE = tma (default) | direct | none: force the register -> global epilogue, or skip the
 //     stores (wrong results; splits a tile's time between main loop and stores);
 //   SVDQUANT_OPS_GEMM_WPREP = prep (default) | kernel | kernel-nomult | kernel-noexpand | kernel-nostore |
@@ -188,7 +189,8 @@ Variant diagnostic_variant() {
         {"pingpong-auto", sm90::kPingPong, false, true}, {"promote-cvt", sm90::kCvtMagic, false, false},
         {"inflight", sm90::kInflight, false, false},    {"halffeed", sm90::kHalfFeed, false, false},
         {"multicast", sm90::kMulticast, false, false},  {"ring4", sm90::kRing4, false, false},
-        {"ring5", sm90::kRing5, false, false},          {"ring7", sm90::kRing7, false, false}};
+        {"ring5", sm90::kRing5, false, false},          {"ring7", sm90::kRing7, false, false},
+        {"halffeed-act", sm90::kHalfFeedAct, false, false}};
     const Named* hit = nullptr;
     std::string names;
     for (const Named& n : kNames) {
@@ -500,6 +502,8 @@ void launch_variant(Precision precision, [[maybe_unused]] const Variant& v, cons
     launch_sm90<128, sm90::kKindW4a8, sm90::kInflight, kStore>(m, p, stream);
   } else if (precision == Precision::kW4a8 && v.sched == sm90::kHalfFeed) {
     launch_sm90<128, sm90::kKindW4a8, sm90::kHalfFeed, kStore>(m, p, stream);
+  } else if (precision == Precision::kW4a8 && v.sched == sm90::kHalfFeedAct) {
+    launch_sm90<128, sm90::kKindW4a8, sm90::kHalfFeedAct, kStore>(m, p, stream);
   } else if (precision == Precision::kW4a8 && v.sched == sm90::kRing4) {
     launch_sm90<128, sm90::kKindW4a8, sm90::kRing4, kStore>(m, p, stream);
   } else if (precision == Precision::kW4a8 && v.sched == sm90::kRing5) {
@@ -555,10 +559,10 @@ bool run_sm90(const GemmShape& s, const Operands& o, bool act_unsigned, at::Tens
   if (weight != nullptr) v.w4_expand = false;  // gemm_expanded: the weight is given expanded
   const bool always_stores = v.sched == sm90::kOverlap || v.sched == sm90::kOverlapDeep || v.sched == sm90::kPingPong;
   const bool w4a8_only = always_stores || v.sched == sm90::kCvtMagic || v.sched == sm90::kInflight ||
-                         v.sched == sm90::kHalfFeed || v.sched == sm90::kMulticast ||
+                         v.sched == sm90::kHalfFeed || v.sched == sm90::kHalfFeedAct || v.sched == sm90::kMulticast ||
                          sm90::ring_stages(v.sched) != 0;
   TORCH_CHECK(!w4a8_only || (s.precision == Precision::kW4a8 && !v.w4_expand),
-              "SVDQUANT_OPS_GEMM_SCHEDULE=overlap[3] / pingpong[-auto] / promote-cvt / inflight / halffeed / multicast / "
+              "SVDQUANT_OPS_GEMM_SCHEDULE=overlap[3] / pingpong[-auto] / promote-cvt / inflight / halffeed[-act] / multicast / "
               "ring4 / ring5 / ring7: a W4A8 "
               "schedule (with "
               "SVDQUANT_OPS_GEMM_WPREP=prep), but this call is ",

@@ -166,6 +166,8 @@ enum Schedule : int {
   kRing4 = 10,       // kPromote for W4A8 with a ring of 4 / 5 / 7 stages instead of 6 (bit-equal; 7: direct
   kRing5 = 11,       // epilogue): whether the main loop waits on load latency (a deeper ring runs faster) or on
   kRing7 = 12,       // the feed's throughput (the depth does not matter)
+  kHalfFeedAct = 13, // kHalfFeed's mirror: main-loop stages load only the activation tile (wrong results): whether
+                     // the cost is in the bytes (as kHalfFeed) or in the activation operand's loads themselves
 #endif
 };
 
@@ -431,10 +433,12 @@ __global__ void __launch_bounds__(384, 1)
                 "the overlapped and ping-pong schedules are W4A8's (prep path, stores, BN 128) only");
   static_assert(kSched != kCvtMagic || kKind == kKindW4a8, "the magic-number conversion is W4A8's");
   static_assert(kSched != kInflight || kKind == kKindW4a8, "the in-flight main loop is W4A8's");
-  static_assert(kSched != kHalfFeed || kKind == kKindW4a8, "the half-feed diagnostic is W4A8's");
+  static_assert((kSched != kHalfFeed && kSched != kHalfFeedAct) || kKind == kKindW4a8,
+                "the half-feed diagnostics are W4A8's");
   static_assert(kSched != kMulticast || (kKind == kKindW4a8 && BN == 128), "the multicast schedule is W4A8's");
   static_assert(ring_stages(kSched) == 0 || (kKind == kKindW4a8 && BN == 128), "the ring-depth schedules are W4A8's");
   constexpr bool kHalf = kSched == kHalfFeed;
+  constexpr bool kHalfAct = kSched == kHalfFeedAct;
   constexpr bool kMc = kSched == kMulticast;
 #else
   constexpr bool kHalf = false;
@@ -542,6 +546,11 @@ __global__ void __launch_bounds__(384, 1)
               tma_load_2d(&tmB, st + C::A_BYTES, &full[s], ki * 128, n0);
               tma_load_2d(&tmSA, st + C::SA_OFF, &full[s], m0, 2 * ki);
               tma_load_2d(&tmSW, st + C::SW_OFF, &full[s], nt * C::SWP, 2 * ki);
+#if SVDQ_DIAGNOSTICS
+            } else if constexpr (kHalfAct) {  // W4A8's activation tile only (the weight tile is whatever it was)
+              mbar_expect_tx(&full[s], C::A_BYTES);
+              tma_load_2d(&tmA, st, &full[s], ki * 128, m0);
+#endif
             } else {
               // 128-byte rows: 64 bf16 channels (NVFP4) or 128 int8 channels (W4A8) per stage
               constexpr int kStep = kI8 ? 128 : 64;
