@@ -17,8 +17,8 @@
 #               4 / 5 / 7 stages)
 #     ring      the diagnostics build alone, then bench_linear.py --tile-overhead --tile-w4a8-only (W4A8's per-stage
 #               cost with rings of 4 / 5 / 6 / 7 stages: latency-bound or throughput-bound; halffeed and its mirror
-#               halffeed-act: the bytes or the operand) and --schedule-ab ring5
-#               (bit-equality, per-shape times)                                                 [diagnostics build]
+#               halffeed-act: the bytes or the operand); the bit-equality check of a ring is
+#               SVDQUANT_OPS_DIAGNOSTICS=1 bench_linear.py --schedule-ab ring5                [diagnostics build]
 #     ncu       the diagnostics build alone, then Nsight Compute on one W4A8 GEMM per schedule in NCU_SCHEDULES
 #               (default promote halffeed ring7) and on torchao's fp8 GEMM (cuBLAS), at NCU_SHAPE (default
 #               4096,9216,3072): speed of light, warp stall reasons, shared-memory bank use; $OUT/ncu_*.txt
@@ -145,8 +145,7 @@ for step in "$@"; do
                 python3 benchmarks/bench_w4a16.py --group-ab ;;
     ring)  # the diagnostics build first, in a process of its own (over 170 s on a fresh machine)
       SVDQUANT_OPS_DIAGNOSTICS=1 python3 -c "import svdquant_ops.ops as o; o.load()"
-      SVDQUANT_OPS_DIAGNOSTICS=1 python3 benchmarks/bench_linear.py --tile-overhead --tile-w4a8-only
-      SVDQUANT_OPS_DIAGNOSTICS=1 python3 benchmarks/bench_linear.py --schedule-ab ring5 --rep-ms 10 ;;
+      SVDQUANT_OPS_DIAGNOSTICS=1 python3 benchmarks/bench_linear.py --tile-overhead --tile-w4a8-only ;;
     ncu)  # build first: under ncu the JIT build runs past any sensible timeout
       SVDQUANT_OPS_DIAGNOSTICS=1 python3 -c "import svdquant_ops.ops as o; o.load()"
       ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
