@@ -385,13 +385,14 @@ def expand_w4a8_ahead(graph: torch.fx.Graph) -> int:
 # FLUX.1's 77 AdaLN modulation linears (w4a16, one token at batch 1) all read silu(temb), each through its module's
 # own SiLU, which the graph keeps as separate nodes (Inductor does not CSE them here). Each GEMV streams 7-28 MB of
 # weights at 1.5-2 TB/s (a launch too short to reach the bandwidth): ~1.1-1.3 ms per step; grouped, 0.93 ms on an
-# H100. The pass finds inputs computed the same way from the same nodes (value numbering of the
-# pure ops) and gives the calls of each such input to one w4a16_linear_group, placed where the first of them was.
-# Bit-equal: the grouped kernel sums every row as the single one does.
+# H100. The pass finds inputs computed the same way from the same nodes (value numbering of the pure ops) and gives
+# the calls of each such input to one w4a16_linear_group, placed where the first of them was. Bit-equal: the
+# grouped kernel sums every row as the single one does.
 # ------------------------------------------------------------------------------------------------------------------
 # On by default: on an H100 the 77 calls took 1.137 ms one by one and 0.932 grouped (same run, bit-equal), and in a
 # FLUX.1-dev step under reduce-overhead the GEMV kernels 1.27 -> 0.96 ms with 107 kernels fewer per step (two
-# runs; the step itself moved within noise) (benchmarks/HISTORY.md, 2026-12-06). install_compile_pass(group_w4a16=False) turns it off.
+# runs; the step itself moved within noise) (benchmarks/HISTORY.md, 2026-12-06).
+# install_compile_pass(group_w4a16=False) turns it off.
 GROUP_W4A16_DEFAULT = True
 
 
@@ -459,12 +460,17 @@ def group_w4a16(graph: torch.fx.Graph) -> int:
     calls = [n for n in graph.nodes if n.op == "call_function" and n.target is target]
     if len(calls) < 2:
         return 0
-    canon = _value_numbers(graph)
-    by_input: dict = {}
-    for node in calls:
+
+    def call_args(node):
         a = dict(zip(names, node.args))
         a.update(node.kwargs)
         a.setdefault("bias", None)
+        return a
+
+    canon = _value_numbers(graph)
+    by_input: dict = {}
+    for node in calls:
+        a = call_args(node)
         if not all(isinstance(a[k], torch.fx.Node) for k in names[:4]) or not (
                 a["bias"] is None or isinstance(a["bias"], torch.fx.Node)):
             continue
@@ -473,10 +479,7 @@ def group_w4a16(graph: torch.fx.Graph) -> int:
     dropped = []  # the members' own inputs, erased at the end if nothing reads them any more
 
     def args_of(node):  # read when used, through the replacements so far
-        a = dict(zip(names, node.args))
-        a.update(node.kwargs)
-        a.setdefault("bias", None)
-        return {k: replaced.get(v, v) for k, v in a.items()}
+        return {k: replaced.get(v, v) for k, v in call_args(node).items()}
 
     done = 0
     for members in by_input.values():
