@@ -14,7 +14,7 @@
 #               outputs, per-shape and per-step times
 #     tiles     bench_linear.py --tile-overhead (GEMM kernel time split into per-tile fixed + per-stage cost; W4A8
 #               also with half the operand feed, SVDQUANT_OPS_GEMM_SCHEDULE=halffeed / halffeed-act, and rings of
-#               4 / 5 / 7 stages)
+#               4 / 5 / 7 stages)                                                                 [diagnostics build]
 #     ring      the diagnostics build alone, then bench_linear.py --tile-overhead --tile-w4a8-only (W4A8's per-stage
 #               cost with rings of 4 / 5 / 6 / 7 stages: latency-bound or throughput-bound; halffeed and its mirror
 #               halffeed-act: the bytes or the operand); the bit-equality check of a ring is
@@ -22,7 +22,6 @@
 #     ncu       the diagnostics build alone, then Nsight Compute on one W4A8 GEMM per schedule in NCU_SCHEDULES
 #               (default promote halffeed ring7) and on torchao's fp8 GEMM (cuBLAS), at NCU_SHAPE (default
 #               4096,9216,3072): speed of light, warp stall reasons, shared-memory bank use; $OUT/ncu_*.txt
-#                                                                                                 [diagnostics build]
 #                                                                                                 [diagnostics build]
 #     overlap   bench_linear.py --overlap: W4A8 gemm, shipped schedule vs SVDQUANT_OPS_GEMM_SCHEDULE=overlap and
 #               overlap3 (epilogue under the next tile's MMAs, 2 / 3 stages in flight; bit-equal check), pingpong

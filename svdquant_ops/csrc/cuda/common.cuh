@@ -246,13 +246,8 @@ __device__ __forceinline__ void tma_load_2d_multicast(const void* desc, void* ds
       : "memory");
 }
 
-// Thread-block clusters: this CTA's rank, an arrival on the mbarrier at `bar`'s offset in CTA `cta` of the cluster,
-// and a barrier of all threads of the cluster (release / acquire: shared-memory writes before it are visible after).
-__device__ __forceinline__ uint32_t cluster_ctarank() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-  return r;
-}
+// Thread-block clusters: an arrival on the mbarrier at `bar`'s offset in CTA `cta` of the cluster, and a barrier of
+// all threads of the cluster (release / acquire: shared-memory writes before it are visible after).
 __device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t cta) {
   uint32_t remote;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_u32(bar)), "r"(cta));

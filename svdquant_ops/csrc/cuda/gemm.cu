@@ -472,6 +472,13 @@ bool launch_sm90_pairs(const TensorMaps& m, const sm90::Params& p, cudaStream_t 
   return true;
 }
 
+// The W4A8 diagnostics schedules launched as the shipped one is, only the kernel's schedule index changed: launches
+// the one of kScheds equal to `sched`, if any.
+template <bool kStore, int... kScheds>
+bool launch_w4a8_as(int sched, const TensorMaps& m, const sm90::Params& p, cudaStream_t stream) {
+  return ((sched == kScheds && (launch_sm90<128, sm90::kKindW4a8, kScheds, kStore>(m, p, stream), true)) || ...);
+}
+
 // Where the W4A8 ping-pong (diagnostics) beat the shipped schedule on the H200: every CTA gets two tiles or more and
 // K is at most 32 stages of 128 (0.96-0.98x of the time at K = 3072, M = 4608, N = 3072 / 9216 / 12288; 0.89x at
 // K = 128); it lost at K = 12288 / 15360 (1.03-1.04x) and with fewer than two tiles per CTA (1.05-1.08x), where one
@@ -496,20 +503,10 @@ void launch_variant(Precision precision, [[maybe_unused]] const Variant& v, cons
     if constexpr (kStore) launch_sm90<128, sm90::kKindW4a8, sm90::kOverlap, true>(m, p, stream);  // run_sm90 checks
   } else if (precision == Precision::kW4a8 && v.sched == sm90::kOverlapDeep) {
     if constexpr (kStore) launch_sm90<128, sm90::kKindW4a8, sm90::kOverlapDeep, true>(m, p, stream);
-  } else if (precision == Precision::kW4a8 && v.sched == sm90::kCvtMagic) {
-    launch_sm90<128, sm90::kKindW4a8, sm90::kCvtMagic, kStore>(m, p, stream);
-  } else if (precision == Precision::kW4a8 && v.sched == sm90::kInflight) {
-    launch_sm90<128, sm90::kKindW4a8, sm90::kInflight, kStore>(m, p, stream);
-  } else if (precision == Precision::kW4a8 && v.sched == sm90::kHalfFeed) {
-    launch_sm90<128, sm90::kKindW4a8, sm90::kHalfFeed, kStore>(m, p, stream);
-  } else if (precision == Precision::kW4a8 && v.sched == sm90::kHalfFeedAct) {
-    launch_sm90<128, sm90::kKindW4a8, sm90::kHalfFeedAct, kStore>(m, p, stream);
-  } else if (precision == Precision::kW4a8 && v.sched == sm90::kRing4) {
-    launch_sm90<128, sm90::kKindW4a8, sm90::kRing4, kStore>(m, p, stream);
-  } else if (precision == Precision::kW4a8 && v.sched == sm90::kRing5) {
-    launch_sm90<128, sm90::kKindW4a8, sm90::kRing5, kStore>(m, p, stream);
-  } else if (precision == Precision::kW4a8 && v.sched == sm90::kRing7) {
-    launch_sm90<128, sm90::kKindW4a8, sm90::kRing7, kStore>(m, p, stream);
+  } else if (precision == Precision::kW4a8 &&
+             launch_w4a8_as<kStore, sm90::kCvtMagic, sm90::kInflight, sm90::kHalfFeed, sm90::kHalfFeedAct,
+                            sm90::kRing4, sm90::kRing5, sm90::kRing7>(v.sched, m, p, stream)) {
+    // (launched)
   } else if (precision == Precision::kW4a8 && v.sched == sm90::kMulticast && p.n_tiles % 2 == 0 &&
              launch_sm90_pairs<sm90::kMulticast, kStore>(m, p, stream)) {
     // (launched; where no 2-CTA cluster fits, the shipped schedule below)
@@ -562,10 +559,9 @@ bool run_sm90(const GemmShape& s, const Operands& o, bool act_unsigned, at::Tens
                          v.sched == sm90::kHalfFeed || v.sched == sm90::kHalfFeedAct || v.sched == sm90::kMulticast ||
                          sm90::ring_stages(v.sched) != 0;
   TORCH_CHECK(!w4a8_only || (s.precision == Precision::kW4a8 && !v.w4_expand),
-              "SVDQUANT_OPS_GEMM_SCHEDULE=overlap[3] / pingpong[-auto] / promote-cvt / inflight / halffeed[-act] / multicast / "
-              "ring4 / ring5 / ring7: a W4A8 "
-              "schedule (with "
-              "SVDQUANT_OPS_GEMM_WPREP=prep), but this call is ",
+              "SVDQUANT_OPS_GEMM_SCHEDULE=overlap[3] / pingpong[-auto] / promote-cvt / inflight / halffeed[-act] / "
+              "multicast / ring4 / ring5 / ring7: a W4A8 schedule (with SVDQUANT_OPS_GEMM_WPREP=prep), but this "
+              "call is ",
               s.precision == Precision::kW4a8 ? "W4A8 with the in-kernel expansion" : "not W4A8");
   TORCH_CHECK(!always_stores || v.store, "SVDQUANT_OPS_GEMM_SCHEDULE=overlap[3] / pingpong always stores: "
               "SVDQUANT_OPS_GEMM_EPILOGUE=none is not available with it");
