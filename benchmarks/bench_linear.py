@@ -362,6 +362,66 @@ def schedule_ab(dev, rep_ms, sched):
         raise SystemExit(f"schedule_ab: {bad} GEMMs differ between promote and {sched}")
 
 
+def tile_ab(dev, rep_ms):
+    """W4A8 gemm (prep included) on a FLUX.1 step's GEMMs (q/k/v fused) and edge cases with every call on 128 x 128
+    tiles, on 128 x 256 tiles, and as the library chooses (SVDQUANT_OPS_CUDA_W4A8_TILE=128 / 256 / auto), alternating
+    within each shape: the 256-wide outputs within fp32 rounding of the 128-wide ones (the branch is added in another
+    order), auto's equal to the one it chose, the kernels that ran checked; per-call (CUDA graph) and per-step
+    times, and the step as if each GEMM took its faster width."""
+    ops = torch.ops.svdquant
+    g = torch.Generator().manual_seed(9)
+    widths = ("128", "256", "auto")
+    tot = {k: 0.0 for k in (*widths, "best")}
+    bad = 0
+    # edge cases (not in the per-step total): one and two main-loop stages, ragged M and N (N % 256 != 0, a last
+    # column tile half past N), fp32 output (direct epilogue), rank 0, rank 128 with an fp16 up projection (six
+    # branch stages), fp16 output
+    edges = [("edge K=128", 4608, 3072, 128, 32, torch.bfloat16, torch.bfloat16),
+             ("edge K=256", 4608, 3072, 256, 32, torch.bfloat16, torch.bfloat16),
+             ("edge ragged", 1100, 2056, 1024, 32, torch.bfloat16, torch.bfloat16),
+             ("edge N=200", 300, 200, 640, 32, torch.bfloat16, torch.float32),
+             ("edge R=0", 2100, 4096, 640, 0, torch.bfloat16, torch.bfloat16),
+             ("edge R=128", 2048, 4200, 1024, 128, torch.float16, torch.float16)]
+    seqs = [([(n, M, N, K, 32, torch.bfloat16, torch.bfloat16) for n, M, N, K in FLUX_DOUBLE], 19),
+            ([(n, M, N, K, 32, torch.bfloat16, torch.bfloat16) for n, M, N, K in FLUX_SINGLE], 38), (edges, 0)]
+    for seq, calls in seqs:
+        for name, M, N, K, R, up_dt, out_dt in seq:
+            L = make_layer(K, N, R, dev, g, "w4a8")
+            L["up"] = L["up"].to(up_dt)
+            ac = torch.randint(-127, 128, (M, K), generator=g, dtype=torch.int32).to(dev, torch.int8)
+            asc = (torch.rand(M, 1, generator=g) * 0.02 + 1e-3).to(dev, torch.bfloat16)
+            da = torch.randn(M, R, generator=g).to(dev)
+            fn = lambda: ops.gemm(ac, asc, L["wc"], L["ws"], L["gsc"], da, L["up"], L["bias"], "w4a8",  # noqa: E731
+                                  out_dt, False)
+            us, outs, names = {k: [] for k in widths}, {}, {}
+            for rep in range(2):  # A, B, C, A, B, C: drift shows as a spread
+                for k in widths:
+                    os.environ["SVDQUANT_OPS_CUDA_W4A8_TILE"] = k
+                    if rep == 0:
+                        outs[k] = first_output(fn, (M, N), out_dt, dev, f"tile {k} {name}")
+                        names[k] = gemm_kernel_names(fn)
+                    us[k].append(bench_graph(fn, rep_ms) * 1e3)
+            os.environ.pop("SVDQUANT_OPS_CUDA_W4A8_TILE", None)
+            assert all(any(f"gemm_kernelILi{k}ELi2E" in n for n in names[k]) for k in ("128", "256")), names
+            chose = "256" if any("gemm_kernelILi256E" in n for n in names["auto"]) else "128"
+            close, scaled = schedule_close(outs["128"], outs["256"])
+            same = close and torch.equal(outs["auto"], outs[chose])
+            bad += not same
+            med = {k: sum(v) / len(v) for k, v in us.items()}
+            for k in widths:
+                tot[k] += med[k] * calls / 1e3
+            tot["best"] += min(med["128"], med["256"]) * calls / 1e3
+            log(f"tile_ab {name} M={M} N={N} K={K} R={R}: 128 {med['128']:.1f} us "
+                f"({'/'.join(f'{x:.1f}' for x in us['128'])}), 256 {med['256']:.1f} us "
+                f"({'/'.join(f'{x:.1f}' for x in us['256'])}), {med['128'] / med['256']:.3f}x; auto chose {chose} "
+                f"({med['auto']:.1f} us); 256 vs 128 within fp32 rounding: {close} (max {scaled:.2e} of |ref| + rms), "
+                f"auto equal to its choice: {torch.equal(outs['auto'], outs[chose])}")
+    log(f"tile_ab per FLUX step (W4A8 GEMMs with prep): 128 {tot['128']:.2f} ms, 256 {tot['256']:.2f} ms, auto "
+        f"{tot['auto']:.2f} ms ({tot['128'] / tot['auto']:.3f}x of 128), each at its faster width {tot['best']:.2f} ms")
+    if bad:
+        raise SystemExit(f"tile_ab: {bad} GEMMs differ beyond fp32 rounding between the widths")
+
+
 def bench_eager(fn, rep_ms):
     import triton.testing as tt
 
@@ -761,6 +821,9 @@ def main():
                     "sequence: the next weight expanded by a kernel of its own, by the GEMM's idle warps, or as the "
                     "library chooses (SVDQUANT_OPS_CUDA_W4A8_NEXT), against gemm with its prep; per-call and per-step "
                     "times")
+    ap.add_argument("--tile-ab", action="store_true", help="only W4A8's gemm on a FLUX.1 step's GEMMs (and edge "
+                    "cases) on 128 x 128 against 128 x 256 tiles and the library's choice (SVDQUANT_OPS_CUDA_W4A8_TILE="
+                    "128 / 256 / auto): outputs compared, per-call and per-step times")
     ap.add_argument("--schedule-ab", metavar="SCHEDULE",
                     choices=sorted({*OTHER_SCHEDULES, *TIMING_SCHEDULES, *PAIR_SCHEDULES, *RING_SCHEDULES}),
                     help="only W4A8's gemm on a FLUX.1 step's GEMMs (and edge cases) under the shipped schedule "
@@ -851,6 +914,9 @@ def main():
         return
     if args.schedule_ab:
         schedule_ab(dev, args.rep_ms, args.schedule_ab)
+        return
+    if args.tile_ab:
+        tile_ab(dev, args.rep_ms)
         return
     if args.token_ab:
         token_ab(dev, args.rep_ms)

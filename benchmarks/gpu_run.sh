@@ -28,6 +28,9 @@
 #               (whole tiles per consumer warpgroup; within fp32 rounding), promote-cvt (the int32 sums converted
 #               by a magic-number add; bit-equal) and inflight (one stage of MMAs in flight; bit-equal), and times;
 #               GEMM_ARGS=--quick: 2 shapes, fp32 output and saturated rows                     [diagnostics build]
+#     tileab    bench_linear.py --tile-ab: W4A8 gemm on a FLUX.1 step's GEMMs on 128 x 128 against 128 x 256 tiles
+#               and the library's per-call choice (SVDQUANT_OPS_CUDA_W4A8_TILE=128 / 256 / auto): outputs compared,
+#               per-call and per-step times
 #     full      bench_linear.py --out $OUT (the recorded table)
 #     amax      quantize_act_given_amax (W4A8, amax given; install_compile_pass(amax_split=True)): its GPU tests,
 #               tests/test_sharing.py (shared parts as one graph input under this torch), then bench_linear.py --quantize-only --precision w4a8 (quantize_act vs the given-amax op vs Inductor's
@@ -109,6 +112,7 @@ for step in "$@"; do
             --schedules "${SCHEDULES:-promote,skeleton}" ${GEMM_ARGS:-} ;;
     gmaxab) python3 benchmarks/bench_linear.py --gmax-ab ;;
     tokenab) python3 benchmarks/bench_linear.py --token-ab ;;
+    tileab) python3 benchmarks/bench_linear.py --tile-ab ;;
     quantize)
       if [[ -n "${SVDQUANT_OPS_QA_CFG:-}${SVDQUANT_OPS_QA_SPLITS:-}" ]]; then
         SVDQUANT_OPS_DIAGNOSTICS=1 python3 benchmarks/bench_linear.py --quantize-only

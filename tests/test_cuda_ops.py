@@ -58,6 +58,10 @@ def _select_path(monkeypatch, name):
         monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_GMAX", name[len("gmax-"):])
     else:
         monkeypatch.delenv("SVDQUANT_OPS_CUDA_W4A8_GMAX", raising=False)
+    if name.startswith("tile"):  # W4A8's Hopper GEMM on 128 x 128 or 128 x 256 tiles: tile128, tile256
+        monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_TILE", name[len("tile"):])
+    else:
+        monkeypatch.delenv("SVDQUANT_OPS_CUDA_W4A8_TILE", raising=False)
     if name in ("token-split", "token-nosplit"):  # W4A8's token kernel with / without K split where M is small
         monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT", "1" if name == "token-split" else "0")
     else:
@@ -572,8 +576,17 @@ GEMM_CASES = [
 ]
 
 
+@pytest.fixture(params=["fast", "tile128", "tile256", "portable"])
+def gemm_path(request, monkeypatch):
+    """The GEMM's paths: W4A8's Hopper kernel takes 128 x 128 or 128 x 256 output tiles per call ("fast": the
+    library's choice), forced with SVDQUANT_OPS_CUDA_W4A8_TILE=128 / 256 ("tile128", "tile256")."""
+    return _select_path(monkeypatch, request.param)
+
+
 @pytest.mark.parametrize("M,N,K,R,precision,model_dtype,out_dtype,extra", GEMM_CASES)
-def test_gemm_matches_cpu(path, M, N, K, R, precision, model_dtype, out_dtype, extra):
+def test_gemm_matches_cpu(gemm_path, M, N, K, R, precision, model_dtype, out_dtype, extra):
+    if gemm_path.startswith("tile") and precision != "w4a8":
+        pytest.skip("the tile width is W4A8's")
     g = session_generator((M, N, K, R, precision, str(model_dtype), str(out_dtype)))
     unsigned = extra.get("unsigned", False)
     args = op_args("gemm", gemm_inputs(M, N, K, R, precision, model_dtype, g, bias=extra.get("bias", True),
@@ -761,6 +774,31 @@ def test_torch_compile_reduce_overhead():
         y = compiled(x)
     torch.cuda.synchronize()
     assert torch.equal(y.view(torch.int16), eager.view(torch.int16))
+
+
+@pytest.mark.skipif(not IS_SM90, reason="the Hopper path exists on compute capability 9.0 only")
+@pytest.mark.parametrize("tile", ["128", "256"])
+def test_w4a8_tiles_agree_deterministic_and_replay(monkeypatch, tile):
+    """W4A8's Hopper GEMM on each tile width at a FLUX.1 shape with several tiles per CTA and a ragged last column
+    tile (N = 9000): within fp32 rounding of the portable kernel (bit-identical to the CPU op), the same bits on
+    every call, and in CUDA-graph replay."""
+    monkeypatch.delenv("SVDQUANT_OPS_CUDA_PORTABLE", raising=False)
+    x, smooth, pd, wc, ws, gsc, up, b = _linear_inputs(M=4100, K=3072, N=9000, precision="w4a8")
+    codes, scales, la = OPS.quantize_act(x, smooth, pd, "w4a8", False)
+
+    def gemm(out_dtype):
+        return OPS.gemm(codes, scales, wc, ws, gsc, la, up, b, "w4a8", out_dtype, False)
+
+    monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_TILE", tile)
+    fast = gemm(torch.float32)
+    first = gemm(torch.bfloat16)
+    for _ in range(3):
+        assert torch.equal(gemm(torch.bfloat16).view(torch.int16), first.view(torch.int16))
+    assert_cuda_graph_replays_eager(lambda inp: OPS.linear(inp, smooth, pd, wc, ws, gsc, up, b, "w4a8", False), x)
+    monkeypatch.setenv("SVDQUANT_OPS_CUDA_PORTABLE", "1")
+    port = gemm(torch.float32)
+    assert rel_fro(fast, port) < 1e-6
+    assert (fast - port).abs().max().item() <= 1e-5 * (port.abs().max().item() + 1e-30)
 
 
 @pytest.mark.skipif(not IS_SM90, reason="the Hopper path exists on compute capability 9.0 only")

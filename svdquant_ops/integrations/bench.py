@@ -84,11 +84,13 @@ class Config:
     #                                   weight (True) or its own (False); None: the library's default
     group_w4a16: bool | None = None  # install_compile_pass(group_w4a16=...): the weight-only linears of one input as
     #                                  one grouped call (True) or one call each (False); None: the library's default
+    w4a8_tile: str | None = None  # W4A8's GEMM tile width on Hopper, "128" or "256" (SVDQUANT_OPS_CUDA_W4A8_TILE in
+    #                               the child); None: the library's per-call choice
 
     @property
     def cuda_only(self) -> bool:
         return (self.mode == "reduce-overhead" or self.weights == "fp8" or self.gemm_schedule is not None
-                or self.gmax is not None)
+                or self.gmax is not None or self.w4a8_tile is not None)
 
     @property
     def label(self) -> str:
@@ -111,6 +113,8 @@ class Config:
         if self.gmax:
             how += {"pipe": ", first quantize_act pass by the pipelined kernel",
                     "regs": ", first quantize_act pass by the register-prefetch kernel"}[self.gmax]
+        if self.w4a8_tile:
+            how += f", every W4A8 GEMM on 128 x {self.w4a8_tile} tiles"
         if self.expand_ahead is not None:
             how += (", each GEMM expanding the next one's weight (expand_ahead)" if self.expand_ahead
                     else ", each GEMM expanding its own weight (no expand_ahead)")
@@ -178,6 +182,12 @@ def _configs() -> dict[str, Config]:
         for k in ("pipe", "regs"):
             name = f"w4a8-compile{sfx}-fused-gmax{k}"
             out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, gmax=k)
+    # Diagnostic: every W4A8 GEMM on 128 x 128 or 128 x 256 output tiles, whatever the library's per-call choice,
+    # so that one run compares both with it
+    for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
+        for k in ("128", "256"):
+            name = f"w4a8-compile{sfx}-fused-tile{k}"
+            out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, w4a8_tile=k)
     # Extra: the W4A8 weights expanded by the GEMM before (install_compile_pass(expand_ahead=True)) or by a prep
     # kernel of each GEMM's own (False), whatever the library's default, so that one run compares both
     for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
@@ -802,6 +812,8 @@ def _run_child(args, name: str, device: str, timeout: float) -> dict:
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if CONFIGS[name].gmax:  # read by the op library at every quantize_act call
         env.update(SVDQUANT_OPS_CUDA_W4A8_GMAX=CONFIGS[name].gmax)
+    if CONFIGS[name].w4a8_tile:  # read by the op library at every GEMM call
+        env.update(SVDQUANT_OPS_CUDA_W4A8_TILE=CONFIGS[name].w4a8_tile)
     if CONFIGS[name].gemm_schedule:  # read by the op library at load time (which build) and at every GEMM call
         env.update(SVDQUANT_OPS_DIAGNOSTICS="1", SVDQUANT_OPS_GEMM_SCHEDULE=CONFIGS[name].gemm_schedule)
     fd, result_file = tempfile.mkstemp(prefix=f"svdq-bench-{name}-", suffix=".json")

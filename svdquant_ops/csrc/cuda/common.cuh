@@ -76,6 +76,17 @@ inline int w4a8_next_where() {
   return 2;
 }
 
+// SVDQUANT_OPS_CUDA_W4A8_TILE=auto|128|256: the output tile width of W4A8's Hopper GEMM: as the library's estimate
+// chooses per call (auto, the default: w4a8_tile_bn in gemm.cu), or always 128 / 256 columns. 0 / 128 / 256.
+inline int w4a8_tile() {
+  const char* v = std::getenv("SVDQUANT_OPS_CUDA_W4A8_TILE");
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0) return 0;
+  if (std::strcmp(v, "128") == 0) return 128;
+  TORCH_CHECK(std::strcmp(v, "256") == 0, "svdquant: SVDQUANT_OPS_CUDA_W4A8_TILE must be 'auto', '128', '256' or "
+              "unset, got '", v, "'");
+  return 256;
+}
+
 constexpr int kMaxDevices = 64;
 
 inline int current_device_index() {

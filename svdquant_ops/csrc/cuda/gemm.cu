@@ -228,15 +228,16 @@ struct Sm90Plan {
 };
 
 // 128 x 128 tiles: three 64-column fp32 accumulator sets per thread (the result and two in-flight groups) fit the
-// 232 registers of a consumer thread; 128 x 192 would not (only the INT4 skeleton diagnostic uses it).
-Sm90Plan plan_sm90(const GemmShape& s, at::ScalarType up_dtype, bool wide, bool w4_expand) {
+// 232 registers of a consumer thread; 128 x 192 would not (only the INT4 skeleton diagnostic uses it). W4A8 may run
+// 128 x 256 tiles (w4a8_bn = 256: one int32 accumulator set of 128 registers, w4a8_tile_bn).
+Sm90Plan plan_sm90(const GemmShape& s, at::ScalarType up_dtype, bool wide, bool w4_expand, int w4a8_bn = 128) {
   const bool nvfp4 = s.precision == Precision::kNvfp4;
   const bool w4a8 = s.precision == Precision::kW4a8;
   Sm90Plan pl{};
   pl.M = static_cast<int>(s.M), pl.N = static_cast<int>(s.N), pl.K = static_cast<int>(s.K);
   pl.G = static_cast<int>(s.G), pl.R = static_cast<int>(s.R);
   pl.m_tiles = (pl.M + sm90::BM - 1) / sm90::BM;
-  pl.BN = (wide && !nvfp4 && !w4a8) ? 192 : 128;
+  pl.BN = w4a8 ? w4a8_bn : ((wide && !nvfp4) ? 192 : 128);
   pl.n_tiles = (pl.N + pl.BN - 1) / pl.BN;
   pl.SWP = pl.BN + 16;
   pl.Np = int64_t(pl.n_tiles) * pl.BN;
@@ -261,6 +262,23 @@ Sm90Plan plan_sm90(const GemmShape& s, at::ScalarType up_dtype, bool wide, bool 
   pl.oGs = take(pl.Np * 4);
   pl.bytes = off;
   return pl;
+}
+
+// W4A8's tile width for one call (SVDQUANT_OPS_CUDA_W4A8_TILE, else this estimate). The main loop is bound by the
+// operand bytes that land in shared memory per stage (the H100's tile fits, benchmarks/HISTORY.md, fourteenth
+// session: 410 ns per stage with 32 KB, ~290 with 16 KB, either operand), so a 128 x 256 tile's stage (48 KB, twice
+// the MMAs) is priced at 1.5 of a 128 x 128 tile's; per tile fixed costs of ~2.5 / ~3 such stages; a persistent grid
+// takes ceil(tiles / SMs) rounds. Wider tiles halve the tile count, so where that leaves SMs idle in the last round
+// (N = 3072 at M = 512: 48 tiles against 96) the narrow tile wins. 256 only where it is expected >= 5 % faster.
+int w4a8_tile_bn(const GemmShape& s, const Sm90Plan& narrow) {
+  const int forced = w4a8_tile();
+  if (forced != 0) return forced;
+  const double stages = (s.K + 127) / 128 + narrow.KL / 64;
+  auto est = [&](int bn, double fixed, double per_stage) {
+    const int64_t tiles = int64_t(narrow.m_tiles) * ((s.N + bn - 1) / bn);
+    return double((tiles + num_sms() - 1) / num_sms()) * (fixed + per_stage * stages);
+  };
+  return est(256, 3.0, 1.5) < 0.95 * est(128, 2.5, 1.0) ? 256 : 128;
 }
 
 PrepArgs prep_args(const GemmShape& s, const Sm90Plan& pl, const Operands& o, bool act_unsigned, uint8_t* base) {
@@ -492,9 +510,11 @@ bool w4a8_pingpong_pays(const sm90::Params& p) {
 
 // The kernel instantiation of (precision, variant). A normal build compiles the three shipped ones only.
 template <bool kStore>
-void launch_variant(Precision precision, [[maybe_unused]] const Variant& v, const TensorMaps& m,
+void launch_variant(Precision precision, [[maybe_unused]] const Variant& v, int bn, const TensorMaps& m,
                     const sm90::Params& p, cudaStream_t stream) {
-  if (precision == Precision::kNvfp4) {
+  if (precision == Precision::kW4a8 && bn == 256) {  // (the plan gives 256 to the shipped schedule only)
+    launch_sm90<256, sm90::kKindW4a8, sm90::kPromote, kStore>(m, p, stream);
+  } else if (precision == Precision::kNvfp4) {
     launch_sm90<128, sm90::kKindNvfp4, sm90::kPromote, kStore>(m, p, stream);
 #if SVDQ_DIAGNOSTICS
   } else if (precision == Precision::kW4a8 && v.w4_expand) {
@@ -569,7 +589,12 @@ bool run_sm90(const GemmShape& s, const Operands& o, bool act_unsigned, at::Tens
   const Variant v{};
 #endif
   const bool w4_expand = v.w4_expand && s.precision == Precision::kW4a8;
-  const Sm90Plan pl = plan_sm90(s, o.proj_up.scalar_type(), v.wide, w4_expand || weight != nullptr);
+  Sm90Plan pl = plan_sm90(s, o.proj_up.scalar_type(), v.wide, w4_expand || weight != nullptr);
+  // W4A8 on 128 x 256 tiles where the estimate says so (the diagnostics schedules and the in-kernel expansion are
+  // written for 128 x 128)
+  if (s.precision == Precision::kW4a8 && !w4_expand && v.sched == sm90::kPromote && w4a8_tile_bn(s, pl) == 256) {
+    pl = plan_sm90(s, o.proj_up.scalar_type(), v.wide, weight != nullptr, 256);
+  }
 #if SVDQ_DIAGNOSTICS
   // the ping-pong consumer waits on all of a tile's branch stages at once: they must fit in the ring
   constexpr int kRing = sm90::Cfg<128, sm90::kKindW4a8>::STAGES;
@@ -587,7 +612,8 @@ bool run_sm90(const GemmShape& s, const Operands& o, bool act_unsigned, at::Tens
 
   // 2-byte outputs whose rows are whole 16-byte units go through the TMA-store epilogue (TMA needs 16-byte strides).
   const at::ScalarType out_dtype = out.scalar_type();
-  const bool tma_store = !v.force_direct && pl.BN == 128 && (out_dtype == at::kBFloat16 || out_dtype == at::kHalf) &&
+  const bool tma_store = !v.force_direct && (pl.BN == 128 || pl.BN == 256) &&
+                         (out_dtype == at::kBFloat16 || out_dtype == at::kHalf) &&
                          pl.N % 8 == 0 && aligned16(out.data_ptr());
   TensorMaps maps = make_tensor_maps(s, pl, o, base, out, tma_store);
   sm90::Params p = sm90_params(s, pl, pa, out, o.bias.has_value(), tma_store);
@@ -620,11 +646,11 @@ bool run_sm90(const GemmShape& s, const Operands& o, bool act_unsigned, at::Tens
   }
 #if SVDQ_DIAGNOSTICS
   if (!v.store) {
-    launch_variant<false>(s.precision, v, maps, p, stream);
+    launch_variant<false>(s.precision, v, pl.BN, maps, p, stream);
     return takes_next;
   }
 #endif
-  launch_variant<true>(s.precision, v, maps, p, stream);
+  launch_variant<true>(s.precision, v, pl.BN, maps, p, stream);
   return takes_next;
 }
 

@@ -60,8 +60,8 @@ class Shape:
 # (0: K-major); the integer form takes only the scale-d predicate.
 SHAPES = (
     [Shape("e4m3", n, 32, "f32", "e4m3.e4m3", "float", "+f", "p, 1, 1") for n in (64, 128, 192)]
-    + [Shape("bf16", n, 16, "f32", "bf16.bf16", "float", "+f", "p, 1, 1, 0, 0") for n in (64, 128, 192)]
-    + [Shape("s8", 128, 32, "s32", "s8.s8", "int", "+r", "p")]
+    + [Shape("bf16", n, 16, "f32", "bf16.bf16", "float", "+f", "p, 1, 1, 0, 0") for n in (64, 128, 192, 256)]
+    + [Shape("s8", n, 32, "s32", "s8.s8", "int", "+r", "p") for n in (128, 256)]
 )
 
 

@@ -51,13 +51,15 @@ struct Cfg {
   static constexpr int SA_OFF = A_BYTES + B_BYTES;
   static constexpr int SW_OFF = SA_OFF + 1024;
   static constexpr int STAGE = kScales ? SW_OFF + ((SW_BYTES + 1023) / 1024) * 1024 : A_BYTES + B_BYTES;
-  // TMA-store epilogue (BN = 128 only): a warpgroup's 64 x 128 2-byte results, as two 64 x 64 boxes (128-byte rows,
-  // 128-byte swizzle), go through a buffer of their own so the stores drain while the next tile's main loop runs
-  // (staging them in a pipeline stage instead made every tile wait for its stores to read it: +2.4 us per tile).
+  // TMA-store epilogue (BN = 128, and W4A8's 256): a warpgroup's 64 x BN 2-byte results, as BN / 64 boxes of 64 x 64
+  // (128-byte rows, 128-byte swizzle), go through a buffer of their own so the stores drain while the next tile's
+  // main loop runs (staging them in a pipeline stage instead made every tile wait for its stores to read it: +2.4 us
+  // per tile).
   static constexpr int C_BOX = 64 * 128;
-  static constexpr int EPI_BYTES = BN == 128 && kRing <= 6 ? 2 * 2 * C_BOX : 0;
-  // as many stages as fit next to the epilogue buffer in 227 KB: INT4 5 x 35 KB, W4A8 / NVFP4 6 x 32 KB
-  static constexpr int STAGES = kRing > 0 ? kRing : (BN == 192 ? 5 : (kScales ? 5 : 6));
+  static constexpr int EPI_BYTES = (BN == 128 || BN == 256) && kRing <= 6 ? 2 * (BN / 64) * C_BOX : 0;
+  // as many stages as fit next to the epilogue buffer in 227 KB: INT4 5 x 35 KB, W4A8 / NVFP4 6 x 32 KB, W4A8 at
+  // BN = 256 3 x 48 KB (+ 64 KB of epilogue buffer)
+  static constexpr int STAGES = kRing > 0 ? kRing : (BN == 256 ? 3 : (BN == 192 ? 5 : (kScales ? 5 : 6)));
   static constexpr int EPI_OFF = STAGES * STAGE;
   static constexpr int BAR_OFF = EPI_OFF + EPI_BYTES;
   // kKindW4a8Expand: the tile's 4-bit codes (BN rows x 64 bytes) land in the upper half of the stage's weight buffer
@@ -347,7 +349,7 @@ __device__ __forceinline__ void store_tile_tma(const CUtensorMap& tmC, const Par
                                                const ConsumerLane& cl, const float (&acc)[BN / 2],
                                                const TileVec<BN>& vbias, int m0, int n0) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  uint8_t* cst = smem + C::EPI_OFF + cl.wg * 2 * C::C_BOX;
+  uint8_t* cst = smem + C::EPI_OFF + cl.wg * (BN / 64) * C::C_BOX;
   if ((threadIdx.x & 127) == 0) bulk_wait_read<0>();
   named_bar_sync(2 + cl.wg, 128);
   const int rl = cl.warp * 16 + (cl.lane >> 2);  // row within the warpgroup's 64 (and rl + 8)
@@ -426,6 +428,11 @@ __global__ void __launch_bounds__(384, 1)
   constexpr bool kFp8 = kKind == kKindInt4;
   constexpr bool kExp = kKind == kKindW4a8Expand;
   constexpr bool kI8 = kKind == kKindW4a8 || kExp;
+  // W4A8 on 128 x 256 tiles (the consumers' wide path below): 48 KB of operands per stage for twice a 128 x 128
+  // tile's MMAs, where the main loop is bound by the bytes landing in shared memory (benchmarks/HISTORY.md)
+  constexpr bool kWide = kKind == kKindW4a8 && BN == 256;
+  static_assert(!kWide || kSched == kPromote, "the W4A8 diagnostics schedules run on 128 x 128 tiles only");
+  static_assert(BN != 256 || kWide, "128 x 256 tiles are W4A8's only");
 #if SVDQ_DIAGNOSTICS
   constexpr bool kOv = kSched == kOverlap || kSched == kOverlapDeep;
   constexpr bool kPP = kSched == kPingPong;
@@ -445,7 +452,7 @@ __global__ void __launch_bounds__(384, 1)
   constexpr bool kOv = false;
   constexpr bool kPP = false;
 #endif
-  constexpr bool kBranchLast = kOv || kPP;  // the producer loads a tile's branch stages after its main loop's
+  constexpr bool kBranchLast = kOv || kPP || kWide;  // the producer loads a tile's branch stages after its main loop's
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
   // full[s]: the stage's TMA bytes have landed (producer's expect_tx); empty[s]: every consumer warp is done with it.
@@ -673,12 +680,50 @@ __global__ void __launch_bounds__(384, 1)
     const int tq = lane & 3;
     const int r0 = wg * 64 + warp * 16 + (lane >> 2);
     const ConsumerLane cl{wg, warp, lane, tq, r0};
-    const bool tma_epi = BN == 128 && C::EPI_BYTES > 0 && p.tma_store;
+    const bool tma_epi = (BN == 128 || kWide) && C::EPI_BYTES > 0 && p.tma_store;
     float acc[BN / 2];
     float tmp0[BN / 2];
     float tmp1[BN / 2];
     int s = 0;
     uint32_t ph = 0;
+    if constexpr (kWide) {
+      // W4A8, 128 x 256 tiles: the main loop into 128 int32 accumulators per thread, scaled once into fp32 in place,
+      // then the rank-R branch's bf16 K-steps accumulated onto them by the tensor cores (a 128 x 128 tile's order,
+      // the branch first into a temporary, would need 256 registers). The same terms as the 128-column kernel, one
+      // rounding in another place: within fp32 accumulation tolerance of it, not bit-equal.
+      for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
+        int mt, nt;
+        tile_coords(tile, p.m_tiles, p.n_tiles, mt, nt);
+        const int m0 = mt * BM, n0 = nt * BN;
+        TileVec<BN> vbias, vscale;  // fetched now: their latency hides behind the main loop
+        if (p.bias != nullptr) vbias.load(p.bias + n0, lane);
+        else vbias.zero();
+        vscale.load(p.gscale + n0, lane);
+        const float sa0 = p.ascale[m0 + r0], sa1 = p.ascale[m0 + r0 + 8];
+        // zeroed so that their live range starts here: the first wgmma ignores them (scale-d 0) but names them as
+        // inputs, and undefined inputs would keep them live through the previous tile's epilogue (ptxas spills)
+        int iacc[BN / 2];
+#pragma unroll
+        for (int j = 0; j < BN / 2; ++j) iacc[j] = 0;
+        for (int ki = 0; ki < p.n_main; ++ki)
+          consume_stage<C>(smem, full, empty, s, ph, wg, lane, iacc, ki > 0,
+                           [](int (&d)[BN / 2], uint64_t a, uint64_t b, int sd) { wgmma::mma_s8<BN>(d, a, b, sd); });
+        float wacc[BN / 2];
+        static_for<BN / 8>([&](auto jc) {
+          constexpr int j = decltype(jc)::value;
+          const float2 gsc = vscale.template at<j>(tq);
+          wacc[4 * j + 0] = static_cast<float>(iacc[4 * j + 0]) * (sa0 * gsc.x);
+          wacc[4 * j + 1] = static_cast<float>(iacc[4 * j + 1]) * (sa0 * gsc.y);
+          wacc[4 * j + 2] = static_cast<float>(iacc[4 * j + 2]) * (sa1 * gsc.x);
+          wacc[4 * j + 3] = static_cast<float>(iacc[4 * j + 3]) * (sa1 * gsc.y);
+        });
+        for (int b = 0; b < p.n_branch; ++b)
+          consume_stage<C>(smem, full, empty, s, ph, wg, lane, wacc, true,
+                           [](float (&d)[BN / 2], uint64_t a, uint64_t b, int sd) { wgmma::mma_bf16<BN>(d, a, b, sd); });
+        if (tma_epi) store_tile_tma<BN, C>(tmC, p, smem, cl, wacc, vbias, m0, n0);
+        else store_tile_direct<BN>(p, cl, wacc, vbias, m0, n0);
+      }
+    } else
 #if SVDQ_DIAGNOSTICS
     if constexpr (kPP) {
       // W4A8 ping-pong (kPingPong): warpgroup w owns the CTA's tiles 2j + w, whole (128 x 128: two m64 halves,
