@@ -47,7 +47,8 @@
 #               w4a8-compile[-ro]-fused-{inflight,multicast} run it for their own process only, beside shipped rows.
 #     probe     benchmarks/probes/overlap_probe.cu: tensor-core vs FP32 promotion overlap (HISTORY.md, session 4)
 #     regaprobe benchmarks/probes/w4a8_rega_probe.cu: W4A8 weights expanded in the consumers' registers (wgmma's
-#               register A operand) against today's shared-memory int8 weights, exact check and times
+#               register A operand) against today's shared-memory int8 weights, exact check and times;
+#               REGAPROBE_ARGS=--wide: on 128 x 256 tiles (ss256 against rega256) only
 #     clusterprobe benchmarks/probes/quantize_cluster_probe.py: W4A8 quantize_act reading x once (a cluster along K
 #               exchanging amax and down_act through distributed shared memory) vs the library's two passes: exact
 #               check against the CPU op, time per FLUX shape and per step (HISTORY.md, 2026-12-05);
@@ -140,7 +141,7 @@ for step in "$@"; do
       tl=$(python3 -c "import torch, os; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
       nvcc -std=c++17 -O3 -arch=sm_90a $inc -I svdquant_ops/csrc --expt-relaxed-constexpr -diag-suppress 3306 \
         benchmarks/probes/w4a8_rega_probe.cu -L "$tl" -lc10 -ltorch_cpu -Xlinker -rpath="$tl" -lcuda -o /tmp/rega_probe
-      timeout 180 /tmp/rega_probe ;;
+      timeout 180 /tmp/rega_probe ${REGAPROBE_ARGS:-} ;;
     clusterprobe) timeout 300 python3 benchmarks/probes/quantize_cluster_probe.py ${CLUSTERPROBE_ARGS:-} ;;
     w4a16) python3 benchmarks/bench_w4a16.py --check --out "${OUT:-benchmarks/results}" ${W4A16_ARGS:-} ;;
     w4a16grid) SVDQUANT_OPS_DIAGNOSTICS=1 python3 benchmarks/bench_w4a16.py --grid-sweep ${W4A16_ARGS:-} ;;

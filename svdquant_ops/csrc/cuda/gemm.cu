@@ -264,12 +264,13 @@ Sm90Plan plan_sm90(const GemmShape& s, at::ScalarType up_dtype, bool wide, bool 
   return pl;
 }
 
-// W4A8's tile width for one call (SVDQUANT_OPS_CUDA_W4A8_TILE, else this estimate). The main loop is bound by the
-// operand bytes that land in shared memory per stage (the H100's tile fits, benchmarks/HISTORY.md, fourteenth
-// session: 410 ns per stage with 32 KB, ~290 with 16 KB, either operand), so a 128 x 256 tile's stage (48 KB, twice
-// the MMAs) is priced at 1.5 of a 128 x 128 tile's; per tile fixed costs of ~2.5 / ~3 such stages; a persistent grid
-// takes ceil(tiles / SMs) rounds. Wider tiles halve the tile count, so where that leaves SMs idle in the last round
-// (N = 3072 at M = 512: 48 tiles against 96) the narrow tile wins. 256 only where it is expected >= 5 % faster.
+// W4A8's tile width for one call (SVDQUANT_OPS_CUDA_W4A8_TILE, else this estimate). A persistent grid takes
+// ceil(tiles / SMs) rounds of (fixed + stages x per-stage) per tile. In units of a 128 x 128 tile's stage, a
+// 128 x 256 tile's stage costs 1.7 (measured on an H100: 1.70 at K = 15360, 1.8 at K = 12288, where the bytes per
+// stage alone would give 1.5; benchmarks/results/2026-12-06-h100-w4a8-tiles.md) and the fixed costs per tile are
+// ~2.5 / ~3 stages. Wider tiles halve the tile count, so where that leaves SMs idle in the last round (FLUX.1's
+// 512-token text stream: 0.66-0.87x there) the narrow tile wins; on its 4096 / 4608-token GEMMs the wide one
+// (1.03-1.10x), and the estimate picks the faster width on each of them.
 int w4a8_tile_bn(const GemmShape& s, const Sm90Plan& narrow) {
   const int forced = w4a8_tile();
   if (forced != 0) return forced;
@@ -278,7 +279,7 @@ int w4a8_tile_bn(const GemmShape& s, const Sm90Plan& narrow) {
     const int64_t tiles = int64_t(narrow.m_tiles) * ((s.N + bn - 1) / bn);
     return double((tiles + num_sms() - 1) / num_sms()) * (fixed + per_stage * stages);
   };
-  return est(256, 3.0, 1.5) < 0.95 * est(128, 2.5, 1.0) ? 256 : 128;
+  return est(256, 3.0, 1.7) < est(128, 2.5, 1.0) ? 256 : 128;
 }
 
 PrepArgs prep_args(const GemmShape& s, const Sm90Plan& pl, const Operands& o, bool act_unsigned, uint8_t* base) {

@@ -1,7 +1,9 @@
 // Step 2 of the Hopper GEMM path (internal header of ../gemm.cu): the sm_90a warp-specialized wgmma kernel.
-// Persistent (one CTA per SM, 128 x 128 output tiles), 384 threads: one producer thread issues TMA loads (128-byte
-// swizzle) into a ring of pipeline stages guarded by mbarriers; two consumer warpgroups own 64 rows each. Per tile:
-//   branch  the rank-R low-rank branch first, as bf16 wgmma K-steps (down_act and proj_up split into bf16 parts);
+// Persistent (one CTA per SM, 128 x 128 output tiles; W4A8 also 128 x 256), 384 threads: one producer thread issues
+// TMA loads (128-byte swizzle) into a ring of pipeline stages guarded by mbarriers; two consumer warpgroups own 64
+// rows each. Per tile:
+//   branch  the rank-R low-rank branch first, as bf16 wgmma K-steps (down_act and proj_up split into bf16 parts;
+//           W4A8's 128 x 256 tiles: last, onto the scaled main-loop sums);
 //   main    INT4: per 128-channel stage the four fp8 wgmma (m64n128k32) of its two 64-channel groups into two
 //           temporary accumulators (exact integer dot products), promoted on the CUDA cores
 //           (acc += tmp * (act_scale[row] * scale[col])), group 0 while group 1's MMAs run;
@@ -340,10 +342,10 @@ __device__ __forceinline__ void nvfp4_main_loop(const Params& p, uint8_t* smem, 
   });
 }
 
-// TMA-store epilogue (BN = 128, 2-byte output): acc + bias, cast, written into the warpgroup's epilogue buffer
-// (128-byte-swizzled rows: a warp's 4-byte writes land in 8 different 16-byte chunks, conflict-free), then
-// asynchronous TMA stores, which also clip the ragged M / N edges and drain while the next tile runs. The previous
-// tile's stores must have read the buffer first (long done by now: a whole main loop ago).
+// TMA-store epilogue (BN = 128, or W4A8's 256; 2-byte output): acc + bias, cast, written into the warpgroup's
+// epilogue buffer (128-byte-swizzled rows: a warp's 4-byte writes land in 8 different 16-byte chunks,
+// conflict-free), then asynchronous TMA stores, which also clip the ragged M / N edges and drain while the next
+// tile runs. The previous tile's stores must have read the buffer first (long done by now: a whole main loop ago).
 template <int BN, class C>
 __device__ __forceinline__ void store_tile_tma(const CUtensorMap& tmC, const Params& p, uint8_t* smem,
                                                const ConsumerLane& cl, const float (&acc)[BN / 2],
@@ -717,9 +719,8 @@ __global__ void __launch_bounds__(384, 1)
           wacc[4 * j + 2] = static_cast<float>(iacc[4 * j + 2]) * (sa1 * gsc.x);
           wacc[4 * j + 3] = static_cast<float>(iacc[4 * j + 3]) * (sa1 * gsc.y);
         });
-        for (int b = 0; b < p.n_branch; ++b)
-          consume_stage<C>(smem, full, empty, s, ph, wg, lane, wacc, true,
-                           [](float (&d)[BN / 2], uint64_t a, uint64_t b, int sd) { wgmma::mma_bf16<BN>(d, a, b, sd); });
+        auto mma_bf16 = [](float (&d)[BN / 2], uint64_t a, uint64_t b, int sd) { wgmma::mma_bf16<BN>(d, a, b, sd); };
+        for (int b = 0; b < p.n_branch; ++b) consume_stage<C>(smem, full, empty, s, ph, wg, lane, wacc, true, mma_bf16);
         if (tma_epi) store_tile_tma<BN, C>(tmC, p, smem, cl, wacc, vbias, m0, n0);
         else store_tile_direct<BN>(p, cl, wacc, vbias, m0, n0);
       }
