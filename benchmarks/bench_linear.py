@@ -299,12 +299,23 @@ def ahead_ab(dev, rep_ms):
         raise SystemExit(f"ahead_ab: {bad} GEMMs gave different outputs or next weights")
 
 
+def w4a8_gemm_call(M, N, K, R, up_dt, out_dt, dev, g):
+    """A W4A8 gemm call on random operands (int8 activation codes, per-token scales, down_act, a make_layer weight
+    with its proj_up in ``up_dt``), as a closure of no arguments."""
+    L = make_layer(K, N, R, dev, g, "w4a8")
+    L["up"] = L["up"].to(up_dt)
+    ac = torch.randint(-127, 128, (M, K), generator=g, dtype=torch.int32).to(dev, torch.int8)
+    asc = (torch.rand(M, 1, generator=g) * 0.02 + 1e-3).to(dev, torch.bfloat16)
+    da = torch.randn(M, R, generator=g).to(dev)
+    return lambda: torch.ops.svdquant.gemm(ac, asc, L["wc"], L["ws"], L["gsc"], da, L["up"], L["bias"], "w4a8",
+                                           out_dt, False)
+
+
 def schedule_ab(dev, rep_ms, sched):
     """W4A8 gemm (prep included) on a FLUX.1 step's GEMMs (q/k/v fused) under the shipped schedule against the
     diagnostics build's SVDQUANT_OPS_GEMM_SCHEDULE=``sched``, alternating within each shape: outputs compared bit for
     bit (the in-flight / magic-conversion schedules compute the same sums), the kernel that ran checked, per-call
     (CUDA graph) and per-step times."""
-    ops = torch.ops.svdquant
     g = torch.Generator().manual_seed(8)
     compared = {**OTHER_SCHEDULES, **PAIR_SCHEDULES, **RING_SCHEDULES}
     exact = compared[sched][1] if sched in compared else None  # None: wrong results by design
@@ -322,13 +333,7 @@ def schedule_ab(dev, rep_ms, sched):
         seqs.append((edges, 0))
     for seq, calls in seqs:
         for name, M, N, K, R, up_dt in seq:
-            L = make_layer(K, N, R, dev, g, "w4a8")
-            L["up"] = L["up"].to(up_dt)
-            ac = torch.randint(-127, 128, (M, K), generator=g, dtype=torch.int32).to(dev, torch.int8)
-            asc = (torch.rand(M, 1, generator=g) * 0.02 + 1e-3).to(dev, torch.bfloat16)
-            da = torch.randn(M, R, generator=g).to(dev)
-            fn = lambda: ops.gemm(ac, asc, L["wc"], L["ws"], L["gsc"], da, L["up"], L["bias"], "w4a8",  # noqa: E731
-                                  torch.bfloat16, False)
+            fn = w4a8_gemm_call(M, N, K, R, up_dt, torch.bfloat16, dev, g)
             us, outs, names = {k: [] for k in tot}, {}, {}
             for rep in range(2):  # A, B, A, B: drift between the two shows as a spread
                 for k in tot:
@@ -368,7 +373,6 @@ def tile_ab(dev, rep_ms):
     within each shape: the 256-wide outputs within fp32 rounding of the 128-wide ones (the branch is added in another
     order), auto's equal to the one it chose, the kernels that ran checked; per-call (CUDA graph) and per-step
     times, and the step as if each GEMM took its faster width."""
-    ops = torch.ops.svdquant
     g = torch.Generator().manual_seed(9)
     widths = ("128", "256", "auto")
     tot = {k: 0.0 for k in (*widths, "best")}
@@ -386,13 +390,7 @@ def tile_ab(dev, rep_ms):
             ([(n, M, N, K, 32, torch.bfloat16, torch.bfloat16) for n, M, N, K in FLUX_SINGLE], 38), (edges, 0)]
     for seq, calls in seqs:
         for name, M, N, K, R, up_dt, out_dt in seq:
-            L = make_layer(K, N, R, dev, g, "w4a8")
-            L["up"] = L["up"].to(up_dt)
-            ac = torch.randint(-127, 128, (M, K), generator=g, dtype=torch.int32).to(dev, torch.int8)
-            asc = (torch.rand(M, 1, generator=g) * 0.02 + 1e-3).to(dev, torch.bfloat16)
-            da = torch.randn(M, R, generator=g).to(dev)
-            fn = lambda: ops.gemm(ac, asc, L["wc"], L["ws"], L["gsc"], da, L["up"], L["bias"], "w4a8",  # noqa: E731
-                                  out_dt, False)
+            fn = w4a8_gemm_call(M, N, K, R, up_dt, out_dt, dev, g)
             us, outs, names = {k: [] for k in widths}, {}, {}
             for rep in range(2):  # A, B, C, A, B, C: drift shows as a spread
                 for k in widths:
