@@ -32,6 +32,7 @@ cache entry; ``gpu_run.sh gemm`` / ``tiles`` / ``overlap`` do this). Recorded ta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -297,6 +298,22 @@ def ahead_ab(dev, rep_ms):
     log("ahead_ab per FLUX step (W4A8 GEMMs): " + ", ".join(f"{k} {v:.2f} ms" for k, v in tot.items()))
     if bad:
         raise SystemExit(f"ahead_ab: {bad} GEMMs gave different outputs or next weights")
+
+
+@contextlib.contextmanager
+def narrow_w4a8_tiles():
+    """Every W4A8 GEMM on 128 x 128 tiles meanwhile (SVDQUANT_OPS_CUDA_W4A8_TILE=128): the diagnostics schedules exist
+    for that width only, so the shipped schedule they are compared with, and the tile-overhead fit's rounds, must use
+    it too."""
+    old = os.environ.get("SVDQUANT_OPS_CUDA_W4A8_TILE")
+    os.environ["SVDQUANT_OPS_CUDA_W4A8_TILE"] = "128"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("SVDQUANT_OPS_CUDA_W4A8_TILE", None)
+        else:
+            os.environ["SVDQUANT_OPS_CUDA_W4A8_TILE"] = old
 
 
 def w4a8_gemm_call(M, N, K, R, up_dt, out_dt, dev, g):
@@ -911,7 +928,8 @@ def main():
         ahead_ab(dev, args.rep_ms)
         return
     if args.schedule_ab:
-        schedule_ab(dev, args.rep_ms, args.schedule_ab)
+        with narrow_w4a8_tiles():
+            schedule_ab(dev, args.rep_ms, args.schedule_ab)
         return
     if args.tile_ab:
         tile_ab(dev, args.rep_ms)
@@ -974,13 +992,15 @@ def main():
             log(" | ".join(row))
         return
     if args.tile_overhead:
-        tile_overhead(dev, ["w4a8"] if args.tile_w4a8_only else ["w4a8", "int4"])
+        with narrow_w4a8_tiles():
+            tile_overhead(dev, ["w4a8"] if args.tile_w4a8_only else ["w4a8", "int4"])
         return
     if args.wprep:
         wprep_compare(dev, args.rep_ms, args.quick)
         return
     if args.overlap:
-        overlap_compare(dev, args.rep_ms, args.quick)
+        with narrow_w4a8_tiles():
+            overlap_compare(dev, args.rep_ms, args.quick)
         return
     if args.breakdown:
         # per-kernel device time of the full linear (rank 32 vs rank 0) from torch.profiler, at M = 4608

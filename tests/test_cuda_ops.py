@@ -635,7 +635,7 @@ EXPANDED_CASES = [
 
 
 @pytest.mark.parametrize("M,N,K,R,model_dtype,out_dtype,nN,nK", EXPANDED_CASES)
-def test_gemm_expanded_matches_gemm_and_cpu(monkeypatch, path, M, N, K, R, model_dtype, out_dtype, nN, nK):
+def test_gemm_expanded_matches_gemm_and_cpu(monkeypatch, gemm_path, M, N, K, R, model_dtype, out_dtype, nN, nK):
     """gemm_expanded on the GPU, with the next weight expanded where the library chooses, by the GEMM kernel's idle
     warps and by a kernel of its own (SVDQUANT_OPS_CUDA_W4A8_NEXT=auto / gemm / kernel): its output equals the GPU
     gemm's bit for bit (the same kernel, fed the same int8 weight), and the CPU op's within the gemm tolerance; the
@@ -790,7 +790,13 @@ def test_w4a8_tiles_agree_deterministic_and_replay(monkeypatch, tile):
         return OPS.gemm(codes, scales, wc, ws, gsc, la, up, b, "w4a8", out_dtype, False)
 
     monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_TILE", tile)
-    fast = gemm(torch.float32)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fast = gemm(torch.float32)
+        torch.cuda.synchronize()
+    ran = {e.name for e in prof.events() if "gemm_kernel" in e.name}
+    assert any(f"gemm_kernel<{tile}, 2, 0," in n for n in ran), ran  # the width asked for, not the other
     first = gemm(torch.bfloat16)
     for _ in range(3):
         assert torch.equal(gemm(torch.bfloat16).view(torch.int16), first.view(torch.int16))

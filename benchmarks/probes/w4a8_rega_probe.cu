@@ -15,7 +15,8 @@
 //   With --wide (fourteenth session), 128 x 256 tiles instead: ss256 (the shipped W4A8 kernel's wide main loop)
 //   against rega256 (the register-A loop on 128 weight rows x 256 tokens, codes stored as code + 7 so that a word of
 //   8 codes expands in 7 instructions); see ModeCfg and probe_kernel.
-// All three are checked against a naive kernel (exact int32 equality) on shapes with more tiles than SMs, then timed
+// Each mode is checked against a naive kernel (exact int32 equality), on shapes with more tiles than SMs among them
+// (each CTA then runs several tiles, the ring and phase carried across them), then timed
 // (20 launches between two CUDA events, median of 5) on FLUX shapes at M = 4608. The epilogue stores int32 directly (both kernels; the
 // rega stores are transposed); with store = 0 it only stores an impossible value (main loop alone).
 // Build and run (GPU machine, from the repository root; or `bash benchmarks/gpu_run.sh regaprobe`):
@@ -121,16 +122,16 @@ __device__ __forceinline__ void fence_regs_u(uint32_t (&r)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
 }
 
-// kMode: 0 ss (each stage's MMAs waited for before the next stage, as the shipped main loop), 1 ss with stage i - 1's
-// MMAs still running while stage i's are issued (the overlap rega has, without its expansion), 2 rega.
 // ---------------- 128 x 256 tiles (fourteenth session): is the register-A loop as fast as today's wide loop? --------
-// ss256   the shipped W4A8 kernel's 128 x 256 main loop: X tile (128 tokens) and int8 weights (256 channels) from
-//         shared memory, s8 wgmma m64n256k32, each stage's MMAs waited for (4 stages of 48 KB)
+// ss256   the main loop of the shipped W4A8 kernel's 128 x 256 tiles: X tile (128 tokens) and int8 weights (256
+//         channels) from shared memory, s8 wgmma m64n256k32, each stage's MMAs waited for; 4 stages of 48 KB (the
+//         library's kernel has 3 beside its 64 KB epilogue buffer, and a low-rank branch this probe leaves out)
 // rega256 Y^T per tile: 128 weight rows (64 per consumer warpgroup) as wgmma's register A operand, expanded from
 //         4-bit codes, against 256 tokens of X as the shared-memory B operand (m64n256k32): 32 KB of X plus 9 KB of
-//         codes and multipliers per stage (5 stages of 42 KB) instead of 48 KB, and no prep kernel. The codes are
-//         stored as u = code + 7 in [0, 14], two k-halves interleaved per word, so one word of 8 codes becomes two A
-//         registers in 7 instructions (expand_word_u7); stage i's expansion runs while stage i - 1's MMAs do.
+//         codes and multipliers per stage (5 stages of 41 KB) instead of 48 KB, and no prep kernel. The codes are
+//         stored as u = code + 7 in [0, 14] (the format's codes are in [-7, 7]), two k-halves interleaved per word,
+//         so one word of 8 codes becomes two A registers in 7 instructions (expand_word_u7); stage i's expansion
+//         runs while stage i - 1's MMAs do.
 // One word of 8 codes u (nibble 2j: channel k0 + j, nibble 2j + 1: channel k0 + 16 + j) times the multiplier m as
 // int8 (u - 7) * m: u * m + 128 - 7 m lies in [2, 254] for u <= 14, m <= 18, so neither the multiply nor the add
 // carries between bytes, and flipping bit 7 turns that excess-128 byte into the two's complement value.
@@ -585,7 +586,8 @@ uint8_t* upload_u7(Problem& p, bool check) {
 
 int run_wide(int sms) {
   int bad = 0;
-  const int checks[][3] = {{2048, 2048, 1024}, {1280, 3072, 896}, {512, 512, 3072}};
+  // 4608 x 3072 x 896: 432 tiles on 132 SMs (several per CTA) and 7 stages (rega256's A0 / A1 across tiles)
+  const int checks[][3] = {{2048, 2048, 1024}, {1280, 3072, 896}, {512, 512, 3072}, {4608, 3072, 896}};
   for (const auto& c : checks) {
     Problem p = make_problem(c[0], c[1], c[2], 5u + c[2]);
     uint8_t* wsh = upload_u7(p, true);

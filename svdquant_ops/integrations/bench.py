@@ -814,6 +814,8 @@ def _run_child(args, name: str, device: str, timeout: float) -> dict:
         env.update(SVDQUANT_OPS_CUDA_W4A8_GMAX=CONFIGS[name].gmax)
     if CONFIGS[name].w4a8_tile:  # read by the op library at every GEMM call
         env.update(SVDQUANT_OPS_CUDA_W4A8_TILE=CONFIGS[name].w4a8_tile)
+    else:  # the library's choice, whatever the caller's environment says
+        env.pop("SVDQUANT_OPS_CUDA_W4A8_TILE", None)
     if CONFIGS[name].gemm_schedule:  # read by the op library at load time (which build) and at every GEMM call
         env.update(SVDQUANT_OPS_DIAGNOSTICS="1", SVDQUANT_OPS_GEMM_SCHEDULE=CONFIGS[name].gemm_schedule)
     fd, result_file = tempfile.mkstemp(prefix=f"svdq-bench-{name}-", suffix=".json")

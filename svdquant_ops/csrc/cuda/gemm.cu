@@ -509,7 +509,7 @@ bool w4a8_pingpong_pays(const sm90::Params& p) {
 }
 #endif
 
-// The kernel instantiation of (precision, variant). A normal build compiles the three shipped ones only.
+// The kernel instantiation of (precision, variant). A normal build compiles the four shipped ones only.
 template <bool kStore>
 void launch_variant(Precision precision, [[maybe_unused]] const Variant& v, int bn, const TensorMaps& m,
                     const sm90::Params& p, cudaStream_t stream) {
@@ -591,9 +591,15 @@ bool run_sm90(const GemmShape& s, const Operands& o, bool act_unsigned, at::Tens
 #endif
   const bool w4_expand = v.w4_expand && s.precision == Precision::kW4a8;
   Sm90Plan pl = plan_sm90(s, o.proj_up.scalar_type(), v.wide, w4_expand || weight != nullptr);
-  // W4A8 on 128 x 256 tiles where the estimate says so (the diagnostics schedules and the in-kernel expansion are
-  // written for 128 x 128)
-  if (s.precision == Precision::kW4a8 && !w4_expand && v.sched == sm90::kPromote && w4a8_tile_bn(s, pl) == 256) {
+  // W4A8 on 128 x 256 tiles where the estimate says so (the diagnostics schedules, the in-kernel expansion and the
+  // no-store epilogue are written for 128 x 128)
+  const bool wide_ok = !w4_expand && v.sched == sm90::kPromote && v.store;
+#if SVDQ_DIAGNOSTICS
+  TORCH_CHECK(s.precision != Precision::kW4a8 || wide_ok || w4a8_tile() != 256,
+              "SVDQUANT_OPS_CUDA_W4A8_TILE=256: the 128 x 256 W4A8 kernel has only the shipped schedule, the prep "
+              "path and stores; unset SVDQUANT_OPS_GEMM_SCHEDULE / _WPREP / _EPILOGUE=none or the tile width");
+#endif
+  if (s.precision == Precision::kW4a8 && wide_ok && w4a8_tile_bn(s, pl) == 256) {
     pl = plan_sm90(s, o.proj_up.scalar_type(), v.wide, weight != nullptr, 256);
   }
 #if SVDQ_DIAGNOSTICS

@@ -80,7 +80,8 @@ struct Params {
   int m_tiles, n_tiles;
   int n_main, n_branch;
   int out_kind;
-  int tma_store;  // BN = 128, 2-byte output, N % 8 == 0: epilogue through shared memory and TMA stores
+  int tma_store;  // BN = 128 (or W4A8's 256), 2-byte output, N % 8 == 0: epilogue through shared memory and TMA
+                 // stores
   const uint8_t* wmult;  // kKindW4a8Expand: the weight's group multipliers [N, G]
   int G;
   int exp_mode;  // kKindW4a8Expand diagnostics: 0 full; 1 multipliers taken as 1; 2 no expansion; 3 no stores;
@@ -412,7 +413,7 @@ __device__ __forceinline__ void store_tile_direct(const Params& p, const Consume
 // The kernel: 384 threads = one producer warpgroup (one thread issues the TMA loads; the others give their registers
 // to the consumers with setmaxnreg) and two consumer warpgroups of 64 rows each, persistent over the output tiles
 // (tile blockIdx.x, + gridDim.x, ...). kSched != kPromote and kStore = false are diagnostic variants that only
-// diagnostics builds instantiate; the shipped kernels are gemm_kernel<128, kind>.
+// diagnostics builds instantiate; the shipped kernels are gemm_kernel<128, kind> and gemm_kernel<256, W4A8>.
 // What stays written out in the body, and why: moving the producer loop or the consumer loop into a helper function
 // (even verbatim) changes ptxas's register assignment in the INT4 kernel (same register count, different SASS); so
 // does the INT4 main loop as a helper, and the W4A8 main loop or its scaling as a helper in the W4A8 kernel. The
@@ -432,7 +433,8 @@ __global__ void __launch_bounds__(384, 1)
   constexpr bool kI8 = kKind == kKindW4a8 || kExp;
   // W4A8 on 128 x 256 tiles (the consumers' wide path below): 48 KB of operands per stage for twice a 128 x 128
   // tile's MMAs, where the main loop is bound by the bytes landing in shared memory (benchmarks/HISTORY.md)
-  constexpr bool kWide = kKind == kKindW4a8 && BN == 256;
+  static constexpr bool kWide = kKind == kKindW4a8 && BN == 256;  // (static: as a plain constexpr local it changed
+  // the NVFP4 kernel's SASS)
   static_assert(!kWide || kSched == kPromote, "the W4A8 diagnostics schedules run on 128 x 128 tiles only");
   static_assert(BN != 256 || kWide, "128 x 256 tiles are W4A8's only");
 #if SVDQ_DIAGNOSTICS
