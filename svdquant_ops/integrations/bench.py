@@ -810,12 +810,14 @@ def _run_child(args, name: str, device: str, timeout: float) -> dict:
 
     root = str(Path(svdquant_ops.__file__).resolve().parents[1])
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    if CONFIGS[name].gmax:  # read by the op library at every quantize_act call
-        env.update(SVDQUANT_OPS_CUDA_W4A8_GMAX=CONFIGS[name].gmax)
-    if CONFIGS[name].w4a8_tile:  # read by the op library at every GEMM call
-        env.update(SVDQUANT_OPS_CUDA_W4A8_TILE=CONFIGS[name].w4a8_tile)
-    else:  # the library's choice, whatever the caller's environment says
-        env.pop("SVDQUANT_OPS_CUDA_W4A8_TILE", None)
+    # the op library's run-time switches a row may set (read at every call); a row that leaves one at None gets the
+    # library's default, whatever the caller's environment says
+    for var, value in (("SVDQUANT_OPS_CUDA_W4A8_GMAX", CONFIGS[name].gmax),
+                       ("SVDQUANT_OPS_CUDA_W4A8_TILE", CONFIGS[name].w4a8_tile)):
+        if value:
+            env[var] = value
+        else:
+            env.pop(var, None)
     if CONFIGS[name].gemm_schedule:  # read by the op library at load time (which build) and at every GEMM call
         env.update(SVDQUANT_OPS_DIAGNOSTICS="1", SVDQUANT_OPS_GEMM_SCHEDULE=CONFIGS[name].gemm_schedule)
     fd, result_file = tempfile.mkstemp(prefix=f"svdq-bench-{name}-", suffix=".json")

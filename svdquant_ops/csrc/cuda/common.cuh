@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <string>
 #include <utility>
 
 namespace svdquant {
@@ -64,27 +65,35 @@ inline bool w4a8_token_split(bool fallback) {
   return env_switch("SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT", "1", "0", fallback);
 }
 
+// A run-time choice among named values, read at every call: the index of the variable's value in `names` (0, the
+// first, also when unset or empty); any other value is an error naming the variable and the choices.
+template <size_t N>
+inline int env_choice(const char* name, const char* const (&names)[N]) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || v[0] == '\0') return 0;
+  std::string expected;
+  for (size_t i = 0; i < N; ++i) {
+    if (std::strcmp(v, names[i]) == 0) return static_cast<int>(i);
+    expected += std::string(i == 0 ? "'" : "', '") + names[i];
+  }
+  TORCH_CHECK(false, "svdquant: ", name, " must be ", expected, "' or unset, got '", v, "'");
+  return 0;  // not reached
+}
+
 // SVDQUANT_OPS_CUDA_W4A8_NEXT=auto|gemm|kernel: where gemm_expanded expands the next weight on Hopper: by the GEMM
 // kernel's idle warps where that measured cheaper (auto, the default: next_in_gemm_pays in gemm.cu), always there
 // (gemm), or always in a kernel of its own after the GEMM (kernel). 0 / 1 / 2.
 inline int w4a8_next_where() {
-  const char* v = std::getenv("SVDQUANT_OPS_CUDA_W4A8_NEXT");
-  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0) return 0;
-  if (std::strcmp(v, "gemm") == 0) return 1;
-  TORCH_CHECK(std::strcmp(v, "kernel") == 0, "svdquant: SVDQUANT_OPS_CUDA_W4A8_NEXT must be 'auto', 'gemm', "
-              "'kernel' or unset, got '", v, "'");
-  return 2;
+  static constexpr const char* kNames[] = {"auto", "gemm", "kernel"};
+  return env_choice("SVDQUANT_OPS_CUDA_W4A8_NEXT", kNames);
 }
 
 // SVDQUANT_OPS_CUDA_W4A8_TILE=auto|128|256: the output tile width of W4A8's Hopper GEMM: as the library's estimate
 // chooses per call (auto, the default: w4a8_tile_bn in gemm.cu), or always 128 / 256 columns. 0 / 128 / 256.
 inline int w4a8_tile() {
-  const char* v = std::getenv("SVDQUANT_OPS_CUDA_W4A8_TILE");
-  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0) return 0;
-  if (std::strcmp(v, "128") == 0) return 128;
-  TORCH_CHECK(std::strcmp(v, "256") == 0, "svdquant: SVDQUANT_OPS_CUDA_W4A8_TILE must be 'auto', '128', '256' or "
-              "unset, got '", v, "'");
-  return 256;
+  static constexpr const char* kNames[] = {"auto", "128", "256"};
+  static constexpr int kWidths[] = {0, 128, 256};
+  return kWidths[env_choice("SVDQUANT_OPS_CUDA_W4A8_TILE", kNames)];
 }
 
 constexpr int kMaxDevices = 64;

@@ -684,7 +684,7 @@ __global__ void __launch_bounds__(384, 1)
     const int tq = lane & 3;
     const int r0 = wg * 64 + warp * 16 + (lane >> 2);
     const ConsumerLane cl{wg, warp, lane, tq, r0};
-    const bool tma_epi = (BN == 128 || kWide) && C::EPI_BYTES > 0 && p.tma_store;
+    const bool tma_epi = C::EPI_BYTES > 0 && p.tma_store;  // (only 128- and 256-column tiles have the buffer)
     float acc[BN / 2];
     float tmp0[BN / 2];
     float tmp1[BN / 2];
