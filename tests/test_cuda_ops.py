@@ -804,6 +804,7 @@ def test_w4a8_tiles_agree_deterministic_and_replay(monkeypatch, tile):
     monkeypatch.setenv("SVDQUANT_OPS_CUDA_PORTABLE", "1")
     port = gemm(torch.float32)
     assert rel_fro(fast, port) < 1e-5  # (the 128-column kernel measured 1.09e-6 here on an H100)
+    assert (fast - port).abs().max().item() <= 1e-5 * (port.abs().max().item() + 1e-30)
 
 
 @pytest.mark.skipif(not IS_SM90, reason="the Hopper path exists on compute capability 9.0 only")
