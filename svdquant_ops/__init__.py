@@ -34,6 +34,8 @@ _LAZY = {
     "share_inputs": "svdquant_ops.quantize.sharing",
     "fuse_qkv": "svdquant_ops.integrations.fusion",
     "unfuse_qkv": "svdquant_ops.integrations.fusion",
+    "unwrap_weights": "svdquant_ops.integrations.unwrap",
+    "rewrap_weights": "svdquant_ops.integrations.unwrap",
     "quantization_config": "svdquant_ops.integrations.diffusers",
     "save_file": "svdquant_ops.storage.serialization",
     "load_file": "svdquant_ops.storage.serialization",

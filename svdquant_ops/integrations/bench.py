@@ -86,6 +86,8 @@ class Config:
     #                                  one grouped call (True) or one call each (False); None: the library's default
     w4a8_tile: str | None = None  # W4A8's GEMM tile width on Hopper, "128" or "256" (SVDQUANT_OPS_CUDA_W4A8_TILE in
     #                               the child); None: the library's per-call choice
+    unwrap: bool = False  # quantized weights held as plain parts before compiling (svdquant_ops.unwrap_weights;
+    #                       torchao's unwrap_tensor_subclass for fp8): no subclass flattened on each call
 
     @property
     def cuda_only(self) -> bool:
@@ -118,6 +120,9 @@ class Config:
         if self.expand_ahead is not None:
             how += (", each GEMM expanding the next one's weight (expand_ahead)" if self.expand_ahead
                     else ", each GEMM expanding its own weight (no expand_ahead)")
+        if self.unwrap:
+            how += (", weights unwrapped (torchao's unwrap_tensor_subclass)" if self.weights == "fp8"
+                    else ", weights unwrapped (unwrap_weights)")
         if self.group_w4a16 is not None:
             how += (", the AdaLN w4a16 linears as one grouped call (group_w4a16)" if self.group_w4a16
                     else ", one call per w4a16 linear (no group_w4a16)")
@@ -200,6 +205,13 @@ def _configs() -> dict[str, Config]:
         for k, on in (("grouped", True), ("ungrouped", False)):
             name = f"w4a8-compile{sfx}-fused-{k}"
             out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, group_w4a16=on)
+    # Extra: the quantized weights held as their plain parts (parametrizations) before compiling, so that a compiled
+    # call flattens no tensor subclass: ours with svdquant_ops.unwrap_weights, torchao's fp8 with its own
+    # unwrap_tensor_subclass (the same comparison for both; fp8 unfused, as its baseline row)
+    for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
+        out[f"w4a8-compile{sfx}-fused-unwrap"] = Config(f"w4a8-compile{sfx}-fused-unwrap", "w4a8", True, mode,
+                                                        fuse_qkv=True, unwrap=True)
+        out[f"fp8-compile{sfx}-unwrap"] = Config(f"fp8-compile{sfx}-unwrap", "fp8", True, mode, unwrap=True)
     # Diagnostic: every adapter fused up to rank 128 (quantize_act's fast kernel at R = 128 runs one block per SM)
     out["w4a8-compile-lora16-fuse128"] = Config("w4a8-compile-lora16-fuse128", "w4a8", True, lora_rank=16,
                                                 lora_max_fused_rank=128)
@@ -390,6 +402,19 @@ def quantize(model, cfg: Config, rank: int, weight_only: str | None) -> dict:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return info
+
+
+def unwrap(model, cfg: Config) -> int:
+    """Hold ``model``'s quantized weights as plain parts (``Config.unwrap``); returns how many weights."""
+    if cfg.weights == "fp8":
+        from torchao.utils import unwrap_tensor_subclass
+
+        before = sum(1 for m in model.modules() if type(getattr(m, "weight", None)).__name__ == "Float8Tensor")
+        unwrap_tensor_subclass(model)
+        return before
+    from .unwrap import unwrap_weights
+
+    return unwrap_weights(model)
 
 
 def _fp8_kernel_path() -> str:
@@ -654,6 +679,8 @@ def run_one(name: str, *, model: str = "flux-dev", size: int = 1024, batch: int 
     if cfg.lora_rank:
         res.update(add_lora(m, cfg, dev, seed, sync))
     res["weight_bytes"] = weight_bytes(m)
+    if cfg.unwrap:  # after the weight count: parametrizations hold the same memory
+        res["unwrapped"] = unwrap(m, cfg)
     if cuda:
         res["resident_bytes"] = torch.cuda.memory_allocated()
         res["peak_quantize_bytes"] = torch.cuda.max_memory_allocated()
@@ -966,6 +993,8 @@ def report(meta: dict, rows: list[dict], header_md) -> str:
         ratio = f"{base['ms_median'] / r['ms_median']:.2f}x" if base else "-"
         graphs = f"{r['graphs']} / {r['recompiles']}" if r.get("recompiles") is not None else "-"
         notes = [r[k] for k in ("summary",) if r.get(k)]
+        if r.get("unwrapped"):
+            notes.append(f"{r['unwrapped']} weights unwrapped")
         if not r.get("output_finite", True):
             notes.append("output not finite")
         if r.get("cudagraph_skips"):

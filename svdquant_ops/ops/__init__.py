@@ -155,7 +155,8 @@ def clear_act_cache() -> None:
 
 
 def _key(t: torch.Tensor, hold: bool):
-    if type(t) is not torch.Tensor or t.is_inference():
+    # plain tensors only (parameters: the parts of weights unwrapped for compile, integrations.unwrap)
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.is_inference():
         return None
     return (t if hold else weakref.ref(t), t._version, t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype,
             t.device)

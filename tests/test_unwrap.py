@@ -1,0 +1,116 @@
+"""``unwrap_weights``: quantized weights held as plain parts, so a compiled call flattens no tensor subclass.
+
+Tiny FLUX (2 double + 2 single blocks), w4a8 with a rank-16 branch and 4-bit weight-only AdaLN linears, q/k/v fused:
+22 SVDQuant GEMMs and 20 quantize_act calls per forward (``test_fusion``). Unwrapped and compiled it must run the
+same calls (a single block's fused q/k/v and proj_mlp still share one quantize_act: their λ and down projection stay
+one graph input) and give the same output as the compiled wrapped model.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import svdquant_ops
+from svdquant_ops import SVDQuantTensor, W4A16Tensor, quantize_model
+from svdquant_ops.integrations.fusion import fuse_qkv
+from svdquant_ops.integrations.unwrap import rewrap_weights, unwrap_weights
+
+from .builders import flux_inputs, fresh_compile_state, tiny_flux
+
+FUSED_GEMMS, QUANTIZE_ACTS = 22, 20
+
+_fresh = pytest.fixture(autouse=True)(fresh_compile_state)
+
+
+def _count(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = fn()
+    names = [e.name for e in prof.events()]
+    return out, names.count("svdquant::quantize_act"), names.count("svdquant::gemm")
+
+
+def _model():
+    model = tiny_flux()
+    quantize_model(model, precision="w4a8", rank=16, weight_only="w4a16")
+    fuse_qkv(model)
+    return model
+
+
+def _n_weights(model):
+    return sum(isinstance(p, (SVDQuantTensor, W4A16Tensor)) for p in model.parameters())
+
+
+def test_unwrapped_holds_plain_parts_and_keeps_shared_parts_one_object():
+    model = _model()
+    n = _n_weights(model)
+    assert unwrap_weights(model) == n > 0
+    assert _n_weights(model) == 0 and all(type(p) is torch.nn.Parameter for p in model.parameters())
+    block = model.single_transformer_blocks[0]
+    qkv, mlp = block.attn.to_qkv.weight, block.proj_mlp.weight  # rebuilt at each read
+    assert isinstance(qkv, SVDQuantTensor) and qkv.smooth is mlp.smooth and qkv.proj_down is mlp.proj_down
+    assert unwrap_weights(model) == 0  # nothing left to unwrap
+
+
+def test_compiled_unwrapped_equals_compiled_wrapped_with_the_same_calls():
+    from torch._dynamo.utils import counters
+
+    model = _model()
+    unwrapped = copy.deepcopy(model)
+    unwrap_weights(unwrapped)
+    inputs = flux_inputs()
+    with torch.no_grad():  # the eager quantize_act cache needs version counters: not under inference_mode
+        eager, n_e, g_e = _count(lambda: unwrapped(**inputs).sample)
+        assert torch.equal(eager, model(**inputs).sample) and (n_e, g_e) == (QUANTIZE_ACTS, FUSED_GEMMS)
+    with torch.inference_mode():
+        ref = torch.compile(model, fullgraph=True)(**inputs).sample
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(unwrapped, fullgraph=True)
+        compiled(**inputs)
+        out, n, g = _count(lambda: compiled(**inputs).sample)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
+    assert (n, g) == (QUANTIZE_ACTS, FUSED_GEMMS)
+    assert torch.equal(out, ref)
+
+
+def test_state_dict_layout_and_rewrap_round_trip(tmp_path):
+    model = _model()
+    ref, n = model.state_dict(), _n_weights(model)
+    unwrap_weights(model)
+    sd = model.state_dict()
+    assert sorted(sd) == sorted(ref)
+    for k, v in ref.items():
+        assert type(sd[k]) is type(v), k
+        for f in (v.__tensor_flatten__()[0] if hasattr(v, "__tensor_flatten__") else [None]):
+            a, b = (getattr(sd[k], f), getattr(v, f)) if f else (sd[k], v)
+            assert torch.equal(a, b), (k, f)
+    model.save_pretrained(tmp_path)  # what from_pretrained reads
+    loaded = type(model).from_pretrained(tmp_path, torch_dtype=torch.bfloat16).eval()
+    inputs = flux_inputs()
+    with torch.inference_mode():
+        out = model(**inputs).sample
+        assert torch.equal(loaded(**inputs).sample, out)
+    assert rewrap_weights(model) == n and _n_weights(model) == n
+    block = model.single_transformer_blocks[0]
+    assert isinstance(block.attn.to_qkv.weight, SVDQuantTensor)
+    assert block.attn.to_qkv.weight.smooth is block.proj_mlp.weight.smooth
+    assert "weight" in dict(block.proj_mlp.named_parameters(recurse=False))
+    with torch.inference_mode():
+        assert torch.equal(model(**inputs).sample, out)
+
+
+def test_refusals_name_the_way_out():
+    model = _model()
+    unwrap_weights(model)
+    with pytest.raises(RuntimeError, match="rewrap_weights"):
+        model.load_state_dict(model.state_dict())
+    model.to(torch.float16)
+    with pytest.raises(TypeError, match=r"parts changed dtype.*rewrap_weights"):
+        with torch.inference_mode():
+            model(**flux_inputs(dtype=torch.float16))
+    with pytest.raises(TypeError, match="nn.Module"):
+        unwrap_weights(object())
+    assert svdquant_ops.unwrap_weights is unwrap_weights and svdquant_ops.rewrap_weights is rewrap_weights
