@@ -1,0 +1,51 @@
+"""``unwrap_weights`` on a GPU, the way a compiled pipeline takes it: a w4a8 tiny FLUX quantized on the CPU, q/k/v
+fused, unwrapped, moved to the GPU (in each autograd mode) and compiled with CUDA graphs. The parts a single block's
+fused q/k/v and proj_mlp share must still be one tensor after the move, and every output must equal the wrapped
+model's on the same GPU."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("CUDA is not available", allow_module_level=True)
+
+from svdquant_ops import quantize_model  # noqa: E402
+from svdquant_ops.integrations.fusion import fuse_qkv  # noqa: E402
+from svdquant_ops.integrations.unwrap import unwrap_weights  # noqa: E402
+
+from .builders import flux_inputs, fresh_compile_state, tiny_flux  # noqa: E402
+
+_fresh = pytest.fixture(autouse=True)(fresh_compile_state)
+MODES = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_unwrapped_move_and_compile_with_cuda_graphs(mode):
+    model = tiny_flux()
+    quantize_model(model, precision="w4a8", rank=16, weight_only="w4a16")
+    fuse_qkv(model)
+    inputs = {k: v.to("cuda") for k, v in flux_inputs().items()}
+    wrapped = copy.deepcopy(model).to("cuda")
+    unwrap_weights(model)
+    with MODES[mode]():
+        model.to("cuda")
+    block = model.single_transformer_blocks[0]
+    assert block.attn.to_qkv.weight.smooth.device.type == "cuda"
+    assert block.attn.to_qkv.weight.smooth is block.proj_mlp.weight.smooth  # still one tensor after the move
+    with torch.inference_mode():
+        ref = wrapped(**inputs).sample
+        assert torch.equal(model(**inputs).sample, ref)
+        ref_c = torch.compile(wrapped, fullgraph=True, mode="reduce-overhead")
+        for _ in range(3):
+            torch.compiler.cudagraph_mark_step_begin()
+            want = ref_c(**inputs).sample.clone()
+        torch._dynamo.reset()
+        comp = torch.compile(model, fullgraph=True, mode="reduce-overhead")
+        for _ in range(3):
+            torch.compiler.cudagraph_mark_step_begin()
+            got = comp(**inputs).sample.clone()
+    assert torch.equal(got, want)
