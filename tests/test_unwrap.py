@@ -16,6 +16,7 @@ import torch
 import svdquant_ops
 from svdquant_ops import SVDQuantTensor, W4A16Tensor, quantize_model
 from svdquant_ops.integrations.fusion import fuse_qkv
+from svdquant_ops.integrations.lora import load_lora, unload_lora
 from svdquant_ops.integrations.unwrap import rewrap_weights, unwrap_weights
 
 from .builders import flux_inputs, fresh_compile_state, tiny_flux
@@ -107,6 +108,13 @@ def test_refusals_name_the_way_out():
     unwrap_weights(model)
     with pytest.raises(RuntimeError, match="rewrap_weights"):
         model.load_state_dict(model.state_dict())
+    lin = model.single_transformer_blocks[0].proj_mlp
+    with pytest.raises(TypeError, match="cannot assign.*rewrap_weights"):
+        lin.weight = lin.weight  # (a Parameter assigned there stops in torch: "attribute 'weight' already exists")
+    for fn in (lambda: load_lora(model, {}, "a"), lambda: unload_lora(model),
+               lambda: svdquant_ops.fuse_qkv(model), lambda: svdquant_ops.unfuse_qkv(model)):
+        with pytest.raises(RuntimeError, match="unwrapped for torch.compile.*rewrap_weights"):
+            fn()
     model.to(torch.float16)
     with pytest.raises(TypeError, match=r"parts changed dtype.*rewrap_weights"):
         with torch.inference_mode():

@@ -233,7 +233,9 @@ def fuse_qkv(model: nn.Module) -> FuseSummary:
         hint = "; pass its denoiser (pipe.transformer or pipe.unet)" if hasattr(model, "components") else ""
         raise TypeError(f"fuse_qkv: model must be a torch.nn.Module, got {type(model).__name__}{hint}")
     from .lora import has_lora
+    from .unwrap import refuse_unwrapped
 
+    refuse_unwrapped(model, "fuse_qkv")
     if has_lora(model):
         raise ValueError("fuse_qkv: the model holds LoRA adapters (load_lora), which target to_q, to_k, ... by name; "
                          "unload them first (svdquant_ops.lora.unload_lora), and load LoRAs only on an unfused model "
@@ -272,7 +274,9 @@ def unfuse_qkv(model: nn.Module) -> int:
     """Undo ``fuse_qkv``: ``to_q`` / ``to_k`` / ``to_v`` (and ``add_*_proj``) again, with the same values bit for bit
     (their λ and down projection stay the shared tensors). Returns the number of attention modules unfused."""
     from .lora import has_lora
+    from .unwrap import refuse_unwrapped
 
+    refuse_unwrapped(model, "unfuse_qkv")
     if has_lora(model):
         raise ValueError("unfuse_qkv: the model holds LoRA adapters (load_lora) loaded onto the fused linears; "
                          "unload them first (svdquant_ops.lora.unload_lora), then unfuse and load them again")

@@ -58,6 +58,7 @@ from torch import nn
 from ..storage import SVDQuantTensor
 from ..storage.tensor import RANK_MULTIPLE
 from ..storage.shared_moves import mark_shared
+from .unwrap import refuse_unwrapped
 
 log = logging.getLogger("svdquant_ops")
 
@@ -502,6 +503,7 @@ def load_lora(model, path_or_state_dict, adapter_name: str, scale: float = 1.0, 
     if not isinstance(adapter_name, str) or not adapter_name:
         raise TypeError(f"load_lora: adapter_name must be a non-empty string, got {adapter_name!r}")
     denoiser, _ = _split_model(model)
+    refuse_unwrapped(denoiser, "load_lora")
     st = _state(denoiser) or _State()
     if adapter_name in st.scales:
         raise ValueError(f"load_lora: an adapter named {adapter_name!r} is already loaded; unload_lora(model, "
@@ -638,6 +640,7 @@ def unload_lora(model, adapter_name: str | None = None) -> None:
     """Remove adapter ``adapter_name`` (all adapters when None). The SVDQuant branch gets its original values back
     bit for bit; side branches are removed with their hooks. A compiled model recompiles once."""
     denoiser, _ = _split_model(model)
+    refuse_unwrapped(denoiser, "unload_lora")
     st = _state(denoiser)
     if adapter_name is None:
         names = list(st.scales) if st is not None else []

@@ -15,8 +15,9 @@ tensors only. The same mechanism as torch's ``unwrap_tensor_subclass_parameters`
   merges their ``quantize_act`` calls still applies (torch's version wraps each holder's part in a parameter of its
   own).
 - ``state_dict()`` keeps the usual layout (``...weight`` entries holding the quantized weight), so ``save_pretrained``
-  after unwrapping writes what ``from_pretrained`` reads. Loading into an unwrapped model, or changing its dtype
-  (which would cast parts that must stay bit-exact), is refused with the way out: ``rewrap_weights(model)`` first.
+  after unwrapping writes what ``from_pretrained`` reads. Loading into an unwrapped model, assigning it a new weight
+  (``load_lora`` does), or changing its dtype (which would cast parts that must stay bit-exact) is refused with the
+  way out: ``rewrap_weights(model)`` first. Writes into the parts in place (``set_lora_scale``) work as before.
 
 Eagerly an unwrapped model computes the same outputs, a little slower (the weight is rebuilt at each read). Use it
 for compiled models: ``unwrap_weights(model)`` after quantizing (and ``fuse_qkv``) and after moving the model to its
@@ -47,6 +48,7 @@ class WeightFromParts(nn.Module):
         self.outer_size = tuple(weight.size())
         self.outer_stride = tuple(weight.stride())
         self.part_dtypes = tuple(getattr(weight, n).dtype for n in names)
+        self.registered = False  # set once register_parametrization has taken the parts (right_inverse's one use)
 
     def forward(self, *parts: torch.Tensor) -> PackedWeight:
         dtypes = tuple(p.dtype for p in parts)
@@ -58,9 +60,11 @@ class WeightFromParts(nn.Module):
                                              self.outer_stride)
 
     def right_inverse(self, weight: torch.Tensor) -> list[torch.Tensor]:
-        if not isinstance(weight, self.cls):
-            raise TypeError(f"unwrapped {self.cls.__name__} weight: cannot assign a {type(weight).__name__}; "
-                            "call svdquant_ops.rewrap_weights(model) before replacing quantized weights")
+        # Assigning a new weight later would copy its parts into these parameters, some of them shared with other
+        # weights (and of other shapes after a LoRA load): refused. In-place writes to the parts are fine.
+        if self.registered or not isinstance(weight, self.cls):
+            raise TypeError(f"cannot assign a weight to a linear whose {self.cls.__name__} is unwrapped for "
+                            "torch.compile; call svdquant_ops.rewrap_weights(model) first (and unwrap again after)")
         return [getattr(weight, n) for n in self.names]
 
 
@@ -68,6 +72,19 @@ def _unwrapped(module: nn.Module) -> list[str]:
     if not parametrize.is_parametrized(module):
         return []
     return [n for n, plist in module.parametrizations.items() if isinstance(plist[0], WeightFromParts)]
+
+
+def is_unwrapped(model: nn.Module) -> bool:
+    """Whether any quantized weight of ``model`` is held as plain parts (``unwrap_weights``)."""
+    return any(_unwrapped(m) for m in model.modules())
+
+
+def refuse_unwrapped(model: nn.Module, what: str) -> None:
+    """Stop ``what``, which replaces quantized weights, on a model whose weights are unwrapped."""
+    if is_unwrapped(model):
+        raise RuntimeError(f"{what}: the model's quantized weights are unwrapped for torch.compile "
+                           "(svdquant_ops.unwrap_weights); call svdquant_ops.rewrap_weights(model) first, and unwrap "
+                           "again after")
 
 
 def unwrap_weights(model: nn.Module) -> int:
@@ -87,6 +104,7 @@ def unwrap_weights(model: nn.Module) -> int:
             held.extend(parts)
             parametrize.register_parametrization(module, name, WeightFromParts(weight), unsafe=True)
             plist = getattr(module, _PATH)[name]
+            plist[0].registered = True
             for i, part in enumerate(parts):
                 key = f"original{i}"
                 first = one_object.setdefault(id(part), plist._parameters[key])

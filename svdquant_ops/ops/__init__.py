@@ -183,14 +183,17 @@ def _cached_quantize_act(x, weight):
     keys = [_key(t, h) for t, h in zip(args, hold)]
     if any(k is None for k in keys):
         return None
+    # which weights used the entry, by their codes object: a weight unwrapped for compile (integrations.unwrap) is a
+    # new wrapper at each read, whose id a later wrapper may reuse, while its parts are the module's own
+    who = id(weight.codes)
     entry = getattr(_cache, "entry", None)
-    if (entry is not None and entry[1] == precision and entry[2] == act_unsigned and id(weight) not in entry[4]
+    if (entry is not None and entry[1] == precision and entry[2] == act_unsigned and who not in entry[4]
             and all(_matches(k, t, h) for k, t, h in zip(entry[0], args, hold))):
-        entry[4].add(id(weight))
+        entry[4].add(who)
         return entry[3]
     _cache.entry = None  # free the old entry before quantizing the new input
     out = quantize_act(x, smooth, proj_down, precision, act_unsigned)
-    _cache.entry = (keys, precision, act_unsigned, out, {id(weight)})
+    _cache.entry = (keys, precision, act_unsigned, out, {who})
     return out
 
 
