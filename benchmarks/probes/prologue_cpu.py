@@ -75,6 +75,9 @@ CONFIGS = {
     # q/k/v (and the added q/k/v) of each attention as one linear (svdquant_ops.fuse_qkv): 152 fewer quantized
     # weights to unwrap and guard, 152 fewer GEMM calls
     "w4a8-fused": ("w4a8", {}, {}, None),
+    # fused, then each quantized weight held as its plain parts by svdquant_ops.unwrap_weights (shared parts one
+    # parameter), as the compile recipes do
+    "w4a8-fused-unwrapped": ("w4a8", {}, {}, None),
 }
 DEFAULT = ["bf16", "bf16-tags", "bf16-skipnn", "w4a8", "w4a8-tags", "w4a8-skipnn", "w4a8-freezing"]
 
@@ -363,10 +366,14 @@ def run_config(name: str, iters: int, warmup: int, do_profile: bool, do_safety: 
         from torchao.utils import unwrap_tensor_subclass
 
         unwrap_tensor_subclass(model)
-    if name.endswith("-fused"):
+    if name.endswith("-fused") or name.endswith("-fused-unwrapped"):
         from svdquant_ops import fuse_qkv
 
         res["fused_attention"] = len(fuse_qkv(model).fused)
+    if name.endswith("-unwrapped"):
+        from svdquant_ops import unwrap_weights
+
+        res["unwrapped"] = unwrap_weights(model)
     res.update(info)
     res.update(count_tensors(model))
     inputs = make_inputs()

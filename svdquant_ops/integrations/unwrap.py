@@ -22,9 +22,20 @@ tensors only. The same mechanism as torch's ``unwrap_tensor_subclass_parameters`
 Eagerly an unwrapped model computes the same outputs, a little slower (the weight is rebuilt at each read). Use it
 for compiled models: ``unwrap_weights(model)`` after quantizing (and ``fuse_qkv``) and after moving the model to its
 device, then ``torch.compile``. Device moves afterwards move the parts as plain parameters (shared parts stay one).
+Rebinding a part on the weight read from a module (``module.weight.proj_up = t``) changes only that read's wrapper:
+write into the part in place, or rewrap first.
+
+It does not pay under every torch. The parametrizations roughly double Dynamo's guard tree (FLUX.1-dev depth: 17340
+guard managers against 8416, 10.6 against 4.7 ms per call on this project's CPU machine under torch 2.13), which only
+pays where AOTAutograd flattens the subclasses in Python at each call (torch 2.11, the GPU machine's). torch 2.13
+generates code for that flattening (``torch._functorch._aot_autograd.subclass_codegen``) and the compiled function
+took as long with as without unwrapping there. ``pays_off()`` tells which case this torch is; the compile recipes
+(``svdquant generate --compile``, ``integrations/flux_compile.py``) unwrap only where it does.
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 from torch import nn
@@ -72,6 +83,15 @@ def _unwrapped(module: nn.Module) -> list[str]:
     if not parametrize.is_parametrized(module):
         return []
     return [n for n, plist in module.parametrizations.items() if isinstance(plist[0], WeightFromParts)]
+
+
+def pays_off() -> bool:
+    """Whether ``unwrap_weights`` should shorten a compiled call under this torch: True where AOTAutograd flattens
+    tensor-subclass inputs in Python at each call (no generated code for it, as in torch 2.11)."""
+    try:
+        return importlib.util.find_spec("torch._functorch._aot_autograd.subclass_codegen") is None
+    except ModuleNotFoundError:  # pragma: no cover - a torch without that package at all
+        return True
 
 
 def is_unwrapped(model: nn.Module) -> bool:
