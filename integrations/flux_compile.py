@@ -32,11 +32,8 @@ def main() -> None:
     # GPU, reduce-overhead also captures CUDA graphs (the ops are capture-safe: no host synchronization).
     mode = "reduce-overhead" if args.device.startswith("cuda") else None
     # The quantized weights as plain parts: the compiled call flattens no tensor subclass (host time before the
-    # replay), where this torch would flatten them in Python (svdquant_ops.integrations.unwrap.pays_off)
-    from svdquant_ops.integrations.unwrap import pays_off
-
-    if pays_off():
-        svdquant_ops.unwrap_weights(pipe.transformer)
+    # replay)
+    svdquant_ops.unwrap_weights(pipe.transformer)
     pipe.transformer.compile(fullgraph=True, mode=mode)
     generate(pipe, args, call, output_type="latent")  # compiles (and records the graphs)
     t0 = time.perf_counter()

@@ -374,6 +374,15 @@ def assert_cuda_graph_replays_eager(fn, x: torch.Tensor) -> None:
     assert torch.equal(static_y.view(torch.int16), fn(x2).view(torch.int16))
 
 
+def count_calls(fn):
+    """(fn(), its svdquant::quantize_act calls, its svdquant::gemm calls), counted by the profiler (eager or
+    compiled: what actually ran)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = fn()
+    names = [e.name for e in prof.events()]
+    return out, names.count("svdquant::quantize_act"), names.count("svdquant::gemm")
+
+
 def fresh_compile_state():
     """Generator for an autouse fixture: Dynamo's caches and the ops' eager quantize_act cache reset around a test."""
     from svdquant_ops import ops

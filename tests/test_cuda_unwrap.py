@@ -31,8 +31,9 @@ def test_unwrapped_move_and_compile_with_cuda_graphs(mode):
     inputs = {k: v.to("cuda") for k, v in flux_inputs().items()}
     wrapped = copy.deepcopy(model).to("cuda")
     unwrap_weights(model)
-    with MODES[mode]():
-        model.to("cuda")
+    with MODES[mode]():  # under inference_mode as pipe.to("cuda", torch.bfloat16): the fp32 scales are only moved
+        model.to("cuda", torch.bfloat16) if mode == "inference_mode" else model.to("cuda")
+    assert not any(p.is_inference() for p in model.parameters())
     block = model.single_transformer_blocks[0]
     assert block.attn.to_qkv.weight.smooth.device.type == "cuda"
     assert block.attn.to_qkv.weight.smooth is block.proj_mlp.weight.smooth  # still one tensor after the move

@@ -18,18 +18,11 @@ import svdquant_ops
 from svdquant_ops import SVDQuantTensor, quantize_model
 from svdquant_ops.integrations.fusion import fuse_qkv, is_fused, unfuse_qkv
 
-from .builders import flux_inputs, fresh_compile_state, tiny_flux, tiny_wan
+from .builders import count_calls, flux_inputs, fresh_compile_state, tiny_flux, tiny_wan
 
 UNFUSED_GEMMS, FUSED_GEMMS, QUANTIZE_ACTS = 34, 22, 20
 
 _fresh = pytest.fixture(autouse=True)(fresh_compile_state)
-
-
-def _count(fn):
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        out = fn()
-    names = [e.name for e in prof.events()]
-    return out, names.count("svdquant::quantize_act"), names.count("svdquant::gemm")
 
 
 def _pair(precision="w4a8", **options):
@@ -46,8 +39,8 @@ def test_fused_outputs_equal_unfused_bit_for_bit(precision):
     model, fused = _pair(precision)
     inputs = flux_inputs()
     with torch.no_grad():  # the eager quantize_act cache needs version counters: not under inference_mode
-        ref, n_ref, g_ref = _count(lambda: model(**inputs).sample)
-        out, n, g = _count(lambda: fused(**inputs).sample)
+        ref, n_ref, g_ref = count_calls(lambda: model(**inputs).sample)
+        out, n, g = count_calls(lambda: fused(**inputs).sample)
     assert (n_ref, g_ref) == (QUANTIZE_ACTS, UNFUSED_GEMMS)
     assert (n, g) == (QUANTIZE_ACTS, FUSED_GEMMS)
     assert torch.equal(out, ref)
@@ -90,7 +83,7 @@ def test_compiled_one_graph_and_fewer_gemms():
         counters.clear()
         compiled = torch.compile(fused, fullgraph=True)
         compiled(**inputs)
-        out, n, g = _count(lambda: compiled(**inputs).sample)
+        out, n, g = count_calls(lambda: compiled(**inputs).sample)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
     assert (n, g) == (QUANTIZE_ACTS, FUSED_GEMMS)
     torch.testing.assert_close(out, eager, rtol=2e-2, atol=2e-2)  # Inductor's fused elementwise rounding
@@ -131,7 +124,7 @@ def test_load_state_dict_into_a_fused_model_keeps_sharing():
     inputs = flux_inputs()
     with torch.no_grad():
         ref = other(**inputs).sample
-        out, n, _ = _count(lambda: fused(**inputs).sample)
+        out, n, _ = count_calls(lambda: fused(**inputs).sample)
     assert torch.equal(out, ref)
     assert n == QUANTIZE_ACTS  # the single blocks' to_qkv and proj_mlp still hold one λ and down projection
     block = fused.single_transformer_blocks[0]
@@ -192,7 +185,7 @@ def test_fused_16bit_model_quantizes_like_the_unfused_one():
     summary = quantize_model(bf16, precision="w4a8")
     assert "transformer_blocks.0.attn.to_qkv" in summary.quantized
     with torch.no_grad():
-        out, n, g = _count(lambda: bf16(**inputs).sample)
+        out, n, g = count_calls(lambda: bf16(**inputs).sample)
         expect = ref(**inputs).sample
     assert (n, g) == (QUANTIZE_ACTS, FUSED_GEMMS)
     torch.testing.assert_close(out, expect, rtol=0, atol=2e-2)
@@ -227,7 +220,7 @@ def test_moves_keep_the_fused_weight_shared_with_proj_mlp():
     assert block.attn.to_qkv.weight.smooth is block.proj_mlp.weight.smooth
     inputs = {k: v.half() if v.dtype == torch.bfloat16 else v for k, v in flux_inputs().items()}
     with torch.no_grad():
-        _, n, g = _count(lambda: fused(**inputs).sample)
+        _, n, g = count_calls(lambda: fused(**inputs).sample)
     assert (n, g) == (QUANTIZE_ACTS, FUSED_GEMMS)
 
 

@@ -9,6 +9,7 @@ one graph input) and give the same output as the compiled wrapped model.
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -19,18 +20,11 @@ from svdquant_ops.integrations.fusion import fuse_qkv
 from svdquant_ops.integrations.lora import load_lora, unload_lora
 from svdquant_ops.integrations.unwrap import rewrap_weights, unwrap_weights
 
-from .builders import flux_inputs, fresh_compile_state, tiny_flux
+from .builders import count_calls, flux_inputs, fresh_compile_state, tiny_flux
 
 FUSED_GEMMS, QUANTIZE_ACTS = 22, 20
 
 _fresh = pytest.fixture(autouse=True)(fresh_compile_state)
-
-
-def _count(fn):
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        out = fn()
-    names = [e.name for e in prof.events()]
-    return out, names.count("svdquant::quantize_act"), names.count("svdquant::gemm")
 
 
 def _model():
@@ -63,7 +57,7 @@ def test_compiled_unwrapped_equals_compiled_wrapped_with_the_same_calls():
     unwrap_weights(unwrapped)
     inputs = flux_inputs()
     with torch.no_grad():  # the eager quantize_act cache needs version counters: not under inference_mode
-        eager, n_e, g_e = _count(lambda: unwrapped(**inputs).sample)
+        eager, n_e, g_e = count_calls(lambda: unwrapped(**inputs).sample)
         assert torch.equal(eager, model(**inputs).sample) and (n_e, g_e) == (QUANTIZE_ACTS, FUSED_GEMMS)
     with torch.inference_mode():
         ref = torch.compile(model, fullgraph=True)(**inputs).sample
@@ -71,7 +65,7 @@ def test_compiled_unwrapped_equals_compiled_wrapped_with_the_same_calls():
         counters.clear()
         compiled = torch.compile(unwrapped, fullgraph=True)
         compiled(**inputs)
-        out, n, g = _count(lambda: compiled(**inputs).sample)
+        out, n, g = count_calls(lambda: compiled(**inputs).sample)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
     assert (n, g) == (QUANTIZE_ACTS, FUSED_GEMMS)
     assert torch.equal(out, ref)
@@ -103,6 +97,45 @@ def test_state_dict_layout_and_rewrap_round_trip(tmp_path):
         assert torch.equal(model(**inputs).sample, out)
 
 
+def test_same_dtype_cast_moves_only_and_rewrap_restores_the_layout():
+    model = _model()
+    ref_order = [n for n, _ in model.named_parameters()]
+    inputs = flux_inputs()
+    with torch.inference_mode():
+        ref = model(**inputs).sample
+    unwrap_weights(model)
+    qkv = model.single_transformer_blocks[0].attn.to_qkv
+    with torch.inference_mode():  # as pipe.to("cuda", torch.bfloat16) inside inference_mode
+        model.to("cpu", torch.bfloat16)
+    w = qkv.weight
+    assert w.scales.dtype == torch.float32 or w.scales.dtype == _model_scales_dtype()
+    assert not w.smooth.is_inference() and w.smooth is model.single_transformer_blocks[0].proj_mlp.weight.smooth
+    with torch.inference_mode():
+        assert torch.equal(model(**inputs).sample, ref)
+    rewrap_weights(model)
+    assert [n for n, _ in model.named_parameters()] == ref_order
+
+
+def _model_scales_dtype():
+    return _model().single_transformer_blocks[0].attn.to_qkv.weight.scales.dtype
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_stay_unwrapped_with_shared_parts(how):
+    model = _model()
+    unwrap_weights(model)
+    other = copy.deepcopy(model) if how == "deepcopy" else pickle.loads(pickle.dumps(model))
+    assert svdquant_ops.integrations.unwrap.is_unwrapped(other) and _n_weights(other) == 0
+    block = other.single_transformer_blocks[0]
+    assert block.attn.to_qkv.weight.smooth is block.proj_mlp.weight.smooth
+    assert block.attn.to_qkv.weight.smooth is not model.single_transformer_blocks[0].attn.to_qkv.weight.smooth
+    inputs = flux_inputs()
+    with torch.inference_mode():
+        assert torch.equal(other(**inputs).sample, model(**inputs).sample)
+    with torch.no_grad():  # the marks on shared parts survive the copy: the eager cache still reuses
+        assert count_calls(lambda: other(**inputs).sample)[1] == QUANTIZE_ACTS
+
+
 def test_refusals_name_the_way_out():
     model = _model()
     unwrap_weights(model)
@@ -111,24 +144,21 @@ def test_refusals_name_the_way_out():
     lin = model.single_transformer_blocks[0].proj_mlp
     with pytest.raises(TypeError, match="cannot assign.*rewrap_weights"):
         lin.weight = lin.weight  # (a Parameter assigned there stops in torch: "attribute 'weight' already exists")
+
     for fn in (lambda: load_lora(model, {}, "a"), lambda: unload_lora(model),
                lambda: svdquant_ops.fuse_qkv(model), lambda: svdquant_ops.unfuse_qkv(model)):
         with pytest.raises(RuntimeError, match="unwrapped for torch.compile.*rewrap_weights"):
             fn()
+    wrapped = _model().to(torch.float16)
+    with pytest.raises(TypeError, match=r"cannot convert its parts from torch.bfloat16 to torch.float16.*rewrap"):
+        model.to(torch.float16)
+    rewrap_weights(model)  # the way out: the quantized parts were left as they were
     model.to(torch.float16)
-    with pytest.raises(TypeError, match=r"parts changed dtype.*rewrap_weights"):
-        with torch.inference_mode():
-            model(**flux_inputs(dtype=torch.float16))
+    inputs = flux_inputs(dtype=torch.float16)
+    with torch.inference_mode():
+        assert torch.equal(model(**inputs).sample, wrapped(**inputs).sample)
+    unwrap_weights(model)
     with pytest.raises(TypeError, match="nn.Module"):
         unwrap_weights(object())
     assert svdquant_ops.unwrap_weights is unwrap_weights and svdquant_ops.rewrap_weights is rewrap_weights
 
-
-def test_pays_off_where_aotautograd_flattens_in_python():
-    from svdquant_ops.integrations.unwrap import pays_off
-
-    version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
-    known = {(2, 11): True, (2, 13): False}  # 2.11 flattens in Python (GPU machine); 2.13 runs generated code (CI)
-    if version not in known:
-        pytest.skip(f"torch {torch.__version__}: no measured expectation")
-    assert pays_off() is known[version]

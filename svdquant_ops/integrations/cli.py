@@ -180,10 +180,9 @@ def _generate(args, pipe, denoiser, builtin: bool) -> int:
 
         print(f"svdquant: {fuse_qkv(denoiser)}")
     if args.compile:
-        from .unwrap import pays_off, unwrap_weights
+        from .unwrap import unwrap_weights
 
-        if pays_off():  # plain parts: no tensor subclass flattened on each compiled call
-            unwrap_weights(denoiser)
+        unwrap_weights(denoiser)  # plain parts: no tensor subclass flattened on each compiled call
         denoiser.compile(fullgraph=True)
     call = _call_args(builtin, args)
     t0 = time.perf_counter()

@@ -4,99 +4,176 @@ A compiled model whose parameters are tensor subclasses pays on every call, befo
 runtime wrapper flattens each subclass input into its parts (``flatten_subclass``, Python, per weight and part). On a
 FLUX.1-dev step (torch 2.11, an H100 host) that is most of the ~10 ms the host spends before a CUDA-graph replay
 starts, with the GPU idle (``benchmarks/results/2026-12-06-h100-flux-1024px-b1-tile-criterion.md``: host profile).
-This registers each of our weights (``PackedWeight``: SVDQuant and 4-bit weight-only) as a parametrization
-(``torch.nn.utils.parametrize``) over its parts: the module stores plain tensors, and reading ``module.weight``
-rebuilds the weight from them, which torch.compile traces once into the graph. The compiled call then takes plain
-tensors only. The same mechanism as torch's ``unwrap_tensor_subclass_parameters`` and torchao's
-``unwrap_tensor_subclass``, plus what our weights need:
+
+This moves each of our weights (``PackedWeight``: SVDQuant and 4-bit weight-only) out of the module's parameters and
+registers its parts there instead (``weight_part_codes``, ``weight_part_scales``, ...), as plain parameters. The
+module's class becomes a subclass of its own (same name) whose ``weight`` is a property rebuilding the quantized
+weight from those parts; torch.compile traces that once into the graph, so the compiled call takes plain tensors
+only. What a weight's rebuild needs besides its parts (class, attributes, shape) is fixed in the property function
+(one class per base class and weight layout), so Dynamo guards little more than the parts themselves. (torch's
+``unwrap_tensor_subclass_parameters`` and torchao's ``unwrap_tensor_subclass`` do the same with
+``torch.nn.utils.parametrize``, whose modules and attributes Dynamo guards one by one: on a tiny FLUX.1, 1795 guard
+managers against 1001 without unwrapping, and 1096 this way; and they give each holder of a shared part a
+parameter of its own.) Also:
 
 - A part several weights hold as one tensor (``shared_fields``: the λ and down projection of linears that read one
   input) stays one parameter object for all of them, so torch.compile makes it one graph input and the pass that
-  merges their ``quantize_act`` calls still applies (torch's version wraps each holder's part in a parameter of its
-  own).
+  merges their ``quantize_act`` calls still applies.
 - ``state_dict()`` keeps the usual layout (``...weight`` entries holding the quantized weight), so ``save_pretrained``
   after unwrapping writes what ``from_pretrained`` reads. Loading into an unwrapped model, assigning it a new weight
-  (``load_lora`` does), or changing its dtype (which would cast parts that must stay bit-exact) is refused with the
-  way out: ``rewrap_weights(model)`` first. Writes into the parts in place (``set_lora_scale``) work as before.
+  (``load_lora``, ``fuse_qkv`` do), or changing its dtype is refused with the way out: ``rewrap_weights(model)``
+  first (a cast to the dtype it has, ``pipe.to("cuda", torch.bfloat16)``, only moves it; fp32 scales stay fp32, as
+  in the wrapped weight). Writes into the parts in place (``set_lora_scale``) work.
 
 Eagerly an unwrapped model computes the same outputs, a little slower (the weight is rebuilt at each read). Use it
 for compiled models: ``unwrap_weights(model)`` after quantizing (and ``fuse_qkv``) and after moving the model to its
 device, then ``torch.compile``. Device moves afterwards move the parts as plain parameters (shared parts stay one).
 Rebinding a part on the weight read from a module (``module.weight.proj_up = t``) changes only that read's wrapper:
-write into the part in place, or rewrap first.
-
-It does not pay under every torch. The parametrizations roughly double Dynamo's guard tree (FLUX.1-dev depth: 17340
-guard managers against 8416, 10.6 against 4.7 ms per call on this project's CPU machine under torch 2.13), which only
-pays where AOTAutograd flattens the subclasses in Python at each call (torch 2.11, the GPU machine's). torch 2.13
-generates code for that flattening (``torch._functorch._aot_autograd.subclass_codegen``) and the compiled function
-took as long with as without unwrapping there. ``pays_off()`` tells which case this torch is; the compile recipes
-(``svdquant generate --compile``, ``integrations/flux_compile.py``) unwrap only where it does.
+write into the part in place, or rewrap first. ``copy.deepcopy`` and pickling keep an unwrapped model unwrapped.
 """
 
 from __future__ import annotations
 
-import importlib.util
+from contextlib import nullcontext
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from ..storage.base import PackedWeight
 from ..storage.shared_moves import SHARED_MARK
 
-_PATH = "parametrizations"  # where torch.nn.utils.parametrize keeps the parts: <module>.parametrizations.<name>
+_SPECS = "_svdquant_unwrapped"  # on a swapped class: {parameter name: _Spec}
+_HOOKS = "_svdquant_unwrap_hooks"  # on a module: its state-dict hooks are registered
+_CLASSES: dict[tuple, type] = {}  # (base class, specs' keys) -> the swapped class
 
 
-class WeightFromParts(nn.Module):
-    """The parametrization: a quantized weight rebuilt from its plain parts (``right_inverse`` gives the parts)."""
+def part_name(name: str, part: str) -> str:
+    """The parameter that holds part ``part`` of the unwrapped weight ``name``."""
+    return f"{name}_part_{part}"
+
+
+class _Spec:
+    """What rebuilds one weight besides its parts."""
 
     def __init__(self, weight: PackedWeight):
-        super().__init__()
         names, meta = weight.__tensor_flatten__()
         self.cls = type(weight)
         self.names = tuple(names)
         self.meta = meta
-        self.outer_size = tuple(weight.size())
-        self.outer_stride = tuple(weight.stride())
-        self.part_dtypes = tuple(getattr(weight, n).dtype for n in names)
-        self.registered = False  # set once register_parametrization has taken the parts (right_inverse's one use)
+        self.size = tuple(weight.size())
+        self.stride = tuple(weight.stride())
+        self.dtypes = tuple(getattr(weight, n).dtype for n in names)
+        # parts marked as held by several weights (nn.Parameter's deepcopy drops the mark: set again on copies)
+        self.marked = tuple(n for n in names if getattr(getattr(weight, n), SHARED_MARK, False))
+        self.position = 0  # the weight's index among the module's parameters (rewrap puts it back there)
 
-    def forward(self, *parts: torch.Tensor) -> PackedWeight:
-        dtypes = tuple(p.dtype for p in parts)
-        if dtypes != self.part_dtypes:  # a .to(dtype) of the module cast parts that must stay as they are
-            changed = [f"{n} {a} -> {b}" for n, a, b in zip(self.names, self.part_dtypes, dtypes) if a != b]
-            raise TypeError(f"unwrapped {self.cls.__name__}: parts changed dtype ({', '.join(changed)}); change the "
-                            "dtype of a model with quantized weights only after svdquant_ops.rewrap_weights(model)")
-        return self.cls.__tensor_unflatten__(dict(zip(self.names, parts)), self.meta, self.outer_size,
-                                             self.outer_stride)
+    def key(self) -> tuple:
+        return (self.cls, self.names, tuple(sorted((k, repr(v)) for k, v in self.meta.items())), self.size,
+                self.stride, self.dtypes)
 
-    def right_inverse(self, weight: torch.Tensor) -> list[torch.Tensor]:
-        # Assigning a new weight later would copy its parts into these parameters, some of them shared with other
-        # weights (and of other shapes after a LoRA load): refused. In-place writes to the parts are fine.
-        if self.registered or not isinstance(weight, self.cls):
-            raise TypeError(f"cannot assign a weight to a linear whose {self.cls.__name__} is unwrapped for "
-                            "torch.compile; call svdquant_ops.rewrap_weights(model) first (and unwrap again after)")
-        return [getattr(weight, n) for n in self.names]
+    def build(self, parts: list[torch.Tensor]) -> PackedWeight:
+        return self.cls.__tensor_unflatten__(dict(zip(self.names, parts)), self.meta, self.size, self.stride)
 
 
-def _unwrapped(module: nn.Module) -> list[str]:
-    if not parametrize.is_parametrized(module):
-        return []
-    return [n for n, plist in module.parametrizations.items() if isinstance(plist[0], WeightFromParts)]
+def _property(name: str, spec: _Spec) -> property:
+    params = tuple(part_name(name, p) for p in spec.names)
+
+    # the spec's values as defaults: constants of the function object, which Dynamo does not guard one by one
+    def get(self, _params=params, _names=spec.names, _cls=spec.cls, _meta=spec.meta, _size=spec.size,
+            _stride=spec.stride, _dtypes=spec.dtypes):
+        parts = [getattr(self, p) for p in _params]
+        if tuple(p.dtype for p in parts) != _dtypes:  # a .to(dtype) cast parts that must stay as they are
+            changed = [f"{n} {a} -> {p.dtype}" for n, a, p in zip(_names, _dtypes, parts) if p.dtype != a]
+            raise TypeError(f"unwrapped {_cls.__name__} weight: parts changed dtype ({', '.join(changed)}); change "
+                            "the dtype of a model with quantized weights only after "
+                            "svdquant_ops.rewrap_weights(model)")
+        return _cls.__tensor_unflatten__(dict(zip(_names, parts)), _meta, _size, _stride)
+
+    def set(self, value):
+        raise TypeError(f"cannot assign {name} of a linear whose {spec.cls.__name__} is unwrapped for torch.compile; "
+                        "call svdquant_ops.rewrap_weights(model) first (and unwrap again after)")
+
+    return property(get, set)
 
 
-def pays_off() -> bool:
-    """Whether ``unwrap_weights`` should shorten a compiled call under this torch: True where AOTAutograd flattens
-    tensor-subclass inputs in Python at each call (no generated code for it, as in torch 2.11)."""
+def _apply(self, fn, recurse=True):
+    # nn.Module._apply for the parts of the unwrapped weights: a move applies to them as to any parameter, but a
+    # cast applies only to parts already in the new dtype's kind, as the wrapped weight's .to(dtype) keeps its fp32
+    # scales: a same-dtype cast (pipe.to("cuda", torch.bfloat16)) moves them, and a real dtype change, which the
+    # wrapped weight would apply to λ and the low-rank factors with its checks, is refused before this module changes
+    # (nn.Module._apply visits the modules in turn: those visited before may be converted already).
+    keys = [part_name(n, p) for n, spec in _specs(self).items() for p in spec.names]
+    parts = {k: self._parameters[k] for k in keys}
+    model_dtypes = {spec.meta.get("dtype") for spec in _specs(self).values()}
+    new = {}
+    for k, p in parts.items():
+        if id(p) in new:
+            continue
+        with torch.inference_mode(False) if not p.is_inference() else nullcontext():
+            trial = fn(torch.empty(0, dtype=p.dtype, device=p.device))
+            if trial.dtype == p.dtype:
+                new[id(p)] = fn(p)
+            elif p.dtype in model_dtypes:
+                raise TypeError(f"{type(self).__name__} with an unwrapped quantized weight: cannot convert its parts "
+                                f"from {p.dtype} to {trial.dtype} (modules visited before it may be converted "
+                                "already); call svdquant_ops.rewrap_weights(model), then change the model's dtype "
+                                "again (and unwrap after)")
+            else:  # a part kept in its own dtype (fp32 scales): moved only
+                new[id(p)] = p.to(trial.device)
+    for k in keys:
+        del self._parameters[k]
     try:
-        return importlib.util.find_spec("torch._functorch._aot_autograd.subclass_codegen") is None
-    except ModuleNotFoundError:  # pragma: no cover - a torch without that package at all
-        return True
+        type(self).__dict__["_svdquant_base"]._apply(self, fn, recurse)
+    finally:
+        self._parameters.update(parts)
+    for p in parts.values():
+        if new[id(p)] is not p:
+            with torch.inference_mode(False) if not p.is_inference() else nullcontext(), torch.no_grad():
+                p.data = new[id(p)]  # the same parameter object: shared parts stay one
+    return self
+
+
+def _setstate(self, state):
+    type(self).__dict__["_svdquant_base"].__setstate__(self, state)
+    for name, spec in _specs(self).items():
+        for part in spec.marked:
+            setattr(self._parameters[part_name(name, part)], SHARED_MARK, True)
+
+
+def _new_unwrapped(base: type, specs: dict[str, _Spec]) -> nn.Module:
+    """An empty instance of the swapped class for ``base`` and ``specs`` (copy and pickle rebuild through it: the
+    class is made at run time, so it cannot be found by name)."""
+    cls = _swapped_class(base, specs)
+    return cls.__new__(cls)
+
+
+def _reduce_ex(self, protocol):
+    return _new_unwrapped, (type(self).__dict__["_svdquant_base"], dict(_specs(self))), self.__getstate__()
+
+
+def _swapped_class(base: type, specs: dict[str, _Spec]) -> type:
+    key = (base, tuple(sorted((n, s.key()) for n, s in specs.items())))
+    cls = _CLASSES.get(key)
+    if cls is None:
+        attrs = {n: _property(n, s) for n, s in specs.items()}
+        attrs[_SPECS] = dict(specs)
+        attrs["_svdquant_base"] = base
+        attrs["__reduce_ex__"] = _reduce_ex
+        attrs["__setstate__"] = _setstate
+        attrs["_apply"] = _apply
+        cls = _CLASSES[key] = type(base.__name__, (base,), attrs)
+        cls.__qualname__ = base.__qualname__
+        cls.__module__ = base.__module__
+    return cls
+
+
+def _specs(module: nn.Module) -> dict[str, _Spec]:
+    return type(module).__dict__.get(_SPECS, {})
 
 
 def is_unwrapped(model: nn.Module) -> bool:
     """Whether any quantized weight of ``model`` is held as plain parts (``unwrap_weights``)."""
-    return any(_unwrapped(m) for m in model.modules())
+    return any(_specs(m) for m in model.modules())
 
 
 def refuse_unwrapped(model: nn.Module, what: str) -> None:
@@ -117,26 +194,30 @@ def unwrap_weights(model: nn.Module) -> int:
     held = []  # the original parts, alive until the end so that their ids stay unique
     count = 0
     for module in list(model.modules()):
-        for name, weight in list(module._parameters.items()):
-            if not isinstance(weight, PackedWeight):
-                continue
-            parts = weight._data_tensors()
-            held.extend(parts)
-            parametrize.register_parametrization(module, name, WeightFromParts(weight), unsafe=True)
-            plist = getattr(module, _PATH)[name]
-            plist[0].registered = True
-            for i, part in enumerate(parts):
-                key = f"original{i}"
-                first = one_object.setdefault(id(part), plist._parameters[key])
-                if first is not plist._parameters[key]:
-                    plist._parameters[key] = first
-                elif getattr(part, SHARED_MARK, False):  # the eager quantize_act cache reuses marked parts only
-                    setattr(first, SHARED_MARK, True)
-            if not getattr(module, "_svdquant_unwrap_hooks", False):
-                module._register_state_dict_hook(_state_dict_hook)
-                module._register_load_state_dict_pre_hook(_load_pre_hook, with_module=True)
-                module._svdquant_unwrap_hooks = True
+        weights = {n: w for n, w in module._parameters.items() if isinstance(w, PackedWeight)}
+        if not weights:
+            continue
+        specs = dict(_specs(module))
+        for name, weight in weights.items():
+            spec = _Spec(weight)
+            spec.position = list(module._parameters).index(name)
+            for part, value in zip(spec.names, weight._data_tensors()):
+                held.append(value)
+                param = one_object.get(id(value))
+                if param is None:
+                    param = one_object[id(value)] = nn.Parameter(value, requires_grad=False)
+                    if getattr(value, SHARED_MARK, False):  # the eager quantize_act cache reuses marked parts only
+                        setattr(param, SHARED_MARK, True)
+                module._parameters[part_name(name, part)] = param
+            del module._parameters[name]
+            specs[name] = spec
             count += 1
+        base = type(module).__dict__.get("_svdquant_base", type(module))
+        module.__class__ = _swapped_class(base, specs)
+        if not module.__dict__.get(_HOOKS):
+            module._register_state_dict_hook(_state_dict_hook)
+            module._register_load_state_dict_pre_hook(_load_pre_hook, with_module=True)
+            module.__dict__[_HOOKS] = True
     return count
 
 
@@ -146,36 +227,41 @@ def rewrap_weights(model: nn.Module) -> int:
     plain: dict[int, torch.Tensor] = {}  # id(part parameter) -> one plain tensor over its memory
     count = 0
     for module in list(model.modules()):
-        for name in _unwrapped(module):
-            plist = getattr(module, _PATH)[name]
-            parts = [plist._parameters[f"original{i}"] for i in range(len(plist[0].names))]
+        specs = _specs(module)
+        if not specs:
+            continue
+        rebuilt = {}
+        for name, spec in specs.items():
+            parts = [module._parameters.pop(part_name(name, p)) for p in spec.names]
             for p in parts:
                 if id(p) not in plain:
                     plain[id(p)] = p.detach()
                     if getattr(p, SHARED_MARK, False):
                         setattr(plain[id(p)], SHARED_MARK, True)
-            weight = plist[0](*[plain[id(p)] for p in parts])
-            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
-            module._buffers.pop(name, None)  # (parametrize leaves a weight that needs no grad as a buffer)
-            module._parameters[name] = nn.Parameter(weight, requires_grad=False)
+            rebuilt[name] = spec.build([plain[id(p)] for p in parts])
             count += 1
+        module.__class__ = type(module).__dict__["_svdquant_base"]
+        items = list(module._parameters.items())
+        for name, weight in sorted(rebuilt.items(), key=lambda kv: specs[kv[0]].position):
+            items.insert(min(specs[name].position, len(items)), (name, nn.Parameter(weight, requires_grad=False)))
+        module._parameters.clear()
+        module._parameters.update(items)
     return count
 
 
 def _state_dict_hook(module, state_dict, prefix, local_metadata):
-    # the usual layout: '<prefix>weight' holding the quantized weight, not parametrize's '<prefix>parametrizations...'
-    for name in _unwrapped(module):
-        inner = f"{prefix}{_PATH}.{name}.original"
-        for key in [k for k in state_dict if k.startswith(inner)]:
-            del state_dict[key]
+    # the usual layout: '<prefix>weight' holding the quantized weight, not its parts' parameters
+    for name, spec in _specs(module).items():
+        for p in spec.names:
+            state_dict.pop(prefix + part_name(name, p), None)
         state_dict[prefix + name] = getattr(module, name)
     return state_dict
 
 
 def _load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-    names = _unwrapped(module)
-    if any(prefix + n in state_dict or any(k.startswith(f"{prefix}{_PATH}.{n}.") for k in state_dict)
-           for n in names):
+    specs = _specs(module)
+    keys = {prefix + n for n in specs} | {prefix + part_name(n, p) for n, s in specs.items() for p in s.names}
+    if any(k in state_dict for k in keys):
         raise RuntimeError(f"load_state_dict into {prefix or 'the model'}: its quantized weights are unwrapped for "
                            "torch.compile (svdquant_ops.unwrap_weights); call svdquant_ops.rewrap_weights(model) "
                            "before loading, and unwrap again after")
