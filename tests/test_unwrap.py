@@ -139,8 +139,9 @@ def test_copies_stay_unwrapped_with_shared_parts(how):
 def test_refusals_name_the_way_out():
     model = _model()
     unwrap_weights(model)
-    with pytest.raises(RuntimeError, match="rewrap_weights"):
-        model.load_state_dict(model.state_dict())
+    for sd, strict in ((model.state_dict(), True), ({}, False)):  # any load, with or without quantized keys
+        with pytest.raises(RuntimeError, match="rewrap_weights"):
+            model.load_state_dict(sd, strict=strict)
     lin = model.single_transformer_blocks[0].proj_mlp
     with pytest.raises(TypeError, match="cannot assign.*rewrap_weights"):
         lin.weight = lin.weight  # (a Parameter assigned there stops in torch: "attribute 'weight' already exists")
@@ -162,3 +163,17 @@ def test_refusals_name_the_way_out():
         unwrap_weights(object())
     assert svdquant_ops.unwrap_weights is unwrap_weights and svdquant_ops.rewrap_weights is rewrap_weights
 
+
+
+def test_rewrap_keeps_the_order_of_several_weights_in_one_module():
+    model = _model()
+    block = model.single_transformer_blocks[0]
+    holder = torch.nn.Module()
+    holder.a = torch.nn.Parameter(block.proj_mlp.weight, requires_grad=False)
+    holder.b = torch.nn.Parameter(block.proj_out.weight, requires_grad=False)
+    holder.c = torch.nn.Parameter(torch.zeros(1))
+    assert unwrap_weights(holder) == 2 and list(dict(holder.named_parameters())) == [
+        "c", *[f"{n}_part_{p}" for n in "ab" for p in getattr(block, {"a": "proj_mlp", "b": "proj_out"}[n]).weight
+                                                   .__tensor_flatten__()[0]]]
+    assert rewrap_weights(holder) == 2 and list(dict(holder.named_parameters())) == ["a", "b", "c"]
+    assert holder.a.smooth.data_ptr() == block.proj_mlp.weight.smooth.data_ptr()  # the same memory

@@ -28,8 +28,14 @@ parameter of its own.) Also:
 Eagerly an unwrapped model computes the same outputs, a little slower (the weight is rebuilt at each read). Use it
 for compiled models: ``unwrap_weights(model)`` after quantizing (and ``fuse_qkv``) and after moving the model to its
 device, then ``torch.compile``. Device moves afterwards move the parts as plain parameters (shared parts stay one).
-Rebinding a part on the weight read from a module (``module.weight.proj_up = t``) changes only that read's wrapper:
-write into the part in place, or rewrap first. ``copy.deepcopy`` and pickling keep an unwrapped model unwrapped.
+``copy.deepcopy`` and pickling keep an unwrapped model unwrapped. Limits, each undone by ``rewrap_weights``:
+- The weight read from a module is a new wrapper at each read: rebinding a part on it (``module.weight.proj_up = t``)
+  or its ``.data`` changes nothing; write into a part in place instead. Assigning an ``nn.Parameter`` to the weight
+  stops in torch itself ("attribute 'weight' already exists"); a tensor, with the message naming ``rewrap_weights``.
+- The parts are frozen parameters of their own dtypes: ``model.requires_grad_(True)`` fails on the integer codes,
+  and diffusers' ``num_parameters()`` counts the packed parts.
+- Offloading (accelerate's CPU offload, diffusers' group offloading) is for the wrapped model: its hooks map the
+  state dict's ``...weight`` entries, which are not the unwrapped modules' parameters.
 """
 
 from __future__ import annotations
@@ -198,9 +204,10 @@ def unwrap_weights(model: nn.Module) -> int:
         if not weights:
             continue
         specs = dict(_specs(module))
+        order = list(module._parameters)  # before any part is added: rewrap puts each weight back at its index
         for name, weight in weights.items():
             spec = _Spec(weight)
-            spec.position = list(module._parameters).index(name)
+            spec.position = order.index(name)
             for part, value in zip(spec.names, weight._data_tensors()):
                 held.append(value)
                 param = one_object.get(id(value))
@@ -259,9 +266,8 @@ def _state_dict_hook(module, state_dict, prefix, local_metadata):
 
 
 def _load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-    specs = _specs(module)
-    keys = {prefix + n for n in specs} | {prefix + part_name(n, p) for n, s in specs.items() for p in s.names}
-    if any(k in state_dict for k in keys):
+    # any load (with or without this module's keys: a strict one would report the parts' internal names as missing)
+    if _specs(module):
         raise RuntimeError(f"load_state_dict into {prefix or 'the model'}: its quantized weights are unwrapped for "
                            "torch.compile (svdquant_ops.unwrap_weights); call svdquant_ops.rewrap_weights(model) "
                            "before loading, and unwrap again after")
