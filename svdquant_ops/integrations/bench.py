@@ -205,7 +205,7 @@ def _configs() -> dict[str, Config]:
         for k, on in (("grouped", True), ("ungrouped", False)):
             name = f"w4a8-compile{sfx}-fused-{k}"
             out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, group_w4a16=on)
-    # Extra: the quantized weights held as their plain parts (parametrizations) before compiling, so that a compiled
+    # Extra: the quantized weights held as their plain parts before compiling, so that a compiled
     # call flattens no tensor subclass: ours with svdquant_ops.unwrap_weights, torchao's fp8 with its own
     # unwrap_tensor_subclass (the same comparison for both; fp8 unfused, as its baseline row)
     for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
@@ -377,7 +377,7 @@ def quantize(model, cfg: Config, rank: int, weight_only: str | None) -> dict:
 
         quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(),
                                                                    set_inductor_config=cfg.torchao_inductor))
-        n = sum(1 for m in model.modules() if type(getattr(m, "weight", None)).__name__ == "Float8Tensor")
+        n = _fp8_linears(model)
         info = {"summary": f"{n} linears fp8 (torchao Float8Tensor, PerRow)", "fp8_kernels": _fp8_kernel_path()}
     else:
         from .api import quantize_model
@@ -404,12 +404,17 @@ def quantize(model, cfg: Config, rank: int, weight_only: str | None) -> dict:
     return info
 
 
+def _fp8_linears(model) -> int:
+    """Modules whose weight is a torchao Float8Tensor."""
+    return sum(1 for m in model.modules() if type(getattr(m, "weight", None)).__name__ == "Float8Tensor")
+
+
 def unwrap(model, cfg: Config) -> int:
     """Hold ``model``'s quantized weights as plain parts (``Config.unwrap``); returns how many weights."""
     if cfg.weights == "fp8":
         from torchao.utils import unwrap_tensor_subclass
 
-        before = sum(1 for m in model.modules() if type(getattr(m, "weight", None)).__name__ == "Float8Tensor")
+        before = _fp8_linears(model)
         unwrap_tensor_subclass(model)
         return before
     from .unwrap import unwrap_weights
@@ -679,7 +684,7 @@ def run_one(name: str, *, model: str = "flux-dev", size: int = 1024, batch: int 
     if cfg.lora_rank:
         res.update(add_lora(m, cfg, dev, seed, sync))
     res["weight_bytes"] = weight_bytes(m)
-    if cfg.unwrap:  # after the weight count: parametrizations hold the same memory
+    if cfg.unwrap:  # after the weight count (the plain parts are the same memory)
         res["unwrapped"] = unwrap(m, cfg)
     if cuda:
         res["resident_bytes"] = torch.cuda.memory_allocated()

@@ -139,11 +139,19 @@ def _apply(self, fn, recurse=True):
     return self
 
 
+def _marked(t: torch.Tensor, spec: _Spec, part: str) -> torch.Tensor:
+    """``t`` with the shared-part mark where ``spec`` recorded it (the eager quantize_act cache reuses marked parts
+    only; a new tensor object, or nn.Parameter's deepcopy, does not carry it)."""
+    if part in spec.marked:
+        setattr(t, SHARED_MARK, True)
+    return t
+
+
 def _setstate(self, state):
     type(self).__dict__["_svdquant_base"].__setstate__(self, state)
     for name, spec in _specs(self).items():
         for part in spec.marked:
-            setattr(self._parameters[part_name(name, part)], SHARED_MARK, True)
+            _marked(self._parameters[part_name(name, part)], spec, part)
 
 
 def _new_unwrapped(base: type, specs: dict[str, _Spec]) -> nn.Module:
@@ -212,9 +220,7 @@ def unwrap_weights(model: nn.Module) -> int:
                 held.append(value)
                 param = one_object.get(id(value))
                 if param is None:
-                    param = one_object[id(value)] = nn.Parameter(value, requires_grad=False)
-                    if getattr(value, SHARED_MARK, False):  # the eager quantize_act cache reuses marked parts only
-                        setattr(param, SHARED_MARK, True)
+                    param = one_object[id(value)] = _marked(nn.Parameter(value, requires_grad=False), spec, part)
                 module._parameters[part_name(name, part)] = param
             del module._parameters[name]
             specs[name] = spec
@@ -240,11 +246,9 @@ def rewrap_weights(model: nn.Module) -> int:
         rebuilt = {}
         for name, spec in specs.items():
             parts = [module._parameters.pop(part_name(name, p)) for p in spec.names]
-            for p in parts:
+            for part, p in zip(spec.names, parts):
                 if id(p) not in plain:
-                    plain[id(p)] = p.detach()
-                    if getattr(p, SHARED_MARK, False):
-                        setattr(plain[id(p)], SHARED_MARK, True)
+                    plain[id(p)] = _marked(p.detach(), spec, part)
             rebuilt[name] = spec.build([plain[id(p)] for p in parts])
             count += 1
         module.__class__ = type(module).__dict__["_svdquant_base"]
