@@ -13,7 +13,7 @@ only. What a weight's rebuild needs besides its parts (class, attributes, shape)
 (one class per base class and weight layout), so Dynamo guards little more than the parts themselves. (torch's
 ``unwrap_tensor_subclass_parameters`` and torchao's ``unwrap_tensor_subclass`` do the same with
 ``torch.nn.utils.parametrize``, whose modules and attributes Dynamo guards one by one: on a tiny FLUX.1, 1795 guard
-managers against 1001 without unwrapping, and 1096 this way; and they give each holder of a shared part a
+managers against 1001 without unwrapping, and 1115 this way; and they give each holder of a shared part a
 parameter of its own.) Also:
 
 - A part several weights hold as one tensor (``shared_fields``: the λ and down projection of linears that read one
