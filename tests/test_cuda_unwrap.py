@@ -50,3 +50,38 @@ def test_unwrapped_move_and_compile_with_cuda_graphs(mode):
             torch.compiler.cudagraph_mark_step_begin()
             got = comp(**inputs).sample.clone()
     assert torch.equal(got, want)
+
+
+OFFLOADS = {
+    "model_cpu_offload": None,
+    "group_leaf": dict(offload_type="leaf_level"),
+    "group_leaf_stream": dict(offload_type="leaf_level", use_stream=True),
+    "group_leaf_stream_low_mem": dict(offload_type="leaf_level", use_stream=True, low_cpu_mem_usage=True),
+    "group_block": dict(offload_type="block_level", num_blocks_per_group=1),
+}
+
+
+@pytest.mark.parametrize("how", list(OFFLOADS))
+def test_offloading_an_unwrapped_fused_model(how):
+    """Model offloading and diffusers' group offloading move the unwrapped parts as the plain parameters they are:
+    the output on the GPU equals the wrapped model's (sequential offloading is the documented exception)."""
+    model = tiny_flux()
+    quantize_model(model, precision="w4a8", rank=16, weight_only="w4a16")
+    fuse_qkv(model)
+    inputs = {k: v.to("cuda") for k, v in flux_inputs().items()}
+    wrapped = copy.deepcopy(model).to("cuda")
+    unwrap_weights(model)
+    if OFFLOADS[how] is None:
+        from accelerate import cpu_offload_with_hook
+
+        model, hook = cpu_offload_with_hook(model, execution_device=torch.device("cuda"))
+    else:
+        model.enable_group_offload(onload_device=torch.device("cuda"), offload_device=torch.device("cpu"),
+                                   **OFFLOADS[how])
+    with torch.inference_mode():
+        ref = wrapped(**inputs).sample
+        for _ in range(2):  # the second call reuses the offload state (pinned copies, streams)
+            assert torch.equal(model(**inputs).sample, ref)
+    if OFFLOADS[how] is None:
+        hook.offload()
+        assert all(p.device.type == "cpu" for p in model.parameters())

@@ -346,3 +346,24 @@ def test_16bit_members_that_cannot_stack_are_left_alone():
     assert len(summary.fused) == 2  # the single blocks
     with pytest.raises(ValueError, match="weights must be a non-empty list"):
         SVDQuantTensor.stack_rows([])
+
+
+@pytest.mark.parametrize("how", ["model_cpu_offload", "group_leaf", "group_block"])
+def test_offloading_a_fused_model_keeps_its_outputs(how):
+    """Model offloading and diffusers' group offloading move the fused parameters themselves (the README says these
+    work on a fused model, sequential offloading does not); CPU to CPU here, the GPU cases in test_cuda_moves."""
+    unfused, model = _pair()
+    inputs = flux_inputs()
+    with torch.no_grad():
+        ref = unfused(**inputs).sample
+    if how == "model_cpu_offload":
+        from accelerate import cpu_offload_with_hook
+
+        model, _ = cpu_offload_with_hook(model, execution_device=torch.device("cpu"))
+    else:
+        kwargs = dict(offload_type="leaf_level") if how == "group_leaf" else dict(offload_type="block_level",
+                                                                                   num_blocks_per_group=1)
+        model.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"), **kwargs)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).sample, ref)
+    assert sum(is_fused(m) for m in model.modules()) > 0

@@ -20,7 +20,10 @@ Checkpoints keep diffusers' layout: ``state_dict()`` of a fused model gives ``to
 (rows of the fused weight, copied: a transient copy of the q/k/v weights, ~1.1 GB for FLUX.1 w4a8), so
 ``save_pretrained`` writes what ``from_pretrained`` of the unfused class reads, and ``load_state_dict`` stacks such
 entries into ``to_qkv``. ``unfuse_qkv(model)`` (or diffusers' ``unfuse_qkv_projections()``) goes back, before loading
-a LoRA, which targets ``to_q`` etc.
+a LoRA, which targets ``to_q`` etc. The same layout is why accelerate's sequential offloading (``cpu_offload``,
+``pipe.enable_sequential_cpu_offload()``) cannot run a fused model: it keeps the weights under their state-dict keys
+and looks them up by parameter name (``to_qkv.weight``); model offloading and diffusers' group offloading move the
+parameters themselves and work.
 """
 
 from __future__ import annotations
