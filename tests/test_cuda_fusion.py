@@ -100,3 +100,34 @@ def test_pass_compiled_equals_without(which, mode):
             assert names.count(f"svdquant::{old_op}") == (0 if on else old_calls)
         outs.append(out)
     assert torch.equal(outs[1], outs[0])
+
+
+@pytest.mark.parametrize("tile", ["128", "256"])
+def test_gemm_cat_pass_on_gpu(monkeypatch, tile):
+    """install_compile_pass(cat_gemms=True) on the GPU with unwrapped weights: each single block's to_qkv and
+    proj_mlp run as one gemm_cat call, and at a forced tile width the output equals the compiled model's without the
+    pass bit for bit."""
+    from svdquant_ops import ops, unwrap_weights
+
+    monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_TILE", tile)
+    model = tiny_flux()
+    quantize_model(model, precision="w4a8", rank=16, weight_only="w4a16")
+    fuse_qkv(model)
+    model.cuda()
+    unwrap_weights(model)
+    inputs = _cuda(flux_inputs())
+    outs, calls = [], []
+    try:
+        for cat in (False, True):
+            ops.install_compile_pass(cat_gemms=cat)
+            torch._dynamo.reset()
+            compiled = torch.compile(model, fullgraph=True)
+            with torch.inference_mode():
+                compiled(**inputs)
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                    outs.append(compiled(**inputs).sample)
+            calls.append(sum(e.name == "svdquant::gemm_cat" for e in prof.events()))
+    finally:
+        ops.install_compile_pass(cat_gemms=ops.CAT_W4A8_DEFAULT)
+    assert calls == [0, len(model.single_transformer_blocks)]
+    assert torch.equal(outs[0], outs[1])

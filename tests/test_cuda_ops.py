@@ -36,7 +36,7 @@ from svdquant_ops import ops  # noqa: E402
 # session_generator(key): fresh inputs every session; SVDQ_TEST_SEED (printed in the report header) replays a run.
 from .builders import (  # noqa: E402
     act_inputs, assert_cuda_graph_replays_eager, gemm_inputs, linear_inputs, op_args, packed_w4a8_weight,
-    session_generator)
+    session_generator, weight_inputs)
 
 ops.load()  # builds / loads the library with its CUDA kernels
 OPS = torch.ops.svdquant
@@ -833,3 +833,79 @@ def test_fast_and_portable_paths_agree_large(precision, M, K):
             os.environ.pop("SVDQUANT_OPS_CUDA_W4A8_CLUSTER", None)
         assert torch.equal(codes, codes_t) and torch.equal(scales.view(torch.int16), scales_t.view(torch.int16))
         assert rel_fro(la_t, la_p) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# gemm_cat: one activation against several weights
+# ------------------------------------------------------------------------------------------------------------------
+CAT_WEIGHT = ("codes", "scales", "global_scale", "proj_up", "bias")
+CAT_CASES = [  # M, Ns, K, R, model_dtype, out_dtype, extra
+    (300, (96, 200, 8), 256, 32, torch.bfloat16, torch.float32, {"biases": (True, False, True)}),
+    (130, (131, 61), 512, 0, torch.float16, torch.float16, {"biases": (False, False)}),  # rank 0, ragged N
+    (1100, (1000, 3000), 640, 128, torch.float16, torch.bfloat16, {}),  # 6 branch stages, several tiles per CTA
+    (257, (64, 72), 192, 16, torch.bfloat16, torch.bfloat16, {"up_dtypes": (torch.bfloat16, torch.float32)}),
+    (0, (64, 72), 128, 16, torch.bfloat16, torch.bfloat16, {}),
+]
+
+
+def _cat_inputs(M, Ns, K, R, model_dtype, extra, key):
+    g = session_generator(("cat", M, Ns, K, R, str(model_dtype), key))
+    biases = extra.get("biases", (True,) * len(Ns))
+    ups = extra.get("up_dtypes", (None,) * len(Ns))
+    a = gemm_inputs(M, Ns[0], K, R, "w4a8", model_dtype, g, bias=biases[0], up_dtype=ups[0])
+    ws = [{k: a[k] for k in CAT_WEIGHT}] + [weight_inputs(N, K, R, "w4a8", model_dtype, g, bias=b, up_dtype=u)
+                                            for N, b, u in zip(Ns[1:], biases[1:], ups[1:])]
+    return [a["act_codes"], a["act_scales"], *([w[k] for w in ws] for k in CAT_WEIGHT[:3]), a["down_act"],
+            [w["proj_up"] for w in ws], [w["bias"] for w in ws]]
+
+
+def _on_dev(args):
+    return [[v.to(DEV) if isinstance(v, torch.Tensor) else v for v in a] if isinstance(a, list) else
+            (a.to(DEV) if isinstance(a, torch.Tensor) else a) for a in args]
+
+
+def _separate(args, out_dtype):
+    ac, asc, codes, scales, gsc, da, ups, bias = args
+    return torch.cat([OPS.gemm(ac, asc, codes[i], scales[i], gsc[i], da, ups[i], bias[i], "w4a8", out_dtype, False)
+                      for i in range(len(codes))], -1)
+
+
+@pytest.mark.parametrize("M,Ns,K,R,model_dtype,out_dtype,extra", CAT_CASES)
+def test_gemm_cat_matches_cpu_and_gemm(gemm_path, M, Ns, K, R, model_dtype, out_dtype, extra):
+    """gemm_cat on the GPU: within gemm's tolerance of the CPU op (torch.cat of one gemm per weight, bit for bit), and
+    at a forced tile width (or on the portable path) bit-equal to one CUDA gemm per weight: each column is computed
+    as gemm computes it. (The library's own choice may take the other width for the whole than for a part.)"""
+    args = _cat_inputs(M, Ns, K, R, model_dtype, extra, gemm_path)
+    ref = OPS.gemm_cat(*args, "w4a8", out_dtype, False)
+    dev = _on_dev(args)
+    out = OPS.gemm_cat(*dev, "w4a8", out_dtype, False)
+    assert_output_close(out, ref, f"gemm_cat {M}x{Ns}x{K} R={R}")
+    if gemm_path != "fast":
+        assert torch.equal(out.view(torch.uint8), _separate(dev, out_dtype).view(torch.uint8))
+
+
+@pytest.mark.skipif(not IS_SM90, reason="the Hopper path exists on compute capability 9.0 only")
+@pytest.mark.parametrize("tile", ["128", "256"])
+def test_gemm_cat_flux_single_block_one_kernel(monkeypatch, tile):
+    """A FLUX.1 single block's q/k/v (N = 9216) and proj_mlp (N = 12288) at 4608 tokens: one GEMM kernel for both
+    (two prep launches), bit-equal to two gemm calls at the same tile width, deterministic, and equal in CUDA-graph
+    replay."""
+    monkeypatch.delenv("SVDQUANT_OPS_CUDA_PORTABLE", raising=False)
+    monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_TILE", tile)
+    dev = _on_dev(_cat_inputs(4608, (9216, 12288), 3072, 32, torch.bfloat16, {}, "flux"))
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out = OPS.gemm_cat(*dev, "w4a8", torch.bfloat16, False)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events()]
+    assert sum("gemm_kernel<" in n for n in names) == 1 and sum("prep_kernel" in n for n in names) == 2, names
+    assert torch.equal(out.view(torch.int16), _separate(dev, torch.bfloat16).view(torch.int16))
+    for _ in range(2):
+        assert torch.equal(OPS.gemm_cat(*dev, "w4a8", torch.bfloat16, False).view(torch.int16), out.view(torch.int16))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replay = OPS.gemm_cat(*dev, "w4a8", torch.bfloat16, False)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(replay.view(torch.int16), out.view(torch.int16))

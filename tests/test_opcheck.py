@@ -121,8 +121,8 @@ def test_backward_raises_not_implemented():
 
 def test_ops_registered_with_cpu_and_fake_kernels():
     ns = torch.ops.svdquant
-    for name in ("quantize_act", "quantize_act_given_amax", "gemm", "expand_w4a8_weight", "gemm_expanded", "w4a16_linear",
-                 "w4a16_linear_group"):
+    for name in ("quantize_act", "quantize_act_given_amax", "gemm", "gemm_cat", "expand_w4a8_weight", "gemm_expanded",
+                 "w4a16_linear", "w4a16_linear_group"):
         assert hasattr(ns, name)
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"svdquant::{name}", "CPU")
         entry = torch._library.simple_registry.singleton.find(f"svdquant::{name}")

@@ -275,6 +275,27 @@ W4a16Shape check_w4a16_linear(const at::Tensor& x, const at::Tensor& codes, cons
   return s;
 }
 
+std::vector<GemmShape> check_gemm_cat(const at::Tensor& act_codes, const at::Tensor& act_scales, at::TensorList codes,
+                                      at::TensorList scales, const c10::List<std::optional<at::Tensor>>& global_scale,
+                                      const at::Tensor& down_act, at::TensorList proj_up,
+                                      const c10::List<std::optional<at::Tensor>>& bias, std::string_view precision,
+                                      at::ScalarType out_dtype, bool act_unsigned) {
+  constexpr const char* op = "svdquant::gemm_cat";
+  const size_t n = codes.size();
+  TORCH_CHECK(n >= 1, op, ": codes must hold at least one weight, got an empty list");
+  TORCH_CHECK(scales.size() == n && global_scale.size() == n && proj_up.size() == n && bias.size() == n, op,
+              ": codes, scales, global_scale, proj_up and bias must have one entry per weight, got ", n, ", ",
+              scales.size(), ", ", global_scale.size(), ", ", proj_up.size(), " and ", bias.size());
+  std::vector<GemmShape> shapes;
+  shapes.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    const std::string where = std::string(op) + " (weight " + std::to_string(i) + ")";
+    shapes.push_back(check_gemm(act_codes, act_scales, codes[i], scales[i], global_scale.get(i), down_act,
+                                proj_up[i], bias.get(i), precision, out_dtype, act_unsigned, where.c_str()));
+  }
+  return shapes;
+}
+
 std::vector<W4a16Shape> check_w4a16_linear_group(const at::Tensor& x, at::TensorList codes, at::TensorList scales,
                                                  at::TensorList zeros,
                                                  const c10::List<std::optional<at::Tensor>>& bias) {

@@ -60,6 +60,14 @@ GemmShape check_gemm(const at::Tensor& act_codes, const at::Tensor& act_scales, 
                      std::string_view precision, at::ScalarType out_dtype, bool act_unsigned,
                      const char* op = "svdquant::gemm");
 
+// gemm_cat: as many codes, scales, global_scale, proj_up and bias entries, at least one; each weight checked as
+// gemm's against the one activation. Returns one shape per weight.
+std::vector<GemmShape> check_gemm_cat(const at::Tensor& act_codes, const at::Tensor& act_scales, at::TensorList codes,
+                                      at::TensorList scales, const c10::List<std::optional<at::Tensor>>& global_scale,
+                                      const at::Tensor& down_act, at::TensorList proj_up,
+                                      const c10::List<std::optional<at::Tensor>>& bias, std::string_view precision,
+                                      at::ScalarType out_dtype, bool act_unsigned);
+
 // expand_w4a8_weight: codes uint8 [N, K/2] (K a positive multiple of 64, N >= 1) and the multipliers uint8
 // [N, K/64] on one device; returns {N, K}. `prefix` names the arguments ("next_" for gemm_expanded's next weight).
 std::pair<int64_t, int64_t> check_expand_w4a8(const at::Tensor& codes, const at::Tensor& scales, const char* op,

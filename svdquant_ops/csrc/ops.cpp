@@ -48,6 +48,14 @@ TORCH_LIBRARY(svdquant, m) {
       "gemm(Tensor act_codes, Tensor act_scales, Tensor codes, Tensor scales, Tensor? global_scale, "
       "Tensor down_act, Tensor proj_up, Tensor? bias, str precision, ScalarType out_dtype, "
       "bool act_unsigned=False) -> Tensor");
+  // One activation against several weights, the outputs side by side: cat([gemm(act, weight i) for i], -1), bit
+  // for bit. The compile pass gives it the W4A8 GEMMs that read one quantize_act (a FLUX.1 single block's q/k/v and
+  // proj_mlp), so their tiles fill one persistent launch: one partial last wave instead of one per GEMM. On Hopper
+  // the W4A8 weights are expanded side by side into one operand and one GEMM kernel runs.
+  m.def(
+      "gemm_cat(Tensor act_codes, Tensor act_scales, Tensor[] codes, Tensor[] scales, Tensor?[] global_scale, "
+      "Tensor down_act, Tensor[] proj_up, Tensor?[] bias, str precision, ScalarType out_dtype, "
+      "bool act_unsigned=False) -> Tensor");
   // W4A8 weights expanded ahead of their GEMM (ops.install_compile_pass): expand_w4a8_weight gives the int8 weight
   // code * multiplier [N, K] that gemm's Hopper kernel multiplies; gemm_expanded is gemm(..., "w4a8") with that
   // expansion given as `weight` (it must equal expand_w4a8_weight(codes, scales); the CPU op checks it), and it also
@@ -78,6 +86,7 @@ TORCH_LIBRARY_IMPL(svdquant, Autograd, m) {
   m.impl("quantize_act", torch::autograd::autogradNotImplementedFallback());
   m.impl("quantize_act_given_amax", torch::autograd::autogradNotImplementedFallback());
   m.impl("gemm", torch::autograd::autogradNotImplementedFallback());
+  m.impl("gemm_cat", torch::autograd::autogradNotImplementedFallback());
   m.impl("expand_w4a8_weight", torch::autograd::autogradNotImplementedFallback());
   m.impl("gemm_expanded", torch::autograd::autogradNotImplementedFallback());
   m.impl("w4a16_linear", torch::autograd::autogradNotImplementedFallback());

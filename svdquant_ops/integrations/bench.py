@@ -88,6 +88,8 @@ class Config:
     #                               the child); None: the library's per-call choice
     unwrap: bool = False  # quantized weights held as plain parts before compiling (svdquant_ops.unwrap_weights;
     #                       torchao's unwrap_tensor_subclass for fp8): no subclass flattened on each call
+    cat_gemms: bool | None = None  # install_compile_pass(cat_gemms=...): the W4A8 GEMMs of one quantized activation
+    #                                (a single block's q/k/v and proj_mlp) as one gemm_cat call; None: the default
 
     @property
     def cuda_only(self) -> bool:
@@ -123,6 +125,9 @@ class Config:
         if self.unwrap:
             how += (", weights unwrapped (torchao's unwrap_tensor_subclass)" if self.weights == "fp8"
                     else ", weights unwrapped (unwrap_weights)")
+        if self.cat_gemms is not None:
+            how += (", the GEMMs of one activation as one gemm_cat call (cat_gemms)" if self.cat_gemms
+                    else ", one call per GEMM (no cat_gemms)")
         if self.group_w4a16 is not None:
             how += (", the AdaLN w4a16 linears as one grouped call (group_w4a16)" if self.group_w4a16
                     else ", one call per w4a16 linear (no group_w4a16)")
@@ -212,6 +217,12 @@ def _configs() -> dict[str, Config]:
         out[f"w4a8-compile{sfx}-fused-unwrap"] = Config(f"w4a8-compile{sfx}-fused-unwrap", "w4a8", True, mode,
                                                         fuse_qkv=True, unwrap=True)
         out[f"fp8-compile{sfx}-unwrap"] = Config(f"fp8-compile{sfx}-unwrap", "fp8", True, mode, unwrap=True)
+    # Extra: the library's compile recipe (fused, unwrapped) with the W4A8 GEMMs of one activation as one gemm_cat
+    # call (install_compile_pass(cat_gemms=True)) or one call each (False), whatever the library's default
+    for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
+        for k, on in (("cat", True), ("nocat", False)):
+            name = f"w4a8-compile{sfx}-fused-unwrap-{k}"
+            out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, unwrap=True, cat_gemms=on)
     # Diagnostic: every adapter fused up to rank 128 (quantize_act's fast kernel at R = 128 runs one block per SM)
     out["w4a8-compile-lora16-fuse128"] = Config("w4a8-compile-lora16-fuse128", "w4a8", True, lora_rank=16,
                                                 lora_max_fused_rank=128)
@@ -393,11 +404,11 @@ def quantize(model, cfg: Config, rank: int, weight_only: str | None) -> dict:
     info.update(fused)
     if not cfg.torchao_inductor:
         ic.load_config(saved)
-    if cfg.amax_split or cfg.expand_ahead is not None or cfg.group_w4a16 is not None:
+    if cfg.amax_split or cfg.expand_ahead is not None or cfg.group_w4a16 is not None or cfg.cat_gemms is not None:
         from ..ops import install_compile_pass
 
         install_compile_pass(amax_split=True if cfg.amax_split else None, expand_ahead=cfg.expand_ahead,
-                             group_w4a16=cfg.group_w4a16)
+                             group_w4a16=cfg.group_w4a16, cat_gemms=cfg.cat_gemms)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

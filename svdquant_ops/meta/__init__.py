@@ -184,6 +184,23 @@ def _gemm_fake(act_codes, act_scales, codes, scales, global_scale, down_act, pro
     return act_codes.new_empty((*lead, N), dtype=out_dtype)
 
 
+@torch.library.register_fake("svdquant::gemm_cat")
+def _gemm_cat_fake(act_codes, act_scales, codes, scales, global_scale, down_act, proj_up, bias, precision, out_dtype,
+                   act_unsigned=False):
+    op = "gemm_cat"
+    n = len(codes)
+    _check(n >= 1, op, "codes must hold at least one weight, got an empty list")
+    _check(len(scales) == n and len(global_scale) == n and len(proj_up) == n and len(bias) == n, op,
+           f"codes, scales, global_scale, proj_up and bias must have one entry per weight, got {n}, {len(scales)}, "
+           f"{len(global_scale)}, {len(proj_up)} and {len(bias)}")
+    lead, total = (), 0
+    for i in range(n):
+        lead, N, _ = _check_gemm(f"{op} (weight {i})", act_codes, act_scales, codes[i], scales[i], global_scale[i],
+                                 down_act, proj_up[i], bias[i], precision, out_dtype, act_unsigned)
+        total += N
+    return act_codes.new_empty((*lead, total), dtype=out_dtype)
+
+
 def _check_expand_w4a8(op: str, codes, scales, prefix: str = "") -> tuple[int, int]:
     """expand_w4a8_weight's checks (csrc/checks.cpp check_expand_w4a8); returns (N, K)."""
     _check(codes.dtype == torch.uint8, op, f"{prefix}codes must be uint8 (two 4-bit codes per byte), got {codes.dtype}")

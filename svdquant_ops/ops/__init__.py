@@ -19,6 +19,12 @@ gemm(act_codes, act_scales, codes, scales, global_scale, down_act, proj_up, bias
      act_unsigned=False) -> y [..., N]
     Q(x)·Q(R)ᵀ + down_act·proj_upᵀ + bias. w4a8: scales are uint8 multipliers [N, K/64] in [1, 18], global_scale
     the fp32 per-channel scale [N] (required), K <= 131072.
+gemm_cat(act_codes, act_scales, codes, scales, global_scale, down_act, proj_up, bias, precision, out_dtype,
+         act_unsigned=False) -> y [..., N_0 + N_1 + ...]
+    torch.cat([gemm(act_codes, act_scales, codes[i], scales[i], global_scale[i], down_act, proj_up[i], bias[i], ...)
+    for every i], -1), bit for bit (lists of equal length; global_scale and bias entries may be None). On Hopper the
+    W4A8 weights are expanded side by side and one GEMM kernel covers all their tiles (the compile pass
+    ``cat_w4a8_gemms`` gives it the GEMMs that read one quantize_act).
 expand_w4a8_weight(codes, scales) -> weight int8 [N, K]
     W4A8's weight as the integers code * multiplier that the Hopper kernel multiplies (it is what gemm expands on
     every call).
@@ -52,9 +58,10 @@ from ..storage.base import alias
 from ..storage.shared_moves import SHARED_MARK
 from . import build
 
-__all__ = ["load", "quantize_act", "quantize_act_given_amax", "gemm", "expand_w4a8_weight", "gemm_expanded", "linear",
-           "quantized_linear", "w4a16_linear", "w4a16_linear_group", "weight_only_linear", "clear_act_cache",
-           "merge_quantize_act", "split_w4a8_amax", "expand_w4a8_ahead", "group_w4a16", "install_compile_pass"]
+__all__ = ["load", "quantize_act", "quantize_act_given_amax", "gemm", "gemm_cat", "expand_w4a8_weight",
+           "gemm_expanded", "linear", "quantized_linear", "w4a16_linear", "w4a16_linear_group", "weight_only_linear",
+           "clear_act_cache", "merge_quantize_act", "split_w4a8_amax", "cat_w4a8_gemms", "expand_w4a8_ahead",
+           "group_w4a16", "install_compile_pass"]
 
 
 def load(verbose: bool = False):
@@ -90,6 +97,15 @@ def gemm(act_codes: torch.Tensor, act_scales: torch.Tensor, codes: torch.Tensor,
     _ready()
     return torch.ops.svdquant.gemm.default(act_codes, act_scales, codes, scales, global_scale, down_act, proj_up,
                                            bias, precision, out_dtype, act_unsigned)
+
+
+def gemm_cat(act_codes: torch.Tensor, act_scales: torch.Tensor, codes: list[torch.Tensor], scales: list[torch.Tensor],
+             global_scale: list[torch.Tensor | None], down_act: torch.Tensor, proj_up: list[torch.Tensor],
+             bias: list[torch.Tensor | None], precision: str, out_dtype: torch.dtype,
+             act_unsigned: bool = False) -> torch.Tensor:
+    _ready()
+    return torch.ops.svdquant.gemm_cat.default(act_codes, act_scales, codes, scales, global_scale, down_act, proj_up,
+                                               bias, precision, out_dtype, act_unsigned)
 
 
 def expand_w4a8_weight(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -384,6 +400,99 @@ def expand_w4a8_ahead(graph: torch.fx.Graph) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# W4A8 GEMMs of one quantized activation, compiled: one gemm_cat call.
+#
+# A FLUX.1 single block's q/k/v (fused: N = 9216) and proj_mlp (N = 12288) read one quantize_act. Each GEMM is a
+# persistent launch whose last round of tiles leaves SMs idle: at M = 4608 on 128 x 256 tiles, 1296 and 1728 tiles
+# over 132 SMs are 10 and 14 rounds, 3024 together 23. The pass gives such GEMMs to one gemm_cat node (same
+# activation, low-rank input, output dtype; placed where the first was) and each former output becomes a column
+# slice of its result. Bit-equal: every column is computed as gemm computes it.
+# ------------------------------------------------------------------------------------------------------------------
+CAT_W4A8_DEFAULT = False
+
+
+def _output_of(node: torch.fx.Node):
+    """(producer, index) for an output of a multi-output node: merge_quantize_act leaves each merged call's own
+    getitem nodes in place, so equal outputs can be distinct nodes."""
+    import operator
+
+    if node.op == "call_function" and node.target is operator.getitem:
+        return node.args
+    return node
+
+
+def cat_w4a8_gemms(graph: torch.fx.Graph) -> int:
+    """Replace the W4A8 ``svdquant.gemm`` nodes of ``graph`` that read the same activation codes, scales and low-rank
+    input (with one output dtype) by one ``gemm_cat`` node per such group and column slices of its output, in place;
+    returns how many gemm nodes were replaced. A call joins its group only if its weight parts exist before the
+    group's first call."""
+    try:
+        target = torch.ops.svdquant.gemm.default
+        cat = torch.ops.svdquant.gemm_cat.default
+    except (AttributeError, RuntimeError):  # the op library is not loaded: no such nodes
+        return 0
+    from torch._guards import detect_fake_mode
+
+    def named_args(node):
+        a = dict(zip(_GEMM_ARGS, node.args))
+        a.update(node.kwargs)
+        a.setdefault("act_unsigned", False)
+        return a
+
+    groups: dict = {}
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target is not target:
+            continue
+        a = named_args(node)
+        if a.get("precision") != "w4a8" or not all(isinstance(a[k], torch.fx.Node) for k in
+                                                   ("act_codes", "act_scales", "down_act", "codes", "scales")):
+            continue
+        key = (*(_output_of(a[k]) for k in ("act_codes", "act_scales", "down_act")), a["out_dtype"],
+               a["act_unsigned"])
+        groups.setdefault(key, []).append(node)
+    weight_args = ("codes", "scales", "global_scale", "proj_up", "bias")
+    done = 0
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        first = members[0]
+        members = [(n, named_args(n)) for n in members]
+        members = [(n, a) for n, a in members
+                   if all(not isinstance(a.get(k), torch.fx.Node) or order[a[k]] < order[first] for k in weight_args)]
+        if len(members) < 2:
+            continue
+        a0 = members[0][1]
+        vals = [a0["act_codes"].meta.get("val")] + [a["codes"].meta.get("val") for _, a in members]
+        fake_mode = detect_fake_mode(vals) if all(isinstance(v, torch.Tensor) for v in vals) else None
+        if fake_mode is None:
+            continue
+        lists = [[a.get(k) for _, a in members] for k in weight_args]
+
+        def val(v):
+            return v.meta["val"] if isinstance(v, torch.fx.Node) else v
+
+        args = (a0["act_codes"], a0["act_scales"], lists[0], lists[1], lists[2], a0["down_act"], lists[3], lists[4],
+                "w4a8", a0["out_dtype"], a0["act_unsigned"])
+        with graph.inserting_before(first), fake_mode:
+            new = graph.call_function(cat, args)
+            new.meta["val"] = cat(*[[val(v) for v in x] if isinstance(x, list) else val(x) for x in args])
+            outs, start = [], 0
+            for node, _ in members:
+                n = node.meta["val"].shape[-1]
+                out = _fake_call(graph, torch.ops.aten.slice.Tensor, new, -1, start, start + n)
+                outs.append(out)
+                start += n
+        for (node, _), out in zip(members, outs):
+            for k, v in node.meta.items():
+                out.meta.setdefault(k, v)
+            node.replace_all_uses_with(out)
+            graph.erase_node(node)
+        done += len(members)
+    return done
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # Weight-only linears that read one input, compiled: one w4a16_linear_group call.
 #
 # FLUX.1's 77 AdaLN modulation linears (w4a16, one token at batch 1) all read silu(temb), each through its module's
@@ -523,15 +632,16 @@ def group_w4a16(graph: torch.fx.Graph) -> int:
     return done
 
 
-def _make_pass(inner, amax_split: bool, expand_ahead: bool, group: bool):
+def _make_pass(inner, amax_split: bool, expand_ahead: bool, group: bool, cat_gemms: bool):
     from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
     class MergeQuantizeAct(CustomGraphPass):
-        def __init__(self, inner, amax_split, expand_ahead, group_w4a16):
+        def __init__(self, inner, amax_split, expand_ahead, group_w4a16, cat_gemms):
             self.inner = inner
             self.amax_split = amax_split
             self.expand_ahead = expand_ahead
             self.group_w4a16 = group_w4a16
+            self.cat_gemms = cat_gemms
 
         def __call__(self, graph: torch.fx.Graph) -> None:
             if self.inner is not None:
@@ -539,6 +649,8 @@ def _make_pass(inner, amax_split: bool, expand_ahead: bool, group: bool):
             merge_quantize_act(graph)
             if self.amax_split:
                 split_w4a8_amax(graph)
+            if self.cat_gemms:
+                cat_w4a8_gemms(graph)
             if self.expand_ahead:
                 expand_w4a8_ahead(graph)
             if self.group_w4a16:
@@ -550,13 +662,14 @@ def _make_pass(inner, amax_split: bool, expand_ahead: bool, group: bool):
                 inner = self.inner.uuid() if hasattr(self.inner, "uuid") else None
                 if inner is None:
                     return None  # an uncacheable inner pass: no cache key
-            return (get_hash_for_files((__file__,)), inner, self.amax_split, self.expand_ahead, self.group_w4a16)
+            return (get_hash_for_files((__file__,)), inner, self.amax_split, self.expand_ahead, self.group_w4a16,
+                    self.cat_gemms)
 
-    return MergeQuantizeAct(inner, amax_split, expand_ahead, group)
+    return MergeQuantizeAct(inner, amax_split, expand_ahead, group, cat_gemms)
 
 
 def install_compile_pass(amax_split: bool | None = None, expand_ahead: bool | None = None,
-                         group_w4a16: bool | None = None) -> None:
+                         group_w4a16: bool | None = None, cat_gemms: bool | None = None) -> None:
     """Make Inductor run ``merge_quantize_act`` after grad (``torch._inductor.config.post_grad_custom_pre_pass``),
     chained after a pass already installed there. Idempotent.
 
@@ -568,7 +681,9 @@ def install_compile_pass(amax_split: bool | None = None, expand_ahead: bool | No
     expand_ahead: also run ``expand_w4a8_ahead`` (each W4A8 GEMM expands the next one's weight); None keeps the
     installed pass's setting (``EXPAND_AHEAD_DEFAULT`` for a new one).
     group_w4a16: also run ``group_w4a16`` (the weight-only linears of one input as one call); None keeps the
-    installed pass's setting (``GROUP_W4A16_DEFAULT`` for a new one)."""
+    installed pass's setting (``GROUP_W4A16_DEFAULT`` for a new one).
+    cat_gemms: also run ``cat_w4a8_gemms`` (the W4A8 GEMMs of one quantized activation as one ``gemm_cat`` call);
+    None keeps the installed pass's setting (``CAT_W4A8_DEFAULT`` for a new one)."""
     from torch._inductor import config
 
     current = config.post_grad_custom_pre_pass
@@ -579,9 +694,12 @@ def install_compile_pass(amax_split: bool | None = None, expand_ahead: bool | No
             current.expand_ahead = expand_ahead
         if group_w4a16 is not None:
             current.group_w4a16 = group_w4a16
+        if cat_gemms is not None:
+            current.cat_gemms = cat_gemms
         return
     p = _make_pass(current, bool(amax_split), EXPAND_AHEAD_DEFAULT if expand_ahead is None else bool(expand_ahead),
-                   GROUP_W4A16_DEFAULT if group_w4a16 is None else bool(group_w4a16))
+                   GROUP_W4A16_DEFAULT if group_w4a16 is None else bool(group_w4a16),
+                   CAT_W4A8_DEFAULT if cat_gemms is None else bool(cat_gemms))
     p._svdquant_merge = True
     config.post_grad_custom_pre_pass = p
 

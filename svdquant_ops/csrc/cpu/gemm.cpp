@@ -161,6 +161,23 @@ at::Tensor gemm_cpu(const at::Tensor& act_codes, const at::Tensor& act_scales, c
   });
 }
 
+// One gemm per weight, side by side: the specification of gemm_cat.
+at::Tensor gemm_cat_cpu(const at::Tensor& act_codes, const at::Tensor& act_scales, at::TensorList codes,
+                        at::TensorList scales, const c10::List<std::optional<at::Tensor>>& global_scale,
+                        const at::Tensor& down_act, at::TensorList proj_up,
+                        const c10::List<std::optional<at::Tensor>>& bias, c10::string_view precision,
+                        at::ScalarType out_dtype, bool act_unsigned) {
+  check_gemm_cat(act_codes, act_scales, codes, scales, global_scale, down_act, proj_up, bias, precision, out_dtype,
+                 act_unsigned);
+  std::vector<at::Tensor> outs;
+  outs.reserve(codes.size());
+  for (size_t i = 0; i < codes.size(); ++i) {
+    outs.push_back(gemm_cpu(act_codes, act_scales, codes[i], scales[i], global_scale.get(i), down_act, proj_up[i],
+                            bias.get(i), precision, out_dtype, act_unsigned));
+  }
+  return at::cat(outs, -1);
+}
+
 at::Tensor expand_w4a8_weight_cpu(const at::Tensor& codes, const at::Tensor& scales) {
   constexpr const char* op = "svdquant::expand_w4a8_weight";
   check_expand_w4a8(codes, scales, op);
@@ -197,6 +214,7 @@ std::tuple<at::Tensor, at::Tensor> gemm_expanded_cpu(
 
 TORCH_LIBRARY_IMPL(svdquant, CPU, m) {
   m.impl("gemm", &svdquant::gemm_cpu);
+  m.impl("gemm_cat", &svdquant::gemm_cat_cpu);
   m.impl("expand_w4a8_weight", &svdquant::expand_w4a8_weight_cpu);
   m.impl("gemm_expanded", &svdquant::gemm_expanded_cpu);
 }

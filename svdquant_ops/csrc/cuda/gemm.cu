@@ -661,8 +661,83 @@ bool run_sm90(const GemmShape& s, const Operands& o, bool act_unsigned, at::Tens
   return takes_next;
 }
 
+// gemm_cat's W4A8 weights as one GEMM: the plan is that of one weight of sum(N_i) rows, and each weight's prep
+// writes its rows of B, UP, bias and global scale at its row offset (the first also the activation operands), so the
+// GEMM kernel sees one operand and runs the shipped schedule (the diagnostics switches do not apply here). Every
+// output column is computed as gemm computes it, with the same tile width rule for the whole width.
+void run_sm90_cat(const GemmShape& total, const std::vector<GemmShape>& shapes, const std::vector<Operands>& os,
+                  at::Tensor& out, cudaStream_t stream) {
+  const Variant v{};
+  Sm90Plan pl = plan_sm90(total, os[0].proj_up.scalar_type(), false, false);
+  if (w4a8_tile_bn(total, pl) == 256) pl = plan_sm90(total, os[0].proj_up.scalar_type(), false, false, 256);
+  auto workspace = at::empty({pl.bytes}, out.options().dtype(at::kByte));
+  uint8_t* base = workspace.data_ptr<uint8_t>();
+  const PrepArgs whole = prep_args(total, pl, os[0], false, base);
+  bool any_bias = false;
+  int64_t n0 = 0;
+  for (size_t i = 0; i < os.size(); ++i) {
+    const Operands& o = os[i];
+    const int64_t n = shapes[i].N;
+    PrepArgs pa = prep_args(shapes[i], pl, o, false, base);
+    pa.N = n;
+    pa.Np = i + 1 < os.size() ? n : pl.Np - n0;  // the last weight also zeroes the padding up to whole tiles
+    pa.B = whole.B + n0 * pl.K;
+    pa.UP = whole.UP + n0 * pl.KL;
+    pa.biasf = whole.biasf + n0;
+    pa.gsf = whole.gsf + n0;
+    pa.weights_only = i > 0;
+    launch_prep(pa, pl, stream);
+    any_bias = any_bias || o.bias.has_value();
+    n0 += n;
+  }
+  const at::ScalarType out_dtype = out.scalar_type();
+  const bool tma_store = (pl.BN == 128 || pl.BN == 256) && (out_dtype == at::kBFloat16 || out_dtype == at::kHalf) &&
+                         pl.N % 8 == 0 && aligned16(out.data_ptr());
+  const TensorMaps maps = make_tensor_maps(total, pl, os[0], base, out, tma_store);
+  const sm90::Params p = sm90_params(total, pl, whole, out, any_bias, tma_store);
+  launch_variant<true>(total.precision, v, pl.BN, maps, p, stream);
+}
+
 }  // namespace
 }  // namespace gemm
+
+at::Tensor gemm_cat_cuda(const at::Tensor& act_codes, const at::Tensor& act_scales, at::TensorList codes,
+                         at::TensorList scales, const c10::List<std::optional<at::Tensor>>& global_scale,
+                         const at::Tensor& down_act, at::TensorList proj_up,
+                         const c10::List<std::optional<at::Tensor>>& bias, c10::string_view precision,
+                         at::ScalarType out_dtype, bool act_unsigned) {
+  const auto shapes = check_gemm_cat(act_codes, act_scales, codes, scales, global_scale, down_act, proj_up, bias,
+                                     precision, out_dtype, act_unsigned);
+  const c10::cuda::CUDAGuard guard(act_codes.device());
+  GemmShape total = shapes[0];
+  total.N = 0;
+  bool same_up = true;
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    total.N += shapes[i].N;
+    same_up = same_up && proj_up[i].scalar_type() == proj_up[0].scalar_type();
+  }
+  // One GEMM for W4A8 on Hopper where the weights' low-rank parts share a dtype (one bf16 split); otherwise one gemm
+  // per weight (the same values: gemm_cat's specification).
+  if (total.precision != Precision::kW4a8 || !same_up || force_portable() || !device_is_sm90() ||
+      !gemm::fits_sm90_indexing(total) || total.M == 0) {
+    std::vector<at::Tensor> outs;
+    outs.reserve(shapes.size());
+    for (size_t i = 0; i < shapes.size(); ++i) {
+      outs.push_back(gemm_cuda(act_codes, act_scales, codes[i], scales[i], global_scale.get(i), down_act, proj_up[i],
+                               bias.get(i), precision, out_dtype, act_unsigned));
+    }
+    return at::cat(outs, -1);
+  }
+  std::vector<gemm::Operands> os;
+  os.reserve(shapes.size());
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    os.push_back(gemm::contiguous_operands(act_codes, act_scales, codes[i], scales[i], global_scale.get(i), down_act,
+                                           proj_up[i], bias.get(i)));
+  }
+  auto out = at::empty({total.M, total.N}, act_codes.options().dtype(out_dtype));
+  gemm::run_sm90_cat(total, shapes, os, out, current_stream());
+  return out.reshape(with_last_dim(act_codes, total.N));
+}
 
 at::Tensor gemm_cuda(const at::Tensor& act_codes, const at::Tensor& act_scales, const at::Tensor& codes,
                      const at::Tensor& scales, const std::optional<at::Tensor>& global_scale,

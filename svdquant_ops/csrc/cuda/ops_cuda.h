@@ -24,6 +24,12 @@ at::Tensor gemm_cuda(const at::Tensor& act_codes, const at::Tensor& act_scales, 
                      const at::Tensor& down_act, const at::Tensor& proj_up, const std::optional<at::Tensor>& bias,
                      c10::string_view precision, at::ScalarType out_dtype, bool act_unsigned);
 
+at::Tensor gemm_cat_cuda(const at::Tensor& act_codes, const at::Tensor& act_scales, at::TensorList codes,
+                         at::TensorList scales, const c10::List<std::optional<at::Tensor>>& global_scale,
+                         const at::Tensor& down_act, at::TensorList proj_up,
+                         const c10::List<std::optional<at::Tensor>>& bias, c10::string_view precision,
+                         at::ScalarType out_dtype, bool act_unsigned);
+
 at::Tensor expand_w4a8_weight_cuda(const at::Tensor& codes, const at::Tensor& scales);
 
 std::tuple<at::Tensor, at::Tensor> gemm_expanded_cuda(

@@ -53,6 +53,9 @@ struct PrepArgs {
   int nvfp4, act_unsigned;
   int w4a8;  // W4A8: act codes are used as they are; B = int8 code * multiplier; SA = per-token scales [Mp]
   int skip_b;  // W4A8 with the weights expanded inside the GEMM kernel (diagnostics): no B here
+  // gemm_cat's second and later weights: B, UP, bias and global scale only, written at the weight's row offset (the
+  // pointers and N are the weight's; the first weight's launch prepares the activation operands)
+  int weights_only;
 };
 
 __device__ __forceinline__ uint32_t e4m3_of_nibble(uint32_t nib, bool is_unsigned) {
@@ -250,7 +253,7 @@ __device__ __forceinline__ void prep_small(const PrepArgs& p, uint32_t tid, uint
   const bool vla = r8 && (reinterpret_cast<uintptr_t>(p.down_act) & 15u) == 0;
   const bool vup = r8 && (reinterpret_cast<uintptr_t>(p.proj_up) & 15u) == 0 &&
                    (p.up_kind == kF32 || p.up_kind == kF16 || p.up_kind == kBF16);
-  for (uint32_t j = tid; j < nU; j += stride) {
+  for (uint32_t j = (p.weights_only ? nLA : 0u) + tid; j < nU; j += stride) {
     if (j < nLA) {  // down_act: segments 0 and 2 the high part, 1 the low part
       const uint32_t m = j / ku, k8 = j - m * ku;
       reinterpret_cast<uint4*>(p.LA)[j] = branch_unit(p.down_act, kF32, m, 8 * k8, p.R, p.nseg, 1, vla);
@@ -259,7 +262,7 @@ __device__ __forceinline__ void prep_small(const PrepArgs& p, uint32_t tid, uint
       reinterpret_cast<uint4*>(p.UP)[ju] = branch_unit(p.proj_up, p.up_kind, n, 8 * k8, p.R, p.nseg, 2, vup);
     }
   }
-  const uint32_t nSA = p.nvfp4 ? 0u : (p.w4a8 ? Mp : G * Mp);
+  const uint32_t nSA = (p.nvfp4 || p.weights_only) ? 0u : (p.w4a8 ? Mp : G * Mp);
   const uint32_t swrow = static_cast<uint32_t>(p.n_tiles * p.SWP);
   const uint32_t nSW = (p.nvfp4 || p.w4a8) ? 0u : G * swrow;
   const uint32_t total = nSA + nSW + 2 * Np;
@@ -299,6 +302,7 @@ __global__ void prep_kernel(const PrepArgs p) {
   const uint32_t stride = gridDim.x * blockDim.x;
   const uint32_t tid = blockIdx.x * blockDim.x + threadIdx.x;
   const uint32_t K = static_cast<uint32_t>(p.K), G = static_cast<uint32_t>(p.G);
+  if (blockIdx.y == 0 && p.weights_only) return;
   if (blockIdx.y < 2 && p.w4a8) {
     if (blockIdx.y == 1 && !p.skip_b) {
       const uint32_t n = static_cast<uint32_t>(p.N) * (K / 16);
