@@ -142,3 +142,30 @@ def test_pass_leaves_gemms_of_different_activations_alone():
         finally:
             ops.install_compile_pass(cat_gemms=ops.CAT_W4A8_DEFAULT)
     assert c == 0 and g > 0
+
+
+def test_gemms_whose_outputs_leave_the_graph_stay_apart():
+    """A compiled region that returns the GEMM outputs themselves gets them as gemm computes them (contiguous, each
+    its own memory), not as column slices of one shared result; outputs used inside the region are merged."""
+    c = cat_inputs((2, 5), (24, 40, 8), 128, 16, "w4a8")
+
+    def gemms(act_codes, act_scales, down_act):
+        return [OPS.gemm(act_codes, act_scales, c["codes"][i], c["scales"][i], c["global_scale"][i], down_act,
+                         c["proj_up"][i], c["bias"][i], "w4a8", torch.bfloat16) for i in range(3)]
+
+    args = (c["act_codes"], c["act_scales"], c["down_act"])
+    ops.install_compile_pass(cat_gemms=True)
+    try:
+        returned = torch.compile(gemms, fullgraph=True)
+        returned(*args)
+        _, g, n = _events(lambda: returned(*args))
+        outs = returned(*args)
+        assert (g, n) == (3, 0) and all(o.is_contiguous() for o in outs)
+        torch._dynamo.reset()
+        used = torch.compile(lambda *a: torch.cat([o.float().sum(-1) for o in gemms(*a)], -1), fullgraph=True)
+        used(*args)
+        out, g, n = _events(lambda: used(*args))
+    finally:
+        ops.install_compile_pass(cat_gemms=ops.CAT_W4A8_DEFAULT)
+    assert (g, n) == (0, 1)
+    assert torch.equal(out, torch.cat([o.float().sum(-1) for o in gemms(*args)], -1))

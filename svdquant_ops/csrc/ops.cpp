@@ -48,8 +48,8 @@ TORCH_LIBRARY(svdquant, m) {
       "gemm(Tensor act_codes, Tensor act_scales, Tensor codes, Tensor scales, Tensor? global_scale, "
       "Tensor down_act, Tensor proj_up, Tensor? bias, str precision, ScalarType out_dtype, "
       "bool act_unsigned=False) -> Tensor");
-  // One activation against several weights, the outputs side by side: cat([gemm(act, weight i) for i], -1), bit
-  // for bit. The compile pass gives it the W4A8 GEMMs that read one quantize_act (a FLUX.1 single block's q/k/v and
+  // One activation against several weights, the outputs side by side: cat([gemm(act, weight i) for i], -1) (bit for
+  // bit on the CPU; on Hopper each column as gemm computes it at the tile width chosen for the whole). The compile pass gives it the W4A8 GEMMs that read one quantize_act (a FLUX.1 single block's q/k/v and
   // proj_mlp), so their tiles fill one persistent launch: one partial last wave instead of one per GEMM. On Hopper
   // the W4A8 weights are expanded side by side into one operand and one GEMM kernel runs.
   m.def(

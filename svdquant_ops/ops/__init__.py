@@ -22,9 +22,10 @@ gemm(act_codes, act_scales, codes, scales, global_scale, down_act, proj_up, bias
 gemm_cat(act_codes, act_scales, codes, scales, global_scale, down_act, proj_up, bias, precision, out_dtype,
          act_unsigned=False) -> y [..., N_0 + N_1 + ...]
     torch.cat([gemm(act_codes, act_scales, codes[i], scales[i], global_scale[i], down_act, proj_up[i], bias[i], ...)
-    for every i], -1), bit for bit (lists of equal length; global_scale and bias entries may be None). On Hopper the
-    W4A8 weights are expanded side by side and one GEMM kernel covers all their tiles (the compile pass
-    ``cat_w4a8_gemms`` gives it the GEMMs that read one quantize_act).
+    for every i], -1) (lists of equal length; global_scale and bias entries may be None): bit for bit on the CPU. On
+    Hopper the W4A8 weights are expanded side by side and one GEMM kernel covers all their tiles, each column
+    computed as gemm computes it at the tile width chosen for the whole (the compile pass ``cat_w4a8_gemms`` gives it
+    the GEMMs that read one quantize_act).
 expand_w4a8_weight(codes, scales) -> weight int8 [N, K]
     W4A8's weight as the integers code * multiplier that the Hopper kernel multiplies (it is what gemm expands on
     every call).
@@ -406,9 +407,13 @@ def expand_w4a8_ahead(graph: torch.fx.Graph) -> int:
 # persistent launch whose last round of tiles leaves SMs idle: at M = 4608 on 128 x 256 tiles, 1296 and 1728 tiles
 # over 132 SMs are 10 and 14 rounds, 3024 together 23. The pass gives such GEMMs to one gemm_cat node (same
 # activation, low-rank input, output dtype; placed where the first was) and each former output becomes a column
-# slice of its result. Bit-equal: every column is computed as gemm computes it.
+# slice of its result. Each column is computed as gemm computes it at the tile width chosen for the whole: bit-equal
+# on the CPU, and on Hopper wherever that width is the one gemm would choose for the part (else within fp32
+# rounding, as the two widths differ). Memory: the workspace holds all the weights' expanded rows at once, and the
+# slices keep the whole result alive until the last is read.
 # ------------------------------------------------------------------------------------------------------------------
 CAT_W4A8_DEFAULT = False
+_OWN_META = ("val", "tensor_meta", "eager_input_vals", "original_aten")  # what a slice node must not inherit
 
 
 def _output_of(node: torch.fx.Node):
@@ -458,8 +463,11 @@ def cat_w4a8_gemms(graph: torch.fx.Graph) -> int:
         order = {n: i for i, n in enumerate(graph.nodes)}
         first = members[0]
         members = [(n, named_args(n)) for n in members]
+        # (a graph output stays a gemm of its own: as a column slice of the shared result it would leave the graph
+        # non-contiguous and keep the whole result alive)
         members = [(n, a) for n, a in members
-                   if all(not isinstance(a.get(k), torch.fx.Node) or order[a[k]] < order[first] for k in weight_args)]
+                   if all(not isinstance(a.get(k), torch.fx.Node) or order[a[k]] < order[first] for k in weight_args)
+                   and not any(u.op == "output" for u in n.users)]
         if len(members) < 2:
             continue
         a0 = members[0][1]
@@ -485,7 +493,8 @@ def cat_w4a8_gemms(graph: torch.fx.Graph) -> int:
                 start += n
         for (node, _), out in zip(members, outs):
             for k, v in node.meta.items():
-                out.meta.setdefault(k, v)
+                if k not in _OWN_META:
+                    out.meta.setdefault(k, v)
             node.replace_all_uses_with(out)
             graph.erase_node(node)
         done += len(members)

@@ -53,8 +53,9 @@ struct PrepArgs {
   int nvfp4, act_unsigned;
   int w4a8;  // W4A8: act codes are used as they are; B = int8 code * multiplier; SA = per-token scales [Mp]
   int skip_b;  // W4A8 with the weights expanded inside the GEMM kernel (diagnostics): no B here
-  // gemm_cat's second and later weights: B, UP, bias and global scale only, written at the weight's row offset (the
-  // pointers and N are the weight's; the first weight's launch prepares the activation operands)
+  // gemm_cat's second and later W4A8 weights: B, UP, bias and global scale only, written at the weight's row offset
+  // (the pointers and N are the weight's; the first weight's launch prepares the activation operands). W4A8 only:
+  // INT4's per-tile weight scales (SW) have no row offset.
   int weights_only;
 };
 
