@@ -28,7 +28,9 @@ Configurations (``--list``): ``bf16`` (the float model), ``w4a8`` (``quantize_mo
 weight_only="w4a16")``, as bench.py), and w4a8 variants ``w4a8-tags`` (``use_recursive_dict_tags_for_guards``),
 ``w4a8-skipnn`` (``guard_filter_fn=skip_guard_on_all_nn_modules_unsafe``, unsafe: a bound), ``w4a8-freezing``
 (Inductor freezing), ``w4a8-nosizeasserts`` (Inductor's ``size_asserts`` off), ``w4a8-fused`` (``fuse_qkv``: each
-attention's q/k/v as one linear, 152 fewer quantized weights), and the same for bf16 where it matters.
+attention's q/k/v as one linear, 152 fewer quantized weights), ``w4a8-fused-unwrapped`` (then
+``unwrap_weights``, the compile recipe), ``w4a8-fused-unwrapped-cat`` (that with ``install_compile_pass(cat_gemms=True)``),
+and the same for bf16 where it matters.
 
 Run (CPU, ~2-4 min per configuration, Inductor's cache makes the w4a8 variants after the first faster):
 
@@ -78,6 +80,8 @@ CONFIGS = {
     # fused, then each quantized weight held as its plain parts by svdquant_ops.unwrap_weights (shared parts one
     # parameter), as the compile recipes do
     "w4a8-fused-unwrapped": ("w4a8", {}, {}, None),
+    # that, with each single block's to_qkv and proj_mlp as one gemm_cat call (install_compile_pass(cat_gemms=True))
+    "w4a8-fused-unwrapped-cat": ("w4a8", {}, {}, None),
 }
 DEFAULT = ["bf16", "bf16-tags", "bf16-skipnn", "w4a8", "w4a8-tags", "w4a8-skipnn", "w4a8-freezing"]
 
@@ -366,14 +370,18 @@ def run_config(name: str, iters: int, warmup: int, do_profile: bool, do_safety: 
         from torchao.utils import unwrap_tensor_subclass
 
         unwrap_tensor_subclass(model)
-    if name.endswith("-fused") or name.endswith("-fused-unwrapped"):
+    if name.endswith("-fused") or "-fused-unwrapped" in name:
         from svdquant_ops import fuse_qkv
 
         res["fused_attention"] = len(fuse_qkv(model).fused)
-    if name.endswith("-unwrapped"):
+    if "-unwrapped" in name:
         from svdquant_ops import unwrap_weights
 
         res["unwrapped"] = unwrap_weights(model)
+    if name.endswith("-cat"):
+        from svdquant_ops.ops import install_compile_pass
+
+        install_compile_pass(cat_gemms=True)
     res.update(info)
     res.update(count_tensors(model))
     inputs = make_inputs()
@@ -399,6 +407,10 @@ def run_config(name: str, iters: int, warmup: int, do_profile: bool, do_safety: 
             ms.append((time.perf_counter() - t0) * 1e3)
         res["ms_call"] = statistics.median(ms)
         res["ms_call_min"] = min(ms)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            step()
+        names = [e.name for e in prof.events()]
+        res["op_calls"] = {k: names.count(f"svdquant::{k}") for k in ("quantize_act", "gemm", "gemm_cat")}
 
         entries = cache_entries(model)
         res["cache_entries"] = len(entries)
@@ -448,11 +460,12 @@ def fmt(v, spec=".1f"):
 
 def table(results: list[dict]) -> str:
     lines = ["| config | weights (sub/plain) | ms/call | guard ms | fn ms (AOT+Inductor) | rest ms | "
-             "Inductor call ms | unwrap ms | guards (mgrs/leaves) | graphs | entries | 1st call s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "Inductor call ms | unwrap ms | guards (mgrs/leaves) | graphs | entries | 1st call s | "
+             "quantize_act / gemm / gemm_cat per call |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['config']} | ERROR: {r['error'][:150]} |" + " |" * 10)
+            lines.append(f"| {r['config']} | ERROR: {r['error'][:150]} |" + " |" * 11)
             continue
         p = r.get("profile", {})
         rest = r["ms_call_wrapped"] - r.get("ms_guard", 0) - r["ms_fn"]
@@ -461,7 +474,8 @@ def table(results: list[dict]) -> str:
             f"{fmt(r.get('ms_guard'), '.2f')} | {r['ms_fn']:.1f} | {rest:.1f} | "
             f"{fmt(p.get('inductor_call_cum_ms'))} | {fmt(p.get('unwrap_subclasses_cum_ms'))} | "
             f"{r.get('guard_managers', '-')}/{r.get('leaf_guards', '-')} | {r['unique_graphs']} | "
-            f"{r['cache_entries']} | {r['first_call_s']:.0f} |")
+            f"{r['cache_entries']} | {r['first_call_s']:.0f} | "
+            f"{' / '.join(str(v) for v in r.get('op_calls', {}).values()) or '-'} |")
     return "\n".join(lines)
 
 
