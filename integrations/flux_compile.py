@@ -34,6 +34,9 @@ def main() -> None:
     # The quantized weights as plain parts: the compiled call flattens no tensor subclass (host time before the
     # replay)
     svdquant_ops.unwrap_weights(pipe.transformer)
+    # A single block's to_qkv and proj_mlp as one GEMM launch (svdquant::gemm_cat): one partly idle last round of
+    # tiles instead of two (an H100 FLUX.1-dev step 112.5 -> 110.1 ms, benchmarks/results)
+    svdquant_ops.ops.install_compile_pass(cat_gemms=True)
     pipe.transformer.compile(fullgraph=True, mode=mode)
     generate(pipe, args, call, output_type="latent")  # compiles (and records the graphs)
     t0 = time.perf_counter()

@@ -34,8 +34,11 @@ device, then ``torch.compile``. Device moves afterwards move the parts as plain 
   stops in torch itself ("attribute 'weight' already exists"); a tensor, with the message naming ``rewrap_weights``.
 - The parts are frozen parameters of their own dtypes: ``model.requires_grad_(True)`` fails on the integer codes,
   and diffusers' ``num_parameters()`` counts the packed parts.
-- Offloading (accelerate's CPU offload, diffusers' group offloading) is for the wrapped model: its hooks map the
-  state dict's ``...weight`` entries, which are not the unwrapped modules' parameters.
+- Offloading: model offloading (``enable_model_cpu_offload``) and diffusers' group offloading without streams work
+  (tested on an H100). Sequential offloading (accelerate's ``cpu_offload``) maps the state dict's ``...weight``
+  entries, which are not the unwrapped modules' parameters (``KeyError``), and group offloading with
+  ``use_stream=True`` offloads a part shared by two modules (λ, the down projection) with the first module's group
+  after the second one's prefetch ("must be on the same device"): use the wrapped model for those.
 """
 
 from __future__ import annotations

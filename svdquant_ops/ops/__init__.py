@@ -104,6 +104,11 @@ def gemm_cat(act_codes: torch.Tensor, act_scales: torch.Tensor, codes: list[torc
              global_scale: list[torch.Tensor | None], down_act: torch.Tensor, proj_up: list[torch.Tensor],
              bias: list[torch.Tensor | None], precision: str, out_dtype: torch.dtype,
              act_unsigned: bool = False) -> torch.Tensor:
+    # (the op checks this too; a segfault was seen on the GPU machine's torch 2.11 with lists of unequal length)
+    lengths = [len(x) for x in (codes, scales, global_scale, proj_up, bias)]
+    if not codes or len(set(lengths)) != 1:
+        raise ValueError("svdquant::gemm_cat: codes, scales, global_scale, proj_up and bias must have one entry per "
+                         f"weight and at least one, got {', '.join(map(str, lengths))}")
     _ready()
     return torch.ops.svdquant.gemm_cat.default(act_codes, act_scales, codes, scales, global_scale, down_act, proj_up,
                                                bias, precision, out_dtype, act_unsigned)
