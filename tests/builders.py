@@ -374,13 +374,13 @@ def assert_cuda_graph_replays_eager(fn, x: torch.Tensor) -> None:
     assert torch.equal(static_y.view(torch.int16), fn(x2).view(torch.int16))
 
 
-def count_calls(fn):
-    """(fn(), its svdquant::quantize_act calls, its svdquant::gemm calls), counted by the profiler (eager or
-    compiled: what actually ran)."""
+def count_calls(fn, ops=("quantize_act", "gemm")):
+    """(fn(), then its calls of each svdquant op in ``ops``), counted by the profiler (eager or compiled: what
+    actually ran)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         out = fn()
     names = [e.name for e in prof.events()]
-    return out, names.count("svdquant::quantize_act"), names.count("svdquant::gemm")
+    return (out, *(names.count(f"svdquant::{op}") for op in ops))
 
 
 def fresh_compile_state():

@@ -23,14 +23,21 @@ _fresh = pytest.fixture(autouse=True)(fresh_compile_state)
 MODES = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-def test_unwrapped_move_and_compile_with_cuda_graphs(mode):
+def _unwrapped_and_wrapped():
+    """A w4a8 tiny FLUX quantized on the CPU and fused, unwrapped (still on the CPU); its wrapped copy on the GPU;
+    inputs on the GPU."""
     model = tiny_flux()
     quantize_model(model, precision="w4a8", rank=16, weight_only="w4a16")
     fuse_qkv(model)
     inputs = {k: v.to("cuda") for k, v in flux_inputs().items()}
     wrapped = copy.deepcopy(model).to("cuda")
     unwrap_weights(model)
+    return model, wrapped, inputs
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_unwrapped_move_and_compile_with_cuda_graphs(mode):
+    model, wrapped, inputs = _unwrapped_and_wrapped()
     with MODES[mode]():  # under inference_mode as pipe.to("cuda", torch.bfloat16): the fp32 scales are only moved
         model.to("cuda", torch.bfloat16) if mode == "inference_mode" else model.to("cuda")
     # the parts unwrap moves itself are normal tensors (a plain parameter moved by nn.Module under inference_mode
@@ -69,12 +76,7 @@ def test_offloading_an_unwrapped_fused_model(how):
     shared part registered in two modules is offloaded by the first module's group after the second's prefetch:
     "smooth must be on the same device as x", measured on an H100; sequential offloading maps state-dict keys. Both
     are documented limits of the unwrapped model.)"""
-    model = tiny_flux()
-    quantize_model(model, precision="w4a8", rank=16, weight_only="w4a16")
-    fuse_qkv(model)
-    inputs = {k: v.to("cuda") for k, v in flux_inputs().items()}
-    wrapped = copy.deepcopy(model).to("cuda")
-    unwrap_weights(model)
+    model, wrapped, inputs = _unwrapped_and_wrapped()
     if OFFLOADS[how] is None:
         from accelerate import cpu_offload_with_hook
 

@@ -13,7 +13,8 @@ import torch
 from svdquant_ops import ops, quantize_model
 from svdquant_ops.integrations.fusion import fuse_qkv
 
-from .builders import flux_inputs, fresh_compile_state, gemm_inputs, generator, tiny_flux, weight_inputs
+from .builders import (count_calls, flux_inputs, fresh_compile_state, gemm_inputs, generator, tiny_flux,
+                       weight_inputs)
 
 ops.load()
 OPS = torch.ops.svdquant
@@ -84,10 +85,7 @@ def _fake(x):
 
 
 def _events(fn):
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        out = fn()
-    names = [e.name for e in prof.events()]
-    return out, names.count("svdquant::gemm"), names.count("svdquant::gemm_cat")
+    return count_calls(fn, ("gemm", "gemm_cat"))
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])

@@ -342,6 +342,15 @@ _GEMM_ARGS = ("act_codes", "act_scales", "codes", "scales", "global_scale", "dow
               "precision", "out_dtype", "act_unsigned")
 
 
+def _gemm_args(node: torch.fx.Node) -> dict:
+    """A gemm node's arguments by name (act_unsigned defaulted). Read when used: a rewrite before may have replaced
+    an argument (replace_all_uses_with)."""
+    a = dict(zip(_GEMM_ARGS, node.args))
+    a.update(node.kwargs)
+    a.setdefault("act_unsigned", False)
+    return a
+
+
 def _device_of(node) -> torch.device | None:
     val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
     return val.device if isinstance(val, torch.Tensor) else None
@@ -362,30 +371,25 @@ def expand_w4a8_ahead(graph: torch.fx.Graph) -> int:
 
     from torch._guards import detect_fake_mode
 
-    def named_args(node):  # read when used: a rewrite before may have replaced an argument (replace_all_uses_with)
-        a = dict(zip(_GEMM_ARGS, node.args))
-        a.update(node.kwargs)
-        return a
-
     order = {n: i for i, n in enumerate(graph.nodes)}
     calls = []
     for node in graph.nodes:
         if node.op != "call_function" or node.target is not target:
             continue
-        a = named_args(node)
+        a = _gemm_args(node)
         if a.get("precision") != "w4a8" or a.get("act_unsigned", False):
             continue
         if not all(isinstance(a[k], torch.fx.Node) for k in ("act_codes", "codes", "scales")):
             continue
         calls.append(node)
-    vals = [named_args(n)["act_codes"].meta.get("val") for n in calls]
+    vals = [_gemm_args(n)["act_codes"].meta.get("val") for n in calls]
     fake_mode = detect_fake_mode(vals) if vals and all(isinstance(v, torch.Tensor) for v in vals) else None
     if fake_mode is None:
         return 0
     weight = None  # the expansion of the current call's weight, made by the call before it
     for i, node in enumerate(calls):
-        a = named_args(node)
-        nxt = named_args(calls[i + 1]) if i + 1 < len(calls) else None
+        a = _gemm_args(node)
+        nxt = _gemm_args(calls[i + 1]) if i + 1 < len(calls) else None
         # the next weight's codes must exist when this call runs, on its device
         if nxt is not None and not (order[nxt["codes"]] < order[node] and order[nxt["scales"]] < order[node]
                                     and _device_of(nxt["codes"]) == _device_of(a["act_codes"])):
@@ -443,17 +447,11 @@ def cat_w4a8_gemms(graph: torch.fx.Graph) -> int:
         return 0
     from torch._guards import detect_fake_mode
 
-    def named_args(node):
-        a = dict(zip(_GEMM_ARGS, node.args))
-        a.update(node.kwargs)
-        a.setdefault("act_unsigned", False)
-        return a
-
     groups: dict = {}
     for node in graph.nodes:
         if node.op != "call_function" or node.target is not target:
             continue
-        a = named_args(node)
+        a = _gemm_args(node)
         if a.get("precision") != "w4a8" or not all(isinstance(a[k], torch.fx.Node) for k in
                                                    ("act_codes", "act_scales", "down_act", "codes", "scales")):
             continue
@@ -467,7 +465,7 @@ def cat_w4a8_gemms(graph: torch.fx.Graph) -> int:
             continue
         order = {n: i for i, n in enumerate(graph.nodes)}
         first = members[0]
-        members = [(n, named_args(n)) for n in members]
+        members = [(n, _gemm_args(n)) for n in members]
         # (a graph output stays a gemm of its own: as a column slice of the shared result it would leave the graph
         # non-contiguous and keep the whole result alive)
         members = [(n, a) for n, a in members
