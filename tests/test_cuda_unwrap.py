@@ -40,10 +40,9 @@ def test_unwrapped_move_and_compile_with_cuda_graphs(mode):
     model, wrapped, inputs = _unwrapped_and_wrapped()
     with MODES[mode]():  # under inference_mode as pipe.to("cuda", torch.bfloat16): the fp32 scales are only moved
         model.to("cuda", torch.bfloat16) if mode == "inference_mode" else model.to("cuda")
-    # the parts unwrap moves itself are normal tensors (a plain parameter moved by nn.Module under inference_mode
-    # becomes an inference tensor, as torch makes it for any module)
-    parts = [p for n, p in model.named_parameters() if "_part_" in n]
-    assert parts and not any(p.is_inference() for p in parts)
+    # (failed on an H100 at 5663c4d under inference_mode: which parameters are inference tensors, the unwrapped
+    # parts or the plain ones nn.Module moves, was not printed; still open, see the issue note)
+    assert not any(p.is_inference() for p in model.parameters())
     block = model.single_transformer_blocks[0]
     assert block.attn.to_qkv.weight.smooth.device.type == "cuda"
     assert block.attn.to_qkv.weight.smooth is block.proj_mlp.weight.smooth  # still one tensor after the move
@@ -65,17 +64,19 @@ def test_unwrapped_move_and_compile_with_cuda_graphs(mode):
 OFFLOADS = {
     "model_cpu_offload": None,
     "group_leaf": dict(offload_type="leaf_level"),
+    "group_leaf_stream": dict(offload_type="leaf_level", use_stream=True),
+    "group_leaf_stream_low_mem": dict(offload_type="leaf_level", use_stream=True, low_cpu_mem_usage=True),
     "group_block": dict(offload_type="block_level", num_blocks_per_group=1),
 }
 
 
 @pytest.mark.parametrize("how", list(OFFLOADS))
 def test_offloading_an_unwrapped_fused_model(how):
-    """Model offloading and diffusers' group offloading without streams move the unwrapped parts as the plain
-    parameters they are: the output on the GPU equals the wrapped model's. (With use_stream=True, leaf level, a
-    shared part registered in two modules is offloaded by the first module's group after the second's prefetch:
-    "smooth must be on the same device as x", measured on an H100; sequential offloading maps state-dict keys. Both
-    are documented limits of the unwrapped model.)"""
+    """Model offloading and diffusers' group offloading move the unwrapped parts as the plain parameters they are:
+    the output on the GPU equals the wrapped model's. The use_stream cases failed on an H100 at 5663c4d ("smooth
+    must be on the same device as x": a part shared by two modules offloaded by the first module's group after the
+    second's prefetch); a documented limit, still failing here until it is fixed. Sequential offloading is not
+    covered (it maps state-dict keys: a documented limit)."""
     model, wrapped, inputs = _unwrapped_and_wrapped()
     if OFFLOADS[how] is None:
         from accelerate import cpu_offload_with_hook
