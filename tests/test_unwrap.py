@@ -165,6 +165,23 @@ def test_refusals_name_the_way_out():
 
 
 
+def test_a_shared_part_left_on_another_device_is_named_with_the_ways_out():
+    """What diffusers' leaf-level group offloading with streams does to a part two linears share (the next linear's
+    own parts prefetched, then the shared part moved back by the previous linear's offload; on a GPU in
+    test_cuda_unwrap), emulated with the meta device for the prefetched parts: the weight's next read names the
+    devices and the ways out instead of failing deep in an op."""
+    model = _model()
+    unwrap_weights(model)
+    block = model.single_transformer_blocks[0]
+    qkv = block.attn.to_qkv
+    assert qkv.weight_part_smooth is block.proj_mlp.weight_part_smooth
+    for name in ("weight_part_codes", "weight_part_scales"):
+        qkv._parameters[name] = torch.nn.Parameter(qkv._parameters[name].to("meta"), requires_grad=False)
+    with pytest.raises(RuntimeError, match=r"different devices \(codes meta.*smooth cpu.*block_level.*use_stream=False"):
+        qkv.weight
+    assert block.proj_mlp.weight.smooth.device.type == "cpu"  # the linear beside it is untouched
+
+
 def test_rewrap_keeps_the_order_of_several_weights_in_one_module():
     model = _model()
     block = model.single_transformer_blocks[0]

@@ -1,9 +1,20 @@
 """svdquant::gemm_cat called directly with lists of unequal length, on CPU tensors: it raised the length error under
-torch 2.11 / 2.13 CPU builds and crashed (segfault) under torch 2.11+cu130 on the GPU machine. Run under gdb there
-for the native stack (gpu_run.sh is not needed: the op library must be built, SVDQUANT_OPS_CACHE set)."""
+torch 2.11 / 2.13 CPU builds and crashed (segfault) under torch 2.11+cu130 on the GPU machine. Each case runs in its
+own process (a crash hides nothing else): `python benchmarks/probes/gemm_cat_lengths.py` (the op library built,
+SVDQUANT_OPS_CACHE set as for gpu_run.sh)."""
+import subprocess
 import sys
 
 import torch
+
+CASES = ("valid", "short bias", "short global_scale", "short proj_up", "short scales", "empty", "cpu-only op table")
+
+if len(sys.argv) == 1:
+    for case in CASES:
+        r = subprocess.run([sys.executable, __file__, case], capture_output=True, text=True, timeout=120)
+        lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith(("  ", "Fatal"))]
+        print(f"{case}: exit {r.returncode}; " + " | ".join(lines[:2]), flush=True)
+    sys.exit(0)
 
 sys.path.insert(0, ".")
 from svdquant_ops import ops  # noqa: E402
@@ -13,12 +24,19 @@ ops.load()
 gen = generator(("segv",))
 a = gemm_inputs((3,), 24, 128, 16, "w4a8", torch.bfloat16, gen, bias=True)
 b = weight_inputs(40, 128, 16, "w4a8", torch.bfloat16, gen, bias=True)
-for case, bias in (("two biases", [a["bias"], b["bias"]]), ("one bias", [a["bias"]])):
-    print(case, flush=True)
-    try:
-        out = torch.ops.svdquant.gemm_cat(a["act_codes"], a["act_scales"], [a["codes"], b["codes"]],
-                                          [a["scales"], b["scales"]], [a["global_scale"], b["global_scale"]],
-                                          a["down_act"], [a["proj_up"], b["proj_up"]], bias, "w4a8", torch.bfloat16)
-        print("  ok", tuple(out.shape), flush=True)
-    except RuntimeError as e:
-        print("  raised:", str(e).splitlines()[0], flush=True)
+lists = {k: [a[k], b[k]] for k in ("codes", "scales", "global_scale", "proj_up", "bias")}
+case = sys.argv[1]
+if case.startswith("short "):
+    lists[case[6:]] = lists[case[6:]][:1]
+if case == "empty":
+    lists = {k: [] for k in lists}
+if case == "cpu-only op table":
+    print("  ", torch._C._dispatch_dump("svdquant::gemm_cat").replace("\n", " / ")[:600], flush=True)
+    sys.exit(0)
+try:
+    out = torch.ops.svdquant.gemm_cat(a["act_codes"], a["act_scales"], lists["codes"], lists["scales"],
+                                      lists["global_scale"], a["down_act"], lists["proj_up"], lists["bias"], "w4a8",
+                                      torch.bfloat16)
+    print("  ok", tuple(out.shape), flush=True)
+except RuntimeError as e:
+    print("  raised:", str(e).splitlines()[0], flush=True)

@@ -38,7 +38,8 @@ device, then ``torch.compile``. Device moves afterwards move the parts as plain 
   (tested on an H100). Sequential offloading (accelerate's ``cpu_offload``) maps the state dict's ``...weight``
   entries, which are not the unwrapped modules' parameters (``KeyError``), and group offloading with
   ``use_stream=True`` offloads a part shared by two modules (λ, the down projection) with the first module's group
-  after the second one's prefetch ("must be on the same device"): use the wrapped model for those.
+  after the second one's prefetch: the weight's next read raises, naming the ways out (block-level groups, no
+  streams, or the wrapped model).
 """
 
 from __future__ import annotations
@@ -96,6 +97,13 @@ def _property(name: str, spec: _Spec) -> property:
             raise TypeError(f"unwrapped {_cls.__name__} weight: parts changed dtype ({', '.join(changed)}); change "
                             "the dtype of a model with quantized weights only after "
                             "svdquant_ops.rewrap_weights(model)")
+        if any(p.device != parts[0].device for p in parts):  # static under compile: traced away
+            raise RuntimeError(f"unwrapped {_cls.__name__} weight: its parts are on different devices ("
+                               + ", ".join(f"{n} {p.device}" for n, p in zip(_names, parts)) + "). A part shared "
+                               "with another linear (λ, the down projection) was moved by that linear's offload "
+                               "hook: diffusers' group offloading with use_stream=True at leaf level does this. Use "
+                               "offload_type='block_level' or use_stream=False, or svdquant_ops.rewrap_weights(model) "
+                               "before enabling it")
         return _cls.__tensor_unflatten__(dict(zip(_names, parts)), _meta, _size, _stride)
 
     def set(self, value):
