@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
 # Issue 14's criterion rows in one device call, on an H200 only (the criterion names the H200; on another GPU this
 # prints the GPU and exits 3 at once, so a call that got the wrong machine costs only its start).
-#   HALF=plain (default): w4a8 fused, unwrapped, cat_gemms (the library's compile recipe), torchao fp8, bf16; compiled (the
-#                         wrapped w4a8 row left out: with it bf16 ran past the call's budget on 2026-12-06)
-#   HALF=ro:              the same under mode="reduce-overhead" (fp8's first call takes ~160 s: --timeout 250)
-#   ANY_GPU=1:            run on whatever GPU came (for a same-run comparison that is not the criterion)
+#   HALF=plain (default): w4a8 as the library's compile recipe (fuse_qkv, unwrap_weights, cat_gemms), torchao fp8,
+#                         bf16; compiled
+#   HALF=ro:              the same under mode="reduce-overhead" (fp8's first call takes ~110-160 s: --timeout 250)
+#   HALF=int4:            int4 as its compile recipe (fuse_qkv, unwrap_weights), compiled and reduce-overhead, the
+#                         row the criterion records beside w4a8 (no bf16 row: ratios against another call's)
+#   SIZE=512|1024|2048, BATCH=n: the step's size and batch (default 1024, 1; the issue also asks for 512, 2048 and
+#                         batch 4)
+#   ANY_GPU=1:            run on whatever GPU came (a same-run comparison that is not the criterion)
 # Usage on the device: SVDQUANT_COMMIT=<hash> SVDQUANT_DIRTY=0 HALF=plain bash benchmarks/criterion_run.sh
+# One half takes ~410 s on an H100 at 1024x1024 with the build cache carried (2026-12-06).
 set -u
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "$gpu"
 if [[ "$gpu" != *H200* && -z "${ANY_GPU:-}" ]]; then echo "not an H200: nothing run"; exit 3; fi
 limit=${LIMIT:-585}
-if [[ "${HALF:-plain}" == ro ]]; then
-  configs=w4a8-compile-ro-fused-unwrap-cat,fp8-compile-ro,bf16-compile-ro; per=250
-else
-  configs=w4a8-compile-fused-unwrap-cat,fp8-compile,bf16-compile; per=200
-fi
-FLUX_ARGS="--configs $configs --tag criterion-${HALF:-plain} --timeout $per --budget $(( limit - 100 ))" \
+case "${HALF:-plain}" in
+  ro)   configs=w4a8-compile-ro-fused-unwrap-cat,fp8-compile-ro,bf16-compile-ro; per=250 ;;
+  int4) configs=int4-compile-fused-unwrap,int4-compile-ro-fused-unwrap; per=250 ;;
+  *)    configs=w4a8-compile-fused-unwrap-cat,fp8-compile,bf16-compile; per=200 ;;
+esac
+size=${SIZE:-1024}; batch=${BATCH:-1}
+tag=criterion-${HALF:-plain}
+FLUX_ARGS="--configs $configs --size $size --batch $batch --tag $tag --timeout $per --budget $(( limit - 100 ))" \
   timeout "$limit" bash benchmarks/gpu_run.sh flux

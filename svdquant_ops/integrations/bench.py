@@ -212,10 +212,12 @@ def _configs() -> dict[str, Config]:
             out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, group_w4a16=on)
     # Extra: the quantized weights held as their plain parts before compiling, so that a compiled
     # call flattens no tensor subclass: ours with svdquant_ops.unwrap_weights, torchao's fp8 with its own
-    # unwrap_tensor_subclass (the same comparison for both; fp8 unfused, as its baseline row)
+    # unwrap_tensor_subclass (the same comparison for both; fp8 unfused, as its baseline row). int4's is its
+    # compile recipe (gemm_cat takes W4A8 GEMMs only).
     for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
-        out[f"w4a8-compile{sfx}-fused-unwrap"] = Config(f"w4a8-compile{sfx}-fused-unwrap", "w4a8", True, mode,
-                                                        fuse_qkv=True, unwrap=True)
+        for w in ("w4a8", "int4"):
+            out[f"{w}-compile{sfx}-fused-unwrap"] = Config(f"{w}-compile{sfx}-fused-unwrap", w, True, mode,
+                                                           fuse_qkv=True, unwrap=True)
         out[f"fp8-compile{sfx}-unwrap"] = Config(f"fp8-compile{sfx}-unwrap", "fp8", True, mode, unwrap=True)
     # Extra: the library's compile recipe (fused, unwrapped) with the W4A8 GEMMs of one activation as one gemm_cat
     # call (install_compile_pass(cat_gemms=True)) or one call each (False), whatever the library's default
@@ -239,8 +241,11 @@ def _configs() -> dict[str, Config]:
 CONFIGS = _configs()
 # The default set in the order it runs: the baseline and the compiled configurations first, so that a run cut short
 # by --budget still has the rows that matter most (the table lists rows in CONFIGS' order whatever the run order).
-DEFAULT_CUDA = ["bf16-compile", "fp8-compile", "w4a8-compile", "int4-compile", "bf16-eager", "bf16-compile-ro",
-                "fp8-compile-ro", "w4a8-compile-ro", "int4-compile-ro"]
+# SVDQuant's rows are the library's compile recipe (`svdquant generate --compile`, integrations/flux_compile.py):
+# fuse_qkv, unwrap_weights, and for W4A8 install_compile_pass(cat_gemms=True).
+DEFAULT_CUDA = ["bf16-compile", "fp8-compile", "w4a8-compile-fused-unwrap-cat", "int4-compile-fused-unwrap",
+                "bf16-eager", "bf16-compile-ro", "fp8-compile-ro", "w4a8-compile-ro-fused-unwrap-cat",
+                "int4-compile-ro-fused-unwrap"]
 DEFAULT_CPU = ["bf16-eager", "w4a8-eager", "int4-eager"]
 BASELINE = "bf16-compile"
 
