@@ -108,7 +108,7 @@ fi
 for step in "$@"; do
   case "$step" in
     tests) python3 -m pytest ${TEST_FILES:-tests/test_cuda_ops.py tests/test_cuda_w4a16.py tests/test_cuda_model.py \
-             tests/test_cuda_nunchaku.py tests/test_cuda_moves.py tests/test_cuda_fusion.py tests/test_sharing.py \
+             tests/test_cuda_nunchaku.py tests/test_cuda_moves.py tests/test_cuda_fusion.py tests/test_cuda_pdl.py tests/test_sharing.py \
              tests/test_lora.py} \
              -q -p no:cacheprovider -rfEs ;;
     gemm) SVDQUANT_OPS_DIAGNOSTICS=1 python3 benchmarks/bench_linear.py --gemm-only \

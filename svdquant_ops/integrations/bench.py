@@ -90,11 +90,13 @@ class Config:
     #                       torchao's unwrap_tensor_subclass for fp8): no subclass flattened on each call
     cat_gemms: bool | None = None  # install_compile_pass(cat_gemms=...): the W4A8 GEMMs of one quantized activation
     #                                (a single block's q/k/v and proj_mlp) as one gemm_cat call; None: the default
+    pdl: str | None = None  # programmatic dependent launch of the op library's kernels, "1" or "0"
+    #                         (SVDQUANT_OPS_CUDA_PDL in the child); None: the library's default
 
     @property
     def cuda_only(self) -> bool:
         return (self.mode == "reduce-overhead" or self.weights == "fp8" or self.gemm_schedule is not None
-                or self.gmax is not None or self.w4a8_tile is not None)
+                or self.gmax is not None or self.w4a8_tile is not None or self.pdl is not None)
 
     @property
     def label(self) -> str:
@@ -128,6 +130,8 @@ class Config:
         if self.cat_gemms is not None:
             how += (", the GEMMs of one activation as one gemm_cat call (cat_gemms)" if self.cat_gemms
                     else ", one call per GEMM (no cat_gemms)")
+        if self.pdl is not None:
+            how += ", kernels launched programmatically dependent (PDL)" if self.pdl == "1" else ", plain launches"
         if self.group_w4a16 is not None:
             how += (", the AdaLN w4a16 linears as one grouped call (group_w4a16)" if self.group_w4a16
                     else ", one call per w4a16 linear (no group_w4a16)")
@@ -225,6 +229,13 @@ def _configs() -> dict[str, Config]:
         for k, on in (("cat", True), ("nocat", False)):
             name = f"w4a8-compile{sfx}-fused-unwrap-{k}"
             out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, unwrap=True, cat_gemms=on)
+    # Extra: that recipe with the op library's kernels launched programmatically dependent on Hopper (each launched
+    # while the one before still runs, waiting on it in the kernel; SVDQUANT_OPS_CUDA_PDL=1) or plainly (=0),
+    # whatever the library's default
+    for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
+        for k, on in (("pdl", "1"), ("nopdl", "0")):
+            name = f"w4a8-compile{sfx}-fused-unwrap-cat-{k}"
+            out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, unwrap=True, cat_gemms=True, pdl=on)
     # Diagnostic: every adapter fused up to rank 128 (quantize_act's fast kernel at R = 128 runs one block per SM)
     out["w4a8-compile-lora16-fuse128"] = Config("w4a8-compile-lora16-fuse128", "w4a8", True, lora_rank=16,
                                                 lora_max_fused_rank=128)
@@ -861,7 +872,8 @@ def _run_child(args, name: str, device: str, timeout: float) -> dict:
     # the op library's run-time switches a row may set (read at every call); a row that leaves one at None gets the
     # library's default, whatever the caller's environment says
     for var, value in (("SVDQUANT_OPS_CUDA_W4A8_GMAX", CONFIGS[name].gmax),
-                       ("SVDQUANT_OPS_CUDA_W4A8_TILE", CONFIGS[name].w4a8_tile)):
+                       ("SVDQUANT_OPS_CUDA_W4A8_TILE", CONFIGS[name].w4a8_tile),
+                       ("SVDQUANT_OPS_CUDA_PDL", CONFIGS[name].pdl)):
         if value:
             env[var] = value
         else:

@@ -65,6 +65,11 @@ inline bool w4a8_token_split(bool fallback) {
   return env_switch("SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT", "1", "0", fallback);
 }
 
+// SVDQUANT_OPS_CUDA_PDL=1|0: programmatic dependent launch of the hot kernels on Hopper (launch_kernel below);
+// unset: kPdlDefault. Off until measured on a GPU (benchmarks/HISTORY.md, seventeenth session).
+constexpr bool kPdlDefault = false;
+inline bool pdl_requested() { return env_switch("SVDQUANT_OPS_CUDA_PDL", "1", "0", kPdlDefault); }
+
 // A run-time choice among named values, read at every call: the index of the variable's value in `names` (0, the
 // first, also when unset or empty); any other value is an error naming the variable and the choices.
 template <size_t N>
@@ -166,6 +171,47 @@ inline void debug_sync(cudaStream_t stream, const char* what) {
 }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Programmatic dependent launch (PDL, compute capability 9.0). A FLUX.1 step runs ~1000 of our kernels, each
+// mostly waiting on the one before it; between two of them the GPU idles ~1.5 us (the launch of the next grid after
+// the previous one completes: ~1.6 ms per step on an H100, the profile's idle time before our kernels). With PDL a
+// kernel is launched while its predecessor still runs; its blocks become resident as SMs free up and wait in
+// pdl_wait_then_release() until every grid before it has completed and its writes are visible, exactly the
+// ordering of a plain stream launch. So every kernel launched through launch_kernel() must call
+// pdl_wait_then_release() before its first global-memory access; then nothing about the results changes. The
+// release after the wait lets the next PDL launch begin: at most one grid waits ahead of the one running. On other
+// GPUs, or with PDL off, the launch is a plain one and both instructions are no-ops (griddepcontrol is defined as
+// such for a grid launched without the attribute).
+// ---------------------------------------------------------------------------------------------------------------
+__device__ __forceinline__ void pdl_wait_then_release() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+inline bool pdl_on() { return pdl_requested() && device_is_sm90(); }
+
+// kernel<<<grid, block, smem, stream>>>(args...), with programmatic stream serialization where pdl_on(): `kernel`
+// must begin with pdl_wait_then_release(). Errors are raised as after a <<<>>> launch.
+template <typename... KArgs, typename... Args>
+void launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                   Args&&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr;
+  if (pdl_on()) {
+    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr.val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+  }
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
+}
 
 // ---------------------------------------------------------------------------------------------------------------
 // Correctly rounded a / b with a precomputed reciprocal. rcp_for_div(b) is the refined reciprocal that the CUDA

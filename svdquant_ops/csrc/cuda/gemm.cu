@@ -332,8 +332,7 @@ void launch_prep(const PrepArgs& pa, const Sm90Plan& pl, cudaStream_t stream) {
                             : std::max<int64_t>(int64_t(pl.M), int64_t(pl.N)) * (pl.K / 16);
   const unsigned gx =
       static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((units + 255) / 256, 8 * num_sms())));
-  prep_kernel<<<dim3(gx, 3), 256, 0, stream>>>(pa);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(prep_kernel, dim3(gx, 3), dim3(256), 0, stream, pa);
   debug_sync(stream, "gemm prep");
 }
 
@@ -440,8 +439,7 @@ void launch_sm90(const TensorMaps& m, const sm90::Params& p, cudaStream_t stream
   static PerDeviceOnce smem_attr;  // per instantiation and device, on its first (eager) call
   set_max_dynamic_smem(smem_attr, kernel, C::SMEM);
   const int grid = std::min(p.m_tiles * p.n_tiles, num_sms());
-  kernel<<<grid, 384, C::SMEM, stream>>>(m.A, m.B, m.SA, m.SW, m.LA, m.UP, m.C, p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(kernel, dim3(grid), dim3(384), C::SMEM, stream, m.A, m.B, m.SA, m.SW, m.LA, m.UP, m.C, p);
   debug_sync(stream, "gemm sm90");
 }
 

@@ -335,6 +335,7 @@ __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel
                                                                      const float* __restrict__ amax_in, int M, int K,
                                                                      int R, bool act_unsigned, int chunks_per_split,
                                                                      bool keep_x) {
+  pdl_wait_then_release();  // launched by launch_kernel (common.cuh): nothing read or written before this
   constexpr bool kNvfp4 = kFmt == kFmtNvfp4;
   constexpr bool kGroupMax = kFmt == kFmtGroupMax;
   constexpr bool kInt8 = kFmt == kFmtInt8Token;
@@ -816,6 +817,7 @@ __global__ void __launch_bounds__(32 * kTokWarps) quantize_tokens_fast_kernel(co
                                                                               float* __restrict__ down_act, int M,
                                                                               int K, int G, int R, int splits,
                                                                               int k_per_block) {
+  pdl_wait_then_release();  // launched by launch_kernel (common.cuh)
   constexpr uint32_t FULL = 0xffffffffu;
   const int lane = threadIdx.x & 31;
   const int row0 = (blockIdx.x * kTokWarps + (threadIdx.x >> 5)) * kTokRows;
@@ -1198,12 +1200,11 @@ DownActParts launch_fast(const at::Tensor& x, const at::Tensor& smooth, const at
   const int cps = chunks_per_slice(nchunks, splits);
   DownActParts parts;
   float* down_act_dst = down_act_slices_begin(down_act, parts, splits, M, R);
-  kernel<<<dim3(slabs, splits), 32 * RW * KW, SMEM, stream>>>(
-      reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const T*>(smooth.data_ptr()),
-      R > 0 ? reinterpret_cast<const T*>(pd.data_ptr()) : nullptr,
-      kFmt == kFmtGroupMax ? nullptr : static_cast<uint8_t*>(codes.data_ptr()), scales.data_ptr(), down_act_dst,
-      amax_in, M, K, R, act_unsigned, cps, keep_x);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(kernel, dim3(slabs, splits), dim3(32 * RW * KW), SMEM, stream,
+                reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const T*>(smooth.data_ptr()),
+                R > 0 ? reinterpret_cast<const T*>(pd.data_ptr()) : nullptr,
+                kFmt == kFmtGroupMax ? nullptr : static_cast<uint8_t*>(codes.data_ptr()), scales.data_ptr(),
+                down_act_dst, amax_in, M, K, R, act_unsigned, cps, keep_x);
   debug_sync(stream, "quantize_act fast");
   return parts;
 }
@@ -1470,13 +1471,13 @@ void quantize_w4a8(const QuantizeActShape& s, bool fast, const at::Tensor& x, co
     const int kps = token_kernel_k_per_block(M, K, token_split);
     const dim3 grid((M + kTokRows * kTokWarps - 1) / (kTokRows * kTokWarps), (K + kps - 1) / kps);
     if (x.scalar_type() == at::kBFloat16)
-      quantize_tokens_fast_kernel<c10::BFloat16><<<grid, 32 * kTokWarps, 0, stream>>>(
-          x.data_ptr<c10::BFloat16>(), smooth.data_ptr<c10::BFloat16>(), gm, cd,
-          act_scales.data_ptr<c10::BFloat16>(), part, da, M, K, G, R, parts.splits, kps);
+      launch_kernel(quantize_tokens_fast_kernel<c10::BFloat16>, grid, dim3(32 * kTokWarps), 0, stream,
+                    x.data_ptr<c10::BFloat16>(), smooth.data_ptr<c10::BFloat16>(), gm, cd,
+                    act_scales.data_ptr<c10::BFloat16>(), part, da, M, K, G, R, parts.splits, kps);
     else
-      quantize_tokens_fast_kernel<c10::Half><<<grid, 32 * kTokWarps, 0, stream>>>(
-          x.data_ptr<c10::Half>(), smooth.data_ptr<c10::Half>(), gm, cd, act_scales.data_ptr<c10::Half>(), part, da,
-          M, K, G, R, parts.splits, kps);
+      launch_kernel(quantize_tokens_fast_kernel<c10::Half>, grid, dim3(32 * kTokWarps), 0, stream,
+                    x.data_ptr<c10::Half>(), smooth.data_ptr<c10::Half>(), gm, cd, act_scales.data_ptr<c10::Half>(),
+                    part, da, M, K, G, R, parts.splits, kps);
   } else {
     down_act_slices_end(parts, down_act, static_cast<int>(s.M), static_cast<int>(s.R), stream);
     const unsigned blocks = static_cast<unsigned>((s.M + 7) / 8);

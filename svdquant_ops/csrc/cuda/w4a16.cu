@@ -521,6 +521,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1)
     w4a16_gemv_kernel(const XT* __restrict__ x, const uint8_t* __restrict__ codes, const ST* __restrict__ scales,
                       const ST* __restrict__ zeros, const void* __restrict__ bias, int bias_kind,
                       XT* __restrict__ y, int M, int N, int K) {
+  pdl_wait_then_release();  // launched by launch_kernel (common.cuh)
   gemv_body<XT, ST, kFull>(x, OneWeight<XT, ST>{codes, scales, zeros, bias, y, N}, bias_kind, M, N, K);
 }
 
@@ -529,6 +530,7 @@ template <typename XT, typename ST, bool kFull>
 __global__ void __launch_bounds__(kMaxWarps * 32, 1)
     w4a16_gemv_group_kernel(const XT* __restrict__ x, const __grid_constant__ GemvGroup group, int bias_kind, int M,
                             int N, int K) {
+  pdl_wait_then_release();  // launched by launch_kernel (common.cuh)
   gemv_body<XT, ST, kFull>(x, GroupWeights<XT, ST>{group}, bias_kind, M, N, K);
 }
 
@@ -607,11 +609,10 @@ void launch_gemv_kernel(const W4a16Shape& s, const at::Tensor& x, const at::Tens
   static PerDeviceOnce once;
   set_max_dynamic_smem(once, kernel, kMaxWarps * slice_smem_bytes<XT>() + kRedCap);
   const auto b = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
-  kernel<<<gg.blocks, gg.warps * 32, gg.smem, stream>>>(
-      x.data_ptr<XT>(), codes.data_ptr<uint8_t>(), scales.data_ptr<ST>(), zeros.data_ptr<ST>(),
-      b.has_value() ? b->data_ptr() : nullptr, bias_kind(bias), out.data_ptr<XT>(), static_cast<int>(s.M),
-      static_cast<int>(s.N), static_cast<int>(s.K));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(kernel, dim3(gg.blocks), dim3(gg.warps * 32), gg.smem, stream, x.data_ptr<XT>(),
+                codes.data_ptr<uint8_t>(), scales.data_ptr<ST>(), zeros.data_ptr<ST>(),
+                b.has_value() ? b->data_ptr() : nullptr, bias_kind(bias), out.data_ptr<XT>(), static_cast<int>(s.M),
+                static_cast<int>(s.N), static_cast<int>(s.K));
   debug_sync(stream, "w4a16_gemv_kernel");
 }
 
@@ -623,9 +624,8 @@ void launch_gemv_group_kernel(const W4a16Shape& s, const at::Tensor& x, const Ge
   auto kernel = w4a16_gemv_group_kernel<XT, ST, kFull>;
   static PerDeviceOnce once;
   set_max_dynamic_smem(once, kernel, kMaxWarps * slice_smem_bytes<XT>() + kRedCap);
-  kernel<<<gg.blocks, gg.warps * 32, gg.smem, stream>>>(x.data_ptr<XT>(), group, bkind, static_cast<int>(s.M),
-                                                         static_cast<int>(s.N), static_cast<int>(s.K));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(kernel, dim3(gg.blocks), dim3(gg.warps * 32), gg.smem, stream, x.data_ptr<XT>(), group, bkind,
+                static_cast<int>(s.M), static_cast<int>(s.N), static_cast<int>(s.K));
   debug_sync(stream, "w4a16_gemv_group_kernel");
 }
 

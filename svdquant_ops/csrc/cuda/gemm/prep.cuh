@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "../../formats.h"
+#include "../common.cuh"
 #include "io.cuh"
 
 namespace svdquant {
@@ -300,6 +301,7 @@ __device__ __forceinline__ void prep_small(const PrepArgs& p, uint32_t tid, uint
 
 // blockIdx.y = 0: activation codes, 1: weight codes (blocks stride over 16-channel units), 2: the small operands.
 __global__ void prep_kernel(const PrepArgs p) {
+  pdl_wait_then_release();  // launched by launch_kernel (common.cuh)
   const uint32_t stride = gridDim.x * blockDim.x;
   const uint32_t tid = blockIdx.x * blockDim.x + threadIdx.x;
   const uint32_t K = static_cast<uint32_t>(p.K), G = static_cast<uint32_t>(p.G);

@@ -427,6 +427,7 @@ __global__ void __launch_bounds__(384, 1)
                 const __grid_constant__ CUtensorMap tmC, const Params p) {
   static_assert(kStore || SVDQ_DIAGNOSTICS, "the no-store epilogue exists in diagnostics builds only");
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  pdl_wait_then_release();  // launched by launch_kernel (common.cuh); the multicast launch is a plain one
   using C = Cfg<BN, kKind, ring_stages(kSched)>;
   constexpr bool kFp8 = kKind == kKindInt4;
   constexpr bool kExp = kKind == kKindW4a8Expand;

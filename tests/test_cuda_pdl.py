@@ -1,0 +1,146 @@
+"""Programmatic dependent launch (``SVDQUANT_OPS_CUDA_PDL=1``, Hopper) changes when our kernels are launched, never
+what they compute: each kernel launched that way waits for the grids before it before touching memory
+(``csrc/cuda/common.cuh``). So every output with PDL on must equal the same call with PDL off bit for bit, also in
+chains where each kernel reads what the one before wrote a moment ago (the case a missing wait would break), in a
+CUDA graph, and under torch.compile with CUDA graphs. Skipped without CUDA; on GPUs other than compute capability
+9.0 the switch launches plainly and the tests still check equality."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("CUDA is not available", allow_module_level=True)
+
+from svdquant_ops import ops, quantize_model  # noqa: E402
+from svdquant_ops.integrations.fusion import fuse_qkv  # noqa: E402
+from svdquant_ops.integrations.unwrap import unwrap_weights  # noqa: E402
+
+from .builders import (capture_cuda_graph, flux_inputs, fresh_compile_state, gemm_inputs, linear_inputs,  # noqa: E402
+                       op_args, session_generator, tiny_flux, weight_inputs)
+from .test_w4a16_op import w4a16_inputs  # noqa: E402
+
+ops.load()
+OPS = torch.ops.svdquant
+DEV = torch.device("cuda")
+_fresh = pytest.fixture(autouse=True)(fresh_compile_state)
+
+
+def _cuda(d: dict) -> dict:
+    return {k: (v.to(DEV) if isinstance(v, torch.Tensor) else v) for k, v in d.items()}
+
+
+def _both(monkeypatch, fn):
+    """fn() with PDL off, then on (each synchronized): the two results."""
+    out = []
+    for on in ("0", "1"):
+        monkeypatch.setenv("SVDQUANT_OPS_CUDA_PDL", on)
+        out.append(fn())
+        torch.cuda.synchronize()
+    return out
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32) if t.element_size() == 4 else t
+
+
+def _chain(precision: str, M: int, width: int, depth: int, key):
+    """``depth`` linears of width x width (each layer's output is the next one's input: quantize_act reads what the
+    GEMM before it wrote), with one weight per layer; returns the function of x and x."""
+    g = session_generator(("pdl-chain", precision, M, width, depth, key))
+    layers = [_cuda(linear_inputs(M, width, width, 32, precision, torch.bfloat16, g)) for _ in range(depth)]
+    x = layers[0]["x"]
+
+    def run(inp):
+        for a in layers:
+            inp = OPS.linear(inp, *op_args("linear", a)[1:], precision) * 0.05 + inp  # keep O(1) through depth
+        return inp
+
+    return run, x
+
+
+@pytest.mark.parametrize("tile", [None, "128", "256"])
+@pytest.mark.parametrize("precision,M", [("w4a8", 4608), ("w4a8", 512), ("w4a8", 77), ("int4", 1024)])
+def test_chains_equal_plain_launches_bit_for_bit(monkeypatch, precision, M, tile):
+    if tile is not None and precision != "w4a8":
+        pytest.skip("the tile width is W4A8's")
+    if tile:
+        monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_TILE", tile)
+    run, x = _chain(precision, M, 1024, 12, tile)
+    plain, pdl = _both(monkeypatch, lambda: run(x))
+    assert torch.isfinite(plain).all()
+    assert torch.equal(_bits(plain), _bits(pdl))
+    monkeypatch.setenv("SVDQUANT_OPS_CUDA_PDL", "1")
+    for _ in range(3):  # deterministic with PDL
+        assert torch.equal(_bits(run(x)), _bits(pdl))
+
+
+def test_cuda_graph_with_pdl_replays_the_plain_eager_result(monkeypatch):
+    run, x = _chain("w4a8", 4608, 1024, 8, "graph")
+    monkeypatch.setenv("SVDQUANT_OPS_CUDA_PDL", "0")
+    want = run(x)
+    monkeypatch.setenv("SVDQUANT_OPS_CUDA_PDL", "1")
+    static_x = x.clone()
+    graph, static_y = capture_cuda_graph(lambda: run(static_x))
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(_bits(static_y), _bits(want))
+    x2 = torch.randn_like(x)
+    static_x.copy_(x2)
+    graph.replay()
+    monkeypatch.setenv("SVDQUANT_OPS_CUDA_PDL", "0")
+    assert torch.equal(_bits(static_y), _bits(run(x2)))
+
+
+def test_gemm_cat_and_w4a16_group_equal_plain_launches(monkeypatch):
+    g = session_generator("pdl-cat")
+    a = _cuda(gemm_inputs(4608, 3072, 3072, 32, "w4a8", torch.bfloat16, g))
+    w2 = _cuda(weight_inputs(4096, 3072, 32, "w4a8", torch.bfloat16, g))
+    lists = [[a[k], w2[k]] for k in ("codes", "scales", "global_scale", "proj_up", "bias")]
+    plain, pdl = _both(monkeypatch, lambda: ops.gemm_cat(a["act_codes"], a["act_scales"], lists[0], lists[1], lists[2],
+                                                         a["down_act"], lists[3], lists[4], "w4a8", torch.bfloat16))
+    assert torch.equal(_bits(plain), _bits(pdl))
+
+    ws = [_cuda(w4a16_inputs((1,), n, 3072, torch.bfloat16, torch.bfloat16, g)) for n in (18432, 9216, 6144)]
+    x = ws[0]["x"]
+    args = [[w[k] for w in ws] for k in ("codes", "scales", "zeros", "bias")]
+    plain, pdl = _both(monkeypatch, lambda: torch.cat(OPS.w4a16_linear_group(x, *args), -1))
+    assert torch.equal(_bits(plain), _bits(pdl))
+    plain, pdl = _both(monkeypatch, lambda: OPS.w4a16_linear(x, *(a[0] for a in args)))
+    assert torch.equal(_bits(plain), _bits(pdl))
+
+
+def test_compiled_flux_with_cuda_graphs_equals_plain_launches(monkeypatch):
+    """The library's compile recipe on a tiny FLUX (fused, unwrapped, gemm_cat; reduce-overhead), compiled once
+    per setting: the outputs of the replays equal bit for bit."""
+    model = tiny_flux()
+    quantize_model(model, precision="w4a8", rank=16, weight_only="w4a16")
+    fuse_qkv(model)
+    model.to(DEV)
+    unwrap_weights(model)
+    inputs = {k: v.to(DEV) for k, v in flux_inputs().items()}
+    out = []
+    try:
+        ops.install_compile_pass(cat_gemms=True)
+        for on in ("0", "1"):
+            monkeypatch.setenv("SVDQUANT_OPS_CUDA_PDL", on)
+            torch._dynamo.reset()
+            comp = torch.compile(model, fullgraph=True, mode="reduce-overhead")
+            with torch.inference_mode():
+                for _ in range(3):
+                    torch.compiler.cudagraph_mark_step_begin()
+                    y = comp(**inputs).sample.clone()
+            out.append(y)
+    finally:
+        ops.install_compile_pass(cat_gemms=ops.CAT_W4A8_DEFAULT)
+    assert torch.equal(_bits(out[0]), _bits(out[1]))
+
+
+@pytest.mark.skipif(torch.cuda.get_device_capability() != (9, 0), reason="other GPUs launch these kernels plainly")
+def test_a_bad_value_names_the_variable(monkeypatch):
+    run, x = _chain("w4a8", 64, 256, 1, "bad")
+    monkeypatch.setenv("SVDQUANT_OPS_CUDA_PDL", "yes")
+    with pytest.raises(RuntimeError, match="SVDQUANT_OPS_CUDA_PDL must be '1', '0' or unset, got 'yes'"):
+        run(x)
