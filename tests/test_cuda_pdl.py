@@ -46,18 +46,40 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def _chain(precision: str, M: int, width: int, depth: int, key):
-    """``depth`` linears of width x width (each layer's output is the next one's input: quantize_act reads what the
-    GEMM before it wrote), with one weight per layer; returns the function of x and x."""
+    """``depth`` linears of width x width, each layer's output the next one's input as it is, so every kernel of the
+    chain reads what the kernel just before it wrote (the GEMM's output -> the next quantize_act's first pass ->
+    its token pass -> prep -> GEMM), the case a missing wait would break; one weight per layer. The random weights
+    grow the values per layer (on the CPU ops: w4a8 ~1.6x, int4 ~4x): 12 layers stay finite in bf16. Returns the function of x, and x."""
     g = session_generator(("pdl-chain", precision, M, width, depth, key))
     layers = [_cuda(linear_inputs(M, width, width, 32, precision, torch.bfloat16, g)) for _ in range(depth)]
     x = layers[0]["x"]
 
     def run(inp):
         for a in layers:
-            inp = OPS.linear(inp, *op_args("linear", a)[1:], precision) * 0.05 + inp  # keep O(1) through depth
+            inp = OPS.linear(inp, *op_args("linear", a)[1:], precision)
         return inp
 
     return run, x
+
+
+def _overlaps(fn) -> tuple[int, int]:
+    """(pairs of consecutive kernels where the later one started before the earlier one ended, kernels) in a CUDA
+    trace of fn(): in one stream that happens only with programmatic dependent launch."""
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        trace = json.load(open(f.name))
+    kernels = sorted((e["ts"], e["ts"] + e["dur"]) for e in trace["traceEvents"]
+                     if e.get("cat") == "kernel" and "dur" in e)
+    return sum(b[0] < a[1] for a, b in zip(kernels, kernels[1:])), len(kernels)
 
 
 @pytest.mark.parametrize("tile", [None, "128", "256"])
@@ -69,7 +91,7 @@ def test_chains_equal_plain_launches_bit_for_bit(monkeypatch, precision, M, tile
         monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_TILE", tile)
     run, x = _chain(precision, M, 1024, 12, tile)
     plain, pdl = _both(monkeypatch, lambda: run(x))
-    assert torch.isfinite(plain).all()
+    assert torch.isfinite(plain.float()).all() and plain.float().abs().max() > 0
     assert torch.equal(_bits(plain), _bits(pdl))
     monkeypatch.setenv("SVDQUANT_OPS_CUDA_PDL", "1")
     for _ in range(3):  # deterministic with PDL
@@ -108,8 +130,30 @@ def test_gemm_cat_and_w4a16_group_equal_plain_launches(monkeypatch):
     args = [[w[k] for w in ws] for k in ("codes", "scales", "zeros", "bias")]
     plain, pdl = _both(monkeypatch, lambda: torch.cat(OPS.w4a16_linear_group(x, *args), -1))
     assert torch.equal(_bits(plain), _bits(pdl))
-    plain, pdl = _both(monkeypatch, lambda: OPS.w4a16_linear(x, *(a[0] for a in args)))
+    square = [_cuda(w4a16_inputs((1,), 3072, 3072, torch.bfloat16, torch.bfloat16, g)) for _ in range(8)]
+
+    def gemv_chain():  # each GEMV reads the one before's output (M = 1, the modulation shape)
+        y = x
+        for w in square:
+            y = OPS.w4a16_linear(y, w["codes"], w["scales"], w["zeros"], w["bias"])
+        return y
+
+    plain, pdl = _both(monkeypatch, gemv_chain)
     assert torch.equal(_bits(plain), _bits(pdl))
+
+
+@pytest.mark.skipif(torch.cuda.get_device_capability() != (9, 0), reason="programmatic dependent launch is Hopper's")
+def test_the_switch_takes_effect(monkeypatch):
+    """Equal outputs alone would also pass if the attribute were never set: with PDL on, some kernel of a chain
+    starts before the one before it has ended (it waits inside); with it off, none does."""
+    run, x = _chain("w4a8", 4608, 1024, 6, "effect")
+    run(x)  # warm-up: first-call attributes, allocator
+    monkeypatch.setenv("SVDQUANT_OPS_CUDA_PDL", "0")
+    off, n_off = _overlaps(lambda: run(x))
+    monkeypatch.setenv("SVDQUANT_OPS_CUDA_PDL", "1")
+    on, n_on = _overlaps(lambda: run(x))
+    assert n_on == n_off >= 6 * 4
+    assert off == 0 and on > 0, (off, on, n_on)
 
 
 def test_compiled_flux_with_cuda_graphs_equals_plain_launches(monkeypatch):
@@ -138,7 +182,8 @@ def test_compiled_flux_with_cuda_graphs_equals_plain_launches(monkeypatch):
     assert torch.equal(_bits(out[0]), _bits(out[1]))
 
 
-@pytest.mark.skipif(torch.cuda.get_device_capability() != (9, 0), reason="other GPUs launch these kernels plainly")
+@pytest.mark.skipif(torch.cuda.get_device_capability() != (9, 0),
+                    reason="the portable kernels other GPUs run do not read the switch")
 def test_a_bad_value_names_the_variable(monkeypatch):
     run, x = _chain("w4a8", 64, 256, 1, "bad")
     monkeypatch.setenv("SVDQUANT_OPS_CUDA_PDL", "yes")
