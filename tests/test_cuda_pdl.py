@@ -158,7 +158,8 @@ def test_the_switch_takes_effect(monkeypatch):
 
 def test_compiled_flux_with_cuda_graphs_equals_plain_launches(monkeypatch):
     """The library's compile recipe on a tiny FLUX (fused, unwrapped, gemm_cat; reduce-overhead), compiled once
-    per setting: the outputs of the replays equal bit for bit."""
+    per setting (plain; our kernels with PDL; Inductor's Triton kernels with PDL as well, which then launch early
+    after ours and ours after them): the outputs of the replays equal bit for bit."""
     model = tiny_flux()
     quantize_model(model, precision="w4a8", rank=16, weight_only="w4a16")
     fuse_qkv(model)
@@ -168,18 +169,20 @@ def test_compiled_flux_with_cuda_graphs_equals_plain_launches(monkeypatch):
     out = []
     try:
         ops.install_compile_pass(cat_gemms=True)
-        for on in ("0", "1"):
+        for on, inductor in (("0", False), ("1", False), ("1", True)):
             monkeypatch.setenv("SVDQUANT_OPS_CUDA_PDL", on)
             torch._dynamo.reset()
-            comp = torch.compile(model, fullgraph=True, mode="reduce-overhead")
-            with torch.inference_mode():
-                for _ in range(3):
-                    torch.compiler.cudagraph_mark_step_begin()
-                    y = comp(**inputs).sample.clone()
+            with torch._inductor.config.patch({"triton.enable_pdl": inductor}):
+                comp = torch.compile(model, fullgraph=True, mode="reduce-overhead")
+                with torch.inference_mode():
+                    for _ in range(3):
+                        torch.compiler.cudagraph_mark_step_begin()
+                        y = comp(**inputs).sample.clone()
             out.append(y)
     finally:
         ops.install_compile_pass(cat_gemms=ops.CAT_W4A8_DEFAULT)
     assert torch.equal(_bits(out[0]), _bits(out[1]))
+    assert torch.equal(_bits(out[0]), _bits(out[2]))
 
 
 @pytest.mark.skipif(torch.cuda.get_device_capability() != (9, 0),

@@ -92,11 +92,14 @@ class Config:
     #                                (a single block's q/k/v and proj_mlp) as one gemm_cat call; None: the default
     pdl: str | None = None  # programmatic dependent launch of the op library's kernels, "1" or "0"
     #                         (SVDQUANT_OPS_CUDA_PDL in the child); None: the library's default
+    inductor_pdl: bool = False  # Inductor's Triton kernels with programmatic dependent launch too
+    #                             (torch._inductor.config.triton.enable_pdl: TORCHINDUCTOR_ENABLE_PDL=1 in the child)
 
     @property
     def cuda_only(self) -> bool:
         return (self.mode == "reduce-overhead" or self.weights == "fp8" or self.gemm_schedule is not None
-                or self.gmax is not None or self.w4a8_tile is not None or self.pdl is not None)
+                or self.gmax is not None or self.w4a8_tile is not None or self.pdl is not None
+                or self.inductor_pdl)
 
     @property
     def label(self) -> str:
@@ -132,6 +135,8 @@ class Config:
                     else ", one call per GEMM (no cat_gemms)")
         if self.pdl is not None:
             how += ", kernels launched programmatically dependent (PDL)" if self.pdl == "1" else ", plain launches"
+        if self.inductor_pdl:
+            how += ", Inductor's kernels launched programmatically dependent (TORCHINDUCTOR_ENABLE_PDL=1)"
         if self.group_w4a16 is not None:
             how += (", the AdaLN w4a16 linears as one grouped call (group_w4a16)" if self.group_w4a16
                     else ", one call per w4a16 linear (no group_w4a16)")
@@ -236,6 +241,14 @@ def _configs() -> dict[str, Config]:
         for k, on in (("pdl", "1"), ("nopdl", "0")):
             name = f"w4a8-compile{sfx}-fused-unwrap-cat-{k}"
             out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, unwrap=True, cat_gemms=True, pdl=on)
+    # ... and with Inductor's Triton kernels launched the same way (TORCHINDUCTOR_ENABLE_PDL=1), beside bf16 and fp8
+    # with Inductor's PDL, so that the three compare under one setting (cuBLAS keeps its own launches)
+    for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
+        name = f"w4a8-compile{sfx}-fused-unwrap-cat-pdl-ipdl"
+        out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, unwrap=True, cat_gemms=True, pdl="1",
+                           inductor_pdl=True)
+        for w in ("bf16", "fp8"):
+            out[f"{w}-compile{sfx}-ipdl"] = Config(f"{w}-compile{sfx}-ipdl", w, True, mode, inductor_pdl=True)
     # Diagnostic: every adapter fused up to rank 128 (quantize_act's fast kernel at R = 128 runs one block per SM)
     out["w4a8-compile-lora16-fuse128"] = Config("w4a8-compile-lora16-fuse128", "w4a8", True, lora_rank=16,
                                                 lora_max_fused_rank=128)
@@ -878,6 +891,10 @@ def _run_child(args, name: str, device: str, timeout: float) -> dict:
             env[var] = value
         else:
             env.pop(var, None)
+    if CONFIGS[name].inductor_pdl:  # read when Inductor's config module is imported
+        env["TORCHINDUCTOR_ENABLE_PDL"] = "1"
+    else:
+        env.pop("TORCHINDUCTOR_ENABLE_PDL", None)
     if CONFIGS[name].gemm_schedule:  # read by the op library at load time (which build) and at every GEMM call
         env.update(SVDQUANT_OPS_DIAGNOSTICS="1", SVDQUANT_OPS_GEMM_SCHEDULE=CONFIGS[name].gemm_schedule)
     fd, result_file = tempfile.mkstemp(prefix=f"svdq-bench-{name}-", suffix=".json")
