@@ -1,7 +1,9 @@
 """svdquant::gemm_cat called directly with lists of unequal length, on CPU tensors: it raised the length error under
 torch 2.11 / 2.13 CPU builds and crashed (segfault) under torch 2.11+cu130 on the GPU machine. Each case runs in its
 own process (a crash hides nothing else): `python benchmarks/probes/gemm_cat_lengths.py` (the op library built,
-SVDQUANT_OPS_CACHE set as for gpu_run.sh)."""
+SVDQUANT_OPS_CACHE set as for gpu_run.sh). With LD_PRELOAD=/tmp/segv_backtrace.so (benchmarks/probes/segv_backtrace.c)
+a crashing case prints its native stack. Reproduced nowhere but the GPU machine: not with torch 2.11.0+cu130 or
+2.14.1+cu130 and the CUDA build of the library on a machine without a GPU (2026-12-06)."""
 import subprocess
 import sys
 
@@ -14,6 +16,9 @@ if len(sys.argv) == 1:
         r = subprocess.run([sys.executable, __file__, case], capture_output=True, text=True, timeout=120)
         lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith(("  ", "Fatal"))]
         print(f"{case}: exit {r.returncode}; " + " | ".join(lines[:2]), flush=True)
+        if r.returncode < 0:  # killed by a signal: the native stack, where LD_PRELOAD=segv_backtrace.so printed one
+            stack = r.stderr.split("*** native stack")[-1].splitlines()[1:40] if "*** native stack" in r.stderr else []
+            print("\n".join("    " + ln for ln in stack), flush=True)
     sys.exit(0)
 
 sys.path.insert(0, ".")
