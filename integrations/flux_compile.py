@@ -31,12 +31,9 @@ def main() -> None:
     # One graph for the whole transformer: the SVDQuant ops have fake kernels, so nothing breaks the graph. On a
     # GPU, reduce-overhead also captures CUDA graphs (the ops are capture-safe: no host synchronization).
     mode = "reduce-overhead" if args.device.startswith("cuda") else None
-    # The quantized weights as plain parts: the compiled call flattens no tensor subclass (host time before the
-    # replay)
-    svdquant_ops.unwrap_weights(pipe.transformer)
-    # A single block's to_qkv and proj_mlp as one GEMM launch (svdquant::gemm_cat): one partly idle last round of
-    # tiles instead of two (an H100 FLUX.1-dev step 112.5 -> 110.1 ms, benchmarks/results)
-    svdquant_ops.ops.install_compile_pass(cat_gemms=True)
+    # The library's compile recipe: the quantized weights as plain parts (the compiled call flattens no tensor
+    # subclass) and a single block's to_qkv and proj_mlp as one GEMM launch (svdquant::gemm_cat)
+    svdquant_ops.prepare_compile(pipe.transformer)
     pipe.transformer.compile(fullgraph=True, mode=mode)
     generate(pipe, args, call, output_type="latent")  # compiles (and records the graphs)
     t0 = time.perf_counter()

@@ -36,6 +36,7 @@ _LAZY = {
     "unfuse_qkv": "svdquant_ops.integrations.fusion",
     "unwrap_weights": "svdquant_ops.integrations.unwrap",
     "rewrap_weights": "svdquant_ops.integrations.unwrap",
+    "prepare_compile": "svdquant_ops.integrations.compile_recipe",
     "quantization_config": "svdquant_ops.integrations.diffusers",
     "save_file": "svdquant_ops.storage.serialization",
     "load_file": "svdquant_ops.storage.serialization",

@@ -194,3 +194,35 @@ def test_rewrap_keeps_the_order_of_several_weights_in_one_module():
                                                    .__tensor_flatten__()[0]]]
     assert rewrap_weights(holder) == 2 and list(dict(holder.named_parameters())) == ["a", "b", "c"]
     assert holder.a.smooth.data_ptr() == block.proj_mlp.weight.smooth.data_ptr()  # the same memory
+
+
+def test_prepare_compile_is_the_recipe():
+    """prepare_compile unwraps every quantized weight and turns the gemm_cat pass on: the compiled tiny FLUX runs one
+    gemm_cat per single block, in one graph, with the output of the same model compiled wrapped without the pass."""
+    from torch._dynamo.utils import counters
+
+    from svdquant_ops import ops
+
+    model = _model()
+    wrapped = copy.deepcopy(model)
+    n = _n_weights(model)
+    inputs = flux_inputs()
+    try:
+        with torch.no_grad():
+            ops.install_compile_pass(cat_gemms=False)
+            ref = torch.compile(wrapped, fullgraph=True)(**inputs).sample
+            torch._dynamo.reset()
+            counters.clear()
+            assert svdquant_ops.prepare_compile(model) == n > 0
+            assert _n_weights(model) == 0
+            compiled = torch.compile(model, fullgraph=True)
+            compiled(**inputs)
+            out, cats = count_calls(lambda: compiled(**inputs).sample, ("gemm_cat",))
+        assert svdquant_ops.prepare_compile(model) == 0  # nothing left to unwrap
+    finally:
+        ops.install_compile_pass(cat_gemms=ops.CAT_W4A8_DEFAULT)
+    assert cats == len(model.single_transformer_blocks)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
+    assert torch.equal(out, ref)
+    with pytest.raises(TypeError, match="prepare_compile: model must be a torch.nn.Module, got dict"):
+        svdquant_ops.prepare_compile({})

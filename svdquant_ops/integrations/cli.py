@@ -180,11 +180,9 @@ def _generate(args, pipe, denoiser, builtin: bool) -> int:
 
         print(f"svdquant: {fuse_qkv(denoiser)}")
     if args.compile:
-        from ..ops import install_compile_pass
-        from .unwrap import unwrap_weights
+        from .compile_recipe import prepare_compile
 
-        unwrap_weights(denoiser)  # plain parts: no tensor subclass flattened on each compiled call
-        install_compile_pass(cat_gemms=True)  # the GEMMs of one activation as one launch (-2.4 ms per step, H100)
+        prepare_compile(denoiser)  # weights unwrapped, one GEMM launch per shared activation
         denoiser.compile(fullgraph=True)
     call = _call_args(builtin, args)
     t0 = time.perf_counter()
