@@ -6,6 +6,8 @@
 #   HALF=ro:              the same under mode="reduce-overhead" (fp8's first call takes ~110-160 s: --timeout 250)
 #   HALF=int4:            int4 as its compile recipe (fuse_qkv, unwrap_weights), compiled and reduce-overhead, the
 #                         row the criterion records beside w4a8 (no bf16 row: ratios against another call's)
+#   HALF=pdl:             the w4a8 recipe with our kernels launched plainly and programmatically dependent
+#                         (SVDQUANT_OPS_CUDA_PDL=0 / 1), compiled and reduce-overhead: the A/B that decides kPdlDefault
 #   SIZE=512|1024|2048, BATCH=n: the step's size and batch (default 1024, 1; the issue also asks for 512, 2048 and
 #                         batch 4)
 #   ANY_GPU=1:            run on whatever GPU came (a same-run comparison that is not the criterion)
@@ -18,6 +20,8 @@ limit=${LIMIT:-585}
 case "${HALF:-plain}" in
   ro)   configs=w4a8-compile-ro-fused-unwrap-cat,fp8-compile-ro,bf16-compile-ro; per=250 ;;
   int4) configs=int4-compile-fused-unwrap,int4-compile-ro-fused-unwrap; per=250 ;;
+  pdl)  configs=w4a8-compile-fused-unwrap-cat-nopdl,w4a8-compile-fused-unwrap-cat-pdl,w4a8-compile-ro-fused-unwrap-cat-nopdl,w4a8-compile-ro-fused-unwrap-cat-pdl
+        per=130 ;;
   *)    configs=w4a8-compile-fused-unwrap-cat,fp8-compile,bf16-compile; per=200 ;;
 esac
 size=${SIZE:-1024}; batch=${BATCH:-1}
