@@ -165,21 +165,37 @@ def test_refusals_name_the_way_out():
 
 
 
-def test_a_shared_part_left_on_another_device_is_named_with_the_ways_out():
-    """What diffusers' leaf-level group offloading with streams does to a part two linears share (the next linear's
-    own parts prefetched, then the shared part moved back by the previous linear's offload; on a GPU in
-    test_cuda_unwrap), emulated with the meta device for the prefetched parts: the weight's next read names the
-    devices and the ways out instead of failing deep in an op."""
+def _own_parts_to_meta(qkv, names=None):
+    """A single block's to_qkv with its own parts (``names``, default all but the two it shares with proj_mlp) as
+    meta parameters: the state diffusers' leaf-level group offloading with streams leaves (this linear's group
+    prefetched, the shared parts moved back to the CPU by the previous linear's offload), with meta for the GPU. (The
+    CPU cannot move a parameter's data to meta in place, so the read's move itself is tested in test_cuda_unwrap.)"""
+    shared = ("weight_part_smooth", "weight_part_proj_down")
+    for name in names or [n for n in list(qkv._parameters) if n.startswith("weight_part_") and n not in shared]:
+        qkv._parameters[name] = torch.nn.Parameter(qkv._parameters[name].to("meta"), requires_grad=False)
+
+
+def test_a_weight_whose_own_parts_disagree_is_an_error():
     model = _model()
     unwrap_weights(model)
     block = model.single_transformer_blocks[0]
-    qkv = block.attn.to_qkv
-    assert qkv.weight_part_smooth is block.proj_mlp.weight_part_smooth
-    for name in ("weight_part_codes", "weight_part_scales"):
-        qkv._parameters[name] = torch.nn.Parameter(qkv._parameters[name].to("meta"), requires_grad=False)
-    with pytest.raises(RuntimeError, match=r"different devices \(codes meta.*smooth cpu.*block_level.*use_stream=False"):
-        qkv.weight
+    assert block.attn.to_qkv.weight_part_smooth is block.proj_mlp.weight_part_smooth
+    _own_parts_to_meta(block.attn.to_qkv, ["weight_part_codes"])
+    with pytest.raises(RuntimeError, match=r"different devices \(codes meta, scales cpu.*smooth cpu.*as a whole"):
+        block.attn.to_qkv.weight
     assert block.proj_mlp.weight.smooth.device.type == "cpu"  # the linear beside it is untouched
+
+
+def test_a_shared_part_on_another_device_under_compile_is_an_error(monkeypatch):
+    """Eagerly the read would move the shared parts to the weight's own device (test_cuda_unwrap); while compiling
+    it must not mutate parameters, so it names the ways out."""
+    model = _model()
+    unwrap_weights(model)
+    qkv = model.single_transformer_blocks[0].attn.to_qkv
+    _own_parts_to_meta(qkv)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with pytest.raises(RuntimeError, match=r"different devices.*cannot be compiled.*block_level.*use_stream=False"):
+        qkv.weight
 
 
 def test_rewrap_keeps_the_order_of_several_weights_in_one_module():

@@ -36,10 +36,11 @@ device, then ``torch.compile``. Device moves afterwards move the parts as plain 
   and diffusers' ``num_parameters()`` counts the packed parts.
 - Offloading: model offloading (``enable_model_cpu_offload``) and diffusers' group offloading without streams work
   (tested on an H100). Sequential offloading (accelerate's ``cpu_offload``) maps the state dict's ``...weight``
-  entries, which are not the unwrapped modules' parameters (``KeyError``), and group offloading with
-  ``use_stream=True`` offloads a part shared by two modules (λ, the down projection) with the first module's group
-  after the second one's prefetch: the weight's next read raises, naming the ways out (block-level groups, no
-  streams, or the wrapped model).
+  entries, which are not the unwrapped modules' parameters (``KeyError``). Leaf-level group offloading with
+  ``use_stream=True`` moves a part two linears share (λ, the down projection) back to the CPU with the first
+  linear's offload, after the second one's prefetch: the second weight's read brings it back to the device of the
+  weight's own parts (a copy of K + K x R values), eagerly; under torch.compile that read raises, naming the ways
+  out (block-level groups, no streams, or ``rewrap_weights``).
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def _property(name: str, spec: _Spec) -> property:
 
     # the spec's values as defaults: constants of the function object, which Dynamo does not guard one by one
     def get(self, _params=params, _names=spec.names, _cls=spec.cls, _meta=spec.meta, _size=spec.size,
-            _stride=spec.stride, _dtypes=spec.dtypes):
+            _stride=spec.stride, _dtypes=spec.dtypes, _marked=spec.marked):
         parts = [getattr(self, p) for p in _params]
         if tuple(p.dtype for p in parts) != _dtypes:  # a .to(dtype) cast parts that must stay as they are
             changed = [f"{n} {a} -> {p.dtype}" for n, a, p in zip(_names, _dtypes, parts) if p.dtype != a]
@@ -98,12 +99,7 @@ def _property(name: str, spec: _Spec) -> property:
                             "the dtype of a model with quantized weights only after "
                             "svdquant_ops.rewrap_weights(model)")
         if any(p.device != parts[0].device for p in parts):  # static under compile: traced away
-            raise RuntimeError(f"unwrapped {_cls.__name__} weight: its parts are on different devices ("
-                               + ", ".join(f"{n} {p.device}" for n, p in zip(_names, parts)) + "). A part shared "
-                               "with another linear (λ, the down projection) was moved by that linear's offload "
-                               "hook: diffusers' group offloading with use_stream=True at leaf level does this. Use "
-                               "offload_type='block_level' or use_stream=False, or svdquant_ops.rewrap_weights(model) "
-                               "before enabling it")
+            parts = _gather_shared(self, _params, _names, _marked, parts, _cls)
         return _cls.__tensor_unflatten__(dict(zip(_names, parts)), _meta, _size, _stride)
 
     def set(self, value):
@@ -111,6 +107,28 @@ def _property(name: str, spec: _Spec) -> property:
                         "call svdquant_ops.rewrap_weights(model) first (and unwrap again after)")
 
     return property(get, set)
+
+
+def _gather_shared(module: nn.Module, params, names, marked, parts, cls) -> list:
+    """The parts of one unwrapped weight on one device, where only parts shared with other linears (λ, the down
+    projection) are elsewhere: those are moved to the device of the weight's own parts, in place (the same parameter
+    objects, so every holder sees the move). diffusers' leaf-level group offloading with use_stream=True does this
+    to them: the next linear's group is prefetched, then the previous linear's offload moves the part they share
+    back to the CPU. The copy is small (K + K x R values) and happens only then. Any other disagreement, or one met
+    while compiling, is an error naming the devices."""
+    own = {p.device for n, p in zip(names, parts) if n not in marked}
+    where = ", ".join(f"{n} {p.device}" for n, p in zip(names, parts))
+    if len(own) != 1 or torch.compiler.is_compiling():
+        raise RuntimeError(f"unwrapped {cls.__name__} weight: its parts are on different devices ({where}). Move the "
+                           "model with .to(device) as a whole; a module-level offload that moves a part shared with "
+                           "another linear (λ, the down projection) cannot be compiled: use "
+                           "offload_type='block_level' or use_stream=False, or svdquant_ops.rewrap_weights(model)")
+    (device,) = own
+    for p in parts:
+        if p.device != device:
+            with torch.inference_mode(False) if not p.is_inference() else nullcontext(), torch.no_grad():
+                p.data = p.data.to(device)
+    return [getattr(module, p) for p in params]
 
 
 def _apply(self, fn, recurse=True):
