@@ -99,7 +99,7 @@ def _property(name: str, spec: _Spec) -> property:
                             "the dtype of a model with quantized weights only after "
                             "svdquant_ops.rewrap_weights(model)")
         if any(p.device != parts[0].device for p in parts):  # static under compile: traced away
-            parts = _gather_shared(self, _params, _names, _marked, parts, _cls)
+            _gather_shared(_names, _marked, parts, _cls)
         return _cls.__tensor_unflatten__(dict(zip(_names, parts)), _meta, _size, _stride)
 
     def set(self, value):
@@ -109,7 +109,7 @@ def _property(name: str, spec: _Spec) -> property:
     return property(get, set)
 
 
-def _gather_shared(module: nn.Module, params, names, marked, parts, cls) -> list:
+def _gather_shared(names, marked, parts, cls) -> None:
     """The parts of one unwrapped weight on one device, where only parts shared with other linears (λ, the down
     projection) are elsewhere: those are moved to the device of the weight's own parts, in place (the same parameter
     objects, so every holder sees the move). diffusers' leaf-level group offloading with use_stream=True does this
@@ -117,8 +117,8 @@ def _gather_shared(module: nn.Module, params, names, marked, parts, cls) -> list
     back to the CPU. The copy is small (K + K x R values) and happens only then. Any other disagreement, or one met
     while compiling, is an error naming the devices."""
     own = {p.device for n, p in zip(names, parts) if n not in marked}
-    where = ", ".join(f"{n} {p.device}" for n, p in zip(names, parts))
     if len(own) != 1 or torch.compiler.is_compiling():
+        where = ", ".join(f"{n} {p.device}" for n, p in zip(names, parts))
         raise RuntimeError(f"unwrapped {cls.__name__} weight: its parts are on different devices ({where}). Move the "
                            "model with .to(device) as a whole; a module-level offload that moves a part shared with "
                            "another linear (λ, the down projection) cannot be compiled: use "
@@ -126,9 +126,14 @@ def _gather_shared(module: nn.Module, params, names, marked, parts, cls) -> list
     (device,) = own
     for p in parts:
         if p.device != device:
-            with torch.inference_mode(False) if not p.is_inference() else nullcontext(), torch.no_grad():
-                p.data = p.data.to(device)
-    return [getattr(module, p) for p in params]
+            with _outside_inference(p), torch.no_grad():
+                p.data = p.data.to(device)  # the same parameter object: every holder sees the move
+
+
+def _outside_inference(p: torch.Tensor):
+    """A context leaving inference mode for a normal tensor (nothing for an inference tensor), so that a part moved
+    or cast under ``inference_mode`` stays a normal tensor."""
+    return torch.inference_mode(False) if not p.is_inference() else nullcontext()
 
 
 def _apply(self, fn, recurse=True):
@@ -144,7 +149,7 @@ def _apply(self, fn, recurse=True):
     for k, p in parts.items():
         if id(p) in new:
             continue
-        with torch.inference_mode(False) if not p.is_inference() else nullcontext():
+        with _outside_inference(p):
             trial = fn(torch.empty(0, dtype=p.dtype, device=p.device))
             if trial.dtype == p.dtype:
                 new[id(p)] = fn(p)
@@ -163,7 +168,7 @@ def _apply(self, fn, recurse=True):
         self._parameters.update(parts)
     for p in parts.values():
         if new[id(p)] is not p:
-            with torch.inference_mode(False) if not p.is_inference() else nullcontext(), torch.no_grad():
+            with _outside_inference(p), torch.no_grad():
                 p.data = new[id(p)]  # the same parameter object: shared parts stay one
     return self
 
