@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -150,3 +151,27 @@ def test_build_key_tracks_sources_and_torch(monkeypatch):
     assert key != build._build_key(srcs, "9.0a")
     monkeypatch.setattr(torch, "__version__", "0.0.0-other")
     assert key != build._build_key(srcs, None)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/maps and ELF linking are Linux's")
+def test_a_compiler_without_shared_libstdcxx_links_torchs(monkeypatch):
+    """A compiler that can link libstdc++ only statically (the GPU image's /opt/gcc, 2026-12-06) gave the library
+    its own uninitialised copy of the C++ runtime, and the first number formatted into an error message crashed the
+    process. Then the build links the libstdc++ this process has loaded (torch's) and keys the cache on it; a
+    compiler that finds a shared libstdc++ itself changes neither the flags nor the key."""
+    srcs = build._sources(None)
+    key = build._build_key(srcs, None)
+    answers = {"shared": "/usr/lib/gcc/x86_64-linux-gnu/12/libstdc++.so\n", "static only": "libstdc++.so\n"}
+
+    def fake_run(kind):
+        return lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, stdout=answers[kind], stderr="")
+
+    monkeypatch.setattr(subprocess, "run", fake_run("shared"))
+    assert build._libstdcxx_ldflags() == []
+    assert build._build_key(srcs, None) == key
+    monkeypatch.setattr(subprocess, "run", fake_run("static only"))
+    flags = build._libstdcxx_ldflags()
+    with open("/proc/self/maps") as maps:
+        loaded = {line.split()[-1] for line in maps if "/libstdc++.so" in line}
+    assert len(flags) == 1 and flags[0] in loaded and os.path.isabs(flags[0])
+    assert build._build_key(srcs, None) != key

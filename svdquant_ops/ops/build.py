@@ -42,6 +42,33 @@ def _cxx_flags() -> list[str]:
 _loaded_path: Path | None = None
 
 
+def _libstdcxx_ldflags() -> list[str]:
+    """Where the compiler can link libstdc++ only statically (a toolchain built without the shared library, as on
+    some GPU images: ``/opt/gcc``), the library would carry its own copy of the C++ runtime beside torch's, and that
+    copy's streams are not set up: the first number formatted into an error message in the library crashed the
+    process (a segfault in ``ostream::_M_insert`` under ``check_gemm_cat``, 2026-12-06). Link the shared libstdc++
+    this process already uses (torch's) instead. Empty where the compiler finds a shared libstdc++ itself."""
+    if not sys.platform.startswith("linux"):
+        return []
+    import subprocess
+
+    from torch.utils.cpp_extension import get_cxx_compiler
+
+    try:
+        found = subprocess.run([get_cxx_compiler(), "-print-file-name=libstdc++.so"], capture_output=True,
+                               text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return []  # cpp_extension reports a missing compiler itself
+    if os.path.isabs(found):
+        return []
+    try:
+        with open("/proc/self/maps") as maps:
+            loaded = {line.split()[-1] for line in maps if "/libstdc++.so" in line}
+    except OSError:
+        loaded = set()
+    return sorted(loaded)[:1]
+
+
 def _cache_root() -> Path:
     env = os.environ.get("SVDQUANT_OPS_CACHE")
     if env:
@@ -86,6 +113,9 @@ def _build_key(sources: list[Path], cuda_arch: str | None) -> str:
     nvcc = _nvcc_flags(cuda_arch) if cuda_arch else []
     h.update(f"torch={torch.__version__};cuda={torch.version.cuda};arch={cuda_arch};flags={_cxx_flags()};"
              f"nvcc={nvcc}".encode())
+    ld = _libstdcxx_ldflags()
+    if ld:  # only where it applies, so that other machines' cached builds stay valid
+        h.update(f"ld={ld}".encode())
     h.update(f"py={sys.version_info[:2]}".encode())
     return h.hexdigest()[:16]
 
@@ -141,7 +171,7 @@ def _compile(sources: list[Path], build_dir: Path, cuda_arch: str | None, verbos
             name=_NAME,
             sources=[str(s) for s in sources],
             extra_cflags=_cxx_flags(),
-            extra_ldflags=["-fopenmp"],
+            extra_ldflags=["-fopenmp", *_libstdcxx_ldflags()],
             extra_include_paths=[str(_CSRC)],
             build_directory=str(build_dir),
             with_cuda=cuda_arch is not None,
