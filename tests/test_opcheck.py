@@ -159,16 +159,19 @@ def test_a_compiler_without_shared_libstdcxx_links_torchs(monkeypatch):
     its own uninitialised copy of the C++ runtime, and the first number formatted into an error message crashed the
     process. Then the build links the libstdc++ this process has loaded (torch's) and keys the cache on it; a
     compiler that finds a shared libstdc++ itself changes neither the flags nor the key."""
-    srcs = build._sources(None)
-    key = build._build_key(srcs, None)
     answers = {"shared": "/usr/lib/gcc/x86_64-linux-gnu/12/libstdc++.so\n", "static only": "libstdc++.so\n"}
 
     def fake_run(kind):
         return lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, stdout=answers[kind], stderr="")
 
+    srcs = build._sources(None)
+    monkeypatch.setattr(subprocess, "run", fake_run("shared"))
+    key = build._build_key(srcs, None)
+    monkeypatch.setattr(build, "_libstdcxx_ldflags", lambda: [])  # the key's part that is not the linker's
+    assert build._build_key(srcs, None) == key
+    monkeypatch.undo()
     monkeypatch.setattr(subprocess, "run", fake_run("shared"))
     assert build._libstdcxx_ldflags() == []
-    assert build._build_key(srcs, None) == key
     monkeypatch.setattr(subprocess, "run", fake_run("static only"))
     flags = build._libstdcxx_ldflags()
     with open("/proc/self/maps") as maps:
