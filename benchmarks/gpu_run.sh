@@ -3,7 +3,9 @@
 # tests, then the timing steps named on the command line. Usage (from the repository root on the GPU machine):
 #   SVDQUANT_COMMIT=<full hash> SVDQUANT_DIRTY=<0|1> bash benchmarks/gpu_run.sh tests gemm quantize full
 #     tests     pytest tests/test_cuda_*.py, tests/test_sharing.py and tests/test_lora.py (their move tests have CUDA
-#               cases; fresh seed unless SVDQ_TEST_SEED is set), or the files in TEST_FILES
+#               cases), tests/test_gemm_cat.py, and tests/test_op_errors.py (every C++ error message as this
+#               machine's compiler builds the library); fresh seed unless SVDQ_TEST_SEED is set; or the files in
+#               TEST_FILES
 #     gemm      bench_linear.py --gemm-only over $SCHEDULES (default promote,skeleton)            [diagnostics build]
 #     quantize  bench_linear.py --quantize-only ([diagnostics build] when SVDQUANT_OPS_QA_CFG / _QA_SPLITS are set)
 #     gmaxab    bench_linear.py --gmax-ab: W4A8 quantize_act on a FLUX.1 step's input shapes, the pipelined group-max
@@ -108,8 +110,8 @@ fi
 for step in "$@"; do
   case "$step" in
     tests) python3 -m pytest ${TEST_FILES:-tests/test_cuda_ops.py tests/test_cuda_w4a16.py tests/test_cuda_model.py \
-             tests/test_cuda_nunchaku.py tests/test_cuda_moves.py tests/test_cuda_fusion.py tests/test_cuda_pdl.py tests/test_sharing.py \
-             tests/test_lora.py} \
+             tests/test_cuda_nunchaku.py tests/test_cuda_moves.py tests/test_cuda_fusion.py tests/test_cuda_pdl.py tests/test_cuda_unwrap.py tests/test_sharing.py \
+             tests/test_lora.py tests/test_gemm_cat.py tests/test_op_errors.py} \
              -q -p no:cacheprovider -rfEs ;;
     gemm) SVDQUANT_OPS_DIAGNOSTICS=1 python3 benchmarks/bench_linear.py --gemm-only \
             --schedules "${SCHEDULES:-promote,skeleton}" ${GEMM_ARGS:-} ;;

@@ -3,7 +3,10 @@ torch 2.11 / 2.13 CPU builds and crashed (segfault) under torch 2.11+cu130 on th
 own process (a crash hides nothing else): `python benchmarks/probes/gemm_cat_lengths.py` (the op library built,
 SVDQUANT_OPS_CACHE set as for gpu_run.sh). With LD_PRELOAD=/tmp/segv_backtrace.so (benchmarks/probes/segv_backtrace.c)
 a crashing case prints its native stack. Reproduced nowhere but the GPU machine: not with torch 2.11.0+cu130 or
-2.14.1+cu130 and the CUDA build of the library on a machine without a GPU (2026-12-06)."""
+2.14.1+cu130 and the CUDA build of the library on a machine without a GPU (2026-12-06). The stack showed why: the
+GPU image's compiler has no shared libstdc++, so the library carried its own static copy of the C++ runtime, whose
+streams crashed at the first number formatted into the error message. Since 4b7695c the build links torch's
+libstdc++ there, and all four cases raise (benchmarks/results/2026-12-06-h100-pdl-512-libstdcxx-summary.md)."""
 import subprocess
 import sys
 
@@ -14,7 +17,7 @@ CASES = ("valid", "short bias", "short global_scale", "short proj_up", "short sc
 if len(sys.argv) == 1:
     for case in CASES:
         r = subprocess.run([sys.executable, __file__, case], capture_output=True, text=True, timeout=120)
-        lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith(("  ", "Fatal"))]
+        lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith(("  ok", "  raised", "   ", "Fatal"))]
         print(f"{case}: exit {r.returncode}; " + " | ".join(lines[:2]), flush=True)
         if r.returncode < 0:  # killed by a signal: the native stack, where LD_PRELOAD=segv_backtrace.so printed one
             stack = r.stderr.split("*** native stack")[-1].splitlines()[1:40] if "*** native stack" in r.stderr else []
