@@ -62,11 +62,11 @@ def _libstdcxx_ldflags() -> list[str]:
     if os.path.isabs(found):
         return []
     try:
-        with open("/proc/self/maps") as maps:
-            loaded = {line.split()[-1] for line in maps if "/libstdc++.so" in line}
+        with open("/proc/self/maps") as maps:  # "address perms offset dev inode path"; the path may hold spaces
+            paths = {line.split(maxsplit=5)[-1].strip() for line in maps if "/libstdc++.so" in line}
     except OSError:
-        loaded = set()
-    return sorted(loaded)[:1]
+        paths = set()
+    return sorted(p for p in paths if os.path.isfile(p))[:1]  # a replaced file shows as "<path> (deleted)"
 
 
 def _cache_root() -> Path:
