@@ -154,27 +154,63 @@ def test_build_key_tracks_sources_and_torch(monkeypatch):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/maps and ELF linking are Linux's")
-def test_a_compiler_without_shared_libstdcxx_links_torchs(monkeypatch):
+def test_a_compiler_without_shared_libstdcxx_links_torchs(monkeypatch, tmp_path):
     """A compiler that can link libstdc++ only statically (the GPU image's /opt/gcc, 2026-12-06) gave the library
     its own uninitialised copy of the C++ runtime, and the first number formatted into an error message crashed the
     process. Then the build links the libstdc++ this process has loaded (torch's) and keys the cache on it; a
-    compiler that finds a shared libstdc++ itself changes neither the flags nor the key."""
-    answers = {"shared": "/usr/lib/gcc/x86_64-linux-gnu/12/libstdc++.so\n", "static only": "libstdc++.so\n"}
+    compiler that finds a shared libstdc++ itself, or cannot be run, changes neither the flags nor the key."""
+    import hashlib
 
-    def fake_run(kind):
-        return lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, stdout=answers[kind], stderr="")
+    from torch.utils import cpp_extension
 
+    seen = {"cmds": [], "hashed": []}
+
+    def fake_run(stdout, returncode=0):
+        def run(cmd, **kw):
+            seen["cmds"].append(list(cmd))
+            return subprocess.CompletedProcess(cmd, returncode, stdout=stdout, stderr="")
+        return run
+
+    real_sha256 = hashlib.sha256
+
+    class Recording:  # what _build_key hashes
+        def __init__(self):
+            self._h = real_sha256()
+
+        def update(self, data):
+            seen["hashed"].append(bytes(data))
+            self._h.update(data)
+
+        def hexdigest(self):
+            return self._h.hexdigest()
+
+    monkeypatch.setattr(hashlib, "sha256", Recording)
     srcs = build._sources(None)
-    monkeypatch.setattr(subprocess, "run", fake_run("shared"))
-    key = build._build_key(srcs, None)
-    monkeypatch.setattr(build, "_libstdcxx_ldflags", lambda: [])  # the key's part that is not the linker's
-    assert build._build_key(srcs, None) == key
-    monkeypatch.undo()
-    monkeypatch.setattr(subprocess, "run", fake_run("shared"))
-    assert build._libstdcxx_ldflags() == []
-    monkeypatch.setattr(subprocess, "run", fake_run("static only"))
-    flags = build._libstdcxx_ldflags()
     with open("/proc/self/maps") as maps:
-        loaded = {line.split()[-1] for line in maps if "/libstdc++.so" in line}
+        loaded = {line.split(maxsplit=5)[-1].strip() for line in maps if "/libstdc++.so" in line}
+
+    keys = {}
+    for case, run in {"shared": fake_run("/usr/lib/gcc/x86_64-linux-gnu/12/libstdc++.so\n"),
+                      "compiler fails": fake_run("", returncode=1),
+                      "static only": fake_run("libstdc++.so\n")}.items():
+        monkeypatch.setattr(subprocess, "run", run)
+        seen["hashed"].clear()
+        keys[case] = (build._libstdcxx_ldflags(), build._build_key(srcs, None),
+                      any(b"ld=" in chunk for chunk in seen["hashed"]))
+    assert keys["shared"][0] == [] and not keys["shared"][2]
+    assert keys["compiler fails"] == keys["shared"]
+    flags, key, hashed = keys["static only"]
     assert len(flags) == 1 and flags[0] in loaded and os.path.isabs(flags[0])
-    assert build._build_key(srcs, None) != key
+    assert hashed and key != keys["shared"][1]
+
+    # CXX may name a launcher and the compiler: both are run, not one program named "ccache g++".
+    monkeypatch.setenv("CXX", "ccache g++")
+    seen["cmds"].clear()
+    assert build._libstdcxx_ldflags() == flags
+    assert seen["cmds"][-1][:2] == ["ccache", "g++"]
+
+    # The build passes the flag to the linker.
+    captured = {}
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: captured.update(kw))
+    build._compile(srcs, tmp_path, None, verbose=False)
+    assert flags[0] in captured["extra_ldflags"]

@@ -1,9 +1,10 @@
 """Just-in-time build and load of the C++/CUDA op library (``svdquant_ops/csrc``).
 
-The library is compiled on first use of an op (not on import) once per (source contents, torch version, CUDA
-toolkit, GPU architecture, build flags) with ``torch.utils.cpp_extension`` + ninja into a per-user cache, under a
-file lock, then loaded with ``torch.ops.load_library``, which registers the ``torch.ops.svdquant`` ops. Later
-processes find the cached build and load it without compiling.
+The library is compiled on first use of an op (not on import) once per (source contents, torch version, the CUDA
+version torch was built for, GPU architecture, build flags, Python version, and the libstdc++ linked where the
+compiler has no shared one: ``_libstdcxx_ldflags``) with ``torch.utils.cpp_extension`` + ninja into a per-user
+cache, under a file lock, then loaded with ``torch.ops.load_library``, which registers the ``torch.ops.svdquant``
+ops. Later processes find the cached build and load it without compiling.
 
 Environment (read when the library is built and loaded, never by the kernels at run time):
   SVDQUANT_OPS_CACHE          cache root (default: $XDG_CACHE_HOME/svdquant_ops or ~/.cache/svdquant_ops)
@@ -47,26 +48,33 @@ def _libstdcxx_ldflags() -> list[str]:
     some GPU images: ``/opt/gcc``), the library would carry its own copy of the C++ runtime beside torch's, and that
     copy's streams are not set up: the first number formatted into an error message in the library crashed the
     process (a segfault in ``ostream::_M_insert`` under ``check_gemm_cat``, 2026-12-06). Link the shared libstdc++
-    this process already uses (torch's) instead. Empty where the compiler finds a shared libstdc++ itself."""
+    this process already uses (torch's) instead: given before the compiler's own ``-lstdc++``, it settles every
+    symbol it defines (a symbol only a newer libstdc++ has would still come from the compiler's static archive).
+    Empty where the compiler finds a shared libstdc++ itself, cannot be run (cpp_extension then reports it), or no
+    libstdc++ is loaded."""
     if not sys.platform.startswith("linux"):
         return []
+    import shlex
     import subprocess
 
     from torch.utils.cpp_extension import get_cxx_compiler
 
-    try:
-        found = subprocess.run([get_cxx_compiler(), "-print-file-name=libstdc++.so"], capture_output=True,
-                               text=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return []  # cpp_extension reports a missing compiler itself
-    if os.path.isabs(found):
+    try:  # CXX may carry a launcher or flags ("ccache g++"), as ninja's command line allows
+        probe = subprocess.run([*shlex.split(get_cxx_compiler()), "-print-file-name=libstdc++.so"],
+                               capture_output=True, text=True, timeout=30)
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return []
+    # GCC prints the full path of the library it would link, or the bare name when it has none.
+    if probe.returncode != 0 or probe.stdout.strip() != "libstdc++.so":
         return []
     try:
         with open("/proc/self/maps") as maps:  # "address perms offset dev inode path"; the path may hold spaces
             paths = {line.split(maxsplit=5)[-1].strip() for line in maps if "/libstdc++.so" in line}
     except OSError:
         paths = set()
-    return sorted(p for p in paths if os.path.isfile(p))[:1]  # a replaced file shows as "<path> (deleted)"
+    # One libstdc++ is mapped in practice (two would be the very mix this avoids); a replaced file shows as
+    # "<path> (deleted)".
+    return sorted(p for p in paths if os.path.isfile(p))[:1]
 
 
 def _cache_root() -> Path:
