@@ -66,7 +66,8 @@ inline bool w4a8_token_split(bool fallback) {
 }
 
 // SVDQUANT_OPS_CUDA_PDL=1|0: programmatic dependent launch of the hot kernels on Hopper (launch_kernel below);
-// unset: kPdlDefault. Off until measured on a GPU (benchmarks/HISTORY.md, seventeenth session).
+// unset: kPdlDefault. Off: on an H100 it closed the idle gaps before our kernels but did not shorten a FLUX step
+// (benchmarks/HISTORY.md, eighteenth session).
 constexpr bool kPdlDefault = false;
 inline bool pdl_requested() { return env_switch("SVDQUANT_OPS_CUDA_PDL", "1", "0", kPdlDefault); }
 
