@@ -437,6 +437,68 @@ def tile_ab(dev, rep_ms):
         raise SystemExit(f"tile_ab: {bad} GEMMs differ beyond fp32 rounding between the widths")
 
 
+def all_kernel_names(fn) -> list[str]:
+    """Names of every CUDA kernel one call of ``fn`` launches, in launch order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def weights_ab(dev, rep_ms):
+    """W4A8 gemm on the GEMMs of a FLUX.1 step (q/k/v fused) at 1024x1024 (image 4096 / text 512 / single-block 4608
+    tokens) and 512x512 (1024 / 512 / 1536), with the weights expanded by the prep kernel on every call (prep, the
+    library's tile width) against the packed weights expanded in the GEMM's registers (regs: rega_kernel, no weight
+    prep), SVDQUANT_OPS_CUDA_W4A8_WEIGHTS=prep / regs, alternating within each shape: outputs within fp32 rounding
+    of each other (16-bit outputs: one ulp more), the kernels that ran checked, per-call (CUDA graph) and per-step
+    times, and the step if each GEMM took the faster path; then the largest token count below which regs won every
+    shape."""
+    g = torch.Generator().manual_seed(10)
+    ways = ("prep", "regs")
+    bad = 0
+    wins: dict[int, list[bool]] = {}
+    for size, (m_img, m_txt, m_single) in (("1024", (4096, 512, 4608)), ("512", (1024, 512, 1536))):
+        tot = {k: 0.0 for k in (*ways, "best")}
+        seqs = [([(n, m_img if n.startswith("img") else m_txt, N, K) for n, _, N, K in FLUX_DOUBLE], 19),
+                ([(n, m_single, N, K) for n, _, N, K in FLUX_SINGLE], 38)]
+        for seq, calls in seqs:
+            for name, M, N, K in seq:
+                fn = w4a8_gemm_call(M, N, K, 32, torch.bfloat16, torch.bfloat16, dev, g)
+                us, outs, names = {k: [] for k in ways}, {}, {}
+                for rep in range(2):  # A, B, A, B: drift shows as a spread
+                    for k in ways:
+                        os.environ["SVDQUANT_OPS_CUDA_W4A8_WEIGHTS"] = k
+                        if rep == 0:
+                            outs[k] = first_output(fn, (M, N), torch.bfloat16, dev, f"{k} {name}")
+                            names[k] = all_kernel_names(fn)
+                        us[k].append(bench_graph(fn, rep_ms) * 1e3)
+                os.environ.pop("SVDQUANT_OPS_CUDA_W4A8_WEIGHTS", None)
+                ran_ok = (any("rega_kernel" in n for n in names["regs"])
+                          and not any("gemm_kernel" in n for n in names["regs"])
+                          and any("gemm_kernel" in n for n in names["prep"]))
+                close, scaled = schedule_close(outs["prep"], outs["regs"])
+                bad += not (close and ran_ok)
+                med = {k: sum(v) / len(v) for k, v in us.items()}
+                for k in ways:
+                    tot[k] += med[k] * calls / 1e3
+                tot["best"] += min(med.values()) * calls / 1e3
+                wins.setdefault(M, []).append(med["regs"] < med["prep"])
+                log(f"weights_ab {size} {name} M={M} N={N} K={K}: prep {med['prep']:.1f} us "
+                    f"({'/'.join(f'{x:.1f}' for x in us['prep'])}), regs {med['regs']:.1f} us "
+                    f"({'/'.join(f'{x:.1f}' for x in us['regs'])}), prep/regs {med['prep'] / med['regs']:.3f}x; "
+                    f"within fp32 rounding: {close} (max {scaled:.2e} of |ref| + rms); kernels as asked: {ran_ok}")
+        log(f"weights_ab per FLUX step at {size}x{size} (W4A8 GEMMs): prep {tot['prep']:.2f} ms, regs "
+            f"{tot['regs']:.2f} ms, each GEMM on its faster path {tot['best']:.2f} ms")
+    below = [M for M in sorted(wins) if all(all(wins[m]) for m in sorted(wins) if m <= M)]
+    log(f"weights_ab: regs faster on every shape at M <= {below[-1] if below else 'none'} "
+        f"(per M: {', '.join(f'{M}: {sum(w)}/{len(w)}' for M, w in sorted(wins.items()))})")
+    if bad:
+        raise SystemExit(f"weights_ab: {bad} GEMMs differ beyond fp32 rounding or ran other kernels")
+
+
 def bench_eager(fn, rep_ms):
     import triton.testing as tt
 
@@ -836,6 +898,10 @@ def main():
                     "sequence: the next weight expanded by a kernel of its own, by the GEMM's idle warps, or as the "
                     "library chooses (SVDQUANT_OPS_CUDA_W4A8_NEXT), against gemm with its prep; per-call and per-step "
                     "times")
+    ap.add_argument("--weights-ab", action="store_true", help="only W4A8's gemm on a FLUX.1 step's GEMMs at 1024x1024 "
+                    "and 512x512 with the weights expanded by the prep kernel against the packed weights expanded in "
+                    "registers (SVDQUANT_OPS_CUDA_W4A8_WEIGHTS=prep / regs): outputs compared, per-call and per-step "
+                    "times")
     ap.add_argument("--tile-ab", action="store_true", help="only W4A8's gemm on a FLUX.1 step's GEMMs (and edge "
                     "cases) on 128 x 128 against 128 x 256 tiles and the library's choice (SVDQUANT_OPS_CUDA_W4A8_TILE="
                     "128 / 256 / auto): outputs compared, per-call and per-step times")
@@ -930,6 +996,9 @@ def main():
     if args.schedule_ab:
         with narrow_w4a8_tiles():
             schedule_ab(dev, args.rep_ms, args.schedule_ab)
+        return
+    if args.weights_ab:
+        weights_ab(dev, args.rep_ms)
         return
     if args.tile_ab:
         tile_ab(dev, args.rep_ms)

@@ -8,6 +8,9 @@
 #                         row the criterion records beside w4a8 (no bf16 row: ratios against another call's)
 #   HALF=pdl:             the w4a8 recipe with our kernels launched plainly and programmatically dependent
 #                         (SVDQUANT_OPS_CUDA_PDL=0 / 1), compiled and reduce-overhead: the A/B that decides kPdlDefault
+#   HALF=weights:         the plain half with the w4a8 recipe twice: every W4A8 GEMM on weights expanded by the
+#                         prep kernel, and on packed weights expanded in registers (SVDQUANT_OPS_CUDA_W4A8_WEIGHTS=prep /
+#                         regs): the A/B that sets the library's per-call rule (kRegaMaxTokens), beside fp8 and bf16
 #   SIZE=512|1024|2048, BATCH=n: the step's size and batch (default 1024, 1; the issue also asks for 512, 2048 and
 #                         batch 4)
 #   ANY_GPU=1:            run on whatever GPU came (a same-run comparison that is not the criterion)
@@ -20,6 +23,8 @@ limit=${LIMIT:-585}
 case "${HALF:-plain}" in
   ro)   configs=w4a8-compile-ro-fused-unwrap-cat,fp8-compile-ro,bf16-compile-ro; per=250 ;;
   int4) configs=int4-compile-fused-unwrap,int4-compile-ro-fused-unwrap; per=250 ;;
+  weights) configs=w4a8-compile-fused-unwrap-cat-prep,w4a8-compile-fused-unwrap-cat-regs,fp8-compile,bf16-compile
+        per=150 ;;
   pdl)  configs=w4a8-compile-fused-unwrap-cat-nopdl,w4a8-compile-fused-unwrap-cat-pdl,w4a8-compile-ro-fused-unwrap-cat-nopdl,w4a8-compile-ro-fused-unwrap-cat-pdl
         per=130 ;;
   *)    configs=w4a8-compile-fused-unwrap-cat,fp8-compile,bf16-compile; per=200 ;;

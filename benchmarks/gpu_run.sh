@@ -34,6 +34,9 @@
 #     tileab    bench_linear.py --tile-ab: W4A8 gemm on a FLUX.1 step's GEMMs on 128 x 128 against 128 x 256 tiles
 #               and the library's per-call choice (SVDQUANT_OPS_CUDA_W4A8_TILE=128 / 256 / auto): outputs compared,
 #               per-call and per-step times
+#     weightsab bench_linear.py --weights-ab: W4A8 gemm on a FLUX.1 step's GEMMs at 1024x1024 and 512x512, weights
+#               expanded by the prep kernel against packed weights expanded in registers (SVDQUANT_OPS_CUDA_W4A8_WEIGHTS=
+#               prep / regs): outputs compared, per-call and per-step times
 #     full      bench_linear.py --out $OUT (the recorded table)
 #     amax      quantize_act_given_amax (W4A8, amax given; install_compile_pass(amax_split=True)): its GPU tests,
 #               tests/test_sharing.py (shared parts as one graph input under this torch), then bench_linear.py --quantize-only --precision w4a8 (quantize_act vs the given-amax op vs Inductor's
@@ -119,6 +122,7 @@ for step in "$@"; do
     gmaxab) python3 benchmarks/bench_linear.py --gmax-ab ;;
     tokenab) python3 benchmarks/bench_linear.py --token-ab ;;
     tileab) python3 benchmarks/bench_linear.py --tile-ab ;;
+    weightsab) python3 benchmarks/bench_linear.py --weights-ab ;;
     quantize)
       if [[ -n "${SVDQUANT_OPS_QA_CFG:-}${SVDQUANT_OPS_QA_SPLITS:-}" ]]; then
         SVDQUANT_OPS_DIAGNOSTICS=1 python3 benchmarks/bench_linear.py --quantize-only

@@ -22,7 +22,10 @@ W4A8 (``"w4a8"``, a Hopper format: no per-group rescaling inside the GEMM)
     ``s = rowmax(|W|) / (7 * 18)``, ``m = clamp(ceil(groupmax(|W|) / (7 * s)), 1, 18)``, codes round(W / (m * s)).
     Activations: dynamic INT8, one scale per token in the input dtype, scale = amax over the whole row / 127
     (same saturation and rounding rule as INT4), codes int8 in [-127, 127], one byte per code (not packed), and
-    the scales have shape [..., 1]. No unsigned variant (8 bits leave room for GELU's negative tail).
+    the scales have shape [..., 1]. No unsigned variant (8 bits leave room for GELU's negative tail). The int8
+    activation codes (and ``expand_w4a8_weight``'s int8 weights) list the channels of each 32-channel slice in W4A8's
+    order, even channels first (``layout.w4a8_channel_order``): the order in which the Hopper GEMM feeds the packed
+    weight codes to the tensor cores without a prep pass.
 
 W4A16 (``"w4a16"``, weight-only: for linears that see one token per sample, such as AdaLN modulation)
     Weights: unsigned codes in [0, 15] (same nibble packing), groups of 64 input channels, asymmetric: one scale and

@@ -205,7 +205,9 @@ def smooth_act(x: torch.Tensor, smooth: torch.Tensor, *, unsigned: bool = False)
 def rtn_act(x: torch.Tensor, smooth: torch.Tensor, precision: str, *, unsigned: bool = False):
     """The codes and scales ``svdquant::quantize_act`` produces (INT4 / W4A8 scales in x's dtype), unpacked.
 
-    W4A8: int8 codes [..., K] and one scale per token [..., 1]; ``unsigned`` is not defined for it.
+    W4A8: int8 codes [..., K] in natural channel order (the op stores them in W4A8's channel order:
+    ``layout.w4a8_from_stored`` maps between the two) and one scale per token [..., 1]; ``unsigned`` is not defined
+    for it.
     """
     check_precision(precision)
     if unsigned and precision != INT4:

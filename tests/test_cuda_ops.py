@@ -62,6 +62,12 @@ def _select_path(monkeypatch, name):
         monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_TILE", name[len("tile"):])
     else:
         monkeypatch.delenv("SVDQUANT_OPS_CUDA_W4A8_TILE", raising=False)
+    # W4A8's Hopper GEMM on packed weights expanded in registers (regs), or on weights expanded by the prep kernel
+    # (the tile widths are the prep path's)
+    if name == "regs" or name.startswith("tile"):
+        monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_WEIGHTS", "regs" if name == "regs" else "prep")
+    else:
+        monkeypatch.delenv("SVDQUANT_OPS_CUDA_W4A8_WEIGHTS", raising=False)
     if name in ("token-split", "token-nosplit"):  # W4A8's token kernel with / without K split where M is small
         monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT", "1" if name == "token-split" else "0")
     else:
@@ -573,20 +579,29 @@ GEMM_CASES = [
     (2200, 2056, 1024, 32, "w4a8", torch.float16, torch.float16, {}),
     (2100, 4096, 640, 0, "w4a8", torch.bfloat16, torch.float32, {"bias": False}),
     (2048, 4200, 1024, 128, "w4a8", torch.float16, torch.bfloat16, {"up_dtype": torch.float32}),
+    # 2-byte outputs with N % 8 == 0, which the register path takes: one token, K % 128 == 64 with an odd group
+    # count (a zero multiplier past K), ragged token and weight-row tiles, rank 0 / not a multiple of 8, a fp32
+    # proj_up, several tiles per CTA
+    (1, 256, 64, 0, "w4a8", torch.bfloat16, torch.bfloat16, {}),
+    (7, 104, 192, 16, "w4a8", torch.bfloat16, torch.bfloat16, {}),
+    (300, 136, 1088, 20, "w4a8", torch.float16, torch.float16, {"bias": False}),
+    (520, 3072, 3072, 32, "w4a8", torch.bfloat16, torch.bfloat16, {"up_dtype": torch.float32}),
+    (4100, 1288, 640, 0, "w4a8", torch.bfloat16, torch.bfloat16, {}),
 ]
 
 
-@pytest.fixture(params=["fast", "tile128", "tile256", "portable"])
+@pytest.fixture(params=["fast", "tile128", "tile256", "regs", "portable"])
 def gemm_path(request, monkeypatch):
     """The GEMM's paths: W4A8's Hopper kernel takes 128 x 128 or 128 x 256 output tiles per call ("fast": the
-    library's choice), forced with SVDQUANT_OPS_CUDA_W4A8_TILE=128 / 256 ("tile128", "tile256")."""
+    library's choice), forced with SVDQUANT_OPS_CUDA_W4A8_TILE=128 / 256 ("tile128", "tile256"), or reads the packed
+    weights in registers (SVDQUANT_OPS_CUDA_W4A8_WEIGHTS=regs: "regs"; calls it cannot take run the prep path)."""
     return _select_path(monkeypatch, request.param)
 
 
 @pytest.mark.parametrize("M,N,K,R,precision,model_dtype,out_dtype,extra", GEMM_CASES)
 def test_gemm_matches_cpu(gemm_path, M, N, K, R, precision, model_dtype, out_dtype, extra):
-    if gemm_path.startswith("tile") and precision != "w4a8":
-        pytest.skip("the tile width is W4A8's")
+    if gemm_path in ("tile128", "tile256", "regs") and precision != "w4a8":
+        pytest.skip("the tile width and the register path are W4A8's")
     g = session_generator((M, N, K, R, precision, str(model_dtype), str(out_dtype)))
     unsigned = extra.get("unsigned", False)
     args = op_args("gemm", gemm_inputs(M, N, K, R, precision, model_dtype, g, bias=extra.get("bias", True),
@@ -682,6 +697,18 @@ def test_gemm_expanded_expands_where_asked(monkeypatch, where, M, expand_launche
     assert any("gemm_kernel" in n for n in names)
     assert any("expand_w4a8_kernel" in n for n in names) == expand_launched, names
     assert_bits_equal(nxt, OPS.expand_w4a8_weight(ncodes.contiguous(), nmult), "next weight")
+
+
+def test_weights_variable_checked(monkeypatch):
+    """A value of SVDQUANT_OPS_CUDA_W4A8_WEIGHTS other than auto / prep / regs is an error naming the variable (on
+    the Hopper path, which reads it)."""
+    if not IS_SM90:
+        pytest.skip("read on the Hopper path only")
+    args = to_dev(op_args("gemm", gemm_inputs(300, 256, 256, 16, "w4a8", torch.bfloat16, session_generator("wv"))))
+    monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_WEIGHTS", "registers")
+    with pytest.raises(RuntimeError, match="SVDQUANT_OPS_CUDA_W4A8_WEIGHTS must be 'auto', 'prep', 'regs' or unset, "
+                                           "got 'registers'"):
+        OPS.gemm(*args, "w4a8", torch.bfloat16, False)
 
 
 def test_next_variable_checked(monkeypatch):
@@ -790,6 +817,7 @@ def test_w4a8_tiles_agree_deterministic_and_replay(monkeypatch, tile):
         return OPS.gemm(codes, scales, wc, ws, gsc, la, up, b, "w4a8", out_dtype, False)
 
     monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_TILE", tile)
+    monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_WEIGHTS", "prep")  # (the tile widths are the prep path's)
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -805,6 +833,36 @@ def test_w4a8_tiles_agree_deterministic_and_replay(monkeypatch, tile):
     port = gemm(torch.float32)
     assert rel_fro(fast, port) < 1e-5  # (the 128-column kernel measured 1.09e-6 here on an H100)
     assert (fast - port).abs().max().item() <= 1e-5 * (port.abs().max().item() + 1e-30)
+
+
+@pytest.mark.skipif(not IS_SM90, reason="the Hopper path exists on compute capability 9.0 only")
+@pytest.mark.parametrize("M,N,K", [(4100, 9000, 3072), (512, 3072, 15360)])
+def test_w4a8_register_path_matches_deterministic_and_replay(monkeypatch, M, N, K):
+    """W4A8's register path (rega_kernel: the packed weights expanded in registers, no weight prep) at FLUX.1 shapes
+    with several tiles per CTA, a ragged last weight-row tile (N = 9000) and the longest K: it runs (one rega_kernel,
+    no gemm_kernel), matches the prep path's 128 x 256 kernel within fp32 accumulation-order error before the bf16
+    rounding (so within one bf16 ulp plus that), the same bits on every call, and in CUDA-graph replay."""
+    monkeypatch.delenv("SVDQUANT_OPS_CUDA_PORTABLE", raising=False)
+    x, smooth, pd, wc, ws, gsc, up, b = _linear_inputs(M=M, K=K, N=N, precision="w4a8")
+    codes, scales, la = OPS.quantize_act(x, smooth, pd, "w4a8", False)
+
+    def gemm():
+        return OPS.gemm(codes, scales, wc, ws, gsc, la, up, b, "w4a8", torch.bfloat16, False)
+
+    monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_WEIGHTS", "regs")
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        regs = gemm()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events()]
+    assert sum("rega_kernel" in n for n in names) == 1 and not any("gemm_kernel" in n for n in names), names
+    for _ in range(3):
+        assert torch.equal(gemm().view(torch.int16), regs.view(torch.int16))
+    assert_cuda_graph_replays_eager(lambda inp: OPS.linear(inp, smooth, pd, wc, ws, gsc, up, b, "w4a8", False), x)
+    monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_WEIGHTS", "prep")
+    monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_TILE", "256")
+    assert_output_close(regs, gemm().cpu(), f"register path against prep, {M}x{N}x{K}")
 
 
 @pytest.mark.skipif(not IS_SM90, reason="the Hopper path exists on compute capability 9.0 only")
@@ -892,6 +950,7 @@ def test_gemm_cat_flux_single_block_one_kernel(monkeypatch, tile):
     replay."""
     monkeypatch.delenv("SVDQUANT_OPS_CUDA_PORTABLE", raising=False)
     monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_TILE", tile)
+    monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_WEIGHTS", "prep")  # (one GEMM for both weights is the prep path's)
     dev = _on_dev(_cat_inputs(4608, (9216, 12288), 3072, 32, torch.bfloat16, {}, "flux"))
     from torch.profiler import ProfilerActivity, profile
 

@@ -82,13 +82,17 @@ def _overlaps(fn) -> tuple[int, int]:
     return sum(b[0] < a[1] for a, b in zip(kernels, kernels[1:])), len(kernels)
 
 
-@pytest.mark.parametrize("tile", [None, "128", "256"])
+@pytest.mark.parametrize("tile", [None, "128", "256", "regs"])
 @pytest.mark.parametrize("precision,M", [("w4a8", 4608), ("w4a8", 512), ("w4a8", 77), ("int4", 1024)])
 def test_chains_equal_plain_launches_bit_for_bit(monkeypatch, precision, M, tile):
+    """(tile "regs": W4A8's GEMM on the packed weights expanded in registers, rega_kernel)"""
     if tile is not None and precision != "w4a8":
-        pytest.skip("the tile width is W4A8's")
-    if tile:
+        pytest.skip("the tile width and the register path are W4A8's")
+    if tile == "regs":
+        monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_WEIGHTS", "regs")
+    elif tile:
         monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_TILE", tile)
+        monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_WEIGHTS", "prep")
     run, x = _chain(precision, M, 1024, 12, tile)
     plain, pdl = _both(monkeypatch, lambda: run(x))
     assert torch.isfinite(plain.float()).all() and plain.float().abs().max() > 0

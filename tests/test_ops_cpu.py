@@ -60,7 +60,7 @@ def test_quantize_act_matches_reference(dtype, precision, act_unsigned, case):
     if precision == "w4a8":  # one int8 code per byte, one scale per token
         assert codes.dtype == torch.int8 and codes.shape == (*lead, K)
         assert scales.shape == (*lead, 1) and scales.dtype == dtype
-        got = codes.long()
+        got = layout.w4a8_from_stored(codes).long()  # stored in W4A8's channel order
     else:
         assert codes.dtype == torch.uint8 and codes.shape == (*lead, K // 2)
         signed = precision == "int4" and not act_unsigned
@@ -100,7 +100,7 @@ def test_gemm_matches_reference(precision, out_dtype, lead, N, K, R, with_bias):
     assert y.dtype == out_dtype and y.shape == (*lead, N)
 
     if precision == "w4a8":
-        a_vals, n_scales = act_codes.long(), 1  # int8 codes, one per byte; one scale per token
+        a_vals, n_scales = layout.w4a8_from_stored(act_codes).long(), 1  # int8 codes, one per byte; one scale per token
     else:
         a_vals = ref.unpack_nibbles(act_codes, signed=precision == "int4")
         n_scales = K // formats.GROUP_SIZE[precision]
@@ -229,6 +229,7 @@ def test_w4a8_act_round_half_even_and_saturation():
     x[0, 64: 64 + len(vals)] = torch.tensor(vals)
     codes, scales, _ = ops.quantize_act(x, torch.ones(128), torch.zeros(128, 0), "w4a8")
     assert codes.dtype == torch.int8 and scales.shape == (1, 1) and scales.item() == 1.0
+    codes = layout.w4a8_from_stored(codes)
     assert codes[0, 64: 64 + len(vals)].tolist() == [0, 2, 2, 0, -2, -126, 126, 127, 3, 0]
     assert (codes[0, :64] == 0).all()
     # fp16: amax / 127 overflows -> the scale saturates at 65504 and the codes clamp to +-127.
@@ -236,6 +237,7 @@ def test_w4a8_act_round_half_even_and_saturation():
     x[0, 0], x[0, 1], x[0, 2] = 60000.0, -30000.0, 500.0
     smooth = torch.full((64,), 2.0**-8, dtype=torch.float16)  # x_hat = 256 x: 1.5e7 > 127 * 65504
     codes, scales, _ = ops.quantize_act(x, smooth, torch.zeros(64, 0, dtype=torch.float16), "w4a8")
+    codes = layout.w4a8_from_stored(codes)
     assert scales[0].item() == 65504.0 and scales[1].item() == 0.0
     assert codes[0, :3].tolist() == [127, -117, 2]  # -7.68e6 / 65504 = -117.2; 128000 / 65504 = 1.95
     assert (codes[1] == 0).all()  # zero row: scale 0, codes 0
@@ -249,7 +251,28 @@ def test_w4a8_scale_is_rounded_to_the_input_dtype():
     codes, scales, _ = ops.quantize_act(x, torch.ones(64, dtype=torch.bfloat16),
                                         torch.zeros(64, 0, dtype=torch.bfloat16), "w4a8")
     assert scales.dtype == torch.bfloat16 and scales.item() == 0.7890625
-    assert codes[0, :4].tolist() == [127, 0, 0, 63]
+    assert layout.w4a8_from_stored(codes)[0, :4].tolist() == [127, 0, 0, 63]
+
+
+def test_w4a8_codes_and_expanded_weights_share_the_channel_order():
+    # Channel k of a row holds code k (k < 128 fits int8): the stored codes list each 32-channel slice's even
+    # channels, then its odd ones; the expanded weight puts channel k at the same place, so the dot product pairs
+    # equal channels.
+    K = 128
+    x = torch.arange(K, dtype=torch.float32).reshape(1, K)  # amax 127: scale 1, code k at channel k
+    codes, scales, _ = ops.quantize_act(x, torch.ones(K), torch.zeros(K, 0), "w4a8")
+    assert scales.item() == 1.0
+    c = torch.arange(K).to(torch.int8)  # codes in natural order
+    expected = torch.cat([torch.cat([c[s:s + 32:2], c[s + 1:s + 32:2]]) for s in range(0, K, 32)])
+    assert torch.equal(codes[0], expected)
+    assert layout.w4a8_channel_order(64)[:20].tolist() == [0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                          8, 24, 9, 25]
+    assert torch.equal(layout.w4a8_from_stored(layout.w4a8_to_stored(c)), c)
+    vals = torch.arange(K).remainder(15) - 7  # codes -7..7, channel k -> (k % 15) - 7
+    w = ops.expand_w4a8_weight(layout.pack_nibbles(vals.reshape(1, K)), torch.full((1, K // 64), 3, dtype=torch.uint8))
+    assert torch.equal(layout.w4a8_from_stored(w)[0], (vals * 3).to(torch.int8))
+    with pytest.raises(ValueError, match="K must be a positive multiple of 32"):
+        layout.w4a8_channel_order(48)
 
 
 def test_w4a8_nan_and_inf_rows():

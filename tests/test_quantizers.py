@@ -117,7 +117,8 @@ def test_python_act_quantizer_matches_kernel_bit_exact(precision, unsigned, dtyp
     codes, scales = q.rtn_act(x, smooth, precision, unsigned=unsigned)
     k_codes, k_scales, _ = ops.quantize_act(x, smooth, torch.zeros(192, 0, dtype=dtype), precision, unsigned)
     if precision == "w4a8":
-        assert codes.dtype == torch.int8 and torch.equal(k_codes, codes) and scales.shape == (37, 1)
+        assert codes.dtype == torch.int8 and torch.equal(layout.w4a8_from_stored(k_codes), codes)
+        assert scales.shape == (37, 1)
     else:
         signed = precision == "int4" and not unsigned
         assert torch.equal(layout.unpack_nibbles(k_codes, signed=signed), codes.to(torch.int8))
@@ -147,8 +148,8 @@ def test_packed_weights_through_the_kernel_equal_fake_quant(precision):
 
 def _act_values(act_codes, act_scales, precision, act_unsigned):
     """float64 Q(x̂) from quantize_act's codes and scales, decoded by the reference."""
-    if precision == "w4a8":  # int8 codes, one scale per token
-        return act_codes.double() * act_scales.double()
+    if precision == "w4a8":  # int8 codes (stored in W4A8's channel order), one scale per token
+        return layout.w4a8_from_stored(act_codes).double() * act_scales.double()
     vals = ref.unpack_nibbles(act_codes, signed=precision == "int4" and not act_unsigned)
     return ref.dequantize(ref.code_values(vals, precision), act_scales, GROUP[precision])
 

@@ -116,4 +116,14 @@ SVDQ_HD int e2m1_doubled(int code) {
 
 SVDQ_HD int sign_extend_nibble(int nib) { return nib >= 8 ? nib - 16 : nib; }
 
+// W4A8's channel order inside the int8 intermediates (quantize_act's activation codes, expand_w4a8_weight's weights):
+// within each 32-channel slice, the even channels first, then the odd ones: channel k sits at
+//   (k & ~31) | (k & 1) << 4 | ((k >> 1) & 15).
+// Read against the packed 4-bit weight (layout 1: byte b of a slice holds channels 2b and 2b + 1), position b of a
+// slice is the low nibble of its byte b and position 16 + b the high nibble. That is the order in which wgmma's
+// 8-bit register-A fragment takes a k32 step (thread t of a quad: positions 4t..4t+3 and 16+4t..16+4t+3), so a
+// GEMM can feed one 32-bit word of packed codes to the tensor cores with a few integer instructions and no
+// shuffle. A dot product does not depend on the order its terms are listed in, as long as both operands use the same.
+SVDQ_HD int64_t w4a8_pos(int64_t k) { return (k & ~int64_t(31)) | ((k & 1) << 4) | ((k >> 1) & 15); }
+
 }  // namespace svdquant

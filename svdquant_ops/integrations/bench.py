@@ -94,12 +94,15 @@ class Config:
     #                         (SVDQUANT_OPS_CUDA_PDL in the child); None: the library's default
     inductor_pdl: bool = False  # Inductor's Triton kernels with programmatic dependent launch too
     #                             (torch._inductor.config.triton.enable_pdl: TORCHINDUCTOR_ENABLE_PDL=1 in the child)
+    w4a8_weights: str | None = None  # how W4A8's Hopper GEMM reads its weights, "prep" (expanded per call) or "regs"
+    #                                  (packed codes expanded in registers; SVDQUANT_OPS_CUDA_W4A8_WEIGHTS in the
+    #                                  child); None: the library's per-call choice
 
     @property
     def cuda_only(self) -> bool:
         return (self.mode == "reduce-overhead" or self.weights == "fp8" or self.gemm_schedule is not None
                 or self.gmax is not None or self.w4a8_tile is not None or self.pdl is not None
-                or self.inductor_pdl)
+                or self.inductor_pdl or self.w4a8_weights is not None)
 
     @property
     def label(self) -> str:
@@ -137,6 +140,9 @@ class Config:
             how += ", kernels launched programmatically dependent (PDL)" if self.pdl == "1" else ", plain launches"
         if self.inductor_pdl:
             how += ", Inductor's kernels launched programmatically dependent (TORCHINDUCTOR_ENABLE_PDL=1)"
+        if self.w4a8_weights:
+            how += {"prep": ", every W4A8 GEMM on weights expanded by a prep kernel",
+                    "regs": ", every W4A8 GEMM on packed weights expanded in registers (no prep)"}[self.w4a8_weights]
         if self.group_w4a16 is not None:
             how += (", the AdaLN w4a16 linears as one grouped call (group_w4a16)" if self.group_w4a16
                     else ", one call per w4a16 linear (no group_w4a16)")
@@ -249,6 +255,12 @@ def _configs() -> dict[str, Config]:
                            inductor_pdl=True)
         for w in ("bf16", "fp8"):
             out[f"{w}-compile{sfx}-ipdl"] = Config(f"{w}-compile{sfx}-ipdl", w, True, mode, inductor_pdl=True)
+    # Extra: that recipe with every W4A8 GEMM reading its weights expanded by a prep kernel on each call ("prep") or
+    # as packed codes expanded in the GEMM's registers ("regs"), whatever the library's per-call choice
+    for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
+        for k in ("prep", "regs"):
+            name = f"w4a8-compile{sfx}-fused-unwrap-cat-{k}"
+            out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, unwrap=True, cat_gemms=True, w4a8_weights=k)
     # Diagnostic: every adapter fused up to rank 128 (quantize_act's fast kernel at R = 128 runs one block per SM)
     out["w4a8-compile-lora16-fuse128"] = Config("w4a8-compile-lora16-fuse128", "w4a8", True, lora_rank=16,
                                                 lora_max_fused_rank=128)
@@ -886,7 +898,8 @@ def _run_child(args, name: str, device: str, timeout: float) -> dict:
     # library's default, whatever the caller's environment says
     for var, value in (("SVDQUANT_OPS_CUDA_W4A8_GMAX", CONFIGS[name].gmax),
                        ("SVDQUANT_OPS_CUDA_W4A8_TILE", CONFIGS[name].w4a8_tile),
-                       ("SVDQUANT_OPS_CUDA_PDL", CONFIGS[name].pdl)):
+                       ("SVDQUANT_OPS_CUDA_PDL", CONFIGS[name].pdl),
+                       ("SVDQUANT_OPS_CUDA_W4A8_WEIGHTS", CONFIGS[name].w4a8_weights)):
         if value:
             env[var] = value
         else:

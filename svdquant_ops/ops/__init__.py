@@ -8,7 +8,8 @@ precision: "int4", "nvfp4" or "w4a8" (formats.py). Weight operands are named as 
 
 quantize_act(x, smooth, proj_down, precision, act_unsigned=False) -> (act_codes, act_scales, down_act)
     act_codes uint8 [..., K/2] (layout.py), act_scales [..., K/group], down_act = x @ proj_down in fp32 [..., R].
-    w4a8: act_codes int8 [..., K] (one per byte, not packed), act_scales [..., 1] in x's dtype (one per token).
+    w4a8: act_codes int8 [..., K] (one per byte, not packed, channels in W4A8's order: layout.w4a8_channel_order),
+    act_scales [..., 1] in x's dtype (one per token).
 quantize_act_given_amax(x, smooth, proj_down, amax) -> (act_codes, act_scales, down_act)
     W4A8's quantize_act with each token's amax of |x / smooth| given (fp32 [..., 1], >= 0 or NaN: the CPU op checks
     it; the CUDA op reads no values on the host, and a negative amax gives a negative scale) instead of
@@ -28,7 +29,7 @@ gemm_cat(act_codes, act_scales, codes, scales, global_scale, down_act, proj_up, 
     the GEMMs that read one quantize_act).
 expand_w4a8_weight(codes, scales) -> weight int8 [N, K]
     W4A8's weight as the integers code * multiplier that the Hopper kernel multiplies (it is what gemm expands on
-    every call).
+    every call where it does not read the packed codes directly), channels in W4A8's order like act_codes'.
 gemm_expanded(act_codes, act_scales, codes, scales, global_scale, down_act, proj_up, bias, out_dtype, weight,
               next_codes=None, next_scales=None) -> (y, next_weight)
     gemm(..., "w4a8") with the weight's expansion given (``weight``, equal to expand_w4a8_weight(codes, scales); the

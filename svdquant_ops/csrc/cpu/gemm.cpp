@@ -79,7 +79,8 @@ at::Tensor add_branch_and_store(const GemmShape& s, const at::Tensor& act_codes,
   return out.to(out_dtype).reshape(with_last_dim(act_codes, N));
 }
 
-// W4A8 weights as the exact int8 integers code * multiplier [N, K] (what the Hopper kernel multiplies).
+// W4A8 weights as the exact int8 integers code * multiplier [N, K] (what the Hopper kernel multiplies), in the
+// channel order of W4A8's activation codes (formats.h w4a8_pos), so the dot product below pairs equal channels.
 at::Tensor expand_w4a8(const at::Tensor& codes, const at::Tensor& scales) {
   const int64_t N = codes.size(0), K = codes.size(1) * 2, G = K / kInt4Group;
   const auto wq = decode_codes(codes.contiguous(), N, K, Precision::kW4a8, /*is_unsigned=*/false);
@@ -90,7 +91,7 @@ at::Tensor expand_w4a8(const at::Tensor& codes, const at::Tensor& scales) {
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       for (int64_t k = 0; k < K; ++k) {
-        wm[n * K + k] = static_cast<int8_t>(int(wq[n * K + k]) * int(mp[n * G + k / kInt4Group]));
+        wm[n * K + w4a8_pos(k)] = static_cast<int8_t>(int(wq[n * K + k]) * int(mp[n * G + k / kInt4Group]));
       }
     }
   });

@@ -4,7 +4,8 @@
 // per (token, group): scale = amax / qmax rounded to the scale dtype, code = round_half_even(x_hat / scale)
 // clamped to the code range (0 when scale == 0); down_act = x @ proj_down in fp32 on the *raw* x.
 // W4A8: one scale per token (row) instead of per group: scale = amax(|x_hat| over the row) / 127 rounded to x's
-// dtype, code = int8_code(x_hat / scale) (0 when scale == 0), one int8 per code (not packed), scales [..., 1].
+// dtype, code = int8_code(x_hat / scale) (0 when scale == 0), one int8 per code (not packed) in W4A8's channel
+// order (formats.h w4a8_pos: per 32-channel slice the even channels, then the odd ones), scales [..., 1].
 // quantize_act_given_amax: the same with each row's amax given instead of computed.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -72,7 +73,8 @@ void quantize_rows_w4a8(const scalar_t* x, const scalar_t* smooth, const float* 
       }
       const float s = int4_scale<scalar_t>(amax, kInt8Qmax);
       scales[m] = static_cast<scalar_t>(s);
-      for (int64_t k = 0; k < K; ++k) codes[m * K + k] = static_cast<int8_t>(s == 0.f ? 0 : int8_code(xh[k] / s));
+      for (int64_t k = 0; k < K; ++k)  // stored in W4A8's channel order (formats.h w4a8_pos)
+        codes[m * K + w4a8_pos(k)] = static_cast<int8_t>(s == 0.f ? 0 : int8_code(xh[k] / s));
     }
   });
 }

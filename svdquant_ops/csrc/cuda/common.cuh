@@ -102,6 +102,15 @@ inline int w4a8_tile() {
   return kWidths[env_choice("SVDQUANT_OPS_CUDA_W4A8_TILE", kNames)];
 }
 
+// SVDQUANT_OPS_CUDA_W4A8_WEIGHTS=auto|prep|regs: how W4A8's Hopper GEMM reads the weights: expanded to int8 by the
+// prep kernel on every call and fed to wgmma from shared memory (prep), or as the packed 4-bit codes, expanded in the
+// consumers' registers (regs: sm90::rega_kernel, no weight prep); auto (the default) chooses per call
+// (w4a8_regs_pay in gemm.cu). 0 / 1 / 2.
+inline int w4a8_weights() {
+  static constexpr const char* kNames[] = {"auto", "prep", "regs"};
+  return env_choice("SVDQUANT_OPS_CUDA_W4A8_WEIGHTS", kNames);
+}
+
 constexpr int kMaxDevices = 64;
 
 inline int current_device_index() {

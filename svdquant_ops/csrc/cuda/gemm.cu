@@ -24,6 +24,7 @@
 #include "gemm/portable.cuh"
 #include "gemm/prep.cuh"
 #include "gemm/sm90.cuh"
+#include "gemm/sm90_rega.cuh"
 #include "ops_cuda.h"
 
 namespace svdquant {
@@ -230,19 +231,23 @@ struct Sm90Plan {
 // 128 x 128 tiles: three 64-column fp32 accumulator sets per thread (the result and two in-flight groups) fit the
 // 232 registers of a consumer thread; 128 x 192 would not (only the INT4 skeleton diagnostic uses it). W4A8 may run
 // 128 x 256 tiles (w4a8_bn = 256: one int32 accumulator set of 128 registers, w4a8_tile_bn).
-Sm90Plan plan_sm90(const GemmShape& s, at::ScalarType up_dtype, bool wide, bool w4_expand, int w4a8_bn = 128) {
+// `rega`: W4A8 by sm90::rega_kernel: tiles of 256 tokens x 128 weight rows (m_tiles counts token tiles, BN = 128 the
+// weight rows), no expanded weight (the caller passes w4_expand).
+Sm90Plan plan_sm90(const GemmShape& s, at::ScalarType up_dtype, bool wide, bool w4_expand, int w4a8_bn = 128,
+                   bool rega = false) {
   const bool nvfp4 = s.precision == Precision::kNvfp4;
   const bool w4a8 = s.precision == Precision::kW4a8;
   Sm90Plan pl{};
   pl.M = static_cast<int>(s.M), pl.N = static_cast<int>(s.N), pl.K = static_cast<int>(s.K);
   pl.G = static_cast<int>(s.G), pl.R = static_cast<int>(s.R);
-  pl.m_tiles = (pl.M + sm90::BM - 1) / sm90::BM;
-  pl.BN = w4a8 ? w4a8_bn : ((wide && !nvfp4) ? 192 : 128);
+  const int tm = rega ? sm90::RegaCfg::TT : sm90::BM;  // tokens per tile
+  pl.m_tiles = (pl.M + tm - 1) / tm;
+  pl.BN = rega ? sm90::RegaCfg::TW : (w4a8 ? w4a8_bn : ((wide && !nvfp4) ? 192 : 128));
   pl.n_tiles = (pl.N + pl.BN - 1) / pl.BN;
   pl.SWP = pl.BN + 16;
   pl.Np = int64_t(pl.n_tiles) * pl.BN;
   // W4A8 reads its per-token scales in the epilogue without bounds checks: pad them to whole row tiles.
-  pl.Mp = w4a8 ? int64_t(pl.m_tiles) * sm90::BM : round_up(pl.M, 4);
+  pl.Mp = w4a8 ? int64_t(pl.m_tiles) * tm : round_up(pl.M, 4);
   pl.nseg = pl.R == 0 ? 0 : (up_dtype == at::kBFloat16 ? 2 : 3);
   pl.KL = static_cast<int>(round_up(int64_t(pl.nseg) * pl.R, 64));
   const int elem = nvfp4 ? 2 : 1;
@@ -565,6 +570,75 @@ bool next_in_gemm_pays(const GemmShape& s, const Sm90Plan& pl, const ExpandJob& 
   return 2 * ctas >= num_sms() && rows_in_flight * s.K <= (int64_t(8) << 20) && expand_us <= gemm_us;
 }
 
+// ---------------- W4A8 without weight prep: sm90::rega_kernel ----------------
+// Where a W4A8 GEMM reads the packed weights in registers (SVDQUANT_OPS_CUDA_W4A8_WEIGHTS, else this rule). The prep
+// kernel costs ~1.5 bytes of traffic per weight on every call (0.5 read, 1 written, then the GEMM reads the 1 again)
+// whatever M is, while the register path's main loop runs a few percent slower per stage (the expansion's integer
+// instructions beside the MMAs; benchmarks/results/2026-12-06-h100-w4a8-rega256-probe.md: 4.6-9.4 % at M = 4608 on
+// an H100), so the register path pays below some token count. kRegaMaxTokens is that count as measured on a FLUX.1
+// step (benchmarks/HISTORY.md).
+constexpr int64_t kRegaMaxTokens = 0;
+bool w4a8_regs_pay(const GemmShape& s) {
+  const int w = w4a8_weights();
+  if (w != 0) return w == 2;
+  return s.M <= kRegaMaxTokens;
+}
+
+// The register path's operands: X the int8 activation codes [M, K] in boxes of 256 tokens x 128 channels, W the packed
+// weight codes [N, K / 2] in boxes of 128 rows x 64 bytes (64-byte swizzle), the branch's bf16 parts (down_act: 256
+// tokens, proj_up: 128 rows per box), and the output's 64 x 64 boxes: N columns from `out_col` of rows `ldo`
+// elements apart (gemm_cat: a weight's columns of the concatenated output).
+TensorMaps make_rega_maps(const Sm90Plan& pl, const Operands& o, uint8_t* base, const at::Tensor& out,
+                          int64_t out_col, int64_t ldo) {
+  const auto swz = CU_TENSOR_MAP_SWIZZLE_128B;
+  const int M = pl.M, N = pl.N, K = pl.K;
+  TensorMaps m{unused_map(), unused_map(), unused_map(), unused_map(), unused_map(), unused_map(), unused_map()};
+  m.A = make_map(o.act_codes.data_ptr(), CU_TENSOR_MAP_DATA_TYPE_UINT8, K, M, K, 128, sm90::RegaCfg::TT, swz);
+  m.B = make_map(o.codes.data_ptr(), CU_TENSOR_MAP_DATA_TYPE_UINT8, K / 2, N, K / 2, 64, sm90::RegaCfg::TW,
+                 CU_TENSOR_MAP_SWIZZLE_64B);
+  if (pl.KL > 0) {
+    m.LA = make_map(base + pl.oLA, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, pl.KL, M, int64_t(pl.KL) * 2, 64,
+                    sm90::RegaCfg::TT, swz);
+    m.UP = make_map(base + pl.oUP, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, pl.KL, N, int64_t(pl.KL) * 2, 64,
+                    sm90::RegaCfg::TW, swz);
+  }
+  m.C = make_map(static_cast<uint8_t*>(out.data_ptr()) + out_col * 2,
+                 out.scalar_type() == at::kHalf ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, N,
+                 M, ldo * 2, 64, 64, swz);
+  return m;
+}
+
+// W4A8 by the register path: the prep kernel writes only the small operands (branch parts, scales, bias), then
+// rega_kernel. `out`: 2-byte, N % 8 == 0, 16-byte aligned (rega_applies); the result goes to its columns
+// [out_col, out_col + N) of rows `ldo` elements apart (out_col % 8 == 0, ldo % 8 == 0).
+void run_rega(const GemmShape& s, const Operands& o, at::Tensor& out, cudaStream_t stream, int64_t out_col = 0,
+              int64_t ldo = -1) {
+  const Sm90Plan pl = plan_sm90(s, o.proj_up.scalar_type(), false, /*w4_expand=*/true, 128, /*rega=*/true);
+  auto workspace = at::empty({pl.bytes}, out.options().dtype(at::kByte));
+  uint8_t* base = workspace.data_ptr<uint8_t>();
+  PrepArgs pa = prep_args(s, pl, o, false, base);
+  pa.skip_b = 1;
+  launch_prep(pa, pl, stream);
+  const TensorMaps m = make_rega_maps(pl, o, base, out, out_col, ldo < 0 ? s.N : ldo);
+  sm90::Params p = sm90_params(s, pl, pa, out, o.bias.has_value(), true);
+  p.wmult = o.scales.data_ptr<uint8_t>();
+  p.G = pl.G;
+  using C = sm90::RegaCfg;
+  static PerDeviceOnce smem_attr;
+  set_max_dynamic_smem(smem_attr, sm90::rega_kernel, C::SMEM);
+  const int grid = std::min(p.m_tiles * p.n_tiles, num_sms());
+  launch_kernel(sm90::rega_kernel, dim3(grid), dim3(384), C::SMEM, stream, m.A, m.B, m.LA, m.UP, m.C, p);
+  debug_sync(stream, "gemm sm90 rega");
+}
+
+// Whether a W4A8 call can take the register path: 2-byte outputs whose rows are whole 16-byte units, 16-byte aligned
+// (its only epilogue is the TMA store).
+bool rega_applies(const GemmShape& s, const at::Tensor& out) {
+  const at::ScalarType t = out.scalar_type();
+  return s.precision == Precision::kW4a8 && (t == at::kBFloat16 || t == at::kHalf) && s.N % 8 == 0 &&
+         aligned16(out.data_ptr());
+}
+
 // `weight`: W4A8's expanded int8 weight [N, K] (gemm_expanded): the GEMM loads it and the prep kernel expands
 // nothing. `next`: a weight the GEMM kernel's idle producer warps expand meanwhile (W4A8; units == 0: none).
 // Returns whether the GEMM kernel took `next` (next_in_gemm_pays).
@@ -588,6 +662,11 @@ bool run_sm90(const GemmShape& s, const Operands& o, bool act_unsigned, at::Tens
   const Variant v{};
 #endif
   const bool w4_expand = v.w4_expand && s.precision == Precision::kW4a8;
+  if (weight == nullptr && !w4_expand && v.sched == sm90::kPromote && v.store && !v.force_direct &&
+      rega_applies(s, out) && w4a8_regs_pay(s)) {
+    run_rega(s, o, out, stream);
+    return false;
+  }
   Sm90Plan pl = plan_sm90(s, o.proj_up.scalar_type(), v.wide, w4_expand || weight != nullptr);
   // W4A8 on 128 x 256 tiles where the estimate says so (the diagnostics schedules, the in-kernel expansion and the
   // no-store epilogue are written for 128 x 128)
@@ -733,6 +812,19 @@ at::Tensor gemm_cat_cuda(const at::Tensor& act_codes, const at::Tensor& act_scal
                                            proj_up[i], bias.get(i)));
   }
   auto out = at::empty({total.M, total.N}, act_codes.options().dtype(out_dtype));
+  // The register path reads each weight's packed codes where they are: one launch per weight, each writing its
+  // columns of the output (no concatenated weight to build); the shared-memory path concatenates the expanded weights
+  // into one GEMM.
+  bool regs = gemm::rega_applies(total, out) && gemm::w4a8_regs_pay(total);
+  for (size_t i = 0; i < shapes.size() && regs; ++i) regs = shapes[i].N % 8 == 0;
+  if (regs) {
+    int64_t n0 = 0;
+    for (size_t i = 0; i < shapes.size(); ++i) {
+      gemm::run_rega(shapes[i], os[i], out, current_stream(), n0, total.N);
+      n0 += shapes[i].N;
+    }
+    return out.reshape(with_last_dim(act_codes, total.N));
+  }
   gemm::run_sm90_cat(total, shapes, os, out, current_stream());
   return out.reshape(with_last_dim(act_codes, total.N));
 }

@@ -319,6 +319,23 @@ __device__ __forceinline__ void down_act_block_store(float* red, const float (&c
 
 // RW row-warps x KW k-warps per block; RP = R padded to 16/32/64 (0: no branch). blockIdx.y selects a slice of
 // `chunks_per_split` 64-channel chunks; with several slices, down_act holds per-slice partial sums [splits, M, R].
+// W4A8 int8 codes are stored in W4A8's channel order (formats.h w4a8_pos): per 32-channel slice the even channels,
+// then the odd ones. Codes of channels k..k+7 (k % 8 == 0, byte i = channel k + i): the 4 even channels are one
+// word at slice position 4 ((k >> 3) & 3), the 4 odd ones the word 16 bytes further.
+__device__ __forceinline__ void store_w4a8_codes8(int8_t* row, int64_t k, uint2 c) {
+  int8_t* p = row + (k & ~int64_t(31)) + 4 * ((k >> 3) & 3);
+  *reinterpret_cast<uint32_t*>(p) = __byte_perm(c.x, c.y, 0x6420);
+  *reinterpret_cast<uint32_t*>(p + 16) = __byte_perm(c.x, c.y, 0x7531);
+}
+
+// The same for channels k..k+15 (k % 16 == 0, word i = channels k + 4i .. k + 4i + 3): 8 even channels at slice
+// position 8 ((k >> 4) & 1), the 8 odd ones 16 bytes further.
+__device__ __forceinline__ void store_w4a8_codes16(int8_t* row, int64_t k, const uint32_t (&w)[4]) {
+  int8_t* p = row + (k & ~int64_t(31)) + 8 * ((k >> 4) & 1);
+  *reinterpret_cast<uint2*>(p) = make_uint2(__byte_perm(w[0], w[1], 0x6420), __byte_perm(w[2], w[3], 0x6420));
+  *reinterpret_cast<uint2*>(p + 16) = make_uint2(__byte_perm(w[0], w[1], 0x7531), __byte_perm(w[2], w[3], 0x7531));
+}
+
 // kFmt: kFmtInt4 / kFmtNvfp4 write codes and group scales; kFmtGroupMax (W4A8's first pass) writes only the fp32
 // amax of x_hat per (token, 64-channel chunk) into `scales` [M, K/64] (and down_act), for quantize_tokens_kernel;
 // kFmtInt8Token (quantize_act_given_amax) writes W4A8's int8 codes and per-token scales [M] from the given per-token
@@ -522,8 +539,8 @@ __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel
             }
           }
           if (row < M) {
-            *reinterpret_cast<uint4*>(codes + static_cast<int64_t>(row) * K + c * 64 + 16 * t) =
-                make_uint4(w4[0], w4[1], w4[2], w4[3]);
+            store_w4a8_codes16(reinterpret_cast<int8_t*>(codes) + static_cast<int64_t>(row) * K, c * 64 + 16 * t,
+                               w4);
           }
           continue;
         }
@@ -760,7 +777,7 @@ __global__ void __launch_bounds__(256) quantize_tokens_kernel(const T* __restric
   const float ys = rcp_for_div(sc);
   for (int64_t k = lane; k < K; k += 32) {
     const float xh = __fdiv_rn(static_cast<float>(xr[k]), static_cast<float>(smooth[k]));
-    cr[k] = static_cast<int8_t>(sc == 0.f ? 0 : min(max(__float2int_rn(div_rn_fast(xh, sc, ys)), -127), 127));
+    cr[w4a8_pos(k)] = static_cast<int8_t>(sc == 0.f ? 0 : min(max(__float2int_rn(div_rn_fast(xh, sc, ys)), -127), 127));
   }
 }
 
@@ -907,7 +924,7 @@ __global__ void __launch_bounds__(32 * kTokWarps) quantize_tokens_fast_kernel(co
         }
         out = w4a8_codes8(xh, sc[h], ys[h], qfast[h]);
       }
-      if (row0 + h < M) *reinterpret_cast<uint2*>(codes + static_cast<int64_t>(row0 + h) * K + k) = out;
+      if (row0 + h < M) store_w4a8_codes8(codes + static_cast<int64_t>(row0 + h) * K, k, out);
     }
   }
 }
@@ -1090,7 +1107,7 @@ __global__ void __launch_bounds__(kClThreads) quantize_w4a8_cluster_kernel(const
   if (row_in) {
     const float ys = rcp_for_div(scale);
     const bool qfast = scale >= 0x1p-52f && scale <= 0x1p52f;
-    int8_t* out = codes + static_cast<int64_t>(m0 + tok) * K + k0;
+    int8_t* row_codes = codes + static_cast<int64_t>(m0 + tok) * K;
     for (int c = sub; c < chunks; c += 8) {
       const uint4 xv = *reinterpret_cast<const uint4*>(xrow + c * 8);
       uint2 packed = make_uint2(0u, 0u);
@@ -1108,7 +1125,7 @@ __global__ void __launch_bounds__(kClThreads) quantize_w4a8_cluster_kernel(const
         }
         packed = w4a8_codes8(xh, scale, ys, qfast);
       }
-      *reinterpret_cast<uint2*>(out + c * 8) = packed;
+      store_w4a8_codes8(row_codes, k0 + c * 8, packed);
     }
   }
   cluster.sync();  // 5. peers may still be reading this CTA's partials

@@ -60,8 +60,9 @@ __device__ __forceinline__ void load_chunk_codes(const uint8_t* codes, int64_t r
   for (int i = 0; i < 4; ++i) dst[r][4 * part + i] = w[i];
 }
 
-// W4A8 operands of one 64-channel chunk as packed int8 words: activation codes (and gemm_expanded's int8 weight) as
-// stored; weight codes times the chunk's group multiplier (the chunk is exactly one 64-channel group).
+// W4A8 operands of one 64-channel chunk as packed int8 words in W4A8's channel order: activation codes (and
+// gemm_expanded's int8 weight) as stored; weight codes times the chunk's group multiplier (the chunk is exactly one
+// 64-channel group), reordered.
 __device__ __forceinline__ void load_chunk_w4a8(const uint8_t* codes, const uint8_t* mult, int64_t rows, int64_t K,
                                                 int64_t row0, int64_t k_chunk, bool weights, int (*dst)[17]) {
   const int r = threadIdx.x / 4, part = threadIdx.x % 4;
@@ -72,14 +73,15 @@ __device__ __forceinline__ void load_chunk_w4a8(const uint8_t* codes, const uint
       const uint4 v = *reinterpret_cast<const uint4*>(codes + row * K + k);
       w[0] = static_cast<int>(v.x), w[1] = static_cast<int>(v.y), w[2] = static_cast<int>(v.z), w[3] = static_cast<int>(v.w);
     } else {
+      // W4A8's channel order (formats.h w4a8_pos): positions 16 h .. 16 h + 15 of a 32-channel slice are the low
+      // (h = 0) or high (h = 1) nibbles of the slice's 16 bytes, times the group's multiplier
       const int m = mult[row * (K / kInt4Group) + k / kInt4Group];
-      const uint8_t* src = codes + row * (K / 2) + k / 2;
+      const int h = part & 1;
+      const uint8_t* src = codes + row * (K / 2) + (k - 16 * h) / 2;
 #pragma unroll
-      for (int b = 0; b < 8; ++b) {
-        const int byte = src[b];
-        const int lo = sign_extend_nibble(byte & 0xF) * m, hi = sign_extend_nibble(byte >> 4) * m;
-        const int word = b / 2, sh = 16 * (b % 2);
-        w[word] |= ((lo & 0xFF) << sh) | ((hi & 0xFF) << (sh + 8));
+      for (int b = 0; b < 16; ++b) {
+        const int v = sign_extend_nibble((src[b] >> (4 * h)) & 0xF) * m;
+        w[b / 4] |= (v & 0xFF) << (8 * (b % 4));
       }
     }
   }

@@ -130,15 +130,36 @@ __host__ __device__ __forceinline__ uint2 w4a8_expand8(uint32_t w, uint32_t m) {
   return make_uint2(byte_perm(c0145, c2367, 0x5410), byte_perm(c0145, c2367, 0x7632));
 }
 
-// W4A8 weights: 16 codes of one row times their group's integer multiplier (in [1, 18]), as int8 (|code * m| <= 126).
+// w4a8_expand8 in W4A8's channel order (formats.h w4a8_pos): .x the 4 even channels (low nibbles), .y the 4 odd ones.
+__host__ __device__ __forceinline__ uint2 w4a8_expand8_split(uint32_t w, uint32_t m) {
+  const uint2 e = w4a8_expand8(w, m);
+  return make_uint2(byte_perm(e.x, e.y, 0x6420), byte_perm(e.x, e.y, 0x7531));
+}
+
+// One 16-code unit (half h of a 32-channel slice: its words a, b = channels 16 h + 0..7, + 8..15) of a W4A8 weight,
+// expanded, as the 16 bytes the thread stores at the unit's own place (bytes 16 h .. 16 h + 15 of the slice's 32)
+// in W4A8's channel order: the slice's 16 even channels come first, so the unit of half 0 stores the evens of both
+// halves and the unit of half 1 the odds; the two threads of a slice (lanes 2i, 2i + 1, units 2j, 2j + 1) swap the
+// halves they hold with one shuffle. Both threads of the pair must call it (a pair shuffle: the others may differ).
+__device__ __forceinline__ uint4 expand_unit_w4a8_ordered(uint2 in, uint32_t m, uint32_t h) {
+  const uint2 a = w4a8_expand8_split(in.x, m), b = w4a8_expand8_split(in.y, m);
+  const uint32_t pair = 3u << ((threadIdx.x & 31) & 30);
+  // half 0 keeps its evens and sends its odds; half 1 keeps its odds and sends its evens
+  const uint32_t s0 = h ? a.x : a.y, s1 = h ? b.x : b.y;
+  const uint32_t r0 = __shfl_xor_sync(pair, s0, 1), r1 = __shfl_xor_sync(pair, s1, 1);
+  return h ? make_uint4(r0, r1, a.y, b.y) : make_uint4(a.x, b.x, r0, r1);
+}
+
+// W4A8 weights: 16 codes of one row times their group's integer multiplier (in [1, 18]), as int8 (|code * m| <= 126),
+// in W4A8's channel order. Unit u and u ^ 1 are the two halves of one slice, held by lanes l and l ^ 1 (callers
+// stride by multiples of 32 from a warp-aligned first unit; K % 64 == 0 keeps rows even in units).
 __device__ __forceinline__ void expand_unit_w4a8(const uint8_t* codes, const uint8_t* mult, uint8_t* dst, uint32_t K,
                                                  uint32_t G, uint32_t u) {
   const uint32_t per_row = K / 16;
   const int64_t row = u / per_row, ku = u % per_row;
   const uint2 in = *reinterpret_cast<const uint2*>(codes + row * (K / 2) + ku * 8);
   const uint32_t m = mult[row * G + ku / 4];  // 4 units of 16 per 64-channel group
-  const uint2 a = w4a8_expand8(in.x, m), b = w4a8_expand8(in.y, m);
-  *reinterpret_cast<uint4*>(dst + row * K + ku * 16) = make_uint4(a.x, a.y, b.x, b.y);
+  *reinterpret_cast<uint4*>(dst + row * K + ku * 16) = expand_unit_w4a8_ordered(in, m, u & 1);
 }
 
 // W4A8 weights expanded ahead of their GEMM (svdquant::expand_w4a8_weight, and gemm_expanded's next weight), unit
@@ -175,10 +196,7 @@ __device__ __forceinline__ void expand_w4a8_units(const ExpandJob& j, uint32_t f
 #pragma unroll
     for (int i = 0; i < kU; ++i) {
       const uint32_t u = u0 + i * stride;
-      if (u < j.units) {
-        const uint2 a = w4a8_expand8(c[i].x, m[i]), b = w4a8_expand8(c[i].y, m[i]);
-        *reinterpret_cast<uint4*>(j.out + uint64_t(u) * 16) = make_uint4(a.x, a.y, b.x, b.y);
-      }
+      if (u < j.units) *reinterpret_cast<uint4*>(j.out + uint64_t(u) * 16) = expand_unit_w4a8_ordered(c[i], m[i], u & 1);
     }
   }
 }

@@ -243,15 +243,16 @@ __device__ __forceinline__ void issue_stage_s8(uint8_t* smem, uint64_t* full, in
 #endif
 }
 
-// kKindW4a8Expand: unit u (32 4-bit codes of int8 row u / 4, quarter q = u % 4) times the multiplier m, written as
-// the row's 16-byte chunks 2q and 2q + 1 in the 128-byte swizzle TMA would give (chunk j of row r at j ^ (r % 8)).
+// kKindW4a8Expand: unit u (32 4-bit codes of int8 row u / 4, quarter q = u % 4: one 32-channel slice) times the
+// multiplier m in W4A8's channel order (the slice's even channels, then its odd ones), written as the row's 16-byte
+// chunks 2q and 2q + 1 in the 128-byte swizzle TMA would give (chunk j of row r at j ^ (r % 8)).
 __host__ __device__ __forceinline__ void expand_unit_sw128(uint8_t* b, int u, const uint4 c, uint32_t m) {
   const int r = u >> 2, q = u & 3;
   uint8_t* row = b + r * 128;
-  const uint2 x0 = w4a8_expand8(c.x, m), x1 = w4a8_expand8(c.y, m);
-  *reinterpret_cast<uint4*>(row + (((2 * q) ^ (r & 7)) * 16)) = make_uint4(x0.x, x0.y, x1.x, x1.y);
-  const uint2 x2 = w4a8_expand8(c.z, m), x3 = w4a8_expand8(c.w, m);
-  *reinterpret_cast<uint4*>(row + (((2 * q + 1) ^ (r & 7)) * 16)) = make_uint4(x2.x, x2.y, x3.x, x3.y);
+  const uint2 x0 = w4a8_expand8_split(c.x, m), x1 = w4a8_expand8_split(c.y, m);
+  const uint2 x2 = w4a8_expand8_split(c.z, m), x3 = w4a8_expand8_split(c.w, m);
+  *reinterpret_cast<uint4*>(row + (((2 * q) ^ (r & 7)) * 16)) = make_uint4(x0.x, x1.x, x2.x, x3.x);
+  *reinterpret_cast<uint4*>(row + (((2 * q + 1) ^ (r & 7)) * 16)) = make_uint4(x0.y, x1.y, x2.y, x3.y);
 }
 
 #if SVDQ_DIAGNOSTICS
