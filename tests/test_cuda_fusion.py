@@ -66,13 +66,17 @@ PASSES = {"expand_ahead": ("gemm_expanded", 22, "gemm", 22), "group_w4a16": ("w4
 
 @pytest.mark.parametrize("which", sorted(PASSES))
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
-def test_pass_compiled_equals_without(which, mode):
+def test_pass_compiled_equals_without(monkeypatch, which, mode):
     """A compiled fused w4a8 model with an optional compile pass on (install_compile_pass(expand_ahead=True): its
     GEMMs expand each other's weights; group_w4a16=True: its 7 AdaLN linears as one grouped call) gives the output
-    of the same model compiled without, bit for bit, on the CUDA kernels; in one graph, also with CUDA graphs."""
+    of the same model compiled without, bit for bit, on the CUDA kernels; in one graph, also with CUDA graphs.
+    (expand_ahead's GEMMs take the weights expanded, the prep path's operands: it is compared with the prep path.)"""
     from torch._inductor import config
 
     from svdquant_ops import ops
+
+    if which == "expand_ahead":
+        monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_WEIGHTS", "prep")
 
     new_op, new_calls, old_op, old_calls = PASSES[which]
     model = tiny_flux()
@@ -110,6 +114,7 @@ def test_gemm_cat_pass_on_gpu(monkeypatch, tile):
     from svdquant_ops import ops, unwrap_weights
 
     monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_TILE", tile)
+    monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_WEIGHTS", "prep")  # (the tile widths are the prep path's)
     model = tiny_flux()
     quantize_model(model, precision="w4a8", rank=16, weight_only="w4a16")
     fuse_qkv(model)
