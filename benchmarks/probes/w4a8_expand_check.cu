@@ -23,13 +23,15 @@ int main() {
       for (int j = 0; j < 64; ++j) codes[r][j] = rng() & 0xFF;
       mult[r][0] = 1 + rng() % 18; mult[r][1] = 1 + rng() % 18;
     }
-    // reference: int8 B[r][k] = sext(code) * m, laid out with the 128B swizzle
+    // reference: int8 B[r][k] = sext(code) * m at W4A8's channel order (svdquant::w4a8_pos: per 32-channel slice
+    // the even channels, then the odd ones), laid out with the 128B swizzle
     uint8_t ref[16384];
     for (int r = 0; r < 128; ++r)
       for (int k = 0; k < 128; ++k) {
         int nib = (codes[r][k / 2] >> (4 * (k & 1))) & 0xF;
         int v = (nib >= 8 ? nib - 16 : nib) * mult[r][k / 64];
-        int j = k / 16, b = k % 16;
+        const int pos = static_cast<int>(svdquant::w4a8_pos(k));
+        int j = pos / 16, b = pos % 16;
         ref[r * 128 + ((j ^ (r & 7)) * 16) + b] = uint8_t(v & 0xFF);
       }
     uint8_t sm[16384];

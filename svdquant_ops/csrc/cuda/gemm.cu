@@ -573,15 +573,21 @@ bool next_in_gemm_pays(const GemmShape& s, const Sm90Plan& pl, const ExpandJob& 
 // ---------------- W4A8 without weight prep: sm90::rega_kernel ----------------
 // Where a W4A8 GEMM reads the packed weights in registers (SVDQUANT_OPS_CUDA_W4A8_WEIGHTS, else this rule). The prep
 // kernel costs ~1.5 bytes of traffic per weight on every call (0.5 read, 1 written, then the GEMM reads the 1 again)
-// whatever M is, while the register path's main loop runs a few percent slower per stage (the expansion's integer
-// instructions beside the MMAs; benchmarks/results/2026-12-06-h100-w4a8-rega256-probe.md: 4.6-9.4 % at M = 4608 on
-// an H100), so the register path pays below some token count. kRegaMaxTokens is that count as measured on a FLUX.1
-// step (benchmarks/HISTORY.md).
-constexpr int64_t kRegaMaxTokens = 0;
+// whatever M is, while the register path's stage costs ~10 % more than the 128 x 256 shared-memory kernel's (the
+// expansion's integer instructions beside the MMAs) and its tiles are 256 tokens wide. Measured on an H200 over the
+// GEMMs of a FLUX.1 step at 512x512 and 1024x1024 (bench_linear.py --weights-ab, benchmarks/results/
+// 2026-12-06-h200-w4a8-weights-ab.md): of the 12 GEMMs of at most 1024 tokens, the register path won the 8 whose
+// 256-token tiles cover at least half the SMs (1.05-1.17x) and lost the 4 whose 48 tiles leave most SMs idle (512
+// tokens x N = 3072: 0.76-0.80x); it lost every 4096 / 4608-token GEMM (0.91-0.98x) and, at 1536 tokens, the one
+// with K = 15360 (0.82x), while winning the two with K = 3072 by 4-6 %. The rule takes the 8 winners of at most
+// 1024 tokens and leaves 1536 to the prep path (its two small wins against the larger loss there).
+constexpr int64_t kRegaMaxTokens = 1024;
 bool w4a8_regs_pay(const GemmShape& s) {
   const int w = w4a8_weights();
   if (w != 0) return w == 2;
-  return s.M <= kRegaMaxTokens;
+  const int64_t tiles = (s.M + sm90::RegaCfg::TT - 1) / sm90::RegaCfg::TT * ((s.N + sm90::RegaCfg::TW - 1) /
+                                                                             sm90::RegaCfg::TW);
+  return s.M <= kRegaMaxTokens && 2 * tiles >= num_sms();
 }
 
 // The register path's operands: X the int8 activation codes [M, K] in boxes of 256 tokens x 128 channels, W the packed
@@ -662,8 +668,8 @@ bool run_sm90(const GemmShape& s, const Operands& o, bool act_unsigned, at::Tens
   const Variant v{};
 #endif
   const bool w4_expand = v.w4_expand && s.precision == Precision::kW4a8;
-  if (weight == nullptr && !w4_expand && v.sched == sm90::kPromote && v.store && !v.force_direct &&
-      rega_applies(s, out) && w4a8_regs_pay(s)) {
+  if (s.precision == Precision::kW4a8 && weight == nullptr && !w4_expand && v.sched == sm90::kPromote && v.store &&
+      !v.force_direct && w4a8_regs_pay(s) && rega_applies(s, out)) {  // (the switch is read, and checked, first)
     run_rega(s, o, out, stream);
     return false;
   }
@@ -815,8 +821,10 @@ at::Tensor gemm_cat_cuda(const at::Tensor& act_codes, const at::Tensor& act_scal
   // The register path reads each weight's packed codes where they are: one launch per weight, each writing its
   // columns of the output (no concatenated weight to build); the shared-memory path concatenates the expanded weights
   // into one GEMM.
-  bool regs = gemm::rega_applies(total, out) && gemm::w4a8_regs_pay(total);
-  for (size_t i = 0; i < shapes.size() && regs; ++i) regs = shapes[i].N % 8 == 0;
+  // The rule applies per weight: each launch has only its weight's tiles (three 512-token x 3072 weights have 48 tiles
+  // each, where the register path measured 0.76-0.80x, although together they have 144).
+  bool regs = gemm::rega_applies(total, out);
+  for (size_t i = 0; i < shapes.size(); ++i) regs = gemm::w4a8_regs_pay(shapes[i]) && shapes[i].N % 8 == 0 && regs;
   if (regs) {
     int64_t n0 = 0;
     for (size_t i = 0; i < shapes.size(); ++i) {

@@ -14,8 +14,11 @@
 // channel_scale[row]), the rank-R branch accumulated onto them by bf16 wgmma (proj_up parts as A, down_act parts as
 // B), + bias, and a TMA-store epilogue that writes the transposed tile through `stmatrix .trans`.
 //
-// Codes outside the W4A8 format (a -8 nibble, which SVDQuantTensor refuses) with multipliers 17 or 18 have no int8
-// value; the CPU op wraps them, this kernel does not (a byte's excess-128 value leaves [0, 255] there).
+// Exact for the W4A8 format: codes in [-7, 7], multipliers in [1, 18]. The CUDA op does not check them (that would
+// cost a device-to-host sync per call; the CPU op checks the multipliers, SVDQuantTensor validates both when loaded
+// or built from parts). Outside it, a byte's code * m + 128 leaves [0, 255] (a -8 code with m = 17 or 18, any m above
+// 18) and the carry or borrow changes the next channel's byte: the result differs from the CPU op's and the prep
+// path's, which wrap each byte on its own.
 #pragma once
 
 #include <cuda.h>
