@@ -11,6 +11,9 @@
 #   HALF=weights:         the plain half with the w4a8 recipe twice: every W4A8 GEMM on weights expanded by the
 #                         prep kernel, and on packed weights expanded in registers (SVDQUANT_OPS_CUDA_W4A8_WEIGHTS=prep /
 #                         regs): the A/B that sets the library's per-call rule (kRegaMaxTokens), beside fp8 and bf16
+#   HALF=prep:            the w4a8 recipe with the prep kernel keeping 4 (the default) or 1 weight units in flight
+#                         per thread (SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS=4 / 1), beside fp8, compiled: the prep
+#                         change's A/B (profile.top's prep_kernel ms per step)
 #   SIZE=512|1024|2048, BATCH=n: the step's size and batch (default 1024, 1; the issue also asks for 512, 2048 and
 #                         batch 4)
 #   ANY_GPU=1:            run on whatever GPU came (a same-run comparison that is not the criterion)
@@ -25,6 +28,7 @@ case "${HALF:-plain}" in
   int4) configs=int4-compile-fused-unwrap,int4-compile-ro-fused-unwrap; per=250 ;;
   weights) configs=w4a8-compile-fused-unwrap-cat-prep,w4a8-compile-fused-unwrap-cat-regs,fp8-compile,bf16-compile
         per=150 ;;
+  prep) configs=w4a8-compile-fused-unwrap-cat-prep4,w4a8-compile-fused-unwrap-cat-prep1,fp8-compile; per=150 ;;
   pdl)  configs=w4a8-compile-fused-unwrap-cat-nopdl,w4a8-compile-fused-unwrap-cat-pdl,w4a8-compile-ro-fused-unwrap-cat-nopdl,w4a8-compile-ro-fused-unwrap-cat-pdl
         per=130 ;;
   *)    configs=w4a8-compile-fused-unwrap-cat,fp8-compile,bf16-compile; per=200 ;;

@@ -717,6 +717,24 @@ def test_weights_variable_checked(monkeypatch):
         OPS.gemm(*args, "w4a8", torch.bfloat16, False)
 
 
+@pytest.mark.skipif(not IS_SM90, reason="the prep kernel runs on the Hopper path only")
+@pytest.mark.parametrize("M,N,K", [(4100, 9000, 3072), (300, 136, 1088)])
+def test_prep_units_in_flight_change_nothing(monkeypatch, M, N, K):
+    """The prep kernel with 4 or 1 weight units' loads in flight per thread (SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS) writes
+    the same bytes: the gemm outputs are bit-equal (prep path, both tile widths by the library's choice), and a value
+    other than 4 / 1 is an error naming the variable."""
+    args = to_dev(op_args("gemm", gemm_inputs(M, N, K, 32, "w4a8", torch.bfloat16, session_generator(("units", M)))))
+    monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_WEIGHTS", "prep")
+    outs = []
+    for units in ("4", "1"):
+        monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS", units)
+        outs.append(OPS.gemm(*args, "w4a8", torch.bfloat16, False))
+    assert torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16))
+    monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS", "2")
+    with pytest.raises(RuntimeError, match="SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS must be '4', '1' or unset, got '2'"):
+        OPS.gemm(*args, "w4a8", torch.bfloat16, False)
+
+
 def test_next_variable_checked(monkeypatch):
     """A value of SVDQUANT_OPS_CUDA_W4A8_NEXT other than auto / gemm / kernel is an error naming the variable (on
     the Hopper path, which reads it)."""

@@ -97,12 +97,14 @@ class Config:
     w4a8_weights: str | None = None  # how W4A8's Hopper GEMM reads its weights, "prep" (expanded per call) or "regs"
     #                                  (packed codes expanded in registers; SVDQUANT_OPS_CUDA_W4A8_WEIGHTS in the
     #                                  child); None: the library's per-call choice
+    prep_units: str | None = None  # W4A8 weight units in flight per prep thread, "4" or "1"
+    #                                (SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS in the child); None: the library's default
 
     @property
     def cuda_only(self) -> bool:
         return (self.mode == "reduce-overhead" or self.weights == "fp8" or self.gemm_schedule is not None
                 or self.gmax is not None or self.w4a8_tile is not None or self.pdl is not None
-                or self.inductor_pdl or self.w4a8_weights is not None)
+                or self.inductor_pdl or self.w4a8_weights is not None or self.prep_units is not None)
 
     @property
     def label(self) -> str:
@@ -143,6 +145,8 @@ class Config:
         if self.w4a8_weights:
             how += {"prep": ", every W4A8 GEMM on weights expanded by a prep kernel",
                     "regs": ", every W4A8 GEMM on packed weights expanded in registers (no prep)"}[self.w4a8_weights]
+        if self.prep_units:
+            how += f", W4A8 prep with {self.prep_units} weight unit(s) in flight per thread"
         if self.group_w4a16 is not None:
             how += (", the AdaLN w4a16 linears as one grouped call (group_w4a16)" if self.group_w4a16
                     else ", one call per w4a16 linear (no group_w4a16)")
@@ -261,6 +265,12 @@ def _configs() -> dict[str, Config]:
         for k in ("prep", "regs"):
             name = f"w4a8-compile{sfx}-fused-unwrap-cat-{k}"
             out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, unwrap=True, cat_gemms=True, w4a8_weights=k)
+    # Extra: that recipe with the prep kernel keeping 4 or 1 weight units' loads in flight per thread (the same
+    # bytes; 1 is the loop before the nineteenth session), whatever the library's default
+    for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
+        for k in ("4", "1"):
+            name = f"w4a8-compile{sfx}-fused-unwrap-cat-prep{k}"
+            out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, unwrap=True, cat_gemms=True, prep_units=k)
     # Diagnostic: every adapter fused up to rank 128 (quantize_act's fast kernel at R = 128 runs one block per SM)
     out["w4a8-compile-lora16-fuse128"] = Config("w4a8-compile-lora16-fuse128", "w4a8", True, lora_rank=16,
                                                 lora_max_fused_rank=128)
@@ -899,7 +909,8 @@ def _run_child(args, name: str, device: str, timeout: float) -> dict:
     for var, value in (("SVDQUANT_OPS_CUDA_W4A8_GMAX", CONFIGS[name].gmax),
                        ("SVDQUANT_OPS_CUDA_W4A8_TILE", CONFIGS[name].w4a8_tile),
                        ("SVDQUANT_OPS_CUDA_PDL", CONFIGS[name].pdl),
-                       ("SVDQUANT_OPS_CUDA_W4A8_WEIGHTS", CONFIGS[name].w4a8_weights)):
+                       ("SVDQUANT_OPS_CUDA_W4A8_WEIGHTS", CONFIGS[name].w4a8_weights),
+                       ("SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS", CONFIGS[name].prep_units)):
         if value:
             env[var] = value
         else:

@@ -111,6 +111,15 @@ inline int w4a8_weights() {
   return env_choice("SVDQUANT_OPS_CUDA_W4A8_WEIGHTS", kNames);
 }
 
+// SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS=4|1: how many 16-code weight units the prep kernel's threads keep loads in flight
+// for (4, the default since the nineteenth session; 1, the loop before it: the same bytes), so that a benchmark can
+// compare both in one run. 4 / 1.
+inline int w4a8_prep_units() {
+  static constexpr const char* kNames[] = {"4", "1"};
+  static constexpr int kUnits[] = {4, 1};
+  return kUnits[env_choice("SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS", kNames)];
+}
+
 constexpr int kMaxDevices = 64;
 
 inline int current_device_index() {

@@ -326,6 +326,7 @@ PrepArgs prep_args(const GemmShape& s, const Sm90Plan& pl, const Operands& o, bo
   pa.nvfp4 = s.precision == Precision::kNvfp4;
   pa.act_unsigned = act_unsigned;
   pa.w4a8 = s.precision == Precision::kW4a8;
+  pa.one_unit = pa.w4a8 && w4a8_prep_units() == 1;
   return pa;
 }
 

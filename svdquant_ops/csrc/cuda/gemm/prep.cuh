@@ -58,6 +58,7 @@ struct PrepArgs {
   // (the pointers and N are the weight's; the first weight's launch prepares the activation operands). W4A8 only:
   // INT4's per-tile weight scales (SW) have no row offset.
   int weights_only;
+  int one_unit;  // W4A8 weights: one unit's loads in flight per thread (SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS=1), not four
 };
 
 __device__ __forceinline__ uint32_t e4m3_of_nibble(uint32_t nib, bool is_unsigned) {
@@ -320,7 +321,11 @@ __global__ void prep_kernel(const PrepArgs p) {
       // kExpandUnitsPerThread units' loads in flight per thread (one at a time kept too few bytes in flight to
       // reach the memory's bandwidth: ~55 % of it on an H200, 4.9 ms per FLUX.1 step)
       const ExpandJob j{p.w_codes, static_cast<const uint8_t*>(p.w_scales), p.B, static_cast<uint32_t>(p.N) * (K / 16)};
-      expand_w4a8_units<kExpandUnitsPerThread>(j, tid, stride);
+      if (p.one_unit) {
+        expand_w4a8_units<1>(j, tid, stride);
+      } else {
+        expand_w4a8_units<kExpandUnitsPerThread>(j, tid, stride);
+      }
     }
     return;
   }
