@@ -317,8 +317,6 @@ __device__ __forceinline__ void down_act_block_store(float* red, const float (&c
   }
 }
 
-// RW row-warps x KW k-warps per block; RP = R padded to 16/32/64 (0: no branch). blockIdx.y selects a slice of
-// `chunks_per_split` 64-channel chunks; with several slices, down_act holds per-slice partial sums [splits, M, R].
 // W4A8 int8 codes are stored in W4A8's channel order (formats.h w4a8_pos): per 32-channel slice the even channels,
 // then the odd ones. Codes of channels k..k+7 (k % 8 == 0, byte i = channel k + i): the 4 even channels are one
 // word at slice position 4 ((k >> 3) & 3), the 4 odd ones the word 16 bytes further.
@@ -336,6 +334,8 @@ __device__ __forceinline__ void store_w4a8_codes16(int8_t* row, int64_t k, const
   *reinterpret_cast<uint2*>(p + 16) = make_uint2(__byte_perm(w[0], w[1], 0x7531), __byte_perm(w[2], w[3], 0x7531));
 }
 
+// RW row-warps x KW k-warps per block; RP = R padded to 16/32/64 (0: no branch). blockIdx.y selects a slice of
+// `chunks_per_split` 64-channel chunks; with several slices, down_act holds per-slice partial sums [splits, M, R].
 // kFmt: kFmtInt4 / kFmtNvfp4 write codes and group scales; kFmtGroupMax (W4A8's first pass) writes only the fp32
 // amax of x_hat per (token, 64-channel chunk) into `scales` [M, K/64] (and down_act), for quantize_tokens_kernel;
 // kFmtInt8Token (quantize_act_given_amax) writes W4A8's int8 codes and per-token scales [M] from the given per-token
