@@ -14,6 +14,9 @@
 #   HALF=prep:            the w4a8 recipe with the prep kernel keeping 4 (the default) or 1 weight units in flight
 #                         per thread (SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS=4 / 1), beside fp8, compiled: the prep
 #                         change's A/B (profile.top's prep_kernel ms per step)
+#   HALF=pack:            the plain half (w4a8 recipe, fp8, bf16) and then the w4a8 recipe with every weight part a
+#                         graph input of its own (unwrap_weights(pack=False)): the packing's A/B of the host's time
+#                         before the first kernel, in the criterion's own run
 #   SIZE=512|1024|2048, BATCH=n: the step's size and batch (default 1024, 1; the issue also asks for 512, 2048 and
 #                         batch 4)
 #   ANY_GPU=1:            run on whatever GPU came (a same-run comparison that is not the criterion)
@@ -31,6 +34,8 @@ case "${HALF:-plain}" in
   prep) configs=w4a8-compile-fused-unwrap-cat-prep4,w4a8-compile-fused-unwrap-cat-prep1,fp8-compile; per=150 ;;
   pdl)  configs=w4a8-compile-fused-unwrap-cat-nopdl,w4a8-compile-fused-unwrap-cat-pdl,w4a8-compile-ro-fused-unwrap-cat-nopdl,w4a8-compile-ro-fused-unwrap-cat-pdl
         per=130 ;;
+  pack) configs=w4a8-compile-fused-unwrap-cat,fp8-compile,bf16-compile,w4a8-compile-fused-unwrap-cat-nopack
+        per=200 ;;
   *)    configs=w4a8-compile-fused-unwrap-cat,fp8-compile,bf16-compile; per=200 ;;
 esac
 size=${SIZE:-1024}; batch=${BATCH:-1}

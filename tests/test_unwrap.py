@@ -171,7 +171,7 @@ def _own_parts_to_meta(qkv, names=None):
     prefetched, the shared parts moved back to the CPU by the previous linear's offload), with meta for the GPU. (The
     CPU cannot move a parameter's data to meta in place, so the read's move itself is tested in test_cuda_unwrap.)"""
     shared = ("weight_part_smooth", "weight_part_proj_down")
-    for name in names or [n for n in list(qkv._parameters) if n.startswith("weight_part_") and n not in shared]:
+    for name in names or [n for n in list(qkv._parameters) if n.startswith("weight_part") and n not in shared]:
         qkv._parameters[name] = torch.nn.Parameter(qkv._parameters[name].to("meta"), requires_grad=False)
 
 
@@ -180,8 +180,9 @@ def test_a_weight_whose_own_parts_disagree_is_an_error():
     unwrap_weights(model)
     block = model.single_transformer_blocks[0]
     assert block.attn.to_qkv.weight_part_smooth is block.proj_mlp.weight_part_smooth
-    _own_parts_to_meta(block.attn.to_qkv, ["weight_part_codes"])
-    with pytest.raises(RuntimeError, match=r"different devices \(codes meta, scales cpu.*smooth cpu.*as a whole"):
+    _own_parts_to_meta(block.attn.to_qkv, ["weight_parts_uint8"])  # codes and scales, packed
+    with pytest.raises(RuntimeError, match=r"different devices \(codes meta, scales meta, smooth cpu.*proj_up cpu"
+                                           r".*as a whole"):
         block.attn.to_qkv.weight
     assert block.proj_mlp.weight.smooth.device.type == "cpu"  # the linear beside it is untouched
 
@@ -205,9 +206,11 @@ def test_rewrap_keeps_the_order_of_several_weights_in_one_module():
     holder.a = torch.nn.Parameter(block.proj_mlp.weight, requires_grad=False)
     holder.b = torch.nn.Parameter(block.proj_out.weight, requires_grad=False)
     holder.c = torch.nn.Parameter(torch.zeros(1))
+    # a (proj_mlp) keeps the λ and down projection it shares with to_qkv as parameters of their own; each weight's
+    # other parts of one dtype are packed into one flat parameter, a part alone in its dtype stays its own
     assert unwrap_weights(holder) == 2 and list(dict(holder.named_parameters())) == [
-        "c", *[f"{n}_part_{p}" for n in "ab" for p in getattr(block, {"a": "proj_mlp", "b": "proj_out"}[n]).weight
-                                                   .__tensor_flatten__()[0]]]
+        "c", "a_parts_uint8", "a_part_smooth", "a_part_proj_down", "a_part_proj_up", "a_part_global_scale",
+        "b_parts_uint8", "b_parts_bfloat16", "b_part_global_scale"]
     assert rewrap_weights(holder) == 2 and list(dict(holder.named_parameters())) == ["a", "b", "c"]
     assert holder.a.smooth.data_ptr() == block.proj_mlp.weight.smooth.data_ptr()  # the same memory
 
@@ -242,3 +245,62 @@ def test_prepare_compile_is_the_recipe():
     assert torch.equal(out, ref)
     with pytest.raises(TypeError, match="prepare_compile: model must be a torch.nn.Module, got dict"):
         svdquant_ops.prepare_compile({})
+
+
+def test_packed_parts_are_fewer_graph_inputs_with_the_same_calls_and_output():
+    """unwrap_weights packs the parts a weight holds alone into one flat parameter per dtype (each part 256-byte
+    aligned in it): fewer graph inputs, the same weights, the same compiled calls (the passes that need every weight
+    of a group before its first call still group them) and the same output bit for bit; rewrap gives each part its
+    own memory again."""
+    from svdquant_ops import ops
+
+    model = _model()
+    plain, n_weights = copy.deepcopy(model), _n_weights(model)
+    unwrap_weights(model)
+    unwrap_weights(plain, pack=False)
+    ff, ada = "transformer_blocks.0.ff.net.2", "transformer_blocks.0.norm1.linear"
+    mods = dict(model.named_modules())
+    assert list(dict(mods[ff].named_parameters(recurse=False))) == [
+        "bias", "weight_parts_uint8", "weight_parts_bfloat16", "weight_part_global_scale"]
+    assert list(dict(mods[ada].named_parameters(recurse=False))) == [
+        "bias", "weight_parts_bfloat16", "weight_part_codes"]
+    assert len(list(model.parameters())) < len(list(plain.parameters()))
+    plain_mods = dict(plain.named_modules())
+    for name in (ff, ada, "single_transformer_blocks.0.attn.to_qkv"):
+        w, ref = mods[name].weight, plain_mods[name].weight
+        for f in w.__tensor_flatten__()[0]:
+            part = getattr(w, f)
+            assert torch.equal(part, getattr(ref, f)), (name, f)
+            assert part.storage_offset() * part.element_size() % 256 == 0, (name, f)
+    inputs = flux_inputs()
+    calls = ("quantize_act", "gemm", "gemm_cat", "w4a16_linear_group")
+    try:
+        ops.install_compile_pass(cat_gemms=True)
+        with torch.inference_mode():
+            runs = []
+            for m in (model, plain):
+                torch._dynamo.reset()
+                compiled = torch.compile(m, fullgraph=True)
+                compiled(**inputs)
+                runs.append(count_calls(lambda: compiled(**inputs).sample, calls))
+    finally:
+        ops.install_compile_pass(cat_gemms=ops.CAT_W4A8_DEFAULT)
+    (out, *n), (ref_out, *ref_n) = runs
+    assert n == ref_n and n[2] == len(model.single_transformer_blocks) and n[3] >= 1, (n, ref_n)
+    assert torch.equal(out, ref_out)
+    # a write into a part through the weight lands in the packed parameter (set_lora_scale writes this way)
+    up = mods[ff].weight.proj_up
+    before = up.clone()
+    with torch.no_grad():
+        up.mul_(2)
+    assert torch.equal(mods[ff].weight.proj_up, before * 2)
+    with torch.no_grad():
+        mods[ff].weight.proj_up.copy_(before)
+    assert rewrap_weights(model) == n_weights
+    for name in (ff, ada):
+        w = mods[name].weight
+        for f in w.__tensor_flatten__()[0]:
+            part = getattr(w, f)
+            assert part.untyped_storage().nbytes() == part.numel() * part.element_size(), (name, f)
+    with torch.inference_mode():
+        assert torch.equal(model(**inputs).sample, plain(**inputs).sample)

@@ -97,6 +97,7 @@ class Config:
     w4a8_weights: str | None = None  # how W4A8's Hopper GEMM reads its weights, "prep" (expanded per call) or "regs"
     #                                  (packed codes expanded in registers; SVDQUANT_OPS_CUDA_W4A8_WEIGHTS in the
     #                                  child); None: the library's per-call choice
+    pack: bool = True  # unwrap_weights(pack=...): each weight's own parts of one dtype as one flat parameter
     prep_units: str | None = None  # W4A8 weight units in flight per prep thread, "4" or "1"
     #                                (SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS in the child); None: the library's default
 
@@ -134,7 +135,8 @@ class Config:
                     else ", each GEMM expanding its own weight (no expand_ahead)")
         if self.unwrap:
             how += (", weights unwrapped (torchao's unwrap_tensor_subclass)" if self.weights == "fp8"
-                    else ", weights unwrapped (unwrap_weights)")
+                    else ", weights unwrapped (unwrap_weights)" if self.pack
+                    else ", weights unwrapped with every part a parameter of its own (unwrap_weights(pack=False))")
         if self.cat_gemms is not None:
             how += (", the GEMMs of one activation as one gemm_cat call (cat_gemms)" if self.cat_gemms
                     else ", one call per GEMM (no cat_gemms)")
@@ -271,6 +273,11 @@ def _configs() -> dict[str, Config]:
         for k in ("4", "1"):
             name = f"w4a8-compile{sfx}-fused-unwrap-cat-prep{k}"
             out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, unwrap=True, cat_gemms=True, prep_units=k)
+    # Extra: that recipe with each weight part a graph input of its own (unwrap_weights(pack=False), the layout
+    # before the twentieth session): the A/B of the host's time before the step's first kernel
+    for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
+        name = f"w4a8-compile{sfx}-fused-unwrap-cat-nopack"
+        out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, unwrap=True, cat_gemms=True, pack=False)
     # Diagnostic: every adapter fused up to rank 128 (quantize_act's fast kernel at R = 128 runs one block per SM)
     out["w4a8-compile-lora16-fuse128"] = Config("w4a8-compile-lora16-fuse128", "w4a8", True, lora_rank=16,
                                                 lora_max_fused_rank=128)
@@ -481,7 +488,7 @@ def unwrap(model, cfg: Config) -> int:
         return before
     from .unwrap import unwrap_weights
 
-    return unwrap_weights(model)
+    return unwrap_weights(model, pack=cfg.pack)
 
 
 def _fp8_kernel_path() -> str:

@@ -6,7 +6,12 @@ FLUX.1-dev step (torch 2.11, an H100 host) that is most of the ~10 ms the host s
 starts, with the GPU idle (``benchmarks/results/2026-12-06-h100-flux-1024px-b1-tile-criterion.md``: host profile).
 
 This moves each of our weights (``PackedWeight``: SVDQuant and 4-bit weight-only) out of the module's parameters and
-registers its parts there instead (``weight_part_codes``, ``weight_part_scales``, ...), as plain parameters. The
+registers its parts there instead, as plain parameters: the parts the weight holds alone packed into one flat
+parameter per dtype (``weight_parts_uint8``: codes and scales; ``weight_parts_bfloat16``: λ and the projections;
+each part 256-byte aligned, read as a view of it), a part alone in its dtype or held by several weights as a
+parameter of its own (``weight_part_global_scale``, ``weight_part_smooth``). Every graph input costs host time before
+the first kernel (guards, gathering the inputs, Inductor's size asserts); packing takes a FLUX.1-dev w4a8 graph from
+2260 inputs to 1613 (bf16: 1156). The
 module's class becomes a subclass of its own (same name) whose ``weight`` is a property rebuilding the quantized
 weight from those parts; torch.compile traces that once into the graph, so the compiled call takes plain tensors
 only. What a weight's rebuild needs besides its parts (class, attributes, shape) is fixed in the property function
@@ -45,6 +50,7 @@ device, then ``torch.compile``. Device moves afterwards move the parts as plain 
 
 from __future__ import annotations
 
+from collections import Counter
 from contextlib import nullcontext
 
 import torch
@@ -58,9 +64,17 @@ _HOOKS = "_svdquant_unwrap_hooks"  # on a module: its state-dict hooks are regis
 _CLASSES: dict[tuple, type] = {}  # (base class, specs' keys) -> the swapped class
 
 
+_ALIGN = 256  # bytes: where each packed part starts in its flat parameter
+
+
 def part_name(name: str, part: str) -> str:
-    """The parameter that holds part ``part`` of the unwrapped weight ``name``."""
+    """The parameter that holds part ``part`` of the unwrapped weight ``name`` (a part not packed)."""
     return f"{name}_part_{part}"
+
+
+def group_name(name: str, dtype: torch.dtype) -> str:
+    """The flat parameter that holds the packed parts of dtype ``dtype`` of the unwrapped weight ``name``."""
+    return f"{name}_parts_{str(dtype).removeprefix('torch.')}"
 
 
 class _Spec:
@@ -77,22 +91,28 @@ class _Spec:
         # parts marked as held by several weights (nn.Parameter's deepcopy drops the mark: set again on copies)
         self.marked = tuple(n for n in names if getattr(getattr(weight, n), SHARED_MARK, False))
         self.position = 0  # the weight's index among the module's parameters (rewrap puts it back there)
+        # where each part is read from, in `names` order: (parameter name, offset, numel, shape), offset None for a
+        # part that is a parameter of its own (set by unwrap_weights)
+        self.sources: tuple = ()
+
+    def params(self) -> tuple[str, ...]:
+        """The module parameters holding this weight's parts, each once, in order."""
+        return tuple(dict.fromkeys(src[0] for src in self.sources))
 
     def key(self) -> tuple:
         return (self.cls, self.names, tuple(sorted((k, repr(v)) for k, v in self.meta.items())), self.size,
-                self.stride, self.dtypes)
+                self.stride, self.dtypes, self.sources)
 
     def build(self, parts: list[torch.Tensor]) -> PackedWeight:
         return self.cls.__tensor_unflatten__(dict(zip(self.names, parts)), self.meta, self.size, self.stride)
 
 
 def _property(name: str, spec: _Spec) -> property:
-    params = tuple(part_name(name, p) for p in spec.names)
-
     # the spec's values as defaults: constants of the function object, which Dynamo does not guard one by one
-    def get(self, _params=params, _names=spec.names, _cls=spec.cls, _meta=spec.meta, _size=spec.size,
+    def get(self, _sources=spec.sources, _names=spec.names, _cls=spec.cls, _meta=spec.meta, _size=spec.size,
             _stride=spec.stride, _dtypes=spec.dtypes, _marked=spec.marked):
-        parts = [getattr(self, p) for p in _params]
+        parts = [getattr(self, p) if at is None else getattr(self, p)[at:at + n].view(shape)
+                 for p, at, n, shape in _sources]
         if tuple(p.dtype for p in parts) != _dtypes:  # a .to(dtype) cast parts that must stay as they are
             changed = [f"{n} {a} -> {p.dtype}" for n, a, p in zip(_names, _dtypes, parts) if p.dtype != a]
             raise TypeError(f"unwrapped {_cls.__name__} weight: parts changed dtype ({', '.join(changed)}); change "
@@ -142,7 +162,7 @@ def _apply(self, fn, recurse=True):
     # scales: a same-dtype cast (pipe.to("cuda", torch.bfloat16)) moves them, and a real dtype change, which the
     # wrapped weight would apply to λ and the low-rank factors with its checks, is refused before this module changes
     # (nn.Module._apply visits the modules in turn: those visited before may be converted already).
-    keys = [part_name(n, p) for n, spec in _specs(self).items() for p in spec.names]
+    keys = list(dict.fromkeys(k for spec in _specs(self).values() for k in spec.params()))
     parts = {k: self._parameters[k] for k in keys}
     model_dtypes = {spec.meta.get("dtype") for spec in _specs(self).values()}
     new = {}
@@ -232,14 +252,24 @@ def refuse_unwrapped(model: nn.Module, what: str) -> None:
                            "again after")
 
 
-def unwrap_weights(model: nn.Module) -> int:
+def unwrap_weights(model: nn.Module, pack: bool = True) -> int:
     """Hold every quantized weight of ``model`` (``SVDQuantTensor``, ``W4A16Tensor``) as its plain parts, in place;
     returns how many weights were unwrapped (weights already unwrapped are left as they are). See the module
-    docstring for when to call it and what it changes."""
+    docstring for when to call it and what it changes.
+
+    pack: the parts a weight holds alone are copied into one flat parameter per dtype (fewer graph inputs; the
+    copy is made one weight at a time); False keeps every part a parameter of its own, over its own memory."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"unwrap_weights: model must be an nn.Module, got {type(model).__name__}")
-    one_object: dict[int, nn.Parameter] = {}  # id(part) -> the parameter every holder of that part gets
-    held = []  # the original parts, alive until the end so that their ids stay unique
+    if not isinstance(pack, bool):
+        raise TypeError(f"unwrap_weights: pack must be True or False, got {pack!r}")
+    # Parts held by one weight only are copied into one flat parameter per dtype (_pack): a compiled call's host
+    # time before its first kernel grows with its graph inputs (guards, gathering them, Inductor's size asserts:
+    # ~2 us each on an H200 host), and this takes a W4A8 weight's six from six to three (codes and scales, the
+    # 16-bit parts, the fp32 scale). Parts several weights hold stay one parameter object for all of them.
+    holders = Counter(id(t) for m in model.modules() for w in m._parameters.values() if isinstance(w, PackedWeight)
+                      for t in w._data_tensors())
+    one_object: dict[int, nn.Parameter] = {}  # id(shared part) -> the parameter every holder of that part gets
     count = 0
     for module in list(model.modules()):
         weights = {n: w for n, w in module._parameters.items() if isinstance(w, PackedWeight)}
@@ -250,12 +280,33 @@ def unwrap_weights(model: nn.Module) -> int:
         for name, weight in weights.items():
             spec = _Spec(weight)
             spec.position = order.index(name)
-            for part, value in zip(spec.names, weight._data_tensors()):
-                held.append(value)
-                param = one_object.get(id(value))
+            values = weight._data_tensors()
+            own = [holders[id(v)] == 1 and part not in spec.marked for part, v in zip(spec.names, values)]
+            groups: dict[torch.dtype, list[int]] = {}
+            for i, v in enumerate(values):
+                if own[i] and pack:
+                    groups.setdefault(v.dtype, []).append(i)
+            sources: list = [None] * len(values)
+            for dtype, idx in groups.items():
+                if len(idx) < 2:  # a part alone in its dtype stays a parameter of its own (no copy)
+                    continue
+                param = group_name(name, dtype)
+                flat, places = _pack([values[i] for i in idx])
+                module._parameters[param] = nn.Parameter(flat, requires_grad=False)
+                for i, (at, n) in zip(idx, places):
+                    sources[i] = (param, at, n, tuple(values[i].shape))
+            for i, (part, value) in enumerate(zip(spec.names, values)):
+                if sources[i] is not None:
+                    continue
+                sources[i] = (part_name(name, part), None, None, None)
+                if own[i]:
+                    module._parameters[sources[i][0]] = _marked(nn.Parameter(value, requires_grad=False), spec, part)
+                    continue
+                param = one_object.get(id(value))  # alive: held by one_object or by a weight not yet unwrapped
                 if param is None:
                     param = one_object[id(value)] = _marked(nn.Parameter(value, requires_grad=False), spec, part)
-                module._parameters[part_name(name, part)] = param
+                module._parameters[sources[i][0]] = param
+            spec.sources = tuple(sources)
             del module._parameters[name]
             specs[name] = spec
             count += 1
@@ -266,6 +317,21 @@ def unwrap_weights(model: nn.Module) -> int:
             module._register_load_state_dict_pre_hook(_load_pre_hook, with_module=True)
             module.__dict__[_HOOKS] = True
     return count
+
+
+def _pack(parts: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """``parts`` (one dtype and device) copied into one flat tensor, each starting ``_ALIGN`` bytes aligned (the
+    kernels' vector and TMA loads need 16); returns it and each part's (offset, numel) in it."""
+    step = max(1, _ALIGN // parts[0].element_size())
+    places, total = [], 0
+    for t in parts:
+        places.append((total, t.numel()))
+        total += -(-t.numel() // step) * step
+    flat = torch.zeros(total, dtype=parts[0].dtype, device=parts[0].device)
+    with torch.no_grad():
+        for t, (at, n) in zip(parts, places):
+            flat[at:at + n].copy_(t.reshape(-1))
+    return flat, places
 
 
 def rewrap_weights(model: nn.Module) -> int:
@@ -279,11 +345,17 @@ def rewrap_weights(model: nn.Module) -> int:
             continue
         rebuilt = {}
         for name, spec in specs.items():
-            parts = [module._parameters.pop(part_name(name, p)) for p in spec.names]
-            for part, p in zip(spec.names, parts):
+            params = {k: module._parameters.pop(k) for k in spec.params()}
+            parts = []
+            for part, (k, at, n, shape) in zip(spec.names, spec.sources):
+                p = params[k]
+                if at is not None:  # a packed part: memory of its own again
+                    parts.append(p.detach()[at:at + n].view(shape).clone())
+                    continue
                 if id(p) not in plain:
                     plain[id(p)] = _marked(p.detach(), spec, part)
-            rebuilt[name] = spec.build([plain[id(p)] for p in parts])
+                parts.append(plain[id(p)])
+            rebuilt[name] = spec.build(parts)
             count += 1
         module.__class__ = type(module).__dict__["_svdquant_base"]
         items = list(module._parameters.items())
@@ -297,8 +369,8 @@ def rewrap_weights(model: nn.Module) -> int:
 def _state_dict_hook(module, state_dict, prefix, local_metadata):
     # the usual layout: '<prefix>weight' holding the quantized weight, not its parts' parameters
     for name, spec in _specs(module).items():
-        for p in spec.names:
-            state_dict.pop(prefix + part_name(name, p), None)
+        for k in spec.params():
+            state_dict.pop(prefix + k, None)
         state_dict[prefix + name] = getattr(module, name)
     return state_dict
 

@@ -206,9 +206,9 @@ def _cached_quantize_act(x, weight):
     keys = [_key(t, h) for t, h in zip(args, hold)]
     if any(k is None for k in keys):
         return None
-    # which weights used the entry, by their codes object: a weight unwrapped for compile (integrations.unwrap) is a
-    # new wrapper at each read, whose id a later wrapper may reuse, while its parts are the module's own
-    who = id(weight.codes)
+    # which weights used the entry, by their codes' memory: a weight unwrapped for compile (integrations.unwrap) is a
+    # new wrapper at each read, over parts that may be new views too (packed parts), so object ids can be reused
+    who = (weight.codes.data_ptr(), weight.codes.device)
     entry = getattr(_cache, "entry", None)
     if (entry is not None and entry[1] == precision and entry[2] == act_unsigned and who not in entry[4]
             and all(_matches(k, t, h) for k, t, h in zip(entry[0], args, hold))):
@@ -246,6 +246,34 @@ def quantized_linear(x: torch.Tensor, weight: SVDQuantTensor, bias: torch.Tensor
 # views of one memory, are separate inputs that a caller may rebind one at a time. Dynamo guards the identity ("a.smooth
 # is b.smooth"), so unsharing a weight recompiles, and the graph itself shows the sharing to Inductor's cache.
 # ------------------------------------------------------------------------------------------------------------------
+def _hoist_view(node, first: torch.fx.Node, order: dict) -> bool:
+    """Whether ``node`` (a weight part's node, or a constant) can be read before ``first``: it is defined there, or it
+    is a chain of views of nodes that are, which is then moved there (a weight unwrapped for compile with its parts
+    packed reads each part as a view of one flat graph input, traced where the weight is read: just before its own
+    call). ``order`` (node -> position) is updated for the moved nodes."""
+    if not isinstance(node, torch.fx.Node):
+        return True
+    aten = torch.ops.aten
+    views = (aten.slice.Tensor, aten.view.default, aten._unsafe_view.default, aten.reshape.default,
+             aten.alias.default, aten.as_strided.default)
+    chain: list = []
+
+    def visit(n) -> bool:
+        if order[n] < order[first] or n in chain:
+            return True
+        if n.op != "call_function" or n.target not in views or not all(visit(a) for a in n.all_input_nodes):
+            return False
+        chain.append(n)  # after its inputs
+        return True
+
+    if not visit(node):
+        return False
+    for i, n in enumerate(chain):  # between the node before `first` and `first`, in dependency order
+        first.prepend(n)
+        order[n] = order[first] - 1 + (i + 1) / (len(chain) + 1)
+    return True
+
+
 def merge_quantize_act(graph: torch.fx.Graph) -> int:
     """Merge the ``svdquant.quantize_act`` nodes of ``graph`` that have identical arguments, in place; returns how
     many were removed."""
@@ -392,7 +420,7 @@ def expand_w4a8_ahead(graph: torch.fx.Graph) -> int:
         a = _gemm_args(node)
         nxt = _gemm_args(calls[i + 1]) if i + 1 < len(calls) else None
         # the next weight's codes must exist when this call runs, on its device
-        if nxt is not None and not (order[nxt["codes"]] < order[node] and order[nxt["scales"]] < order[node]
+        if nxt is not None and not (_hoist_view(nxt["codes"], node, order) and _hoist_view(nxt["scales"], node, order)
                                     and _device_of(nxt["codes"]) == _device_of(a["act_codes"])):
             nxt = None
         with graph.inserting_before(node), fake_mode:
@@ -470,7 +498,7 @@ def cat_w4a8_gemms(graph: torch.fx.Graph) -> int:
         # (a graph output stays a gemm of its own: as a column slice of the shared result it would leave the graph
         # non-contiguous and keep the whole result alive)
         members = [(n, a) for n, a in members
-                   if all(not isinstance(a.get(k), torch.fx.Node) or order[a[k]] < order[first] for k in weight_args)
+                   if all(_hoist_view(a.get(k), first, order) for k in weight_args)
                    and not any(u.op == "output" for u in n.users)]
         if len(members) < 2:
             continue
@@ -615,7 +643,7 @@ def group_w4a16(graph: torch.fx.Graph) -> int:
         first = members[0]
         x = args_of(first)["x"]  # the first call's own input: live, and before the first call
         members = [(n, args_of(n)) for n in members]
-        members = [(n, a) for n, a in members if all(a[k] is None or order[a[k]] < order[first] for k in names[1:])]
+        members = [(n, a) for n, a in members if all(_hoist_view(a[k], first, order) for k in names[1:])]
         if len(members) < 2:
             continue
         vals = [x.meta.get("val")] + [a["codes"].meta.get("val") for _, a in members]
