@@ -47,9 +47,14 @@ def test_unwrapped_move_and_compile_with_cuda_graphs(mode):
     plain = torch.nn.Linear(2, 2)
     with MODES[mode]():
         plain.to("cuda", torch.bfloat16) if mode == "inference_mode" else plain.to("cuda")
+    # (parts: "weight_part_<field>", or "weight_parts_<dtype>" where a weight's own parts of one dtype are packed)
+    def is_part(n):
+        return "_part_" in n or "_parts_" in n
+
     wrong = [n for n, p in model.named_parameters()
-             if p.is_inference() != (False if "_part_" in n else plain.weight.is_inference())]
+             if p.is_inference() != (False if is_part(n) else plain.weight.is_inference())]
     assert not wrong, f"{len(wrong)} parameters with the wrong inference state, e.g. {wrong[:5]}"
+    assert any("_parts_" in n for n, _ in model.named_parameters())
     assert any("_part_" in n for n, _ in model.named_parameters())
     block = model.single_transformer_blocks[0]
     assert block.attn.to_qkv.weight.smooth.device.type == "cuda"
