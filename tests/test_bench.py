@@ -196,11 +196,12 @@ def test_report_ratios_and_failures():
               quantize_s=None, output_finite=True)
     rows = [dict(ok, config="bf16-compile", ms_median=128.0),
             dict(ok, config="fp8-compile", ms_median=102.4, summary="502 linears fp8",
-                 fp8_kernels="torch._scaled_mm"),
+                 fp8_kernels="torch._scaled_mm", ms_head_start=95.1),
             dict(config="fp8-compile-coordesc", ok=False, error="timed out after 240 s")]
     md = bench.report(meta, rows, lambda m: ["- header"])
     assert "| bf16-compile | 128.0 | 1.00x | 2.00 GiB | 4.00 GiB | 60.0 | 1 / 0 |" in md
     assert "| fp8-compile | 102.4 | 1.25x |" in md and "502 linears fp8" in md
+    assert "with a 60 ms head start 95.1 ms/step (host prologue 7.3 ms)" in md
     assert "| fp8-compile-coordesc | - | - |" in md and "**timed out after 240 s**" in md
 
 
