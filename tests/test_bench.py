@@ -142,6 +142,22 @@ def test_profile_has_the_host_side():
     assert "| int4-eager | " in md.split("Host time of a step by function")[1]
 
 
+def test_prologue_phases_of_a_compiled_step_are_in_order():
+    """--profile times the host's prologue phase by phase: on a compiled step every phase is found, in call order,
+    before the first kernel; an eager step has none of them, only its first kernel."""
+    keys = ("to_guards_ms", "to_guards_end_ms", "to_pregraph_ms", "to_aot_wrapper_ms", "to_inductor_call_ms",
+            "to_first_kernel_ms")
+    res = bench.run_one("w4a8-compile-fused-unwrap-cat", model="tiny", size=64, iters=1, warmup=2, device="cpu",
+                        text_tokens=8, profile=True, profile_steps=2)
+    pro = res["profile"]["prologue"]
+    times = [pro[k] for k in keys]
+    assert pro["steps"] == 2 and all(t is not None for t in times), pro
+    assert times == sorted(times) and times[0] >= 0, pro
+    eager = bench.run_one("int4-eager", model="tiny", size=64, iters=1, warmup=1, device="cpu", text_tokens=8,
+                          profile=True, profile_steps=1)["profile"]["prologue"]
+    assert all(eager[k] is None for k in keys[:-1]) and eager["to_first_kernel_ms"] is not None, eager
+
+
 def _args(**kw):
     p = bench.add_arguments(argparse.ArgumentParser())
     return p.parse_args([f"--{k.replace('_', '-')}={v}" for k, v in kw.items()])

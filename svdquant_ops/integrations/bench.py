@@ -653,6 +653,58 @@ def _profile(step, device, steps: int) -> dict:
     return out
 
 
+# The profiler's names for the phases of a compiled call before its first kernel, in order (torch 2.11 / 2.13)
+_PHASES = (("guards", "TorchDynamo Cache Lookup"), ("pregraph", "Pregraph bytecode"),
+           ("aot_wrapper", "AOTDispatcher Runtime Wrapper Prologue"), ("inductor_call", "## Call CompiledFxGraph"))
+_STEP_MARK = "svdquant_bench_step"
+
+
+def _prologue(step, sync, cuda: bool, steps: int) -> dict:
+    """The host's prologue of a synchronized step, phase by phase (torch.profiler, CPU and CUDA activity, ``steps``
+    steps, medians): ms from the step's call to the start of Dynamo's cache lookup (guards), to the end of it, to
+    the pre-graph bytecode (gathering the graph inputs), to AOTAutograd's runtime wrapper, to Inductor's compiled
+    call (then its size asserts) and to the first kernel: its start on the GPU (CUDA), else the first operator
+    inside the compiled call (CPU). A phase the step does not have (eager, CUDA-graph replays) is None. The
+    profiler records each operator, which slows the host after the first one, not the phases before it."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            sync()
+            with record_function(_STEP_MARK):
+                step()
+            sync()
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    starts = [e.time_range.start for e in events if e.name == _STEP_MARK]
+    phase_names = {name for _, name in _PHASES} | {_STEP_MARK, "Torch-Compiled Region"}
+    rows: dict[str, list] = {}
+    for i, t0 in enumerate(starts):
+        t1 = starts[i + 1] if i + 1 < len(starts) else float("inf")
+        window = [e for e in events if t0 <= e.time_range.start < t1]
+        got: dict[str, float] = {}
+        for key, name in _PHASES:
+            e = next((e for e in window if e.name.startswith(name)), None)
+            if e is not None:
+                got[f"to_{key}_ms"] = (e.time_range.start - t0) / 1e3
+                if key == "guards":
+                    got["to_guards_end_ms"] = (e.time_range.end - t0) / 1e3
+        if cuda:
+            gpu = [e.time_range.start for e in window if e.device_type == torch.autograd.DeviceType.CUDA]
+        else:
+            after = t0 + got.get("to_inductor_call_ms", 0.0) * 1e3
+            gpu = [e.time_range.start for e in window if e.time_range.start > after
+                   and e.device_type == torch.autograd.DeviceType.CPU
+                   and not any(e.name.startswith(n) for n in phase_names)]
+        if gpu:
+            got["to_first_kernel_ms"] = (min(gpu) - t0) / 1e3
+        for k, v in got.items():
+            rows.setdefault(k, []).append(v)
+    keys = ["to_guards_ms", "to_guards_end_ms"] + [f"to_{k}_ms" for k, _ in _PHASES[1:]] + ["to_first_kernel_ms"]
+    return {"steps": len(starts), **{k: statistics.median(rows[k]) if k in rows else None for k in keys}}
+
+
 def _host_profile(step, sync, steps: int) -> dict:
     """Where the host's time to run a step goes (cProfile over ``steps`` steps, each synchronized after its call
     returns, so the GPU's work is not in it): the Python functions and builtins with the most own time, per step.
@@ -855,6 +907,7 @@ def run_one(name: str, *, model: str = "flux-dev", size: int = 1024, batch: int 
             try:
                 res["profile"] = _profile(step, dev, profile_steps)
                 res["profile"]["host"] = _host_profile(step, sync, profile_steps)
+                res["profile"]["prologue"] = _prologue(step, sync, cuda, profile_steps)
             except Exception as exc:  # noqa: BLE001  (the timing stands without it)
                 res["profile_error"] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
     return res
@@ -1203,6 +1256,19 @@ def report(meta: dict, rows: list[dict], header_md) -> str:
                 h = r["profile"]["host"]
                 top = "; ".join(f"{t['function']} {t['self_ms_per_step']:.1f}" for t in h["top_self"][:5])
                 lines.append(f"| {r['config']} | {h['ms_per_step']:.1f} | {top} |")
+        pro = [r for r in prof if r["profile"].get("prologue")]
+        if pro:
+            cols = [("to_guards_ms", "guards start"), ("to_guards_end_ms", "guards end"),
+                    ("to_pregraph_ms", "graph inputs gathered from"), ("to_aot_wrapper_ms", "AOTAutograd wrapper"),
+                    ("to_inductor_call_ms", "Inductor's call"), ("to_first_kernel_ms", "first kernel")]
+            lines += ["", "Host prologue of a synchronized step: ms from the call to each phase's start (torch.profiler, "
+                      "CPU and CUDA activity, median of the profiled steps; first kernel: its start on the GPU, on a CPU "
+                      "the first operator; - : no such phase):", "", "| configuration | " + " | ".join(c for _, c in cols) + " |",
+                      "|---|" + "---|" * len(cols)]
+            for r in pro:
+                g = r["profile"]["prologue"]
+                lines.append(f"| {r['config']} | " + " | ".join("-" if g.get(k) is None else f"{g[k]:.2f}"
+                                                               for k, _ in cols) + " |")
     return "\n".join(lines) + "\n"
 
 
