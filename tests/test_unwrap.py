@@ -17,7 +17,7 @@ import torch
 import svdquant_ops
 from svdquant_ops import SVDQuantTensor, W4A16Tensor, quantize_model
 from svdquant_ops.integrations.fusion import fuse_qkv
-from svdquant_ops.integrations.lora import load_lora, unload_lora
+from svdquant_ops.integrations.lora import load_lora, set_lora_scale, unload_lora
 from svdquant_ops.integrations.unwrap import rewrap_weights, unwrap_weights
 
 from .builders import count_calls, flux_inputs, fresh_compile_state, tiny_flux
@@ -304,3 +304,31 @@ def test_packed_parts_are_fewer_graph_inputs_with_the_same_calls_and_output():
             assert part.untyped_storage().nbytes() == part.numel() * part.element_size(), (name, f)
     with torch.inference_mode():
         assert torch.equal(model(**inputs).sample, plain(**inputs).sample)
+
+
+def test_lora_strength_changes_after_unwrapping_with_packed_parts():
+    """load_lora, then the compile recipe's unwrapping, then set_lora_scale (strength changes without recompiling):
+    with packed parts a linear's own λ and down projection are new views at each read, and the LoRA group check must
+    still see them as the group's (it compared objects). Also under inference_mode: the packed parameters are normal
+    tensors, so the in-place writes outside it work. Outputs equal the wrapped model's at each strength."""
+    from .test_lora import _lora
+
+    model = _model()
+    names = ["transformer_blocks.0.attn.to_qkv", "transformer_blocks.1.ff.net.2", "single_transformer_blocks.0.proj_mlp"]
+    load_lora(model, _lora(model, names, rank=4, seed=3, dtype=torch.bfloat16), "a", scale=0.5)
+    wrapped = copy.deepcopy(model)
+    with torch.inference_mode():  # as a pipeline's setup may run
+        unwrap_weights(model)
+    assert not any(p.is_inference() for p in model.parameters())
+    assert any(n.endswith("weight_parts_bfloat16") for n, _ in
+               model.transformer_blocks[1].ff.net[2].named_parameters(recurse=False))
+    inputs = flux_inputs()
+    for scale in (0.3, -1.0):
+        set_lora_scale(model, "a", scale)
+        set_lora_scale(wrapped, "a", scale)
+        with torch.inference_mode():
+            assert torch.equal(model(**inputs).sample, wrapped(**inputs).sample), scale
+    with torch.inference_mode():
+        assert rewrap_weights(model) > 0
+    assert not any(getattr(p, f).is_inference() for p in model.parameters() if hasattr(p, "__tensor_flatten__")
+                   for f in p.__tensor_flatten__()[0])

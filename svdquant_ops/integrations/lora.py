@@ -387,6 +387,13 @@ def _group_of(st: _State, model: nn.Module, module: nn.Linear, cache: dict) -> _
     return g
 
 
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """One tensor: the same object, or the same view of one memory (a weight unwrapped for compile with its own parts
+    packed rebuilds them as new views at each read, integrations.unwrap)."""
+    return a is b or (a.data_ptr() == b.data_ptr() and a.device == b.device and a.dtype == b.dtype
+                      and a.shape == b.shape and a.stride() == b.stride())
+
+
 def _check_group(g: _FusedGroup) -> None:
     want = g.base_rank + sum(s.width for s in g.segments)
     for m in g.members:
@@ -397,7 +404,8 @@ def _check_group(g: _FusedGroup) -> None:
                                f"{type(w).__name__}); reloading weights or re-quantizing drops the adapters' state: "
                                "unload_lora first")
     first = g.members[0].weight
-    if any(m.weight.smooth is not first.smooth or m.weight.proj_down is not first.proj_down for m in g.members):
+    if any(not _same(m.weight.smooth, first.smooth) or not _same(m.weight.proj_down, first.proj_down)
+           for m in g.members):
         # the rebuild gives every member the first one's λ and down projection: one that got its own since (a load
         # into it) would silently take another's
         raise RuntimeError("svdquant_ops.lora: the linears of a LoRA group no longer share their λ / down projection "

@@ -28,7 +28,10 @@ parameter of its own.) Also:
   after unwrapping writes what ``from_pretrained`` reads. Loading into an unwrapped model, assigning it a new weight
   (``load_lora``, ``fuse_qkv`` do), or changing its dtype is refused with the way out: ``rewrap_weights(model)``
   first (a cast to the dtype it has, ``pipe.to("cuda", torch.bfloat16)``, only moves it; fp32 scales stay fp32, as
-  in the wrapped weight). Writes into the parts in place (``set_lora_scale``) work.
+  in the wrapped weight). Writes into the parts in place (``set_lora_scale``) work, packed parts included.
+- Packing treats a part as the weight's own when no other weight *in the model given* holds it and it is not marked
+  shared (``share_inputs`` marks what it shares): unwrap the whole model (the compile recipe does), as a part shared
+  by hand with a weight outside it would be copied and stop being shared.
 
 Eagerly an unwrapped model computes the same outputs, a little slower (the weight is rebuilt at each read). Use it
 for compiled models: ``unwrap_weights(model)`` after quantizing (and ``fuse_qkv``) and after moving the model to its
@@ -327,16 +330,19 @@ def _pack(parts: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int]
     for t in parts:
         places.append((total, t.numel()))
         total += -(-t.numel() // step) * step
-    flat = torch.zeros(total, dtype=parts[0].dtype, device=parts[0].device)
-    with torch.no_grad():
+    # a normal tensor, as the parts were, even when unwrapping under inference_mode (in-place writes into a part
+    # outside it, set_lora_scale's, must keep working)
+    with _outside_inference(parts[0]), torch.no_grad():
+        flat = torch.zeros(total, dtype=parts[0].dtype, device=parts[0].device)
         for t, (at, n) in zip(parts, places):
             flat[at:at + n].copy_(t.reshape(-1))
     return flat, places
 
 
 def rewrap_weights(model: nn.Module) -> int:
-    """Undo ``unwrap_weights``: each weight becomes one quantized tensor again, over the same memory; returns how
-    many. Parts held by several weights stay one tensor."""
+    """Undo ``unwrap_weights``: each weight becomes one quantized tensor again, returns how many. Parts that were
+    parameters of their own keep their memory (parts held by several weights stay one tensor); packed parts are
+    copied out of their flat parameter into memory of their own."""
     plain: dict[int, torch.Tensor] = {}  # id(part parameter) -> one plain tensor over its memory
     count = 0
     for module in list(model.modules()):
@@ -349,8 +355,9 @@ def rewrap_weights(model: nn.Module) -> int:
             parts = []
             for part, (k, at, n, shape) in zip(spec.names, spec.sources):
                 p = params[k]
-                if at is not None:  # a packed part: memory of its own again
-                    parts.append(p.detach()[at:at + n].view(shape).clone())
+                if at is not None:  # a packed part: memory of its own again (a normal tensor, as in _pack)
+                    with _outside_inference(p), torch.no_grad():
+                        parts.append(p.detach()[at:at + n].view(shape).clone())
                     continue
                 if id(p) not in plain:
                     plain[id(p)] = _marked(p.detach(), spec, part)
