@@ -323,11 +323,15 @@ def test_lora_strength_changes_after_unwrapping_with_packed_parts():
     assert any(n.endswith("weight_parts_bfloat16") for n, _ in
                model.transformer_blocks[1].ff.net[2].named_parameters(recurse=False))
     inputs = flux_inputs()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # exact: the eager ops, traced once
+    with torch.inference_mode():
+        compiled(**inputs)
     for scale in (0.3, -1.0):
         set_lora_scale(model, "a", scale)
         set_lora_scale(wrapped, "a", scale)
-        with torch.inference_mode():
-            assert torch.equal(model(**inputs).sample, wrapped(**inputs).sample), scale
+        with torch.inference_mode(), torch._dynamo.config.patch(error_on_recompile=True):
+            out = compiled(**inputs).sample  # the graph reads the packed parameters' memory: it sees the write
+            assert torch.equal(out, wrapped(**inputs).sample) and torch.equal(model(**inputs).sample, out), scale
     with torch.inference_mode():
         assert rewrap_weights(model) > 0
     assert not any(getattr(p, f).is_inference() for p in model.parameters() if hasattr(p, "__tensor_flatten__")
