@@ -43,3 +43,23 @@ size=${SIZE:-1024}; batch=${BATCH:-1}
 tag=criterion-${HALF:-plain}
 FLUX_ARGS="--configs $configs --size $size --batch $batch --tag $tag --timeout $per --budget $(( limit - 100 ))" \
   timeout "$limit" bash benchmarks/gpu_run.sh flux
+rc=$?
+# The criterion's verdict for this half's pair (w4a8 recipe against fp8, the same mode, from idle), read from the
+# run's JSON: faster, weights <= 0.30x of bf16's (11.9 B parameters in bf16), one graph, no recompiles.
+python3 - "${OUT:-benchmarks/results}" "$tag" <<'PY' || true
+import glob, json, os, sys
+files = sorted(glob.glob(os.path.join(sys.argv[1], f"*-{sys.argv[2]}.json")), key=os.path.getmtime)
+run = json.load(open(files[-1])) if files else {"meta": {}, "rows": []}
+rows, gpu = {r["config"]: r for r in run["rows"]}, run["meta"].get("gpu", "?")
+for mode in ("", "-ro"):
+    w, f = rows.get(f"w4a8-compile{mode}-fused-unwrap-cat"), rows.get(f"fp8-compile{mode}")
+    if not (w and f and w.get("ok") and f.get("ok")):
+        continue
+    bf16_bytes = w.get("bf16_weight_bytes") or 0
+    share = w["weight_bytes"] / bf16_bytes if bf16_bytes else float("nan")
+    ok = (w["ms_median"] < f["ms_median"] and share <= 0.30 and w["graphs"] == 1 and not w["recompiles"])
+    print(f"{gpu}, criterion{mode or ' compiled'}: w4a8 {w['ms_median']:.1f} ms against fp8 {f['ms_median']:.1f} ms, "
+          f"weights {share:.3f}x, graphs {w['graphs']} / recompiles {w['recompiles']}: "
+          f"{('holds' if 'H200' in gpu else 'holds on this GPU (the criterion names the H200)') if ok else 'NOT MET'}")
+PY
+exit $rc
