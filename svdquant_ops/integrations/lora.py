@@ -387,7 +387,7 @@ def _group_of(st: _State, model: nn.Module, module: nn.Linear, cache: dict) -> _
     return g
 
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     """One tensor: the same object, or the same view of one memory (a weight unwrapped for compile with its own parts
     packed rebuilds them as new views at each read, integrations.unwrap)."""
     return a is b or (a.data_ptr() == b.data_ptr() and a.device == b.device and a.dtype == b.dtype
@@ -404,7 +404,7 @@ def _check_group(g: _FusedGroup) -> None:
                                f"{type(w).__name__}); reloading weights or re-quantizing drops the adapters' state: "
                                "unload_lora first")
     first = g.members[0].weight
-    if any(not _same(m.weight.smooth, first.smooth) or not _same(m.weight.proj_down, first.proj_down)
+    if any(not _same_memory(m.weight.smooth, first.smooth) or not _same_memory(m.weight.proj_down, first.proj_down)
            for m in g.members):
         # the rebuild gives every member the first one's λ and down projection: one that got its own since (a load
         # into it) would silently take another's

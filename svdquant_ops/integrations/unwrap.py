@@ -273,7 +273,7 @@ def unwrap_weights(model: nn.Module, pack: bool = True) -> int:
     # hold stay one parameter object for all of them.
     holders = Counter(id(t) for m in model.modules() for w in m._parameters.values() if isinstance(w, PackedWeight)
                       for t in w._data_tensors())
-    one_object: dict[int, nn.Parameter] = {}  # id(shared part) -> the parameter every holder of that part gets
+    one_object: dict[int, nn.Parameter] = {}  # id(part) -> the parameter every holder of that part gets
     count = 0
     for module in list(model.modules()):
         weights = {n: w for n, w in module._parameters.items() if isinstance(w, PackedWeight)}
@@ -303,10 +303,8 @@ def unwrap_weights(model: nn.Module, pack: bool = True) -> int:
                 if sources[i] is not None:
                     continue
                 sources[i] = (part_name(name, part), None, None, None)
-                if own[i]:
-                    module._parameters[sources[i][0]] = _marked(nn.Parameter(value, requires_grad=False), spec, part)
-                    continue
-                param = one_object.get(id(value))  # alive: held by one_object or by a weight not yet unwrapped
+                # (ids are of parts alive together in the count above: a later lookup cannot meet a reused id)
+                param = one_object.get(id(value))
                 if param is None:
                     param = one_object[id(value)] = _marked(nn.Parameter(value, requires_grad=False), spec, part)
                 module._parameters[sources[i][0]] = param
