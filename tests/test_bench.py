@@ -159,6 +159,36 @@ def test_prologue_phases_of_a_compiled_step_are_in_order():
     assert all(eager[k] is None for k in keys[:-1]) and eager["to_first_kernel_ms"] is not None, eager
 
 
+def test_prologue_phases_skip_the_gpu_side_step_annotation():
+    """With CUDA activity the profiler repeats the step mark as a GPU annotation spanning the step's kernels: it
+    must neither start a step of its own nor count as the first kernel (an H100 run read 6 steps for 3 and a first
+    kernel at 0.00 ms)."""
+    from types import SimpleNamespace as NS
+
+    cpu, gpu = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def ev(name, start, end, dev=cpu):
+        return NS(name=name, device_type=dev, time_range=NS(start=start, end=end))
+
+    events = []
+    for t0 in (0.0, 200_000.0):  # two steps, microseconds
+        events += [ev(bench._STEP_MARK, t0, t0 + 150_000),
+                   ev("TorchDynamo Cache Lookup", t0 + 100, t0 + 3_000),
+                   ev("Pregraph bytecode", t0 + 3_100, t0 + 3_500),
+                   ev("AOTDispatcher Runtime Wrapper Prologue", t0 + 3_600, t0 + 3_700),
+                   ev("## Call CompiledFxGraph abc ##", t0 + 3_800, t0 + 140_000),
+                   ev(bench._STEP_MARK, t0 + 5_000, t0 + 140_000, gpu),  # the GPU-side annotation
+                   ev("void some_kernel<1>()", t0 + 5_000, t0 + 6_000, gpu),
+                   ev("aten::empty", t0 + 3_900, t0 + 3_910)]
+    pro = bench._prologue_phases(events, cuda=True)
+    assert pro["steps"] == 2
+    assert pro["to_guards_ms"] == 0.1 and pro["to_guards_end_ms"] == 3.0 and pro["to_inductor_call_ms"] == 3.8
+    assert pro["to_first_kernel_ms"] == 5.0, pro
+    # without the kernel, the annotation alone is no first kernel
+    pro = bench._prologue_phases([e for e in events if not e.name.startswith("void")], cuda=True)
+    assert pro["to_first_kernel_ms"] is None, pro
+
+
 def _args(**kw):
     p = bench.add_arguments(argparse.ArgumentParser())
     return p.parse_args([f"--{k.replace('_', '-')}={v}" for k, v in kw.items()])
@@ -320,6 +350,27 @@ def test_report_shows_the_lora_and_nunchaku_sections(extra_rows):
             f"{w8['output_sqnr_int4_vs_bf16_db']:.1f} |") in md
     assert "- (no w4a8-eager row)" not in md and "(no int4-eager row)" in md  # int4-eager was not run
     assert "output SQNR vs bf16" in md and "16 LoRA on 34 linears: 14 fused, 20 side branches" in md
+
+
+def test_noasserts_row_compiles_without_inductors_size_asserts():
+    """The "-noasserts" row's graph runs no assert_size_stride (the default row's does) and computes the same."""
+    from torch._inductor.utils import run_and_get_code
+
+    base, off = bench.CONFIGS["w4a8-compile-fused-unwrap-cat"], bench.CONFIGS["w4a8-compile-fused-unwrap-cat-noasserts"]
+    assert not off.size_asserts and off.unwrap and off.cat_gemms and off.mode is None
+    assert "size asserts off" in off.label
+    model = bench.build_model("tiny", "cpu")
+    bench.quantize(model, base, 32, "w4a16")
+    inputs = bench.make_inputs("tiny", 64, 1, 8, torch.device("cpu"), 1)
+    outs, codes = [], []
+    for cfg in (base, off):
+        torch._dynamo.reset()
+        with torch.inference_mode():
+            out, code = run_and_get_code(lambda: bench.compiled(model, cfg)(**inputs)[0])
+        outs.append(out)
+        codes.append("\n".join(code))
+    assert "assert_size_stride(" in codes[0] and "assert_size_stride(" not in codes[1]
+    assert torch.equal(outs[0], outs[1])
 
 
 @pytest.mark.parametrize("weights", ["bf16", "w4a8"])

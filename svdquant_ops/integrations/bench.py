@@ -102,6 +102,8 @@ class Config:
     pack: bool = True  # unwrap_weights(pack=...): each weight's own parts of one dtype as one flat parameter
     prep_units: str | None = None  # W4A8 weight units in flight per prep thread, "4" or "1"
     #                                (SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS in the child); None: the library's default
+    size_asserts: bool = True  # Inductor's size / stride assert on each graph input and custom-op output, before the
+    #                            kernels that read it (False: torch.compile(options={"size_asserts": False}))
 
     @property
     def cuda_only(self) -> bool:
@@ -151,6 +153,8 @@ class Config:
                     "regs": ", every W4A8 GEMM on packed weights expanded in registers (no prep)"}[self.w4a8_weights]
         if self.prep_units:
             how += f", W4A8 prep with {self.prep_units} weight unit(s) in flight per thread"
+        if not self.size_asserts:
+            how += ", Inductor's size asserts off (options={\"size_asserts\": False})"
         if self.group_w4a16 is not None:
             how += (", the AdaLN w4a16 linears as one grouped call (group_w4a16)" if self.group_w4a16
                     else ", one call per w4a16 linear (no group_w4a16)")
@@ -280,6 +284,11 @@ def _configs() -> dict[str, Config]:
     for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
         name = f"w4a8-compile{sfx}-fused-unwrap-cat-nopack"
         out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, unwrap=True, cat_gemms=True, pack=False)
+    # Extra: that recipe compiled without Inductor's size / stride asserts, which the generated code runs on every
+    # graph input before the first kernel (Dynamo's guards already check the inputs' sizes and strides): the A/B of
+    # their share of the host's prologue (replays of a CUDA graph run no asserts, so compiled only)
+    name = "w4a8-compile-fused-unwrap-cat-noasserts"
+    out[name] = Config(name, "w4a8", True, fuse_qkv=True, unwrap=True, cat_gemms=True, size_asserts=False)
     # Diagnostic: every adapter fused up to rank 128 (quantize_act's fast kernel at R = 128 runs one block per SM)
     out["w4a8-compile-lora16-fuse128"] = Config("w4a8-compile-lora16-fuse128", "w4a8", True, lora_rank=16,
                                                 lora_max_fused_rank=128)
@@ -413,6 +422,22 @@ def weight_bytes(module) -> int:
 
 _INDUCTOR_KEYS = ("max_autotune", "max_autotune_gemm", "max_autotune_pointwise", "coordinate_descent_tuning",
                   "coordinate_descent_check_all_directions", "freezing", "triton.unique_kernel_names")
+
+
+def compiled(model, cfg: Config):
+    """``model`` as the row runs it: itself (eager) or ``torch.compile(model, fullgraph=True, mode=cfg.mode)``, with
+    Inductor's size asserts off for ``size_asserts=False`` rows."""
+    import torch
+
+    if not cfg.compile:
+        return model
+    if cfg.size_asserts:
+        return torch.compile(model, fullgraph=True, mode=cfg.mode)
+    import torch._inductor
+
+    # torch.compile takes a mode or options, not both: the mode's options plus ours
+    options = {**(torch._inductor.list_mode_options(cfg.mode) if cfg.mode else {}), "size_asserts": False}
+    return torch.compile(model, fullgraph=True, options=options)
 
 
 def inductor_settings() -> dict:
@@ -666,7 +691,6 @@ def _prologue(step, sync, cuda: bool, steps: int) -> dict:
     call (then its size asserts) and to the first kernel: its start on the GPU (CUDA), else the first operator
     inside the compiled call (CPU). A phase the step does not have (eager, CUDA-graph replays) is None. The
     profiler records each operator, which slows the host after the first one, not the phases before it."""
-    import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -676,8 +700,18 @@ def _prologue(step, sync, cuda: bool, steps: int) -> dict:
             with record_function(_STEP_MARK):
                 step()
             sync()
-    events = sorted(prof.events(), key=lambda e: e.time_range.start)
-    starts = [e.time_range.start for e in events if e.name == _STEP_MARK]
+    return _prologue_phases(prof.events(), cuda)
+
+
+def _prologue_phases(events, cuda: bool) -> dict:
+    """``_prologue``'s medians from the profiler's events. The step mark has a CPU event and, with CUDA activity, a
+    GPU-side annotation of the same name spanning the step's kernels: only the CPU one starts a step, and only
+    kernels, copies and sets (not annotations) count as the first kernel."""
+    import torch
+
+    cpu, gpu_type = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    events = sorted(events, key=lambda e: e.time_range.start)
+    starts = [e.time_range.start for e in events if e.name == _STEP_MARK and e.device_type == cpu]
     phase_names = {name for _, name in _PHASES} | {_STEP_MARK, "Torch-Compiled Region"}
     rows: dict[str, list] = {}
     for i, t0 in enumerate(starts):
@@ -685,18 +719,18 @@ def _prologue(step, sync, cuda: bool, steps: int) -> dict:
         window = [e for e in events if t0 <= e.time_range.start < t1]
         got: dict[str, float] = {}
         for key, name in _PHASES:
-            e = next((e for e in window if e.name.startswith(name)), None)
+            e = next((e for e in window if e.device_type == cpu and e.name.startswith(name)), None)
             if e is not None:
                 got[f"to_{key}_ms"] = (e.time_range.start - t0) / 1e3
                 if key == "guards":
                     got["to_guards_end_ms"] = (e.time_range.end - t0) / 1e3
         if cuda:
-            gpu = [e.time_range.start for e in window if e.device_type == torch.autograd.DeviceType.CUDA]
+            gpu = [e.time_range.start for e in window if e.device_type == gpu_type
+                   and not any(e.name.startswith(n) for n in phase_names)]
         else:
             after = t0 + got.get("to_inductor_call_ms", 0.0) * 1e3
             gpu = [e.time_range.start for e in window if e.time_range.start > after
-                   and e.device_type == torch.autograd.DeviceType.CPU
-                   and not any(e.name.startswith(n) for n in phase_names)]
+                   and e.device_type == cpu and not any(e.name.startswith(n) for n in phase_names)]
         if gpu:
             got["to_first_kernel_ms"] = (min(gpu) - t0) / 1e3
         for k, v in got.items():
@@ -823,7 +857,7 @@ def run_one(name: str, *, model: str = "flux-dev", size: int = 1024, batch: int 
         torch._logging.set_logs(recompiles=True)  # a recompile prints its reason (the guard that failed)
     if cfg.dict_tag_guards:  # this process only (one configuration per process)
         torch._dynamo.config.use_recursive_dict_tags_for_guards = True
-    fn = torch.compile(m, fullgraph=True, mode=cfg.mode) if cfg.compile else m
+    fn = compiled(m, cfg)
     ro = cfg.mode == "reduce-overhead"
 
     def step():
