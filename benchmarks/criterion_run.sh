@@ -6,7 +6,7 @@
 #   HALF=both:            the whole criterion in one run: the w4a8 recipe and torchao fp8, compiled and under
 #                         mode="reduce-overhead" (~490 s on an H200 with the build cache; no bf16 row: HALF=ab has it)
 #   HALF=ab:              the packing's A/B (the w4a8 recipe with every weight part a graph input of its own, then
-#                         packed), the recipe without Inductor's size asserts (their share of the host's prologue),
+#                         packed), the recipe with Inductor's size asserts on (their share of the host's prologue),
 #                         then bf16 compiled (the ratios' baseline, on the same machine)
 #   HALF=ro:              the same under mode="reduce-overhead" (fp8's first call takes ~110-160 s: --timeout 250),
 #                         then bf16 compiled (Inductor's cache from bf16-ro makes it quick: HALF=pack's bf16 row)
@@ -35,7 +35,7 @@ if [[ "$gpu" != *H200* && -z "${ANY_GPU:-}" ]]; then echo "not an H200: nothing 
 limit=${LIMIT:-585}
 case "${HALF:-plain}" in
   both) configs=w4a8-compile-fused-unwrap-cat,fp8-compile,w4a8-compile-ro-fused-unwrap-cat,fp8-compile-ro; per=200 ;;
-  ab)   configs=w4a8-compile-fused-unwrap-cat-nopack,w4a8-compile-fused-unwrap-cat,w4a8-compile-fused-unwrap-cat-noasserts,bf16-compile
+  ab)   configs=w4a8-compile-fused-unwrap-cat-nopack,w4a8-compile-fused-unwrap-cat,w4a8-compile-fused-unwrap-cat-asserts,bf16-compile
         per=150 ;;
   ro)   configs=w4a8-compile-ro-fused-unwrap-cat,fp8-compile-ro,bf16-compile-ro,bf16-compile; per=250 ;;
   int4) configs=int4-compile-fused-unwrap,int4-compile-ro-fused-unwrap; per=250 ;;

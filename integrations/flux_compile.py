@@ -32,9 +32,10 @@ def main() -> None:
     # GPU, reduce-overhead also captures CUDA graphs (the ops are capture-safe: no host synchronization).
     mode = "reduce-overhead" if args.device.startswith("cuda") else None
     # The library's compile recipe: the quantized weights as plain parts (the compiled call flattens no tensor
-    # subclass) and a single block's to_qkv and proj_mlp as one GEMM launch (svdquant::gemm_cat)
+    # subclass), a single block's to_qkv and proj_mlp as one GEMM launch (svdquant::gemm_cat), and the mode's
+    # Inductor options without the per-input size asserts that Dynamo's guards make redundant
     svdquant_ops.prepare_compile(pipe.transformer)
-    pipe.transformer.compile(fullgraph=True, mode=mode)
+    pipe.transformer.compile(fullgraph=True, options=svdquant_ops.compile_options(mode))
     generate(pipe, args, call, output_type="latent")  # compiles (and records the graphs)
     t0 = time.perf_counter()
     compiled = generate(pipe, args, call, output_type="latent")

@@ -37,6 +37,7 @@ _LAZY = {
     "unwrap_weights": "svdquant_ops.integrations.unwrap",
     "rewrap_weights": "svdquant_ops.integrations.unwrap",
     "prepare_compile": "svdquant_ops.integrations.compile_recipe",
+    "compile_options": "svdquant_ops.integrations.compile_recipe",
     "quantization_config": "svdquant_ops.integrations.diffusers",
     "save_file": "svdquant_ops.storage.serialization",
     "load_file": "svdquant_ops.storage.serialization",

@@ -352,18 +352,24 @@ def test_report_shows_the_lora_and_nunchaku_sections(extra_rows):
     assert "output SQNR vs bf16" in md and "16 LoRA on 34 linears: 14 fused, 20 side branches" in md
 
 
-def test_noasserts_row_compiles_without_inductors_size_asserts():
-    """The "-noasserts" row's graph runs no assert_size_stride (the default row's does) and computes the same."""
+def test_recipe_rows_compile_without_inductors_size_asserts():
+    """Rows that apply the library's compile recipe compile with its compile_options (no assert_size_stride in the
+    generated code); their "-asserts" A/B row and the baselines keep Inductor's default; the outputs are equal."""
     from torch._inductor.utils import run_and_get_code
 
-    base, off = bench.CONFIGS["w4a8-compile-fused-unwrap-cat"], bench.CONFIGS["w4a8-compile-fused-unwrap-cat-noasserts"]
-    assert not off.size_asserts and off.unwrap and off.cat_gemms and off.mode is None
-    assert "size asserts off" in off.label
+    recipe, on = bench.CONFIGS["w4a8-compile-fused-unwrap-cat"], bench.CONFIGS["w4a8-compile-fused-unwrap-cat-asserts"]
+    assert recipe.recipe and not recipe.asserts and "size asserts off (compile_options)" in recipe.label
+    assert on.recipe and on.asserts and "size asserts on" in on.label and on.unwrap and on.cat_gemms
+    assert not bench.CONFIGS["w4a8-compile-ro-fused-unwrap-cat"].asserts
+    assert not bench.CONFIGS["int4-compile-fused-unwrap"].asserts
+    for name in ("bf16-compile", "fp8-compile", "w4a8-compile-fused", "fp8-compile-unwrap", "w4a8-eager"):
+        assert bench.CONFIGS[name].asserts and "size asserts" not in bench.CONFIGS[name].label, name
     model = bench.build_model("tiny", "cpu")
-    bench.quantize(model, base, 32, "w4a16")
+    bench.quantize(model, recipe, 32, "w4a16")
+    bench.unwrap(model, recipe)
     inputs = bench.make_inputs("tiny", 64, 1, 8, torch.device("cpu"), 1)
     outs, codes = [], []
-    for cfg in (base, off):
+    for cfg in (on, recipe):
         torch._dynamo.reset()
         with torch.inference_mode():
             out, code = run_and_get_code(lambda: bench.compiled(model, cfg)(**inputs)[0])
@@ -371,6 +377,15 @@ def test_noasserts_row_compiles_without_inductors_size_asserts():
         codes.append("\n".join(code))
     assert "assert_size_stride(" in codes[0] and "assert_size_stride(" not in codes[1]
     assert torch.equal(outs[0], outs[1])
+
+
+def test_compile_options_merge_the_mode():
+    import svdquant_ops
+
+    assert svdquant_ops.compile_options() == {"size_asserts": False}
+    assert svdquant_ops.compile_options("reduce-overhead") == {"triton.cudagraphs": True, "size_asserts": False}
+    with pytest.raises(ValueError, match="compile_options: mode must be one of .*got 'fast'"):
+        svdquant_ops.compile_options("fast")
 
 
 @pytest.mark.parametrize("weights", ["bf16", "w4a8"])

@@ -102,8 +102,19 @@ class Config:
     pack: bool = True  # unwrap_weights(pack=...): each weight's own parts of one dtype as one flat parameter
     prep_units: str | None = None  # W4A8 weight units in flight per prep thread, "4" or "1"
     #                                (SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS in the child); None: the library's default
-    size_asserts: bool = True  # Inductor's size / stride assert on each graph input and custom-op output, before the
-    #                            kernels that read it (False: torch.compile(options={"size_asserts": False}))
+    size_asserts: bool | None = None  # Inductor's size / stride assert on each graph input and custom-op output;
+    #                                   None: the library's compile recipe (compile_options: off) where the row
+    #                                   applies it (SVDQuant weights unwrapped), Inductor's default (on) elsewhere
+
+    @property
+    def recipe(self) -> bool:
+        """The row compiles a model prepared as ``prepare_compile`` does (SVDQuant weights unwrapped)."""
+        return self.compile and self.unwrap and self.weights not in ("bf16", "fp8")
+
+    @property
+    def asserts(self) -> bool:
+        """Whether the compiled graph keeps Inductor's size asserts (``size_asserts``' None resolved)."""
+        return self.size_asserts if self.size_asserts is not None else not self.recipe
 
     @property
     def cuda_only(self) -> bool:
@@ -153,8 +164,10 @@ class Config:
                     "regs": ", every W4A8 GEMM on packed weights expanded in registers (no prep)"}[self.w4a8_weights]
         if self.prep_units:
             how += f", W4A8 prep with {self.prep_units} weight unit(s) in flight per thread"
-        if not self.size_asserts:
-            how += ", Inductor's size asserts off (options={\"size_asserts\": False})"
+        if self.compile and self.recipe and self.asserts:
+            how += ", Inductor's size asserts on (not the recipe's compile_options)"
+        elif self.compile and not self.asserts:
+            how += ", Inductor's size asserts off (compile_options)"
         if self.group_w4a16 is not None:
             how += (", the AdaLN w4a16 linears as one grouped call (group_w4a16)" if self.group_w4a16
                     else ", one call per w4a16 linear (no group_w4a16)")
@@ -284,11 +297,11 @@ def _configs() -> dict[str, Config]:
     for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
         name = f"w4a8-compile{sfx}-fused-unwrap-cat-nopack"
         out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, unwrap=True, cat_gemms=True, pack=False)
-    # Extra: that recipe compiled without Inductor's size / stride asserts, which the generated code runs on every
-    # graph input before the first kernel (Dynamo's guards already check the inputs' sizes and strides): the A/B of
-    # their share of the host's prologue (replays of a CUDA graph run no asserts, so compiled only)
-    name = "w4a8-compile-fused-unwrap-cat-noasserts"
-    out[name] = Config(name, "w4a8", True, fuse_qkv=True, unwrap=True, cat_gemms=True, size_asserts=False)
+    # Extra: that recipe compiled with Inductor's size / stride asserts, which the generated code runs on every graph
+    # input before the first kernel (the recipe's compile_options turns them off: Dynamo's guards already check the
+    # inputs' sizes and strides): the A/B of their share of the host's prologue (CUDA-graph replays run none)
+    name = "w4a8-compile-fused-unwrap-cat-asserts"
+    out[name] = Config(name, "w4a8", True, fuse_qkv=True, unwrap=True, cat_gemms=True, size_asserts=True)
     # Diagnostic: every adapter fused up to rank 128 (quantize_act's fast kernel at R = 128 runs one block per SM)
     out["w4a8-compile-lora16-fuse128"] = Config("w4a8-compile-lora16-fuse128", "w4a8", True, lora_rank=16,
                                                 lora_max_fused_rank=128)
@@ -425,19 +438,17 @@ _INDUCTOR_KEYS = ("max_autotune", "max_autotune_gemm", "max_autotune_pointwise",
 
 
 def compiled(model, cfg: Config):
-    """``model`` as the row runs it: itself (eager) or ``torch.compile(model, fullgraph=True, mode=cfg.mode)``, with
-    Inductor's size asserts off for ``size_asserts=False`` rows."""
+    """``model`` as the row runs it: itself (eager) or ``torch.compile(model, fullgraph=True, ...)`` with the row's
+    mode, through the library's ``compile_options`` where the size asserts are off (``Config.asserts``)."""
     import torch
 
     if not cfg.compile:
         return model
-    if cfg.size_asserts:
+    if cfg.asserts:
         return torch.compile(model, fullgraph=True, mode=cfg.mode)
-    import torch._inductor
+    from .compile_recipe import compile_options
 
-    # torch.compile takes a mode or options, not both: the mode's options plus ours
-    options = {**(torch._inductor.list_mode_options(cfg.mode) if cfg.mode else {}), "size_asserts": False}
-    return torch.compile(model, fullgraph=True, options=options)
+    return torch.compile(model, fullgraph=True, options=compile_options(cfg.mode))
 
 
 def inductor_settings() -> dict:
@@ -1171,7 +1182,9 @@ def report(meta: dict, rows: list[dict], header_md) -> str:
               f"- SVDQuant: quantize_model(precision=..., rank={meta['rank']}, weight_only={meta['weight_only']!r}), "
               "data-free, the model family's default rules; fp8: torchao quantize_(model, "
               "Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)) on every "
-              "linear; compiled: torch.compile(model, fullgraph=True[, mode=...]), Inductor's default settings", ""]
+              "linear; compiled: torch.compile(model, fullgraph=True[, mode=...]), Inductor's default settings; rows "
+              "with SVDQuant weights unwrapped: the library's compile recipe, options=compile_options(mode) (its "
+              "size asserts off)", ""]
     lines += ["| configuration | ms / step | speed vs bf16 compiled | weights | peak memory (timed steps) | first call "
               "(compile) s | graphs / recompiles | quantize s | notes |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

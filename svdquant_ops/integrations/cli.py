@@ -180,10 +180,10 @@ def _generate(args, pipe, denoiser, builtin: bool) -> int:
 
         print(f"svdquant: {fuse_qkv(denoiser)}")
     if args.compile:
-        from .compile_recipe import prepare_compile
+        from .compile_recipe import compile_options, prepare_compile
 
         prepare_compile(denoiser)  # weights unwrapped, one GEMM launch per shared activation
-        denoiser.compile(fullgraph=True)
+        denoiser.compile(fullgraph=True, options=compile_options())
     call = _call_args(builtin, args)
     t0 = time.perf_counter()
     with torch.inference_mode():
