@@ -165,6 +165,55 @@ def test_refusals_name_the_way_out():
 
 
 
+def test_weight_getters_hold_their_values_as_code_constants():
+    """Each unwrapped linear's weight property is generated code with the weight's class, attributes and shape as
+    constants, not default arguments or closure cells: torch 2.11's Dynamo guards those entry by entry for every
+    module (~40 guards per linear; the guard check 5x bf16's on a FLUX.1-dev-depth model), a code object once."""
+    from svdquant_ops.integrations import unwrap
+
+    model = _model()
+    unwrap_weights(model)
+    getters = {type(m).__dict__["weight"].fget for m in model.modules() if hasattr(type(m), unwrap._SPECS)}
+    assert len(getters) > 3
+    for get in getters:
+        assert get.__defaults__ is None and get.__closure__ is None, get
+        assert get.__code__.co_filename.startswith("<svdquant_ops unwrapped")
+    for value in (None, True, 3, -0.5, float("inf"), float("nan"), "w4a8", torch.bfloat16, (1, (2, 3)), [4],
+                  {"dtype": torch.float16, "rank": 16}, ()):
+        src = unwrap._literal(value)
+        back = eval(src, vars(unwrap))
+        assert type(back) is type(value) and (back == value or value != value), (value, src)
+    for value in (object(), {1: 2}, torch.device("cpu"), (object(),)):
+        assert unwrap._literal(value) is None
+
+
+def test_a_weight_attribute_without_a_literal_takes_the_default_argument_getter():
+    from svdquant_ops.integrations import unwrap
+
+    model = _model()
+    lin = model.single_transformer_blocks[0].proj_mlp
+    spec = unwrap._Spec(lin.weight)
+    spec.sources = tuple((f"weight_part_{n}", None, 0, ()) for n in spec.names)
+    spec.meta = {**spec.meta, "extra": object()}  # no literal: the getter keeps it as a default argument
+    get = unwrap._getter(spec)
+    assert get.__defaults__ is not None
+    holder = torch.nn.Module()
+    for n in spec.names:
+        holder.register_parameter(f"weight_part_{n}", torch.nn.Parameter(getattr(lin.weight, n), requires_grad=False))
+    assert torch.equal(get(holder).dequantize(), lin.weight.dequantize())
+
+
+def test_parts_cast_to_another_dtype_are_refused_on_read():
+    model = _model()
+    unwrap_weights(model)
+    lin = model.single_transformer_blocks[0].proj_out
+    flat = lin.weight_parts_bfloat16
+    with torch.no_grad():
+        flat.data = flat.data.to(torch.float16)
+    with pytest.raises(TypeError, match=r"parts changed dtype \(smooth torch.bfloat16 -> torch.float16.*rewrap_weights"):
+        lin.weight
+
+
 def _own_parts_to_meta(qkv, names=None):
     """A single block's to_qkv with its own parts (``names``, default all but the two it shares with proj_mlp) as
     meta parameters: the state diffusers' leaf-level group offloading with streams leaves (this linear's group
