@@ -187,6 +187,23 @@ def test_weight_getters_hold_their_values_as_code_constants():
         assert unwrap._literal(value) is None
 
 
+def test_weights_named_alike_after_normalization_stay_apart():
+    """Two weights whose names Python source would normalize to one identifier (NFKC: a fullwidth "ｗ" is "w")
+    each rebuild from their own parts."""
+    from svdquant_ops.integrations import unwrap
+
+    model = _model()
+    src = model.single_transformer_blocks[0]
+    holder = torch.nn.Module()
+    holder.register_parameter("w", torch.nn.Parameter(src.attn.to_qkv.weight, requires_grad=False))
+    holder.register_parameter("\uff57", torch.nn.Parameter(src.proj_out.weight, requires_grad=False))
+    want = {n: getattr(holder, n).dequantize() for n in ("w", "\uff57")}
+    unwrap_weights(holder)
+    assert hasattr(type(holder), unwrap._SPECS)
+    for n, w in want.items():
+        assert torch.equal(getattr(holder, n).dequantize(), w), n
+
+
 def test_a_weight_attribute_without_a_literal_takes_the_default_argument_getter():
     from svdquant_ops.integrations import unwrap
 

@@ -122,7 +122,10 @@ def _literal(value) -> str | None:
     """Python source evaluating, in this module's globals, to a value equal to ``value`` and of its type; None where
     there is none (the getter then takes it as a default argument)."""
     if value is None or isinstance(value, (bool, int, str)):
-        src = repr(value)
+        try:
+            src = repr(value)
+        except ValueError:  # an int beyond the interpreter's digit limit
+            return None
     elif isinstance(value, float):  # repr round-trips a finite float exactly
         return repr(value) if math.isfinite(value) else f"float({str(value)!r})"
     elif isinstance(value, torch.dtype):
@@ -161,9 +164,9 @@ def _getter(spec: _Spec):
         return _getter_with_defaults(spec)
     reads = []
     for p, at, n, shape in spec.sources:
-        reads.append(f"self.{p}" if at is None else f"self.{p}[{at}:{at + n}].view({_literal(tuple(shape))})")
-    if not all(p.isidentifier() for p in spec.params()):
-        return _getter_with_defaults(spec)
+        # getattr with the name as a string: source identifiers are NFKC-normalized, parameter names are not
+        read = f"getattr(self, {p!r})"
+        reads.append(read if at is None else f"{read}[{at}:{at + n}].view({_literal(tuple(shape))})")
     cls = f"_WEIGHT_CLASSES[{key!r}]"
     src = (f"def get(self):\n"
            f"    parts = [{', '.join(reads)}]\n"
