@@ -364,17 +364,23 @@ def test_recipe_rows_compile_without_inductors_size_asserts():
     assert not bench.CONFIGS["int4-compile-fused-unwrap"].asserts
     for name in ("bf16-compile", "fp8-compile", "w4a8-compile-fused", "fp8-compile-unwrap", "w4a8-eager"):
         assert bench.CONFIGS[name].asserts and "size asserts" not in bench.CONFIGS[name].label, name
+    from svdquant_ops import ops
+
     model = bench.build_model("tiny", "cpu")
-    bench.quantize(model, recipe, 32, "w4a16")
-    bench.unwrap(model, recipe)
     inputs = bench.make_inputs("tiny", 64, 1, 8, torch.device("cpu"), 1)
     outs, codes = [], []
-    for cfg in (on, recipe):
+    try:
+        bench.quantize(model, recipe, 32, "w4a16")  # (turns the gemm_cat pass on process-wide, as in a row's process)
+        bench.unwrap(model, recipe)
+        for cfg in (on, recipe):
+            torch._dynamo.reset()
+            with torch.inference_mode():
+                out, code = run_and_get_code(lambda: bench.compiled(model, cfg)(**inputs)[0])
+            outs.append(out)
+            codes.append("\n".join(code))
+    finally:
+        ops.install_compile_pass(cat_gemms=False)  # the library's default, for the tests after this one
         torch._dynamo.reset()
-        with torch.inference_mode():
-            out, code = run_and_get_code(lambda: bench.compiled(model, cfg)(**inputs)[0])
-        outs.append(out)
-        codes.append("\n".join(code))
     assert "assert_size_stride(" in codes[0] and "assert_size_stride(" not in codes[1]
     assert torch.equal(outs[0], outs[1])
 
