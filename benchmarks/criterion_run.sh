@@ -19,9 +19,10 @@
 #   HALF=weights:         the plain half with the w4a8 recipe twice: every W4A8 GEMM on weights expanded by the
 #                         prep kernel, and on packed weights expanded in registers (SVDQUANT_OPS_CUDA_W4A8_WEIGHTS=prep /
 #                         regs): the A/B that sets the library's per-call rule (kRegaMaxTokens), beside fp8 and bf16
-#   HALF=prep:            the w4a8 recipe with the prep kernel keeping 4 (the default) or 1 weight units in flight
-#                         per thread (SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS=4 / 1), beside fp8, compiled: the prep
-#                         change's A/B (profile.top's prep_kernel ms per step)
+#   HALF=prep:            the w4a8 recipe with the prep kernel keeping 1 or 4 (the default) weight units in flight
+#                         per thread (SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS=1 / 4), then with only the grid rows that
+#                         have work (SVDQUANT_OPS_CUDA_PREP_ROWS=used), compiled: the prep changes' A/Bs
+#                         (profile.top's prep_kernel ms per step; -prep1 first: it timed out twice when last)
 #   HALF=pack:            the w4a8 recipe, fp8, then the w4a8 recipe with every weight part a graph input of its own
 #                         (unwrap_weights(pack=False)): the criterion's compiled pair and the packing's A/B of the
 #                         host's time before the first kernel (its bf16 row is in HALF=ro: four cold compiles did not
@@ -43,7 +44,8 @@ case "${HALF:-plain}" in
   int4) configs=int4-compile-fused-unwrap,int4-compile-ro-fused-unwrap; per=250 ;;
   weights) configs=w4a8-compile-fused-unwrap-cat-prep,w4a8-compile-fused-unwrap-cat-regs,fp8-compile,bf16-compile
         per=150 ;;
-  prep) configs=w4a8-compile-fused-unwrap-cat-prep4,w4a8-compile-fused-unwrap-cat-prep1,fp8-compile; per=150 ;;
+  prep) configs=w4a8-compile-fused-unwrap-cat-prep1,w4a8-compile-fused-unwrap-cat-prep4,w4a8-compile-fused-unwrap-cat-rowsused
+        per=150 ;;
   pdl)  configs=w4a8-compile-fused-unwrap-cat-nopdl,w4a8-compile-fused-unwrap-cat-pdl,w4a8-compile-ro-fused-unwrap-cat-nopdl,w4a8-compile-ro-fused-unwrap-cat-pdl
         per=130 ;;
   pack) configs=w4a8-compile-fused-unwrap-cat,fp8-compile,w4a8-compile-fused-unwrap-cat-nopack; per=200 ;;

@@ -735,6 +735,34 @@ def test_prep_units_in_flight_change_nothing(monkeypatch, M, N, K):
         OPS.gemm(*args, "w4a8", torch.bfloat16, False)
 
 
+@pytest.mark.skipif(not IS_SM90, reason="the prep kernel runs on the Hopper path only")
+def test_prep_rows_with_nothing_to_do_change_nothing(monkeypatch):
+    """The prep kernel's grid with only its rows that have work (SVDQUANT_OPS_CUDA_PREP_ROWS=used) writes what the
+    full grid does: bit-equal outputs for W4A8 gemm (weight and small-operand rows), gemm_cat (its later weights
+    are weight-only calls), gemm_expanded (small operands only) and INT4 / NVFP4 gemm (all three rows), at a size
+    with several blocks per row and one with a single block; another value is an error naming the variable."""
+    monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_WEIGHTS", "prep")
+    for M, N, K in ((4100, 3000, 3072), (7, 64, 128)):
+        g = session_generator(("rows", M))
+        w8 = to_dev(op_args("gemm", gemm_inputs(M, N, K, 32, "w4a8", torch.bfloat16, g)))
+        i4 = to_dev(op_args("gemm", gemm_inputs(M, N, K, 32, "int4", torch.bfloat16, g)))
+        f4 = to_dev(op_args("gemm", gemm_inputs(M, N, K, 32, "nvfp4", torch.bfloat16, g)))
+        cat = _on_dev(_cat_inputs(M, (N, 200, 72), K, 32, torch.bfloat16, {}, "rows"))
+        weight = OPS.expand_w4a8_weight(w8[2], w8[3])
+        runs = {}
+        for rows in ("all", "used"):
+            monkeypatch.setenv("SVDQUANT_OPS_CUDA_PREP_ROWS", rows)
+            runs[rows] = [OPS.gemm(*w8, "w4a8", torch.bfloat16, False), OPS.gemm(*i4, "int4", torch.bfloat16, False),
+                          OPS.gemm(*f4, "nvfp4", torch.bfloat16, False),
+                          OPS.gemm_cat(*cat, "w4a8", torch.bfloat16, False),
+                          OPS.gemm_expanded(*w8, torch.bfloat16, weight, w8[2], w8[3])[0]]
+        for what, a, b in zip(("w4a8", "int4", "nvfp4", "gemm_cat", "gemm_expanded"), runs["all"], runs["used"]):
+            assert torch.equal(a.view(torch.int16), b.view(torch.int16)), (what, M)
+    monkeypatch.setenv("SVDQUANT_OPS_CUDA_PREP_ROWS", "some")
+    with pytest.raises(RuntimeError, match="SVDQUANT_OPS_CUDA_PREP_ROWS must be 'used', 'all' or unset, got 'some'"):
+        OPS.gemm(*w8, "w4a8", torch.bfloat16, False)
+
+
 def test_next_variable_checked(monkeypatch):
     """A value of SVDQUANT_OPS_CUDA_W4A8_NEXT other than auto / gemm / kernel is an error naming the variable (on
     the Hopper path, which reads it)."""

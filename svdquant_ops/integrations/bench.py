@@ -101,6 +101,8 @@ class Config:
     #                                  child); None: the library's per-call choice
     pack: bool = True  # unwrap_weights(pack=...): each weight's own parts of one dtype as one flat parameter
     prep_units: str | None = None  # W4A8 weight units in flight per prep thread, "4" or "1"
+    prep_rows: str | None = None  # the prep kernel's grid rows, "all" or only those with work, "used"
+    #                               (SVDQUANT_OPS_CUDA_PREP_ROWS in the child); None: the library's default
     #                                (SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS in the child); None: the library's default
     size_asserts: bool | None = None  # Inductor's size / stride assert on each graph input and custom-op output;
     #                                   None: the library's compile recipe (compile_options: off) where the row
@@ -120,7 +122,8 @@ class Config:
     def cuda_only(self) -> bool:
         return (self.mode == "reduce-overhead" or self.weights == "fp8" or self.gemm_schedule is not None
                 or self.gmax is not None or self.w4a8_tile is not None or self.pdl is not None
-                or self.inductor_pdl or self.w4a8_weights is not None or self.prep_units is not None)
+                or self.inductor_pdl or self.w4a8_weights is not None or self.prep_units is not None
+                or self.prep_rows is not None)
 
     @property
     def label(self) -> str:
@@ -164,6 +167,9 @@ class Config:
                     "regs": ", every W4A8 GEMM on packed weights expanded in registers (no prep)"}[self.w4a8_weights]
         if self.prep_units:
             how += f", W4A8 prep with {self.prep_units} weight unit(s) in flight per thread"
+        if self.prep_rows:
+            how += {"all": ", the prep kernel's grid with all three rows",
+                    "used": ", the prep kernel's grid with only its rows that have work"}[self.prep_rows]
         if self.compile and self.recipe and self.asserts:
             how += ", Inductor's size asserts on (not the recipe's compile_options)"
         elif self.compile and not self.asserts:
@@ -292,6 +298,12 @@ def _configs() -> dict[str, Config]:
         for k in ("4", "1"):
             name = f"w4a8-compile{sfx}-fused-unwrap-cat-prep{k}"
             out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, unwrap=True, cat_gemms=True, prep_units=k)
+    # Extra: that recipe with the prep kernel's grid of all three rows (activation codes, weights, small operands),
+    # W4A8's activation row returning at once, or only the rows with work (the same bytes, fewer blocks per launch)
+    for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
+        for k in ("all", "used"):
+            name = f"w4a8-compile{sfx}-fused-unwrap-cat-rows{k}"
+            out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, unwrap=True, cat_gemms=True, prep_rows=k)
     # Extra: that recipe with each weight part a graph input of its own (unwrap_weights(pack=False), the layout
     # before the twentieth session): the A/B of the host's time before the step's first kernel
     for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
@@ -1036,7 +1048,8 @@ def _run_child(args, name: str, device: str, timeout: float) -> dict:
                        ("SVDQUANT_OPS_CUDA_W4A8_TILE", CONFIGS[name].w4a8_tile),
                        ("SVDQUANT_OPS_CUDA_PDL", CONFIGS[name].pdl),
                        ("SVDQUANT_OPS_CUDA_W4A8_WEIGHTS", CONFIGS[name].w4a8_weights),
-                       ("SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS", CONFIGS[name].prep_units)):
+                       ("SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS", CONFIGS[name].prep_units),
+                       ("SVDQUANT_OPS_CUDA_PREP_ROWS", CONFIGS[name].prep_rows)):
         if value:
             env[var] = value
         else:

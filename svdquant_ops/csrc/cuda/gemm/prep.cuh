@@ -59,6 +59,7 @@ struct PrepArgs {
   // INT4's per-tile weight scales (SW) have no row offset.
   int weights_only;
   int one_unit;  // W4A8 weights: one unit's loads in flight per thread (SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS=1), not four
+  int first_row;  // the role of grid row 0 (launch_prep): rows with nothing to do are not launched
 };
 
 __device__ __forceinline__ uint32_t e4m3_of_nibble(uint32_t nib, bool is_unsigned) {
@@ -309,15 +310,17 @@ __device__ __forceinline__ void prep_small(const PrepArgs& p, uint32_t tid, uint
   }
 }
 
-// blockIdx.y = 0: activation codes, 1: weight codes (blocks stride over 16-channel units), 2: the small operands.
+// Grid rows by role (row = blockIdx.y + first_row): 0 activation codes, 1 weight codes (blocks stride over 16-channel
+// units), 2 the small operands.
 __global__ void prep_kernel(const PrepArgs p) {
   pdl_wait_then_release();  // launched by launch_kernel (common.cuh)
   const uint32_t stride = gridDim.x * blockDim.x;
   const uint32_t tid = blockIdx.x * blockDim.x + threadIdx.x;
   const uint32_t K = static_cast<uint32_t>(p.K), G = static_cast<uint32_t>(p.G);
-  if (blockIdx.y == 0 && p.weights_only) return;
-  if (blockIdx.y < 2 && p.w4a8) {
-    if (blockIdx.y == 1 && !p.skip_b) {
+  const uint32_t row = blockIdx.y + static_cast<uint32_t>(p.first_row);
+  if (row == 0 && p.weights_only) return;
+  if (row < 2 && p.w4a8) {
+    if (row == 1 && !p.skip_b) {
       // kExpandUnitsPerThread units' loads in flight per thread (one at a time kept too few bytes in flight to
       // reach the memory's bandwidth: ~55 % of it on an H200, 4.9 ms per FLUX.1 step)
       const ExpandJob j{p.w_codes, static_cast<const uint8_t*>(p.w_scales), p.B, static_cast<uint32_t>(p.N) * (K / 16)};
@@ -329,13 +332,13 @@ __global__ void prep_kernel(const PrepArgs p) {
     }
     return;
   }
-  if (blockIdx.y < 2) {
+  if (row < 2) {
     __shared__ uint16_t lut[256];
-    const bool uns = blockIdx.y == 0 && p.act_unsigned;
+    const bool uns = row == 0 && p.act_unsigned;
     for (uint32_t b = threadIdx.x; b < 256; b += blockDim.x)
       lut[b] = static_cast<uint16_t>(e4m3_of_nibble(b & 0xF, uns) | (e4m3_of_nibble(b >> 4, uns) << 8));
     __syncthreads();
-    if (blockIdx.y == 0) {
+    if (row == 0) {
       const uint32_t n = static_cast<uint32_t>(p.M) * (K / 16);
       for (uint32_t u = tid; u < n; u += stride)
         expand_unit(p.a_codes, p.a_scales, p.a_scale_kind, p.A, K, G, u, p.nvfp4, p.act_unsigned, lut);
