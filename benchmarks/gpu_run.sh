@@ -137,9 +137,12 @@ for step in "$@"; do
           # shared parts as one graph input and the merge of identical calls, under this machine's torch
           python3 -m pytest tests/test_sharing.py -q -p no:cacheprovider -rfEs
           python3 benchmarks/bench_linear.py --quantize-only --precision w4a8 --rep-ms 30 ;;
-    flux)  # a diagnostic GEMM schedule asked for runs on the diagnostics build
+    flux)  # a diagnostic GEMM schedule asked for runs on the diagnostics build; BENCH_DEADLINE (epoch seconds, set
+      # by criterion_run.sh): the run's time budget ends there, whatever the build and the steps before took
+      deadline=()
+      [[ -n "${BENCH_DEADLINE:-}" ]] && deadline=(--budget $(( BENCH_DEADLINE - $(date +%s) )))
       SVDQUANT_OPS_DIAGNOSTICS=$([[ -n "${SVDQUANT_OPS_GEMM_SCHEDULE:-}" ]] && echo 1) \
-        python3 benchmarks/bench_flux.py --profile --out "${OUT:-benchmarks/results}" ${FLUX_ARGS:-} ;;
+        python3 benchmarks/bench_flux.py --profile --out "${OUT:-benchmarks/results}" ${FLUX_ARGS:-} "${deadline[@]}" ;;
     probe)
       inc=$(python3 -c "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))")
       nvcc -std=c++17 -O3 -arch=sm_90a $inc -I svdquant_ops/csrc --expt-relaxed-constexpr -diag-suppress 3306 \
