@@ -740,8 +740,18 @@ def test_prep_rows_with_nothing_to_do_change_nothing(monkeypatch):
     """The prep kernel's grid with only its rows that have work (SVDQUANT_OPS_CUDA_PREP_ROWS=used) writes what the
     full grid does: bit-equal outputs for W4A8 gemm (weight and small-operand rows), gemm_cat (its later weights
     are weight-only calls), gemm_expanded (small operands only) and INT4 / NVFP4 gemm (all three rows), at a size
-    with several blocks per row and one with a single block; another value is an error naming the variable."""
+    with several blocks per row and one with a single block; another value is an error naming the variable. The
+    "used" grid runs first, on workspace memory poisoned beforehand: a row it wrongly skipped would leave poison in
+    the operands, not the bytes of an earlier run with the same allocation sizes."""
     monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_WEIGHTS", "prep")
+
+    def poison():  # the caching allocator's free blocks (large and small pools) filled with 0xFF
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        held = [torch.full((1 << 28,), -1, dtype=torch.int8, device=DEV)]
+        held += [torch.full(((1 << 20) - 4096,), -1, dtype=torch.int8, device=DEV) for _ in range(8)]
+        del held
+
     for M, N, K in ((4100, 3000, 3072), (7, 64, 128)):
         g = session_generator(("rows", M))
         w8 = to_dev(op_args("gemm", gemm_inputs(M, N, K, 32, "w4a8", torch.bfloat16, g)))
@@ -750,7 +760,8 @@ def test_prep_rows_with_nothing_to_do_change_nothing(monkeypatch):
         cat = _on_dev(_cat_inputs(M, (N, 200, 72), K, 32, torch.bfloat16, {}, "rows"))
         weight = OPS.expand_w4a8_weight(w8[2], w8[3])
         runs = {}
-        for rows in ("all", "used"):
+        for rows in ("used", "all"):
+            poison()
             monkeypatch.setenv("SVDQUANT_OPS_CUDA_PREP_ROWS", rows)
             runs[rows] = [OPS.gemm(*w8, "w4a8", torch.bfloat16, False), OPS.gemm(*i4, "int4", torch.bfloat16, False),
                           OPS.gemm(*f4, "nvfp4", torch.bfloat16, False),

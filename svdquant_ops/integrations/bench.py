@@ -101,9 +101,9 @@ class Config:
     #                                  child); None: the library's per-call choice
     pack: bool = True  # unwrap_weights(pack=...): each weight's own parts of one dtype as one flat parameter
     prep_units: str | None = None  # W4A8 weight units in flight per prep thread, "4" or "1"
+    #                                (SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS in the child); None: the library's default
     prep_rows: str | None = None  # the prep kernel's grid rows, "all" or only those with work, "used"
     #                               (SVDQUANT_OPS_CUDA_PREP_ROWS in the child); None: the library's default
-    #                                (SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS in the child); None: the library's default
     size_asserts: bool | None = None  # Inductor's size / stride assert on each graph input and custom-op output;
     #                                   None: the library's compile recipe (compile_options: off) where the row
     #                                   applies it (SVDQuant weights unwrapped), Inductor's default (on) elsewhere
