@@ -717,6 +717,17 @@ def test_weights_variable_checked(monkeypatch):
         OPS.gemm(*args, "w4a8", torch.bfloat16, False)
 
 
+def _poison_free_memory():
+    """The caching allocator's free blocks (large and small pools) filled with 0xFF, so that a variant compared with
+    another, run after it with the same allocation sizes, cannot pass by finding the other's bytes in a workspace
+    it failed to write."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    held = [torch.full((1 << 28,), -1, dtype=torch.int8, device=DEV)]
+    held += [torch.full(((1 << 20) - 4096,), -1, dtype=torch.int8, device=DEV) for _ in range(8)]
+    del held
+
+
 @pytest.mark.skipif(not IS_SM90, reason="the prep kernel runs on the Hopper path only")
 @pytest.mark.parametrize("M,N,K", [(4100, 9000, 3072), (300, 136, 1088)])
 def test_prep_units_in_flight_change_nothing(monkeypatch, M, N, K):
@@ -727,6 +738,7 @@ def test_prep_units_in_flight_change_nothing(monkeypatch, M, N, K):
     monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_WEIGHTS", "prep")
     outs = []
     for units in ("4", "1"):
+        _poison_free_memory()
         monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS", units)
         outs.append(OPS.gemm(*args, "w4a8", torch.bfloat16, False))
     assert torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16))
@@ -745,13 +757,6 @@ def test_prep_rows_with_nothing_to_do_change_nothing(monkeypatch):
     the operands, not the bytes of an earlier run with the same allocation sizes."""
     monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_WEIGHTS", "prep")
 
-    def poison():  # the caching allocator's free blocks (large and small pools) filled with 0xFF
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        held = [torch.full((1 << 28,), -1, dtype=torch.int8, device=DEV)]
-        held += [torch.full(((1 << 20) - 4096,), -1, dtype=torch.int8, device=DEV) for _ in range(8)]
-        del held
-
     for M, N, K in ((4100, 3000, 3072), (7, 64, 128)):
         g = session_generator(("rows", M))
         w8 = to_dev(op_args("gemm", gemm_inputs(M, N, K, 32, "w4a8", torch.bfloat16, g)))
@@ -761,7 +766,7 @@ def test_prep_rows_with_nothing_to_do_change_nothing(monkeypatch):
         weight = OPS.expand_w4a8_weight(w8[2], w8[3])
         runs = {}
         for rows in ("used", "all"):
-            poison()
+            _poison_free_memory()
             monkeypatch.setenv("SVDQUANT_OPS_CUDA_PREP_ROWS", rows)
             runs[rows] = [OPS.gemm(*w8, "w4a8", torch.bfloat16, False), OPS.gemm(*i4, "int4", torch.bfloat16, False),
                           OPS.gemm(*f4, "nvfp4", torch.bfloat16, False),
