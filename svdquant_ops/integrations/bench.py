@@ -170,7 +170,7 @@ class Config:
         if self.prep_rows:
             how += {"all": ", the prep kernel's grid with all three rows",
                     "used": ", the prep kernel's grid with only its rows that have work"}[self.prep_rows]
-        if self.compile and self.recipe and self.asserts:
+        if self.recipe and self.asserts:
             how += ", Inductor's size asserts on (not the recipe's compile_options)"
         elif self.compile and not self.asserts:
             how += ", Inductor's size asserts off (compile_options)"

@@ -154,45 +154,31 @@ def _getter(spec: _Spec):
     weight. Generated with the spec's values as constants in its code, where they can be (torch 2.11's Dynamo guards
     a function's default arguments entry by entry, once per module holding the property: ~40 guards per linear on
     FLUX.1-dev, the guard check 5x bf16's; the code object is guarded once, by identity, and its constants not at all).
-    Falls back to default arguments for a value without a literal."""
+    A value without a literal (or a weight class whose name another class took) is a default argument instead."""
     key = f"{spec.cls.__module__}.{spec.cls.__qualname__}"
     _WEIGHT_CLASSES.setdefault(key, spec.cls)
-    values = {"_names": spec.names, "_meta": spec.meta, "_size": spec.size, "_stride": spec.stride,
+    values = {"_cls": spec.cls, "_names": spec.names, "_meta": spec.meta, "_size": spec.size, "_stride": spec.stride,
               "_dtypes": spec.dtypes, "_marked": spec.marked}
-    consts = {k: _literal(v) for k, v in values.items()}
-    if _WEIGHT_CLASSES[key] is not spec.cls or any(v is None for v in consts.values()):
-        return _getter_with_defaults(spec)
+    expr = {k: _literal(v) for k, v in values.items() if k != "_cls"}
+    expr["_cls"] = f"_WEIGHT_CLASSES[{key!r}]" if _WEIGHT_CLASSES[key] is spec.cls else None
+    defaults = {k: values[k] for k, e in expr.items() if e is None}
+    expr.update({k: k for k in defaults})
     reads = []
     for p, at, n, shape in spec.sources:
         # getattr with the name as a string: source identifiers are NFKC-normalized, parameter names are not
         read = f"getattr(self, {p!r})"
         reads.append(read if at is None else f"{read}[{at}:{at + n}].view({_literal(tuple(shape))})")
-    cls = f"_WEIGHT_CLASSES[{key!r}]"
-    src = (f"def get(self):\n"
+    src = (f"def get(self{''.join(f', {k}={k}' for k in defaults)}):\n"
            f"    parts = [{', '.join(reads)}]\n"
-           f"    if tuple(p.dtype for p in parts) != {consts['_dtypes']}:\n"
-           f"        _dtype_changed({consts['_names']}, {consts['_dtypes']}, parts, {cls})\n"
+           f"    if tuple(p.dtype for p in parts) != {expr['_dtypes']}:\n"
+           f"        _dtype_changed({expr['_names']}, {expr['_dtypes']}, parts, {expr['_cls']})\n"
            f"    if any(p.device != parts[0].device for p in parts):  # static under compile: traced away\n"
-           f"        _gather_shared({consts['_names']}, {consts['_marked']}, parts, {cls})\n"
-           f"    return {cls}.__tensor_unflatten__(dict(zip({consts['_names']}, parts)), {consts['_meta']}, "
-           f"{consts['_size']}, {consts['_stride']})\n")
-    scope: dict = {}
+           f"        _gather_shared({expr['_names']}, {expr['_marked']}, parts, {expr['_cls']})\n"
+           f"    return {expr['_cls']}.__tensor_unflatten__(dict(zip({expr['_names']}, parts)), {expr['_meta']}, "
+           f"{expr['_size']}, {expr['_stride']})\n")
+    scope = dict(defaults)  # where the default arguments' expressions find their values
     exec(compile(src, f"<svdquant_ops unwrapped {spec.cls.__name__} weight>", "exec"), globals(), scope)  # noqa: S102
     return scope["get"]
-
-
-def _getter_with_defaults(spec: _Spec):
-    def get(self, _sources=spec.sources, _names=spec.names, _cls=spec.cls, _meta=spec.meta, _size=spec.size,
-            _stride=spec.stride, _dtypes=spec.dtypes, _marked=spec.marked):
-        parts = [getattr(self, p) if at is None else getattr(self, p)[at:at + n].view(shape)
-                 for p, at, n, shape in _sources]
-        if tuple(p.dtype for p in parts) != _dtypes:
-            _dtype_changed(_names, _dtypes, parts, _cls)
-        if any(p.device != parts[0].device for p in parts):  # static under compile: traced away
-            _gather_shared(_names, _marked, parts, _cls)
-        return _cls.__tensor_unflatten__(dict(zip(_names, parts)), _meta, _size, _stride)
-
-    return get
 
 
 def _dtype_changed(names, dtypes, parts, cls):
