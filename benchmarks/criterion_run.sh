@@ -12,6 +12,9 @@
 #                         then bf16 compiled (the ratios' baseline, on the same machine)
 #   HALF=ro:              the same under mode="reduce-overhead" (fp8's first call takes ~110-160 s: --timeout 250),
 #                         then bf16 compiled (Inductor's cache from bf16-ro makes it quick: HALF=pack's bf16 row)
+#   HALF=rest:            what the criterion's record needs beside HALF=both, for the next call on the same warm
+#                         machine (Inductor's and the op library's caches still there): bf16 compiled (the ratios'
+#                         baseline), then int4 as its compile recipe, compiled and reduce-overhead
 #   HALF=int4:            int4 as its compile recipe (fuse_qkv, unwrap_weights), compiled and reduce-overhead, the
 #                         row the criterion records beside w4a8 (no bf16 row: ratios against another call's)
 #   HALF=pdl:             the w4a8 recipe with our kernels launched plainly and programmatically dependent
@@ -41,6 +44,7 @@ case "${HALF:-plain}" in
   ab)   configs=w4a8-compile-fused-unwrap-cat-nopack,w4a8-compile-fused-unwrap-cat,w4a8-compile-fused-unwrap-cat-asserts,bf16-compile
         per=150 ;;
   ro)   configs=w4a8-compile-ro-fused-unwrap-cat,fp8-compile-ro,bf16-compile-ro,bf16-compile; per=250 ;;
+  rest) configs=bf16-compile,int4-compile-fused-unwrap,int4-compile-ro-fused-unwrap; per=180 ;;
   int4) configs=int4-compile-fused-unwrap,int4-compile-ro-fused-unwrap; per=250 ;;
   weights) configs=w4a8-compile-fused-unwrap-cat-prep,w4a8-compile-fused-unwrap-cat-regs,fp8-compile,bf16-compile
         per=150 ;;
