@@ -6,7 +6,8 @@
 #   HALF=both:            the whole criterion in one run: the w4a8 recipe and torchao fp8, compiled and under
 #                         mode="reduce-overhead" (~470 s on an H200 with the build cache, estimated from the
 #                         nineteenth session's rows, + ~70 s where the CUDA sources changed since the carried
-#                         build; the bench's budget ends 30 s before the call's limit; no bf16 row: HALF=ab has it)
+#                         build; the bench's budget ends 30 s before the call's limit), then bf16 compiled (the
+#                         ratios' baseline) where time is left: the budget skips it otherwise (HALF=rest has it)
 #   HALF=ab:              the packing's A/B (the w4a8 recipe with every weight part a graph input of its own, then
 #                         packed), the recipe with Inductor's size asserts on (their share of the host's prologue),
 #                         then bf16 compiled (the ratios' baseline, on the same machine)
@@ -40,7 +41,8 @@ gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "$gpu"
 if [[ "$gpu" != *H200* && -z "${ANY_GPU:-}" ]]; then echo "not an H200: nothing run"; exit 3; fi
 limit=${LIMIT:-590}  # the device call: 600 s
 case "${HALF:-plain}" in
-  both) configs=w4a8-compile-fused-unwrap-cat,fp8-compile,w4a8-compile-ro-fused-unwrap-cat,fp8-compile-ro; per=200 ;;
+  both) configs=w4a8-compile-fused-unwrap-cat,fp8-compile,w4a8-compile-ro-fused-unwrap-cat,fp8-compile-ro,bf16-compile
+        per=200 ;;
   ab)   configs=w4a8-compile-fused-unwrap-cat-nopack,w4a8-compile-fused-unwrap-cat,w4a8-compile-fused-unwrap-cat-asserts,bf16-compile
         per=150 ;;
   ro)   configs=w4a8-compile-ro-fused-unwrap-cat,fp8-compile-ro,bf16-compile-ro,bf16-compile; per=250 ;;
