@@ -33,6 +33,8 @@
 #                         fit one call on an H100, 2026-12-07)
 #   SIZE=512|1024|2048, BATCH=n: the step's size and batch (default 1024, 1; the issue also asks for 512, 2048 and
 #                         batch 4)
+#   CONFIGS=a,b:          the rows to run instead of the half's (e.g. the first rows of a half when the session's
+#                         device time left is short)
 #   ANY_GPU=1:            run on whatever GPU came (a same-run comparison that is not the criterion)
 # Usage on the device: SVDQUANT_COMMIT=<hash> SVDQUANT_DIRTY=0 HALF=plain bash benchmarks/criterion_run.sh
 # One half takes ~410 s on an H100 at 1024x1024 with the build cache carried (2026-12-06).
@@ -57,6 +59,7 @@ case "${HALF:-plain}" in
   pack) configs=w4a8-compile-fused-unwrap-cat,fp8-compile,w4a8-compile-fused-unwrap-cat-nopack; per=200 ;;
   *)    configs=w4a8-compile-fused-unwrap-cat,fp8-compile,bf16-compile; per=200 ;;
 esac
+configs=${CONFIGS:-$configs}  # CONFIGS=a,b: these rows instead of the half's (its tag and verdict kept)
 size=${SIZE:-1024}; batch=${BATCH:-1}
 tag=criterion-${HALF:-plain}
 # the bench's budget ends 30 s before this call's limit, after the build (~70 s when the sources changed)
