@@ -166,8 +166,62 @@ def test_error_paths(capsys, tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exc:
         cli.main(["quantize", "--precision", "int8"])
     assert exc.value.code == 2 and "invalid choice: 'int8'" in capsys.readouterr().err
+    for argv, message in ((["quantize", "--steps", "0"], "argument --steps: must be at least 1, got 0"),
+                          (["generate", str(plain), "--prompt", "x", "--steps", "0"], "argument --steps: must be at"),
+                          (["generate", str(plain), "--prompt", "x", "--height", "8"], "argument --height: must be"),
+                          (["quantize", "--rank", "x"], "argument --rank: expected an integer, got 'x'")):
+        with pytest.raises(SystemExit) as exc:  # before the scheduler divides by it
+            cli.main(argv)
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+    (tmp_path / "file.txt").write_text("x")
+    _fails(capsys, ["quantize", "--out", str(tmp_path / "file.txt")], "exists and is not a directory")
+    _fails(capsys, ["bench", "--model", "tiny", "--configs", "bf16-eager", "--out", str(tmp_path / "file.txt")],
+           "--out " + str(tmp_path / "file.txt") + ": exists and is not a directory")
+    # the image's --out is checked before the pipeline loads (a bad name must not cost a whole generation)
+    _fails(capsys, ["generate", str(plain), "--prompt", "x", "--out", str(tmp_path / "nope" / "x.png")],
+           "folder " + str(tmp_path / "nope") + " does not exist")
+    _fails(capsys, ["generate", str(plain), "--prompt", "x", "--out", str(tmp_path / "x.jpgx")],
+           "unknown image file extension '.jpgx'")
+    _fails(capsys, ["generate", str(plain), "--prompt", "x", "--out", str(tmp_path)], "is a directory")
     if not torch.cuda.is_available():
         _fails(capsys, ["quantize", "--device", "cuda"], "no CUDA GPU is available")
+
+
+def test_generate_with_a_corrupt_weights_file_is_one_line(quantized_dir, tmp_path, capsys, monkeypatch):
+    """A truncated safetensors file in a quantized directory: one line naming the directory, exit code 2."""
+    import shutil
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out, _ = quantized_dir
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    weights = bad / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096])
+    _fails(capsys, ["generate", str(bad), "--prompt", "x", "--out", str(tmp_path / "x.png")],
+           f"{bad}: cannot load the pipeline from the local directory")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_generate_with_nan_weights_names_the_directory(quantized_dir, tmp_path, capsys, monkeypatch):
+    """A quantized weight's values are checked on load: NaN in one λ is one line naming the directory and the part."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out, _ = quantized_dir
+    bad = tmp_path / "nan"
+    shutil.copytree(out, bad)
+    weights = bad / "transformer" / "diffusion_pytorch_model.safetensors"
+    with safe_open(weights, "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    key = next(k for k in tensors if "smooth" in k)
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] = float("nan")
+    save_file(tensors, weights, metadata=meta)
+    _fails(capsys, ["generate", str(bad), "--prompt", "x", "--out", str(tmp_path / "x.png")],
+           f"{bad}: SVDQuantTensor: smooth contains NaN or Inf")
 
 
 def test_console_script_is_declared():

@@ -1015,6 +1015,8 @@ def validate(args) -> tuple[list[str], str]:
         if args.model != "tiny":
             raise BenchError(f"--model {args.model} needs a CUDA GPU (22 GiB of bf16 weights); on the CPU use "
                              "--model tiny")
+    if getattr(args, "out", None) and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise BenchError(f"--out {args.out}: exists and is not a directory (the results folder)")
     if args.size <= 0 or args.size % 16:
         raise BenchError(f"--size must be a positive multiple of 16 (pixels; 16 per image token), got {args.size}")
     for flag, value, low in (("--batch", args.batch, 1), ("--iters", args.iters, 1), ("--warmup", args.warmup, 0),

@@ -29,6 +29,36 @@ class UsageError(Exception):
     """A problem with what the user asked for: reported in one line, exit code 2."""
 
 
+def _at_least(low: int):
+    """An argparse type: an int >= low (argparse names the flag and exits 2 otherwise)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _check_image_out(out: str) -> None:
+    """Before any work: the image file can be written (its folder exists, PIL knows its extension)."""
+    from PIL import Image
+
+    path = Path(out)
+    if path.is_dir():
+        raise UsageError(f"--out {out}: is a directory (expected an image file name such as image.png)")
+    if not path.parent.is_dir():
+        raise UsageError(f"--out {out}: folder {path.parent} does not exist")
+    Image.init()
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise UsageError(f"--out {out}: unknown image file extension {path.suffix or '(none)'!r} (e.g. .png, .jpg, "
+                         ".webp)")
+
+
 def _device(name: str | None) -> str:
     from .bench import resolve_device
 
@@ -50,6 +80,9 @@ def _load_pipeline(model: str, dtype):
         where = "the local directory" if path.exists() else "the hub (no network here, or no such model?)"
         detail = str(exc).splitlines()[0].split(". ")[0][:200]
         raise UsageError(f"{model}: cannot load the pipeline from {where}: {detail}") from None
+    except ValueError as exc:  # a weight's values checked on load (NaN, out-of-format scales): name the directory
+        detail = str(exc).splitlines()[0].removeprefix("Failed to create instance of _from_saved_fields: ")
+        raise UsageError(f"{model}: {detail[:300]}") from None
 
 
 def _call_args(builtin: bool, args) -> dict:
@@ -81,6 +114,8 @@ def cmd_quantize(args) -> int:
         prompts = prompts[:17]  # the built-in default runs in about a minute on 2 CPU cores
     name = BUILTIN if builtin else args.model
     out = Path(args.out or f"svdquant-{Path(name.split(':')[-1]).name}-{args.precision}")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a directory")
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"--out {out}: directory exists and is not empty")
     pipe = tiny_flux_pipeline() if builtin else _load_pipeline(args.model, torch.bfloat16)
@@ -100,18 +135,18 @@ def cmd_quantize(args) -> int:
     report.seconds["total"] = time.perf_counter() - start
     (out / "svdquant_report.json").write_text(json.dumps({"model": name, "precision": args.precision,
                                                           "rank": args.rank, **report.to_dict()}, indent=1))
-    print("\n".join(["", *report.lines(), f"written to {out}/ (load with DiffusionPipeline.from_pretrained after "
-                     "`import svdquant_ops`, or `svdquant generate`)"]))
+    print("\n".join(["", *report.lines(), f"written to {out}/ (load with DiffusionPipeline.from_pretrained(DIR, "
+                     "torch_dtype=torch.bfloat16) after `import svdquant_ops`, or `svdquant generate`)"]))
     return 0
 
 
 def cmd_generate(args) -> int:
     import torch
-    from diffusers import DiffusionPipeline
 
     from .pipelines import denoiser_of, is_quantized
 
     path = Path(args.dir)
+    _check_image_out(args.out)
     if not path.exists():
         raise UsageError(f"{args.dir}: no such file or directory (expected a directory written by `svdquant "
                          "quantize`, or a Nunchaku .safetensors file)")
@@ -122,7 +157,7 @@ def cmd_generate(args) -> int:
     if not (path / "model_index.json").is_file():
         raise UsageError(f"{args.dir}: not a diffusers pipeline directory (no model_index.json)")
     device = _device(args.device)
-    pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=torch.bfloat16).to(device)
+    pipe = _load_pipeline(args.dir, torch.bfloat16).to(device)
     _, denoiser = denoiser_of(pipe)
     if not is_quantized(denoiser):
         raise UsageError(f"{args.dir}: its denoiser is not quantized by svdquant_ops (run `svdquant quantize` first)")
@@ -214,14 +249,16 @@ def parser() -> argparse.ArgumentParser:
                                             "pipeline, seeded weights, no download)")
     q.add_argument("--out", help="output directory (default: svdquant-<model>-<precision>)")
     q.add_argument("--precision", default="int4", choices=PRECISIONS, help="int4 (default), nvfp4 or w4a8 (Hopper)")
-    q.add_argument("--rank", type=int, default=32, help="rank of the 16-bit low-rank branch (32)")
+    q.add_argument("--rank", type=_at_least(0), default=32, help="rank of the 16-bit low-rank branch (32)")
     q.add_argument("--weight-only", default="w4a16", choices=("w4a16", "none"),
                    help="AdaLN modulation linears: 4-bit weights, 16-bit activations (w4a16, default) or 16-bit (none)")
     q.add_argument("--prompts", help="calibration prompts, one per line (default: 128 built-in captions)")
-    q.add_argument("--num-prompts", type=int, help="use the first N prompts (default: all; 17 for the built-in model)")
-    q.add_argument("--steps", type=int, default=4, help="denoising steps per calibration prompt (4)")
-    q.add_argument("--height", type=int, help="image height for calibration (default: the pipeline's)")
-    q.add_argument("--width", type=int, help="image width for calibration (default: the pipeline's)")
+    q.add_argument("--num-prompts", type=_at_least(1),
+                   help="use the first N prompts, the held-out ones included (default: all; 17 for the built-in "
+                        "model: 16 calibrate, 1 is held out)")
+    q.add_argument("--steps", type=_at_least(1), default=4, help="denoising steps per calibration prompt (4)")
+    q.add_argument("--height", type=_at_least(16), help="image height for calibration (default: the pipeline's)")
+    q.add_argument("--width", type=_at_least(16), help="image width for calibration (default: the pipeline's)")
     q.add_argument("--device", help="where the pipeline and the algorithm run (default: cuda if available)")
     q.add_argument("--gptq", action="store_true", help="GPTQ for the 4-bit residual instead of round-to-nearest")
     q.set_defaults(run=cmd_quantize)
@@ -232,10 +269,10 @@ def parser() -> argparse.ArgumentParser:
                    help="for a Nunchaku file: w4a8 converts it at load time (default: the file's own, exact)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--out", default="image.png", help="image file to write (image.png)")
-    g.add_argument("--steps", type=int, default=4, help="denoising steps (4)")
+    g.add_argument("--steps", type=_at_least(1), default=4, help="denoising steps (4)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--height", type=int)
-    g.add_argument("--width", type=int)
+    g.add_argument("--height", type=_at_least(16))
+    g.add_argument("--width", type=_at_least(16))
     g.add_argument("--compile", action="store_true", help="torch.compile the denoiser (one graph)")
     g.add_argument("--fuse-qkv", action=argparse.BooleanOptionalAction, default=True,
                    help="one linear for each attention's q/k/v (svdquant_ops.fuse_qkv; the same outputs bit for bit, "
