@@ -98,7 +98,7 @@ def header_md(rec: dict) -> list[str]:
     if dirty is True and rec.get("dirty_paths"):
         more = rec.get("dirty_count", len(rec["dirty_paths"])) - 8
         dirty_s += " (" + ", ".join(rec["dirty_paths"][:8]) + (f", and {more} more" if more > 0 else "") + ")"
-    lines = [f"- date: {rec['date']}", f"- GPU: {rec['gpu']}",
+    lines = [f"- date: {rec['date']}", f"- {'device' if str(rec['gpu']).startswith('cpu') else 'GPU'}: {rec['gpu']}",
              f"- commit: {rec['commit']} (from {rec['source']})", f"- tree dirty: {dirty_s}",
              f"- command: `{rec['command']}`" + (f" (via `{rec['run_command']}`)" if rec.get("run_command") else "")]
     if rec.get("env"):

@@ -1147,7 +1147,8 @@ def _fallback_record(gpu: str) -> dict:
 
 
 def _fallback_header(rec: dict) -> list[str]:
-    return [f"- date: {rec['date']}", f"- GPU: {rec['gpu']}", f"- commit: {rec['commit']} (from {rec['source']})",
+    return [f"- date: {rec['date']}", f"- {'device' if str(rec['gpu']).startswith('cpu') else 'GPU'}: {rec['gpu']}",
+            f"- commit: {rec['commit']} (from {rec['source']})",
             f"- tree dirty: {rec['dirty']}", f"- command: `{rec['command']}`"]
 
 
@@ -1188,8 +1189,10 @@ def report(meta: dict, rows: list[dict], header_md) -> str:
               f"- model: {meta['model_desc']}",
               f"- step: one transformer forward at {meta['size']}x{meta['size']} ({meta['image_tokens']} image + "
               f"{meta['text_tokens']} text tokens), batch {meta['batch']}; ms/step = median of {meta['iters']} steps "
-              f"after {meta['warmup']} warm-up calls (reduce-overhead: at least 3), each from an idle GPU "
-              f"(back to back: {meta['iters']} steps without synchronizing, as a denoising loop), "
+              f"after {meta['warmup']} warm-up calls (reduce-overhead: at least 3), "
+              + ("each from an idle GPU" if meta["device"].startswith("cuda") else "each timed alone")
+              + " (back to back: "
+              + f"{meta['iters']} steps without synchronizing, as a denoising loop), "
               f"{'CUDA events' if meta['device'].startswith('cuda') else 'perf_counter'}, under "
               "torch.inference_mode(); one process per configuration "
               f"(timeout {meta['timeout']:g} s" + (f", {meta['budget']:g} s for the run)" if meta.get("budget")
