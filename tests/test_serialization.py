@@ -181,6 +181,64 @@ def test_w4a8_safetensors_checks_multipliers_and_channel_scale(tmp_path):
         SVDQuantTensor(w.codes, w.scales, w.smooth, w.proj_down, w.proj_up, "w4a8", False, 1, w.dtype)
 
 
+def test_safetensors_unreadable_files_name_the_file(tmp_path):
+    """Files load_file cannot read at all: the error names the file (safetensors' own header errors do not)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with pytest.raises(FileNotFoundError, match="is a directory"):
+        svdquant_ops.load_file(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        svdquant_ops.load_file(tmp_path / "missing.safetensors")
+    for name, data in (("empty", b""), ("junk", b"not a safetensors file at all")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=f"{name}: cannot read it as a safetensors file"):
+            svdquant_ops.load_file(tmp_path / name)
+    # metadata that lost one weight's entry (JSON null where a string is expected)
+    path = tmp_path / "model.safetensors"
+    svdquant_ops.save_file(_quantized_mlp().state_dict(), path)
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    del meta[next(k for k in meta if k.endswith(".weight"))]
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="bad.safetensors: corrupt quantized checkpoint"):
+        svdquant_ops.load_file(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("part", ["proj_down", "proj_up", "smooth", "scales"])
+def test_load_state_dict_checks_values(part):
+    """load_state_dict into a quantized model checks the values load_file checks, before writing: NaN in a
+    low-rank factor used to load silently and make every output NaN."""
+    import copy
+
+    dst, src = _quantized_mlp(seed=1), _quantized_mlp(seed=0)
+    before = copy.deepcopy(dst.fc1.weight)
+    sd = copy.deepcopy(src.state_dict())
+    t = getattr(sd["fc1.weight"], part)
+    t.view(-1)[0] = float("nan")
+    with pytest.raises(RuntimeError, match=f"fc1.weight.*{part} contains NaN or Inf"):
+        dst.load_state_dict(sd)
+    _assert_same_tensors(before, dst.fc1.weight)  # nothing of the refused weight was written
+
+
+def test_setting_data_takes_the_parts_or_refuses():
+    """`weight.data = value` (torch's setter replaces only a wrapper's metadata): a weight of the same format is
+    taken by its parts; anything else is refused instead of a layer that reports one weight and computes with
+    another."""
+    dst, src = _quantized_mlp(seed=1), _quantized_mlp(seed=0)
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
+    for bad in (torch.randn(8, 8, dtype=torch.bfloat16), torch.randn(dst.fc1.weight.shape)):
+        with pytest.raises(TypeError, match="SVDQuantTensor.data = ...: expected a SVDQuantTensor of shape"):
+            dst.fc1.weight.data = bad
+    with pytest.raises(TypeError, match="precision differs"):
+        dst.fc1.weight.data = _quantized_mlp("nvfp4").fc1.weight
+    for name in ("fc1", "fc2", "fc3"):  # fc3 stays 16-bit (96 inputs)
+        getattr(dst, name).weight.data = getattr(src, name).weight
+        getattr(dst, name).bias.data = getattr(src, name).bias
+    assert torch.equal(_run(dst, x), _run(src, x))
+    assert dst.fc1.weight.codes is src.fc1.weight.codes and type(dst.fc1.weight.data) is SVDQuantTensor
+
+
 def test_loading_into_a_differently_quantized_model_names_the_difference():
     src = _quantized_mlp("int4")
     dst = _quantized_mlp("nvfp4")

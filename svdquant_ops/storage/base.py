@@ -45,6 +45,30 @@ class PackedWeight(TorchAOBaseTensor):
     positive_fields: tuple[str, ...] = ()  # dtype_fields a cast must not flush to 0 (λ, which inputs are divided by)
     optional_tensor_data_names: list[str] = []  # parts that may be None
 
+    # torch's `param.data = value` replaces only a wrapper subclass's own metadata (shape, dtype, device) and keeps
+    # its parts: the layer would report one weight and compute with another. Take a weight of the same class, shape
+    # and format by its parts instead (aliased, as .data aliases a plain tensor's storage); refuse anything else.
+    @property
+    def data(self):
+        return torch._C.TensorBase.data.__get__(self, type(self))
+
+    @data.setter
+    def data(self, value):
+        cls = type(self).__name__
+        if type(value) is not type(self) or value.shape != self.shape:
+            raise TypeError(f"{cls}.data = ...: expected a {cls} of shape {list(self.shape)}, got "
+                            f"{type(value).__name__} of shape {list(value.shape)}; to change a quantized weight, "
+                            "quantize the layer again or load a state dict")
+        for name in self.tensor_attribute_names:
+            if getattr(value, name) != getattr(self, name):
+                raise TypeError(f"{cls}.data = ...: {name} differs ({getattr(value, name)!r}, the weight has "
+                                f"{getattr(self, name)!r}); quantize the layer again instead")
+        torch._C.TensorBase.data.__set__(self, value)  # the wrapper's device
+        for name in self.tensor_data_names + self.optional_tensor_data_names:
+            setattr(self, name, getattr(value, name))
+        if value.__dict__.get("_holds_shared"):
+            self._holds_shared = True
+
     def _data_tensors(self) -> list[torch.Tensor]:
         return [getattr(self, n) for n in self.__tensor_flatten__()[0]]
 
@@ -209,6 +233,12 @@ def _(func, types, args, kwargs):
         if a is not None and a.dtype != b.dtype:  # a silent cast would round scales: outputs would change
             raise ValueError(f"cannot load {cls}: part {name} has dtype {b.dtype} in the state dict but {a.dtype} in "
                              "the model; load with assign=True or quantize the model in the same dtype")
+    # the values load_file checks (finite parts, positive λ, W4A8's multipliers), before anything is written: NaN
+    # in a low-rank factor would otherwise load silently and make every output NaN
+    if not any(t.device.type == "meta" or isinstance(t, FakeTensor) for t in src._data_tensors()):
+        src.validate()
+    for name in dst.tensor_data_names + dst.optional_tensor_data_names:
+        a, b = getattr(dst, name), getattr(src, name)
         if a is None:
             continue
         if name in dst.shared_fields and getattr(a, SHARED_MARK, False) and not getattr(a, LOAD_IN_PLACE, False):

@@ -96,14 +96,21 @@ def load_file(path: str | Path, device: str | torch.device = "cpu") -> dict[str,
     from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
 
     register()
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: {'is a directory' if Path(path).is_dir() else 'no such file'} (expected a "
+                                "file written by svdquant_ops.save_file)")
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors' header errors (empty, truncated, not safetensors) name no file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ValueError(f"{path}: cannot read it as a safetensors file: {first}") from exc
     if "tensor_names" not in meta:
         raise ValueError(f"{path}: not a quantized state dict written by svdquant_ops.save_file (no tensor metadata)")
     try:
         result, leftover = unflatten_tensor_state_dict(tensors, meta)
-    except (ValueError, KeyError, json.JSONDecodeError) as exc:
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:  # TypeError: a metadata entry missing
         raise ValueError(f"{path}: corrupt quantized checkpoint: {exc}") from exc
     missing = set(json.loads(meta["tensor_names"])) - set(result)
     if missing:
