@@ -496,6 +496,28 @@ def test_helpful_errors():
     with pytest.raises(KeyError, match="no adapter named 'y'"):
         unload_lora(net, "y")
     assert lora_scales(net) == {"x": 1.0}  # a failed load leaves nothing behind
+    with pytest.raises(ValueError, match=r"svdq: lora_A \[0, 256\] and lora_B \[192, 0\] are not the factors.*r >= 1"):
+        load_lora(net, {"svdq.lora_A.weight": torch.randn(0, 256), "svdq.lora_B.weight": torch.randn(192, 0)}, "z")
+    with pytest.raises(TypeError, match="scale must be a finite number.*'high'"):
+        load_lora(net, sd, "z", scale="high")
+    with pytest.raises(ValueError, match="max_fused_rank must be None or an int >= 0.*-5"):
+        load_lora(net, sd, "z", max_fused_rank=-5)
+
+
+def test_a_missing_lora_file_is_file_not_found(tmp_path, monkeypatch):
+    """Through a pipeline, diffusers' lora_state_dict would take a missing path for a hub id (a download, or
+    "Repo id must be in the form ..."): a path that looks local and does not exist is FileNotFoundError."""
+    from svdquant_ops.integrations.pipelines import tiny_flux_pipeline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    pipe = tiny_flux_pipeline()
+    for missing in (str(tmp_path / "nolora.safetensors"), tmp_path / "nolora.safetensors", "ghibli_style.safetensors",
+                    "./loras/style"):
+        with pytest.raises(FileNotFoundError, match="load_lora: no LoRA file at"):
+            load_lora(pipe, missing, "x")
+        with pytest.raises(FileNotFoundError, match="load_lora: no LoRA file at"):
+            load_lora(pipe.transformer, missing, "x")
 
 
 # ---------------------------------------------------------------- a tiny FLUX pipeline: files, compile, unload

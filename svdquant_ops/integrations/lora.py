@@ -186,10 +186,20 @@ def _split_model(target) -> tuple[nn.Module, type | None]:
     return denoiser, owner
 
 
+def _looks_local(source) -> bool:
+    """A path, not a hub id ('owner/name'): a Path, an absolute or ./ ~ path, or a file name with a weights suffix."""
+    text = str(source)
+    return (isinstance(source, Path) or text.startswith((".", "/", "~")) or text.endswith((".safetensors", ".bin"))
+            or text.count("/") != 1)
+
+
 def _read_raw(source, owner: type | None, kwargs: dict):
     """(state dict, network alphas or None, PEFT metadata or None) through diffusers' converters when known."""
     if isinstance(source, dict):
         source = dict(source)  # diffusers' converters pop keys
+    elif isinstance(source, (str, Path)) and _looks_local(source) and not Path(source).exists():
+        # diffusers would take it for a hub id: a download attempt, or "Repo id must be in the form ..."
+        raise FileNotFoundError(f"load_lora: no LoRA file at {str(source)!r}")
     if owner is not None:
         params = inspect.signature(owner.lora_state_dict).parameters
         kw = dict(kwargs, return_lora_metadata=True)
@@ -294,9 +304,9 @@ def read_lora(model_or_pipe, path_or_state_dict, **load_kwargs) -> dict[str, Lor
     layers = {}
     for name in downs:
         a, b = downs[name], ups[name]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or a.shape[0] == 0:
             raise ValueError(f"load_lora: {name}: lora_A {list(a.shape)} and lora_B {list(b.shape)} are not the "
-                             "factors of one linear's LoRA ([r, in_features] and [out_features, r])")
+                             "factors of one linear's LoRA ([r, in_features] and [out_features, r], r >= 1)")
         for what, t in (("lora_A", a), ("lora_B", b)):
             if not torch.isfinite(t.float()).all():
                 raise ValueError(f"load_lora: {name}: {what} contains NaN or Inf (corrupt LoRA file?)")
@@ -517,6 +527,10 @@ def load_lora(model, path_or_state_dict, adapter_name: str, scale: float = 1.0, 
         raise ValueError(f"load_lora: an adapter named {adapter_name!r} is already loaded; unload_lora(model, "
                          f"{adapter_name!r}) first or choose another name (loaded: {list(st.scales)})")
     scale = _strength(scale, "load_lora")
+    if max_fused_rank is not None and (isinstance(max_fused_rank, bool) or not isinstance(max_fused_rank, int)
+                                       or max_fused_rank < 0):
+        raise ValueError(f"load_lora: max_fused_rank must be None or an int >= 0 (the SVDQuant branch's largest rank "
+                         f"with adapters fused), got {max_fused_rank!r}")
     targets = _resolve(denoiser, read_lora(model, path_or_state_dict, **load_kwargs))
     fused_by_group: dict[int, tuple[_FusedGroup, list]] = {}
     side_targets = []
@@ -581,7 +595,10 @@ def _known(st: _State | None, adapter_name: str, what: str) -> _State:
 
 
 def _strength(scale, fn: str) -> float:
-    scale = float(scale)
+    try:
+        scale = float(scale)
+    except (TypeError, ValueError):
+        raise TypeError(f"{fn}: scale must be a finite number (the adapter's strength), got {scale!r}") from None
     if not math.isfinite(scale):
         raise ValueError(f"{fn}: scale must be a finite number (the adapter's strength), got {scale}")
     return scale
