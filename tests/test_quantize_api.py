@@ -151,6 +151,18 @@ def test_input_dtype_mismatch_is_a_clear_error(mlp):
     quantize_(mlp, SVDQuantConfig())
     with pytest.raises(TypeError, match="input dtype torch.float32 does not match the quantized weight's dtype"):
         mlp.fc1(torch.randn(2, 256))
+    for width in (320, 255):  # not λ's shape or the op's multiple-of-64 rule: the layer's in_features
+        with pytest.raises(ValueError, match=f"input has {width} features .* expects in_features=256"):
+            mlp.fc1(torch.randn(2, width, dtype=torch.bfloat16))
+
+
+def test_weight_only_input_width_is_a_clear_error():
+    from svdquant_ops import W4A16Config
+
+    m = torch.nn.Sequential(torch.nn.Linear(256, 64)).to(torch.bfloat16)
+    quantize_(m, W4A16Config())
+    with pytest.raises(ValueError, match="W4A16 linear: input has 128 features .* expects in_features=256"):
+        m(torch.randn(2, 128, dtype=torch.bfloat16))
 
 
 @pytest.mark.parametrize(
@@ -198,6 +210,19 @@ def test_nan_weight_is_refused(mlp, bad):
     prepare_model(mlp)
     with pytest.raises(ValueError, match="cannot quantize fc2: weight contains NaN or Inf"):
         quantize_(mlp, SVDQuantConfig())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without a CUDA GPU")
+def test_cuda_device_without_a_gpu_is_a_clear_error(mlp):
+    with pytest.raises(ValueError, match="SVDQuantConfig.device='cuda': no CUDA GPU is available"):
+        quantize_model(mlp, device="cuda")
+
+
+def test_meta_weights_are_refused_by_name():
+    with torch.device("meta"):
+        m = torch.nn.Sequential(torch.nn.Linear(256, 512)).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="cannot quantize 0: weight is on the meta device"):
+        quantize_model(m)
 
 
 def test_corrupt_tensor_parts_are_refused(mlp):

@@ -226,6 +226,9 @@ def quantized_linear(x: torch.Tensor, weight: SVDQuantTensor, bias: torch.Tensor
     if x.dtype != weight.dtype:
         raise TypeError(f"SVDQuant linear: input dtype {x.dtype} does not match the quantized weight's dtype "
                         f"{weight.dtype}; cast the input or the model")
+    if x.dim() and x.shape[-1] != weight.shape[1]:  # else the op would name λ's shape, not the layer's
+        raise ValueError(f"SVDQuant linear: input has {x.shape[-1]} features (its last dimension), the quantized "
+                         f"weight expects in_features={weight.shape[1]}")
     if weight.bias_correction is not None:
         bias = weight.bias_correction if bias is None else bias.float() + weight.bias_correction
     act = _cached_quantize_act(x, weight)
@@ -750,6 +753,9 @@ def weight_only_linear(x: torch.Tensor, weight: W4A16Tensor, bias: torch.Tensor 
     if x.dtype != weight.dtype:
         raise TypeError(f"W4A16 linear: input dtype {x.dtype} does not match the quantized weight's dtype "
                         f"{weight.dtype}; cast the input or the model")
+    if x.dim() and x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"W4A16 linear: input has {x.shape[-1]} features (its last dimension), the quantized "
+                         f"weight expects in_features={weight.shape[1]}")
     return w4a16_linear(x, weight.codes, weight.scales, weight.zeros, bias)
 
 

@@ -24,6 +24,9 @@ def check_weight(weight: torch.Tensor, name: str = "weight") -> None:
         raise ValueError(f"{name} must be 2-D [out_features, in_features], got shape {list(weight.shape)}")
     if not weight.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {weight.dtype}")
+    if weight.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (it has no values): load the model's weights before "
+                         "quantizing")
     if not torch.isfinite(weight).all():
         raise ValueError(f"{name} contains NaN or Inf values; refusing to quantize a corrupt weight")
 

@@ -72,7 +72,11 @@ def transform(module: nn.Module, config: SVDQuantConfig, *, parameter_name: str 
 
 def _solve_device(config, weight: torch.Tensor) -> torch.device:
     if config.device is not None:
-        return torch.device(config.device)
+        device = torch.device(config.device)
+        if device.type == "cuda" and not torch.cuda.is_available():  # else torch's bare "not compiled with CUDA"
+            raise ValueError(f"SVDQuantConfig.device={config.device!r}: no CUDA GPU is available on this machine "
+                             "(leave device unset, or use 'cpu')")
+        return device
     return torch.device("cuda") if torch.cuda.is_available() else weight.device
 
 
