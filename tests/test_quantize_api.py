@@ -218,6 +218,16 @@ def test_cuda_device_without_a_gpu_is_a_clear_error(mlp):
         quantize_model(mlp, device="cuda")
 
 
+def test_a_nan_weight_leaves_the_model_unquantized(mlp):
+    """Every weight is checked before any is replaced: NaN in fc2 does not leave fc1 quantized."""
+    with torch.no_grad():
+        mlp.fc2.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="cannot quantize fc2: weight contains NaN or Inf"):
+        quantize_model(mlp)
+    assert not any(isinstance(m.weight, SVDQuantTensor) for m in mlp.modules() if isinstance(m, torch.nn.Linear))
+    assert "(" not in str(quantize_model(torch.nn.Sequential()))  # no ratio of 0 bytes ("nanx")
+
+
 def test_meta_weights_are_refused_by_name():
     with torch.device("meta"):
         m = torch.nn.Sequential(torch.nn.Linear(256, 512)).to(torch.bfloat16)

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..quantize.calibration import record_inputs
 from ..quantize.config import SVDQuantConfig
+from ..quantize.decompose import check_layer_weight
 from ..quantize.selection import ALREADY_QUANTIZED, KEEP, decide
 from ..ops import install_compile_pass
 from ..quantize.sharing import share_inputs
@@ -53,7 +54,7 @@ class QuantizeSummary:
         return (f"{len(self.quantized)} linears SVDQuant, {len(self.weight_only)} 4-bit weight-only"
                 f"{' (' + wo + ')' if wo else ''}, {len(self.kept)} kept in 16-bit"
                 f"{' (' + why + ')' if why else ''}; weights {self.bytes_before / 2**20:.1f} MiB -> "
-                f"{self.bytes_after / 2**20:.1f} MiB ({self.ratio:.2f}x)")
+                f"{self.bytes_after / 2**20:.1f} MiB" + (f" ({self.ratio:.2f}x)" if self.bytes_before else ""))
 
 
 def _counts(reasons: dict[str, str]) -> str:
@@ -86,11 +87,13 @@ def quantize_model(model: nn.Module, config: SVDQuantConfig | None = None, **opt
                          f"16-bit model again to quantize it with precision {config.precision!r}")
     summary = QuantizeSummary(bytes_before=model_nbytes(model))
     reasons = {}
-    for module in model.modules():
+    for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
             d = decide(module, config)
             if d.reason != ALREADY_QUANTIZED:  # already 4-bit: counted by its weight below
                 reasons[module] = d
+            if d.action != KEEP:  # every weight checked before any is replaced: a NaN in the last layer must not
+                check_layer_weight(module.weight, name)  # leave the model half quantized
     with torch.no_grad():
         quantize_(model, config)
     share_inputs(model)  # one λ and one down projection per input: one quantize_act per input at run time
