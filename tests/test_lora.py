@@ -502,6 +502,21 @@ def test_helpful_errors():
         load_lora(net, sd, "z", scale="high")
     with pytest.raises(ValueError, match="max_fused_rank must be None or an int >= 0.*-5"):
         load_lora(net, sd, "z", max_fused_rank=-5)
+    with pytest.raises(TypeError, match="max_fused_rank must be None or an int >= 0.*'64'"):
+        load_lora(net, sd, "z", max_fused_rank="64")
+
+
+def test_lora_paths_local_or_hub(tmp_path, monkeypatch):
+    """What load_lora treats as a local path (a missing one is FileNotFoundError) and what it leaves to diffusers
+    as a hub id; '~' is expanded."""
+    from svdquant_ops.integrations.lora import _looks_local
+
+    assert not _looks_local("owner/name")
+    assert all(_looks_local(p) for p in ("a/b/c", "./x", "/abs/x", "~/x", "style.safetensors", tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    net = _layers()
+    save_file(_lora(net, ["svdq"], rank=4, seed=7), str(tmp_path / "mine.safetensors"))
+    assert load_lora(net, "~/mine.safetensors", "x") == {"fused": 1, "side": 0}
 
 
 def test_a_missing_lora_file_is_file_not_found(tmp_path, monkeypatch):

@@ -213,9 +213,11 @@ def test_nan_weight_is_refused(mlp, bad):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without a CUDA GPU")
-def test_cuda_device_without_a_gpu_is_a_clear_error(mlp):
+def test_cuda_device_without_a_gpu_is_a_clear_error():
+    model = tiny_flux()  # its AdaLN linears (weight-only) come before the first SVDQuant linear
     with pytest.raises(ValueError, match="SVDQuantConfig.device='cuda': no CUDA GPU is available"):
-        quantize_model(mlp, device="cuda")
+        quantize_model(model, device="cuda")
+    assert not any(isinstance(p, (SVDQuantTensor, svdquant_ops.W4A16Tensor)) for p in model.parameters())
 
 
 def test_a_nan_weight_leaves_the_model_unquantized(mlp):
@@ -226,6 +228,27 @@ def test_a_nan_weight_leaves_the_model_unquantized(mlp):
         quantize_model(mlp)
     assert not any(isinstance(m.weight, SVDQuantTensor) for m in mlp.modules() if isinstance(m, torch.nn.Linear))
     assert "(" not in str(quantize_model(torch.nn.Sequential()))  # no ratio of 0 bytes ("nanx")
+    bare = torch.nn.Linear(256, 256).to(torch.bfloat16)
+    with torch.no_grad():
+        bare.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"cannot quantize Linear\(256->256\): weight contains NaN"):
+        quantize_model(bare)
+
+
+def test_layers_quantize_skips_are_not_checked():
+    """torchao's quantize_ leaves MultiheadAttention's out_proj (NonDynamicallyQuantizableLinear) alone, and so
+    does the check before it: a NaN there is the model's, not a reason to refuse the rest."""
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = torch.nn.MultiheadAttention(256, 4, batch_first=True)
+            self.fc = torch.nn.Linear(256, 256)
+
+    m = Block().to(torch.bfloat16)
+    with torch.no_grad():
+        m.attn.out_proj.weight[0, 0] = float("nan")
+    summary = quantize_model(m)
+    assert summary.quantized == ["fc"] and "attn.out_proj" in summary.kept
 
 
 def test_meta_weights_are_refused_by_name():

@@ -186,7 +186,7 @@ def test_safetensors_unreadable_files_name_the_file(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    with pytest.raises(FileNotFoundError, match="is a directory"):
+    with pytest.raises(IsADirectoryError, match="is a directory"):
         svdquant_ops.load_file(tmp_path)
     with pytest.raises(FileNotFoundError, match="no such file"):
         svdquant_ops.load_file(tmp_path / "missing.safetensors")
@@ -205,13 +205,14 @@ def test_safetensors_unreadable_files_name_the_file(tmp_path):
         svdquant_ops.load_file(tmp_path / "bad.safetensors")
 
 
-@pytest.mark.parametrize("part", ["proj_down", "proj_up", "smooth", "scales"])
-def test_load_state_dict_checks_values(part):
+@pytest.mark.parametrize("precision,part", [("int4", "proj_down"), ("int4", "proj_up"), ("int4", "smooth"),
+                                            ("int4", "scales"), ("w4a16", "scales"), ("w4a16", "zeros")])
+def test_load_state_dict_checks_values(precision, part):
     """load_state_dict into a quantized model checks the values load_file checks, before writing: NaN in a
     low-rank factor used to load silently and make every output NaN."""
     import copy
 
-    dst, src = _quantized_mlp(seed=1), _quantized_mlp(seed=0)
+    dst, src = _quantized_mlp(precision, seed=1), _quantized_mlp(precision, seed=0)
     before = copy.deepcopy(dst.fc1.weight)
     sd = copy.deepcopy(src.state_dict())
     t = getattr(sd["fc1.weight"], part)
@@ -228,8 +229,10 @@ def test_setting_data_takes_the_parts_or_refuses():
     dst, src = _quantized_mlp(seed=1), _quantized_mlp(seed=0)
     x = torch.randn(4, 256, dtype=torch.bfloat16)
     for bad in (torch.randn(8, 8, dtype=torch.bfloat16), torch.randn(dst.fc1.weight.shape)):
-        with pytest.raises(TypeError, match="SVDQuantTensor.data = ...: expected a SVDQuantTensor of shape"):
+        with pytest.raises(TypeError, match="SVDQuantTensor.data = ...: expected SVDQuantTensor of shape"):
             dst.fc1.weight.data = bad
+    with pytest.raises(TypeError, match=r"expected SVDQuantTensor of shape \[512, 256\], got NoneType; "):
+        dst.fc1.weight.data = None
     with pytest.raises(TypeError, match="precision differs"):
         dst.fc1.weight.data = _quantized_mlp("nvfp4").fc1.weight
     for name in ("fc1", "fc2", "fc3"):  # fc3 stays 16-bit (96 inputs)

@@ -13,7 +13,8 @@ from torch import nn
 from ..quantize.calibration import record_inputs
 from ..quantize.config import SVDQuantConfig
 from ..quantize.decompose import check_layer_weight
-from ..quantize.selection import ALREADY_QUANTIZED, KEEP, decide
+from ..quantize.handler import check_device
+from ..quantize.selection import ALREADY_QUANTIZED, KEEP, SVDQUANT, decide
 from ..ops import install_compile_pass
 from ..quantize.sharing import share_inputs
 from ..quantize.structure import describe, weight_only_reason
@@ -87,13 +88,17 @@ def quantize_model(model: nn.Module, config: SVDQuantConfig | None = None, **opt
                          f"16-bit model again to quantize it with precision {config.precision!r}")
     summary = QuantizeSummary(bytes_before=model_nbytes(model))
     reasons = {}
-    for name, module in model.named_modules():
+    for module in model.modules():
         if isinstance(module, nn.Linear):
             d = decide(module, config)
             if d.reason != ALREADY_QUANTIZED:  # already 4-bit: counted by its weight below
                 reasons[module] = d
-            if d.action != KEEP:  # every weight checked before any is replaced: a NaN in the last layer must not
-                check_layer_weight(module.weight, name)  # leave the model half quantized
+            # every weight quantize_ will replace is checked before any is: a NaN in the last layer must not leave
+            # the model half quantized (torchao's quantize_ skips NonDynamicallyQuantizableLinear, and so do we)
+            if d.action != KEEP and not isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+                check_layer_weight(module.weight, describe(module))
+                if d.action == SVDQUANT:
+                    check_device(config)
     with torch.no_grad():
         quantize_(model, config)
     share_inputs(model)  # one λ and one down projection per input: one quantize_act per input at run time

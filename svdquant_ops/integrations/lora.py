@@ -47,6 +47,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import operator
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,19 +188,21 @@ def _split_model(target) -> tuple[nn.Module, type | None]:
 
 
 def _looks_local(source) -> bool:
-    """A path, not a hub id ('owner/name'): a Path, an absolute or ./ ~ path, or a file name with a weights suffix."""
+    """A path, not a hub id ('owner/name'): a Path, an absolute, ./ or ~ path, a name with a weights suffix, or
+    more than one '/'."""
     text = str(source)
     return (isinstance(source, Path) or text.startswith((".", "/", "~")) or text.endswith((".safetensors", ".bin"))
-            or text.count("/") != 1)
+            or text.count("/") > 1)
 
 
 def _read_raw(source, owner: type | None, kwargs: dict):
     """(state dict, network alphas or None, PEFT metadata or None) through diffusers' converters when known."""
     if isinstance(source, dict):
         source = dict(source)  # diffusers' converters pop keys
-    elif isinstance(source, (str, Path)) and _looks_local(source) and not Path(source).exists():
-        # diffusers would take it for a hub id: a download attempt, or "Repo id must be in the form ..."
-        raise FileNotFoundError(f"load_lora: no LoRA file at {str(source)!r}")
+    elif isinstance(source, (str, Path)) and _looks_local(source):
+        source = str(Path(source).expanduser())
+        if not Path(source).exists():  # diffusers would take it for a hub id: a download, or "Repo id must be ..."
+            raise FileNotFoundError(f"load_lora: no LoRA file at {source!r}")
     if owner is not None:
         params = inspect.signature(owner.lora_state_dict).parameters
         kw = dict(kwargs, return_lora_metadata=True)
@@ -527,10 +530,17 @@ def load_lora(model, path_or_state_dict, adapter_name: str, scale: float = 1.0, 
         raise ValueError(f"load_lora: an adapter named {adapter_name!r} is already loaded; unload_lora(model, "
                          f"{adapter_name!r}) first or choose another name (loaded: {list(st.scales)})")
     scale = _strength(scale, "load_lora")
-    if max_fused_rank is not None and (isinstance(max_fused_rank, bool) or not isinstance(max_fused_rank, int)
-                                       or max_fused_rank < 0):
-        raise ValueError(f"load_lora: max_fused_rank must be None or an int >= 0 (the SVDQuant branch's largest rank "
-                         f"with adapters fused), got {max_fused_rank!r}")
+    if max_fused_rank is not None:
+        what = "load_lora: max_fused_rank must be None or an int >= 0 (the SVDQuant branch's largest rank with " \
+               f"adapters fused), got {max_fused_rank!r}"
+        if isinstance(max_fused_rank, bool):
+            raise TypeError(what)
+        try:
+            max_fused_rank = operator.index(max_fused_rank)
+        except TypeError:
+            raise TypeError(what) from None
+        if max_fused_rank < 0:
+            raise ValueError(what)
     targets = _resolve(denoiser, read_lora(model, path_or_state_dict, **load_kwargs))
     fused_by_group: dict[int, tuple[_FusedGroup, list]] = {}
     side_targets = []

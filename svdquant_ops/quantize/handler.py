@@ -70,13 +70,17 @@ def transform(module: nn.Module, config: SVDQuantConfig, *, parameter_name: str 
     return module
 
 
+def check_device(config) -> None:
+    """SVDQuantConfig.device names a device this machine has (else torch's bare "not compiled with CUDA" mid-way)."""
+    if config.device is not None and torch.device(config.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"SVDQuantConfig.device={config.device!r}: no CUDA GPU is available on this machine "
+                         "(leave device unset, or use 'cpu')")
+
+
 def _solve_device(config, weight: torch.Tensor) -> torch.device:
     if config.device is not None:
-        device = torch.device(config.device)
-        if device.type == "cuda" and not torch.cuda.is_available():  # else torch's bare "not compiled with CUDA"
-            raise ValueError(f"SVDQuantConfig.device={config.device!r}: no CUDA GPU is available on this machine "
-                             "(leave device unset, or use 'cpu')")
-        return device
+        check_device(config)
+        return torch.device(config.device)
     return torch.device("cuda") if torch.cuda.is_available() else weight.device
 
 

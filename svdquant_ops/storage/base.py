@@ -56,9 +56,10 @@ class PackedWeight(TorchAOBaseTensor):
     def data(self, value):
         cls = type(self).__name__
         if type(value) is not type(self) or value.shape != self.shape:
-            raise TypeError(f"{cls}.data = ...: expected a {cls} of shape {list(self.shape)}, got "
-                            f"{type(value).__name__} of shape {list(value.shape)}; to change a quantized weight, "
-                            "quantize the layer again or load a state dict")
+            shape = getattr(value, "shape", None)
+            raise TypeError(f"{cls}.data = ...: expected {cls} of shape {list(self.shape)}, got "
+                            f"{type(value).__name__}{'' if shape is None else f' of shape {list(shape)}'}; to change "
+                            "a quantized weight, quantize the layer again or load a state dict")
         for name in self.tensor_attribute_names:
             if getattr(value, name) != getattr(self, name):
                 raise TypeError(f"{cls}.data = ...: {name} differs ({getattr(value, name)!r}, the weight has "

@@ -95,17 +95,23 @@ def load_file(path: str | Path, device: str | torch.device = "cpu") -> dict[str,
     from safetensors import safe_open
     from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
 
-    register()
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: {'is a directory' if Path(path).is_dir() else 'no such file'} (expected a "
-                                "file written by svdquant_ops.save_file)")
     try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # safetensors' header errors (empty, truncated, not safetensors) name no file
+        from safetensors import SafetensorError
+    except ImportError:  # safetensors without the name at top level
+        from safetensors._safetensors_rust import SafetensorError
+    register()
+    if Path(path).is_dir():
+        raise IsADirectoryError(f"{path}: is a directory (expected a file written by svdquant_ops.save_file)")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file (expected a file written by svdquant_ops.save_file)")
+    try:
+        f = safe_open(str(path), framework="pt", device=str(device))
+    except SafetensorError as exc:  # its header errors (empty, truncated, not safetensors) name no file
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise ValueError(f"{path}: cannot read it as a safetensors file: {first}") from exc
+    with f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
     if "tensor_names" not in meta:
         raise ValueError(f"{path}: not a quantized state dict written by svdquant_ops.save_file (no tensor metadata)")
     try:
