@@ -187,15 +187,18 @@ def test_error_paths(capsys, tmp_path, monkeypatch):
         _fails(capsys, ["quantize", "--device", "cuda"], "no CUDA GPU is available")
 
 
-def test_generate_with_a_corrupt_weights_file_is_one_line(quantized_dir, tmp_path, capsys, monkeypatch):
-    """A truncated safetensors file in a quantized directory: one line naming the directory, exit code 2."""
+def _copy_of(quantized_dir, dest: Path) -> tuple[Path, Path]:
+    """A copy of the quantized directory at ``dest`` and its transformer's weights file, to damage."""
     import shutil
 
+    shutil.copytree(quantized_dir[0], dest)
+    return dest, dest / "transformer" / "diffusion_pytorch_model.safetensors"
+
+
+def test_generate_with_a_corrupt_weights_file_is_one_line(quantized_dir, tmp_path, capsys, monkeypatch):
+    """A truncated safetensors file in a quantized directory: one line naming the directory, exit code 2."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    out, _ = quantized_dir
-    bad = tmp_path / "bad"
-    shutil.copytree(out, bad)
-    weights = bad / "transformer" / "diffusion_pytorch_model.safetensors"
+    bad, weights = _copy_of(quantized_dir, tmp_path / "bad")
     weights.write_bytes(weights.read_bytes()[:4096])
     _fails(capsys, ["generate", str(bad), "--prompt", "x", "--out", str(tmp_path / "x.png")],
            f"{bad}: cannot load the pipeline from the local directory")
@@ -204,16 +207,11 @@ def test_generate_with_a_corrupt_weights_file_is_one_line(quantized_dir, tmp_pat
 
 def test_generate_with_nan_weights_names_the_directory(quantized_dir, tmp_path, capsys, monkeypatch):
     """A quantized weight's values are checked on load: NaN in one λ is one line naming the directory and the part."""
-    import shutil
-
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    out, _ = quantized_dir
-    bad = tmp_path / "nan"
-    shutil.copytree(out, bad)
-    weights = bad / "transformer" / "diffusion_pytorch_model.safetensors"
+    bad, weights = _copy_of(quantized_dir, tmp_path / "nan")
     with safe_open(weights, "pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     key = next(k for k in tensors if "smooth" in k)

@@ -97,8 +97,8 @@ def quantize_model(model: nn.Module, config: SVDQuantConfig | None = None, **opt
             # the model half quantized (torchao's quantize_ skips NonDynamicallyQuantizableLinear, and so do we)
             if d.action != KEEP and not isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
                 check_layer_weight(module.weight, describe(module))
-                if d.action == SVDQUANT:
-                    check_device(config)
+    if any(d.action == SVDQUANT for d in reasons.values()):
+        check_device(config)  # where the algorithm runs: before the weight-only layers that come first are replaced
     with torch.no_grad():
         quantize_(model, config)
     share_inputs(model)  # one λ and one down projection per input: one quantize_act per input at run time

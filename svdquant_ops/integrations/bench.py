@@ -1184,15 +1184,14 @@ def report(meta: dict, rows: list[dict], header_md) -> str:
     lines = [f"# FLUX.1 transformer step on {meta['gpu']} ({meta['date']})", ""]
     lines += header_md(meta)
     v = meta["versions"]
+    each = "each from an idle GPU" if meta["device"].startswith("cuda") else "each timed alone"
     lines += [f"- software: torch {v['torch']} (CUDA {v['cuda']}), torchao {v['torchao']}, diffusers "
               f"{v['diffusers']}, triton {v['triton']}, Python {v['python']}",
               f"- model: {meta['model_desc']}",
               f"- step: one transformer forward at {meta['size']}x{meta['size']} ({meta['image_tokens']} image + "
               f"{meta['text_tokens']} text tokens), batch {meta['batch']}; ms/step = median of {meta['iters']} steps "
-              f"after {meta['warmup']} warm-up calls (reduce-overhead: at least 3), "
-              + ("each from an idle GPU" if meta["device"].startswith("cuda") else "each timed alone")
-              + " (back to back: "
-              + f"{meta['iters']} steps without synchronizing, as a denoising loop), "
+              f"after {meta['warmup']} warm-up calls (reduce-overhead: at least 3), {each} (back to back: "
+              f"{meta['iters']} steps without synchronizing, as a denoising loop), "
               f"{'CUDA events' if meta['device'].startswith('cuda') else 'perf_counter'}, under "
               "torch.inference_mode(); one process per configuration "
               f"(timeout {meta['timeout']:g} s" + (f", {meta['budget']:g} s for the run)" if meta.get("budget")

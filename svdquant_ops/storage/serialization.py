@@ -92,13 +92,9 @@ def save_file(state_dict: dict[str, torch.Tensor], path: str | Path, metadata: d
 
 def load_file(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Load what ``save_file`` wrote; every quantized weight is shape-checked on construction and value-checked."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
 
-    try:
-        from safetensors import SafetensorError
-    except ImportError:  # safetensors without the name at top level
-        from safetensors._safetensors_rust import SafetensorError
     register()
     if Path(path).is_dir():
         raise IsADirectoryError(f"{path}: is a directory (expected a file written by svdquant_ops.save_file)")
