@@ -52,6 +52,36 @@ def test_quantizing_a_cpu_model_returns_a_cpu_model(quantized):
     assert all(w.device.type == "cpu" and w.codes.device.type == "cpu" for w in _weights(model))
 
 
+def test_load_state_dict_and_data_setter_on_gpu_weights(quantized):
+    """A CPU state dict loaded into a GPU model (copy_ checks the values on the way, then copies across devices),
+    a NaN in it refused with the GPU weights untouched, and `weight.data = w` between GPU models."""
+    model, inputs, ref = quantized
+    dst = tiny_flux(seed=1)
+    with torch.inference_mode():
+        quantize_model(dst, precision="w4a8", rank=16)
+    dst = dst.to("cuda")
+    other = copy.deepcopy(dst)  # seed 1's weights, for the data setter below
+    sd = copy.deepcopy(model.state_dict())
+    name = next(k for k, v in sd.items() if isinstance(v, SVDQuantTensor))
+    sd[name].proj_down.view(-1)[0] = float("nan")
+    before = dict(dst.named_parameters())[name].proj_down.clone()
+    with pytest.raises(RuntimeError, match="proj_down contains NaN or Inf"):
+        dst.load_state_dict(sd)
+    assert torch.equal(dict(dst.named_parameters())[name].proj_down, before)
+    dst.load_state_dict(model.state_dict())
+    assert all(w.codes.device.type == "cuda" for w in _weights(dst))
+    _check(dst, inputs, ref)
+
+    src = copy.deepcopy(model).to("cuda")
+    for d, s in zip(other.modules(), src.modules()):
+        if isinstance(getattr(d, "weight", None), SVDQuantTensor):
+            d.weight.data = s.weight
+            assert d.weight.codes is s.weight.codes
+    plain = {k: v for k, v in src.state_dict().items() if not isinstance(v, SVDQuantTensor)}
+    assert not other.load_state_dict(plain, strict=False).unexpected_keys
+    _check(other, inputs, ref)
+
+
 MOVES = {
     "to(cuda)": lambda m: m.to("cuda"),
     "cuda()": lambda m: m.cuda(),
