@@ -24,9 +24,10 @@
 #                         prep kernel, and on packed weights expanded in registers (SVDQUANT_OPS_CUDA_W4A8_WEIGHTS=prep /
 #                         regs): the A/B that sets the library's per-call rule (kRegaMaxTokens), beside fp8 and bf16
 #   HALF=prep:            the w4a8 recipe with the prep kernel keeping 1 or 4 (the default) weight units in flight
-#                         per thread (SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS=1 / 4), then with only the grid rows that
-#                         have work (SVDQUANT_OPS_CUDA_PREP_ROWS=used), compiled: the prep changes' A/Bs
-#                         (profile.top's prep_kernel ms per step; -prep1 first: it timed out twice when last)
+#                         per thread (SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS=1 / 4), then with the grid's three rows
+#                         (SVDQUANT_OPS_CUDA_PREP_ROWS=all; only the rows with work is the default), compiled: the
+#                         prep changes' A/Bs (profile.top's prep_kernel ms per step; -prep1 first: it timed out
+#                         twice when last)
 #   HALF=pack:            the w4a8 recipe, fp8, then the w4a8 recipe with every weight part a graph input of its own
 #                         (unwrap_weights(pack=False)): the criterion's compiled pair and the packing's A/B of the
 #                         host's time before the first kernel (its bf16 row is in HALF=ro: four cold compiles did not
@@ -52,7 +53,7 @@ case "${HALF:-plain}" in
   int4) configs=int4-compile-fused-unwrap,int4-compile-ro-fused-unwrap; per=250 ;;
   weights) configs=w4a8-compile-fused-unwrap-cat-prep,w4a8-compile-fused-unwrap-cat-regs,fp8-compile,bf16-compile
         per=150 ;;
-  prep) configs=w4a8-compile-fused-unwrap-cat-prep1,w4a8-compile-fused-unwrap-cat-prep4,w4a8-compile-fused-unwrap-cat-rowsused
+  prep) configs=w4a8-compile-fused-unwrap-cat-prep1,w4a8-compile-fused-unwrap-cat-prep4,w4a8-compile-fused-unwrap-cat-rowsall
         per=150 ;;
   pdl)  configs=w4a8-compile-fused-unwrap-cat-nopdl,w4a8-compile-fused-unwrap-cat-pdl,w4a8-compile-ro-fused-unwrap-cat-nopdl,w4a8-compile-ro-fused-unwrap-cat-pdl
         per=130 ;;

@@ -120,11 +120,13 @@ inline int w4a8_prep_units() {
   return kUnits[env_choice("SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS", kNames)];
 }
 
-// SVDQUANT_OPS_CUDA_PREP_ROWS=all|used: whether the prep kernel's grid has all three rows (activation codes, weight
-// codes, small operands), the rows with nothing to do returning at once (all, the default until measured), or only
-// the rows with work (used: W4A8 skips the activation row, whose codes quantize_act wrote as int8 already, and the
-// weight row where the weights are expanded elsewhere; weight-only calls skip the activation row). The same bytes.
-constexpr bool kPrepUsedRowsDefault = false;
+// SVDQUANT_OPS_CUDA_PREP_ROWS=used|all: whether the prep kernel's grid has only the rows with work (used, the
+// default since 2026-12-07: W4A8 skips the activation row, whose codes quantize_act wrote as int8 already, and the
+// weight row where the weights are expanded elsewhere; weight-only calls skip the activation row) or all three rows
+// (activation codes, weight codes, small operands), those with nothing to do returning at once (all, the grid before
+// it). The same bytes; on an H100 "used" took prep_kernel from 5.08-5.10 to 4.97-4.98 ms per FLUX step, in two runs
+// of opposite order (benchmarks/results/2026-12-07-h100-twentyfourth-summary.md).
+constexpr bool kPrepUsedRowsDefault = true;
 inline bool prep_used_rows() { return env_switch("SVDQUANT_OPS_CUDA_PREP_ROWS", "used", "all", kPrepUsedRowsDefault); }
 
 constexpr int kMaxDevices = 64;

@@ -338,7 +338,7 @@ void launch_prep(const PrepArgs& pa, const Sm90Plan& pl, cudaStream_t stream) {
                             : std::max<int64_t>(int64_t(pl.M), int64_t(pl.N)) * (pl.K / 16);
   const unsigned gx =
       static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((units + 255) / 256, 8 * num_sms())));
-  // Rows 0 .. first_row - 1 have nothing to do (prep_kernel returns at once there): launched only under
+  // Rows 0 .. first_row - 1 have nothing to do (prep_kernel returns at once there): left out unless
   // SVDQUANT_OPS_CUDA_PREP_ROWS=all (common.cuh)
   PrepArgs args = pa;
   args.first_row = !prep_used_rows() ? 0 : pa.w4a8 ? (pa.skip_b ? 2 : 1) : (pa.weights_only ? 1 : 0);
