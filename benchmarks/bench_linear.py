@@ -300,6 +300,41 @@ def ahead_ab(dev, rep_ms):
         raise SystemExit(f"ahead_ab: {bad} GEMMs gave different outputs or next weights")
 
 
+# The W4A8 weights a FLUX.1 step at 1024x1024 expands with the prep kernel (N, K, calls per step): every GEMM of
+# more than 1024 tokens, and the text stream's two narrow ones (to_add_out, ff_context out: their register-path
+# tiles cover less than half the SMs); the text stream's q/k/v and ff in run on the register path, without.
+FLUX_PREP_WEIGHTS = [(9216, 3072, 57), (3072, 3072, 38), (12288, 3072, 57), (3072, 12288, 38), (3072, 15360, 38)]
+
+
+def expand_bw(dev, rep_ms):
+    """How close W4A8's weight expansion streams to the memory's copy bandwidth: per FLUX.1 weight shape,
+    expand_w4a8_weight (the prep kernel's arithmetic and store order, in a kernel of its own: codes and multipliers
+    read, int8 written, 1.52 bytes per weight) against a device-to-device copy of the int8 weight (2 bytes per weight),
+    each in a CUDA graph; GB/s of each and their ratio, and the expansion's time per step against the time its bytes
+    take at the copy's bandwidth. The prep kernel inside a FLUX step moves the same bytes (profile.top's prep_kernel;
+    benchmarks/probes/prep_fit.py): if the kernel of its own reaches the copy's bandwidth and prep does not, the cost
+    is prep's launch structure, not the expansion."""
+    ops = torch.ops.svdquant
+    g = torch.Generator().manual_seed(11)
+    step = {"expand": 0.0, "at copy speed": 0.0}
+    for N, K, calls in FLUX_PREP_WEIGHTS:
+        layer = make_layer(K, N, 32, dev, g, "w4a8")
+        wc, ws = layer["wc"], layer["ws"]
+        dense = ops.expand_w4a8_weight(wc, ws)
+        dst = torch.empty_like(dense)
+        ex_bytes = wc.numel() + ws.numel() + dense.numel()
+        cp_bytes = 2 * dense.numel()
+        us_ex = bench_graph(lambda: ops.expand_w4a8_weight(wc, ws), rep_ms) * 1e3
+        us_cp = bench_graph(lambda: dst.copy_(dense), rep_ms) * 1e3
+        bw_ex, bw_cp = ex_bytes / us_ex / 1e3, cp_bytes / us_cp / 1e3  # GB/s
+        step["expand"] += us_ex * calls / 1e3
+        step["at copy speed"] += ex_bytes / bw_cp / 1e6 * calls
+        log(f"expand_bw N={N} K={K} ({calls} per step): expand {us_ex:.1f} us, {bw_ex:.0f} GB/s; copy "
+            f"{us_cp:.1f} us, {bw_cp:.0f} GB/s; expand / copy bandwidth {bw_ex / bw_cp:.2f}")
+    log("expand_bw per FLUX step (1024x1024, the weights prep expands): " +
+        ", ".join(f"{k} {v:.2f} ms" for k, v in step.items()))
+
+
 @contextlib.contextmanager
 def narrow_w4a8_tiles():
     """Every W4A8 GEMM on 128 x 128 tiles meanwhile (SVDQUANT_OPS_CUDA_W4A8_TILE=128): the diagnostics schedules exist
@@ -898,6 +933,9 @@ def main():
                     "sequence: the next weight expanded by a kernel of its own, by the GEMM's idle warps, or as the "
                     "library chooses (SVDQUANT_OPS_CUDA_W4A8_NEXT), against gemm with its prep; per-call and per-step "
                     "times")
+    ap.add_argument("--expand-bw", action="store_true", help="only W4A8's weight expansion (expand_w4a8_weight) on "
+                    "the weights a FLUX.1 step's prep expands, against a device-to-device copy: bandwidth per shape "
+                    "and per step")
     ap.add_argument("--weights-ab", action="store_true", help="only W4A8's gemm on a FLUX.1 step's GEMMs at 1024x1024 "
                     "and 512x512 with the weights expanded by the prep kernel against the packed weights expanded in "
                     "registers (SVDQUANT_OPS_CUDA_W4A8_WEIGHTS=prep / regs): outputs compared, per-call and per-step "
@@ -999,6 +1037,9 @@ def main():
         return
     if args.weights_ab:
         weights_ab(dev, args.rep_ms)
+        return
+    if args.expand_bw:
+        expand_bw(dev, args.rep_ms)
         return
     if args.tile_ab:
         tile_ab(dev, args.rep_ms)

@@ -37,6 +37,11 @@
 #     weightsab bench_linear.py --weights-ab: W4A8 gemm on a FLUX.1 step's GEMMs at 1024x1024 and 512x512, weights
 #               expanded by the prep kernel against packed weights expanded in registers (SVDQUANT_OPS_CUDA_W4A8_WEIGHTS=
 #               prep / regs): outputs compared, per-call and per-step times
+#     expandbw  bench_linear.py --expand-bw: W4A8's weight expansion (expand_w4a8_weight) on the weights a FLUX.1
+#               step's prep expands, against a device-to-device copy: GB/s per shape, ms per step at each
+#     attn      bench_attention.py --compile-check --out $OUT: fp8 / 8-bit attention candidates against bf16 SDPA at
+#               the FLUX.1 shapes (issue 14, item 6), with the wheels carried in .whl-attn/ installed into /tmp/attn
+#               first (benchmarks/fp8-attention.md: nvidia-cudnn-frontend from PyPI, no build); ATTN_ARGS adds options
 #     full      bench_linear.py --out $OUT (the recorded table)
 #     amax      quantize_act_given_amax (W4A8, amax given; install_compile_pass(amax_split=True)): its GPU tests,
 #               tests/test_sharing.py (shared parts as one graph input under this torch), then bench_linear.py --quantize-only --precision w4a8 (quantize_act vs the given-amax op vs Inductor's
@@ -123,6 +128,15 @@ for step in "$@"; do
     tokenab) python3 benchmarks/bench_linear.py --token-ab ;;
     tileab) python3 benchmarks/bench_linear.py --tile-ab ;;
     weightsab) python3 benchmarks/bench_linear.py --weights-ab ;;
+    expandbw) python3 benchmarks/bench_linear.py --expand-bw ;;
+    attn)
+      if ls .whl-attn/*.whl >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --target /tmp/attn .whl-attn/*.whl
+      else
+        echo "no .whl-attn/*.whl carried: only the candidates already installed run (benchmarks/fp8-attention.md)"
+      fi
+      PYTHONPATH=/tmp/attn${PYTHONPATH:+:$PYTHONPATH} python3 benchmarks/bench_attention.py --compile-check \
+        --out "${OUT:-benchmarks/results}" ${ATTN_ARGS:-} ;;
     quantize)
       if [[ -n "${SVDQUANT_OPS_QA_CFG:-}${SVDQUANT_OPS_QA_SPLITS:-}" ]]; then
         SVDQUANT_OPS_DIAGNOSTICS=1 python3 benchmarks/bench_linear.py --quantize-only
