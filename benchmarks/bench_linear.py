@@ -552,10 +552,10 @@ def make_fp8_linear(K, N, dev, W, bias):
     return lin
 
 
-def timing(dev, quick, use_torchao, rep_ms):
+def timing(dev, quick, use_torchao, rep_ms, tokens=None):
     results = []
     g = torch.Generator().manual_seed(1)
-    tokens = [4608] if quick else TOKENS
+    tokens = tokens or ([4608] if quick else TOKENS)
     for K, N in SHAPES:
         L32 = make_layer(K, N, RANK, dev, g)
         L0 = dict(L32, pd=L32["pd"][:, :0].contiguous(), up=L32["up"][:, :0].contiguous())
@@ -969,6 +969,10 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "results"),
                     help="folder for <date>-<gpu>-linear.md/.json (default: $OUT, else benchmarks/results)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--tokens", type=lambda v: [int(t) for t in v.split(",")], default=None,
+                    help="the timing table's token counts M, comma-separated (default 1024,4608,9216; --quick: 4608), "
+                    "e.g. 512 for FLUX.1's text stream at batch 1 (issue 14's small-M item) or 2048 at batch 4; the "
+                    "file name then ends in -m<M>_...")
     ap.add_argument("--no-torchao", action="store_true")
     ap.add_argument("--no-correctness", action="store_true")
     ap.add_argument("--no-timing", action="store_true")
@@ -1149,12 +1153,12 @@ def main():
         smoke(dev, one=args.smoke_one)
         return
     corr, big = correctness(dev, args.quick) if not args.no_correctness else ([], [])
-    tim = timing(dev, args.quick, not args.no_torchao, args.rep_ms) if not args.no_timing else []
+    tim = timing(dev, args.quick, not args.no_torchao, args.rep_ms, args.tokens) if not args.no_timing else []
     md = report(meta, corr, big, tim)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     gpu_tag = "h100" if "H100" in prop.name else ("h200" if "H200" in prop.name else prop.name.replace(" ", "_"))
-    stem = f"{meta['date'][:10]}-{gpu_tag}-linear"
+    stem = f"{meta['date'][:10]}-{gpu_tag}-linear" + (f"-m{'_'.join(map(str, args.tokens))}" if args.tokens else "")
     (out / f"{stem}.md").write_text(md)
     (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, correctness=corr, hopper_vs_portable=big,
                                                       timing=tim), indent=1, default=str))
