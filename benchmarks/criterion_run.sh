@@ -28,6 +28,11 @@
 #                         (SVDQUANT_OPS_CUDA_PREP_ROWS=all; only the rows with work is the default), compiled: the
 #                         prep changes' A/Bs (profile.top's prep_kernel ms per step; -prep1 first: it timed out
 #                         twice when last)
+#   HALF=gmax:            the w4a8 recipe with W4A8's first quantize_act pass by the register-prefetch kernel (the
+#                         default) and by its lean variant (SVDQUANT_OPS_CUDA_W4A8_GMAX=regs / lean: the same
+#                         arithmetic, ~30 % fewer instructions per round), compiled: the A/B that decides the
+#                         default (profile.top's quantize_fast_kernel ms per step); repeat it in the other order
+#                         (CONFIGS=...-gmaxlean,...-gmaxregs) before it sets a default
 #   HALF=pack:            the w4a8 recipe, fp8, then the w4a8 recipe with every weight part a graph input of its own
 #                         (unwrap_weights(pack=False)): the criterion's compiled pair and the packing's A/B of the
 #                         host's time before the first kernel (its bf16 row is in HALF=ro: four cold compiles did not
@@ -57,6 +62,7 @@ case "${HALF:-plain}" in
         per=150 ;;
   pdl)  configs=w4a8-compile-fused-unwrap-cat-nopdl,w4a8-compile-fused-unwrap-cat-pdl,w4a8-compile-ro-fused-unwrap-cat-nopdl,w4a8-compile-ro-fused-unwrap-cat-pdl
         per=130 ;;
+  gmax) configs=w4a8-compile-fused-unwrap-cat-gmaxregs,w4a8-compile-fused-unwrap-cat-gmaxlean; per=150 ;;
   pack) configs=w4a8-compile-fused-unwrap-cat,fp8-compile,w4a8-compile-fused-unwrap-cat-nopack; per=200 ;;
   *)    configs=w4a8-compile-fused-unwrap-cat,fp8-compile,bf16-compile; per=200 ;;
 esac

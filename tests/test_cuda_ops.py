@@ -22,6 +22,7 @@ and torch.compile(mode="reduce-overhead"). Inputs: tests/builders.py.
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -54,7 +55,7 @@ def _select_path(monkeypatch, name):
             monkeypatch.setenv(var, "1")
         else:
             monkeypatch.delenv(var, raising=False)
-    if name.startswith("gmax-"):  # W4A8's first pass by the named kernel (Hopper): gmax-pipe, gmax-regs
+    if name.startswith("gmax-"):  # W4A8's first pass by the named kernel: gmax-pipe (Hopper), gmax-regs, gmax-lean
         monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_GMAX", name[len("gmax-"):])
     else:
         monkeypatch.delenv("SVDQUANT_OPS_CUDA_W4A8_GMAX", raising=False)
@@ -80,11 +81,13 @@ def path(request, monkeypatch):
     return _select_path(monkeypatch, request.param)
 
 
-@pytest.fixture(params=["fast", "gmax-pipe", "gmax-regs", "token-split", "token-nosplit", "cluster", "portable"])
+@pytest.fixture(params=["fast", "gmax-pipe", "gmax-regs", "gmax-lean", "token-split", "token-nosplit", "cluster",
+                        "portable"])
 def w4a8_path(request, monkeypatch):
     """W4A8's quantize_act has three fast paths on Hopper: the two passes (the default, "fast"), whose first pass is
     the pipelined group-max kernel where R <= 64 with SVDQUANT_OPS_CUDA_W4A8_GMAX=pipe ("gmax-pipe") or the
-    register-prefetch kernel with =regs ("gmax-regs"; other GPUs' only one), and, opted into with
+    register-prefetch kernel with =regs ("gmax-regs"; other GPUs' only one) or its lean variant for R <= 32 with =lean
+    ("gmax-lean": the same arithmetic, fewer instructions around it), and, opted into with
     SVDQUANT_OPS_CUDA_W4A8_CLUSTER=1 ("cluster"), one pass by the cluster kernel where K splits into at most 8 slices
     of at most 1920 channels. The second pass splits K over blocks where M is small (the default; also forced with
     SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT=1, "token-split", any GPU), or not with =0 ("token-nosplit")."""
@@ -203,7 +206,7 @@ def test_quantize_act_matches_cpu(path, M, K, R, dtype, precision, unsigned):
         assert rel_fro(out[2], ref[2]) < 1e-5
 
 
-@pytest.mark.parametrize("other", ["cluster", "gmax-pipe", "gmax-regs", "token-split", "token-nosplit"])
+@pytest.mark.parametrize("other", ["cluster", "gmax-pipe", "gmax-regs", "gmax-lean", "token-split", "token-nosplit"])
 @pytest.mark.parametrize("M,K,R,dtype", W4A8_QA_CASES)
 def test_quantize_act_w4a8_other_paths_match_cpu(monkeypatch, other, M, K, R, dtype):
     """The W4A8 cases above again with the cluster kernel opted into (on Hopper it serves those whose K splits), with
@@ -246,33 +249,42 @@ def test_quantize_act_w4a8_cluster_dispatch(monkeypatch, K, opt_in, cluster):
         assert launched and not any("cluster" in n for n in launched), launched
 
 
-# The library's default for W4A8's first pass on Hopper (kW4a8GroupMaxPipeDefault in quantize_act.cu)
+# The library's default for W4A8's first pass (kW4a8GroupMaxDefault in quantize_act.cu)
 GMAX_DEFAULT = "regs"
 
 
 @pytest.mark.skipif(not IS_SM90, reason="the pipelined group-max kernel runs on compute capability 9.0 only")
-@pytest.mark.parametrize("R,gmax,pipelined", [(32, "pipe", True), (64, "pipe", True), (0, "pipe", True),
-                                              (128, "pipe", False), (32, "regs", False),
-                                              (32, None, GMAX_DEFAULT == "pipe")])
-def test_quantize_act_w4a8_groupmax_dispatch(monkeypatch, R, gmax, pipelined):
+@pytest.mark.parametrize("R,gmax,pipelined,lean", [(32, "pipe", True, False), (64, "pipe", True, False),
+                                                   (0, "pipe", True, False), (128, "pipe", False, False),
+                                                   (32, "regs", False, False), (32, "lean", False, True),
+                                                   (0, "lean", False, True), (64, "lean", False, False),
+                                                   (32, None, GMAX_DEFAULT == "pipe", GMAX_DEFAULT == "lean")])
+def test_quantize_act_w4a8_groupmax_dispatch(monkeypatch, R, gmax, pipelined, lean):
     """Which kernel runs W4A8's first pass: with SVDQUANT_OPS_CUDA_W4A8_GMAX=pipe the pipelined group-max kernel for
-    R <= 64 and the register-prefetch one for R = 128; with =regs the register-prefetch one; unset, the default."""
+    R <= 64 and the register-prefetch one for R = 128; with =regs the register-prefetch one; with =lean its lean
+    variant (the kernel's last template argument 1 or 2) for R <= 32 and the register-prefetch one above; unset, the
+    default."""
     _select_path(monkeypatch, f"gmax-{gmax}" if gmax else "fast")
     names = _w4a8_quantize_kernels(256, 3072, R)
     assert any("quantize_tokens_fast_kernel" in n for n in names), names
     # K is split into slices here; the token kernel adds their down_act partial sums (no reduce launch)
     assert not any("down_act_split_reduce_kernel" in n for n in names), names
     assert any("quantize_w4a8_groupmax_pipe_kernel" in n for n in names) == pipelined, names
-    assert any("quantize_fast_kernel" in n for n in names) == (not pipelined), names
+    # the fast kernel's last template argument: 0 the register-prefetch kernel, 1 / 2 its lean variant (x streamed /
+    # kept in L2: 2 here, where x fits in half of L2)
+    modes = [re.search(r"quantize_fast_kernel<[^>]*, (\d)>\(", n) for n in names if "quantize_fast_kernel<" in n]
+    assert bool(modes) == (not pipelined), names
+    assert all(m is not None and (m.group(1) != "0") == lean for m in modes), names
 
 
 @needs_gpu
 def test_quantize_act_w4a8_groupmax_variable_checked(monkeypatch):
-    """A value of SVDQUANT_OPS_CUDA_W4A8_GMAX other than pipe / regs is an error naming the variable."""
+    """A value of SVDQUANT_OPS_CUDA_W4A8_GMAX other than regs / pipe / lean is an error naming the variable."""
     monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_GMAX", "fast")
     monkeypatch.delenv("SVDQUANT_OPS_CUDA_PORTABLE", raising=False)
     x, smooth, pd = to_dev(op_args("quantize_act", act_inputs(64, 3072, 32, torch.bfloat16, session_generator(7))))
-    with pytest.raises(RuntimeError, match="SVDQUANT_OPS_CUDA_W4A8_GMAX must be 'pipe', 'regs' or unset, got 'fast'"):
+    expected = "SVDQUANT_OPS_CUDA_W4A8_GMAX must be 'regs', 'pipe', 'lean' or unset, got 'fast'"
+    with pytest.raises(RuntimeError, match=expected):
         OPS.quantize_act(x, smooth, pd, "w4a8", False)
 
 

@@ -80,8 +80,9 @@ class Config:
     #                                   "overlap": the child loads the diagnostics build of the op library
     fuse_qkv: bool = False  # each attention's q/k/v (and added q/k/v) as one linear (fusion.fuse_qkv): before
     #                         quantizing for bf16 / fp8, after for SVDQuant (which fuses quantized weights exactly)
-    gmax: str | None = None  # W4A8's first quantize_act pass by the pipelined ("pipe") or the register-prefetch
-    #                          ("regs") kernel (SVDQUANT_OPS_CUDA_W4A8_GMAX in the child); None: the library's default
+    gmax: str | None = None  # W4A8's first quantize_act pass by the pipelined ("pipe"), the register-prefetch
+    #                          ("regs") kernel or its lean variant ("lean": the same arithmetic, fewer instructions)
+    #                          (SVDQUANT_OPS_CUDA_W4A8_GMAX in the child); None: the library's default
     expand_ahead: bool | None = None  # install_compile_pass(expand_ahead=...): each W4A8 GEMM expands the next one's
     #                                   weight (True) or its own (False); None: the library's default
     group_w4a16: bool | None = None  # install_compile_pass(group_w4a16=...): the weight-only linears of one input as
@@ -145,7 +146,8 @@ class Config:
             how += ", q/k/v fused (fuse_qkv)"
         if self.gmax:
             how += {"pipe": ", first quantize_act pass by the pipelined kernel",
-                    "regs": ", first quantize_act pass by the register-prefetch kernel"}[self.gmax]
+                    "regs": ", first quantize_act pass by the register-prefetch kernel",
+                    "lean": ", first quantize_act pass by the register-prefetch kernel's lean variant"}[self.gmax]
         if self.w4a8_tile:
             how += f", every W4A8 GEMM on 128 x {self.w4a8_tile} tiles"
         if self.expand_ahead is not None:
@@ -304,6 +306,12 @@ def _configs() -> dict[str, Config]:
         for k in ("all", "used"):
             name = f"w4a8-compile{sfx}-fused-unwrap-cat-rows{k}"
             out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, unwrap=True, cat_gemms=True, prep_rows=k)
+    # Extra: that recipe with W4A8's first quantize_act pass by the register-prefetch kernel or its lean variant
+    # (SVDQUANT_OPS_CUDA_W4A8_GMAX=regs / lean: the same arithmetic), whatever the library's default
+    for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
+        for k in ("regs", "lean"):
+            name = f"w4a8-compile{sfx}-fused-unwrap-cat-gmax{k}"
+            out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, unwrap=True, cat_gemms=True, gmax=k)
     # Extra: that recipe with each weight part a graph input of its own (unwrap_weights(pack=False), the layout
     # before the twentieth session): the A/B of the host's time before the step's first kernel
     for sfx, mode in (("", None), ("-ro", "reduce-overhead")):

@@ -54,11 +54,6 @@ inline bool env_switch(const char* name, const char* on, const char* off, bool f
   TORCH_CHECK(false, "svdquant: ", name, " must be '", on, "', '", off, "' or unset, got '", v, "'");
   return fallback;  // not reached
 }
-// SVDQUANT_OPS_CUDA_W4A8_GMAX=pipe|regs: W4A8's first pass (the two passes' group-max pass) on Hopper by the
-// pipelined or the register-prefetch kernel; unset: `fallback` (kW4a8GroupMaxPipeDefault in quantize_act.cu).
-inline bool w4a8_groupmax_pipe(bool fallback) {
-  return env_switch("SVDQUANT_OPS_CUDA_W4A8_GMAX", "pipe", "regs", fallback);
-}
 // SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT=1|0: whether W4A8's token kernel splits K over blocks where M is small
 // (token_kernel_k_per_block in quantize_act.cu); unset: `fallback` (kW4a8TokenSplitDefault there).
 inline bool w4a8_token_split(bool fallback) {
@@ -84,6 +79,17 @@ inline int env_choice(const char* name, const char* const (&names)[N]) {
   }
   TORCH_CHECK(false, "svdquant: ", name, " must be ", expected, "' or unset, got '", v, "'");
   return 0;  // not reached
+}
+
+// SVDQUANT_OPS_CUDA_W4A8_GMAX=regs|pipe|lean: W4A8's first pass (the two passes' group-max pass) by the
+// register-prefetch kernel (regs), on Hopper the pipelined one (pipe), or the register-prefetch kernel with fewer
+// instructions around the same arithmetic (lean, R <= 32); unset: `fallback` (kW4a8GroupMaxDefault in
+// quantize_act.cu). 0 / 1 / 2.
+enum W4a8GroupMax : int { kGmaxRegs = 0, kGmaxPipe = 1, kGmaxLean = 2 };
+inline int w4a8_groupmax_kind(int fallback) {
+  static constexpr const char* kNames[] = {"regs", "pipe", "lean"};
+  const char* v = std::getenv("SVDQUANT_OPS_CUDA_W4A8_GMAX");
+  return v == nullptr || v[0] == '\0' ? fallback : env_choice("SVDQUANT_OPS_CUDA_W4A8_GMAX", kNames);
 }
 
 // SVDQUANT_OPS_CUDA_W4A8_NEXT=auto|gemm|kernel: where gemm_expanded expands the next weight on Hopper: by the GEMM

@@ -266,6 +266,29 @@ __device__ __forceinline__ void stage_pd_rows(T* dst, const T* __restrict__ pd, 
   }
 }
 
+// stage_pd_rows with its loop unrolled at compile time (the group-max pass's lean variant, kLean): the same cp.async
+// per thread (same source, destination and size), without the generic strided loop, whose index and 64-bit address
+// arithmetic took ~100 instructions per round for the 2 copies a thread makes at RP = 32 (SASS, 2026-12-07). A
+// thread's 16-byte column chunk is the same for all its rows (NT % CH == 0).
+template <typename T, int RP, int RC, int NT>
+__device__ __forceinline__ void stage_pd_rows_unrolled(T* dst, const T* __restrict__ pd, int k0, int k_end, int R) {
+  constexpr int CH = RP / 8;
+  constexpr int ITEMS = (RC * CH + NT - 1) / NT;
+  static_assert(NT % CH == 0, "a thread's column chunk must not change between its rows");
+  const int ch = static_cast<int>(threadIdx.x) % CH;
+  const bool col_ok = ch * 8 < R;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int idx = static_cast<int>(threadIdx.x) + i * NT;
+    if ((RC * CH) % NT != 0 && idx >= RC * CH) break;
+    const int kl = idx / CH;
+    const int kg = k0 + kl;
+    const bool ok = col_ok && kg < k_end;
+    const T* src = ok ? pd + static_cast<int64_t>(kg) * R + ch * 8 : pd;
+    cp_async16(dst + kl * RP + ((ch ^ pd_swizzle<RP>(kl)) * 8), src, ok ? 16 : 0);
+  }
+}
+
 // cacc += the lane's rows of x . proj_down over one 64-channel chunk (mma m16n8k16): the lane's 16 consecutive
 // channels are its A fragments' k indices in a permuted order, and the staged proj_down rows are read in the same
 // order. pd_base: the staged chunk's address plus the lane's pd_lane.
@@ -342,7 +365,12 @@ __device__ __forceinline__ void store_w4a8_codes16(int8_t* row, int64_t k, const
 // amaxes `amax_in` [M].
 enum Fmt : int { kFmtInt4 = 0, kFmtNvfp4 = 1, kFmtGroupMax = 2, kFmtInt8Token = 3 };
 
-template <typename T, int RW, int KW, int RP, int kFmt, int kMinBlocks = 2>
+// kLean (W4A8's group-max pass only, SVDQUANT_OPS_CUDA_W4A8_GMAX=lean): the same loads, arithmetic and order with
+// fewer instructions around them: stage_pd_rows_unrolled, and x's cache policy (keep_x) as a template argument
+// (kLeanKeep: __ldg, kLeanStream: __ldcs) where the run-time choice compiled into two predicated loads per 16 bytes.
+// The pass measured the same ~6.3 ms per FLUX.1 step on an H100 and an H200: bound by instruction issue, not memory.
+enum LeanMode : int { kNotLean = 0, kLeanStream = 1, kLeanKeep = 2 };
+template <typename T, int RW, int KW, int RP, int kFmt, int kMinBlocks = 2, int kLean = kNotLean>
 __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel(const T* __restrict__ x,
                                                                      const T* __restrict__ smooth,
                                                                      const T* __restrict__ pd,
@@ -356,6 +384,7 @@ __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel
   constexpr bool kNvfp4 = kFmt == kFmtNvfp4;
   constexpr bool kGroupMax = kFmt == kFmtGroupMax;
   constexpr bool kInt8 = kFmt == kFmtInt8Token;
+  static_assert(kLean == kNotLean || kGroupMax, "the lean variant is W4A8's group-max pass only");
   constexpr int NT = 32 * RW * KW;
   constexpr int RC = 64 * KW;                // channels per round
   constexpr int BUF = RC * 8 + RC * RP * 2;  // smooth + reciprocal (fp32) + staged proj_down
@@ -396,9 +425,13 @@ __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel
   if constexpr (RP > 0) pd_lane_offsets<RP>(kw, lane, pd_lane, pd_chunk_xor);
 
   auto stage_pd = [&](int q, int buf) {
-    if constexpr (RP > 0)
-      stage_pd_rows<T, RP, RC, NT>(reinterpret_cast<T*>(smem + buf * BUF + RC * 8), pd, (c_begin + q * KW) * 64,
-                                   c_end * 64, R);
+    if constexpr (RP > 0) {
+      T* dst = reinterpret_cast<T*>(smem + buf * BUF + RC * 8);
+      if constexpr (kLean != kNotLean)
+        stage_pd_rows_unrolled<T, RP, RC, NT>(dst, pd, (c_begin + q * KW) * 64, c_end * 64, R);
+      else
+        stage_pd_rows<T, RP, RC, NT>(dst, pd, (c_begin + q * KW) * 64, c_end * 64, R);
+    }
     cp_async_commit();
   };
   float sv[SV];
@@ -422,23 +455,35 @@ __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel
     }
   };
   uint4 xn[2][2];
+  // keep_x: W4A8's token kernel reads x again next; when x fits in L2, default caching lets that read hit it
+  // (streaming loads, the single-pass formats' choice, are evicted first)
+  const bool keep = kGroupMax && keep_x;
   auto load_x = [&](int c, uint4 (&dst)[2][2]) {
     const int64_t col = static_cast<int64_t>(c) * 64 + 16 * t;
     const uint4 z = make_uint4(0, 0, 0, 0);
-    // keep_x: W4A8's token kernel reads x again next; when x fits in L2, default caching lets that read hit it
-    // (streaming loads, the single-pass formats' choice, are evicted first)
-    const bool keep = kGroupMax && keep_x;
     if (row_a < M) {
       const uint4* p = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(row_a) * K + col);
-      dst[0][0] = keep ? __ldg(p) : __ldcs(p);
-      dst[0][1] = keep ? __ldg(p + 1) : __ldcs(p + 1);
+      if constexpr (kLean == kLeanKeep) {
+        dst[0][0] = __ldg(p), dst[0][1] = __ldg(p + 1);
+      } else if constexpr (kLean == kLeanStream) {
+        dst[0][0] = __ldcs(p), dst[0][1] = __ldcs(p + 1);
+      } else {
+        dst[0][0] = keep ? __ldg(p) : __ldcs(p);
+        dst[0][1] = keep ? __ldg(p + 1) : __ldcs(p + 1);
+      }
     } else {
       dst[0][0] = dst[0][1] = z;
     }
     if (row_b < M) {
       const uint4* p = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(row_b) * K + col);
-      dst[1][0] = keep ? __ldg(p) : __ldcs(p);
-      dst[1][1] = keep ? __ldg(p + 1) : __ldcs(p + 1);
+      if constexpr (kLean == kLeanKeep) {
+        dst[1][0] = __ldg(p), dst[1][1] = __ldg(p + 1);
+      } else if constexpr (kLean == kLeanStream) {
+        dst[1][0] = __ldcs(p), dst[1][1] = __ldcs(p + 1);
+      } else {
+        dst[1][0] = keep ? __ldg(p) : __ldcs(p);
+        dst[1][1] = keep ? __ldg(p + 1) : __ldcs(p + 1);
+      }
     } else {
       dst[1][0] = dst[1][1] = z;
     }
@@ -608,7 +653,7 @@ __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel
 }
 
 // W4A8's first pass, pipelined (Hopper, R <= 64, opt-in with SVDQUANT_OPS_CUDA_W4A8_GMAX=pipe: see
-// kW4a8GroupMaxPipeDefault; its ~108 KB per block do not fit sm_86 / sm_89): the group-max pass of quantize_fast_kernel
+// kW4a8GroupMaxDefault; its ~108 KB per block do not fit sm_86 / sm_89): the group-max pass of quantize_fast_kernel
 // (per-chunk amaxes of x_hat, down_act partial sums per K slice) with x staged through shared memory by cp.async,
 // kPipeStages stages of 64 tokens x 128 channels in flight per block, instead of one 16-byte register prefetch per lane
 // and round. Why: that kernel read x at ~1.6 TB/s on the H200 (17.6 us at M = 4608, K = 3072, R = 32, against ~6 us at
@@ -1184,15 +1229,12 @@ inline int diag_int(const char* name, int fallback) {
 }
 #endif
 
-template <typename T, int RW, int KW, int RP, int kFmt, int kMinBlocks>
+template <typename T, int RW, int KW, int RP, int kFmt, int kMinBlocks, bool kLean = false>
 DownActParts launch_fast(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd, at::Tensor& codes,
                          at::Tensor& scales, at::Tensor& down_act, const float* amax_in, int M, int K, int R,
                          bool act_unsigned, cudaStream_t stream) {
   constexpr int BUF = 64 * KW * 8 + 64 * KW * RP * 2;
   constexpr int SMEM = 2 * BUF;
-  auto kernel = quantize_fast_kernel<T, RW, KW, RP, kFmt, kMinBlocks>;
-  static PerDeviceOnce smem_attr;  // per instantiation and device, on its first (eager) call
-  set_max_dynamic_smem(smem_attr, kernel, SMEM);
   const int rows = 16 * RW;
   const int slabs = (M + rows - 1) / rows;
   const int nchunks = K / 64;
@@ -1214,6 +1256,13 @@ DownActParts launch_fast(const at::Tensor& x, const at::Tensor& smooth, const at
   const int keep_override = diag_int("SVDQUANT_OPS_QA_KEEP", -1);  // 0 / 1 forces keep_x (group-max pass)
   if (keep_override >= 0) keep_x = kFmt == kFmtGroupMax && keep_override == 1;
 #endif
+  // the lean variant takes keep_x as a template argument: one kernel per cache policy
+  auto kernel = quantize_fast_kernel<T, RW, KW, RP, kFmt, kMinBlocks, kLean ? kLeanStream : kNotLean>;
+  static PerDeviceOnce smem_attr, smem_attr_keep;  // per kernel and device, on its first (eager) call
+  if constexpr (kLean) {
+    if (keep_x) kernel = quantize_fast_kernel<T, RW, KW, RP, kFmt, kMinBlocks, kLeanKeep>;
+  }
+  set_max_dynamic_smem(kLean && keep_x ? smem_attr_keep : smem_attr, kernel, SMEM);
   const int cps = chunks_per_slice(nchunks, splits);
   DownActParts parts;
   float* down_act_dst = down_act_slices_begin(down_act, parts, splits, M, R);
@@ -1301,23 +1350,30 @@ DownActParts launch_w4a8_groupmax_pipe(const at::Tensor& x, const at::Tensor& sm
   return parts;
 }
 
-// Whether the pipelined kernel is W4A8's first pass by default on Hopper. Off: exact on an H100 (2026-12-06) but
-// 0.89x-0.96x of the register-prefetch kernel's speed on FLUX's large shapes (both run under one wave at low
-// occupancy; benchmarks/results/2026-12-06-h100-gmax-ab-fold.md). SVDQUANT_OPS_CUDA_W4A8_GMAX=pipe selects it.
-constexpr bool kW4a8GroupMaxPipeDefault = false;
+// W4A8's first pass by default: the register-prefetch kernel. The pipelined one (=pipe) is exact on an H100
+// (2026-12-06) but 0.89x-0.96x of its speed on FLUX's large shapes (both run under one wave at low occupancy;
+// benchmarks/results/2026-12-06-h100-gmax-ab-fold.md). The lean variant (=lean) is not yet measured on a GPU.
+constexpr int kW4a8GroupMaxDefault = kGmaxRegs;
 
-// Whether W4A8's group-max pass takes the pipelined kernel: Hopper (2 blocks of its ~108 KB of shared memory per
-// SM), R <= 64, and SVDQUANT_OPS_CUDA_W4A8_GMAX=pipe (or unset, where kW4a8GroupMaxPipeDefault).
-bool w4a8_groupmax_pipelined(int R) {
-  const bool pipe = w4a8_groupmax_pipe(kW4a8GroupMaxPipeDefault);  // first: a bad value is an error on every GPU
-  return pipe && R <= 64 && device_is_sm90();
-}
-
+// Which kernel takes W4A8's group-max pass: the pipelined one on Hopper (2 blocks of its ~108 KB of shared memory per
+// SM) for R <= 64 with =pipe; the lean register-prefetch variant for R <= 32 with =lean; else the register-prefetch
+// kernel. The variable is read first: a bad value is an error on every GPU.
 template <typename T>
 DownActParts dispatch_w4a8_groupmax(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd,
                                     at::Tensor& codes, at::Tensor& gmax, at::Tensor& down_act, int M, int K, int R,
                                     cudaStream_t st) {
-  if (!w4a8_groupmax_pipelined(R))
+  const int kind = w4a8_groupmax_kind(kW4a8GroupMaxDefault);
+  if (kind == kGmaxLean && R <= 32) {  // the shipped block shape (4 x 2 warps, 3 blocks per SM: dispatch_rp)
+    if (R == 0)
+      return launch_fast<T, 4, 2, 0, kFmtGroupMax, 3, true>(x, smooth, pd, codes, gmax, down_act, nullptr, M, K, R,
+                                                            false, st);
+    if (R <= 16)
+      return launch_fast<T, 4, 2, 16, kFmtGroupMax, 3, true>(x, smooth, pd, codes, gmax, down_act, nullptr, M, K, R,
+                                                             false, st);
+    return launch_fast<T, 4, 2, 32, kFmtGroupMax, 3, true>(x, smooth, pd, codes, gmax, down_act, nullptr, M, K, R,
+                                                           false, st);
+  }
+  if (kind != kGmaxPipe || R > 64 || !device_is_sm90())
     return dispatch_fast<T, kFmtGroupMax>(x, smooth, pd, codes, gmax, down_act, M, K, R, false, st);
   if (R == 0) return launch_w4a8_groupmax_pipe<T, 0, kPipeStages>(x, smooth, pd, gmax, down_act, M, K, R, st);
   if (R <= 16) return launch_w4a8_groupmax_pipe<T, 16, kPipeStages>(x, smooth, pd, gmax, down_act, M, K, R, st);
