@@ -309,30 +309,47 @@ FLUX_PREP_WEIGHTS = [(9216, 3072, 57), (3072, 3072, 38), (12288, 3072, 57), (307
 def expand_bw(dev, rep_ms):
     """How close W4A8's weight expansion streams to the memory's copy bandwidth: per FLUX.1 weight shape,
     expand_w4a8_weight (the prep kernel's arithmetic and store order, in a kernel of its own: codes and multipliers
-    read, int8 written, 1.52 bytes per weight) against a device-to-device copy of the int8 weight (2 bytes per weight),
-    each in a CUDA graph; GB/s of each and their ratio, and the expansion's time per step against the time its bytes
-    take at the copy's bandwidth. The prep kernel inside a FLUX step moves the same bytes (profile.top's prep_kernel;
+    read, int8 written, 1.52 bytes per weight) with the slice halves exchanged by lane pairs (the default) and
+    warp-uniformly (SVDQUANT_OPS_CUDA_W4A8_EXPAND=pair / warp: equal bytes checked), against a device-to-device copy
+    of the int8 weight (2 bytes per weight), each in a CUDA graph; GB/s of each, and ms per step at each and at the
+    copy's bandwidth. The prep kernel inside a FLUX step moves the same bytes (profile.top's prep_kernel;
     benchmarks/probes/prep_fit.py): if the kernel of its own reaches the copy's bandwidth and prep does not, the cost
     is prep's launch structure, not the expansion."""
     ops = torch.ops.svdquant
     g = torch.Generator().manual_seed(11)
-    step = {"expand": 0.0, "at copy speed": 0.0}
+    ways = ("pair", "warp")
+    step = {**{w: 0.0 for w in ways}, "at copy speed": 0.0}
+    bad = 0
     for N, K, calls in FLUX_PREP_WEIGHTS:
         layer = make_layer(K, N, 32, dev, g, "w4a8")
         wc, ws = layer["wc"], layer["ws"]
-        dense = ops.expand_w4a8_weight(wc, ws)
+        outs, us = {}, {}
+        old = os.environ.get("SVDQUANT_OPS_CUDA_W4A8_EXPAND")
+        for w in ways:
+            os.environ["SVDQUANT_OPS_CUDA_W4A8_EXPAND"] = w
+            outs[w] = ops.expand_w4a8_weight(wc, ws)
+            us[w] = bench_graph(lambda: ops.expand_w4a8_weight(wc, ws), rep_ms) * 1e3
+        if old is None:
+            os.environ.pop("SVDQUANT_OPS_CUDA_W4A8_EXPAND", None)
+        else:
+            os.environ["SVDQUANT_OPS_CUDA_W4A8_EXPAND"] = old
+        same = torch.equal(outs["pair"], outs["warp"])
+        bad += not same
+        dense = outs["pair"]
         dst = torch.empty_like(dense)
         ex_bytes = wc.numel() + ws.numel() + dense.numel()
-        cp_bytes = 2 * dense.numel()
-        us_ex = bench_graph(lambda: ops.expand_w4a8_weight(wc, ws), rep_ms) * 1e3
         us_cp = bench_graph(lambda: dst.copy_(dense), rep_ms) * 1e3
-        bw_ex, bw_cp = ex_bytes / us_ex / 1e3, cp_bytes / us_cp / 1e3  # GB/s
-        step["expand"] += us_ex * calls / 1e3
+        bw_cp = 2 * dense.numel() / us_cp / 1e3  # GB/s
+        for w in ways:
+            step[w] += us[w] * calls / 1e3
         step["at copy speed"] += ex_bytes / bw_cp / 1e6 * calls
-        log(f"expand_bw N={N} K={K} ({calls} per step): expand {us_ex:.1f} us, {bw_ex:.0f} GB/s; copy "
-            f"{us_cp:.1f} us, {bw_cp:.0f} GB/s; expand / copy bandwidth {bw_ex / bw_cp:.2f}")
+        log(f"expand_bw N={N} K={K} ({calls} per step): " +
+            ", ".join(f"{w} {us[w]:.1f} us, {ex_bytes / us[w] / 1e3:.0f} GB/s" for w in ways) +
+            f"; copy {us_cp:.1f} us, {bw_cp:.0f} GB/s; equal: {same}")
     log("expand_bw per FLUX step (1024x1024, the weights prep expands): " +
         ", ".join(f"{k} {v:.2f} ms" for k, v in step.items()))
+    if bad:
+        raise SystemExit(f"expand_bw: {bad} shapes expanded differently with pair and warp")
 
 
 @contextlib.contextmanager

@@ -33,6 +33,10 @@
 #                         arithmetic, ~30 % fewer instructions per round), compiled: the A/B that decides the
 #                         default (profile.top's quantize_fast_kernel ms per step); repeat it in the other order
 #                         (CONFIGS=...-gmaxlean,...-gmaxregs) before it sets a default
+#   HALF=expand:          the w4a8 recipe with W4A8's weight expansion (prep) by lane pairs (the default) and
+#                         warp-uniform (SVDQUANT_OPS_CUDA_W4A8_EXPAND=pair / warp: the same bytes), compiled: the
+#                         A/B that decides the default (profile.top's prep_kernel ms per step); repeat it in the
+#                         other order before it sets a default
 #   HALF=pack:            the w4a8 recipe, fp8, then the w4a8 recipe with every weight part a graph input of its own
 #                         (unwrap_weights(pack=False)): the criterion's compiled pair and the packing's A/B of the
 #                         host's time before the first kernel (its bf16 row is in HALF=ro: four cold compiles did not
@@ -63,6 +67,7 @@ case "${HALF:-plain}" in
   pdl)  configs=w4a8-compile-fused-unwrap-cat-nopdl,w4a8-compile-fused-unwrap-cat-pdl,w4a8-compile-ro-fused-unwrap-cat-nopdl,w4a8-compile-ro-fused-unwrap-cat-pdl
         per=130 ;;
   gmax) configs=w4a8-compile-fused-unwrap-cat-gmaxregs,w4a8-compile-fused-unwrap-cat-gmaxlean; per=150 ;;
+  expand) configs=w4a8-compile-fused-unwrap-cat-expandpair,w4a8-compile-fused-unwrap-cat-expandwarp; per=150 ;;
   pack) configs=w4a8-compile-fused-unwrap-cat,fp8-compile,w4a8-compile-fused-unwrap-cat-nopack; per=200 ;;
   *)    configs=w4a8-compile-fused-unwrap-cat,fp8-compile,bf16-compile; per=200 ;;
 esac

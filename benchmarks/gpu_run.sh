@@ -38,7 +38,8 @@
 #               expanded by the prep kernel against packed weights expanded in registers (SVDQUANT_OPS_CUDA_W4A8_WEIGHTS=
 #               prep / regs): outputs compared, per-call and per-step times
 #     expandbw  bench_linear.py --expand-bw: W4A8's weight expansion (expand_w4a8_weight) on the weights a FLUX.1
-#               step's prep expands, against a device-to-device copy: GB/s per shape, ms per step at each
+#               step's prep expands, by lane pairs and warp-uniform (SVDQUANT_OPS_CUDA_W4A8_EXPAND=pair / warp,
+#               equal bytes checked), against a device-to-device copy: GB/s per shape, ms per step at each
 #     attn      bench_attention.py --compile-check --out $OUT: fp8 / 8-bit attention candidates against bf16 SDPA at
 #               the FLUX.1 shapes (issue 14, item 6), with the wheels carried in .whl-attn/ installed into /tmp/attn
 #               first (benchmarks/fp8-attention.md: nvidia-cudnn-frontend from PyPI, no build); ATTN_ARGS adds options

@@ -643,11 +643,37 @@ def test_linear_end_to_end_matches_cpu(path):
 # ------------------------------------------------------------------------------------------------------------------
 # W4A8 weights expanded ahead: expand_w4a8_weight, gemm_expanded (the GEMM kernel expands the next weight)
 # ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("expand", ["pair", "warp"])
 @pytest.mark.parametrize("N,K", [(1, 64), (131, 192), (3072, 3072), (1000, 1088), (9216, 3072)])
-def test_expand_w4a8_weight_matches_cpu(N, K):
+def test_expand_w4a8_weight_matches_cpu(monkeypatch, expand, N, K):
+    """The expansion kernel against the CPU op, with the slice halves exchanged by lane pairs (the default) and with
+    every lane of the warp in every step (SVDQUANT_OPS_CUDA_W4A8_EXPAND=warp; N = 1 and 131 end inside a warp)."""
+    monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_EXPAND", expand)
     codes, mult = packed_w4a8_weight(N, K, session_generator(("expand", N, K)))
+    if ON_GPU:  # (SVDQ_TEST_DEVICE=cpu checks the test against the CPU op itself)
+        _poison_free_memory()
     assert_bits_equal(OPS.expand_w4a8_weight(codes.to(DEV), mult.to(DEV)), OPS.expand_w4a8_weight(codes, mult),
                       "expanded weight")
+
+
+@pytest.mark.skipif(not IS_SM90, reason="the prep kernel runs on the Hopper path only")
+@pytest.mark.parametrize("M,N,K", [(4100, 9000, 3072), (7, 200, 192), (300, 136, 1088), (257, 131, 512)])
+def test_w4a8_prep_warp_expansion_is_bit_equal(monkeypatch, M, N, K):
+    """W4A8 gemm with its weights expanded by the prep kernel (SVDQUANT_OPS_CUDA_W4A8_WEIGHTS=prep) gives the same
+    bits whether the prep kernel exchanges slice halves by lane pairs or warp-uniformly (=warp runs first, on
+    poisoned workspace memory; 131 x 512 ends inside a warp); a value other than pair / warp is an error naming the
+    variable."""
+    monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_WEIGHTS", "prep")
+    args = to_dev(op_args("gemm", gemm_inputs(M, N, K, 32, "w4a8", torch.bfloat16, session_generator(("xw", M)))))
+    outs = {}
+    for expand in ("warp", "pair"):
+        monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_EXPAND", expand)
+        _poison_free_memory()
+        outs[expand] = OPS.gemm(*args, "w4a8", torch.bfloat16, False)
+    assert torch.equal(outs["warp"].view(torch.int16), outs["pair"].view(torch.int16))
+    monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_EXPAND", "quad")
+    with pytest.raises(RuntimeError, match="SVDQUANT_OPS_CUDA_W4A8_EXPAND must be 'pair', 'warp' or unset, got 'quad'"):
+        OPS.gemm(*args, "w4a8", torch.bfloat16, False)
 
 
 # (M, N, K, R, model dtype, out dtype, next N, next K): the next weight smaller and larger than this one; tiles

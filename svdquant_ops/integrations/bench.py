@@ -103,6 +103,9 @@ class Config:
     pack: bool = True  # unwrap_weights(pack=...): each weight's own parts of one dtype as one flat parameter
     prep_units: str | None = None  # W4A8 weight units in flight per prep thread, "4" or "1"
     #                                (SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS in the child); None: the library's default
+    w4a8_expand: str | None = None  # how W4A8's weight expansion exchanges slice halves, by lane "pair" or
+    #                                 warp-uniformly, "warp" (SVDQUANT_OPS_CUDA_W4A8_EXPAND in the child); None: the
+    #                                 library's default
     prep_rows: str | None = None  # the prep kernel's grid rows, "all" or only those with work, "used"
     #                               (SVDQUANT_OPS_CUDA_PREP_ROWS in the child); None: the library's default
     size_asserts: bool | None = None  # Inductor's size / stride assert on each graph input and custom-op output;
@@ -124,7 +127,7 @@ class Config:
         return (self.mode == "reduce-overhead" or self.weights == "fp8" or self.gemm_schedule is not None
                 or self.gmax is not None or self.w4a8_tile is not None or self.pdl is not None
                 or self.inductor_pdl or self.w4a8_weights is not None or self.prep_units is not None
-                or self.prep_rows is not None)
+                or self.prep_rows is not None or self.w4a8_expand is not None)
 
     @property
     def label(self) -> str:
@@ -169,6 +172,9 @@ class Config:
                     "regs": ", every W4A8 GEMM on packed weights expanded in registers (no prep)"}[self.w4a8_weights]
         if self.prep_units:
             how += f", W4A8 prep with {self.prep_units} weight unit(s) in flight per thread"
+        if self.w4a8_expand:
+            how += {"pair": ", W4A8 weight expansion exchanging slice halves by lane pairs",
+                    "warp": ", W4A8 weight expansion warp-uniform (full-warp shuffles)"}[self.w4a8_expand]
         if self.prep_rows:
             how += {"all": ", the prep kernel's grid with all three rows",
                     "used": ", the prep kernel's grid with only its rows that have work"}[self.prep_rows]
@@ -306,6 +312,12 @@ def _configs() -> dict[str, Config]:
         for k in ("all", "used"):
             name = f"w4a8-compile{sfx}-fused-unwrap-cat-rows{k}"
             out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, unwrap=True, cat_gemms=True, prep_rows=k)
+    # Extra: that recipe with W4A8's weight expansion (prep) exchanging slice halves by lane pairs or warp-uniformly
+    # (SVDQUANT_OPS_CUDA_W4A8_EXPAND=pair / warp: the same bytes), whatever the library's default
+    for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
+        for k in ("pair", "warp"):
+            name = f"w4a8-compile{sfx}-fused-unwrap-cat-expand{k}"
+            out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, unwrap=True, cat_gemms=True, w4a8_expand=k)
     # Extra: that recipe with W4A8's first quantize_act pass by the register-prefetch kernel or its lean variant
     # (SVDQUANT_OPS_CUDA_W4A8_GMAX=regs / lean: the same arithmetic), whatever the library's default
     for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
@@ -1059,7 +1071,8 @@ def _run_child(args, name: str, device: str, timeout: float) -> dict:
                        ("SVDQUANT_OPS_CUDA_PDL", CONFIGS[name].pdl),
                        ("SVDQUANT_OPS_CUDA_W4A8_WEIGHTS", CONFIGS[name].w4a8_weights),
                        ("SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS", CONFIGS[name].prep_units),
-                       ("SVDQUANT_OPS_CUDA_PREP_ROWS", CONFIGS[name].prep_rows)):
+                       ("SVDQUANT_OPS_CUDA_PREP_ROWS", CONFIGS[name].prep_rows),
+                       ("SVDQUANT_OPS_CUDA_W4A8_EXPAND", CONFIGS[name].w4a8_expand)):
         if value:
             env[var] = value
         else:

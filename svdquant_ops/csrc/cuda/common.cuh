@@ -126,6 +126,15 @@ inline int w4a8_prep_units() {
   return kUnits[env_choice("SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS", kNames)];
 }
 
+// SVDQUANT_OPS_CUDA_W4A8_EXPAND=pair|warp: how the W4A8 weight expansion (the prep kernel's weight row and
+// expand_w4a8_kernel) exchanges the halves of each 32-channel slice: by a shuffle between the two lanes of a pair
+// (pair, the default) or with every lane of the warp in every step (warp: a full-warp shuffle, no convergence check
+// per unit; opt-in until measured). The same bytes.
+inline bool w4a8_expand_warp() {
+  static constexpr const char* kNames[] = {"pair", "warp"};
+  return env_choice("SVDQUANT_OPS_CUDA_W4A8_EXPAND", kNames) == 1;
+}
+
 // SVDQUANT_OPS_CUDA_PREP_ROWS=used|all: whether the prep kernel's grid has only the rows with work (used, the
 // default since 2026-12-07: W4A8 skips the activation row, whose codes quantize_act wrote as int8 already, and the
 // weight row where the weights are expanded elsewhere; weight-only calls skip the activation row) or all three rows

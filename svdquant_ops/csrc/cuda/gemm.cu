@@ -114,6 +114,7 @@ ExpandJob expand_job(const at::Tensor& codes, const at::Tensor& mult, at::Tensor
   j.mult = mult.data_ptr<uint8_t>();
   j.out = static_cast<uint8_t*>(out.data_ptr());
   j.units = static_cast<uint32_t>(units);
+  j.warp = w4a8_expand_warp();
   return j;
 }
 
@@ -122,7 +123,10 @@ void launch_expand(const ExpandJob& j, cudaStream_t stream) {
   constexpr int64_t kPerBlock = 256 * kExpandUnitsPerThread;
   const unsigned gx = static_cast<unsigned>(
       std::max<int64_t>(1, std::min<int64_t>((int64_t(j.units) + kPerBlock - 1) / kPerBlock, 8 * num_sms())));
-  expand_w4a8_kernel<<<gx, 256, 0, stream>>>(j);
+  if (j.warp)
+    expand_w4a8_kernel<true><<<gx, 256, 0, stream>>>(j);
+  else
+    expand_w4a8_kernel<false><<<gx, 256, 0, stream>>>(j);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   debug_sync(stream, "expand_w4a8_weight");
 }
@@ -327,6 +331,7 @@ PrepArgs prep_args(const GemmShape& s, const Sm90Plan& pl, const Operands& o, bo
   pa.act_unsigned = act_unsigned;
   pa.w4a8 = s.precision == Precision::kW4a8;
   pa.one_unit = pa.w4a8 && w4a8_prep_units() == 1;
+  pa.warp_expand = pa.w4a8 && w4a8_expand_warp();
   return pa;
 }
 
@@ -342,7 +347,8 @@ void launch_prep(const PrepArgs& pa, const Sm90Plan& pl, cudaStream_t stream) {
   // SVDQUANT_OPS_CUDA_PREP_ROWS=all (common.cuh)
   PrepArgs args = pa;
   args.first_row = !prep_used_rows() ? 0 : pa.w4a8 ? (pa.skip_b ? 2 : 1) : (pa.weights_only ? 1 : 0);
-  launch_kernel(prep_kernel, dim3(gx, 3 - args.first_row), dim3(256), 0, stream, args);
+  launch_kernel(pa.warp_expand ? prep_kernel<true> : prep_kernel<false>, dim3(gx, 3 - args.first_row), dim3(256), 0,
+                stream, args);
   debug_sync(stream, "gemm prep");
 }
 

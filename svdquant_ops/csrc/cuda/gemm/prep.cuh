@@ -60,6 +60,7 @@ struct PrepArgs {
   int weights_only;
   int one_unit;  // W4A8 weights: one unit's loads in flight per thread (SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS=1), not four
   int first_row;  // the role of grid row 0 (launch_prep): rows with nothing to do are not launched
+  int warp_expand;  // launch_prep: prep_kernel<true> (SVDQUANT_OPS_CUDA_W4A8_EXPAND=warp)
 };
 
 __device__ __forceinline__ uint32_t e4m3_of_nibble(uint32_t nib, bool is_unsigned) {
@@ -143,9 +144,12 @@ __host__ __device__ __forceinline__ uint2 w4a8_expand8_split(uint32_t w, uint32_
 // in W4A8's channel order: the slice's 16 even channels come first, so the unit of half 0 stores the evens of both
 // halves and the unit of half 1 the odds; the two threads of a slice (lanes 2i, 2i + 1, units 2j, 2j + 1) swap the
 // halves they hold with one shuffle. Both threads of the pair must call it (a pair shuffle: the others may differ).
+// kWarp: every lane of the warp calls it (expand_w4a8_units_warp), so the exchange is a full-warp shuffle; the pair
+// mask otherwise compiles into a convergence check (MATCH.ANY, REDUX, VOTE) around each shuffle.
+template <bool kWarp = false>
 __device__ __forceinline__ uint4 expand_unit_w4a8_ordered(uint2 in, uint32_t m, uint32_t h) {
   const uint2 a = w4a8_expand8_split(in.x, m), b = w4a8_expand8_split(in.y, m);
-  const uint32_t pair = 3u << ((threadIdx.x & 31) & 30);
+  const uint32_t pair = kWarp ? 0xffffffffu : 3u << ((threadIdx.x & 31) & 30);
   // half 0 keeps its evens and sends its odds; half 1 keeps its odds and sends its evens
   const uint32_t s0 = h ? a.x : a.y, s1 = h ? b.x : b.y;
   const uint32_t r0 = __shfl_xor_sync(pair, s0, 1), r1 = __shfl_xor_sync(pair, s1, 1);
@@ -166,6 +170,7 @@ struct ExpandJob {
   const uint8_t* mult;   // [N, K / 64]
   uint8_t* out;          // [N, K], 16-byte aligned
   uint32_t units;        // N * K / 16 (0: nothing to expand)
+  int warp;              // launch_expand: expand_w4a8_kernel<true> (SVDQUANT_OPS_CUDA_W4A8_EXPAND=warp)
 };
 
 __device__ __forceinline__ uint2 ld_nc_v2(const void* p) {  // read once: no L1 allocation
@@ -194,10 +199,43 @@ __device__ __forceinline__ void expand_w4a8_units(const ExpandJob& j, uint32_t f
   }
 }
 
-// The kernel of its own: kExpandUnitsPerThread units per thread and step (launch_expand sizes its grid by it).
+// expand_w4a8_units with the loop and the pair exchange warp-uniform (opt-in, SVDQUANT_OPS_CUDA_W4A8_EXPAND=warp; not
+// yet run on a GPU): every lane of a warp runs every step (out-of-range units load nothing and store nothing), so
+// the exchange is a full-warp shuffle without the convergence check the pair mask costs per unit (~71 SASS
+// instructions per unit in expand_w4a8_kernel, sm_90a; prep takes the same ~4.95 ms per FLUX.1 step on an H100
+// and an H200, so it is not bound by memory on the H200). The same bytes in the same places. `first` and `stride`
+// as expand_w4a8_units's callers give them: first - lane warp-aligned, stride a multiple of 32.
+template <int kU>
+__device__ __forceinline__ void expand_w4a8_units_warp(const ExpandJob& j, uint32_t first, uint32_t stride) {
+  const uint32_t lane = threadIdx.x & 31;
+  for (uint32_t w0 = first - lane; w0 < j.units; w0 += kU * stride) {  // w0: the warp's first unit, uniform
+    uint2 c[kU];
+    uint32_t m[kU];
+#pragma unroll
+    for (int i = 0; i < kU; ++i) {
+      const uint32_t u = w0 + lane + i * stride;
+      c[i] = make_uint2(0u, 0u), m[i] = 0u;
+      if (u < j.units) c[i] = ld_nc_v2(j.codes + uint64_t(u) * 8), m[i] = j.mult[u >> 2];
+    }
+#pragma unroll
+    for (int i = 0; i < kU; ++i) {
+      const uint32_t u = w0 + lane + i * stride;
+      const uint4 v = expand_unit_w4a8_ordered<true>(c[i], m[i], u & 1);
+      if (u < j.units) *reinterpret_cast<uint4*>(j.out + uint64_t(u) * 16) = v;
+    }
+  }
+}
+
+// The kernel of its own: kExpandUnitsPerThread units per thread and step (launch_expand sizes its grid by it);
+// kWarp: expand_w4a8_units_warp (a template argument, so that the default kernel's code stays as it was).
 constexpr int kExpandUnitsPerThread = 4;
+template <bool kWarp = false>
 __global__ void expand_w4a8_kernel(const ExpandJob j) {
-  expand_w4a8_units<kExpandUnitsPerThread>(j, blockIdx.x * blockDim.x + threadIdx.x, gridDim.x * blockDim.x);
+  const uint32_t first = blockIdx.x * blockDim.x + threadIdx.x, stride = gridDim.x * blockDim.x;
+  if constexpr (kWarp)
+    expand_w4a8_units_warp<kExpandUnitsPerThread>(j, first, stride);
+  else
+    expand_w4a8_units<kExpandUnitsPerThread>(j, first, stride);
 }
 
 // One segment of a value split into bf16 parts for the fp32-accurate branch: the low part (v - bf16(v)) in segment
@@ -311,7 +349,10 @@ __device__ __forceinline__ void prep_small(const PrepArgs& p, uint32_t tid, uint
 }
 
 // Grid rows by role (row = blockIdx.y + first_row): 0 activation codes, 1 weight codes (blocks stride over 16-channel
-// units), 2 the small operands.
+// units), 2 the small operands. kWarpExpand: W4A8 weights by expand_w4a8_units_warp, except with one unit in flight
+// (SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS=1 keeps the pair loop); a template argument, so that the default kernel's code
+// stays as it was.
+template <bool kWarpExpand = false>
 __global__ void prep_kernel(const PrepArgs p) {
   pdl_wait_then_release();  // launched by launch_kernel (common.cuh)
   const uint32_t stride = gridDim.x * blockDim.x;
@@ -323,9 +364,12 @@ __global__ void prep_kernel(const PrepArgs p) {
     if (row == 1 && !p.skip_b) {
       // kExpandUnitsPerThread units' loads in flight per thread (one at a time kept too few bytes in flight to
       // reach the memory's bandwidth: ~55 % of it on an H200, 4.9 ms per FLUX.1 step)
-      const ExpandJob j{p.w_codes, static_cast<const uint8_t*>(p.w_scales), p.B, static_cast<uint32_t>(p.N) * (K / 16)};
+      const ExpandJob j{p.w_codes, static_cast<const uint8_t*>(p.w_scales), p.B, static_cast<uint32_t>(p.N) * (K / 16),
+                        kWarpExpand};
       if (p.one_unit) {
         expand_w4a8_units<1>(j, tid, stride);
+      } else if constexpr (kWarpExpand) {
+        expand_w4a8_units_warp<kExpandUnitsPerThread>(j, tid, stride);
       } else {
         expand_w4a8_units<kExpandUnitsPerThread>(j, tid, stride);
       }
