@@ -28,11 +28,11 @@
 #                         (SVDQUANT_OPS_CUDA_PREP_ROWS=all; only the rows with work is the default), compiled: the
 #                         prep changes' A/Bs (profile.top's prep_kernel ms per step; -prep1 first: it timed out
 #                         twice when last)
-#   HALF=gmax:            the w4a8 recipe with W4A8's first quantize_act pass by the register-prefetch kernel (the
-#                         default) and by its lean variant (SVDQUANT_OPS_CUDA_W4A8_GMAX=regs / lean: the same
-#                         arithmetic, ~30 % fewer instructions per round), compiled: the A/B that decides the
-#                         default (profile.top's quantize_fast_kernel ms per step); repeat it in the other order
-#                         (CONFIGS=...-gmaxlean,...-gmaxregs) before it sets a default
+#   HALF=qa:              the w4a8 recipe with both W4A8 quantize_act passes as they ship and in their lean variants
+#                         (SVDQUANT_OPS_CUDA_W4A8_GMAX=regs / lean, SVDQUANT_OPS_CUDA_W4A8_TOKEN_LEAN=0 / 1: the same
+#                         bytes), compiled: the A/B that decides the defaults (profile.top's quantize_fast_kernel and
+#                         quantize_tokens_fast_kernel ms per step); repeat it in the other order
+#                         (CONFIGS=...-qalean,...-qaregs) before it sets a default
 #   HALF=expand:          the w4a8 recipe with W4A8's weight expansion (prep) by lane pairs (the default) and
 #                         warp-uniform (SVDQUANT_OPS_CUDA_W4A8_EXPAND=pair / warp: the same bytes), compiled: the
 #                         A/B that decides the default (profile.top's prep_kernel ms per step); repeat it in the
@@ -66,7 +66,7 @@ case "${HALF:-plain}" in
         per=150 ;;
   pdl)  configs=w4a8-compile-fused-unwrap-cat-nopdl,w4a8-compile-fused-unwrap-cat-pdl,w4a8-compile-ro-fused-unwrap-cat-nopdl,w4a8-compile-ro-fused-unwrap-cat-pdl
         per=130 ;;
-  gmax) configs=w4a8-compile-fused-unwrap-cat-gmaxregs,w4a8-compile-fused-unwrap-cat-gmaxlean; per=150 ;;
+  qa) configs=w4a8-compile-fused-unwrap-cat-qaregs,w4a8-compile-fused-unwrap-cat-qalean; per=150 ;;
   expand) configs=w4a8-compile-fused-unwrap-cat-expandpair,w4a8-compile-fused-unwrap-cat-expandwarp; per=150 ;;
   pack) configs=w4a8-compile-fused-unwrap-cat,fp8-compile,w4a8-compile-fused-unwrap-cat-nopack; per=200 ;;
   *)    configs=w4a8-compile-fused-unwrap-cat,fp8-compile,bf16-compile; per=200 ;;

@@ -57,8 +57,14 @@ def _select_path(monkeypatch, name):
             monkeypatch.delenv(var, raising=False)
     if name.startswith("gmax-"):  # W4A8's first pass by the named kernel: gmax-pipe (Hopper), gmax-regs, gmax-lean
         monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_GMAX", name[len("gmax-"):])
+    elif name == "qa-lean":  # both W4A8 passes in their lean variants (the bench's -qalean rows)
+        monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_GMAX", "lean")
     else:
         monkeypatch.delenv("SVDQUANT_OPS_CUDA_W4A8_GMAX", raising=False)
+    if name in ("token-lean", "qa-lean"):  # W4A8's token kernel with its lean loop
+        monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_TOKEN_LEAN", "1")
+    else:
+        monkeypatch.delenv("SVDQUANT_OPS_CUDA_W4A8_TOKEN_LEAN", raising=False)
     if name.startswith("tile"):  # W4A8's Hopper GEMM on 128 x 128 or 128 x 256 tiles: tile128, tile256
         monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_TILE", name[len("tile"):])
     else:
@@ -81,13 +87,14 @@ def path(request, monkeypatch):
     return _select_path(monkeypatch, request.param)
 
 
-@pytest.fixture(params=["fast", "gmax-pipe", "gmax-regs", "gmax-lean", "token-split", "token-nosplit", "cluster",
-                        "portable"])
+@pytest.fixture(params=["fast", "gmax-pipe", "gmax-regs", "gmax-lean", "token-lean", "qa-lean", "token-split",
+                        "token-nosplit", "cluster", "portable"])
 def w4a8_path(request, monkeypatch):
     """W4A8's quantize_act has three fast paths on Hopper: the two passes (the default, "fast"), whose first pass is
     the pipelined group-max kernel where R <= 64 with SVDQUANT_OPS_CUDA_W4A8_GMAX=pipe ("gmax-pipe") or the
     register-prefetch kernel with =regs ("gmax-regs"; other GPUs' only one) or its lean variant for R <= 32 with =lean
-    ("gmax-lean": the same arithmetic, fewer instructions around it), and, opted into with
+    ("gmax-lean": the same arithmetic, fewer instructions around it), the token kernel's lean loop with
+    SVDQUANT_OPS_CUDA_W4A8_TOKEN_LEAN=1 ("token-lean"; "qa-lean": both lean variants), and, opted into with
     SVDQUANT_OPS_CUDA_W4A8_CLUSTER=1 ("cluster"), one pass by the cluster kernel where K splits into at most 8 slices
     of at most 1920 channels. The second pass splits K over blocks where M is small (the default; also forced with
     SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT=1, "token-split", any GPU), or not with =0 ("token-nosplit")."""
@@ -183,6 +190,7 @@ QA_CASES = [
     (65, 15360, 128, torch.bfloat16, "w4a8", False),
     (31, 4096, 24, torch.bfloat16, "w4a8", False),
     (17, 576, 0, torch.float16, "w4a8", False),
+    (16, 128, 16, torch.bfloat16, "w4a8", False),  # K < 256: lanes of the token kernel with no channels
     # W4A8's pipelined group-max pass (Hopper, R <= 64): a FLUX step's image + text tokens (132 SMs: 3 slices of 16
     # chunks), the text stream alone (32 slices of 6 chunks), 31 chunks (the last slice's last round has one chunk:
     # one k-warp idle), R = 64 (3 stages)
@@ -206,12 +214,13 @@ def test_quantize_act_matches_cpu(path, M, K, R, dtype, precision, unsigned):
         assert rel_fro(out[2], ref[2]) < 1e-5
 
 
-@pytest.mark.parametrize("other", ["cluster", "gmax-pipe", "gmax-regs", "gmax-lean", "token-split", "token-nosplit"])
+@pytest.mark.parametrize("other", ["cluster", "gmax-pipe", "gmax-regs", "gmax-lean", "token-lean", "qa-lean",
+                                   "token-split", "token-nosplit"])
 @pytest.mark.parametrize("M,K,R,dtype", W4A8_QA_CASES)
 def test_quantize_act_w4a8_other_paths_match_cpu(monkeypatch, other, M, K, R, dtype):
     """The W4A8 cases above again with the cluster kernel opted into (on Hopper it serves those whose K splits), with
-    each group-max kernel named, and with the token kernel's K split forced on (all but the 4608-token cases split
-    K) and off."""
+    each group-max kernel named (the lean one too), with the token kernel's lean loop (alone and with the lean first
+    pass), and with the token kernel's K split forced on (all but the 4608-token cases split K) and off."""
     _select_path(monkeypatch, other)
     g = session_generator((other, M, K, R, str(dtype)))
     x, smooth, pd = op_args("quantize_act", act_inputs(M, K, R, dtype, g))
@@ -289,12 +298,23 @@ def test_quantize_act_w4a8_groupmax_variable_checked(monkeypatch):
 
 
 @needs_gpu
-def test_quantize_act_w4a8_token_split_variable_checked(monkeypatch):
-    """A value of SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT other than 1 / 0 is an error naming the variable."""
+@pytest.mark.parametrize("name,lean", [("fast", False), ("token-lean", True), ("qa-lean", True)])
+def test_quantize_act_w4a8_token_lean_dispatch(monkeypatch, name, lean):
+    """The token kernel with its lean loop (template argument true) runs where SVDQUANT_OPS_CUDA_W4A8_TOKEN_LEAN=1
+    asks for it, and only there."""
+    _select_path(monkeypatch, name)
+    names = [n for n in _w4a8_quantize_kernels(256, 3072, 32) if "quantize_tokens_fast_kernel<" in n]
+    assert names and all((", true>(" in n) == lean for n in names), names
+
+
+@needs_gpu
+@pytest.mark.parametrize("var", ["SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT", "SVDQUANT_OPS_CUDA_W4A8_TOKEN_LEAN"])
+def test_quantize_act_w4a8_token_variables_checked(monkeypatch, var):
+    """A value of the token kernel's switches other than 1 / 0 is an error naming the variable."""
     _select_path(monkeypatch, "fast")
-    monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT", "yes")
+    monkeypatch.setenv(var, "yes")
     x, smooth, pd = to_dev(op_args("quantize_act", act_inputs(64, 3072, 32, torch.bfloat16, session_generator(8))))
-    with pytest.raises(RuntimeError, match="SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT must be '1', '0' or unset, got 'yes'"):
+    with pytest.raises(RuntimeError, match=f"{var} must be '1', '0' or unset, got 'yes'"):
         OPS.quantize_act(x, smooth, pd, "w4a8", False)
 
 
@@ -424,6 +444,10 @@ def test_quantize_act_w4a8_unchecked_division_bounds(w4a8_path, dtype, smooth_ed
         x[9, 100] = 2.0**70  # a huge element
         x[10, 50] = 2.0**61
         smooth[60], x[11, 60] = 0.25, 2.0**127  # x_hat overflows to Inf on the CPU (scale: bf16's max); div3 gives NaN
+    if w4a8_path in ("token-lean", "qa-lean"):
+        # the token kernel's lean loop takes a warp's two rows only when both are on the fast paths: each row twice,
+        # so that the rows at the bounds that stay fast reach it beside a row of their own kind
+        x = x.repeat_interleave(2, dim=0)
     x, smooth, pd = x.to(dtype), smooth.to(dtype), pd.to(dtype)
     ref = OPS.quantize_act(x, smooth, pd, "w4a8", False)
     smooth_dev = smooth.to(DEV)

@@ -103,6 +103,8 @@ class Config:
     pack: bool = True  # unwrap_weights(pack=...): each weight's own parts of one dtype as one flat parameter
     prep_units: str | None = None  # W4A8 weight units in flight per prep thread, "4" or "1"
     #                                (SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS in the child); None: the library's default
+    token_lean: str | None = None  # W4A8's token kernel with its lean loop, "1", or not, "0"
+    #                                (SVDQUANT_OPS_CUDA_W4A8_TOKEN_LEAN in the child); None: the library's default
     w4a8_expand: str | None = None  # how W4A8's weight expansion exchanges slice halves, by lane "pair" or
     #                                 warp-uniformly, "warp" (SVDQUANT_OPS_CUDA_W4A8_EXPAND in the child); None: the
     #                                 library's default
@@ -127,7 +129,7 @@ class Config:
         return (self.mode == "reduce-overhead" or self.weights == "fp8" or self.gemm_schedule is not None
                 or self.gmax is not None or self.w4a8_tile is not None or self.pdl is not None
                 or self.inductor_pdl or self.w4a8_weights is not None or self.prep_units is not None
-                or self.prep_rows is not None or self.w4a8_expand is not None)
+                or self.prep_rows is not None or self.w4a8_expand is not None or self.token_lean is not None)
 
     @property
     def label(self) -> str:
@@ -172,6 +174,9 @@ class Config:
                     "regs": ", every W4A8 GEMM on packed weights expanded in registers (no prep)"}[self.w4a8_weights]
         if self.prep_units:
             how += f", W4A8 prep with {self.prep_units} weight unit(s) in flight per thread"
+        if self.token_lean:
+            how += {"1": ", W4A8 token kernel with its lean loop",
+                    "0": ", W4A8 token kernel without its lean loop"}[self.token_lean]
         if self.w4a8_expand:
             how += {"pair": ", W4A8 weight expansion exchanging slice halves by lane pairs",
                     "warp": ", W4A8 weight expansion warp-uniform (full-warp shuffles)"}[self.w4a8_expand]
@@ -318,12 +323,14 @@ def _configs() -> dict[str, Config]:
         for k in ("pair", "warp"):
             name = f"w4a8-compile{sfx}-fused-unwrap-cat-expand{k}"
             out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, unwrap=True, cat_gemms=True, w4a8_expand=k)
-    # Extra: that recipe with W4A8's first quantize_act pass by the register-prefetch kernel or its lean variant
-    # (SVDQUANT_OPS_CUDA_W4A8_GMAX=regs / lean: the same arithmetic), whatever the library's default
+    # Extra: that recipe with both W4A8 quantize_act passes as they ship or in their lean variants
+    # (SVDQUANT_OPS_CUDA_W4A8_GMAX=regs / lean and SVDQUANT_OPS_CUDA_W4A8_TOKEN_LEAN=0 / 1: the same bytes; the
+    # profile times each pass's kernel), whatever the library's defaults
     for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
-        for k in ("regs", "lean"):
-            name = f"w4a8-compile{sfx}-fused-unwrap-cat-gmax{k}"
-            out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, unwrap=True, cat_gemms=True, gmax=k)
+        for k, gmax, tok in (("regs", "regs", "0"), ("lean", "lean", "1")):
+            name = f"w4a8-compile{sfx}-fused-unwrap-cat-qa{k}"
+            out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, unwrap=True, cat_gemms=True, gmax=gmax,
+                               token_lean=tok)
     # Extra: that recipe with each weight part a graph input of its own (unwrap_weights(pack=False), the layout
     # before the twentieth session): the A/B of the host's time before the step's first kernel
     for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
@@ -1072,7 +1079,8 @@ def _run_child(args, name: str, device: str, timeout: float) -> dict:
                        ("SVDQUANT_OPS_CUDA_W4A8_WEIGHTS", CONFIGS[name].w4a8_weights),
                        ("SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS", CONFIGS[name].prep_units),
                        ("SVDQUANT_OPS_CUDA_PREP_ROWS", CONFIGS[name].prep_rows),
-                       ("SVDQUANT_OPS_CUDA_W4A8_EXPAND", CONFIGS[name].w4a8_expand)):
+                       ("SVDQUANT_OPS_CUDA_W4A8_EXPAND", CONFIGS[name].w4a8_expand),
+                       ("SVDQUANT_OPS_CUDA_W4A8_TOKEN_LEAN", CONFIGS[name].token_lean)):
         if value:
             env[var] = value
         else:

@@ -60,6 +60,10 @@ inline bool w4a8_token_split(bool fallback) {
   return env_switch("SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT", "1", "0", fallback);
 }
 
+// SVDQUANT_OPS_CUDA_W4A8_TOKEN_LEAN=1|0: W4A8's token kernel (second pass) with its lean loop for warps on the fast
+// paths (quantize_tokens_fast_kernel<T, true> in quantize_act.cu: the same bytes; opt-in until measured).
+inline bool w4a8_token_lean() { return env_switch("SVDQUANT_OPS_CUDA_W4A8_TOKEN_LEAN", "1", "0", false); }
+
 // SVDQUANT_OPS_CUDA_PDL=1|0: programmatic dependent launch of the hot kernels on Hopper (launch_kernel below);
 // unset: kPdlDefault. Off: on an H100 it closed the idle gaps before our kernels but did not shorten a FLUX step
 // (benchmarks/HISTORY.md, eighteenth session).

@@ -869,7 +869,69 @@ __device__ __forceinline__ uint2 w4a8_codes8(const float (&xh)[8], float sc, flo
 // and down_act.
 constexpr int kTokRows = 2, kTokWarps = 4;
 
+// The lean token loop (quantize_tokens_fast_kernel<T, true>) for a warp whose kTokRows rows are in range and on the
+// fast paths: channels k, k + 256, ... below k_end of each row (k = the slice's first channel + 8 * lane).
 template <typename T>
+__device__ __forceinline__ void tokens_lean_rows(const T* __restrict__ x, const T* __restrict__ smooth,
+                                                 int8_t* __restrict__ codes, const int (&rows)[kTokRows],
+                                                 const float (&sc)[kTokRows], const float (&ys)[kTokRows], int K, int k,
+                                                 int k_end) {
+  const int steps = k < k_end ? (k_end - k + 255) / 256 : 0;
+  // step j reads 16 bytes at channel k + 256 j (32 uint4 further per step) and stores the two code words
+  // store_w4a8_codes8 would: (k & ~31) + 4 ((k >> 3) & 3) and 16 bytes on, i.e. 256 j bytes (64 words) further
+  const uint4* xp[kTokRows];
+  uint32_t* cp[kTokRows];
+#pragma unroll
+  for (int h = 0; h < kTokRows; ++h) {
+    xp[h] = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(rows[h]) * K + k);
+    cp[h] = reinterpret_cast<uint32_t*>(codes + static_cast<int64_t>(rows[h]) * K + (k & ~31) + 4 * ((k >> 3) & 3));
+  }
+  const uint4* sp = reinterpret_cast<const uint4*>(smooth + k);
+  auto load = [&](uint4 (&xv)[kTokRows], uint4& lv, int j) {
+    lv = sp[32 * j];
+#pragma unroll
+    for (int h = 0; h < kTokRows; ++h) xv[h] = __ldcs(xp[h] + 32 * j);
+  };
+  auto step = [&](const uint4 (&xv)[kTokRows], const uint4& lv, int j) {
+    float l[8], yl[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      l[i] = value_of<T>(lv, i);
+      float y0;  // rcp_for_div's in-range path
+      asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y0) : "f"(l[i]));
+      yl[i] = fmaf(y0, fmaf(-l[i], y0, 1.f), y0);
+    }
+#pragma unroll
+    for (int h = 0; h < kTokRows; ++h) {
+      float xh[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) xh[i] = div3(value_of<T>(xv[h], i), l[i], yl[i]);
+      const uint2 c = w4a8_codes8(xh, sc[h], ys[h], true);
+      cp[h][64 * j] = __byte_perm(c.x, c.y, 0x6420);
+      cp[h][64 * j + 4] = __byte_perm(c.x, c.y, 0x7531);
+    }
+  };
+  uint4 xa[kTokRows], la, xb[kTokRows], lb;
+  if (steps > 0) load(xa, la, 0);
+  int j = 0;
+  for (; j + 2 <= steps; j += 2) {
+    load(xb, lb, j + 1);
+    step(xa, la, j);
+    if (j + 2 < steps) load(xa, la, j + 2);
+    step(xb, lb, j + 1);
+  }
+  if (j < steps) step(xa, la, j);
+}
+
+// kLean (opt-in, SVDQUANT_OPS_CUDA_W4A8_TOKEN_LEAN=1; not yet run on a GPU): warps whose rows are all in range and on
+// the exact fast paths (xfast and qfast: the common case) take a loop without the per-step row tests: smooth's
+// reciprocals without rcp_for_div's range check (xfast implies every smooth value lies in [2^-20, 2^20], see
+// kW4a8AmaxLo, where rcp_for_div computes the same two FMAs), store addresses kept across steps (the ones
+// store_w4a8_codes8 computes), and two register sets for x in turn instead of a copy per step: the same arithmetic
+// in the same order, so the same bytes. The token pass takes 5.9 ms per FLUX.1 step on an H200 against 6.5-6.8 on
+// an H100 with 43 % more bandwidth, so issue-bound in part; the loop's common path is 324 -> ~226 SASS
+// instructions per 256 channels (a helper's prototype, sm_90a).
+template <typename T, bool kLean = false>
 __global__ void __launch_bounds__(32 * kTokWarps) quantize_tokens_fast_kernel(const T* __restrict__ x,
                                                                               const T* __restrict__ smooth,
                                                                               const float* __restrict__ gmax,
@@ -941,6 +1003,15 @@ __global__ void __launch_bounds__(32 * kTokWarps) quantize_tokens_fast_kernel(co
   // this block's channels (blockIdx.y: a slice of K where few rows would leave SMs idle; k_per_block % 256 == 0)
   const int k_end = min(K, static_cast<int>(blockIdx.y + 1) * k_per_block);
   int k = static_cast<int>(blockIdx.y) * k_per_block + 8 * lane;
+  if constexpr (kLean) {
+    bool common = row0 + kTokRows <= M;  // warp-uniform
+#pragma unroll
+    for (int h = 0; h < kTokRows; ++h) common = common && xfast[h] && qfast[h];
+    if (common) {
+      tokens_lean_rows<T>(x, smooth, codes, rows, sc, ys, K, k, k_end);
+      return;
+    }
+  }
   if (k < k_end) load(k);
   for (; k < k_end; k += 256) {
     uint4 xc[kTokRows];
@@ -1513,6 +1584,7 @@ void quantize_w4a8(const QuantizeActShape& s, bool fast, const at::Tensor& x, co
   const int64_t G64 = s.K / kInt4Group;
   // read before any launch: a bad value is an error on every W4A8 path, whatever the shape
   const bool token_split = w4a8_token_split(kW4a8TokenSplitDefault);
+  const bool token_lean = w4a8_token_lean();
   auto* cd = static_cast<int8_t*>(act_codes.data_ptr());
   const int C = fast ? w4a8_cluster_for(s) : 0;
   if (C > 0) {  // one pass, where such a cluster fits on this device
@@ -1544,11 +1616,15 @@ void quantize_w4a8(const QuantizeActShape& s, bool fast, const at::Tensor& x, co
     const int kps = token_kernel_k_per_block(M, K, token_split);
     const dim3 grid((M + kTokRows * kTokWarps - 1) / (kTokRows * kTokWarps), (K + kps - 1) / kps);
     if (x.scalar_type() == at::kBFloat16)
-      launch_kernel(quantize_tokens_fast_kernel<c10::BFloat16>, grid, dim3(32 * kTokWarps), 0, stream,
+      launch_kernel(token_lean ? quantize_tokens_fast_kernel<c10::BFloat16, true>
+                               : quantize_tokens_fast_kernel<c10::BFloat16, false>,
+                    grid, dim3(32 * kTokWarps), 0, stream,
                     x.data_ptr<c10::BFloat16>(), smooth.data_ptr<c10::BFloat16>(), gm, cd,
                     act_scales.data_ptr<c10::BFloat16>(), part, da, M, K, G, R, parts.splits, kps);
     else
-      launch_kernel(quantize_tokens_fast_kernel<c10::Half>, grid, dim3(32 * kTokWarps), 0, stream,
+      launch_kernel(token_lean ? quantize_tokens_fast_kernel<c10::Half, true>
+                               : quantize_tokens_fast_kernel<c10::Half, false>,
+                    grid, dim3(32 * kTokWarps), 0, stream,
                     x.data_ptr<c10::Half>(), smooth.data_ptr<c10::Half>(), gm, cd, act_scales.data_ptr<c10::Half>(),
                     part, da, M, K, G, R, parts.splits, kps);
   } else {
