@@ -324,15 +324,10 @@ def expand_bw(dev, rep_ms):
         layer = make_layer(K, N, 32, dev, g, "w4a8")
         wc, ws = layer["wc"], layer["ws"]
         outs, us = {}, {}
-        old = os.environ.get("SVDQUANT_OPS_CUDA_W4A8_EXPAND")
         for w in ways:
-            os.environ["SVDQUANT_OPS_CUDA_W4A8_EXPAND"] = w
-            outs[w] = ops.expand_w4a8_weight(wc, ws)
-            us[w] = bench_graph(lambda: ops.expand_w4a8_weight(wc, ws), rep_ms) * 1e3
-        if old is None:
-            os.environ.pop("SVDQUANT_OPS_CUDA_W4A8_EXPAND", None)
-        else:
-            os.environ["SVDQUANT_OPS_CUDA_W4A8_EXPAND"] = old
+            with env_var("SVDQUANT_OPS_CUDA_W4A8_EXPAND", w):
+                outs[w] = ops.expand_w4a8_weight(wc, ws)
+                us[w] = bench_graph(lambda: ops.expand_w4a8_weight(wc, ws), rep_ms) * 1e3
         same = torch.equal(outs["pair"], outs["warp"])
         bad += not same
         dense = outs["pair"]
@@ -353,19 +348,24 @@ def expand_bw(dev, rep_ms):
 
 
 @contextlib.contextmanager
-def narrow_w4a8_tiles():
-    """Every W4A8 GEMM on 128 x 128 tiles meanwhile (SVDQUANT_OPS_CUDA_W4A8_TILE=128): the diagnostics schedules exist
-    for that width only, so the shipped schedule they are compared with, and the tile-overhead fit's rounds, must use
-    it too."""
-    old = os.environ.get("SVDQUANT_OPS_CUDA_W4A8_TILE")
-    os.environ["SVDQUANT_OPS_CUDA_W4A8_TILE"] = "128"
+def env_var(name, value):
+    """The op library's run-time switch `name` set to `value` meanwhile (read at every call), then as it was."""
+    old = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if old is None:
-            os.environ.pop("SVDQUANT_OPS_CUDA_W4A8_TILE", None)
+            os.environ.pop(name, None)
         else:
-            os.environ["SVDQUANT_OPS_CUDA_W4A8_TILE"] = old
+            os.environ[name] = old
+
+
+def narrow_w4a8_tiles():
+    """Every W4A8 GEMM on 128 x 128 tiles meanwhile (SVDQUANT_OPS_CUDA_W4A8_TILE=128): the diagnostics schedules exist
+    for that width only, so the shipped schedule they are compared with, and the tile-overhead fit's rounds, must use
+    it too."""
+    return env_var("SVDQUANT_OPS_CUDA_W4A8_TILE", "128")
 
 
 def w4a8_gemm_call(M, N, K, R, up_dt, out_dt, dev, g):

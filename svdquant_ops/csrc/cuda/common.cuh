@@ -70,12 +70,13 @@ inline bool w4a8_token_lean() { return env_switch("SVDQUANT_OPS_CUDA_W4A8_TOKEN_
 constexpr bool kPdlDefault = false;
 inline bool pdl_requested() { return env_switch("SVDQUANT_OPS_CUDA_PDL", "1", "0", kPdlDefault); }
 
-// A run-time choice among named values, read at every call: the index of the variable's value in `names` (0, the
-// first, also when unset or empty); any other value is an error naming the variable and the choices.
+// A run-time choice among named values, read at every call: the index of the variable's value in `names`
+// (`fallback`, by default 0, the first, when unset or empty); any other value is an error naming the variable and
+// the choices.
 template <size_t N>
-inline int env_choice(const char* name, const char* const (&names)[N]) {
+inline int env_choice(const char* name, const char* const (&names)[N], int fallback = 0) {
   const char* v = std::getenv(name);
-  if (v == nullptr || v[0] == '\0') return 0;
+  if (v == nullptr || v[0] == '\0') return fallback;
   std::string expected;
   for (size_t i = 0; i < N; ++i) {
     if (std::strcmp(v, names[i]) == 0) return static_cast<int>(i);
@@ -92,8 +93,7 @@ inline int env_choice(const char* name, const char* const (&names)[N]) {
 enum W4a8GroupMax : int { kGmaxRegs = 0, kGmaxPipe = 1, kGmaxLean = 2 };
 inline int w4a8_groupmax_kind(int fallback) {
   static constexpr const char* kNames[] = {"regs", "pipe", "lean"};
-  const char* v = std::getenv("SVDQUANT_OPS_CUDA_W4A8_GMAX");
-  return v == nullptr || v[0] == '\0' ? fallback : env_choice("SVDQUANT_OPS_CUDA_W4A8_GMAX", kNames);
+  return env_choice("SVDQUANT_OPS_CUDA_W4A8_GMAX", kNames, fallback);
 }
 
 // SVDQUANT_OPS_CUDA_W4A8_NEXT=auto|gemm|kernel: where gemm_expanded expands the next weight on Hopper: by the GEMM
@@ -269,13 +269,18 @@ void launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
 // denormals, huge values, NaN, Inf) it falls back to __fdiv_rn. rcp_for_div returns NaN for b outside the range,
 // which routes every division by that b to the fallback.
 // ---------------------------------------------------------------------------------------------------------------
-__device__ __forceinline__ float rcp_for_div(float b) {
-  const float ab = fabsf(b);
-  if (!(ab >= 0x1p-60f && ab <= 0x1p60f)) return __int_as_float(0x7fffffff);
+// rcp_refined: the reciprocal itself, for callers that know b lies in the range.
+__device__ __forceinline__ float rcp_refined(float b) {
   float y0;
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y0) : "f"(b));
   const float e = fmaf(-b, y0, 1.f);
   return fmaf(y0, e, y0);
+}
+
+__device__ __forceinline__ float rcp_for_div(float b) {
+  const float ab = fabsf(b);
+  if (!(ab >= 0x1p-60f && ab <= 0x1p60f)) return __int_as_float(0x7fffffff);
+  return rcp_refined(b);
 }
 
 __device__ __forceinline__ float div_rn_fast(float a, float b, float y) {

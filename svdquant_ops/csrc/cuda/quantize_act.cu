@@ -458,35 +458,25 @@ __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel
   // keep_x: W4A8's token kernel reads x again next; when x fits in L2, default caching lets that read hit it
   // (streaming loads, the single-pass formats' choice, are evicted first)
   const bool keep = kGroupMax && keep_x;
+  auto load_row = [&](int row, int64_t col, uint4 (&dst)[2]) {  // the lane's 16 channels of one row (0 past M)
+    if (row >= M) {
+      dst[0] = dst[1] = make_uint4(0, 0, 0, 0);
+      return;
+    }
+    const uint4* p = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(row) * K + col);
+    if constexpr (kLean == kLeanKeep) {
+      dst[0] = __ldg(p), dst[1] = __ldg(p + 1);
+    } else if constexpr (kLean == kLeanStream) {
+      dst[0] = __ldcs(p), dst[1] = __ldcs(p + 1);
+    } else {
+      dst[0] = keep ? __ldg(p) : __ldcs(p);
+      dst[1] = keep ? __ldg(p + 1) : __ldcs(p + 1);
+    }
+  };
   auto load_x = [&](int c, uint4 (&dst)[2][2]) {
     const int64_t col = static_cast<int64_t>(c) * 64 + 16 * t;
-    const uint4 z = make_uint4(0, 0, 0, 0);
-    if (row_a < M) {
-      const uint4* p = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(row_a) * K + col);
-      if constexpr (kLean == kLeanKeep) {
-        dst[0][0] = __ldg(p), dst[0][1] = __ldg(p + 1);
-      } else if constexpr (kLean == kLeanStream) {
-        dst[0][0] = __ldcs(p), dst[0][1] = __ldcs(p + 1);
-      } else {
-        dst[0][0] = keep ? __ldg(p) : __ldcs(p);
-        dst[0][1] = keep ? __ldg(p + 1) : __ldcs(p + 1);
-      }
-    } else {
-      dst[0][0] = dst[0][1] = z;
-    }
-    if (row_b < M) {
-      const uint4* p = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(row_b) * K + col);
-      if constexpr (kLean == kLeanKeep) {
-        dst[1][0] = __ldg(p), dst[1][1] = __ldg(p + 1);
-      } else if constexpr (kLean == kLeanStream) {
-        dst[1][0] = __ldcs(p), dst[1][1] = __ldcs(p + 1);
-      } else {
-        dst[1][0] = keep ? __ldg(p) : __ldcs(p);
-        dst[1][1] = keep ? __ldg(p + 1) : __ldcs(p + 1);
-      }
-    } else {
-      dst[1][0] = dst[1][1] = z;
-    }
+    load_row(row_a, col, dst[0]);
+    load_row(row_b, col, dst[1]);
   };
 
   // prologue: round 0
@@ -878,7 +868,8 @@ __device__ __forceinline__ void tokens_lean_rows(const T* __restrict__ x, const 
                                                  int k_end) {
   const int steps = k < k_end ? (k_end - k + 255) / 256 : 0;
   // step j reads 16 bytes at channel k + 256 j (32 uint4 further per step) and stores the two code words
-  // store_w4a8_codes8 would: (k & ~31) + 4 ((k >> 3) & 3) and 16 bytes on, i.e. 256 j bytes (64 words) further
+  // store_w4a8_codes8 would (its address formula, hoisted: written out there so that the shipped kernels keep their
+  // code), 256 j bytes (64 words) after channel k's (k % 32 is the same for every step)
   const uint4* xp[kTokRows];
   uint32_t* cp[kTokRows];
 #pragma unroll
@@ -897,9 +888,7 @@ __device__ __forceinline__ void tokens_lean_rows(const T* __restrict__ x, const 
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       l[i] = value_of<T>(lv, i);
-      float y0;  // rcp_for_div's in-range path
-      asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y0) : "f"(l[i]));
-      yl[i] = fmaf(y0, fmaf(-l[i], y0, 1.f), y0);
+      yl[i] = rcp_refined(l[i]);  // rcp_for_div without its range check
     }
 #pragma unroll
     for (int h = 0; h < kTokRows; ++h) {
@@ -925,8 +914,8 @@ __device__ __forceinline__ void tokens_lean_rows(const T* __restrict__ x, const 
 
 // kLean (opt-in, SVDQUANT_OPS_CUDA_W4A8_TOKEN_LEAN=1; not yet run on a GPU): warps whose rows are all in range and on
 // the exact fast paths (xfast and qfast: the common case) take a loop without the per-step row tests: smooth's
-// reciprocals without rcp_for_div's range check (xfast implies every smooth value lies in [2^-20, 2^20], see
-// kW4a8AmaxLo, where rcp_for_div computes the same two FMAs), store addresses kept across steps (the ones
+// reciprocals without rcp_for_div's range check (rcp_refined: xfast implies every smooth value lies in [2^-20, 2^20],
+// see kW4a8AmaxLo, where rcp_for_div returns the same), store addresses kept across steps (the ones
 // store_w4a8_codes8 computes), and two register sets for x in turn instead of a copy per step: the same arithmetic
 // in the same order, so the same bytes. The token pass takes 5.9 ms per FLUX.1 step on an H200 against 6.5-6.8 on
 // an H100 with 43 % more bandwidth, so issue-bound in part; the loop's common path is 324 -> ~226 SASS
@@ -1346,7 +1335,8 @@ DownActParts launch_fast(const at::Tensor& x, const at::Tensor& smooth, const at
   return parts;
 }
 
-template <typename T, int RW, int KW, int kFmt, int kMinBlocks = 2>
+// kLean: the group-max pass's lean variant where RP <= 32 (the ranks it is compiled and checked for).
+template <typename T, int RW, int KW, int kFmt, int kMinBlocks = 2, bool kLean = false>
 DownActParts dispatch_rp(int RP, const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd,
                          at::Tensor& codes, at::Tensor& scales, at::Tensor& down_act, const float* am, int M, int K,
                          int R, bool act_unsigned, cudaStream_t st) {
@@ -1354,13 +1344,13 @@ DownActParts dispatch_rp(int RP, const at::Tensor& x, const at::Tensor& smooth, 
   constexpr int kMinSmall = (kFmt == kFmtGroupMax && RW == 4 && KW == 2) ? 3 : kMinBlocks;
   switch (RP) {
     case 0:
-      return launch_fast<T, RW, KW, 0, kFmt, kMinSmall>(x, smooth, pd, codes, scales, down_act, am, M, K, R,
+      return launch_fast<T, RW, KW, 0, kFmt, kMinSmall, kLean>(x, smooth, pd, codes, scales, down_act, am, M, K, R,
                                                  act_unsigned, st);
     case 16:
-      return launch_fast<T, RW, KW, 16, kFmt, kMinSmall>(x, smooth, pd, codes, scales, down_act, am, M, K, R,
+      return launch_fast<T, RW, KW, 16, kFmt, kMinSmall, kLean>(x, smooth, pd, codes, scales, down_act, am, M, K, R,
                                                   act_unsigned, st);
     case 32:
-      return launch_fast<T, RW, KW, 32, kFmt, kMinSmall>(x, smooth, pd, codes, scales, down_act, am, M, K, R,
+      return launch_fast<T, RW, KW, 32, kFmt, kMinSmall, kLean>(x, smooth, pd, codes, scales, down_act, am, M, K, R,
                                                   act_unsigned, st);
     case 64:
       return launch_fast<T, RW, KW, 64, kFmt, kMinBlocks>(x, smooth, pd, codes, scales, down_act, am, M, K, R,
@@ -1374,7 +1364,7 @@ DownActParts dispatch_rp(int RP, const at::Tensor& x, const at::Tensor& smooth, 
 // The fast kernel's block shape: 64 tokens x 2 k-warps (4 row-warps x 2 k-warps), i.e. proj_down staged once per 64
 // tokens. Diagnostics builds also compile, for SVDQUANT_OPS_QA_CFG (read on every call): =2 the earlier 32 tokens x 4
 // k-warps shape, =3 the shipped shape compiled for 3 blocks per SM (W4A8's group-max pass ships that for RP <= 32).
-template <typename T, int kFmt>
+template <typename T, int kFmt, bool kLean = false>
 DownActParts dispatch_fast(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& pd, at::Tensor& codes,
                            at::Tensor& scales, at::Tensor& down_act, int M, int K, int R, bool act_unsigned,
                            cudaStream_t st, const float* am = nullptr) {
@@ -1389,7 +1379,8 @@ DownActParts dispatch_fast(const at::Tensor& x, const at::Tensor& smooth, const 
                                          st);
   }
 #endif
-  return dispatch_rp<T, 4, 2, kFmt>(RP, x, smooth, pd, codes, scales, down_act, am, M, K, R, act_unsigned, st);
+  return dispatch_rp<T, 4, 2, kFmt, 2, kLean>(RP, x, smooth, pd, codes, scales, down_act, am, M, K, R, act_unsigned,
+                                              st);
 }
 
 // W4A8's group-max pass by the pipelined kernel: one wave of blocks (2 per SM) over M / 64 row slabs x K slices of
@@ -1434,16 +1425,8 @@ DownActParts dispatch_w4a8_groupmax(const at::Tensor& x, const at::Tensor& smoot
                                     at::Tensor& codes, at::Tensor& gmax, at::Tensor& down_act, int M, int K, int R,
                                     cudaStream_t st) {
   const int kind = w4a8_groupmax_kind(kW4a8GroupMaxDefault);
-  if (kind == kGmaxLean && R <= 32) {  // the shipped block shape (4 x 2 warps, 3 blocks per SM: dispatch_rp)
-    if (R == 0)
-      return launch_fast<T, 4, 2, 0, kFmtGroupMax, 3, true>(x, smooth, pd, codes, gmax, down_act, nullptr, M, K, R,
-                                                            false, st);
-    if (R <= 16)
-      return launch_fast<T, 4, 2, 16, kFmtGroupMax, 3, true>(x, smooth, pd, codes, gmax, down_act, nullptr, M, K, R,
-                                                             false, st);
-    return launch_fast<T, 4, 2, 32, kFmtGroupMax, 3, true>(x, smooth, pd, codes, gmax, down_act, nullptr, M, K, R,
-                                                           false, st);
-  }
+  if (kind == kGmaxLean)  // (ranks above 32: the register-prefetch kernel, dispatch_rp)
+    return dispatch_fast<T, kFmtGroupMax, true>(x, smooth, pd, codes, gmax, down_act, M, K, R, false, st);
   if (kind != kGmaxPipe || R > 64 || !device_is_sm90())
     return dispatch_fast<T, kFmtGroupMax>(x, smooth, pd, codes, gmax, down_act, M, K, R, false, st);
   if (R == 0) return launch_w4a8_groupmax_pipe<T, 0, kPipeStages>(x, smooth, pd, gmax, down_act, M, K, R, st);

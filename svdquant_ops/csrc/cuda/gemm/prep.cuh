@@ -144,7 +144,7 @@ __host__ __device__ __forceinline__ uint2 w4a8_expand8_split(uint32_t w, uint32_
 // in W4A8's channel order: the slice's 16 even channels come first, so the unit of half 0 stores the evens of both
 // halves and the unit of half 1 the odds; the two threads of a slice (lanes 2i, 2i + 1, units 2j, 2j + 1) swap the
 // halves they hold with one shuffle. Both threads of the pair must call it (a pair shuffle: the others may differ).
-// kWarp: every lane of the warp calls it (expand_w4a8_units_warp), so the exchange is a full-warp shuffle; the pair
+// kWarp: every lane of the warp calls it (expand_w4a8_units<kU, true>), so the exchange is a full-warp shuffle; the pair
 // mask otherwise compiles into a convergence check (MATCH.ANY, REDUX, VOTE) around each shuffle.
 template <bool kWarp = false>
 __device__ __forceinline__ uint4 expand_unit_w4a8_ordered(uint2 in, uint32_t m, uint32_t h) {
@@ -181,61 +181,44 @@ __device__ __forceinline__ uint2 ld_nc_v2(const void* p) {  // read once: no L1 
 
 // Units first, first + stride, ...: kU units' loads in flight before any is expanded (the GEMM kernel's expanding
 // warps are few, so their bandwidth comes from loads in flight per thread).
-template <int kU>
+// kWarp (opt-in, SVDQUANT_OPS_CUDA_W4A8_EXPAND=warp; not yet run on a GPU): the loop and the pair exchange
+// warp-uniform. Every lane of a warp runs every step (out-of-range units load zeros and store nothing), so the
+// exchange is a full-warp shuffle without the convergence check the pair mask costs per unit (~71 SASS instructions
+// per unit in expand_w4a8_kernel, sm_90a; prep takes the same ~4.95 ms per FLUX.1 step on an H100 and an H200, so it
+// is not bound by memory on the H200). The same bytes in the same places. Needs first - lane warp-aligned and stride
+// a multiple of 32, as every caller gives them.
+template <int kU, bool kWarp = false>
 __device__ __forceinline__ void expand_w4a8_units(const ExpandJob& j, uint32_t first, uint32_t stride) {
-  for (uint32_t u0 = first; u0 < j.units; u0 += kU * stride) {
+  const uint32_t lane = kWarp ? threadIdx.x & 31 : 0u;  // kWarp: the loop runs on the warp's first unit, uniform
+  for (uint32_t u0 = first - lane; u0 < j.units; u0 += kU * stride) {
     uint2 c[kU];
     uint32_t m[kU];
 #pragma unroll
     for (int i = 0; i < kU; ++i) {
-      const uint32_t u = u0 + i * stride;
+      const uint32_t u = u0 + lane + i * stride;
+      if constexpr (kWarp) c[i] = make_uint2(0u, 0u), m[i] = 0u;
       if (u < j.units) c[i] = ld_nc_v2(j.codes + uint64_t(u) * 8), m[i] = j.mult[u >> 2];
     }
 #pragma unroll
     for (int i = 0; i < kU; ++i) {
-      const uint32_t u = u0 + i * stride;
-      if (u < j.units) *reinterpret_cast<uint4*>(j.out + uint64_t(u) * 16) = expand_unit_w4a8_ordered(c[i], m[i], u & 1);
-    }
-  }
-}
-
-// expand_w4a8_units with the loop and the pair exchange warp-uniform (opt-in, SVDQUANT_OPS_CUDA_W4A8_EXPAND=warp; not
-// yet run on a GPU): every lane of a warp runs every step (out-of-range units load nothing and store nothing), so
-// the exchange is a full-warp shuffle without the convergence check the pair mask costs per unit (~71 SASS
-// instructions per unit in expand_w4a8_kernel, sm_90a; prep takes the same ~4.95 ms per FLUX.1 step on an H100
-// and an H200, so it is not bound by memory on the H200). The same bytes in the same places. `first` and `stride`
-// as expand_w4a8_units's callers give them: first - lane warp-aligned, stride a multiple of 32.
-template <int kU>
-__device__ __forceinline__ void expand_w4a8_units_warp(const ExpandJob& j, uint32_t first, uint32_t stride) {
-  const uint32_t lane = threadIdx.x & 31;
-  for (uint32_t w0 = first - lane; w0 < j.units; w0 += kU * stride) {  // w0: the warp's first unit, uniform
-    uint2 c[kU];
-    uint32_t m[kU];
-#pragma unroll
-    for (int i = 0; i < kU; ++i) {
-      const uint32_t u = w0 + lane + i * stride;
-      c[i] = make_uint2(0u, 0u), m[i] = 0u;
-      if (u < j.units) c[i] = ld_nc_v2(j.codes + uint64_t(u) * 8), m[i] = j.mult[u >> 2];
-    }
-#pragma unroll
-    for (int i = 0; i < kU; ++i) {
-      const uint32_t u = w0 + lane + i * stride;
-      const uint4 v = expand_unit_w4a8_ordered<true>(c[i], m[i], u & 1);
-      if (u < j.units) *reinterpret_cast<uint4*>(j.out + uint64_t(u) * 16) = v;
+      const uint32_t u = u0 + lane + i * stride;
+      if constexpr (kWarp) {
+        const uint4 v = expand_unit_w4a8_ordered<true>(c[i], m[i], u & 1);
+        if (u < j.units) *reinterpret_cast<uint4*>(j.out + uint64_t(u) * 16) = v;
+      } else if (u < j.units) {
+        *reinterpret_cast<uint4*>(j.out + uint64_t(u) * 16) = expand_unit_w4a8_ordered(c[i], m[i], u & 1);
+      }
     }
   }
 }
 
 // The kernel of its own: kExpandUnitsPerThread units per thread and step (launch_expand sizes its grid by it);
-// kWarp: expand_w4a8_units_warp (a template argument, so that the default kernel's code stays as it was).
+// kWarp: expand_w4a8_units<kU, true> (a template argument, so that the default kernel's code stays as it was).
 constexpr int kExpandUnitsPerThread = 4;
 template <bool kWarp = false>
 __global__ void expand_w4a8_kernel(const ExpandJob j) {
   const uint32_t first = blockIdx.x * blockDim.x + threadIdx.x, stride = gridDim.x * blockDim.x;
-  if constexpr (kWarp)
-    expand_w4a8_units_warp<kExpandUnitsPerThread>(j, first, stride);
-  else
-    expand_w4a8_units<kExpandUnitsPerThread>(j, first, stride);
+  expand_w4a8_units<kExpandUnitsPerThread, kWarp>(j, first, stride);
 }
 
 // One segment of a value split into bf16 parts for the fp32-accurate branch: the low part (v - bf16(v)) in segment
@@ -349,7 +332,7 @@ __device__ __forceinline__ void prep_small(const PrepArgs& p, uint32_t tid, uint
 }
 
 // Grid rows by role (row = blockIdx.y + first_row): 0 activation codes, 1 weight codes (blocks stride over 16-channel
-// units), 2 the small operands. kWarpExpand: W4A8 weights by expand_w4a8_units_warp, except with one unit in flight
+// units), 2 the small operands. kWarpExpand: W4A8 weights by expand_w4a8_units<kU, true>, except with one unit in flight
 // (SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS=1 keeps the pair loop); a template argument, so that the default kernel's code
 // stays as it was.
 template <bool kWarpExpand = false>
@@ -368,10 +351,8 @@ __global__ void prep_kernel(const PrepArgs p) {
                         kWarpExpand};
       if (p.one_unit) {
         expand_w4a8_units<1>(j, tid, stride);
-      } else if constexpr (kWarpExpand) {
-        expand_w4a8_units_warp<kExpandUnitsPerThread>(j, tid, stride);
       } else {
-        expand_w4a8_units<kExpandUnitsPerThread>(j, tid, stride);
+        expand_w4a8_units<kExpandUnitsPerThread, kWarpExpand>(j, tid, stride);
       }
     }
     return;
