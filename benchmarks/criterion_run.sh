@@ -37,6 +37,11 @@
 #                         warp-uniform (SVDQUANT_OPS_CUDA_W4A8_EXPAND=pair / warp: the same bytes), compiled: the
 #                         A/B that decides the default (profile.top's prep_kernel ms per step); repeat it in the
 #                         other order before it sets a default
+#   HALF=epi:             the w4a8 recipe with W4A8's 128 x 256 GEMM handing each thread the tile's channel scales and
+#                         bias by warp shuffles (the default) and through shared memory (SVDQUANT_OPS_CUDA_W4A8_EPI=shfl /
+#                         smem: the same bytes), compiled: the A/B that decides the default (profile.top's
+#                         gemm_kernel<256, 2, 0 / 1, ...> ms per step); repeat it in the other order before it sets
+#                         a default
 #   HALF=pack:            the w4a8 recipe, fp8, then the w4a8 recipe with every weight part a graph input of its own
 #                         (unwrap_weights(pack=False)): the criterion's compiled pair and the packing's A/B of the
 #                         host's time before the first kernel (its bf16 row is in HALF=ro: four cold compiles did not
@@ -68,6 +73,7 @@ case "${HALF:-plain}" in
         per=130 ;;
   qa) configs=w4a8-compile-fused-unwrap-cat-qaregs,w4a8-compile-fused-unwrap-cat-qalean; per=150 ;;
   expand) configs=w4a8-compile-fused-unwrap-cat-expandpair,w4a8-compile-fused-unwrap-cat-expandwarp; per=150 ;;
+  epi) configs=w4a8-compile-fused-unwrap-cat-epishfl,w4a8-compile-fused-unwrap-cat-epismem; per=150 ;;
   pack) configs=w4a8-compile-fused-unwrap-cat,fp8-compile,w4a8-compile-fused-unwrap-cat-nopack; per=200 ;;
   *)    configs=w4a8-compile-fused-unwrap-cat,fp8-compile,bf16-compile; per=200 ;;
 esac

@@ -66,9 +66,13 @@ def _select_path(monkeypatch, name):
     else:
         monkeypatch.delenv("SVDQUANT_OPS_CUDA_W4A8_TOKEN_LEAN", raising=False)
     if name.startswith("tile"):  # W4A8's Hopper GEMM on 128 x 128 or 128 x 256 tiles: tile128, tile256
-        monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_TILE", name[len("tile"):])
+        monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_TILE", name[len("tile"):len("tile256")])
     else:
         monkeypatch.delenv("SVDQUANT_OPS_CUDA_W4A8_TILE", raising=False)
+    if name == "tile256-smem":  # ... with the tile's channel scales and bias through shared memory
+        monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_EPI", "smem")
+    else:
+        monkeypatch.delenv("SVDQUANT_OPS_CUDA_W4A8_EPI", raising=False)
     # W4A8's Hopper GEMM on packed weights expanded in registers (regs), or on weights expanded by the prep kernel
     # (the tile widths are the prep path's)
     if name == "regs" or name.startswith("tile"):
@@ -627,17 +631,18 @@ GEMM_CASES = [
 ]
 
 
-@pytest.fixture(params=["fast", "tile128", "tile256", "regs", "portable"])
+@pytest.fixture(params=["fast", "tile128", "tile256", "tile256-smem", "regs", "portable"])
 def gemm_path(request, monkeypatch):
     """The GEMM's paths: W4A8's Hopper kernel takes 128 x 128 or 128 x 256 output tiles per call ("fast": the
-    library's choice), forced with SVDQUANT_OPS_CUDA_W4A8_TILE=128 / 256 ("tile128", "tile256"), or reads the packed
-    weights in registers (SVDQUANT_OPS_CUDA_W4A8_WEIGHTS=regs: "regs"; calls it cannot take run the prep path)."""
+    library's choice), forced with SVDQUANT_OPS_CUDA_W4A8_TILE=128 / 256 ("tile128", "tile256"; "tile256-smem": with
+    the epilogue's vectors through shared memory, SVDQUANT_OPS_CUDA_W4A8_EPI=smem), or reads the packed weights in
+    registers (SVDQUANT_OPS_CUDA_W4A8_WEIGHTS=regs: "regs"; calls it cannot take run the prep path)."""
     return _select_path(monkeypatch, request.param)
 
 
 @pytest.mark.parametrize("M,N,K,R,precision,model_dtype,out_dtype,extra", GEMM_CASES)
 def test_gemm_matches_cpu(gemm_path, M, N, K, R, precision, model_dtype, out_dtype, extra):
-    if gemm_path in ("tile128", "tile256", "regs") and precision != "w4a8":
+    if gemm_path in ("tile128", "tile256", "tile256-smem", "regs") and precision != "w4a8":
         pytest.skip("the tile width and the register path are W4A8's")
     g = session_generator((M, N, K, R, precision, str(model_dtype), str(out_dtype)))
     unsigned = extra.get("unsigned", False)
@@ -963,6 +968,43 @@ def test_w4a8_tiles_agree_deterministic_and_replay(monkeypatch, tile):
     port = gemm(torch.float32)
     assert rel_fro(fast, port) < 1e-5  # (the 128-column kernel measured 1.09e-6 here on an H100)
     assert (fast - port).abs().max().item() <= 1e-5 * (port.abs().max().item() + 1e-30)
+
+
+@pytest.mark.skipif(not IS_SM90, reason="the Hopper path exists on compute capability 9.0 only")
+@pytest.mark.parametrize("M,N,K,R,bias,out_dtype", [
+    (4100, 9000, 3072, 32, True, torch.bfloat16),   # several tiles per CTA (the slots rewritten per tile), ragged N
+    (4608, 3072, 15360, 32, True, torch.float16),   # FLUX.1's longest K
+    (300, 136, 1088, 20, False, torch.bfloat16),    # no bias (zero slots), ragged M and N
+    (777, 1000, 512, 16, True, torch.float32),      # fp32 output: the direct epilogue
+    (513, 1004, 256, 0, True, torch.bfloat16),      # N % 8 != 0: the direct epilogue; rank 0
+])
+def test_w4a8_epilogue_vectors_through_smem_are_bit_equal(monkeypatch, M, N, K, R, bias, out_dtype):
+    """W4A8's 128 x 256 kernel with the tile's channel scales and bias through shared memory
+    (SVDQUANT_OPS_CUDA_W4A8_EPI=smem, the kVecSmem schedule) gives the same bits as with warp shuffles (the
+    default), on both epilogues (TMA stores; fp32 or N % 8 != 0: direct) and with several tiles per CTA; smem runs
+    first, on poisoned workspace memory, and is the kernel that ran; a value other than shfl / smem is an error
+    naming the variable."""
+    monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_WEIGHTS", "prep")
+    monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_TILE", "256")
+    args = to_dev(op_args("gemm", gemm_inputs(M, N, K, R, "w4a8", torch.bfloat16, session_generator(("epi", M, N)),
+                                              bias=bias)))
+    from torch.profiler import ProfilerActivity, profile
+
+    outs = {}
+    for epi in ("smem", "shfl"):
+        monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_EPI", epi)
+        _poison_free_memory()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            outs[epi] = OPS.gemm(*args, "w4a8", out_dtype, False)
+            torch.cuda.synchronize()
+        ran = {e.name for e in prof.events() if "gemm_kernel" in e.name}
+        sched = 1 if epi == "smem" else 0
+        assert any(f"gemm_kernel<256, 2, {sched}," in n for n in ran), ran
+    bits = torch.int32 if out_dtype == torch.float32 else torch.int16
+    assert torch.equal(outs["smem"].view(bits), outs["shfl"].view(bits))
+    monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_EPI", "lds")
+    with pytest.raises(RuntimeError, match="SVDQUANT_OPS_CUDA_W4A8_EPI must be 'shfl', 'smem' or unset, got 'lds'"):
+        OPS.gemm(*args, "w4a8", out_dtype, False)
 
 
 @pytest.mark.skipif(not IS_SM90, reason="the Hopper path exists on compute capability 9.0 only")

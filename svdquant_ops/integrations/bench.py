@@ -108,6 +108,9 @@ class Config:
     w4a8_expand: str | None = None  # how W4A8's weight expansion exchanges slice halves, by lane "pair" or
     #                                 warp-uniformly, "warp" (SVDQUANT_OPS_CUDA_W4A8_EXPAND in the child); None: the
     #                                 library's default
+    w4a8_epi: str | None = None  # how W4A8's GEMM on 128 x 256 tiles hands each thread the tile's channel scales and
+    #                              bias, by warp shuffles, "shfl", or through shared memory, "smem"
+    #                              (SVDQUANT_OPS_CUDA_W4A8_EPI in the child); None: the library's default
     prep_rows: str | None = None  # the prep kernel's grid rows, "all" or only those with work, "used"
     #                               (SVDQUANT_OPS_CUDA_PREP_ROWS in the child); None: the library's default
     size_asserts: bool | None = None  # Inductor's size / stride assert on each graph input and custom-op output;
@@ -129,7 +132,8 @@ class Config:
         return (self.mode == "reduce-overhead" or self.weights == "fp8" or self.gemm_schedule is not None
                 or self.gmax is not None or self.w4a8_tile is not None or self.pdl is not None
                 or self.inductor_pdl or self.w4a8_weights is not None or self.prep_units is not None
-                or self.prep_rows is not None or self.w4a8_expand is not None or self.token_lean is not None)
+                or self.prep_rows is not None or self.w4a8_expand is not None or self.token_lean is not None
+                or self.w4a8_epi is not None)
 
     @property
     def label(self) -> str:
@@ -180,6 +184,9 @@ class Config:
         if self.w4a8_expand:
             how += {"pair": ", W4A8 weight expansion exchanging slice halves by lane pairs",
                     "warp": ", W4A8 weight expansion warp-uniform (full-warp shuffles)"}[self.w4a8_expand]
+        if self.w4a8_epi:
+            how += {"shfl": ", W4A8 128 x 256 GEMM epilogue vectors by warp shuffles",
+                    "smem": ", W4A8 128 x 256 GEMM epilogue vectors through shared memory"}[self.w4a8_epi]
         if self.prep_rows:
             how += {"all": ", the prep kernel's grid with all three rows",
                     "used": ", the prep kernel's grid with only its rows that have work"}[self.prep_rows]
@@ -323,6 +330,13 @@ def _configs() -> dict[str, Config]:
         for k in ("pair", "warp"):
             name = f"w4a8-compile{sfx}-fused-unwrap-cat-expand{k}"
             out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, unwrap=True, cat_gemms=True, w4a8_expand=k)
+    # Extra: that recipe with W4A8's 128 x 256 GEMM handing each thread the tile's channel scales and bias by warp
+    # shuffles or through shared memory (SVDQUANT_OPS_CUDA_W4A8_EPI=shfl / smem: the same bytes), whatever the
+    # library's default
+    for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
+        for k in ("shfl", "smem"):
+            name = f"w4a8-compile{sfx}-fused-unwrap-cat-epi{k}"
+            out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, unwrap=True, cat_gemms=True, w4a8_epi=k)
     # Extra: that recipe with both W4A8 quantize_act passes as they ship or in their lean variants
     # (SVDQUANT_OPS_CUDA_W4A8_GMAX=regs / lean and SVDQUANT_OPS_CUDA_W4A8_TOKEN_LEAN=0 / 1: the same bytes; the
     # profile times each pass's kernel), whatever the library's defaults
@@ -1080,6 +1094,7 @@ def _run_child(args, name: str, device: str, timeout: float) -> dict:
                        ("SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS", CONFIGS[name].prep_units),
                        ("SVDQUANT_OPS_CUDA_PREP_ROWS", CONFIGS[name].prep_rows),
                        ("SVDQUANT_OPS_CUDA_W4A8_EXPAND", CONFIGS[name].w4a8_expand),
+                       ("SVDQUANT_OPS_CUDA_W4A8_EPI", CONFIGS[name].w4a8_epi),
                        ("SVDQUANT_OPS_CUDA_W4A8_TOKEN_LEAN", CONFIGS[name].token_lean)):
         if value:
             env[var] = value

@@ -139,6 +139,14 @@ inline bool w4a8_expand_warp() {
   return env_choice("SVDQUANT_OPS_CUDA_W4A8_EXPAND", kNames) == 1;
 }
 
+// SVDQUANT_OPS_CUDA_W4A8_EPI=shfl|smem: how W4A8's GEMM on 128 x 256 tiles hands each thread the tile's channel
+// scales and bias: by warp shuffles from registers (shfl, the default) or through shared memory, two column groups
+// per 16-byte load (smem: sm90::kVecSmem; opt-in until measured). The same bytes.
+inline bool w4a8_epi_smem() {
+  static constexpr const char* kNames[] = {"shfl", "smem"};
+  return env_choice("SVDQUANT_OPS_CUDA_W4A8_EPI", kNames) == 1;
+}
+
 // SVDQUANT_OPS_CUDA_PREP_ROWS=used|all: whether the prep kernel's grid has only the rows with work (used, the
 // default since 2026-12-07: W4A8 skips the activation row, whose codes quantize_act wrote as int8 already, and the
 // weight row where the weights are expanded elsewhere; weight-only calls skip the activation row) or all three rows

@@ -450,7 +450,7 @@ sm90::Params sm90_params(const GemmShape& s, const Sm90Plan& pl, const PrepArgs&
 
 template <int BN, int kKind, int kSched, bool kStore>
 void launch_sm90(const TensorMaps& m, const sm90::Params& p, cudaStream_t stream) {
-  using C = sm90::Cfg<BN, kKind, sm90::ring_stages(kSched)>;
+  using C = sm90::Cfg<BN, kKind, sm90::ring_stages(kSched), kSched == sm90::kVecSmem>;
   auto kernel = sm90::gemm_kernel<BN, kKind, kSched, kStore>;
   static PerDeviceOnce smem_attr;  // per instantiation and device, on its first (eager) call
   set_max_dynamic_smem(smem_attr, kernel, C::SMEM);
@@ -523,11 +523,14 @@ bool w4a8_pingpong_pays(const sm90::Params& p) {
 }
 #endif
 
-// The kernel instantiation of (precision, variant). A normal build compiles the four shipped ones only.
+// The kernel instantiation of (precision, variant). A normal build compiles the four shipped ones and the opt-in
+// kVecSmem variant of W4A8's 128 x 256 kernel (SVDQUANT_OPS_CUDA_W4A8_EPI=smem).
 template <bool kStore>
 void launch_variant(Precision precision, [[maybe_unused]] const Variant& v, int bn, const TensorMaps& m,
                     const sm90::Params& p, cudaStream_t stream) {
-  if (precision == Precision::kW4a8 && bn == 256) {  // (the plan gives 256 to the shipped schedule only)
+  if (precision == Precision::kW4a8 && bn == 256 && w4a8_epi_smem()) {  // (the plan gives 256 to kPromote only)
+    launch_sm90<256, sm90::kKindW4a8, sm90::kVecSmem, kStore>(m, p, stream);
+  } else if (precision == Precision::kW4a8 && bn == 256) {
     launch_sm90<256, sm90::kKindW4a8, sm90::kPromote, kStore>(m, p, stream);
   } else if (precision == Precision::kNvfp4) {
     launch_sm90<128, sm90::kKindNvfp4, sm90::kPromote, kStore>(m, p, stream);

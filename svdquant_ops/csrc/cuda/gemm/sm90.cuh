@@ -42,7 +42,8 @@ enum Kind : int { kKindInt4 = 0, kKindNvfp4 = 1, kKindW4a8 = 2, kKindW4a8Expand 
 
 // kRing (diagnostics schedules kRing4 / kRing5 / kRing7): the ring's depth instead of the shipped one; 7 W4A8 stages
 // leave no room for the epilogue buffer, so that variant stores directly from registers.
-template <int BN, int kKind, int kRing = 0>
+// kVec (the kVecSmem schedule): room for the consumer warpgroups' copies of a tile's channel scales and bias.
+template <int BN, int kKind, int kRing = 0, bool kVec = false>
 struct Cfg {
   static constexpr bool kScales = kKind == kKindInt4;  // only INT4 streams group scales with its stages
   static constexpr int A_BYTES = BM * 128;
@@ -67,7 +68,11 @@ struct Cfg {
   // kKindW4a8Expand: the tile's 4-bit codes (BN rows x 64 bytes) land in the upper half of the stage's weight buffer
   static constexpr int B4_OFF = A_BYTES + B_BYTES / 2;
   static constexpr int B4_BYTES = BN * 64;
-  static constexpr int SMEM = BAR_OFF + 1024 + (kKind == kKindW4a8Expand ? 3 : 2) * STAGES * 8;
+  static constexpr int BARS = (kKind == kKindW4a8Expand ? 3 : 2) * STAGES * 8;
+  // kVec: per consumer warpgroup the tile's two vectors (channel scales, bias) as BN / 4 float4 slots each
+  static constexpr int VEC_OFF = BAR_OFF + ((BARS + 15) / 16) * 16;
+  static constexpr int VEC_BYTES = kVec ? 2 * 2 * BN * 4 : 0;
+  static constexpr int SMEM = (kVec ? VEC_OFF + VEC_BYTES : BAR_OFF + BARS) + 1024;  // + the base's alignment
   static_assert(SMEM <= 232448, "shared memory over the sm_90 limit of 227 KB per block");
 };
 
@@ -129,6 +134,42 @@ struct TileVec {
   }
 };
 
+// kVecSmem (W4A8 on 128 x 256 tiles; opt-in, SVDQUANT_OPS_CUDA_W4A8_EPI=smem): the tile's channel scales and bias
+// reach the consumers through shared memory instead of TileVec's shuffles (two per column group and vector: 128 per
+// thread and tile, on the shared-memory pipe beside the epilogue's stores, while the tensor cores idle). Each thread
+// of a warpgroup fetches one float4 slot at the start of the tile (its latency hides behind the main loop): thread t
+// holds slot t % (BN / 4) of the channel scales (t < BN / 4) or the bias; slot 4 i + q is the column pairs 8 i + q
+// and 8 i + 4 + q, i.e. column groups j = 2 i and 2 i + 1 of the lanes with tq = q. The warpgroup stores its slots
+// after the main loop, and SmemVec reads two column groups per 16-byte load (a quad's 4 lanes read 64 contiguous
+// bytes: one wavefront, broadcast to the warp's 8 quads). The same values as TileVec in the same arithmetic: the
+// same bytes out.
+template <int BN>
+__device__ __forceinline__ float4 vec_slot(const float* gscale, const float* bias, int n0, int t) {
+  static_assert(BN == 256, "one slot per thread of a warpgroup: 2 vectors x BN / 4 slots = 128");
+  const bool is_bias = t >= BN / 4;
+  const int sl = t & (BN / 4 - 1);
+  const int c0 = 16 * (sl >> 2) + 2 * (sl & 3);  // the first column of pair 8 i + q; the second pair 8 columns on
+  if (is_bias && bias == nullptr) return make_float4(0.f, 0.f, 0.f, 0.f);
+  const float* v = (is_bias ? bias : gscale) + n0 + c0;
+  const float2 a = *reinterpret_cast<const float2*>(v), b = *reinterpret_cast<const float2*>(v + 8);
+  return make_float4(a.x, a.y, b.x, b.y);
+}
+
+template <int BN>
+struct SmemVec {
+  const float4* slots = nullptr;  // the vector's BN / 4 slots in shared memory
+  mutable float4 cur;             // column groups J and J + 1 (J even), loaded at J
+  template <int J>
+  __device__ __forceinline__ float2 at(int tq) const {  // (called for J = 0, 1, 2, ... in order)
+    if constexpr (J % 2 == 0) {
+      cur = slots[(J / 2) * 4 + tq];
+      return make_float2(cur.x, cur.y);
+    } else {
+      return make_float2(cur.z, cur.w);
+    }
+  }
+};
+
 // Compile-time loop (the shuffles above need J as a constant).
 template <int N, typename F, int J = 0>
 __device__ __forceinline__ void static_for(F&& f) {
@@ -157,6 +198,7 @@ __device__ __forceinline__ void promote4(float* acc, const float* tmp, float sa0
 // FlashAttention-3-style ping-pong measured 6 % slower: its promotion competes with the other warpgroup.)
 enum Schedule : int {
   kPromote = 0,
+  kVecSmem = 1,  // kPromote for W4A8 on 128 x 256 tiles, the epilogue's vectors through shared memory (SmemVec)
 #if SVDQ_DIAGNOSTICS
   kSkeleton = 2,
   kOverlap = 3,      // 2 stages of MMAs in flight (the lag below)
@@ -348,10 +390,10 @@ __device__ __forceinline__ void nvfp4_main_loop(const Params& p, uint8_t* smem, 
 // epilogue buffer (128-byte-swizzled rows: a warp's 4-byte writes land in 8 different 16-byte chunks,
 // conflict-free), then asynchronous TMA stores, which also clip the ragged M / N edges and drain while the next
 // tile runs. The previous tile's stores must have read the buffer first (long done by now: a whole main loop ago).
-template <int BN, class C>
+template <int BN, class C, class V = TileVec<BN>>
 __device__ __forceinline__ void store_tile_tma(const CUtensorMap& tmC, const Params& p, uint8_t* smem,
                                                const ConsumerLane& cl, const float (&acc)[BN / 2],
-                                               const TileVec<BN>& vbias, int m0, int n0) {
+                                               const V& vbias, int m0, int n0) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   uint8_t* cst = smem + C::EPI_OFF + cl.wg * (BN / 64) * C::C_BOX;
   if ((threadIdx.x & 127) == 0) bulk_wait_read<0>();
@@ -389,9 +431,9 @@ __device__ __forceinline__ void store_tile_tma(const CUtensorMap& tmC, const Par
 
 // Direct epilogue (fp32 outputs, N % 8 != 0, unaligned outputs): acc + bias, cast, 4- or 8-byte stores of column
 // pairs from registers, bounds-checked.
-template <int BN>
+template <int BN, class V = TileVec<BN>>
 __device__ __forceinline__ void store_tile_direct(const Params& p, const ConsumerLane& cl, const float (&acc)[BN / 2],
-                                                  const TileVec<BN>& vbias, int m0, int n0) {
+                                                  const V& vbias, int m0, int n0) {
   const int gm0 = m0 + cl.r0, gm1 = gm0 + 8;
   const bool even_n = (p.N & 1) == 0;
   static_for<BN / 8>([&](auto jc) {
@@ -414,7 +456,8 @@ __device__ __forceinline__ void store_tile_direct(const Params& p, const Consume
 // The kernel: 384 threads = one producer warpgroup (one thread issues the TMA loads; the others give their registers
 // to the consumers with setmaxnreg) and two consumer warpgroups of 64 rows each, persistent over the output tiles
 // (tile blockIdx.x, + gridDim.x, ...). kSched != kPromote and kStore = false are diagnostic variants that only
-// diagnostics builds instantiate; the shipped kernels are gemm_kernel<128, kind> and gemm_kernel<256, W4A8>.
+// diagnostics builds instantiate, except kVecSmem (opt-in at run time); the shipped kernels are
+// gemm_kernel<128, kind> and gemm_kernel<256, W4A8>.
 // What stays written out in the body, and why: moving the producer loop or the consumer loop into a helper function
 // (even verbatim) changes ptxas's register assignment in the INT4 kernel (same register count, different SASS); so
 // does the INT4 main loop as a helper, and the W4A8 main loop or its scaling as a helper in the W4A8 kernel. The
@@ -429,7 +472,7 @@ __global__ void __launch_bounds__(384, 1)
   static_assert(kStore || SVDQ_DIAGNOSTICS, "the no-store epilogue exists in diagnostics builds only");
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   pdl_wait_then_release();  // launched by launch_kernel (common.cuh); the multicast launch is a plain one
-  using C = Cfg<BN, kKind, ring_stages(kSched)>;
+  using C = Cfg<BN, kKind, ring_stages(kSched), kSched == kVecSmem>;
   constexpr bool kFp8 = kKind == kKindInt4;
   constexpr bool kExp = kKind == kKindW4a8Expand;
   constexpr bool kI8 = kKind == kKindW4a8 || kExp;
@@ -437,7 +480,10 @@ __global__ void __launch_bounds__(384, 1)
   // tile's MMAs, where the main loop is bound by the bytes landing in shared memory (benchmarks/HISTORY.md)
   static constexpr bool kWide = kKind == kKindW4a8 && BN == 256;  // (static: as a plain constexpr local it changed
   // the NVFP4 kernel's SASS)
-  static_assert(!kWide || kSched == kPromote, "the W4A8 diagnostics schedules run on 128 x 128 tiles only");
+  static_assert(!kWide || kSched == kPromote || kSched == kVecSmem,
+                "the W4A8 diagnostics schedules run on 128 x 128 tiles only");
+  static_assert(kSched != kVecSmem || kWide, "the shared-memory epilogue vectors are W4A8's 128 x 256 tiles' only");
+  static constexpr bool kVs = kSched == kVecSmem;
   static_assert(BN != 256 || kWide, "128 x 256 tiles are W4A8's only");
 #if SVDQ_DIAGNOSTICS
   constexpr bool kOv = kSched == kOverlap || kSched == kOverlapDeep;
@@ -701,10 +747,15 @@ __global__ void __launch_bounds__(384, 1)
         int mt, nt;
         tile_coords(tile, p.m_tiles, p.n_tiles, mt, nt);
         const int m0 = mt * BM, n0 = nt * BN;
-        TileVec<BN> vbias, vscale;  // fetched now: their latency hides behind the main loop
-        if (p.bias != nullptr) vbias.load(p.bias + n0, lane);
-        else vbias.zero();
-        vscale.load(p.gscale + n0, lane);
+        std::conditional_t<kVs, SmemVec<BN>, TileVec<BN>> vbias, vscale;
+        float4 slot;  // kVs: this thread's slot of the two vectors
+        if constexpr (kVs) {
+          slot = vec_slot<BN>(p.gscale, p.bias, n0, threadIdx.x & 127);
+        } else {  // fetched now: their latency hides behind the main loop
+          if (p.bias != nullptr) vbias.load(p.bias + n0, lane);
+          else vbias.zero();
+          vscale.load(p.gscale + n0, lane);
+        }
         const float sa0 = p.ascale[m0 + r0], sa1 = p.ascale[m0 + r0 + 8];
         // zeroed so that their live range starts here: the first wgmma ignores them (scale-d 0) but names them as
         // inputs, and undefined inputs would keep them live through the previous tile's epilogue (ptxas spills)
@@ -714,6 +765,14 @@ __global__ void __launch_bounds__(384, 1)
         for (int ki = 0; ki < p.n_main; ++ki)
           consume_stage<C>(smem, full, empty, s, ph, wg, lane, iacc, ki > 0,
                            [](int (&d)[BN / 2], uint64_t a, uint64_t b, int sd) { wgmma::mma_s8<BN>(d, a, b, sd); });
+        if constexpr (kVs) {
+          // the previous tile's reads of this buffer ended before its epilogue's last barrier of this warpgroup
+          float4* vs = reinterpret_cast<float4*>(smem + C::VEC_OFF) + wg * (BN / 2);
+          vs[threadIdx.x & 127] = slot;
+          named_bar_sync(2 + wg, 128);
+          vscale.slots = vs;
+          vbias.slots = vs + BN / 4;
+        }
         float wacc[BN / 2];
         static_for<BN / 8>([&](auto jc) {
           constexpr int j = decltype(jc)::value;
@@ -725,8 +784,13 @@ __global__ void __launch_bounds__(384, 1)
         });
         auto mma_bf16 = [](float (&d)[BN / 2], uint64_t a, uint64_t b, int sd) { wgmma::mma_bf16<BN>(d, a, b, sd); };
         for (int b = 0; b < p.n_branch; ++b) consume_stage<C>(smem, full, empty, s, ph, wg, lane, wacc, true, mma_bf16);
-        if (tma_epi) store_tile_tma<BN, C>(tmC, p, smem, cl, wacc, vbias, m0, n0);
-        else store_tile_direct<BN>(p, cl, wacc, vbias, m0, n0);
+        if (tma_epi) {
+          store_tile_tma<BN, C>(tmC, p, smem, cl, wacc, vbias, m0, n0);
+        } else {
+          store_tile_direct<BN>(p, cl, wacc, vbias, m0, n0);
+          // kVs: every read of the slots before the next tile overwrites them (the TMA epilogue ends on this barrier)
+          if constexpr (kVs) named_bar_sync(2 + wg, 128);
+        }
       }
     } else
 #if SVDQ_DIAGNOSTICS
