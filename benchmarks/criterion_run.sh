@@ -28,20 +28,18 @@
 #                         (SVDQUANT_OPS_CUDA_PREP_ROWS=all; only the rows with work is the default), compiled: the
 #                         prep changes' A/Bs (profile.top's prep_kernel ms per step; -prep1 first: it timed out
 #                         twice when last)
-#   HALF=qa:              the w4a8 recipe with both W4A8 quantize_act passes as they ship and in their lean variants
+#   HALF=qa:              the w4a8 recipe with both W4A8 quantize_act passes without and with their lean variants
 #                         (SVDQUANT_OPS_CUDA_W4A8_GMAX=regs / lean, SVDQUANT_OPS_CUDA_W4A8_TOKEN_LEAN=0 / 1: the same
-#                         bytes), compiled: the A/B that decides the defaults (profile.top's quantize_fast_kernel and
-#                         quantize_tokens_fast_kernel ms per step); repeat it in the other order
-#                         (CONFIGS=...-qalean,...-qaregs) before it sets a default
-#   HALF=expand:          the w4a8 recipe with W4A8's weight expansion (prep) by lane pairs (the default) and
-#                         warp-uniform (SVDQUANT_OPS_CUDA_W4A8_EXPAND=pair / warp: the same bytes), compiled: the
-#                         A/B that decides the default (profile.top's prep_kernel ms per step); repeat it in the
-#                         other order before it sets a default
+#                         bytes; lean the default since 2026-12-07, from two H100 runs of opposite order), compiled
+#                         (profile.top's quantize_fast_kernel and quantize_tokens_fast_kernel ms per step): the A/B
+#                         to repeat on an H200
+#   HALF=expand:          the w4a8 recipe with W4A8's weight expansion (prep) by lane pairs and warp-uniform (the
+#                         default since 2026-12-07; SVDQUANT_OPS_CUDA_W4A8_EXPAND=pair / warp: the same bytes),
+#                         compiled (profile.top's prep_kernel ms per step)
 #   HALF=epi:             the w4a8 recipe with W4A8's 128 x 256 GEMM handing each thread the tile's channel scales and
-#                         bias by warp shuffles (the default) and through shared memory (SVDQUANT_OPS_CUDA_W4A8_EPI=shfl /
-#                         smem: the same bytes), compiled: the A/B that decides the default (profile.top's
-#                         gemm_kernel<256, 2, 0 / 1, ...> ms per step); repeat it in the other order before it sets
-#                         a default
+#                         bias by warp shuffles and through shared memory (the default since 2026-12-07;
+#                         SVDQUANT_OPS_CUDA_W4A8_EPI=shfl / smem: the same bytes), compiled (profile.top's
+#                         gemm_kernel<256, 2, 0 / 1, ...> ms per step)
 #   HALF=pack:            the w4a8 recipe, fp8, then the w4a8 recipe with every weight part a graph input of its own
 #                         (unwrap_weights(pack=False)): the criterion's compiled pair and the packing's A/B of the
 #                         host's time before the first kernel (its bf16 row is in HALF=ro: four cold compiles did not

@@ -57,20 +57,20 @@ def _select_path(monkeypatch, name):
             monkeypatch.delenv(var, raising=False)
     if name.startswith("gmax-"):  # W4A8's first pass by the named kernel: gmax-pipe (Hopper), gmax-regs, gmax-lean
         monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_GMAX", name[len("gmax-"):])
-    elif name == "qa-lean":  # both W4A8 passes in their lean variants (the bench's -qalean rows)
-        monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_GMAX", "lean")
+    elif name == "qa-plain":  # both W4A8 passes without their lean variants (the bench's -qaregs rows)
+        monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_GMAX", "regs")
     else:
         monkeypatch.delenv("SVDQUANT_OPS_CUDA_W4A8_GMAX", raising=False)
-    if name in ("token-lean", "qa-lean"):  # W4A8's token kernel with its lean loop
-        monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_TOKEN_LEAN", "1")
+    if name in ("token-plain", "qa-plain"):  # W4A8's token kernel without its lean loop (the default has it)
+        monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_TOKEN_LEAN", "0")
     else:
         monkeypatch.delenv("SVDQUANT_OPS_CUDA_W4A8_TOKEN_LEAN", raising=False)
     if name.startswith("tile"):  # W4A8's Hopper GEMM on 128 x 128 or 128 x 256 tiles: tile128, tile256
         monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_TILE", name[len("tile"):len("tile256")])
     else:
         monkeypatch.delenv("SVDQUANT_OPS_CUDA_W4A8_TILE", raising=False)
-    if name == "tile256-smem":  # ... with the tile's channel scales and bias through shared memory
-        monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_EPI", "smem")
+    if name == "tile256-shfl":  # ... with the tile's channel scales and bias by warp shuffles (the default: smem)
+        monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_EPI", "shfl")
     else:
         monkeypatch.delenv("SVDQUANT_OPS_CUDA_W4A8_EPI", raising=False)
     # W4A8's Hopper GEMM on packed weights expanded in registers (regs), or on weights expanded by the prep kernel
@@ -91,14 +91,15 @@ def path(request, monkeypatch):
     return _select_path(monkeypatch, request.param)
 
 
-@pytest.fixture(params=["fast", "gmax-pipe", "gmax-regs", "gmax-lean", "token-lean", "qa-lean", "token-split",
+@pytest.fixture(params=["fast", "gmax-pipe", "gmax-regs", "gmax-lean", "token-plain", "qa-plain", "token-split",
                         "token-nosplit", "cluster", "portable"])
 def w4a8_path(request, monkeypatch):
     """W4A8's quantize_act has three fast paths on Hopper: the two passes (the default, "fast"), whose first pass is
-    the pipelined group-max kernel where R <= 64 with SVDQUANT_OPS_CUDA_W4A8_GMAX=pipe ("gmax-pipe") or the
-    register-prefetch kernel with =regs ("gmax-regs"; other GPUs' only one) or its lean variant for R <= 32 with =lean
-    ("gmax-lean": the same arithmetic, fewer instructions around it), the token kernel's lean loop with
-    SVDQUANT_OPS_CUDA_W4A8_TOKEN_LEAN=1 ("token-lean"; "qa-lean": both lean variants), and, opted into with
+    the register-prefetch kernel's lean variant for R <= 32 (the default; =lean names it: "gmax-lean"; the same
+    arithmetic as the register-prefetch kernel, fewer instructions around it), the pipelined group-max kernel where
+    R <= 64 with SVDQUANT_OPS_CUDA_W4A8_GMAX=pipe ("gmax-pipe") or the register-prefetch kernel with =regs
+    ("gmax-regs"; ranks above 32 take it by default), the token kernel with its lean loop (the default) or without it,
+    SVDQUANT_OPS_CUDA_W4A8_TOKEN_LEAN=0 ("token-plain"; "qa-plain": neither lean variant), and, opted into with
     SVDQUANT_OPS_CUDA_W4A8_CLUSTER=1 ("cluster"), one pass by the cluster kernel where K splits into at most 8 slices
     of at most 1920 channels. The second pass splits K over blocks where M is small (the default; also forced with
     SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT=1, "token-split", any GPU), or not with =0 ("token-nosplit")."""
@@ -218,13 +219,14 @@ def test_quantize_act_matches_cpu(path, M, K, R, dtype, precision, unsigned):
         assert rel_fro(out[2], ref[2]) < 1e-5
 
 
-@pytest.mark.parametrize("other", ["cluster", "gmax-pipe", "gmax-regs", "gmax-lean", "token-lean", "qa-lean",
+@pytest.mark.parametrize("other", ["cluster", "gmax-pipe", "gmax-regs", "gmax-lean", "token-plain", "qa-plain",
                                    "token-split", "token-nosplit"])
 @pytest.mark.parametrize("M,K,R,dtype", W4A8_QA_CASES)
 def test_quantize_act_w4a8_other_paths_match_cpu(monkeypatch, other, M, K, R, dtype):
     """The W4A8 cases above again with the cluster kernel opted into (on Hopper it serves those whose K splits), with
-    each group-max kernel named (the lean one too), with the token kernel's lean loop (alone and with the lean first
-    pass), and with the token kernel's K split forced on (all but the 4608-token cases split K) and off."""
+    each group-max kernel named (the lean one too), with the token kernel's plain loop (alone and with the
+    register-prefetch first pass), and with the token kernel's K split forced on (all but the 4608-token cases split
+    K) and off."""
     _select_path(monkeypatch, other)
     g = session_generator((other, M, K, R, str(dtype)))
     x, smooth, pd = op_args("quantize_act", act_inputs(M, K, R, dtype, g))
@@ -263,7 +265,7 @@ def test_quantize_act_w4a8_cluster_dispatch(monkeypatch, K, opt_in, cluster):
 
 
 # The library's default for W4A8's first pass (kW4a8GroupMaxDefault in quantize_act.cu)
-GMAX_DEFAULT = "regs"
+GMAX_DEFAULT = "lean"
 
 
 @pytest.mark.skipif(not IS_SM90, reason="the pipelined group-max kernel runs on compute capability 9.0 only")
@@ -302,10 +304,10 @@ def test_quantize_act_w4a8_groupmax_variable_checked(monkeypatch):
 
 
 @needs_gpu
-@pytest.mark.parametrize("name,lean", [("fast", False), ("token-lean", True), ("qa-lean", True)])
+@pytest.mark.parametrize("name,lean", [("fast", True), ("token-plain", False), ("qa-plain", False)])
 def test_quantize_act_w4a8_token_lean_dispatch(monkeypatch, name, lean):
-    """The token kernel with its lean loop (template argument true) runs where SVDQUANT_OPS_CUDA_W4A8_TOKEN_LEAN=1
-    asks for it, and only there."""
+    """The token kernel with its lean loop (template argument true) runs by default, and without it (false) where
+    SVDQUANT_OPS_CUDA_W4A8_TOKEN_LEAN=0 asks for that."""
     _select_path(monkeypatch, name)
     names = [n for n in _w4a8_quantize_kernels(256, 3072, 32) if "quantize_tokens_fast_kernel<" in n]
     assert names and all((", true>(" in n) == lean for n in names), names
@@ -448,7 +450,7 @@ def test_quantize_act_w4a8_unchecked_division_bounds(w4a8_path, dtype, smooth_ed
         x[9, 100] = 2.0**70  # a huge element
         x[10, 50] = 2.0**61
         smooth[60], x[11, 60] = 0.25, 2.0**127  # x_hat overflows to Inf on the CPU (scale: bf16's max); div3 gives NaN
-    if w4a8_path in ("token-lean", "qa-lean"):
+    if w4a8_path not in ("token-plain", "qa-plain"):
         # the token kernel's lean loop takes a warp's two rows only when both are on the fast paths: each row twice,
         # so that the rows at the bounds that stay fast reach it beside a row of their own kind
         x = x.repeat_interleave(2, dim=0)
@@ -631,18 +633,18 @@ GEMM_CASES = [
 ]
 
 
-@pytest.fixture(params=["fast", "tile128", "tile256", "tile256-smem", "regs", "portable"])
+@pytest.fixture(params=["fast", "tile128", "tile256", "tile256-shfl", "regs", "portable"])
 def gemm_path(request, monkeypatch):
     """The GEMM's paths: W4A8's Hopper kernel takes 128 x 128 or 128 x 256 output tiles per call ("fast": the
-    library's choice), forced with SVDQUANT_OPS_CUDA_W4A8_TILE=128 / 256 ("tile128", "tile256"; "tile256-smem": with
-    the epilogue's vectors through shared memory, SVDQUANT_OPS_CUDA_W4A8_EPI=smem), or reads the packed weights in
+    library's choice), forced with SVDQUANT_OPS_CUDA_W4A8_TILE=128 / 256 ("tile128", "tile256"; "tile256-shfl": with
+    the epilogue's vectors by warp shuffles, SVDQUANT_OPS_CUDA_W4A8_EPI=shfl), or reads the packed weights in
     registers (SVDQUANT_OPS_CUDA_W4A8_WEIGHTS=regs: "regs"; calls it cannot take run the prep path)."""
     return _select_path(monkeypatch, request.param)
 
 
 @pytest.mark.parametrize("M,N,K,R,precision,model_dtype,out_dtype,extra", GEMM_CASES)
 def test_gemm_matches_cpu(gemm_path, M, N, K, R, precision, model_dtype, out_dtype, extra):
-    if gemm_path in ("tile128", "tile256", "tile256-smem", "regs") and precision != "w4a8":
+    if gemm_path in ("tile128", "tile256", "tile256-shfl", "regs") and precision != "w4a8":
         pytest.skip("the tile width and the register path are W4A8's")
     g = session_generator((M, N, K, R, precision, str(model_dtype), str(out_dtype)))
     unsigned = extra.get("unsigned", False)
@@ -675,8 +677,9 @@ def test_linear_end_to_end_matches_cpu(path):
 @pytest.mark.parametrize("expand", ["pair", "warp"])
 @pytest.mark.parametrize("N,K", [(1, 64), (131, 192), (3072, 3072), (1000, 1088), (9216, 3072)])
 def test_expand_w4a8_weight_matches_cpu(monkeypatch, expand, N, K):
-    """The expansion kernel against the CPU op, with the slice halves exchanged by lane pairs (the default) and with
-    every lane of the warp in every step (SVDQUANT_OPS_CUDA_W4A8_EXPAND=warp; N = 1 and 131 end inside a warp)."""
+    """The expansion kernel against the CPU op, with every lane of the warp in every step (the default, =warp; N = 1
+    and 131 end inside a warp) and with the slice halves exchanged by lane pairs
+    (SVDQUANT_OPS_CUDA_W4A8_EXPAND=pair)."""
     monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_EXPAND", expand)
     codes, mult = packed_w4a8_weight(N, K, session_generator(("expand", N, K)))
     if ON_GPU:  # (SVDQ_TEST_DEVICE=cpu checks the test against the CPU op itself)
@@ -959,7 +962,7 @@ def test_w4a8_tiles_agree_deterministic_and_replay(monkeypatch, tile):
         fast = gemm(torch.float32)
         torch.cuda.synchronize()
     ran = {e.name for e in prof.events() if "gemm_kernel" in e.name}
-    assert any(f"gemm_kernel<{tile}, 2, 0," in n for n in ran), ran  # the width asked for, not the other
+    assert any(f"gemm_kernel<{tile}, 2, " in n for n in ran), ran  # the width asked for, not the other
     first = gemm(torch.bfloat16)
     for _ in range(3):
         assert torch.equal(gemm(torch.bfloat16).view(torch.int16), first.view(torch.int16))
@@ -980,8 +983,8 @@ def test_w4a8_tiles_agree_deterministic_and_replay(monkeypatch, tile):
 ])
 def test_w4a8_epilogue_vectors_through_smem_are_bit_equal(monkeypatch, M, N, K, R, bias, out_dtype):
     """W4A8's 128 x 256 kernel with the tile's channel scales and bias through shared memory
-    (SVDQUANT_OPS_CUDA_W4A8_EPI=smem, the kVecSmem schedule) gives the same bits as with warp shuffles (the
-    default), on both epilogues (TMA stores; fp32 or N % 8 != 0: direct) and with several tiles per CTA; smem runs
+    (SVDQUANT_OPS_CUDA_W4A8_EPI=smem, the kVecSmem schedule; the default) gives the same bits as with warp shuffles
+    (=shfl), on both epilogues (TMA stores; fp32 or N % 8 != 0: direct) and with several tiles per CTA; smem runs
     first, on poisoned workspace memory, and is the kernel that ran; a value other than shfl / smem is an error
     naming the variable."""
     monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_WEIGHTS", "prep")

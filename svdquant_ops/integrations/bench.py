@@ -337,7 +337,7 @@ def _configs() -> dict[str, Config]:
         for k in ("shfl", "smem"):
             name = f"w4a8-compile{sfx}-fused-unwrap-cat-epi{k}"
             out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, unwrap=True, cat_gemms=True, w4a8_epi=k)
-    # Extra: that recipe with both W4A8 quantize_act passes as they ship or in their lean variants
+    # Extra: that recipe with both W4A8 quantize_act passes without or with their lean variants (the default)
     # (SVDQUANT_OPS_CUDA_W4A8_GMAX=regs / lean and SVDQUANT_OPS_CUDA_W4A8_TOKEN_LEAN=0 / 1: the same bytes; the
     # profile times each pass's kernel), whatever the library's defaults
     for sfx, mode in (("", None), ("-ro", "reduce-overhead")):

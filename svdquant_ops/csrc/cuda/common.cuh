@@ -61,8 +61,9 @@ inline bool w4a8_token_split(bool fallback) {
 }
 
 // SVDQUANT_OPS_CUDA_W4A8_TOKEN_LEAN=1|0: W4A8's token kernel (second pass) with its lean loop for warps on the fast
-// paths (quantize_tokens_fast_kernel<T, true> in quantize_act.cu: the same bytes; opt-in until measured).
-inline bool w4a8_token_lean() { return env_switch("SVDQUANT_OPS_CUDA_W4A8_TOKEN_LEAN", "1", "0", false); }
+// paths (quantize_tokens_fast_kernel<T, true> in quantize_act.cu: the same bytes; the default since 2026-12-07: on an
+// H100 6.28-6.30 against 6.59-6.61 ms per FLUX.1 1024² step in two runs of opposite order); =0 keeps the plain loop.
+inline bool w4a8_token_lean() { return env_switch("SVDQUANT_OPS_CUDA_W4A8_TOKEN_LEAN", "1", "0", true); }
 
 // SVDQUANT_OPS_CUDA_PDL=1|0: programmatic dependent launch of the hot kernels on Hopper (launch_kernel below);
 // unset: kPdlDefault. Off: on an H100 it closed the idle gaps before our kernels but did not shorten a FLUX step
@@ -130,21 +131,23 @@ inline int w4a8_prep_units() {
   return kUnits[env_choice("SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS", kNames)];
 }
 
-// SVDQUANT_OPS_CUDA_W4A8_EXPAND=pair|warp: how the W4A8 weight expansion (the prep kernel's weight row and
-// expand_w4a8_kernel) exchanges the halves of each 32-channel slice: by a shuffle between the two lanes of a pair
-// (pair, the default) or with every lane of the warp in every step (warp: a full-warp shuffle, no convergence check
-// per unit; opt-in until measured). The same bytes.
+// SVDQUANT_OPS_CUDA_W4A8_EXPAND=warp|pair: how the W4A8 weight expansion (the prep kernel's weight row and
+// expand_w4a8_kernel) exchanges the halves of each 32-channel slice: with every lane of the warp in every step (warp,
+// the default since 2026-12-07: a full-warp shuffle, no convergence check per unit; on an H100 prep took 4.84-4.85
+// against 4.94-4.97 ms per FLUX.1 1024² step in two runs of opposite order) or by a shuffle between the two lanes of
+// a pair (pair). The same bytes.
 inline bool w4a8_expand_warp() {
   static constexpr const char* kNames[] = {"pair", "warp"};
-  return env_choice("SVDQUANT_OPS_CUDA_W4A8_EXPAND", kNames) == 1;
+  return env_choice("SVDQUANT_OPS_CUDA_W4A8_EXPAND", kNames, 1) == 1;
 }
 
-// SVDQUANT_OPS_CUDA_W4A8_EPI=shfl|smem: how W4A8's GEMM on 128 x 256 tiles hands each thread the tile's channel
-// scales and bias: by warp shuffles from registers (shfl, the default) or through shared memory, two column groups
-// per 16-byte load (smem: sm90::kVecSmem; opt-in until measured). The same bytes.
+// SVDQUANT_OPS_CUDA_W4A8_EPI=smem|shfl: how W4A8's GEMM on 128 x 256 tiles hands each thread the tile's channel
+// scales and bias: through shared memory, two column groups per 16-byte load (smem, sm90::kVecSmem: the default since
+// 2026-12-07; on an H100 the 128 x 256 kernel took 42.12-42.16 against 42.34-42.69 ms per FLUX.1 1024² step, two
+// runs of opposite order) or by warp shuffles from registers (shfl). The same bytes.
 inline bool w4a8_epi_smem() {
   static constexpr const char* kNames[] = {"shfl", "smem"};
-  return env_choice("SVDQUANT_OPS_CUDA_W4A8_EPI", kNames) == 1;
+  return env_choice("SVDQUANT_OPS_CUDA_W4A8_EPI", kNames, 1) == 1;
 }
 
 // SVDQUANT_OPS_CUDA_PREP_ROWS=used|all: whether the prep kernel's grid has only the rows with work (used, the

@@ -523,8 +523,8 @@ bool w4a8_pingpong_pays(const sm90::Params& p) {
 }
 #endif
 
-// The kernel instantiation of (precision, variant). A normal build compiles the four shipped ones and the opt-in
-// kVecSmem variant of W4A8's 128 x 256 kernel (SVDQUANT_OPS_CUDA_W4A8_EPI=smem).
+// The kernel instantiation of (precision, variant). A normal build compiles the four shipped ones (W4A8's 128 x 256
+// kernel as kVecSmem) and the 128 x 256 kernel's shuffle variant, kPromote (SVDQUANT_OPS_CUDA_W4A8_EPI=shfl).
 template <bool kStore>
 void launch_variant(Precision precision, [[maybe_unused]] const Variant& v, int bn, const TensorMaps& m,
                     const sm90::Params& p, cudaStream_t stream) {

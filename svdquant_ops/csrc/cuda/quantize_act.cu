@@ -365,10 +365,11 @@ __device__ __forceinline__ void store_w4a8_codes16(int8_t* row, int64_t k, const
 // amaxes `amax_in` [M].
 enum Fmt : int { kFmtInt4 = 0, kFmtNvfp4 = 1, kFmtGroupMax = 2, kFmtInt8Token = 3 };
 
-// kLean (W4A8's group-max pass only, SVDQUANT_OPS_CUDA_W4A8_GMAX=lean): the same loads, arithmetic and order with
-// fewer instructions around them: stage_pd_rows_unrolled, and x's cache policy (keep_x) as a template argument
-// (kLeanKeep: __ldg, kLeanStream: __ldcs) where the run-time choice compiled into two predicated loads per 16 bytes.
-// The pass measured the same ~6.3 ms per FLUX.1 step on an H100 and an H200: bound by instruction issue, not memory.
+// kLean (W4A8's group-max pass only, R <= 32; the default since 2026-12-07, =regs turns it off): the same loads,
+// arithmetic and order with fewer instructions around them: stage_pd_rows_unrolled, and x's cache policy (keep_x) as a
+// template argument (kLeanKeep: __ldg, kLeanStream: __ldcs) where the run-time choice compiled into two predicated
+// loads per 16 bytes. The pass measured the same ~6.3 ms per FLUX.1 step on an H100 and an H200: bound by instruction
+// issue, not memory.
 enum LeanMode : int { kNotLean = 0, kLeanStream = 1, kLeanKeep = 2 };
 template <typename T, int RW, int KW, int RP, int kFmt, int kMinBlocks = 2, int kLean = kNotLean>
 __global__ void __launch_bounds__(32 * RW * KW, kMinBlocks) quantize_fast_kernel(const T* __restrict__ x,
@@ -912,14 +913,14 @@ __device__ __forceinline__ void tokens_lean_rows(const T* __restrict__ x, const 
   if (j < steps) step(xa, la, j);
 }
 
-// kLean (opt-in, SVDQUANT_OPS_CUDA_W4A8_TOKEN_LEAN=1; not yet run on a GPU): warps whose rows are all in range and on
-// the exact fast paths (xfast and qfast: the common case) take a loop without the per-step row tests: smooth's
-// reciprocals without rcp_for_div's range check (rcp_refined: xfast implies every smooth value lies in [2^-20, 2^20],
-// see kW4a8AmaxLo, where rcp_for_div returns the same), store addresses kept across steps (the ones
-// store_w4a8_codes8 computes), and two register sets for x in turn instead of a copy per step: the same arithmetic
-// in the same order, so the same bytes. The token pass takes 5.9 ms per FLUX.1 step on an H200 against 6.5-6.8 on
-// an H100 with 43 % more bandwidth, so issue-bound in part; the loop's common path is 324 -> ~226 SASS
-// instructions per 256 channels (a helper's prototype, sm_90a).
+// kLean (the default since 2026-12-07; SVDQUANT_OPS_CUDA_W4A8_TOKEN_LEAN=0 turns it off): warps whose rows are all in
+// range and on the exact fast paths (xfast and qfast: the common case) take a loop without the per-step row tests:
+// smooth's reciprocals without rcp_for_div's range check (rcp_refined: xfast implies every smooth value lies in [2^-20,
+// 2^20], see kW4a8AmaxLo, where rcp_for_div returns the same), store addresses kept across steps (the ones
+// store_w4a8_codes8 computes), and two register sets for x in turn instead of a copy per step: the same arithmetic in
+// the same order, so the same bytes. The token pass takes 5.9 ms per FLUX.1 step on an H200 against 6.5-6.8 on an H100
+// with 43 % more bandwidth, so issue-bound in part; the loop's common path is 324 -> ~226 SASS instructions per 256
+// channels (a helper's prototype, sm_90a).
 template <typename T, bool kLean = false>
 __global__ void __launch_bounds__(32 * kTokWarps) quantize_tokens_fast_kernel(const T* __restrict__ x,
                                                                               const T* __restrict__ smooth,
@@ -1412,10 +1413,13 @@ DownActParts launch_w4a8_groupmax_pipe(const at::Tensor& x, const at::Tensor& sm
   return parts;
 }
 
-// W4A8's first pass by default: the register-prefetch kernel. The pipelined one (=pipe) is exact on an H100
-// (2026-12-06) but 0.89x-0.96x of its speed on FLUX's large shapes (both run under one wave at low occupancy;
-// benchmarks/results/2026-12-06-h100-gmax-ab-fold.md). The lean variant (=lean) is not yet measured on a GPU.
-constexpr int kW4a8GroupMaxDefault = kGmaxRegs;
+// W4A8's first pass by default: the register-prefetch kernel's lean variant (R <= 32; the register-prefetch kernel
+// above), since 2026-12-07: the same bytes, and on an H100 4.94-4.95 against 5.36-5.41 ms per FLUX.1 1024² step in two
+// runs of opposite order (benchmarks/results/2026-12-07-h100-twentyfifth-summary.md); =regs keeps the register-prefetch
+// kernel. The pipelined one (=pipe) is exact on an H100 (2026-12-06) but 0.89x-0.96x of the register-prefetch
+// kernel's speed on FLUX's large shapes (both run under one wave at low occupancy;
+// benchmarks/results/2026-12-06-h100-gmax-ab-fold.md).
+constexpr int kW4a8GroupMaxDefault = kGmaxLean;
 
 // Which kernel takes W4A8's group-max pass: the pipelined one on Hopper (2 blocks of its ~108 KB of shared memory per
 // SM) for R <= 64 with =pipe; the lean register-prefetch variant for R <= 32 with =lean; else the register-prefetch

@@ -181,7 +181,7 @@ __device__ __forceinline__ uint2 ld_nc_v2(const void* p) {  // read once: no L1 
 
 // Units first, first + stride, ...: kU units' loads in flight before any is expanded (the GEMM kernel's expanding
 // warps are few, so their bandwidth comes from loads in flight per thread).
-// kWarp (opt-in, SVDQUANT_OPS_CUDA_W4A8_EXPAND=warp; not yet run on a GPU): the loop and the pair exchange
+// kWarp (the default since 2026-12-07; SVDQUANT_OPS_CUDA_W4A8_EXPAND=pair turns it off): the loop and the pair exchange
 // warp-uniform. Every lane of a warp runs every step (out-of-range units load zeros and store nothing), so the
 // exchange is a full-warp shuffle without the convergence check the pair mask costs per unit (~71 SASS instructions
 // per unit in expand_w4a8_kernel, sm_90a; prep takes the same ~4.95 ms per FLUX.1 step on an H100 and an H200, so it

@@ -134,15 +134,15 @@ struct TileVec {
   }
 };
 
-// kVecSmem (W4A8 on 128 x 256 tiles; opt-in, SVDQUANT_OPS_CUDA_W4A8_EPI=smem): the tile's channel scales and bias
-// reach the consumers through shared memory instead of TileVec's shuffles (two per column group and vector: 128 per
-// thread and tile, on the shared-memory pipe beside the epilogue's stores, while the tensor cores idle). Each thread
-// of a warpgroup fetches one float4 slot at the start of the tile (its latency hides behind the main loop): thread t
-// holds slot t % (BN / 4) of the channel scales (t < BN / 4) or the bias; slot 4 i + q is the column pairs 8 i + q
-// and 8 i + 4 + q, i.e. column groups j = 2 i and 2 i + 1 of the lanes with tq = q. The warpgroup stores its slots
-// after the main loop, and SmemVec reads two column groups per 16-byte load (a quad's 4 lanes read 64 contiguous
-// bytes: one wavefront, broadcast to the warp's 8 quads). The same values as TileVec in the same arithmetic: the
-// same bytes out.
+// kVecSmem (W4A8 on 128 x 256 tiles; the default since 2026-12-07, SVDQUANT_OPS_CUDA_W4A8_EPI=shfl turns it off): the
+// tile's channel scales and bias reach the consumers through shared memory instead of TileVec's shuffles (two per
+// column group and vector: 128 per thread and tile, on the shared-memory pipe beside the epilogue's stores, while the
+// tensor cores idle). Each thread of a warpgroup fetches one float4 slot at the start of the tile (its latency hides
+// behind the main loop): thread t holds slot t % (BN / 4) of the channel scales (t < BN / 4) or the bias; slot 4 i + q
+// is the column pairs 8 i + q and 8 i + 4 + q, i.e. column groups j = 2 i and 2 i + 1 of the lanes with tq = q. The
+// warpgroup stores its slots after the main loop, and SmemVec reads two column groups per 16-byte load (a quad's 4
+// lanes read 64 contiguous bytes: one wavefront, broadcast to the warp's 8 quads). The same values as TileVec in the
+// same arithmetic: the same bytes out.
 template <int BN>
 __device__ __forceinline__ float4 vec_slot(const float* gscale, const float* bias, int n0, int t) {
   static_assert(BN == 256, "one slot per thread of a warpgroup: 2 vectors x BN / 4 slots = 128");
@@ -198,7 +198,8 @@ __device__ __forceinline__ void promote4(float* acc, const float* tmp, float sa0
 // FlashAttention-3-style ping-pong measured 6 % slower: its promotion competes with the other warpgroup.)
 enum Schedule : int {
   kPromote = 0,
-  kVecSmem = 1,  // kPromote for W4A8 on 128 x 256 tiles, the epilogue's vectors through shared memory (SmemVec)
+  kVecSmem = 1,  // kPromote for W4A8 on 128 x 256 tiles, the epilogue's vectors through shared memory (SmemVec; the
+                 // default for those tiles)
 #if SVDQ_DIAGNOSTICS
   kSkeleton = 2,
   kOverlap = 3,      // 2 stages of MMAs in flight (the lag below)
@@ -456,8 +457,8 @@ __device__ __forceinline__ void store_tile_direct(const Params& p, const Consume
 // The kernel: 384 threads = one producer warpgroup (one thread issues the TMA loads; the others give their registers
 // to the consumers with setmaxnreg) and two consumer warpgroups of 64 rows each, persistent over the output tiles
 // (tile blockIdx.x, + gridDim.x, ...). kSched != kPromote and kStore = false are diagnostic variants that only
-// diagnostics builds instantiate, except kVecSmem (opt-in at run time); the shipped kernels are
-// gemm_kernel<128, kind> and gemm_kernel<256, W4A8>.
+// diagnostics builds instantiate, except kVecSmem; the shipped kernels are gemm_kernel<128, kind> and
+// gemm_kernel<256, W4A8, kVecSmem> (kPromote: SVDQUANT_OPS_CUDA_W4A8_EPI=shfl).
 // What stays written out in the body, and why: moving the producer loop or the consumer loop into a helper function
 // (even verbatim) changes ptxas's register assignment in the INT4 kernel (same register count, different SASS); so
 // does the INT4 main loop as a helper, and the W4A8 main loop or its scaling as a helper in the W4A8 kernel. The
