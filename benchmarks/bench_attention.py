@@ -27,7 +27,9 @@ Methods (each skipped with a one-line reason when its package is missing or the 
                      fp8 P and V, fp32 two-level accumulation; its quantization kernels are timed)
   sage-per-warp      sageattn_qk_int8_pv_fp8_cuda_sm90 with qk_quant_gran="per_warp"
   cudnn-fp8          cuDNN's fp8 SDPA through the cudnn-frontend Python graph API: per-tensor scales (quantized as
-                     for fa3-fp8), P scaled by 256, bf16 output; cudnn-fp8-kernel: the kernel alone
+                     for fa3-fp8), P scaled by 256, bf16 output; cudnn-fp8-kernel: the kernel alone;
+  cudnn-fp8-o8       the same with an e4m3 output in v's scale, cast back to bf16 (timed; Hopper's cuDNN 9.19 has
+                     no plan with a bf16 output); cudnn-fp8-o8-kernel: the kernel and the cast alone
   ref-fp8qkv         q, k, v rounded to e4m3 per head, then bf16 SDPA: the cost of rounding the inputs alone
   emul-fp8qkvp       fp32 emulation of an fp8 kernel: ref-fp8qkv's inputs and P rounded to e4m3 after scaling by
                      256 (as FA3's Max_offset = 8); what an exact fp8 kernel's error would be
@@ -269,8 +271,10 @@ def _sage(per_warp: bool):
     return build
 
 
-def _cudnn_fp8(kernel_only: bool = False):
-    """cuDNN fp8 SDPA forward (cudnn-frontend graph API), dims (B, H, S, D) over (B, S, H, D) memory, bf16 output."""
+def _cudnn_fp8(kernel_only: bool = False, out_fp8: bool = False):
+    """cuDNN fp8 SDPA forward (cudnn-frontend graph API), dims (B, H, S, D) over (B, S, H, D) memory, bf16 output;
+    out_fp8: e4m3 output in v's scale (scale_o = 1 / v's descale: O is a convex combination of v's rows, so it fits),
+    cast back to bf16 by a torch op after the call (cuDNN 9.19 builds no Hopper plan with a bf16 output)."""
     def build(q, k, v, sm_scale):
         if torch.cuda.get_device_capability()[0] < 9:
             raise Skip("cuDNN fp8 SDPA needs sm_90+")
@@ -288,7 +292,7 @@ def _cudnn_fp8(kernel_only: bool = False):
             sc = {n: g.tensor(name=n, dim=(1, 1, 1, 1), stride=(1, 1, 1, 1), data_type=f32)
                   for n in ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o")}
             o, _stats, amax_s, amax_o = g.sdpa_fp8(q=Q, k=K, v=V, **sc, **no_stats, attn_scale=sm_scale)
-            o.set_output(True).set_dim(dim).set_stride(stride).set_data_type(dt.BFLOAT16)
+            o.set_output(True).set_dim(dim).set_stride(stride).set_data_type(dt.FP8_E4M3 if out_fp8 else dt.BFLOAT16)
             for t in (amax_s, amax_o):
                 t.set_output(True).set_dim((1, 1, 1, 1)).set_stride((1, 1, 1, 1)).set_data_type(f32)
             g.validate()
@@ -309,17 +313,22 @@ def _cudnn_fp8(kernel_only: bool = False):
             raise Skip(f"cuDNN fp8 graph not built: {first_line(err)} (cuDNN {torch.backends.cudnn.version()}, "
                        f"frontend {_version('nvidia-cudnn-frontend')})")
         handle = cudnn.create_handle()
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=torch.float8_e4m3fn if out_fp8 else q.dtype, device=q.device)
         ws = torch.empty(max(1, g.get_workspace_size()), dtype=torch.uint8, device=q.device)
         one = torch.ones(1, 1, 1, 1, dtype=torch.float32, device=q.device)
-        fixed = {sc["descale_s"]: one / P_SCALE_FA3, sc["scale_s"]: one * P_SCALE_FA3, sc["scale_o"]: one,
+        fixed = {sc["descale_s"]: one / P_SCALE_FA3, sc["scale_s"]: one * P_SCALE_FA3,
                  amax_s: torch.zeros_like(one), amax_o: torch.zeros_like(one)}
+        scale_o = torch.empty_like(one)
 
         def run(q8, k8, v8, dq, dk, dv):
             cudnn.set_stream(handle, torch.cuda.current_stream().cuda_stream)
+            if out_fp8:
+                torch.reciprocal(dv, out=scale_o)
+            else:
+                scale_o.fill_(1.0)
             g.execute({Q: q8, K: k8, V: v8, sc["descale_q"]: dq, sc["descale_k"]: dk, sc["descale_v"]: dv, o: out,
-                       **fixed}, ws, handle=handle)
-            return out
+                       sc["scale_o"]: scale_o, **fixed}, ws, handle=handle)
+            return (out.float() * dv).to(q.dtype) if out_fp8 else out
 
         if kernel_only:
             (q8, dq), (k8, dk), (v8, dv) = (quant_e4m3(t, per_head=False) for t in (q, k, v))
@@ -349,6 +358,8 @@ METHODS = [
     ("sage-per-warp", _sage(True), True, True),
     ("cudnn-fp8", _cudnn_fp8(), True, True),
     ("cudnn-fp8-kernel", _cudnn_fp8(kernel_only=True), True, False),
+    ("cudnn-fp8-o8", _cudnn_fp8(out_fp8=True), True, True),
+    ("cudnn-fp8-o8-kernel", _cudnn_fp8(kernel_only=True, out_fp8=True), True, False),
     ("ref-fp8qkv", _ref_fp8qkv, False, False),
 ]
 EMULATIONS = [("emul-fp8qkvp", "fp8qkvp"), ("emul-int8qk-fp8pv", "int8qk-fp8pv")]
