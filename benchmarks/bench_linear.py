@@ -309,8 +309,8 @@ FLUX_PREP_WEIGHTS = [(9216, 3072, 57), (3072, 3072, 38), (12288, 3072, 57), (307
 def expand_bw(dev, rep_ms):
     """How close W4A8's weight expansion streams to the memory's copy bandwidth: per FLUX.1 weight shape,
     expand_w4a8_weight (the prep kernel's arithmetic and store order, in a kernel of its own: codes and multipliers
-    read, int8 written, 1.52 bytes per weight) with the slice halves exchanged by lane pairs (the default) and
-    warp-uniformly (SVDQUANT_OPS_CUDA_W4A8_EXPAND=pair / warp: equal bytes checked), against a device-to-device copy
+    read, int8 written, 1.52 bytes per weight) with the slice halves exchanged by lane pairs and warp-uniformly (the
+    default since 2026-12-07; SVDQUANT_OPS_CUDA_W4A8_EXPAND=pair / warp: equal bytes checked), against a device-to-device copy
     of the int8 weight (2 bytes per weight), each in a CUDA graph; GB/s of each, and ms per step at each and at the
     copy's bandwidth. The prep kernel inside a FLUX step moves the same bytes (profile.top's prep_kernel;
     benchmarks/probes/prep_fit.py): if the kernel of its own reaches the copy's bandwidth and prep does not, the cost

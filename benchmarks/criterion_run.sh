@@ -24,7 +24,8 @@
 #                         prep kernel, and on packed weights expanded in registers (SVDQUANT_OPS_CUDA_W4A8_WEIGHTS=prep /
 #                         regs): the A/B that sets the library's per-call rule (kRegaMaxTokens), beside fp8 and bf16
 #   HALF=prep:            the w4a8 recipe with the prep kernel keeping 1 or 4 (the default) weight units in flight
-#                         per thread (SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS=1 / 4), then with the grid's three rows
+#                         per thread (SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS=1 / 4; 1 also keeps the lane-pair expansion,
+#                         4 runs the default warp-uniform one since 2026-12-07), then with the grid's three rows
 #                         (SVDQUANT_OPS_CUDA_PREP_ROWS=all; only the rows with work is the default), compiled: the
 #                         prep changes' A/Bs (profile.top's prep_kernel ms per step; -prep1 first: it timed out
 #                         twice when last)

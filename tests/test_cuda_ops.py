@@ -693,16 +693,27 @@ def test_expand_w4a8_weight_matches_cpu(monkeypatch, expand, N, K):
 def test_w4a8_prep_warp_expansion_is_bit_equal(monkeypatch, M, N, K):
     """W4A8 gemm with its weights expanded by the prep kernel (SVDQUANT_OPS_CUDA_W4A8_WEIGHTS=prep) gives the same
     bits whether the prep kernel exchanges slice halves by lane pairs or warp-uniformly (=warp runs first, on
-    poisoned workspace memory; 131 x 512 ends inside a warp); a value other than pair / warp is an error naming the
+    poisoned workspace memory; 131 x 512 ends inside a warp), the kernel that ran is the one asked for, unset the
+    warp-uniform one (prep_kernel<true>); a value other than pair / warp is an error naming the
     variable."""
     monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_WEIGHTS", "prep")
     args = to_dev(op_args("gemm", gemm_inputs(M, N, K, 32, "w4a8", torch.bfloat16, session_generator(("xw", M)))))
+    from torch.profiler import ProfilerActivity, profile
+
     outs = {}
-    for expand in ("warp", "pair"):
-        monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_EXPAND", expand)
+    for expand in ("warp", "pair", None):  # None: unset, the default (warp)
+        if expand is None:
+            monkeypatch.delenv("SVDQUANT_OPS_CUDA_W4A8_EXPAND", raising=False)
+        else:
+            monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_EXPAND", expand)
         _poison_free_memory()
-        outs[expand] = OPS.gemm(*args, "w4a8", torch.bfloat16, False)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            outs[expand] = OPS.gemm(*args, "w4a8", torch.bfloat16, False)
+            torch.cuda.synchronize()
+        preps = [e.name for e in prof.events() if "prep_kernel<" in e.name]
+        assert preps and all(("prep_kernel<true>" in n) == (expand != "pair") for n in preps), preps
     assert torch.equal(outs["warp"].view(torch.int16), outs["pair"].view(torch.int16))
+    assert torch.equal(outs[None].view(torch.int16), outs["warp"].view(torch.int16))
     monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_EXPAND", "quad")
     with pytest.raises(RuntimeError, match="SVDQUANT_OPS_CUDA_W4A8_EXPAND must be 'pair', 'warp' or unset, got 'quad'"):
         OPS.gemm(*args, "w4a8", torch.bfloat16, False)
@@ -985,8 +996,8 @@ def test_w4a8_epilogue_vectors_through_smem_are_bit_equal(monkeypatch, M, N, K, 
     """W4A8's 128 x 256 kernel with the tile's channel scales and bias through shared memory
     (SVDQUANT_OPS_CUDA_W4A8_EPI=smem, the kVecSmem schedule; the default) gives the same bits as with warp shuffles
     (=shfl), on both epilogues (TMA stores; fp32 or N % 8 != 0: direct) and with several tiles per CTA; smem runs
-    first, on poisoned workspace memory, and is the kernel that ran; a value other than shfl / smem is an error
-    naming the variable."""
+    first, on poisoned workspace memory, and is the kernel that ran (and runs with the variable unset); a value other
+    than shfl / smem is an error naming the variable."""
     monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_WEIGHTS", "prep")
     monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_TILE", "256")
     args = to_dev(op_args("gemm", gemm_inputs(M, N, K, R, "w4a8", torch.bfloat16, session_generator(("epi", M, N)),
@@ -994,17 +1005,21 @@ def test_w4a8_epilogue_vectors_through_smem_are_bit_equal(monkeypatch, M, N, K, 
     from torch.profiler import ProfilerActivity, profile
 
     outs = {}
-    for epi in ("smem", "shfl"):
-        monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_EPI", epi)
+    for epi in ("smem", "shfl", None):  # None: unset, the default (smem)
+        if epi is None:
+            monkeypatch.delenv("SVDQUANT_OPS_CUDA_W4A8_EPI", raising=False)
+        else:
+            monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_EPI", epi)
         _poison_free_memory()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             outs[epi] = OPS.gemm(*args, "w4a8", out_dtype, False)
             torch.cuda.synchronize()
         ran = {e.name for e in prof.events() if "gemm_kernel" in e.name}
-        sched = 1 if epi == "smem" else 0
+        sched = 0 if epi == "shfl" else 1
         assert any(f"gemm_kernel<256, 2, {sched}," in n for n in ran), ran
     bits = torch.int32 if out_dtype == torch.float32 else torch.int16
     assert torch.equal(outs["smem"].view(bits), outs["shfl"].view(bits))
+    assert torch.equal(outs[None].view(bits), outs["smem"].view(bits))
     monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_EPI", "lds")
     with pytest.raises(RuntimeError, match="SVDQUANT_OPS_CUDA_W4A8_EPI must be 'shfl', 'smem' or unset, got 'lds'"):
         OPS.gemm(*args, "w4a8", out_dtype, False)

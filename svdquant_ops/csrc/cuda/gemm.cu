@@ -528,7 +528,8 @@ bool w4a8_pingpong_pays(const sm90::Params& p) {
 template <bool kStore>
 void launch_variant(Precision precision, [[maybe_unused]] const Variant& v, int bn, const TensorMaps& m,
                     const sm90::Params& p, cudaStream_t stream) {
-  if (precision == Precision::kW4a8 && bn == 256 && w4a8_epi_smem()) {  // (the plan gives 256 to kPromote only)
+  // (the plan gives 256 only where the variant's schedule is the shipped one: kVecSmem, or kPromote with =shfl)
+  if (precision == Precision::kW4a8 && bn == 256 && w4a8_epi_smem()) {
     launch_sm90<256, sm90::kKindW4a8, sm90::kVecSmem, kStore>(m, p, stream);
   } else if (precision == Precision::kW4a8 && bn == 256) {
     launch_sm90<256, sm90::kKindW4a8, sm90::kPromote, kStore>(m, p, stream);

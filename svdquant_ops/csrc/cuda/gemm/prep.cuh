@@ -333,8 +333,8 @@ __device__ __forceinline__ void prep_small(const PrepArgs& p, uint32_t tid, uint
 
 // Grid rows by role (row = blockIdx.y + first_row): 0 activation codes, 1 weight codes (blocks stride over 16-channel
 // units), 2 the small operands. kWarpExpand: W4A8 weights by expand_w4a8_units<kU, true>, except with one unit in flight
-// (SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS=1 keeps the pair loop); a template argument, so that the default kernel's code
-// stays as it was.
+// (SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS=1 keeps the pair loop); a template argument, so that each kernel's code is its
+// own (a run-time flag moved the pair kernel's register allocation). The default since 2026-12-07: prep_kernel<true>.
 template <bool kWarpExpand = false>
 __global__ void prep_kernel(const PrepArgs p) {
   pdl_wait_then_release();  // launched by launch_kernel (common.cuh)

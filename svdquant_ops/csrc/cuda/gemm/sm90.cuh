@@ -186,15 +186,16 @@ __device__ __forceinline__ void promote4(float* acc, const float* tmp, float sa0
   acc[3] = fmaf(tmp[3], sa1 * w1, acc[3]);
 }
 
-// Main-loop schedules. kPromote is the one that ships. Diagnostics builds add kSkeleton: the same TMA / mbarrier /
-// wgmma loop without the promotion (wrong results), i.e. the speed of a plain fp8 GEMM with this feed; and
-// kOverlap / kOverlapDeep (W4A8 only): each tile's epilogue runs while the next tile's first main-loop MMAs are on
-// the tensor cores, with 2 / 3 stages of MMAs in flight (bit-equal, but 2-6 % slower on the H100 and the H200: the
-// int32 -> fp32 conversion stays outside the overlap). kPingPong (W4A8 only): each consumer warpgroup owns whole
-// 128 x 128 tiles, alternate tiles, and one's conversion, branch and epilogue run under the other's main loop (see
-// the consumer loop); on the H200 0.96-0.98x of the shipped schedule's time at K = 3072 but 1.03-1.08x at long K or
-// with few tiles, and a FLUX.1 step's GEMMs -1.8 % (all calls) on the H200, +1.7 % on an H100 (only where it is
-// expected to win; benchmarks/results/2026-12-05-h200-w4a8-pingpong.md): not shipped. (For INT4, a
+// Main-loop schedules. kPromote is the one that ships, and for W4A8 on 128 x 256 tiles kVecSmem (kPromote with the
+// epilogue's vectors through shared memory; kPromote there with SVDQUANT_OPS_CUDA_W4A8_EPI=shfl). Diagnostics builds
+// add kSkeleton: the same TMA / mbarrier / wgmma loop without the promotion (wrong results), i.e. the speed of a plain
+// fp8 GEMM with this feed; and kOverlap / kOverlapDeep (W4A8 only): each tile's epilogue runs while the next tile's
+// first main-loop MMAs are on the tensor cores, with 2 / 3 stages of MMAs in flight (bit-equal, but 2-6 % slower on the
+// H100 and the H200: the int32 -> fp32 conversion stays outside the overlap). kPingPong (W4A8 only): each consumer
+// warpgroup owns whole 128 x 128 tiles, alternate tiles, and one's conversion, branch and epilogue run under the
+// other's main loop (see the consumer loop); on the H200 0.96-0.98x of the shipped schedule's time at K = 3072 but
+// 1.03-1.08x at long K or with few tiles, and a FLUX.1 step's GEMMs -1.8 % (all calls) on the H200, +1.7 % on an H100
+// (only where it is expected to win; benchmarks/results/2026-12-05-h200-w4a8-pingpong.md): not shipped. (For INT4, a
 // FlashAttention-3-style ping-pong measured 6 % slower: its promotion competes with the other warpgroup.)
 enum Schedule : int {
   kPromote = 0,
