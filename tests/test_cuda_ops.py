@@ -698,19 +698,11 @@ def test_w4a8_prep_warp_expansion_is_bit_equal(monkeypatch, M, N, K):
     variable."""
     monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_WEIGHTS", "prep")
     args = to_dev(op_args("gemm", gemm_inputs(M, N, K, 32, "w4a8", torch.bfloat16, session_generator(("xw", M)))))
-    from torch.profiler import ProfilerActivity, profile
-
     outs = {}
     for expand in ("warp", "pair", None):  # None: unset, the default (warp)
-        if expand is None:
-            monkeypatch.delenv("SVDQUANT_OPS_CUDA_W4A8_EXPAND", raising=False)
-        else:
-            monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_EXPAND", expand)
-        _poison_free_memory()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            outs[expand] = OPS.gemm(*args, "w4a8", torch.bfloat16, False)
-            torch.cuda.synchronize()
-        preps = [e.name for e in prof.events() if "prep_kernel<" in e.name]
+        outs[expand], names = _run_with_variable(monkeypatch, "SVDQUANT_OPS_CUDA_W4A8_EXPAND", expand,
+                                                 lambda: OPS.gemm(*args, "w4a8", torch.bfloat16, False))
+        preps = [n for n in names if "prep_kernel<" in n]
         assert preps and all(("prep_kernel<true>" in n) == (expand != "pair") for n in preps), preps
     assert torch.equal(outs["warp"].view(torch.int16), outs["pair"].view(torch.int16))
     assert torch.equal(outs[None].view(torch.int16), outs["warp"].view(torch.int16))
@@ -807,6 +799,22 @@ def _poison_free_memory():
     held = [torch.full((1 << 28,), -1, dtype=torch.int8, device=DEV)]
     held += [torch.full(((1 << 20) - 4096,), -1, dtype=torch.int8, device=DEV) for _ in range(8)]
     del held
+
+
+def _run_with_variable(monkeypatch, var, value, call):
+    """call() with the variable set to value (None: unset), on poisoned workspace memory: (its output, the names of
+    the CUDA kernels it launched)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if value is None:
+        monkeypatch.delenv(var, raising=False)
+    else:
+        monkeypatch.setenv(var, value)
+    _poison_free_memory()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out = call()
+        torch.cuda.synchronize()
+    return out, [e.name for e in prof.events()]
 
 
 @pytest.mark.skipif(not IS_SM90, reason="the prep kernel runs on the Hopper path only")
@@ -1002,19 +1010,11 @@ def test_w4a8_epilogue_vectors_through_smem_are_bit_equal(monkeypatch, M, N, K, 
     monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_TILE", "256")
     args = to_dev(op_args("gemm", gemm_inputs(M, N, K, R, "w4a8", torch.bfloat16, session_generator(("epi", M, N)),
                                               bias=bias)))
-    from torch.profiler import ProfilerActivity, profile
-
     outs = {}
     for epi in ("smem", "shfl", None):  # None: unset, the default (smem)
-        if epi is None:
-            monkeypatch.delenv("SVDQUANT_OPS_CUDA_W4A8_EPI", raising=False)
-        else:
-            monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_EPI", epi)
-        _poison_free_memory()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            outs[epi] = OPS.gemm(*args, "w4a8", out_dtype, False)
-            torch.cuda.synchronize()
-        ran = {e.name for e in prof.events() if "gemm_kernel" in e.name}
+        outs[epi], names = _run_with_variable(monkeypatch, "SVDQUANT_OPS_CUDA_W4A8_EPI", epi,
+                                              lambda: OPS.gemm(*args, "w4a8", out_dtype, False))
+        ran = {n for n in names if "gemm_kernel" in n}
         sched = 0 if epi == "shfl" else 1
         assert any(f"gemm_kernel<256, 2, {sched}," in n for n in ran), ran
     bits = torch.int32 if out_dtype == torch.float32 else torch.int16
