@@ -134,8 +134,8 @@ inline int w4a8_prep_units() {
 // SVDQUANT_OPS_CUDA_W4A8_EXPAND=warp|pair: how the W4A8 weight expansion (the prep kernel's weight row and
 // expand_w4a8_kernel) exchanges the halves of each 32-channel slice: with every lane of the warp in every step (warp,
 // the default since 2026-12-07: a full-warp shuffle, no convergence check per unit; on an H100 prep took 4.84-4.85
-// against 4.94-4.97 ms per FLUX.1 1024² step in two runs of opposite order) or by a shuffle between the two lanes of
-// a pair (pair). The same bytes.
+// against 4.94-4.97 ms per FLUX.1 1024² step in two runs, and 3.98 against 4.06 alone) or by a shuffle between the two
+// lanes of a pair (pair). The same bytes.
 inline bool w4a8_expand_warp() {
   static constexpr const char* kNames[] = {"pair", "warp"};
   return env_choice("SVDQUANT_OPS_CUDA_W4A8_EXPAND", kNames, 1) == 1;
@@ -143,8 +143,8 @@ inline bool w4a8_expand_warp() {
 
 // SVDQUANT_OPS_CUDA_W4A8_EPI=smem|shfl: how W4A8's GEMM on 128 x 256 tiles hands each thread the tile's channel
 // scales and bias: through shared memory, two column groups per 16-byte load (smem, sm90::kVecSmem: the default since
-// 2026-12-07; on an H100 the 128 x 256 kernel took 42.12-42.16 against 42.34-42.69 ms per FLUX.1 1024² step, two
-// runs of opposite order) or by warp shuffles from registers (shfl). The same bytes.
+// 2026-12-07; on an H100 the 128 x 256 kernel took 42.12-42.16 against 42.34-42.69 ms per FLUX.1 1024² step in two
+// runs, the shuffle rows before and after it) or by warp shuffles from registers (shfl). The same bytes.
 inline bool w4a8_epi_smem() {
   static constexpr const char* kNames[] = {"shfl", "smem"};
   return env_choice("SVDQUANT_OPS_CUDA_W4A8_EPI", kNames, 1) == 1;
