@@ -41,6 +41,12 @@
 #                         bias by warp shuffles and through shared memory (the default since 2026-12-07;
 #                         SVDQUANT_OPS_CUDA_W4A8_EPI=shfl / smem: the same bytes), compiled (profile.top's
 #                         gemm_kernel<256, 2, 0 / 1, ...> ms per step)
+#   HALF=old:             the four kernel paths that were the default before 2026-12-07, each one variable away,
+#                         after the w4a8 recipe as it ships: the recipe (lean quantize_act passes, shared-memory
+#                         epilogue vectors, warp-uniform expansion) with GMAX=regs + TOKEN_LEAN=0 (-qaregs), with
+#                         EPI=shfl (-epishfl) and with EXPAND=pair (-expandpair), compiled (profile.top per kernel):
+#                         the H200's A/B of today's defaults, the old paths after the new (the H100 runs had the
+#                         epilogue and expansion variants after theirs)
 #   HALF=pack:            the w4a8 recipe, fp8, then the w4a8 recipe with every weight part a graph input of its own
 #                         (unwrap_weights(pack=False)): the criterion's compiled pair and the packing's A/B of the
 #                         host's time before the first kernel (its bf16 row is in HALF=ro: four cold compiles did not
@@ -73,6 +79,8 @@ case "${HALF:-plain}" in
   qa) configs=w4a8-compile-fused-unwrap-cat-qaregs,w4a8-compile-fused-unwrap-cat-qalean; per=150 ;;
   expand) configs=w4a8-compile-fused-unwrap-cat-expandpair,w4a8-compile-fused-unwrap-cat-expandwarp; per=150 ;;
   epi) configs=w4a8-compile-fused-unwrap-cat-epishfl,w4a8-compile-fused-unwrap-cat-epismem; per=150 ;;
+  old) configs=w4a8-compile-fused-unwrap-cat,w4a8-compile-fused-unwrap-cat-qaregs,w4a8-compile-fused-unwrap-cat-epishfl,w4a8-compile-fused-unwrap-cat-expandpair
+        per=130 ;;
   pack) configs=w4a8-compile-fused-unwrap-cat,fp8-compile,w4a8-compile-fused-unwrap-cat-nopack; per=200 ;;
   *)    configs=w4a8-compile-fused-unwrap-cat,fp8-compile,bf16-compile; per=200 ;;
 esac

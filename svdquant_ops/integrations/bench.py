@@ -1079,14 +1079,14 @@ def _child_args(args, name: str, device: str, result_file: str) -> list[str]:
     return a + (["--profile"] if args.profile else ["--no-profile"])
 
 
-def _run_child(args, name: str, device: str, timeout: float) -> dict:
-    """Run one configuration in a fresh process (its own process group, killed whole on timeout)."""
+def _child_env(name: str, environ: dict) -> dict:
+    """The environment of configuration ``name``'s process: ``environ`` with the package on PYTHONPATH and the op
+    library's run-time switches the row sets; a row that leaves one at None gets the library's default, whatever
+    ``environ`` says."""
     import svdquant_ops
 
     root = str(Path(svdquant_ops.__file__).resolve().parents[1])
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    # the op library's run-time switches a row may set (read at every call); a row that leaves one at None gets the
-    # library's default, whatever the caller's environment says
+    env = dict(environ, PYTHONPATH=root + os.pathsep + environ.get("PYTHONPATH", ""))
     for var, value in (("SVDQUANT_OPS_CUDA_W4A8_GMAX", CONFIGS[name].gmax),
                        ("SVDQUANT_OPS_CUDA_W4A8_TILE", CONFIGS[name].w4a8_tile),
                        ("SVDQUANT_OPS_CUDA_PDL", CONFIGS[name].pdl),
@@ -1106,6 +1106,12 @@ def _run_child(args, name: str, device: str, timeout: float) -> dict:
         env.pop("TORCHINDUCTOR_ENABLE_PDL", None)
     if CONFIGS[name].gemm_schedule:  # read by the op library at load time (which build) and at every GEMM call
         env.update(SVDQUANT_OPS_DIAGNOSTICS="1", SVDQUANT_OPS_GEMM_SCHEDULE=CONFIGS[name].gemm_schedule)
+    return env
+
+
+def _run_child(args, name: str, device: str, timeout: float) -> dict:
+    """Run one configuration in a fresh process (its own process group, killed whole on timeout)."""
+    env = _child_env(name, dict(os.environ))
     fd, result_file = tempfile.mkstemp(prefix=f"svdq-bench-{name}-", suffix=".json")
     os.close(fd)
     cmd = [sys.executable, "-m", "svdquant_ops.integrations.bench", *_child_args(args, name, device, result_file)]
