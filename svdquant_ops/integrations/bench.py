@@ -306,37 +306,31 @@ def _configs() -> dict[str, Config]:
                            inductor_pdl=True)
         for w in ("bf16", "fp8"):
             out[f"{w}-compile{sfx}-ipdl"] = Config(f"{w}-compile{sfx}-ipdl", w, True, mode, inductor_pdl=True)
-    # Extra: that recipe with every W4A8 GEMM reading its weights expanded by a prep kernel on each call ("prep") or
-    # as packed codes expanded in the GEMM's registers ("regs"), whatever the library's per-call choice
-    for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
-        for k in ("prep", "regs"):
-            name = f"w4a8-compile{sfx}-fused-unwrap-cat-{k}"
-            out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, unwrap=True, cat_gemms=True, w4a8_weights=k)
-    # Extra: that recipe with the prep kernel keeping 4 or 1 weight units' loads in flight per thread (the same
-    # bytes; 1 is the loop before the nineteenth session), whatever the library's default
-    for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
-        for k in ("4", "1"):
-            name = f"w4a8-compile{sfx}-fused-unwrap-cat-prep{k}"
-            out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, unwrap=True, cat_gemms=True, prep_units=k)
-    # Extra: that recipe with the prep kernel's grid of all three rows (activation codes, weights, small operands),
-    # W4A8's activation row returning at once, or only the rows with work (the same bytes, fewer blocks per launch)
-    for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
-        for k in ("all", "used"):
-            name = f"w4a8-compile{sfx}-fused-unwrap-cat-rows{k}"
-            out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, unwrap=True, cat_gemms=True, prep_rows=k)
-    # Extra: that recipe with W4A8's weight expansion (prep) exchanging slice halves by lane pairs or warp-uniformly
-    # (SVDQUANT_OPS_CUDA_W4A8_EXPAND=pair / warp: the same bytes), whatever the library's default
-    for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
-        for k in ("pair", "warp"):
-            name = f"w4a8-compile{sfx}-fused-unwrap-cat-expand{k}"
-            out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, unwrap=True, cat_gemms=True, w4a8_expand=k)
-    # Extra: that recipe with W4A8's 128 x 256 GEMM handing each thread the tile's channel scales and bias by warp
-    # shuffles or through shared memory (SVDQUANT_OPS_CUDA_W4A8_EPI=shfl / smem: the same bytes), whatever the
-    # library's default
-    for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
-        for k in ("shfl", "smem"):
-            name = f"w4a8-compile{sfx}-fused-unwrap-cat-epi{k}"
-            out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, unwrap=True, cat_gemms=True, w4a8_epi=k)
+    # Extra: that recipe with one of the op library's run-time switches set (SVDQUANT_OPS_CUDA_... in the row's
+    # process), whatever the library's default, one row per value: (row name prefix, Config field, values)
+    switch_rows = (
+        # every W4A8 GEMM reading its weights expanded by a prep kernel on each call ("prep") or as packed codes
+        # expanded in the GEMM's registers ("regs"), whatever the library's per-call choice
+        ("", "w4a8_weights", ("prep", "regs")),
+        # the prep kernel keeping 4 or 1 weight units' loads in flight per thread (the same bytes; 1 is the loop
+        # before the nineteenth session)
+        ("prep", "prep_units", ("4", "1")),
+        # the prep kernel's grid of all three rows (activation codes, weights, small operands), W4A8's activation row
+        # returning at once, or only the rows with work (the same bytes, fewer blocks per launch)
+        ("rows", "prep_rows", ("all", "used")),
+        # W4A8's weight expansion (prep) exchanging slice halves by lane pairs or warp-uniformly
+        # (SVDQUANT_OPS_CUDA_W4A8_EXPAND=pair / warp: the same bytes)
+        ("expand", "w4a8_expand", ("pair", "warp")),
+        # W4A8's 128 x 256 GEMM handing each thread the tile's channel scales and bias by warp shuffles or through
+        # shared memory (SVDQUANT_OPS_CUDA_W4A8_EPI=shfl / smem: the same bytes)
+        ("epi", "w4a8_epi", ("shfl", "smem")),
+    )
+    for prefix, field, values in switch_rows:
+        for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
+            for k in values:
+                name = f"w4a8-compile{sfx}-fused-unwrap-cat-{prefix}{k}"
+                out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, unwrap=True, cat_gemms=True,
+                                   **{field: k})
     # Extra: that recipe with both W4A8 quantize_act passes without or with their lean variants (the default)
     # (SVDQUANT_OPS_CUDA_W4A8_GMAX=regs / lean and SVDQUANT_OPS_CUDA_W4A8_TOKEN_LEAN=0 / 1: the same bytes; the
     # profile times each pass's kernel), whatever the library's defaults
