@@ -975,13 +975,15 @@ def test_w4a8_tiles_agree_deterministic_and_replay(monkeypatch, tile):
 
     monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_TILE", tile)
     monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_WEIGHTS", "prep")  # (the tile widths are the prep path's)
+    monkeypatch.delenv("SVDQUANT_OPS_CUDA_W4A8_EPI", raising=False)
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fast = gemm(torch.float32)
         torch.cuda.synchronize()
     ran = {e.name for e in prof.events() if "gemm_kernel" in e.name}
-    assert any(f"gemm_kernel<{tile}, 2, " in n for n in ran), ran  # the width asked for, not the other
+    sched = 1 if tile == "256" else 0  # the shipped schedule of each width (256: kVecSmem, the default)
+    assert any(f"gemm_kernel<{tile}, 2, {sched}," in n for n in ran), ran  # the width asked for, not the other
     first = gemm(torch.bfloat16)
     for _ in range(3):
         assert torch.equal(gemm(torch.bfloat16).view(torch.int16), first.view(torch.int16))
