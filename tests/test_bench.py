@@ -151,6 +151,8 @@ def test_prologue_phases_of_a_compiled_step_are_in_order():
     res = bench.run_one("w4a8-compile", model="tiny", size=64, iters=1, warmup=2, device="cpu", text_tokens=8,
                         profile=True, profile_steps=2)
     pro = res["profile"]["prologue"]
+    # (and every compiled row checks its output against an eager step of the same model: here within bf16 rounding)
+    assert res["vs_eager_equal"] or res["vs_eager_sqnr_db"] > 30, res
     times = [pro[k] for k in keys]
     assert pro["steps"] == 2 and all(t is not None for t in times), pro
     assert times == sorted(times) and times[0] >= 0, pro
@@ -250,6 +252,40 @@ def test_report_ratios_and_failures():
     assert "| fp8-compile | 102.4 | 1.25x |" in md and "502 linears fp8" in md
     assert "with a 60 ms head start 95.1 ms/step (host prologue 7.3 ms)" in md
     assert "| fp8-compile-coordesc | - | - |" in md and "**timed out after 240 s**" in md
+
+
+def test_vs_eager_measures_the_compiled_output_against_an_eager_step():
+    """The compiled-against-eager check: equal outputs say so, a wrong one gives its SQNR and largest difference, a
+    model that fails is recorded as a one-line error, and the report lists each kind."""
+    model = bench.build_model("tiny", "cpu")
+    inputs = bench.make_inputs("tiny", 64, 1, 8, torch.device("cpu"), 1)
+    with torch.inference_mode():
+        out = model(**inputs)[0]
+        same = bench.vs_eager(model, inputs, out)
+        gen = torch.Generator().manual_seed(0)  # noise at 1 % of the output's RMS: SQNR ~40 dB
+        noise = torch.randn(out.shape, generator=gen) * out.float().pow(2).mean().sqrt() * 0.01
+        off = bench.vs_eager(model, inputs, out + noise.to(out.dtype))
+
+        class Broken(torch.nn.Module):
+            def forward(self, **kw):
+                raise RuntimeError("no kernel image\nsecond line")
+
+        broken = bench.vs_eager(Broken(), inputs, out)
+    assert same["vs_eager_equal"] and same["vs_eager_sqnr_db"] is None and same["vs_eager_max_abs"] == 0.0
+    assert not off["vs_eager_equal"] and 36 < off["vs_eager_sqnr_db"] < 44 and off["vs_eager_max_abs"] > 0
+    assert broken == dict(vs_eager_error="RuntimeError: no kernel image")
+    meta = dict(gpu="cpu", date="2026-12-07 00:00 UTC", versions=dict.fromkeys(
+        ("torch", "cuda", "torchao", "diffusers", "triton", "python"), "x"), model_desc="m", size=64,
+        image_tokens=16, text_tokens=8, batch=1, iters=1, warmup=1, device="cpu", timeout=300, rank=32,
+        weight_only="w4a16")
+    ok = dict(ok=True, weight_bytes=1, ms_median=1.0)
+    md = bench.report(meta, [dict(ok, config="bf16-compile", **same), dict(ok, config="fp8-compile", **off),
+                             dict(ok, config="w4a8-compile", **broken), dict(ok, config="int4-eager")],
+                      lambda m: ["- header"])
+    table = md.split("## Compiled step against the eager step")[1]
+    assert "| bf16-compile | equal | 0 |" in table and "| w4a8-compile | - | - | **RuntimeError: no kernel image** |" \
+        in table
+    assert f"| fp8-compile | {off['vs_eager_sqnr_db']:.1f} |" in table and "int4-eager" not in table
 
 
 def test_idle_attributes_each_gap_to_the_kernel_that_waited():

@@ -25,8 +25,9 @@ step after a 60 ms spin kernel, so the host's prologue runs while the GPU is bus
 prologue's cost), the ratio to bf16 compiled of the same run, the host's time to enqueue a step, weight bytes
 (quantized weights by their
 parts), peak allocated memory during the timed steps, the first call's time (compilation), Dynamo's graph and frame
-counts (one graph, no recompiles expected), the time to quantize and, with ``--profile``, device time per step by
-kernel category (``categorize``).
+counts (one graph, no recompiles expected), the time to quantize, for compiled rows the output against one eager
+step of the same model (``vs_eager``: SQNR and the largest difference; the bf16 row's value is bf16 rounding's) and,
+with ``--profile``, device time per step by kernel category (``categorize``).
 """
 
 from __future__ import annotations
@@ -702,6 +703,27 @@ HEAD_START_CYCLES = int(HEAD_START_MS * 1e-3 * 2e9)  # torch.cuda._sleep counts 
 #                                                  boosts to 1.98)
 
 
+def vs_eager(model, inputs: dict, out) -> dict:
+    """A compiled row's last output against one eager step of the same model on the same inputs: SQNR (dB; None
+    where they are equal) and the largest difference, with the eager output's largest magnitude for scale. Issue
+    14's check at the model's size: the quantized step compiled equals it eagerly within bf16 rounding, for which the
+    bf16 row's own value (Inductor's fusions reorder bf16 arithmetic) is the yardstick. A failure is recorded, not
+    raised: the timing stands without it."""
+    import torch
+
+    from .pipelines import sqnr_db
+
+    try:
+        got = out.detach().float().clone()  # (under reduce-overhead, a CUDA graph's output: copied before the call)
+        ref = model(**inputs)[0].float()
+        diff = float((got - ref).abs().max())
+        sq = sqnr_db(ref, got)
+    except Exception as exc:  # noqa: BLE001
+        return dict(vs_eager_error=f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}")
+    return dict(vs_eager_sqnr_db=None if math.isinf(sq) else sq, vs_eager_max_abs=diff,
+                vs_eager_ref_max_abs=float(ref.abs().max()), vs_eager_equal=diff == 0.0)
+
+
 def _profile(step, device, steps: int) -> dict:
     """Device time per step by category (CUDA: kernels; CPU: operators' self time), and the top kernels."""
     import torch
@@ -978,8 +1000,10 @@ def run_one(name: str, *, model: str = "flux-dev", size: int = 1024, batch: int 
             res["ms_head_start"] = statistics.median(head)
         res["output_finite"] = bool(torch.isfinite(out).all())
         res["output_shape"] = list(out.shape)
-        del out
         res["peak_step_bytes"] = torch.cuda.max_memory_allocated() if cuda else None
+        if cfg.compile:
+            res.update(vs_eager(m, inputs, out))
+        del out
         res["ms_all"] = ms
         res["ms_median"] = statistics.median(ms)
         res["ms_min"] = min(ms)
@@ -1331,6 +1355,18 @@ def report(meta: dict, rows: list[dict], header_md) -> str:
                          f"{r['ms_median']:.1f} | {versus(r['config'].removeprefix('nunchaku-'), r)} | "
                          f"{_fmt(r.get('output_sqnr_vs_bf16_db'))} | {_fmt(r.get('output_sqnr_vs_int4_db'))} | "
                          f"{_fmt(int4_vs_bf16)} |")
+    eager = [r for r in rows if r.get("ok") and ("vs_eager_max_abs" in r or "vs_eager_error" in r)]
+    if eager:
+        lines += ["", "## Compiled step against the eager step", "", "Each compiled row's output against one eager step "
+                  "of the same model on the same inputs (SQNR = 10·log10(Σ eager² / Σ (compiled − eager)²)); the bf16 "
+                  "row's value is what Inductor's reordering of bf16 arithmetic alone gives.", "",
+                  "| configuration | SQNR dB | max abs difference | max abs eager output |", "|---|---|---|---|"]
+        for r in eager:
+            if "vs_eager_error" in r:
+                lines.append(f"| {r['config']} | - | - | **{r['vs_eager_error']}** |")
+                continue
+            sq = "equal" if r["vs_eager_equal"] else _fmt(r["vs_eager_sqnr_db"])
+            lines.append(f"| {r['config']} | {sq} | {r['vs_eager_max_abs']:.3g} | {r['vs_eager_ref_max_abs']:.3g} |")
     fp8 = next((r.get("fp8_kernels") for r in rows if r.get("fp8_kernels")), None)
     if fp8:
         lines += ["", f"fp8 kernels: {fp8}."]
