@@ -140,6 +140,9 @@ def test_profile_has_the_host_side():
         weight_only="w4a16")
     md = bench.report(meta, [dict(res, config="int4-eager")], lambda m: ["- header"])
     assert "| int4-eager | " in md.split("Host time of a step by function")[1]
+    # the ops an eager step ran, in the report's calls table (no kernels on a CPU)
+    n = res["profile"]["ops_per_step"]["svdquant::gemm"]
+    assert n == res["quantized"] and f"gemm {n:g}" in md.split("Calls per step")[1].split("Host time")[0]
 
 
 def test_prologue_phases_of_a_compiled_step_are_in_order():
@@ -153,6 +156,14 @@ def test_prologue_phases_of_a_compiled_step_are_in_order():
     pro = res["profile"]["prologue"]
     # (and every compiled row checks its output against an eager step of the same model: here within bf16 rounding)
     assert res["vs_eager_equal"] or res["vs_eager_sqnr_db"] > 30, res
+    # the ops a compiled step runs: a GEMM per SVDQuant linear (this row does not concatenate them), and fewer
+    # quantize_act calls than that (the linears that read one input share one)
+    ops_ = res["profile"]["ops_per_step"]
+    assert ops_["svdquant::gemm"] == res["quantized"] > 0, (ops_, res["quantized"])
+    assert 0 < ops_["svdquant::quantize_act"] < res["quantized"], ops_
+    # and the AdaLN w4a16 linears, which all read SiLU(temb), as one grouped call (the default pass)
+    assert res["weight_only"] > 1 and ops_["svdquant::w4a16_linear_group"] == 1, ops_
+    assert "svdquant::w4a16_linear" not in ops_, ops_
     times = [pro[k] for k in keys]
     assert pro["steps"] == 2 and all(t is not None for t in times), pro
     assert times == sorted(times) and times[0] >= 0, pro

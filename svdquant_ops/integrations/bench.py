@@ -755,7 +755,30 @@ def _profile(step, device, steps: int) -> dict:
            "top": [{"name": n[:200], "category": categorize(n), "ms_per_step": us / 1e3 / steps} for n, us in top]}
     if kernels:
         out.update(_idle(kernels, steps))
+        by_cat: dict[str, float] = dict.fromkeys(CATEGORIES, 0.0)
+        for _, _, name in kernels:
+            by_cat[categorize(name)] += 1 / steps
+        out["kernels_per_step_by_category"] = by_cat
+    out["ops_per_step"] = _op_counts(step, steps, cuda)
     return out
+
+
+def _op_counts(step, steps: int, cuda: bool) -> dict:
+    """This package's operator calls per step (``svdquant::*``, as the dispatcher sees them, eager or compiled:
+    what a step actually runs, e.g. one ``quantize_act`` per shared input; a CUDA-graph replay dispatches none)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    counts: dict[str, float] = {}
+    for e in prof.events():
+        if e.name.startswith("svdquant::"):
+            counts[e.name] = counts.get(e.name, 0) + 1 / steps
+    return dict(sorted(counts.items()))
 
 
 # The profiler's names for the phases of a compiled call before its first kernel, in order (torch 2.11 / 2.13)
@@ -1390,6 +1413,18 @@ def report(meta: dict, rows: list[dict], header_md) -> str:
             lines += [f"| {r['config']} | {r['profile']['kernels_per_step']:.0f} | "
                       f"{r['profile']['span_ms_per_step']:.1f} | {r['profile']['idle_ms_per_step']:.1f} |"
                       for r in idle]
+        calls = [r for r in prof if "ops_per_step" in r["profile"]]
+        if calls:
+            lines += ["", "Calls per step: this package's operators as the dispatcher saw them (a CUDA-graph replay "
+                      "dispatches none) and, on a GPU, kernels by category (profile.ops_per_step, "
+                      "profile.kernels_per_step_by_category):", "",
+                      "| configuration | svdquant ops per step | kernels per step by category |", "|---|---|---|"]
+            for r in calls:
+                p = r["profile"]
+                ops_ = ", ".join(f"{k.removeprefix('svdquant::')} {v:g}" for k, v in p["ops_per_step"].items()) or "-"
+                kc = p.get("kernels_per_step_by_category")
+                kern = ", ".join(f"{c} {kc[c]:g}" for c in CATEGORIES if kc[c]) if kc else "-"
+                lines.append(f"| {r['config']} | {ops_} | {kern} |")
         host = [r for r in prof if r["profile"].get("host")]
         if host:
             lines += ["", "Host time of a step by function (cProfile, each step synchronized after its call; "
