@@ -141,3 +141,35 @@ def test_input_gradient_on_gpu_is_the_dequantized_weights(precision):
         assert torch.equal(out.detach(), forward)
         # bf16 matmul of g with the bf16-rounded dequantized weight, against fp32: a few bf16 ulps
         torch.testing.assert_close(xr.grad, want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("precision,weights", [("int4", None), ("nvfp4", None), ("w4a8", "prep"), ("w4a8", "regs")])
+def test_layout1_checkpoint_runs_on_the_gpu(precision, weights, monkeypatch):
+    """A checkpoint of svdquant_ops 0.1.0 (layout 1) on the GPU: moved to CUDA, its linear computes the outputs 0.1.0
+    computed on the CPU (the fixture) within fp32 summation order, through each W4A8 weight path (expanded by the prep
+    kernel, or packed codes expanded in the GEMM's registers), and a CUDA graph replays it bit for bit."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    import svdquant_ops
+
+    from .builders import capture_cuda_graph
+
+    if weights is not None:
+        monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_WEIGHTS", weights)
+    fixtures = Path(__file__).parent / "fixtures"
+    sd = svdquant_ops.load_file(fixtures / "layout1.safetensors")
+    expected = load_file(str(fixtures / "layout1_expected.safetensors"))
+    w, b = sd[f"{precision}.weight"].cuda(), sd[f"{precision}.bias"].cuda()
+    assert w.layout_version == 1 and w.codes.is_cuda
+    x = expected["x"].cuda()
+    fn = lambda v: torch.nn.functional.linear(v, w, b)  # noqa: E731
+    with torch.inference_mode():
+        y = fn(x)
+        assert sqnr_db(expected[f"{precision}.y"].float(), y.float().cpu()) > 40, precision
+        static_x = x.clone()
+        graph, static_y = capture_cuda_graph(lambda: fn(static_x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_y.view(torch.int16), y.view(torch.int16))
