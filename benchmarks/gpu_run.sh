@@ -40,6 +40,10 @@
 #     expandbw  bench_linear.py --expand-bw: W4A8's weight expansion (expand_w4a8_weight) on the weights a FLUX.1
 #               step's prep expands, by lane pairs and warp-uniform (SVDQUANT_OPS_CUDA_W4A8_EXPAND=pair / warp,
 #               equal bytes checked), against a device-to-device copy: GB/s per shape, ms per step at each
+#     qakeep    probes/qa_sweep.py on the large FLUX.1 inputs (K = 12288, 15360; 3072 at R = 64 as a control that
+#               fits in L2): W4A8's group-max pass with streaming loads (keep -1, the library's rule for x larger than
+#               half of L2) against default caching (keep 1), twice in turn; the cold column's token kernel is the
+#               second read of x (HISTORY.md, twenty-sixth session)                             [diagnostics build]
 #     attn      bench_attention.py --compile-check --out $OUT: fp8 / 8-bit attention candidates against bf16 SDPA at
 #               the FLUX.1 shapes (issue 14, item 6), with the wheels carried in .whl-attn/ installed into /tmp/attn
 #               first (benchmarks/fp8-attention.md: nvidia-cudnn-frontend from PyPI, no build); ATTN_ARGS adds options
@@ -130,6 +134,8 @@ for step in "$@"; do
     tileab) python3 benchmarks/bench_linear.py --tile-ab ;;
     weightsab) python3 benchmarks/bench_linear.py --weights-ab ;;
     expandbw) python3 benchmarks/bench_linear.py --expand-bw ;;
+    qakeep) SVDQUANT_OPS_DIAGNOSTICS=1 python3 benchmarks/probes/qa_sweep.py --configs 0:0:-1,0:0:1,0:0:-1,0:0:1 \
+              --shapes ${QAKEEP_SHAPES:-12288:32,15360:32,3072:64} ;;
     attn)
       if ls .whl-attn/*.whl >/dev/null 2>&1; then
         python3 -m pip install -q --no-index --no-deps --target /tmp/attn .whl-attn/*.whl
