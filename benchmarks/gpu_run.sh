@@ -40,10 +40,10 @@
 #     expandbw  bench_linear.py --expand-bw: W4A8's weight expansion (expand_w4a8_weight) on the weights a FLUX.1
 #               step's prep expands, by lane pairs and warp-uniform (SVDQUANT_OPS_CUDA_W4A8_EXPAND=pair / warp,
 #               equal bytes checked), against a device-to-device copy: GB/s per shape, ms per step at each
-#     qakeep    probes/qa_sweep.py on the large FLUX.1 inputs (K = 12288, 15360; 3072 at R = 64 as a control that
-#               fits in L2): W4A8's group-max pass with streaming loads (keep -1, the library's rule for x larger than
-#               half of L2) against default caching (keep 1), twice in turn; the cold column's token kernel is the
-#               second read of x (HISTORY.md, twenty-sixth session)                             [diagnostics build]
+#     qakeep    probes/qa_sweep.py on the FLUX.1 inputs W4A8's group-max pass streams (x over half of L2: K = 12288
+#               and 15360, and K = 3072 at M = 4608, 28 MB, which fits in L2 whole): streaming loads (keep -1, the
+#               library's rule) against default caching (keep 1), twice in turn; the cold column's token kernel is
+#               the second read of x (HISTORY.md, twenty-sixth session)                          [diagnostics build]
 #     attn      bench_attention.py --compile-check --out $OUT: fp8 / 8-bit attention candidates against bf16 SDPA at
 #               the FLUX.1 shapes (issue 14, item 6), with the wheels carried in .whl-attn/ installed into /tmp/attn
 #               first (benchmarks/fp8-attention.md: nvidia-cudnn-frontend from PyPI, no build); ATTN_ARGS adds options

@@ -140,9 +140,12 @@ def test_profile_has_the_host_side():
         weight_only="w4a16")
     md = bench.report(meta, [dict(res, config="int4-eager")], lambda m: ["- header"])
     assert "| int4-eager | " in md.split("Host time of a step by function")[1]
-    # the ops an eager step ran, in the report's calls table (no kernels on a CPU)
-    n = res["profile"]["ops_per_step"]["svdquant::gemm"]
-    assert n == res["quantized"] and f"gemm {n:g}" in md.split("Calls per step")[1].split("Host time")[0]
+    # the ops an eager step ran, in the report's calls table (no kernels on a CPU): each SVDQuant linear one
+    # svdquant::linear, which runs quantize_act and gemm (counted as inside it)
+    ops_, n = res["profile"]["ops_per_step"], res["quantized"]
+    assert ops_["svdquant::linear"] == ops_["svdquant::gemm (in svdquant::linear)"] == n > 0, ops_
+    assert ops_["svdquant::quantize_act (in svdquant::linear)"] == n and "svdquant::gemm" not in ops_, ops_
+    assert f"linear {n:g}" in md.split("Calls per step")[1].split("Host time")[0]
 
 
 def test_prologue_phases_of_a_compiled_step_are_in_order():

@@ -11,8 +11,8 @@ one input (its x partly in L2 from the previous call, as when the op that wrote 
 not apply to it: it streams x), e.g. ``--op given --configs 0:0:-1,0:2:-1,0:3:-1,0:4:-1,0:6:-1,2:0:-1``.
 ``--shapes K:R,...`` picks the shapes (default: all four FLUX ones). The last column splits the cold calls' time by
 kernel: the token kernel there is the second read of an x that its own first pass has just read, as in a FLUX step
-(where keep = 1 on the large x, 113-141 MB, would let that read find the first pass's last-read lines in L2:
-``gpu_run.sh qakeep``).
+(where keep = 1 on the x the library streams, over half of L2: 113-141 MB at K = 12288 / 15360, 28 MB at K = 3072,
+would let that read find the first pass's last-read lines in L2: ``gpu_run.sh qakeep``).
 """
 
 from __future__ import annotations

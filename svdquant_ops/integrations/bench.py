@@ -759,13 +759,18 @@ def _profile(step, device, steps: int) -> dict:
         for _, _, name in kernels:
             by_cat[categorize(name)] += 1 / steps
         out["kernels_per_step_by_category"] = by_cat
-    out["ops_per_step"] = _op_counts(step, steps, cuda)
+    try:
+        out["ops_per_step"] = _op_counts(step, steps, cuda)
+    except Exception as exc:  # noqa: BLE001  (the device times stand without it)
+        out["ops_per_step_error"] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
     return out
 
 
 def _op_counts(step, steps: int, cuda: bool) -> dict:
     """This package's operator calls per step (``svdquant::*``, as the dispatcher sees them, eager or compiled:
-    what a step actually runs, e.g. one ``quantize_act`` per shared input; a CUDA-graph replay dispatches none)."""
+    what a step actually runs, e.g. one ``quantize_act`` per shared input under compile; a CUDA-graph replay
+    dispatches none). An op called inside another (eagerly, ``svdquant::linear`` runs ``quantize_act`` and ``gemm``)
+    is counted under "<op> (in <caller>)"."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -774,10 +779,18 @@ def _op_counts(step, steps: int, cuda: bool) -> dict:
             step()
         if cuda:
             torch.cuda.synchronize()
+    def caller(e) -> str | None:  # the nearest svdquant op around e, if any
+        p = e.cpu_parent
+        while p is not None and not p.name.startswith("svdquant::"):
+            p = p.cpu_parent
+        return None if p is None else p.name
+
     counts: dict[str, float] = {}
     for e in prof.events():
         if e.name.startswith("svdquant::"):
-            counts[e.name] = counts.get(e.name, 0) + 1 / steps
+            outer = caller(e)
+            key = e.name if outer is None else f"{e.name} (in {outer})"
+            counts[key] = counts.get(key, 0) + 1 / steps
     return dict(sorted(counts.items()))
 
 
@@ -1024,9 +1037,6 @@ def run_one(name: str, *, model: str = "flux-dev", size: int = 1024, batch: int 
         res["output_finite"] = bool(torch.isfinite(out).all())
         res["output_shape"] = list(out.shape)
         res["peak_step_bytes"] = torch.cuda.max_memory_allocated() if cuda else None
-        if cfg.compile:
-            res.update(vs_eager(m, inputs, out))
-        del out
         res["ms_all"] = ms
         res["ms_median"] = statistics.median(ms)
         res["ms_min"] = min(ms)
@@ -1042,6 +1052,11 @@ def run_one(name: str, *, model: str = "flux-dev", size: int = 1024, batch: int 
         res["ok"] = True
         if on_timed is not None:
             on_timed(res)
+        if cfg.compile:  # after the timing is saved (a crash here costs only this check); no step ran since `out`
+            res.update(vs_eager(m, inputs, out))
+            if on_timed is not None:
+                on_timed(res)
+        del out
         if profile:
             try:
                 res["profile"] = _profile(step, dev, profile_steps)
@@ -1178,7 +1193,9 @@ def _run_child(args, name: str, device: str, timeout: float) -> dict:
     if res is not None and res.get("ok"):
         if rc != 0:  # timed, then died or hung (in the profiler, or on the way out): the timing stands
             what = f"timed out after {timeout:g} s" if rc is None else f"process exited with code {rc}"
-            if args.profile and "profile" not in res and "profile_error" not in res:
+            if CONFIGS[name].compile and not any(k.startswith("vs_eager") for k in res):
+                res["vs_eager_error"] = what + " during the eager check"
+            elif args.profile and "profile" not in res and "profile_error" not in res:
                 res["profile_error"] = what + " while profiling"
             else:
                 res["exit_note"] = what + " after saving its result"
