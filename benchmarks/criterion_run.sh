@@ -56,7 +56,7 @@
 #   CONFIGS=a,b:          the rows to run instead of the half's (e.g. the first rows of a half when the session's
 #                         device time left is short)
 #   PER=s:                each row's time limit instead of the half's (a cold host's first compile: 145 s for the
-#                         w4a8 recipe on an H100, 2026-12-07; fp8's 112-167 s)
+#                         w4a8 recipe on an H100, 2026-12-07; fp8's first call 122-178 s)
 #   ANY_GPU=1:            run on whatever GPU came (a same-run comparison that is not the criterion)
 # Row limits: a half with an fp8 row allows 250 s a row (fp8's first call took 122-178 s on cold H100 hosts, and its
 # row ~35 s more; the twenty-sixth session's fp8 row timed out at 180 s); the bench's budget still skips what would

@@ -703,6 +703,11 @@ HEAD_START_CYCLES = int(HEAD_START_MS * 1e-3 * 2e9)  # torch.cuda._sleep counts 
 #                                                  boosts to 1.98)
 
 
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    """``exc`` as one line for a row of the table: its type and the first line of its message."""
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:limit]}"
+
+
 def vs_eager(model, inputs: dict, out) -> dict:
     """A compiled row's last output against one eager step of the same model on the same inputs: SQNR (dB; None
     where they are equal) and the largest difference, with the eager output's largest magnitude for scale. Issue
@@ -719,7 +724,7 @@ def vs_eager(model, inputs: dict, out) -> dict:
         diff = float((got - ref).abs().max())
         sq = sqnr_db(ref, got)
     except Exception as exc:  # noqa: BLE001
-        return dict(vs_eager_error=f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}")
+        return dict(vs_eager_error=_one_line(exc))
     return dict(vs_eager_sqnr_db=None if math.isinf(sq) else sq, vs_eager_max_abs=diff,
                 vs_eager_ref_max_abs=float(ref.abs().max()), vs_eager_equal=diff == 0.0)
 
@@ -762,7 +767,7 @@ def _profile(step, device, steps: int) -> dict:
     try:
         out["ops_per_step"] = _op_counts(step, steps, cuda)
     except Exception as exc:  # noqa: BLE001  (the device times stand without it)
-        out["ops_per_step_error"] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+        out["ops_per_step_error"] = _one_line(exc)
     return out
 
 
@@ -779,6 +784,7 @@ def _op_counts(step, steps: int, cuda: bool) -> dict:
             step()
         if cuda:
             torch.cuda.synchronize()
+
     def caller(e) -> str | None:  # the nearest svdquant op around e, if any
         p = e.cpu_parent
         while p is not None and not p.name.startswith("svdquant::"):
@@ -1063,7 +1069,7 @@ def run_one(name: str, *, model: str = "flux-dev", size: int = 1024, batch: int 
                 res["profile"]["host"] = _host_profile(step, sync, profile_steps)
                 res["profile"]["prologue"] = _prologue(step, sync, cuda, profile_steps)
             except Exception as exc:  # noqa: BLE001  (the timing stands without it)
-                res["profile_error"] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+                res["profile_error"] = _one_line(exc)
     return res
 
 
@@ -1536,8 +1542,7 @@ def run_child(args) -> int:
         import traceback
 
         traceback.print_exc()
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
-        res = dict(config=args.one, ok=False, error=f"{type(exc).__name__}: {first}")
+        res = dict(config=args.one, ok=False, error=_one_line(exc, 300))
     save(res)
     print(RESULT_PREFIX + json.dumps(res, default=str), flush=True)
     return 0 if res.get("ok") else 1
