@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -203,6 +204,7 @@ def env_ab(dev, rep_ms, tag, var, a, b, exact_down_act):
     within fp32 summation-order differences; per-call (CUDA graph) and per-step times, and each kernel's time."""
     g = torch.Generator().manual_seed(5)
     tot = {a: 0.0, b: 0.0}
+    small = {a: 0.0, b: 0.0}  # the text stream's 512-token calls (issue 14's small-M item)
     worst = 0.0
     name = {v: v or "unset" for v in (a, b)}
     for M, K, R, calls in FLUX_STEP_INPUTS:
@@ -219,6 +221,7 @@ def env_ab(dev, rep_ms, tag, var, a, b, exact_down_act):
             us[v] = bench_graph(fn, rep_ms) * 1e3
             log(f"  {name[v]} kernels:", ", ".join(f"{n[:60]} {t:.1f} us" for n, t in kernel_times(fn)))
             tot[v] += us[v] * calls / 1e3
+            small[v] += us[v] * calls / 1e3 if M <= 1024 else 0.0
         os.environ.pop(var, None)
         same = torch.equal(outs[a][0], outs[b][0]) and torch.equal(outs[a][1], outs[b][1])
         d = (outs[b][2] - outs[a][2]).norm().item() / max(outs[a][2].norm().item(), 1e-30)
@@ -231,8 +234,16 @@ def env_ab(dev, rep_ms, tag, var, a, b, exact_down_act):
             f"{d:.1e}")
         if not same:
             raise SystemExit(f"{tag}: {var}={name[a]} and {name[b]} gave different outputs")
-    log(f"{tag} per FLUX step (quantize_act only): {name[a]} {tot[a]:.2f} ms, {name[b]} {tot[b]:.2f} ms; "
-        f"worst down_act rel. diff {worst:.1e}")
+    log(f"{tag} per FLUX step (quantize_act only): {name[a]} {tot[a]:.2f} ms, {name[b]} {tot[b]:.2f} ms "
+        f"(the 512-token calls: {small[a]:.2f} / {small[b]:.2f} ms); worst down_act rel. diff {worst:.1e}")
+
+
+def cluster_ab(dev, rep_ms):
+    """W4A8's two passes against the one-pass cluster kernel (SVDQUANT_OPS_CUDA_W4A8_CLUSTER unset / 1; Hopper):
+    codes and scales equal bit for bit, down_act within summation order. The cluster kernel lost 1.7-2.8x at
+    M >= 4096 (2026-12-05); at M = 512, where the two passes are launch- and latency-bound (10-19 us against a
+    1.4-5.6 us byte floor on an H100), one kernel might win: the case for a small-M rule."""
+    env_ab(dev, rep_ms, "cluster_ab", "SVDQUANT_OPS_CUDA_W4A8_CLUSTER", "", "1", exact_down_act=False)
 
 
 def gmax_ab(dev, rep_ms):
@@ -939,10 +950,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="only the quick smoke check")
     ap.add_argument("--smoke-one", action="store_true", help="only one tiny INT4 case (for compute-sanitizer)")
-    ap.add_argument("--quantize-only", action="store_true", help="only time quantize_act at M=4608, all K")
+    ap.add_argument("--quantize-only", action="store_true", help="only time quantize_act at M=4608 "
+                    "(or --tokens), all K; W4A8 also the given-amax op and Inductor's amax")
     ap.add_argument("--gmax-ab", action="store_true", help="only W4A8's quantize_act on a FLUX.1 step's input shapes "
                     "with the pipelined group-max kernel against the register-prefetch one "
                     "(SVDQUANT_OPS_CUDA_W4A8_GMAX=pipe / regs): outputs compared, per-call and per-step times")
+    ap.add_argument("--cluster-ab", action="store_true", help="only W4A8's quantize_act on a FLUX.1 step's input "
+                    "shapes with the two passes against the one-pass cluster kernel (SVDQUANT_OPS_CUDA_W4A8_CLUSTER="
+                    "unset / 1, Hopper): outputs compared, per-call and per-step times, the 512-token calls apart")
     ap.add_argument("--token-ab", action="store_true", help="only W4A8's quantize_act on a FLUX.1 step's input "
                     "shapes with the token kernel's K split where M is small off and on "
                     "(SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT=0 / 1): outputs compared, per-call and per-step times")
@@ -1068,17 +1083,22 @@ def main():
     if args.token_ab:
         token_ab(dev, args.rep_ms)
         return
+    if args.cluster_ab:
+        cluster_ab(dev, args.rep_ms)
+        return
     if args.quantize_only:
         g = torch.Generator().manual_seed(3)
         # distinct K of SHAPES at rank 32; K = 3072 at rank 64 (a FLUX single block's shared q/k/v/mlp input) and 128
         # (that input with rank-16 LoRAs fused)
-        for K, R in [(3072, 32), (12288, 32), (15360, 32), (3072, 64), (3072, 128)]:
+        # (--tokens: other token counts, e.g. 512 for the text stream, where the given-amax op's one pass might pay)
+        for M, (K, R) in itertools.product(args.tokens or [4608],
+                                           [(3072, 32), (12288, 32), (15360, 32), (3072, 64), (3072, 128)]):
             L = make_layer(K, 3072, R, dev, g, args.precision)
-            x = torch.randn(4608, K, device=dev, dtype=torch.bfloat16)
+            x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
             fn = lambda: torch.ops.svdquant.quantize_act(x, L["smooth"], L["pd"], args.precision, False)
             fn()
             ms = bench_graph(fn, args.rep_ms)
-            log(f"quantize_only {args.precision} K={K} M=4608 R={R}: {ms * 1e3:.1f} us, {4608 * K * 2 / ms / 1e9:.2f} TB/s of x "
+            log(f"quantize_only {args.precision} K={K} M={M} R={R}: {ms * 1e3:.1f} us, {M * K * 2 / ms / 1e9:.2f} TB/s of x "
                 f"(SVDQUANT_OPS_QA_CFG={os.environ.get('SVDQUANT_OPS_QA_CFG', '0')}, "
                 f"SVDQUANT_OPS_QA_SPLITS={os.environ.get('SVDQUANT_OPS_QA_SPLITS', 'auto')})")
             log("  kernels:", ", ".join(f"{n} {us:.1f} us" for n, us in kernel_times(fn)))
@@ -1092,7 +1112,7 @@ def main():
                 fa = lambda: amax_of(x, sm)
                 fa()
                 ms_a = bench_graph(fa, args.rep_ms)
-                log(f"  given_amax K={K} R={R}: {ms_g * 1e3:.1f} us ({ms_g / ms:.2f}x of quantize_act; codes equal "
+                log(f"  given_amax K={K} M={M} R={R}: {ms_g * 1e3:.1f} us ({ms_g / ms:.2f}x of quantize_act; codes equal "
                     f"to quantize_act's: {same}); Inductor's amax as its own kernel (unfused): {ms_a * 1e3:.1f} us")
                 log("  kernels:", ", ".join(f"{n} {us:.1f} us" for n, us in kernel_times(fg)))
         return

@@ -5,8 +5,8 @@
 #     tests     pytest tests/test_cuda_*.py, tests/test_sharing.py and tests/test_lora.py (their move tests have CUDA
 #               cases), tests/test_gemm_cat.py, and tests/test_op_errors.py (every C++ error message as this
 #               machine's compiler builds the library); fresh seed unless SVDQ_TEST_SEED is set; or the files in
-#               TEST_FILES (the default set's 321 tests took 333 s on 2026-12-05 and it has grown since, so near the
-#               device's 600 s per call split it over two calls)
+#               TEST_FILES (the default set's 321 tests took 333 s on 2026-12-05; on 2026-12-07 it reached ~78 % in 455 s,
+#               so split it over two calls, or set TESTS_S to skip what would start after that many seconds)
 #     gemm      bench_linear.py --gemm-only over $SCHEDULES (default promote,skeleton)            [diagnostics build]
 #     quantize  bench_linear.py --quantize-only ([diagnostics build] when SVDQUANT_OPS_QA_CFG / _QA_SPLITS are set)
 #     gmaxab    bench_linear.py --gmax-ab: W4A8 quantize_act on a FLUX.1 step's input shapes, the pipelined group-max
@@ -15,6 +15,10 @@
 #     tokenab   bench_linear.py --token-ab: W4A8 quantize_act on a FLUX.1 step's input shapes, the token kernel
 #               with its K split where M is small off and on (SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT=0 / 1): equal
 #               outputs, per-shape and per-step times
+#     clusterab bench_linear.py --cluster-ab, then --quantize-only --precision w4a8 --tokens 512: W4A8 quantize_act on
+#               a FLUX.1 step's input shapes, the two passes against the one-pass cluster kernel
+#               (SVDQUANT_OPS_CUDA_W4A8_CLUSTER unset / 1): equal codes and scales, per-shape and per-step times with
+#               the 512-token calls apart; then at M = 512 the given-amax op and Inductor's amax (issue 14's small M)
 #     tiles     bench_linear.py --tile-overhead (GEMM kernel time split into per-tile fixed + per-stage cost; W4A8
 #               also with half the operand feed, SVDQUANT_OPS_GEMM_SCHEDULE=halffeed / halffeed-act, and rings of
 #               4 / 5 / 7 stages)                                                                 [diagnostics build]
@@ -123,14 +127,19 @@ if [[ -n "${OUT:-}" ]]; then
 fi
 for step in "$@"; do
   case "$step" in
-    tests) python3 -m pytest ${TEST_FILES:-tests/test_cuda_ops.py tests/test_cuda_w4a16.py tests/test_cuda_model.py \
+    tests) # TESTS_S: seconds the tests may run; those that would start later are skipped (tests/conftest.py), so
+           # the summary still says what ran
+           [[ -n "${TESTS_S:-}" ]] && export SVDQ_TEST_DEADLINE=$(( $(date +%s) + TESTS_S ))
+           python3 -m pytest ${TEST_FILES:-tests/test_cuda_ops.py tests/test_cuda_w4a16.py tests/test_cuda_model.py \
              tests/test_cuda_nunchaku.py tests/test_cuda_moves.py tests/test_cuda_fusion.py tests/test_cuda_pdl.py tests/test_cuda_unwrap.py tests/test_sharing.py \
              tests/test_lora.py tests/test_gemm_cat.py tests/test_op_errors.py} \
-             -q -p no:cacheprovider -rfEs ;;
+             -q -p no:cacheprovider -rfEs --durations=15 ;;
     gemm) SVDQUANT_OPS_DIAGNOSTICS=1 python3 benchmarks/bench_linear.py --gemm-only \
             --schedules "${SCHEDULES:-promote,skeleton}" ${GEMM_ARGS:-} ;;
     gmaxab) python3 benchmarks/bench_linear.py --gmax-ab ;;
     tokenab) python3 benchmarks/bench_linear.py --token-ab ;;
+    clusterab) python3 benchmarks/bench_linear.py --cluster-ab
+               python3 benchmarks/bench_linear.py --quantize-only --precision w4a8 --tokens 512 ;;
     tileab) python3 benchmarks/bench_linear.py --tile-ab ;;
     weightsab) python3 benchmarks/bench_linear.py --weights-ab ;;
     expandbw) python3 benchmarks/bench_linear.py --expand-bw ;;
