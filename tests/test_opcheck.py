@@ -153,6 +153,20 @@ def test_build_key_tracks_sources_and_torch(monkeypatch):
     assert key != build._build_key(srcs, None)
 
 
+def test_build_key_for_another_machine_is_that_machines_own():
+    """benchmarks/prebuild.py names the GPU machine's cache entry with _build_key(..., target): given this process's
+    own values it must be the key this process uses (else a prebuilt entry would never be found), and each of the
+    target's values must change it (else an entry built for another torch or Python would be loaded)."""
+    srcs = build._sources("9.0a")
+    here = {"torch": torch.__version__, "cuda": torch.version.cuda, "ld": build._libstdcxx_ldflags(),
+            "py": tuple(sys.version_info[:2])}
+    key = build._build_key(srcs, "9.0a")
+    assert build._build_key(srcs, "9.0a", dict(here)) == key
+    for field, other in (("torch", "0.0.0-other"), ("cuda", "0.0"), ("ld", ["/elsewhere/libstdc++.so.6"]),
+                         ("py", (2, 7))):
+        assert build._build_key(srcs, "9.0a", dict(here, **{field: other})) != key, field
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/maps and ELF linking are Linux's")
 def test_a_compiler_without_shared_libstdcxx_links_torchs(monkeypatch, tmp_path):
     """A compiler that can link libstdc++ only statically (the GPU image's /opt/gcc, 2026-12-06) gave the library

@@ -112,19 +112,22 @@ def _sources(cuda_arch: str | None) -> list[Path]:
     return srcs
 
 
-def _build_key(sources: list[Path], cuda_arch: str | None) -> str:
+def _build_key(sources: list[Path], cuda_arch: str | None, target: dict | None = None) -> str:
+    """The cache entry's key. target: another machine's torch version, CUDA version, libstdc++ link flags and Python
+    (major, minor) as {"torch", "cuda", "ld", "py"} (benchmarks/prebuild.py builds the GPU machine's entry on a
+    machine without a GPU); None: this process's."""
+    t = target or {"torch": torch.__version__, "cuda": torch.version.cuda, "ld": _libstdcxx_ldflags(),
+                   "py": tuple(sys.version_info[:2])}
     h = hashlib.sha256()
     headers = sorted(_CSRC.rglob("*.h")) + sorted(_CSRC.rglob("*.cuh"))
     for path in sources + headers:
         h.update(str(path.relative_to(_CSRC)).encode())
         h.update(path.read_bytes())
     nvcc = _nvcc_flags(cuda_arch) if cuda_arch else []
-    h.update(f"torch={torch.__version__};cuda={torch.version.cuda};arch={cuda_arch};flags={_cxx_flags()};"
-             f"nvcc={nvcc}".encode())
-    ld = _libstdcxx_ldflags()
-    if ld:  # only where it applies, so that other machines' cached builds stay valid
-        h.update(f"ld={ld}".encode())
-    h.update(f"py={sys.version_info[:2]}".encode())
+    h.update(f"torch={t['torch']};cuda={t['cuda']};arch={cuda_arch};flags={_cxx_flags()};nvcc={nvcc}".encode())
+    if t["ld"]:  # only where it applies, so that other machines' cached builds stay valid
+        h.update(f"ld={list(t['ld'])}".encode())
+    h.update(f"py={tuple(t['py'])}".encode())
     return h.hexdigest()[:16]
 
 
