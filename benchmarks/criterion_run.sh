@@ -51,6 +51,10 @@
 #                         (unwrap_weights(pack=False)): the criterion's compiled pair and the packing's A/B of the
 #                         host's time before the first kernel (its bf16 row is in HALF=ro: four cold compiles did not
 #                         fit one call on an H100, 2026-12-07)
+#   HALF=cluster:         the w4a8 recipe, then with W4A8's quantize_act by the one-pass cluster kernel for calls of
+#                         at most 1024 tokens (SVDQUANT_OPS_CUDA_W4A8_CLUSTER=small: the text stream's 76 calls per
+#                         step), compiled (profile.top's quantize kernels): the small-M rule's A/B at model level, after
+#                         gpu_run.sh clusterab's per-shape one
 #   SIZE=512|1024|2048, BATCH=n: the step's size and batch (default 1024, 1; the issue also asks for 512, 2048 and
 #                         batch 4)
 #   CONFIGS=a,b:          the rows to run instead of the half's (e.g. the first rows of a half when the session's
@@ -87,6 +91,7 @@ case "${HALF:-plain}" in
   old) configs=w4a8-compile-fused-unwrap-cat,w4a8-compile-fused-unwrap-cat-qaregs,w4a8-compile-fused-unwrap-cat-epishfl,w4a8-compile-fused-unwrap-cat-expandpair
         per=200 ;;  # 130 s timed out the rows on a fresh H100 (2026-12-07: the cold first call alone took 145 s)
   pack) configs=w4a8-compile-fused-unwrap-cat,fp8-compile,w4a8-compile-fused-unwrap-cat-nopack; per=250 ;;
+  cluster) configs=w4a8-compile-fused-unwrap-cat,w4a8-compile-fused-unwrap-cat-clustersmall; per=200 ;;
   *)    configs=w4a8-compile-fused-unwrap-cat,fp8-compile,bf16-compile; per=250 ;;
 esac
 configs=${CONFIGS:-$configs}  # CONFIGS=a,b: these rows instead of the half's (its tag and verdict kept)

@@ -477,7 +477,8 @@ def test_device_scripts_name_only_existing_rows():
     assert not sorted(names - set(bench.CONFIGS))
     for suffix, field, value in (("-epishfl", "w4a8_epi", "shfl"), ("-epismem", "w4a8_epi", "smem"),
                                  ("-expandpair", "w4a8_expand", "pair"), ("-expandwarp", "w4a8_expand", "warp"),
-                                 ("-qaregs", "token_lean", "0"), ("-qalean", "token_lean", "1")):
+                                 ("-qaregs", "token_lean", "0"), ("-qalean", "token_lean", "1"),
+                                 ("-clustersmall", "w4a8_cluster", "small"), ("-cluster1", "w4a8_cluster", "1")):
         row = bench.CONFIGS["w4a8-compile-fused-unwrap-cat" + suffix]
         assert getattr(row, field) == value, (suffix, row)
     assert bench.CONFIGS["w4a8-compile-fused-unwrap-cat-qaregs"].gmax == "regs"
@@ -488,13 +489,15 @@ def test_child_env_sets_the_rows_switches_and_clears_the_rest():
     """A variant row's process gets its switches; a row that sets none runs the library's defaults even where the
     caller's environment has a switch set (a leftover export would otherwise change the baseline rows)."""
     caller = {"SVDQUANT_OPS_CUDA_W4A8_EPI": "shfl", "SVDQUANT_OPS_CUDA_W4A8_EXPAND": "pair",
-              "SVDQUANT_OPS_CUDA_W4A8_GMAX": "pipe", "SVDQUANT_OPS_CUDA_W4A8_TOKEN_LEAN": "0", "HOME": "/h"}
+              "SVDQUANT_OPS_CUDA_W4A8_GMAX": "pipe", "SVDQUANT_OPS_CUDA_W4A8_TOKEN_LEAN": "0",
+              "SVDQUANT_OPS_CUDA_W4A8_CLUSTER": "1", "HOME": "/h"}
     plain = bench._child_env("w4a8-compile-fused-unwrap-cat", caller)
     assert not any(k in plain for k in caller if k.startswith("SVDQUANT_OPS_CUDA_"))
     assert plain["HOME"] == "/h" and str(ROOT) in plain["PYTHONPATH"].split(os.pathsep)
     for suffix, var, value in (("-epishfl", "SVDQUANT_OPS_CUDA_W4A8_EPI", "shfl"),
                                ("-expandpair", "SVDQUANT_OPS_CUDA_W4A8_EXPAND", "pair"),
                                ("-qaregs", "SVDQUANT_OPS_CUDA_W4A8_TOKEN_LEAN", "0"),
-                               ("-qaregs", "SVDQUANT_OPS_CUDA_W4A8_GMAX", "regs")):
+                               ("-qaregs", "SVDQUANT_OPS_CUDA_W4A8_GMAX", "regs"),
+                               ("-clustersmall", "SVDQUANT_OPS_CUDA_W4A8_CLUSTER", "small")):
         env = bench._child_env("w4a8-compile-fused-unwrap-cat" + suffix, {})
         assert env.get(var) == value, (suffix, var)

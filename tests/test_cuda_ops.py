@@ -250,18 +250,38 @@ def _w4a8_quantize_kernels(M, K, R):
 
 
 @pytest.mark.skipif(not IS_SM90, reason="the cluster kernel runs on compute capability 9.0 only")
-@pytest.mark.parametrize("K,opt_in,cluster", [(3072, True, True), (15360, True, True), (1344, True, False),
-                                              (3072, False, False)])
-def test_quantize_act_w4a8_cluster_dispatch(monkeypatch, K, opt_in, cluster):
+@pytest.mark.parametrize("M,K,mode,cluster", [(64, 3072, "1", True), (64, 15360, "1", True), (64, 1344, "1", False),
+                                              (64, 3072, None, False), (64, 3072, "0", False),
+                                              (512, 3072, "small", True), (1024, 12288, "small", True),
+                                              (1025, 3072, "small", False), (4608, 3072, "small", False),
+                                              (4608, 3072, "1", True)])
+def test_quantize_act_w4a8_cluster_dispatch(monkeypatch, M, K, mode, cluster):
     """Which kernels a W4A8 quantize_act launches: with SVDQUANT_OPS_CUDA_W4A8_CLUSTER=1, the cluster kernel alone
-    where K splits (3072: 4 slices, 15360: 8) and the two passes where it does not (1344 = 21 x 64); without it, the
-    two passes."""
-    _select_path(monkeypatch, "cluster" if opt_in else "fast")
-    launched = [n for n in _w4a8_quantize_kernels(64, K, 32) if "quantize" in n]
+    where K splits (3072: 4 slices, 15360: 8) and the two passes where it does not (1344 = 21 x 64); with =small, the
+    cluster kernel for calls of at most 1024 tokens (kW4a8ClusterSmallTokens) and the two passes above; unset or 0,
+    the two passes."""
+    if mode is None:
+        monkeypatch.delenv("SVDQUANT_OPS_CUDA_W4A8_CLUSTER", raising=False)
+    else:
+        monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_CLUSTER", mode)
+    launched = [n for n in _w4a8_quantize_kernels(M, K, 32) if "quantize" in n]
     if cluster:
         assert len(launched) == 1 and "quantize_w4a8_cluster_kernel" in launched[0], launched
     else:
         assert launched and not any("cluster" in n for n in launched), launched
+
+
+@needs_gpu
+@pytest.mark.parametrize("path", PATHS)
+def test_quantize_act_w4a8_cluster_switch_rejects_other_values(monkeypatch, path):
+    """A value of SVDQUANT_OPS_CUDA_W4A8_CLUSTER other than 1 / small / 0 is an error naming the variable, on every
+    W4A8 path (it is read before any launch), not a silent choice of either kernel."""
+    _select_path(monkeypatch, path)
+    monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_CLUSTER", "yes")
+    x, smooth, pd = to_dev(op_args("quantize_act", act_inputs(64, 3072, 32, torch.bfloat16,
+                                                              session_generator((3072, 32)))))
+    with pytest.raises(RuntimeError, match="SVDQUANT_OPS_CUDA_W4A8_CLUSTER must be '1', 'small', '0' or unset"):
+        OPS.quantize_act(x, smooth, pd, "w4a8", False)
 
 
 # The library's default for W4A8's first pass (kW4a8GroupMaxDefault in quantize_act.cu)

@@ -114,6 +114,9 @@ class Config:
     #                              (SVDQUANT_OPS_CUDA_W4A8_EPI in the child); None: the library's default
     prep_rows: str | None = None  # the prep kernel's grid rows, "all" or only those with work, "used"
     #                               (SVDQUANT_OPS_CUDA_PREP_ROWS in the child); None: the library's default
+    w4a8_cluster: str | None = None  # W4A8's quantize_act by the one-pass cluster kernel for calls of at most 1024
+    #                                  tokens, "small", or every call, "1" (SVDQUANT_OPS_CUDA_W4A8_CLUSTER in the
+    #                                  child); None: the library's default (the two passes)
     size_asserts: bool | None = None  # Inductor's size / stride assert on each graph input and custom-op output;
     #                                   None: the library's compile recipe (compile_options: off) where the row
     #                                   applies it (SVDQuant weights unwrapped), Inductor's default (on) elsewhere
@@ -134,7 +137,7 @@ class Config:
                 or self.gmax is not None or self.w4a8_tile is not None or self.pdl is not None
                 or self.inductor_pdl or self.w4a8_weights is not None or self.prep_units is not None
                 or self.prep_rows is not None or self.w4a8_expand is not None or self.token_lean is not None
-                or self.w4a8_epi is not None)
+                or self.w4a8_epi is not None or self.w4a8_cluster is not None)
 
     @property
     def label(self) -> str:
@@ -188,6 +191,9 @@ class Config:
         if self.w4a8_epi:
             how += {"shfl": ", W4A8 128 x 256 GEMM epilogue vectors by warp shuffles",
                     "smem": ", W4A8 128 x 256 GEMM epilogue vectors through shared memory"}[self.w4a8_epi]
+        if self.w4a8_cluster:
+            how += {"small": ", W4A8 quantize_act by the one-pass cluster kernel at <= 1024 tokens",
+                    "1": ", W4A8 quantize_act by the one-pass cluster kernel"}[self.w4a8_cluster]
         if self.prep_rows:
             how += {"all": ", the prep kernel's grid with all three rows",
                     "used": ", the prep kernel's grid with only its rows that have work"}[self.prep_rows]
@@ -325,6 +331,10 @@ def _configs() -> dict[str, Config]:
         # W4A8's 128 x 256 GEMM handing each thread the tile's channel scales and bias by warp shuffles or through
         # shared memory (SVDQUANT_OPS_CUDA_W4A8_EPI=shfl / smem: the same bytes)
         ("epi", "w4a8_epi", ("shfl", "smem")),
+        # W4A8's quantize_act in one pass by the cluster kernel for the calls of at most 1024 tokens (the text
+        # stream's 512, where the two passes are bound by launch and latency) or for every call
+        # (SVDQUANT_OPS_CUDA_W4A8_CLUSTER=small / 1: the same codes and scales, down_act summed in another order)
+        ("cluster", "w4a8_cluster", ("small", "1")),
     )
     for prefix, field, values in switch_rows:
         for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
@@ -1157,7 +1167,8 @@ def _child_env(name: str, environ: dict) -> dict:
                        ("SVDQUANT_OPS_CUDA_PREP_ROWS", CONFIGS[name].prep_rows),
                        ("SVDQUANT_OPS_CUDA_W4A8_EXPAND", CONFIGS[name].w4a8_expand),
                        ("SVDQUANT_OPS_CUDA_W4A8_EPI", CONFIGS[name].w4a8_epi),
-                       ("SVDQUANT_OPS_CUDA_W4A8_TOKEN_LEAN", CONFIGS[name].token_lean)):
+                       ("SVDQUANT_OPS_CUDA_W4A8_TOKEN_LEAN", CONFIGS[name].token_lean),
+                       ("SVDQUANT_OPS_CUDA_W4A8_CLUSTER", CONFIGS[name].w4a8_cluster)):
         if value:
             env[var] = value
         else:

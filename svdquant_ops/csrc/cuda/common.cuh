@@ -39,10 +39,21 @@ inline bool env_flag(const char* name) {
   return v != nullptr && v[0] != '\0' && std::strcmp(v, "0") != 0;
 }
 inline bool force_portable() { return env_flag("SVDQUANT_OPS_CUDA_PORTABLE"); }
-// SVDQUANT_OPS_CUDA_W4A8_CLUSTER=1 puts W4A8's quantize_act on the one-pass cluster kernel on Hopper (opt-in: it is
-// exact but measured slower than the two passes, see quantize_act.cu), read at every call, so tests and benchmarks
-// compare both paths in one process.
-inline bool w4a8_cluster_opted_in() { return env_flag("SVDQUANT_OPS_CUDA_W4A8_CLUSTER"); }
+// SVDQUANT_OPS_CUDA_W4A8_CLUSTER puts W4A8's quantize_act on the one-pass cluster kernel on Hopper: "1" every call
+// where such a cluster fits, "small" only calls of at most kW4a8ClusterSmallTokens tokens (FLUX.1's 512-token text
+// stream, where the two passes are bound by launch and latency, not bytes), "0" or unset none (the default: exact,
+// but 1.7-2.8x slower than the two passes at M >= 4096, see quantize_act.cu). Read at every call, so tests and
+// benchmarks compare the paths in one process; any other value is an error naming the variable.
+constexpr int64_t kW4a8ClusterSmallTokens = 1024;
+enum class W4a8Cluster { kNone, kSmall, kAll };
+inline W4a8Cluster w4a8_cluster_mode() {
+  const char* v = std::getenv("SVDQUANT_OPS_CUDA_W4A8_CLUSTER");
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "0") == 0) return W4a8Cluster::kNone;
+  if (std::strcmp(v, "1") == 0) return W4a8Cluster::kAll;
+  if (std::strcmp(v, "small") == 0) return W4a8Cluster::kSmall;
+  TORCH_CHECK(false, "svdquant: SVDQUANT_OPS_CUDA_W4A8_CLUSTER must be '1', 'small', '0' or unset, got '", v, "'");
+  return W4a8Cluster::kNone;  // not reached
+}
 // A two-way run-time switch read at every call (tests and benchmarks compare both settings in one process): true for
 // `on`, false for `off`, `fallback` (the library's default) when unset or empty; any other value is an error naming
 // the variable.

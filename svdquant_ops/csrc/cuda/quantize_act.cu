@@ -12,9 +12,10 @@
 //   warp-uniform IEEE fallback for operands outside [2^-60, 2^60].
 // Portable path (everything else, or SVDQUANT_OPS_CUDA_PORTABLE=1): a thread per (token, group) running the CPU
 //   loop, and a thread per down_act element summing over K in order.
-// W4A8 (per-token INT8): two passes by default. Opt-in on Hopper (SVDQUANT_OPS_CUDA_W4A8_CLUSTER=1), when K splits
-//   into at most 8 slices of at most 1920 channels, the cluster kernel reads x once (a thread-block cluster along K
-//   exchanging partial amaxes and down products through distributed shared memory); it is exact but slower. The
+// W4A8 (per-token INT8): two passes by default. Opt-in on Hopper (SVDQUANT_OPS_CUDA_W4A8_CLUSTER=1, or =small for
+//   calls of at most 1024 tokens), when K splits into at most 8 slices of at most 1920 channels, the cluster kernel
+//   reads x once (a thread-block cluster along K exchanging partial amaxes and down products through distributed
+//   shared memory); it is exact but slower at M >= 4096. The
 //   two passes: the fast kernel in a mode that writes only each (token, 64-chunk) amax of x_hat and down_act, then
 //   the token kernel (2 tokens per warp) reduces the amaxes to each token's scale and writes the int8 codes (reading
 //   x a second time) and adds down_act's K-slice partial sums. Both recompute rows whose amax is outside the bounds
@@ -1537,9 +1538,11 @@ bool dispatch_w4a8_cluster(const at::Tensor& x, const at::Tensor& smooth, const 
 
 // CTAs per cluster when W4A8's one-pass cluster kernel serves this call, else 0: the fast kernel's conditions
 // (checked by the caller), Hopper (clusters and distributed shared memory), a K that splits (w4a8_cluster_size), and
-// SVDQUANT_OPS_CUDA_W4A8_CLUSTER=1 (the two passes are the default: see the cluster kernel's comment).
-int w4a8_cluster_for(const QuantizeActShape& s) {
-  return device_is_sm90() && w4a8_cluster_opted_in() ? w4a8_cluster_size(s.K) : 0;
+// SVDQUANT_OPS_CUDA_W4A8_CLUSTER=1, or =small with M <= kW4a8ClusterSmallTokens (the two passes are the default: see
+// the cluster kernel's comment).
+int w4a8_cluster_for(const QuantizeActShape& s, W4a8Cluster mode) {
+  const bool on = mode == W4a8Cluster::kAll || (mode == W4a8Cluster::kSmall && s.M <= kW4a8ClusterSmallTokens);
+  return on && device_is_sm90() ? w4a8_cluster_size(s.K) : 0;
 }
 
 // Whether W4A8's token kernel splits K where M is small by default. On: on an H200 (2026-12-06) it passed the GPU
@@ -1561,10 +1564,10 @@ int token_kernel_k_per_block(int M, int K, bool on) {
   return 256 * ((steps + splits - 1) / splits);
 }
 
-// W4A8 (per-token INT8): on Hopper with SVDQUANT_OPS_CUDA_W4A8_CLUSTER=1, where K splits and such a cluster fits, the
-// cluster kernel (one pass). Other fast-path calls: the fast kernel's group-max pass (amaxes and down_act), then the
-// token kernel reading those amaxes; portable = down_act by the portable kernel, then the token kernel computing the
-// amax itself.
+// W4A8 (per-token INT8): on Hopper with SVDQUANT_OPS_CUDA_W4A8_CLUSTER=1 (or =small and few tokens), where K splits
+// and such a cluster fits, the cluster kernel (one pass). Other fast-path calls: the fast kernel's group-max pass
+// (amaxes and down_act), then the token kernel reading those amaxes; portable = down_act by the portable kernel, then
+// the token kernel computing the amax itself.
 void quantize_w4a8(const QuantizeActShape& s, bool fast, const at::Tensor& x, const at::Tensor& smooth,
                    const at::Tensor& proj_down, at::Tensor& act_codes, at::Tensor& act_scales, at::Tensor& down_act,
                    cudaStream_t stream) {
@@ -1572,8 +1575,9 @@ void quantize_w4a8(const QuantizeActShape& s, bool fast, const at::Tensor& x, co
   // read before any launch: a bad value is an error on every W4A8 path, whatever the shape
   const bool token_split = w4a8_token_split(kW4a8TokenSplitDefault);
   const bool token_lean = w4a8_token_lean();
+  const W4a8Cluster cluster = w4a8_cluster_mode();
   auto* cd = static_cast<int8_t*>(act_codes.data_ptr());
-  const int C = fast ? w4a8_cluster_for(s) : 0;
+  const int C = fast ? w4a8_cluster_for(s, cluster) : 0;
   if (C > 0) {  // one pass, where such a cluster fits on this device
     const int M = static_cast<int>(s.M), K = static_cast<int>(s.K), R = static_cast<int>(s.R);
     const bool done = x.scalar_type() == at::kBFloat16
