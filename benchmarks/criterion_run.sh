@@ -52,9 +52,10 @@
 #                         host's time before the first kernel (its bf16 row is in HALF=ro: four cold compiles did not
 #                         fit one call on an H100, 2026-12-07)
 #   HALF=cluster:         the w4a8 recipe, then with W4A8's quantize_act by the one-pass cluster kernel for calls of
-#                         at most 1024 tokens (SVDQUANT_OPS_CUDA_W4A8_CLUSTER=small: the text stream's 76 calls per
-#                         step), compiled (profile.top's quantize kernels): the small-M rule's A/B at model level, after
-#                         gpu_run.sh clusterab's per-shape one
+#                         at most 1024 tokens, all tokens of the batch counted (SVDQUANT_OPS_CUDA_W4A8_CLUSTER=small:
+#                         at 1024x1024, batch 1, the text stream's 76 calls per step; at 512x512 also the image
+#                         stream's; at batch >= 3 none, so the two rows are the same), compiled (profile.top's
+#                         quantize kernels): the small-M rule's A/B at model level, after gpu_run.sh clusterab
 #   SIZE=512|1024|2048, BATCH=n: the step's size and batch (default 1024, 1; the issue also asks for 512, 2048 and
 #                         batch 4)
 #   CONFIGS=a,b:          the rows to run instead of the half's (e.g. the first rows of a half when the session's

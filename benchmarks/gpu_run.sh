@@ -119,16 +119,13 @@ fi
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader || true
 t0=$(date +%s)
 load_lib='import svdquant_ops.ops as o, torch; print("build ok", torch.__version__, o.load())'
-if ! python3 -c "$load_lib" 2>/tmp/svdq_load.err; then
-  cat /tmp/svdq_load.err >&2
+if ! python3 -c "$load_lib" 2>&1 | tee /tmp/svdq_load.log; then
   # it compiled and failed: a real build error (stop); else a carried library did not load on this machine (e.g. one
   # benchmarks/prebuild.py built elsewhere): drop the carried entries and build here
-  if grep -q "compiling the" /tmp/svdq_load.err; then exit 1; fi
+  if grep -q "compiling the" /tmp/svdq_load.log; then exit 1; fi
   echo "the carried op library did not load: building it on this machine" >&2
   rm -rf "$SVDQUANT_OPS_CACHE"/svdquant_ops_C-*
   python3 -c "$load_lib"
-else
-  cat /tmp/svdq_load.err >&2
 fi
 echo "build_s $(( $(date +%s) - t0 ))"
 # (the normal build only: with the diagnostics build as well the file is too large to come back from the device)
@@ -140,9 +137,8 @@ fi
 for step in "$@"; do
   case "$step" in
     tests) # TESTS_S: seconds the tests may run; those that would start later are skipped (tests/conftest.py), so
-           # the summary still says what ran
-           [[ -n "${TESTS_S:-}" ]] && export SVDQ_TEST_DEADLINE=$(( $(date +%s) + TESTS_S ))
-           python3 -m pytest ${TEST_FILES:-tests/test_cuda_ops.py tests/test_cuda_w4a16.py tests/test_cuda_model.py \
+           # the summary still says what ran (this command only: later steps' own tests run in full)
+           SVDQ_TEST_DEADLINE=${TESTS_S:+$(( $(date +%s) + TESTS_S ))} python3 -m pytest ${TEST_FILES:-tests/test_cuda_ops.py tests/test_cuda_w4a16.py tests/test_cuda_model.py \
              tests/test_cuda_nunchaku.py tests/test_cuda_moves.py tests/test_cuda_fusion.py tests/test_cuda_pdl.py tests/test_cuda_unwrap.py tests/test_sharing.py \
              tests/test_lora.py tests/test_gemm_cat.py tests/test_op_errors.py} \
              -q -p no:cacheprovider -rfEs --durations=15 ;;

@@ -9,18 +9,26 @@ torch build, which must be the interpreter's: run it with a Python whose torch i
 PyPI wheel with its CUDA 13 packages), with nvcc 13 on PATH. The library does not include Python's headers, so the
 interpreter's minor version need not match the device's; --py names the device's for the key.
 
+It links this machine's shared libstdc++ (gcc 12 here: GLIBCXX up to 3.4.30), where the device's build links its
+newer one explicitly (/opt/gcc has no shared libstdc++); the device's libstdc++ (6.0.33) has every symbol the older one
+does, so the library loads there; --ld only names the device's entry. The nvcc version is not part of the key (nor of
+the device's): use nvcc 13.0, the device's, so the kernels are the same.
+
 Check after a build: the device loads the entry without compiling ("build_s" of a few seconds in gpu_run.log), and
 `cuobjdump -sass` of the two libraries agree where a device-built one exists.
 
 Usage (the venv once: python3 -m venv /tmp/v211 && /tmp/v211/bin/pip install torch==2.11.0 ninja, which must report
 torch 2.11.0+cu130; ~3 GB with its CUDA packages):
-  CUDA_HOME=/usr/local/cuda PATH=/tmp/v211/bin:$PATH /tmp/v211/bin/python benchmarks/prebuild.py
+  CUDA_HOME=/usr/local/cuda PATH=/tmp/v211/bin:$PATH /tmp/v211/bin/python benchmarks/prebuild.py [--diagnostics]
+(--diagnostics after the normal build: the benchmarks' diagnostics build joins it in the same tarball.)
 Do not edit svdquant_ops/csrc while it runs: the key is computed from the sources before they are compiled.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import os
 import sys
 import tarfile
 import tempfile
@@ -45,6 +53,8 @@ def main() -> None:
     ap.add_argument("--arch", default="9.0a", help="CUDA architecture (default 9.0a: Hopper with wgmma)")
     ap.add_argument("--py", default="3.12", help="the device's Python major.minor, for the key")
     ap.add_argument("--ld", default=DEVICE_LD, help="the device build's libstdc++ link flag ('' for none)")
+    ap.add_argument("--diagnostics", action="store_true", help="the diagnostics build (SVDQUANT_OPS_DIAGNOSTICS=1: "
+                    "the benchmarks' switches; its own cache entry), added to --out beside the entries already there")
     ap.add_argument("--verbose", action="store_true", help="the compiler's full output")
     args = ap.parse_args()
     if torch.version.cuda is None:
@@ -54,11 +64,14 @@ def main() -> None:
 
     if CUDA_HOME is None:
         sys.exit("prebuild: no CUDA toolkit (nvcc) found; put nvcc on PATH or set CUDA_HOME")
+    if args.diagnostics:  # read by build._defines (flags and key) and, as in build.load, the entry's name
+        os.environ["SVDQUANT_OPS_DIAGNOSTICS"] = "1"
     major, minor = (int(v) for v in args.py.split("."))
     target = {"torch": torch.__version__, "cuda": torch.version.cuda, "ld": [args.ld] if args.ld else [],
               "py": (major, minor)}
     sources = build._sources(args.arch)
-    name = f"{build._NAME}-{build._build_key(sources, args.arch, target)}"
+    tag = "-diagnostics" if build._diagnostics() else ""
+    name = f"{build._NAME}{tag}-{build._build_key(sources, args.arch, target)}"
     with tempfile.TemporaryDirectory() as tmp:
         build_dir = Path(tmp) / name
         build_dir.mkdir()
@@ -67,8 +80,18 @@ def main() -> None:
         so = build_dir / f"{build._NAME}.so"
         if not so.exists():
             sys.exit(f"prebuild: the build left no {so.name}")
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(args.out, "w:gz") as tar:  # the library alone: a cache entry that has it is loaded as is
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # the library alone: a cache entry that has it is loaded as is. The diagnostics build joins the normal one
+        # (gpu_run.sh unpacks every entry; each process loads the one its key names); a normal build replaces all.
+        keep = []
+        if args.diagnostics and out.exists():
+            with tarfile.open(out) as old:
+                keep = [(m, old.extractfile(m).read()) for m in old.getmembers()
+                        if m.isfile() and "-diagnostics-" not in m.name]
+        with tarfile.open(out, "w:gz") as tar:
+            for member, data in keep:
+                tar.addfile(member, io.BytesIO(data))
             tar.add(so, arcname=f"{name}/{so.name}")
     print(f"prebuild: {name} for torch {target['torch']} (CUDA {target['cuda']}), sm_{args.arch.replace('.', '')}, "
           f"Python {args.py}, built in {time.time() - t0:.0f} s -> {args.out}")

@@ -260,6 +260,7 @@ def test_quantize_act_w4a8_cluster_dispatch(monkeypatch, M, K, mode, cluster):
     where K splits (3072: 4 slices, 15360: 8) and the two passes where it does not (1344 = 21 x 64); with =small, the
     cluster kernel for calls of at most 1024 tokens (kW4a8ClusterSmallTokens) and the two passes above; unset or 0,
     the two passes."""
+    _select_path(monkeypatch, "fast")  # no other switch left set by the caller
     if mode is None:
         monkeypatch.delenv("SVDQUANT_OPS_CUDA_W4A8_CLUSTER", raising=False)
     else:
@@ -280,7 +281,7 @@ def test_quantize_act_w4a8_cluster_switch_rejects_other_values(monkeypatch, path
     monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_CLUSTER", "yes")
     x, smooth, pd = to_dev(op_args("quantize_act", act_inputs(64, 3072, 32, torch.bfloat16,
                                                               session_generator((3072, 32)))))
-    with pytest.raises(RuntimeError, match="SVDQUANT_OPS_CUDA_W4A8_CLUSTER must be '1', 'small', '0' or unset"):
+    with pytest.raises(RuntimeError, match="SVDQUANT_OPS_CUDA_W4A8_CLUSTER must be '1', 'small', '0' or unset, got 'yes'"):
         OPS.quantize_act(x, smooth, pd, "w4a8", False)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -162,6 +163,16 @@ def test_build_key_for_another_machine_is_that_machines_own():
             "py": tuple(sys.version_info[:2])}
     key = build._build_key(srcs, "9.0a")
     assert build._build_key(srcs, "9.0a", dict(here)) == key
+    # the key's format as entries built before `target` existed were named (a change would orphan every cache)
+    h = hashlib.sha256()
+    for path in srcs + sorted(build._CSRC.rglob("*.h")) + sorted(build._CSRC.rglob("*.cuh")):
+        h.update(str(path.relative_to(build._CSRC)).encode())
+        h.update(path.read_bytes())
+    h.update(f"torch={torch.__version__};cuda={torch.version.cuda};arch=9.0a;flags={build._cxx_flags()};"
+             f"nvcc={build._nvcc_flags('9.0a')}".encode())
+    h.update(b"ld=['/x/libstdc++.so.6']")
+    h.update(f"py={sys.version_info[:2]}".encode())
+    assert build._build_key(srcs, "9.0a", dict(here, ld=["/x/libstdc++.so.6"])) == h.hexdigest()[:16]
     for field, other in (("torch", "0.0.0-other"), ("cuda", "0.0"), ("ld", ["/elsewhere/libstdc++.so.6"]),
                          ("py", (2, 7))):
         assert build._build_key(srcs, "9.0a", dict(here, **{field: other})) != key, field

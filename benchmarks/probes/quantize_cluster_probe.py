@@ -124,6 +124,7 @@ def time_step(ext) -> int:
     for (M, K), n in STEP:
         x, smooth, pd = inputs(M, K, 1)
         pd_t = pd.t().contiguous()
+        os.environ.pop("SVDQUANT_OPS_CUDA_W4A8_CLUSTER", None)  # the two passes, whatever the caller exported
         two = time_us(lambda: torch.ops.svdquant.quantize_act(x, smooth, pd, "w4a8"))
         os.environ["SVDQUANT_OPS_CUDA_W4A8_CLUSTER"] = "1"
         lib = time_us(lambda: torch.ops.svdquant.quantize_act(x, smooth, pd, "w4a8"))

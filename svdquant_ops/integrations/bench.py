@@ -331,8 +331,9 @@ def _configs() -> dict[str, Config]:
         # W4A8's 128 x 256 GEMM handing each thread the tile's channel scales and bias by warp shuffles or through
         # shared memory (SVDQUANT_OPS_CUDA_W4A8_EPI=shfl / smem: the same bytes)
         ("epi", "w4a8_epi", ("shfl", "smem")),
-        # W4A8's quantize_act in one pass by the cluster kernel for the calls of at most 1024 tokens (the text
-        # stream's 512, where the two passes are bound by launch and latency) or for every call
+        # W4A8's quantize_act in one pass by the cluster kernel for the calls of at most 1024 tokens, the batch's
+        # tokens counted (at 1024x1024, batch 1: the text stream's 512, where the two passes are bound by launch and
+        # latency) or for every call
         # (SVDQUANT_OPS_CUDA_W4A8_CLUSTER=small / 1: the same codes and scales, down_act summed in another order)
         ("cluster", "w4a8_cluster", ("small", "1")),
     )
