@@ -47,6 +47,19 @@ from svdquant_ops.ops import build  # noqa: E402
 DEVICE_LD = "/usr/lib/x86_64-linux-gnu/libstdc++.so.6.0.33"
 
 
+def check_loads(so: Path) -> None:
+    """Load the library into this torch (the device's build: the same symbols) and run one op on the CPU: a library
+    that links or registers wrongly fails here, not in a device call."""
+    torch.ops.load_library(str(so))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 128, generator=g).to(torch.bfloat16)
+    smooth = (torch.rand(128, generator=g) + 0.5).to(torch.bfloat16)
+    pd = torch.randn(128, 16, generator=g).to(torch.bfloat16)
+    codes, scales, down = torch.ops.svdquant.quantize_act(x, smooth, pd, "w4a8", False)
+    if codes.shape != (3, 128) or scales.shape != (3, 1) or down.shape != (3, 16) or not torch.isfinite(down).all():
+        sys.exit(f"prebuild: {so} loads but its quantize_act gave {codes.shape} / {scales.shape} / {down.shape}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(ROOT / ".gpucache" / "svdq_cache.tgz"), help="the tarball to write")
@@ -80,6 +93,7 @@ def main() -> None:
         so = build_dir / f"{build._NAME}.so"
         if not so.exists():
             sys.exit(f"prebuild: the build left no {so.name}")
+        check_loads(so)
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         # the library alone: a cache entry that has it is loaded as is. The diagnostics build joins the normal one
