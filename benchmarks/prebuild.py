@@ -83,8 +83,7 @@ def main() -> None:
     target = {"torch": torch.__version__, "cuda": torch.version.cuda, "ld": [args.ld] if args.ld else [],
               "py": (major, minor)}
     sources = build._sources(args.arch)
-    tag = "-diagnostics" if build._diagnostics() else ""
-    name = f"{build._NAME}{tag}-{build._build_key(sources, args.arch, target)}"
+    name = build._entry_name(sources, args.arch, target)
     with tempfile.TemporaryDirectory() as tmp:
         build_dir = Path(tmp) / name
         build_dir.mkdir()

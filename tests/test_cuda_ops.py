@@ -275,13 +275,13 @@ def test_quantize_act_w4a8_cluster_dispatch(monkeypatch, M, K, mode, cluster):
 @needs_gpu
 @pytest.mark.parametrize("path", PATHS)
 def test_quantize_act_w4a8_cluster_switch_rejects_other_values(monkeypatch, path):
-    """A value of SVDQUANT_OPS_CUDA_W4A8_CLUSTER other than 1 / small / 0 is an error naming the variable, on every
+    """A value of SVDQUANT_OPS_CUDA_W4A8_CLUSTER other than 0 / 1 / small is an error naming the variable, on every
     W4A8 path (it is read before any launch), not a silent choice of either kernel."""
     _select_path(monkeypatch, path)
     monkeypatch.setenv("SVDQUANT_OPS_CUDA_W4A8_CLUSTER", "yes")
     x, smooth, pd = to_dev(op_args("quantize_act", act_inputs(64, 3072, 32, torch.bfloat16,
                                                               session_generator((3072, 32)))))
-    with pytest.raises(RuntimeError, match="SVDQUANT_OPS_CUDA_W4A8_CLUSTER must be '1', 'small', '0' or unset, got 'yes'"):
+    with pytest.raises(RuntimeError, match="SVDQUANT_OPS_CUDA_W4A8_CLUSTER must be '0', '1', 'small' or unset, got 'yes'"):
         OPS.quantize_act(x, smooth, pd, "w4a8", False)
 
 

@@ -131,6 +131,12 @@ def _build_key(sources: list[Path], cuda_arch: str | None, target: dict | None =
     return h.hexdigest()[:16]
 
 
+def _entry_name(sources: list[Path], cuda_arch: str | None, target: dict | None = None) -> str:
+    """The cache entry's directory name: the diagnostics build apart, then the key (target: see _build_key)."""
+    tag = "-diagnostics" if _diagnostics() else ""
+    return f"{_NAME}{tag}-{_build_key(sources, cuda_arch, target)}"
+
+
 def _nvcc_flags(cuda_arch: str) -> list[str]:
     num = cuda_arch.replace(".", "")
     return ["-O3", f"-gencode=arch=compute_{num},code=sm_{num}", "--expt-relaxed-constexpr",
@@ -149,8 +155,7 @@ def load(verbose: bool = False) -> Path:
         return _loaded_path
     cuda_arch = _cuda_arch()
     sources = _sources(cuda_arch)
-    tag = "-diagnostics" if _diagnostics() else ""
-    build_dir = _cache_root() / f"{_NAME}{tag}-{_build_key(sources, cuda_arch)}"
+    build_dir = _cache_root() / _entry_name(sources, cuda_arch)
     so = build_dir / f"{_NAME}.so"
     if not so.exists():
         build_dir.mkdir(parents=True, exist_ok=True)

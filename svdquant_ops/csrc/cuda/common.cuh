@@ -39,21 +39,6 @@ inline bool env_flag(const char* name) {
   return v != nullptr && v[0] != '\0' && std::strcmp(v, "0") != 0;
 }
 inline bool force_portable() { return env_flag("SVDQUANT_OPS_CUDA_PORTABLE"); }
-// SVDQUANT_OPS_CUDA_W4A8_CLUSTER puts W4A8's quantize_act on the one-pass cluster kernel on Hopper: "1" every call
-// where such a cluster fits, "small" only calls of at most kW4a8ClusterSmallTokens tokens (FLUX.1's 512-token text
-// stream, where the two passes are bound by launch and latency, not bytes), "0" or unset none (the default: exact,
-// but 1.7-2.8x slower than the two passes at M >= 4096, see quantize_act.cu). Read at every call, so tests and
-// benchmarks compare the paths in one process; any other value is an error naming the variable.
-constexpr int64_t kW4a8ClusterSmallTokens = 1024;
-enum class W4a8Cluster { kNone, kSmall, kAll };
-inline W4a8Cluster w4a8_cluster_mode() {
-  const char* v = std::getenv("SVDQUANT_OPS_CUDA_W4A8_CLUSTER");
-  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "0") == 0) return W4a8Cluster::kNone;
-  if (std::strcmp(v, "1") == 0) return W4a8Cluster::kAll;
-  if (std::strcmp(v, "small") == 0) return W4a8Cluster::kSmall;
-  TORCH_CHECK(false, "svdquant: SVDQUANT_OPS_CUDA_W4A8_CLUSTER must be '1', 'small', '0' or unset, got '", v, "'");
-  return W4a8Cluster::kNone;  // not reached
-}
 // A two-way run-time switch read at every call (tests and benchmarks compare both settings in one process): true for
 // `on`, false for `off`, `fallback` (the library's default) when unset or empty; any other value is an error naming
 // the variable.
@@ -96,6 +81,18 @@ inline int env_choice(const char* name, const char* const (&names)[N], int fallb
   }
   TORCH_CHECK(false, "svdquant: ", name, " must be ", expected, "' or unset, got '", v, "'");
   return 0;  // not reached
+}
+
+// SVDQUANT_OPS_CUDA_W4A8_CLUSTER=0|1|small puts W4A8's quantize_act on the one-pass cluster kernel on Hopper: "1"
+// every call where such a cluster fits, "small" only calls of at most kW4a8ClusterSmallTokens tokens (FLUX.1's
+// 512-token text stream, where the two passes are bound by launch and latency, not bytes), "0" or unset none (the
+// default: exact, but 1.7-2.8x slower than the two passes at M >= 4096, see quantize_act.cu). Read at every call, so
+// tests and benchmarks compare the paths in one process.
+constexpr int64_t kW4a8ClusterSmallTokens = 1024;
+enum class W4a8Cluster : int { kNone = 0, kAll = 1, kSmall = 2 };
+inline W4a8Cluster w4a8_cluster_mode() {
+  static constexpr const char* kNames[] = {"0", "1", "small"};
+  return static_cast<W4a8Cluster>(env_choice("SVDQUANT_OPS_CUDA_W4A8_CLUSTER", kNames));
 }
 
 // SVDQUANT_OPS_CUDA_W4A8_GMAX=regs|pipe|lean: W4A8's first pass (the two passes' group-max pass) by the
