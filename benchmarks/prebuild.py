@@ -17,8 +17,9 @@ the device's): use nvcc 13.0, the device's, so the kernels are the same.
 Check after a build: the device loads the entry without compiling ("build_s" of a few seconds in gpu_run.log), and
 `cuobjdump -sass` of the two libraries agree where a device-built one exists.
 
-Usage (the venv once: python3 -m venv /tmp/v211 && /tmp/v211/bin/pip install torch==2.11.0 ninja, which must report
-torch 2.11.0+cu130; ~3 GB with its CUDA packages):
+Usage (the venv once: python3 -m venv /tmp/v211 && /tmp/v211/bin/pip install torch==2.11.0 ninja numpy safetensors
+tqdm, then /tmp/v211/bin/pip install --no-deps .whl/torchao-*.whl (the package imports torchao before it loads the
+library); torch must report 2.11.0+cu130; ~3 GB with its CUDA packages):
   CUDA_HOME=/usr/local/cuda PATH=/tmp/v211/bin:$PATH /tmp/v211/bin/python benchmarks/prebuild.py [--diagnostics]
 (--diagnostics after the normal build: the benchmarks' diagnostics build joins it in the same tarball.)
 Do not edit svdquant_ops/csrc while it runs: the key is computed from the sources before they are compiled.

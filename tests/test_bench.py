@@ -485,6 +485,21 @@ def test_device_scripts_name_only_existing_rows():
     assert bench.CONFIGS["w4a8-compile-fused-unwrap-cat-qalean"].gmax == "lean"
 
 
+def test_switch_table_names_config_fields_and_variables_the_library_reads():
+    """Each entry of bench.SWITCHES is a Config field and a variable the CUDA sources read (a renamed switch would
+    otherwise make its A/B rows run the default silently), and a row setting any of them is CUDA-only."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(bench.Config)}
+    sources = "".join(p.read_text() for p in (ROOT / "svdquant_ops" / "csrc").rglob("*.cu*"))
+    for field, var in bench.SWITCHES.items():
+        assert field in fields, field
+        assert f'"{var}"' in sources, var
+        row = dataclasses.replace(bench.CONFIGS["w4a8-compile-fused-unwrap-cat"], **{field: "1"})
+        assert row.cuda_only, field
+    assert not bench.CONFIGS["w4a8-compile-fused-unwrap-cat"].cuda_only
+
+
 def test_child_env_sets_the_rows_switches_and_clears_the_rest():
     """A variant row's process gets its switches; a row that sets none runs the library's defaults even where the
     caller's environment has a switch set (a leftover export would otherwise change the baseline rows)."""

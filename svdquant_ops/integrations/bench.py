@@ -63,6 +63,22 @@ class BenchError(ValueError):
 # ------------------------------------------------------------------------------------------------------------------
 # configurations and models
 # ------------------------------------------------------------------------------------------------------------------
+# Config fields that set one of the op library's CUDA run-time switches in the row's process (None: the library's
+# default, whatever the caller's environment says): the one place that maps a field to its variable
+SWITCHES = {
+    "gmax": "SVDQUANT_OPS_CUDA_W4A8_GMAX",
+    "w4a8_tile": "SVDQUANT_OPS_CUDA_W4A8_TILE",
+    "pdl": "SVDQUANT_OPS_CUDA_PDL",
+    "w4a8_weights": "SVDQUANT_OPS_CUDA_W4A8_WEIGHTS",
+    "prep_units": "SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS",
+    "prep_rows": "SVDQUANT_OPS_CUDA_PREP_ROWS",
+    "w4a8_expand": "SVDQUANT_OPS_CUDA_W4A8_EXPAND",
+    "w4a8_epi": "SVDQUANT_OPS_CUDA_W4A8_EPI",
+    "token_lean": "SVDQUANT_OPS_CUDA_W4A8_TOKEN_LEAN",
+    "w4a8_cluster": "SVDQUANT_OPS_CUDA_W4A8_CLUSTER",
+}
+
+
 @dataclass(frozen=True)
 class Config:
     name: str
@@ -134,10 +150,7 @@ class Config:
     @property
     def cuda_only(self) -> bool:
         return (self.mode == "reduce-overhead" or self.weights == "fp8" or self.gemm_schedule is not None
-                or self.gmax is not None or self.w4a8_tile is not None or self.pdl is not None
-                or self.inductor_pdl or self.w4a8_weights is not None or self.prep_units is not None
-                or self.prep_rows is not None or self.w4a8_expand is not None or self.token_lean is not None
-                or self.w4a8_epi is not None or self.w4a8_cluster is not None)
+                or self.inductor_pdl or any(getattr(self, field) is not None for field in SWITCHES))
 
     @property
     def label(self) -> str:
@@ -1160,16 +1173,8 @@ def _child_env(name: str, environ: dict) -> dict:
 
     root = str(Path(svdquant_ops.__file__).resolve().parents[1])
     env = dict(environ, PYTHONPATH=root + os.pathsep + environ.get("PYTHONPATH", ""))
-    for var, value in (("SVDQUANT_OPS_CUDA_W4A8_GMAX", CONFIGS[name].gmax),
-                       ("SVDQUANT_OPS_CUDA_W4A8_TILE", CONFIGS[name].w4a8_tile),
-                       ("SVDQUANT_OPS_CUDA_PDL", CONFIGS[name].pdl),
-                       ("SVDQUANT_OPS_CUDA_W4A8_WEIGHTS", CONFIGS[name].w4a8_weights),
-                       ("SVDQUANT_OPS_CUDA_W4A8_PREP_UNITS", CONFIGS[name].prep_units),
-                       ("SVDQUANT_OPS_CUDA_PREP_ROWS", CONFIGS[name].prep_rows),
-                       ("SVDQUANT_OPS_CUDA_W4A8_EXPAND", CONFIGS[name].w4a8_expand),
-                       ("SVDQUANT_OPS_CUDA_W4A8_EPI", CONFIGS[name].w4a8_epi),
-                       ("SVDQUANT_OPS_CUDA_W4A8_TOKEN_LEAN", CONFIGS[name].token_lean),
-                       ("SVDQUANT_OPS_CUDA_W4A8_CLUSTER", CONFIGS[name].w4a8_cluster)):
+    for field, var in SWITCHES.items():
+        value = getattr(CONFIGS[name], field)
         if value:
             env[var] = value
         else:
