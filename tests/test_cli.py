@@ -156,6 +156,16 @@ def test_error_paths(capsys, tmp_path, monkeypatch):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     _fails(capsys, ["quantize", "--out", str(tmp_path / "full")], "directory exists and is not empty")
+    # an --out that cannot be created fails before the pipeline is loaded (not after minutes of calibration)
+    _fails(capsys, ["quantize", "--out", str(tmp_path / "full" / "x" / "sub")], f"{tmp_path / 'full' / 'x'} is a file")
+    if os.geteuid() != 0:  # root may write anywhere
+        (tmp_path / "ro").mkdir(mode=0o500)
+        _fails(capsys, ["quantize", "--out", str(tmp_path / "ro" / "o")], "cannot write there")
+    _fails(capsys, ["quantize", "--out", "/proc/svdquant-out"], "cannot write there")
+    # a run that fails after --out was created leaves nothing behind
+    _fails(capsys, ["quantize", "nobody/no-such-model", "--out", str(tmp_path / "new" / "o")],
+           "cannot load the pipeline from the hub")
+    assert not (tmp_path / "new").exists()
     _fails(capsys, ["generate", str(tmp_path), "--prompt", "x"], "not a diffusers pipeline directory")
     _fails(capsys, ["generate", str(tmp_path / "missing.safetensors"), "--base", "builtin:tiny-flux", "--prompt", "x"],
            "missing.safetensors: no such file or directory")

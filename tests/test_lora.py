@@ -506,6 +506,41 @@ def test_helpful_errors():
         load_lora(net, sd, "z", max_fused_rank="64")
 
 
+def test_non_finite_or_non_scalar_alphas_are_refused_naming_the_key(tmp_path):
+    """A NaN or Inf alpha would make every output NaN, a tensor of several alphas has no meaning: both are refused
+    at loading with the key (or the metadata entry) that holds them, whichever way the alpha comes (a ``.alpha``
+    tensor, diffusers' network alphas through the model's converter, PEFT's ``lora_alpha`` / ``alpha_pattern``).
+    0 (an adapter that adds nothing) and negative alphas stay legal."""
+    net = _layers()
+    sd = _lora(net, ["svdq"], rank=4, seed=7)
+    for bad, shown in ((float("nan"), "nan"), (float("inf"), "inf"), (float("-inf"), "-inf")):
+        with pytest.raises(ValueError, match=rf"alpha 'svdq\.alpha' must be a finite number, got {shown}"):
+            load_lora(net, dict(sd, **{"svdq.alpha": torch.tensor(bad)}), "x")
+    with pytest.raises(ValueError, match=r"alpha 'svdq\.alpha' must be a single number.*shape \[2\]"):
+        load_lora(net, dict(sd, **{"svdq.alpha": torch.tensor([1.0, 2.0])}), "x")
+    with pytest.raises(ValueError, match=r"alpha 'svdq\.alpha' must be a finite number, got 'x'"):
+        read_lora(net, dict(sd, **{"svdq.alpha": "x"}))
+    for meta, what in (({"r": 4, "lora_alpha": float("nan")}, r"svdq: the metadata's lora_alpha .*got nan"),
+                       ({"r": 4, "lora_alpha": 4, "alpha_pattern": {"svdq": float("inf")}},
+                        r"svdq: the metadata's alpha_pattern\['svdq'\] .*got inf")):
+        path = tmp_path / "meta.safetensors"
+        save_file(sd, str(path), metadata={"lora_adapter_metadata": json.dumps(meta)})  # JSON's NaN / Infinity
+        with pytest.raises(ValueError, match=what):
+            load_lora(net, str(path), "x")
+    assert lora_scales(net) == {}  # nothing was loaded
+    assert read_lora(net, dict(sd, **{"svdq.alpha": torch.tensor(0.0)}))["svdq"].scale == 0.0
+    assert read_lora(net, dict(sd, **{"svdq.alpha": torch.tensor([-2.0])}))["svdq"].scale == -0.5
+
+    flux = tiny_flux()  # a FLUX transformer: the file goes through diffusers' converter (network alphas)
+    pre = "transformer.transformer_blocks.0.attn.to_q"
+    flux_sd = _lora(flux, ["transformer_blocks.0.attn.to_q"], rank=4, seed=8, prefix="transformer.")
+    with pytest.raises(ValueError, match=rf"alpha '{pre}\.alpha' must be a finite number, got nan"):
+        load_lora(flux, dict(flux_sd, **{f"{pre}.alpha": torch.tensor(float("nan"))}), "a")
+    with pytest.raises(ValueError, match=rf"alpha '{pre}\.alpha' must be a single number.*shape \[2\]"):
+        load_lora(flux, dict(flux_sd, **{f"{pre}.alpha": torch.tensor([1.0, 2.0])}), "a")
+    assert lora_scales(flux) == {}
+
+
 def test_lora_paths_local_or_hub(tmp_path, monkeypatch):
     """What load_lora treats as a local path (a missing one is FileNotFoundError) and what it leaves to diffusers
     as a hub id; '~' is expanded."""

@@ -7,6 +7,7 @@ and in `svdquant generate`; bad files fail with messages that say what is wrong.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -393,6 +394,78 @@ def test_bad_files_fail_with_a_message_that_says_why(tiny, tmp_path):
                                            change={key: lambda t: t.index_fill(0, torch.tensor([3]), float("nan"))}))
     with pytest.raises(ValueError, match="precision must be None, 'int4'"):
         load_nunchaku_transformer(src, precision="nvfp4")
+
+
+def test_bad_device_argument_is_named_not_blamed_on_the_file(tiny, tmp_path, monkeypatch):
+    """device= is checked before the file is opened: a ValueError naming the argument and the accepted values,
+    never 'not a safetensors file'; a real non-safetensors file still gets the file-format error."""
+    src = tiny["files"]["small-int4"]
+    for device, why in (("bogus", "is not a device"), ("meta", "meta device holds no weights"),
+                        ("mps", "CPU and CUDA devices only")):
+        with pytest.raises(ValueError, match=f"device='{device}'.*{why}.*expected 'cpu', 'cuda'") as info:
+            load_nunchaku_transformer(src, device=device)
+        assert not isinstance(info.value, N.NunchakuFormatError)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:1", torch.device("cuda", 0)):
+        with pytest.raises(ValueError, match="device=.*cuda.*: no CUDA GPU is available on this machine") as info:
+            load_nunchaku_transformer(src, device=device)
+        assert not isinstance(info.value, N.NunchakuFormatError)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\xff" * 64)
+    with pytest.raises(N.NunchakuFormatError, match="garbage.safetensors: not a safetensors file"):
+        load_nunchaku_transformer(garbage)
+
+
+def test_a_directory_is_not_a_missing_file(tmp_path):
+    with pytest.raises(IsADirectoryError, match=f"{tmp_path}: is a directory; expected a Nunchaku .safetensors"):
+        load_nunchaku_transformer(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_nunchaku_transformer(tmp_path / "none.safetensors")
+
+
+@pytest.mark.parametrize("key", [
+    "single_transformer_blocks.0.mlp_fc1.qweight",  # was a bare KeyError: 'qweight'
+    "single_transformer_blocks.0.mlp_fc1.lora_down",  # was "has rank 0 but quantization_config says rank 32"
+    "transformer_blocks.0.mlp_fc2.bias",  # was loaded silently (the bias became the GELU-shift compensation alone)
+    "transformer_blocks.0.qkv_proj.smooth_orig",
+    "transformer_blocks.0.norm1.linear.bias",  # AdaLN
+    "single_transformer_blocks.0.norm.linear.wzeros",
+])
+def test_a_missing_layer_key_is_named_with_file_and_layer(tiny, tmp_path, key):
+    """Every key a Nunchaku file holds per layer is required (the converter writes them all; Nunchaku's V2 loader
+    loads strictly); the single block's out_proj bias may be absent (the tiny file has none: it loads)."""
+    bad = _rewrite(tiny["files"]["small-int4"], tmp_path / "drop.safetensors", drop=(key,))
+    layer = key.rsplit(".", 1)[0]
+    with pytest.raises(N.NunchakuFormatError, match=f"drop.safetensors: .*layer {layer} is missing {key} ") as info:
+        load_nunchaku_transformer(bad)
+    assert str(bad) in str(info.value)
+    assert "single_transformer_blocks.0.out_proj.bias" not in load_file(tiny["files"]["small-int4"])
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("in_channels", "16", "in_channels '16' (str; expected a positive integer)"),
+    ("num_layers", -1, "num_layers -1 (int; expected an integer >= 0)"),
+    ("attention_head_dim", 64.0, "attention_head_dim 64.0 (float; expected a positive integer)"),
+    ("axes_dims_rope", [16, "24", 24], "axes_dims_rope [16, '24', 24] (expected a list of positive integers)"),
+])
+def test_config_fields_of_the_wrong_type_are_named(tiny, tmp_path, field, value, expected):
+    src = tiny["files"]["small-int4"]
+    config = json.loads(load_meta(src)["config"]) | {field: value}
+    bad = _rewrite(src, tmp_path / "cfg.safetensors", meta={"config": json.dumps(config)})
+    with pytest.raises(N.NunchakuFormatError, match="cfg.safetensors: the 'config' metadata has invalid fields: "
+                       + re.escape(expected)):
+        load_nunchaku_transformer(bad)
+
+
+@pytest.mark.parametrize("key", ["transformer_blocks.0.mlp_fc1.wscales", "transformer_blocks.0.norm1.linear.wscales"])
+def test_scales_whose_dequantized_weight_overflows_are_refused(tiny, tmp_path, key):
+    """A scale that is finite in bf16 but whose product with the largest code is not (an inf weight) is refused;
+    finite scales, however large, are loaded as they are (no principled smaller bound)."""
+    bad = _rewrite(tiny["files"]["small-int4"], tmp_path / "huge.safetensors",
+                   change={key: lambda t: torch.where(t != 0, 1e38, 0.0).to(t.dtype)})  # AWQ padding stays 0
+    with pytest.raises(N.NunchakuFormatError, match=f"{re.escape(key)}: scales out of range: the dequantized weight "
+                       r".* reaches .*, past the largest bfloat16 value"):
+        load_nunchaku_transformer(bad)
 
 
 def load_meta(path: Path) -> dict:

@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+from torch import nn
 from torchao.quantization import FqnToConfig, Int8WeightOnlyConfig, quantize_
 
 import svdquant_ops
@@ -53,7 +54,8 @@ def test_quantize_model_twice_keeps_or_refuses():
     quantize_model(model, weight_only=None)
     w = model.transformer_blocks[0].attn.to_q.weight
     assert "transformer_blocks.0.norm1.linear" in model.config.quantization_config.modules_to_not_convert
-    quantize_model(model, rank=16)
+    with pytest.warns(UserWarning, match=r"\d+ linears are already quantized and keep their weights; rank=16 \(was 32\)"):
+        quantize_model(model, rank=16)
     assert model.transformer_blocks[0].attn.to_q.weight is w
     assert "transformer_blocks.0.norm1.linear" not in model.config.quantization_config.modules_to_not_convert
     first = model.config.quantization_config
@@ -62,7 +64,21 @@ def test_quantize_model_twice_keeps_or_refuses():
     assert model.config.quantization_config is first
 
 
+def test_quantize_model_keeps_empty_linears_and_warns_when_it_grows_the_model():
+    """A linear with no outputs stays 16-bit (it computes an empty tensor, as before) instead of failing in its
+    first forward; a model whose linears are too small for 4-bit codes plus the branch says it grew."""
+    model = nn.Sequential(nn.Linear(128, 64), nn.Linear(64, 0)).bfloat16()
+    with pytest.warns(UserWarning, match=r"take more memory than the 16-bit ones .*rank-32 branch"):
+        summary = quantize_model(model)
+    assert summary.quantized == ["0"] and summary.kept == {"1": "empty weight (0 x 64)"}
+    assert model(torch.randn(3, 128, dtype=torch.bfloat16)).shape == (3, 0)
+
+
 def test_quantize_weight_names_what_is_wrong():
+    huge = torch.randn(64, 64)
+    huge[0, 0] = 3e38  # finite, but its square is not in fp32, where the decomposition works
+    with pytest.raises(ValueError, match=r"too large for the fp32 decomposition \(max \|weight\| 3e\+38"):
+        quantize_weight(huge.bfloat16())
     with pytest.raises(TypeError, match="weight must be torch.bfloat16, torch.float16, torch.float32.*float64"):
         quantize_weight(torch.randn(64, 64, dtype=torch.float64))
     # fp16 holds the weight but not its low-rank factors (|w| 6e4 over 64 columns): no smooth was given to blame
@@ -285,3 +301,27 @@ def test_data_free_weight_is_close_and_keeps_its_rank():
         qt = quantize_weight(w, "int4", 16, svd=svd)
         assert (qt.dequantize().float() - w.float()).norm() / w.float().norm() < 0.15
         assert qt.rank == 16
+
+
+def test_calibrate_checks_storage_at_the_call():
+    """``storage`` is "auto", "cpu" or a CUDA device this machine has; anything else is refused by ``calibrate(...)``
+    itself, naming ``storage`` and what it accepts, not by torch inside the first forward."""
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    for bad in ("gpu", "CPU", "", "meta", "cuda:x"):
+        with pytest.raises(ValueError, match=rf"calibrate: storage must be 'auto'.*'cpu'.*'cuda'.*got '{bad}'"):
+            svdquant_ops.calibrate(model, storage=bad)  # at the call, before any `with`
+    for bad in (None, 0, True):
+        with pytest.raises(TypeError, match=rf"calibrate: storage must be 'auto'.*got {bad!r}"):
+            svdquant_ops.calibrate(model, storage=bad)
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        with pytest.raises(ValueError, match=rf"storage='cuda:{n}': this machine has {n} CUDA GPU"):
+            svdquant_ops.calibrate(model, storage=f"cuda:{n}")
+    else:
+        for cuda in ("cuda", "cuda:0", torch.device("cuda")):
+            with pytest.raises(ValueError, match=r"calibrate: storage=.*cuda.*: no CUDA GPU is available"):
+                svdquant_ops.calibrate(model, storage=cuda)
+    for good in ("auto", "cpu", torch.device("cpu")):
+        with svdquant_ops.calibrate(model, storage=good) as session:
+            model(torch.randn(4, 64))
+        assert [r.rows.device.type for r in session.records] == ["cpu"]

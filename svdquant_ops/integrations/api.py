@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -63,6 +64,35 @@ def _counts(reasons: dict[str, str]) -> str:
     return ", ".join(f"{n} {r}" for r, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
+# Options that change how a linear is quantized (not which linears are, nor where the algorithm runs)
+_WEIGHT_OPTIONS = ("rank", "svd", "calibration", "smooth_grid", "lowrank_iters", "gptq", "gptq_damp", "gptq_block",
+                   "gptq_act_order", "refit_after_gptq", "act_unsigned", "seed")
+
+
+def _warn_kept_weights(model: nn.Module, config: SVDQuantConfig) -> None:
+    """A second ``quantize_model`` leaves quantized linears as they are: say so where the options that made them
+    differ from this call's (the config the first call recorded on the model, ``_previous_config``)."""
+    previous = _previous_config(model)
+    quantized = sum(isinstance(m, nn.Linear) and isinstance(m.weight, SVDQuantTensor) for m in model.modules())
+    if previous is None or not quantized:
+        return
+    changed = [f"{k}={getattr(config, k)!r} (was {getattr(previous, k)!r})" for k in _WEIGHT_OPTIONS
+               if getattr(config, k) != getattr(previous, k)]
+    if changed:
+        warnings.warn(f"quantize_model: {quantized} linears are already quantized and keep their weights; "
+                      f"{', '.join(changed)} applies only to the linears still in 16-bit. Load the 16-bit model "
+                      f"again to quantize all of it with these options", stacklevel=3)
+
+
+def _previous_config(model: nn.Module) -> SVDQuantConfig | None:
+    """The config an earlier ``quantize_model`` (or diffusers' ``from_pretrained`` of a saved model) recorded."""
+    recorded = getattr(model, "_svdquant_config", None)
+    if recorded is None:  # a diffusers model loaded back: its quantization_config holds the config
+        qc = getattr(getattr(model, "config", None), "quantization_config", None)
+        recorded = getattr(qc, "quant_type", None)
+    return recorded if isinstance(recorded, SVDQuantConfig) else None
+
+
 def quantize_model(model: nn.Module, config: SVDQuantConfig | None = None, **options) -> QuantizeSummary:
     """Quantize every eligible linear of ``model`` in place with SVDQuant, applying the model family's skip rules.
 
@@ -86,6 +116,7 @@ def quantize_model(model: nn.Module, config: SVDQuantConfig | None = None, **opt
         raise ValueError(f"quantize_model: the model is already quantized with precision {other.weight.precision!r} "
                          f"({describe(other)}), and quantizing again leaves those weights as they are; load the "
                          f"16-bit model again to quantize it with precision {config.precision!r}")
+    _warn_kept_weights(model, config)
     summary = QuantizeSummary(bytes_before=model_nbytes(model))
     reasons = {}
     for module in model.modules():
@@ -116,17 +147,47 @@ def quantize_model(model: nn.Module, config: SVDQuantConfig | None = None, **opt
         else:  # e.g. torchao's quantize_ filter leaves NonDynamicallyQuantizableLinear alone
             summary.kept[describe(m)] = "left unchanged by torchao's quantize_ filter"
     summary.bytes_after = model_nbytes(model)
+    if summary.bytes_after > summary.bytes_before:
+        warnings.warn(f"quantize_model: the quantized weights take more memory than the 16-bit ones "
+                      f"({summary.bytes_before} -> {summary.bytes_after} bytes, {summary.ratio:.2f}x): the linears "
+                      f"are too small for 4-bit codes plus a rank-{config.rank} branch to pay", stacklevel=2)
     attach_to_diffusers(model, config, list(summary.kept))  # model.save_pretrained then writes a quantized model
+    if _previous_config(model) is None:  # the first call's options: what the quantized linears were made with
+        object.__setattr__(model, "_svdquant_config", config)
     log.info("svdquant_ops: %s", summary)
     return summary
 
 
-@contextmanager
 def calibrate(model: nn.Module, *, max_rows: int = 4096, storage: str = "auto", seed: int = 0,
               hessian: bool = False):
     """Prepare ``model`` (``prepare_model``) and record calibration statistics of every linear input while the
-    block runs; ``quantize_model`` / ``quantize_`` then use them. Arguments: ``quantize.calibration.record_inputs``.
+    block runs; ``quantize_model`` / ``quantize_`` then use them. Arguments: ``quantize.calibration.record_inputs``;
+    ``storage`` (where the sampled rows live) is "auto" (each input's device), "cpu", or a CUDA device ("cuda",
+    "cuda:1"), checked here, at the call: an unknown name, or a CUDA device this machine does not have, is a
+    ValueError before any forward runs. Use as ``with calibrate(model): model(...)``.
     """
+    accepted = "'auto' (each input's device), 'cpu', or a CUDA device ('cuda', 'cuda:0', ...)"
+    if isinstance(storage, bool) or not isinstance(storage, (str, torch.device)):
+        raise TypeError(f"calibrate: storage must be {accepted}, got {storage!r}")
+    if storage != "auto":
+        try:
+            device = torch.device(storage)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"calibrate: storage must be {accepted}, got {storage!r}") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"calibrate: storage must be {accepted}, got {storage!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"calibrate: storage={storage!r}: no CUDA GPU is available on this machine (use "
+                             "storage='auto' or 'cpu')")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"calibrate: storage={storage!r}: this machine has {torch.cuda.device_count()} CUDA "
+                             f"GPU(s) (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    return _calibrating(model, max_rows=max_rows, storage=storage, seed=seed, hessian=hessian)
+
+
+@contextmanager
+def _calibrating(model: nn.Module, **options):
+    """``calibrate``'s context, once its arguments are checked."""
     prepare_model(model)
-    with record_inputs(model, max_rows=max_rows, storage=storage, seed=seed, hessian=hessian) as session:
+    with record_inputs(model, **options) as session:
         yield session

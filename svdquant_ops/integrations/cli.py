@@ -95,10 +95,7 @@ def _call_args(builtin: bool, args) -> dict:
 
 
 def cmd_quantize(args) -> int:
-    import torch
-
-    from ..quantize.config import SVDQuantConfig
-    from .pipelines import builtin_prompts, quantize_pipeline, read_prompts, save_pipeline, tiny_flux_pipeline
+    from .pipelines import builtin_prompts, read_prompts
 
     start = time.perf_counter()
     device = _device(args.device)
@@ -118,6 +115,47 @@ def cmd_quantize(args) -> int:
         raise UsageError(f"--out {out}: exists and is not a directory")
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"--out {out}: directory exists and is not empty")
+    created = _create_out_dir(out)
+    try:
+        return _quantize_into(args, out, name, builtin, held_out, prompts, device, start)
+    except BaseException:
+        for d in created:  # what this command created and nothing was written to (a failed or interrupted run)
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+        raise
+
+
+def _create_out_dir(out: Path) -> list[Path]:
+    """Before any work: create the output directory (the directories this call created, deepest first), so that
+    a path that cannot be written fails now, not after calibration and quantization."""
+    missing = []
+    p = out
+    while not p.exists():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"--out {out}: {p} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".svdquant-write-check"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        for d in missing:
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+        raise UsageError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+    return missing
+
+
+def _quantize_into(args, out: Path, name: str, builtin: bool, held_out: int, prompts, device, start) -> int:
+    import torch
+
+    from ..quantize.config import SVDQuantConfig
+    from .pipelines import quantize_pipeline, save_pipeline, tiny_flux_pipeline
+
     pipe = tiny_flux_pipeline() if builtin else _load_pipeline(args.model, torch.bfloat16)
     print(f"svdquant: quantizing {name} ({args.precision}, rank {args.rank}) on {device}", flush=True)
     pipe = pipe.to(device)

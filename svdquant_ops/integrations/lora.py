@@ -241,12 +241,36 @@ def _strip(key: str) -> str | None:
     return key
 
 
-def _pattern_value(name: str, patterns: dict, default):
-    """PEFT's rank_pattern / alpha_pattern: the value of the first pattern the module name ends with."""
+def _pattern_match(name: str, patterns: dict) -> tuple[str, object] | None:
+    """PEFT's rank_pattern / alpha_pattern: (pattern, value) of the first pattern the module name ends with."""
     for pat, v in (patterns or {}).items():
         if name == pat or name.endswith("." + pat) or re.fullmatch(rf"(.*\.)?{pat}", name):
-            return v
-    return default
+            return pat, v
+    return None
+
+
+def _pattern_value(name: str, patterns: dict, default):
+    """PEFT's rank_pattern / alpha_pattern: the value of the first pattern the module name ends with."""
+    hit = _pattern_match(name, patterns)
+    return default if hit is None else hit[1]
+
+
+def _alpha(value, where: str) -> float:
+    """A LoRA alpha (a file's ``.alpha`` tensor, diffusers' network alpha, PEFT's ``lora_alpha`` / ``alpha_pattern``)
+    as a float: one finite number. 0 is an adapter that adds nothing and a negative alpha flips its sign, both legal;
+    NaN or Inf would make every output of the model NaN, so they are refused here, naming ``where``."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"load_lora: {where} must be a single number, got a tensor of shape {list(value.shape)} "
+                             "(corrupt LoRA file?)")
+        value = value.item()
+    try:
+        alpha = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"load_lora: {where} must be a finite number, got {value!r} (corrupt LoRA file?)") from None
+    if not math.isfinite(alpha):
+        raise ValueError(f"load_lora: {where} must be a finite number, got {alpha} (corrupt LoRA file?)")
+    return alpha
 
 
 def read_lora(model_or_pipe, path_or_state_dict, **load_kwargs) -> dict[str, LoraLayer]:
@@ -286,7 +310,7 @@ def read_lora(model_or_pipe, path_or_state_dict, **load_kwargs) -> dict[str, Lor
     for key, v in alphas.items():
         rel = _strip(key)
         if rel is not None:
-            alpha_of[rel.removesuffix(".alpha")] = float(v.item() if isinstance(v, torch.Tensor) else v)
+            alpha_of[rel.removesuffix(".alpha")] = _alpha(v, f"alpha {key!r}")
     if unmatched or not (downs or ups):
         found = [k for k in sd if _strip(k) is not None][:5]
         raise ValueError(
@@ -317,7 +341,11 @@ def read_lora(model_or_pipe, path_or_state_dict, **load_kwargs) -> dict[str, Lor
         if name in alpha_of:
             alpha = alpha_of[name]
         elif metadata:
-            alpha = float(_pattern_value(name, metadata.get("alpha_pattern"), metadata.get("lora_alpha", r)))
+            hit = _pattern_match(name, metadata.get("alpha_pattern"))
+            if hit is not None:
+                alpha = _alpha(hit[1], f"{name}: the metadata's alpha_pattern[{hit[0]!r}]")
+            else:
+                alpha = _alpha(metadata.get("lora_alpha", r), f"{name}: the metadata's lora_alpha")
             r_cfg = int(_pattern_value(name, metadata.get("rank_pattern"), metadata.get("r", r)))
             if r_cfg != r:
                 log.warning("svdquant_ops: %s: the file's metadata says rank %d, its weights have rank %d; using %d",

@@ -57,6 +57,16 @@ _WEIGHT_DTYPES = {"int4": (INT4, 64), "fp4_e2m1_all": (NVFP4, 16)}
 _PRECISION_ALIASES = {"int4": INT4, "nvfp4": NVFP4, "fp4": NVFP4, "fp4_e2m1_all": NVFP4}
 SVDQ_KEYS = ("qweight", "wscales", "wcscales", "wtscale", "bias", "smooth", "smooth_orig", "lora_down", "lora_up")
 AWQ_KEYS = ("qweight", "wscales", "wzeros", "bias")
+# What a whole file must hold per layer (the converter writes all of these; Nunchaku's V2 loader loads strictly, only
+# the NVFP4 wcscales / wtscale may be absent). The one bias a file may leave out: a single block's out_proj (the
+# converter puts proj_out's bias on mlp_fc2 only).
+SVDQ_FILE_KEYS = ("qweight", "wscales", "bias", "smooth", "smooth_orig", "lora_down", "lora_up")
+AWQ_FILE_KEYS = AWQ_KEYS
+_CODE_MAX = {INT4: 8.0, NVFP4: 6.0}  # the largest code magnitude: INT4 -8, e2m1 6
+# FluxTransformer2DModel's integer config fields (out_channels may also be null) and the least value each takes
+_CONFIG_INTS = {"patch_size": 1, "in_channels": 1, "out_channels": 1, "num_layers": 0, "num_single_layers": 0,
+                "attention_head_dim": 1, "num_attention_heads": 1, "joint_attention_dim": 1,
+                "pooled_projection_dim": 1}
 ADALN_SCALE_CHUNKS = {6: (1, 4), 3: (1,)}  # AdaLayerNormZero: shift, scale, gate x 2; Single: shift, scale, gate
 
 # Nunchaku v1 layer names -> diffusers module names, per block kind. "qkv" entries are split three ways.
@@ -99,6 +109,17 @@ def _check_layer(name: str, tensors: dict, required, allowed, keys: str, what: s
 def _finite(name: str, t: torch.Tensor | None) -> None:
     if t is not None and t.is_floating_point() and t.numel() and not torch.isfinite(t.float()).all():
         raise NunchakuFormatError(f"{name} contains NaN or Inf (corrupt checkpoint?)")
+
+
+def _check_dequantized_range(name: str, key: str, bound: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    """``bound``: the largest magnitude each output row's codes can dequantize to (fp32). A value past the model
+    dtype's range is an inf weight (corrupt scales); anything finite is left alone (no principled smaller bound)."""
+    top = float(bound.max()) if bound.numel() else 0.0
+    limit = torch.finfo(dtype).max
+    if not top <= limit:  # also NaN / inf from an fp32 overflow of the product
+        raise NunchakuFormatError(f"{name}.{key}: scales out of range: the dequantized weight ({what}) reaches "
+                                  f"{top:.3g}, past the largest {str(dtype).removeprefix('torch.')} value "
+                                  f"{limit:.3g} (corrupt checkpoint?)")
 
 
 def _canonical_precision(precision: str) -> str:
@@ -218,6 +239,11 @@ def unpack_linear(tensors: dict, precision: str, *, act_unsigned: bool = False, 
         else:
             global_scale = gs * ts if ts is not None else gs
         global_scale = global_scale.contiguous()
+    bound = scales.float().abs().amax(1) * _CODE_MAX[precision]
+    if global_scale is not None:
+        bound = bound * global_scale.abs()
+    _check_dequantized_range(name, "wscales", bound, dtype,
+                             "code x scale" if precision == INT4 else "code x micro-scale x channel / tensor scale")
     bias, correction = stored_bias, None
     if act_unsigned:
         bias, correction = _split_unsigned_bias(codes, scales, smooth, stored_bias, dtype)
@@ -277,6 +303,8 @@ def unpack_awq_linear(tensors: dict, chunks: int, *, name: str = "linear", dtype
         raise NunchakuFormatError(f"{name}: wscales / wzeros have {scales.shape[0]} / {zeros.shape[0]} columns, "
                                   f"qweight {n} outputs")
     dtype = dtype or scales.dtype
+    bound = (15 * scales.float().abs() + zeros.float().abs()).amax(1)
+    _check_dequantized_range(name, "wscales", bound, dtype, "code x scale + zero")
     codes, scales, zeros = (P.deinterleave_rows(t, chunks).contiguous() for t in (codes, scales, zeros))
     weight = W4A16Tensor(pack_nibbles(codes).contiguous(), scales.to(dtype), zeros.to(dtype), LAYOUT_VERSION, dtype)
     try:
@@ -421,18 +449,44 @@ def parse_quantization_config(raw: str | dict) -> tuple[str, int]:
     return known[0], rank
 
 
+def check_load_device(device) -> torch.device:
+    """``device=`` of the loader: a CPU or CUDA device this machine has (the imported weights' ops run on those);
+    a ``ValueError`` naming the argument otherwise (not a file-format error)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a device; expected 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "meta":
+        raise ValueError(f"device={device!r}: a model on the meta device holds no weights to import into; expected "
+                         "'cpu', 'cuda' or 'cuda:N'")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r}: the imported weights run on CPU and CUDA devices only; expected 'cpu', "
+                         "'cuda' or 'cuda:N'")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}: no CUDA GPU is available on this machine (use device='cpu')")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s) "
+                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    return dev
+
+
 def read_nunchaku_file(path: str | Path, device="cpu") -> tuple[dict, dict[str, torch.Tensor]]:
     """(metadata, tensors) of a Nunchaku safetensors file, after checking it is one."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
+    dev = check_load_device(device)
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a directory; expected a Nunchaku .safetensors file "
+                                "(svdq-{int4|fp4}_r{rank}-*.safetensors)")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
+        with safe_open(str(path), framework="pt", device=str(dev)) as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types for a non-safetensors file
+    except SafetensorError as exc:  # a file that is not safetensors, or a truncated one
         raise NunchakuFormatError(f"{path}: not a safetensors file ({exc})") from None
     missing = [k for k in ("config", "quantization_config") if k not in meta]
     if missing or not any(k.endswith(".qweight") for k in tensors):
@@ -441,6 +495,31 @@ def read_nunchaku_file(path: str | Path, device="cpu") -> tuple[dict, dict[str, 
                                   "svdq-{int4|fp4}_r{rank}-*.safetensors with 'config', 'model_class' and "
                                   "'quantization_config' metadata")
     return meta, tensors
+
+
+def _check_config(path: Path, config) -> None:
+    """The embedded diffusers config: a JSON object whose integer fields are integers (diffusers would pass a string
+    on to torch, which fails far from the cause)."""
+    if not isinstance(config, dict):
+        raise NunchakuFormatError(f"{path}: the 'config' metadata is a JSON {type(config).__name__}, expected an "
+                                  "object (the diffusers model config)")
+    problems = []
+    for key, least in _CONFIG_INTS.items():
+        v = config.get(key)
+        if key not in config or key == "out_channels" and v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            kind = "a positive integer" if least else "an integer >= 0"
+            problems.append(f"{key} {v!r} ({type(v).__name__}; expected {kind}"
+                            f"{' or null' if key == 'out_channels' else ''})")
+    axes = config.get("axes_dims_rope")
+    if "axes_dims_rope" in config and (not isinstance(axes, list) or not axes or any(
+            isinstance(a, bool) or not isinstance(a, int) or a <= 0 for a in axes)):
+        problems.append(f"axes_dims_rope {axes!r} (expected a list of positive integers)")
+    if "guidance_embeds" in config and not isinstance(config["guidance_embeds"], bool):
+        problems.append(f"guidance_embeds {config['guidance_embeds']!r} (expected true or false)")
+    if problems:
+        raise NunchakuFormatError(f"{path}: the 'config' metadata has invalid fields: {'; '.join(problems)}")
 
 
 def _group(tensors: dict, prefix: str, keys) -> dict:
@@ -452,7 +531,8 @@ def load_nunchaku_transformer(path: str | Path, device="cpu", precision: str | N
     """Build the diffusers transformer of a Nunchaku SVDQuant file (FLUX.1: ``FluxTransformer2DModel`` from the
     embedded ``config``, on the meta device, so no 16-bit copy of the quantized weights is ever made), with
     ``SVDQuantTensor`` weights on its W4A4 linears, ``W4A16Tensor`` weights on its AdaLN linears and the stored
-    16-bit tensors elsewhere, all on ``device``.
+    16-bit tensors elsewhere, all on ``device`` (``"cpu"``, ``"cuda"`` or ``"cuda:N"``, a ``torch.device``; any other
+    value, or a GPU this machine lacks, is a ``ValueError`` naming ``device=``).
 
     ``precision``: None (or the file's own, ``"int4"`` / ``"nvfp4"``): the exact import. ``"w4a8"``: re-express
     the weights in our W4A8 format at load time (INT8 activations; the fast format on Hopper; an approximation of
@@ -477,16 +557,24 @@ def load_nunchaku_transformer(path: str | Path, device="cpu", precision: str | N
         config = json.loads(meta["config"])
     except json.JSONDecodeError as exc:
         raise NunchakuFormatError(f"{path}: the 'config' metadata is not JSON: {exc}") from None
+    _check_config(path, config)
     with torch.device("meta"):
         model = FluxTransformer2DModel.from_config(config)
     dtype = next((t.dtype for k, t in tensors.items() if k.endswith(".smooth")), torch.bfloat16)
     dim = model.inner_dim
     state = {}
 
-    def svdq(prefix: str, n: int, k: int, unsigned: bool = False):
+    def require(prefix: str, packed: dict, required, what: str):
+        missing = [f"{prefix}.{k}" for k in required if k not in packed]
+        if missing:
+            raise NunchakuFormatError(f"{path}: {what} {prefix} is missing {', '.join(missing)} (damaged file? a "
+                                      f"Nunchaku file holds {', '.join(required)} for this layer)")
+
+    def svdq(prefix: str, n: int, k: int, unsigned: bool = False, needs_bias: bool = True):
         packed = _group(tensors, prefix, SVDQ_KEYS)
         if not packed:
             raise NunchakuFormatError(f"{path}: missing quantized layer {prefix} (keys {prefix}.qweight, ...)")
+        require(prefix, packed, [key for key in SVDQ_FILE_KEYS if needs_bias or key != "bias"], "quantized layer")
         r = packed.get("lora_down", torch.empty(0, 0)).shape[-1]
         if r != -(-rank // 16) * 16:
             raise NunchakuFormatError(f"{path}: {prefix} has rank {r} but quantization_config says rank {rank}")
@@ -511,6 +599,7 @@ def load_nunchaku_transformer(path: str | Path, device="cpu", precision: str | N
         packed = _group(tensors, prefix, AWQ_KEYS)
         if not packed:
             raise NunchakuFormatError(f"{path}: missing AdaLN layer {prefix} (keys {prefix}.qweight, ...)")
+        require(prefix, packed, AWQ_FILE_KEYS, "AdaLN layer")
         weight, bias = unpack_awq_linear(packed, chunks, name=prefix, dtype=dtype)
         if tuple(weight.shape) != (chunks * dim, dim):
             raise NunchakuFormatError(f"{path}: {prefix} is {list(weight.shape)}, the config needs "
@@ -549,7 +638,7 @@ def load_nunchaku_transformer(path: str | Path, device="cpu", precision: str | N
                     put_linear(f"{b}.{name}", w, bb)
             else:
                 put_linear(f"{b}.{new}", weight, bias)
-        attn = svdq(f"{b}.out_proj", dim, dim)
+        attn = svdq(f"{b}.out_proj", dim, dim, needs_bias=False)  # the converter puts proj_out's bias on mlp_fc2
         ffn = svdq(f"{b}.mlp_fc2", dim, smlp, unsigned=True)
         if target == W4A8:
             put(f"{b}.proj_out", *to_w4a8([attn, ffn]))

@@ -33,13 +33,15 @@ def matching_pattern(name: str | None, patterns: list[str]) -> str | None:
 def decide(module: nn.Module, config) -> Decision:
     """What ``config`` (an ``SVDQuantConfig``) does to ``module``, and why.
 
-    Order: not a linear; already quantized; with ``skip=None`` the role the model family's ``prepare_model``
-    recorded (kept in 16-bit, or 4-bit weight-only unless ``config.weight_only`` is None), with a ``skip`` list
-    its patterns; ``in_features`` not a multiple of the group size."""
+    Order: not a linear; already quantized; an empty weight; with ``skip=None`` the role the model family's
+    ``prepare_model`` recorded (kept in 16-bit, or 4-bit weight-only unless ``config.weight_only`` is None), with a
+    ``skip`` list its patterns; ``in_features`` not a multiple of the group size."""
     if not isinstance(module, nn.Linear):
         return Decision(KEEP, "not an nn.Linear")
     if isinstance(module.weight, PackedWeight):
         return Decision(KEEP, ALREADY_QUANTIZED)
+    if module.in_features == 0 or module.out_features == 0:  # nothing to quantize, and the kernels need rows
+        return Decision(KEEP, f"empty weight ({module.out_features} x {module.in_features})")
     if config.skip is None:
         reason = keep_reason(module)
         if reason:
