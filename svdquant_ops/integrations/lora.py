@@ -264,13 +264,19 @@ def _alpha(value, where: str) -> float:
             raise ValueError(f"load_lora: {where} must be a single number, got a tensor of shape {list(value.shape)} "
                              "(corrupt LoRA file?)")
         value = value.item()
+    return _finite_number(value, f"load_lora: {where} must be a finite number", " (corrupt LoRA file?)", ValueError)
+
+
+def _finite_number(value, what: str, hint: str = "", not_a_number=TypeError) -> float:
+    """``value`` as a finite float; ``not_a_number`` (or ValueError for NaN / Inf) says ``what``, the value and
+    ``hint`` otherwise."""
     try:
-        alpha = float(value)
+        number = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"load_lora: {where} must be a finite number, got {value!r} (corrupt LoRA file?)") from None
-    if not math.isfinite(alpha):
-        raise ValueError(f"load_lora: {where} must be a finite number, got {alpha} (corrupt LoRA file?)")
-    return alpha
+        raise not_a_number(f"{what}, got {value!r}{hint}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{what}, got {number}{hint}")
+    return number
 
 
 def read_lora(model_or_pipe, path_or_state_dict, **load_kwargs) -> dict[str, LoraLayer]:
@@ -633,13 +639,7 @@ def _known(st: _State | None, adapter_name: str, what: str) -> _State:
 
 
 def _strength(scale, fn: str) -> float:
-    try:
-        scale = float(scale)
-    except (TypeError, ValueError):
-        raise TypeError(f"{fn}: scale must be a finite number (the adapter's strength), got {scale!r}") from None
-    if not math.isfinite(scale):
-        raise ValueError(f"{fn}: scale must be a finite number (the adapter's strength), got {scale}")
-    return scale
+    return _finite_number(scale, f"{fn}: scale must be a finite number (the adapter's strength)")
 
 
 @torch.no_grad()
