@@ -12,6 +12,7 @@ from torchao.quantization import FqnToConfig, Int8WeightOnlyConfig, quantize_
 import svdquant_ops
 from svdquant_ops import SVDQuantConfig, SVDQuantTensor, prepare_model, quantize_model, quantize_weight
 from svdquant_ops.ops import quantized_linear
+from svdquant_ops.quantize.calibration import record_inputs
 
 from .builders import flux_inputs, sqnr_db, tiny_flux
 
@@ -307,12 +308,18 @@ def test_calibrate_checks_storage_at_the_call():
     """``storage`` is "auto", "cpu" or a CUDA device this machine has; anything else is refused by ``calibrate(...)``
     itself, naming ``storage`` and what it accepts, not by torch inside the first forward."""
     model = torch.nn.Sequential(torch.nn.Linear(64, 64))
-    for bad in ("gpu", "CPU", "", "meta", "cuda:x"):
-        with pytest.raises(ValueError, match=rf"calibrate: storage must be 'auto'.*'cpu'.*'cuda'.*got '{bad}'"):
+    for bad, why in (("gpu", "is not a device"), ("CPU", "is not a device"), ("", "is not a device"),
+                     ("cuda:x", "is not a device"), ("meta", "the meta device holds no weights"),
+                     ("mps", "CPU and CUDA devices only")):
+        with pytest.raises(ValueError, match=rf"calibrate: storage='{bad}'.*{why}.*expected 'auto'.*'cpu'.*'cuda'"):
             svdquant_ops.calibrate(model, storage=bad)  # at the call, before any `with`
     for bad in (None, 0, True):
-        with pytest.raises(TypeError, match=rf"calibrate: storage must be 'auto'.*got {bad!r}"):
+        with pytest.raises(TypeError, match=rf"calibrate: storage={bad!r} is not a device name.*expected 'auto'"):
             svdquant_ops.calibrate(model, storage=bad)
+    # the lower-level recorder checks the same when its block is entered
+    with pytest.raises(ValueError, match=r"record_inputs: storage='gpu' is not a device"):
+        with record_inputs(model, storage="gpu"):
+            pass
     if torch.cuda.is_available():
         n = torch.cuda.device_count()
         with pytest.raises(ValueError, match=rf"storage='cuda:{n}': this machine has {n} CUDA GPU"):

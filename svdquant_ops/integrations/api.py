@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..quantize.calibration import record_inputs
+from ..quantize.calibration import check_storage, record_inputs
 from ..quantize.config import SVDQuantConfig
 from ..quantize.decompose import check_layer_weight
-from ..quantize.handler import check_device
+from ..quantize.handler import check_config_device
 from ..quantize.selection import ALREADY_QUANTIZED, KEEP, SVDQUANT, decide
 from ..ops import install_compile_pass
 from ..quantize.sharing import share_inputs
@@ -129,7 +129,7 @@ def quantize_model(model: nn.Module, config: SVDQuantConfig | None = None, **opt
             if d.action != KEEP and not isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
                 check_layer_weight(module.weight, describe(module))
     if any(d.action == SVDQUANT for d in reasons.values()):
-        check_device(config)  # where the algorithm runs: before the weight-only layers that come first are replaced
+        check_config_device(config)  # where the algorithm runs: before the weight-only layers (first) are replaced
     with torch.no_grad():
         quantize_(model, config)
     share_inputs(model)  # one λ and one down projection per input: one quantize_act per input at run time
@@ -166,22 +166,7 @@ def calibrate(model: nn.Module, *, max_rows: int = 4096, storage: str = "auto", 
     "cuda:1"), checked here, at the call: an unknown name, or a CUDA device this machine does not have, is a
     ValueError before any forward runs. Use as ``with calibrate(model): model(...)``.
     """
-    accepted = "'auto' (each input's device), 'cpu', or a CUDA device ('cuda', 'cuda:0', ...)"
-    if isinstance(storage, bool) or not isinstance(storage, (str, torch.device)):
-        raise TypeError(f"calibrate: storage must be {accepted}, got {storage!r}")
-    if storage != "auto":
-        try:
-            device = torch.device(storage)
-        except (RuntimeError, ValueError):
-            raise ValueError(f"calibrate: storage must be {accepted}, got {storage!r}") from None
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"calibrate: storage must be {accepted}, got {storage!r}")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"calibrate: storage={storage!r}: no CUDA GPU is available on this machine (use "
-                             "storage='auto' or 'cpu')")
-        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"calibrate: storage={storage!r}: this machine has {torch.cuda.device_count()} CUDA "
-                             f"GPU(s) (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    check_storage(storage, "calibrate")
     return _calibrating(model, max_rows=max_rows, storage=storage, seed=seed, hessian=hessian)
 
 

@@ -1107,15 +1107,12 @@ def resolve_device(name: str | None) -> str:
 
     if name is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
+    from ..ops.devices import check_device_arg
+
     try:
-        dev = torch.device(name)
-    except RuntimeError as exc:
-        raise BenchError(f"--device: {exc}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BenchError("--device cuda: no CUDA GPU is available on this machine (use --device cpu)")
-    if dev.type not in ("cuda", "cpu"):
-        raise BenchError(f"--device {name}: only cuda and cpu are supported")
-    return str(dev)
+        return str(check_device_arg(name, "--device", hint=" (use --device cpu)"))
+    except (TypeError, ValueError) as exc:
+        raise BenchError(str(exc)) from None
 
 
 def validate(args) -> tuple[list[str], str]:

@@ -43,6 +43,7 @@ from torch import nn
 
 from ..formats import ACT_SHIFT, INT4, NVFP4, W4A8
 from ..layout import LAYOUT_VERSION, pack_nibbles, unpack_nibbles
+from ..ops.devices import check_device_arg
 from ..quantizers import dequantize, quantize_w4a8_weight
 from ..storage import SVDQuantParts, SVDQuantTensor, W4A16Tensor
 from ..storage.shared_moves import mark_shared
@@ -449,33 +450,11 @@ def parse_quantization_config(raw: str | dict) -> tuple[str, int]:
     return known[0], rank
 
 
-def check_load_device(device) -> torch.device:
-    """``device=`` of the loader: a CPU or CUDA device this machine has (the imported weights' ops run on those);
-    a ``ValueError`` naming the argument otherwise (not a file-format error)."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device={device!r} is not a device; expected 'cpu', 'cuda' or 'cuda:N'") from None
-    if dev.type == "meta":
-        raise ValueError(f"device={device!r}: a model on the meta device holds no weights to import into; expected "
-                         "'cpu', 'cuda' or 'cuda:N'")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device={device!r}: the imported weights run on CPU and CUDA devices only; expected 'cpu', "
-                         "'cuda' or 'cuda:N'")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={device!r}: no CUDA GPU is available on this machine (use device='cpu')")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s) "
-                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
-    return dev
-
-
 def read_nunchaku_file(path: str | Path, device="cpu") -> tuple[dict, dict[str, torch.Tensor]]:
     """(metadata, tensors) of a Nunchaku safetensors file, after checking it is one."""
     from safetensors import SafetensorError, safe_open
 
-    dev = check_load_device(device)
+    dev = check_device_arg(device, "device")
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path}: is a directory; expected a Nunchaku .safetensors file "

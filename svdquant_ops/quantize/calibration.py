@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..ops.devices import check_device_arg
 from .args import flag, integer
 from .structure import describe, record_names
 
@@ -253,6 +254,14 @@ class CalibrationSession:
                 f"{rows} sampled rows held")
 
 
+def check_storage(storage, who: str) -> None:
+    """``storage`` of ``who`` (``record_inputs``, ``calibrate``): "auto" (each input's device), "cpu" or a CUDA
+    device this machine has; otherwise an error naming ``storage``, before any forward runs."""
+    if not (isinstance(storage, str) and storage == "auto"):
+        check_device_arg(storage, f"{who}: storage", hint=" (use storage='auto' or 'cpu')",
+                         expected="'auto' (each input's device), 'cpu', or a CUDA device ('cuda', 'cuda:0', ...)")
+
+
 @contextmanager
 def record_inputs(model: nn.Module, *, max_rows: int = 4096, storage: str = "auto", seed: int = 0,
                   hessian: bool = False):
@@ -260,7 +269,7 @@ def record_inputs(model: nn.Module, *, max_rows: int = 4096, storage: str = "aut
 
     Args:
         max_rows: rows of each input kept for the algorithm (a uniform sample over all calls).
-        storage: where sampled rows live: "auto" (the input's device), "cpu", "cuda", ...
+        storage: where sampled rows live: "auto" (the input's device), "cpu", or a CUDA device ("cuda:1").
         seed: seed of the row sampling (the result is reproducible for a fixed seed and call order).
         hessian: also accumulate XᵀX over all rows for GPTQ (K² fp32 per input: 36 MB at K=3072, 0.9 GB at
             K=15360); without it GPTQ uses the row sample and falls back to RTN where it has < 2K rows.
@@ -269,6 +278,7 @@ def record_inputs(model: nn.Module, *, max_rows: int = 4096, storage: str = "aut
     ``.summary()``, ``.close()`` to free the records early). Records are freed as the handler finishes each
     layer; names already given by ``prepare_model(whole_model)`` are kept when calibrating a submodule.
     """
+    check_storage(storage, "record_inputs")
     session = CalibrationSession(model, max_rows, storage, seed, hessian)
     session.install()
     try:

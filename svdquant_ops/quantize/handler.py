@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..formats import ACT_SHIFT, INT4
+from ..ops.devices import check_device_arg
 from ..storage import PackedWeight, SVDQuantTensor
 from .calibration import RECORD_ATTR, SESSION_ATTR, InputRecord, forget_calibration
 from .config import SVDQuantConfig
@@ -70,16 +71,15 @@ def transform(module: nn.Module, config: SVDQuantConfig, *, parameter_name: str 
     return module
 
 
-def check_device(config) -> None:
+def check_config_device(config) -> None:
     """SVDQuantConfig.device names a device this machine has (else torch's bare "not compiled with CUDA" mid-way)."""
-    if config.device is not None and torch.device(config.device).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"SVDQuantConfig.device={config.device!r}: no CUDA GPU is available on this machine "
-                         "(leave device unset, or use 'cpu')")
+    if config.device is not None:
+        check_device_arg(config.device, "SVDQuantConfig.device", hint=" (leave device unset, or use 'cpu')")
 
 
 def _solve_device(config, weight: torch.Tensor) -> torch.device:
     if config.device is not None:
-        check_device(config)
+        check_config_device(config)
         return torch.device(config.device)
     return torch.device("cuda") if torch.cuda.is_available() else weight.device
 
