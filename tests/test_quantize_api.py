@@ -55,14 +55,37 @@ def test_quantize_model_twice_keeps_or_refuses():
     quantize_model(model, weight_only=None)
     w = model.transformer_blocks[0].attn.to_q.weight
     assert "transformer_blocks.0.norm1.linear" in model.config.quantization_config.modules_to_not_convert
-    with pytest.warns(UserWarning, match=r"\d+ linears are already quantized and keep their weights; rank=16 \(was 32\)"):
-        quantize_model(model, rank=16)
+    quantize_model(model, rank=16)  # adds only the weight-only AdaLN linears: no SVDQuant option is ignored
     assert model.transformer_blocks[0].attn.to_q.weight is w
     assert "transformer_blocks.0.norm1.linear" not in model.config.quantization_config.modules_to_not_convert
     first = model.config.quantization_config
     with pytest.raises(ValueError, match="already quantized with precision 'int4'.*precision 'w4a8'"):
         quantize_model(model, precision="w4a8")
     assert model.config.quantization_config is first
+
+
+def test_second_quantize_model_warns_against_the_first_calls_options():
+    """The warning compares with what the quantized linears were made with (the first call), on a plain module and on
+    a diffusers model (whose saved config each call rewrites), and says nothing when a call quantizes nothing."""
+    import warnings
+
+    def messages(model, **options):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            quantize_model(model, **options)
+        return [str(w.message) for w in caught if "already quantized" in str(w.message)]
+
+    plain = nn.Sequential(nn.Linear(128, 128), nn.Linear(128, 128)).bfloat16()
+    quantize_model(plain, skip=["1"], rank=32)  # the first call keeps layer 1 in 16-bit
+    assert messages(plain, rank=32) == []  # same options: layer 1 quantized, no warning
+    assert messages(plain, rank=16) == []  # nothing left to quantize: nothing to warn about
+    model = tiny_flux()  # a diffusers model: each call rewrites its saved config, the reference must not move
+    steps = ((["*ff*"], 32, None), (["*ff.net.2*", "*ff_context*"], 16, "rank=16 (was 32)"),
+             (["*ff_context*"], 16, "rank=16 (was 32)"), (None, 32, None))
+    for i, (skip, rank, want) in enumerate(steps):
+        got = messages(model, skip=skip, rank=rank)
+        assert (len(got) == 1 and want in got[0]) if want else got == [], (i, got)
+    assert messages(model, rank=16) == []  # nothing left to quantize
 
 
 def test_quantize_model_keeps_empty_linears_and_warns_when_it_grows_the_model():
@@ -78,7 +101,7 @@ def test_quantize_model_keeps_empty_linears_and_warns_when_it_grows_the_model():
 def test_quantize_weight_names_what_is_wrong():
     huge = torch.randn(64, 64)
     huge[0, 0] = 3e38  # finite, but its square is not in fp32, where the decomposition works
-    with pytest.raises(ValueError, match=r"too large for the fp32 decomposition \(max \|weight\| 3e\+38"):
+    with pytest.raises(ValueError, match=r"too large for quantizing in fp32 \(max \|weight\| 3e\+38"):
         quantize_weight(huge.bfloat16())
     with pytest.raises(TypeError, match="weight must be torch.bfloat16, torch.float16, torch.float32.*float64"):
         quantize_weight(torch.randn(64, 64, dtype=torch.float64))

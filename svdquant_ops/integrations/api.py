@@ -66,13 +66,12 @@ def _counts(reasons: dict[str, str]) -> str:
 
 # Options that change how a linear is quantized (not which linears are, nor where the algorithm runs)
 _WEIGHT_OPTIONS = ("rank", "svd", "calibration", "smooth_grid", "lowrank_iters", "gptq", "gptq_damp", "gptq_block",
-                   "gptq_act_order", "refit_after_gptq", "act_unsigned", "seed")
+                   "gptq_act_order", "refit_after_gptq", "act_unsigned", "nvfp4_per_channel_scale", "seed")
 
 
-def _warn_kept_weights(model: nn.Module, config: SVDQuantConfig) -> None:
-    """A second ``quantize_model`` leaves quantized linears as they are: say so where the options that made them
-    differ from this call's (the config the first call recorded on the model, ``_previous_config``)."""
-    previous = _previous_config(model)
+def _warn_kept_weights(model: nn.Module, config: SVDQuantConfig, previous: SVDQuantConfig | None) -> None:
+    """A second ``quantize_model`` that quantizes more linears leaves those already quantized as they are: say so
+    where the options that made them (``previous``, see ``_previous_config``) differ from this call's."""
     quantized = sum(isinstance(m, nn.Linear) and isinstance(m.weight, SVDQuantTensor) for m in model.modules())
     if previous is None or not quantized:
         return
@@ -85,7 +84,8 @@ def _warn_kept_weights(model: nn.Module, config: SVDQuantConfig) -> None:
 
 
 def _previous_config(model: nn.Module) -> SVDQuantConfig | None:
-    """The config an earlier ``quantize_model`` (or diffusers' ``from_pretrained`` of a saved model) recorded."""
+    """The config the first ``quantize_model`` of ``model`` used (``_svdquant_config``); for a diffusers model loaded
+    back with ``from_pretrained``, the config of the ``quantize_model`` call that preceded its save."""
     recorded = getattr(model, "_svdquant_config", None)
     if recorded is None:  # a diffusers model loaded back: its quantization_config holds the config
         qc = getattr(getattr(model, "config", None), "quantization_config", None)
@@ -116,7 +116,7 @@ def quantize_model(model: nn.Module, config: SVDQuantConfig | None = None, **opt
         raise ValueError(f"quantize_model: the model is already quantized with precision {other.weight.precision!r} "
                          f"({describe(other)}), and quantizing again leaves those weights as they are; load the "
                          f"16-bit model again to quantize it with precision {config.precision!r}")
-    _warn_kept_weights(model, config)
+    previous = _previous_config(model)  # before this call's attach_to_diffusers records its own
     summary = QuantizeSummary(bytes_before=model_nbytes(model))
     reasons = {}
     for module in model.modules():
@@ -129,6 +129,7 @@ def quantize_model(model: nn.Module, config: SVDQuantConfig | None = None, **opt
             if d.action != KEEP and not isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
                 check_layer_weight(module.weight, describe(module))
     if any(d.action == SVDQUANT for d in reasons.values()):
+        _warn_kept_weights(model, config, previous)
         check_config_device(config)  # where the algorithm runs: before the weight-only layers (first) are replaced
     with torch.no_grad():
         quantize_(model, config)
@@ -152,7 +153,7 @@ def quantize_model(model: nn.Module, config: SVDQuantConfig | None = None, **opt
                       f"({summary.bytes_before} -> {summary.bytes_after} bytes, {summary.ratio:.2f}x): the linears "
                       f"are too small for 4-bit codes plus a rank-{config.rank} branch to pay", stacklevel=2)
     attach_to_diffusers(model, config, list(summary.kept))  # model.save_pretrained then writes a quantized model
-    if _previous_config(model) is None:  # the first call's options: what the quantized linears were made with
+    if previous is None:  # the first call's options: what the quantized linears were made with
         object.__setattr__(model, "_svdquant_config", config)
     log.info("svdquant_ops: %s", summary)
     return summary

@@ -450,11 +450,12 @@ def parse_quantization_config(raw: str | dict) -> tuple[str, int]:
     return known[0], rank
 
 
-def read_nunchaku_file(path: str | Path, device="cpu") -> tuple[dict, dict[str, torch.Tensor]]:
-    """(metadata, tensors) of a Nunchaku safetensors file, after checking it is one."""
+def read_nunchaku_metadata(path: str | Path, device="cpu") -> dict:
+    """The metadata of a Nunchaku safetensors file, after checking ``device`` and that the file is one (its header
+    only: no tensor is read, so what is wrong with the metadata is said before gigabytes are loaded)."""
     from safetensors import SafetensorError, safe_open
 
-    dev = check_device_arg(device, "device")
+    check_device_arg(device, "device")
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path}: is a directory; expected a Nunchaku .safetensors file "
@@ -462,18 +463,29 @@ def read_nunchaku_file(path: str | Path, device="cpu") -> tuple[dict, dict[str, 
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     try:
-        with safe_open(str(path), framework="pt", device=str(dev)) as f:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            keys = list(f.keys())
     except SafetensorError as exc:  # a file that is not safetensors, or a truncated one
         raise NunchakuFormatError(f"{path}: not a safetensors file ({exc})") from None
     missing = [k for k in ("config", "quantization_config") if k not in meta]
-    if missing or not any(k.endswith(".qweight") for k in tensors):
+    if missing or not any(k.endswith(".qweight") for k in keys):
         what = f"no {' / '.join(missing)} metadata" if missing else "no packed .qweight tensors"
         raise NunchakuFormatError(f"{path}: not a Nunchaku SVDQuant checkpoint ({what}); expected a single-file "
                                   "svdq-{int4|fp4}_r{rank}-*.safetensors with 'config', 'model_class' and "
                                   "'quantization_config' metadata")
-    return meta, tensors
+    return meta
+
+
+def read_nunchaku_tensors(path: str | Path, device="cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a file ``read_nunchaku_metadata`` accepted, on ``device``."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device=str(check_device_arg(device, "device"))) as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as exc:  # truncated after its header
+        raise NunchakuFormatError(f"{path}: not a safetensors file ({exc})") from None
 
 
 def _check_config(path: Path, config) -> None:
@@ -523,7 +535,7 @@ def load_nunchaku_transformer(path: str | Path, device="cpu", precision: str | N
     from diffusers import FluxTransformer2DModel
 
     path = Path(path)
-    meta, tensors = read_nunchaku_file(path, device)
+    meta = read_nunchaku_metadata(path, device)
     model_class = meta.get("model_class") or json.loads(meta.get("comfy_config") or "{}").get("model_class")
     if model_class not in MODEL_CLASSES:
         raise NunchakuFormatError(f"{path}: model_class {model_class!r} is not supported (this importer reads FLUX.1 "
@@ -537,6 +549,7 @@ def load_nunchaku_transformer(path: str | Path, device="cpu", precision: str | N
     except json.JSONDecodeError as exc:
         raise NunchakuFormatError(f"{path}: the 'config' metadata is not JSON: {exc}") from None
     _check_config(path, config)
+    tensors = read_nunchaku_tensors(path, device)
     with torch.device("meta"):
         model = FluxTransformer2DModel.from_config(config)
     dtype = next((t.dtype for k, t in tensors.items() if k.endswith(".smooth")), torch.bfloat16)

@@ -29,9 +29,9 @@ def check_weight(weight: torch.Tensor, name: str = "weight") -> None:
                          "quantizing")
     if not torch.isfinite(weight).all():
         raise ValueError(f"{name} contains NaN or Inf values; refusing to quantize a corrupt weight")
-    # the decomposition runs in fp32 on sums of squares: a weight whose norm overflows there cannot be decomposed
+    # quantizing works in fp32 on sums of squares (the SVD, the smoothing search): a norm that overflows there cannot
     if not torch.isfinite(torch.linalg.vector_norm(weight, dtype=torch.float32)):
-        raise ValueError(f"{name} has values too large for the fp32 decomposition (max |{name}| "
+        raise ValueError(f"{name} has values too large for quantizing in fp32 (max |{name}| "
                          f"{weight.abs().max().item():.3g}: its sum of squares overflows fp32); refusing to quantize "
                          "a corrupt weight")
 
