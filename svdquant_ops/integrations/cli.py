@@ -119,10 +119,15 @@ def cmd_quantize(args) -> int:
     try:
         return _quantize_into(args, out, name, builtin, held_out, prompts, device, start)
     except BaseException:
-        for d in created:  # what this command created and nothing was written to (a failed or interrupted run)
-            if d.is_dir() and not any(d.iterdir()):
-                d.rmdir()
+        _remove_empty(created)  # a failed or interrupted run leaves no empty directory of its own behind
         raise
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    """Remove those of ``dirs`` (deepest first) that exist and are empty: the ones this command created."""
+    for d in dirs:
+        if d.is_dir() and not any(d.iterdir()):
+            d.rmdir()
 
 
 def _create_out_dir(out: Path) -> list[Path]:
@@ -143,9 +148,7 @@ def _create_out_dir(out: Path) -> list[Path]:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        for d in missing:
-            if d.is_dir() and not any(d.iterdir()):
-                d.rmdir()
+        _remove_empty(missing)
         raise UsageError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
     return missing
 

@@ -62,7 +62,6 @@ AWQ_KEYS = ("qweight", "wscales", "wzeros", "bias")
 # the NVFP4 wcscales / wtscale may be absent). The one bias a file may leave out: a single block's out_proj (the
 # converter puts proj_out's bias on mlp_fc2 only).
 SVDQ_FILE_KEYS = ("qweight", "wscales", "bias", "smooth", "smooth_orig", "lora_down", "lora_up")
-AWQ_FILE_KEYS = AWQ_KEYS
 _CODE_MAX = {INT4: 8.0, NVFP4: 6.0}  # the largest code magnitude: INT4 -8, e2m1 6
 # FluxTransformer2DModel's integer config fields (out_channels may also be null) and the least value each takes
 _CONFIG_INTS = {"patch_size": 1, "in_channels": 1, "out_channels": 1, "num_layers": 0, "num_single_layers": 0,
@@ -450,12 +449,11 @@ def parse_quantization_config(raw: str | dict) -> tuple[str, int]:
     return known[0], rank
 
 
-def read_nunchaku_metadata(path: str | Path, device="cpu") -> dict:
-    """The metadata of a Nunchaku safetensors file, after checking ``device`` and that the file is one (its header
-    only: no tensor is read, so what is wrong with the metadata is said before gigabytes are loaded)."""
+def read_nunchaku_metadata(path: str | Path) -> dict:
+    """The metadata of a Nunchaku safetensors file, after checking that the file is one (its header only: no tensor
+    is read, so what is wrong with the metadata is said before gigabytes are loaded)."""
     from safetensors import SafetensorError, safe_open
 
-    check_device_arg(device, "device")
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path}: is a directory; expected a Nunchaku .safetensors file "
@@ -477,12 +475,12 @@ def read_nunchaku_metadata(path: str | Path, device="cpu") -> dict:
     return meta
 
 
-def read_nunchaku_tensors(path: str | Path, device="cpu") -> dict[str, torch.Tensor]:
-    """Every tensor of a file ``read_nunchaku_metadata`` accepted, on ``device``."""
+def read_nunchaku_tensors(path: str | Path, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every tensor of a file ``read_nunchaku_metadata`` accepted, on ``device`` (checked by the caller)."""
     from safetensors import SafetensorError, safe_open
 
     try:
-        with safe_open(str(path), framework="pt", device=str(check_device_arg(device, "device"))) as f:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
             return {k: f.get_tensor(k) for k in f.keys()}
     except SafetensorError as exc:  # truncated after its header
         raise NunchakuFormatError(f"{path}: not a safetensors file ({exc})") from None
@@ -535,7 +533,8 @@ def load_nunchaku_transformer(path: str | Path, device="cpu", precision: str | N
     from diffusers import FluxTransformer2DModel
 
     path = Path(path)
-    meta = read_nunchaku_metadata(path, device)
+    device = check_device_arg(device, "device")  # before the file: a bad device is not the file's fault
+    meta = read_nunchaku_metadata(path)
     model_class = meta.get("model_class") or json.loads(meta.get("comfy_config") or "{}").get("model_class")
     if model_class not in MODEL_CLASSES:
         raise NunchakuFormatError(f"{path}: model_class {model_class!r} is not supported (this importer reads FLUX.1 "
@@ -591,7 +590,7 @@ def load_nunchaku_transformer(path: str | Path, device="cpu", precision: str | N
         packed = _group(tensors, prefix, AWQ_KEYS)
         if not packed:
             raise NunchakuFormatError(f"{path}: missing AdaLN layer {prefix} (keys {prefix}.qweight, ...)")
-        require(prefix, packed, AWQ_FILE_KEYS, "AdaLN layer")
+        require(prefix, packed, AWQ_KEYS, "AdaLN layer")
         weight, bias = unpack_awq_linear(packed, chunks, name=prefix, dtype=dtype)
         if tuple(weight.shape) != (chunks * dim, dim):
             raise NunchakuFormatError(f"{path}: {prefix} is {list(weight.shape)}, the config needs "

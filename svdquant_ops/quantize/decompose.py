@@ -27,10 +27,11 @@ def check_weight(weight: torch.Tensor, name: str = "weight") -> None:
     if weight.device.type == "meta":
         raise ValueError(f"{name} is on the meta device (it has no values): load the model's weights before "
                          "quantizing")
-    if not torch.isfinite(weight).all():
-        raise ValueError(f"{name} contains NaN or Inf values; refusing to quantize a corrupt weight")
-    # quantizing works in fp32 on sums of squares (the SVD, the smoothing search): a norm that overflows there cannot
+    # one pass over the weight: its fp32 norm is finite only if every value is, and quantizing works in fp32 on sums
+    # of squares (the SVD, the smoothing search), where a norm that overflows cannot be used either
     if not torch.isfinite(torch.linalg.vector_norm(weight, dtype=torch.float32)):
+        if not torch.isfinite(weight).all():
+            raise ValueError(f"{name} contains NaN or Inf values; refusing to quantize a corrupt weight")
         raise ValueError(f"{name} has values too large for quantizing in fp32 (max |{name}| "
                          f"{weight.abs().max().item():.3g}: its sum of squares overflows fp32); refusing to quantize "
                          "a corrupt weight")
