@@ -246,6 +246,65 @@ def cluster_ab(dev, rep_ms):
     env_ab(dev, rep_ms, "cluster_ab", "SVDQUANT_OPS_CUDA_W4A8_CLUSTER", "", "1", exact_down_act=False)
 
 
+# A FLUX.1 double block's image / text linear pairs (K, N): the same shape, different inputs and weights, no
+# dependency between them (fused to_qkv / add_qkv, to_out / to_add_out, ff / ff_context in and out)
+DOUBLE_BLOCK_PAIRS = [(3072, 9216), (3072, 3072), (3072, 12288), (12288, 3072)]
+
+
+def pair_ab(dev, rep_ms, img_tokens=4096, txt_tokens=512, blocks=19):
+    """Issue 14 item 4's second lever, measured before it is built: a double block's image linear (M = 4096) and
+    its text twin (M = 512) one after the other against the text one on a second CUDA stream (forked from and
+    joined to the first, so the pair is one CUDA-graph-capturable unit), W4A8 and bf16. The text linear's marginal
+    cost (pair - image alone) against bf16's text linear says whether running the streams side by side hides the
+    small-M loss; outputs of both orders must be equal bit for bit (the same kernels, only overlapped)."""
+    g = torch.Generator().manual_seed(11)
+    side = torch.cuda.Stream()
+
+    def overlapped(first, second):
+        def run():
+            main = torch.cuda.current_stream()
+            side.wait_stream(main)
+            a = first()
+            with torch.cuda.stream(side):
+                b = second()
+            main.wait_stream(side)
+            return a, b
+        return run
+
+    tot = {}
+    for K, N in DOUBLE_BLOCK_PAIRS:
+        Vi, Vt = (make_layer(K, N, RANK, dev, g, "w4a8") for _ in range(2))
+        Wi, Wt = ((torch.randn(N, K, generator=g) / math.sqrt(K)).to(dev, torch.bfloat16) for _ in range(2))
+        xi = torch.randn(img_tokens, K, generator=g).to(dev, torch.bfloat16)
+        xt = torch.randn(txt_tokens, K, generator=g).to(dev, torch.bfloat16)
+        fns = {"w4a8_img": lambda: svdq_linear(xi, Vi, "w4a8"), "w4a8_txt": lambda: svdq_linear(xt, Vt, "w4a8"),
+               "bf16_img": lambda: F.linear(xi, Wi, Vi["bias"]), "bf16_txt": lambda: F.linear(xt, Wt, Vt["bias"])}
+        for p in ("w4a8", "bf16"):
+            i, t = fns[p + "_img"], fns[p + "_txt"]
+            fns[p + "_seq"] = lambda i=i, t=t: (i(), t())
+            fns[p + "_pair"] = overlapped(i, t)
+        us = {}
+        with torch.inference_mode():
+            for name, f in fns.items():
+                f()
+                torch.cuda.synchronize()
+                us[name] = bench_graph(f, rep_ms) * 1e3
+                tot[name] = tot.get(name, 0.0) + us[name] * blocks / 1e3
+            seq, pair = fns["w4a8_seq"](), fns["w4a8_pair"]()
+            torch.cuda.synchronize()
+        same = all(torch.equal(a, b) for a, b in zip(seq, pair))
+        log(f"pair_ab K={K} N={N}: " + ", ".join(f"{k} {v:.1f} us" for k, v in us.items())
+            + f"; w4a8 text marginal: sequential {us['w4a8_seq'] - us['w4a8_img']:.1f} us, overlapped "
+            f"{us['w4a8_pair'] - us['w4a8_img']:.1f} us, against bf16's text linear {us['bf16_txt']:.1f} us "
+            f"(bf16 overlapped marginal {us['bf16_pair'] - us['bf16_img']:.1f}); outputs equal: {same}")
+        if not same:
+            raise SystemExit("pair_ab: the overlapped pair's outputs differ from the sequential ones")
+    log(f"pair_ab per FLUX step ({blocks} double blocks, these four pairs): "
+        + ", ".join(f"{k} {v:.2f} ms" for k, v in tot.items())
+        + f"; the text stream's w4a8 marginal sequential {tot['w4a8_seq'] - tot['w4a8_img']:.2f} ms, overlapped "
+        f"{tot['w4a8_pair'] - tot['w4a8_img']:.2f} ms, bf16 text alone {tot['bf16_txt']:.2f} ms")
+
+
 def gmax_ab(dev, rep_ms):
     """The pipelined group-max kernel against the register-prefetch one (SVDQUANT_OPS_CUDA_W4A8_GMAX)."""
     env_ab(dev, rep_ms, "gmax_ab", "SVDQUANT_OPS_CUDA_W4A8_GMAX", "regs", "pipe", exact_down_act=False)
@@ -958,6 +1017,9 @@ def main():
     ap.add_argument("--cluster-ab", action="store_true", help="only W4A8's quantize_act on a FLUX.1 step's input "
                     "shapes with the two passes against the one-pass cluster kernel (SVDQUANT_OPS_CUDA_W4A8_CLUSTER="
                     "unset / 1, Hopper): outputs compared, per-call and per-step times, the 512-token calls apart")
+    ap.add_argument("--pair-ab", action="store_true", help="only a FLUX.1 double block's image / text linear pairs "
+                    "(W4A8 and bf16), one after the other against the text linear on a second CUDA stream: the text "
+                    "linear's marginal cost, outputs compared")
     ap.add_argument("--token-ab", action="store_true", help="only W4A8's quantize_act on a FLUX.1 step's input "
                     "shapes with the token kernel's K split where M is small off and on "
                     "(SVDQUANT_OPS_CUDA_W4A8_TOKEN_SPLIT=0 / 1): outputs compared, per-call and per-step times")
@@ -1085,6 +1147,9 @@ def main():
         return
     if args.cluster_ab:
         cluster_ab(dev, args.rep_ms)
+        return
+    if args.pair_ab:
+        pair_ab(dev, args.rep_ms)
         return
     if args.quantize_only:
         g = torch.Generator().manual_seed(3)

@@ -19,6 +19,9 @@
 #               a FLUX.1 step's input shapes, the two passes against the one-pass cluster kernel
 #               (SVDQUANT_OPS_CUDA_W4A8_CLUSTER unset / 1): equal codes and scales, per-shape and per-step times with
 #               the 512-token calls apart; then at M = 512 the given-amax op and Inductor's amax (issue 14's small M)
+#     pairab    bench_linear.py --pair-ab: a FLUX.1 double block's image (M = 4096) and text (M = 512) linear pairs,
+#               W4A8 and bf16, one after the other against the text linear on a second CUDA stream (the text
+#               stream's marginal cost: issue 14 item 4's second lever, measured before it is built)
 #     tiles     bench_linear.py --tile-overhead (GEMM kernel time split into per-tile fixed + per-stage cost; W4A8
 #               also with half the operand feed, SVDQUANT_OPS_GEMM_SCHEDULE=halffeed / halffeed-act, and rings of
 #               4 / 5 / 7 stages)                                                                 [diagnostics build]
@@ -148,6 +151,7 @@ for step in "$@"; do
     tokenab) python3 benchmarks/bench_linear.py --token-ab ;;
     clusterab) python3 benchmarks/bench_linear.py --cluster-ab
                python3 benchmarks/bench_linear.py --quantize-only --precision w4a8 --tokens 512 ;;
+    pairab) python3 benchmarks/bench_linear.py --pair-ab ;;
     tileab) python3 benchmarks/bench_linear.py --tile-ab ;;
     weightsab) python3 benchmarks/bench_linear.py --weights-ab ;;
     expandbw) python3 benchmarks/bench_linear.py --expand-bw ;;
