@@ -256,7 +256,9 @@ def pair_ab(dev, rep_ms, img_tokens=4096, txt_tokens=512, blocks=19):
     its text twin (M = 512) one after the other against the text one on a second CUDA stream (forked from and
     joined to the first, so the pair is one CUDA-graph-capturable unit), W4A8 and bf16. The text linear's marginal
     cost (pair - image alone) against bf16's text linear says whether running the streams side by side hides the
-    small-M loss; outputs of both orders must be equal bit for bit (the same kernels, only overlapped)."""
+    small-M loss; outputs of both orders must be equal bit for bit (the same kernels, only overlapped). The same
+    pair through svdquant::parallel_linears (its side stream forked and joined in C++, what the compile pass calls)
+    is timed beside them."""
     g = torch.Generator().manual_seed(11)
     side = torch.cuda.Stream()
 
@@ -283,6 +285,9 @@ def pair_ab(dev, rep_ms, img_tokens=4096, txt_tokens=512, blocks=19):
             i, t = fns[p + "_img"], fns[p + "_txt"]
             fns[p + "_seq"] = lambda i=i, t=t: (i(), t())
             fns[p + "_pair"] = overlapped(i, t)
+        # the library's op (its own side stream, forked and joined in C++), as the compile pass calls it
+        fns["w4a8_op"] = lambda: torch.ops.svdquant.parallel_linears(
+            [xi, xt], *([Vi[k], Vt[k]] for k in ("smooth", "pd", "wc", "ws", "gsc", "up", "bias")), "w4a8", False)
         us = {}
         with torch.inference_mode():
             for name, f in fns.items():
@@ -290,19 +295,21 @@ def pair_ab(dev, rep_ms, img_tokens=4096, txt_tokens=512, blocks=19):
                 torch.cuda.synchronize()
                 us[name] = bench_graph(f, rep_ms) * 1e3
                 tot[name] = tot.get(name, 0.0) + us[name] * blocks / 1e3
-            seq, pair = fns["w4a8_seq"](), fns["w4a8_pair"]()
+            seq, pair, op = fns["w4a8_seq"](), fns["w4a8_pair"](), fns["w4a8_op"]()
             torch.cuda.synchronize()
-        same = all(torch.equal(a, b) for a, b in zip(seq, pair))
+        same = all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(seq, pair, op))
         log(f"pair_ab K={K} N={N}: " + ", ".join(f"{k} {v:.1f} us" for k, v in us.items())
             + f"; w4a8 text marginal: sequential {us['w4a8_seq'] - us['w4a8_img']:.1f} us, overlapped "
-            f"{us['w4a8_pair'] - us['w4a8_img']:.1f} us, against bf16's text linear {us['bf16_txt']:.1f} us "
+            f"{us['w4a8_pair'] - us['w4a8_img']:.1f} us (parallel_linears {us['w4a8_op'] - us['w4a8_img']:.1f} us), "
+            f"against bf16's text linear {us['bf16_txt']:.1f} us "
             f"(bf16 overlapped marginal {us['bf16_pair'] - us['bf16_img']:.1f}); outputs equal: {same}")
         if not same:
             raise SystemExit("pair_ab: the overlapped pair's outputs differ from the sequential ones")
     log(f"pair_ab per FLUX step ({blocks} double blocks, these four pairs): "
         + ", ".join(f"{k} {v:.2f} ms" for k, v in tot.items())
         + f"; the text stream's w4a8 marginal sequential {tot['w4a8_seq'] - tot['w4a8_img']:.2f} ms, overlapped "
-        f"{tot['w4a8_pair'] - tot['w4a8_img']:.2f} ms, bf16 text alone {tot['bf16_txt']:.2f} ms")
+        f"{tot['w4a8_pair'] - tot['w4a8_img']:.2f} ms (parallel_linears {tot['w4a8_op'] - tot['w4a8_img']:.2f} ms), "
+        f"bf16 text alone {tot['bf16_txt']:.2f} ms")
 
 
 def gmax_ab(dev, rep_ms):

@@ -56,6 +56,10 @@
 #                         at 1024x1024, batch 1, the text stream's 76 calls per step; at 512x512 also the image
 #                         stream's; at batch >= 3 none, so the two rows are the same), compiled (profile.top's
 #                         quantize kernels): the small-M rule's A/B at model level, after gpu_run.sh clusterab
+#   HALF=parallel:        the w4a8 recipe, then with each double block's image and text linears of one shape as one
+#                         parallel_linears call, the text one on a side stream (install_compile_pass(parallel_linears=
+#                         True)), compiled and under reduce-overhead: issue 14 item 4's second lever at model level,
+#                         after gpu_run.sh pairab
 #   SIZE=512|1024|2048, BATCH=n: the step's size and batch (default 1024, 1; the issue also asks for 512, 2048 and
 #                         batch 4)
 #   CONFIGS=a,b:          the rows to run instead of the half's (e.g. the first rows of a half when the session's
@@ -93,6 +97,8 @@ case "${HALF:-plain}" in
         per=200 ;;  # 130 s timed out the rows on a fresh H100 (2026-12-07: the cold first call alone took 145 s)
   pack) configs=w4a8-compile-fused-unwrap-cat,fp8-compile,w4a8-compile-fused-unwrap-cat-nopack; per=250 ;;
   cluster) configs=w4a8-compile-fused-unwrap-cat,w4a8-compile-fused-unwrap-cat-clustersmall; per=200 ;;
+  parallel) configs=w4a8-compile-fused-unwrap-cat,w4a8-compile-fused-unwrap-cat-parallel,w4a8-compile-ro-fused-unwrap-cat-parallel
+        per=180 ;;
   *)    configs=w4a8-compile-fused-unwrap-cat,fp8-compile,bf16-compile; per=250 ;;
 esac
 configs=${CONFIGS:-$configs}  # CONFIGS=a,b: these rows instead of the half's (its tag and verdict kept)

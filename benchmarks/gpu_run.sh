@@ -142,7 +142,7 @@ for step in "$@"; do
     tests) # TESTS_S: seconds the tests may run; those that would start later are skipped (tests/conftest.py), so
            # the summary still says what ran (this command only: later steps' own tests run in full)
            SVDQ_TEST_DEADLINE=${TESTS_S:+$(( $(date +%s) + TESTS_S ))} python3 -m pytest ${TEST_FILES:-tests/test_cuda_ops.py tests/test_cuda_w4a16.py tests/test_cuda_model.py \
-             tests/test_cuda_nunchaku.py tests/test_cuda_moves.py tests/test_cuda_fusion.py tests/test_cuda_pdl.py tests/test_cuda_unwrap.py tests/test_sharing.py \
+             tests/test_cuda_nunchaku.py tests/test_cuda_moves.py tests/test_cuda_fusion.py tests/test_cuda_pdl.py tests/test_cuda_unwrap.py tests/test_cuda_parallel.py tests/test_sharing.py \
              tests/test_lora.py tests/test_gemm_cat.py tests/test_op_errors.py} \
              -q -p no:cacheprovider -rfEs --durations=15 ;;
     gemm) SVDQUANT_OPS_DIAGNOSTICS=1 python3 benchmarks/bench_linear.py --gemm-only \

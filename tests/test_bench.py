@@ -435,6 +435,22 @@ def test_recipe_rows_compile_without_inductors_size_asserts():
     assert torch.equal(outs[0], outs[1])
 
 
+def test_parallel_rows_install_the_pass():
+    """The "-parallel" / "-serial" rows turn parallelize_linears on / off in the row's process (bench.quantize)."""
+    from torch._inductor import config
+
+    from svdquant_ops import ops
+
+    try:
+        for suffix, on in (("-parallel", True), ("-serial", False)):
+            cfg = bench.CONFIGS["w4a8-compile-fused-unwrap-cat" + suffix]
+            assert ("side by side on two streams" in cfg.label) == on
+            bench.quantize(bench.build_model("tiny", "cpu"), cfg, 32, "w4a16")
+            assert config.post_grad_custom_pre_pass.parallel_linears is on
+    finally:
+        ops.install_compile_pass(cat_gemms=False, parallel_linears=ops.PARALLEL_LINEARS_DEFAULT)
+
+
 def test_compile_options_merge_the_mode():
     import svdquant_ops
 
@@ -478,7 +494,8 @@ def test_device_scripts_name_only_existing_rows():
     for suffix, field, value in (("-epishfl", "w4a8_epi", "shfl"), ("-epismem", "w4a8_epi", "smem"),
                                  ("-expandpair", "w4a8_expand", "pair"), ("-expandwarp", "w4a8_expand", "warp"),
                                  ("-qaregs", "token_lean", "0"), ("-qalean", "token_lean", "1"),
-                                 ("-clustersmall", "w4a8_cluster", "small"), ("-cluster1", "w4a8_cluster", "1")):
+                                 ("-clustersmall", "w4a8_cluster", "small"), ("-cluster1", "w4a8_cluster", "1"),
+                                 ("-parallel", "parallel_linears", True), ("-serial", "parallel_linears", False)):
         row = bench.CONFIGS["w4a8-compile-fused-unwrap-cat" + suffix]
         assert getattr(row, field) == value, (suffix, row)
     assert bench.CONFIGS["w4a8-compile-fused-unwrap-cat-qaregs"].gmax == "regs"

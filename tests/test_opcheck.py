@@ -130,6 +130,9 @@ def test_ops_registered_with_cpu_and_fake_kernels():
         entry = torch._library.simple_registry.singleton.find(f"svdquant::{name}")
         assert entry.fake_impl.kernel is not None, f"{name} has no fake kernel"
     assert torch._C._dispatch_has_kernel_for_dispatch_key("svdquant::linear", "CompositeImplicitAutograd")
+    # parallel_linears: one linear after the other for every backend without a kernel of its own (the CPU included)
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("svdquant::parallel_linears", "CompositeExplicitAutograd")
+    assert torch._library.simple_registry.singleton.find("svdquant::parallel_linears").fake_impl.kernel is not None
 
 
 def test_second_import_does_not_recompile(tmp_path):

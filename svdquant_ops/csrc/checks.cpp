@@ -296,6 +296,31 @@ std::vector<GemmShape> check_gemm_cat(const at::Tensor& act_codes, const at::Ten
   return shapes;
 }
 
+std::vector<std::string> check_parallel_linears(at::TensorList x, at::TensorList smooth, at::TensorList proj_down,
+                                                at::TensorList codes, at::TensorList scales,
+                                                const c10::List<std::optional<at::Tensor>>& global_scale,
+                                                at::TensorList proj_up,
+                                                const c10::List<std::optional<at::Tensor>>& bias,
+                                                std::string_view precision, bool act_unsigned) {
+  constexpr const char* op = "svdquant::parallel_linears";
+  const size_t n = x.size();
+  TORCH_CHECK(n >= 1, op, ": x must hold at least one input, got an empty list");
+  TORCH_CHECK(smooth.size() == n && proj_down.size() == n && codes.size() == n && scales.size() == n &&
+                  global_scale.size() == n && proj_up.size() == n && bias.size() == n,
+              op, ": x, smooth, proj_down, codes, scales, global_scale, proj_up and bias must have one entry per "
+              "linear, got ", n, ", ", smooth.size(), ", ", proj_down.size(), ", ", codes.size(), ", ", scales.size(),
+              ", ", global_scale.size(), ", ", proj_up.size(), " and ", bias.size());
+  std::vector<std::string> names;
+  names.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    names.push_back(std::string(op) + " (linear " + std::to_string(i) + ")");
+    TORCH_CHECK(x[i].device() == x[0].device(), names.back(), ": x must be on the same device as linear 0's x (",
+                x[0].device(), "), got ", x[i].device());
+    check_quantize_act(x[i], smooth[i], proj_down[i], precision, act_unsigned, names.back().c_str());
+  }
+  return names;
+}
+
 std::vector<W4a16Shape> check_w4a16_linear_group(const at::Tensor& x, at::TensorList codes, at::TensorList scales,
                                                  at::TensorList zeros,
                                                  const c10::List<std::optional<at::Tensor>>& bias) {

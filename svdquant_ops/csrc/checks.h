@@ -8,6 +8,7 @@
 #include <ATen/Dispatch.h>
 
 #include <optional>
+#include <string>
 #include <string_view>
 #include <utility>
 
@@ -99,6 +100,17 @@ W4a16Shape check_w4a16_linear(const at::Tensor& x, const at::Tensor& codes, cons
 std::vector<W4a16Shape> check_w4a16_linear_group(const at::Tensor& x, at::TensorList codes, at::TensorList scales,
                                                  at::TensorList zeros,
                                                  const c10::List<std::optional<at::Tensor>>& bias);
+
+// parallel_linears: as many smooth, proj_down, codes, scales, global_scale, proj_up and bias entries as x, at
+// least one; every x on x[0]'s device; each linear's x, smooth and proj_down checked as quantize_act's. Returns
+// each linear's name for its messages ("svdquant::parallel_linears (linear i)"); its gemm side is checked by
+// check_gemm under that name once its activation is quantized.
+std::vector<std::string> check_parallel_linears(at::TensorList x, at::TensorList smooth, at::TensorList proj_down,
+                                                at::TensorList codes, at::TensorList scales,
+                                                const c10::List<std::optional<at::Tensor>>& global_scale,
+                                                at::TensorList proj_up,
+                                                const c10::List<std::optional<at::Tensor>>& bias,
+                                                std::string_view precision, bool act_unsigned);
 
 // Data-dependent checks (need the values): run by the CPU kernels. GPU kernels skip them to stay free of host
 // synchronization; SVDQuantTensor validates weights once when it is built or loaded.

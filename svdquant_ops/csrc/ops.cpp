@@ -7,14 +7,17 @@
 
 #include <tuple>
 
+#include "checks.h"
+#include "linear.h"
+
 namespace svdquant {
 
-// y = gemm(quantize_act(x)): the whole SVDQuant linear. CompositeImplicitAutograd, so tracing and
-// torch.compile see the two ops (each with its fake kernel) instead of an opaque one.
-at::Tensor linear(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& proj_down,
-                  const at::Tensor& codes, const at::Tensor& scales,
-                  const std::optional<at::Tensor>& global_scale, const at::Tensor& proj_up,
-                  const std::optional<at::Tensor>& bias, c10::string_view precision, bool act_unsigned) {
+// y = gemm(quantize_act(x)), through the dispatcher (linear.h).
+at::Tensor linear_named(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& proj_down,
+                        const at::Tensor& codes, const at::Tensor& scales,
+                        const std::optional<at::Tensor>& global_scale, const at::Tensor& proj_up,
+                        const std::optional<at::Tensor>& bias, c10::string_view precision, bool act_unsigned,
+                        const char* name) {
   static auto quantize_act =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("svdquant::quantize_act", "")
@@ -27,8 +30,40 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& smooth, const at::Tenso
                                            const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
                                            at::ScalarType, bool)>();
   auto [act_codes, act_scales, down_act] = quantize_act.call(x, smooth, proj_down, precision, act_unsigned);
+  if (name != nullptr) {  // a parallel_linears entry: its gemm-side errors name it
+    check_gemm(act_codes, act_scales, codes, scales, global_scale, down_act, proj_up, bias, precision,
+               x.scalar_type(), act_unsigned, name);
+  }
   return gemm.call(act_codes, act_scales, codes, scales, global_scale, down_act, proj_up, bias, precision,
                    x.scalar_type(), act_unsigned);
+}
+
+// The whole SVDQuant linear. CompositeImplicitAutograd, so tracing and torch.compile see the two ops (each with its
+// fake kernel) instead of an opaque one.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& proj_down,
+                  const at::Tensor& codes, const at::Tensor& scales,
+                  const std::optional<at::Tensor>& global_scale, const at::Tensor& proj_up,
+                  const std::optional<at::Tensor>& bias, c10::string_view precision, bool act_unsigned) {
+  return linear_named(x, smooth, proj_down, codes, scales, global_scale, proj_up, bias, precision, act_unsigned,
+                      nullptr);
+}
+
+// parallel_linears, the definition: one linear after the other (CompositeExplicitAutograd, so every backend without
+// a kernel of its own runs it; the CUDA kernel overlaps them on streams, cuda/parallel.cpp).
+std::vector<at::Tensor> parallel_linears(at::TensorList x, at::TensorList smooth, at::TensorList proj_down,
+                                         at::TensorList codes, at::TensorList scales,
+                                         const c10::List<std::optional<at::Tensor>>& global_scale,
+                                         at::TensorList proj_up, const c10::List<std::optional<at::Tensor>>& bias,
+                                         c10::string_view precision, bool act_unsigned) {
+  const auto names =
+      check_parallel_linears(x, smooth, proj_down, codes, scales, global_scale, proj_up, bias, precision, act_unsigned);
+  std::vector<at::Tensor> out;
+  out.reserve(x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    out.push_back(linear_named(x[i], smooth[i], proj_down[i], codes[i], scales[i], global_scale.get(i), proj_up[i],
+                               bias.get(i), precision, act_unsigned, names[i].c_str()));
+  }
+  return out;
 }
 
 }  // namespace svdquant
@@ -69,6 +104,14 @@ TORCH_LIBRARY(svdquant, m) {
   m.def(
       "linear(Tensor x, Tensor smooth, Tensor proj_down, Tensor codes, Tensor scales, Tensor? global_scale, "
       "Tensor proj_up, Tensor? bias, str precision, bool act_unsigned=False) -> Tensor");
+  // Independent linears side by side: out[i] = linear(x[i], smooth[i], ..., precision, act_unsigned), bit for bit.
+  // The compile pass gives it pairs of same-shape linears that do not depend on each other (a FLUX.1 double block's
+  // image and text streams); on the GPU the second runs on a stream of its own, so the small text-stream calls
+  // (512 tokens: short, latency-bound launches) fill the SMs the image stream's kernels leave idle.
+  m.def(
+      "parallel_linears(Tensor[] x, Tensor[] smooth, Tensor[] proj_down, Tensor[] codes, Tensor[] scales, "
+      "Tensor?[] global_scale, Tensor[] proj_up, Tensor?[] bias, str precision, bool act_unsigned=False) "
+      "-> Tensor[]");
   // Weight-only 4-bit linear (formats.py "w4a16"): y = x @ (code * scale + zero)^T + bias in x's dtype.
   m.def("w4a16_linear(Tensor x, Tensor codes, Tensor scales, Tensor zeros, Tensor? bias=None) -> Tensor");
   // Several weight-only linears of one input as one call: out[i] = w4a16_linear(x, codes[i], scales[i], zeros[i],
@@ -79,6 +122,9 @@ TORCH_LIBRARY(svdquant, m) {
 }
 
 TORCH_LIBRARY_IMPL(svdquant, CompositeImplicitAutograd, m) { m.impl("linear", &svdquant::linear); }
+TORCH_LIBRARY_IMPL(svdquant, CompositeExplicitAutograd, m) {
+  m.impl("parallel_linears", &svdquant::parallel_linears);
+}
 
 // Inference ops: no derivative formulas. The autograd kernel runs the op below autograd (so the kernels' own
 // ATen calls record nothing) and makes a backward through a float output raise "not implemented".
@@ -91,4 +137,5 @@ TORCH_LIBRARY_IMPL(svdquant, Autograd, m) {
   m.impl("gemm_expanded", torch::autograd::autogradNotImplementedFallback());
   m.impl("w4a16_linear", torch::autograd::autogradNotImplementedFallback());
   m.impl("w4a16_linear_group", torch::autograd::autogradNotImplementedFallback());
+  m.impl("parallel_linears", torch::autograd::autogradNotImplementedFallback());
 }

@@ -133,6 +133,9 @@ class Config:
     w4a8_cluster: str | None = None  # W4A8's quantize_act by the one-pass cluster kernel for calls of at most 1024
     #                                  tokens, "small", or every call, "1" (SVDQUANT_OPS_CUDA_W4A8_CLUSTER in the
     #                                  child); None: the library's default (the two passes)
+    parallel_linears: bool | None = None  # install_compile_pass(parallel_linears=...): a double block's image and
+    #                                       text linears of one shape as one parallel_linears call, the text one on a
+    #                                       side stream (True), or one after the other (False); None: the default
     size_asserts: bool | None = None  # Inductor's size / stride assert on each graph input and custom-op output;
     #                                   None: the library's compile recipe (compile_options: off) where the row
     #                                   applies it (SVDQuant weights unwrapped), Inductor's default (on) elsewhere
@@ -186,6 +189,9 @@ class Config:
         if self.cat_gemms is not None:
             how += (", the GEMMs of one activation as one gemm_cat call (cat_gemms)" if self.cat_gemms
                     else ", one call per GEMM (no cat_gemms)")
+        if self.parallel_linears is not None:
+            how += (", the double blocks' image and text linears side by side on two streams (parallel_linears)"
+                    if self.parallel_linears else ", the image and text linears one after the other")
         if self.pdl is not None:
             how += ", kernels launched programmatically dependent (PDL)" if self.pdl == "1" else ", plain launches"
         if self.inductor_pdl:
@@ -311,6 +317,14 @@ def _configs() -> dict[str, Config]:
         for k, on in (("cat", True), ("nocat", False)):
             name = f"w4a8-compile{sfx}-fused-unwrap-{k}"
             out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, unwrap=True, cat_gemms=on)
+    # Extra: that recipe with each double block's image and text linears of one shape as one parallel_linears call
+    # (install_compile_pass(parallel_linears=True): the text stream's 512-token calls on a side stream, in the SMs
+    # the image stream's kernels leave idle) or one after the other (False), whatever the library's default
+    for sfx, mode in (("", None), ("-ro", "reduce-overhead")):
+        for k, on in (("parallel", True), ("serial", False)):
+            name = f"w4a8-compile{sfx}-fused-unwrap-cat-{k}"
+            out[name] = Config(name, "w4a8", True, mode, fuse_qkv=True, unwrap=True, cat_gemms=True,
+                               parallel_linears=on)
     # Extra: that recipe with the op library's kernels launched programmatically dependent on Hopper (each launched
     # while the one before still runs, waiting on it in the kernel; SVDQUANT_OPS_CUDA_PDL=1) or plainly (=0),
     # whatever the library's default
@@ -572,11 +586,13 @@ def quantize(model, cfg: Config, rank: int, weight_only: str | None) -> dict:
     info.update(fused)
     if not cfg.torchao_inductor:
         ic.load_config(saved)
-    if cfg.amax_split or cfg.expand_ahead is not None or cfg.group_w4a16 is not None or cfg.cat_gemms is not None:
+    if (cfg.amax_split or cfg.expand_ahead is not None or cfg.group_w4a16 is not None or cfg.cat_gemms is not None
+            or cfg.parallel_linears is not None):
         from ..ops import install_compile_pass
 
         install_compile_pass(amax_split=True if cfg.amax_split else None, expand_ahead=cfg.expand_ahead,
-                             group_w4a16=cfg.group_w4a16, cat_gemms=cfg.cat_gemms)
+                             group_w4a16=cfg.group_w4a16, cat_gemms=cfg.cat_gemms,
+                             parallel_linears=cfg.parallel_linears)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

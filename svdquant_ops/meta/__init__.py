@@ -287,3 +287,26 @@ def _w4a16_linear_group_fake(x, codes, scales, zeros, bias):
            f"and {len(bias)}")
     return [_w4a16_linear_fake(x, c, s, z, b, op=f"{op} (weight {i})")
             for i, (c, s, z, b) in enumerate(zip(codes, scales, zeros, bias))]
+
+
+@torch.library.register_fake("svdquant::parallel_linears")
+def _parallel_linears_fake(x, smooth, proj_down, codes, scales, global_scale, proj_up, bias, precision,
+                           act_unsigned=False):
+    op = "parallel_linears"
+    n = len(x)
+    _check(n >= 1, op, "x must hold at least one input, got an empty list")
+    lengths = [len(v) for v in (smooth, proj_down, codes, scales, global_scale, proj_up, bias)]
+    _check(all(m == n for m in lengths), op,
+           "x, smooth, proj_down, codes, scales, global_scale, proj_up and bias must have one entry per linear, got "
+           f"{n}, {', '.join(map(str, lengths[:-1]))} and {lengths[-1]}")
+    out = []
+    for i in range(n):  # each as linear's quantize_act and gemm, named (csrc/checks.cpp check_parallel_linears)
+        name = f"{op} (linear {i})"
+        _check_device(name, "x", x[i], "linear 0's x", x[0])
+        _check_precision(name, precision, act_unsigned)
+        _check_act_inputs(name, x[i], smooth[i], proj_down[i], precision)
+        act_codes, act_scales, down_act = _act_outputs(x[i], proj_down[i], precision)
+        lead, N, _ = _check_gemm(name, act_codes, act_scales, codes[i], scales[i], global_scale[i], down_act,
+                                 proj_up[i], bias[i], precision, x[i].dtype, act_unsigned)
+        out.append(x[i].new_empty((*lead, N)))
+    return out

@@ -61,9 +61,9 @@ from ..storage.shared_moves import SHARED_MARK
 from . import build
 
 __all__ = ["load", "quantize_act", "quantize_act_given_amax", "gemm", "gemm_cat", "expand_w4a8_weight",
-           "gemm_expanded", "linear", "quantized_linear", "w4a16_linear", "w4a16_linear_group", "weight_only_linear",
-           "clear_act_cache", "merge_quantize_act", "split_w4a8_amax", "cat_w4a8_gemms", "expand_w4a8_ahead",
-           "group_w4a16", "install_compile_pass"]
+           "gemm_expanded", "linear", "parallel_linears", "quantized_linear", "w4a16_linear", "w4a16_linear_group",
+           "weight_only_linear", "clear_act_cache", "merge_quantize_act", "split_w4a8_amax", "cat_w4a8_gemms",
+           "expand_w4a8_ahead", "group_w4a16", "parallelize_linears", "install_compile_pass"]
 
 
 def load(verbose: bool = False):
@@ -136,6 +136,21 @@ def linear(x: torch.Tensor, smooth: torch.Tensor, proj_down: torch.Tensor, codes
     _ready()
     return torch.ops.svdquant.linear.default(x, smooth, proj_down, codes, scales, global_scale, proj_up, bias,
                                              precision, act_unsigned)
+
+
+def parallel_linears(x: list[torch.Tensor], smooth: list[torch.Tensor], proj_down: list[torch.Tensor],
+                     codes: list[torch.Tensor], scales: list[torch.Tensor], global_scale: list[torch.Tensor | None],
+                     proj_up: list[torch.Tensor], bias: list[torch.Tensor | None], precision: str,
+                     act_unsigned: bool = False) -> list[torch.Tensor]:
+    """``[linear(x[i], smooth[i], ...) for i]``, bit for bit; on the GPU each linear after the first on a side
+    stream of its own (``parallelize_linears``)."""
+    lengths = [len(v) for v in (x, smooth, proj_down, codes, scales, global_scale, proj_up, bias)]
+    if not x or len(set(lengths)) != 1:  # (checked before the op: see gemm_cat)
+        raise ValueError("svdquant::parallel_linears: x, smooth, proj_down, codes, scales, global_scale, proj_up and "
+                         f"bias must have one entry per linear and at least one, got {', '.join(map(str, lengths))}")
+    _ready()
+    return torch.ops.svdquant.parallel_linears.default(x, smooth, proj_down, codes, scales, global_scale, proj_up,
+                                                       bias, precision, act_unsigned)
 
 
 def w4a16_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -537,6 +552,142 @@ def cat_w4a8_gemms(graph: torch.fx.Graph) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# Independent linears side by side, compiled: one parallel_linears call per pair.
+#
+# A FLUX.1 double block sends its image stream (4096 tokens at 1024x1024) and its text stream (512 tokens) through
+# linears of the same shapes (fused to_qkv / add_qkv, to_out / to_add_out, ff / ff_context in and out) that do not
+# depend on each other. The text stream's are short launches bound by latency: 0.60x-1.04x of bf16 on an H100
+# (issue 14, item 4). On a stream of their own (parallel_linears) they can run in the SMs that the image stream's
+# kernels leave idle. The pass finds whole linears, quantize_act -> gemm with the quantize_act read by that gemm
+# alone, and pairs, in graph order, two of one K, N, precision and dtype of which neither reaches the other. The
+# pair becomes one parallel_linears node (the linear with more tokens first: it stays on the caller's stream) placed
+# right after the last of their inputs; the nodes before that point which read the first linear's output move to
+# after it. Bit-equal: the same kernels run.
+# ------------------------------------------------------------------------------------------------------------------
+# Off until measured on a GPU (benchmarks/HISTORY.md, 2026-12-07 twenty-ninth session);
+# install_compile_pass(parallel_linears=True) turns it on.
+PARALLEL_LINEARS_DEFAULT = False
+_PAIR_WINDOW = 4  # how many later linears of the same shape a linear may pair with (the nearest independent one)
+
+
+def _whole_linear(gemm_node: torch.fx.Node, quantize) -> dict | None:
+    """The arguments of the linear that ``gemm_node`` ends (its quantize_act node as "q", linear's arguments by
+    name, its (K, N, ...) pairing key as "key" and its token count as "rows"), or None when it is not one whole
+    linear: its activation from a quantize_act that nothing else reads, linear's output dtype (x's)."""
+    import operator
+
+    a = _gemm_args(gemm_node)
+    srcs = [_output_of(a[k]) if isinstance(a[k], torch.fx.Node) else None
+            for k in ("act_codes", "act_scales", "down_act")]
+    if not isinstance(srcs[0], tuple):
+        return None
+    q = srcs[0][0]
+    if any(src != (q, i) for i, src in enumerate(srcs)) or q.op != "call_function" or q.target is not quantize:
+        return None
+    if any(u.target is not operator.getitem or any(v is not gemm_node for v in u.users) for u in q.users):
+        return None
+    qa = dict(zip(("x", "smooth", "proj_down", "precision", "act_unsigned"), q.args))
+    qa.update(q.kwargs)
+    qa.setdefault("act_unsigned", False)
+    if qa["precision"] != a["precision"] or qa["act_unsigned"] != a["act_unsigned"]:
+        return None
+    parts = dict(x=qa["x"], smooth=qa["smooth"], proj_down=qa["proj_down"], codes=a["codes"], scales=a["scales"],
+                 global_scale=a.get("global_scale"), proj_up=a["proj_up"], bias=a.get("bias"))
+    if not all(isinstance(v, torch.fx.Node) or (v is None and k in ("global_scale", "bias")) for k, v in parts.items()):
+        return None
+    x, out = parts["x"].meta.get("val"), gemm_node.meta.get("val")
+    if not (isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor)) or x.dtype != a["out_dtype"]:
+        return None
+    K = x.shape[-1]
+    rows = x.numel() // K if isinstance(x.numel(), int) and isinstance(K, int) else None
+    key = (K, out.shape[-1], a["precision"], a["act_unsigned"], x.dtype, x.device)
+    return dict(parts, q=q, gemm=gemm_node, key=key, rows=rows, precision=a["precision"],
+                act_unsigned=a["act_unsigned"])
+
+
+def _reaches(node: torch.fx.Node, target: torch.fx.Node, order: dict) -> bool:
+    """Whether ``target`` reads ``node``'s value, directly or through other nodes (a search that stops at
+    ``target``'s position)."""
+    return target in _descendants(node, order[target] + 1, order)
+
+
+def _descendants(node: torch.fx.Node, limit: int, order: dict) -> set:
+    """The nodes before position ``limit`` that read ``node``'s value, directly or through other nodes."""
+    seen: set = set()
+    todo = list(node.users)
+    while todo:
+        n = todo.pop()
+        if n in seen or order[n] >= limit:
+            continue
+        seen.add(n)
+        todo.extend(n.users)
+    return seen
+
+
+def parallelize_linears(graph: torch.fx.Graph) -> int:
+    """Give pairs of independent whole linears of one shape in ``graph`` (quantize_act -> gemm) to one
+    ``parallel_linears`` node each, in place; returns how many pairs were made."""
+    try:
+        quantize = torch.ops.svdquant.quantize_act.default
+        target = torch.ops.svdquant.gemm.default
+        parallel = torch.ops.svdquant.parallel_linears.default
+    except (AttributeError, RuntimeError):  # the op library is not loaded: no such nodes
+        return 0
+    import operator
+
+    from torch._guards import detect_fake_mode
+
+    names = ("x", "smooth", "proj_down", "codes", "scales", "global_scale", "proj_up", "bias")
+    linears = [lin for n in graph.nodes if n.op == "call_function" and n.target is target
+               for lin in [_whole_linear(n, quantize)] if lin is not None]
+    fake_mode = detect_fake_mode([lin["x"].meta["val"] for lin in linears]) if len(linears) > 1 else None
+    if fake_mode is None:
+        return 0
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    done: set = set()  # gemm nodes of the linears already paired (erased)
+    pairs = 0
+    for a in linears:
+        if a["gemm"] in done:
+            continue
+        later = sorted((b for b in linears if b["gemm"] not in done and b is not a and b["key"] == a["key"]
+                        and order[b["gemm"]] > order[a["gemm"]]), key=lambda b: order[b["gemm"]])
+        b = next((b for b in later[:_PAIR_WINDOW] if not _reaches(a["gemm"], b["gemm"], order)), None)
+        if b is None:
+            continue
+        inputs = [lin[k] for lin in (a, b) for k in names if lin[k] is not None]
+        last = max(inputs, key=order.__getitem__)
+        moved = sorted(_descendants(a["gemm"], order[last], order), key=order.__getitem__)
+        first, second = (b, a) if a["rows"] is not None and b["rows"] is not None and b["rows"] > a["rows"] else (a, b)
+        args = (*([first[k], second[k]] for k in names), a["precision"], a["act_unsigned"])
+        with graph.inserting_before(last.next), fake_mode:
+            new = graph.call_function(parallel, args)
+            new.meta["val"] = parallel(*[[v.meta["val"] if v is not None else None for v in x]
+                                         if isinstance(x, list) else x for x in args])
+            outs = []
+            for i in range(2):
+                out = graph.call_function(operator.getitem, (new, i))
+                out.meta["val"] = new.meta["val"][i]
+                outs.append(out)
+        cursor = outs[-1]
+        for n in moved:  # after the pair, in their order
+            cursor.append(n)
+            cursor = n
+        for lin, out in zip((first, second), outs):
+            for k, v in lin["gemm"].meta.items():
+                if k not in _OWN_META:
+                    out.meta.setdefault(k, v)
+            lin["gemm"].replace_all_uses_with(out)
+            graph.erase_node(lin["gemm"])
+            for u in list(lin["q"].users):
+                graph.erase_node(u)
+            graph.erase_node(lin["q"])
+        done.update((a["gemm"], b["gemm"]))
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        pairs += 1
+    return pairs
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # Weight-only linears that read one input, compiled: one w4a16_linear_group call.
 #
 # FLUX.1's 77 AdaLN modulation linears (w4a16, one token at batch 1) all read silu(temb), each through its module's
@@ -676,16 +827,17 @@ def group_w4a16(graph: torch.fx.Graph) -> int:
     return done
 
 
-def _make_pass(inner, amax_split: bool, expand_ahead: bool, group: bool, cat_gemms: bool):
+def _make_pass(inner, amax_split: bool, expand_ahead: bool, group: bool, cat_gemms: bool, parallel: bool):
     from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
     class MergeQuantizeAct(CustomGraphPass):
-        def __init__(self, inner, amax_split, expand_ahead, group_w4a16, cat_gemms):
+        def __init__(self, inner, amax_split, expand_ahead, group_w4a16, cat_gemms, parallel_linears):
             self.inner = inner
             self.amax_split = amax_split
             self.expand_ahead = expand_ahead
             self.group_w4a16 = group_w4a16
             self.cat_gemms = cat_gemms
+            self.parallel_linears = parallel_linears
 
         def __call__(self, graph: torch.fx.Graph) -> None:
             if self.inner is not None:
@@ -695,6 +847,8 @@ def _make_pass(inner, amax_split: bool, expand_ahead: bool, group: bool, cat_gem
                 split_w4a8_amax(graph)
             if self.cat_gemms:
                 cat_w4a8_gemms(graph)
+            if self.parallel_linears:  # (before expand_ahead, which rewrites the gemm nodes it looks for)
+                parallelize_linears(graph)
             if self.expand_ahead:
                 expand_w4a8_ahead(graph)
             if self.group_w4a16:
@@ -707,13 +861,14 @@ def _make_pass(inner, amax_split: bool, expand_ahead: bool, group: bool, cat_gem
                 if inner is None:
                     return None  # an uncacheable inner pass: no cache key
             return (get_hash_for_files((__file__,)), inner, self.amax_split, self.expand_ahead, self.group_w4a16,
-                    self.cat_gemms)
+                    self.cat_gemms, self.parallel_linears)
 
-    return MergeQuantizeAct(inner, amax_split, expand_ahead, group, cat_gemms)
+    return MergeQuantizeAct(inner, amax_split, expand_ahead, group, cat_gemms, parallel)
 
 
 def install_compile_pass(amax_split: bool | None = None, expand_ahead: bool | None = None,
-                         group_w4a16: bool | None = None, cat_gemms: bool | None = None) -> None:
+                         group_w4a16: bool | None = None, cat_gemms: bool | None = None,
+                         parallel_linears: bool | None = None) -> None:
     """Make Inductor run ``merge_quantize_act`` after grad (``torch._inductor.config.post_grad_custom_pre_pass``),
     chained after a pass already installed there. Idempotent.
 
@@ -727,7 +882,10 @@ def install_compile_pass(amax_split: bool | None = None, expand_ahead: bool | No
     group_w4a16: also run ``group_w4a16`` (the weight-only linears of one input as one call); None keeps the
     installed pass's setting (``GROUP_W4A16_DEFAULT`` for a new one).
     cat_gemms: also run ``cat_w4a8_gemms`` (the W4A8 GEMMs of one quantized activation as one ``gemm_cat`` call);
-    None keeps the installed pass's setting (``CAT_W4A8_DEFAULT`` for a new one)."""
+    None keeps the installed pass's setting (``CAT_W4A8_DEFAULT`` for a new one).
+    parallel_linears: also run ``parallelize_linears`` (pairs of independent same-shape linears as one
+    ``parallel_linears`` call, the second on a side stream on the GPU); None keeps the installed pass's setting
+    (``PARALLEL_LINEARS_DEFAULT`` for a new one)."""
     from torch._inductor import config
 
     current = config.post_grad_custom_pre_pass
@@ -740,10 +898,13 @@ def install_compile_pass(amax_split: bool | None = None, expand_ahead: bool | No
             current.group_w4a16 = group_w4a16
         if cat_gemms is not None:
             current.cat_gemms = cat_gemms
+        if parallel_linears is not None:
+            current.parallel_linears = parallel_linears
         return
     p = _make_pass(current, bool(amax_split), EXPAND_AHEAD_DEFAULT if expand_ahead is None else bool(expand_ahead),
                    GROUP_W4A16_DEFAULT if group_w4a16 is None else bool(group_w4a16),
-                   CAT_W4A8_DEFAULT if cat_gemms is None else bool(cat_gemms))
+                   CAT_W4A8_DEFAULT if cat_gemms is None else bool(cat_gemms),
+                   PARALLEL_LINEARS_DEFAULT if parallel_linears is None else bool(parallel_linears))
     p._svdquant_merge = True
     config.post_grad_custom_pre_pass = p
 

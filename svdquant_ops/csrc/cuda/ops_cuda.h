@@ -45,5 +45,12 @@ std::vector<at::Tensor> w4a16_linear_group_cuda(const at::Tensor& x, at::TensorL
                                                 at::TensorList zeros,
                                                 const c10::List<std::optional<at::Tensor>>& bias);
 
+std::vector<at::Tensor> parallel_linears_cuda(at::TensorList x, at::TensorList smooth, at::TensorList proj_down,
+                                              at::TensorList codes, at::TensorList scales,
+                                              const c10::List<std::optional<at::Tensor>>& global_scale,
+                                              at::TensorList proj_up,
+                                              const c10::List<std::optional<at::Tensor>>& bias,
+                                              c10::string_view precision, bool act_unsigned);
+
 }  // namespace cuda_impl
 }  // namespace svdquant

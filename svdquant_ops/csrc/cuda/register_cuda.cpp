@@ -12,4 +12,5 @@ TORCH_LIBRARY_IMPL(svdquant, CUDA, m) {
   m.impl("gemm_expanded", &svdquant::cuda_impl::gemm_expanded_cuda);
   m.impl("w4a16_linear", &svdquant::cuda_impl::w4a16_linear_cuda);
   m.impl("w4a16_linear_group", &svdquant::cuda_impl::w4a16_linear_group_cuda);
+  m.impl("parallel_linears", &svdquant::cuda_impl::parallel_linears_cuda);
 }

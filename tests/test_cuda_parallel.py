@@ -1,0 +1,130 @@
+"""``svdquant::parallel_linears`` on the GPU: linear 0 on the caller's stream, the others on side streams forked from
+it and joined back (csrc/cuda/parallel.cpp). The same kernels as one ``linear`` after the other, so every output
+must equal theirs bit for bit: right after the call on the caller's stream (the join), over many calls whose memory
+the caching allocator recycles between the streams (a missing wait or a block reused too early shows as a
+difference), in a CUDA graph capture (the side stream joins the capture), and compiled with the pass
+(``install_compile_pass(parallel_linears=True)``), also under CUDA graphs. Skipped without CUDA."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("CUDA is not available", allow_module_level=True)
+
+from svdquant_ops import ops, quantize_model  # noqa: E402
+from svdquant_ops.integrations.fusion import fuse_qkv  # noqa: E402
+
+from .builders import (capture_cuda_graph, count_calls, flux_inputs, fresh_compile_state, linear_inputs,  # noqa: E402
+                       session_generator, tiny_flux)
+
+ops.load()
+OPS = torch.ops.svdquant
+DEV = torch.device("cuda")
+_fresh = pytest.fixture(autouse=True)(fresh_compile_state)
+NAMES = ("x", "smooth", "proj_down", "codes", "scales", "global_scale", "proj_up", "bias")
+# a FLUX.1 double block's to_out / to_add_out at a tenth of its size: the image stream's tokens, then the text's
+PAIR = [((1, 4096), 3072, 3072, 32), ((1, 512), 3072, 3072, 32)]
+
+
+def entries(shapes, precision, key):
+    gen = session_generator(("cuda_parallel", key, precision))
+    ls = [linear_inputs(lead, N, K, R, precision, torch.bfloat16, gen) for lead, N, K, R in shapes]
+    return {k: [v.to(DEV) if isinstance(v, torch.Tensor) else v for v in (lin[k] for lin in ls)] for k in NAMES}
+
+
+def one_by_one(e, precision):
+    return [OPS.linear(*(e[k][i] for k in NAMES), precision, False) for i in range(len(e["x"]))]
+
+
+def same(outs, refs) -> bool:
+    return len(outs) == len(refs) and all(torch.equal(o.view(torch.int16), r.view(torch.int16))
+                                          for o, r in zip(outs, refs))
+
+
+@pytest.mark.parametrize("precision", ["w4a8", "int4", "nvfp4"])
+def test_parallel_equals_one_linear_each(precision):
+    """Bit-equal to the linears one by one, read on the caller's stream straight after the call (no sync between:
+    the join must order it); three linears use two side streams."""
+    e = entries(PAIR + [((3, 100), 3072, 3072, 16)], precision, "three")
+    refs = one_by_one(e, precision)
+    outs = OPS.parallel_linears(*(e[k] for k in NAMES), precision, False)
+    sums = [o.float().sum(-1) for o in outs]  # on the caller's stream, at once
+    torch.cuda.synchronize()
+    assert same(outs, refs)
+    assert all(torch.equal(s, r.float().sum(-1)) for s, r in zip(sums, refs))
+
+
+def test_parallel_against_the_cpu_reference():
+    """The CUDA op against the CPU op (the specification): integer parts exact there, so the outputs differ only
+    by fp32 summation order and one bf16 rounding."""
+    e = entries([((64,), 256, 512, 16), ((8,), 256, 512, 16)], "w4a8", "cpu")
+    cpu = OPS.parallel_linears(*([v.cpu() if v is not None else None for v in e[k]] for k in NAMES), "w4a8", False)
+    outs = OPS.parallel_linears(*(e[k] for k in NAMES), "w4a8", False)
+    for o, r in zip(outs, cpu):
+        torch.testing.assert_close(o.cpu().float(), r.float(), rtol=1.6e-2, atol=1e-2)
+
+
+def test_many_calls_recycling_memory_stay_equal():
+    """50 calls on fresh inputs, each output read and dropped at once while new tensors are allocated: the blocks
+    the side stream freed are reused across the streams. Every call equals its linears one by one."""
+    e = entries(PAIR, "w4a8", "churn")
+    gen = torch.Generator(device=DEV).manual_seed(1)
+    for i in range(50):
+        xs = [torch.randn(x.shape, generator=gen, device=DEV, dtype=x.dtype) for x in e["x"]]
+        outs = OPS.parallel_linears(xs, *(e[k] for k in NAMES[1:]), "w4a8", False)
+        sums = [o.float().sum() for o in outs]
+        del outs
+        junk = torch.empty(64 << 20, dtype=torch.uint8, device=DEV).fill_(i)  # take the freed blocks
+        refs = one_by_one(dict(e, x=xs), "w4a8")
+        assert all(torch.equal(s, r.float().sum()) for s, r in zip(sums, refs)), f"call {i}"
+        del junk
+
+
+def test_cuda_graph_replays_the_pair():
+    """Captured in a CUDA graph (the side stream joins the capture through the fork's event), a replay equals the
+    eager call, also after new inputs are copied in."""
+    e = entries(PAIR, "w4a8", "graph")
+    static = [x.clone() for x in e["x"]]
+    graph, outs = capture_cuda_graph(lambda: OPS.parallel_linears(static, *(e[k] for k in NAMES[1:]), "w4a8", False))
+    for _ in range(2):
+        xs = [torch.randn_like(x) for x in e["x"]]
+        for s, x in zip(static, xs):
+            s.copy_(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert same(outs, one_by_one(dict(e, x=xs), "w4a8"))
+
+
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_compiled_flux_with_the_pass_equals_without(mode):
+    """A tiny FLUX.1 (w4a8, q/k/v fused) compiled with the pass: 4 parallel_linears calls per double block, the
+    output bit-equal to the same compile without the pass, one graph, CUDA graphs included."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_flux()
+    quantize_model(model, precision="w4a8", rank=16)
+    fuse_qkv(model)
+    model.to(DEV)
+    inputs = {k: v.to(DEV) for k, v in flux_inputs(img_tokens=256, txt_tokens=64).items()}
+    runs = {}
+    with torch.inference_mode():
+        for parallel in (False, True):
+            torch._dynamo.reset()
+            counters.clear()
+            ops.install_compile_pass(parallel_linears=parallel)
+            try:
+                compiled = torch.compile(copy.deepcopy(model), fullgraph=True, mode=mode)
+                for _ in range(3):  # warm-up, record, replay
+                    compiled(**inputs)
+                runs[parallel] = count_calls(lambda: compiled(**inputs).sample.clone(), ("parallel_linears",))
+            finally:
+                ops.install_compile_pass(parallel_linears=ops.PARALLEL_LINEARS_DEFAULT)
+            assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
+    doubles = len(model.transformer_blocks)
+    if mode is None:  # (a CUDA-graph replay runs no op on the host: nothing to count)
+        assert runs[False][1] == 0 and runs[True][1] == 4 * doubles
+    assert torch.equal(runs[True][0], runs[False][0])
