@@ -68,6 +68,55 @@ def test_parallel_against_the_cpu_reference():
         torch.testing.assert_close(o.cpu().float(), r.float(), rtol=1.6e-2, atol=1e-2)
 
 
+def test_the_side_stream_waits_for_its_input():
+    """The fork: linear 1's input is written on the caller's stream behind a long kernel, just before the call; the
+    side stream must read the written values, not what the memory held before."""
+    e = entries(PAIR, "w4a8", "fork")
+    new = torch.randn_like(e["x"][1])
+    refs = one_by_one(dict(e, x=[e["x"][0], new]), "w4a8")
+    torch.cuda.synchronize()
+    torch.cuda._sleep(50_000_000)  # ~tens of ms of GPU time before the write
+    e["x"][1].copy_(new)
+    outs = OPS.parallel_linears(*(e[k] for k in NAMES), "w4a8", False)
+    torch.cuda.synchronize()
+    assert same(outs, refs)
+
+
+def test_outputs_read_late_on_one_stream_survive_a_call_on_another():
+    """Call 1 on stream s1, whose output 1 (allocated on a side stream) s1 reads only after a long kernel, dropped
+    on the host at once; then call 2 on stream s2. Its side-stream allocations must not take output 1's memory
+    while s1 still reads it (the side streams belong to their caller stream)."""
+    e = entries(PAIR, "w4a8", "streams")
+    refs = one_by_one(e, "w4a8")
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(s1):
+        outs = OPS.parallel_linears(*(e[k] for k in NAMES), "w4a8", False)
+        torch.cuda._sleep(50_000_000)
+        late = outs[1].float().sum()
+        del outs
+    with torch.cuda.stream(s2):
+        xs = [torch.randn_like(x) for x in e["x"]]
+        again = OPS.parallel_linears(xs, *(e[k] for k in NAMES[1:]), "w4a8", False)
+    torch.cuda.synchronize()
+    assert torch.equal(late, refs[1].float().sum())
+    assert same(again, one_by_one(dict(e, x=xs), "w4a8"))
+
+
+def test_an_error_in_a_side_linear_under_capture_is_reported():
+    """Linear 1's weight does not match its input: the error is raised after the side stream was forked, inside a
+    CUDA graph capture. The side stream is joined all the same, so the capture ends and the error that reaches the
+    caller is the op's own, not the capture's "unjoined" one."""
+    e = entries(PAIR, "w4a8", "capture-error")
+    bad = dict(e, codes=[e["codes"][0], e["codes"][1][:, :64]])
+    graph = torch.cuda.CUDAGraph()  # (run first, its capture stream is new to the op: side streams made in capture)
+    with pytest.raises(RuntimeError, match=r"parallel_linears \(linear 1\): K mismatch"):
+        with torch.cuda.graph(graph):
+            OPS.parallel_linears(*(bad[k] for k in NAMES), "w4a8", False)
+    # the device and the library still work afterwards
+    assert same(OPS.parallel_linears(*(e[k] for k in NAMES), "w4a8", False), one_by_one(e, "w4a8"))
+
+
 def test_many_calls_recycling_memory_stay_equal():
     """50 calls on fresh inputs, each output read and dropped at once while new tensors are allocated: the blocks
     the side stream freed are reused across the streams. Every call equals its linears one by one."""

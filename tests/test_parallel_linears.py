@@ -82,6 +82,10 @@ def test_errors_name_the_linear_and_the_argument():
             call(fn, dict(e, smooth=[e["smooth"][0][:64], e["smooth"][1]]), "w4a8")
         with pytest.raises(RuntimeError, match=r"precision must be 'int4', 'nvfp4' or 'w4a8', got 'w4a4'"):
             call(fn, e, "w4a4")
+        # every linear's activation side is checked before any gemm side, as the C++ op checks them
+        with pytest.raises(RuntimeError, match=r"\(linear 1\): smooth must have shape"):
+            call(fn, dict(e, codes=[e["codes"][0][:, :32], e["codes"][1]], smooth=[e["smooth"][0],
+                                                                                 e["smooth"][1][:64]]), "w4a8")
     with pytest.raises(ValueError, match="one entry per linear and at least one, got 2, 2, 2, 2, 2, 2, 2, 1"):
         ops.parallel_linears(*(e[k] for k in NAMES[:-1]), e["bias"][:1], "w4a8")
 
@@ -179,6 +183,28 @@ def test_pass_pairs_in_the_graph_and_keeps_it_valid():
     pair = [n for n in nodes if n.target is OPS.parallel_linears.default]
     assert len(pair) == 1 and not any(n.target in (OPS.quantize_act.default, OPS.gemm.default) for n in nodes)
     assert pair[0].args[0][0].meta["val"].shape[0] == 12  # the linear with more tokens stays on the caller's stream
+    gm.recompile()
+    assert torch.equal(gm(*flat), fn(*flat))
+
+
+def test_chained_pairs_read_the_pairs_outputs():
+    """Four linears of one shape, b reading a's output and d reading c's: (a, c) pair first, then (b, d), whose
+    inputs are now outputs of the first pair's node. The graph stays valid and computes the same."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    e = entries([((6,), 128, 128, 16)] * 4, "w4a8")
+
+    def fn(*flat):
+        w = [flat[i::4] for i in range(4)]  # each linear's x, smooth, ..., bias
+        lin = lambda x, i: OPS.linear(x, *w[i][1:], "w4a8", False)  # noqa: E731
+        a = lin(w[0][0], 0)
+        c = lin(w[2][0], 2)
+        return lin(a, 1) + lin(c, 3)
+
+    flat = [e[k][i] for k in NAMES for i in range(4)]
+    gm = make_fx(fn, tracing_mode="fake")(*flat)
+    assert ops.parallelize_linears(gm.graph) == 2
+    gm.graph.lint()
     gm.recompile()
     assert torch.equal(gm(*flat), fn(*flat))
 

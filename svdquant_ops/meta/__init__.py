@@ -299,12 +299,14 @@ def _parallel_linears_fake(x, smooth, proj_down, codes, scales, global_scale, pr
     _check(all(m == n for m in lengths), op,
            "x, smooth, proj_down, codes, scales, global_scale, proj_up and bias must have one entry per linear, got "
            f"{n}, {', '.join(map(str, lengths[:-1]))} and {lengths[-1]}")
-    out = []
-    for i in range(n):  # each as linear's quantize_act and gemm, named (csrc/checks.cpp check_parallel_linears)
-        name = f"{op} (linear {i})"
+    names = [f"{op} (linear {i})" for i in range(n)]
+    # in the C++ op's order: every linear's quantize side (check_parallel_linears), then each one's gemm side
+    for i, name in enumerate(names):
         _check_device(name, "x", x[i], "linear 0's x", x[0])
         _check_precision(name, precision, act_unsigned)
         _check_act_inputs(name, x[i], smooth[i], proj_down[i], precision)
+    out = []
+    for i, name in enumerate(names):
         act_codes, act_scales, down_act = _act_outputs(x[i], proj_down[i], precision)
         lead, N, _ = _check_gemm(name, act_codes, act_scales, codes[i], scales[i], global_scale[i], down_act,
                                  proj_up[i], bias[i], precision, x[i].dtype, act_unsigned)

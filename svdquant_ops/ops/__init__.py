@@ -562,7 +562,8 @@ def cat_w4a8_gemms(graph: torch.fx.Graph) -> int:
 # alone, and pairs, in graph order, two of one K, N, precision and dtype of which neither reaches the other. The
 # pair becomes one parallel_linears node (the linear with more tokens first: it stays on the caller's stream) placed
 # right after the last of their inputs; the nodes before that point which read the first linear's output move to
-# after it. Bit-equal: the same kernels run.
+# after it. Bit-equal: the same kernels run. Linears whose quantize_act the amax split rewrote (given-amax) stay as
+# they are, and paired linears leave expand_w4a8_ahead's chain (it runs after this pass).
 # ------------------------------------------------------------------------------------------------------------------
 # Off until measured on a GPU (benchmarks/HISTORY.md, 2026-12-07 twenty-ninth session);
 # install_compile_pass(parallel_linears=True) turns it on.
@@ -638,21 +639,28 @@ def parallelize_linears(graph: torch.fx.Graph) -> int:
     from torch._guards import detect_fake_mode
 
     names = ("x", "smooth", "proj_down", "codes", "scales", "global_scale", "proj_up", "bias")
-    linears = [lin for n in graph.nodes if n.op == "call_function" and n.target is target
-               for lin in [_whole_linear(n, quantize)] if lin is not None]
-    fake_mode = detect_fake_mode([lin["x"].meta["val"] for lin in linears]) if len(linears) > 1 else None
-    if fake_mode is None:
+    keys = {}  # gemm node -> its linear's pairing key
+    fake_mode = None
+    for n in graph.nodes:
+        lin = _whole_linear(n, quantize) if n.op == "call_function" and n.target is target else None
+        if lin is not None:
+            keys[n] = lin["key"]
+            fake_mode = fake_mode or detect_fake_mode([lin["x"].meta["val"]])
+    if len(keys) < 2 or fake_mode is None:
         return 0
     order = {n: i for i, n in enumerate(graph.nodes)}
-    done: set = set()  # gemm nodes of the linears already paired (erased)
     pairs = 0
-    for a in linears:
-        if a["gemm"] in done:
+    for g in list(keys):
+        if g not in keys:  # paired already (erased)
             continue
-        later = sorted((b for b in linears if b["gemm"] not in done and b is not a and b["key"] == a["key"]
-                        and order[b["gemm"]] > order[a["gemm"]]), key=lambda b: order[b["gemm"]])
-        b = next((b for b in later[:_PAIR_WINDOW] if not _reaches(a["gemm"], b["gemm"], order)), None)
-        if b is None:
+        later = sorted((h for h in keys if h is not g and keys[h] == keys[g] and order[h] > order[g]),
+                       key=order.__getitem__)
+        h = next((h for h in later[:_PAIR_WINDOW] if not _reaches(g, h, order)), None)
+        if h is None:
+            continue
+        # each linear's operands read now: an earlier pair may have replaced one (a gemm output another reads)
+        a, b = _whole_linear(g, quantize), _whole_linear(h, quantize)
+        if a is None or b is None:
             continue
         inputs = [lin[k] for lin in (a, b) for k in names if lin[k] is not None]
         last = max(inputs, key=order.__getitem__)
@@ -681,7 +689,7 @@ def parallelize_linears(graph: torch.fx.Graph) -> int:
             for u in list(lin["q"].users):
                 graph.erase_node(u)
             graph.erase_node(lin["q"])
-        done.update((a["gemm"], b["gemm"]))
+        del keys[g], keys[h]
         order = {n: i for i, n in enumerate(graph.nodes)}
         pairs += 1
     return pairs

@@ -11,7 +11,7 @@
 
 #include <map>
 #include <mutex>
-#include <utility>
+#include <tuple>
 #include <vector>
 
 #include "../checks.h"
@@ -22,23 +22,58 @@ namespace svdquant {
 namespace cuda_impl {
 namespace {
 
-// Side stream `i` of `device`, created on first use and never handed to other code. That is what makes the memory
-// safe without record_stream: a block the caching allocator gave to a side stream (an output, a workspace) goes back
-// to that stream's free list, and only a later parallel_linears call allocates on that stream again, after its fork
-// made the stream wait for everything queued on the caller's stream so far, hence for every read of that block.
-// Highest priority: the block scheduler then gives SMs that free up to the side stream's short launches first.
-c10::cuda::CUDAStream side_stream(c10::DeviceIndex device, size_t i) {
+// Side stream `i` of the caller's stream `main`, created on first use and never handed to other code. That is what
+// makes the memory safe without record_stream: a block the caching allocator gave to a side stream (an output, a
+// workspace) goes back to that stream's free list when it is freed, and only a later call from the same caller
+// stream allocates on that side stream again, after its fork made it wait for everything queued on the caller's
+// stream so far, hence for every read of that block there. (One set per caller stream, also so that a graph capture
+// on one stream and eager calls on another, in two threads, never share a side stream.) Highest priority: the block
+// scheduler then gives SMs that free up to the side stream's short launches first.
+c10::cuda::CUDAStream side_stream(const c10::cuda::CUDAStream& main, size_t i) {
   static std::mutex mutex;
-  static std::map<std::pair<c10::DeviceIndex, size_t>, cudaStream_t> streams;
+  static std::map<std::tuple<c10::DeviceIndex, cudaStream_t, size_t>, cudaStream_t> streams;
   const std::lock_guard<std::mutex> lock(mutex);
-  cudaStream_t& s = streams[{device, i}];
+  cudaStream_t& s = streams[{main.device_index(), main.stream(), i}];
   if (s == nullptr) {
+    // (a first call may come inside a graph capture, the caller's stream being the capture's own: creating a stream
+    // enqueues nothing, so it is done in relaxed mode, where a global-mode capture would refuse it as "unsafe")
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
     int least = 0, greatest = 0;
-    C10_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
-    C10_CUDA_CHECK(cudaStreamCreateWithPriority(&s, cudaStreamNonBlocking, greatest));
+    cudaError_t err = cudaDeviceGetStreamPriorityRange(&least, &greatest);
+    if (err == cudaSuccess) {
+      err = cudaStreamCreateWithPriority(&s, cudaStreamNonBlocking, greatest);
+    }
+    C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
+    C10_CUDA_CHECK(err);
   }
-  return c10::cuda::getStreamFromExternal(s, device);
+  return c10::cuda::getStreamFromExternal(s, main.device_index());
 }
+
+// Joins every side stream it was given back to the caller's stream when it goes out of scope, also when a linear
+// throws: a capture left with an unjoined stream fails at its end (cudaErrorStreamCaptureUnjoined), which would hide
+// the linear's own error.
+class Joins {
+ public:
+  explicit Joins(const c10::cuda::CUDAStream& main) : main_(main) {}
+  Joins(const Joins&) = delete;
+  Joins& operator=(const Joins&) = delete;
+  void add(const c10::cuda::CUDAStream& side) { sides_.push_back(side); }
+  ~Joins() {
+    for (const auto& side : sides_) {
+      try {
+        c10::cuda::CUDAEvent join;  // (events without timing: what a graph capture records as a dependency)
+        join.record(side);
+        join.block(main_);
+      } catch (...) {  // (a destructor must not throw; the error being unwound, if any, is the one to report)
+      }
+    }
+  }
+
+ private:
+  c10::cuda::CUDAStream main_;
+  std::vector<c10::cuda::CUDAStream> sides_;
+};
 
 }  // namespace
 
@@ -59,27 +94,20 @@ std::vector<at::Tensor> parallel_linears_cuda(at::TensorList x, at::TensorList s
                         bias.get(i), precision, act_unsigned, names[i].c_str());
   };
   std::vector<at::Tensor> out(n);
-  if (n == 1) {
-    out[0] = one(0);
-    return out;
+  c10::cuda::CUDAEvent fork;
+  if (n > 1) {
+    fork.record(main);
   }
-  c10::cuda::CUDAEvent fork;  // (events without timing: what a graph capture records as a dependency)
-  fork.record(main);
-  std::vector<c10::cuda::CUDAEvent> joins(n - 1);
-  for (size_t i = 1; i < n; ++i) {  // the side streams first: their launches are the short ones
-    const c10::cuda::CUDAStream side = side_stream(main.device_index(), i - 1);
+  Joins joins(main);
+  out[0] = one(0);  // (in order, so that errors come in the definition's order)
+  for (size_t i = 1; i < n; ++i) {
+    const c10::cuda::CUDAStream side = side_stream(main, i - 1);
     fork.block(side);
-    {
-      const c10::cuda::CUDAStreamGuard on_side(side);
-      out[i] = one(i);
-    }
-    joins[i - 1].record(side);
+    joins.add(side);
+    const c10::cuda::CUDAStreamGuard on_side(side);
+    out[i] = one(i);
   }
-  out[0] = one(0);
-  for (auto& join : joins) {
-    join.block(main);
-  }
-  return out;
+  return out;  // (joins' destructor joins the side streams before the caller sees the outputs)
 }
 
 }  // namespace cuda_impl
