@@ -288,12 +288,16 @@ def pair_ab(dev, rep_ms, img_tokens=4096, txt_tokens=512, blocks=19):
         # the library's op (its own side stream, forked and joined in C++), as the compile pass calls it
         fns["w4a8_op"] = lambda: torch.ops.svdquant.parallel_linears(
             [xi, xt], *([Vi[k], Vt[k]] for k in ("smooth", "pd", "wc", "ws", "gsc", "up", "bias")), "w4a8", False)
+        # the op with programmatic dependent launch on (off by default): each next kernel's blocks then wait
+        # resident on their SMs, which the side stream could otherwise take
+        fns["w4a8_op_pdl"] = fns["w4a8_op"]
         us = {}
         with torch.inference_mode():
             for name, f in fns.items():
-                f()
-                torch.cuda.synchronize()
-                us[name] = bench_graph(f, rep_ms) * 1e3
+                with env_var("SVDQUANT_OPS_CUDA_PDL", "1" if name.endswith("_pdl") else "0"):
+                    f()
+                    torch.cuda.synchronize()
+                    us[name] = bench_graph(f, rep_ms) * 1e3
                 tot[name] = tot.get(name, 0.0) + us[name] * blocks / 1e3
             seq, pair, op = fns["w4a8_seq"](), fns["w4a8_pair"](), fns["w4a8_op"]()
             torch.cuda.synchronize()
