@@ -40,6 +40,25 @@ def one_by_one(e, precision):
     return [OPS.linear(*(e[k][i] for k in NAMES), precision, False) for i in range(len(e["x"]))]
 
 
+def fresh_stream() -> torch.cuda.ExternalStream:
+    """A CUDA stream that no call has used before (PyTorch's own come from a small pool per device, which earlier
+    tests may have drawn from), created through the CUDA runtime PyTorch loaded: so a call on it, inside a capture,
+    creates its side streams there."""
+    import ctypes
+
+    for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):
+        try:
+            runtime = ctypes.CDLL(name)
+            break
+        except OSError:
+            continue
+    else:
+        pytest.skip("no CUDA runtime library to create a fresh stream with")
+    handle = ctypes.c_void_p()
+    assert runtime.cudaStreamCreateWithFlags(ctypes.byref(handle), 1) == 0  # cudaStreamNonBlocking
+    return torch.cuda.ExternalStream(handle.value)
+
+
 def same(outs, refs) -> bool:
     return len(outs) == len(refs) and all(torch.equal(o.view(torch.int16), r.view(torch.int16))
                                           for o, r in zip(outs, refs))
@@ -109,9 +128,9 @@ def test_an_error_in_a_side_linear_under_capture_is_reported():
     caller is the op's own, not the capture's "unjoined" one."""
     e = entries(PAIR, "w4a8", "capture-error")
     bad = dict(e, codes=[e["codes"][0], e["codes"][1][:, :64]])
-    graph = torch.cuda.CUDAGraph()  # (run first, its capture stream is new to the op: side streams made in capture)
+    graph = torch.cuda.CUDAGraph()
     with pytest.raises(RuntimeError, match=r"parallel_linears \(linear 1\): K mismatch"):
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=fresh_stream()):  # (its side streams created inside the capture)
             OPS.parallel_linears(*(bad[k] for k in NAMES), "w4a8", False)
     # the device and the library still work afterwards
     assert same(OPS.parallel_linears(*(e[k] for k in NAMES), "w4a8", False), one_by_one(e, "w4a8"))
@@ -146,6 +165,25 @@ def test_cuda_graph_replays_the_pair():
         graph.replay()
         torch.cuda.synchronize()
         assert same(outs, one_by_one(dict(e, x=xs), "w4a8"))
+
+
+def test_cuda_graph_on_a_new_stream_replays_the_pair():
+    """A capture whose stream the op has not seen: its side streams are created inside the capture (in relaxed
+    capture mode), and the replay equals the eager call."""
+    e = entries(PAIR, "w4a8", "graph-new-stream")
+    static = [x.clone() for x in e["x"]]
+    run = lambda: OPS.parallel_linears(static, *(e[k] for k in NAMES[1:]), "w4a8", False)  # noqa: E731
+    run()  # (warmed up on the default stream: the library's lazy set-up outside the capture)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=fresh_stream()):
+        outs = run()
+    xs = [torch.randn_like(x) for x in e["x"]]
+    for s, x in zip(static, xs):
+        s.copy_(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert same(outs, one_by_one(dict(e, x=xs), "w4a8"))
 
 
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])

@@ -5,10 +5,12 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -27,50 +29,57 @@ namespace {
 // workspace) goes back to that stream's free list when it is freed, and only a later call from the same caller
 // stream allocates on that side stream again, after its fork made it wait for everything queued on the caller's
 // stream so far, hence for every read of that block there. (One set per caller stream, also so that a graph capture
-// on one stream and eager calls on another, in two threads, never share a side stream.) Highest priority: the block
-// scheduler then gives SMs that free up to the side stream's short launches first.
+// on one stream and eager calls on another, in two threads, never share a side stream.) They live as long as the
+// process: PyTorch's own streams are few and never destroyed; a caller making a new external stream per call would
+// get new side streams each time. Highest priority: the block scheduler then gives SMs that free up to the side
+// stream's short launches first.
 c10::cuda::CUDAStream side_stream(const c10::cuda::CUDAStream& main, size_t i) {
   static std::mutex mutex;
-  static std::map<std::tuple<c10::DeviceIndex, cudaStream_t, size_t>, cudaStream_t> streams;
+  static std::map<std::tuple<c10::DeviceIndex, c10::StreamId, size_t>, cudaStream_t> streams;
   const std::lock_guard<std::mutex> lock(mutex);
-  cudaStream_t& s = streams[{main.device_index(), main.stream(), i}];
+  cudaStream_t& s = streams[{main.device_index(), main.id(), i}];
   if (s == nullptr) {
     // (a first call may come inside a graph capture, the caller's stream being the capture's own: creating a stream
     // enqueues nothing, so it is done in relaxed mode, where a global-mode capture would refuse it as "unsafe")
-    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
-    C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
+    const c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);
     int least = 0, greatest = 0;
-    cudaError_t err = cudaDeviceGetStreamPriorityRange(&least, &greatest);
-    if (err == cudaSuccess) {
-      err = cudaStreamCreateWithPriority(&s, cudaStreamNonBlocking, greatest);
-    }
-    C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
-    C10_CUDA_CHECK(err);
+    C10_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+    C10_CUDA_CHECK(cudaStreamCreateWithPriority(&s, cudaStreamNonBlocking, greatest));
   }
   return c10::cuda::getStreamFromExternal(s, main.device_index());
 }
 
-// Joins every side stream it was given back to the caller's stream when it goes out of scope, also when a linear
-// throws: a capture left with an unjoined stream fails at its end (cudaErrorStreamCaptureUnjoined), which would hide
-// the linear's own error.
+// Joins the side streams it was given back to the caller's stream: join() on the way out (its errors raised), the
+// destructor for those left when a linear throws. A capture left with an unjoined stream fails at its end
+// (cudaErrorStreamCaptureUnjoined), which would hide the linear's own error.
 class Joins {
  public:
   explicit Joins(const c10::cuda::CUDAStream& main) : main_(main) {}
   Joins(const Joins&) = delete;
   Joins& operator=(const Joins&) = delete;
   void add(const c10::cuda::CUDAStream& side) { sides_.push_back(side); }
+  void join() {
+    while (!sides_.empty()) {
+      join_one(sides_.back());
+      sides_.pop_back();
+    }
+  }
   ~Joins() {
     for (const auto& side : sides_) {
       try {
-        c10::cuda::CUDAEvent join;  // (events without timing: what a graph capture records as a dependency)
-        join.record(side);
-        join.block(main_);
-      } catch (...) {  // (a destructor must not throw; the error being unwound, if any, is the one to report)
+        join_one(side);
+      } catch (...) {  // (a destructor must not throw; the error being unwound is the one to report)
       }
     }
   }
 
  private:
+  void join_one(const c10::cuda::CUDAStream& side) const {
+    c10::cuda::CUDAEvent join;  // (events without timing: what a graph capture records as a dependency)
+    join.record(side);
+    join.block(main_);
+  }
+
   c10::cuda::CUDAStream main_;
   std::vector<c10::cuda::CUDAStream> sides_;
 };
@@ -107,7 +116,8 @@ std::vector<at::Tensor> parallel_linears_cuda(at::TensorList x, at::TensorList s
     const c10::cuda::CUDAStreamGuard on_side(side);
     out[i] = one(i);
   }
-  return out;  // (joins' destructor joins the side streams before the caller sees the outputs)
+  joins.join();
+  return out;
 }
 
 }  // namespace cuda_impl
