@@ -13,7 +13,8 @@ import torch
 from svdquant_ops import ops, quantize_model
 from svdquant_ops.integrations.fusion import fuse_qkv
 
-from .builders import count_calls, flux_inputs, fresh_compile_state, generator, linear_inputs, tiny_flux
+from .builders import (count_calls, flux_inputs, fresh_compile_state, generator, linear_inputs, sd3_inputs, tiny_flux,
+                       tiny_sd3)
 
 ops.load()
 OPS = torch.ops.svdquant
@@ -128,6 +129,21 @@ def test_compiled_double_blocks_pair_image_and_text(precision, fused):
     doubles = len(model.transformer_blocks)
     assert p_ref == 0 and p == (4 if fused else 3) * doubles
     assert g == g_ref  # each pair's two linears still run one gemm each, inside the op
+    assert torch.equal(out, ref)
+
+
+def test_compiled_sd3_pairs_its_joint_blocks():
+    """Not only FLUX: SD3's joint blocks run the image and text streams through twin linears too (q/k/v and
+    add_q/k/v, to_out and to_add_out, ff and ff_context). Unfused, q/k/v share one quantize_act and stay apart; the
+    tiny SD3's first block has three pairs of whole linears (its last block is context_pre_only: no text-stream
+    output linears); the output is unchanged."""
+    model = tiny_sd3()
+    quantize_model(model, precision="w4a8", rank=16)
+    inputs = sd3_inputs()
+    with torch.no_grad():
+        ref, g_ref, p_ref = _compiled(copy.deepcopy(model), inputs, parallel=False)
+        out, g, p = _compiled(model, inputs, parallel=True)
+    assert (p_ref, p) == (0, 3) and g == g_ref
     assert torch.equal(out, ref)
 
 
