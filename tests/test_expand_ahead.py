@@ -177,7 +177,8 @@ def _compiled(model, inputs, expand_ahead, **compile_kw):
 
     torch._dynamo.reset()
     with config.patch(post_grad_custom_pre_pass=None, fx_graph_cache=False):
-        ops.install_compile_pass(expand_ahead=expand_ahead)
+        # (parallel_linears off: the linears it pairs leave the expand-ahead chain, README)
+        ops.install_compile_pass(expand_ahead=expand_ahead, parallel_linears=False)
         compiled = torch.compile(model, fullgraph=True, **compile_kw)
         with torch.inference_mode():
             compiled(**inputs)
