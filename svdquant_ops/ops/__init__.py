@@ -567,7 +567,8 @@ def cat_w4a8_gemms(graph: torch.fx.Graph) -> int:
 # ------------------------------------------------------------------------------------------------------------------
 # On by default: on an H100 the text stream's marginal cost fell 4.21 -> 3.08 ms per FLUX.1 step (bench_linear
 # --pair-ab), and the w4a8 recipe's step from idle 107.0 -> 106.5 and 107.5 -> 105.8 ms compiled, 105.0 -> 103.3 under
-# reduce-overhead (three same-run pairs, identical outputs; benchmarks/HISTORY.md, twenty-ninth session).
+# reduce-overhead (three same-run pairs, 36.8 dB against eager either way; benchmarks/HISTORY.md, twenty-ninth
+# session).
 # install_compile_pass(parallel_linears=False) turns it off.
 PARALLEL_LINEARS_DEFAULT = True
 _PAIR_WINDOW = 4  # how many later linears of the same shape a linear may pair with (the nearest independent one)
