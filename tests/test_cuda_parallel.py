@@ -152,6 +152,16 @@ def test_many_calls_recycling_memory_stay_equal():
         del junk
 
 
+def assert_replay_on_new_inputs(graph, static, outs, e):
+    """New inputs copied into the captured ones (`static`): the replay's outputs equal the linears one by one."""
+    xs = [torch.randn_like(x) for x in e["x"]]
+    for s, x in zip(static, xs):
+        s.copy_(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert same(outs, one_by_one(dict(e, x=xs), "w4a8"))
+
+
 def test_cuda_graph_replays_the_pair():
     """Captured in a CUDA graph (the side stream joins the capture through the fork's event), a replay equals the
     eager call, also after new inputs are copied in."""
@@ -159,12 +169,7 @@ def test_cuda_graph_replays_the_pair():
     static = [x.clone() for x in e["x"]]
     graph, outs = capture_cuda_graph(lambda: OPS.parallel_linears(static, *(e[k] for k in NAMES[1:]), "w4a8", False))
     for _ in range(2):
-        xs = [torch.randn_like(x) for x in e["x"]]
-        for s, x in zip(static, xs):
-            s.copy_(x)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert same(outs, one_by_one(dict(e, x=xs), "w4a8"))
+        assert_replay_on_new_inputs(graph, static, outs, e)
 
 
 def test_cuda_graph_on_a_new_stream_replays_the_pair():
@@ -178,12 +183,7 @@ def test_cuda_graph_on_a_new_stream_replays_the_pair():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=fresh_stream()):
         outs = run()
-    xs = [torch.randn_like(x) for x in e["x"]]
-    for s, x in zip(static, xs):
-        s.copy_(x)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert same(outs, one_by_one(dict(e, x=xs), "w4a8"))
+    assert_replay_on_new_inputs(graph, static, outs, e)
 
 
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
