@@ -9,10 +9,22 @@ import time
 
 import pytest
 import torch
+import torch._inductor.config as inductor_config
 
 from .builders import MLP, report_header
 
 logging.getLogger("svdquant_ops").setLevel(logging.INFO)
+INDUCTOR_CONFIG = inductor_config.save_config()  # as the session began
+
+
+@pytest.fixture(autouse=True)
+def inductor_config_restored():
+    """Every test ends with Inductor's config as the session began. torchao's quantize_ sets it process-wide by
+    default (set_inductor_config=True: coordinate-descent tuning and more), as a user's call does; leaked into later
+    tests, it made each compile autotune its kernels, slowly and to other kernels (on a GPU on 2026-12-07: a
+    bit-equality test of two compiles failed and the next compile outran the call)."""
+    yield
+    inductor_config.load_config(INDUCTOR_CONFIG)
 
 
 @pytest.fixture
