@@ -141,7 +141,10 @@ for step in "$@"; do
   case "$step" in
     tests) # TESTS_S: seconds the tests may run; those that would start later are skipped (tests/conftest.py), so
            # the summary still says what ran (this command only: later steps' own tests run in full)
-           SVDQ_TEST_DEADLINE=${TESTS_S:+$(( $(date +%s) + TESTS_S ))} python3 -m pytest ${TEST_FILES:-tests/test_cuda_ops.py tests/test_cuda_w4a16.py tests/test_cuda_model.py \
+           # SVDQ_TEST_REPORT_AT_ONCE: each failure's traceback printed when it happens; faulthandler_timeout: the
+           # stacks of a test still running after TEST_STALL_S seconds (default 240) dumped into the log
+           SVDQ_TEST_REPORT_AT_ONCE=1 SVDQ_TEST_DEADLINE=${TESTS_S:+$(( $(date +%s) + TESTS_S ))} python3 -m pytest \
+             -o faulthandler_timeout=${TEST_STALL_S:-240} ${TEST_FILES:-tests/test_cuda_ops.py tests/test_cuda_w4a16.py tests/test_cuda_model.py \
              tests/test_cuda_nunchaku.py tests/test_cuda_moves.py tests/test_cuda_fusion.py tests/test_cuda_pdl.py tests/test_cuda_unwrap.py tests/test_cuda_parallel.py tests/test_sharing.py \
              tests/test_lora.py tests/test_gemm_cat.py tests/test_op_errors.py} \
              -q -p no:cacheprovider -rfEs --durations=15 ;;

@@ -44,3 +44,10 @@ def pytest_runtest_setup(item):
     deadline = os.environ.get("SVDQ_TEST_DEADLINE")
     if deadline and time.time() > float(deadline):
         pytest.skip("SVDQ_TEST_DEADLINE passed: not run in this call")
+
+
+def pytest_runtest_logreport(report):
+    """SVDQ_TEST_REPORT_AT_ONCE=1 (benchmarks/gpu_run.sh sets it): a failure's traceback is printed when it happens,
+    not only in pytest's summary at the end, which a device call stopped at its limit never reaches."""
+    if report.failed and os.environ.get("SVDQ_TEST_REPORT_AT_ONCE") == "1":
+        print(f"\nFAILED {report.nodeid} ({report.when}, {report.duration:.1f} s)\n{report.longreprtext}\n", flush=True)
