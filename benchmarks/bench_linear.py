@@ -249,6 +249,8 @@ def cluster_ab(dev, rep_ms):
 # A FLUX.1 double block's image / text linear pairs (K, N): the same shape, different inputs and weights, no
 # dependency between them (fused to_qkv / add_qkv, to_out / to_add_out, ff / ff_context in and out)
 DOUBLE_BLOCK_PAIRS = [(3072, 9216), (3072, 3072), (3072, 12288), (12288, 3072)]
+# SMs set aside for parallel_linears' side stream (SVDQUANT_OPS_CUDA_PARALLEL_SMS) in pair_ab's rows
+PAIR_SMS = (8, 16, 24)
 
 
 def pair_ab(dev, rep_ms, img_tokens=4096, txt_tokens=512, blocks=19):
@@ -258,7 +260,8 @@ def pair_ab(dev, rep_ms, img_tokens=4096, txt_tokens=512, blocks=19):
     cost (pair - image alone) against bf16's text linear says whether running the streams side by side hides the
     small-M loss; outputs of both orders must be equal bit for bit (the same kernels, only overlapped). The same
     pair through svdquant::parallel_linears (its side stream forked and joined in C++, what the compile pass calls)
-    is timed beside them."""
+    is timed beside them, also with S SMs set aside for the side stream (SVDQUANT_OPS_CUDA_PARALLEL_SMS = PAIR_SMS:
+    the image GEMM on SMs - S CTAs, the text GEMM on S), whose outputs must be the same bits too."""
     g = torch.Generator().manual_seed(11)
     side = torch.cuda.Stream()
 
@@ -291,17 +294,25 @@ def pair_ab(dev, rep_ms, img_tokens=4096, txt_tokens=512, blocks=19):
         # the op with programmatic dependent launch on (off by default): each next kernel's blocks then wait
         # resident on their SMs, which the side stream could otherwise take
         fns["w4a8_op_pdl"] = fns["w4a8_op"]
-        us = {}
+        # the op with S SMs set aside for the side stream (SVDQUANT_OPS_CUDA_PARALLEL_SMS; 0, no cap, the default)
+        for sms in PAIR_SMS:
+            fns[f"w4a8_op_sms{sms}"] = fns["w4a8_op"]
+        us, outs = {}, []
         with torch.inference_mode():
             for name, f in fns.items():
-                with env_var("SVDQUANT_OPS_CUDA_PDL", "1" if name.endswith("_pdl") else "0"):
+                sms = name.split("_sms")[1] if "_sms" in name else ""
+                with env_var("SVDQUANT_OPS_CUDA_PDL", "1" if name.endswith("_pdl") else "0"), \
+                        env_var("SVDQUANT_OPS_CUDA_PARALLEL_SMS", sms):
                     f()
                     torch.cuda.synchronize()
                     us[name] = bench_graph(f, rep_ms) * 1e3
+                    if name.startswith("w4a8_op"):
+                        outs.append(f())
                 tot[name] = tot.get(name, 0.0) + us[name] * blocks / 1e3
-            seq, pair, op = fns["w4a8_seq"](), fns["w4a8_pair"](), fns["w4a8_op"]()
+            seq, pair = fns["w4a8_seq"](), fns["w4a8_pair"]()
             torch.cuda.synchronize()
-        same = all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(seq, pair, op))
+        same = all(torch.equal(a, b) and all(torch.equal(a, o[j]) for o in outs)
+                   for j, (a, b) in enumerate(zip(seq, pair)))
         log(f"pair_ab K={K} N={N}: " + ", ".join(f"{k} {v:.1f} us" for k, v in us.items())
             + f"; w4a8 text marginal: sequential {us['w4a8_seq'] - us['w4a8_img']:.1f} us, overlapped "
             f"{us['w4a8_pair'] - us['w4a8_img']:.1f} us (parallel_linears {us['w4a8_op'] - us['w4a8_img']:.1f} us), "
@@ -313,7 +324,8 @@ def pair_ab(dev, rep_ms, img_tokens=4096, txt_tokens=512, blocks=19):
         + ", ".join(f"{k} {v:.2f} ms" for k, v in tot.items())
         + f"; the text stream's w4a8 marginal sequential {tot['w4a8_seq'] - tot['w4a8_img']:.2f} ms, overlapped "
         f"{tot['w4a8_pair'] - tot['w4a8_img']:.2f} ms (parallel_linears {tot['w4a8_op'] - tot['w4a8_img']:.2f} ms), "
-        f"bf16 text alone {tot['bf16_txt']:.2f} ms")
+        f"bf16 text alone {tot['bf16_txt']:.2f} ms; parallel_linears with S SMs set aside for the text linear: "
+        + ", ".join(f"S = {sms} {tot[f'w4a8_op_sms{sms}'] - tot['w4a8_img']:.2f} ms" for sms in PAIR_SMS))
 
 
 def gmax_ab(dev, rep_ms):

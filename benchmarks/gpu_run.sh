@@ -21,7 +21,8 @@
 #               the 512-token calls apart; then at M = 512 the given-amax op and Inductor's amax (issue 14's small M)
 #     pairab    bench_linear.py --pair-ab: a FLUX.1 double block's image (M = 4096) and text (M = 512) linear pairs,
 #               W4A8 and bf16, one after the other against the text linear on a second CUDA stream (the text
-#               stream's marginal cost: issue 14 item 4's second lever, measured before it is built)
+#               stream's marginal cost: issue 14 item 4's second lever), through parallel_linears, and with 8 / 16 /
+#               24 SMs set aside for the text linear (SVDQUANT_OPS_CUDA_PARALLEL_SMS)
 #     tiles     bench_linear.py --tile-overhead (GEMM kernel time split into per-tile fixed + per-stage cost; W4A8
 #               also with half the operand feed, SVDQUANT_OPS_GEMM_SCHEDULE=halffeed / halffeed-act, and rings of
 #               4 / 5 / 7 stages)                                                                 [diagnostics build]

@@ -77,6 +77,29 @@ def test_parallel_equals_one_linear_each(precision):
     assert all(torch.equal(s, r.float().sum(-1)) for s, r in zip(sums, refs))
 
 
+@pytest.mark.parametrize("precision", ["w4a8", "int4"])
+def test_sms_set_aside_for_the_side_stream_change_no_bits(precision, monkeypatch):
+    """SVDQUANT_OPS_CUDA_PARALLEL_SMS=S: linear 0's persistent GEMM on SMs - S CTAs, the side stream's on S (also the
+    extreme S = SMs - 1, linear 0 on one CTA). Only which CTA computes a tile changes, so every bit stays."""
+    e = entries(PAIR, precision, "sms")
+    refs = one_by_one(e, precision)
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    for reserved in (16, sms - 1):
+        monkeypatch.setenv("SVDQUANT_OPS_CUDA_PARALLEL_SMS", str(reserved))
+        assert same(OPS.parallel_linears(*(e[k] for k in NAMES), precision, False), refs), reserved
+        assert same(one_by_one(e, precision), refs), reserved  # (outside parallel_linears: no cap)
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "1.5", "SMS"])
+def test_sms_set_aside_must_be_a_whole_number_below_the_sm_count(value, monkeypatch):
+    e = entries(PAIR, "w4a8", "sms-bad")
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    monkeypatch.setenv("SVDQUANT_OPS_CUDA_PARALLEL_SMS", str(sms) if value == "SMS" else value)
+    with pytest.raises(RuntimeError, match=rf"SVDQUANT_OPS_CUDA_PARALLEL_SMS must be a whole number of SMs in "
+                                           rf"\[0, {sms - 1}\] or unset"):
+        OPS.parallel_linears(*(e[k] for k in NAMES), "w4a8", False)
+
+
 def test_parallel_against_the_cpu_reference():
     """The CUDA op against the CPU op (the specification): integer parts exact there, so the outputs differ only
     by fp32 summation order and one bf16 rounding."""

@@ -29,6 +29,31 @@
 
 namespace svdquant {
 namespace cuda_impl {
+namespace {
+thread_local int t_cta_cap = 0;  // CtaCap's (ops_cuda.h)
+
+// A persistent GEMM's grid for `tiles` tiles: one CTA per SM, at most one per tile and at most a live CtaCap's.
+int persistent_grid(int tiles) {
+  return std::min(tiles, t_cta_cap > 0 ? std::min(t_cta_cap, num_sms()) : num_sms());
+}
+}  // namespace
+
+CtaCap::CtaCap(int cap) : saved_(t_cta_cap) { t_cta_cap = cap; }
+CtaCap::~CtaCap() { t_cta_cap = saved_; }
+
+int device_sm_count() { return num_sms(); }
+
+int parallel_reserved_sms() {
+  const char* v = std::getenv("SVDQUANT_OPS_CUDA_PARALLEL_SMS");
+  if (v == nullptr || v[0] == '\0') return 0;
+  char* end = nullptr;
+  const long s = std::strtol(v, &end, 10);
+  TORCH_CHECK(end != v && *end == '\0' && s >= 0 && s < num_sms(),
+              "svdquant: SVDQUANT_OPS_CUDA_PARALLEL_SMS must be a whole number of SMs in [0, ", num_sms() - 1,
+              "] or unset, got '", v, "'");
+  return static_cast<int>(s);
+}
+
 namespace gemm {
 namespace {
 
@@ -454,7 +479,7 @@ void launch_sm90(const TensorMaps& m, const sm90::Params& p, cudaStream_t stream
   auto kernel = sm90::gemm_kernel<BN, kKind, kSched, kStore>;
   static PerDeviceOnce smem_attr;  // per instantiation and device, on its first (eager) call
   set_max_dynamic_smem(smem_attr, kernel, C::SMEM);
-  const int grid = std::min(p.m_tiles * p.n_tiles, num_sms());
+  const int grid = persistent_grid(p.m_tiles * p.n_tiles);
   launch_kernel(kernel, dim3(grid), dim3(384), C::SMEM, stream, m.A, m.B, m.SA, m.SW, m.LA, m.UP, m.C, p);
   debug_sync(stream, "gemm sm90");
 }
@@ -647,7 +672,7 @@ void run_rega(const GemmShape& s, const Operands& o, at::Tensor& out, cudaStream
   using C = sm90::RegaCfg;
   static PerDeviceOnce smem_attr;
   set_max_dynamic_smem(smem_attr, sm90::rega_kernel, C::SMEM);
-  const int grid = std::min(p.m_tiles * p.n_tiles, num_sms());
+  const int grid = persistent_grid(p.m_tiles * p.n_tiles);
   launch_kernel(sm90::rega_kernel, dim3(grid), dim3(384), C::SMEM, stream, m.A, m.B, m.LA, m.UP, m.C, p);
   debug_sync(stream, "gemm sm90 rega");
 }

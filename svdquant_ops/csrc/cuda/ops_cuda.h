@@ -52,5 +52,29 @@ std::vector<at::Tensor> parallel_linears_cuda(at::TensorList x, at::TensorList s
                                               const c10::List<std::optional<at::Tensor>>& bias,
                                               c10::string_view precision, bool act_unsigned);
 
+// While a CtaCap lives, the persistent GEMM launches made on this thread (gemm.cu: the sm90 and register-path
+// kernels, whose tiles stride over the grid) take at most `cap` CTAs; 0: no cap (one CTA per SM, at most one per
+// tile). parallel_linears sets it around each of its linears.
+class CtaCap {
+ public:
+  explicit CtaCap(int cap);
+  ~CtaCap();
+  CtaCap(const CtaCap&) = delete;
+  CtaCap& operator=(const CtaCap&) = delete;
+
+ private:
+  int saved_;
+};
+
+// SVDQUANT_OPS_CUDA_PARALLEL_SMS=S (0 <= S < the device's SMs): inside parallel_linears, linear 0's persistent GEMM
+// runs on at most SMs - S CTAs and each side stream's on at most S, so that the side streams' kernels run beside
+// linear 0's GEMM instead of only in its gaps (a persistent GEMM holds every SM until its last tile). Unset or 0: no
+// cap, the default until measured (benchmarks/HISTORY.md, thirtieth session: S ~ 15 would balance FLUX.1's 512 text
+// tokens against its 4096 image tokens). Read at every call, so benchmarks compare settings in one process.
+int parallel_reserved_sms();
+
+// The current device's number of SMs.
+int device_sm_count();
+
 }  // namespace cuda_impl
 }  // namespace svdquant

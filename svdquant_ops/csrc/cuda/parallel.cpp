@@ -107,8 +107,14 @@ std::vector<at::Tensor> parallel_linears_cuda(at::TensorList x, at::TensorList s
   if (n > 1) {
     fork.record(main);
   }
+  // SMs set aside for the side streams' GEMMs (0: none; ops_cuda.h)
+  const int reserved = n > 1 ? parallel_reserved_sms() : 0;
   Joins joins(main);
-  out[0] = one(0);  // (in order, so that errors come in the definition's order)
+  {
+    const CtaCap cap(reserved > 0 ? device_sm_count() - reserved : 0);
+    out[0] = one(0);  // (in order, so that errors come in the definition's order)
+  }
+  const CtaCap cap(reserved);
   for (size_t i = 1; i < n; ++i) {
     const c10::cuda::CUDAStream side = side_stream(main, i - 1);
     fork.block(side);
