@@ -90,6 +90,32 @@ def test_sms_set_aside_for_the_side_stream_change_no_bits(precision, monkeypatch
         assert same(one_by_one(e, precision), refs), reserved  # (outside parallel_linears: no cap)
 
 
+def test_sms_set_aside_shape_the_gemm_grids(monkeypatch, tmp_path):
+    """With S = 16 the two GEMMs of the pair launch on SMs - 16 and 16 CTAs (both have more tiles than that), read
+    from the profiler's kernel records; without the variable, on one CTA per SM, at most one per tile."""
+    import json
+
+    e = entries(PAIR, "w4a8", "sms-grid")
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+
+    def gemm_grids():
+        OPS.parallel_linears(*(e[k] for k in NAMES), "w4a8", False)  # (set-up outside the profile)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            OPS.parallel_linears(*(e[k] for k in NAMES), "w4a8", False)
+            torch.cuda.synchronize()
+        prof.export_chrome_trace(str(tmp_path / "trace.json"))
+        events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+        return sorted(ev["args"]["grid"][0] for ev in events
+                      if ev.get("cat") == "kernel" and ("gemm_kernel" in ev["name"] or "rega_kernel" in ev["name"]))
+
+    monkeypatch.setenv("SVDQUANT_OPS_CUDA_PARALLEL_SMS", "16")
+    assert gemm_grids() == [16, sms - 16]
+    monkeypatch.delenv("SVDQUANT_OPS_CUDA_PARALLEL_SMS")
+    grids = gemm_grids()
+    assert len(grids) == 2 and grids[1] == sms and 16 < grids[0] <= sms, grids
+
+
 @pytest.mark.parametrize("value", ["abc", "-1", "1.5", "SMS"])
 def test_sms_set_aside_must_be_a_whole_number_below_the_sm_count(value, monkeypatch):
     e = entries(PAIR, "w4a8", "sms-bad")
