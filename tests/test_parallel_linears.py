@@ -112,7 +112,8 @@ def _compiled(model, inputs, parallel: bool):
     return out
 
 
-@pytest.mark.parametrize("precision,fused", [("w4a8", True), ("int4", False)], ids=["w4a8-fused", "int4-unfused"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("precision", ["w4a8", "int4"])
 def test_compiled_double_blocks_pair_image_and_text(precision, fused):
     """With the pass on, each double block's image and text linears of one shape run as one parallel_linears call:
     to_qkv / add_qkv (fused; unfused, q/k/v read one quantize_act and are not whole linears), to_out / to_add_out,
