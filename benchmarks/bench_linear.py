@@ -238,6 +238,41 @@ def env_ab(dev, rep_ms, tag, var, a, b, exact_down_act):
         f"(the 512-token calls: {small[a]:.2f} / {small[b]:.2f} ms); worst down_act rel. diff {worst:.1e}")
 
 
+def qa_step(dev, rep_ms, save: str | None, compare: str | None):
+    """W4A8 quantize_act on a FLUX.1 step's inputs (FLUX_STEP_INPUTS, fixed seeds): per-call (CUDA graph) times, the
+    per-step total and its split by kernel. For an A/B across library versions (run once per version, in the same
+    device call: gpu_run.sh qastep with QA_BASELINE_TREE), `save` writes each shape's codes and scales and `compare`
+    reads a saved file: how many codes differ and by how much, how many scales differ."""
+    g = torch.Generator().manual_seed(5)
+    total, by_kernel, saved, cmp = 0.0, {}, {}, None
+    if compare:
+        cmp = torch.load(compare)
+    for M, K, R, calls in FLUX_STEP_INPUTS:
+        L = make_layer(K, 3072, R, dev, g, "w4a8")
+        x = torch.randn(M, K, generator=g).to(dev, torch.bfloat16)
+        fn = lambda: torch.ops.svdquant.quantize_act(x, L["smooth"], L["pd"], "w4a8", False)  # noqa: E731
+        codes, scales, _ = fn()
+        us = bench_graph(fn, rep_ms) * 1e3
+        total += us * calls / 1e3
+        kt = kernel_times(fn)
+        for n, t in kt:
+            by_kernel[n] = by_kernel.get(n, 0.0) + t * calls / 1e3
+        note = ""
+        key = f"{M}x{K}"
+        saved[key] = (codes.cpu(), scales.cpu())
+        if cmp is not None and key in cmp:
+            c0, s0 = cmp[key]
+            d = (codes.cpu().int() - c0.int()).abs()
+            note = (f"; against {compare}: {int((d > 0).sum())} of {d.numel()} codes differ (max {int(d.max())}), "
+                    f"{int((scales.cpu() != s0).sum())} of {s0.numel()} scales")
+        log(f"qa_step M={M} K={K} R={R}: {us:.1f} us x {calls} ({', '.join(f'{n[:40]} {t:.1f}' for n, t in kt)})"
+            f"{note}")
+    log(f"qa_step per FLUX step (W4A8 quantize_act only): {total:.2f} ms; by kernel: "
+        + ", ".join(f"{n[:48]} {t:.2f} ms" for n, t in by_kernel.items()))
+    if save:
+        torch.save(saved, save)
+
+
 def cluster_ab(dev, rep_ms):
     """W4A8's two passes against the one-pass cluster kernel (SVDQUANT_OPS_CUDA_W4A8_CLUSTER unset / 1; Hopper):
     codes and scales equal bit for bit, down_act within summation order. The cluster kernel lost 1.7-2.8x at
@@ -1032,6 +1067,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="only the quick smoke check")
     ap.add_argument("--smoke-one", action="store_true", help="only one tiny INT4 case (for compute-sanitizer)")
+    ap.add_argument("--qa-step", action="store_true", help="only W4A8 quantize_act on a FLUX.1 step's inputs: per-call "
+                    "and per-step times by kernel (--qa-save / --qa-compare: codes across library versions)")
+    ap.add_argument("--qa-save", default=None, help="--qa-step: save each shape's codes and scales to this file")
+    ap.add_argument("--qa-compare", default=None, help="--qa-step: compare the codes with a --qa-save file")
     ap.add_argument("--quantize-only", action="store_true", help="only time quantize_act at M=4608 "
                     "(or --tokens), all K; W4A8 also the given-amax op and Inductor's amax")
     ap.add_argument("--gmax-ab", action="store_true", help="only W4A8's quantize_act on a FLUX.1 step's input shapes "
@@ -1173,6 +1212,9 @@ def main():
         return
     if args.pair_ab:
         pair_ab(dev, args.rep_ms)
+        return
+    if args.qa_step:
+        qa_step(dev, args.rep_ms, args.qa_save, args.qa_compare)
         return
     if args.quantize_only:
         g = torch.Generator().manual_seed(3)

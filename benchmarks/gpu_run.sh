@@ -23,6 +23,10 @@
 #               W4A8 and bf16, one after the other against the text linear on a second CUDA stream (the text
 #               stream's marginal cost: issue 14 item 4's second lever), through parallel_linears, and with 8 / 16 /
 #               24 SMs set aside for the text linear (SVDQUANT_OPS_CUDA_PARALLEL_SMS)
+#     qastep    bench_linear.py --qa-step: W4A8 quantize_act on a FLUX.1 step's inputs, per call and per step by
+#               kernel; with QA_BASELINE_TREE (another version's svdquant_ops, e.g. `git archive <commit> svdquant_ops`
+#               unpacked under .gpucache/ and its library in the carried cache) its runs alternate with this tree's
+#               (QA_ROUNDS, default 2) and this tree's codes are compared with the baseline's
 #     tiles     bench_linear.py --tile-overhead (GEMM kernel time split into per-tile fixed + per-stage cost; W4A8
 #               also with half the operand feed, SVDQUANT_OPS_GEMM_SCHEDULE=halffeed / halffeed-act, and rings of
 #               4 / 5 / 7 stages)                                                                 [diagnostics build]
@@ -140,7 +144,8 @@ if [[ -n "${OUT:-}" ]]; then
 fi
 for step in "$@"; do
   case "$step" in
-    tests) # TESTS_S: seconds the tests may run; those that would start later are skipped (tests/conftest.py), so
+    tests) # TEST_K: a pytest -k expression over TEST_FILES (spaces allowed)
+           # TESTS_S: seconds the tests may run; those that would start later are skipped (tests/conftest.py), so
            # the summary still says what ran (this command only: later steps' own tests run in full)
            # SVDQ_TEST_REPORT_AT_ONCE: each failure's traceback printed when it happens; faulthandler_timeout: the
            # stacks of a test still running after TEST_STALL_S seconds (default 240) dumped into the log
@@ -148,7 +153,7 @@ for step in "$@"; do
              -o faulthandler_timeout=${TEST_STALL_S:-240} ${TEST_FILES:-tests/test_cuda_ops.py tests/test_cuda_w4a16.py tests/test_cuda_model.py \
              tests/test_cuda_nunchaku.py tests/test_cuda_moves.py tests/test_cuda_fusion.py tests/test_cuda_pdl.py tests/test_cuda_unwrap.py tests/test_cuda_parallel.py tests/test_sharing.py \
              tests/test_lora.py tests/test_gemm_cat.py tests/test_op_errors.py} \
-             -q -p no:cacheprovider -rfEs --durations=15 ;;
+             ${TEST_K:+-k "$TEST_K"} -q -p no:cacheprovider -rfEs --durations=15 ;;
     gemm) SVDQUANT_OPS_DIAGNOSTICS=1 python3 benchmarks/bench_linear.py --gemm-only \
             --schedules "${SCHEDULES:-promote,skeleton}" ${GEMM_ARGS:-} ;;
     gmaxab) python3 benchmarks/bench_linear.py --gmax-ab ;;
@@ -156,6 +161,17 @@ for step in "$@"; do
     clusterab) python3 benchmarks/bench_linear.py --cluster-ab
                python3 benchmarks/bench_linear.py --quantize-only --precision w4a8 --tokens 512 ;;
     pairab) python3 benchmarks/bench_linear.py --pair-ab ;;
+    qastep)  # QA_BASELINE_TREE: a directory holding another version's svdquant_ops (git archive <commit> svdquant_ops,
+             # carried under .gpucache): its runs alternate with this tree's, QA_ROUNDS times (default 2)
+      for r in $(seq "${QA_ROUNDS:-2}"); do
+        if [[ -n "${QA_BASELINE_TREE:-}" ]]; then
+          echo "qastep round $r: baseline $QA_BASELINE_TREE"
+          PYTHONPATH=$PWD/$QA_BASELINE_TREE:$PYTHONPATH python3 benchmarks/bench_linear.py --qa-step \
+            --qa-save /tmp/qa_baseline.pt
+        fi
+        echo "qastep round $r: this tree"
+        python3 benchmarks/bench_linear.py --qa-step ${QA_BASELINE_TREE:+--qa-compare /tmp/qa_baseline.pt}
+      done ;;
     tileab) python3 benchmarks/bench_linear.py --tile-ab ;;
     weightsab) python3 benchmarks/bench_linear.py --weights-ab ;;
     expandbw) python3 benchmarks/bench_linear.py --expand-bw ;;
